@@ -1,0 +1,315 @@
+"""Settings: one frozen dataclass built from the environment and an optional .env file.
+
+Every problem is collected and reported at once, naming the variable, so an operator fixes a
+config in one round trip; the daemon exits 78 (EX_CONFIG) on any of them.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import socket
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Mapping
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+
+from . import constants, defaults
+
+
+class ConfigError(Exception):
+    """Raised with every problem found, one per line, each naming its variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Settings:
+    fax_domain: str = defaults.FAX_DOMAIN
+    default_region: str = defaults.FAX_DEFAULT_REGION
+    from_number: str = defaults.SANDBOX_FROM_NUMBER
+    quality: str = defaults.FAX_QUALITY
+    ttl_minutes: int = defaults.FAX_TTL_MINUTES
+    smtp_listen: HostPort = HostPort("127.0.0.1", 2525)
+    smtp_hostname: str = field(default_factory=socket.getfqdn)
+    smtp_max_message_bytes: int = defaults.SMTP_MAX_MESSAGE_BYTES
+    smtp_max_recipients: int = defaults.SMTP_MAX_RECIPIENTS
+    max_pages: int = defaults.MAX_PAGES
+    http_listen: HostPort = HostPort("127.0.0.1", 8025)
+    public_base_url: str | None = None  # None: http:// + the bound HTTP address
+    signalwire_space_url: str | None = None  # None: sandbox with the built-in simulator
+    signalwire_project_id: str = "sandbox"
+    signalwire_api_token: str = field(default="", repr=False)
+    signalwire_signing_key: str = field(default="", repr=False)
+    media_store: str = defaults.MEDIA_STORE
+    s3_bucket: str = ""
+    s3_prefix: str = defaults.S3_PREFIX
+    s3_endpoint_url: str | None = None
+    s3_region: str = defaults.S3_REGION
+    media_url_ttl_s: int = defaults.FAX_TTL_MINUTES * 60 + defaults.MEDIA_URL_SLACK_S
+    media_signing_key: str = field(default="", repr=False)  # "": generated once into DATA_DIR
+    notify_smtp_host: str | None = None  # None: reports go to DATA_DIR/outbox as .eml files
+    notify_smtp_port: int = defaults.NOTIFY_SMTP_PORT
+    notify_smtp_username: str | None = None
+    notify_smtp_password: str | None = field(default=None, repr=False)
+    notify_smtp_tls: str = defaults.NOTIFY_SMTP_TLS
+    notify_from: str = field(default_factory=lambda: f"faxgw@{socket.gethostname()}")
+    data_dir: Path = Path(defaults.DATA_DIR)
+    status_poll_s: float = defaults.STATUS_POLL_S
+    retry_base_s: float = defaults.RETRY_BASE_S
+    retry_max_s: float = defaults.RETRY_MAX_S
+    give_up_hours: float = defaults.GIVE_UP_HOURS
+    worker_concurrency: int = defaults.WORKER_CONCURRENCY
+    log_level: str = "INFO"
+
+    @property
+    def sandbox(self) -> bool:
+        return self.signalwire_space_url is None
+
+    def masked(self) -> dict[str, str]:
+        """Settings as printable text, secrets replaced, for `faxgw check-config` and start-up logs."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in _SECRET_FIELDS and value:
+                value = "********"
+            out[f.name] = "" if value is None else str(value)
+        return out
+
+
+_SECRET_FIELDS = {"signalwire_api_token", "signalwire_signing_key", "notify_smtp_password",
+                  "media_signing_key"}
+
+
+def read_environment(env_file: str | None = None,
+                     environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The merged variables: the .env file first, the process environment over it.
+
+    dotenv_values rather than load_dotenv: the process environment is not mutated.
+    """
+    environ = os.environ if environ is None else environ
+    path = env_file or environ.get("FAXGW_ENV_FILE")
+    merged: dict[str, str] = {}
+    if path:
+        if not Path(path).is_file():
+            raise ConfigError([f"FAXGW_ENV_FILE: {path} does not exist or is not a file"])
+        merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+    elif Path(".env").is_file():
+        merged.update({k: v for k, v in dotenv_values(".env").items() if v is not None})
+    merged.update(environ)
+    return merged
+
+
+def load_settings(env_file: str | None = None,
+                  environ: Mapping[str, str] | None = None) -> Settings:
+    return settings_from(read_environment(env_file, environ))
+
+
+class _Reader:
+    """Reads typed values from the variables, collecting problems instead of stopping at one."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = env
+        self.problems: list[str] = []
+
+    def str(self, name: str, default: str | None = None) -> str | None:
+        value = self.env.get(name)
+        if value is None or value.strip() == "":
+            return default
+        return value.strip()
+
+    def int(self, name: str, default: int, lo: int, hi: int) -> int:
+        raw = self.str(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            self.problems.append(f"{name}: {raw!r} is not a whole number")
+            return default
+        if not lo <= value <= hi:
+            self.problems.append(f"{name}: {value} is outside {lo}..{hi}")
+        return value
+
+    def float(self, name: str, default: float, lo: float, hi: float) -> float:
+        raw = self.str(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            self.problems.append(f"{name}: {raw!r} is not a number")
+            return default
+        if not lo <= value <= hi:
+            self.problems.append(f"{name}: {value} is outside {lo}..{hi}")
+        return value
+
+    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+        raw = self.str(name, default)
+        assert raw is not None
+        raw = raw.lower()
+        if raw not in allowed:
+            self.problems.append(f"{name}: {raw!r} is not one of {', '.join(allowed)}")
+            return default
+        return raw
+
+    def hostport(self, name: str, default: str) -> HostPort:
+        raw = self.str(name, default)
+        assert raw is not None
+        host, sep, port_text = raw.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+            self.problems.append(f"{name}: {raw!r} is not host:port (e.g. {default})")
+            host, _, port_text = default.rpartition(":")
+        return HostPort(host, int(port_text))
+
+    def url(self, name: str) -> str | None:
+        raw = self.str(name)
+        if raw is None:
+            return None
+        parts = urlsplit(raw)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            self.problems.append(f"{name}: {raw!r} is not an http(s) URL")
+        elif parts.username or parts.password or parts.fragment or parts.query:
+            self.problems.append(f"{name}: must not carry credentials, a query or a #fragment")
+        return raw.rstrip("/")
+
+
+def settings_from(env: Mapping[str, str]) -> Settings:
+    r = _Reader(env)
+    space = r.url("SIGNALWIRE_SPACE_URL")
+    sandbox = space is None
+
+    region = (r.str("FAX_DEFAULT_REGION", defaults.FAX_DEFAULT_REGION) or "").upper()
+    import phonenumbers  # local: keeps `faxgw --help` fast
+
+    if region not in phonenumbers.SUPPORTED_REGIONS:
+        r.problems.append(f"FAX_DEFAULT_REGION: {region!r} is not an ISO country code "
+                          "phonenumbers knows (e.g. US, GB, DE)")
+    from_number = r.str("FAX_FROM_NUMBER", defaults.SANDBOX_FROM_NUMBER if sandbox else None)
+    if from_number is None:
+        r.problems.append("FAX_FROM_NUMBER: required when SIGNALWIRE_SPACE_URL is set "
+                          "(a fax-enabled number of your SignalWire project, E.164)")
+        from_number = ""
+    elif not (from_number.startswith("+") and from_number[1:].isdigit()
+              and 8 <= len(from_number) <= 16):
+        r.problems.append(f"FAX_FROM_NUMBER: {from_number!r} is not in E.164 form "
+                          "(+ and 7 to 15 digits)")
+
+    ttl = r.int("FAX_TTL_MINUTES", defaults.FAX_TTL_MINUTES,
+                constants.TTL_MIN_MINUTES, constants.TTL_MAX_MINUTES)
+    media_ttl = r.int("MEDIA_URL_TTL_SECONDS", ttl * 60 + defaults.MEDIA_URL_SLACK_S,
+                      60, 7 * 24 * 3600)
+    if media_ttl < ttl * 60 + 300:
+        r.problems.append(f"MEDIA_URL_TTL_SECONDS: {media_ttl} s does not cover FAX_TTL_MINUTES "
+                          f"({ttl} min) plus 5 minutes of sending; use at least {ttl * 60 + 300}")
+
+    project = r.str("SIGNALWIRE_PROJECT_ID")
+    token = r.str("SIGNALWIRE_API_TOKEN")
+    signing_key = r.str("SIGNALWIRE_SIGNING_KEY")
+    if not sandbox:
+        for name, value in (("SIGNALWIRE_PROJECT_ID", project), ("SIGNALWIRE_API_TOKEN", token),
+                            ("SIGNALWIRE_SIGNING_KEY", signing_key)):
+            if not value:
+                r.problems.append(f"{name}: required when SIGNALWIRE_SPACE_URL is set")
+    else:
+        # Sandbox: the built-in simulator gets throw-away credentials for this run.
+        project = project or "sandbox"
+        token = token or secrets.token_urlsafe(18)
+        signing_key = signing_key or secrets.token_urlsafe(18)
+
+    media_store = r.choice("MEDIA_STORE", defaults.MEDIA_STORE, ("local", "s3"))
+    bucket = r.str("S3_BUCKET", "") or ""
+    if media_store == "s3" and not bucket:
+        r.problems.append("S3_BUCKET: required when MEDIA_STORE=s3")
+    prefix = r.str("S3_PREFIX", defaults.S3_PREFIX) or ""
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    s3_endpoint = r.url("S3_ENDPOINT_URL")
+
+    notify_host = r.str("NOTIFY_SMTP_HOST")
+    notify_tls = r.choice("NOTIFY_SMTP_TLS", defaults.NOTIFY_SMTP_TLS, ("none", "starttls", "tls"))
+    notify_user = r.str("NOTIFY_SMTP_USERNAME")
+    notify_password = r.str("NOTIFY_SMTP_PASSWORD")
+    if bool(notify_user) != bool(notify_password):
+        r.problems.append("NOTIFY_SMTP_USERNAME / NOTIFY_SMTP_PASSWORD: set both or neither")
+    notify_from = r.str("NOTIFY_FROM", f"faxgw@{socket.gethostname()}") or ""
+    if "@" not in notify_from or any(c in notify_from for c in "\r\n<>"):
+        r.problems.append(f"NOTIFY_FROM: {notify_from!r} is not a mail address")
+
+    domain = (r.str("FAX_DOMAIN", defaults.FAX_DOMAIN) or "").lower().rstrip(".")
+    if not domain or any(c in domain for c in " @<>\r\n"):
+        r.problems.append(f"FAX_DOMAIN: {domain!r} is not a domain name")
+
+    http_listen = r.hostport("HTTP_LISTEN", defaults.HTTP_LISTEN)
+    public = r.url("PUBLIC_BASE_URL")
+
+    settings = Settings(
+        fax_domain=domain,
+        default_region=region,
+        from_number=from_number,
+        quality=r.choice("FAX_QUALITY", defaults.FAX_QUALITY, constants.QUALITIES),
+        ttl_minutes=ttl,
+        smtp_listen=r.hostport("SMTP_LISTEN", defaults.SMTP_LISTEN),
+        smtp_hostname=r.str("SMTP_HOSTNAME", socket.getfqdn()) or "localhost",
+        smtp_max_message_bytes=r.int("SMTP_MAX_MESSAGE_BYTES", defaults.SMTP_MAX_MESSAGE_BYTES,
+                                     64 * 1024, 200 * 1024 * 1024),
+        smtp_max_recipients=r.int("SMTP_MAX_RECIPIENTS", defaults.SMTP_MAX_RECIPIENTS, 1, 1000),
+        max_pages=r.int("FAX_MAX_PAGES", defaults.MAX_PAGES, 1, 2000),
+        http_listen=http_listen,
+        public_base_url=public,
+        signalwire_space_url=space,
+        signalwire_project_id=project or "",
+        signalwire_api_token=token or "",
+        signalwire_signing_key=signing_key or "",
+        media_store=media_store,
+        s3_bucket=bucket,
+        s3_prefix=prefix,
+        s3_endpoint_url=s3_endpoint,
+        s3_region=r.str("S3_REGION", defaults.S3_REGION) or defaults.S3_REGION,
+        media_url_ttl_s=media_ttl,
+        media_signing_key=r.str("MEDIA_SIGNING_KEY", "") or "",
+        notify_smtp_host=notify_host,
+        notify_smtp_port=r.int("NOTIFY_SMTP_PORT",
+                               465 if notify_tls == "tls" else defaults.NOTIFY_SMTP_PORT, 1, 65535),
+        notify_smtp_username=notify_user,
+        notify_smtp_password=notify_password,
+        notify_smtp_tls=notify_tls,
+        notify_from=notify_from,
+        data_dir=Path(r.str("DATA_DIR", defaults.DATA_DIR) or defaults.DATA_DIR),
+        status_poll_s=r.float("STATUS_POLL_SECONDS", defaults.STATUS_POLL_S, 1, 86400),
+        retry_base_s=r.float("RETRY_BASE_SECONDS", defaults.RETRY_BASE_S, 0.01, 3600),
+        retry_max_s=r.float("RETRY_MAX_SECONDS", defaults.RETRY_MAX_S, 0.01, 86400),
+        give_up_hours=r.float("GIVE_UP_HOURS", defaults.GIVE_UP_HOURS, 0.001, 24 * 30),
+        worker_concurrency=r.int("WORKER_CONCURRENCY", defaults.WORKER_CONCURRENCY, 1, 256),
+        log_level=r.choice("FAXGW_LOG_LEVEL", "info",
+                           ("debug", "info", "warning", "error")).upper(),
+    )
+    if r.problems:
+        raise ConfigError(r.problems)
+    return settings
+
+
+def is_loopback_url(url: str) -> bool:
+    """True for URLs a real SignalWire could never reach (worth a warning at start-up)."""
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,131 @@
+"""Compose the parts: start in dependency order, stop in reverse.
+
+`Gateway` is what `faxgw run` runs and what the tests start in-process on port 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from typing import Callable
+
+from . import defaults
+from .config import Settings, is_loopback_url
+from .intake import Intake
+from .media import LocalMediaStore, MediaStore, S3MediaStore, load_or_create_key
+from .notify import Notifier, OutboxNotifier, RelayNotifier
+from .signalwire import SignalWireClient
+from .smtp import FaxHandler, SMTPListener
+from .spool import Spool
+from .store import Store
+from .web import CALLBACK_ROUTE, SANDBOX_PREFIX, WebApp
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
+        self.s = settings
+        self.clock = clock
+        data = settings.data_dir
+        self.store = Store(data / "faxgw.sqlite3", clock)
+        self.spool = Spool(data / "spool")
+        self.local_media: LocalMediaStore | None = None
+        if settings.media_store == "local":
+            key = (settings.media_signing_key.encode() if settings.media_signing_key
+                   else load_or_create_key(data / "media.key"))
+            self.local_media = LocalMediaStore(data / "media", key, self.public_base_url, clock)
+            self.media: MediaStore = self.local_media
+        else:
+            self.media = S3MediaStore(bucket=settings.s3_bucket, prefix=settings.s3_prefix,
+                                      region=settings.s3_region,
+                                      endpoint_url=settings.s3_endpoint_url,
+                                      timeout_s=defaults.S3_TIMEOUT_S)
+        self.notifier: Notifier = (
+            RelayNotifier(settings, defaults.NOTIFY_TIMEOUT_S) if settings.notify_smtp_host
+            else OutboxNotifier(data / "outbox"))
+        self.web = WebApp(settings, self.store, self._wake_worker, self.local_media)
+        self.simulator_state: object | None = None
+        if settings.sandbox:
+            from .simulator import SIM_STATE, create_simulator_app
+
+            sim = create_simulator_app(project_id=settings.signalwire_project_id,
+                                       api_token=settings.signalwire_api_token,
+                                       signing_key=settings.signalwire_signing_key)
+            self.simulator_state = sim[SIM_STATE]
+            self.web.app.add_subapp(SANDBOX_PREFIX, sim)
+        self.signalwire = SignalWireClient(space_url=self.space_url,
+                                           project_id=settings.signalwire_project_id,
+                                           api_token=settings.signalwire_api_token,
+                                           timeout_s=defaults.API_TIMEOUT_S)
+        self.worker = Worker(settings=settings, store=self.store, spool=self.spool,
+                             media=self.media, signalwire=self.signalwire,
+                             notifier=self.notifier, callback_url=self.callback_url, clock=clock)
+        self.intake = Intake(settings, self.store, self.spool, self._wake_worker, clock)
+        self.smtp_handler = FaxHandler(settings, self.intake)
+        self.smtp = SMTPListener(settings, self.smtp_handler)
+
+    def _wake_worker(self) -> None:
+        self.worker.wake()
+
+    def space_url(self) -> str:
+        # Sandbox: the simulator lives on our own HTTP listener, so its URL is known after bind.
+        return self.s.signalwire_space_url or self.public_base_url() + SANDBOX_PREFIX
+
+    def public_base_url(self) -> str:
+        if self.s.public_base_url:
+            return self.s.public_base_url
+        host = self.s.http_listen.host
+        host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{self.web.port}"
+
+    def callback_url(self, token: str) -> str:
+        return f"{self.public_base_url()}{CALLBACK_ROUTE}/{token}"
+
+    async def start(self) -> None:
+        self.s.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.store.start()
+        await self.media.start()
+        await self.web.start()
+        await self.signalwire.start()
+        await self.worker.start()
+        await self.smtp.start()
+        mode = "sandbox (built-in SignalWire simulator)" if self.s.sandbox else "production"
+        log.info("faxgw started in %s mode: SMTP %s:%d for *@%s, HTTP %s:%d, media %s, "
+                 "reports %s", mode, self.s.smtp_listen.host, self.smtp.port, self.s.fax_domain,
+                 self.s.http_listen.host, self.web.port, self.s.media_store,
+                 f"via {self.s.notify_smtp_host}" if self.s.notify_smtp_host
+                 else f"to {self.s.data_dir / 'outbox'}")
+        if not self.s.sandbox and is_loopback_url(self.public_base_url()):
+            log.warning("PUBLIC_BASE_URL %s is a loopback address: SignalWire cannot reach "
+                        "it for callbacks or media", self.public_base_url())
+
+    async def stop(self, grace_s: float = defaults.SHUTDOWN_GRACE_S) -> None:
+        await self.smtp.stop()
+        await self.worker.stop(grace_s)
+        await self.signalwire.stop()
+        await self.web.stop()
+        await self.media.stop()
+        counts = await self.store.run(self.store.counts_by_state)
+        await self.store.stop()
+        log.info("faxgw stopped; jobs by state: %s",
+                 ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none")
+
+
+async def amain(settings: Settings) -> int:
+    gateway = Gateway(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await gateway.start()
+    try:
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await gateway.stop()
+    return 0

@@ -1,0 +1,119 @@
+"""From an accepted SMTP transaction to durable jobs: parse, build the PDF, spool, commit.
+
+The reply string is the SMTP answer: 250 only once the document is fsync'ed in the spool and the
+job rows are committed; 451 when the disk or the store cannot take it (the sender retries); 554
+when the mail itself can never become a fax.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import parseaddr
+from typing import Callable, Sequence
+
+from .config import Settings
+from .document import Document, DocumentError, build_document
+from .mime import MimeError, ParsedMail, parse_mail, sanitize_header_text
+from .spool import Spool
+from .store import Message, NewJob, Store, StoreError
+
+log = logging.getLogger(__name__)
+
+
+def new_id() -> str:
+    """A short random id for messages and jobs: 64 bits, printable in an SMTP reply."""
+    return secrets.token_hex(8)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    message_id: str
+    job_ids: tuple[str, ...]
+    pages: int
+
+
+class Refused(Exception):
+    """A refusal with its full SMTP reply line."""
+
+    def __init__(self, reply: str) -> None:
+        super().__init__(reply)
+        self.reply = reply
+
+
+def _prepare(content: bytes, max_pages: int) -> tuple[ParsedMail, Document]:
+    msg = BytesParser(policy=policy.default).parsebytes(content)
+    assert isinstance(msg, EmailMessage)
+    parsed = parse_mail(msg)
+    return parsed, build_document(parsed.parts, max_pages)
+
+
+def report_address(parsed: ParsedMail, envelope_from: str | None) -> str | None:
+    """Where the report goes: the From: header, else the envelope sender; None for bounces."""
+    for candidate in (parsed.from_addr, envelope_from):
+        if candidate:
+            _, addr = parseaddr(candidate)
+            if "@" in addr and not any(c in addr for c in "\r\n<>,; "):
+                return addr
+    return None
+
+
+class Intake:
+    def __init__(self, settings: Settings, store: Store, spool: Spool,
+                 on_new_jobs: Callable[[], None], clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.store = store
+        self.spool = spool
+        self.on_new_jobs = on_new_jobs
+        self.clock = clock
+
+    async def accept(self, content: bytes, envelope_from: str | None, numbers: Sequence[str],
+                     peer: str | None) -> Accepted:
+        try:
+            parsed, document = await asyncio.to_thread(_prepare, content,
+                                                       self.settings.max_pages)
+        except (MimeError, DocumentError) as exc:
+            raise Refused(f"554 5.6.0 {_one_line(str(exc))}") from exc
+
+        message_id = new_id()
+        jobs = [NewJob(id=new_id(), to_number=n, from_number=self.settings.from_number,
+                       quality=self.settings.quality, callback_token=secrets.token_urlsafe(24))
+                for n in numbers]
+        try:
+            path = await asyncio.to_thread(self.spool.put, message_id, document.data)
+        except OSError as exc:
+            log.error("spool write failed for message %s: %s", message_id, exc)
+            raise Refused("451 4.3.0 Temporary failure: the gateway cannot store the document "
+                          "right now; please try again later") from exc
+        message = Message(
+            id=message_id, created_at=self.clock(), envelope_from=envelope_from or None,
+            header_from=parsed.from_addr, report_to=report_address(parsed, envelope_from),
+            subject=parsed.subject, message_id_header=parsed.message_id,
+            references_header=" ".join(parsed.references) or None, peer=peer,
+            document_path=str(path), document_bytes=len(document.data),
+            document_sha256=hashlib.sha256(document.data).hexdigest(), pages=document.pages,
+            filenames=", ".join(document.filenames))
+        try:
+            await self.store.run(self.store.add_message, message, jobs)
+        except (StoreError, OSError) as exc:
+            log.error("job store write failed for message %s: %s", message_id, exc)
+            await asyncio.to_thread(self.spool.remove, message_id)
+            raise Refused("451 4.3.0 Temporary failure: the gateway cannot queue the fax right "
+                          "now; please try again later") from exc
+        for job in jobs:
+            log.info("job %s: accepted to %s, %d page(s), message %s from %s (peer %s)",
+                     job.id, job.to_number, document.pages, message_id,
+                     sanitize_header_text(message.report_to or "-", 120), peer or "-")
+        self.on_new_jobs()
+        return Accepted(message_id, tuple(j.id for j in jobs), document.pages)
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    return " ".join(text.split())[:limit].encode("ascii", "replace").decode("ascii")

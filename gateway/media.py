@@ -1,0 +1,192 @@
+"""Media stores: where SignalWire fetches the PDF from.
+
+`S3MediaStore` puts the document in a bucket and hands out SigV4 presigned GET URLs.
+`LocalMediaStore` keeps it under DATA_DIR and the gateway's HTTP listener serves it (GET and
+HEAD) at an unguessable, HMAC-signed, expiring URL; `web.py` calls `resolve_token` to serve it.
+Object keys are random, so a URL leaks nothing about the sender or the number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+from .spool import fsync_dir
+
+log = logging.getLogger(__name__)
+
+MEDIA_ROUTE = "/media"
+
+
+class MediaError(Exception):
+    """The media store could not take or give the document (an outage: retried with backoff)."""
+
+
+class MediaStore(Protocol):
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    async def put(self, key: str, source: Path) -> None: ...
+    async def url(self, key: str, ttl_s: int) -> str: ...
+    async def delete(self, key: str) -> None: ...
+
+
+def new_media_key() -> str:
+    """Random object name: 128 bits, no sender, number or date in it."""
+    return secrets.token_urlsafe(16) + ".pdf"
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+class LocalMediaStore:
+    """Documents under DATA_DIR/media, served by the gateway itself."""
+
+    def __init__(self, root: Path, key: bytes, base_url: Callable[[], str],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.root = root
+        self._key = key
+        self._base_url = base_url
+        self.clock = clock
+
+    async def start(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    async def stop(self) -> None:
+        return None
+
+    async def put(self, key: str, source: Path) -> None:
+        await asyncio.to_thread(self._put, key, source)
+
+    def _put(self, key: str, source: Path) -> None:
+        target = self.root / key
+        tmp = target.with_name(f".{key}.tmp")
+        try:
+            shutil.copyfile(source, tmp)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+            fsync_dir(self.root)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise MediaError(f"local media store: {exc.strerror or exc}") from exc
+
+    async def url(self, key: str, ttl_s: int) -> str:
+        expires = int(self.clock()) + ttl_s
+        payload = f"{key}.{expires}".encode()
+        mac = hmac.new(self._key, payload, hashlib.sha256).digest()[:20]
+        return f"{self._base_url()}{MEDIA_ROUTE}/{_b64(payload)}.{_b64(mac)}"
+
+    def resolve_token(self, token: str) -> Path | None:
+        """The file a media URL token names, or None when forged, malformed or expired."""
+        try:
+            payload_b64, mac_b64 = token.split(".")
+            payload = base64.urlsafe_b64decode(payload_b64 + "=" * (-len(payload_b64) % 4))
+            mac = base64.urlsafe_b64decode(mac_b64 + "=" * (-len(mac_b64) % 4))
+            key, expires_text = payload.decode("ascii").rsplit(".", 1)
+            expires = int(expires_text)
+        except (ValueError, UnicodeDecodeError):
+            return None
+        good = hmac.new(self._key, payload, hashlib.sha256).digest()[:20]
+        if not hmac.compare_digest(mac, good) or expires < self.clock():
+            return None
+        if "/" in key or key.startswith("."):
+            return None
+        path = self.root / key
+        return path if path.is_file() else None
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread((self.root / key).unlink, True)
+
+
+class S3MediaStore:
+    """Documents in an S3 (or S3-compatible) bucket behind SigV4 presigned GET URLs."""
+
+    def __init__(self, *, bucket: str, prefix: str, region: str, endpoint_url: str | None,
+                 timeout_s: float) -> None:
+        self.bucket = bucket
+        self.prefix = prefix
+        self.region = region
+        self.endpoint_url = endpoint_url
+        self.timeout_s = timeout_s
+        self._client: Any = None
+
+    async def start(self) -> None:
+        self._client = await asyncio.to_thread(self._make_client)
+
+    def _make_client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        config = Config(
+            signature_version="s3v4",  # boto3 may otherwise presign with SigV2
+            s3={"addressing_style": "path" if self.endpoint_url else "auto"},
+            connect_timeout=min(10.0, self.timeout_s),
+            read_timeout=self.timeout_s,
+            retries={"max_attempts": 2, "mode": "standard"},
+        )
+        return boto3.client("s3", region_name=self.region, endpoint_url=self.endpoint_url,
+                            config=config)
+
+    async def stop(self) -> None:
+        if self._client is not None:
+            await asyncio.to_thread(self._client.close)
+            self._client = None
+
+    def _object(self, key: str) -> str:
+        return f"{self.prefix}{key}"
+
+    async def put(self, key: str, source: Path) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            # upload_file switches to multipart for large files and streams from disk.
+            await asyncio.to_thread(self._client.upload_file, str(source), self.bucket,
+                                    self._object(key),
+                                    ExtraArgs={"ContentType": "application/pdf"})
+        except (BotoCoreError, ClientError, OSError) as exc:
+            raise MediaError(f"S3 upload to bucket {self.bucket}: {_s3_reason(exc)}") from exc
+
+    async def url(self, key: str, ttl_s: int) -> str:
+        return await asyncio.to_thread(
+            self._client.generate_presigned_url, "get_object",
+            Params={"Bucket": self.bucket, "Key": self._object(key)}, ExpiresIn=ttl_s)
+
+    async def delete(self, key: str) -> None:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            await asyncio.to_thread(self._client.delete_object, Bucket=self.bucket,
+                                    Key=self._object(key))
+        except (BotoCoreError, ClientError) as exc:
+            raise MediaError(f"S3 delete: {_s3_reason(exc)}") from exc
+
+
+def _s3_reason(exc: BaseException) -> str:
+    """A log-safe reason: botocore messages can include the endpoint but never credentials."""
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict):
+        err = response.get("Error", {})
+        return f"{err.get('Code', 'error')}: {err.get('Message', '')}".strip()
+    return type(exc).__name__ + (f": {exc}" if str(exc) else "")
+
+
+def load_or_create_key(path: Path) -> bytes:
+    """The local media HMAC key, created once so URLs stay valid across restarts."""
+    if path.is_file():
+        return path.read_bytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key)
+    return key

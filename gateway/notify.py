@@ -1,0 +1,64 @@
+"""Report delivery: through an SMTP relay (aiosmtplib), or as .eml files in an outbox folder."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Protocol
+
+import aiosmtplib
+
+from .config import Settings
+from .spool import write_durable
+
+log = logging.getLogger(__name__)
+
+
+class NotifyError(Exception):
+    """The report could not be handed over (an outage: retried with backoff)."""
+
+
+class Notifier(Protocol):
+    async def send(self, report: EmailMessage, name: str) -> str: ...
+
+
+class OutboxNotifier:
+    """Sandbox and relay-less installs: each report is a file, named by job, written durably.
+
+    Writing under the job's name makes a repeated report after a crash replace the first, not
+    add a second.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    async def send(self, report: EmailMessage, name: str) -> str:
+        path = self.root / f"{name}.eml"
+        try:
+            await asyncio.to_thread(write_durable, path, bytes(report), 0o640)
+        except OSError as exc:
+            raise NotifyError(f"outbox write failed: {exc.strerror or exc}") from exc
+        return f"written to {path}"
+
+
+class RelayNotifier:
+    def __init__(self, settings: Settings, timeout_s: float) -> None:
+        self.settings = settings
+        self.timeout_s = timeout_s
+
+    async def send(self, report: EmailMessage, name: str) -> str:
+        s = self.settings
+        try:
+            errors, reply = await aiosmtplib.send(
+                report, hostname=s.notify_smtp_host, port=s.notify_smtp_port,
+                username=s.notify_smtp_username, password=s.notify_smtp_password,
+                use_tls=s.notify_smtp_tls == "tls", start_tls=s.notify_smtp_tls == "starttls",
+                timeout=self.timeout_s)
+        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+            raise NotifyError(f"relay {s.notify_smtp_host}:{s.notify_smtp_port}: "
+                              f"{type(exc).__name__}: {str(exc)[:200]}") from exc
+        if errors:
+            raise NotifyError(f"relay refused recipients: {sorted(errors)}")
+        return f"relayed via {s.notify_smtp_host}: {reply[:120]}"

@@ -1,0 +1,391 @@
+"""The job store: SQLite in WAL mode, the only module that speaks SQL.
+
+All SQL is kept portable (plain types, `?` parameters, no SQLite-only functions in queries) so the
+store can later sit on PostgreSQL for several gateway instances sharing one queue. Every call runs
+on one dedicated thread that owns the one connection: the event loop never waits on an fsync, and
+the calls are serialised without locks. CLI commands use the same class synchronously.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import sqlite3
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+
+from .jobs import ACTIVE_STATES, CallbackAction, Job, State, classify_callback
+
+T = TypeVar("T")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    envelope_from TEXT,
+    header_from TEXT,
+    report_to TEXT,
+    subject TEXT,
+    message_id_header TEXT,
+    references_header TEXT,
+    peer TEXT,
+    document_path TEXT NOT NULL,
+    document_bytes INTEGER NOT NULL,
+    document_sha256 TEXT NOT NULL,
+    pages INTEGER NOT NULL,
+    filenames TEXT
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    message_id TEXT NOT NULL REFERENCES messages(id),
+    to_number TEXT NOT NULL,
+    from_number TEXT NOT NULL,
+    quality TEXT NOT NULL,
+    state TEXT NOT NULL,
+    callback_token TEXT NOT NULL UNIQUE,
+    callback_url TEXT,
+    media_key TEXT,
+    fax_sid TEXT,
+    fax_status TEXT,
+    pages INTEGER,
+    pages_sent INTEGER,
+    duration_s INTEGER,
+    error_code TEXT,
+    error_message TEXT,
+    failure_reason TEXT,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    tries INTEGER NOT NULL DEFAULT 0,
+    next_run_at REAL,
+    submit_started_at REAL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    reported_at REAL
+);
+CREATE INDEX IF NOT EXISTS jobs_due ON jobs (next_run_at);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state);
+CREATE INDEX IF NOT EXISTS jobs_message ON jobs (message_id);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    at REAL NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS events_job ON events (job_id, id);
+"""
+
+_JOB_COLUMNS = [f.name for f in fields(Job)]
+
+
+@dataclass(frozen=True)
+class Message:
+    id: str
+    created_at: float
+    envelope_from: str | None
+    header_from: str | None
+    report_to: str | None
+    subject: str | None
+    message_id_header: str | None
+    references_header: str | None
+    peer: str | None
+    document_path: str
+    document_bytes: int
+    document_sha256: str
+    pages: int
+    filenames: str | None
+
+
+@dataclass(frozen=True)
+class Event:
+    job_id: str
+    at: float
+    kind: str
+    detail: str | None
+
+
+@dataclass(frozen=True)
+class NewJob:
+    id: str
+    to_number: str
+    from_number: str
+    quality: str
+    callback_token: str
+
+
+class StoreError(Exception):
+    """The store could not take a write: the SMTP side answers 451 so the sender retries."""
+
+
+def _job(row: sqlite3.Row) -> Job:
+    values = dict(zip(_JOB_COLUMNS, (row[c] for c in _JOB_COLUMNS)))
+    values["state"] = State(values["state"])
+    return Job(**values)
+
+
+class Store:
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self.clock = clock
+        self._db: sqlite3.Connection | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                             timeout=30)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        # FULL: a commit is on disk before we answer 250 (WAL's NORMAL may lose the last commits).
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.executescript(SCHEMA)
+        self._db = db
+
+    async def start(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="faxgw-store")
+        await self.run(self.open)
+
+    async def stop(self) -> None:
+        if self._executor is not None:
+            await self.run(self.close)
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a synchronous store call on the store's own thread."""
+        assert self._executor is not None, "store not started"
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(fn, *args))
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError("store is not open")
+        return self._db
+
+    def _tx(self) -> "_Transaction":
+        return _Transaction(self.db)
+
+    def _event(self, job_id: str, kind: str, detail: str | None, at: float) -> None:
+        self.db.execute("INSERT INTO events (job_id, at, kind, detail) VALUES (?, ?, ?, ?)",
+                        (job_id, at, kind, detail))
+
+    # -- intake ------------------------------------------------------------------------------
+
+    def add_message(self, message: Message, jobs: Iterable[NewJob]) -> None:
+        """Commit a message and its jobs in one transaction (durable once this returns)."""
+        now = self.clock()
+        try:
+            with self._tx():
+                self.db.execute(
+                    "INSERT INTO messages (id, created_at, envelope_from, header_from, report_to,"
+                    " subject, message_id_header, references_header, peer, document_path,"
+                    " document_bytes, document_sha256, pages, filenames)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (message.id, message.created_at, message.envelope_from, message.header_from,
+                     message.report_to, message.subject, message.message_id_header,
+                     message.references_header, message.peer, message.document_path,
+                     message.document_bytes, message.document_sha256, message.pages,
+                     message.filenames))
+                for job in jobs:
+                    self.db.execute(
+                        "INSERT INTO jobs (id, message_id, to_number, from_number, quality, state,"
+                        " callback_token, pages, attempt, tries, next_run_at, created_at,"
+                        " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?)",
+                        (job.id, message.id, job.to_number, job.from_number, job.quality,
+                         State.RECEIVED.value, job.callback_token, message.pages, now, now, now))
+                    self._event(job.id, "received",
+                                f"from {message.report_to or message.envelope_from or '-'}"
+                                f" peer {message.peer or '-'}, {message.pages} page(s),"
+                                f" {message.document_bytes} bytes", now)
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from exc
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def job(self, job_id: str) -> Job | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return _job(row) if row else None
+
+    def job_by_token(self, token: str) -> Job | None:
+        row = self.db.execute("SELECT * FROM jobs WHERE callback_token = ?", (token,)).fetchone()
+        return _job(row) if row else None
+
+    def message(self, message_id: str) -> Message | None:
+        row = self.db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+        return Message(**dict(row)) if row else None
+
+    def events(self, job_id: str) -> list[Event]:
+        rows = self.db.execute("SELECT job_id, at, kind, detail FROM events WHERE job_id = ?"
+                               " ORDER BY id", (job_id,)).fetchall()
+        return [Event(**dict(r)) for r in rows]
+
+    def jobs(self, *, state: str | None = None, limit: int = 100) -> list[Job]:
+        sql, args = "SELECT * FROM jobs", []
+        if state:
+            sql += " WHERE state = ?"
+            args.append(state)
+        sql += " ORDER BY created_at DESC LIMIT ?"
+        args.append(limit)
+        return [_job(r) for r in self.db.execute(sql, args).fetchall()]
+
+    def due_jobs(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[Job]:
+        """Active jobs whose next step is due, oldest first."""
+        excluded = set(exclude)
+        placeholders = ",".join("?" for _ in ACTIVE_STATES)
+        rows = self.db.execute(
+            f"SELECT * FROM jobs WHERE next_run_at IS NOT NULL AND next_run_at <= ?"
+            f" AND state IN ({placeholders}) ORDER BY next_run_at LIMIT ?",
+            (now, *sorted(s.value for s in ACTIVE_STATES), limit + len(excluded))).fetchall()
+        return [j for j in map(_job, rows) if j.id not in excluded][:limit]
+
+    def next_due_at(self, exclude: Iterable[str] = ()) -> float | None:
+        """When the next step of a job not in `exclude` (running now) falls due."""
+        excluded = list(exclude)
+        states = sorted(s.value for s in ACTIVE_STATES)
+        sql = (f"SELECT MIN(next_run_at) FROM jobs WHERE next_run_at IS NOT NULL"
+               f" AND state IN ({','.join('?' for _ in states)})")
+        if excluded:
+            sql += f" AND id NOT IN ({','.join('?' for _ in excluded)})"
+        return self.db.execute(sql, (*states, *excluded)).fetchone()[0]
+
+    def message_jobs(self, message_id: str) -> list[Job]:
+        rows = self.db.execute("SELECT * FROM jobs WHERE message_id = ? ORDER BY id",
+                               (message_id,)).fetchall()
+        return [_job(r) for r in rows]
+
+    def counts_by_state(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        return {r[0]: r[1] for r in rows}
+
+    # -- transitions -------------------------------------------------------------------------
+
+    def _update(self, job_id: str, expect: Iterable[State], event: tuple[str, str | None],
+                **values: Any) -> bool:
+        """Move a job on only if it is still in one of the expected states (optimistic check).
+
+        The check is what keeps a late worker step or a replayed callback from undoing a newer
+        state, and it is what will let several instances share the queue later.
+        """
+        now = self.clock()
+        values["updated_at"] = now
+        for key, value in list(values.items()):
+            if isinstance(value, State):
+                values[key] = value.value
+        assignments = ", ".join(f"{k} = ?" for k in values)
+        expected = [s.value for s in expect]
+        placeholders = ",".join("?" for _ in expected)
+        with self._tx():
+            cur = self.db.execute(
+                f"UPDATE jobs SET {assignments} WHERE id = ? AND state IN ({placeholders})",
+                (*values.values(), job_id, *expected))
+            if cur.rowcount != 1:
+                return False
+            self._event(job_id, event[0], event[1], now)
+        return True
+
+    def add_event(self, job_id: str, kind: str, detail: str | None = None) -> None:
+        with self._tx():
+            self._event(job_id, kind, detail, self.clock())
+
+    def mark_stored(self, job: Job, media_key: str) -> bool:
+        return self._update(job.id, [State.RECEIVED], ("stored", "document in the media store"),
+                            state=State.STORED, media_key=media_key, tries=0,
+                            next_run_at=self.clock())
+
+    def mark_submitting(self, job: Job, callback_url: str, recheck_at: float) -> bool:
+        now = self.clock()
+        return self._update(job.id, [State.STORED],
+                            ("submitting", f"attempt {job.attempt + 1}: sending to SignalWire"),
+                            state=State.SUBMITTING, callback_url=callback_url,
+                            submit_started_at=now, attempt=job.attempt + 1, fax_sid=None,
+                            fax_status=None, error_code=None, error_message=None,
+                            next_run_at=recheck_at)
+
+    def mark_submitted(self, job: Job, sid: str, status: str, poll_at: float,
+                       detail: str) -> bool:
+        return self._update(job.id, [State.SUBMITTING], ("submitted", detail),
+                            state=State.SUBMITTED, fax_sid=sid, fax_status=status, tries=0,
+                            next_run_at=poll_at)
+
+    def back_to_stored(self, job: Job, run_at: float, detail: str) -> bool:
+        """The send did not happen (refused as retryable, or looked up and not found)."""
+        return self._update(job.id, [State.SUBMITTING], ("retry", detail), state=State.STORED,
+                            attempt=max(0, job.attempt - 1), tries=job.tries + 1,
+                            next_run_at=run_at)
+
+    def retry_later(self, job: Job, run_at: float, detail: str) -> bool:
+        """A step hit an outage: same state, try again later."""
+        return self._update(job.id, [job.state], ("retry", detail), tries=job.tries + 1,
+                            next_run_at=run_at)
+
+    def mark_failed(self, job: Job, reason: str, error_code: str | None = None,
+                    error_message: str | None = None) -> bool:
+        return self._update(job.id, [s for s in ACTIVE_STATES if s is not State.FAILED],
+                            ("failed", reason), state=State.FAILED, failure_reason=reason,
+                            error_code=error_code, error_message=error_message, tries=0,
+                            next_run_at=self.clock())
+
+    def record_status(self, job: Job, sid: str | None, status: str | None, *, pages: int | None,
+                      duration_s: int | None, error_code: str | None,
+                      error_message: str | None, source: str) -> CallbackAction:
+        """Apply a fax status (callback or poll) idempotently; returns what it did."""
+        with self._tx():
+            row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job.id,)).fetchone()
+            current = _job(row)
+            action = classify_callback(current.state, current.fax_sid, sid, status)
+            now = self.clock()
+            detail = (f"{source}: status={status or '-'} sid={sid or '-'}"
+                      + (f" pages={pages}" if pages is not None else "")
+                      + (f" error={error_code or ''} {error_message}" if error_message else ""))
+            if action is CallbackAction.FINAL:
+                self.db.execute(
+                    "UPDATE jobs SET state = ?, fax_sid = COALESCE(fax_sid, ?), fax_status = ?,"
+                    " pages_sent = ?, duration_s = COALESCE(?, duration_s), error_code = ?,"
+                    " error_message = ?, tries = 0, next_run_at = ?, updated_at = ?"
+                    " WHERE id = ?",
+                    (State.COMPLETED.value, sid, status, pages, duration_s, error_code,
+                     error_message, now, now, job.id))
+                self._event(job.id, "final", detail, now)
+            elif action is CallbackAction.PROGRESS:
+                self.db.execute("UPDATE jobs SET fax_status = ?, fax_sid = COALESCE(fax_sid, ?),"
+                                " updated_at = ? WHERE id = ?", (status, sid, now, job.id))
+                self._event(job.id, "progress", detail, now)
+            else:
+                self._event(job.id, "ignored", detail, now)
+        return action
+
+    def mark_reported(self, job: Job, detail: str) -> bool:
+        now = self.clock()
+        return self._update(job.id, [State.COMPLETED, State.FAILED], ("reported", detail),
+                            state=State.REPORTED, reported_at=now, next_run_at=None, tries=0)
+
+    def reschedule(self, job: Job, run_at: float) -> None:
+        with self._tx():
+            self.db.execute("UPDATE jobs SET next_run_at = ? WHERE id = ?", (run_at, job.id))
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT/ROLLBACK on an autocommit connection."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is None:
+            self.db.execute("COMMIT")
+        else:
+            self.db.execute("ROLLBACK")

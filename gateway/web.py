@@ -1,0 +1,119 @@
+"""The HTTP edge (aiohttp): SignalWire status callbacks, local media, health.
+
+Paths carry secrets (callback tokens, media tokens), so aiohttp's access log is off and our own
+log lines never include them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+from aiohttp import web
+
+from .config import Settings
+from .constants import MAX_CALLBACK_BODY_BYTES
+from .jobs import CallbackAction
+from .media import MEDIA_ROUTE, LocalMediaStore
+from .signature import verify_signature
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+CALLBACK_ROUTE = "/signalwire/status"
+SANDBOX_PREFIX = "/sandbox/signalwire"
+MAX_TOKEN_CHARS = 128
+
+
+def _int(value: str | None) -> int | None:
+    try:
+        return None if value in (None, "") else int(str(value))
+    except ValueError:
+        return None
+
+
+def _short(value: object, limit: int = 300) -> str | None:
+    if value is None or not isinstance(value, str) or value == "":
+        return None
+    return "".join(c if c.isprintable() else " " for c in value)[:limit]
+
+
+class WebApp:
+    def __init__(self, settings: Settings, store: Store, on_final: Callable[[], None],
+                 media: LocalMediaStore | None) -> None:
+        self.s = settings
+        self.store = store
+        self.on_final = on_final
+        self.media = media
+        self.app = web.Application(client_max_size=MAX_CALLBACK_BODY_BYTES)
+        self.app.router.add_get("/healthz", self.healthz)
+        self.app.router.add_post(CALLBACK_ROUTE + "/{token}", self.status_callback)
+        if media is not None:
+            self.app.router.add_get(MEDIA_ROUTE + "/{token}", self.media_file)  # HEAD too
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                     shutdown_timeout=5)
+        await self._runner.setup()
+        listen = self.s.http_listen
+        self._site = web.TCPSite(self._runner, listen.host, listen.port)
+        await self._site.start()
+        server = self._site._server
+        assert server is not None and server.sockets  # type: ignore[attr-defined]
+        self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def status_callback(self, request: web.Request) -> web.Response:
+        token = request.match_info["token"]
+        if len(token) > MAX_TOKEN_CHARS:
+            raise web.HTTPNotFound()
+        job = await self.store.run(self.store.job_by_token, token)
+        if job is None or not job.callback_url:
+            log.warning("callback for an unknown job from %s: ignored", request.remote)
+            raise web.HTTPNotFound()
+        form = await request.post()
+        params = [(k, v) for k, v in form.items() if isinstance(v, str)]
+        signature = (request.headers.get("X-SignalWire-Signature")
+                     or request.headers.get("X-Twilio-Signature"))
+        if not verify_signature(self.s.signalwire_signing_key, job.callback_url, params,
+                                signature):
+            log.warning("job %s: callback with a %s signature from %s: refused", job.id,
+                        "wrong" if signature else "missing", request.remote)
+            await self.store.run(self.store.add_event, job.id, "callback-refused",
+                                 f"bad signature from {request.remote}")
+            raise web.HTTPForbidden(text="signature check failed")
+        account = form.get("AccountSid")
+        if account and account != self.s.signalwire_project_id:
+            log.warning("job %s: signed callback for another account: refused", job.id)
+            raise web.HTTPForbidden(text="wrong account")
+        status = _short(form.get("FaxStatus"), 40)
+        action = await self.store.run(
+            lambda: self.store.record_status(
+                job, _short(form.get("FaxSid"), 64), status,
+                pages=_int(_short(form.get("NumPages"), 10)), duration_s=None,
+                error_code=_short(form.get("ErrorCode"), 20),
+                error_message=_short(form.get("ErrorMessage")), source="callback"))
+        log.info("job %s: callback status %s -> %s", job.id, status, action.value)
+        if action is CallbackAction.FINAL:
+            self.on_final()
+        return web.Response(text="OK")
+
+    async def media_file(self, request: web.Request) -> web.StreamResponse:
+        assert self.media is not None
+        token = request.match_info["token"]
+        path = self.media.resolve_token(token) if len(token) <= 512 else None
+        if path is None:
+            raise web.HTTPNotFound(text="no such document, or the link has expired")
+        log.info("media served to %s (%s)", request.remote, request.method)
+        return web.FileResponse(path, headers={"Content-Type": "application/pdf",
+                                               "Cache-Control": "no-store"})

@@ -1,0 +1,335 @@
+"""The worker: moves every due job one step along its state machine (see jobs.py).
+
+Each job carries `next_run_at`; the worker runs what is due, at most `worker_concurrency` at a
+time, and sleeps until the next due time or until woken (new mail, a final callback). Every step
+is safe to repeat after a crash: the store only applies a transition from the state it expects,
+and a send whose outcome is unknown is looked up at SignalWire before anything is sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from . import defaults
+from .config import Settings
+from .constants import FINAL_STATUSES
+from .jobs import Job, State, backoff_s
+from .media import MediaError, MediaStore, new_media_key
+from .notify import Notifier, NotifyError
+from .reports import build_report
+from .signalwire import (SendOutcomeUnknown, SendRefused, SendRetryable, SignalWireClient,
+                         SignalWireError)
+from .spool import Spool
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+IDLE_WAKE_S = 30.0           # look at the queue at least this often, even when nothing is due
+UNKNOWN_RECHECK_S = 10.0     # after a send with no answer, look the fax up this much later
+LOOKUP_SKEW_S = 120.0        # clock skew allowed when matching a looked-up fax to a send
+
+
+class Worker:
+    def __init__(self, *, settings: Settings, store: Store, spool: Spool, media: MediaStore,
+                 signalwire: SignalWireClient, notifier: Notifier,
+                 callback_url: Callable[[str], str], clock: Callable[[], float] = time.time,
+                 jitter: Callable[[], float] = random.random) -> None:
+        self.s = settings
+        self.store = store
+        self.spool = spool
+        self.media = media
+        self.sw = signalwire
+        self.notifier = notifier
+        self.callback_url = callback_url
+        self.clock = clock
+        self.jitter = jitter
+        self._wake = asyncio.Event()
+        self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        # Notified after every step: lets tests and the CLI wait for a job without polling.
+        self.progress = asyncio.Condition()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="faxgw-worker")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def stop(self, grace_s: float = defaults.SHUTDOWN_GRACE_S) -> None:
+        """Stop taking work, let running steps finish up to grace_s, cancel the rest.
+
+        A cancelled step leaves its job in a state the next start resumes from.
+        """
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        running = list(self._inflight.values())
+        if running:
+            done, pending = await asyncio.wait(running, timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            log.info("worker stopped: %d step(s) finished, %d cancelled", len(done),
+                     len(pending))
+
+    async def _loop(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                await self._dispatch()
+                nxt = await self.store.run(self.store.next_due_at, list(self._inflight))
+            except Exception:
+                log.exception("worker: cannot read the job store; retrying")
+                nxt = self.clock() + self.s.retry_base_s
+            timeout = IDLE_WAKE_S if nxt is None else min(IDLE_WAKE_S,
+                                                          max(0.0, nxt - self.clock()))
+            if timeout > 0 and not self._stopping:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except asyncio.TimeoutError:
+                    pass
+
+    async def _dispatch(self) -> list[asyncio.Task[None]]:
+        free = self.s.worker_concurrency - len(self._inflight)
+        if free <= 0:
+            return []
+        due = await self.store.run(self.store.due_jobs, self.clock(), free, list(self._inflight))
+        started = []
+        for job in due:
+            task = asyncio.create_task(self._step(job), name=f"faxgw-job-{job.id}")
+            self._inflight[job.id] = task
+            started.append(task)
+        return started
+
+    async def run_due(self) -> int:
+        """Run every due step to completion once (tests drive the queue with this)."""
+        tasks = await self._dispatch()
+        if tasks:
+            await asyncio.gather(*tasks)
+        return len(tasks)
+
+    async def run_until_idle(self, max_rounds: int = 1000) -> None:
+        for _ in range(max_rounds):
+            if await self.run_due() == 0 and not self._inflight:
+                return
+        raise RuntimeError("queue did not become idle")
+
+    # -- steps -------------------------------------------------------------------------------
+
+    async def _step(self, job: Job) -> None:
+        steps: dict[State, Callable[[Job], Awaitable[None]]] = {
+            State.RECEIVED: self._upload,
+            State.STORED: self._submit,
+            State.SUBMITTING: self._reconcile,
+            State.SUBMITTED: self._poll,
+            State.COMPLETED: self._report,
+            State.FAILED: self._report,
+        }
+        try:
+            await steps[job.state](job)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a step boundary: log, keep the job, try again later
+            log.exception("job %s: %s step crashed", job.id, job.state.value)
+            await self._later(job, f"internal error: {type(exc).__name__}")
+        finally:
+            self._inflight.pop(job.id, None)
+            self._wake.set()
+            async with self.progress:
+                self.progress.notify_all()
+
+    async def wait_for(self, predicate: Callable[[], Awaitable[bool]], timeout_s: float) -> None:
+        """Return once `predicate()` holds, re-checking after each step; TimeoutError if not."""
+        async def _wait() -> None:
+            async with self.progress:  # held while checking, so no notification is missed
+                while not await predicate():
+                    await self.progress.wait()
+        await asyncio.wait_for(_wait(), timeout_s)
+
+    def _delay(self, job: Job) -> float:
+        return backoff_s(job.tries + 1, self.s.retry_base_s, self.s.retry_max_s, self.jitter())
+
+    def _gave_up(self, job: Job) -> bool:
+        return self.clock() - job.created_at > self.s.give_up_hours * 3600
+
+    async def _later(self, job: Job, reason: str, delay_s: float | None = None) -> None:
+        """An outage: keep the job where it is and come back later, or give up past the limit."""
+        if self._gave_up(job):
+            if job.state in (State.COMPLETED, State.FAILED):
+                await self.store.run(self.store.mark_reported, job,
+                                     f"report NOT delivered, gave up: {reason}")
+                log.error("job %s: report could not be delivered, gave up: %s", job.id, reason)
+                return
+            words = (f"the gateway gave up after {self.s.give_up_hours:g} hours of trying "
+                     f"({reason})")
+            await self.store.run(self.store.mark_failed, job, words)
+            log.error("job %s: gave up in state %s: %s", job.id, job.state.value, reason)
+            return
+        delay = self._delay(job) if delay_s is None else delay_s
+        await self.store.run(self.store.retry_later, job, self.clock() + delay,
+                             f"{reason}; next try in {delay:.0f} s")
+        log.warning("job %s: %s; retry %d in %.1f s", job.id, reason, job.tries + 1, delay)
+
+    async def _upload(self, job: Job) -> None:
+        message = await self.store.run(self.store.message, job.message_id)
+        assert message is not None
+        source = Path(message.document_path)
+        if not source.is_file():
+            await self.store.run(self.store.mark_failed, job,
+                                 "the document is missing from the gateway's spool")
+            log.error("job %s: spool file %s is missing", job.id, source)
+            return
+        key = job.media_key or new_media_key()
+        try:
+            await self.media.put(key, source)
+        except MediaError as exc:
+            await self._later(job, str(exc))
+            return
+        await self.store.run(self.store.mark_stored, job, key)
+        log.info("job %s: document stored", job.id)
+
+    async def _submit(self, job: Job) -> None:
+        assert job.media_key is not None
+        try:
+            media_url = await self.media.url(job.media_key, self.s.media_url_ttl_s)
+        except MediaError as exc:
+            await self._later(job, str(exc))
+            return
+        callback = self.callback_url(job.callback_token)
+        recheck_at = self.clock() + defaults.API_TIMEOUT_S + UNKNOWN_RECHECK_S
+        if not await self.store.run(self.store.mark_submitting, job, callback, recheck_at):
+            return
+        job = await self.store.run(self.store.job, job.id)
+        assert job is not None
+        log.info("job %s attempt %d: sending to %s", job.id, job.attempt, job.to_number)
+        try:
+            fax = await self.sw.send_fax(to=job.to_number, from_=job.from_number,
+                                         media_url=media_url, quality=job.quality,
+                                         ttl_min=self.s.ttl_minutes, status_callback=callback)
+        except SendRetryable as exc:
+            delay = exc.retry_after_s if exc.retry_after_s is not None else self._delay(job)
+            delay = min(max(delay, 0.0), self.s.retry_max_s)
+            if self._gave_up(job):
+                await self.store.run(self.store.mark_failed, job, exc.words,
+                                     str(exc.code or ""), str(exc))
+                return
+            await self.store.run(self.store.back_to_stored, job, self.clock() + delay,
+                                 f"not sent ({exc.words}); next try in {delay:.0f} s")
+            log.warning("job %s: SignalWire did not take the fax (%s); retry in %.1f s",
+                        job.id, exc.words, delay)
+        except SendRefused as exc:
+            await self.store.run(self.store.mark_failed, job,
+                                 f"SignalWire refused the fax: {exc.words}",
+                                 str(exc.code) if exc.code else None, str(exc))
+            log.warning("job %s: refused by SignalWire: %s", job.id, exc.words)
+        except SendOutcomeUnknown as exc:
+            await self.store.run(self.store.add_event, job.id, "unknown",
+                                 f"send outcome unknown ({exc.words}); will look it up")
+            await self.store.run(self.store.reschedule, job, self.clock() + UNKNOWN_RECHECK_S)
+            log.warning("job %s: send outcome unknown (%s); looking it up in %.0f s", job.id,
+                        exc.words, UNKNOWN_RECHECK_S)
+        else:
+            await self.store.run(self.store.mark_submitted, job, fax.sid, fax.status,
+                                 self.clock() + self.s.status_poll_s,
+                                 f"SignalWire accepted: sid {fax.sid}, status {fax.status}")
+            log.info("job %s attempt %d: submitted, sid %s", job.id, job.attempt, fax.sid)
+
+    async def _reconcile(self, job: Job) -> None:
+        """A send whose answer never came: find the fax at SignalWire, resend only if absent."""
+        started = job.submit_started_at or job.updated_at
+        since = datetime.fromtimestamp(started - LOOKUP_SKEW_S, timezone.utc)
+        try:
+            faxes = await self.sw.list_faxes(to=job.to_number, from_=job.from_number,
+                                             created_after=since)
+        except SignalWireError as exc:
+            await self._later(job, f"cannot look up the fax at SignalWire: {exc.words}")
+            return
+        if not faxes:
+            await self.store.run(self.store.back_to_stored, job, self.clock(),
+                                 "the unanswered send did not reach SignalWire; sending again")
+            log.info("job %s: unanswered send not found at SignalWire; resending", job.id)
+            return
+        fax = max(faxes, key=lambda f: f.date_created or since)
+        await self.store.run(self.store.mark_submitted, job, fax.sid, fax.status,
+                             self.clock() + self.s.status_poll_s,
+                             f"found at SignalWire after an unanswered send: sid {fax.sid}")
+        log.info("job %s: unanswered send found at SignalWire as %s (%s)", job.id, fax.sid,
+                 fax.status)
+        if fax.status in FINAL_STATUSES:
+            job = await self.store.run(self.store.job, job.id)
+            assert job is not None
+            await self._apply_fax(job, fax.sid, fax.status, fax.num_pages, fax.duration_s,
+                                  fax.error_code, fax.error_message, "lookup")
+
+    async def _poll(self, job: Job) -> None:
+        """No final callback yet: ask SignalWire (callbacks are best effort)."""
+        assert job.fax_sid is not None
+        try:
+            fax = await self.sw.fetch_fax(job.fax_sid)
+        except SignalWireError as exc:
+            if exc.code == 20404 or exc.status == 404:
+                await self.store.run(self.store.mark_failed, job,
+                                     "SignalWire no longer knows this fax", None, str(exc))
+                return
+            await self._later(job, f"cannot fetch the fax status: {exc.words}")
+            return
+        if fax.status in FINAL_STATUSES:
+            await self._apply_fax(job, job.fax_sid, fax.status, fax.num_pages, fax.duration_s,
+                                  fax.error_code, fax.error_message, "poll")
+            return
+        await self._later(job, f"fax still {fax.status or 'unknown'} at SignalWire",
+                          delay_s=min(self.s.status_poll_s, self._delay(job)))
+
+    async def _apply_fax(self, job: Job, sid: str | None, status: str | None,
+                         pages: int | None, duration_s: int | None, error_code: str | None,
+                         error_message: str | None, source: str) -> None:
+        action = await self.store.run(
+            lambda: self.store.record_status(job, sid, status, pages=pages,
+                                             duration_s=duration_s, error_code=error_code,
+                                             error_message=error_message, source=source))
+        log.info("job %s: %s status %s -> %s", job.id, source, status, action.value)
+
+    async def _report(self, job: Job) -> None:
+        message = await self.store.run(self.store.message, job.message_id)
+        assert message is not None
+        if not message.report_to:
+            await self.store.run(self.store.mark_reported, job,
+                                 "no report sent: the mail had no usable sender address")
+            log.info("job %s: final (%s), no sender address to report to", job.id,
+                     job.fax_status or job.state.value)
+            await self._cleanup(job)
+            return
+        events = await self.store.run(self.store.events, job.id)
+        report = build_report(job, message, events, from_addr=self.s.notify_from,
+                              hostname=self.s.smtp_hostname, now=self.clock())
+        try:
+            where = await self.notifier.send(report, job.id)
+        except NotifyError as exc:
+            await self._later(job, f"report not delivered: {exc}")
+            return
+        await self.store.run(self.store.mark_reported, job, f"report {where}")
+        log.info("job %s: reported (%s) %s", job.id, job.fax_status or job.state.value, where)
+        await self._cleanup(job)
+
+    async def _cleanup(self, job: Job) -> None:
+        """A reported job no longer needs its media object; the spool file goes with the last
+        job of its message."""
+        if job.media_key:
+            try:
+                await self.media.delete(job.media_key)
+            except MediaError as exc:
+                log.warning("job %s: media object not deleted: %s", job.id, exc)
+        siblings = await self.store.run(self.store.message_jobs, job.message_id)
+        if all(j.state is State.REPORTED for j in siblings):
+            await asyncio.to_thread(self.spool.remove, job.message_id)

@@ -1,0 +1,222 @@
+"""Shared fixtures: every part real and on loopback, port 0, torn down after use."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import smtplib
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email import policy
+from pathlib import Path
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
+
+import pytest
+from aiohttp import web
+from aiosmtpd.smtp import SMTP as AioSMTP
+from pypdf import PdfWriter
+
+from gateway.config import Settings, settings_from
+from gateway.daemon import Gateway
+from gateway.jobs import State
+from gateway.simulator import SIM_STATE, SimulatorState, create_simulator_app
+
+from .s3server import SeaweedS3
+
+PROJECT_ID = "0b6f2a1e-5d0c-4a6e-9a51-7e7c1f1d9a00"
+API_TOKEN = "PTtesttokenvalue"
+SIGNING_KEY = "PSKtestsigningkey0000"
+
+
+def make_pdf(pages: int = 1, *, landscape: bool = False) -> bytes:
+    """A small valid PDF with `pages` blank pages (Letter)."""
+    writer = PdfWriter()
+    for _ in range(pages):
+        writer.add_blank_page(width=792 if landscape else 612, height=612 if landscape else 792)
+    out = io.BytesIO()
+    writer.write(out)
+    return out.getvalue()
+
+
+def pdf_mail(to: str | list[str], *, pdf: bytes | None = None, sender: str = "alice@example.com",
+             subject: str = "Invoice 42", filename: str | None = "invoice.pdf",
+             message_id: str = "<orig-1@example.com>") -> EmailMessage:
+    msg = EmailMessage()
+    msg["From"] = f"Alice Example <{sender}>"
+    msg["To"] = ", ".join(to) if isinstance(to, list) else to
+    msg["Subject"] = subject
+    msg["Message-ID"] = message_id
+    msg.set_content("Please fax the attached invoice.\n")
+    msg.add_attachment(pdf if pdf is not None else make_pdf(2), maintype="application",
+                       subtype="pdf", filename=filename)
+    return msg
+
+
+class SMTPResult:
+    def __init__(self, code: int, text: str, refused: dict[str, tuple[int, bytes]]) -> None:
+        self.code = code
+        self.text = text
+        self.refused = refused
+
+
+def _send_blocking(port: int, msg: EmailMessage | bytes, mail_from: str,
+                   rcpts: list[str]) -> SMTPResult:
+    """Send over a real smtplib session; returns the DATA reply (or the refusal) as seen."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.test")
+        code, text = client.mail(mail_from)
+        if code != 250:
+            return SMTPResult(code, text.decode(), {})
+        refused: dict[str, tuple[int, bytes]] = {}
+        for rcpt in rcpts:
+            code, text = client.rcpt(rcpt)
+            if code != 250:
+                refused[rcpt] = (code, text)
+        if len(refused) == len(rcpts):
+            first = next(iter(refused.values()))
+            return SMTPResult(first[0], first[1].decode(), refused)
+        # smtplib only fixes line ends of str data; SMTP wants CRLF.
+        data = msg if isinstance(msg, bytes) else msg.as_bytes(
+            policy=msg.policy.clone(linesep="\r\n"))
+        code, text = client.data(data)
+        return SMTPResult(code, text.decode(), refused)
+
+
+async def smtp_send(port: int, msg: EmailMessage | bytes, rcpts: list[str],
+                    mail_from: str = "alice@example.com") -> SMTPResult:
+    """smtplib is blocking and the gateway runs on this loop: send from a thread."""
+    return await asyncio.to_thread(_send_blocking, port, msg, mail_from, rcpts)
+
+
+class RelaySink:
+    """An aiosmtpd server acting as the report relay; captured mail arrives on a queue."""
+
+    def __init__(self) -> None:
+        self.messages: asyncio.Queue[EmailMessage] = asyncio.Queue()
+        self.envelopes: list[tuple[str, list[str]]] = []
+        self.server: asyncio.base_events.Server | None = None
+        self.port = 0
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        msg = BytesParser(policy=policy.default).parsebytes(envelope.original_content)
+        self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
+        await self.messages.put(msg)  # type: ignore[arg-type]
+        return "250 2.0.0 OK sink"
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.server = await loop.create_server(lambda: AioSMTP(self, hostname="sink.test"),
+                                               "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.server:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def next(self, timeout_s: float = 20.0) -> EmailMessage:
+        return await asyncio.wait_for(self.messages.get(), timeout_s)
+
+
+class Simulator:
+    """The SignalWire simulator as a separate HTTP server on its own port."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.app = create_simulator_app(project_id=PROJECT_ID, api_token=API_TOKEN,
+                                        signing_key=SIGNING_KEY, **kwargs)
+        self.state: SimulatorState = self.app[SIM_STATE]
+        self.runner = web.AppRunner(self.app, access_log=None)
+        self.url = ""
+
+    async def start(self) -> None:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweed"))
+    server.start()
+    server.create_bucket("faxgw-test")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+async def relay() -> AsyncIterator[RelaySink]:
+    sink = RelaySink()
+    await sink.start()
+    yield sink
+    await sink.stop()
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[Simulator]:
+    sim = Simulator(callback_delay_s=0.05)
+    await sim.start()
+    yield sim
+    await sim.stop()
+
+
+def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:
+    env = {
+        "DATA_DIR": str(data_dir),
+        "SMTP_LISTEN": "127.0.0.1:0",
+        "HTTP_LISTEN": "127.0.0.1:0",
+        "SMTP_HOSTNAME": "faxgw.test",
+        "NOTIFY_FROM": "faxgw@faxgw.test",
+        "RETRY_BASE_SECONDS": "0.05",
+        "RETRY_MAX_SECONDS": "0.5",
+    }
+    env.update(overrides)
+    return env
+
+
+def production_env(data_dir: Path, simulator: Simulator, **overrides: str) -> dict[str, str]:
+    return base_env(data_dir, SIGNALWIRE_SPACE_URL=simulator.url,
+                    SIGNALWIRE_PROJECT_ID=PROJECT_ID, SIGNALWIRE_API_TOKEN=API_TOKEN,
+                    SIGNALWIRE_SIGNING_KEY=SIGNING_KEY, FAX_FROM_NUMBER="+15557654321",
+                    **overrides)
+
+
+GatewayFactory = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+async def make_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
+    """Start gateways from an environment dict; PUBLIC_BASE_URL is filled in once bound."""
+    started: list[Gateway] = []
+
+    async def factory(env: dict[str, str] | None = None) -> Gateway:
+        settings: Settings = settings_from(env or base_env(tmp_path / "var"))
+        gateway = Gateway(settings)
+        await gateway.start()
+        started.append(gateway)
+        return gateway
+
+    yield factory
+    for gateway in reversed(started):
+        await gateway.stop(grace_s=5)
+
+
+async def wait_state(gateway: Gateway, job_id: str, state: State,
+                     timeout_s: float = 20.0) -> None:
+    async def reached() -> bool:
+        job = await gateway.store.run(gateway.store.job, job_id)
+        return job is not None and job.state is state
+
+    await gateway.worker.wait_for(reached, timeout_s)
+
+
+def job_ids(reply_text: str) -> list[str]:
+    """The job ids from a '250 2.0.0 Queued as fax job(s) a, b (N pages)' reply."""
+    return re.findall(r"\b[0-9a-f]{16}\b", reply_text)
