@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
+from urllib.parse import urljoin
 
 import aiohttp
 
@@ -214,10 +215,8 @@ class SignalWireClient:
         return found
 
     def _absolute(self, uri: str) -> str:
-        if uri.startswith("http://") or uri.startswith("https://"):
-            return uri
-        origin = self.base.split(API_PATH, 1)[0]
-        return origin + (uri if uri.startswith(API_PATH) else API_PATH + uri)
+        """next_page_uri is a path from the server's root (or a full URL)."""
+        return urljoin(self.base, uri)
 
     async def _get(self, url: str, params: dict[str, str] | None = None) -> dict[str, Any]:
         try:
