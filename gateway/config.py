@@ -74,6 +74,13 @@ class Settings:
     retry_max_s: float = defaults.RETRY_MAX_S
     give_up_hours: float = defaults.GIVE_UP_HOURS
     worker_concurrency: int = defaults.WORKER_CONCURRENCY
+    api_timeout_s: float = defaults.API_TIMEOUT_S
+    fax_max_attempts: int = defaults.FAX_MAX_ATTEMPTS
+    fax_retry_delay_s: float = defaults.FAX_RETRY_DELAY_S
+    fax_kill_minutes: float = defaults.FAX_KILL_MINUTES
+    document_retention_hours: float = defaults.DOCUMENT_RETENTION_HOURS
+    job_retention_days: float = defaults.JOB_RETENTION_DAYS
+    shutdown_grace_s: float = defaults.SHUTDOWN_GRACE_S
     log_level: str = "INFO"
 
     @property
@@ -255,6 +262,13 @@ def settings_from(env: Mapping[str, str]) -> Settings:
     if not domain or any(c in domain for c in " @<>\r\n"):
         r.problems.append(f"FAX_DOMAIN: {domain!r} is not a domain name")
 
+    doc_hours = r.float("DOCUMENT_RETENTION_HOURS", defaults.DOCUMENT_RETENTION_HOURS, 0,
+                        24 * 365)
+    job_days = r.float("JOB_RETENTION_DAYS", defaults.JOB_RETENTION_DAYS, 1, 3650)
+    if doc_hours > job_days * 24:
+        r.problems.append("DOCUMENT_RETENTION_HOURS: must not exceed JOB_RETENTION_DAYS "
+                          "(a document outliving its job could never be found again)")
+
     http_listen = r.hostport("HTTP_LISTEN", defaults.HTTP_LISTEN)
     public = r.url("PUBLIC_BASE_URL")
 
@@ -291,11 +305,20 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         notify_smtp_tls=notify_tls,
         notify_from=notify_from,
         data_dir=Path(r.str("DATA_DIR", defaults.DATA_DIR) or defaults.DATA_DIR),
-        status_poll_s=r.float("STATUS_POLL_SECONDS", defaults.STATUS_POLL_S, 1, 86400),
+        status_poll_s=r.float("STATUS_POLL_SECONDS", defaults.STATUS_POLL_S, 0.05, 86400),
         retry_base_s=r.float("RETRY_BASE_SECONDS", defaults.RETRY_BASE_S, 0.01, 3600),
         retry_max_s=r.float("RETRY_MAX_SECONDS", defaults.RETRY_MAX_S, 0.01, 86400),
         give_up_hours=r.float("GIVE_UP_HOURS", defaults.GIVE_UP_HOURS, 0.001, 24 * 30),
         worker_concurrency=r.int("WORKER_CONCURRENCY", defaults.WORKER_CONCURRENCY, 1, 256),
+        api_timeout_s=r.float("SIGNALWIRE_TIMEOUT_SECONDS", defaults.API_TIMEOUT_S, 0.1, 300),
+        fax_max_attempts=r.int("FAX_MAX_ATTEMPTS", defaults.FAX_MAX_ATTEMPTS, 1, 20),
+        fax_retry_delay_s=r.float("FAX_RETRY_DELAY_SECONDS", defaults.FAX_RETRY_DELAY_S,
+                                  0.01, 86400),
+        fax_kill_minutes=r.float("FAX_KILL_MINUTES", defaults.FAX_KILL_MINUTES, 0.01,
+                                 7 * 24 * 60),
+        document_retention_hours=doc_hours,
+        job_retention_days=job_days,
+        shutdown_grace_s=r.float("SHUTDOWN_GRACE_SECONDS", defaults.SHUTDOWN_GRACE_S, 0, 600),
         log_level=r.choice("FAXGW_LOG_LEVEL", "info",
                            ("debug", "info", "warning", "error")).upper(),
     )

@@ -105,7 +105,7 @@ class Gateway:
                         "it for callbacks or media", self.public_base_url())
 
     async def stop(self, grace_s: float = defaults.SHUTDOWN_GRACE_S) -> None:
-        await self.smtp.stop()
+        await self.smtp.stop(grace_s)
         await self.worker.stop(grace_s)
         await self.signalwire.stop()
         await self.web.stop()

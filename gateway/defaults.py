@@ -32,3 +32,13 @@ API_TIMEOUT_S: Final = 30.0
 S3_TIMEOUT_S: Final = 60.0
 NOTIFY_TIMEOUT_S: Final = 60.0
 SHUTDOWN_GRACE_S: Final = 20.0
+
+# Fax-level retries (busy, no answer, line trouble), HylaFAX-like: 3 tries within an hour.
+FAX_MAX_ATTEMPTS: Final = 3
+FAX_RETRY_DELAY_S: Final = 600.0
+FAX_KILL_MINUTES: Final = 60.0
+
+# Housekeeping.
+DOCUMENT_RETENTION_HOURS: Final = 0.0   # 0: delete the PDF as soon as every job is reported
+JOB_RETENTION_DAYS: Final = 90.0        # reported jobs and their history are pruned after this
+HOUSEKEEPING_INTERVAL_S: Final = 3600.0

@@ -21,6 +21,8 @@ from typing import Callable, Sequence
 
 from .config import Settings
 from .document import Document, DocumentError, build_document
+from .faults import crash_point
+from .media import new_media_key
 from .mime import MimeError, ParsedMail, parse_mail, sanitize_header_text
 from .spool import Spool
 from .store import Message, NewJob, Store, StoreError
@@ -84,7 +86,8 @@ class Intake:
 
         message_id = new_id()
         jobs = [NewJob(id=new_id(), to_number=n, from_number=self.settings.from_number,
-                       quality=self.settings.quality, callback_token=secrets.token_urlsafe(24))
+                       quality=self.settings.quality, callback_token=secrets.token_urlsafe(24),
+                       media_key=new_media_key())
                 for n in numbers]
         try:
             path = await asyncio.to_thread(self.spool.put, message_id, document.data)
@@ -107,6 +110,7 @@ class Intake:
             await asyncio.to_thread(self.spool.remove, message_id)
             raise Refused("451 4.3.0 Temporary failure: the gateway cannot queue the fax right "
                           "now; please try again later") from exc
+        crash_point("after-commit")
         for job in jobs:
             log.info("job %s: accepted to %s, %d page(s), message %s from %s (peer %s)",
                      job.id, job.to_number, document.pages, message_id,

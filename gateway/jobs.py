@@ -90,3 +90,53 @@ def backoff_s(tries: int, base_s: float, max_s: float, jitter: float = 0.0) -> f
     """Capped exponential backoff: base, 2 base, 4 base, ... max; jitter in [0, 1) spreads it."""
     delay = min(max_s, base_s * (2 ** max(0, tries - 1)))
     return delay * (1.0 + 0.25 * jitter)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Fax-level retries, HylaFAX-like: a few tries, spaced out, within a kill time."""
+
+    max_attempts: int
+    delay_s: float
+    kill_s: float
+
+
+# Errors about the document or the numbers: another attempt cannot succeed.
+NEVER_RETRY_CODES = frozenset({"12300", "53603", "63019", "21210", "21211", "21212", "21217",
+                               "21601", "21620"})
+# T.30 result texts (spandsp wording, as SignalWire passes them on) that describe the line or
+# the far machine, not the document: worth another attempt.
+LINE_TROUBLE = ("dropped prematurely", "timed out", "disconnected", "no carrier", "training",
+                "line", "unexpected", "invalid response", "no response")
+RESOLUTION_TROUBLE = "cannot receive at the resolution"
+
+
+def retry_decision(job: Job, policy: RetryPolicy, now: float) -> tuple[float, str, str] | None:
+    """(when, quality, why) for another attempt after a final status, or None for "report it".
+
+    busy and no-answer are retried; a `failed` that names line trouble is retried; a far end
+    that cannot take the resolution gets one more try at standard quality; document and number
+    errors never are. No attempt starts after the kill time.
+    """
+    if job.attempt >= policy.max_attempts:
+        return None
+    status = job.fax_status
+    message = (job.error_message or "").lower()
+    quality, delay, why = job.quality, policy.delay_s, ""
+    if status in ("busy", "no-answer"):
+        why = "line busy" if status == "busy" else "no answer"
+    elif status == "failed" and job.error_code not in NEVER_RETRY_CODES:
+        if RESOLUTION_TROUBLE in message:
+            if job.quality == "standard":
+                return None
+            quality, delay, why = "standard", min(delay, 60.0), "resolution not supported"
+        elif any(fragment in message for fragment in LINE_TROUBLE):
+            why = "line trouble"
+        else:
+            return None
+    else:
+        return None
+    when = now + delay
+    if when > job.created_at + policy.kill_s:
+        return None
+    return when, quality, why

@@ -16,7 +16,7 @@ from typing import Sequence
 from .jobs import Job, State
 from .mime import sanitize_header_text
 from .phone import format_number
-from .store import Event, Message
+from .store import Attempt, Event, Message
 
 STATUS_WORDS: dict[str, str] = {
     "delivered": "delivered",
@@ -71,11 +71,13 @@ def subject_line(job: Job) -> str:
     if ok:
         pages = job.pages_sent or job.pages or 0
         return f"Fax to {number} delivered, {pages} page{'s' if pages != 1 else ''}"
-    return sanitize_header_text(f"Fax to {number} {words}", 200)
+    tries = f" after {job.attempt} attempts" if job.attempt > 1 else ""
+    return sanitize_header_text(f"Fax to {number} {words}{tries}", 200)
 
 
-def build_report(job: Job, message: Message, events: Sequence[Event], *, from_addr: str,
-                 hostname: str, now: float | None = None) -> EmailMessage:
+def build_report(job: Job, message: Message, events: Sequence[Event],
+                 attempts: Sequence[Attempt] = (), *, from_addr: str, hostname: str,
+                 now: float | None = None) -> EmailMessage:
     now = time.time() if now is None else now
     ok, words = outcome(job)
     number = format_number(job.to_number)
@@ -102,6 +104,8 @@ def build_report(job: Job, message: Message, events: Sequence[Event], *, from_ad
                      + (f" (code {job.error_code})" if job.error_code else ""))
     lines += [
         f"  Attempts:      {job.attempt}",
+        *[f"    {a.n}. {_when(a.started_at)}  {a.quality:<9}  {_attempt_result(a)}"
+          for a in attempts],
         f"  Fax id:        {job.fax_sid or '-'}",
         f"  Job id:        {job.id}",
         f"  Received:      {_when(message.created_at)}",
@@ -130,6 +134,15 @@ def build_report(job: Job, message: Message, events: Sequence[Event], *, from_ad
         report["References"] = " ".join([*refs, original])
     report.set_content("\n".join(lines) + "\n")
     return report
+
+
+def _attempt_result(attempt: Attempt) -> str:
+    if attempt.status is None:
+        return "no result yet"
+    text = STATUS_WORDS.get(attempt.status, attempt.status)
+    if attempt.error_message:
+        text += f" ({sanitize_header_text(attempt.error_message, 200)})"
+    return text
 
 
 def _is_msgid(value: str) -> bool:

@@ -312,6 +312,14 @@ class SimulatorState:
         # Create the fax, then close the connection unanswered (a lost response).
         self.drop_next_send_responses = 0
         self.suppress_callbacks = False
+        # Create the fax, then keep the response back until `release_hung()` (a send that hangs
+        # past the client's timeout, or whose client is killed while waiting).
+        self.hang_next_send = 0
+        self._unhang = asyncio.Event()
+        # Per destination, the outcomes of its next faxes ("busy", "no-answer", "delivered",
+        # "failed:<T.30 message>"); when a list runs out the number's usual outcome applies.
+        self.outcome_overrides: dict[str, list[str]] = {}
+        self._faxes_changed = asyncio.Condition()
         # Send a HEAD before the GET, as FreeSWITCH has been seen to; a non-2xx HEAD fails.
         self.media_head_first = False
         self.require_pdf_content_type = False
@@ -333,6 +341,28 @@ class SimulatorState:
     def hold_queue(self) -> None:
         """Keep new faxes in "queued" (so they can be canceled) until `release_queue`."""
         self._queue_held = True
+
+    def release_hung(self) -> None:
+        self._unhang.set()
+
+    async def wait_faxes(self, count: int, timeout: float = 10.0) -> None:
+        """Return once at least `count` faxes have been created."""
+        async with asyncio.timeout(timeout):
+            async with self._faxes_changed:
+                await self._faxes_changed.wait_for(lambda: len(self.faxes) >= count)
+
+    async def _fax_created(self) -> None:
+        async with self._faxes_changed:
+            self._faxes_changed.notify_all()
+
+    def _next_outcome(self, fax: "SimFax") -> tuple[str, str | None, str | None]:
+        queued = self.outcome_overrides.get(fax.to)
+        if queued:
+            status, _, message = queued.pop(0).partition(":")
+            if status == "failed":
+                return status, "30003", message or "The call dropped prematurely"
+            return status, None, None
+        return _outcome(fax.to, fax.quality)
 
     def release_queue(self) -> None:
         self._queue_held = False
@@ -424,7 +454,7 @@ class SimulatorState:
         fax.set_status("sending")
         if self.callback_delay_s > 0:
             await asyncio.sleep(self.callback_delay_s)
-        status, code, message = _outcome(fax.to, fax.quality)
+        status, code, message = self._next_outcome(fax)
         fax.set_status(status, code=code, message=message)
         if status == "delivered":
             fax.num_pages = str(pages)
@@ -703,9 +733,13 @@ class _Api:
         log.info("fax %s: queued to=%s media=%s callback=%s", sid, fax.to,
                  _redact(fax.media_url),
                  _redact(fax.status_callback) if fax.status_callback else "-")
+        await state._fax_created()
         if state.drop_next_send_responses > 0:
             state.drop_next_send_responses -= 1
             return await _drop_connection(request)
+        if state.hang_next_send > 0:
+            state.hang_next_send -= 1
+            await state._unhang.wait()
         return web.json_response(fax.resource(), status=201)
 
     async def fetch(self, request: web.Request) -> web.Response:

@@ -19,6 +19,8 @@ from .phone import NumberError, parse_fax_number, parse_recipient
 
 log = logging.getLogger(__name__)
 
+SHUTDOWN_REPLY = "421 4.3.2 The fax gateway is shutting down; please try again later"
+
 
 class FaxHandler:
     """aiosmtpd handler hooks; the normalised numbers ride along on the envelope."""
@@ -27,11 +29,22 @@ class FaxHandler:
         self.settings = settings
         self.intake = intake
         self.accepting = True
+        self._in_data = 0
+        self._drained = asyncio.Event()
+        self._drained.set()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until no DATA is being queued (True), or the deadline passed (False)."""
+        try:
+            await asyncio.wait_for(self._drained.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         if not self.accepting:
-            return "421 4.3.2 The fax gateway is shutting down; please try again later"
+            return SHUTDOWN_REPLY
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         _numbers(envelope).clear()
@@ -70,6 +83,8 @@ class FaxHandler:
         if not numbers:
             return "554 5.5.1 No valid fax recipients"
         content = envelope.original_content or b""
+        self._in_data += 1
+        self._drained.clear()
         try:
             accepted = await self.intake.accept(content, envelope.mail_from, numbers,
                                                 _peer(session))
@@ -77,6 +92,10 @@ class FaxHandler:
             log.info("refused message from %s (peer %s): %s", envelope.mail_from,
                      _peer(session), exc.reply)
             return exc.reply
+        finally:
+            self._in_data -= 1
+            if self._in_data == 0:
+                self._drained.set()
         jobs = ", ".join(accepted.job_ids)
         return (f"250 2.0.0 Queued as fax job{'s' if len(accepted.job_ids) > 1 else ''} {jobs} "
                 f"({accepted.pages} page{'s' if accepted.pages != 1 else ''})")
@@ -97,6 +116,35 @@ def _peer(session: Session) -> str:
     return str(peer or "-")
 
 
+class FaxSMTP(SMTP):
+    """aiosmtpd's protocol, answering new connections with 421 while the gateway shuts down."""
+
+    def __init__(self, handler: FaxHandler, connections: set["FaxSMTP"], **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._connections = connections
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._connections.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        self._connections.discard(self)
+        super().connection_lost(error)
+
+    async def _handle_client(self) -> None:
+        # aiosmtpd sends its 220 greeting in _handle_client; this is the one place to refuse.
+        if not self.event_handler.accepting:
+            await self.push(SHUTDOWN_REPLY)
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super()._handle_client()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
 class SMTPListener:
     """One listening socket, aiosmtpd's protocol on the running loop (no second loop/thread)."""
 
@@ -104,11 +152,13 @@ class SMTPListener:
         self.settings = settings
         self.handler = handler
         self._server: asyncio.base_events.Server | None = None
+        self._connections: set[FaxSMTP] = set()
 
     def _factory(self) -> SMTP:
-        return SMTP(self.handler, data_size_limit=self.settings.smtp_max_message_bytes,
-                    enable_SMTPUTF8=True, hostname=self.settings.smtp_hostname,
-                    ident="faxgw ESMTP", timeout=SMTP_LINE_TIMEOUT_S)
+        return FaxSMTP(self.handler, self._connections,
+                       data_size_limit=self.settings.smtp_max_message_bytes,
+                       enable_SMTPUTF8=True, hostname=self.settings.smtp_hostname,
+                       ident="faxgw ESMTP", timeout=SMTP_LINE_TIMEOUT_S)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -121,8 +171,14 @@ class SMTPListener:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
-    async def stop(self) -> None:
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new sessions and transactions with 421, let DATA in progress finish (up to
+        grace_s), then close every connection."""
         self.handler.accepting = False
+        if not await self.handler.drain(grace_s):
+            log.warning("SMTP: a message was still being received after %.0f s; closing", grace_s)
         if self._server is not None:
             self._server.close()
             self._server = None
+        for conn in list(self._connections):
+            conn.close()

@@ -36,7 +36,8 @@ CREATE TABLE IF NOT EXISTS messages (
     document_bytes INTEGER NOT NULL,
     document_sha256 TEXT NOT NULL,
     pages INTEGER NOT NULL,
-    filenames TEXT
+    filenames TEXT,
+    purged_at REAL
 );
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY,
@@ -75,6 +76,29 @@ CREATE TABLE IF NOT EXISTS events (
     detail TEXT
 );
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id, id);
+CREATE TABLE IF NOT EXISTS attempts (
+    job_id TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    quality TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    fax_sid TEXT,
+    status TEXT,
+    error_code TEXT,
+    error_message TEXT,
+    pages INTEGER,
+    duration_s INTEGER,
+    ended_at REAL,
+    PRIMARY KEY (job_id, n)
+);
+"""
+
+# A job is due when its time has come, unless it would dial a number that another job is dialling
+# right now: at most one attempt in flight per destination.
+_DUE = """
+    next_run_at IS NOT NULL AND state IN ({states})
+    AND NOT (state = 'stored' AND to_number IN (
+        SELECT other.to_number FROM jobs other
+        WHERE other.state IN ('submitting', 'submitted') AND other.id <> jobs.id))
 """
 
 _JOB_COLUMNS = [f.name for f in fields(Job)]
@@ -96,6 +120,22 @@ class Message:
     document_sha256: str
     pages: int
     filenames: str | None
+    purged_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    job_id: str
+    n: int
+    quality: str
+    started_at: float
+    fax_sid: str | None
+    status: str | None
+    error_code: str | None
+    error_message: str | None
+    pages: int | None
+    duration_s: int | None
+    ended_at: float | None
 
 
 @dataclass(frozen=True)
@@ -113,6 +153,7 @@ class NewJob:
     from_number: str
     quality: str
     callback_token: str
+    media_key: str
 
 
 class StoreError(Exception):
@@ -200,10 +241,11 @@ class Store:
                 for job in jobs:
                     self.db.execute(
                         "INSERT INTO jobs (id, message_id, to_number, from_number, quality, state,"
-                        " callback_token, pages, attempt, tries, next_run_at, created_at,"
-                        " updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?)",
+                        " callback_token, media_key, pages, attempt, tries, next_run_at,"
+                        " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?)",
                         (job.id, message.id, job.to_number, job.from_number, job.quality,
-                         State.RECEIVED.value, job.callback_token, message.pages, now, now, now))
+                         State.RECEIVED.value, job.callback_token, job.media_key, message.pages,
+                         now, now, now))
                     self._event(job.id, "received",
                                 f"from {message.report_to or message.envelope_from or '-'}"
                                 f" peer {message.peer or '-'}, {message.pages} page(s),"
@@ -239,25 +281,31 @@ class Store:
         args.append(limit)
         return [_job(r) for r in self.db.execute(sql, args).fetchall()]
 
+    def _due_where(self, exclude: list[str]) -> tuple[str, list[Any]]:
+        states = sorted(s.value for s in ACTIVE_STATES)
+        sql = _DUE.format(states=",".join("?" for _ in states))
+        if exclude:
+            sql += f" AND id NOT IN ({','.join('?' for _ in exclude)})"
+        return sql, [*states, *exclude]
+
     def due_jobs(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[Job]:
-        """Active jobs whose next step is due, oldest first."""
-        excluded = set(exclude)
-        placeholders = ",".join("?" for _ in ACTIVE_STATES)
+        """Active jobs whose next step is due (and may run now), oldest first."""
+        where, args = self._due_where(list(exclude))
         rows = self.db.execute(
-            f"SELECT * FROM jobs WHERE next_run_at IS NOT NULL AND next_run_at <= ?"
-            f" AND state IN ({placeholders}) ORDER BY next_run_at LIMIT ?",
-            (now, *sorted(s.value for s in ACTIVE_STATES), limit + len(excluded))).fetchall()
-        return [j for j in map(_job, rows) if j.id not in excluded][:limit]
+            f"SELECT * FROM jobs WHERE {where} AND next_run_at <= ? ORDER BY next_run_at LIMIT ?",
+            (*args, now, limit)).fetchall()
+        return [_job(r) for r in rows]
 
     def next_due_at(self, exclude: Iterable[str] = ()) -> float | None:
         """When the next step of a job not in `exclude` (running now) falls due."""
-        excluded = list(exclude)
-        states = sorted(s.value for s in ACTIVE_STATES)
-        sql = (f"SELECT MIN(next_run_at) FROM jobs WHERE next_run_at IS NOT NULL"
-               f" AND state IN ({','.join('?' for _ in states)})")
-        if excluded:
-            sql += f" AND id NOT IN ({','.join('?' for _ in excluded)})"
-        return self.db.execute(sql, (*states, *excluded)).fetchone()[0]
+        where, args = self._due_where(list(exclude))
+        return self.db.execute(f"SELECT MIN(next_run_at) FROM jobs WHERE {where}",
+                               args).fetchone()[0]
+
+    def attempts(self, job_id: str) -> list[Attempt]:
+        rows = self.db.execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY n",
+                               (job_id,)).fetchall()
+        return [Attempt(**dict(r)) for r in rows]
 
     def message_jobs(self, message_id: str) -> list[Job]:
         rows = self.db.execute("SELECT * FROM jobs WHERE message_id = ? ORDER BY id",
@@ -271,7 +319,7 @@ class Store:
     # -- transitions -------------------------------------------------------------------------
 
     def _update(self, job_id: str, expect: Iterable[State], event: tuple[str, str | None],
-                **values: Any) -> bool:
+                also: Iterable[tuple[str, tuple[Any, ...]]] = (), **values: Any) -> bool:
         """Move a job on only if it is still in one of the expected states (optimistic check).
 
         The check is what keeps a late worker step or a replayed callback from undoing a newer
@@ -291,6 +339,8 @@ class Store:
                 (*values.values(), job_id, *expected))
             if cur.rowcount != 1:
                 return False
+            for sql, args in also:  # statements that belong to the same transition
+                self.db.execute(sql, args)
             self._event(job_id, event[0], event[1], now)
         return True
 
@@ -304,25 +354,39 @@ class Store:
                             next_run_at=self.clock())
 
     def mark_submitting(self, job: Job, callback_url: str, recheck_at: float) -> bool:
+        """Committed before the send POST: a crash after this point leaves a job that is looked
+        up at SignalWire, never blindly sent again."""
         now = self.clock()
-        return self._update(job.id, [State.STORED],
-                            ("submitting", f"attempt {job.attempt + 1}: sending to SignalWire"),
-                            state=State.SUBMITTING, callback_url=callback_url,
-                            submit_started_at=now, attempt=job.attempt + 1, fax_sid=None,
-                            fax_status=None, error_code=None, error_message=None,
-                            next_run_at=recheck_at)
+        n = job.attempt + 1
+        return self._update(
+            job.id, [State.STORED],
+            ("submitting", f"attempt {n}: sending to SignalWire ({job.quality} quality)"),
+            also=[("INSERT INTO attempts (job_id, n, quality, started_at) VALUES (?, ?, ?, ?)",
+                   (job.id, n, job.quality, now))],
+            state=State.SUBMITTING, callback_url=callback_url, submit_started_at=now,
+            attempt=n, fax_sid=None, fax_status=None, error_code=None, error_message=None,
+            next_run_at=recheck_at)
 
     def mark_submitted(self, job: Job, sid: str, status: str, poll_at: float,
                        detail: str) -> bool:
-        return self._update(job.id, [State.SUBMITTING], ("submitted", detail),
-                            state=State.SUBMITTED, fax_sid=sid, fax_status=status, tries=0,
-                            next_run_at=poll_at)
+        return self._update(
+            job.id, [State.SUBMITTING], ("submitted", detail),
+            also=[("UPDATE attempts SET fax_sid = ? WHERE job_id = ? AND n = ?",
+                   (sid, job.id, job.attempt))],
+            state=State.SUBMITTED, fax_sid=sid, fax_status=status, tries=0, next_run_at=poll_at)
 
     def back_to_stored(self, job: Job, run_at: float, detail: str) -> bool:
         """The send did not happen (refused as retryable, or looked up and not found)."""
-        return self._update(job.id, [State.SUBMITTING], ("retry", detail), state=State.STORED,
-                            attempt=max(0, job.attempt - 1), tries=job.tries + 1,
-                            next_run_at=run_at)
+        return self._update(
+            job.id, [State.SUBMITTING], ("retry", detail),
+            also=[("DELETE FROM attempts WHERE job_id = ? AND n = ?", (job.id, job.attempt))],
+            state=State.STORED, attempt=max(0, job.attempt - 1), tries=job.tries + 1,
+            next_run_at=run_at)
+
+    def schedule_retry(self, job: Job, run_at: float, quality: str, detail: str) -> bool:
+        """Another fax attempt (busy, no answer, line trouble) after a final status."""
+        return self._update(job.id, [State.COMPLETED], ("retry", detail), state=State.STORED,
+                            quality=quality, tries=0, next_run_at=run_at)
 
     def retry_later(self, job: Job, run_at: float, detail: str) -> bool:
         """A step hit an outage: same state, try again later."""
@@ -331,10 +395,14 @@ class Store:
 
     def mark_failed(self, job: Job, reason: str, error_code: str | None = None,
                     error_message: str | None = None) -> bool:
-        return self._update(job.id, [s for s in ACTIVE_STATES if s is not State.FAILED],
-                            ("failed", reason), state=State.FAILED, failure_reason=reason,
-                            error_code=error_code, error_message=error_message, tries=0,
-                            next_run_at=self.clock())
+        now = self.clock()
+        return self._update(
+            job.id, [s for s in ACTIVE_STATES if s is not State.FAILED], ("failed", reason),
+            also=[("UPDATE attempts SET status = ?, error_code = ?, error_message = ?,"
+                   " ended_at = ? WHERE job_id = ? AND ended_at IS NULL",
+                   ("not sent", error_code, error_message or reason, now, job.id))],
+            state=State.FAILED, failure_reason=reason, error_code=error_code,
+            error_message=error_message, tries=0, next_run_at=now)
 
     def record_status(self, job: Job, sid: str | None, status: str | None, *, pages: int | None,
                       duration_s: int | None, error_code: str | None,
@@ -356,6 +424,12 @@ class Store:
                     " WHERE id = ?",
                     (State.COMPLETED.value, sid, status, pages, duration_s, error_code,
                      error_message, now, now, job.id))
+                self.db.execute(
+                    "UPDATE attempts SET fax_sid = COALESCE(fax_sid, ?), status = ?,"
+                    " error_code = ?, error_message = ?, pages = ?, duration_s = ?, ended_at = ?"
+                    " WHERE job_id = ? AND n = ?",
+                    (sid, status, error_code, error_message, pages, duration_s, now, job.id,
+                     current.attempt))
                 self._event(job.id, "final", detail, now)
             elif action is CallbackAction.PROGRESS:
                 self.db.execute("UPDATE jobs SET fax_status = ?, fax_sid = COALESCE(fax_sid, ?),"
@@ -369,6 +443,36 @@ class Store:
         now = self.clock()
         return self._update(job.id, [State.COMPLETED, State.FAILED], ("reported", detail),
                             state=State.REPORTED, reported_at=now, next_run_at=None, tries=0)
+
+    def unpurged_done_messages(self, cutoff: float, limit: int = 100) -> list[Message]:
+        """Messages whose jobs were all reported before `cutoff` and whose document remains."""
+        rows = self.db.execute(
+            "SELECT * FROM messages m WHERE m.purged_at IS NULL AND NOT EXISTS ("
+            " SELECT 1 FROM jobs j WHERE j.message_id = m.id"
+            " AND (j.state <> 'reported' OR j.reported_at > ?)) ORDER BY m.created_at LIMIT ?",
+            (cutoff, limit)).fetchall()
+        return [Message(**dict(r)) for r in rows]
+
+    def mark_purged(self, message_id: str) -> None:
+        with self._tx():
+            self.db.execute("UPDATE messages SET purged_at = ? WHERE id = ?",
+                            (self.clock(), message_id))
+
+    def prune(self, cutoff: float, limit: int = 1000) -> int:
+        """Delete reported jobs (and their history) reported before `cutoff`; then messages left
+        without jobs. Batched so a large prune never holds the write lock for long."""
+        with self._tx():
+            ids = [r[0] for r in self.db.execute(
+                "SELECT id FROM jobs WHERE state = 'reported' AND reported_at < ? LIMIT ?",
+                (cutoff, limit)).fetchall()]
+            if not ids:
+                return 0
+            marks = ",".join("?" for _ in ids)
+            for table, column in (("events", "job_id"), ("attempts", "job_id"), ("jobs", "id")):
+                self.db.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
+            self.db.execute("DELETE FROM messages WHERE purged_at IS NOT NULL AND NOT EXISTS"
+                            " (SELECT 1 FROM jobs j WHERE j.message_id = messages.id)")
+        return len(ids)
 
     def reschedule(self, job: Job, run_at: float) -> None:
         with self._tx():

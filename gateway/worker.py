@@ -19,7 +19,8 @@ from typing import Awaitable, Callable
 from . import defaults
 from .config import Settings
 from .constants import FINAL_STATUSES
-from .jobs import Job, State, backoff_s
+from .faults import crash_point
+from .jobs import Job, RetryPolicy, State, backoff_s, retry_decision
 from .media import MediaError, MediaStore, new_media_key
 from .notify import Notifier, NotifyError
 from .reports import build_report
@@ -51,8 +52,12 @@ class Worker:
         self.jitter = jitter
         self._wake = asyncio.Event()
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._dialling: dict[str, str] = {}  # job id -> number, for stored jobs being submitted
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self.retry_policy = RetryPolicy(settings.fax_max_attempts, settings.fax_retry_delay_s,
+                                        settings.fax_kill_minutes * 60)
+        self._next_housekeeping = 0.0
         # Notified after every step: lets tests and the CLI wait for a job without polling.
         self.progress = asyncio.Condition()
 
@@ -86,14 +91,21 @@ class Worker:
     async def _loop(self) -> None:
         while not self._stopping:
             self._wake.clear()
+            started: list[asyncio.Task[None]] = []
             try:
-                await self._dispatch()
+                if self.clock() >= self._next_housekeeping:
+                    await self.housekeeping()
+                started = await self._dispatch()
                 nxt = await self.store.run(self.store.next_due_at, list(self._inflight))
             except Exception:
                 log.exception("worker: cannot read the job store; retrying")
                 nxt = self.clock() + self.s.retry_base_s
             timeout = IDLE_WAKE_S if nxt is None else min(IDLE_WAKE_S,
                                                           max(0.0, nxt - self.clock()))
+            if timeout == 0 and not started:
+                # What is due waits on a running step (same number, or no free slot): the
+                # step's end wakes us.
+                timeout = IDLE_WAKE_S
             if timeout > 0 and not self._stopping:
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout)
@@ -106,7 +118,13 @@ class Worker:
             return []
         due = await self.store.run(self.store.due_jobs, self.clock(), free, list(self._inflight))
         started = []
+        dialling = set(self._dialling.values())
         for job in due:
+            if job.state is State.STORED:
+                if job.to_number in dialling:
+                    continue  # one attempt in flight per destination number
+                dialling.add(job.to_number)
+                self._dialling[job.id] = job.to_number
             task = asyncio.create_task(self._step(job), name=f"faxgw-job-{job.id}")
             self._inflight[job.id] = task
             started.append(task)
@@ -145,6 +163,7 @@ class Worker:
             await self._later(job, f"internal error: {type(exc).__name__}")
         finally:
             self._inflight.pop(job.id, None)
+            self._dialling.pop(job.id, None)
             self._wake.set()
             async with self.progress:
                 self.progress.notify_all()
@@ -196,6 +215,7 @@ class Worker:
         except MediaError as exc:
             await self._later(job, str(exc))
             return
+        crash_point("after-upload")
         await self.store.run(self.store.mark_stored, job, key)
         log.info("job %s: document stored", job.id)
 
@@ -207,7 +227,7 @@ class Worker:
             await self._later(job, str(exc))
             return
         callback = self.callback_url(job.callback_token)
-        recheck_at = self.clock() + defaults.API_TIMEOUT_S + UNKNOWN_RECHECK_S
+        recheck_at = self.clock() + self.s.api_timeout_s + UNKNOWN_RECHECK_S
         if not await self.store.run(self.store.mark_submitting, job, callback, recheck_at):
             return
         job = await self.store.run(self.store.job, job.id)
@@ -240,6 +260,7 @@ class Worker:
             log.warning("job %s: send outcome unknown (%s); looking it up in %.0f s", job.id,
                         exc.words, UNKNOWN_RECHECK_S)
         else:
+            crash_point("after-send")
             await self.store.run(self.store.mark_submitted, job, fax.sid, fax.status,
                                  self.clock() + self.s.status_poll_s,
                                  f"SignalWire accepted: sid {fax.sid}, status {fax.status}")
@@ -301,6 +322,17 @@ class Worker:
         log.info("job %s: %s status %s -> %s", job.id, source, status, action.value)
 
     async def _report(self, job: Job) -> None:
+        if job.state is State.COMPLETED:
+            decision = retry_decision(job, self.retry_policy, self.clock())
+            if decision is not None:
+                when, quality, why = decision
+                delay = when - self.clock()
+                await self.store.run(self.store.schedule_retry, job, when, quality,
+                                     f"attempt {job.attempt} {job.fax_status} ({why}); attempt "
+                                     f"{job.attempt + 1} in {delay:.0f} s at {quality} quality")
+                log.info("job %s attempt %d: %s (%s); next attempt in %.0f s", job.id,
+                         job.attempt, job.fax_status, why, delay)
+                return
         message = await self.store.run(self.store.message, job.message_id)
         assert message is not None
         if not message.report_to:
@@ -311,25 +343,50 @@ class Worker:
             await self._cleanup(job)
             return
         events = await self.store.run(self.store.events, job.id)
-        report = build_report(job, message, events, from_addr=self.s.notify_from,
+        attempts = await self.store.run(self.store.attempts, job.id)
+        report = build_report(job, message, events, attempts, from_addr=self.s.notify_from,
                               hostname=self.s.smtp_hostname, now=self.clock())
+        crash_point("before-report")
         try:
             where = await self.notifier.send(report, job.id)
         except NotifyError as exc:
             await self._later(job, f"report not delivered: {exc}")
             return
+        crash_point("after-report")
         await self.store.run(self.store.mark_reported, job, f"report {where}")
         log.info("job %s: reported (%s) %s", job.id, job.fax_status or job.state.value, where)
         await self._cleanup(job)
 
     async def _cleanup(self, job: Job) -> None:
-        """A reported job no longer needs its media object; the spool file goes with the last
-        job of its message."""
-        if job.media_key:
+        """With no document retention, the PDF goes as soon as every job of its message is
+        reported; otherwise housekeeping removes it later."""
+        if self.s.document_retention_hours == 0:
+            await self.purge_documents(self.clock())
+
+    async def purge_documents(self, cutoff: float) -> int:
+        """Delete spool files and media objects of messages fully reported before `cutoff`."""
+        messages = await self.store.run(self.store.unpurged_done_messages, cutoff)
+        for message in messages:
+            jobs = await self.store.run(self.store.message_jobs, message.id)
             try:
-                await self.media.delete(job.media_key)
+                for key in {j.media_key for j in jobs if j.media_key}:
+                    await self.media.delete(key)
             except MediaError as exc:
-                log.warning("job %s: media object not deleted: %s", job.id, exc)
-        siblings = await self.store.run(self.store.message_jobs, job.message_id)
-        if all(j.state is State.REPORTED for j in siblings):
-            await asyncio.to_thread(self.spool.remove, job.message_id)
+                log.warning("message %s: media not deleted yet: %s", message.id, exc)
+                continue
+            await asyncio.to_thread(self.spool.remove, message.id)
+            await self.store.run(self.store.mark_purged, message.id)
+        return len(messages)
+
+    async def housekeeping(self) -> None:
+        """Purge documents past their retention; prune jobs past theirs (in batches)."""
+        now = self.clock()
+        self._next_housekeeping = now + defaults.HOUSEKEEPING_INTERVAL_S
+        purged = await self.purge_documents(now - self.s.document_retention_hours * 3600)
+        pruned = 0
+        cutoff = now - self.s.job_retention_days * 86400
+        while batch := await self.store.run(self.store.prune, cutoff):
+            pruned += batch
+        if purged or pruned:
+            log.info("housekeeping: %d document(s) deleted, %d old job(s) pruned", purged,
+                     pruned)

@@ -133,7 +133,7 @@ async def test_outcomes_by_test_number(make_gateway, simulator: Simulator, relay
                                        tmp_path: Path) -> None:
     gw = await make_gateway(production_env(
         tmp_path / "var", simulator, NOTIFY_SMTP_HOST="127.0.0.1",
-        NOTIFY_SMTP_PORT=str(relay.port), NOTIFY_SMTP_TLS="none"))
+        NOTIFY_SMTP_PORT=str(relay.port), NOTIFY_SMTP_TLS="none", FAX_MAX_ATTEMPTS="1"))
     rcpts = ["15551230000@fax.local", "15551230001@fax.local", "15551230002@fax.local"]
     reply = await smtp_send(gw.smtp.port, pdf_mail(rcpts), rcpts)
     assert reply.code == 250
@@ -150,7 +150,7 @@ async def test_failed_fax_report_carries_error_text_and_advice(
         make_gateway, simulator: Simulator, relay: RelaySink, tmp_path: Path) -> None:
     gw = await make_gateway(production_env(
         tmp_path / "var", simulator, NOTIFY_SMTP_HOST="127.0.0.1",
-        NOTIFY_SMTP_PORT=str(relay.port), NOTIFY_SMTP_TLS="none"))
+        NOTIFY_SMTP_PORT=str(relay.port), NOTIFY_SMTP_TLS="none", FAX_MAX_ATTEMPTS="1"))
     reply = await smtp_send(gw.smtp.port, pdf_mail("15551230002@fax.local"),
                             ["15551230002@fax.local"])
     assert reply.code == 250

@@ -1,0 +1,21 @@
+"""Crash points for fault-injection tests: `FAXGW_CRASH_AT=<point>` makes the daemon kill itself
+with SIGKILL at that point, as a power cut or OOM kill would. Unset, every call is a no-op."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+
+log = logging.getLogger(__name__)
+
+POINTS = frozenset({"after-commit", "after-upload", "after-send", "before-report",
+                    "after-report"})
+_armed = os.environ.get("FAXGW_CRASH_AT", "")
+
+
+def crash_point(name: str) -> None:
+    assert name in POINTS, name
+    if _armed == name:
+        log.warning("FAXGW_CRASH_AT=%s: killing the process now", name)
+        os.kill(os.getpid(), signal.SIGKILL)
