@@ -1,0 +1,622 @@
+"""From a received mail to the documents to fax and the text around them.
+
+Pure functions over ``email.message.EmailMessage`` (parsed with ``email.policy.default``), so
+the SMTP edge can run them in a worker thread and the tests need no sockets.
+
+The mail comes from scanners, ERP systems, T.37 fax machines and people's mail clients, and
+each gets MIME wrong in its own way (see the field notes).  The walk is therefore tolerant:
+documents are recognised by their content, not by the declared type or name; damaged base64
+is decoded as far as it goes; unknown charsets fall back instead of raising.  What cannot be
+used is not silently dropped: it is described in ``ParsedMail.notes`` in words the sender
+can act on.  The only exception raised is ``MimeError``, for mail that is too deeply nested
+or has too many parts to be worth walking.
+"""
+
+from __future__ import annotations
+
+import base64
+import quopri
+import re
+from dataclasses import dataclass, field
+from email.message import EmailMessage, Message
+from email.parser import BytesParser
+from email import policy
+from html import unescape
+from html.parser import HTMLParser
+
+__all__ = [
+    "KINDS",
+    "MimeError",
+    "ParsedMail",
+    "Part",
+    "detect_kind",
+    "html_to_text",
+    "parse_mail",
+    "read_message",
+    "sanitize_header_text",
+]
+
+# Every value Part.kind can take besides None.  "text" is a text attachment, re-encoded to
+# UTF-8; the others come from detect_kind.
+KINDS = ("pdf", "tiff", "jpeg", "png", "gif", "zip", "ole", "tnef", "text")
+
+# Some PDF writers (and some mail relays) put bytes before the header; readers accept the
+# header within the first 1024 bytes, and so do we.
+PDF_HEADER_WINDOW = 1024
+MAX_SUBJECT_CHARS = 998  # RFC 5322 line limit
+MAX_FILENAME_CHARS = 255
+MAX_ADDRESS_CHARS = 254  # RFC 5321 path limit less the brackets
+MAX_MSGID_CHARS = 250
+MAX_REFERENCES = 20
+MAX_NOTES = 20
+
+_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"PK\x03\x04", "zip"),
+    (b"PK\x05\x06", "zip"),
+    (b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1", "ole"),
+    (b"\x78\x9f\x3e\x22", "tnef"),  # 0x223E9F78 stored little-endian
+)
+
+_TNEF_TYPES = frozenset({"application/ms-tnef", "application/vnd.ms-tnef"})
+_SIGNATURE_TYPES = frozenset(
+    {"application/pkcs7-signature", "application/x-pkcs7-signature", "application/pgp-signature"}
+)
+_ENCRYPTED_TYPES = frozenset({"application/pkcs7-mime", "application/x-pkcs7-mime"})
+_BODY_SUBTYPES = frozenset({"plain", "html"})
+_TEXT_ATTACHMENT_SUBTYPES = frozenset({"plain", "html", "csv", "tab-separated-values"})
+_FORWARD_TYPES = frozenset({"message/rfc822", "message/global", "message/news"})
+# Charsets that legacy systems use for Western text; real "ISO-8859-1" mail often holds
+# Windows-1252 quotes and dashes, and mislabelled UTF-8 is common, hence the UTF-8 attempt.
+_WESTERN_CHARSETS = frozenset(
+    {"", "us-ascii", "ascii", "iso-8859-1", "iso8859-1", "latin1", "latin-1", "l1",
+     "windows-1252", "cp1252", "x-unknown", "unknown-8bit"}
+)
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_BODY_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
+_ENCODED_WORD = re.compile(r"=\?([^?\s]{1,40})\?([bBqQ])\?([^?\s]*)\?=")
+_ENCODED_WORD_GAP = re.compile(r"(=\?[^?\s]{1,40}\?[bBqQ]\?[^?\s]*\?=)\s+(?==\?)")
+_MSGID = re.compile(r"<[!-;=?-~]{1,%d}>" % (MAX_MSGID_CHARS - 2))
+_BASE64_JUNK = re.compile(rb"[^A-Za-z0-9+/=\s]")
+
+
+class MimeError(ValueError):
+    """The mail cannot be walked at all; ``str(err)`` is a plain-words reason for the sender."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One attachment or inline document, decoded, in order of appearance.
+
+    ``kind`` is what the bytes are (see KINDS), not what the mail claimed; None means
+    unrecognised.  ``inline`` marks images referenced from an HTML body (logos, signature
+    pictures) so the caller can leave small ones out of the fax.  ``index`` is the 1-based
+    position in ``ParsedMail.parts``, as senders count ("attachment 2"), and matches the
+    numbers used in ``ParsedMail.notes``.
+    """
+
+    data: bytes
+    content_type: str
+    filename: str | None
+    kind: str | None
+    index: int
+    inline: bool = False
+
+
+@dataclass(frozen=True)
+class ParsedMail:
+    """What the gateway needs from a mail; all text is safe to show (no CR/LF in headers)."""
+
+    parts: list[Part]
+    text_body: str | None
+    subject: str
+    from_addr: str | None
+    reply_to: str | None
+    message_id: str | None
+    references: list[str]
+    notes: list[str]
+
+
+def detect_kind(data: bytes) -> str | None:
+    """Name the document type from its first bytes.
+
+    Scanners and legacy systems send documents as application/octet-stream, with no name,
+    or with a wrong type; gateways that trust the label drop them.  Office formats come out
+    as "zip" (docx, xlsx, odt) or "ole" (doc, xls, msg): the caller decides what to say.
+    """
+    for magic, kind in _MAGIC:
+        if data.startswith(magic):
+            return kind
+    if b"%PDF-" in data[:PDF_HEADER_WINDOW]:
+        return "pdf"
+    return None
+
+
+def sanitize_header_text(s: str, max_len: int = 200) -> str:
+    """Make mail-provided text safe for a header or a one-line report field.
+
+    Removes control characters (CR/LF would inject headers), bidi overrides (they can
+    disguise a file name), and lone surrogates left by undecodable bytes; collapses
+    whitespace; cuts to ``max_len`` characters, ending in "..." when cut.
+    """
+    text = _SURROGATE.sub("\ufffd", s)
+    text = _CONTROL.sub(" ", text)
+    text = " ".join(text.split())
+    if len(text) > max_len:
+        text = text[: max(0, max_len - 3)].rstrip() + "..." if max_len >= 4 else text[:max_len]
+    return text
+
+
+# --- text decoding -------------------------------------------------------------------------
+
+
+def _decode_bytes(data: bytes, charset: str | None) -> str:
+    """Decode text whatever the label says; never raises.
+
+    Western labels (and none) try UTF-8 first, then Windows-1252, because that is what the
+    bytes usually are.  Unknown or non-text codec names fall back the same way.
+    """
+    name = (charset or "").strip().strip('"').lower()
+    if name not in _WESTERN_CHARSETS:
+        try:
+            return data.decode(name, "replace")
+        except (LookupError, ValueError):
+            pass  # unknown charset, or a codec that is not a text encoding
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", "replace")
+
+
+def _unsurrogate(s: str) -> str:
+    """Turn a header value parsed from 8-bit bytes (surrogateescape) back into text."""
+    if not _SURROGATE.search(s):
+        return s
+    return _decode_bytes(s.encode("utf-8", "surrogateescape"), None)
+
+
+def _decode_encoded_word(charset: str, encoding: str, text: str) -> str:
+    charset = charset.split("*", 1)[0]  # RFC 2231 language suffix: "utf-8*en"
+    if encoding in "bB":
+        data = _lenient_b64decode(text.encode("ascii", "ignore"))[0]
+    else:
+        raw = re.sub(r"=([0-9A-Fa-f]{2})", lambda m: chr(int(m.group(1), 16)),
+                     text.replace("_", " "))
+        data = raw.encode("latin-1", "replace")
+    return _decode_bytes(data, charset)
+
+
+def _decode_rfc2047(value: str) -> str:
+    """Decode RFC 2047 encoded words leniently (own code: the stdlib variants raise on damage)."""
+    value = _ENCODED_WORD_GAP.sub(r"\1", value)  # whitespace between encoded words is not text
+    return _ENCODED_WORD.sub(
+        lambda m: _decode_encoded_word(m.group(1), m.group(2), m.group(3)), value
+    )
+
+
+# --- HTML to text --------------------------------------------------------------------------
+
+
+class _HtmlText(HTMLParser):
+    """Readable text from HTML: tags dropped, block boundaries kept as line breaks.
+
+    A block boundary gives at most one line break (Outlook writes every line as its own
+    <p>, which would otherwise come out double-spaced); <br> always gives one, so blank
+    lines the author made with <br><br> or empty paragraphs survive.
+    """
+
+    _SKIP = frozenset({"script", "style", "head", "title", "template"})
+    _BLOCK = frozenset(
+        {"p", "div", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "ul", "ol",
+         "blockquote", "pre", "hr", "section", "article", "header", "footer", "address",
+         "dl", "dt", "dd", "form", "fieldset", "center"}
+    )
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.out: list[str] = []
+        self._skip_depth = 0
+        self._pre_depth = 0
+        self._line_start = True
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self.out.append(text)
+            self._line_start = text.endswith("\n")
+
+    def _block(self) -> None:
+        if not self._line_start:
+            self._emit("\n")
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag in self._SKIP:
+            self._skip_depth += 1
+        elif tag == "pre":
+            self._pre_depth += 1
+        if tag == "br":
+            self._emit("\n")
+        elif tag in self._BLOCK:
+            self._block()
+        if tag == "li":
+            self._emit("- ")
+        elif tag in ("td", "th") and not self._line_start:
+            self._emit("\t")
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "br":
+            self._emit("\n")
+        elif tag in self._BLOCK:
+            self._block()
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self._SKIP:
+            self._skip_depth = max(0, self._skip_depth - 1)
+        elif tag == "pre":
+            self._pre_depth = max(0, self._pre_depth - 1)
+        if tag in self._BLOCK:
+            self._block()
+
+    def handle_data(self, data: str) -> None:
+        if self._skip_depth:
+            return
+        if not self._pre_depth:
+            data = re.sub(r"[ \t\r\n\f]+", " ", data)
+            if self._line_start:
+                data = data.lstrip(" ")
+        self._emit(data)
+
+
+def html_to_text(html: str) -> str:
+    """Readable plain text from an HTML body, for legacy systems that send only HTML."""
+    parser = _HtmlText()
+    try:
+        parser.feed(html)
+        parser.close()
+        text = "".join(parser.out)
+    except AssertionError:
+        # html.parser (via _markupbase) still raises AssertionError on some malformed
+        # declarations such as "<![ x ["; fall back to dropping anything tag-shaped.
+        text = re.sub(r"[ \t\f]+", " ", unescape(re.sub(r"<[^>]*>", " ", html)))
+    return _tidy_text(text, strip_lines=True)
+
+
+def _tidy_text(text: str, strip_lines: bool = False) -> str:
+    """One newline convention, no control characters, no runs of blank lines.
+
+    HTML indentation is markup, not content, so HTML-derived lines are stripped on both
+    sides; plain text keeps its leading spaces (tables in ERP mail line up with them).
+    """
+    text = _SURROGATE.sub("\ufffd", text.replace("\r\n", "\n").replace("\r", "\n"))
+    text = _BODY_CONTROL.sub("", text.replace("\xa0", " "))
+    out: list[str] = []
+    for line in text.split("\n"):
+        line = line.strip() if strip_lines else line.rstrip()
+        if line == "" and (not out or out[-1] == ""):
+            continue
+        out.append(line)
+    return "\n".join(out).strip("\n")
+
+
+# --- the walk ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Piece:
+    text: str
+    html: bool
+    forwarded: bool
+
+
+@dataclass(frozen=True)
+class _Found:
+    data: bytes
+    content_type: str
+    filename: str | None
+    kind: str | None
+    inline: bool
+
+
+@dataclass
+class _Walk:
+    max_depth: int
+    max_parts: int
+    entities: int = 0
+    found: list[_Found] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+
+def _raw_header(entity: Message, name: str) -> str | None:
+    """First raw value of a header, unfolded, decoded from 8-bit; no structured parsing.
+
+    Structured header parsing in the stdlib has raised on hostile input in the past; raw
+    values plus small tolerant parsers here keep the walk total.
+    """
+    lname = name.lower()
+    for key, value in entity.raw_items():
+        if key.lower() == lname:
+            return _unsurrogate(re.sub(r"\r?\n[ \t]*", " ", str(value)))
+    return None
+
+
+def _content_type(entity: Message) -> str:
+    ctype = entity.get_content_type().lower()
+    if re.fullmatch(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+", ctype):
+        return ctype
+    return "application/octet-stream"
+
+
+def _filename(entity: Message) -> str | None:
+    """The attachment's name (RFC 2231 and 2047 decoded), without any directory part."""
+    name = entity.get_filename()
+    if name is None:
+        return None
+    name = _decode_rfc2047(_unsurrogate(str(name)))
+    name = re.split(r"[/\\]", name)[-1]
+    name = sanitize_header_text(name, MAX_FILENAME_CHARS)
+    return name or None
+
+
+def _lenient_b64decode(raw: bytes) -> tuple[bytes, bool]:
+    """Decode base64 as far as it goes; returns (data, damaged).
+
+    Handles lines of any length, missing padding, stray characters and padded chunks glued
+    together.  A chunk one character too long (input cut mid-quantum) loses that character
+    and is reported as damaged.
+    """
+    damaged = False
+    out: list[bytes] = []
+    for chunk in re.split(rb"=+", re.sub(rb"[^A-Za-z0-9+/=]", b"", raw)):
+        if len(chunk) % 4 == 1:
+            chunk = chunk[:-1]
+            damaged = True
+        out.append(base64.b64decode(chunk + b"=" * (-len(chunk) % 4)))
+    return b"".join(out), damaged
+
+
+def _payload_bytes(entity: Message, label: str, walk: _Walk) -> bytes:
+    cte = (_raw_header(entity, "content-transfer-encoding") or "").strip().lower()
+    if cte == "base64":
+        payload = entity.get_payload()
+        raw = payload if isinstance(payload, bytes) else str(payload).encode("ascii", "ignore")
+        data, damaged = _lenient_b64decode(raw)
+        if damaged:
+            walk.note(f"{label}: the base64 data is cut short or damaged;"
+                      " the document may be incomplete")
+        elif _BASE64_JUNK.search(raw):
+            walk.note(f"{label}: the base64 data contains stray characters, which were skipped")
+        return data
+    data = entity.get_payload(decode=True)
+    return data if isinstance(data, bytes) else b""
+
+
+def _leaf(entity: Message, ctype: str, walk: _Walk, related: bool) -> list[_Piece]:
+    maintype, _, subtype = ctype.partition("/")
+    disposition_header = _raw_header(entity, "content-disposition") or ""
+    disposition = disposition_header.split(";", 1)[0].strip().lower()
+    filename = _filename(entity)
+    if ctype in _SIGNATURE_TYPES:
+        return []  # a signature is not a document; the signed content is walked separately
+    if ctype in _ENCRYPTED_TYPES or (filename or "").lower().endswith(".p7m"):
+        walk.note("the message is encrypted or signed with S/MIME and cannot be read;"
+                  " send it unencrypted")
+        return []
+    if maintype == "text" and disposition != "attachment" and filename is None:
+        if subtype not in _BODY_SUBTYPES:
+            return []  # text/calendar, text/enriched and the like: not a body we can show
+        data = _payload_bytes(entity, "the message text", walk)
+        text = _decode_bytes(data, entity.get_content_charset())
+        text = html_to_text(text) if subtype == "html" else _tidy_text(text)
+        return [_Piece(text, subtype == "html", False)]
+    label = f"attachment '{filename}'" if filename else f"attachment {len(walk.found) + 1}"
+    data = _payload_bytes(entity, label, walk)
+    kind = detect_kind(data)
+    if kind is None and maintype == "text" and subtype in _TEXT_ATTACHMENT_SUBTYPES:
+        text = _decode_bytes(data, entity.get_content_charset())
+        text = html_to_text(text) if subtype == "html" else _tidy_text(text)
+        data, kind = text.encode("utf-8"), "text"
+    if kind is None and (ctype in _TNEF_TYPES or (filename or "").lower() == "winmail.dat"):
+        kind = "tnef"
+    if kind == "tnef":
+        walk.note(
+            "winmail.dat (TNEF) attachment cannot be read: Outlook packed the document in its"
+            " own format; send it again from a mail in HTML or plain-text format"
+        )
+    if not data:
+        walk.note(f"{label} is empty")
+    inline = (
+        maintype == "image"
+        and related
+        and disposition != "attachment"
+        and _raw_header(entity, "content-id") is not None
+    )
+    walk.found.append(_Found(data, ctype, filename, kind, inline))
+    return []
+
+
+def _walk_forwarded(
+    entity: Message, ctype: str, payload: object, depth: int, walk: _Walk
+) -> list[_Piece]:
+    if ctype == "message/partial":
+        walk.note(
+            "message/partial fragments cannot be reassembled; send the document in one"
+            " message (raise the scanner's mail size limit or lower the scan resolution)"
+        )
+        return []
+    if ctype == "message/external-body":
+        walk.note("a message/external-body part points to a document elsewhere,"
+                  " which is not fetched")
+        return []
+    if ctype not in _FORWARD_TYPES:
+        return []  # delivery reports and the like carry no document
+    cte = (_raw_header(entity, "content-transfer-encoding") or "").strip().lower()
+    if isinstance(payload, list) and cte in ("base64", "quoted-printable"):
+        # Not allowed by RFC 2046, but Exchange does it; the parser then reads the encoded
+        # text as a header-less message.  Decode that text and parse it again.
+        text = "".join(str(m.get_payload()) for m in payload if isinstance(m, Message))
+        encoded = text.encode("ascii", "ignore")
+        raw = _lenient_b64decode(encoded)[0] if cte == "base64" else quopri.decodestring(encoded)
+        inner = [read_message(raw)]
+    elif isinstance(payload, list):
+        inner = [m for m in payload if isinstance(m, Message)]
+    else:
+        # message/global (RFC 6532) is left unparsed by the stdlib parser.
+        raw = entity.get_payload(decode=True)
+        inner = [read_message(raw)] if isinstance(raw, bytes) else []
+    pieces: list[_Piece] = []
+    for message in inner:
+        pieces.extend(_Piece(p.text, p.html, True) for p in _walk(message, depth + 1, walk, False))
+    return pieces
+
+
+def _walk_alternative(
+    children: list[Message], depth: int, walk: _Walk, related: bool
+) -> list[_Piece]:
+    """Keep the body of one alternative, but the documents of all of them.
+
+    Plain text is preferred (it faxes as it was written); HTML only when there is no
+    non-blank plain alternative.  Documents found in more than one alternative are kept
+    once.
+    """
+    start = len(walk.found)
+    options = [_walk(child, depth + 1, walk, related) for child in children]
+    seen: set[bytes] = set()
+    kept: list[_Found] = []
+    for found in walk.found[start:]:
+        if found.data not in seen:
+            seen.add(found.data)
+            kept.append(found)
+    walk.found[start:] = kept
+    filled = [o for o in options if any(p.text.strip() for p in o)]
+    plain = [o for o in filled if not any(p.html for p in o)]
+    if plain:
+        return plain[0]
+    return filled[0] if filled else []
+
+
+def _walk(entity: Message, depth: int, walk: _Walk, related: bool) -> list[_Piece]:
+    if depth > walk.max_depth:
+        raise MimeError(f"the message is nested more than {walk.max_depth} levels deep")
+    walk.entities += 1
+    if walk.entities > walk.max_parts:
+        raise MimeError(f"the message has more than {walk.max_parts} MIME parts")
+    ctype = _content_type(entity)
+    payload = entity.get_payload()
+    if ctype.startswith("message/"):
+        return _walk_forwarded(entity, ctype, payload, depth, walk)
+    if not isinstance(payload, list):
+        if ctype.startswith("multipart/"):
+            walk.note(
+                "the MIME structure is broken (a multipart boundary was not found);"
+                " attachments inside it cannot be read"
+            )
+            return []
+        return _leaf(entity, ctype, walk, related)
+    children = [child for child in payload if isinstance(child, Message)]
+    if ctype == "multipart/encrypted":
+        walk.note("the message is encrypted (PGP or S/MIME) and cannot be read;"
+                  " send it unencrypted")
+        return []
+    if ctype == "multipart/alternative":
+        return _walk_alternative(children, depth, walk, related)
+    inner_related = related or ctype == "multipart/related"
+    pieces: list[_Piece] = []
+    for child in children:
+        pieces.extend(_walk(child, depth + 1, walk, inner_related))
+    return pieces
+
+
+def _address(entity: Message, name: str) -> str | None:
+    """The addr-spec of the first mailbox in an address header, or None.
+
+    Quoted display names and comments are blanked first, so '"a@b" <real@x>' yields real@x;
+    a quoted local part in the address itself is not supported (no sender uses one).
+    """
+    raw = _raw_header(entity, name)
+    if raw is None:
+        return None
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', raw[:4096])
+    text = re.sub(r"\([^()]*\)", " ", text)  # RFC 5322 comments
+    match = re.search(r"<\s*([^<>\s]+@[^<>\s]+?)\s*>|([^\s<>,;:\"()]+@[^\s<>,;:\"()]+)", text)
+    if match is None:
+        return None
+    addr = sanitize_header_text(match.group(1) or match.group(2), MAX_ADDRESS_CHARS)
+    addr = addr.replace(" ", "")
+    return addr if "@" in addr else None
+
+
+def _message_id(raw: str | None) -> str | None:
+    if raw is None:
+        return None
+    match = _MSGID.search(raw)
+    return match.group(0) if match else None
+
+
+def _references(raw: str | None) -> list[str]:
+    """Message-ids of References, bounded: the first and the most recent ones (RFC 5322 3.6.4)."""
+    if raw is None:
+        return []
+    ids = _MSGID.findall(raw[:65536])
+    if len(ids) > MAX_REFERENCES:
+        ids = ids[:1] + ids[-(MAX_REFERENCES - 1):]
+    return ids
+
+
+def read_message(data: bytes) -> EmailMessage:
+    """Parse raw mail bytes with ``email.policy.default``; MimeError instead of RecursionError.
+
+    The stdlib parser recurses once per nesting level and overflows the stack at a few
+    hundred levels, which a hostile sender reaches in about 50 kB.  Callers that parse DATA
+    should use this so that such mail gets a 5xx with a reason, like other unreadable mail.
+    """
+    try:
+        msg = BytesParser(policy=policy.default).parsebytes(data)
+    except RecursionError:
+        raise MimeError("the message is nested too deeply to be read") from None
+    if not isinstance(msg, EmailMessage):  # pragma: no cover - policy.default guarantees it
+        raise MimeError("the message could not be read")
+    return msg
+
+
+def parse_mail(msg: Message, *, max_depth: int = 20, max_parts: int = 500) -> ParsedMail:
+    """Walk a mail into documents, one body text, and the header facts reports need.
+
+    Documents come in order of appearance, from any depth and from forwarded messages
+    (message/rfc822).  The body is the mail's own text (plain preferred over HTML, one
+    alternative only, inline pieces joined); a forwarded message's text is used only when
+    the mail has none of its own.  Raises MimeError when the nesting exceeds ``max_depth``
+    or the entity count ``max_parts``: such mail is either hostile or not worth the work.
+    """
+    walk = _Walk(max_depth=max_depth, max_parts=max_parts)
+    pieces = _walk(msg, 0, walk, False)
+    own = [p.text for p in pieces if not p.forwarded and p.text.strip()]
+    body_texts = own or [p.text for p in pieces if p.forwarded and p.text.strip()]
+    text_body = "\n\n".join(body_texts) if body_texts else None
+    parts = [
+        Part(f.data, f.content_type, f.filename, f.kind, index, f.inline)
+        for index, f in enumerate(walk.found, start=1)
+    ]
+    notes = walk.notes
+    if len(notes) > MAX_NOTES:
+        notes = notes[: MAX_NOTES - 1] + [f"... and {len(notes) - MAX_NOTES + 1} more problems"]
+    subject_raw = _raw_header(msg, "subject")
+    return ParsedMail(
+        parts=parts,
+        text_body=text_body,
+        subject=sanitize_header_text(_decode_rfc2047(subject_raw or ""), MAX_SUBJECT_CHARS),
+        from_addr=_address(msg, "from"),
+        reply_to=_address(msg, "reply-to"),
+        message_id=_message_id(_raw_header(msg, "message-id")),
+        references=_references(_raw_header(msg, "references")),
+        notes=notes,
+    )
