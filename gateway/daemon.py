@@ -60,7 +60,7 @@ class Gateway:
         self.signalwire = SignalWireClient(space_url=self.space_url,
                                            project_id=settings.signalwire_project_id,
                                            api_token=settings.signalwire_api_token,
-                                           timeout_s=defaults.API_TIMEOUT_S)
+                                           timeout_s=settings.api_timeout_s)
         self.worker = Worker(settings=settings, store=self.store, spool=self.spool,
                              media=self.media, signalwire=self.signalwire,
                              notifier=self.notifier, callback_url=self.callback_url, clock=clock)
@@ -86,13 +86,16 @@ class Gateway:
     def callback_url(self, token: str) -> str:
         return f"{self.public_base_url()}{CALLBACK_ROUTE}/{token}"
 
-    async def start(self) -> None:
+    async def start(self, run_worker: bool = True) -> None:
+        """Start every part; `run_worker=False` leaves the queue to be driven by hand
+        (`worker.run_until_idle()`), for tests on an injected clock."""
         self.s.data_dir.mkdir(parents=True, exist_ok=True)
         await self.store.start()
         await self.media.start()
         await self.web.start()
         await self.signalwire.start()
-        await self.worker.start()
+        if run_worker:
+            await self.worker.start()
         await self.smtp.start()
         mode = "sandbox (built-in SignalWire simulator)" if self.s.sandbox else "production"
         log.info("faxgw started in %s mode: SMTP %s:%d for *@%s, HTTP %s:%d, media %s, "
@@ -104,7 +107,8 @@ class Gateway:
             log.warning("PUBLIC_BASE_URL %s is a loopback address: SignalWire cannot reach "
                         "it for callbacks or media", self.public_base_url())
 
-    async def stop(self, grace_s: float = defaults.SHUTDOWN_GRACE_S) -> None:
+    async def stop(self, grace_s: float | None = None) -> None:
+        grace_s = self.s.shutdown_grace_s if grace_s is None else grace_s
         await self.smtp.stop(grace_s)
         await self.worker.stop(grace_s)
         await self.signalwire.stop()

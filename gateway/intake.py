@@ -13,9 +13,6 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from email import policy
-from email.message import EmailMessage
-from email.parser import BytesParser
 from email.utils import parseaddr
 from typing import Callable, Sequence
 
@@ -23,7 +20,7 @@ from .config import Settings
 from .document import Document, DocumentError, build_document
 from .faults import crash_point
 from .media import new_media_key
-from .mime import MimeError, ParsedMail, parse_mail, sanitize_header_text
+from .mime import MimeError, ParsedMail, parse_mail, read_message, sanitize_header_text
 from .spool import Spool
 from .store import Message, NewJob, Store, StoreError
 
@@ -51,9 +48,7 @@ class Refused(Exception):
 
 
 def _prepare(content: bytes, max_pages: int) -> tuple[ParsedMail, Document]:
-    msg = BytesParser(policy=policy.default).parsebytes(content)
-    assert isinstance(msg, EmailMessage)
-    parsed = parse_mail(msg)
+    parsed = parse_mail(read_message(content))
     return parsed, build_document(parsed.parts, max_pages)
 
 

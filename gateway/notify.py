@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from email.message import EmailMessage
+from email.utils import getaddresses
 from pathlib import Path
 from typing import Protocol
 
@@ -50,9 +51,14 @@ class RelayNotifier:
 
     async def send(self, report: EmailMessage, name: str) -> str:
         s = self.settings
+        # Serialised here, not by aiosmtplib, so the report's own policy (unfolded headers)
+        # holds; the envelope is explicit.
+        data = report.as_bytes(policy=report.policy.clone(linesep="\r\n"))
+        recipients = [a for _, a in getaddresses(report.get_all("To", []))]
         try:
             errors, reply = await aiosmtplib.send(
-                report, hostname=s.notify_smtp_host, port=s.notify_smtp_port,
+                data, sender=s.notify_from, recipients=recipients,
+                hostname=s.notify_smtp_host, port=s.notify_smtp_port,
                 username=s.notify_smtp_username, password=s.notify_smtp_password,
                 use_tls=s.notify_smtp_tls == "tls", start_tls=s.notify_smtp_tls == "starttls",
                 timeout=self.timeout_s)

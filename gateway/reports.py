@@ -8,6 +8,7 @@ headers; the body is plain text.
 from __future__ import annotations
 
 import time
+from email import policy
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from datetime import datetime, timezone
@@ -117,7 +118,9 @@ def build_report(job: Job, message: Message, events: Sequence[Event],
               for e in events]
     lines += ["", "-- ", "faxgw email-to-fax gateway"]
 
-    report = EmailMessage()
+    # Headers unfolded up to RFC 5322's hard limit: Python folds a long Subject before its
+    # first word, which clients show as a leading space.
+    report = EmailMessage(policy=policy.default.clone(max_line_length=998))
     report["From"] = from_addr
     report["To"] = message.report_to or ""
     report["Subject"] = subject_line(job)

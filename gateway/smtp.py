@@ -29,17 +29,6 @@ class FaxHandler:
         self.settings = settings
         self.intake = intake
         self.accepting = True
-        self._in_data = 0
-        self._drained = asyncio.Event()
-        self._drained.set()
-
-    async def drain(self, timeout_s: float) -> bool:
-        """Wait until no DATA is being queued (True), or the deadline passed (False)."""
-        try:
-            await asyncio.wait_for(self._drained.wait(), timeout_s)
-        except asyncio.TimeoutError:
-            return False
-        return True
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
@@ -83,8 +72,6 @@ class FaxHandler:
         if not numbers:
             return "554 5.5.1 No valid fax recipients"
         content = envelope.original_content or b""
-        self._in_data += 1
-        self._drained.clear()
         try:
             accepted = await self.intake.accept(content, envelope.mail_from, numbers,
                                                 _peer(session))
@@ -92,10 +79,6 @@ class FaxHandler:
             log.info("refused message from %s (peer %s): %s", envelope.mail_from,
                      _peer(session), exc.reply)
             return exc.reply
-        finally:
-            self._in_data -= 1
-            if self._in_data == 0:
-                self._drained.set()
         jobs = ", ".join(accepted.job_ids)
         return (f"250 2.0.0 Queued as fax job{'s' if len(accepted.job_ids) > 1 else ''} {jobs} "
                 f"({accepted.pages} page{'s' if accepted.pages != 1 else ''})")
@@ -140,6 +123,11 @@ class FaxSMTP(SMTP):
             return
         await super()._handle_client()
 
+    @property
+    def in_transaction(self) -> bool:
+        """Between MAIL and the end of DATA (aiosmtpd resets the envelope after DATA/RSET)."""
+        return self.envelope is not None and self.envelope.mail_from is not None
+
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
@@ -175,8 +163,14 @@ class SMTPListener:
         """Refuse new sessions and transactions with 421, let DATA in progress finish (up to
         grace_s), then close every connection."""
         self.handler.accepting = False
-        if not await self.handler.drain(grace_s):
-            log.warning("SMTP: a message was still being received after %.0f s; closing", grace_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while any(c.in_transaction for c in self._connections):
+            if loop.time() >= deadline:
+                log.warning("SMTP: closing %d session(s) still in a transaction after %.0f s",
+                            sum(c.in_transaction for c in self._connections), grace_s)
+                break
+            await asyncio.sleep(0.05)  # shutdown only: checks open transactions 20 times a second
         if self._server is not None:
             self._server.close()
             self._server = None

@@ -58,6 +58,7 @@ class Worker:
         self.retry_policy = RetryPolicy(settings.fax_max_attempts, settings.fax_retry_delay_s,
                                         settings.fax_kill_minutes * 60)
         self._next_housekeeping = 0.0
+        self._recheck_s = min(UNKNOWN_RECHECK_S, settings.api_timeout_s)
         # Notified after every step: lets tests and the CLI wait for a job without polling.
         self.progress = asyncio.Condition()
 
@@ -227,7 +228,7 @@ class Worker:
             await self._later(job, str(exc))
             return
         callback = self.callback_url(job.callback_token)
-        recheck_at = self.clock() + self.s.api_timeout_s + UNKNOWN_RECHECK_S
+        recheck_at = self.clock() + self.s.api_timeout_s + self._recheck_s
         if not await self.store.run(self.store.mark_submitting, job, callback, recheck_at):
             return
         job = await self.store.run(self.store.job, job.id)
@@ -256,9 +257,9 @@ class Worker:
         except SendOutcomeUnknown as exc:
             await self.store.run(self.store.add_event, job.id, "unknown",
                                  f"send outcome unknown ({exc.words}); will look it up")
-            await self.store.run(self.store.reschedule, job, self.clock() + UNKNOWN_RECHECK_S)
+            await self.store.run(self.store.reschedule, job, self.clock() + self._recheck_s)
             log.warning("job %s: send outcome unknown (%s); looking it up in %.0f s", job.id,
-                        exc.words, UNKNOWN_RECHECK_S)
+                        exc.words, self._recheck_s)
         else:
             crash_point("after-send")
             await self.store.run(self.store.mark_submitted, job, fax.sid, fax.status,
