@@ -90,6 +90,7 @@ class Gateway:
         """Start every part; `run_worker=False` leaves the queue to be driven by hand
         (`worker.run_until_idle()`), for tests on an injected clock."""
         self.s.data_dir.mkdir(parents=True, exist_ok=True)
+        self.spool.root.mkdir(exist_ok=True)
         await self.store.start()
         await self.media.start()
         await self.web.start()

@@ -167,9 +167,13 @@ def _job(row: sqlite3.Row) -> Job:
 
 
 class Store:
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time,
+                 busy_timeout_s: float = 10.0) -> None:
         self.path = path
         self.clock = clock
+        # How long a write waits for another process (the CLI) holding the lock; then the
+        # SMTP side answers 451 and the sender retries.
+        self.busy_timeout_s = busy_timeout_s
         self._db: sqlite3.Connection | None = None
         self._executor: ThreadPoolExecutor | None = None
 
@@ -178,7 +182,7 @@ class Store:
     def open(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
-                             timeout=30)
+                             timeout=self.busy_timeout_s)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode=WAL")
         # FULL: a commit is on disk before we answer 250 (WAL's NORMAL may lose the last commits).

@@ -375,3 +375,42 @@ async def test_housekeeping_purges_documents_and_prunes_old_jobs(
         assert await gw.store.run(gw.store.events, job_id) == []
     finally:
         await gw.stop()
+
+
+async def test_spool_failure_answers_451_and_keeps_nothing(make_gateway, tmp_path: Path) -> None:
+    gw = await make_gateway()
+    spool = tmp_path / "var" / "spool"
+    spool.rmdir()
+    spool.write_text("a file where the spool directory should be")
+    reply = await smtp_send(gw.smtp.port, pdf_mail("15551234567@fax.local"),
+                            ["15551234567@fax.local"])
+    assert reply.code == 451
+    assert reply.text.startswith("4.3.0 Temporary failure")
+    assert await gw.store.run(gw.store.jobs) == []
+
+
+async def test_store_locked_answers_451_then_accepts(tmp_path: Path) -> None:
+    import sqlite3
+
+    from .conftest import base_env
+
+    gw = Gateway(settings_from(base_env(tmp_path / "var")))
+    gw.store.busy_timeout_s = 0.2
+    await gw.start()
+    try:
+        blocker = sqlite3.connect(tmp_path / "var" / "faxgw.sqlite3", isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        try:
+            reply = await smtp_send(gw.smtp.port, pdf_mail("15551234567@fax.local"),
+                                    ["15551234567@fax.local"])
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        assert reply.code == 451
+        assert reply.text.startswith("4.3.0 Temporary failure")
+        assert list((tmp_path / "var" / "spool").iterdir()) == []  # no orphan document
+        reply = await smtp_send(gw.smtp.port, pdf_mail("15551234567@fax.local"),
+                                ["15551234567@fax.local"])
+        assert reply.code == 250
+    finally:
+        await gw.stop()
