@@ -45,6 +45,87 @@ def cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(amain(settings))
 
 
+def sample_pdf(text: str = "faxgw test page") -> bytes:
+    """A one-page Letter PDF with a line of text, built by hand (no PDF library needed)."""
+    safe = text.replace("\\", "").replace("(", "").replace(")", "")
+    stream = f"BT /F1 28 Tf 72 700 Td ({safe}) Tj ET".encode("latin-1", "replace")
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R"
+        b" /Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
+    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
+        len(objects) + 1, xref)
+    return bytes(out)
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    """A test client: mail files to the gateway, as a scanner or a person would."""
+    import mimetypes
+    import smtplib
+    from email.message import EmailMessage
+    from pathlib import Path
+
+    host, _, port = args.server.rpartition(":")
+    msg = EmailMessage()
+    msg["From"] = args.sender
+    domain = args.domain or "fax.local"
+    rcpts = [n if "@" in n else f"{n}@{domain}" for n in args.to]
+    msg["To"] = ", ".join(rcpts)
+    msg["Subject"] = args.subject
+    msg.set_content(args.body or "Sent with faxgw send.\n")
+    if args.sample:
+        msg.add_attachment(sample_pdf(), maintype="application", subtype="pdf",
+                           filename="faxgw-test-page.pdf")
+    elif not args.files:
+        print("faxgw send: give files to send, or --sample", file=sys.stderr)
+        return 2
+    for name in args.files:
+        path = Path(name)
+        ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        maintype, subtype = ctype.split("/", 1)
+        msg.add_attachment(path.read_bytes(), maintype=maintype, subtype=subtype,
+                           filename=path.name)
+    try:
+        with smtplib.SMTP(host or "127.0.0.1", int(port), timeout=60) as client:
+            client.ehlo()
+            if args.starttls:
+                client.starttls()
+                client.ehlo()
+            if args.user:
+                import getpass
+
+                client.login(args.user, getpass.getpass(f"Password for {args.user}: "))
+            refused = client.send_message(msg, from_addr=args.sender, to_addrs=rcpts)
+            code, text = client.noop()
+    except smtplib.SMTPResponseException as exc:
+        print(f"refused: {exc.smtp_code} {exc.smtp_error.decode(errors='replace')}",
+              file=sys.stderr)
+        return 1
+    except smtplib.SMTPRecipientsRefused as exc:
+        for rcpt, (code, text) in exc.recipients.items():
+            print(f"refused {rcpt}: {code} {text.decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"cannot talk to {args.server}: {exc}", file=sys.stderr)
+        return 69
+    for rcpt, (code, text) in refused.items():
+        print(f"refused {rcpt}: {code} {text.decode(errors='replace')}", file=sys.stderr)
+    print(f"sent to {', '.join(r for r in rcpts if r not in refused)}")
+    return 0 if not refused else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="faxgw", description="Email-to-fax gateway: mail a PDF to <number>@<FAX_DOMAIN>, "
@@ -59,6 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--check", action="store_true",
                      help="validate the configuration, print it (secrets masked) and exit")
     run.set_defaults(func=cmd_run)
+
+    send = sub.add_parser("send", help="mail files to a gateway (a test client)")
+    send.add_argument("files", nargs="*", metavar="FILE", help="documents to attach")
+    send.add_argument("--sample", action="store_true",
+                      help="attach a generated one-page test PDF")
+    send.add_argument("--to", action="append", required=True, metavar="NUMBER",
+                      help="fax number (or number@domain); repeat for several")
+    send.add_argument("--server", default="127.0.0.1:2525", metavar="HOST:PORT")
+    send.add_argument("--domain", help="fax domain (default fax.local)")
+    send.add_argument("--from", dest="sender", default="faxgw-test@example.com",
+                      metavar="ADDR", help="sender address (reports go here)")
+    send.add_argument("--subject", default="faxgw test")
+    send.add_argument("--body", help="message text")
+    send.add_argument("--starttls", action="store_true", help="use STARTTLS")
+    send.add_argument("--user", help="AUTH user (asks for the password)")
+    send.set_defaults(func=cmd_send)
     return parser
 
 
