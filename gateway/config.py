@@ -81,6 +81,17 @@ class Settings:
     document_retention_hours: float = defaults.DOCUMENT_RETENTION_HOURS
     job_retention_days: float = defaults.JOB_RETENTION_DAYS
     shutdown_grace_s: float = defaults.SHUTDOWN_GRACE_S
+    paper: str = "letter"
+    body_policy: str = defaults.FAX_BODY
+    cover: bool = False
+    doc_timeout_s: float = defaults.DOC_TIMEOUT_S
+    doc_memory_mb: int = defaults.DOC_MEMORY_MB
+    doc_workers: int = defaults.DOC_WORKERS
+    report_thumbnail: bool = True
+    report_attach_pdf: bool = False
+    report_accepted: bool = False
+    report_bcc: tuple[str, ...] = ()
+    report_template_dir: Path | None = None
     log_level: str = "INFO"
 
     @property
@@ -164,6 +175,26 @@ class _Reader:
         if not lo <= value <= hi:
             self.problems.append(f"{name}: {value} is outside {lo}..{hi}")
         return value
+
+    def bool(self, name: str, default: bool) -> bool:
+        raw = self.str(name)
+        if raw is None:
+            return default
+        value = raw.lower()
+        if value in ("1", "yes", "true", "on"):
+            return True
+        if value in ("0", "no", "false", "off"):
+            return False
+        self.problems.append(f"{name}: {raw!r} is not yes or no")
+        return default
+
+    def addresses(self, name: str) -> tuple[str, ...]:
+        raw = self.str(name, "") or ""
+        items = tuple(a.strip() for a in raw.split(",") if a.strip())
+        for item in items:
+            if "@" not in item or any(c in item for c in " <>\r\n"):
+                self.problems.append(f"{name}: {item!r} is not a mail address")
+        return items
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
         raw = self.str(name, default)
@@ -269,6 +300,11 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         r.problems.append("DOCUMENT_RETENTION_HOURS: must not exceed JOB_RETENTION_DAYS "
                           "(a document outliving its job could never be found again)")
 
+    template_raw = r.str("REPORT_TEMPLATE_DIR")
+    template_dir = Path(template_raw) if template_raw else None
+    if template_dir is not None and not template_dir.is_dir():
+        r.problems.append(f"REPORT_TEMPLATE_DIR: {template_raw} is not a folder")
+
     http_listen = r.hostport("HTTP_LISTEN", defaults.HTTP_LISTEN)
     public = r.url("PUBLIC_BASE_URL")
 
@@ -319,6 +355,18 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         document_retention_hours=doc_hours,
         job_retention_days=job_days,
         shutdown_grace_s=r.float("SHUTDOWN_GRACE_SECONDS", defaults.SHUTDOWN_GRACE_S, 0, 600),
+        paper=r.choice("FAX_PAPER", "letter" if region in defaults.LETTER_REGIONS else "a4",
+                       ("letter", "a4")),
+        body_policy=r.choice("FAX_BODY", defaults.FAX_BODY, ("auto", "always", "never")),
+        cover=r.bool("FAX_COVER", False),
+        doc_timeout_s=r.float("DOC_TIMEOUT_SECONDS", defaults.DOC_TIMEOUT_S, 1, 3600),
+        doc_memory_mb=r.int("DOC_MEMORY_MB", defaults.DOC_MEMORY_MB, 128, 65536),
+        doc_workers=r.int("DOC_WORKERS", defaults.DOC_WORKERS, 1, 64),
+        report_thumbnail=r.bool("REPORT_THUMBNAIL", True),
+        report_attach_pdf=r.bool("REPORT_ATTACH_PDF", False),
+        report_accepted=r.bool("REPORT_ACCEPTED", False),
+        report_bcc=r.addresses("REPORT_BCC"),
+        report_template_dir=template_dir,
         log_level=r.choice("FAXGW_LOG_LEVEL", "info",
                            ("debug", "info", "warning", "error")).upper(),
     )

@@ -13,6 +13,7 @@ from typing import Callable
 
 from . import defaults
 from .config import Settings, is_loopback_url
+from .cpu import CpuPool
 from .intake import Intake
 from .media import LocalMediaStore, MediaStore, S3MediaStore, load_or_create_key
 from .notify import Notifier, OutboxNotifier, RelayNotifier
@@ -64,7 +65,9 @@ class Gateway:
         self.worker = Worker(settings=settings, store=self.store, spool=self.spool,
                              media=self.media, signalwire=self.signalwire,
                              notifier=self.notifier, callback_url=self.callback_url, clock=clock)
-        self.intake = Intake(settings, self.store, self.spool, self._wake_worker, clock)
+        self.cpu = CpuPool(settings.doc_workers, settings.doc_timeout_s,
+                           settings.doc_memory_mb * 1024 * 1024)
+        self.intake = Intake(settings, self.store, self.spool, self.cpu, self._wake_worker, clock)
         self.smtp_handler = FaxHandler(settings, self.intake)
         self.smtp = SMTPListener(settings, self.smtp_handler)
 
@@ -92,6 +95,7 @@ class Gateway:
         self.s.data_dir.mkdir(parents=True, exist_ok=True)
         self.spool.root.mkdir(exist_ok=True)
         await self.store.start()
+        await self.cpu.start()
         await self.media.start()
         await self.web.start()
         await self.signalwire.start()
@@ -115,6 +119,7 @@ class Gateway:
         await self.signalwire.stop()
         await self.web.stop()
         await self.media.stop()
+        await self.cpu.stop()
         counts = await self.store.run(self.store.counts_by_state)
         await self.store.stop()
         log.info("faxgw stopped; jobs by state: %s",

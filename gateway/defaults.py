@@ -42,3 +42,10 @@ FAX_KILL_MINUTES: Final = 60.0
 DOCUMENT_RETENTION_HOURS: Final = 0.0   # 0: delete the PDF as soon as every job is reported
 JOB_RETENTION_DAYS: Final = 90.0        # reported jobs and their history are pruned after this
 HOUSEKEEPING_INTERVAL_S: Final = 3600.0
+
+# Documents.
+FAX_BODY: Final = "auto"                # auto, always, never
+DOC_TIMEOUT_S: Final = 60.0             # per mail: parsing and converting its documents
+DOC_MEMORY_MB: Final = 1024             # address-space limit of a document worker process
+DOC_WORKERS: Final = 2
+LETTER_REGIONS: Final = frozenset({"US", "CA", "MX", "PH", "CL", "CO", "VE", "PR"})

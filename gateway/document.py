@@ -1,19 +1,40 @@
-"""Turn the documents found in a mail into the one PDF SignalWire takes (pure, CPU-bound: callers
-run it off the event loop)."""
+"""Turn whatever a mail carries into the one fax-ready PDF SignalWire takes.
+
+Pure and CPU-bound: intake runs `prepare` in a child process with time and memory limits
+(cpu.py). Documents are merged in the order they appear: PDFs normalised (fitted, portrait,
+forms flattened), images one per page, text attachments and bodies as pages, office files via
+LibreOffice when installed; an optional cover page goes first.
+"""
 
 from __future__ import annotations
 
-import io
 import logging
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
+from email.message import EmailMessage
 from typing import Sequence
 
-from pypdf import PdfReader, PdfWriter
-from pypdf.errors import PdfReadError, PyPdfError
-
-from .mime import Part
+from .convert import (ConvertError, Limits, cover_page, image_to_pdf, merge_pdfs, normalize_pdf,
+                      office_to_pdf, text_to_pdf)
+from .mime import ParsedMail, Part, parse_mail, read_message
 
 log = logging.getLogger(__name__)
+
+IMAGE_KINDS = frozenset({"tiff", "jpeg", "png", "gif"})
+OFFICE_EXTENSIONS = (".docx", ".doc", ".odt", ".rtf", ".xlsx", ".xls", ".ods", ".pptx", ".ppt",
+                     ".odp")
+BODY_POLICIES = ("auto", "always", "never")
+# Inline images smaller than this are signature logos and icons, not documents.
+MIN_INLINE_IMAGE_BYTES = 20_000
+
+# What scanners and copiers put in the body: never worth a page of its own.
+_BOILERPLATE = re.compile(
+    r"(please open the attached|was scanned and sent|scanned (image|document|file)|"
+    r"scan to e-?mail|sent from (my|a|the) (xerox|ricoh|canon|sharp|kyocera|brother|konica|"
+    r"hp|lexmark|epson|toshiba|samsung|device|scanner|printer|multifunction)|"
+    r"device name|device model|number of images|attachment file type|"
+    r"this e-?mail was sent from|scanned from|image data has been attached|"
+    r"document was scanned)", re.IGNORECASE)
 
 
 class DocumentError(ValueError):
@@ -21,56 +42,187 @@ class DocumentError(ValueError):
 
 
 @dataclass(frozen=True)
+class DocOptions:
+    """The operator's defaults (from Settings) for turning mail into a fax."""
+
+    paper: str = "letter"
+    body: str = "auto"
+    cover: bool = False
+    quality: str = "fine"
+    max_pages: int = 200
+    max_image_pixels: int = 60_000_000
+    office_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class MessageOptions:
+    """Per-message choices from the subject (`[fine]`, `[cover]`, ...) and X-Fax-* headers."""
+
+    quality: str
+    cover: bool
+    body: str
+    subject: str  # without the option tags
+
+
+@dataclass(frozen=True)
 class Document:
     data: bytes
     pages: int
     filenames: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Prepared:
+    parsed: ParsedMail
+    options: MessageOptions
+    document: Document
+
+
+_TAG = re.compile(r"\[\s*(standard|fine|superfine|cover|nocover|body|nobody)\s*\]", re.I)
+
+
+def message_options(msg: EmailMessage, subject: str, defaults: DocOptions) -> MessageOptions:
+    """Options a sender may set per message; headers win over subject tags.
+
+    Subject tags: [standard] [fine] [superfine] [cover] [nocover] [body] [nobody].
+    Headers: X-Fax-Quality, X-Fax-Cover (yes/no), X-Fax-Body (auto/always/never).
+    """
+    quality, cover, body = defaults.quality, defaults.cover, defaults.body
+    for tag in _TAG.findall(subject):
+        tag = tag.lower()
+        if tag in ("standard", "fine", "superfine"):
+            quality = tag
+        elif tag in ("cover", "nocover"):
+            cover = tag == "cover"
+        else:
+            body = "always" if tag == "body" else "never"
+    header_quality = str(msg.get("X-Fax-Quality", "")).strip().lower()
+    if header_quality in ("standard", "fine", "superfine"):
+        quality = header_quality
+    header_cover = str(msg.get("X-Fax-Cover", "")).strip().lower()
+    if header_cover in ("yes", "no", "true", "false", "1", "0", "on", "off"):
+        cover = header_cover in ("yes", "true", "1", "on")
+    header_body = str(msg.get("X-Fax-Body", "")).strip().lower()
+    if header_body in BODY_POLICIES:
+        body = header_body
+    clean = " ".join(_TAG.sub(" ", subject).split())
+    return MessageOptions(quality=quality, cover=cover, body=body, subject=clean)
+
+
+def is_boilerplate(text: str | None) -> bool:
+    """True for an empty body, a signature only, or the canned text of a scanner."""
+    if not text:
+        return True
+    body = text.split("\n-- \n", 1)[0]  # drop the signature
+    words = re.findall(r"\w+", body)
+    if len(words) < 3:
+        return True
+    return bool(_BOILERPLATE.search(body)) and len(words) < 120
 
 
 def _label(part: Part) -> str:
-    name = part.filename or f"part {part.index} ({part.content_type})"
+    name = part.filename or f"attachment {part.index} ({part.content_type})"
     return "".join(c if c.isprintable() else "?" for c in name)[:80]
 
 
-def _open_pdf(part: Part) -> PdfReader:
-    try:
-        reader = PdfReader(io.BytesIO(part.data), strict=False)
-        if reader.is_encrypted:
-            # An owner-password-only PDF opens with the empty user password; anything else is
-            # unreadable by us and by SignalWire.
-            if not reader.decrypt(""):
-                raise DocumentError(f"{_label(part)} is password-protected; send it without a "
-                                    "password")
-        if len(reader.pages) == 0:
-            raise DocumentError(f"{_label(part)} has no pages")
-        return reader
-    except DocumentError:
-        raise
-    except (PdfReadError, PyPdfError, ValueError, KeyError, TypeError, OSError,
-            RecursionError) as exc:
-        log.info("unreadable PDF %s: %s", _label(part), type(exc).__name__)
-        raise DocumentError(f"{_label(part)} is not a readable PDF") from exc
+def _is_office(part: Part) -> bool:
+    name = (part.filename or "").lower()
+    if name.endswith(OFFICE_EXTENSIONS):
+        return True
+    return part.kind == "zip" and (b"[Content_Types].xml" in part.data[:4096]
+                                   or b"mimetypeapplication/vnd.oasis" in part.data[:4096])
 
 
-def build_document(parts: Sequence[Part], max_pages: int) -> Document:
-    """Merge every PDF attachment, in the order they appear, into one PDF."""
-    pdfs = [p for p in parts if p.kind == "pdf"]
+def _faxable(part: Part) -> bool:
+    if part.kind in IMAGE_KINDS and part.inline and len(part.data) < MIN_INLINE_IMAGE_BYTES:
+        return False  # a logo in an HTML signature
+    return part.kind in ("pdf", "text", *IMAGE_KINDS) or (
+        part.kind in ("zip", "ole") and _is_office(part))
+
+
+def _convert(part: Part, opts: DocOptions, limits: Limits) -> tuple[bytes, int]:
+    label = _label(part)
+    if part.kind == "pdf":
+        return normalize_pdf(part.data, label, opts.paper, limits)
+    if part.kind in IMAGE_KINDS:
+        return image_to_pdf(part.data, label, opts.paper, limits)
+    if part.kind == "text":
+        return text_to_pdf(part.data.decode("utf-8", "replace"), opts.paper, limits, title=label)
+    pdf = office_to_pdf(part.data, label, opts.office_timeout_s)
+    return normalize_pdf(pdf, label, opts.paper, limits)
+
+
+def build_document(parsed: ParsedMail, opts: DocOptions, msg_opts: MessageOptions, *,
+                   recipients: Sequence[str], sender: str, date: str) -> Document:
+    """Every faxable part in order, the body where the policy says, a cover if asked for."""
+    limits = Limits(max_pages=opts.max_pages, max_image_pixels=opts.max_image_pixels)
+    documents = [p for p in parsed.parts if _faxable(p)]
+    notes = list(parsed.notes)
+    for part in parsed.parts:
+        if not _faxable(part) and not (part.inline and part.kind in IMAGE_KINDS):
+            if part.kind == "tnef":
+                notes.append(f"{_label(part)} is an Outlook winmail.dat; ask the sender's mail "
+                             "program to send attachments as normal files")
+            elif part.kind in ("zip", "ole"):
+                notes.append(f"{_label(part)} is not a document this gateway can fax")
+            else:
+                notes.append(f"{_label(part)} ({part.content_type}) is not a document this "
+                             "gateway can fax; skipped")
+    use_body = msg_opts.body == "always" or (
+        msg_opts.body == "auto" and not documents and not is_boilerplate(parsed.text_body))
+    pdfs: list[bytes] = []
+    names: list[str] = []
+    pages = 0
+    if use_body and parsed.text_body and parsed.text_body.strip():
+        data, n = text_to_pdf(parsed.text_body, opts.paper, limits, title=msg_opts.subject or None)
+        pdfs.append(data)
+        names.append("message text")
+        pages += n
+    for part in documents:
+        try:
+            data, n = _convert(part, opts, limits)
+        except ConvertError as exc:
+            raise DocumentError(str(exc)) from exc
+        pdfs.append(data)
+        names.append(_label(part))
+        pages += n
+        if pages > opts.max_pages:
+            raise DocumentError(f"The document has more than {opts.max_pages} pages; this "
+                                f"gateway sends at most {opts.max_pages} pages per fax")
     if not pdfs:
-        others = ", ".join(_label(p) for p in parts if not p.inline)[:200]
-        found = f" (found: {others})" if others else ""
-        raise DocumentError(f"No PDF document found in the message{found}; attach the document "
-                            "as a PDF file")
-    readers = [(_open_pdf(p), p) for p in pdfs]
-    pages = sum(len(r.pages) for r, _ in readers)
-    if pages > max_pages:
-        raise DocumentError(f"The document has {pages} pages; this gateway sends at most "
-                            f"{max_pages} pages per fax")
-    names = tuple(_label(p) for p in pdfs)
-    if len(readers) == 1 and not readers[0][0].is_encrypted:
-        return Document(pdfs[0].data, pages, names)  # send the sender's bytes untouched
-    writer = PdfWriter()
-    for reader, _ in readers:
-        writer.append(reader)
-    out = io.BytesIO()
-    writer.write(out)
-    return Document(out.getvalue(), pages, names)
+        raise DocumentError(_nothing_to_fax(parsed, notes))
+    if msg_opts.cover:
+        note = parsed.text_body if (parsed.text_body and not use_body
+                                    and not is_boilerplate(parsed.text_body)) else None
+        pdfs.insert(0, cover_page(to=", ".join(recipients), sender=sender,
+                                  subject=msg_opts.subject, pages=pages + 1, date=date,
+                                  note=note[:2000] if note else None, paper=opts.paper))
+        pages += 1
+    data = pdfs[0] if len(pdfs) == 1 else merge_pdfs(pdfs)
+    return Document(data, pages, tuple(names), tuple(notes))
+
+
+def _nothing_to_fax(parsed: ParsedMail, notes: list[str]) -> str:
+    found = ", ".join(_label(p) for p in parsed.parts if not p.inline)[:200]
+    reason = "; ".join(notes)[:300]
+    text = "No document to fax found in the message"
+    if found:
+        text += f" (found: {found})"
+    if reason:
+        text += f": {reason}"
+    return text + "; attach a PDF, TIFF or image, or write the text in the message body"
+
+
+def prepare(content: bytes, opts: DocOptions, recipients: Sequence[str], envelope_from: str,
+            date: str) -> Prepared:
+    """Raw DATA to parsed mail, per-message options and the document (runs in a child process)."""
+    msg = read_message(content)
+    parsed = parse_mail(msg)
+    msg_opts = message_options(msg, parsed.subject, opts)
+    sender = parsed.from_addr or envelope_from or "-"
+    document = build_document(parsed, opts, msg_opts, recipients=recipients, sender=sender,
+                              date=date)
+    # The parts' bytes are in the document now; do not ship them back to the parent process.
+    slim = replace(parsed, parts=[replace(p, data=b"") for p in parsed.parts])
+    return Prepared(slim, msg_opts, document)

@@ -13,14 +13,16 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass
-from email.utils import parseaddr
+from datetime import datetime, timezone
+from email.utils import format_datetime, parseaddr
 from typing import Callable, Sequence
 
 from .config import Settings
-from .document import Document, DocumentError, build_document
+from .cpu import CpuPool, TaskLimitError
+from .document import DocOptions, DocumentError, prepare
 from .faults import crash_point
 from .media import new_media_key
-from .mime import MimeError, ParsedMail, parse_mail, read_message, sanitize_header_text
+from .mime import MimeError, ParsedMail, sanitize_header_text
 from .spool import Spool
 from .store import Message, NewJob, Store, StoreError
 
@@ -47,11 +49,6 @@ class Refused(Exception):
         self.reply = reply
 
 
-def _prepare(content: bytes, max_pages: int) -> tuple[ParsedMail, Document]:
-    parsed = parse_mail(read_message(content))
-    return parsed, build_document(parsed.parts, max_pages)
-
-
 def report_address(parsed: ParsedMail, envelope_from: str | None) -> str | None:
     """Where the report goes: the From: header, else the envelope sender; None for bounces."""
     for candidate in (parsed.from_addr, envelope_from):
@@ -62,26 +59,40 @@ def report_address(parsed: ParsedMail, envelope_from: str | None) -> str | None:
     return None
 
 
+def doc_options(settings: Settings) -> DocOptions:
+    return DocOptions(paper=settings.paper, body=settings.body_policy, cover=settings.cover,
+                      quality=settings.quality, max_pages=settings.max_pages,
+                      office_timeout_s=max(5.0, settings.doc_timeout_s - 5))
+
+
 class Intake:
-    def __init__(self, settings: Settings, store: Store, spool: Spool,
+    def __init__(self, settings: Settings, store: Store, spool: Spool, cpu: CpuPool,
                  on_new_jobs: Callable[[], None], clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.store = store
         self.spool = spool
+        self.cpu = cpu
         self.on_new_jobs = on_new_jobs
         self.clock = clock
+        self.doc_options = doc_options(settings)
 
     async def accept(self, content: bytes, envelope_from: str | None, numbers: Sequence[str],
                      peer: str | None) -> Accepted:
+        date = format_datetime(datetime.fromtimestamp(self.clock(), timezone.utc))
         try:
-            parsed, document = await asyncio.to_thread(_prepare, content,
-                                                       self.settings.max_pages)
+            prepared = await self.cpu.run(prepare, content, self.doc_options, list(numbers),
+                                          envelope_from or "", date)
         except (MimeError, DocumentError) as exc:
             raise Refused(f"554 5.6.0 {_one_line(str(exc))}") from exc
+        except TaskLimitError as exc:
+            log.warning("message from %s (peer %s): document work %s", envelope_from, peer, exc)
+            raise Refused(f"554 5.6.0 The attached documents could not be converted: the work "
+                          f"{exc}") from exc
+        parsed, document, options = prepared.parsed, prepared.document, prepared.options
 
         message_id = new_id()
         jobs = [NewJob(id=new_id(), to_number=n, from_number=self.settings.from_number,
-                       quality=self.settings.quality, callback_token=secrets.token_urlsafe(24),
+                       quality=options.quality, callback_token=secrets.token_urlsafe(24),
                        media_key=new_media_key())
                 for n in numbers]
         try:
@@ -93,7 +104,7 @@ class Intake:
         message = Message(
             id=message_id, created_at=self.clock(), envelope_from=envelope_from or None,
             header_from=parsed.from_addr, report_to=report_address(parsed, envelope_from),
-            subject=parsed.subject, message_id_header=parsed.message_id,
+            subject=options.subject, message_id_header=parsed.message_id,
             references_header=" ".join(parsed.references) or None, peer=peer,
             document_path=str(path), document_bytes=len(document.data),
             document_sha256=hashlib.sha256(document.data).hexdigest(), pages=document.pages,

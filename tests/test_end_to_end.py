@@ -201,16 +201,17 @@ async def test_mixed_recipients_keep_the_good_ones(make_gateway, tmp_path: Path)
     assert numbers == ["+15551234567", "+15551234568"]
 
 
-async def test_no_pdf_attachment_is_refused_with_554(make_gateway, tmp_path: Path) -> None:
+async def test_nothing_to_fax_is_refused_with_554(make_gateway, tmp_path: Path) -> None:
     gw = await make_gateway()
     msg = pdf_mail("15551234567@fax.local")
     msg.clear_content()
-    msg.set_content("just words, no document")
-    msg.add_attachment(b"not a pdf at all", maintype="application", subtype="octet-stream",
-                       filename="notes.bin")
+    msg.set_content("Please open the attached document. It was scanned and sent to you.")
+    msg.add_attachment(b"not a document at all", maintype="application",
+                       subtype="octet-stream", filename="notes.bin")
     reply = await smtp_send(gw.smtp.port, msg, ["15551234567@fax.local"])
     assert reply.code == 554
-    assert reply.text.startswith("5.6.0 No PDF document found")
+    assert reply.text.startswith("5.6.0 No document to fax found in the message (found: "
+                                 "notes.bin)")
     assert await gw.store.run(gw.store.jobs) == []
     assert list((tmp_path / "var" / "spool").glob("*")) == []
 
@@ -237,7 +238,9 @@ async def test_several_pdfs_merge_in_order(make_gateway, tmp_path: Path) -> None
     job = await gw.store.run(gw.store.job, job_id)
     message = await gw.store.run(gw.store.message, job.message_id)
     reader = PdfReader(message.document_path)
-    assert [float(p.mediabox.width) for p in reader.pages] == [612, 792, 792]
+    # Landscape pages are turned to portrait Letter; nothing is cropped.
+    assert [(float(p.mediabox.width), float(p.mediabox.height)) for p in reader.pages] == \
+        [(612, 792)] * 3
     assert message.filenames == "a.pdf, b.pdf"
 
 

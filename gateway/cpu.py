@@ -1,0 +1,86 @@
+"""CPU-bound document work (parsing, conversion, rendering) in child processes, with a time and
+a memory limit per task, so a hostile attachment can neither stall the event loop nor take the
+daemon down with it."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import multiprocessing
+import resource
+import signal
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class TaskLimitError(Exception):
+    """A task ran out of time or memory; the pool was replaced."""
+
+
+def _init_child(max_bytes: int) -> None:
+    """In each worker: the memory limit, and death with the parent (a kill -9 of the daemon
+    must not leave workers behind holding its sockets and pipes)."""
+    if max_bytes > 0:
+        resource.setrlimit(resource.RLIMIT_AS, (max_bytes, max_bytes))
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        pass
+
+
+class CpuPool:
+    def __init__(self, workers: int, timeout_s: float, memory_bytes: int) -> None:
+        self.workers = workers
+        self.timeout_s = timeout_s
+        self.memory_bytes = memory_bytes
+        self._pool: ProcessPoolExecutor | None = None
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # spawn: children start clean (no copy of the daemon's threads, sockets or loop) and
+        # are the daemon's own children, so PR_SET_PDEATHSIG ends them with it.
+        ctx = multiprocessing.get_context("spawn")
+        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_child,
+                                   initargs=(self.memory_bytes,))
+
+    async def start(self) -> None:
+        self._pool = self._new_pool()
+        # Start the children now, not on the first mail.
+        await self.run(len, b"warm-up")
+
+    async def stop(self) -> None:
+        if self._pool is not None:
+            pool, self._pool = self._pool, None
+            await asyncio.to_thread(pool.shutdown, True, cancel_futures=True)
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._pool is None:
+            raise RuntimeError("CPU pool not started")
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        try:
+            return await asyncio.wait_for(future, self.timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("document task exceeded %.0f s; restarting the worker processes",
+                        self.timeout_s)
+            self._replace()
+            raise TaskLimitError(f"took longer than {self.timeout_s:.0f} seconds") from None
+        except (BrokenProcessPool, MemoryError):
+            log.warning("document task died (out of memory?); restarting the worker processes")
+            self._replace()
+            raise TaskLimitError("needed more memory than allowed") from None
+
+    def _replace(self) -> None:
+        old, self._pool = self._pool, self._new_pool()
+        if old is not None:
+            for proc in list(getattr(old, "_processes", {}).values()):
+                proc.kill()  # the only way to stop a runaway task in a pool worker
+            old.shutdown(wait=False, cancel_futures=True)
