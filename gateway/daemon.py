@@ -48,6 +48,8 @@ class Gateway:
         self.notifier: Notifier = (
             RelayNotifier(settings, defaults.NOTIFY_TIMEOUT_S) if settings.notify_smtp_host
             else OutboxNotifier(data / "outbox"))
+        self.cpu = CpuPool(settings.doc_workers, settings.doc_timeout_s,
+                           settings.doc_memory_mb * 1024 * 1024)
         self.web = WebApp(settings, self.store, self._wake_worker, self.local_media)
         self.simulator_state: object | None = None
         if settings.sandbox:
@@ -64,10 +66,10 @@ class Gateway:
                                            timeout_s=settings.api_timeout_s)
         self.worker = Worker(settings=settings, store=self.store, spool=self.spool,
                              media=self.media, signalwire=self.signalwire,
-                             notifier=self.notifier, callback_url=self.callback_url, clock=clock)
-        self.cpu = CpuPool(settings.doc_workers, settings.doc_timeout_s,
-                           settings.doc_memory_mb * 1024 * 1024)
-        self.intake = Intake(settings, self.store, self.spool, self.cpu, self._wake_worker, clock)
+                             notifier=self.notifier, cpu=self.cpu,
+                             callback_url=self.callback_url, clock=clock)
+        self.intake = Intake(settings, self.store, self.spool, self.cpu, self._wake_worker, clock,
+                             self.notifier)
         self.smtp_handler = FaxHandler(settings, self.intake)
         self.smtp = SMTPListener(settings, self.smtp_handler)
 

@@ -23,6 +23,8 @@ from .document import DocOptions, DocumentError, prepare
 from .faults import crash_point
 from .media import new_media_key
 from .mime import MimeError, ParsedMail, sanitize_header_text
+from .notify import Notifier, NotifyError
+from .reports import Templates, build_receipt
 from .spool import Spool
 from .store import Message, NewJob, Store, StoreError
 
@@ -67,7 +69,8 @@ def doc_options(settings: Settings) -> DocOptions:
 
 class Intake:
     def __init__(self, settings: Settings, store: Store, spool: Spool, cpu: CpuPool,
-                 on_new_jobs: Callable[[], None], clock: Callable[[], float] = time.time) -> None:
+                 on_new_jobs: Callable[[], None], clock: Callable[[], float] = time.time,
+                 notifier: Notifier | None = None) -> None:
         self.settings = settings
         self.store = store
         self.spool = spool
@@ -75,6 +78,9 @@ class Intake:
         self.on_new_jobs = on_new_jobs
         self.clock = clock
         self.doc_options = doc_options(settings)
+        self.notifier = notifier
+        self.templates = Templates(settings.report_template_dir)
+        self._receipts: set[asyncio.Task[None]] = set()
 
     async def accept(self, content: bytes, envelope_from: str | None, numbers: Sequence[str],
                      peer: str | None) -> Accepted:
@@ -122,7 +128,27 @@ class Intake:
                      job.id, job.to_number, document.pages, message_id,
                      sanitize_header_text(message.report_to or "-", 120), peer or "-")
         self.on_new_jobs()
+        if self.settings.report_accepted and message.report_to and self.notifier is not None:
+            task = asyncio.create_task(self._send_receipts(message, [j.id for j in jobs]))
+            self._receipts.add(task)
+            task.add_done_callback(self._receipts.discard)
         return Accepted(message_id, tuple(j.id for j in jobs), document.pages)
+
+
+    async def _send_receipts(self, message: Message, job_ids: list[str]) -> None:
+        """Best effort: a receipt that cannot be sent is logged; the final report still comes."""
+        assert self.notifier is not None
+        for job_id in job_ids:
+            job = await self.store.run(self.store.job, job_id)
+            if job is None:
+                continue
+            receipt = build_receipt(job, message, from_addr=self.settings.notify_from,
+                                    hostname=self.settings.smtp_hostname, now=self.clock(),
+                                    templates=self.templates)
+            try:
+                await self.notifier.send(receipt, f"{job_id}.accepted")
+            except NotifyError as exc:
+                log.warning("job %s: accepted receipt not sent: %s", job_id, exc)
 
 
 def _one_line(text: str, limit: int = 400) -> str:

@@ -7,7 +7,7 @@ import logging
 from email.message import EmailMessage
 from email.utils import getaddresses
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import aiosmtplib
 
@@ -22,7 +22,7 @@ class NotifyError(Exception):
 
 
 class Notifier(Protocol):
-    async def send(self, report: EmailMessage, name: str) -> str: ...
+    async def send(self, report: EmailMessage, name: str, bcc: Sequence[str] = ()) -> str: ...
 
 
 class OutboxNotifier:
@@ -35,7 +35,8 @@ class OutboxNotifier:
     def __init__(self, root: Path) -> None:
         self.root = root
 
-    async def send(self, report: EmailMessage, name: str) -> str:
+    async def send(self, report: EmailMessage, name: str, bcc: Sequence[str] = ()) -> str:
+        """`bcc` has no meaning for files; copies for the admin need a relay."""
         path = self.root / f"{name}.eml"
         try:
             await asyncio.to_thread(write_durable, path, bytes(report), 0o640)
@@ -49,12 +50,13 @@ class RelayNotifier:
         self.settings = settings
         self.timeout_s = timeout_s
 
-    async def send(self, report: EmailMessage, name: str) -> str:
+    async def send(self, report: EmailMessage, name: str, bcc: Sequence[str] = ()) -> str:
         s = self.settings
         # Serialised here, not by aiosmtplib, so the report's own policy (unfolded headers)
         # holds; the envelope is explicit.
         data = report.as_bytes(policy=report.policy.clone(linesep="\r\n"))
-        recipients = [a for _, a in getaddresses(report.get_all("To", []))]
+        # Bcc recipients are envelope-only: no header shows them to the sender.
+        recipients = [a for _, a in getaddresses(report.get_all("To", []))] + list(bcc)
         try:
             errors, reply = await aiosmtplib.send(
                 data, sender=s.notify_from, recipients=recipients,

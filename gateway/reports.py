@@ -1,17 +1,25 @@
 """Report mail to the sender: what happened to the fax, in plain words first, details after.
 
-Pure: builds an EmailMessage from a job, its message and its history. Text that came in by mail
-(subject, names) only ever goes through `sanitize_header_text` into headers, so it cannot inject
-headers; the body is plain text.
+Pure: builds an EmailMessage (text + HTML, an inline thumbnail of the first page, optionally the
+sent PDF) from a job, its message, attempts and history. The layout lives in template files
+(`gateway/templates/`, each overridable by a file of the same name in REPORT_TEMPLATE_DIR);
+the phrases go through gettext, so both can be translated. Text that came in by mail reaches
+headers only through `sanitize_header_text` and the HTML only through `html.escape`.
 """
 
 from __future__ import annotations
 
+import html
 import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from email import policy
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
-from datetime import datetime, timezone
+from gettext import gettext as _
+from importlib import resources
+from pathlib import Path
+from string import Template
 from typing import Sequence
 
 from .jobs import Job, State
@@ -20,24 +28,38 @@ from .phone import format_number
 from .store import Attempt, Event, Message
 
 STATUS_WORDS: dict[str, str] = {
-    "delivered": "delivered",
-    "received": "delivered",
-    "busy": "not delivered: the line was busy",
-    "no-answer": "not delivered: no answer",
-    "failed": "not delivered: the transmission failed",
-    "canceled": "not delivered: the fax was canceled",
+    "delivered": _("delivered"),
+    "received": _("delivered"),
+    "busy": _("not delivered: the line was busy"),
+    "no-answer": _("not delivered: no answer"),
+    "failed": _("not delivered: the transmission failed"),
+    "canceled": _("not delivered: the fax was canceled"),
 }
 
 # Advice keyed by fragments of the T.30 result texts SignalWire passes through (spandsp wording).
 ADVICE: tuple[tuple[str, str], ...] = (
-    ("dropped prematurely", "The call ended early. This often means the number is a voice line "
-                            "or the fax machine hung up; check the number."),
-    ("cannot receive at the resolution", "The receiving machine cannot take this resolution; "
-                                         "send again with [standard] in the subject."),
-    ("timed out waiting for initial", "No fax machine answered; check that the number is a fax "
-                                      "number and that the machine is on."),
-    ("no answer", "Nobody answered; the fax machine may be off or out of paper."),
+    ("dropped prematurely", _("The call ended early. This often means the number is a voice "
+                              "line or the fax machine hung up; check the number.")),
+    ("cannot receive at the resolution", _("The receiving machine cannot take this "
+                                           "resolution; send again with [standard] in the "
+                                           "subject.")),
+    ("timed out waiting for initial", _("No fax machine answered; check that the number is a "
+                                        "fax number and that the machine is on.")),
+    ("no answer", _("Nobody answered; the fax machine may be off or out of paper.")),
 )
+
+
+@dataclass(frozen=True)
+class Templates:
+    """Template files: the operator's folder first, then the packaged defaults."""
+
+    folder: Path | None = None
+
+    def get(self, name: str) -> Template:
+        if self.folder is not None and (self.folder / name).is_file():
+            return Template((self.folder / name).read_text(encoding="utf-8"))
+        return Template(resources.files("gateway").joinpath("templates", name)
+                        .read_text(encoding="utf-8"))
 
 
 def _advice(job: Job) -> str | None:
@@ -46,16 +68,16 @@ def _advice(job: Job) -> str | None:
         if fragment in text:
             return advice
     if job.fax_status == "busy":
-        return "The line was busy; try again later."
+        return _("The line was busy; try again later.")
     if job.fax_status == "no-answer":
-        return "Nobody answered; check the number and that the fax machine is on."
+        return _("Nobody answered; check the number and that the fax machine is on.")
     return None
 
 
 def outcome(job: Job) -> tuple[bool, str]:
     """(delivered?, the outcome in a few words) for the subject line and the first sentence."""
     if job.state is State.FAILED or (job.state is State.REPORTED and job.failure_reason):
-        return False, "not sent: " + (job.failure_reason or "the gateway gave up")
+        return False, _("not sent: ") + (job.failure_reason or _("the gateway gave up"))
     status = job.fax_status or "unknown"
     return status in ("delivered", "received"), STATUS_WORDS.get(status, f"status {status}")
 
@@ -66,82 +88,24 @@ def _when(ts: float | None) -> str:
     return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def _pages(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return _("1 page") if n == 1 else _("%d pages") % n
+
+
 def subject_line(job: Job) -> str:
     ok, words = outcome(job)
     number = format_number(job.to_number)
     if ok:
-        pages = job.pages_sent or job.pages or 0
-        return f"Fax to {number} delivered, {pages} page{'s' if pages != 1 else ''}"
-    tries = f" after {job.attempt} attempts" if job.attempt > 1 else ""
-    return sanitize_header_text(f"Fax to {number} {words}{tries}", 200)
-
-
-def build_report(job: Job, message: Message, events: Sequence[Event],
-                 attempts: Sequence[Attempt] = (), *, from_addr: str, hostname: str,
-                 now: float | None = None) -> EmailMessage:
-    now = time.time() if now is None else now
-    ok, words = outcome(job)
-    number = format_number(job.to_number)
-    pages = job.pages_sent if ok and job.pages_sent else job.pages
-    lines = [
-        f"Your fax to {number} was {words}.",
-        "",
-    ]
-    advice = _advice(job)
-    if advice and not ok:
-        lines += [advice, ""]
-    lines += [
-        "Details",
-        f"  Destination:   {number}",
-        f"  Subject:       {sanitize_header_text(message.subject or '(none)', 200)}",
-        f"  Documents:     {sanitize_header_text(message.filenames or '-', 300)}",
-        f"  Pages:         {pages if pages is not None else '-'}",
-        f"  Status:        {job.fax_status or job.state.value}",
-    ]
-    if job.duration_s is not None:
-        lines.append(f"  Duration:      {job.duration_s} s")
-    if job.error_message or job.error_code:
-        lines.append(f"  Error:         {sanitize_header_text(job.error_message or '-', 300)}"
-                     + (f" (code {job.error_code})" if job.error_code else ""))
-    lines += [
-        f"  Attempts:      {job.attempt}",
-        *[f"    {a.n}. {_when(a.started_at)}  {a.quality:<9}  {_attempt_result(a)}"
-          for a in attempts],
-        f"  Fax id:        {job.fax_sid or '-'}",
-        f"  Job id:        {job.id}",
-        f"  Received:      {_when(message.created_at)}",
-        f"  Finished:      {_when(job.updated_at)}",
-        "",
-        "History",
-    ]
-    lines += [f"  {_when(e.at)}  {e.kind}: {sanitize_header_text(e.detail or '', 300)}"
-              for e in events]
-    lines += ["", "-- ", "faxgw email-to-fax gateway"]
-
-    # Headers unfolded up to RFC 5322's hard limit: Python folds a long Subject before its
-    # first word, which clients show as a leading space.
-    report = EmailMessage(policy=policy.default.clone(max_line_length=998))
-    report["From"] = from_addr
-    report["To"] = message.report_to or ""
-    report["Subject"] = subject_line(job)
-    report["Date"] = format_datetime(datetime.fromtimestamp(now, timezone.utc))
-    # Stable id: a report re-sent after a crash is recognisably the same report.
-    report["Message-ID"] = f"<faxgw-report.{job.id}@{hostname}>" if hostname else make_msgid()
-    report["Auto-Submitted"] = "auto-replied"  # RFC 3834: auto-responders must not answer it
-    report["X-Faxgw-Job"] = job.id
-    report["X-Faxgw-Status"] = job.fax_status or job.state.value
-    original = message.message_id_header
-    if original and _is_msgid(original):
-        report["In-Reply-To"] = original
-        refs = [r for r in (message.references_header or "").split() if _is_msgid(r)][-10:]
-        report["References"] = " ".join([*refs, original])
-    report.set_content("\n".join(lines) + "\n")
-    return report
+        return _("Fax to %s delivered, %s") % (number, _pages(job.pages_sent or job.pages or 0))
+    tries = _(" after %d attempts") % job.attempt if job.attempt > 1 else ""
+    return sanitize_header_text(_("Fax to %s %s%s") % (number, words, tries), 200)
 
 
 def _attempt_result(attempt: Attempt) -> str:
     if attempt.status is None:
-        return "no result yet"
+        return _("no result yet")
     text = STATUS_WORDS.get(attempt.status, attempt.status)
     if attempt.error_message:
         text += f" ({sanitize_header_text(attempt.error_message, 200)})"
@@ -151,3 +115,97 @@ def _attempt_result(attempt: Attempt) -> str:
 def _is_msgid(value: str) -> bool:
     return (value.startswith("<") and value.endswith(">") and len(value) <= 250
             and not any(c.isspace() for c in value))
+
+
+def _new_message(from_addr: str, to: str, subject: str, now: float, msgid: str,
+                 original: Message) -> EmailMessage:
+    # Headers unfolded up to RFC 5322's hard limit: Python folds a long Subject before its
+    # first word, which clients show as a leading space.
+    mail = EmailMessage(policy=policy.default.clone(max_line_length=998))
+    mail["From"] = from_addr
+    mail["To"] = to
+    mail["Subject"] = subject
+    mail["Date"] = format_datetime(datetime.fromtimestamp(now, timezone.utc))
+    mail["Message-ID"] = msgid
+    mail["Auto-Submitted"] = "auto-replied"  # RFC 3834: auto-responders must not answer it
+    if original.message_id_header and _is_msgid(original.message_id_header):
+        mail["In-Reply-To"] = original.message_id_header
+        refs = [r for r in (original.references_header or "").split() if _is_msgid(r)][-10:]
+        mail["References"] = " ".join([*refs, original.message_id_header])
+    return mail
+
+
+def build_report(job: Job, message: Message, events: Sequence[Event],
+                 attempts: Sequence[Attempt] = (), *, from_addr: str, hostname: str,
+                 now: float | None = None, templates: Templates = Templates(),
+                 thumbnail_png: bytes | None = None, pdf: bytes | None = None) -> EmailMessage:
+    now = time.time() if now is None else now
+    ok, words = outcome(job)
+    number = format_number(job.to_number)
+    advice = _advice(job) if not ok else None
+    values = {
+        "headline": _("Your fax to %s was %s.") % (number, words),
+        "destination": number,
+        "subject": sanitize_header_text(message.subject or _("(none)"), 200),
+        "documents": sanitize_header_text(message.filenames or "-", 300),
+        "pages": _pages(job.pages_sent if ok and job.pages_sent else job.pages),
+        "status": job.fax_status or job.state.value,
+        "duration": f"{job.duration_s} s" if job.duration_s is not None else "-",
+        "error": (sanitize_header_text(job.error_message or "", 300)
+                  + (f" (code {job.error_code})" if job.error_code else "")) or "-",
+        "attempt_count": str(job.attempt),
+        "fax_id": job.fax_sid or "-",
+        "job_id": job.id,
+        "received": _when(message.created_at),
+        "finished": _when(job.updated_at),
+        "history": "\n".join(f"  {_when(e.at)}  {e.kind}: "
+                             f"{sanitize_header_text(e.detail or '', 300)}" for e in events),
+    }
+    text = templates.get("report.txt").safe_substitute(
+        values, advice=f"{advice}\n" if advice else "",
+        attempts="\n".join(f"    {a.n}. {_when(a.started_at)}  {a.quality:<9}  "
+                           f"{_attempt_result(a)}" for a in attempts))
+    subject = subject_line(job)
+    report = _new_message(from_addr, message.report_to or "", subject, now,
+                          # Stable: a report re-sent after a crash is recognisably the same one.
+                          f"<faxgw-report.{job.id}@{hostname}>" if hostname else make_msgid(),
+                          message)
+    report["X-Faxgw-Job"] = job.id
+    report["X-Faxgw-Status"] = job.fax_status or job.state.value
+    report.set_content(text)
+
+    escaped = {k: html.escape(v) for k, v in values.items()}
+    thumb_cid = make_msgid(domain=hostname or "faxgw.invalid") if thumbnail_png else None
+    page = templates.get("report.html").safe_substitute(
+        escaped, subject_line=html.escape(subject), colour="#1a7f37" if ok else "#b42318",
+        advice_html=f"<p>{html.escape(advice)}</p>" if advice else "",
+        thumbnail_html=(f'<p><img src="cid:{thumb_cid[1:-1]}" alt="{html.escape(_("first page"))}"'
+                        ' width="200" style="border: 1px solid #ccc;"></p>'
+                        if thumb_cid else ""),
+        attempts_html="\n".join(
+            f"<tr><td>{a.n}</td><td>{html.escape(_when(a.started_at))}</td>"
+            f"<td>{html.escape(a.quality)}</td><td>{html.escape(_attempt_result(a))}</td></tr>"
+            for a in attempts))
+    report.add_alternative(page, subtype="html")
+    if thumbnail_png and thumb_cid:
+        html_part = report.get_payload()[-1]
+        html_part.add_related(thumbnail_png, maintype="image", subtype="png", cid=thumb_cid,
+                              filename="first-page.png")
+    if pdf is not None:
+        report.add_attachment(pdf, maintype="application", subtype="pdf",
+                              filename=f"fax-{job.id}.pdf")
+    return report
+
+
+def build_receipt(job: Job, message: Message, *, from_addr: str, hostname: str, now: float,
+                  templates: Templates = Templates()) -> EmailMessage:
+    """The optional "accepted" receipt sent at intake (REPORT_ACCEPTED)."""
+    number = format_number(job.to_number)
+    subject = _("Fax to %s accepted, %s") % (number, _pages(job.pages))
+    receipt = _new_message(from_addr, message.report_to or "", subject, now,
+                           f"<faxgw-accepted.{job.id}@{hostname}>" if hostname else make_msgid(),
+                           message)
+    receipt["X-Faxgw-Job"] = job.id
+    receipt.set_content(templates.get("accepted.txt").safe_substitute(
+        destination=number, pages=_pages(job.pages), job_id=job.id))
+    return receipt

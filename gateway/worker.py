@@ -23,11 +23,13 @@ from .faults import crash_point
 from .jobs import Job, RetryPolicy, State, backoff_s, retry_decision
 from .media import MediaError, MediaStore, new_media_key
 from .notify import Notifier, NotifyError
-from .reports import build_report
+from .convert import ConvertError, first_page_png
+from .cpu import CpuPool, TaskLimitError
+from .reports import Templates, build_report
 from .signalwire import (SendOutcomeUnknown, SendRefused, SendRetryable, SignalWireClient,
                          SignalWireError)
 from .spool import Spool
-from .store import Store
+from .store import Message, Store
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ LOOKUP_SKEW_S = 120.0        # clock skew allowed when matching a looked-up fax 
 
 class Worker:
     def __init__(self, *, settings: Settings, store: Store, spool: Spool, media: MediaStore,
-                 signalwire: SignalWireClient, notifier: Notifier,
+                 signalwire: SignalWireClient, notifier: Notifier, cpu: CpuPool,
                  callback_url: Callable[[str], str], clock: Callable[[], float] = time.time,
                  jitter: Callable[[], float] = random.random) -> None:
         self.s = settings
@@ -47,6 +49,8 @@ class Worker:
         self.media = media
         self.sw = signalwire
         self.notifier = notifier
+        self.cpu = cpu
+        self.templates = Templates(settings.report_template_dir)
         self.callback_url = callback_url
         self.clock = clock
         self.jitter = jitter
@@ -345,11 +349,13 @@ class Worker:
             return
         events = await self.store.run(self.store.events, job.id)
         attempts = await self.store.run(self.store.attempts, job.id)
+        thumbnail, pdf = await self._proof(message)
         report = build_report(job, message, events, attempts, from_addr=self.s.notify_from,
-                              hostname=self.s.smtp_hostname, now=self.clock())
+                              hostname=self.s.smtp_hostname, now=self.clock(),
+                              templates=self.templates, thumbnail_png=thumbnail, pdf=pdf)
         crash_point("before-report")
         try:
-            where = await self.notifier.send(report, job.id)
+            where = await self.notifier.send(report, job.id, self.s.report_bcc)
         except NotifyError as exc:
             await self._later(job, f"report not delivered: {exc}")
             return
@@ -357,6 +363,23 @@ class Worker:
         await self.store.run(self.store.mark_reported, job, f"report {where}")
         log.info("job %s: reported (%s) %s", job.id, job.fax_status or job.state.value, where)
         await self._cleanup(job)
+
+    async def _proof(self, message: Message) -> tuple[bytes | None, bytes | None]:
+        """The first-page thumbnail and the sent PDF for the report, as configured; a report
+        goes out without them rather than not at all."""
+        if not (self.s.report_thumbnail or self.s.report_attach_pdf):
+            return None, None
+        try:
+            pdf = await asyncio.to_thread(Path(message.document_path).read_bytes)
+        except OSError:
+            return None, None
+        thumbnail = None
+        if self.s.report_thumbnail:
+            try:
+                thumbnail = await self.cpu.run(first_page_png, pdf, 300)
+            except (ConvertError, TaskLimitError) as exc:
+                log.warning("message %s: no thumbnail: %s", message.id, exc)
+        return thumbnail, pdf if self.s.report_attach_pdf else None
 
     async def _cleanup(self, job: Job) -> None:
         """With no document retention, the PDF goes as soon as every job of its message is
