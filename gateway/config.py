@@ -91,7 +91,24 @@ class Settings:
     report_attach_pdf: bool = False
     report_accepted: bool = False
     report_bcc: tuple[str, ...] = ()
+    report_refusals: bool = True
     report_template_dir: Path | None = None
+    smtps_listen: HostPort | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_min_version: str = "TLSv1.2"
+    smtp_require_tls: bool = False
+    smtp_auth_plaintext: bool = False
+    users_file: Path | None = None
+    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1")
+    allowed_senders: tuple[str, ...] = ()
+    fax_allow_international: bool = False
+    fax_allow_prefixes: tuple[str, ...] = ()
+    fax_block_prefixes: tuple[str, ...] = ()
+    rate_per_sender_hour: int = 60
+    rate_total_hour: int = 600
+    auth_max_failures: int = 5
+    auth_lockout_minutes: float = 15.0
     log_level: str = "INFO"
 
     @property
@@ -195,6 +212,20 @@ class _Reader:
             if "@" not in item or any(c in item for c in " <>\r\n"):
                 self.problems.append(f"{name}: {item!r} is not a mail address")
         return items
+
+    def items(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        raw = self.env.get(name)
+        if raw is None:
+            return default
+        return tuple(i.strip() for i in raw.replace("\n", ",").split(",") if i.strip())
+
+    def file(self, name: str) -> Path | None:
+        raw = self.str(name)
+        if raw is None:
+            return None
+        if not Path(raw).is_file():
+            self.problems.append(f"{name}: {raw} does not exist or is not a file")
+        return Path(raw)
 
     def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
         raw = self.str(name, default)
@@ -305,6 +336,31 @@ def settings_from(env: Mapping[str, str]) -> Settings:
     if template_dir is not None and not template_dir.is_dir():
         r.problems.append(f"REPORT_TEMPLATE_DIR: {template_raw} is not a folder")
 
+    cert, key = r.file("TLS_CERT_FILE"), r.file("TLS_KEY_FILE")
+    if bool(cert) != bool(key):
+        r.problems.append("TLS_CERT_FILE / TLS_KEY_FILE: set both or neither")
+    if r.str("SMTPS_LISTEN") and not cert:
+        r.problems.append("SMTPS_LISTEN: needs TLS_CERT_FILE and TLS_KEY_FILE")
+    tls_min = r.choice("TLS_MIN_VERSION", "tlsv1.2", ("tlsv1", "tlsv1.1", "tlsv1.2", "tlsv1.3"))
+    tls_min = "TLSv" + tls_min[4:]
+    if r.bool("SMTP_REQUIRE_TLS", False) and not cert:
+        r.problems.append("SMTP_REQUIRE_TLS: needs TLS_CERT_FILE and TLS_KEY_FILE")
+    users_file = r.file("USERS_FILE")
+    from .policy import DestinationPolicy, SenderPolicy, TrustedNetworks
+
+    trusted = r.items("TRUSTED_NETWORKS", ("127.0.0.0/8", "::1"))
+    senders = r.items("ALLOWED_SENDERS")
+    allow_prefixes = r.items("FAX_ALLOW_PREFIXES")
+    block_prefixes = r.items("FAX_BLOCK_PREFIXES")
+    for name, check in (("TRUSTED_NETWORKS", lambda: TrustedNetworks(trusted)),
+                        ("ALLOWED_SENDERS", lambda: SenderPolicy(senders)),
+                        ("FAX_ALLOW_PREFIXES / FAX_BLOCK_PREFIXES",
+                         lambda: DestinationPolicy(region, allow_prefixes, block_prefixes))):
+        try:
+            check()
+        except ValueError as exc:
+            r.problems.append(f"{name}: {exc}")
+
     http_listen = r.hostport("HTTP_LISTEN", defaults.HTTP_LISTEN)
     public = r.url("PUBLIC_BASE_URL")
 
@@ -366,7 +422,24 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         report_attach_pdf=r.bool("REPORT_ATTACH_PDF", False),
         report_accepted=r.bool("REPORT_ACCEPTED", False),
         report_bcc=r.addresses("REPORT_BCC"),
+        report_refusals=r.bool("REPORT_REFUSALS", True),
         report_template_dir=template_dir,
+        smtps_listen=r.hostport("SMTPS_LISTEN", "") if r.str("SMTPS_LISTEN") else None,
+        tls_cert_file=cert,
+        tls_key_file=key,
+        tls_min_version=tls_min,
+        smtp_require_tls=r.bool("SMTP_REQUIRE_TLS", False),
+        smtp_auth_plaintext=r.bool("SMTP_AUTH_PLAINTEXT", False),
+        users_file=users_file,
+        trusted_networks=trusted,
+        allowed_senders=senders,
+        fax_allow_international=r.bool("FAX_ALLOW_INTERNATIONAL", False),
+        fax_allow_prefixes=allow_prefixes,
+        fax_block_prefixes=block_prefixes,
+        rate_per_sender_hour=r.int("RATE_LIMIT_PER_SENDER", 60, 1, 1_000_000),
+        rate_total_hour=r.int("RATE_LIMIT_TOTAL", 600, 1, 10_000_000),
+        auth_max_failures=r.int("AUTH_MAX_FAILURES", 5, 1, 1000),
+        auth_lockout_minutes=r.float("AUTH_LOCKOUT_MINUTES", 15, 0.01, 24 * 60),
         log_level=r.choice("FAXGW_LOG_LEVEL", "info",
                            ("debug", "info", "warning", "error")).upper(),
     )

@@ -13,6 +13,7 @@ from typing import Callable
 
 from . import defaults
 from .config import Settings, is_loopback_url
+from .access import Access
 from .cpu import CpuPool
 from .intake import Intake
 from .media import LocalMediaStore, MediaStore, S3MediaStore, load_or_create_key
@@ -21,6 +22,7 @@ from .signalwire import SignalWireClient
 from .smtp import FaxHandler, SMTPListener
 from .spool import Spool
 from .store import Store
+from .tls import ReloadableTLS
 from .web import CALLBACK_ROUTE, SANDBOX_PREFIX, WebApp
 from .worker import Worker
 
@@ -68,10 +70,17 @@ class Gateway:
                              media=self.media, signalwire=self.signalwire,
                              notifier=self.notifier, cpu=self.cpu,
                              callback_url=self.callback_url, clock=clock)
+        self.access = Access(settings)
         self.intake = Intake(settings, self.store, self.spool, self.cpu, self._wake_worker, clock,
-                             self.notifier)
-        self.smtp_handler = FaxHandler(settings, self.intake)
-        self.smtp = SMTPListener(settings, self.smtp_handler)
+                             self.notifier, self.access)
+        self.tls = (ReloadableTLS(settings.tls_cert_file, settings.tls_key_file,
+                                  settings.tls_min_version)
+                    if settings.tls_cert_file and settings.tls_key_file else None)
+        self.smtp_handler = FaxHandler(settings, self.intake, self.access)
+        self.smtp = SMTPListener(settings, self.smtp_handler, settings.smtp_listen, self.tls)
+        self.smtps = (SMTPListener(settings, self.smtp_handler, settings.smtps_listen, self.tls,
+                                   implicit_tls=True) if settings.smtps_listen else None)
+        self.listeners = [x for x in (self.smtp, self.smtps) if x is not None]
 
     def _wake_worker(self) -> None:
         self.worker.wake()
@@ -103,20 +112,33 @@ class Gateway:
         await self.signalwire.start()
         if run_worker:
             await self.worker.start()
-        await self.smtp.start()
+        for listener in self.listeners:
+            await listener.start()
         mode = "sandbox (built-in SignalWire simulator)" if self.s.sandbox else "production"
-        log.info("faxgw started in %s mode: SMTP %s:%d for *@%s, HTTP %s:%d, media %s, "
-                 "reports %s", mode, self.s.smtp_listen.host, self.smtp.port, self.s.fax_domain,
-                 self.s.http_listen.host, self.web.port, self.s.media_store,
+        log.info("faxgw started in %s mode: SMTP %s:%d%s%s for *@%s, HTTP %s:%d, media %s, "
+                 "reports %s", mode, self.s.smtp_listen.host, self.smtp.port,
+                 " (STARTTLS)" if self.tls else "",
+                 f", SMTPS {self.smtps.listen.host}:{self.smtps.port}" if self.smtps else "",
+                 self.s.fax_domain, self.s.http_listen.host, self.web.port, self.s.media_store,
                  f"via {self.s.notify_smtp_host}" if self.s.notify_smtp_host
                  else f"to {self.s.data_dir / 'outbox'}")
         if not self.s.sandbox and is_loopback_url(self.public_base_url()):
             log.warning("PUBLIC_BASE_URL %s is a loopback address: SignalWire cannot reach "
                         "it for callbacks or media", self.public_base_url())
 
+    def reload(self) -> None:
+        """SIGHUP: a renewed certificate and the users file, without dropping connections."""
+        if self.tls is not None:
+            try:
+                if self.tls.reload_if_changed():
+                    log.info("TLS certificate reloaded: %s", self.tls.fingerprint)
+            except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+                log.error("TLS certificate not reloaded, keeping the old one: %s", exc)
+        self.access.reload()
+
     async def stop(self, grace_s: float | None = None) -> None:
         grace_s = self.s.shutdown_grace_s if grace_s is None else grace_s
-        await self.smtp.stop(grace_s)
+        await asyncio.gather(*(listener.stop(grace_s) for listener in self.listeners))
         await self.worker.stop(grace_s)
         await self.signalwire.stop()
         await self.web.stop()
@@ -134,6 +156,7 @@ async def amain(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, gateway.reload)
     await gateway.start()
     try:
         await stop.wait()

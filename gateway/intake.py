@@ -14,9 +14,13 @@ import secrets
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesHeaderParser
 from email.utils import format_datetime, parseaddr
-from typing import Callable, Sequence
+from typing import Any, Callable, Coroutine, Sequence
 
+from .access import Access, Client
 from .config import Settings
 from .cpu import CpuPool, TaskLimitError
 from .document import DocOptions, DocumentError, prepare
@@ -24,7 +28,7 @@ from .faults import crash_point
 from .media import new_media_key
 from .mime import MimeError, ParsedMail, sanitize_header_text
 from .notify import Notifier, NotifyError
-from .reports import Templates, build_receipt
+from .reports import Templates, build_receipt, build_refusal
 from .spool import Spool
 from .store import Message, NewJob, Store, StoreError
 
@@ -51,13 +55,18 @@ class Refused(Exception):
         self.reply = reply
 
 
+def _address(candidate: str) -> str | None:
+    _, addr = parseaddr(candidate)
+    if "@" in addr and not any(c in addr for c in "\r\n<>,; "):
+        return addr
+    return None
+
+
 def report_address(parsed: ParsedMail, envelope_from: str | None) -> str | None:
     """Where the report goes: the From: header, else the envelope sender; None for bounces."""
     for candidate in (parsed.from_addr, envelope_from):
-        if candidate:
-            _, addr = parseaddr(candidate)
-            if "@" in addr and not any(c in addr for c in "\r\n<>,; "):
-                return addr
+        if candidate and (addr := _address(candidate)):
+            return addr
     return None
 
 
@@ -70,7 +79,7 @@ def doc_options(settings: Settings) -> DocOptions:
 class Intake:
     def __init__(self, settings: Settings, store: Store, spool: Spool, cpu: CpuPool,
                  on_new_jobs: Callable[[], None], clock: Callable[[], float] = time.time,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, access: Access | None = None) -> None:
         self.settings = settings
         self.store = store
         self.spool = spool
@@ -80,24 +89,35 @@ class Intake:
         self.doc_options = doc_options(settings)
         self.notifier = notifier
         self.templates = Templates(settings.report_template_dir)
-        self._receipts: set[asyncio.Task[None]] = set()
+        self.access = access
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def accept(self, content: bytes, envelope_from: str | None, numbers: Sequence[str],
-                     peer: str | None) -> Accepted:
+                     peer: str | None, client: Client | None = None) -> Accepted:
         date = format_datetime(datetime.fromtimestamp(self.clock(), timezone.utc))
         try:
             prepared = await self.cpu.run(prepare, content, self.doc_options, list(numbers),
                                           envelope_from or "", date)
-        except (MimeError, DocumentError) as exc:
-            raise Refused(f"554 5.6.0 {_one_line(str(exc))}") from exc
-        except TaskLimitError as exc:
-            log.warning("message from %s (peer %s): document work %s", envelope_from, peer, exc)
-            raise Refused(f"554 5.6.0 The attached documents could not be converted: the work "
-                          f"{exc}") from exc
+        except (MimeError, DocumentError, TaskLimitError) as exc:
+            if isinstance(exc, TaskLimitError):
+                log.warning("message from %s (peer %s): document work %s", envelope_from, peer,
+                            exc)
+                reason = f"The attached documents could not be converted: the work {exc}"
+            else:
+                reason = _one_line(str(exc))
+            self._report_refusal(content, envelope_from, client, numbers, reason)
+            raise Refused(f"554 5.6.0 {reason}") from exc
         parsed, document, options = prepared.parsed, prepared.document, prepared.options
+        if client is not None and self.access is not None:
+            refusal = self.access.check_header_from(client, parsed.from_addr)
+            if refusal:
+                raise Refused(refusal)
+        user = client.user if client is not None else None
 
         message_id = new_id()
-        jobs = [NewJob(id=new_id(), to_number=n, from_number=self.settings.from_number,
+        from_number = (user.from_number if user and user.from_number
+                       else self.settings.from_number)
+        jobs = [NewJob(id=new_id(), to_number=n, from_number=from_number,
                        quality=options.quality, callback_token=secrets.token_urlsafe(24),
                        media_key=new_media_key())
                 for n in numbers]
@@ -109,7 +129,9 @@ class Intake:
                           "right now; please try again later") from exc
         message = Message(
             id=message_id, created_at=self.clock(), envelope_from=envelope_from or None,
-            header_from=parsed.from_addr, report_to=report_address(parsed, envelope_from),
+            header_from=parsed.from_addr,
+            report_to=(user.report_to if user and user.report_to
+                       else report_address(parsed, envelope_from)),
             subject=options.subject, message_id_header=parsed.message_id,
             references_header=" ".join(parsed.references) or None, peer=peer,
             document_path=str(path), document_bytes=len(document.data),
@@ -129,10 +151,43 @@ class Intake:
                      sanitize_header_text(message.report_to or "-", 120), peer or "-")
         self.on_new_jobs()
         if self.settings.report_accepted and message.report_to and self.notifier is not None:
-            task = asyncio.create_task(self._send_receipts(message, [j.id for j in jobs]))
-            self._receipts.add(task)
-            task.add_done_callback(self._receipts.discard)
+            self._background(self._send_receipts(message, [j.id for j in jobs]))
         return Accepted(message_id, tuple(j.id for j in jobs), document.pages)
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _report_refusal(self, content: bytes, envelope_from: str | None, client: Client | None,
+                        numbers: Sequence[str], reason: str) -> None:
+        """Tell an authorised sender why their mail cannot be faxed (a scanner shows no SMTP
+        error to the person at it). Strangers never get here: they are refused at MAIL."""
+        if self.notifier is None or client is None or not self.settings.report_refusals:
+            return
+        headers = BytesHeaderParser(policy=policy.default).parsebytes(content[:256 * 1024])
+        header_from = str(headers.get("From", "") or "")
+        user = client.user
+        to = (user.report_to if user and user.report_to else None) or \
+            _address(header_from) or _address(envelope_from or "")
+        if not to or (self.access is not None
+                      and self.access.check_header_from(client, header_from)):
+            return
+        refusal = build_refusal(
+            to=to, numbers=numbers, reason=reason,
+            subject=sanitize_header_text(str(headers.get("Subject", "") or ""), 200),
+            original_msgid=str(headers.get("Message-ID", "") or "").strip() or None,
+            from_addr=self.settings.notify_from, hostname=self.settings.smtp_hostname,
+            now=self.clock(), templates=self.templates)
+        self._background(self._send_refusal(refusal, to))
+
+    async def _send_refusal(self, refusal: EmailMessage, to: str) -> None:
+        assert self.notifier is not None
+        try:
+            await self.notifier.send(refusal, f"refused-{new_id()}")
+            log.info("refusal report sent to %s", sanitize_header_text(to, 120))
+        except NotifyError as exc:
+            log.warning("refusal report to %s not sent: %s", sanitize_header_text(to, 120), exc)
 
 
     async def _send_receipts(self, message: Message, job_ids: list[str]) -> None:

@@ -209,3 +209,21 @@ def build_receipt(job: Job, message: Message, *, from_addr: str, hostname: str, 
     receipt.set_content(templates.get("accepted.txt").safe_substitute(
         destination=number, pages=_pages(job.pages), job_id=job.id))
     return receipt
+
+
+def build_refusal(*, to: str, numbers: Sequence[str], reason: str, subject: str,
+                  original_msgid: str | None, from_addr: str, hostname: str, now: float,
+                  templates: Templates = Templates()) -> EmailMessage:
+    """Why a mail could not be faxed, for an authorised sender (e.g. the person at a scanner,
+    who never sees the SMTP reply)."""
+    destinations = ", ".join(format_number(n) for n in numbers)
+    original = Message(id="", created_at=now, envelope_from=None, header_from=None,
+                       report_to=to, subject=subject, message_id_header=original_msgid,
+                       references_header=None, peer=None, document_path="", document_bytes=0,
+                       document_sha256="", pages=0, filenames=None)
+    refusal = _new_message(from_addr, to, sanitize_header_text(
+        _("Fax to %s not sent: %s") % (destinations, reason), 200), now,
+        make_msgid(domain=hostname or None), original)
+    refusal.set_content(templates.get("refused.txt").safe_substitute(
+        destinations=destinations, reason=reason, subject=subject or _("(none)")))
+    return refusal

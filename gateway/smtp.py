@@ -1,41 +1,123 @@
 """The SMTP edge: aiosmtpd on the daemon's own loop, every hook answering with an exact code.
 
-Recipients are checked at RCPT time (relay denied, bad number) so a sender learns about a typo
-before sending the document; the document is checked and queued at DATA time.
+Who may send is settled at MAIL (AUTH, trusted network, allowed sender), each recipient at RCPT
+(relay denied, bad number, blocked destination, rate limit), so a sender learns of a problem
+before sending the document; the document is checked and queued at DATA time. Scanner quirks
+handled here: lower-case AUTH mechanisms, `AUTH LOGIN <user>` initial responses, the
+`Username:` / `Password:` prompts some devices insist on, and a 535 (never silence) for a wrong
+password.
 """
 
 from __future__ import annotations
 
 import asyncio
+import binascii
 import logging
+from base64 import b64decode
 from typing import Any
 
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
-from .config import Settings
+from .access import Access, Client
+from .config import HostPort, Settings
 from .constants import MAX_RCPT_ADDRESS_CHARS, SMTP_LINE_TIMEOUT_S
 from .intake import Intake, Refused
 from .phone import NumberError, parse_fax_number, parse_recipient
+from .tls import ReloadableTLS
 
 log = logging.getLogger(__name__)
 
 SHUTDOWN_REPLY = "421 4.3.2 The fax gateway is shutting down; please try again later"
+AUTH_OK = "235 2.7.0 Authentication successful"
+AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
+MAX_CREDENTIAL_CHARS = 1024
+
+
+def _b64_text(blob: bytes | str) -> str | None:
+    try:
+        raw = b64decode(blob, validate=True)
+        return raw.decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
 
 
 class FaxHandler:
-    """aiosmtpd handler hooks; the normalised numbers ride along on the envelope."""
+    """aiosmtpd handler hooks; the client and the numbers ride along on the envelope."""
 
-    def __init__(self, settings: Settings, intake: Intake) -> None:
+    def __init__(self, settings: Settings, intake: Intake, access: Access) -> None:
         self.settings = settings
         self.intake = intake
+        self.access = access
         self.accepting = True
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        if not self.access.auth_enabled:
+            # No users file: no AUTH to offer (aiosmtpd would list its built-in mechanisms).
+            responses = [r for r in responses if not r[4:].upper().startswith("AUTH")]
+        return responses
+
+    async def handle_AUTH(self, server: SMTP, session: Session, envelope: Envelope,
+                          args: list[str]) -> str | None:
+        ip = _peer(session)
+        if not self.access.auth_enabled:
+            return "504 5.5.4 Authentication is not offered here"
+        locked = self.access.locked_out_s(ip)
+        if locked:
+            return (f"454 4.7.0 Too many failed logins from {ip}; try again in "
+                    f"{max(1, int(locked // 60))} minute(s)")
+        mechanism = args[0].upper()
+        initial = args[1] if len(args) > 1 else None
+        if mechanism == "PLAIN":
+            blob = initial if initial not in (None, "=") else None
+            if blob is None:
+                answer = await server.challenge_auth("", encode_to_b64=False)
+                if answer is MISSING:
+                    return None  # aborted with '*': aiosmtpd answered 501
+                credentials = answer.decode("utf-8", "replace") if isinstance(answer, bytes) \
+                    else None
+            else:
+                credentials = _b64_text(blob)
+            parts = credentials.split("\0") if credentials is not None else []
+            if len(parts) != 3:
+                return "501 5.5.2 Malformed AUTH PLAIN response"
+            username, password = parts[1] or parts[0], parts[2]
+        elif mechanism == "LOGIN":
+            if initial is not None:
+                username = _b64_text(initial) or ""
+            else:
+                answer = await server.challenge_auth("Username:")
+                if answer is MISSING:
+                    return None
+                username = answer.decode("utf-8", "replace") if isinstance(answer, bytes) else ""
+            answer = await server.challenge_auth("Password:")
+            if answer is MISSING:
+                return None
+            password = answer.decode("utf-8", "replace") if isinstance(answer, bytes) else ""
+        else:
+            return "504 5.5.4 Unrecognized authentication type (use PLAIN or LOGIN)"
+        if len(username) > MAX_CREDENTIAL_CHARS or len(password) > MAX_CREDENTIAL_CHARS:
+            return AUTH_FAILED
+        user = await self.access.login(ip, username, password)
+        if user is None:
+            return AUTH_FAILED
+        session.authenticated = True
+        session.auth_data = user
+        return AUTH_OK
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         if not self.accepting:
             return SHUTDOWN_REPLY
+        user = session.auth_data if session.authenticated else None
+        client = self.access.client(_peer(session), user, address)
+        refusal = self.access.check_mail(client)
+        if refusal:
+            return refusal
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
+        envelope.faxgw_client = client  # type: ignore[attr-defined]
         _numbers(envelope).clear()
         return "250 2.1.0 Sender OK"
 
@@ -62,6 +144,9 @@ class FaxHandler:
         numbers = _numbers(envelope)
         if number in numbers:
             return f"250 2.1.5 Recipient OK (duplicate of {number}, faxed once)"
+        refusal = self.access.check_destination(_client(envelope), number)
+        if refusal:
+            return refusal
         numbers.append(number)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -74,7 +159,7 @@ class FaxHandler:
         content = envelope.original_content or b""
         try:
             accepted = await self.intake.accept(content, envelope.mail_from, numbers,
-                                                _peer(session))
+                                                _peer(session), _client(envelope))
         except Refused as exc:
             log.info("refused message from %s (peer %s): %s", envelope.mail_from,
                      _peer(session), exc.reply)
@@ -92,6 +177,12 @@ def _numbers(envelope: Envelope) -> list[str]:
     return numbers
 
 
+def _client(envelope: Envelope) -> Client:
+    client = getattr(envelope, "faxgw_client", None)
+    assert client is not None, "RCPT/DATA before a successful MAIL"
+    return client
+
+
 def _peer(session: Session) -> str:
     peer: Any = session.peer
     if isinstance(peer, tuple) and peer:
@@ -100,7 +191,9 @@ def _peer(session: Session) -> str:
 
 
 class FaxSMTP(SMTP):
-    """aiosmtpd's protocol, answering new connections with 421 while the gateway shuts down."""
+    """aiosmtpd's protocol with the gateway's quirks: 421 while shutting down, and AUTH
+    mechanisms matched case-insensitively (aiosmtpd compares them as sent; some MFPs send
+    `auth login`)."""
 
     def __init__(self, handler: FaxHandler, connections: set["FaxSMTP"], **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
@@ -123,6 +216,10 @@ class FaxSMTP(SMTP):
             return
         await super()._handle_client()
 
+    async def smtp_AUTH(self, arg: str) -> None:
+        mechanism, sep, rest = (arg or "").partition(" ")
+        await super().smtp_AUTH(mechanism.upper() + sep + rest)
+
     @property
     def in_transaction(self) -> bool:
         """Between MAIL and the end of DATA (aiosmtpd resets the envelope after DATA/RSET)."""
@@ -134,25 +231,38 @@ class FaxSMTP(SMTP):
 
 
 class SMTPListener:
-    """One listening socket, aiosmtpd's protocol on the running loop (no second loop/thread)."""
+    """One listening socket, aiosmtpd's protocol on the running loop (no second loop/thread).
 
-    def __init__(self, settings: Settings, handler: FaxHandler) -> None:
+    `implicit_tls`: TLS from the first byte (port 465 style); otherwise plain with STARTTLS
+    offered when a certificate is configured.
+    """
+
+    def __init__(self, settings: Settings, handler: FaxHandler, listen: HostPort,
+                 tls: ReloadableTLS | None = None, implicit_tls: bool = False) -> None:
         self.settings = settings
         self.handler = handler
+        self.listen = listen
+        self.tls = tls
+        self.implicit_tls = implicit_tls
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[FaxSMTP] = set()
 
     def _factory(self) -> SMTP:
-        return FaxSMTP(self.handler, self._connections,
-                       data_size_limit=self.settings.smtp_max_message_bytes,
-                       enable_SMTPUTF8=True, hostname=self.settings.smtp_hostname,
-                       ident="faxgw ESMTP", timeout=SMTP_LINE_TIMEOUT_S)
+        s = self.settings
+        return FaxSMTP(
+            self.handler, self._connections, data_size_limit=s.smtp_max_message_bytes,
+            enable_SMTPUTF8=True, hostname=s.smtp_hostname, ident="faxgw ESMTP",
+            timeout=SMTP_LINE_TIMEOUT_S,
+            tls_context=None if self.implicit_tls or self.tls is None else self.tls.context,
+            require_starttls=bool(self.tls) and not self.implicit_tls and s.smtp_require_tls,
+            # aiosmtpd does not see implicit TLS as TLS: AUTH must be allowed there explicitly.
+            auth_require_tls=not (self.implicit_tls or s.smtp_auth_plaintext))
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        listen = self.settings.smtp_listen
-        self._server = await loop.create_server(self._factory, host=listen.host,
-                                                port=listen.port)
+        ssl = self.tls.context if self.implicit_tls and self.tls is not None else None
+        self._server = await loop.create_server(self._factory, host=self.listen.host,
+                                                port=self.listen.port, ssl=ssl)
 
     @property
     def port(self) -> int:
@@ -160,7 +270,7 @@ class SMTPListener:
         return int(self._server.sockets[0].getsockname()[1])
 
     async def stop(self, grace_s: float) -> None:
-        """Refuse new sessions and transactions with 421, let DATA in progress finish (up to
+        """Refuse new sessions and transactions with 421, let open transactions finish (up to
         grace_s), then close every connection."""
         self.handler.accepting = False
         loop = asyncio.get_running_loop()
