@@ -126,6 +126,34 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0 if not refused else 1
 
 
+def cmd_passwd(args: argparse.Namespace) -> int:
+    """Add a user to the users file or change its password (scrypt hash)."""
+    import getpass
+    import os
+
+    from .passwords import UsersFileError, passwd_command
+
+    path = args.users_file or os.environ.get("USERS_FILE")
+    if not path:
+        print("faxgw passwd: give --users-file or set USERS_FILE", file=sys.stderr)
+        return 2
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass(f"Password for {args.username}: ")
+        if getpass.getpass("Again: ") != password:
+            print("faxgw passwd: the passwords differ", file=sys.stderr)
+            return 1
+    senders = None if args.senders is None else [s for s in args.senders.split(",") if s]
+    try:
+        print(passwd_command(path, args.username, password, from_number=args.from_number,
+                             report_to=args.report_to, senders=senders))
+    except (ValueError, UsersFileError) as exc:
+        print(f"faxgw passwd: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="faxgw", description="Email-to-fax gateway: mail a PDF to <number>@<FAX_DOMAIN>, "
@@ -156,6 +184,20 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("--starttls", action="store_true", help="use STARTTLS")
     send.add_argument("--user", help="AUTH user (asks for the password)")
     send.set_defaults(func=cmd_send)
+
+    passwd = sub.add_parser("passwd", help="add a user for SMTP AUTH, or change its password")
+    passwd.add_argument("username")
+    passwd.add_argument("--users-file", metavar="PATH", help="default: $USERS_FILE")
+    passwd.add_argument("--password-stdin", action="store_true",
+                        help="read the password from the first line of standard input")
+    passwd.add_argument("--from-number", metavar="E164",
+                        help="this user's caller number (\"\" to clear)")
+    passwd.add_argument("--report-to", metavar="ADDR",
+                        help="send this user's reports here (\"\" to clear)")
+    passwd.add_argument("--senders", metavar="LIST",
+                        help="comma-separated sender addresses/patterns the user may use "
+                             "(\"\" to clear)")
+    passwd.set_defaults(func=cmd_passwd)
     return parser
 
 

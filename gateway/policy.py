@@ -262,6 +262,10 @@ def _region_name(region: str | None) -> str:
     return f"region {region}"
 
 
+# Pay-per-call exchange codes inside any NANP area code (+1 NPA 976 XXXX).
+NANP_PREMIUM_EXCHANGES = frozenset({"976"})
+
+
 class DestinationPolicy:
     """Which fax numbers this gateway dials.
 
@@ -310,6 +314,10 @@ class DestinationPolicy:
             if e164.startswith(prefix):
                 return (f"{e164} is {_a(kind)} number ({what}); faxes to {kind} numbers "
                         "are blocked")
+        if len(digits) == 11 and digits.startswith("1") and digits[4:7] in NANP_PREMIUM_EXCHANGES:
+            # 976 is an exchange (NXX) code, not an area code: +1 NPA 976 XXXX in any area.
+            return (f"{e164} is a premium-rate number (NANP {digits[4:7]} exchange "
+                    "pay-per-call services); faxes to premium-rate numbers are blocked")
         try:
             number = phonenumbers.parse(e164, None)
         except NumberParseException:
