@@ -1,0 +1,719 @@
+"""What the operator's commands do: list, find, describe, resend, cancel and re-report faxes.
+
+Functions over a `Store` opened synchronously by the CLI (`store = Store(path); store.open()`),
+safe while the daemon runs: SQLite is in WAL mode, every write is one short `BEGIN IMMEDIATE`
+transaction, and every state change is conditional on the state it was decided from, so a
+worker step running at the same moment either wins cleanly or sees the change and stops.
+
+The daemon's worker picks up what these functions schedule (`next_run_at = now`) at its next
+look at the queue, within 30 s at most.
+
+Errors are `AdminError` with a message in plain words, meant to be printed as is.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import secrets
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import aiohttp
+
+from . import defaults
+from .jobs import ACTIVE_STATES, Job, RetryPolicy, State, retry_decision
+from .media import new_media_key
+from .mime import sanitize_header_text
+from .phone import NumberError, format_number
+from .reports import outcome
+from .signalwire import SignalWireError
+from .store import Attempt, Event, Message, NewJob, Store
+
+MIN_PREFIX_CHARS = 6
+JOB_ID_CHARS = 16
+CANCELED_BY_OPERATOR = "canceled by the operator"
+# SignalWire's answer to a cancel once the fax has left "queued".
+ERR_NOT_CANCELABLE = 10000
+
+_HEX = re.compile(r"[0-9a-f]+")
+_FAX_SID = re.compile(r"[0-9A-Za-z][0-9A-Za-z-]{15,63}")
+_JOB_COLUMNS = [f.name for f in fields(Job)]
+FAX_STATUSES = ("queued", "processing", "sending", "delivered", "received", "busy",
+                "no-answer", "failed", "canceled")
+STATUS_FILTERS = ("active", *(s.value for s in State),
+                  *(s for s in FAX_STATUSES if s not in {st.value for st in State}))
+
+
+class AdminError(Exception):
+    """A command that cannot be done, in plain words for the operator."""
+
+
+@dataclass(frozen=True)
+class JobRow:
+    """One job as `faxgw jobs` shows and exports it."""
+
+    id: str
+    created: float
+    sender: str                # where the report goes (From:, else the envelope sender)
+    destination: str           # E.164
+    status: str                # state, and the fax status once there is one
+    pages: int | None
+    attempts: int
+    last_event: str
+    last_event_at: float | None
+    message_id: str
+    state: str
+    fax_status: str | None
+    result: str                # the outcome in the report's words
+    envelope_from: str | None
+    header_from: str | None
+    peer: str | None
+    subject: str | None
+    filenames: str | None
+    pages_sent: int | None
+    error: str | None
+    fax_sid: str | None
+    reported_at: float | None
+
+
+@dataclass(frozen=True)
+class CancelRequest:
+    """What `request_cancel` did. `fax_sid` set: the fax is at SignalWire and only SignalWire
+    can stop it (`cancel_fax`, then `note_cancel`); otherwise `text` says what was done."""
+
+    job_id: str
+    fax_sid: str | None
+    text: str
+
+
+# =================================================================================================
+# SQL: MOVE INTO store.py. The queries below belong in the Store (the only module that speaks
+# SQL); they are written as functions of `store` so each becomes a method by renaming `store` to
+# `self` (and `store._tx()` to `self._tx()`). Portable: `?` parameters, no SQLite-only functions.
+# =================================================================================================
+
+_ROW_SELECT = """
+    SELECT j.*,
+           m.envelope_from AS m_envelope_from, m.header_from AS m_header_from,
+           m.report_to AS m_report_to, m.subject AS m_subject, m.peer AS m_peer,
+           m.filenames AS m_filenames,
+           e.at AS e_at, e.kind AS e_kind, e.detail AS e_detail
+    FROM jobs j
+    JOIN messages m ON m.id = j.message_id
+    LEFT JOIN events e ON e.id = (SELECT MAX(e2.id) FROM events e2 WHERE e2.job_id = j.id)
+"""
+
+
+def store_job_rows(store: Store, *, status: str | None = None, to_digits: str | None = None,
+                   sender: str | None = None, since: float | None = None,
+                   limit: int = 50) -> list[Any]:
+    """MOVE INTO store.py as `Store.job_rows`. Jobs with their message and last event, newest
+    first. `to_digits` matches the end of the number; `sender` is a case-insensitive part of
+    the envelope sender, the From: address or the report address."""
+    where: list[str] = []
+    args: list[Any] = []
+    if status == "active":
+        states = sorted(s.value for s in ACTIVE_STATES)
+        where.append(f"j.state IN ({','.join('?' for _ in states)})")
+        args += states
+    elif status:
+        where.append("(j.state = ? OR j.fax_status = ?)")
+        args += [status, status]
+    if to_digits:
+        where.append("j.to_number LIKE ?")
+        args.append(f"%{to_digits}")
+    if sender:
+        pattern = "%" + _like_escape(sender.lower()) + "%"
+        where.append("(" + " OR ".join(
+            f"LOWER(COALESCE(m.{c}, '')) LIKE ? ESCAPE '\\'"
+            for c in ("envelope_from", "header_from", "report_to")) + ")")
+        args += [pattern] * 3
+    if since is not None:
+        where.append("j.created_at >= ?")
+        args.append(since)
+    sql = _ROW_SELECT + (" WHERE " + " AND ".join(where) if where else "")
+    sql += " ORDER BY j.created_at DESC, j.id DESC LIMIT ?"
+    args.append(limit)
+    return store.db.execute(sql, args).fetchall()
+
+
+def store_job_ids_by_prefix(store: Store, prefix: str, limit: int = 5) -> list[str]:
+    """MOVE INTO store.py as `Store.job_ids_by_prefix`. `prefix` is hex only (no wildcards)."""
+    rows = store.db.execute("SELECT id FROM jobs WHERE id LIKE ? ORDER BY id LIMIT ?",
+                            (prefix + "%", limit)).fetchall()
+    return [r[0] for r in rows]
+
+
+def store_job_ids_by_fax_sid(store: Store, sid: str) -> list[str]:
+    """MOVE INTO store.py as `Store.job_ids_by_fax_sid`: the job that sent a fax, by its
+    SignalWire sid (the current attempt's, or an earlier attempt's)."""
+    rows = store.db.execute(
+        "SELECT id FROM jobs WHERE fax_sid = ? UNION SELECT job_id FROM attempts WHERE fax_sid = ?",
+        (sid, sid)).fetchall()
+    return sorted(r[0] for r in rows)
+
+
+def store_add_resend(store: Store, job: Job, new: NewJob, now: float) -> str | None:
+    """MOVE INTO store.py as `Store.add_resend`. A new job for the message and number of `job`,
+    in one transaction; None when done, else why not (document purged meanwhile, or another job
+    of the message to the number is still under way). The insert is conditional on the document
+    still being there, so it cannot slip in after a purge was recorded."""
+    with store._tx():
+        busy = store.db.execute(
+            "SELECT id, state FROM jobs WHERE message_id = ? AND to_number = ? AND id <> ?"
+            " AND state <> ?", (job.message_id, job.to_number, job.id,
+                                State.REPORTED.value)).fetchone()
+        if busy is not None:
+            return (f"job {busy[0]} for the same document and number is still under way "
+                    f"({busy[1]}); wait for its report, or cancel it first")
+        cur = store.db.execute(
+            "INSERT INTO jobs (id, message_id, to_number, from_number, quality, state,"
+            " callback_token, media_key, pages, attempt, tries, next_run_at, created_at,"
+            " updated_at)"
+            " SELECT ?, m.id, ?, ?, ?, ?, ?, ?, m.pages, 0, 0, ?, ?, ?"
+            " FROM messages m WHERE m.id = ? AND m.purged_at IS NULL",
+            (new.id, new.to_number, new.from_number, new.quality, State.RECEIVED.value,
+             new.callback_token, new.media_key, now, now, now, job.message_id))
+        if cur.rowcount != 1:
+            return "the document was deleted from the spool meanwhile"
+        _insert_event(store, new.id, "received", f"resend of job {job.id} by the operator", now)
+        _insert_event(store, job.id, "resent", f"sent again as job {new.id} by the operator",
+                      now)
+    return None
+
+
+def store_cancel_unsent(store: Store, job_id: str, reason: str, now: float) -> bool:
+    """MOVE INTO store.py as `Store.cancel_unsent`. Fail a job that has not reached SignalWire
+    (received or stored) so its report tells the sender; False if it moved on meanwhile (the
+    worker may have started the send: then it is not ours to fail)."""
+    with store._tx():
+        cur = store.db.execute(
+            "UPDATE jobs SET state = ?, failure_reason = ?, error_code = NULL,"
+            " error_message = NULL, tries = 0, next_run_at = ?, updated_at = ?"
+            " WHERE id = ? AND state IN (?, ?)",
+            (State.FAILED.value, reason, now, now, job_id, State.RECEIVED.value,
+             State.STORED.value))
+        if cur.rowcount != 1:
+            return False
+        _insert_event(store, job_id, "failed", reason, now)
+    return True
+
+
+def store_note_cancel(store: Store, job_id: str, detail: str, now: float) -> None:
+    """MOVE INTO store.py as `Store.note_cancel`. Record a cancel done at SignalWire and have the
+    worker fetch the fax's status now rather than wait for the callback or the next poll."""
+    with store._tx():
+        store.db.execute("UPDATE jobs SET next_run_at = ?, tries = 0, updated_at = ?"
+                         " WHERE id = ? AND state = ?",
+                         (now, now, job_id, State.SUBMITTED.value))
+        _insert_event(store, job_id, "cancel", detail, now)
+
+
+def store_report_again(store: Store, job_id: str, state: State, now: float) -> bool:
+    """MOVE INTO store.py as `Store.report_again`. Back from reported to `state` (completed or
+    failed) with the report due now. `reported_at` is kept: it is how the worker tells a job
+    that was reported before (report only) from a fresh final status (retries first)."""
+    with store._tx():
+        cur = store.db.execute(
+            "UPDATE jobs SET state = ?, tries = 0, next_run_at = ?, updated_at = ?"
+            " WHERE id = ? AND state = ?",
+            (state.value, now, now, job_id, State.REPORTED.value))
+        if cur.rowcount != 1:
+            return False
+        _insert_event(store, job_id, "report-again", "report requested again by the operator",
+                      now)
+    return True
+
+
+def store_report_now(store: Store, job_id: str, now: float) -> bool:
+    """MOVE INTO store.py as `Store.report_now`. A report already due (completed or failed,
+    maybe waiting out a relay outage): try it now."""
+    with store._tx():
+        cur = store.db.execute(
+            "UPDATE jobs SET tries = 0, next_run_at = ?, updated_at = ?"
+            " WHERE id = ? AND state IN (?, ?)",
+            (now, now, job_id, State.COMPLETED.value, State.FAILED.value))
+        if cur.rowcount != 1:
+            return False
+        _insert_event(store, job_id, "report-now", "report retry requested by the operator",
+                      now)
+    return True
+
+
+def _insert_event(store: Store, job_id: str, kind: str, detail: str, at: float) -> None:
+    store.db.execute("INSERT INTO events (job_id, at, kind, detail) VALUES (?, ?, ?, ?)",
+                     (job_id, at, kind, detail))
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+# =================================================================================================
+# End of SQL to move.
+# =================================================================================================
+
+
+# -- finding a job ------------------------------------------------------------------------------
+
+def resolve_job_id(store: Store, ref: str) -> str:
+    """The job a reference names: a job id, a unique prefix of one (at least 6 characters), or
+    the SignalWire fax sid of one of its attempts."""
+    text = ref.strip()
+    lowered = text.lower()
+    if _HEX.fullmatch(lowered) and len(lowered) <= JOB_ID_CHARS:
+        if len(lowered) < MIN_PREFIX_CHARS:
+            raise AdminError(f"give at least {MIN_PREFIX_CHARS} characters of the job id "
+                             f"(got {len(lowered)})")
+        ids = store_job_ids_by_prefix(store, lowered)
+        if not ids:
+            raise AdminError(f"no job with an id starting with {lowered!r} (jobs are deleted "
+                             "JOB_RETENTION_DAYS after their report)")
+        if len(ids) > 1:
+            shown = ", ".join(ids[:4]) + (", ..." if len(ids) > 4 else "")
+            raise AdminError(f"{lowered!r} matches several jobs ({shown}); give more characters")
+        return ids[0]
+    if _FAX_SID.fullmatch(text):
+        ids = store_job_ids_by_fax_sid(store, text)
+        if len(ids) == 1:
+            return ids[0]
+        if ids:
+            raise AdminError(f"fax {text} belongs to several jobs: {', '.join(ids)}")
+        raise AdminError(f"no job sent a fax with id {text}")
+    raise AdminError(f"{sanitize_header_text(text, 40)!r} is not a job id "
+                     f"({JOB_ID_CHARS} hex characters, or at least {MIN_PREFIX_CHARS} of them) "
+                     "or a SignalWire fax id")
+
+
+def _load(store: Store, ref: str) -> Job:
+    job = store.job(resolve_job_id(store, ref))
+    if job is None:  # deleted between the lookup and the read (pruned)
+        raise AdminError(f"job {ref} no longer exists")
+    return job
+
+
+# -- listing ------------------------------------------------------------------------------------
+
+def list_jobs(store: Store, *, status: str | None = None, to: str | None = None,
+              sender: str | None = None, since: float | None = None,
+              limit: int = 50) -> list[JobRow]:
+    """Jobs, newest first. `status`: a job state, a fax status (delivered, busy, ...), or
+    "active" (not yet reported); `to`: the number or its last digits, in any notation;
+    `sender`: part of the sender's address; `since`: created at or after (epoch seconds)."""
+    if status is not None:
+        status = status.strip().lower()
+        if status not in STATUS_FILTERS:
+            raise AdminError(f"unknown status {sanitize_header_text(status, 30)!r}; use one of: "
+                             + ", ".join(STATUS_FILTERS))
+    digits = None
+    if to is not None:
+        digits = "".join(c for c in to if c.isdigit())
+        if not digits:
+            raise AdminError(f"{sanitize_header_text(to, 30)!r} has no digits to match a number")
+    if limit < 1:
+        raise AdminError("the limit must be at least 1")
+    rows = store_job_rows(store, status=status, to_digits=digits,
+                          sender=(sender or "").strip() or None, since=since, limit=limit)
+    return [_row(r) for r in rows]
+
+
+def _row(r: Any) -> JobRow:
+    values = {c: r[c] for c in _JOB_COLUMNS}
+    values["state"] = State(values["state"])
+    job = Job(**values)
+    _, words = outcome(job)
+    if job.state not in (State.COMPLETED, State.FAILED, State.REPORTED):
+        result = "in progress"
+    else:
+        result = words
+    last = "-"
+    if r["e_kind"]:
+        last = r["e_kind"] + (f": {r['e_detail']}" if r["e_detail"] else "")
+    return JobRow(
+        id=job.id, created=job.created_at,
+        sender=r["m_report_to"] or r["m_envelope_from"] or "-",
+        destination=job.to_number, status=_status(job), pages=job.pages,
+        attempts=job.attempt, last_event=last, last_event_at=r["e_at"],
+        message_id=job.message_id, state=job.state.value, fax_status=job.fax_status,
+        result=result, envelope_from=r["m_envelope_from"], header_from=r["m_header_from"],
+        peer=r["m_peer"], subject=r["m_subject"], filenames=r["m_filenames"],
+        pages_sent=job.pages_sent, error=_error_text(job), fax_sid=job.fax_sid,
+        reported_at=job.reported_at)
+
+
+def _status(job: Job) -> str:
+    if job.failure_reason:
+        return f"{job.state.value}/not sent"
+    return f"{job.state.value}/{job.fax_status}" if job.fax_status else job.state.value
+
+
+def _error_text(job: Job) -> str | None:
+    if job.failure_reason:
+        return job.failure_reason
+    if job.error_message or job.error_code:
+        return (job.error_message or "error") + (f" (code {job.error_code})"
+                                                  if job.error_code else "")
+    return None
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace(
+        "+00:00", "Z")
+
+
+def _clean(text: object, limit: int = 200) -> str:
+    """Mail-provided text for a terminal: no control characters (no escape sequences)."""
+    if text is None:
+        return "-"
+    return sanitize_header_text(str(text), limit) or "-"
+
+
+_TABLE = (  # header, JobRow -> text, widest
+    ("ID", lambda r: r.id, 16),
+    ("CREATED (UTC)", lambda r: _when(r.created), 19),
+    ("SENDER", lambda r: r.sender, 32),
+    ("TO", lambda r: r.destination, 16),
+    ("STATUS", lambda r: r.status, 24),
+    ("PAGES", lambda r: "-" if r.pages is None else str(r.pages), 5),
+    ("TRIES", lambda r: str(r.attempts), 5),
+    ("LAST EVENT", lambda r: r.last_event, 60),
+)
+
+
+def format_table(rows: Sequence[JobRow]) -> str:
+    """A fixed-width table, one job a line, widths fitted to the content (capped)."""
+    if not rows:
+        return "no jobs found\n"
+    cells = [[_fit(_clean(get(r), 300), width) for _, get, width in _TABLE] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(_TABLE)]
+    lines = ["  ".join(h.ljust(w) for (h, _, _), w in zip(_TABLE, widths)).rstrip()]
+    for c in cells:
+        lines.append("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def _fit(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+def rows_to_json(rows: Sequence[JobRow]) -> str:
+    """A JSON array, one object a job, times as ISO 8601 UTC."""
+    out = []
+    for r in rows:
+        item = asdict(r)
+        for key in ("created", "last_event_at", "reported_at"):
+            item[key] = _iso(item[key])
+        out.append(item)
+    return json.dumps(out, indent=2, ensure_ascii=False) + "\n"
+
+
+CSV_COLUMNS = ("job_id", "message_id", "received_at", "envelope_from", "header_from",
+               "report_to", "peer", "subject", "files", "destination", "pages", "pages_sent",
+               "attempts", "state", "fax_status", "result", "error", "fax_sid", "reported_at")
+
+
+def rows_to_csv(rows: Sequence[JobRow]) -> str:
+    """The audit export: who sent what to which number, when, from where, with what result.
+
+    Text that came in by mail is neutralised for spreadsheets (a leading =, +, - or @ would
+    make it a formula); numbers and ids are ours and left as they are.
+    """
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\r\n")
+    writer.writerow(CSV_COLUMNS)
+    for r in rows:
+        writer.writerow([
+            r.id, r.message_id, _iso(r.created), _cell(r.envelope_from), _cell(r.header_from),
+            _cell(r.sender), _cell(r.peer), _cell(r.subject), _cell(r.filenames),
+            r.destination, _num(r.pages), _num(r.pages_sent), r.attempts, r.state,
+            r.fax_status or "", _cell(r.result), _cell(r.error), r.fax_sid or "",
+            _iso(r.reported_at) or ""])
+    return buf.getvalue()
+
+
+def _cell(text: str | None) -> str:
+    if not text or text == "-":
+        return ""
+    text = sanitize_header_text(text, 1000)
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def _num(value: int | None) -> str:
+    return "" if value is None else str(value)
+
+
+def parse_since(text: str, now: float) -> float:
+    """`--since` values: an age ("90m", "12h", "7d", "2w") or a UTC date/time
+    ("2025-01-31", "2025-01-31T08:00")."""
+    value = text.strip()
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([smhdw])", value.lower())
+    if match:
+        unit = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[match.group(2)]
+        return now - float(match.group(1)) * unit
+    try:
+        moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise AdminError(f"cannot read {sanitize_header_text(value, 40)!r} as a time: use an "
+                         "age like 12h or 7d, or a UTC date like 2025-01-31") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+# -- one job ------------------------------------------------------------------------------------
+
+def describe_job(store: Store, job_id: str, now: float | None = None) -> str:
+    """Everything about one job: its message, state, attempts, history, where the report went."""
+    job = _load(store, job_id)
+    message = store.message(job.message_id)
+    attempts = store.attempts(job.id)
+    events = store.events(job.id)
+    siblings = [j for j in store.message_jobs(job.message_id) if j.id != job.id]
+    _, words = outcome(job)
+    result = words if job.state in (State.COMPLETED, State.FAILED, State.REPORTED) else (
+        "in progress")
+
+    lines = [f"Job {job.id}", ""]
+    lines += _fields([
+        ("Status", _status(job)),
+        ("Result", result),
+        ("Destination", f"{_number(job.to_number)} ({job.to_number})"),
+        ("Caller", job.from_number),
+        ("Quality", job.quality),
+        ("Fax sid", job.fax_sid or "-"),
+        ("Pages", f"{_num(job.pages) or '-'}"
+                  + (f", {job.pages_sent} sent" if job.pages_sent is not None else "")),
+        ("Duration", f"{job.duration_s} s" if job.duration_s is not None else "-"),
+        ("Error", _clean(_error_text(job), 300)),
+        ("Attempts", str(job.attempt)),
+        ("Created", _when(job.created_at) + " UTC"),
+        ("Updated", _when(job.updated_at) + " UTC"),
+        ("Next step", _next_step(job, now)),
+        ("Reported", _when(job.reported_at) + (" UTC" if job.reported_at else "")),
+    ])
+    lines += ["", "Message"]
+    if message is None:
+        lines.append("  (the message record is gone)")
+    else:
+        lines += _fields(_message_fields(message), indent=2)
+    if siblings:
+        lines += ["", "Other jobs of this message"]
+        lines += [f"  {j.id}  {j.to_number:<16}  {_status(j)}" for j in siblings]
+    lines += ["", "Report"]
+    lines += _fields(_report_fields(job, message, events), indent=2)
+    lines += ["", "Attempts"]
+    lines += _attempts_table(attempts)
+    lines += ["", "History (UTC)"]
+    lines += [f"  {_when(e.at)}  {e.kind:<16} {_clean(e.detail, 500) if e.detail else ''}"
+              .rstrip() for e in events] or ["  (none)"]
+    return "\n".join(lines) + "\n"
+
+
+def _number(e164: str) -> str:
+    try:
+        return format_number(e164)
+    except NumberError:
+        return _clean(e164, 40)
+
+
+def _fields(pairs: Iterable[tuple[str, str]], indent: int = 2) -> list[str]:
+    return [f"{' ' * indent}{name + ':':<15}{value}" for name, value in pairs]
+
+
+def _next_step(job: Job, now: float | None) -> str:
+    if job.next_run_at is None or job.state is State.REPORTED:
+        return "-"
+    text = _when(job.next_run_at) + " UTC"
+    if now is not None:
+        delta = job.next_run_at - now
+        text += f" (in {delta:.0f} s)" if delta > 0 else " (due now)"
+    return f"{text}, tries {job.tries}" if job.tries else text
+
+
+def _message_fields(m: Message) -> list[tuple[str, str]]:
+    if m.purged_at is not None:
+        document = f"deleted {_when(m.purged_at)} UTC"
+    else:
+        document = f"{m.document_path}" + ("" if Path(m.document_path).is_file()
+                                           else " (MISSING)")
+    return [
+        ("Id", m.id),
+        ("Received", _when(m.created_at) + " UTC"),
+        ("Envelope from", _clean(m.envelope_from)),
+        ("From header", _clean(m.header_from)),
+        ("Report to", _clean(m.report_to)),
+        ("Subject", _clean(m.subject)),
+        ("Message-ID", _clean(m.message_id_header)),
+        ("Peer", _clean(m.peer)),
+        ("Files", _clean(m.filenames, 500)),
+        ("Pages", str(m.pages)),
+        ("Size", f"{m.document_bytes} bytes, sha256 {m.document_sha256}"),
+        ("Document", document),
+    ]
+
+
+def _report_fields(job: Job, message: Message | None, events: Sequence[Event]
+                   ) -> list[tuple[str, str]]:
+    to = _clean(message.report_to) if message else "-"
+    reported = [e for e in events if e.kind == "reported"]
+    if reported:
+        where = _clean(reported[-1].detail, 300)
+    elif job.state in (State.COMPLETED, State.FAILED):
+        where = "due" + (f" (tries {job.tries})" if job.tries else "")
+    else:
+        where = "when the fax is finished"
+    return [("To", to), ("Delivery", where)]
+
+
+def _attempts_table(attempts: Sequence[Attempt]) -> list[str]:
+    if not attempts:
+        return ["  (none)"]
+    header = (f"  {'N':>2}  {'STARTED':<19}  {'QUALITY':<9}  {'STATUS':<10}  {'PAGES':>5}  "
+              f"{'SECS':>5}  {'ENDED':<19}  FAX SID / ERROR")
+    lines = [header]
+    for a in attempts:
+        error = (_clean(a.error_message, 200) + (f" (code {a.error_code})" if a.error_code
+                                                  else "")) if a.error_message else ""
+        lines.append(
+            f"  {a.n:>2}  {_when(a.started_at):<19}  {a.quality:<9}  "
+            f"{_clean(a.status or 'pending', 10):<10}  {_num(a.pages) or '-':>5}  "
+            f"{_num(a.duration_s) or '-':>5}  {_when(a.ended_at):<19}  "
+            f"{a.fax_sid or '-'}" + (f"  {error}" if error else ""))
+    return lines
+
+
+# -- actions ------------------------------------------------------------------------------------
+
+def resend_job(store: Store, job_id: str, now: float, *, from_number: str | None = None,
+               retry_policy: RetryPolicy | None = None) -> str:
+    """Send the same document to the same number again, as a new job; returns its id.
+
+    The job must be finished (reported or failed; or completed with no automatic retry
+    coming), and the document still in the spool: with DOCUMENT_RETENTION_HOURS=0 it is
+    deleted as soon as every job of the mail is reported. The new job uses the job's last
+    quality and, unless `from_number` is given (pass the configured FAX_FROM_NUMBER), its caller.
+    """
+    job = _load(store, job_id)
+    if job.state not in (State.REPORTED, State.FAILED, State.COMPLETED):
+        raise AdminError(f"job {job.id} is still in progress ({_status(job)}); "
+                         "nothing to resend yet")
+    if job.state is State.COMPLETED:
+        policy = retry_policy or RetryPolicy(defaults.FAX_MAX_ATTEMPTS,
+                                             defaults.FAX_RETRY_DELAY_S,
+                                             defaults.FAX_KILL_MINUTES * 60)
+        decision = retry_decision(job, policy, now)
+        if decision is not None:
+            raise AdminError(f"job {job.id} will be retried automatically ({decision[2]}) at "
+                             f"{_when(decision[0])} UTC; cancel it first to resend by hand")
+    message = store.message(job.message_id)
+    if message is None:
+        raise AdminError(f"the message of job {job.id} is gone; ask the sender to mail it again")
+    if message.purged_at is not None:
+        raise AdminError(
+            f"cannot resend job {job.id}: its document was deleted from the spool at "
+            f"{_when(message.purged_at)} UTC (DOCUMENT_RETENTION_HOURS keeps documents "
+            "longer); ask the sender to mail it again")
+    if not Path(message.document_path).is_file():
+        raise AdminError(f"cannot resend job {job.id}: its document {message.document_path} is "
+                         "missing from the spool; ask the sender to mail it again")
+    new = NewJob(id=secrets.token_hex(JOB_ID_CHARS // 2), to_number=job.to_number,
+                 from_number=from_number or job.from_number, quality=job.quality,
+                 callback_token=secrets.token_urlsafe(24), media_key=new_media_key())
+    problem = store_add_resend(store, job, new, now)
+    if problem is not None:
+        raise AdminError(f"cannot resend job {job.id}: {problem}")
+    return new.id
+
+
+def request_cancel(store: Store, job_id: str, now: float) -> CancelRequest:
+    """Stop a fax. Not yet at SignalWire (received, stored, or waiting for a retry): the job
+    fails with "canceled by the operator" and the sender gets a report saying so. At SignalWire
+    (submitted): returns its fax sid; only a cancel there (`cancel_fax`) can stop it, and only
+    while it is still queued."""
+    job = _load(store, job_id)
+    if job.state in (State.RECEIVED, State.STORED):
+        if store_cancel_unsent(store, job.id, CANCELED_BY_OPERATOR, now):
+            return CancelRequest(job.id, None,
+                                 f"job {job.id} canceled; the sender will get a report")
+        job = _load(store, job.id)  # the worker moved it on meanwhile
+    if job.state is State.SUBMITTING:
+        raise AdminError(f"job {job.id} is being handed to SignalWire right now; "
+                         "try again in a few seconds")
+    if job.state is State.SUBMITTED:
+        assert job.fax_sid is not None
+        return CancelRequest(job.id, job.fax_sid,
+                             f"job {job.id}: fax {job.fax_sid} is at SignalWire "
+                             f"({job.fax_status or 'queued'})")
+    if job.state in (State.RECEIVED, State.STORED):  # raced twice: be plain about it
+        raise AdminError(f"job {job.id} changed while canceling; try again")
+    raise AdminError(f"job {job.id} is already finished ({_status(job)}): nothing to cancel")
+
+
+async def cancel_fax(session: aiohttp.ClientSession, base_url: str, sid: str) -> None:
+    """Cancel a queued fax at SignalWire: POST Status=canceled to the fax.
+
+    `session` carries the Basic auth and timeout (SignalWireClient.session), `base_url` is the
+    account's API base (SignalWireClient.base). Raises AdminError in plain words; SignalWire's
+    code 10000 means the fax has left the queue and can no longer be stopped.
+    """
+    url = f"{base_url.rstrip('/')}/Faxes/{sid}"
+    try:
+        async with session.post(url, data={"Status": "canceled"},
+                                allow_redirects=False) as resp:
+            try:
+                body = await resp.json(content_type=None)
+            except ValueError:
+                body = {}
+            body = body if isinstance(body, dict) else {}
+            if 200 <= resp.status < 300:
+                return
+            raw_code = body.get("code")
+            try:
+                code = None if raw_code in (None, "") else int(raw_code)
+            except (TypeError, ValueError):
+                code = None
+            text = str(body.get("message") or f"HTTP {resp.status}")[:300]
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise AdminError(f"cannot reach SignalWire to cancel fax {sid}: "
+                         f"{type(exc).__name__}") from exc
+    if code == ERR_NOT_CANCELABLE:
+        raise AdminError("too late to cancel: the fax is already being sent")
+    words = SignalWireError(text, status=resp.status, code=code).words
+    raise AdminError(f"SignalWire did not cancel fax {sid}: {words}")
+
+
+def note_cancel(store: Store, job_id: str, now: float, fax_sid: str) -> None:
+    """After a successful `cancel_fax`: record it, and have the worker fetch the fax's status
+    now, so the job completes as "canceled" and the sender is told even if no callback comes."""
+    store_note_cancel(store, job_id, f"fax {fax_sid} canceled at SignalWire by the operator", now)
+
+
+def request_report(store: Store, job_id: str, now: float) -> str:
+    """Send the report again. A reported job goes back to completed (a fax status came) or
+    failed (the gateway gave up), with the report due now; a job whose report is already due
+    (say, waiting out a relay outage) is tried now. Returns what was done."""
+    job = _load(store, job_id)
+    if job.state is State.REPORTED:
+        target = State.FAILED if job.failure_reason else State.COMPLETED
+        if not store_report_again(store, job.id, target, now):
+            raise AdminError(f"job {job.id} changed meanwhile; try again")
+        return f"job {job.id}: the report will be sent again"
+    if job.state in (State.COMPLETED, State.FAILED):
+        if not store_report_now(store, job.id, now):
+            raise AdminError(f"job {job.id} changed meanwhile; try again")
+        return f"job {job.id}: the report was already due; it will be tried now"
+    raise AdminError(f"job {job.id} is still in progress ({_status(job)}); the report goes out "
+                     "when the fax is finished")
