@@ -23,15 +23,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import aiohttp
-
 from . import defaults
 from .jobs import ACTIVE_STATES, Job, RetryPolicy, State, retry_decision
 from .media import new_media_key
 from .mime import sanitize_header_text
 from .phone import NumberError, format_number
 from .reports import outcome
-from .signalwire import SignalWireError
+from .signalwire import SignalWireClient, SignalWireError
 from .store import Attempt, Event, Message, NewJob, Store
 
 MIN_PREFIX_CHARS = 6
@@ -91,172 +89,6 @@ class CancelRequest:
     text: str
 
 
-# =================================================================================================
-# SQL: MOVE INTO store.py. The queries below belong in the Store (the only module that speaks
-# SQL); they are written as functions of `store` so each becomes a method by renaming `store` to
-# `self` (and `store._tx()` to `self._tx()`). Portable: `?` parameters, no SQLite-only functions.
-# =================================================================================================
-
-_ROW_SELECT = """
-    SELECT j.*,
-           m.envelope_from AS m_envelope_from, m.header_from AS m_header_from,
-           m.report_to AS m_report_to, m.subject AS m_subject, m.peer AS m_peer,
-           m.filenames AS m_filenames,
-           e.at AS e_at, e.kind AS e_kind, e.detail AS e_detail
-    FROM jobs j
-    JOIN messages m ON m.id = j.message_id
-    LEFT JOIN events e ON e.id = (SELECT MAX(e2.id) FROM events e2 WHERE e2.job_id = j.id)
-"""
-
-
-def store_job_rows(store: Store, *, status: str | None = None, to_digits: str | None = None,
-                   sender: str | None = None, since: float | None = None,
-                   limit: int = 50) -> list[Any]:
-    """MOVE INTO store.py as `Store.job_rows`. Jobs with their message and last event, newest
-    first. `to_digits` matches the end of the number; `sender` is a case-insensitive part of
-    the envelope sender, the From: address or the report address."""
-    where: list[str] = []
-    args: list[Any] = []
-    if status == "active":
-        states = sorted(s.value for s in ACTIVE_STATES)
-        where.append(f"j.state IN ({','.join('?' for _ in states)})")
-        args += states
-    elif status:
-        where.append("(j.state = ? OR j.fax_status = ?)")
-        args += [status, status]
-    if to_digits:
-        where.append("j.to_number LIKE ?")
-        args.append(f"%{to_digits}")
-    if sender:
-        pattern = "%" + _like_escape(sender.lower()) + "%"
-        where.append("(" + " OR ".join(
-            f"LOWER(COALESCE(m.{c}, '')) LIKE ? ESCAPE '\\'"
-            for c in ("envelope_from", "header_from", "report_to")) + ")")
-        args += [pattern] * 3
-    if since is not None:
-        where.append("j.created_at >= ?")
-        args.append(since)
-    sql = _ROW_SELECT + (" WHERE " + " AND ".join(where) if where else "")
-    sql += " ORDER BY j.created_at DESC, j.id DESC LIMIT ?"
-    args.append(limit)
-    return store.db.execute(sql, args).fetchall()
-
-
-def store_job_ids_by_prefix(store: Store, prefix: str, limit: int = 5) -> list[str]:
-    """MOVE INTO store.py as `Store.job_ids_by_prefix`. `prefix` is hex only (no wildcards)."""
-    rows = store.db.execute("SELECT id FROM jobs WHERE id LIKE ? ORDER BY id LIMIT ?",
-                            (prefix + "%", limit)).fetchall()
-    return [r[0] for r in rows]
-
-
-def store_job_ids_by_fax_sid(store: Store, sid: str) -> list[str]:
-    """MOVE INTO store.py as `Store.job_ids_by_fax_sid`: the job that sent a fax, by its
-    SignalWire sid (the current attempt's, or an earlier attempt's)."""
-    rows = store.db.execute(
-        "SELECT id FROM jobs WHERE fax_sid = ? UNION SELECT job_id FROM attempts WHERE fax_sid = ?",
-        (sid, sid)).fetchall()
-    return sorted(r[0] for r in rows)
-
-
-def store_add_resend(store: Store, job: Job, new: NewJob, now: float) -> str | None:
-    """MOVE INTO store.py as `Store.add_resend`. A new job for the message and number of `job`,
-    in one transaction; None when done, else why not (document purged meanwhile, or another job
-    of the message to the number is still under way). The insert is conditional on the document
-    still being there, so it cannot slip in after a purge was recorded."""
-    with store._tx():
-        busy = store.db.execute(
-            "SELECT id, state FROM jobs WHERE message_id = ? AND to_number = ? AND id <> ?"
-            " AND state <> ?", (job.message_id, job.to_number, job.id,
-                                State.REPORTED.value)).fetchone()
-        if busy is not None:
-            return (f"job {busy[0]} for the same document and number is still under way "
-                    f"({busy[1]}); wait for its report, or cancel it first")
-        cur = store.db.execute(
-            "INSERT INTO jobs (id, message_id, to_number, from_number, quality, state,"
-            " callback_token, media_key, pages, attempt, tries, next_run_at, created_at,"
-            " updated_at)"
-            " SELECT ?, m.id, ?, ?, ?, ?, ?, ?, m.pages, 0, 0, ?, ?, ?"
-            " FROM messages m WHERE m.id = ? AND m.purged_at IS NULL",
-            (new.id, new.to_number, new.from_number, new.quality, State.RECEIVED.value,
-             new.callback_token, new.media_key, now, now, now, job.message_id))
-        if cur.rowcount != 1:
-            return "the document was deleted from the spool meanwhile"
-        _insert_event(store, new.id, "received", f"resend of job {job.id} by the operator", now)
-        _insert_event(store, job.id, "resent", f"sent again as job {new.id} by the operator",
-                      now)
-    return None
-
-
-def store_cancel_unsent(store: Store, job_id: str, reason: str, now: float) -> bool:
-    """MOVE INTO store.py as `Store.cancel_unsent`. Fail a job that has not reached SignalWire
-    (received or stored) so its report tells the sender; False if it moved on meanwhile (the
-    worker may have started the send: then it is not ours to fail)."""
-    with store._tx():
-        cur = store.db.execute(
-            "UPDATE jobs SET state = ?, failure_reason = ?, error_code = NULL,"
-            " error_message = NULL, tries = 0, next_run_at = ?, updated_at = ?"
-            " WHERE id = ? AND state IN (?, ?)",
-            (State.FAILED.value, reason, now, now, job_id, State.RECEIVED.value,
-             State.STORED.value))
-        if cur.rowcount != 1:
-            return False
-        _insert_event(store, job_id, "failed", reason, now)
-    return True
-
-
-def store_note_cancel(store: Store, job_id: str, detail: str, now: float) -> None:
-    """MOVE INTO store.py as `Store.note_cancel`. Record a cancel done at SignalWire and have the
-    worker fetch the fax's status now rather than wait for the callback or the next poll."""
-    with store._tx():
-        store.db.execute("UPDATE jobs SET next_run_at = ?, tries = 0, updated_at = ?"
-                         " WHERE id = ? AND state = ?",
-                         (now, now, job_id, State.SUBMITTED.value))
-        _insert_event(store, job_id, "cancel", detail, now)
-
-
-def store_report_again(store: Store, job_id: str, state: State, now: float) -> bool:
-    """MOVE INTO store.py as `Store.report_again`. Back from reported to `state` (completed or
-    failed) with the report due now. `reported_at` is kept: it is how the worker tells a job
-    that was reported before (report only) from a fresh final status (retries first)."""
-    with store._tx():
-        cur = store.db.execute(
-            "UPDATE jobs SET state = ?, tries = 0, next_run_at = ?, updated_at = ?"
-            " WHERE id = ? AND state = ?",
-            (state.value, now, now, job_id, State.REPORTED.value))
-        if cur.rowcount != 1:
-            return False
-        _insert_event(store, job_id, "report-again", "report requested again by the operator",
-                      now)
-    return True
-
-
-def store_report_now(store: Store, job_id: str, now: float) -> bool:
-    """MOVE INTO store.py as `Store.report_now`. A report already due (completed or failed,
-    maybe waiting out a relay outage): try it now."""
-    with store._tx():
-        cur = store.db.execute(
-            "UPDATE jobs SET tries = 0, next_run_at = ?, updated_at = ?"
-            " WHERE id = ? AND state IN (?, ?)",
-            (now, now, job_id, State.COMPLETED.value, State.FAILED.value))
-        if cur.rowcount != 1:
-            return False
-        _insert_event(store, job_id, "report-now", "report retry requested by the operator",
-                      now)
-    return True
-
-
-def _insert_event(store: Store, job_id: str, kind: str, detail: str, at: float) -> None:
-    store.db.execute("INSERT INTO events (job_id, at, kind, detail) VALUES (?, ?, ?, ?)",
-                     (job_id, at, kind, detail))
-
-
-def _like_escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-# =================================================================================================
-# End of SQL to move.
-# =================================================================================================
 
 
 # -- finding a job ------------------------------------------------------------------------------
@@ -270,7 +102,7 @@ def resolve_job_id(store: Store, ref: str) -> str:
         if len(lowered) < MIN_PREFIX_CHARS:
             raise AdminError(f"give at least {MIN_PREFIX_CHARS} characters of the job id "
                              f"(got {len(lowered)})")
-        ids = store_job_ids_by_prefix(store, lowered)
+        ids = store.job_ids_by_prefix(lowered)
         if not ids:
             raise AdminError(f"no job with an id starting with {lowered!r} (jobs are deleted "
                              "JOB_RETENTION_DAYS after their report)")
@@ -279,7 +111,7 @@ def resolve_job_id(store: Store, ref: str) -> str:
             raise AdminError(f"{lowered!r} matches several jobs ({shown}); give more characters")
         return ids[0]
     if _FAX_SID.fullmatch(text):
-        ids = store_job_ids_by_fax_sid(store, text)
+        ids = store.job_ids_by_fax_sid(text)
         if len(ids) == 1:
             return ids[0]
         if ids:
@@ -317,7 +149,7 @@ def list_jobs(store: Store, *, status: str | None = None, to: str | None = None,
             raise AdminError(f"{sanitize_header_text(to, 30)!r} has no digits to match a number")
     if limit < 1:
         raise AdminError("the limit must be at least 1")
-    rows = store_job_rows(store, status=status, to_digits=digits,
+    rows = store.job_rows(status=status, to_digits=digits,
                           sender=(sender or "").strip() or None, since=since, limit=limit)
     return [_row(r) for r in rows]
 
@@ -632,7 +464,7 @@ def resend_job(store: Store, job_id: str, now: float, *, from_number: str | None
     new = NewJob(id=secrets.token_hex(JOB_ID_CHARS // 2), to_number=job.to_number,
                  from_number=from_number or job.from_number, quality=job.quality,
                  callback_token=secrets.token_urlsafe(24), media_key=new_media_key())
-    problem = store_add_resend(store, job, new, now)
+    problem = store.add_resend(job, new, now)
     if problem is not None:
         raise AdminError(f"cannot resend job {job.id}: {problem}")
     return new.id
@@ -645,7 +477,7 @@ def request_cancel(store: Store, job_id: str, now: float) -> CancelRequest:
     while it is still queued."""
     job = _load(store, job_id)
     if job.state in (State.RECEIVED, State.STORED):
-        if store_cancel_unsent(store, job.id, CANCELED_BY_OPERATOR, now):
+        if store.cancel_unsent(job.id, CANCELED_BY_OPERATOR, now):
             return CancelRequest(job.id, None,
                                  f"job {job.id} canceled; the sender will get a report")
         job = _load(store, job.id)  # the worker moved it on meanwhile
@@ -662,43 +494,21 @@ def request_cancel(store: Store, job_id: str, now: float) -> CancelRequest:
     raise AdminError(f"job {job.id} is already finished ({_status(job)}): nothing to cancel")
 
 
-async def cancel_fax(session: aiohttp.ClientSession, base_url: str, sid: str) -> None:
-    """Cancel a queued fax at SignalWire: POST Status=canceled to the fax.
-
-    `session` carries the Basic auth and timeout (SignalWireClient.session), `base_url` is the
-    account's API base (SignalWireClient.base). Raises AdminError in plain words; SignalWire's
-    code 10000 means the fax has left the queue and can no longer be stopped.
-    """
-    url = f"{base_url.rstrip('/')}/Faxes/{sid}"
+async def cancel_fax(client: SignalWireClient, sid: str) -> None:
+    """Cancel a queued fax at SignalWire. Raises AdminError in plain words; SignalWire's code
+    10000 means the fax has left the queue and can no longer be stopped."""
     try:
-        async with session.post(url, data={"Status": "canceled"},
-                                allow_redirects=False) as resp:
-            try:
-                body = await resp.json(content_type=None)
-            except ValueError:
-                body = {}
-            body = body if isinstance(body, dict) else {}
-            if 200 <= resp.status < 300:
-                return
-            raw_code = body.get("code")
-            try:
-                code = None if raw_code in (None, "") else int(raw_code)
-            except (TypeError, ValueError):
-                code = None
-            text = str(body.get("message") or f"HTTP {resp.status}")[:300]
-    except (TimeoutError, aiohttp.ClientError) as exc:
-        raise AdminError(f"cannot reach SignalWire to cancel fax {sid}: "
-                         f"{type(exc).__name__}") from exc
-    if code == ERR_NOT_CANCELABLE:
-        raise AdminError("too late to cancel: the fax is already being sent")
-    words = SignalWireError(text, status=resp.status, code=code).words
-    raise AdminError(f"SignalWire did not cancel fax {sid}: {words}")
+        await client.cancel_fax(sid)
+    except SignalWireError as exc:
+        if exc.code == ERR_NOT_CANCELABLE:
+            raise AdminError("too late to cancel: the fax is already being sent") from exc
+        raise AdminError(f"SignalWire did not cancel fax {sid}: {exc.words}") from exc
 
 
 def note_cancel(store: Store, job_id: str, now: float, fax_sid: str) -> None:
     """After a successful `cancel_fax`: record it, and have the worker fetch the fax's status
     now, so the job completes as "canceled" and the sender is told even if no callback comes."""
-    store_note_cancel(store, job_id, f"fax {fax_sid} canceled at SignalWire by the operator", now)
+    store.note_cancel(job_id, f"fax {fax_sid} canceled at SignalWire by the operator", now)
 
 
 def request_report(store: Store, job_id: str, now: float) -> str:
@@ -708,11 +518,11 @@ def request_report(store: Store, job_id: str, now: float) -> str:
     job = _load(store, job_id)
     if job.state is State.REPORTED:
         target = State.FAILED if job.failure_reason else State.COMPLETED
-        if not store_report_again(store, job.id, target, now):
+        if not store.report_again(job.id, target, now):
             raise AdminError(f"job {job.id} changed meanwhile; try again")
         return f"job {job.id}: the report will be sent again"
     if job.state in (State.COMPLETED, State.FAILED):
-        if not store_report_now(store, job.id, now):
+        if not store.report_now(job.id, now):
             raise AdminError(f"job {job.id} changed meanwhile; try again")
         return f"job {job.id}: the report was already due; it will be tried now"
     raise AdminError(f"job {job.id} is still in progress ({_status(job)}); the report goes out "

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import os
 import sys
 
 from . import __version__
@@ -22,19 +22,20 @@ def _load(args: argparse.Namespace) -> Settings:
         raise SystemExit(EXIT_CONFIG) from None
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # boto3/botocore debug lines would print presigned URLs and headers.
-    # aiosmtpd's "mail.log" logs every command line at INFO, AUTH credentials included.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
-    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(max(logging.INFO, logging.getLevelName(level)))
+def _setup_logging(settings: Settings, level: str | None = None) -> None:
+    from . import logs
+
+    logs.setup_logging(level or settings.log_level, settings.log_format)
+    for secret in (settings.signalwire_api_token, settings.signalwire_signing_key,
+                   settings.notify_smtp_password, settings.media_signing_key,
+                   settings.metrics_token, os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                   os.environ.get("AWS_SESSION_TOKEN")):
+        logs.register_secret(secret)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     settings = _load(args)
-    _setup_logging(args.log_level or settings.log_level)
+    _setup_logging(settings, args.log_level)
     if args.check:
         for key, value in settings.masked().items():
             print(f"{key} = {value}")
@@ -43,6 +44,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .daemon import amain
 
     return asyncio.run(amain(settings))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    from .ops import check_config
+
+    settings = _load(args)
+    _setup_logging(settings, "WARNING")
+    return check_config(settings)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from . import ops
+
+    fmt = "json" if args.json else "csv" if args.csv else "table"
+    return ops.jobs(_load(args), status=args.status, to=args.to, sender=args.sender,
+                    since=args.since, limit=args.limit, fmt=fmt)
+
+
+def cmd_job_action(args: argparse.Namespace) -> int:
+    from . import ops
+
+    action = {"job": ops.job, "resend": ops.resend, "cancel": ops.cancel,
+              "report": ops.report}[args.command]
+    return action(_load(args), args.job_id)
 
 
 def sample_pdf(text: str = "faxgw test page") -> bytes:
@@ -156,7 +181,7 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="faxgw", description="Email-to-fax gateway: mail a PDF to <number>@<FAX_DOMAIN>, "
+        prog="faxgw", description="Email-to-fax gateway: mail a document to <number>@<FAX_DOMAIN>, "
         "get a fax sent through SignalWire and a report back.")
     parser.add_argument("--version", action="version", version=f"faxgw {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -168,6 +193,36 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--check", action="store_true",
                      help="validate the configuration, print it (secrets masked) and exit")
     run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check-config", help="validate the configuration and try S3, "
+                           "SignalWire, the relay and the certificate (exit 78 / 69 on failure)")
+    check.set_defaults(func=cmd_check_config)
+
+    jobs = sub.add_parser("jobs", help="list jobs, newest first")
+    jobs.add_argument("--status", help="a state (received, stored, submitted, reported, "
+                      "failed, ...), a fax status (delivered, busy, ...) or 'active'")
+    jobs.add_argument("--to", metavar="NUMBER", help="destination (or its last digits)")
+    jobs.add_argument("--from", dest="sender", metavar="ADDR",
+                      help="part of the sender's address")
+    jobs.add_argument("--since", metavar="T", help="90m, 12h, 7d, 2w or a date (UTC)")
+    jobs.add_argument("--limit", type=int, default=50)
+    out = jobs.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="JSON instead of a table")
+    out.add_argument("--csv", action="store_true", help="CSV audit export")
+    jobs.set_defaults(func=cmd_jobs)
+
+    for name, text in (("job", "everything about one job: message, attempts, history"),
+                       ("resend", "send a job's document to its number again (a new job)"),
+                       ("cancel", "cancel a job: before sending, or at SignalWire while queued"),
+                       ("report", "send a job's report again")):
+        action = sub.add_parser(name, help=text)
+        action.add_argument("job_id", metavar="ID", help="job id, a unique prefix (6+ "
+                            "characters) or the SignalWire fax id")
+        action.set_defaults(func=cmd_job_action)
+
+    for p in (check, jobs, *[sub.choices[n] for n in ("job", "resend", "cancel", "report")]):
+        p.add_argument("--config", metavar="PATH", help="a .env file (default: "
+                       "$FAXGW_ENV_FILE, else ./.env)")
 
     send = sub.add_parser("send", help="mail files to a gateway (a test client)")
     send.add_argument("files", nargs="*", metavar="FILE", help="documents to attach")

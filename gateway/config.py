@@ -110,6 +110,8 @@ class Settings:
     auth_max_failures: int = 5
     auth_lockout_minutes: float = 15.0
     log_level: str = "INFO"
+    log_format: str = "text"
+    metrics_token: str | None = field(default=None, repr=False)
 
     @property
     def sandbox(self) -> bool:
@@ -127,7 +129,7 @@ class Settings:
 
 
 _SECRET_FIELDS = {"signalwire_api_token", "signalwire_signing_key", "notify_smtp_password",
-                  "media_signing_key"}
+                  "media_signing_key", "metrics_token"}
 
 
 def read_environment(env_file: str | None = None,
@@ -442,6 +444,8 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         auth_lockout_minutes=r.float("AUTH_LOCKOUT_MINUTES", 15, 0.01, 24 * 60),
         log_level=r.choice("FAXGW_LOG_LEVEL", "info",
                            ("debug", "info", "warning", "error")).upper(),
+        log_format=r.choice("FAXGW_LOG_FORMAT", "text", ("text", "json")),
+        metrics_token=r.str("METRICS_TOKEN"),
     )
     if r.problems:
         raise ConfigError(r.problems)

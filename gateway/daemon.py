@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
-from typing import Callable
+from typing import Awaitable, Callable
 
-from . import defaults
+from . import defaults, sdnotify
 from .config import Settings, is_loopback_url
 from .access import Access
 from .cpu import CpuPool
+from .metrics import Metrics
 from .intake import Intake
 from .media import LocalMediaStore, MediaStore, S3MediaStore, load_or_create_key
 from .notify import Notifier, OutboxNotifier, RelayNotifier
@@ -52,7 +54,10 @@ class Gateway:
             else OutboxNotifier(data / "outbox"))
         self.cpu = CpuPool(settings.doc_workers, settings.doc_timeout_s,
                            settings.doc_memory_mb * 1024 * 1024)
-        self.web = WebApp(settings, self.store, self._wake_worker, self.local_media)
+        self.metrics = Metrics()
+        self.web = WebApp(settings, self.store, self._wake_worker, self.local_media, self.metrics)
+        self.web.ready_checks += [self._check_store, self._check_listeners,
+                                  self._contact_check("media"), self._contact_check("signalwire")]
         self.simulator_state: object | None = None
         if settings.sandbox:
             from .simulator import SIM_STATE, create_simulator_app
@@ -69,14 +74,14 @@ class Gateway:
         self.worker = Worker(settings=settings, store=self.store, spool=self.spool,
                              media=self.media, signalwire=self.signalwire,
                              notifier=self.notifier, cpu=self.cpu,
-                             callback_url=self.callback_url, clock=clock)
+                             callback_url=self.callback_url, clock=clock, metrics=self.metrics)
         self.access = Access(settings)
         self.intake = Intake(settings, self.store, self.spool, self.cpu, self._wake_worker, clock,
-                             self.notifier, self.access)
+                             self.notifier, self.access, self.metrics)
         self.tls = (ReloadableTLS(settings.tls_cert_file, settings.tls_key_file,
                                   settings.tls_min_version)
                     if settings.tls_cert_file and settings.tls_key_file else None)
-        self.smtp_handler = FaxHandler(settings, self.intake, self.access)
+        self.smtp_handler = FaxHandler(settings, self.intake, self.access, self.metrics)
         self.smtp = SMTPListener(settings, self.smtp_handler, settings.smtp_listen, self.tls)
         self.smtps = (SMTPListener(settings, self.smtp_handler, settings.smtps_listen, self.tls,
                                    implicit_tls=True) if settings.smtps_listen else None)
@@ -84,6 +89,27 @@ class Gateway:
 
     def _wake_worker(self) -> None:
         self.worker.wake()
+
+    async def _check_store(self) -> tuple[str, bool, str]:
+        try:
+            await asyncio.wait_for(self.store.run(self.store.check_writable), 5)
+        except Exception as exc:  # a health check reports, it does not raise
+            return "store", False, f"{type(exc).__name__}: {exc}"
+        return "store", True, "writable"
+
+    async def _check_listeners(self) -> tuple[str, bool, str]:
+        bound = [f"{type(x).__name__}:{x.port}" for x in self.listeners if x.bound]
+        ok = len(bound) == len(self.listeners) and self.web.port > 0
+        return "listeners", ok, ", ".join(bound) or "none bound"
+
+    def _contact_check(self, name: str) -> Callable[[], Awaitable[tuple[str, bool, str]]]:
+        async def check() -> tuple[str, bool, str]:
+            state = self.worker.contact.get(name)
+            if state is None:
+                return name, True, "no contact yet"
+            ok, when, detail = state
+            return name, ok, f"{detail} ({self.clock() - when:.0f} s ago)"
+        return check
 
     def space_url(self) -> str:
         # Sandbox: the simulator lives on our own HTTP listener, so its URL is known after bind.
@@ -157,10 +183,21 @@ async def amain(settings: Settings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, gateway.reload)
+    # SIGUSR1: look at the queue now (the CLI's resend/cancel/report take effect at once).
+    loop.add_signal_handler(signal.SIGUSR1, gateway.worker.wake)
     await gateway.start()
+    (data := settings.data_dir / "faxgw.pid").write_text(f"{os.getpid()}\n")
+    # The watchdog pings only while the loop runs and the store thread answers.
+    watchdog = sdnotify.Watchdog(healthy=lambda: gateway.store.run(lambda: True))
+    await watchdog.start()
+    sdnotify.ready(f"SMTP port {gateway.smtp.port}, HTTP port {gateway.web.port}")
     try:
         await stop.wait()
         log.info("shutting down")
+        sdnotify.stopping("shutting down")
+        sdnotify.extend_timeout(2 * settings.shutdown_grace_s + 15)
     finally:
+        await watchdog.stop()
         await gateway.stop()
+        data.unlink(missing_ok=True)
     return 0

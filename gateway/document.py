@@ -169,8 +169,12 @@ def build_document(parsed: ParsedMail, opts: DocOptions, msg_opts: MessageOption
             else:
                 notes.append(f"{_label(part)} ({part.content_type}) is not a document this "
                              "gateway can fax; skipped")
+    skipped = [p for p in parsed.parts if not p.inline and not _faxable(p)]
+    # auto: the body is the fax only when the mail carried nothing else. A covering note beside
+    # an attachment we cannot read (winmail.dat, a zip) must not pass for the document.
     use_body = msg_opts.body == "always" or (
-        msg_opts.body == "auto" and not documents and not is_boilerplate(parsed.text_body))
+        msg_opts.body == "auto" and not documents and not skipped
+        and not is_boilerplate(parsed.text_body))
     pdfs: list[bytes] = []
     names: list[str] = []
     pages = 0

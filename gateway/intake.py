@@ -26,6 +26,7 @@ from .cpu import CpuPool, TaskLimitError
 from .document import DocOptions, DocumentError, prepare
 from .faults import crash_point
 from .media import new_media_key
+from .metrics import Metrics
 from .mime import MimeError, ParsedMail, sanitize_header_text
 from .notify import Notifier, NotifyError
 from .reports import Templates, build_receipt, build_refusal
@@ -79,7 +80,8 @@ def doc_options(settings: Settings) -> DocOptions:
 class Intake:
     def __init__(self, settings: Settings, store: Store, spool: Spool, cpu: CpuPool,
                  on_new_jobs: Callable[[], None], clock: Callable[[], float] = time.time,
-                 notifier: Notifier | None = None, access: Access | None = None) -> None:
+                 notifier: Notifier | None = None, access: Access | None = None,
+                 metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.store = store
         self.spool = spool
@@ -90,6 +92,7 @@ class Intake:
         self.notifier = notifier
         self.templates = Templates(settings.report_template_dir)
         self.access = access
+        self.metrics = metrics or Metrics(process=False)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def accept(self, content: bytes, envelope_from: str | None, numbers: Sequence[str],
@@ -136,7 +139,8 @@ class Intake:
             references_header=" ".join(parsed.references) or None, peer=peer,
             document_path=str(path), document_bytes=len(document.data),
             document_sha256=hashlib.sha256(document.data).hexdigest(), pages=document.pages,
-            filenames=", ".join(document.filenames))
+            filenames=", ".join(document.filenames),
+            notes="; ".join(document.notes)[:2000] or None)
         try:
             await self.store.run(self.store.add_message, message, jobs)
         except (StoreError, OSError) as exc:
@@ -150,6 +154,7 @@ class Intake:
                      job.id, job.to_number, document.pages, message_id,
                      sanitize_header_text(message.report_to or "-", 120), peer or "-")
         self.on_new_jobs()
+        self.metrics.mail_accepted(len(jobs))
         if self.settings.report_accepted and message.report_to and self.notifier is not None:
             self._background(self._send_receipts(message, [j.id for j in jobs]))
         return Accepted(message_id, tuple(j.id for j in jobs), document.pages)

@@ -61,17 +61,9 @@ class StoreSnapshot:
 # SQL: MOVE INTO store.py as `Store.oldest_active_created_at` (portable; uses no index today,
 # fine at the size JOB_RETENTION_DAYS keeps the table; an index on jobs(state, created_at)
 # would make it a lookup).
-def store_oldest_active_created_at(store: Store) -> float | None:
-    states = sorted(s.value for s in ACTIVE_STATES)
-    row = store.db.execute(
-        f"SELECT MIN(created_at) FROM jobs WHERE state IN ({','.join('?' for _ in states)})",
-        states).fetchone()
-    return None if row is None else row[0]
-
-
 def collect_snapshot(store: Store, now: float) -> StoreSnapshot:
     """Run on the store's thread: `await store.run(collect_snapshot, store, clock())`."""
-    return StoreSnapshot(store.counts_by_state(), store_oldest_active_created_at(store), now)
+    return StoreSnapshot(store.counts_by_state(), store.oldest_active_created_at(), now)
 
 
 class _StoreCollector:

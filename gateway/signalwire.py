@@ -189,6 +189,19 @@ class SignalWireClient:
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
             raise SendOutcomeUnknown(f"no answer from SignalWire: {type(exc).__name__}") from exc
 
+    async def cancel_fax(self, sid: str) -> Fax:
+        """Cancel a fax that is still queued (SignalWire answers code 10000 otherwise)."""
+        try:
+            async with self.session.post(f"{self.base}/Faxes/{sid}", data={"Status": "canceled"},
+                                         allow_redirects=False) as resp:
+                body = await _json_body(resp)
+                if 200 <= resp.status < 300:
+                    return Fax.from_json(body)
+                code, message = _error_of(body, resp)
+                raise SignalWireError(message, status=resp.status, code=code)
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            raise SignalWireError(f"no answer from SignalWire: {type(exc).__name__}") from exc
+
     async def fetch_fax(self, sid: str) -> Fax:
         body = await self._get(f"{self.base}/Faxes/{sid}")
         return Fax.from_json(body)

@@ -22,6 +22,7 @@ from .access import Access, Client
 from .config import HostPort, Settings
 from .constants import MAX_RCPT_ADDRESS_CHARS, SMTP_LINE_TIMEOUT_S
 from .intake import Intake, Refused
+from .metrics import Metrics
 from .phone import NumberError, parse_fax_number, parse_recipient
 from .tls import ReloadableTLS
 
@@ -44,11 +45,17 @@ def _b64_text(blob: bytes | str) -> str | None:
 class FaxHandler:
     """aiosmtpd handler hooks; the client and the numbers ride along on the envelope."""
 
-    def __init__(self, settings: Settings, intake: Intake, access: Access) -> None:
+    def __init__(self, settings: Settings, intake: Intake, access: Access,
+                 metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.intake = intake
         self.access = access
+        self.metrics = metrics or Metrics(process=False)
         self.accepting = True
+
+    def _refused(self, reason: str, reply: str) -> str:
+        self.metrics.mail_refused(reason)
+        return reply
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
@@ -109,12 +116,12 @@ class FaxHandler:
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         if not self.accepting:
-            return SHUTDOWN_REPLY
+            return self._refused("shutting_down", SHUTDOWN_REPLY)
         user = session.auth_data if session.authenticated else None
         client = self.access.client(_peer(session), user, address)
         refusal = self.access.check_mail(client)
         if refusal:
-            return refusal
+            return self._refused("auth" if refusal.startswith("530") else "policy", refusal)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         envelope.faxgw_client = client  # type: ignore[attr-defined]
@@ -132,21 +139,22 @@ class FaxHandler:
         if domain != self.settings.fax_domain:
             log.warning("relay denied: %s from %s to domain %s", _peer(session),
                         envelope.mail_from, domain[:100])
-            return (f"550 5.7.1 Relaying denied: this gateway only accepts mail for "
-                    f"<number>@{self.settings.fax_domain}")
+            return self._refused("relay_denied", "550 5.7.1 Relaying denied: this gateway only "
+                                 f"accepts mail for <number>@{self.settings.fax_domain}")
         if len(envelope.rcpt_tos) >= self.settings.smtp_max_recipients:
-            return (f"452 4.5.3 Too many recipients: at most "
-                    f"{self.settings.smtp_max_recipients} fax numbers per message")
+            return self._refused("too_many_recipients", "452 4.5.3 Too many recipients: at most "
+                                 f"{self.settings.smtp_max_recipients} fax numbers per message")
         try:
             number = parse_fax_number(local, self.settings.default_region)
         except NumberError as exc:
-            return f"553 5.1.3 {exc}"
+            return self._refused("bad_number", f"553 5.1.3 {exc}")
         numbers = _numbers(envelope)
         if number in numbers:
             return f"250 2.1.5 Recipient OK (duplicate of {number}, faxed once)"
         refusal = self.access.check_destination(_client(envelope), number)
         if refusal:
-            return refusal
+            return self._refused("rate_limited" if refusal.startswith("450") else "policy",
+                                 refusal)
         numbers.append(number)
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
@@ -163,7 +171,8 @@ class FaxHandler:
         except Refused as exc:
             log.info("refused message from %s (peer %s): %s", envelope.mail_from,
                      _peer(session), exc.reply)
-            return exc.reply
+            reason = {"451": "temp_failure", "554": "bad_document"}.get(exc.reply[:3], "policy")
+            return self._refused(reason, exc.reply)
         jobs = ", ".join(accepted.job_ids)
         return (f"250 2.0.0 Queued as fax job{'s' if len(accepted.job_ids) > 1 else ''} {jobs} "
                 f"({accepted.pages} page{'s' if accepted.pages != 1 else ''})")
@@ -263,6 +272,10 @@ class SMTPListener:
         ssl = self.tls.context if self.implicit_tls and self.tls is not None else None
         self._server = await loop.create_server(self._factory, host=self.listen.host,
                                                 port=self.listen.port, ssl=ssl)
+
+    @property
+    def bound(self) -> bool:
+        return self._server is not None
 
     @property
     def port(self) -> int:

@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS messages (
     document_sha256 TEXT NOT NULL,
     pages INTEGER NOT NULL,
     filenames TEXT,
+    notes TEXT,
     purged_at REAL
 );
 CREATE TABLE IF NOT EXISTS jobs (
@@ -120,6 +121,7 @@ class Message:
     document_sha256: str
     pages: int
     filenames: str | None
+    notes: str | None = None
     purged_at: float | None = None
 
 
@@ -235,13 +237,13 @@ class Store:
                 self.db.execute(
                     "INSERT INTO messages (id, created_at, envelope_from, header_from, report_to,"
                     " subject, message_id_header, references_header, peer, document_path,"
-                    " document_bytes, document_sha256, pages, filenames)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " document_bytes, document_sha256, pages, filenames, notes)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (message.id, message.created_at, message.envelope_from, message.header_from,
                      message.report_to, message.subject, message.message_id_header,
                      message.references_header, message.peer, message.document_path,
                      message.document_bytes, message.document_sha256, message.pages,
-                     message.filenames))
+                     message.filenames, message.notes))
                 for job in jobs:
                     self.db.execute(
                         "INSERT INTO jobs (id, message_id, to_number, from_number, quality, state,"
@@ -315,6 +317,18 @@ class Store:
         rows = self.db.execute("SELECT * FROM jobs WHERE message_id = ? ORDER BY id",
                                (message_id,)).fetchall()
         return [_job(r) for r in rows]
+
+    def check_writable(self) -> None:
+        """Take and release the write lock: raises when the database cannot be written."""
+        with self._tx():
+            pass
+
+    def oldest_active_created_at(self) -> float | None:
+        states = sorted(s.value for s in ACTIVE_STATES)
+        row = self.db.execute(
+            f"SELECT MIN(created_at) FROM jobs WHERE state IN ({','.join('?' for _ in states)})",
+            states).fetchone()
+        return None if row is None else row[0]
 
     def counts_by_state(self) -> dict[str, int]:
         rows = self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
@@ -478,9 +492,167 @@ class Store:
                             " (SELECT 1 FROM jobs j WHERE j.message_id = messages.id)")
         return len(ids)
 
+    # -- operator actions (faxgw jobs, job, resend, cancel, report) -----------------------
+
+    def job_rows(self, *, status: str | None = None, to_digits: str | None = None,
+                       sender: str | None = None, since: float | None = None,
+                       limit: int = 50) -> list[Any]:
+        """Jobs with their message and last event, newest
+        first. `to_digits` matches the end of the number; `sender` is a case-insensitive part of
+        the envelope sender, the From: address or the report address."""
+        where: list[str] = []
+        args: list[Any] = []
+        if status == "active":
+            states = sorted(s.value for s in ACTIVE_STATES)
+            where.append(f"j.state IN ({','.join('?' for _ in states)})")
+            args += states
+        elif status:
+            where.append("(j.state = ? OR j.fax_status = ?)")
+            args += [status, status]
+        if to_digits:
+            where.append("j.to_number LIKE ?")
+            args.append(f"%{to_digits}")
+        if sender:
+            pattern = "%" + _like_escape(sender.lower()) + "%"
+            where.append("(" + " OR ".join(
+                f"LOWER(COALESCE(m.{c}, '')) LIKE ? ESCAPE '\\'"
+                for c in ("envelope_from", "header_from", "report_to")) + ")")
+            args += [pattern] * 3
+        if since is not None:
+            where.append("j.created_at >= ?")
+            args.append(since)
+        sql = _ROW_SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY j.created_at DESC, j.id DESC LIMIT ?"
+        args.append(limit)
+        return self.db.execute(sql, args).fetchall()
+
+
+    def job_ids_by_prefix(self, prefix: str, limit: int = 5) -> list[str]:
+        """`prefix` is hex only (no wildcards)."""
+        rows = self.db.execute("SELECT id FROM jobs WHERE id LIKE ? ORDER BY id LIMIT ?",
+                                (prefix + "%", limit)).fetchall()
+        return [r[0] for r in rows]
+
+
+    def job_ids_by_fax_sid(self, sid: str) -> list[str]:
+        """the job that sent a fax, by its
+        SignalWire sid (the current attempt's, or an earlier attempt's)."""
+        rows = self.db.execute(
+            "SELECT id FROM jobs WHERE fax_sid = ? UNION SELECT job_id FROM attempts WHERE fax_sid = ?",
+            (sid, sid)).fetchall()
+        return sorted(r[0] for r in rows)
+
+
+    def add_resend(self, job: Job, new: NewJob, now: float) -> str | None:
+        """A new job for the message and number of `job`,
+        in one transaction; None when done, else why not (document purged meanwhile, or another job
+        of the message to the number is still under way). The insert is conditional on the document
+        still being there, so it cannot slip in after a purge was recorded."""
+        with self._tx():
+            busy = self.db.execute(
+                "SELECT id, state FROM jobs WHERE message_id = ? AND to_number = ? AND id <> ?"
+                " AND state <> ?", (job.message_id, job.to_number, job.id,
+                                    State.REPORTED.value)).fetchone()
+            if busy is not None:
+                return (f"job {busy[0]} for the same document and number is still under way "
+                        f"({busy[1]}); wait for its report, or cancel it first")
+            cur = self.db.execute(
+                "INSERT INTO jobs (id, message_id, to_number, from_number, quality, state,"
+                " callback_token, media_key, pages, attempt, tries, next_run_at, created_at,"
+                " updated_at)"
+                " SELECT ?, m.id, ?, ?, ?, ?, ?, ?, m.pages, 0, 0, ?, ?, ?"
+                " FROM messages m WHERE m.id = ? AND m.purged_at IS NULL",
+                (new.id, new.to_number, new.from_number, new.quality, State.RECEIVED.value,
+                 new.callback_token, new.media_key, now, now, now, job.message_id))
+            if cur.rowcount != 1:
+                return "the document was deleted from the spool meanwhile"
+            self._insert_event_at(new.id, "received", f"resend of job {job.id} by the operator", now)
+            self._insert_event_at(job.id, "resent", f"sent again as job {new.id} by the operator",
+                          now)
+        return None
+
+
+    def cancel_unsent(self, job_id: str, reason: str, now: float) -> bool:
+        """Fail a job that has not reached SignalWire
+        (received or stored) so its report tells the sender; False if it moved on meanwhile (the
+        worker may have started the send: then it is not ours to fail)."""
+        with self._tx():
+            cur = self.db.execute(
+                "UPDATE jobs SET state = ?, failure_reason = ?, error_code = NULL,"
+                " error_message = NULL, tries = 0, next_run_at = ?, updated_at = ?"
+                " WHERE id = ? AND state IN (?, ?)",
+                (State.FAILED.value, reason, now, now, job_id, State.RECEIVED.value,
+                 State.STORED.value))
+            if cur.rowcount != 1:
+                return False
+            self._insert_event_at(job_id, "failed", reason, now)
+        return True
+
+
+    def note_cancel(self, job_id: str, detail: str, now: float) -> None:
+        """Record a cancel done at SignalWire and have the
+        worker fetch the fax's status now rather than wait for the callback or the next poll."""
+        with self._tx():
+            self.db.execute("UPDATE jobs SET next_run_at = ?, tries = 0, updated_at = ?"
+                             " WHERE id = ? AND state = ?",
+                             (now, now, job_id, State.SUBMITTED.value))
+            self._insert_event_at(job_id, "cancel", detail, now)
+
+
+    def report_again(self, job_id: str, state: State, now: float) -> bool:
+        """Back from reported to `state` (completed or
+        failed) with the report due now. `reported_at` is kept: it is how the worker tells a job
+        that was reported before (report only) from a fresh final status (retries first)."""
+        with self._tx():
+            cur = self.db.execute(
+                "UPDATE jobs SET state = ?, tries = 0, next_run_at = ?, updated_at = ?"
+                " WHERE id = ? AND state = ?",
+                (state.value, now, now, job_id, State.REPORTED.value))
+            if cur.rowcount != 1:
+                return False
+            self._insert_event_at(job_id, "report-again", "report requested again by the operator",
+                          now)
+        return True
+
+
+    def report_now(self, job_id: str, now: float) -> bool:
+        """A report already due (completed or failed,
+        maybe waiting out a relay outage): try it now."""
+        with self._tx():
+            cur = self.db.execute(
+                "UPDATE jobs SET tries = 0, next_run_at = ?, updated_at = ?"
+                " WHERE id = ? AND state IN (?, ?)",
+                (now, now, job_id, State.COMPLETED.value, State.FAILED.value))
+            if cur.rowcount != 1:
+                return False
+            self._insert_event_at(job_id, "report-now", "report retry requested by the operator",
+                          now)
+        return True
+
+
+    def _insert_event_at(self, job_id: str, kind: str, detail: str, at: float) -> None:
+        self.db.execute("INSERT INTO events (job_id, at, kind, detail) VALUES (?, ?, ?, ?)",
+                         (job_id, at, kind, detail))
+
     def reschedule(self, job: Job, run_at: float) -> None:
         with self._tx():
             self.db.execute("UPDATE jobs SET next_run_at = ? WHERE id = ?", (run_at, job.id))
+
+
+_ROW_SELECT = """
+    SELECT j.*,
+           m.envelope_from AS m_envelope_from, m.header_from AS m_header_from,
+           m.report_to AS m_report_to, m.subject AS m_subject, m.peer AS m_peer,
+           m.filenames AS m_filenames,
+           e.at AS e_at, e.kind AS e_kind, e.detail AS e_detail
+    FROM jobs j
+    JOIN messages m ON m.id = j.message_id
+    LEFT JOIN events e ON e.id = (SELECT MAX(e2.id) FROM events e2 WHERE e2.job_id = j.id)
+"""
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 class _Transaction:

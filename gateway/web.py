@@ -7,7 +7,7 @@ log lines never include them.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Awaitable, Callable
 
 from aiohttp import web
 
@@ -15,6 +15,7 @@ from .config import Settings
 from .constants import MAX_CALLBACK_BODY_BYTES
 from .jobs import CallbackAction
 from .media import MEDIA_ROUTE, LocalMediaStore
+from .metrics import Metrics, aiohttp_handler
 from .signature import verify_signature
 from .store import Store
 
@@ -40,13 +41,18 @@ def _short(value: object, limit: int = 300) -> str | None:
 
 class WebApp:
     def __init__(self, settings: Settings, store: Store, on_final: Callable[[], None],
-                 media: LocalMediaStore | None) -> None:
+                 media: LocalMediaStore | None, metrics: Metrics | None = None) -> None:
         self.s = settings
         self.store = store
         self.on_final = on_final
         self.media = media
+        self.metrics = metrics or Metrics(process=False)
         self.app = web.Application(client_max_size=MAX_CALLBACK_BODY_BYTES)
         self.app.router.add_get("/healthz", self.healthz)
+        self.app.router.add_get("/readyz", self.readyz)
+        self.app.router.add_get("/metrics", aiohttp_handler(self.metrics, store,
+                                                            token=settings.metrics_token))
+        self.ready_checks: list[Callable[[], Awaitable[tuple[str, bool, str]]]] = []
         self.app.router.add_post(CALLBACK_ROUTE + "/{token}", self.status_callback)
         if media is not None:
             self.app.router.add_get(MEDIA_ROUTE + "/{token}", self.media_file)  # HEAD too
@@ -71,7 +77,19 @@ class WebApp:
             self._runner = None
 
     async def healthz(self, request: web.Request) -> web.Response:
+        """Liveness: the event loop answers."""
         return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Readiness: every check (store writable, listeners bound, last contact with S3 and
+        SignalWire) with its state; 503 when one fails."""
+        checks = {}
+        for check in self.ready_checks:
+            name, ok, detail = await check()
+            checks[name] = {"ok": ok, "detail": detail}
+        ready = all(c["ok"] for c in checks.values())
+        return web.json_response({"status": "ready" if ready else "not ready",
+                                  "checks": checks}, status=200 if ready else 503)
 
     async def status_callback(self, request: web.Request) -> web.Response:
         token = request.match_info["token"]
@@ -91,6 +109,7 @@ class WebApp:
                         "wrong" if signature else "missing", request.remote)
             await self.store.run(self.store.add_event, job.id, "callback-refused",
                                  f"bad signature from {request.remote}")
+            self.metrics.callback_refused()
             raise web.HTTPForbidden(text="signature check failed")
         account = form.get("AccountSid")
         if account and account != self.s.signalwire_project_id:

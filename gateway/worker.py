@@ -22,6 +22,7 @@ from .constants import FINAL_STATUSES
 from .faults import crash_point
 from .jobs import Job, RetryPolicy, State, backoff_s, retry_decision
 from .media import MediaError, MediaStore, new_media_key
+from .metrics import Metrics
 from .notify import Notifier, NotifyError
 from .convert import ConvertError, first_page_png
 from .cpu import CpuPool, TaskLimitError
@@ -42,7 +43,8 @@ class Worker:
     def __init__(self, *, settings: Settings, store: Store, spool: Spool, media: MediaStore,
                  signalwire: SignalWireClient, notifier: Notifier, cpu: CpuPool,
                  callback_url: Callable[[str], str], clock: Callable[[], float] = time.time,
-                 jitter: Callable[[], float] = random.random) -> None:
+                 jitter: Callable[[], float] = random.random,
+                 metrics: Metrics | None = None) -> None:
         self.s = settings
         self.store = store
         self.spool = spool
@@ -50,6 +52,9 @@ class Worker:
         self.sw = signalwire
         self.notifier = notifier
         self.cpu = cpu
+        self.metrics = metrics or Metrics(process=False)
+        # Last contact with each outside service, for /readyz: name -> (ok, when, detail).
+        self.contact: dict[str, tuple[bool, float, str]] = {}
         self.templates = Templates(settings.report_template_dir)
         self.callback_url = callback_url
         self.clock = clock
@@ -193,6 +198,8 @@ class Worker:
             if job.state in (State.COMPLETED, State.FAILED):
                 await self.store.run(self.store.mark_reported, job,
                                      f"report NOT delivered, gave up: {reason}")
+                self.metrics.report_done("gave_up")
+                self.metrics.fax_finished(job, self.clock())
                 log.error("job %s: report could not be delivered, gave up: %s", job.id, reason)
                 return
             words = (f"the gateway gave up after {self.s.give_up_hours:g} hours of trying "
@@ -218,8 +225,10 @@ class Worker:
         try:
             await self.media.put(key, source)
         except MediaError as exc:
+            self.contact["media"] = (False, self.clock(), str(exc))
             await self._later(job, str(exc))
             return
+        self.contact["media"] = (True, self.clock(), "upload ok")
         crash_point("after-upload")
         await self.store.run(self.store.mark_stored, job, key)
         log.info("job %s: document stored", job.id)
@@ -235,14 +244,18 @@ class Worker:
         recheck_at = self.clock() + self.s.api_timeout_s + self._recheck_s
         if not await self.store.run(self.store.mark_submitting, job, callback, recheck_at):
             return
+        self.metrics.attempt_started()
         job = await self.store.run(self.store.job, job.id)
         assert job is not None
         log.info("job %s attempt %d: sending to %s", job.id, job.attempt, job.to_number)
         try:
-            fax = await self.sw.send_fax(to=job.to_number, from_=job.from_number,
-                                         media_url=media_url, quality=job.quality,
-                                         ttl_min=self.s.ttl_minutes, status_callback=callback)
+            with self.metrics.api_call("send"):
+                fax = await self.sw.send_fax(to=job.to_number, from_=job.from_number,
+                                             media_url=media_url, quality=job.quality,
+                                             ttl_min=self.s.ttl_minutes,
+                                             status_callback=callback)
         except SendRetryable as exc:
+            self.contact["signalwire"] = (False, self.clock(), exc.words)
             delay = exc.retry_after_s if exc.retry_after_s is not None else self._delay(job)
             delay = min(max(delay, 0.0), self.s.retry_max_s)
             if self._gave_up(job):
@@ -265,6 +278,7 @@ class Worker:
             log.warning("job %s: send outcome unknown (%s); looking it up in %.0f s", job.id,
                         exc.words, self._recheck_s)
         else:
+            self.contact["signalwire"] = (True, self.clock(), "send ok")
             crash_point("after-send")
             await self.store.run(self.store.mark_submitted, job, fax.sid, fax.status,
                                  self.clock() + self.s.status_poll_s,
@@ -276,8 +290,9 @@ class Worker:
         started = job.submit_started_at or job.updated_at
         since = datetime.fromtimestamp(started - LOOKUP_SKEW_S, timezone.utc)
         try:
-            faxes = await self.sw.list_faxes(to=job.to_number, from_=job.from_number,
-                                             created_after=since)
+            with self.metrics.api_call("list"):
+                faxes = await self.sw.list_faxes(to=job.to_number, from_=job.from_number,
+                                                 created_after=since)
         except SignalWireError as exc:
             await self._later(job, f"cannot look up the fax at SignalWire: {exc.words}")
             return
@@ -302,7 +317,8 @@ class Worker:
         """No final callback yet: ask SignalWire (callbacks are best effort)."""
         assert job.fax_sid is not None
         try:
-            fax = await self.sw.fetch_fax(job.fax_sid)
+            with self.metrics.api_call("fetch"):
+                fax = await self.sw.fetch_fax(job.fax_sid)
         except SignalWireError as exc:
             if exc.code == 20404 or exc.status == 404:
                 await self.store.run(self.store.mark_failed, job,
@@ -327,7 +343,9 @@ class Worker:
         log.info("job %s: %s status %s -> %s", job.id, source, status, action.value)
 
     async def _report(self, job: Job) -> None:
-        if job.state is State.COMPLETED:
+        # A job reported before is only reported again (operator's `faxgw report`), never
+        # dialled again.
+        if job.state is State.COMPLETED and job.reported_at is None:
             decision = retry_decision(job, self.retry_policy, self.clock())
             if decision is not None:
                 when, quality, why = decision
@@ -343,6 +361,8 @@ class Worker:
         if not message.report_to:
             await self.store.run(self.store.mark_reported, job,
                                  "no report sent: the mail had no usable sender address")
+            self.metrics.report_done("no_address")
+            self.metrics.fax_finished(job, self.clock())
             log.info("job %s: final (%s), no sender address to report to", job.id,
                      job.fax_status or job.state.value)
             await self._cleanup(job)
@@ -361,6 +381,8 @@ class Worker:
             return
         crash_point("after-report")
         await self.store.run(self.store.mark_reported, job, f"report {where}")
+        self.metrics.report_done("sent")
+        self.metrics.fax_finished(job, self.clock())
         log.info("job %s: reported (%s) %s", job.id, job.fax_status or job.state.value, where)
         await self._cleanup(job)
 

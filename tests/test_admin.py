@@ -424,17 +424,17 @@ async def test_cancel_a_queued_fax_at_signalwire(simulator: Simulator, relay: Re
         await gw.worker.run_until_idle()
         request = await cli(admin.request_cancel, job_id, clock.now)
         assert request.fax_sid == next(iter(simulator.state.faxes))
-        await admin.cancel_fax(gw.signalwire.session, gw.signalwire.base, request.fax_sid)
+        await admin.cancel_fax(gw.signalwire, request.fax_sid)
         await cli(admin.note_cancel, job_id, clock.now, request.fax_sid)
         await drive(gw, simulator)
         report = await relay.next()
         with pytest.raises(AdminError, match="^too late to cancel: the fax is already being "
                                              "sent$"):
-            await admin.cancel_fax(gw.signalwire.session, gw.signalwire.base, request.fax_sid)
+            await admin.cancel_fax(gw.signalwire, request.fax_sid)
         with pytest.raises(AdminError, match="already finished \\(reported/canceled\\)"):
             await cli(admin.request_cancel, job_id, clock.now)
         with pytest.raises(AdminError, match="SignalWire did not cancel fax nope.*not found"):
-            await admin.cancel_fax(gw.signalwire.session, gw.signalwire.base, "nope")
+            await admin.cancel_fax(gw.signalwire, "nope")
         text = await cli(admin.describe_job, job_id, clock.now)
     finally:
         cli.close()
@@ -513,9 +513,6 @@ async def test_resend_refused_once_the_document_is_purged(simulator: Simulator,
         await gw.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="needs the worker.py guard: `_report` must skip "
-                   "retry_decision for a job reported before (job.reported_at is not None); "
-                   "remove this mark once it is in")
 async def test_report_again_never_dials_again(simulator: Simulator, relay: RelaySink,
                                               tmp_path: Path) -> None:
     clock = Clock(1_800_000_000.0)

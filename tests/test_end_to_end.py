@@ -24,7 +24,8 @@ async def test_pdf_mail_becomes_fax_via_s3_and_report_via_relay(
     gw = await make_gateway(production_env(
         tmp_path / "var", simulator, MEDIA_STORE="s3", S3_BUCKET="faxgw-test",
         S3_PREFIX="e2e", S3_ENDPOINT_URL=seaweed.endpoint_url, S3_REGION=seaweed.region,
-        NOTIFY_SMTP_HOST="127.0.0.1", NOTIFY_SMTP_PORT=str(relay.port), NOTIFY_SMTP_TLS="none"))
+        NOTIFY_SMTP_HOST="127.0.0.1", NOTIFY_SMTP_PORT=str(relay.port), NOTIFY_SMTP_TLS="none",
+        DOCUMENT_RETENTION_HOURS="1"))  # keep the object so the test can fetch it afterwards
     pdf = make_pdf(3)
 
     reply = await smtp_send(gw.smtp.port, pdf_mail("15551234567@fax.local", pdf=pdf),

@@ -1,0 +1,238 @@
+"""The operator's commands: `faxgw check-config`, `jobs`, `job`, `resend`, `cancel`, `report`.
+
+They read and write the daemon's own database (safe while it runs: SQLite WAL, short
+transactions) and nudge a running daemon with SIGUSR1 so an action takes effect at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from . import admin
+from .config import Settings
+from .constants import EXIT_UNAVAILABLE
+from .signalwire import SignalWireClient, SignalWireError
+from .store import Store
+from .web import SANDBOX_PREFIX
+
+EX_OK, EX_FAIL = 0, 1
+
+
+def open_store(settings: Settings) -> Store:
+    path = settings.data_dir / "faxgw.sqlite3"
+    if not path.is_file():
+        raise admin.AdminError(f"no database at {path}: is DATA_DIR right, has the daemon run?")
+    store = Store(path)
+    store.open()
+    return store
+
+
+def nudge_daemon(settings: Settings) -> bool:
+    """Tell a running daemon to look at its queue now (SIGUSR1 to the pid in DATA_DIR)."""
+    try:
+        pid = int((settings.data_dir / "faxgw.pid").read_text().strip())
+        os.kill(pid, signal.SIGUSR1)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def space_url(settings: Settings) -> str:
+    if settings.signalwire_space_url:
+        return settings.signalwire_space_url
+    host = settings.http_listen.host
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{host}:{settings.http_listen.port}{SANDBOX_PREFIX}"
+
+
+def _client(settings: Settings) -> SignalWireClient:
+    return SignalWireClient(space_url=space_url(settings),
+                            project_id=settings.signalwire_project_id,
+                            api_token=settings.signalwire_api_token,
+                            timeout_s=settings.api_timeout_s)
+
+
+def with_store(action: Callable[[Store], str]) -> Callable[[Settings], int]:
+    def run(settings: Settings) -> int:
+        try:
+            store = open_store(settings)
+            try:
+                print(action(store))
+            finally:
+                store.close()
+        except admin.AdminError as exc:
+            print(f"faxgw: {exc}", file=sys.stderr)
+            return EX_FAIL
+        return EX_OK
+    return run
+
+
+def jobs(settings: Settings, *, status: str | None, to: str | None, sender: str | None,
+         since: str | None, limit: int, fmt: str) -> int:
+    def action(store: Store) -> str:
+        since_ts = admin.parse_since(since, time.time()) if since else None
+        rows = admin.list_jobs(store, status=status, to=to, sender=sender, since=since_ts,
+                               limit=limit)
+        if fmt == "json":
+            return admin.rows_to_json(rows)
+        if fmt == "csv":
+            return admin.rows_to_csv(rows).rstrip("\n")
+        return admin.format_table(rows)
+    return with_store(action)(settings)
+
+
+def job(settings: Settings, ref: str) -> int:
+    return with_store(lambda store: admin.describe_job(store, ref, time.time()))(settings)
+
+
+def resend(settings: Settings, ref: str) -> int:
+    def action(store: Store) -> str:
+        new = admin.resend_job(store, ref, time.time(), from_number=settings.from_number)
+        nudge_daemon(settings)
+        return f"job {ref} will be sent again as job {new}"
+    return with_store(action)(settings)
+
+
+def report(settings: Settings, ref: str) -> int:
+    def action(store: Store) -> str:
+        text = admin.request_report(store, ref, time.time())
+        nudge_daemon(settings)
+        return text
+    return with_store(action)(settings)
+
+
+def cancel(settings: Settings, ref: str) -> int:
+    try:
+        store = open_store(settings)
+    except admin.AdminError as exc:
+        print(f"faxgw: {exc}", file=sys.stderr)
+        return EX_FAIL
+    try:
+        request = admin.request_cancel(store, ref, time.time())
+        if request.fax_sid is not None:
+            asyncio.run(_cancel_at_signalwire(settings, request.fax_sid))
+            admin.note_cancel(store, request.job_id, time.time(), request.fax_sid)
+        nudge_daemon(settings)
+        print(request.text)
+        return EX_OK
+    except admin.AdminError as exc:
+        print(f"faxgw: {exc}", file=sys.stderr)
+        return EX_FAIL
+    finally:
+        store.close()
+
+
+async def _cancel_at_signalwire(settings: Settings, sid: str) -> None:
+    client = _client(settings)
+    await client.start()
+    try:
+        await admin.cancel_fax(client, sid)
+    finally:
+        await client.stop()
+
+
+# -- check-config ------------------------------------------------------------------------------
+
+
+async def _probe_s3(settings: Settings) -> str:
+    from .media import S3MediaStore
+
+    store = S3MediaStore(bucket=settings.s3_bucket, prefix=settings.s3_prefix,
+                         region=settings.s3_region, endpoint_url=settings.s3_endpoint_url,
+                         timeout_s=20)
+    await store.start()
+    try:
+        probe = Path(os.environ.get("TMPDIR", "/tmp")) / f"faxgw-probe-{os.getpid()}.pdf"
+        probe.write_bytes(b"%PDF-1.4\n% faxgw check-config probe\n")
+        try:
+            key = f"check-config-probe-{os.getpid()}.pdf"
+            await store.put(key, probe)
+            url = await store.url(key, 60)
+            await store.delete(key)
+        finally:
+            probe.unlink(missing_ok=True)
+    finally:
+        await store.stop()
+    return f"bucket {settings.s3_bucket}: put, presign ({url.split('?')[0]}), delete"
+
+
+async def _probe_signalwire(settings: Settings) -> str:
+    from datetime import datetime, timezone
+
+    client = _client(settings)
+    await client.start()
+    try:
+        await client.list_faxes(to=settings.from_number, from_=settings.from_number,
+                                created_after=datetime.now(timezone.utc), max_pages=1)
+    finally:
+        await client.stop()
+    return f"credentials accepted by {space_url(settings)}"
+
+
+async def _probe_relay(settings: Settings) -> str:
+    import aiosmtplib
+
+    smtp = aiosmtplib.SMTP(hostname=settings.notify_smtp_host, port=settings.notify_smtp_port,
+                           use_tls=settings.notify_smtp_tls == "tls",
+                           start_tls=settings.notify_smtp_tls == "starttls", timeout=20)
+    await smtp.connect()
+    try:
+        if settings.notify_smtp_username and settings.notify_smtp_password:
+            await smtp.login(settings.notify_smtp_username, settings.notify_smtp_password)
+    finally:
+        await smtp.quit()
+    return f"{settings.notify_smtp_host}:{settings.notify_smtp_port} EHLO" + (
+        " + AUTH" if settings.notify_smtp_username else "")
+
+
+async def _probe_certificate(settings: Settings) -> str:
+    from .tls import cert_fingerprint, make_server_context
+
+    assert settings.tls_cert_file and settings.tls_key_file
+    make_server_context(settings.tls_cert_file, settings.tls_key_file, settings.tls_min_version)
+    return f"{settings.tls_cert_file} (sha256 {cert_fingerprint(settings.tls_cert_file)[:23]}...)"
+
+
+async def _probe_users(settings: Settings) -> str:
+    from .passwords import load_users
+
+    assert settings.users_file
+    return f"{settings.users_file}: {len(load_users(settings.users_file))} user(s)"
+
+
+def check_config(settings: Settings) -> int:
+    """One line per check, OK/FAIL/SKIP and why; exit 0, or 69 when a service is unreachable
+    (configuration errors never get here: they exit 78 while loading)."""
+    checks: list[tuple[str, Callable[[Settings], object] | None, str]] = [
+        ("S3 media store", _probe_s3 if settings.media_store == "s3" else None,
+         "MEDIA_STORE=local"),
+        ("SignalWire API", _probe_signalwire if not settings.sandbox else None,
+         "sandbox (built-in simulator)"),
+        ("report relay", _probe_relay if settings.notify_smtp_host else None,
+         f"reports go to {settings.data_dir / 'outbox'}"),
+        ("TLS certificate", _probe_certificate if settings.tls_cert_file else None,
+         "no TLS_CERT_FILE: no STARTTLS / SMTPS"),
+        ("users file", _probe_users if settings.users_file else None,
+         "no USERS_FILE: no SMTP AUTH"),
+    ]
+    failed = False
+    print("configuration: OK")
+    for name, probe, skip_reason in checks:
+        if probe is None:
+            print(f"{name}: SKIP ({skip_reason})")
+            continue
+        try:
+            detail = asyncio.run(probe(settings))  # type: ignore[arg-type]
+            print(f"{name}: OK {detail}")
+        except Exception as exc:  # a check reports every failure, whatever its kind
+            failed = True
+            words = exc.words if isinstance(exc, SignalWireError) else f"{type(exc).__name__}: {exc}"
+            print(f"{name}: FAIL {words[:300]}")
+    return EXIT_UNAVAILABLE if failed else EX_OK
+
