@@ -308,6 +308,12 @@ class Store:
         return self.db.execute(f"SELECT MIN(next_run_at) FROM jobs WHERE {where}",
                                args).fetchone()[0]
 
+    def earlier_sids(self, job: Job) -> set[str]:
+        """Fax sids of the job's earlier attempts: never to be taken for the current one."""
+        rows = self.db.execute("SELECT fax_sid FROM attempts WHERE job_id = ? AND n < ?"
+                               " AND fax_sid IS NOT NULL", (job.id, job.attempt)).fetchall()
+        return {r[0] for r in rows}
+
     def attempts(self, job_id: str) -> list[Attempt]:
         rows = self.db.execute("SELECT * FROM attempts WHERE job_id = ? ORDER BY n",
                                (job_id,)).fetchall()
@@ -430,6 +436,8 @@ class Store:
             row = self.db.execute("SELECT * FROM jobs WHERE id = ?", (job.id,)).fetchone()
             current = _job(row)
             action = classify_callback(current.state, current.fax_sid, sid, status)
+            if action is not CallbackAction.IGNORE and sid and sid in self.earlier_sids(current):
+                action = CallbackAction.IGNORE  # a late word on an earlier attempt's fax
             now = self.clock()
             detail = (f"{source}: status={status or '-'} sid={sid or '-'}"
                       + (f" pages={pages}" if pages is not None else "")

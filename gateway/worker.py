@@ -296,6 +296,8 @@ class Worker:
         except SignalWireError as exc:
             await self._later(job, f"cannot look up the fax at SignalWire: {exc.words}")
             return
+        earlier = await self.store.run(self.store.earlier_sids, job)
+        faxes = [f for f in faxes if f.sid not in earlier]
         if not faxes:
             await self.store.run(self.store.back_to_stored, job, self.clock(),
                                  "the unanswered send did not reach SignalWire; sending again")

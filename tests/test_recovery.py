@@ -14,8 +14,8 @@ from gateway.config import settings_from
 from gateway.daemon import Gateway
 from gateway.jobs import State
 
-from .conftest import (RelaySink, Simulator, job_ids, pdf_mail, production_env, smtp_send,
-                       wait_state)
+from .conftest import (PROJECT_ID, RelaySink, Simulator, job_ids, pdf_mail, production_env,
+                       smtp_send, wait_state)
 
 
 def relay_env(relay: RelaySink) -> dict[str, str]:
@@ -412,5 +412,41 @@ async def test_store_locked_answers_451_then_accepts(tmp_path: Path) -> None:
         reply = await smtp_send(gw.smtp.port, pdf_mail("15551234567@fax.local"),
                                 ["15551234567@fax.local"])
         assert reply.code == 250
+    finally:
+        await gw.stop()
+
+
+async def test_late_callback_of_an_earlier_attempt_changes_nothing(
+        simulator: Simulator, relay: RelaySink, tmp_path: Path) -> None:
+    """Attempt 1 was busy; while attempt 2 is being sent (no sid yet), a replayed callback of
+    attempt 1's fax must not be taken for attempt 2."""
+    from gateway.signature import compute_signature
+
+    from .conftest import SIGNING_KEY
+
+    simulator.state.outcome_overrides["+15551234567"] = ["busy"]
+    clock = FakeClock()
+    gw = await manual_gateway(production_env(tmp_path / "var", simulator, **relay_env(relay)),
+                              clock)
+    try:
+        job_id = await send_one(gw)
+        await drive(gw, simulator)
+        job = await gw.store.run(gw.store.job, job_id)
+        first_sid = (await gw.store.run(gw.store.attempts, job_id))[0].fax_sid
+        assert job.state is State.STORED and first_sid
+        # attempt 2 starts (committed as submitting) but its answer has not come yet
+        await gw.store.run(gw.store.mark_submitting, job, job.callback_url, clock.now + 60)
+        job = await gw.store.run(gw.store.job, job_id)
+        import aiohttp
+
+        params = {"FaxSid": first_sid, "FaxStatus": "busy", "AccountSid": PROJECT_ID}
+        async with aiohttp.ClientSession() as http:
+            async with http.post(job.callback_url, data=params, headers={
+                    "X-SignalWire-Signature": compute_signature(SIGNING_KEY, job.callback_url,
+                                                                params)}) as resp:
+                assert resp.status == 200
+        job = await gw.store.run(gw.store.job, job_id)
+        assert (job.state, job.fax_sid) == (State.SUBMITTING, None)
+        assert (await events_of(gw, job_id))[-1] == "ignored"
     finally:
         await gw.stop()
