@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from . import defaults
-from .jobs import ACTIVE_STATES, Job, RetryPolicy, State, retry_decision
+from .jobs import Job, RetryPolicy, State, retry_decision
 from .media import new_media_key
 from .mime import sanitize_header_text
 from .phone import NumberError, format_number
