@@ -1,0 +1,1 @@
+"""Benchmarks of the gateway against bare SMTP servers (see bench/README.md)."""
