@@ -15,6 +15,7 @@ or has too many parts to be worth walking.
 from __future__ import annotations
 
 import base64
+import binascii
 import quopri
 import re
 from dataclasses import dataclass, field
@@ -84,7 +85,8 @@ _BODY_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 _ENCODED_WORD = re.compile(r"=\?([^?\s]{1,40})\?([bBqQ])\?([^?\s]*)\?=")
 _ENCODED_WORD_GAP = re.compile(r"(=\?[^?\s]{1,40}\?[bBqQ]\?[^?\s]*\?=)\s+(?==\?)")
 _MSGID = re.compile(r"<[!-;=?-~]{1,%d}>" % (MAX_MSGID_CHARS - 2))
-_BASE64_JUNK = re.compile(rb"[^A-Za-z0-9+/=\s]")
+_BASE64_ALPHABET_AND_SPACE = (b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+                              b" \t\r\n\x0b\x0c")
 
 
 class MimeError(ValueError):
@@ -376,6 +378,14 @@ def _lenient_b64decode(raw: bytes) -> tuple[bytes, bool]:
     """
     damaged = False
     out: list[bytes] = []
+    # Fast path (C speed) for the usual case: clean base64 in lines. The regex path below costs
+    # a quarter of the document workers' time on large scans.
+    compact = raw.translate(None, b" \t\r\n")
+    if len(compact) % 4 == 0 and b"=" not in compact.rstrip(b"="):
+        try:
+            return base64.b64decode(compact, validate=True), False
+        except binascii.Error:
+            pass
     for chunk in re.split(rb"=+", re.sub(rb"[^A-Za-z0-9+/=]", b"", raw)):
         if len(chunk) % 4 == 1:
             chunk = chunk[:-1]
@@ -393,7 +403,7 @@ def _payload_bytes(entity: Message, label: str, walk: _Walk) -> bytes:
         if damaged:
             walk.note(f"{label}: the base64 data is cut short or damaged;"
                       " the document may be incomplete")
-        elif _BASE64_JUNK.search(raw):
+        elif raw.translate(None, _BASE64_ALPHABET_AND_SPACE):  # anything left is junk
             walk.note(f"{label}: the base64 data contains stray characters, which were skipped")
         return data
     data = entity.get_payload(decode=True)

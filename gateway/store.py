@@ -187,8 +187,10 @@ class Store:
                              timeout=self.busy_timeout_s)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before we answer 250 (WAL's NORMAL may lose the last commits).
-        db.execute("PRAGMA synchronous=FULL")
+        # NORMAL in WAL mode survives a process crash (kill -9) but may lose the last commits on
+        # power loss; the two commits that must survive that too (the mail accepted with 250,
+        # and a send about to be POSTed) are made with synchronous=FULL (durable transactions).
+        db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=ON")
         db.executescript(SCHEMA)
         self._db = db
@@ -220,8 +222,8 @@ class Store:
             raise StoreError("store is not open")
         return self._db
 
-    def _tx(self) -> "_Transaction":
-        return _Transaction(self.db)
+    def _tx(self, durable: bool = False) -> "_Transaction":
+        return _Transaction(self.db, durable)
 
     def _event(self, job_id: str, kind: str, detail: str | None, at: float) -> None:
         self.db.execute("INSERT INTO events (job_id, at, kind, detail) VALUES (?, ?, ?, ?)",
@@ -233,7 +235,7 @@ class Store:
         """Commit a message and its jobs in one transaction (durable once this returns)."""
         now = self.clock()
         try:
-            with self._tx():
+            with self._tx(durable=True):
                 self.db.execute(
                     "INSERT INTO messages (id, created_at, envelope_from, header_from, report_to,"
                     " subject, message_id_header, references_header, peer, document_path,"
@@ -343,7 +345,8 @@ class Store:
     # -- transitions -------------------------------------------------------------------------
 
     def _update(self, job_id: str, expect: Iterable[State], event: tuple[str, str | None],
-                also: Iterable[tuple[str, tuple[Any, ...]]] = (), **values: Any) -> bool:
+                also: Iterable[tuple[str, tuple[Any, ...]]] = (), durable: bool = False,
+                **values: Any) -> bool:
         """Move a job on only if it is still in one of the expected states (optimistic check).
 
         The check is what keeps a late worker step or a replayed callback from undoing a newer
@@ -357,7 +360,7 @@ class Store:
         assignments = ", ".join(f"{k} = ?" for k in values)
         expected = [s.value for s in expect]
         placeholders = ",".join("?" for _ in expected)
-        with self._tx():
+        with self._tx(durable):
             cur = self.db.execute(
                 f"UPDATE jobs SET {assignments} WHERE id = ? AND state IN ({placeholders})",
                 (*values.values(), job_id, *expected))
@@ -386,7 +389,7 @@ class Store:
             job.id, [State.STORED],
             ("submitting", f"attempt {n}: sending to SignalWire ({job.quality} quality)"),
             also=[("INSERT INTO attempts (job_id, n, quality, started_at) VALUES (?, ?, ?, ?)",
-                   (job.id, n, job.quality, now))],
+                   (job.id, n, job.quality, now))], durable=True,
             state=State.SUBMITTING, callback_url=callback_url, submit_started_at=now,
             attempt=n, fax_sid=None, fax_status=None, error_code=None, error_message=None,
             next_run_at=recheck_at)
@@ -664,16 +667,21 @@ def _like_escape(text: str) -> str:
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT/ROLLBACK on an autocommit connection."""
+    """BEGIN IMMEDIATE ... COMMIT/ROLLBACK on an autocommit connection; a durable one commits
+    with synchronous=FULL (the WAL is fsync'ed, with every commit before it)."""
 
-    def __init__(self, db: sqlite3.Connection) -> None:
+    def __init__(self, db: sqlite3.Connection, durable: bool = False) -> None:
         self.db = db
+        self.durable = durable
 
     def __enter__(self) -> None:
+        if self.durable:
+            self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("BEGIN IMMEDIATE")
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if exc_type is None:
-            self.db.execute("COMMIT")
-        else:
-            self.db.execute("ROLLBACK")
+        try:
+            self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        finally:
+            if self.durable:
+                self.db.execute("PRAGMA synchronous=NORMAL")

@@ -122,7 +122,8 @@ class WebApp:
                 pages=_int(_short(form.get("NumPages"), 10)), duration_s=None,
                 error_code=_short(form.get("ErrorCode"), 20),
                 error_message=_short(form.get("ErrorMessage")), source="callback"))
-        log.info("job %s: callback status %s -> %s", job.id, status, action.value)
+        log.log(logging.INFO if action is CallbackAction.FINAL else logging.DEBUG,
+                "job %s: callback status %s -> %s", job.id, status, action.value)
         if action is CallbackAction.FINAL:
             self.on_final()
         return web.Response(text="OK")
