@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import getaddresses
 from pathlib import Path
@@ -17,12 +18,30 @@ from .spool import write_durable
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Rendered:
+    """A report ready for the wire: CRLF bytes and the envelope recipients."""
+
+    data: bytes
+    recipients: tuple[str, ...]
+
+
+def render(report: EmailMessage, bcc: Sequence[str] = ()) -> Rendered:
+    """Serialise with the report's own policy (unfolded headers), not aiosmtplib's. Bcc
+    recipients are envelope-only: no header shows them to the sender."""
+    data = report.as_bytes(policy=report.policy.clone(linesep="\r\n"))
+    recipients = [a for _, a in getaddresses(report.get_all("To", []))] + list(bcc)
+    return Rendered(data, tuple(recipients))
+
+
 class NotifyError(Exception):
     """The report could not be handed over (an outage: retried with backoff)."""
 
 
 class Notifier(Protocol):
     async def send(self, report: EmailMessage, name: str, bcc: Sequence[str] = ()) -> str: ...
+
+    async def send_rendered(self, rendered: Rendered, name: str) -> str: ...
 
 
 class OutboxNotifier:
@@ -36,10 +55,13 @@ class OutboxNotifier:
         self.root = root
 
     async def send(self, report: EmailMessage, name: str, bcc: Sequence[str] = ()) -> str:
-        """`bcc` has no meaning for files; copies for the admin need a relay."""
+        return await self.send_rendered(render(report, bcc), name)
+
+    async def send_rendered(self, rendered: Rendered, name: str) -> str:
+        """Bcc has no meaning for files; copies for the admin need a relay."""
         path = self.root / f"{name}.eml"
         try:
-            await asyncio.to_thread(write_durable, path, bytes(report), 0o640)
+            await asyncio.to_thread(write_durable, path, rendered.data, 0o640)
         except OSError as exc:
             raise NotifyError(f"outbox write failed: {exc.strerror or exc}") from exc
         return f"written to {path}"
@@ -51,15 +73,13 @@ class RelayNotifier:
         self.timeout_s = timeout_s
 
     async def send(self, report: EmailMessage, name: str, bcc: Sequence[str] = ()) -> str:
+        return await self.send_rendered(render(report, bcc), name)
+
+    async def send_rendered(self, rendered: Rendered, name: str) -> str:
         s = self.settings
-        # Serialised here, not by aiosmtplib, so the report's own policy (unfolded headers)
-        # holds; the envelope is explicit.
-        data = report.as_bytes(policy=report.policy.clone(linesep="\r\n"))
-        # Bcc recipients are envelope-only: no header shows them to the sender.
-        recipients = [a for _, a in getaddresses(report.get_all("To", []))] + list(bcc)
         try:
             errors, reply = await aiosmtplib.send(
-                data, sender=s.notify_from, recipients=recipients,
+                rendered.data, sender=s.notify_from, recipients=list(rendered.recipients),
                 hostname=s.notify_smtp_host, port=s.notify_smtp_port,
                 username=s.notify_smtp_username, password=s.notify_smtp_password,
                 use_tls=s.notify_smtp_tls == "tls", start_tls=s.notify_smtp_tls == "starttls",

@@ -24,6 +24,7 @@ from typing import Sequence
 
 from .jobs import Job, State
 from .mime import sanitize_header_text
+from .notify import Rendered, render
 from .phone import format_number
 from .store import Attempt, Event, Message
 
@@ -196,6 +197,33 @@ def build_report(job: Job, message: Message, events: Sequence[Event],
         report.add_attachment(pdf, maintype="application", subtype="pdf",
                               filename=f"fax-{job.id}.pdf")
     return report
+
+
+def render_final_report(job: Job, message: Message, events: Sequence[Event],
+                        attempts: Sequence[Attempt], *, from_addr: str, hostname: str, now: float,
+                        template_dir: Path | None, thumbnail: bool, attach_pdf: bool,
+                        bcc: Sequence[str]) -> Rendered:
+    """The whole report, thumbnail and serialisation included: CPU work that runs in a
+    document worker process, off the event loop. A report goes out without its thumbnail or
+    PDF rather than not at all."""
+    pdf: bytes | None = None
+    if thumbnail or attach_pdf:
+        try:
+            pdf = Path(message.document_path).read_bytes()
+        except OSError:
+            pdf = None
+    thumb = None
+    if thumbnail and pdf is not None:
+        from .convert import ConvertError, first_page_png
+
+        try:
+            thumb = first_page_png(pdf, 300)
+        except ConvertError:
+            thumb = None
+    report = build_report(job, message, events, attempts, from_addr=from_addr,
+                          hostname=hostname, now=now, templates=Templates(template_dir),
+                          thumbnail_png=thumb, pdf=pdf if attach_pdf else None)
+    return render(report, bcc)
 
 
 def build_receipt(job: Job, message: Message, *, from_addr: str, hostname: str, now: float,

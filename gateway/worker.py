@@ -24,13 +24,12 @@ from .jobs import Job, RetryPolicy, State, backoff_s, retry_decision
 from .media import MediaError, MediaStore, new_media_key
 from .metrics import Metrics
 from .notify import Notifier, NotifyError
-from .convert import ConvertError, first_page_png
 from .cpu import CpuPool, TaskLimitError
-from .reports import Templates, build_report
+from .reports import render_final_report
 from .signalwire import (SendOutcomeUnknown, SendRefused, SendRetryable, SignalWireClient,
                          SignalWireError)
 from .spool import Spool
-from .store import Message, Store
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +54,6 @@ class Worker:
         self.metrics = metrics or Metrics(process=False)
         # Last contact with each outside service, for /readyz: name -> (ok, when, detail).
         self.contact: dict[str, tuple[bool, float, str]] = {}
-        self.templates = Templates(settings.report_template_dir)
         self.callback_url = callback_url
         self.clock = clock
         self.jitter = jitter
@@ -371,13 +369,20 @@ class Worker:
             return
         events = await self.store.run(self.store.events, job.id)
         attempts = await self.store.run(self.store.attempts, job.id)
-        thumbnail, pdf = await self._proof(message)
-        report = build_report(job, message, events, attempts, from_addr=self.s.notify_from,
-                              hostname=self.s.smtp_hostname, now=self.clock(),
-                              templates=self.templates, thumbnail_png=thumbnail, pdf=pdf)
+        options = dict(from_addr=self.s.notify_from, hostname=self.s.smtp_hostname,
+                       now=self.clock(), template_dir=self.s.report_template_dir,
+                       attach_pdf=self.s.report_attach_pdf, bcc=self.s.report_bcc)
+        try:
+            rendered = await self.cpu.run(render_final_report, job, message, events, attempts,
+                                          thumbnail=self.s.report_thumbnail, **options)
+        except TaskLimitError as exc:
+            log.warning("job %s: report rendering %s; sending it without the thumbnail",
+                        job.id, exc)
+            rendered = render_final_report(job, message, events, attempts, thumbnail=False,
+                                           **options)
         crash_point("before-report")
         try:
-            where = await self.notifier.send(report, job.id, self.s.report_bcc)
+            where = await self.notifier.send_rendered(rendered, job.id)
         except NotifyError as exc:
             await self._later(job, f"report not delivered: {exc}")
             return
@@ -387,23 +392,6 @@ class Worker:
         self.metrics.fax_finished(job, self.clock())
         log.info("job %s: reported (%s) %s", job.id, job.fax_status or job.state.value, where)
         await self._cleanup(job)
-
-    async def _proof(self, message: Message) -> tuple[bytes | None, bytes | None]:
-        """The first-page thumbnail and the sent PDF for the report, as configured; a report
-        goes out without them rather than not at all."""
-        if not (self.s.report_thumbnail or self.s.report_attach_pdf):
-            return None, None
-        try:
-            pdf = await asyncio.to_thread(Path(message.document_path).read_bytes)
-        except OSError:
-            return None, None
-        thumbnail = None
-        if self.s.report_thumbnail:
-            try:
-                thumbnail = await self.cpu.run(first_page_png, pdf, 300)
-            except (ConvertError, TaskLimitError) as exc:
-                log.warning("message %s: no thumbnail: %s", message.id, exc)
-        return thumbnail, pdf if self.s.report_attach_pdf else None
 
     async def _cleanup(self, job: Job) -> None:
         """With no document retention, the PDF goes as soon as every job of its message is
