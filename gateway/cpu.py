@@ -37,6 +37,15 @@ def _init_child(max_bytes: int) -> None:
         pass
 
 
+def call(target: str, *args: Any, **kwargs: Any) -> Any:
+    """Run `module:function` in the worker: the daemon never imports the module itself (the
+    PDF and image libraries stay out of its memory)."""
+    import importlib
+
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+
 class CpuPool:
     def __init__(self, workers: int, timeout_s: float, memory_bytes: int) -> None:
         self.workers = workers

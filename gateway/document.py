@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from email.message import EmailMessage
 from typing import Sequence
 
 from .convert import (ConvertError, Limits, cover_page, image_to_pdf, merge_pdfs, normalize_pdf,
                       office_to_pdf, text_to_pdf)
+from .doctypes import DocOptions, Document, DocumentError, MessageOptions, Prepared
 from .mime import ParsedMail, Part, parse_mail, read_message
+
+__all__ = ["DocOptions", "Document", "DocumentError", "MessageOptions", "Prepared", "prepare",
+           "build_document", "message_options", "is_boilerplate"]
 
 log = logging.getLogger(__name__)
 
@@ -35,48 +39,6 @@ _BOILERPLATE = re.compile(
     r"device name|device model|number of images|attachment file type|"
     r"this e-?mail was sent from|scanned from|image data has been attached|"
     r"document was scanned)", re.IGNORECASE)
-
-
-class DocumentError(ValueError):
-    """The mail holds nothing that can be faxed; the text is shown to the sender as is."""
-
-
-@dataclass(frozen=True)
-class DocOptions:
-    """The operator's defaults (from Settings) for turning mail into a fax."""
-
-    paper: str = "letter"
-    body: str = "auto"
-    cover: bool = False
-    quality: str = "fine"
-    max_pages: int = 200
-    max_image_pixels: int = 60_000_000
-    office_timeout_s: float = 60.0
-
-
-@dataclass(frozen=True)
-class MessageOptions:
-    """Per-message choices from the subject (`[fine]`, `[cover]`, ...) and X-Fax-* headers."""
-
-    quality: str
-    cover: bool
-    body: str
-    subject: str  # without the option tags
-
-
-@dataclass(frozen=True)
-class Document:
-    data: bytes
-    pages: int
-    filenames: tuple[str, ...]
-    notes: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Prepared:
-    parsed: ParsedMail
-    options: MessageOptions
-    document: Document
 
 
 _TAG = re.compile(r"\[\s*(standard|fine|superfine|cover|nocover|body|nobody)\s*\]", re.I)

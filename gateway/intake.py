@@ -22,8 +22,8 @@ from typing import Any, Callable, Coroutine, Sequence
 
 from .access import Access, Client
 from .config import Settings
-from .cpu import CpuPool, TaskLimitError
-from .document import DocOptions, DocumentError, prepare
+from .cpu import CpuPool, TaskLimitError, call
+from .doctypes import DocOptions, DocumentError
 from .faults import crash_point
 from .media import new_media_key
 from .metrics import Metrics
@@ -99,8 +99,9 @@ class Intake:
                      peer: str | None, client: Client | None = None) -> Accepted:
         date = format_datetime(datetime.fromtimestamp(self.clock(), timezone.utc))
         try:
-            prepared = await self.cpu.run(prepare, content, self.doc_options, list(numbers),
-                                          envelope_from or "", date)
+            prepared = await self.cpu.run(call, "gateway.document:prepare", content,
+                                          self.doc_options, list(numbers), envelope_from or "",
+                                          date)
         except (MimeError, DocumentError, TaskLimitError) as exc:
             if isinstance(exc, TaskLimitError):
                 log.warning("message from %s (peer %s): document work %s", envelope_from, peer,
