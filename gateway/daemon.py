@@ -13,17 +13,18 @@ import time
 from typing import Awaitable, Callable
 
 from . import defaults, sdnotify
-from .config import Settings, is_loopback_url
 from .access import Access
+from .config import Settings, is_loopback_url
+from .constants import EXIT_UNAVAILABLE
 from .cpu import CpuPool
-from .metrics import Metrics
 from .intake import Intake
 from .media import LocalMediaStore, MediaStore, S3MediaStore, load_or_create_key
+from .metrics import Metrics
 from .notify import Notifier, OutboxNotifier, RelayNotifier
 from .signalwire import SignalWireClient
 from .smtp import FaxHandler, SMTPListener
 from .spool import Spool
-from .store import Store
+from .store import Store, StoreError
 from .tls import ReloadableTLS
 from .web import CALLBACK_ROUTE, SANDBOX_PREFIX, WebApp
 from .worker import Worker
@@ -170,7 +171,10 @@ class Gateway:
         await self.web.stop()
         await self.media.stop()
         await self.cpu.stop()
-        counts = await self.store.run(self.store.counts_by_state)
+        try:
+            counts = await self.store.run(self.store.counts_by_state)
+        except (AssertionError, OSError, StoreError):  # stopping after a failed start
+            counts = {}
         await self.store.stop()
         log.info("faxgw stopped; jobs by state: %s",
                  ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none")
@@ -185,7 +189,12 @@ async def amain(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGHUP, gateway.reload)
     # SIGUSR1: look at the queue now (the CLI's resend/cancel/report take effect at once).
     loop.add_signal_handler(signal.SIGUSR1, gateway.worker.wake)
-    await gateway.start()
+    try:
+        await gateway.start()
+    except OSError as exc:  # a port in use, an unwritable DATA_DIR, ...
+        log.error("cannot start: %s", exc)
+        await gateway.stop(grace_s=0)
+        return EXIT_UNAVAILABLE
     (data := settings.data_dir / "faxgw.pid").write_text(f"{os.getpid()}\n")
     # The watchdog pings only while the loop runs and the store thread answers.
     watchdog = sdnotify.Watchdog(healthy=lambda: gateway.store.run(lambda: True))

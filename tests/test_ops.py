@@ -183,3 +183,20 @@ async def test_check_config_reports_each_service(tmp_path: Path, simulator: Simu
     daemon.env["FAX_QUALITY"] = "ultra"
     code, _, err = await faxgw(daemon, "check-config")
     assert code == 78 and "FAX_QUALITY" in err
+
+
+async def test_port_in_use_exits_69_with_a_clear_line(tmp_path: Path) -> None:
+    from .conftest import base_env
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("FAXGW_", "SIGNALWIRE_"))}
+        env.update(base_env(tmp_path / "var", SMTP_LISTEN=f"127.0.0.1:{port}"))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "gateway", "run", env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 69
+    assert "cannot start" in err.decode() and "address already in use" in err.decode()
