@@ -220,3 +220,48 @@ async def wait_state(gateway: Gateway, job_id: str, state: State,
 def job_ids(reply_text: str) -> list[str]:
     """The job ids from a '250 2.0.0 Queued as fax job(s) a, b (N pages)' reply."""
     return re.findall(r"\b[0-9a-f]{16}\b", reply_text)
+
+
+def relay_env(relay: RelaySink, **extra: str) -> dict[str, str]:
+    """Settings that send reports to the test's relay sink."""
+    return {"NOTIFY_SMTP_HOST": "127.0.0.1", "NOTIFY_SMTP_PORT": str(relay.port),
+            "NOTIFY_SMTP_TLS": "none", **extra}
+
+
+async def send_one(gw: Gateway, number: str = "15551234567") -> str:
+    """Send one PDF mail to `number`; returns the job id from the 250 reply."""
+    reply = await smtp_send(gw.smtp.port, pdf_mail(f"{number}@fax.local"),
+                            [f"{number}@fax.local"])
+    assert reply.code == 250, reply.text
+    [job_id] = job_ids(reply.text)
+    return job_id
+
+
+class FakeClock:
+    """An injectable clock the test moves by hand."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def manual_gateway(env: dict[str, str], clock: FakeClock) -> Gateway:
+    """A gateway whose queue the test drives (no worker loop), on the injected clock."""
+    gw = Gateway(settings_from(env), clock=clock)
+    await gw.start(run_worker=False)
+    return gw
+
+
+async def drive(gw: Gateway, simulator: Simulator) -> None:
+    """Run the queue by hand until nothing is due and the simulator has called back."""
+    for _ in range(50):
+        await gw.worker.run_until_idle()
+        await simulator.state.wait_idle()
+        if await gw.worker.run_due() == 0:
+            return
+    raise AssertionError("queue did not settle")

@@ -14,40 +14,22 @@ import pytest
 
 from gateway import admin
 from gateway.admin import AdminError
-from gateway.config import settings_from
 from gateway.daemon import Gateway
 from gateway.jobs import RetryPolicy, State
 from gateway.store import Message, NewJob, Store
 
-from .conftest import (
-    RelaySink,
-    Simulator,
-    job_ids,
-    make_pdf,
-    pdf_mail,
-    production_env,
-    smtp_send,
-)
+from .conftest import (FakeClock, RelaySink, Simulator, drive, make_pdf,
+                       manual_gateway, production_env, relay_env, send_one)
 
 T0 = 1_700_000_000.0
+Clock = FakeClock
 
 
 # -- a store filled through its own API ---------------------------------------------------------
 
-class Clock:
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def clock() -> Clock:
-    return Clock()
+    return Clock(T0)
 
 
 @pytest.fixture
@@ -367,35 +349,6 @@ def test_request_report_puts_a_reported_job_back(store: Store, tmp_path: Path) -
 
 
 # -- against a live gateway ---------------------------------------------------------------------
-
-def relay_env(relay: RelaySink) -> dict[str, str]:
-    return {"NOTIFY_SMTP_HOST": "127.0.0.1", "NOTIFY_SMTP_PORT": str(relay.port),
-            "NOTIFY_SMTP_TLS": "none"}
-
-
-async def manual_gateway(env: dict[str, str], clock: Clock) -> Gateway:
-    gw = Gateway(settings_from(env), clock=clock)
-    await gw.start(run_worker=False)
-    return gw
-
-
-async def drive(gw: Gateway, simulator: Simulator) -> None:
-    """Run the queue by hand until nothing is due and the simulator has called back."""
-    for _ in range(50):
-        await gw.worker.run_until_idle()
-        await simulator.state.wait_idle()
-        if await gw.worker.run_due() == 0:
-            return
-    raise AssertionError("queue did not settle")
-
-
-async def send_one(gw: Gateway, number: str = "15551234567") -> str:
-    reply = await smtp_send(gw.smtp.port, pdf_mail(f"{number}@fax.local"),
-                            [f"{number}@fax.local"])
-    assert reply.code == 250, reply.text
-    [job_id] = job_ids(reply.text)
-    return job_id
-
 
 class Cli:
     """The operator's side: its own connection to the daemon's database, as `faxgw` opens it,

@@ -14,21 +14,8 @@ from gateway.config import settings_from
 from gateway.daemon import Gateway
 from gateway.jobs import State
 
-from .conftest import (PROJECT_ID, RelaySink, Simulator, job_ids, pdf_mail, production_env,
-                       smtp_send, wait_state)
-
-
-def relay_env(relay: RelaySink) -> dict[str, str]:
-    return {"NOTIFY_SMTP_HOST": "127.0.0.1", "NOTIFY_SMTP_PORT": str(relay.port),
-            "NOTIFY_SMTP_TLS": "none"}
-
-
-async def send_one(gw: Gateway, number: str = "15551234567") -> str:
-    reply = await smtp_send(gw.smtp.port, pdf_mail(f"{number}@fax.local"),
-                            [f"{number}@fax.local"])
-    assert reply.code == 250, reply.text
-    [job_id] = job_ids(reply.text)
-    return job_id
+from .conftest import (PROJECT_ID, FakeClock, RelaySink, Simulator, drive, manual_gateway,
+                       pdf_mail, production_env, relay_env, send_one, smtp_send, wait_state)
 
 
 async def events_of(gw: Gateway, job_id: str) -> list[str]:
@@ -191,33 +178,6 @@ async def test_report_relay_outage_is_waited_out(make_gateway, simulator: Simula
         assert relay.messages.empty()
     finally:
         await relay.stop()
-
-
-class FakeClock:
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
-async def drive(gw: Gateway, simulator: Simulator) -> None:
-    """Run the queue by hand until nothing is due and the simulator has called back."""
-    for _ in range(50):
-        await gw.worker.run_until_idle()
-        await simulator.state.wait_idle()
-        if await gw.worker.run_due() == 0:
-            return
-    raise AssertionError("queue did not settle")
-
-
-async def manual_gateway(env: dict[str, str], clock: FakeClock) -> Gateway:
-    gw = Gateway(settings_from(env), clock=clock)
-    await gw.start(run_worker=False)
-    return gw
 
 
 async def test_busy_then_delivered_on_the_injected_clock(

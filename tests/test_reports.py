@@ -11,12 +11,8 @@ from gateway.jobs import Job, State
 from gateway.reports import Templates, build_report
 from gateway.store import Attempt, Event, Message
 
-from .conftest import RelaySink, Simulator, job_ids, pdf_mail, production_env, smtp_send
-
-
-def relay_env(relay: RelaySink, **extra: str) -> dict[str, str]:
-    return {"NOTIFY_SMTP_HOST": "127.0.0.1", "NOTIFY_SMTP_PORT": str(relay.port),
-            "NOTIFY_SMTP_TLS": "none", **extra}
+from .conftest import (RelaySink, Simulator, job_ids, pdf_mail, production_env, relay_env,
+                       smtp_send)
 
 
 def make_job(**overrides: object) -> Job:
