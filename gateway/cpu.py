@@ -8,6 +8,7 @@ import asyncio
 import functools
 import logging
 import multiprocessing
+import os
 import resource
 import signal
 from concurrent.futures import ProcessPoolExecutor
@@ -23,7 +24,7 @@ class TaskLimitError(Exception):
     """A task ran out of time or memory; the pool was replaced."""
 
 
-def _init_child(max_bytes: int) -> None:
+def _init_child(max_bytes: int, parent_pid: int) -> None:
     """In each worker: the memory limit, and death with the parent (a kill -9 of the daemon
     must not leave workers behind holding its sockets and pipes)."""
     if max_bytes > 0:
@@ -35,6 +36,8 @@ def _init_child(max_bytes: int) -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
     except (OSError, AttributeError):
         pass
+    if os.getppid() != parent_pid:
+        os._exit(0)  # the daemon died while this worker was still starting up
 
 
 def call(target: str, *args: Any, **kwargs: Any) -> Any:
@@ -58,7 +61,7 @@ class CpuPool:
         # are the daemon's own children, so PR_SET_PDEATHSIG ends them with it.
         ctx = multiprocessing.get_context("spawn")
         return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_child,
-                                   initargs=(self.memory_bytes,))
+                                   initargs=(self.memory_bytes, os.getpid()))
 
     async def start(self) -> None:
         self._pool = self._new_pool()
