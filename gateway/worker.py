@@ -9,6 +9,7 @@ and a send whose outcome is unknown is looked up at SignalWire before anything i
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -378,8 +379,10 @@ class Worker:
         except TaskLimitError as exc:
             log.warning("job %s: report rendering %s; sending it without the thumbnail",
                         job.id, exc)
-            rendered = render_final_report(job, message, events, attempts, thumbnail=False,
-                                           **options)
+            # Still off the loop: it reads the document (REPORT_ATTACH_PDF) and builds the mail.
+            rendered = await asyncio.to_thread(
+                functools.partial(render_final_report, job, message, events, attempts,
+                                  thumbnail=False, **options))
         crash_point("before-report")
         try:
             where = await self.notifier.send_rendered(rendered, job.id)
