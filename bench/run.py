@@ -97,7 +97,7 @@ class RecordingSimulator:
     (before the handler runs, so the simulator's work is not counted)."""
 
     def __init__(self, callback_delay_s: float) -> None:
-        from gateway.simulator import SIM_STATE, create_simulator_app
+        from gateway.sandbox.simulator import SIM_STATE, create_simulator_app
 
         self.app = create_simulator_app(project_id=PROJECT_ID, api_token=API_TOKEN,
                                         signing_key=SIGNING_KEY,
@@ -649,7 +649,7 @@ class Bench:
     async def callbacks(self, gw: GatewayProcess, waiting: list[Any],
                         name: str = "callbacks") -> dict[str, Any]:
         """One signed 'sending' (progress) callback per waiting job, from N clients."""
-        from gateway.signature import compute_signature
+        from gateway.signalwire.signature import compute_signature
 
         a = self.args
         requests = []

@@ -17,9 +17,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.intake import new_id
-from gateway.media import new_media_key
-from gateway.store import Message, NewJob, Store
+from gateway.smtp.intake import new_id
+from gateway.signalwire.media import new_media_key
+from gateway.store.sqlite import Message, NewJob, Store
 
 
 @dataclass(frozen=True)

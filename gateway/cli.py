@@ -7,9 +7,9 @@ import asyncio
 import os
 import sys
 
-from . import __version__
-from .config import ConfigError, Settings, load_settings
-from .constants import EXIT_CONFIG
+from gateway import __version__
+from gateway.config import ConfigError, Settings, load_settings
+from gateway.constants import EXIT_CONFIG
 
 
 def _load(args: argparse.Namespace) -> Settings:
@@ -23,7 +23,7 @@ def _load(args: argparse.Namespace) -> Settings:
 
 
 def _setup_logging(settings: Settings, level: str | None = None) -> None:
-    from . import logs
+    from gateway.ops import logs
 
     logs.setup_logging(level or settings.log_level, settings.log_format)
     for secret in (settings.signalwire_api_token, settings.signalwire_signing_key,
@@ -41,13 +41,13 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"{key} = {value}")
         print("configuration OK")
         return 0
-    from .daemon import amain
+    from gateway.daemon import amain
 
     return asyncio.run(amain(settings))
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .ops import check_config
+    from gateway.ops.commands import check_config
 
     settings = _load(args)
     _setup_logging(settings, "WARNING")
@@ -55,7 +55,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from . import ops
+    from gateway.ops import commands as ops
 
     fmt = "json" if args.json else "csv" if args.csv else "table"
     return ops.jobs(_load(args), status=args.status, to=args.to, sender=args.sender,
@@ -63,7 +63,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_job_action(args: argparse.Namespace) -> int:
-    from . import ops
+    from gateway.ops import commands as ops
 
     action = {"job": ops.job, "resend": ops.resend, "cancel": ops.cancel,
               "report": ops.report}[args.command]
@@ -156,7 +156,7 @@ def cmd_passwd(args: argparse.Namespace) -> int:
     import getpass
     import os
 
-    from .passwords import UsersFileError, passwd_command
+    from gateway.users import UsersFileError, passwd_command
 
     path = args.users_file or os.environ.get("USERS_FILE")
     if not path:

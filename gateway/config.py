@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 
-from . import constants, defaults
+from gateway import constants, defaults
 
 
 class ConfigError(Exception):
@@ -348,7 +348,7 @@ def settings_from(env: Mapping[str, str]) -> Settings:
     if r.bool("SMTP_REQUIRE_TLS", False) and not cert:
         r.problems.append("SMTP_REQUIRE_TLS: needs TLS_CERT_FILE and TLS_KEY_FILE")
     users_file = r.file("USERS_FILE")
-    from .policy import DestinationPolicy, SenderPolicy, TrustedNetworks
+    from gateway.smtp.policy import DestinationPolicy, SenderPolicy, TrustedNetworks
 
     trusted = r.items("TRUSTED_NETWORKS", ("127.0.0.0/8", "::1"))
     senders = r.items("ALLOWED_SENDERS")

@@ -12,22 +12,23 @@ import signal
 import time
 from typing import Awaitable, Callable
 
-from . import defaults, sdnotify
-from .access import Access
-from .config import Settings, is_loopback_url
-from .constants import EXIT_UNAVAILABLE
-from .cpu import CpuPool
-from .intake import Intake
-from .media import LocalMediaStore, MediaStore, S3MediaStore, load_or_create_key
-from .metrics import Metrics
-from .notify import Notifier, OutboxNotifier, RelayNotifier
-from .signalwire import SignalWireClient
-from .smtp import FaxHandler, SMTPListener
-from .spool import Spool
-from .store import Store, StoreError
-from .tls import ReloadableTLS
-from .web import CALLBACK_ROUTE, SANDBOX_PREFIX, WebApp
-from .worker import Worker
+from gateway import defaults
+from gateway.ops import systemd as sdnotify
+from gateway.smtp.access import Access
+from gateway.config import Settings, is_loopback_url
+from gateway.constants import EXIT_UNAVAILABLE
+from gateway.documents.pool import CpuPool
+from gateway.smtp.intake import Intake
+from gateway.signalwire.media import LocalMediaStore, MediaStore, S3MediaStore, load_or_create_key
+from gateway.ops.metrics import Metrics
+from gateway.mail.sender import Notifier, OutboxNotifier, RelayNotifier
+from gateway.signalwire.client import SignalWireClient
+from gateway.smtp.server import FaxHandler, SMTPListener
+from gateway.store.spool import Spool
+from gateway.store.sqlite import Store, StoreError
+from gateway.smtp.tls import ReloadableTLS
+from gateway.web.app import CALLBACK_ROUTE, SANDBOX_PREFIX, WebApp
+from gateway.outbound.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class Gateway:
                                   self._contact_check("media"), self._contact_check("signalwire")]
         self.simulator_state: object | None = None
         if settings.sandbox:
-            from .simulator import SIM_STATE, create_simulator_app
+            from gateway.sandbox.simulator import SIM_STATE, create_simulator_app
 
             sim = create_simulator_app(project_id=settings.signalwire_project_id,
                                        api_token=settings.signalwire_api_token,

@@ -19,8 +19,8 @@ from pypdf import PdfWriter
 
 from gateway.config import Settings, settings_from
 from gateway.daemon import Gateway
-from gateway.jobs import State
-from gateway.simulator import SIM_STATE, SimulatorState, create_simulator_app
+from gateway.outbound.states import State
+from gateway.sandbox.simulator import SIM_STATE, SimulatorState, create_simulator_app
 
 from .s3server import SeaweedS3
 

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from gateway import admin
-from gateway.admin import AdminError
+from gateway.ops import actions as admin
+from gateway.ops.actions import AdminError
 from gateway.daemon import Gateway
-from gateway.jobs import RetryPolicy, State
-from gateway.store import Message, NewJob, Store
+from gateway.outbound.states import RetryPolicy, State
+from gateway.store.sqlite import Message, NewJob, Store
 
 from .conftest import (FakeClock, RelaySink, Simulator, drive, make_pdf,
                        manual_gateway, production_env, relay_env, send_one)

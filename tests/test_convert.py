@@ -25,7 +25,7 @@ from pypdf.generic import BooleanObject, NameObject, TextStringObject
 from reportlab.lib.pagesizes import landscape, legal, letter
 from reportlab.pdfgen import canvas as rl_canvas
 
-from gateway.convert import (
+from gateway.documents.convert import (
     PAPER,
     ConvertError,
     Limits,

@@ -23,7 +23,7 @@ import aiohttp
 import pytest
 
 from gateway.daemon import Gateway
-from gateway.jobs import State
+from gateway.outbound.states import State
 
 from .conftest import (RelaySink, Simulator, SMTPResult, job_ids, production_env, smtp_send,
                        wait_state)

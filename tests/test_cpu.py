@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from gateway.cpu import CpuPool, TaskLimitError
+from gateway.documents.pool import CpuPool, TaskLimitError
 
 
 @pytest.fixture
@@ -27,3 +27,22 @@ async def test_memory_hog_is_stopped_and_the_pool_recovers(pool: CpuPool) -> Non
     with pytest.raises(TaskLimitError, match="more memory"):
         await pool.run(bytearray, 2 * 1024 * 1024 * 1024)
     assert await pool.run(len, b"abc") == 3
+
+
+def test_every_task_named_by_dotted_path_resolves() -> None:
+    """The pool is handed functions by dotted name (so the daemon never imports the PDF
+    libraries); a module move would otherwise break only inside a child process, at the first
+    mail. Every such name in the package must resolve here."""
+    import importlib
+    import re
+    from pathlib import Path
+
+    import gateway
+
+    root = Path(gateway.__file__).parent
+    names = {m for f in root.rglob("*.py")
+             for m in re.findall(r"\"(gateway(?:\.\w+)+:\w+)\"", f.read_text())}
+    assert names, "no dotted task names found: has the pool's calling convention changed?"
+    for name in names:
+        module, _, attr = name.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), name

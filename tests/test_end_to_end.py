@@ -9,8 +9,8 @@ from pathlib import Path
 import aiohttp
 from pypdf import PdfReader
 
-from gateway.jobs import State
-from gateway.signature import compute_signature
+from gateway.outbound.states import State
+from gateway.signalwire.signature import compute_signature
 
 from .conftest import (PROJECT_ID, SIGNING_KEY, RelaySink, Simulator, base_env, job_ids,
                        make_pdf, pdf_mail, production_env, smtp_send, wait_state)

@@ -11,8 +11,8 @@ from typing import Iterator
 
 import pytest
 
-from gateway import logs
-from gateway.logs import redact, register_secret, setup_logging
+from gateway.ops import logs
+from gateway.ops.logs import redact, register_secret, setup_logging
 
 NOISY = ("mail.log", "botocore", "boto3", "s3transfer", "urllib3", "aiohttp.access")
 
@@ -38,18 +38,18 @@ def lines(stream: io.StringIO) -> list[str]:
 def test_text_lines() -> None:
     out = io.StringIO()
     setup_logging("info", "text", stream=out)
-    log = logging.getLogger("gateway.worker")
+    log = logging.getLogger("gateway.outbound.worker")
     log.info("job %s: reported (%s)", "3f9c0a7e21b4d8c5", "delivered")
     log.debug("not shown")
     [line] = lines(out)
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO gateway\.worker: "
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO gateway\.outbound\.worker: "
                         r"job 3f9c0a7e21b4d8c5: reported \(delivered\)", line), line
 
 
 def test_json_lines_with_job_id_and_exception() -> None:
     out = io.StringIO()
     setup_logging("DEBUG", "json", stream=out)
-    log = logging.getLogger("gateway.worker")
+    log = logging.getLogger("gateway.outbound.worker")
     log.info("job %s: submitted", "3f9c0a7e21b4d8c5",
              extra={"job_id": "3f9c0a7e21b4d8c5", "attempt": 2})
     try:
@@ -61,7 +61,7 @@ def test_json_lines_with_job_id_and_exception() -> None:
     assert set(first) == {"time", "level", "logger", "message", "job_id", "attempt"}
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["time"])
     assert (first["level"], first["logger"], first["message"], first["job_id"],
-            first["attempt"]) == ("INFO", "gateway.worker", "job 3f9c0a7e21b4d8c5: submitted",
+            first["attempt"]) == ("INFO", "gateway.outbound.worker", "job 3f9c0a7e21b4d8c5: submitted",
                                   "3f9c0a7e21b4d8c5", 2)
     assert second["level"] == "ERROR"
     assert second["job_id"] == "3f9c0a7e21b4d8c5"  # read from the "job <id>" line itself
@@ -141,7 +141,7 @@ def test_registered_secrets_are_masked_everywhere() -> None:
     register_secret("abc")  # too short to mask safely: ignored
     out = io.StringIO()
     setup_logging("INFO", "text", stream=out)
-    log = logging.getLogger("gateway.notify")
+    log = logging.getLogger("gateway.mail.sender")
     log.warning("relay said %s", f"535 bad credentials {value}")
     log.warning("url-encoded in a query: u=%s", __import__("urllib.parse").parse.quote(value,
                                                                                        safe=""))

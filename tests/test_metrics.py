@@ -11,8 +11,8 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.jobs import Job, State
-from gateway.metrics import (
+from gateway.outbound.states import Job, State
+from gateway.ops.metrics import (
     CONTENT_TYPE,
     Metrics,
     StoreSnapshot,
@@ -21,8 +21,8 @@ from gateway.metrics import (
     collect_snapshot,
     error_code_label,
 )
-from gateway.signalwire import SendOutcomeUnknown, SendRetryable, SignalWireError
-from gateway.store import Message, NewJob, Store
+from gateway.signalwire.client import SendOutcomeUnknown, SendRetryable, SignalWireError
+from gateway.store.sqlite import Message, NewJob, Store
 
 from .conftest import job_ids, pdf_mail, smtp_send, wait_state
 

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pypdf import PdfReader, PdfWriter
 
-from gateway.mime import (
+from gateway.documents.mime import (
     KINDS,
     MimeError,
     ParsedMail,

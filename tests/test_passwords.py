@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.passwords import (
+from gateway.users import (
     LoginThrottle,
     User,
     UsersFile,

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from gateway.config import settings_from
 from gateway.daemon import Gateway
-from gateway.jobs import State
+from gateway.outbound.states import State
 
 from .conftest import (PROJECT_ID, FakeClock, RelaySink, Simulator, drive, manual_gateway,
                        pdf_mail, production_env, relay_env, send_one, smtp_send, wait_state)
@@ -380,7 +380,7 @@ async def test_late_callback_of_an_earlier_attempt_changes_nothing(
         simulator: Simulator, relay: RelaySink, tmp_path: Path) -> None:
     """Attempt 1 was busy; while attempt 2 is being sent (no sid yet), a replayed callback of
     attempt 1's fax must not be taken for attempt 2."""
-    from gateway.signature import compute_signature
+    from gateway.signalwire.signature import compute_signature
 
     from .conftest import SIGNING_KEY
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from gateway.jobs import Job, State
-from gateway.reports import Templates, build_report
-from gateway.store import Attempt, Event, Message
+from gateway.outbound.states import Job, State
+from gateway.mail.reports import Templates, build_report
+from gateway.store.sqlite import Attempt, Event, Message
 
 from .conftest import (RelaySink, Simulator, job_ids, pdf_mail, production_env, relay_env,
                        smtp_send)

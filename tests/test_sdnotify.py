@@ -13,8 +13,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from gateway import sdnotify
-from gateway.sdnotify import Watchdog
+from gateway.ops import systemd as sdnotify
+from gateway.ops.systemd import Watchdog
 
 
 class FakeSystemd:

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import MultiDict
 
-from gateway.signature import (
+from gateway.signalwire.signature import (
     _with_default_port,
     _without_default_port,
     compute_signature,

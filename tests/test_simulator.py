@@ -26,8 +26,8 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from reportlab.pdfgen import canvas
 
-from gateway.signature import SIGNATURE_HEADER, verify_signature
-from gateway.simulator import (
+from gateway.signalwire.signature import SIGNATURE_HEADER, verify_signature
+from gateway.sandbox.simulator import (
     SIM_STATE,
     SimulatorState,
     create_simulator_app,
@@ -693,7 +693,7 @@ async def test_python_m_runs_standalone(gateway: Gateway, http: aiohttp.ClientSe
     env = {**os.environ, "SIM_API_TOKEN": TOKEN, "SIM_SIGNING_KEY": KEY,
            "PYTHONPATH": str(REPO)}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.simulator", "--port", "0", "--project-id", PROJECT,
+        sys.executable, "-m", "gateway.sandbox.simulator", "--port", "0", "--project-id", PROJECT,
         "--callback-delay-s", "0", cwd=REPO, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import pytest
 
-from gateway.passwords import User, hash_password, write_user
+from gateway.users import User, hash_password, write_user
 
 from .conftest import RelaySink, Simulator, base_env, job_ids, pdf_mail, production_env
 
@@ -371,7 +371,7 @@ def test_faxgw_passwd_writes_a_usable_hash(tmp_path: Path, monkeypatch) -> None:
     import io
 
     from gateway.cli import main
-    from gateway.passwords import authenticate, load_users
+    from gateway.users import authenticate, load_users
 
     path = tmp_path / "users"
     monkeypatch.setattr("sys.stdin", io.StringIO("correct horse\n"))

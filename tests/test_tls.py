@@ -17,7 +17,7 @@ from typing import AsyncIterator, Iterator
 import pytest
 from aiosmtpd.smtp import SMTP as AioSMTP
 
-from gateway.tls import ReloadableTLS, cert_fingerprint, make_server_context
+from gateway.smtp.tls import ReloadableTLS, cert_fingerprint, make_server_context
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None,
                                 reason="the openssl command is needed to make test certificates")

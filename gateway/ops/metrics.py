@@ -23,9 +23,9 @@ from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
-from .constants import FINAL_STATUSES
-from .jobs import ACTIVE_STATES, Job, State
-from .store import Store
+from gateway.constants import FINAL_STATUSES
+from gateway.outbound.states import ACTIVE_STATES, Job, State
+from gateway.store.sqlite import Store
 
 log = logging.getLogger(__name__)
 

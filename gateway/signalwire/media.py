@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
-from .spool import fsync_dir
+from gateway.store.spool import fsync_dir
 
 log = logging.getLogger(__name__)
 

@@ -20,18 +20,18 @@ from email.parser import BytesHeaderParser
 from email.utils import format_datetime, parseaddr
 from typing import Any, Callable, Coroutine, Sequence
 
-from .access import Access, Client
-from .config import Settings
-from .cpu import CpuPool, TaskLimitError, call
-from .doctypes import DocOptions, DocumentError
-from .faults import crash_point
-from .media import new_media_key
-from .metrics import Metrics
-from .mime import MimeError, ParsedMail, sanitize_header_text
-from .notify import Notifier, NotifyError
-from .reports import Templates, build_receipt, build_refusal
-from .spool import Spool
-from .store import Message, NewJob, Store, StoreError
+from gateway.smtp.access import Access, Client
+from gateway.config import Settings
+from gateway.documents.pool import CpuPool, TaskLimitError, call
+from gateway.documents.model import DocOptions, DocumentError
+from gateway.ops.faults import crash_point
+from gateway.signalwire.media import new_media_key
+from gateway.ops.metrics import Metrics
+from gateway.documents.mime import MimeError, ParsedMail, sanitize_header_text
+from gateway.mail.sender import Notifier, NotifyError
+from gateway.mail.reports import Templates, build_receipt, build_refusal
+from gateway.store.spool import Spool
+from gateway.store.sqlite import Message, NewJob, Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class Intake:
                      peer: str | None, client: Client | None = None) -> Accepted:
         date = format_datetime(datetime.fromtimestamp(self.clock(), timezone.utc))
         try:
-            prepared = await self.cpu.run(call, "gateway.document:prepare", content,
+            prepared = await self.cpu.run(call, "gateway.documents.build:prepare", content,
                                           self.doc_options, list(numbers), envelope_from or "",
                                           date)
         except (MimeError, DocumentError, TaskLimitError) as exc:

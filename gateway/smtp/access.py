@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from email.utils import parseaddr
 from typing import Callable
 
-from .config import Settings
-from .passwords import LoginThrottle, User, UsersFile, UsersFileError, authenticate
-from .policy import (DestinationPolicy, RateLimiter, SenderPolicy, TrustedNetworks,
+from gateway.config import Settings
+from gateway.users import LoginThrottle, User, UsersFile, UsersFileError, authenticate
+from gateway.smtp.policy import (DestinationPolicy, RateLimiter, SenderPolicy, TrustedNetworks,
                      try_acquire_all)
 
 log = logging.getLogger(__name__)

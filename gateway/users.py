@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from .policy import SenderPolicy
+from gateway.smtp.policy import SenderPolicy
 
 __all__ = [
     "LoginThrottle",

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
-from .jobs import ACTIVE_STATES, CallbackAction, Job, State, classify_callback
+from gateway.outbound.states import ACTIVE_STATES, CallbackAction, Job, State, classify_callback
 
 T = TypeVar("T")
 

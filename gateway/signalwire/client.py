@@ -19,7 +19,7 @@ from urllib.parse import urljoin
 
 import aiohttp
 
-from .constants import API_PATH
+from gateway.constants import API_PATH
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ from dataclasses import replace
 from email.message import EmailMessage
 from typing import Sequence
 
-from .convert import (ConvertError, Limits, cover_page, image_to_pdf, merge_pdfs, normalize_pdf,
+from gateway.documents.convert import (ConvertError, Limits, cover_page, image_to_pdf, merge_pdfs, normalize_pdf,
                       office_to_pdf, text_to_pdf)
-from .doctypes import DocOptions, Document, DocumentError, MessageOptions, Prepared
-from .mime import ParsedMail, Part, parse_mail, read_message
+from gateway.documents.model import DocOptions, Document, DocumentError, MessageOptions, Prepared
+from gateway.documents.mime import ParsedMail, Part, parse_mail, read_message
 
 __all__ = ["DocOptions", "Document", "DocumentError", "MessageOptions", "Prepared", "prepare",
            "build_document", "message_options", "is_boilerplate"]

@@ -17,20 +17,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from . import defaults
-from .config import Settings
-from .constants import FINAL_STATUSES
-from .faults import crash_point
-from .jobs import Job, RetryPolicy, State, backoff_s, retry_decision
-from .media import MediaError, MediaStore, new_media_key
-from .metrics import Metrics
-from .notify import Notifier, NotifyError
-from .cpu import CpuPool, TaskLimitError
-from .reports import render_final_report
-from .signalwire import (SendOutcomeUnknown, SendRefused, SendRetryable, SignalWireClient,
+from gateway import defaults
+from gateway.config import Settings
+from gateway.constants import FINAL_STATUSES
+from gateway.ops.faults import crash_point
+from gateway.outbound.states import Job, RetryPolicy, State, backoff_s, retry_decision
+from gateway.signalwire.media import MediaError, MediaStore, new_media_key
+from gateway.ops.metrics import Metrics
+from gateway.mail.sender import Notifier, NotifyError
+from gateway.documents.pool import CpuPool, TaskLimitError
+from gateway.mail.reports import render_final_report
+from gateway.signalwire.client import (SendOutcomeUnknown, SendRefused, SendRetryable, SignalWireClient,
                          SignalWireError)
-from .spool import Spool
-from .store import Store
+from gateway.store.spool import Spool
+from gateway.store.sqlite import Store
 
 log = logging.getLogger(__name__)
 

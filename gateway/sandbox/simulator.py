@@ -43,8 +43,8 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from .constants import API_PATH, QUALITIES, TTL_MAX_MINUTES, TTL_MIN_MINUTES
-from .signature import SIGNATURE_HEADER, compute_signature
+from gateway.constants import API_PATH, QUALITIES, TTL_MAX_MINUTES, TTL_MIN_MINUTES
+from gateway.signalwire.signature import SIGNATURE_HEADER, compute_signature
 
 log = logging.getLogger(__name__)
 
@@ -933,7 +933,7 @@ async def run_standalone(host: str = "127.0.0.1", port: int = 0, *,
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m gateway.simulator",
+        prog="python -m gateway.sandbox.simulator",
         description="SignalWire fax API simulator; prints its base URL once listening.")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)

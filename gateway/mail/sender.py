@@ -12,8 +12,8 @@ from typing import Protocol, Sequence
 
 import aiosmtplib
 
-from .config import Settings
-from .spool import write_durable
+from gateway.config import Settings
+from gateway.store.spool import write_durable
 
 log = logging.getLogger(__name__)
 

@@ -23,14 +23,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from . import defaults
-from .jobs import Job, RetryPolicy, State, retry_decision
-from .media import new_media_key
-from .mime import sanitize_header_text
-from .phone import NumberError, format_number
-from .reports import outcome
-from .signalwire import SignalWireClient, SignalWireError
-from .store import Attempt, Event, Message, NewJob, Store
+from gateway import defaults
+from gateway.outbound.states import Job, RetryPolicy, State, retry_decision
+from gateway.signalwire.media import new_media_key
+from gateway.documents.mime import sanitize_header_text
+from gateway.phone import NumberError, format_number
+from gateway.mail.reports import outcome
+from gateway.signalwire.client import SignalWireClient, SignalWireError
+from gateway.store.sqlite import Attempt, Event, Message, NewJob, Store
 
 MIN_PREFIX_CHARS = 6
 JOB_ID_CHARS = 16

@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from . import admin
-from .config import Settings
-from .constants import EXIT_UNAVAILABLE
-from .signalwire import SignalWireClient, SignalWireError
-from .store import Store
-from .web import SANDBOX_PREFIX
+from gateway.ops import actions as admin
+from gateway.config import Settings
+from gateway.constants import EXIT_UNAVAILABLE
+from gateway.signalwire.client import SignalWireClient, SignalWireError
+from gateway.store.sqlite import Store
+from gateway.web.app import SANDBOX_PREFIX
 
 EX_OK, EX_FAIL = 0, 1
 
@@ -141,7 +141,7 @@ async def _cancel_at_signalwire(settings: Settings, sid: str) -> None:
 
 
 async def _probe_s3(settings: Settings) -> str:
-    from .media import S3MediaStore
+    from gateway.signalwire.media import S3MediaStore
 
     store = S3MediaStore(bucket=settings.s3_bucket, prefix=settings.s3_prefix,
                          region=settings.s3_region, endpoint_url=settings.s3_endpoint_url,
@@ -192,7 +192,7 @@ async def _probe_relay(settings: Settings) -> str:
 
 
 async def _probe_certificate(settings: Settings) -> str:
-    from .tls import cert_fingerprint, make_server_context
+    from gateway.smtp.tls import cert_fingerprint, make_server_context
 
     assert settings.tls_cert_file and settings.tls_key_file
     make_server_context(settings.tls_cert_file, settings.tls_key_file, settings.tls_min_version)
@@ -200,7 +200,7 @@ async def _probe_certificate(settings: Settings) -> str:
 
 
 async def _probe_users(settings: Settings) -> str:
-    from .passwords import load_users
+    from gateway.users import load_users
 
     assert settings.users_file
     return f"{settings.users_file}: {len(load_users(settings.users_file))} user(s)"

@@ -11,13 +11,13 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from .config import Settings
-from .constants import MAX_CALLBACK_BODY_BYTES
-from .jobs import CallbackAction
-from .media import MEDIA_ROUTE, LocalMediaStore
-from .metrics import Metrics, aiohttp_handler
-from .signature import verify_signature
-from .store import Store
+from gateway.config import Settings
+from gateway.constants import MAX_CALLBACK_BODY_BYTES
+from gateway.outbound.states import CallbackAction
+from gateway.signalwire.media import MEDIA_ROUTE, LocalMediaStore
+from gateway.ops.metrics import Metrics, aiohttp_handler
+from gateway.signalwire.signature import verify_signature
+from gateway.store.sqlite import Store
 
 log = logging.getLogger(__name__)
 

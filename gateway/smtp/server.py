@@ -18,13 +18,13 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
 
-from .access import Access, Client
-from .config import HostPort, Settings
-from .constants import MAX_RCPT_ADDRESS_CHARS, SMTP_LINE_TIMEOUT_S
-from .intake import Intake, Refused
-from .metrics import Metrics
-from .phone import NumberError, parse_fax_number, parse_recipient
-from .tls import ReloadableTLS
+from gateway.smtp.access import Access, Client
+from gateway.config import HostPort, Settings
+from gateway.constants import MAX_RCPT_ADDRESS_CHARS, SMTP_LINE_TIMEOUT_S
+from gateway.smtp.intake import Intake, Refused
+from gateway.ops.metrics import Metrics
+from gateway.phone import NumberError, parse_fax_number, parse_recipient
+from gateway.smtp.tls import ReloadableTLS
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from .constants import FINAL_STATUSES
+from gateway.constants import FINAL_STATUSES
 
 
 class State(enum.StrEnum):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .mime import ParsedMail
+from gateway.documents.mime import ParsedMail
 
 
 class DocumentError(ValueError):

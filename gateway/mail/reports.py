@@ -22,11 +22,11 @@ from pathlib import Path
 from string import Template
 from typing import Sequence
 
-from .jobs import Job, State
-from .mime import sanitize_header_text
-from .notify import Rendered, render
-from .phone import format_number
-from .store import Attempt, Event, Message
+from gateway.outbound.states import Job, State
+from gateway.documents.mime import sanitize_header_text
+from gateway.mail.sender import Rendered, render
+from gateway.phone import format_number
+from gateway.store.sqlite import Attempt, Event, Message
 
 STATUS_WORDS: dict[str, str] = {
     "delivered": _("delivered"),
@@ -59,7 +59,7 @@ class Templates:
     def get(self, name: str) -> Template:
         if self.folder is not None and (self.folder / name).is_file():
             return Template((self.folder / name).read_text(encoding="utf-8"))
-        return Template(resources.files("gateway").joinpath("templates", name)
+        return Template(resources.files("gateway.mail").joinpath("templates", name)
                         .read_text(encoding="utf-8"))
 
 
@@ -214,7 +214,7 @@ def render_final_report(job: Job, message: Message, events: Sequence[Event],
             pdf = None
     thumb = None
     if thumbnail and pdf is not None:
-        from .convert import ConvertError, first_page_png
+        from gateway.documents.convert import ConvertError, first_page_png
 
         try:
             thumb = first_page_png(pdf, 300)
