@@ -199,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_config)
 
     jobs = sub.add_parser("jobs", help="list jobs, newest first")
-    jobs.add_argument("--status", help="a state (received, stored, submitted, reported, "
-                      "failed, ...), a fax status (delivered, busy, ...) or 'active'")
+    jobs.add_argument("--status", help="a job state (spooled, stored, submitting, submitted, "
+                      "completed, given-up, reported), a fax status (delivered, busy, "
+                      "no-answer, failed, canceled, ...) or 'active'")
     jobs.add_argument("--to", metavar="NUMBER", help="destination (or its last digits)")
     jobs.add_argument("--from", dest="sender", metavar="ADDR",
                       help="part of the sender's address")

@@ -26,7 +26,7 @@ from gateway.outbound.states import Job, State
 from gateway.documents.mime import sanitize_header_text
 from gateway.mail.sender import Rendered, render
 from gateway.phone import format_number
-from gateway.store.sqlite import Attempt, Event, Message
+from gateway.store.rows import Attempt, Event, Message
 
 STATUS_WORDS: dict[str, str] = {
     "delivered": _("delivered"),
@@ -77,7 +77,7 @@ def _advice(job: Job) -> str | None:
 
 def outcome(job: Job) -> tuple[bool, str]:
     """(delivered?, the outcome in a few words) for the subject line and the first sentence."""
-    if job.state is State.FAILED or (job.state is State.REPORTED and job.failure_reason):
+    if job.state is State.GIVEN_UP or (job.state is State.REPORTED and job.failure_reason):
         return False, _("not sent: ") + (job.failure_reason or _("the gateway gave up"))
     status = job.fax_status or "unknown"
     return status in ("delivered", "received"), STATUS_WORDS.get(status, f"status {status}")

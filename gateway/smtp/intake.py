@@ -31,7 +31,8 @@ from gateway.documents.mime import MimeError, ParsedMail, sanitize_header_text
 from gateway.mail.sender import Notifier, NotifyError
 from gateway.mail.reports import Templates, build_receipt, build_refusal
 from gateway.store.spool import Spool
-from gateway.store.sqlite import Message, NewJob, Store, StoreError
+from gateway.store.base import Store, StoreError
+from gateway.store.rows import Message, NewJob
 
 log = logging.getLogger(__name__)
 

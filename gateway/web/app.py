@@ -17,7 +17,7 @@ from gateway.outbound.states import CallbackAction
 from gateway.signalwire.media import MEDIA_ROUTE, LocalMediaStore
 from gateway.ops.metrics import Metrics, aiohttp_handler
 from gateway.signalwire.signature import verify_signature
-from gateway.store.sqlite import Store
+from gateway.store.base import Store
 
 log = logging.getLogger(__name__)
 
