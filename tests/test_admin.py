@@ -7,12 +7,15 @@ import asyncio
 import csv
 import io
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.config import settings_from
 from gateway.ops import actions as admin
+from gateway.ops import commands
 from gateway.ops.actions import AdminError
 from gateway.daemon import Gateway
 from gateway.outbound.states import RetryPolicy, State
@@ -20,7 +23,7 @@ from gateway.store.rows import Message, NewJob
 from gateway.store.base import open_store
 from gateway.store.sqlite import SqliteStore as Store
 
-from .conftest import (FakeClock, RelaySink, Simulator, drive, make_pdf,
+from .conftest import (FakeClock, RelaySink, Simulator, base_env, drive, make_pdf,
                        manual_gateway, production_env, relay_env, send_one)
 
 POLICY = RetryPolicy(3, 600.0, 3600.0)  # the defaults, as a daemon configured so uses them
@@ -297,6 +300,40 @@ def test_resend_of_a_completed_job_waits_for_its_automatic_retry(store: Store,
     new_id = admin.resend_job(store, a, T0 + 2 * 3600,
                               retry_policy=RetryPolicy(3, 600.0, 3600.0))
     assert store.job(new_id).state is State.SPOOLED
+
+
+def test_faxgw_resend_decides_with_the_configured_retry_policy(tmp_path: Path, capsys) -> None:
+    """`faxgw resend` once used the built-in policy (3 attempts): with FAX_MAX_ATTEMPTS=1 a busy
+    fax gets no automatic retry, so the operator's resend must go through; with the default
+    policy it would be refused as "will be retried automatically"."""
+    data = tmp_path / "var"
+    s = Store(data / "faxgw.sqlite3", time.time)
+    s.open()
+    try:
+        [a] = add_mail(s, tmp_path, ["+15551230000"])
+        to_final(s, a, "sid-a-000000000000", "busy")
+    finally:
+        s.close()
+    strict = settings_from(base_env(data, FAX_MAX_ATTEMPTS="1"))
+    assert commands.resend(strict, a) == 0, capsys.readouterr().err
+    assert f"job {a} will be sent again as job" in capsys.readouterr().out
+    [b] = add_mail_in(data, tmp_path, ["+15551230001"])
+    lenient = settings_from(base_env(data, FAX_MAX_ATTEMPTS="3",
+                                     FAX_RETRY_DELAY_SECONDS="120"))
+    assert commands.resend(lenient, b) == 1
+    assert "will be retried automatically (line busy)" in capsys.readouterr().err
+
+
+def add_mail_in(data: Path, tmp_path: Path, numbers: list[str]) -> list[str]:
+    s = Store(data / "faxgw.sqlite3", time.time)
+    s.open()
+    try:
+        ids = add_mail(s, tmp_path, numbers)
+        for job_id in ids:
+            to_final(s, job_id, f"sid-{job_id}-0000", "busy")
+        return ids
+    finally:
+        s.close()
 
 
 # -- cancel and report again (store level) ------------------------------------------------------
