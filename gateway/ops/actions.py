@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 from gateway.outbound.states import (ACTIVE_STATES, FINISHED, REPORT_DUE, Job, RetryPolicy,
                                      State, retry_decision)
 from gateway.signalwire.media import new_media_key
-from gateway.documents.mime import sanitize_header_text
+from gateway.text import one_line
 from gateway.phone import NumberError, format_number
 from gateway.mail.reports import outcome
 from gateway.signalwire.client import SignalWireClient, SignalWireError
@@ -119,7 +119,7 @@ def resolve_job_id(store: Store, ref: str) -> str:
         if ids:
             raise AdminError(f"fax {text} belongs to several jobs: {', '.join(ids)}")
         raise AdminError(f"no job sent a fax with id {text}")
-    raise AdminError(f"{sanitize_header_text(text, 40)!r} is not a job id "
+    raise AdminError(f"{one_line(text, 40)!r} is not a job id "
                      f"({JOB_ID_CHARS} hex characters, or at least {MIN_PREFIX_CHARS} of them) "
                      "or a SignalWire fax id")
 
@@ -142,13 +142,13 @@ def list_jobs(store: Store, *, status: str | None = None, to: str | None = None,
     if status is not None:
         status = status.strip().lower()
         if status not in STATUS_FILTERS:
-            raise AdminError(f"unknown status {sanitize_header_text(status, 30)!r}; use one of: "
+            raise AdminError(f"unknown status {one_line(status, 30)!r}; use one of: "
                              + ", ".join(STATUS_FILTERS))
     digits = None
     if to is not None:
         digits = "".join(c for c in to if c.isdigit())
         if not digits:
-            raise AdminError(f"{sanitize_header_text(to, 30)!r} has no digits to match a number")
+            raise AdminError(f"{one_line(to, 30)!r} has no digits to match a number")
     if limit < 1:
         raise AdminError("the limit must be at least 1")
     states: frozenset[State] | None = None
@@ -216,7 +216,7 @@ def _clean(text: object, limit: int = 200) -> str:
     """Mail-provided text for a terminal: no control characters (no escape sequences)."""
     if text is None:
         return "-"
-    return sanitize_header_text(str(text), limit) or "-"
+    return one_line(str(text), limit) or "-"
 
 
 _TABLE = (  # header, JobRow -> text, widest
@@ -285,7 +285,7 @@ def rows_to_csv(rows: Sequence[JobRow]) -> str:
 def _cell(text: str | None) -> str:
     if not text or text == "-":
         return ""
-    text = sanitize_header_text(text, 1000)
+    text = one_line(text, 1000)
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
@@ -304,7 +304,7 @@ def parse_since(text: str, now: float) -> float:
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise AdminError(f"cannot read {sanitize_header_text(value, 40)!r} as a time: use an "
+        raise AdminError(f"cannot read {one_line(value, 40)!r} as a time: use an "
                          "age like 12h or 7d, or a UTC date like 2025-01-31") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
