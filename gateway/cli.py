@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 
-from gateway import __version__
+from gateway import __version__, defaults
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.constants import EXIT_CONFIG
 
@@ -231,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="attach a generated one-page test PDF")
     send.add_argument("--to", action="append", required=True, metavar="NUMBER",
                       help="fax number (or number@domain); repeat for several")
-    send.add_argument("--server", default="127.0.0.1:2525", metavar="HOST:PORT")
+    send.add_argument("--server", default=defaults.SMTP_LISTEN, metavar="HOST:PORT")
     send.add_argument("--domain", help="fax domain (default fax.local)")
     send.add_argument("--from", dest="sender", default="faxgw-test@example.com",
                       metavar="ADDR", help="sender address (reports go here)")

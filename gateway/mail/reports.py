@@ -26,6 +26,7 @@ from gateway.outbound.states import Job, State
 from gateway.text import one_line
 from gateway.mail.sender import Rendered, render
 from gateway.phone import format_number
+from gateway.signalwire import errors
 from gateway.store.rows import Attempt, Event, Message
 
 STATUS_WORDS: dict[str, str] = {
@@ -39,12 +40,12 @@ STATUS_WORDS: dict[str, str] = {
 
 # Advice keyed by fragments of the T.30 result texts SignalWire passes through (spandsp wording).
 ADVICE: tuple[tuple[str, str], ...] = (
-    ("dropped prematurely", _("The call ended early. This often means the number is a voice "
+    (errors.DROPPED_TROUBLE, _("The call ended early. This often means the number is a voice "
                               "line or the fax machine hung up; check the number.")),
-    ("cannot receive at the resolution", _("The receiving machine cannot take this "
+    (errors.RESOLUTION_TROUBLE, _("The receiving machine cannot take this "
                                            "resolution; send again with [standard] in the "
                                            "subject.")),
-    ("timed out waiting for initial", _("No fax machine answered; check that the number is a "
+    (errors.NO_FAX_ANSWERED, _("No fax machine answered; check that the number is a "
                                         "fax number and that the machine is on.")),
     ("no answer", _("Nobody answered; the fax machine may be off or out of paper.")),
 )

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from typing import Iterable, Protocol
 
 from gateway.constants import FINAL_STATUSES
-from gateway.signalwire.errors import never_retry
+from gateway.signalwire.errors import LINE_TROUBLE, RESOLUTION_TROUBLE, never_retry
 
 
 class State(enum.StrEnum):
@@ -223,11 +223,6 @@ class SettingsLike(Protocol):
     fax_kill_minutes: float
 
 
-# T.30 result texts (spandsp wording, as SignalWire passes them on) that describe the line or
-# the far machine, not the document: worth another attempt.
-LINE_TROUBLE = ("dropped prematurely", "timed out", "disconnected", "no carrier", "training",
-                "line", "unexpected", "invalid response", "no response")
-RESOLUTION_TROUBLE = "cannot receive at the resolution"
 
 
 def retry_decision(job: Job, policy: RetryPolicy, now: float) -> tuple[float, str, str] | None:

@@ -88,3 +88,20 @@ def never_retry(code: int | str | None) -> bool:
     Callbacks carry the code as text, API errors as a number: both are accepted."""
     entry = CODES.get(_code(code) or -1)
     return entry.never_retry if entry else False
+
+
+# T.30 result texts (spandsp wording, as SignalWire passes them on in ErrorMessage of a "failed"
+# fax; it publishes no codes for them). The retry rule, the report's advice and the simulator
+# all read these, so a wording lives in one place.
+T30_DROPPED: Final = "The call dropped prematurely"
+T30_RESOLUTION: Final = "Far end cannot receive at the resolution of the image"
+T30_NO_ANSWER: Final = "Timed out waiting for initial communication"
+
+# Lower-case fragments of T.30 texts that describe the line or the far machine, not the
+# document: worth another attempt.
+LINE_TROUBLE: Final = ("dropped prematurely", "timed out", "disconnected", "no carrier",
+                       "training", "line", "unexpected", "invalid response", "no response")
+# The far machine cannot take the resolution: worth one more attempt at standard quality.
+RESOLUTION_TROUBLE: Final = "cannot receive at the resolution"
+DROPPED_TROUBLE: Final = "dropped prematurely"
+NO_FAX_ANSWERED: Final = "timed out waiting for initial"

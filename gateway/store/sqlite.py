@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from gateway import defaults
 from gateway.store.base import StoreError
 from gateway.store.sql import SqlStore
 
@@ -20,7 +21,7 @@ class SqliteStore(SqlStore):
     DDL_TYPES = {"float": "REAL", "autoid": "INTEGER"}  # INTEGER PRIMARY KEY: the rowid
 
     def __init__(self, path: Path, clock: Callable[[], float] = time.time,
-                 busy_timeout_s: float = 10.0) -> None:
+                 busy_timeout_s: float = defaults.STORE_BUSY_TIMEOUT_S) -> None:
         super().__init__(clock)
         self.path = path
         # How long a write waits for another process (the CLI) holding the lock; then the
