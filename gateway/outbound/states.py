@@ -5,20 +5,20 @@ in brackets); the store refuses any change that is not in the table, and every c
 event. Arrows that keep the state (retry later, progress, cancel at SignalWire, report now) are
 in the table too but not drawn.
 
-                    [received]
-                        |
-                        v
+    new mail, or a resend --[received]--> spooled
+
     spooled --[stored]--> stored --[submitting]--> submitting --[submitted]--> submitted
-       |                  ^  ^                       |   |                         |
-       |                  |  +-------[retry]---------+   +-----[final]-----+  [final]
-       |                  |    (send not taken / not found at SignalWire)  |       |
-       |                  |                                                v       v
-       |                  +-----------------[retry]------------------- completed <-+
-       |                      (busy, no answer, line trouble)           |    ^
-       |                                                                |    | [report-again]
-       |   [given-up] from any active state                  [reported] |    |
-       +-----------------------> given-up --[reported]--> reported <----+----+
-          [canceled] from spooled, stored    ^----[report-again]----'
+                           ^  ^                      |     |                      |
+                           |  +------[retry]---------+     | [final]              | [final]
+                           |  (not taken, or not found     v                      |
+                           |   at SignalWire)          completed <----------------+
+                           |                            |  |  ^
+                           +---------[retry]------------+  |  | [report-again]
+                              (busy, no answer,            |  |
+                               line trouble)    [reported] v  |
+    spooled, stored --[canceled]--> given-up --[reported]--> reported
+    any other active state --[given-up]--^  ^                   |
+                                            +-[report-again]----+
 
 `given-up` is the gateway giving up (SignalWire refused the request, an outage outlasted the
 limit, the operator canceled before the send); `completed` means SignalWire reported a final fax
