@@ -164,3 +164,35 @@ async def test_jobs_of_an_old_database_resume(make_gateway, simulator: Simulator
                         "Fax to +1 555-123-4568 not sent: SignalWire refused the fax: "
                         "bad number"]
     assert len(simulator.state.faxes) == 1
+
+
+def test_the_cli_does_not_upgrade_a_database_under_a_running_old_daemon(tmp_path: Path,
+                                                                        capsys) -> None:
+    """`faxgw jobs` of a new version against the database of a still-running old daemon: a
+    clear refusal, and the database left as the old daemon needs it."""
+    from gateway.config import settings_from
+    from gateway.ops import commands
+
+    from .conftest import base_env
+
+    build_old_database(tmp_path)
+    settings = settings_from(base_env(tmp_path))
+    assert commands.jobs(settings, status=None, to=None, sender=None, since=None, limit=10,
+                         fmt="table") == 1
+    err = capsys.readouterr().err
+    assert "is at schema version 0, this faxgw needs 2: restart the daemon" in err
+    db = sqlite3.connect(tmp_path / "faxgw.sqlite3")
+    try:
+        assert db.execute("SELECT state FROM jobs WHERE id = ?",
+                          (SPOOLED_JOB,)).fetchone()[0] == "received"
+        assert db.execute("SELECT name FROM sqlite_master WHERE name = 'schema_version'"
+                          ).fetchone() is None
+    finally:
+        db.close()
+    # Once the daemon (here: a store opened the daemon's way) has upgraded it, the CLI reads it.
+    store = SqliteStore(tmp_path / "faxgw.sqlite3")
+    store.open()
+    store.close()
+    assert commands.jobs(settings, status="spooled", to=None, sender=None, since=None,
+                         limit=10, fmt="table") == 0
+    assert SPOOLED_JOB in capsys.readouterr().out

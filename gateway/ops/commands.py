@@ -20,7 +20,7 @@ from gateway.constants import EXIT_UNAVAILABLE
 from gateway.outbound.states import RetryPolicy
 from gateway.signalwire.client import SignalWireClient, SignalWireError
 from gateway.store import base as store_base
-from gateway.store.base import Store
+from gateway.store.base import Store, StoreError
 from gateway.web.app import SANDBOX_PREFIX
 
 EX_OK, EX_FAIL = 0, 1
@@ -31,7 +31,10 @@ def open_store(settings: Settings) -> Store:
     if not store.exists():
         raise admin.AdminError(f"no database at {store.where}: is DATA_DIR right, has the "
                                "daemon run?")
-    store.open()
+    try:
+        store.open(migrate=False)
+    except StoreError as exc:
+        raise admin.AdminError(str(exc)) from exc
     return store
 
 

@@ -50,8 +50,10 @@ class Store(abc.ABC):
     # -- lifecycle ---------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def open(self) -> None:
-        """Connect and bring the schema up to date (migrations); synchronous."""
+    def open(self, *, migrate: bool = True) -> None:
+        """Connect and bring the schema up to date (migrations); synchronous. The CLI passes
+        `migrate=False`: it refuses a database of another schema version instead of
+        upgrading it under a running daemon of the previous version."""
 
     @abc.abstractmethod
     def close(self) -> None: ...

@@ -10,6 +10,7 @@ statement (`_exec`, `_rows`), the DDL types (`DDL_TYPES`) and the claim of due w
 from __future__ import annotations
 
 import abc
+import contextlib
 import logging
 from dataclasses import fields
 from typing import Any, ContextManager, Iterable, Sequence
@@ -109,9 +110,40 @@ class SqlStore(Store):
     def _ddl(self, statement: str) -> str:
         return statement.format(**self.DDL_TYPES)
 
+    def _migration_lock(self) -> ContextManager[None]:
+        """Held while migrating, so that two gateways starting on one shared database do not
+        both apply a step (PostgreSQL: an advisory lock). SQLite needs none: only the daemon
+        migrates (the CLI opens with `migrate=False`), and each step's `BEGIN IMMEDIATE` plus
+        the version check inside it keeps a step from applying twice."""
+        return contextlib.nullcontext()
+
+    def _has_table(self, name: str) -> bool:
+        """Whether a table exists (a database from before versioning has no schema_version)."""
+        raise NotImplementedError
+
+    def _open_schema(self, migrate: bool) -> None:
+        """At open: upgrade the schema, or (the CLI) only check that it is current.
+
+        The CLI must not upgrade a database under a running daemon of the previous version,
+        which would then meet rows it cannot read; it asks for the daemon to be restarted."""
+        if migrate:
+            self.migrate()
+            return
+        current = self.schema_version() if self._has_table("schema_version") else 0
+        if current != migrations.LATEST:
+            raise StoreError(
+                f"the database {self.where} is at schema version {current}, this faxgw needs "
+                f"{migrations.LATEST}: "
+                + ("restart the daemon (the new version upgrades the database at start-up)"
+                   if current < migrations.LATEST else "upgrade faxgw"))
+
     def migrate(self) -> int:
         """Apply every migration above the database's version, each in its own transaction;
         returns the version reached."""
+        with self._migration_lock():
+            return self._migrate()
+
+    def _migrate(self) -> int:
         with self._tx():
             self._exec(self._ddl(migrations.SCHEMA_VERSION_DDL))
         current = self.schema_version()
@@ -122,6 +154,8 @@ class SqlStore(Store):
             if migration.version <= current:
                 continue
             with self._tx(durable=True):
+                if self.schema_version() >= migration.version:
+                    continue  # another process applied it meanwhile
                 for statement in migration.statements:
                     self._exec(self._ddl(statement))
                 self._exec("INSERT INTO schema_version (version, applied_at, description)"

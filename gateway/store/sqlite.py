@@ -36,7 +36,7 @@ class SqliteStore(SqlStore):
     def exists(self) -> bool:
         return self.path.is_file()
 
-    def open(self) -> None:
+    def open(self, *, migrate: bool = True) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                              timeout=self.busy_timeout_s)
@@ -49,7 +49,7 @@ class SqliteStore(SqlStore):
         db.execute("PRAGMA foreign_keys=ON")
         self._db = db
         try:
-            self.migrate()
+            self._open_schema(migrate)
         except BaseException:
             self.close()
             raise
@@ -83,6 +83,10 @@ class SqliteStore(SqlStore):
         finally:
             if durable:
                 db.execute("PRAGMA synchronous=NORMAL")
+
+    def _has_table(self, name: str) -> bool:
+        return bool(self._rows("SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?",
+                               (name,)))
 
     def _exec(self, sql: str, args: Sequence[Any] = ()) -> int:
         return self.db.execute(self._sql(sql), args).rowcount
