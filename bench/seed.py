@@ -2,7 +2,7 @@
 
 Pushing 10,000 mails through S3 and the simulator would take minutes on a 2-core machine, so
 the jobs are written through the gateway's own `Store` transitions (the same rows, events and
-attempts a real submit leaves behind): message -> received -> stored -> submitting ->
+attempts a real submit leaves behind): message -> spooled -> stored -> submitting ->
 submitted, with the next status poll far in the future. Only the fsyncs are skipped
 (``synchronous=OFF`` on this one bulk connection); the daemon later opens the file with its
 own settings.
