@@ -1,10 +1,11 @@
 """`SqlStore`: every query of the store, written once in portable SQL, for all SQL backends.
 
 Queries use `?` placeholders, plain types and no backend-only functions. What differs between
-backends is a handful of small methods a backend overrides: connecting (`_connect`), turning `?`
-into its placeholder (`_sql`), a write transaction and its durability (`_tx`), running a
-statement (`_exec`, `_rows`), the DDL types (`DDL_TYPES`) and the claim of due work
-(`due_jobs`: SQLite has one writer; a shared PostgreSQL queue would lock and skip).
+backends is a handful of small methods a backend provides: `open`/`close`, turning `?` into its
+placeholder (`_sql`), a write transaction and its durability (`_tx`), running a statement
+(`_exec`, `_rows`), `_has_table`, the DDL types (`DDL_TYPES`), a lock while migrating
+(`_migration_lock`), which driver errors mean "could not write" (`_is_db_error`) and the claim
+of due work (`due_jobs`: SQLite has one writer; a shared PostgreSQL queue would lock and skip).
 """
 
 from __future__ import annotations
@@ -117,9 +118,9 @@ class SqlStore(Store):
         the version check inside it keeps a step from applying twice."""
         return contextlib.nullcontext()
 
+    @abc.abstractmethod
     def _has_table(self, name: str) -> bool:
         """Whether a table exists (a database from before versioning has no schema_version)."""
-        raise NotImplementedError
 
     def _open_schema(self, migrate: bool) -> None:
         """At open: upgrade the schema, or (the CLI) only check that it is current.
