@@ -21,7 +21,6 @@ import re
 import resource
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -35,6 +34,9 @@ from typing import Any
 from urllib.parse import urlencode
 
 from aiohttp import web
+
+from gateway.store.base import DB_FILENAME
+from gateway.store.sqlite import SqliteStore
 
 from .documents import write_documents
 from .procs import (
@@ -623,12 +625,13 @@ class Bench:
         finally:
             await gw.stop()
         if "callbacks" in self.results:
-            db = sqlite3.connect(f"file:{gw.data_dir / 'faxgw.sqlite3'}?mode=ro", uri=True)
+            store = SqliteStore(gw.data_dir / DB_FILENAME)
+            store.open()
             try:
-                progress = db.execute(
-                    "SELECT COUNT(*) FROM events WHERE kind = 'progress'").fetchone()[0]
+                progress = sum(1 for w in waiting for e in store.events(w.job_id)
+                               if e.kind == "progress")
             finally:
-                db.close()
+                store.close()
             self.results["callbacks"]["progress_events_recorded"] = progress
 
     @staticmethod

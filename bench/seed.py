@@ -2,7 +2,7 @@
 
 Pushing 10,000 mails through S3 and the simulator would take minutes on a 2-core machine, so
 the jobs are written through the gateway's own `Store` transitions (the same rows, events and
-attempts a real submit leaves behind): message -> received -> stored -> submitting ->
+attempts a real submit leaves behind): message -> spooled -> stored -> submitting ->
 submitted, with the next status poll far in the future. Only the fsyncs are skipped
 (``synchronous=OFF`` on this one bulk connection); the daemon later opens the file with its
 own settings.
@@ -19,7 +19,8 @@ from pathlib import Path
 
 from gateway.smtp.intake import new_id
 from gateway.signalwire.media import new_media_key
-from gateway.store.sqlite import Message, NewJob, Store
+from gateway.store.rows import Message, NewJob
+from gateway.store.sqlite import SqliteStore as Store
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ def seed_waiting_jobs(data_dir: Path, count: int, *, public_base_url: str, from_
     spool.mkdir(exist_ok=True)
     store = Store(data_dir / "faxgw.sqlite3")
     store.open()
-    store.db.execute("PRAGMA synchronous=OFF")
+    store.tune_for_bulk_load()
     document = b"%PDF-1.4 placeholder: waiting jobs never read their document\n"
     out: list[WaitingJob] = []
     try:
@@ -76,7 +77,7 @@ def seed_waiting_jobs(data_dir: Path, count: int, *, public_base_url: str, from_
                                      f"SignalWire accepted: sid {sid}, status queued")
                 out.append(WaitingJob(new.id, url, sid, new.to_number, from_number))
             made += n
-        store.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        store.checkpoint()
     finally:
         store.close()
     return out

@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 
-from gateway import __version__
+from gateway import __version__, defaults
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.constants import EXIT_CONFIG
 
@@ -199,8 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_config)
 
     jobs = sub.add_parser("jobs", help="list jobs, newest first")
-    jobs.add_argument("--status", help="a state (received, stored, submitted, reported, "
-                      "failed, ...), a fax status (delivered, busy, ...) or 'active'")
+    jobs.add_argument("--status", help="a job state (spooled, stored, submitting, submitted, "
+                      "completed, given-up, reported), a fax status (delivered, busy, "
+                      "no-answer, failed, canceled, ...) or 'active'")
     jobs.add_argument("--to", metavar="NUMBER", help="destination (or its last digits)")
     jobs.add_argument("--from", dest="sender", metavar="ADDR",
                       help="part of the sender's address")
@@ -230,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="attach a generated one-page test PDF")
     send.add_argument("--to", action="append", required=True, metavar="NUMBER",
                       help="fax number (or number@domain); repeat for several")
-    send.add_argument("--server", default="127.0.0.1:2525", metavar="HOST:PORT")
+    send.add_argument("--server", default=defaults.SMTP_LISTEN, metavar="HOST:PORT")
     send.add_argument("--domain", help="fax domain (default fax.local)")
     send.add_argument("--from", dest="sender", default="faxgw-test@example.com",
                       metavar="ADDR", help="sender address (reports go here)")

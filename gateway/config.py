@@ -37,6 +37,12 @@ class HostPort:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
+def _hostport(text: str) -> HostPort:
+    """A default "host:port" from defaults.py as a HostPort."""
+    host, _, port = text.rpartition(":")
+    return HostPort(host.strip("[]"), int(port))
+
+
 @dataclass(frozen=True)
 class Settings:
     fax_domain: str = defaults.FAX_DOMAIN
@@ -44,15 +50,15 @@ class Settings:
     from_number: str = defaults.SANDBOX_FROM_NUMBER
     quality: str = defaults.FAX_QUALITY
     ttl_minutes: int = defaults.FAX_TTL_MINUTES
-    smtp_listen: HostPort = HostPort("127.0.0.1", 2525)
+    smtp_listen: HostPort = field(default_factory=lambda: _hostport(defaults.SMTP_LISTEN))
     smtp_hostname: str = field(default_factory=socket.getfqdn)
     smtp_max_message_bytes: int = defaults.SMTP_MAX_MESSAGE_BYTES
     smtp_max_recipients: int = defaults.SMTP_MAX_RECIPIENTS
     max_pages: int = defaults.MAX_PAGES
-    http_listen: HostPort = HostPort("127.0.0.1", 8025)
+    http_listen: HostPort = field(default_factory=lambda: _hostport(defaults.HTTP_LISTEN))
     public_base_url: str | None = None  # None: http:// + the bound HTTP address
     signalwire_space_url: str | None = None  # None: sandbox with the built-in simulator
-    signalwire_project_id: str = "sandbox"
+    signalwire_project_id: str = defaults.SANDBOX_PROJECT_ID
     signalwire_api_token: str = field(default="", repr=False)
     signalwire_signing_key: str = field(default="", repr=False)
     media_store: str = defaults.MEDIA_STORE
@@ -81,36 +87,36 @@ class Settings:
     document_retention_hours: float = defaults.DOCUMENT_RETENTION_HOURS
     job_retention_days: float = defaults.JOB_RETENTION_DAYS
     shutdown_grace_s: float = defaults.SHUTDOWN_GRACE_S
-    paper: str = "letter"
+    paper: str = defaults.FAX_PAPER_IN_LETTER_REGIONS
     body_policy: str = defaults.FAX_BODY
-    cover: bool = False
+    cover: bool = defaults.FAX_COVER
     doc_timeout_s: float = defaults.DOC_TIMEOUT_S
     doc_memory_mb: int = defaults.DOC_MEMORY_MB
     doc_workers: int = defaults.DOC_WORKERS
-    report_thumbnail: bool = True
-    report_attach_pdf: bool = False
-    report_accepted: bool = False
+    report_thumbnail: bool = defaults.REPORT_THUMBNAIL
+    report_attach_pdf: bool = defaults.REPORT_ATTACH_PDF
+    report_accepted: bool = defaults.REPORT_ACCEPTED
     report_bcc: tuple[str, ...] = ()
-    report_refusals: bool = True
+    report_refusals: bool = defaults.REPORT_REFUSALS
     report_template_dir: Path | None = None
     smtps_listen: HostPort | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
-    tls_min_version: str = "TLSv1.2"
-    smtp_require_tls: bool = False
-    smtp_auth_plaintext: bool = False
+    tls_min_version: str = "TLSv" + defaults.TLS_MIN_VERSION[4:]
+    smtp_require_tls: bool = defaults.SMTP_REQUIRE_TLS
+    smtp_auth_plaintext: bool = defaults.SMTP_AUTH_PLAINTEXT
     users_file: Path | None = None
-    trusted_networks: tuple[str, ...] = ("127.0.0.0/8", "::1")
+    trusted_networks: tuple[str, ...] = defaults.TRUSTED_NETWORKS
     allowed_senders: tuple[str, ...] = ()
-    fax_allow_international: bool = False
+    fax_allow_international: bool = defaults.FAX_ALLOW_INTERNATIONAL
     fax_allow_prefixes: tuple[str, ...] = ()
     fax_block_prefixes: tuple[str, ...] = ()
-    rate_per_sender_hour: int = 60
-    rate_total_hour: int = 600
-    auth_max_failures: int = 5
-    auth_lockout_minutes: float = 15.0
-    log_level: str = "INFO"
-    log_format: str = "text"
+    rate_per_sender_hour: int = defaults.RATE_LIMIT_PER_SENDER
+    rate_total_hour: int = defaults.RATE_LIMIT_TOTAL
+    auth_max_failures: int = defaults.AUTH_MAX_FAILURES
+    auth_lockout_minutes: float = defaults.AUTH_LOCKOUT_MINUTES
+    log_level: str = defaults.FAXGW_LOG_LEVEL.upper()
+    log_format: str = defaults.FAXGW_LOG_FORMAT
     metrics_token: str | None = field(default=None, repr=False)
 
     @property
@@ -299,7 +305,7 @@ def settings_from(env: Mapping[str, str]) -> Settings:
                 r.problems.append(f"{name}: required when SIGNALWIRE_SPACE_URL is set")
     else:
         # Sandbox: the built-in simulator gets throw-away credentials for this run.
-        project = project or "sandbox"
+        project = project or defaults.SANDBOX_PROJECT_ID
         token = token or secrets.token_urlsafe(18)
         signing_key = signing_key or secrets.token_urlsafe(18)
 
@@ -343,14 +349,14 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         r.problems.append("TLS_CERT_FILE / TLS_KEY_FILE: set both or neither")
     if r.str("SMTPS_LISTEN") and not cert:
         r.problems.append("SMTPS_LISTEN: needs TLS_CERT_FILE and TLS_KEY_FILE")
-    tls_min = r.choice("TLS_MIN_VERSION", "tlsv1.2", ("tlsv1", "tlsv1.1", "tlsv1.2", "tlsv1.3"))
+    tls_min = r.choice("TLS_MIN_VERSION", defaults.TLS_MIN_VERSION, ("tlsv1", "tlsv1.1", "tlsv1.2", "tlsv1.3"))
     tls_min = "TLSv" + tls_min[4:]
-    if r.bool("SMTP_REQUIRE_TLS", False) and not cert:
+    if r.bool("SMTP_REQUIRE_TLS", defaults.SMTP_REQUIRE_TLS) and not cert:
         r.problems.append("SMTP_REQUIRE_TLS: needs TLS_CERT_FILE and TLS_KEY_FILE")
     users_file = r.file("USERS_FILE")
     from gateway.smtp.policy import DestinationPolicy, SenderPolicy, TrustedNetworks
 
-    trusted = r.items("TRUSTED_NETWORKS", ("127.0.0.0/8", "::1"))
+    trusted = r.items("TRUSTED_NETWORKS", defaults.TRUSTED_NETWORKS)
     senders = r.items("ALLOWED_SENDERS")
     allow_prefixes = r.items("FAX_ALLOW_PREFIXES")
     block_prefixes = r.items("FAX_BLOCK_PREFIXES")
@@ -393,7 +399,8 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         media_signing_key=r.str("MEDIA_SIGNING_KEY", "") or "",
         notify_smtp_host=notify_host,
         notify_smtp_port=r.int("NOTIFY_SMTP_PORT",
-                               465 if notify_tls == "tls" else defaults.NOTIFY_SMTP_PORT, 1, 65535),
+                               defaults.NOTIFY_SMTPS_PORT if notify_tls == "tls"
+                               else defaults.NOTIFY_SMTP_PORT, 1, 65535),
         notify_smtp_username=notify_user,
         notify_smtp_password=notify_password,
         notify_smtp_tls=notify_tls,
@@ -413,38 +420,42 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         document_retention_hours=doc_hours,
         job_retention_days=job_days,
         shutdown_grace_s=r.float("SHUTDOWN_GRACE_SECONDS", defaults.SHUTDOWN_GRACE_S, 0, 600),
-        paper=r.choice("FAX_PAPER", "letter" if region in defaults.LETTER_REGIONS else "a4",
-                       ("letter", "a4")),
+        paper=r.choice("FAX_PAPER", defaults.FAX_PAPER_IN_LETTER_REGIONS
+                       if region in defaults.LETTER_REGIONS
+                       else defaults.FAX_PAPER_OUTSIDE_LETTER_REGIONS, ("letter", "a4")),
         body_policy=r.choice("FAX_BODY", defaults.FAX_BODY, ("auto", "always", "never")),
-        cover=r.bool("FAX_COVER", False),
+        cover=r.bool("FAX_COVER", defaults.FAX_COVER),
         doc_timeout_s=r.float("DOC_TIMEOUT_SECONDS", defaults.DOC_TIMEOUT_S, 1, 3600),
         doc_memory_mb=r.int("DOC_MEMORY_MB", defaults.DOC_MEMORY_MB, 128, 65536),
         doc_workers=r.int("DOC_WORKERS", defaults.DOC_WORKERS, 1, 64),
-        report_thumbnail=r.bool("REPORT_THUMBNAIL", True),
-        report_attach_pdf=r.bool("REPORT_ATTACH_PDF", False),
-        report_accepted=r.bool("REPORT_ACCEPTED", False),
+        report_thumbnail=r.bool("REPORT_THUMBNAIL", defaults.REPORT_THUMBNAIL),
+        report_attach_pdf=r.bool("REPORT_ATTACH_PDF", defaults.REPORT_ATTACH_PDF),
+        report_accepted=r.bool("REPORT_ACCEPTED", defaults.REPORT_ACCEPTED),
         report_bcc=r.addresses("REPORT_BCC"),
-        report_refusals=r.bool("REPORT_REFUSALS", True),
+        report_refusals=r.bool("REPORT_REFUSALS", defaults.REPORT_REFUSALS),
         report_template_dir=template_dir,
         smtps_listen=r.hostport("SMTPS_LISTEN", "") if r.str("SMTPS_LISTEN") else None,
         tls_cert_file=cert,
         tls_key_file=key,
         tls_min_version=tls_min,
-        smtp_require_tls=r.bool("SMTP_REQUIRE_TLS", False),
-        smtp_auth_plaintext=r.bool("SMTP_AUTH_PLAINTEXT", False),
+        smtp_require_tls=r.bool("SMTP_REQUIRE_TLS", defaults.SMTP_REQUIRE_TLS),
+        smtp_auth_plaintext=r.bool("SMTP_AUTH_PLAINTEXT", defaults.SMTP_AUTH_PLAINTEXT),
         users_file=users_file,
         trusted_networks=trusted,
         allowed_senders=senders,
-        fax_allow_international=r.bool("FAX_ALLOW_INTERNATIONAL", False),
+        fax_allow_international=r.bool("FAX_ALLOW_INTERNATIONAL",
+                                       defaults.FAX_ALLOW_INTERNATIONAL),
         fax_allow_prefixes=allow_prefixes,
         fax_block_prefixes=block_prefixes,
-        rate_per_sender_hour=r.int("RATE_LIMIT_PER_SENDER", 60, 1, 1_000_000),
-        rate_total_hour=r.int("RATE_LIMIT_TOTAL", 600, 1, 10_000_000),
-        auth_max_failures=r.int("AUTH_MAX_FAILURES", 5, 1, 1000),
-        auth_lockout_minutes=r.float("AUTH_LOCKOUT_MINUTES", 15, 0.01, 24 * 60),
-        log_level=r.choice("FAXGW_LOG_LEVEL", "info",
+        rate_per_sender_hour=r.int("RATE_LIMIT_PER_SENDER", defaults.RATE_LIMIT_PER_SENDER, 1,
+                                   1_000_000),
+        rate_total_hour=r.int("RATE_LIMIT_TOTAL", defaults.RATE_LIMIT_TOTAL, 1, 10_000_000),
+        auth_max_failures=r.int("AUTH_MAX_FAILURES", defaults.AUTH_MAX_FAILURES, 1, 1000),
+        auth_lockout_minutes=r.float("AUTH_LOCKOUT_MINUTES", defaults.AUTH_LOCKOUT_MINUTES,
+                                     0.01, 24 * 60),
+        log_level=r.choice("FAXGW_LOG_LEVEL", defaults.FAXGW_LOG_LEVEL,
                            ("debug", "info", "warning", "error")).upper(),
-        log_format=r.choice("FAXGW_LOG_FORMAT", "text", ("text", "json")),
+        log_format=r.choice("FAXGW_LOG_FORMAT", defaults.FAXGW_LOG_FORMAT, ("text", "json")),
         metrics_token=r.str("METRICS_TOKEN"),
     )
     if r.problems:

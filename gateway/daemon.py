@@ -25,7 +25,7 @@ from gateway.mail.sender import Notifier, OutboxNotifier, RelayNotifier
 from gateway.signalwire.client import SignalWireClient
 from gateway.smtp.server import FaxHandler, SMTPListener
 from gateway.store.spool import Spool
-from gateway.store.sqlite import Store, StoreError
+from gateway.store.base import StoreError, open_store
 from gateway.smtp.tls import ReloadableTLS
 from gateway.web.app import CALLBACK_ROUTE, SANDBOX_PREFIX, WebApp
 from gateway.outbound.worker import Worker
@@ -38,7 +38,7 @@ class Gateway:
         self.s = settings
         self.clock = clock
         data = settings.data_dir
-        self.store = Store(data / "faxgw.sqlite3", clock)
+        self.store = open_store(settings, clock)
         self.spool = Spool(data / "spool")
         self.local_media: LocalMediaStore | None = None
         if settings.media_store == "local":

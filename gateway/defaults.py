@@ -1,4 +1,8 @@
-"""Defaults for everything an operator may tune (each has an environment variable in config.py)."""
+"""Defaults for everything an operator may tune (each has an environment variable in config.py).
+
+The one place a default is written: `Settings` field defaults and the environment reader in
+config.py both read from here, as do the CLI's own options.
+"""
 
 from typing import Final
 
@@ -9,12 +13,14 @@ FAX_QUALITY: Final = "fine"
 FAX_TTL_MINUTES: Final = 60
 SMTP_LISTEN: Final = "127.0.0.1:2525"
 HTTP_LISTEN: Final = "127.0.0.1:8025"
+SANDBOX_PROJECT_ID: Final = "sandbox"
 MEDIA_STORE: Final = "local"
 S3_PREFIX: Final = "faxgw/"
 S3_REGION: Final = "us-east-1"
 # A media URL must outlive queueing at SignalWire + Ttl + transmission (30-60 s a page).
 MEDIA_URL_SLACK_S: Final = 3600
 NOTIFY_SMTP_PORT: Final = 587
+NOTIFY_SMTPS_PORT: Final = 465        # the default port when NOTIFY_SMTP_TLS=tls
 NOTIFY_SMTP_TLS: Final = "starttls"
 DATA_DIR: Final = "./var"
 
@@ -49,3 +55,30 @@ DOC_TIMEOUT_S: Final = 60.0             # per mail: parsing and converting its d
 DOC_MEMORY_MB: Final = 1024             # address-space limit of a document worker process
 DOC_WORKERS: Final = 2
 LETTER_REGIONS: Final = frozenset({"US", "CA", "MX", "PH", "CL", "CO", "VE", "PR"})
+FAX_PAPER_OUTSIDE_LETTER_REGIONS: Final = "a4"
+FAX_PAPER_IN_LETTER_REGIONS: Final = "letter"
+FAX_COVER: Final = False
+
+# Reports.
+REPORT_THUMBNAIL: Final = True
+REPORT_ATTACH_PDF: Final = False
+REPORT_ACCEPTED: Final = False
+REPORT_REFUSALS: Final = True
+
+# SMTP security and limits.
+TLS_MIN_VERSION: Final = "tlsv1.2"
+SMTP_REQUIRE_TLS: Final = False
+SMTP_AUTH_PLAINTEXT: Final = False
+TRUSTED_NETWORKS: Final = ("127.0.0.0/8", "::1")
+FAX_ALLOW_INTERNATIONAL: Final = False
+RATE_LIMIT_PER_SENDER: Final = 60     # mails an hour
+RATE_LIMIT_TOTAL: Final = 600         # mails an hour
+AUTH_MAX_FAILURES: Final = 5
+AUTH_LOCKOUT_MINUTES: Final = 15.0
+
+# Logs.
+FAXGW_LOG_LEVEL: Final = "info"
+FAXGW_LOG_FORMAT: Final = "text"
+
+# The store.
+STORE_BUSY_TIMEOUT_S: Final = 10.0    # a write waits this long for the CLI's lock, then 451

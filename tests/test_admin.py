@@ -7,20 +7,26 @@ import asyncio
 import csv
 import io
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.config import settings_from
 from gateway.ops import actions as admin
+from gateway.ops import commands
 from gateway.ops.actions import AdminError
 from gateway.daemon import Gateway
 from gateway.outbound.states import RetryPolicy, State
-from gateway.store.sqlite import Message, NewJob, Store
+from gateway.store.rows import Message, NewJob
+from gateway.store.base import open_store
+from gateway.store.sqlite import SqliteStore as Store
 
-from .conftest import (FakeClock, RelaySink, Simulator, drive, make_pdf,
+from .conftest import (FakeClock, RelaySink, Simulator, base_env, drive, make_pdf,
                        manual_gateway, production_env, relay_env, send_one)
 
+POLICY = RetryPolicy(3, 600.0, 3600.0)  # the defaults, as a daemon configured so uses them
 T0 = 1_700_000_000.0
 Clock = FakeClock
 
@@ -113,7 +119,7 @@ def test_list_jobs_newest_first_with_status_and_last_event(store: Store, tmp_pat
     assert by_id[a].attempts == 1 and by_id[a].pages == 2
     assert by_id[b].status == "submitted/queued" and by_id[b].result == "in progress"
     assert by_id[b].sender == "copier@branch.example.org"  # no From: address: the envelope
-    assert by_id[c].status == "received" and by_id[c].last_event.startswith("received: from")
+    assert by_id[c].status == "spooled" and by_id[c].last_event.startswith("received: from")
     assert by_id[c].created == T0 + 120
 
     assert [r.id for r in admin.list_jobs(store, status="delivered")] == [a]
@@ -229,9 +235,9 @@ def test_describe_job_in_progress_and_failed(store: Store, tmp_path: Path, clock
     text = admin.describe_job(store, a, clock.now)
     assert "Result:        in progress" in text and "(due now)" in text
     assert "Attempts\n  (none)" in text and "when the fax is finished" in text
-    assert store.mark_failed(store.job(a), "the gateway gave up after 24 hours of trying")
+    assert store.mark_given_up(store.job(a), "the gateway gave up after 24 hours of trying")
     text = admin.describe_job(store, a, clock.now)
-    assert "failed/not sent" in text
+    assert "given-up/not sent" in text
     assert "Result:        not sent: the gateway gave up after 24 hours" in text
     assert "Delivery:      due" in text
 
@@ -243,10 +249,10 @@ def test_resend_makes_a_new_job_for_the_same_document(store: Store, tmp_path: Pa
     [a] = add_mail(store, tmp_path, ["+15551234567"])
     to_reported(store, a, "sid-a-000000000000")
     clock.advance(3600)
-    new_id = admin.resend_job(store, a[:8], clock.now)
+    new_id = admin.resend_job(store, a[:8], clock.now, retry_policy=POLICY)
     old, new = store.job(a), store.job(new_id)
     assert new_id != a and len(new_id) == 16
-    assert (new.state, new.next_run_at, new.created_at) == (State.RECEIVED, clock.now, clock.now)
+    assert (new.state, new.next_run_at, new.created_at) == (State.SPOOLED, clock.now, clock.now)
     assert (new.message_id, new.to_number, new.from_number, new.quality, new.pages) == (
         old.message_id, old.to_number, old.from_number, old.quality, old.pages)
     assert new.callback_token != old.callback_token and new.media_key != old.media_key
@@ -256,15 +262,16 @@ def test_resend_makes_a_new_job_for_the_same_document(store: Store, tmp_path: Pa
     # The first resend is under way: a second one would fax the document twice.
     with pytest.raises(AdminError, match=f"job {new_id} for the same document and number is "
                                          "still under way"):
-        admin.resend_job(store, a, clock.now)
+        admin.resend_job(store, a, clock.now, retry_policy=POLICY)
     with pytest.raises(AdminError, match="still in progress"):
-        admin.resend_job(store, new_id, clock.now)
+        admin.resend_job(store, new_id, clock.now, retry_policy=POLICY)
 
 
 def test_resend_uses_the_given_caller_number(store: Store, tmp_path: Path) -> None:
     [a] = add_mail(store, tmp_path, ["+15551234567"])
     to_reported(store, a, "sid-a-000000000000")
-    new_id = admin.resend_job(store, a, T0, from_number="+15550109999")
+    new_id = admin.resend_job(store, a, T0, from_number="+15550109999",
+                              retry_policy=POLICY)
     assert store.job(new_id).from_number == "+15550109999"
 
 
@@ -276,10 +283,10 @@ def test_resend_refuses_when_the_document_is_gone(store: Store, tmp_path: Path) 
     store.mark_purged(store.job(a).message_id)
     with pytest.raises(AdminError, match="its document was deleted from the spool at "
                                          ".*DOCUMENT_RETENTION_HOURS.*mail it again"):
-        admin.resend_job(store, a, T0)
+        admin.resend_job(store, a, T0, retry_policy=POLICY)
     Path(store.message(store.job(b).message_id).document_path).unlink()
     with pytest.raises(AdminError, match="missing from the spool"):
-        admin.resend_job(store, b, T0)
+        admin.resend_job(store, b, T0, retry_policy=POLICY)
     assert len(store.jobs()) == 2
 
 
@@ -288,11 +295,45 @@ def test_resend_of_a_completed_job_waits_for_its_automatic_retry(store: Store,
     [a] = add_mail(store, tmp_path, ["+15551230000"])
     to_final(store, a, "sid-a-000000000000", "busy")
     with pytest.raises(AdminError, match="will be retried automatically \\(line busy\\)"):
-        admin.resend_job(store, a, T0)
+        admin.resend_job(store, a, T0, retry_policy=POLICY)
     # Past the kill time no retry comes: a resend by hand is the way.
     new_id = admin.resend_job(store, a, T0 + 2 * 3600,
                               retry_policy=RetryPolicy(3, 600.0, 3600.0))
-    assert store.job(new_id).state is State.RECEIVED
+    assert store.job(new_id).state is State.SPOOLED
+
+
+def test_faxgw_resend_decides_with_the_configured_retry_policy(tmp_path: Path, capsys) -> None:
+    """`faxgw resend` once used the built-in policy (3 attempts): with FAX_MAX_ATTEMPTS=1 a busy
+    fax gets no automatic retry, so the operator's resend must go through; with the default
+    policy it would be refused as "will be retried automatically"."""
+    data = tmp_path / "var"
+    s = Store(data / "faxgw.sqlite3", time.time)
+    s.open()
+    try:
+        [a] = add_mail(s, tmp_path, ["+15551230000"])
+        to_final(s, a, "sid-a-000000000000", "busy")
+    finally:
+        s.close()
+    strict = settings_from(base_env(data, FAX_MAX_ATTEMPTS="1"))
+    assert commands.resend(strict, a) == 0, capsys.readouterr().err
+    assert f"job {a} will be sent again as job" in capsys.readouterr().out
+    [b] = add_mail_in(data, tmp_path, ["+15551230001"])
+    lenient = settings_from(base_env(data, FAX_MAX_ATTEMPTS="3",
+                                     FAX_RETRY_DELAY_SECONDS="120"))
+    assert commands.resend(lenient, b) == 1
+    assert "will be retried automatically (line busy)" in capsys.readouterr().err
+
+
+def add_mail_in(data: Path, tmp_path: Path, numbers: list[str]) -> list[str]:
+    s = Store(data / "faxgw.sqlite3", time.time)
+    s.open()
+    try:
+        ids = add_mail(s, tmp_path, numbers)
+        for job_id in ids:
+            to_final(s, job_id, f"sid-{job_id}-0000", "busy")
+        return ids
+    finally:
+        s.close()
 
 
 # -- cancel and report again (store level) ------------------------------------------------------
@@ -306,9 +347,9 @@ def test_cancel_before_submission_fails_the_job_for_its_report(store: Store,
         assert result.fax_sid is None and "canceled" in result.text
         job = store.job(job_id)
         assert (job.state, job.failure_reason, job.next_run_at) == (
-            State.FAILED, "canceled by the operator", T0 + 5)
+            State.GIVEN_UP, "canceled by the operator", T0 + 5)
         assert store.events(job_id)[-1].detail == "canceled by the operator"
-    with pytest.raises(AdminError, match="already finished \\(failed/not sent\\)"):
+    with pytest.raises(AdminError, match="already finished \\(given-up/not sent\\)"):
         admin.request_cancel(store, a, T0 + 6)
 
 
@@ -331,7 +372,7 @@ def test_cancel_of_a_submitted_job_names_the_fax(store: Store, tmp_path: Path) -
 def test_request_report_puts_a_reported_job_back(store: Store, tmp_path: Path) -> None:
     [a, b, c] = add_mail(store, tmp_path, ["+15551234567", "+15551234568", "+15551234569"])
     to_reported(store, a, "sid-a-000000000000")
-    assert store.mark_failed(store.job(b), "SignalWire refused the fax: bad number")
+    assert store.mark_given_up(store.job(b), "SignalWire refused the fax: bad number")
     assert store.mark_reported(store.job(b), "report written to x")
     reported_at = store.job(a).reported_at
 
@@ -340,11 +381,11 @@ def test_request_report_puts_a_reported_job_back(store: Store, tmp_path: Path) -
     assert (job.state, job.next_run_at, job.reported_at) == (State.COMPLETED, T0 + 100,
                                                              reported_at)
     admin.request_report(store, b, T0 + 100)
-    assert store.job(b).state is State.FAILED
+    assert store.job(b).state is State.GIVEN_UP
     # Already due (say, the relay is down): tried now.
     assert "already due" in admin.request_report(store, a, T0 + 200)
     assert store.job(a).next_run_at == T0 + 200
-    with pytest.raises(AdminError, match="still in progress \\(received\\)"):
+    with pytest.raises(AdminError, match="still in progress \\(spooled\\)"):
         admin.request_report(store, c, T0)
 
 
@@ -355,7 +396,7 @@ class Cli:
     used from a thread like a separate process would."""
 
     def __init__(self, gw: Gateway) -> None:
-        self.store = Store(gw.store.path)
+        self.store = open_store(gw.s)
         self.store.open()
 
     async def __call__(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -428,7 +469,8 @@ async def test_resend_and_report_again_end_to_end(simulator: Simulator, relay: R
         await drive(gw, simulator)
         first = await relay.next()
         clock.advance(600)
-        new_id = await cli(admin.resend_job, job_id, clock.now)
+        new_id = await cli(admin.resend_job, job_id, clock.now,
+                               retry_policy=gw.worker.retry_policy)
         await drive(gw, simulator)
         second = await relay.next()
         assert await cli(admin.request_report, job_id, clock.now)
@@ -460,7 +502,8 @@ async def test_resend_refused_once_the_document_is_purged(simulator: Simulator,
         await drive(gw, simulator)
         await relay.next()
         with pytest.raises(AdminError, match="deleted from the spool"):
-            await cli(admin.resend_job, job_id, clock.now)
+            await cli(admin.resend_job, job_id, clock.now,
+                               retry_policy=gw.worker.retry_policy)
     finally:
         cli.close()
         await gw.stop()

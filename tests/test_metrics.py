@@ -22,7 +22,8 @@ from gateway.ops.metrics import (
     error_code_label,
 )
 from gateway.signalwire.client import SendOutcomeUnknown, SendRetryable, SignalWireError
-from gateway.store.sqlite import Message, NewJob, Store
+from gateway.store.rows import Message, NewJob
+from gateway.store.sqlite import SqliteStore as Store
 
 from .conftest import job_ids, pdf_mail, smtp_send, wait_state
 
@@ -77,7 +78,7 @@ def test_fax_outcomes_and_end_to_end_latency() -> None:
     m = Metrics(process=False)
     m.fax_finished(job(), T0 + 90)
     m.fax_finished(job(fax_status="busy"), T0 + 1900)
-    m.fax_finished(job(state=State.FAILED, fax_status=None, failure_reason="gave up"), T0 + 5)
+    m.fax_finished(job(state=State.GIVEN_UP, fax_status=None, failure_reason="gave up"), T0 + 5)
     m.fax_finished(job(fax_status="weird"), T0 + 5)
     m.fax_finished(job(reported_at=T0 + 10), T0 + 4000)  # a report sent again: not recounted
     body = m.render(None)
@@ -129,17 +130,17 @@ def test_store_gauges_from_a_snapshot_of_a_real_store(tmp_path: Path) -> None:
                                         for i, x in enumerate(numbers)])
             clock[0] += 100
         first = store.job("j00")
-        store.mark_failed(first, "x")
+        store.mark_given_up(first, "x")
         store.mark_reported(store.job("j00"), "done")
         store.mark_stored(store.job("j01"), "k")
         snapshot = collect_snapshot(store, T0 + 1000)
     finally:
         store.close()
-    assert snapshot.counts_by_state == {"reported": 1, "stored": 1, "received": 1}
+    assert snapshot.counts_by_state == {"reported": 1, "stored": 1, "spooled": 1}
     assert snapshot.oldest_active_created_at == T0
     body = Metrics().render(snapshot)
     assert value(body, "faxgw_store_up") == 1
-    assert value(body, "faxgw_jobs", state="received") == 1
+    assert value(body, "faxgw_jobs", state="spooled") == 1
     assert value(body, "faxgw_jobs", state="stored") == 1
     assert value(body, "faxgw_jobs", state="reported") == 1
     assert value(body, "faxgw_jobs", state="submitted") == 0

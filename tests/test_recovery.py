@@ -39,7 +39,7 @@ async def test_s3_outage_is_waited_out(make_gateway, seaweed, simulator: Simulat
 
         await gw.worker.wait_for(retried_twice, 30)
         job = await gw.store.run(gw.store.job, job_id)
-        assert job.state is State.RECEIVED
+        assert job.state is State.SPOOLED
         message = await gw.store.run(gw.store.message, job.message_id)
         assert Path(message.document_path).is_file()
     finally:

@@ -9,7 +9,7 @@ from PIL import Image
 
 from gateway.outbound.states import Job, State
 from gateway.mail.reports import Templates, build_report
-from gateway.store.sqlite import Attempt, Event, Message
+from gateway.store.rows import Attempt, Event, Message
 
 from .conftest import (RelaySink, Simulator, job_ids, pdf_mail, production_env, relay_env,
                        smtp_send)

@@ -24,9 +24,12 @@ class TaskLimitError(Exception):
     """A task ran out of time or memory; the pool was replaced."""
 
 
-def _init_child(max_bytes: int, parent_pid: int) -> None:
+def _init_child(max_bytes: int, parent_pid: int, pids: Any) -> None:
     """In each worker: the memory limit, and death with the parent (a kill -9 of the daemon
-    must not leave workers behind holding its sockets and pipes)."""
+    must not leave workers behind holding its sockets and pipes). It tells the pool its pid
+    (`pids`, a SimpleQueue), so a runaway task can be killed without the executor's
+    internals."""
+    pids.put(os.getpid())
     if max_bytes > 0:
         resource.setrlimit(resource.RLIMIT_AS, (max_bytes, max_bytes))
     try:
@@ -55,13 +58,15 @@ class CpuPool:
         self.timeout_s = timeout_s
         self.memory_bytes = memory_bytes
         self._pool: ProcessPoolExecutor | None = None
+        self._pids: Any = None  # the current pool's SimpleQueue of worker pids
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn: children start clean (no copy of the daemon's threads, sockets or loop) and
         # are the daemon's own children, so PR_SET_PDEATHSIG ends them with it.
         ctx = multiprocessing.get_context("spawn")
+        self._pids = ctx.SimpleQueue()
         return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_child,
-                                   initargs=(self.memory_bytes, os.getpid()))
+                                   initargs=(self.memory_bytes, os.getpid(), self._pids))
 
     async def start(self) -> None:
         self._pool = self._new_pool()
@@ -91,8 +96,17 @@ class CpuPool:
             raise TaskLimitError("needed more memory than allowed") from None
 
     def _replace(self) -> None:
-        old, self._pool = self._pool, self._new_pool()
+        old, old_pids = self._pool, self._pids
+        self._pool = self._new_pool()
         if old is not None:
-            for proc in list(getattr(old, "_processes", {}).values()):
-                proc.kill()  # the only way to stop a runaway task in a pool worker
+            # Killing is the only way to stop a runaway task in a pool worker. The pids come
+            # from the workers themselves; only those still our live children are killed
+            # (a pid is never reused while its process is our unreaped child).
+            reported = set()
+            while not old_pids.empty():
+                reported.add(old_pids.get())
+            for proc in multiprocessing.active_children():
+                if proc.pid in reported:
+                    proc.kill()
             old.shutdown(wait=False, cancel_futures=True)
+            old_pids.close()

@@ -4,7 +4,7 @@ Pure: builds an EmailMessage (text + HTML, an inline thumbnail of the first page
 sent PDF) from a job, its message, attempts and history. The layout lives in template files
 (`gateway/templates/`, each overridable by a file of the same name in REPORT_TEMPLATE_DIR);
 the phrases go through gettext, so both can be translated. Text that came in by mail reaches
-headers only through `sanitize_header_text` and the HTML only through `html.escape`.
+headers only through `gateway.text.one_line` and the HTML only through `html.escape`.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from string import Template
 from typing import Sequence
 
 from gateway.outbound.states import Job, State
-from gateway.documents.mime import sanitize_header_text
+from gateway.text import one_line
 from gateway.mail.sender import Rendered, render
 from gateway.phone import format_number
-from gateway.store.sqlite import Attempt, Event, Message
+from gateway.signalwire import errors
+from gateway.store.rows import Attempt, Event, Message
 
 STATUS_WORDS: dict[str, str] = {
     "delivered": _("delivered"),
@@ -39,12 +40,12 @@ STATUS_WORDS: dict[str, str] = {
 
 # Advice keyed by fragments of the T.30 result texts SignalWire passes through (spandsp wording).
 ADVICE: tuple[tuple[str, str], ...] = (
-    ("dropped prematurely", _("The call ended early. This often means the number is a voice "
+    (errors.DROPPED_TROUBLE, _("The call ended early. This often means the number is a voice "
                               "line or the fax machine hung up; check the number.")),
-    ("cannot receive at the resolution", _("The receiving machine cannot take this "
+    (errors.RESOLUTION_TROUBLE, _("The receiving machine cannot take this "
                                            "resolution; send again with [standard] in the "
                                            "subject.")),
-    ("timed out waiting for initial", _("No fax machine answered; check that the number is a "
+    (errors.NO_FAX_ANSWERED, _("No fax machine answered; check that the number is a "
                                         "fax number and that the machine is on.")),
     ("no answer", _("Nobody answered; the fax machine may be off or out of paper.")),
 )
@@ -77,7 +78,7 @@ def _advice(job: Job) -> str | None:
 
 def outcome(job: Job) -> tuple[bool, str]:
     """(delivered?, the outcome in a few words) for the subject line and the first sentence."""
-    if job.state is State.FAILED or (job.state is State.REPORTED and job.failure_reason):
+    if job.state is State.GIVEN_UP or (job.state is State.REPORTED and job.failure_reason):
         return False, _("not sent: ") + (job.failure_reason or _("the gateway gave up"))
     status = job.fax_status or "unknown"
     return status in ("delivered", "received"), STATUS_WORDS.get(status, f"status {status}")
@@ -101,7 +102,7 @@ def subject_line(job: Job) -> str:
     if ok:
         return _("Fax to %s delivered, %s") % (number, _pages(job.pages_sent or job.pages or 0))
     tries = _(" after %d attempts") % job.attempt if job.attempt > 1 else ""
-    return sanitize_header_text(_("Fax to %s %s%s") % (number, words, tries), 200)
+    return one_line(_("Fax to %s %s%s") % (number, words, tries), 200)
 
 
 def _attempt_result(attempt: Attempt) -> str:
@@ -109,7 +110,7 @@ def _attempt_result(attempt: Attempt) -> str:
         return _("no result yet")
     text = STATUS_WORDS.get(attempt.status, attempt.status)
     if attempt.error_message:
-        text += f" ({sanitize_header_text(attempt.error_message, 200)})"
+        text += f" ({one_line(attempt.error_message, 200)})"
     return text
 
 
@@ -147,13 +148,13 @@ def build_report(job: Job, message: Message, events: Sequence[Event],
     values = {
         "headline": _("Your fax to %s was %s.") % (number, words),
         "destination": number,
-        "subject": sanitize_header_text(message.subject or _("(none)"), 200),
-        "documents": sanitize_header_text(message.filenames or "-", 300),
-        "not_faxed": sanitize_header_text(message.notes or "-", 600),
+        "subject": one_line(message.subject or _("(none)"), 200),
+        "documents": one_line(message.filenames or "-", 300),
+        "not_faxed": one_line(message.notes or "-", 600),
         "pages": _pages(job.pages_sent if ok and job.pages_sent else job.pages),
         "status": job.fax_status or job.state.value,
         "duration": f"{job.duration_s} s" if job.duration_s is not None else "-",
-        "error": (sanitize_header_text(job.error_message or "", 300)
+        "error": (one_line(job.error_message or "", 300)
                   + (f" (code {job.error_code})" if job.error_code else "")) or "-",
         "attempt_count": str(job.attempt),
         "fax_id": job.fax_sid or "-",
@@ -161,7 +162,7 @@ def build_report(job: Job, message: Message, events: Sequence[Event],
         "received": _when(message.created_at),
         "finished": _when(job.updated_at),
         "history": "\n".join(f"  {_when(e.at)}  {e.kind}: "
-                             f"{sanitize_header_text(e.detail or '', 300)}" for e in events),
+                             f"{one_line(e.detail or '', 300)}" for e in events),
     }
     text = templates.get("report.txt").safe_substitute(
         values, advice=f"{advice}\n" if advice else "",
@@ -250,7 +251,7 @@ def build_refusal(*, to: str, numbers: Sequence[str], reason: str, subject: str,
                        report_to=to, subject=subject, message_id_header=original_msgid,
                        references_header=None, peer=None, document_path="", document_bytes=0,
                        document_sha256="", pages=0, filenames=None)
-    refusal = _new_message(from_addr, to, sanitize_header_text(
+    refusal = _new_message(from_addr, to, one_line(
         _("Fax to %s not sent: %s") % (destinations, reason), 200), now,
         make_msgid(domain=hostname or None), original)
     refusal.set_content(templates.get("refused.txt").safe_substitute(

@@ -1,9 +1,10 @@
 """What the operator's commands do: list, find, describe, resend, cancel and re-report faxes.
 
-Functions over a `Store` opened synchronously by the CLI (`store = Store(path); store.open()`),
-safe while the daemon runs: SQLite is in WAL mode, every write is one short `BEGIN IMMEDIATE`
-transaction, and every state change is conditional on the state it was decided from, so a
-worker step running at the same moment either wins cleanly or sees the change and stops.
+Functions over a `Store` opened synchronously by the CLI (`open_store(settings).open()`),
+safe while the daemon runs: every write is one short transaction through the store's guarded
+transition (the table in gateway/outbound/states.py), conditional on the state it was decided
+from, so a worker step running at the same moment either wins cleanly or sees the change and
+stops.
 
 The daemon's worker picks up what these functions schedule (`next_run_at = now`) at its next
 look at the queue, within 30 s at most.
@@ -18,33 +19,34 @@ import io
 import json
 import re
 import secrets
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Iterable, Sequence
 
-from gateway import defaults
-from gateway.outbound.states import Job, RetryPolicy, State, retry_decision
+from gateway.outbound.states import (ACTIVE_STATES, FINISHED, REPORT_DUE, Job, RetryPolicy,
+                                     State, retry_decision)
 from gateway.signalwire.media import new_media_key
-from gateway.documents.mime import sanitize_header_text
+from gateway.text import one_line
 from gateway.phone import NumberError, format_number
 from gateway.mail.reports import outcome
 from gateway.signalwire.client import SignalWireClient, SignalWireError
-from gateway.store.sqlite import Attempt, Event, Message, NewJob, Store
+from gateway.signalwire import errors as sw_errors
+from gateway.store.base import Store
+from gateway.store.rows import Attempt, Event, JobListing, Message, NewJob
 
 MIN_PREFIX_CHARS = 6
 JOB_ID_CHARS = 16
 CANCELED_BY_OPERATOR = "canceled by the operator"
-# SignalWire's answer to a cancel once the fax has left "queued".
-ERR_NOT_CANCELABLE = 10000
 
 _HEX = re.compile(r"[0-9a-f]+")
 _FAX_SID = re.compile(r"[0-9A-Za-z][0-9A-Za-z-]{15,63}")
-_JOB_COLUMNS = [f.name for f in fields(Job)]
 FAX_STATUSES = ("queued", "processing", "sending", "delivered", "received", "busy",
                 "no-answer", "failed", "canceled")
-STATUS_FILTERS = ("active", *(s.value for s in State),
-                  *(s for s in FAX_STATUSES if s not in {st.value for st in State}))
+# `--status` words: "active", a job state, or a fax status. The state words were chosen so that
+# none is also a fax status: `given-up` (the gateway gave up) is not `failed` (the fax failed).
+STATUS_FILTERS = ("active", *(s.value for s in State), *FAX_STATUSES)
+assert len(set(STATUS_FILTERS)) == len(STATUS_FILTERS), "a state word is also a fax status"
 
 
 class AdminError(Exception):
@@ -117,7 +119,7 @@ def resolve_job_id(store: Store, ref: str) -> str:
         if ids:
             raise AdminError(f"fax {text} belongs to several jobs: {', '.join(ids)}")
         raise AdminError(f"no job sent a fax with id {text}")
-    raise AdminError(f"{sanitize_header_text(text, 40)!r} is not a job id "
+    raise AdminError(f"{one_line(text, 40)!r} is not a job id "
                      f"({JOB_ID_CHARS} hex characters, or at least {MIN_PREFIX_CHARS} of them) "
                      "or a SignalWire fax id")
 
@@ -140,40 +142,44 @@ def list_jobs(store: Store, *, status: str | None = None, to: str | None = None,
     if status is not None:
         status = status.strip().lower()
         if status not in STATUS_FILTERS:
-            raise AdminError(f"unknown status {sanitize_header_text(status, 30)!r}; use one of: "
+            raise AdminError(f"unknown status {one_line(status, 30)!r}; use one of: "
                              + ", ".join(STATUS_FILTERS))
     digits = None
     if to is not None:
         digits = "".join(c for c in to if c.isdigit())
         if not digits:
-            raise AdminError(f"{sanitize_header_text(to, 30)!r} has no digits to match a number")
+            raise AdminError(f"{one_line(to, 30)!r} has no digits to match a number")
     if limit < 1:
         raise AdminError("the limit must be at least 1")
-    rows = store.job_rows(status=status, to_digits=digits,
-                          sender=(sender or "").strip() or None, since=since, limit=limit)
+    states: frozenset[State] | None = None
+    fax_status = None
+    if status == "active":
+        states = ACTIVE_STATES
+    elif status in FAX_STATUSES:
+        fax_status = status
+    elif status is not None:
+        states = frozenset({State(status)})
+    rows = store.job_listing(states=states, fax_status=fax_status, to_digits=digits,
+                             sender=(sender or "").strip() or None, since=since, limit=limit)
     return [_row(r) for r in rows]
 
 
-def _row(r: Any) -> JobRow:
-    values = {c: r[c] for c in _JOB_COLUMNS}
-    values["state"] = State(values["state"])
-    job = Job(**values)
+def _row(r: JobListing) -> JobRow:
+    job = r.job
     _, words = outcome(job)
-    if job.state not in (State.COMPLETED, State.FAILED, State.REPORTED):
-        result = "in progress"
-    else:
-        result = words
+    result = words if job.state in FINISHED else "in progress"
     last = "-"
-    if r["e_kind"]:
-        last = r["e_kind"] + (f": {r['e_detail']}" if r["e_detail"] else "")
+    if r.last_event is not None:
+        last = r.last_event.kind + (f": {r.last_event.detail}" if r.last_event.detail else "")
     return JobRow(
         id=job.id, created=job.created_at,
-        sender=r["m_report_to"] or r["m_envelope_from"] or "-",
+        sender=r.report_to or r.envelope_from or "-",
         destination=job.to_number, status=_status(job), pages=job.pages,
-        attempts=job.attempt, last_event=last, last_event_at=r["e_at"],
+        attempts=job.attempt, last_event=last,
+        last_event_at=r.last_event.at if r.last_event else None,
         message_id=job.message_id, state=job.state.value, fax_status=job.fax_status,
-        result=result, envelope_from=r["m_envelope_from"], header_from=r["m_header_from"],
-        peer=r["m_peer"], subject=r["m_subject"], filenames=r["m_filenames"],
+        result=result, envelope_from=r.envelope_from, header_from=r.header_from,
+        peer=r.peer, subject=r.subject, filenames=r.filenames,
         pages_sent=job.pages_sent, error=_error_text(job), fax_sid=job.fax_sid,
         reported_at=job.reported_at)
 
@@ -210,7 +216,7 @@ def _clean(text: object, limit: int = 200) -> str:
     """Mail-provided text for a terminal: no control characters (no escape sequences)."""
     if text is None:
         return "-"
-    return sanitize_header_text(str(text), limit) or "-"
+    return one_line(str(text), limit) or "-"
 
 
 _TABLE = (  # header, JobRow -> text, widest
@@ -279,7 +285,7 @@ def rows_to_csv(rows: Sequence[JobRow]) -> str:
 def _cell(text: str | None) -> str:
     if not text or text == "-":
         return ""
-    text = sanitize_header_text(text, 1000)
+    text = one_line(text, 1000)
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
@@ -298,7 +304,7 @@ def parse_since(text: str, now: float) -> float:
     try:
         moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise AdminError(f"cannot read {sanitize_header_text(value, 40)!r} as a time: use an "
+        raise AdminError(f"cannot read {one_line(value, 40)!r} as a time: use an "
                          "age like 12h or 7d, or a UTC date like 2025-01-31") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=timezone.utc)
@@ -315,8 +321,7 @@ def describe_job(store: Store, job_id: str, now: float | None = None) -> str:
     events = store.events(job.id)
     siblings = [j for j in store.message_jobs(job.message_id) if j.id != job.id]
     _, words = outcome(job)
-    result = words if job.state in (State.COMPLETED, State.FAILED, State.REPORTED) else (
-        "in progress")
+    result = words if job.state in FINISHED else "in progress"
 
     lines = [f"Job {job.id}", ""]
     lines += _fields([
@@ -403,7 +408,7 @@ def _report_fields(job: Job, message: Message | None, events: Sequence[Event]
     reported = [e for e in events if e.kind == "reported"]
     if reported:
         where = _clean(reported[-1].detail, 300)
-    elif job.state in (State.COMPLETED, State.FAILED):
+    elif job.state in REPORT_DUE:
         where = "due" + (f" (tries {job.tries})" if job.tries else "")
     else:
         where = "when the fax is finished"
@@ -429,24 +434,23 @@ def _attempts_table(attempts: Sequence[Attempt]) -> list[str]:
 
 # -- actions ------------------------------------------------------------------------------------
 
-def resend_job(store: Store, job_id: str, now: float, *, from_number: str | None = None,
-               retry_policy: RetryPolicy | None = None) -> str:
+def resend_job(store: Store, job_id: str, now: float, *, retry_policy: RetryPolicy,
+               from_number: str | None = None) -> str:
     """Send the same document to the same number again, as a new job; returns its id.
 
-    The job must be finished (reported or failed; or completed with no automatic retry
+    The job must be finished (reported or given-up; or completed with no automatic retry
     coming), and the document still in the spool: with DOCUMENT_RETENTION_HOURS=0 it is
     deleted as soon as every job of the mail is reported. The new job uses the job's last
     quality and, unless `from_number` is given (pass the configured FAX_FROM_NUMBER), its caller.
+    `retry_policy` is the configured one (`RetryPolicy.from_settings`): whether an automatic
+    retry is still coming is decided exactly as the daemon's worker decides it.
     """
     job = _load(store, job_id)
-    if job.state not in (State.REPORTED, State.FAILED, State.COMPLETED):
+    if job.state not in FINISHED:
         raise AdminError(f"job {job.id} is still in progress ({_status(job)}); "
                          "nothing to resend yet")
     if job.state is State.COMPLETED:
-        policy = retry_policy or RetryPolicy(defaults.FAX_MAX_ATTEMPTS,
-                                             defaults.FAX_RETRY_DELAY_S,
-                                             defaults.FAX_KILL_MINUTES * 60)
-        decision = retry_decision(job, policy, now)
+        decision = retry_decision(job, retry_policy, now)
         if decision is not None:
             raise AdminError(f"job {job.id} will be retried automatically ({decision[2]}) at "
                              f"{_when(decision[0])} UTC; cancel it first to resend by hand")
@@ -471,12 +475,12 @@ def resend_job(store: Store, job_id: str, now: float, *, from_number: str | None
 
 
 def request_cancel(store: Store, job_id: str, now: float) -> CancelRequest:
-    """Stop a fax. Not yet at SignalWire (received, stored, or waiting for a retry): the job
-    fails with "canceled by the operator" and the sender gets a report saying so. At SignalWire
-    (submitted): returns its fax sid; only a cancel there (`cancel_fax`) can stop it, and only
+    """Stop a fax. Not yet at SignalWire (spooled, stored, or waiting for a retry): the job
+    is given up with "canceled by the operator" and the sender gets a report saying so. At
+    SignalWire (submitted): returns its fax sid; only a cancel there (`cancel_fax`) can stop it, and only
     while it is still queued."""
     job = _load(store, job_id)
-    if job.state in (State.RECEIVED, State.STORED):
+    if job.state in (State.SPOOLED, State.STORED):
         if store.cancel_unsent(job.id, CANCELED_BY_OPERATOR, now):
             return CancelRequest(job.id, None,
                                  f"job {job.id} canceled; the sender will get a report")
@@ -489,7 +493,7 @@ def request_cancel(store: Store, job_id: str, now: float) -> CancelRequest:
         return CancelRequest(job.id, job.fax_sid,
                              f"job {job.id}: fax {job.fax_sid} is at SignalWire "
                              f"({job.fax_status or 'queued'})")
-    if job.state in (State.RECEIVED, State.STORED):  # raced twice: be plain about it
+    if job.state in (State.SPOOLED, State.STORED):  # raced twice: be plain about it
         raise AdminError(f"job {job.id} changed while canceling; try again")
     raise AdminError(f"job {job.id} is already finished ({_status(job)}): nothing to cancel")
 
@@ -500,7 +504,7 @@ async def cancel_fax(client: SignalWireClient, sid: str) -> None:
     try:
         await client.cancel_fax(sid)
     except SignalWireError as exc:
-        if exc.code == ERR_NOT_CANCELABLE:
+        if exc.code == sw_errors.NOT_CANCELABLE:
             raise AdminError("too late to cancel: the fax is already being sent") from exc
         raise AdminError(f"SignalWire did not cancel fax {sid}: {exc.words}") from exc
 
@@ -513,15 +517,15 @@ def note_cancel(store: Store, job_id: str, now: float, fax_sid: str) -> None:
 
 def request_report(store: Store, job_id: str, now: float) -> str:
     """Send the report again. A reported job goes back to completed (a fax status came) or
-    failed (the gateway gave up), with the report due now; a job whose report is already due
+    given-up (the gateway gave up), with the report due now; a job whose report is already due
     (say, waiting out a relay outage) is tried now. Returns what was done."""
     job = _load(store, job_id)
     if job.state is State.REPORTED:
-        target = State.FAILED if job.failure_reason else State.COMPLETED
+        target = State.GIVEN_UP if job.failure_reason else State.COMPLETED
         if not store.report_again(job.id, target, now):
             raise AdminError(f"job {job.id} changed meanwhile; try again")
         return f"job {job.id}: the report will be sent again"
-    if job.state in (State.COMPLETED, State.FAILED):
+    if job.state in REPORT_DUE:
         if not store.report_now(job.id, now):
             raise AdminError(f"job {job.id} changed meanwhile; try again")
         return f"job {job.id}: the report was already due; it will be tried now"

@@ -17,19 +17,24 @@ from typing import Callable
 from gateway.ops import actions as admin
 from gateway.config import Settings
 from gateway.constants import EXIT_UNAVAILABLE
+from gateway.outbound.states import RetryPolicy
 from gateway.signalwire.client import SignalWireClient, SignalWireError
-from gateway.store.sqlite import Store
+from gateway.store import base as store_base
+from gateway.store.base import Store, StoreError
 from gateway.web.app import SANDBOX_PREFIX
 
 EX_OK, EX_FAIL = 0, 1
 
 
 def open_store(settings: Settings) -> Store:
-    path = settings.data_dir / "faxgw.sqlite3"
-    if not path.is_file():
-        raise admin.AdminError(f"no database at {path}: is DATA_DIR right, has the daemon run?")
-    store = Store(path)
-    store.open()
+    store = store_base.open_store(settings)
+    if not store.exists():
+        raise admin.AdminError(f"no database at {store.where}: is DATA_DIR right, has the "
+                               "daemon run?")
+    try:
+        store.open(migrate=False)
+    except StoreError as exc:
+        raise admin.AdminError(str(exc)) from exc
     return store
 
 
@@ -93,7 +98,8 @@ def job(settings: Settings, ref: str) -> int:
 
 def resend(settings: Settings, ref: str) -> int:
     def action(store: Store) -> str:
-        new = admin.resend_job(store, ref, time.time(), from_number=settings.from_number)
+        new = admin.resend_job(store, ref, time.time(), from_number=settings.from_number,
+                               retry_policy=RetryPolicy.from_settings(settings))
         nudge_daemon(settings)
         return f"job {ref} will be sent again as job {new}"
     return with_store(action)(settings)

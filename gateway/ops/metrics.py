@@ -25,7 +25,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from gateway.constants import FINAL_STATUSES
 from gateway.outbound.states import ACTIVE_STATES, Job, State
-from gateway.store.sqlite import Store
+from gateway.store.base import Store
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,6 @@ class StoreSnapshot:
     taken_at: float = field(default_factory=time.time)
 
 
-# SQL: MOVE INTO store.py as `Store.oldest_active_created_at` (portable; uses no index today,
-# fine at the size JOB_RETENTION_DAYS keeps the table; an index on jobs(state, created_at)
-# would make it a lookup).
 def collect_snapshot(store: Store, now: float) -> StoreSnapshot:
     """Run on the store's thread: `await store.run(collect_snapshot, store, clock())`."""
     return StoreSnapshot(store.counts_by_state(), store.oldest_active_created_at(), now)
@@ -169,7 +166,7 @@ class Metrics:
         (its report sent again by the operator) is not counted twice."""
         if job.reported_at is not None:
             return
-        if job.failure_reason or job.state is State.FAILED:
+        if job.failure_reason or job.state is State.GIVEN_UP:
             status = "not_sent"
         elif job.fax_status in FINAL_STATUSES:
             status = job.fax_status

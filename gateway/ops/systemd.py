@@ -14,6 +14,8 @@ import os
 import socket
 from typing import Awaitable, Callable, Mapping
 
+from gateway.text import one_line
+
 log = logging.getLogger(__name__)
 
 SEND_TIMEOUT_S = 1.0        # a datagram to PID 1; only a wedged systemd makes this wait
@@ -47,17 +49,17 @@ def notify(state: str, environ: Mapping[str, str] | None = None) -> bool:
 
 def ready(status: str | None = None) -> bool:
     """The listeners are bound and the worker runs (Type=notify waits for this)."""
-    return notify("READY=1" + (f"\nSTATUS={_one_line(status)}" if status else ""))
+    return notify("READY=1" + (f"\nSTATUS={one_line(status)}" if status else ""))
 
 
 def stopping(status: str | None = None) -> bool:
     """Shutdown has begun (systemd shows "deactivating" meanwhile)."""
-    return notify("STOPPING=1" + (f"\nSTATUS={_one_line(status)}" if status else ""))
+    return notify("STOPPING=1" + (f"\nSTATUS={one_line(status)}" if status else ""))
 
 
 def status(text: str) -> bool:
     """A one-line status shown by `systemctl status`."""
-    return notify(f"STATUS={_one_line(text)}")
+    return notify(f"STATUS={one_line(text)}")
 
 
 def extend_timeout(seconds: float) -> bool:
@@ -86,10 +88,6 @@ def watchdog_interval_s(environ: Mapping[str, str] | None = None) -> float | Non
         except ValueError:
             return None
     return usec / 1_000_000
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())[:200]
 
 
 HealthCheck = Callable[[], Awaitable[bool]]

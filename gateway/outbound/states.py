@@ -1,37 +1,146 @@
 """The job state machine as plain data and pure functions (no I/O), so every rule is testable alone.
 
-A job is one fax to one number. Its life:
+A job is one fax to one number. Every arrow below is a row of `TRANSITIONS` (the event it records
+in brackets); the store refuses any change that is not in the table, and every change leaves an
+event. Arrows that keep the state (retry later, progress, cancel at SignalWire, report now) are
+in the table too but not drawn.
 
-    received --upload--> stored --POST--> submitting --2xx--> submitted --final status--> completed
-                                              |                                               |
-                                  (outcome unknown: look the                                  v
-                                   fax up before resending)           failed --report--> reported
+    new mail, or a resend --[received]--> spooled
 
-`failed` is the gateway giving up (SignalWire refused the request, an outage outlasted the limit);
-`completed` means SignalWire reported a final fax status, whatever it was. Both end in a report.
+    spooled --[stored]--> stored --[submitting]--> submitting --[submitted]--> submitted
+                           ^  ^                      |     |                      |
+                           |  +------[retry]---------+     | [final]              | [final]
+                           |  (not taken, or not found     v                      |
+                           |   at SignalWire)          completed <----------------+
+                           |                            |  |  ^
+                           +---------[retry]------------+  |  | [report-again]
+                              (busy, no answer,            |  |
+                               line trouble)    [reported] v  |
+    spooled, stored --[canceled]--> given-up --[reported]--> reported
+    any other active state --[given-up]--^  ^                   |
+                                            +-[report-again]----+
+
+`given-up` is the gateway giving up (SignalWire refused the request, an outage outlasted the
+limit, the operator canceled before the send); `completed` means SignalWire reported a final fax
+status, whatever it was. Both end in a report. State words never collide with SignalWire's fax
+status words (`received`, `failed`), so `faxgw jobs --status` means one thing per word.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Iterable, Protocol
 
 from gateway.constants import FINAL_STATUSES
+from gateway.signalwire.errors import LINE_TROUBLE, RESOLUTION_TROUBLE, never_retry
 
 
 class State(enum.StrEnum):
-    RECEIVED = "received"      # document durable in the spool, not yet in the media store
+    SPOOLED = "spooled"        # document durable in the spool, not yet in the media store
     STORED = "stored"          # document in the media store, ready to submit
     SUBMITTING = "submitting"  # send POST started; its outcome is unknown until answered
     SUBMITTED = "submitted"    # SignalWire accepted it (fax sid known); waiting for a final status
     COMPLETED = "completed"    # final fax status known; report due
-    FAILED = "failed"          # the gateway gave up; report due
+    GIVEN_UP = "given-up"      # the gateway gave up; report due
     REPORTED = "reported"      # report sent; nothing left to do
 
 
-ACTIVE_STATES = frozenset({State.RECEIVED, State.STORED, State.SUBMITTING, State.SUBMITTED,
-                           State.COMPLETED, State.FAILED})
+ACTIVE_STATES = frozenset({State.SPOOLED, State.STORED, State.SUBMITTING, State.SUBMITTED,
+                           State.COMPLETED, State.GIVEN_UP})
 AWAITING_FAX = frozenset({State.SUBMITTING, State.SUBMITTED})
+REPORT_DUE = frozenset({State.COMPLETED, State.GIVEN_UP})
+FINISHED = REPORT_DUE | {State.REPORTED}
+
+
+class Ev(enum.StrEnum):
+    """Event kinds a transition records (the `events.kind` column)."""
+
+    RECEIVED = "received"          # the job was created (mail accepted, or resent)
+    STORED = "stored"
+    SUBMITTING = "submitting"
+    SUBMITTED = "submitted"
+    UNKNOWN = "unknown"            # the send's answer never came; look the fax up later
+    RETRY = "retry"
+    PROGRESS = "progress"
+    FINAL = "final"
+    GIVEN_UP = "given-up"
+    CANCELED = "canceled"          # operator canceled before the send
+    CANCEL = "cancel"              # operator canceled at SignalWire; fetch the status now
+    REPORTED = "reported"
+    REPORT_AGAIN = "report-again"
+    REPORT_NOW = "report-now"
+    RESENT = "resent"              # sent again as a new job (this job does not change)
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One allowed change: from `source` (None: the job is created) to `target`, recording
+    `event`. `source == target` is a change of schedule or detail, not of state."""
+
+    source: State | None
+    target: State
+    event: Ev
+    why: str
+
+
+def _rows() -> tuple[Transition, ...]:
+    S = State
+    rows = [
+        Transition(None, S.SPOOLED, Ev.RECEIVED, "mail accepted, or resent by the operator"),
+        Transition(S.SPOOLED, S.STORED, Ev.STORED, "document uploaded to the media store"),
+        Transition(S.STORED, S.SUBMITTING, Ev.SUBMITTING, "send POST about to start"),
+        Transition(S.SUBMITTING, S.SUBMITTED, Ev.SUBMITTED, "SignalWire took the fax"),
+        Transition(S.SUBMITTING, S.STORED, Ev.RETRY, "send not taken, or not found at SignalWire"),
+        Transition(S.SUBMITTING, S.SUBMITTING, Ev.UNKNOWN, "send answer lost: look it up later"),
+        Transition(S.SUBMITTING, S.SUBMITTING, Ev.PROGRESS, "non-final status"),
+        Transition(S.SUBMITTED, S.SUBMITTED, Ev.PROGRESS, "non-final status"),
+        Transition(S.SUBMITTING, S.COMPLETED, Ev.FINAL, "final status before the send answer"),
+        Transition(S.SUBMITTED, S.COMPLETED, Ev.FINAL, "final fax status"),
+        Transition(S.SUBMITTED, S.SUBMITTED, Ev.CANCEL, "canceled at SignalWire; fetch now"),
+        Transition(S.COMPLETED, S.STORED, Ev.RETRY, "busy, no answer, line trouble"),
+        Transition(S.SPOOLED, S.GIVEN_UP, Ev.CANCELED, "operator canceled before the send"),
+        Transition(S.STORED, S.GIVEN_UP, Ev.CANCELED, "operator canceled before the send"),
+        Transition(S.COMPLETED, S.REPORTED, Ev.REPORTED, "report sent (or given up)"),
+        Transition(S.GIVEN_UP, S.REPORTED, Ev.REPORTED, "report sent (or given up)"),
+        Transition(S.REPORTED, S.COMPLETED, Ev.REPORT_AGAIN, "operator: report again"),
+        Transition(S.REPORTED, S.GIVEN_UP, Ev.REPORT_AGAIN, "operator: report again"),
+        Transition(S.COMPLETED, S.COMPLETED, Ev.REPORT_NOW, "operator: try the report now"),
+        Transition(S.GIVEN_UP, S.GIVEN_UP, Ev.REPORT_NOW, "operator: try the report now"),
+    ]
+    for state in sorted(ACTIVE_STATES):
+        rows.append(Transition(state, state, Ev.RETRY, "an outage: same step, later"))
+        if state is not S.GIVEN_UP:
+            rows.append(Transition(state, S.GIVEN_UP, Ev.GIVEN_UP, "refused, or outage too long"))
+    for state in sorted(FINISHED):
+        rows.append(Transition(state, state, Ev.RESENT, "operator: sent again as a new job"))
+    return tuple(rows)
+
+
+TRANSITIONS: tuple[Transition, ...] = _rows()
+_ALLOWED = frozenset((t.source, t.target, t.event) for t in TRANSITIONS)
+
+
+class IllegalTransition(ValueError):
+    """A change the transition table does not allow: a bug in the caller, never data."""
+
+
+def allowed(source: State | None, target: State, event: str) -> bool:
+    return (source, target, event) in _ALLOWED
+
+
+def check_transition(sources: Iterable[State | None], target: State, event: str) -> None:
+    """Raise IllegalTransition unless every (source, target, event) is in the table."""
+    bad = [s for s in sources if not allowed(s, target, event)]
+    if bad:
+        raise IllegalTransition(
+            f"{', '.join(str(s) for s in bad)} -> {target} [{event}] is not in the table")
+
+
+def sources_of(target: State, event: str) -> frozenset[State]:
+    """The states a job may be in for `event` to move it to `target`."""
+    return frozenset(t.source for t in TRANSITIONS
+                     if t.target is target and t.event == event and t.source is not None)
 
 
 @dataclass(frozen=True)
@@ -100,15 +209,20 @@ class RetryPolicy:
     delay_s: float
     kill_s: float
 
+    @classmethod
+    def from_settings(cls, settings: "SettingsLike") -> "RetryPolicy":
+        """The configured policy (FAX_MAX_ATTEMPTS, FAX_RETRY_DELAY_SECONDS, FAX_KILL_MINUTES):
+        the worker and the operator's `faxgw resend` must decide alike."""
+        return cls(settings.fax_max_attempts, settings.fax_retry_delay_s,
+                   settings.fax_kill_minutes * 60)
 
-# Errors about the document or the numbers: another attempt cannot succeed.
-NEVER_RETRY_CODES = frozenset({"12300", "53603", "63019", "21210", "21211", "21212", "21217",
-                               "21601", "21620"})
-# T.30 result texts (spandsp wording, as SignalWire passes them on) that describe the line or
-# the far machine, not the document: worth another attempt.
-LINE_TROUBLE = ("dropped prematurely", "timed out", "disconnected", "no carrier", "training",
-                "line", "unexpected", "invalid response", "no response")
-RESOLUTION_TROUBLE = "cannot receive at the resolution"
+
+class SettingsLike(Protocol):
+    fax_max_attempts: int
+    fax_retry_delay_s: float
+    fax_kill_minutes: float
+
+
 
 
 def retry_decision(job: Job, policy: RetryPolicy, now: float) -> tuple[float, str, str] | None:
@@ -125,7 +239,7 @@ def retry_decision(job: Job, policy: RetryPolicy, now: float) -> tuple[float, st
     quality, delay, why = job.quality, policy.delay_s, ""
     if status in ("busy", "no-answer"):
         why = "line busy" if status == "busy" else "no answer"
-    elif status == "failed" and job.error_code not in NEVER_RETRY_CODES:
+    elif status == "failed" and not never_retry(job.error_code):
         if RESOLUTION_TROUBLE in message:
             if job.quality == "standard":
                 return None

@@ -30,7 +30,7 @@ from gateway.mail.reports import render_final_report
 from gateway.signalwire.client import (SendOutcomeUnknown, SendRefused, SendRetryable, SignalWireClient,
                          SignalWireError)
 from gateway.store.spool import Spool
-from gateway.store.sqlite import Store
+from gateway.store.base import Store
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,7 @@ class Worker:
         self._dialling: dict[str, str] = {}  # job id -> number, for stored jobs being submitted
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self.retry_policy = RetryPolicy(settings.fax_max_attempts, settings.fax_retry_delay_s,
-                                        settings.fax_kill_minutes * 60)
+        self.retry_policy = RetryPolicy.from_settings(settings)
         self._next_housekeeping = 0.0
         self._recheck_s = min(UNKNOWN_RECHECK_S, settings.api_timeout_s)
         # Notified after every step: lets tests and the CLI wait for a job without polling.
@@ -156,12 +155,12 @@ class Worker:
 
     async def _step(self, job: Job) -> None:
         steps: dict[State, Callable[[Job], Awaitable[None]]] = {
-            State.RECEIVED: self._upload,
+            State.SPOOLED: self._upload,
             State.STORED: self._submit,
             State.SUBMITTING: self._reconcile,
             State.SUBMITTED: self._poll,
             State.COMPLETED: self._report,
-            State.FAILED: self._report,
+            State.GIVEN_UP: self._report,
         }
         try:
             await steps[job.state](job)
@@ -194,7 +193,7 @@ class Worker:
     async def _later(self, job: Job, reason: str, delay_s: float | None = None) -> None:
         """An outage: keep the job where it is and come back later, or give up past the limit."""
         if self._gave_up(job):
-            if job.state in (State.COMPLETED, State.FAILED):
+            if job.state in (State.COMPLETED, State.GIVEN_UP):
                 await self.store.run(self.store.mark_reported, job,
                                      f"report NOT delivered, gave up: {reason}")
                 self.metrics.report_done("gave_up")
@@ -203,7 +202,7 @@ class Worker:
                 return
             words = (f"the gateway gave up after {self.s.give_up_hours:g} hours of trying "
                      f"({reason})")
-            await self.store.run(self.store.mark_failed, job, words)
+            await self.store.run(self.store.mark_given_up, job, words)
             log.error("job %s: gave up in state %s: %s", job.id, job.state.value, reason)
             return
         delay = self._delay(job) if delay_s is None else delay_s
@@ -216,7 +215,7 @@ class Worker:
         assert message is not None
         source = Path(message.document_path)
         if not source.is_file():
-            await self.store.run(self.store.mark_failed, job,
+            await self.store.run(self.store.mark_given_up, job,
                                  "the document is missing from the gateway's spool")
             log.error("job %s: spool file %s is missing", job.id, source)
             return
@@ -258,7 +257,7 @@ class Worker:
             delay = exc.retry_after_s if exc.retry_after_s is not None else self._delay(job)
             delay = min(max(delay, 0.0), self.s.retry_max_s)
             if self._gave_up(job):
-                await self.store.run(self.store.mark_failed, job, exc.words,
+                await self.store.run(self.store.mark_given_up, job, exc.words,
                                      str(exc.code or ""), str(exc))
                 return
             await self.store.run(self.store.back_to_stored, job, self.clock() + delay,
@@ -266,14 +265,18 @@ class Worker:
             log.warning("job %s: SignalWire did not take the fax (%s); retry in %.1f s",
                         job.id, exc.words, delay)
         except SendRefused as exc:
-            await self.store.run(self.store.mark_failed, job,
+            await self.store.run(self.store.mark_given_up, job,
                                  f"SignalWire refused the fax: {exc.words}",
                                  str(exc.code) if exc.code else None, str(exc))
             log.warning("job %s: refused by SignalWire: %s", job.id, exc.words)
         except SendOutcomeUnknown as exc:
-            await self.store.run(self.store.add_event, job.id, "unknown",
-                                 f"send outcome unknown ({exc.words}); will look it up")
-            await self.store.run(self.store.reschedule, job, self.clock() + self._recheck_s)
+            words = f"send outcome unknown ({exc.words})"
+            if not await self.store.run(self.store.mark_outcome_unknown, job,
+                                        self.clock() + self._recheck_s,
+                                        f"{words}; will look it up"):
+                # A status callback came first and moved the job on: history only.
+                await self.store.run(self.store.add_event, job.id, "unknown",
+                                     f"{words}; the job moved on meanwhile")
             log.warning("job %s: send outcome unknown (%s); looking it up in %.0f s", job.id,
                         exc.words, self._recheck_s)
         else:
@@ -322,7 +325,7 @@ class Worker:
                 fax = await self.sw.fetch_fax(job.fax_sid)
         except SignalWireError as exc:
             if exc.code == 20404 or exc.status == 404:
-                await self.store.run(self.store.mark_failed, job,
+                await self.store.run(self.store.mark_given_up, job,
                                      "SignalWire no longer knows this fax", None, str(exc))
                 return
             await self._later(job, f"cannot fetch the fax status: {exc.words}")

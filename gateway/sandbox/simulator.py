@@ -44,6 +44,7 @@ from aiohttp import web
 from yarl import URL
 
 from gateway.constants import API_PATH, QUALITIES, TTL_MAX_MINUTES, TTL_MIN_MINUTES
+from gateway.signalwire import errors
 from gateway.signalwire.signature import SIGNATURE_HEADER, compute_signature
 
 log = logging.getLogger(__name__)
@@ -58,34 +59,35 @@ MAX_PAGE_SIZE: Final = 1000
 SECONDS_PER_PAGE: Final = 30
 MORE_INFO: Final = "https://developer.signalwire.com/compatibility-api/rest/overview#error-codes"
 
-# Error codes (signalwire-fax-facts.md); the ones marked "sim" are this simulator's choice.
-ERR_INVALID_PARAMETER: Final = 20001  # sim: any other bad parameter
-ERR_AUTH: Final = 20003
-ERR_NOT_FOUND: Final = 20404
-ERR_IN_PROGRESS: Final = 20009
-ERR_UNSUPPORTED_MEDIA_TYPE: Final = 20415  # sim: a JSON or multipart body
-ERR_TOO_MANY_REQUESTS: Final = 20429
-ERR_FROM_NOT_OWNED: Final = 21210
-ERR_BAD_TO: Final = 21211
-ERR_BAD_FROM: Final = 21212
-ERR_FROM_REQUIRED: Final = 21603
-ERR_TO_REQUIRED: Final = 21604
-ERR_BAD_CALLBACK_URL: Final = 21609
-ERR_BAD_MEDIA_URL: Final = 21620
-ERR_NOT_CANCELABLE: Final = 10000
-ERR_CONTENT_TYPE: Final = "12300"
-ERR_MEDIA_REDIRECT: Final = "53603"
-ERR_MEDIA_DOWNLOAD: Final = "63019"
-ERR_T30: Final = "30003"  # sim: SignalWire publishes no numbers for T.30 failures
+# Error codes from the gateway's one table (gateway/signalwire/errors.py). API errors carry a
+# number; a fax's ErrorCode is text.
+ERR_INVALID_PARAMETER: Final = errors.INVALID_PARAMETER  # sim: any other bad parameter
+ERR_AUTH: Final = errors.AUTH
+ERR_NOT_FOUND: Final = errors.NOT_FOUND
+ERR_IN_PROGRESS: Final = errors.IN_PROGRESS
+ERR_UNSUPPORTED_MEDIA_TYPE: Final = errors.UNSUPPORTED_MEDIA_TYPE  # sim: JSON or multipart body
+ERR_TOO_MANY_REQUESTS: Final = errors.TOO_MANY_REQUESTS
+ERR_FROM_NOT_OWNED: Final = errors.FROM_NOT_OWNED
+ERR_BAD_TO: Final = errors.BAD_TO
+ERR_BAD_FROM: Final = errors.BAD_FROM
+ERR_FROM_REQUIRED: Final = errors.FROM_REQUIRED
+ERR_TO_REQUIRED: Final = errors.TO_REQUIRED
+ERR_BAD_CALLBACK_URL: Final = errors.BAD_CALLBACK_URL
+ERR_BAD_MEDIA_URL: Final = errors.BAD_MEDIA_URL
+ERR_NOT_CANCELABLE: Final = errors.NOT_CANCELABLE
+ERR_CONTENT_TYPE: Final = str(errors.CONTENT_TYPE)
+ERR_MEDIA_REDIRECT: Final = str(errors.MEDIA_REDIRECT)
+ERR_MEDIA_DOWNLOAD: Final = str(errors.MEDIA_DOWNLOAD)
+ERR_T30: Final = str(errors.T30)  # sim: SignalWire publishes no numbers for T.30 failures
 
-MSG_RESOLUTION: Final = "Far end cannot receive at the resolution of the image"
+MSG_RESOLUTION: Final = errors.T30_RESOLUTION
 # Destination suffix -> (final status, error code, error message).
 _OUTCOMES: Final[dict[str, tuple[str, str | None, str | None]]] = {
     "0000": ("busy", None, None),
     "0001": ("no-answer", None, None),
-    "0002": ("failed", ERR_T30, "The call dropped prematurely"),
+    "0002": ("failed", ERR_T30, errors.T30_DROPPED),
     "0003": ("failed", ERR_T30, MSG_RESOLUTION),
-    "0004": ("failed", ERR_T30, "Timed out waiting for initial communication"),
+    "0004": ("failed", ERR_T30, errors.T30_NO_ANSWER),
 }
 
 _E164 = re.compile(r"\+[1-9][0-9]{1,14}")
@@ -360,7 +362,7 @@ class SimulatorState:
         if queued:
             status, _, message = queued.pop(0).partition(":")
             if status == "failed":
-                return status, "30003", message or "The call dropped prematurely"
+                return status, ERR_T30, message or errors.T30_DROPPED
             return status, None, None
         return _outcome(fax.to, fax.quality)
 

@@ -20,28 +20,9 @@ from urllib.parse import urljoin
 import aiohttp
 
 from gateway.constants import API_PATH
+from gateway.signalwire import errors
 
 log = logging.getLogger(__name__)
-
-# Plain words for the error codes a sender may meet (signalwire-fax-facts.md).
-ERROR_WORDS: dict[int, str] = {
-    20003: "the gateway's SignalWire credentials were refused",
-    20404: "SignalWire does not know this fax or project",
-    20429: "SignalWire is rate limiting the gateway",
-    21210: "the caller number is not a number of the gateway's SignalWire project",
-    21211: "the destination number is not valid",
-    21217: "the destination number is not valid",
-    21212: "the caller number is not in international (E.164) form",
-    21601: "the caller number cannot send faxes",
-    21611: "too many faxes are queued for the caller number",
-    21620: "the document link given to SignalWire was not valid",
-    12300: "SignalWire could not read the document as a PDF",
-    53603: "SignalWire could not fetch the document",
-    63019: "SignalWire could not download the document",
-    30002: "the SignalWire account is out of balance",
-    4001: "the SignalWire account is out of balance",
-}
-
 
 class SignalWireError(Exception):
     def __init__(self, message: str, *, status: int | None = None, code: int | None = None,
@@ -54,7 +35,7 @@ class SignalWireError(Exception):
     @property
     def words(self) -> str:
         """The error in plain words, SignalWire's own message and code kept for the record."""
-        plain = ERROR_WORDS.get(self.code or -1)
+        plain = errors.words(self.code)
         detail = f"{self}" + (f" (code {self.code})" if self.code else "")
         return f"{plain}: {detail}" if plain else detail
 

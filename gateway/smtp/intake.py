@@ -27,11 +27,13 @@ from gateway.documents.model import DocOptions, DocumentError
 from gateway.ops.faults import crash_point
 from gateway.signalwire.media import new_media_key
 from gateway.ops.metrics import Metrics
-from gateway.documents.mime import MimeError, ParsedMail, sanitize_header_text
+from gateway.documents.mime import MimeError, ParsedMail
+from gateway.text import one_line
 from gateway.mail.sender import Notifier, NotifyError
 from gateway.mail.reports import Templates, build_receipt, build_refusal
 from gateway.store.spool import Spool
-from gateway.store.sqlite import Message, NewJob, Store, StoreError
+from gateway.store.base import Store, StoreError
+from gateway.store.rows import Message, NewJob
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,7 @@ class Intake:
                             exc)
                 reason = f"The attached documents could not be converted: the work {exc}"
             else:
-                reason = _one_line(str(exc))
+                reason = one_line(str(exc), 400, ascii_only=True)
             self._report_refusal(content, envelope_from, client, numbers, reason)
             raise Refused(f"554 5.6.0 {reason}") from exc
         parsed, document, options = prepared.parsed, prepared.document, prepared.options
@@ -153,7 +155,7 @@ class Intake:
         for job in jobs:
             log.info("job %s: accepted to %s, %d page(s), message %s from %s (peer %s)",
                      job.id, job.to_number, document.pages, message_id,
-                     sanitize_header_text(message.report_to or "-", 120), peer or "-")
+                     one_line(message.report_to or "-", 120), peer or "-")
         self.on_new_jobs()
         self.metrics.mail_accepted(len(jobs))
         if self.settings.report_accepted and message.report_to and self.notifier is not None:
@@ -181,7 +183,7 @@ class Intake:
             return
         refusal = build_refusal(
             to=to, numbers=numbers, reason=reason,
-            subject=sanitize_header_text(str(headers.get("Subject", "") or ""), 200),
+            subject=one_line(str(headers.get("Subject", "") or ""), 200),
             original_msgid=str(headers.get("Message-ID", "") or "").strip() or None,
             from_addr=self.settings.notify_from, hostname=self.settings.smtp_hostname,
             now=self.clock(), templates=self.templates)
@@ -191,9 +193,9 @@ class Intake:
         assert self.notifier is not None
         try:
             await self.notifier.send(refusal, f"refused-{new_id()}")
-            log.info("refusal report sent to %s", sanitize_header_text(to, 120))
+            log.info("refusal report sent to %s", one_line(to, 120))
         except NotifyError as exc:
-            log.warning("refusal report to %s not sent: %s", sanitize_header_text(to, 120), exc)
+            log.warning("refusal report to %s not sent: %s", one_line(to, 120), exc)
 
 
     async def _send_receipts(self, message: Message, job_ids: list[str]) -> None:
@@ -210,7 +212,3 @@ class Intake:
                 await self.notifier.send(receipt, f"{job_id}.accepted")
             except NotifyError as exc:
                 log.warning("job %s: accepted receipt not sent: %s", job_id, exc)
-
-
-def _one_line(text: str, limit: int = 400) -> str:
-    return " ".join(text.split())[:limit].encode("ascii", "replace").decode("ascii")

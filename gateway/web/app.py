@@ -17,7 +17,8 @@ from gateway.outbound.states import CallbackAction
 from gateway.signalwire.media import MEDIA_ROUTE, LocalMediaStore
 from gateway.ops.metrics import Metrics, aiohttp_handler
 from gateway.signalwire.signature import verify_signature
-from gateway.store.sqlite import Store
+from gateway.store.base import Store
+from gateway.text import one_line
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,10 @@ def _int(value: str | None) -> int | None:
 
 
 def _short(value: object, limit: int = 300) -> str | None:
-    if value is None or not isinstance(value, str) or value == "":
+    """A callback form field as one bounded line of text, or None when absent or empty."""
+    if not isinstance(value, str):
         return None
-    return "".join(c if c.isprintable() else " " for c in value)[:limit]
+    return one_line(value, limit) or None
 
 
 class WebApp:
@@ -67,9 +69,8 @@ class WebApp:
         listen = self.s.http_listen
         self._site = web.TCPSite(self._runner, listen.host, listen.port)
         await self._site.start()
-        server = self._site._server
-        assert server is not None and server.sockets  # type: ignore[attr-defined]
-        self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        # The bound port (HTTP_LISTEN may ask for port 0), from aiohttp's public API.
+        self.port = int(self._runner.addresses[0][1])
 
     async def stop(self) -> None:
         if self._runner is not None:

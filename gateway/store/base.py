@@ -1,0 +1,241 @@
+"""The store interface: what the worker, intake, callbacks, metrics, the CLI and the benchmark
+may ask of the job store, in typed rows (gateway/store/rows.py).
+
+Shaped like postfix-mta-sts-resolver's cache backends: this small base class, and each backend a
+sibling module (`sqlite.py` today; `postgres.py` next). The SQL every backend shares lives once
+in `sql.py` (`SqlStore`); a backend overrides only what differs (connection, placeholders,
+transactions and durability, the claim of due work).
+
+Every call is synchronous and runs on one dedicated thread that owns the connection (`run`): the
+event loop never waits on a disk or a network round trip, and calls are serialised without locks.
+The CLI uses the same objects synchronously (`open()` ... `close()`).
+
+Every change of a job goes through one guarded transition checked against
+`gateway.outbound.states.TRANSITIONS`, and every change leaves an event.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import functools
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
+
+from gateway.outbound.states import CallbackAction, IllegalTransition, Job, State
+from gateway.store.rows import Attempt, Event, JobListing, Message, NewJob
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
+
+T = TypeVar("T")
+
+__all__ = ["IllegalTransition", "Store", "StoreError", "open_store", "DB_FILENAME"]
+
+DB_FILENAME = "faxgw.sqlite3"
+
+
+class StoreError(Exception):
+    """The store could not take a write: the SMTP side answers 451 so the sender retries."""
+
+
+class Store(abc.ABC):
+    """The job store. Subclasses implement the abstract methods; the thread plumbing is here."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock
+        self._executor: ThreadPoolExecutor | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def open(self, *, migrate: bool = True) -> None:
+        """Connect and bring the schema up to date (migrations); synchronous. The CLI passes
+        `migrate=False`: it refuses a database of another schema version instead of
+        upgrading it under a running daemon of the previous version."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    async def start(self) -> None:
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="faxgw-store")
+        await self.run(self.open)
+
+    async def stop(self) -> None:
+        if self._executor is not None:
+            await self.run(self.close)
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a synchronous store call on the store's own thread."""
+        assert self._executor is not None, "store not started"
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, functools.partial(fn, *args))
+
+    @property
+    @abc.abstractmethod
+    def where(self) -> str:
+        """Where the data lives, for messages (a path, or a database name; no password)."""
+
+    def exists(self) -> bool:
+        """Whether there is a database to open (the CLI will not create an empty one)."""
+        return True
+
+    @abc.abstractmethod
+    def schema_version(self) -> int:
+        """The schema version the database is at (see gateway/store/migrations.py)."""
+
+    @abc.abstractmethod
+    def check_writable(self) -> None:
+        """Take and release the write lock: raises when the database cannot be written."""
+
+    # -- intake ------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def add_message(self, message: Message, jobs: Iterable[NewJob]) -> None:
+        """Commit a message and its jobs in one transaction (durable once this returns)."""
+
+    # -- reads -------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def job(self, job_id: str) -> Job | None: ...
+
+    @abc.abstractmethod
+    def job_by_token(self, token: str) -> Job | None: ...
+
+    @abc.abstractmethod
+    def message(self, message_id: str) -> Message | None: ...
+
+    @abc.abstractmethod
+    def events(self, job_id: str) -> list[Event]: ...
+
+    @abc.abstractmethod
+    def attempts(self, job_id: str) -> list[Attempt]: ...
+
+    @abc.abstractmethod
+    def jobs(self, *, state: State | str | None = None, limit: int = 100) -> list[Job]: ...
+
+    @abc.abstractmethod
+    def message_jobs(self, message_id: str) -> list[Job]: ...
+
+    @abc.abstractmethod
+    def due_jobs(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[Job]:
+        """Active jobs whose next step is due (and may run now), oldest first."""
+
+    @abc.abstractmethod
+    def next_due_at(self, exclude: Iterable[str] = ()) -> float | None:
+        """When the next step of a job not in `exclude` (running now) falls due."""
+
+    @abc.abstractmethod
+    def earlier_sids(self, job: Job) -> set[str]:
+        """Fax sids of the job's earlier attempts: never to be taken for the current one."""
+
+    @abc.abstractmethod
+    def oldest_active_created_at(self) -> float | None: ...
+
+    @abc.abstractmethod
+    def counts_by_state(self) -> dict[str, int]: ...
+
+    @abc.abstractmethod
+    def job_listing(self, *, states: Iterable[State] | None = None,
+                    fax_status: str | None = None, to_digits: str | None = None,
+                    sender: str | None = None, since: float | None = None,
+                    limit: int = 50) -> list[JobListing]:
+        """Jobs with their message and last event, newest first (`faxgw jobs`)."""
+
+    @abc.abstractmethod
+    def job_ids_by_prefix(self, prefix: str, limit: int = 5) -> list[str]: ...
+
+    @abc.abstractmethod
+    def job_ids_by_fax_sid(self, sid: str) -> list[str]: ...
+
+    @abc.abstractmethod
+    def unpurged_done_messages(self, cutoff: float, limit: int = 100) -> list[Message]: ...
+
+    # -- the one guarded change --------------------------------------------------------------
+
+    @abc.abstractmethod
+    def transition(self, job_id: str, sources: Iterable[State], target: State | None,
+                   event: str, detail: str | None, **values: Any) -> bool:
+        """Move a job from one of `sources` to `target` (None: it stays where it is), setting
+        `values` and recording `event`, only if the table allows every (source, target, event)
+        (else IllegalTransition, nothing written) and the job is still in one of `sources`
+        (else False, nothing written)."""
+
+    # -- worker steps ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def add_event(self, job_id: str, kind: str, detail: str | None = None) -> None:
+        """History only (a refused or ignored callback): no change to the job."""
+
+    @abc.abstractmethod
+    def mark_stored(self, job: Job, media_key: str) -> bool: ...
+
+    @abc.abstractmethod
+    def mark_submitting(self, job: Job, callback_url: str, recheck_at: float) -> bool:
+        """Committed durably before the send POST."""
+
+    @abc.abstractmethod
+    def mark_submitted(self, job: Job, sid: str, status: str, poll_at: float,
+                       detail: str) -> bool: ...
+
+    @abc.abstractmethod
+    def mark_outcome_unknown(self, job: Job, recheck_at: float, detail: str) -> bool: ...
+
+    @abc.abstractmethod
+    def back_to_stored(self, job: Job, run_at: float, detail: str) -> bool: ...
+
+    @abc.abstractmethod
+    def schedule_retry(self, job: Job, run_at: float, quality: str, detail: str) -> bool: ...
+
+    @abc.abstractmethod
+    def retry_later(self, job: Job, run_at: float, detail: str) -> bool: ...
+
+    @abc.abstractmethod
+    def mark_given_up(self, job: Job, reason: str, error_code: str | None = None,
+                      error_message: str | None = None) -> bool: ...
+
+    @abc.abstractmethod
+    def record_status(self, job: Job, sid: str | None, status: str | None, *,
+                      pages: int | None, duration_s: int | None, error_code: str | None,
+                      error_message: str | None, source: str) -> CallbackAction:
+        """Apply a fax status (callback or poll) idempotently; returns what it did."""
+
+    @abc.abstractmethod
+    def mark_reported(self, job: Job, detail: str) -> bool: ...
+
+    @abc.abstractmethod
+    def mark_purged(self, message_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def prune(self, cutoff: float, limit: int = 1000) -> int: ...
+
+    # -- operator actions --------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def add_resend(self, job: Job, new: NewJob, now: float) -> str | None:
+        """A new job for the message and number of `job`; None when done, else why not."""
+
+    @abc.abstractmethod
+    def cancel_unsent(self, job_id: str, reason: str, now: float) -> bool: ...
+
+    @abc.abstractmethod
+    def note_cancel(self, job_id: str, detail: str, now: float) -> bool: ...
+
+    @abc.abstractmethod
+    def report_again(self, job_id: str, state: State, now: float) -> bool: ...
+
+    @abc.abstractmethod
+    def report_now(self, job_id: str, now: float) -> bool: ...
+
+
+def open_store(settings: "Settings", clock: Callable[[], float] = time.time) -> Store:
+    """The store the settings name, not yet opened (`open()` or `await start()`).
+
+    Only SQLite today, at DATA_DIR/faxgw.sqlite3; a PostgreSQL backend plugs in here.
+    """
+    from gateway.store.sqlite import SqliteStore
+
+    return SqliteStore(settings.data_dir / DB_FILENAME, clock)

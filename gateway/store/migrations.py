@@ -1,0 +1,116 @@
+"""Schema versions and the ordered migrations between them, shared by every SQL backend.
+
+The database records its version in a `schema_version` table (portable, unlike SQLite's
+`PRAGMA user_version`); `SqlStore.open()` applies, in order and each in its own transaction,
+every migration above it. Version 1 is the schema as first released (a database from before
+versioning has its tables but no `schema_version`: the `IF NOT EXISTS` DDL of version 1 leaves
+it as it is and records it at 1). Never edit a released migration; append a new one.
+
+DDL is written once with `{float}` and `{autoid}` for the two types that differ between
+backends (a backend's `DDL_TYPES` fills them in).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+SCHEMA_VERSION_DDL = (
+    "CREATE TABLE IF NOT EXISTS schema_version ("
+    " version INTEGER PRIMARY KEY, applied_at {float} NOT NULL, description TEXT NOT NULL)"
+)
+
+_V1 = (
+    """CREATE TABLE IF NOT EXISTS messages (
+    id TEXT PRIMARY KEY,
+    created_at {float} NOT NULL,
+    envelope_from TEXT,
+    header_from TEXT,
+    report_to TEXT,
+    subject TEXT,
+    message_id_header TEXT,
+    references_header TEXT,
+    peer TEXT,
+    document_path TEXT NOT NULL,
+    document_bytes INTEGER NOT NULL,
+    document_sha256 TEXT NOT NULL,
+    pages INTEGER NOT NULL,
+    filenames TEXT,
+    notes TEXT,
+    purged_at {float}
+)""",
+    """CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY,
+    message_id TEXT NOT NULL REFERENCES messages(id),
+    to_number TEXT NOT NULL,
+    from_number TEXT NOT NULL,
+    quality TEXT NOT NULL,
+    state TEXT NOT NULL,
+    callback_token TEXT NOT NULL UNIQUE,
+    callback_url TEXT,
+    media_key TEXT,
+    fax_sid TEXT,
+    fax_status TEXT,
+    pages INTEGER,
+    pages_sent INTEGER,
+    duration_s INTEGER,
+    error_code TEXT,
+    error_message TEXT,
+    failure_reason TEXT,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    tries INTEGER NOT NULL DEFAULT 0,
+    next_run_at {float},
+    submit_started_at {float},
+    created_at {float} NOT NULL,
+    updated_at {float} NOT NULL,
+    reported_at {float}
+)""",
+    "CREATE INDEX IF NOT EXISTS jobs_due ON jobs (next_run_at)",
+    "CREATE INDEX IF NOT EXISTS jobs_state ON jobs (state)",
+    "CREATE INDEX IF NOT EXISTS jobs_message ON jobs (message_id)",
+    """CREATE TABLE IF NOT EXISTS events (
+    id {autoid} PRIMARY KEY,
+    job_id TEXT NOT NULL,
+    at {float} NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT
+)""",
+    "CREATE INDEX IF NOT EXISTS events_job ON events (job_id, id)",
+    """CREATE TABLE IF NOT EXISTS attempts (
+    job_id TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    quality TEXT NOT NULL,
+    started_at {float} NOT NULL,
+    fax_sid TEXT,
+    status TEXT,
+    error_code TEXT,
+    error_message TEXT,
+    pages INTEGER,
+    duration_s INTEGER,
+    ended_at {float},
+    PRIMARY KEY (job_id, n)
+)""",
+)
+
+_V2 = (
+    # The two states whose names were also SignalWire fax statuses.
+    "UPDATE jobs SET state = 'spooled' WHERE state = 'received'",
+    "UPDATE jobs SET state = 'given-up' WHERE state = 'failed'",
+    # The event the gateway recorded when it gave up was named after the old state.
+    "UPDATE events SET kind = 'given-up' WHERE kind = 'failed'",
+)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "messages, jobs, events, attempts", _V1),
+    Migration(2, "states renamed: received -> spooled, failed -> given-up", _V2),
+)
+
+LATEST = MIGRATIONS[-1].version
+assert [m.version for m in MIGRATIONS] == list(range(1, LATEST + 1)), "migrations out of order"

@@ -1,0 +1,80 @@
+"""Typed rows the store hands out and takes in: frozen dataclasses, no SQL column names.
+
+`Job` lives with the state machine (the pure rules read it); it is re-exported here so every
+caller of the store finds its rows in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gateway.outbound.states import Job
+
+__all__ = ["Attempt", "Event", "Job", "JobListing", "Message", "NewJob"]
+
+
+@dataclass(frozen=True)
+class Message:
+    id: str
+    created_at: float
+    envelope_from: str | None
+    header_from: str | None
+    report_to: str | None
+    subject: str | None
+    message_id_header: str | None
+    references_header: str | None
+    peer: str | None
+    document_path: str
+    document_bytes: int
+    document_sha256: str
+    pages: int
+    filenames: str | None
+    notes: str | None = None
+    purged_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    job_id: str
+    n: int
+    quality: str
+    started_at: float
+    fax_sid: str | None
+    status: str | None
+    error_code: str | None
+    error_message: str | None
+    pages: int | None
+    duration_s: int | None
+    ended_at: float | None
+
+
+@dataclass(frozen=True)
+class Event:
+    job_id: str
+    at: float
+    kind: str
+    detail: str | None
+
+
+@dataclass(frozen=True)
+class NewJob:
+    id: str
+    to_number: str
+    from_number: str
+    quality: str
+    callback_token: str
+    media_key: str
+
+
+@dataclass(frozen=True)
+class JobListing:
+    """One line of `faxgw jobs`: the job, the message fields a listing shows, its last event."""
+
+    job: Job
+    envelope_from: str | None
+    header_from: str | None
+    report_to: str | None
+    subject: str | None
+    peer: str | None
+    filenames: str | None
+    last_event: Event | None

@@ -1,0 +1,589 @@
+"""`SqlStore`: every query of the store, written once in portable SQL, for all SQL backends.
+
+Queries use `?` placeholders, plain types and no backend-only functions. What differs between
+backends is a handful of small methods a backend provides: `open`/`close`, turning `?` into its
+placeholder (`_sql`), a write transaction and its durability (`_tx`), running a statement
+(`_exec`, `_rows`), `_has_table`, the DDL types (`DDL_TYPES`), a lock while migrating
+(`_migration_lock`), which driver errors mean "could not write" (`_is_db_error`) and the claim
+of due work (`due_jobs`: SQLite has one writer; a shared PostgreSQL queue would lock and skip).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import logging
+from dataclasses import fields
+from typing import Any, ContextManager, Iterable, Sequence
+
+from gateway.outbound.states import (ACTIVE_STATES, FINISHED, REPORT_DUE,
+                                     CallbackAction, Ev, Job, State, check_transition,
+                                     classify_callback)
+from gateway.store import migrations
+from gateway.store.base import Store, StoreError
+from gateway.store.rows import Attempt, Event, JobListing, Message, NewJob
+
+log = logging.getLogger(__name__)
+
+JOB_COLUMNS = tuple(f.name for f in fields(Job))
+_MESSAGE_COLUMNS = tuple(f.name for f in fields(Message))
+_ATTEMPT_COLUMNS = tuple(f.name for f in fields(Attempt))
+_LISTING_MESSAGE_FIELDS = ("envelope_from", "header_from", "report_to", "subject", "peer",
+                           "filenames")
+
+# A job is due when its time has come, unless it would dial a number that another job is dialling
+# right now: at most one attempt in flight per destination.
+_DUE = """
+    next_run_at IS NOT NULL AND state IN ({states})
+    AND NOT (state = 'stored' AND to_number IN (
+        SELECT other.to_number FROM jobs other
+        WHERE other.state IN ('submitting', 'submitted') AND other.id <> jobs.id))
+"""
+
+_LISTING = """
+    SELECT {job_columns}, {message_columns},
+           e.at AS e_at, e.kind AS e_kind, e.detail AS e_detail
+    FROM jobs j
+    JOIN messages m ON m.id = j.message_id
+    LEFT JOIN events e ON e.id = (SELECT MAX(e2.id) FROM events e2 WHERE e2.job_id = j.id)
+""".format(job_columns=", ".join(f"j.{c}" for c in JOB_COLUMNS),
+           message_columns=", ".join(f"m.{c} AS m_{c}" for c in _LISTING_MESSAGE_FIELDS))
+
+
+class Expr:
+    """A column value computed in SQL (`COALESCE(fax_sid, ?)`) rather than a plain value."""
+
+    def __init__(self, sql: str, *args: Any) -> None:
+        self.sql = sql
+        self.args = args
+
+
+def _marks(items: Sequence[Any]) -> str:
+    return ",".join("?" for _ in items)
+
+
+def _job(row: dict[str, Any]) -> Job:
+    values = {c: row[c] for c in JOB_COLUMNS}
+    values["state"] = State(values["state"])
+    return Job(**values)
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+class SqlStore(Store):
+    """All of the store's SQL. Subclasses provide the connection and the few dialect bits."""
+
+    # Types that differ in DDL (see gateway/store/migrations.py).
+    DDL_TYPES: dict[str, str] = {"float": "DOUBLE PRECISION", "autoid": "INTEGER"}
+
+    # -- what a backend provides -------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _tx(self, durable: bool = False) -> ContextManager[None]:
+        """A write transaction that takes the write lock at once. `durable`: the commit
+        survives power loss, not only a process crash (the 250 to a sender, a send about to
+        be POSTed)."""
+
+    @abc.abstractmethod
+    def _exec(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """Run one statement (`?` placeholders); the number of rows it changed."""
+
+    @abc.abstractmethod
+    def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
+        """Run one query (`?` placeholders); its rows as dicts keyed by column name."""
+
+    def _sql(self, sql: str) -> str:
+        """The statement in the backend's placeholder style (`?` here; `%s` for psycopg)."""
+        return sql
+
+    def _one(self, sql: str, args: Sequence[Any] = ()) -> dict[str, Any] | None:
+        rows = self._rows(sql, args)
+        return rows[0] if rows else None
+
+    def _scalar(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        row = self._one(sql, args)
+        return None if row is None else next(iter(row.values()))
+
+    # -- schema ------------------------------------------------------------------------------
+
+    def _ddl(self, statement: str) -> str:
+        return statement.format(**self.DDL_TYPES)
+
+    def _migration_lock(self) -> ContextManager[None]:
+        """Held while migrating, so that two gateways starting on one shared database do not
+        both apply a step (PostgreSQL: an advisory lock). SQLite needs none: only the daemon
+        migrates (the CLI opens with `migrate=False`), and each step's `BEGIN IMMEDIATE` plus
+        the version check inside it keeps a step from applying twice."""
+        return contextlib.nullcontext()
+
+    @abc.abstractmethod
+    def _has_table(self, name: str) -> bool:
+        """Whether a table exists (a database from before versioning has no schema_version)."""
+
+    def _open_schema(self, migrate: bool) -> None:
+        """At open: upgrade the schema, or (the CLI) only check that it is current.
+
+        The CLI must not upgrade a database under a running daemon of the previous version,
+        which would then meet rows it cannot read; it asks for the daemon to be restarted."""
+        if migrate:
+            self.migrate()
+            return
+        current = self.schema_version() if self._has_table("schema_version") else 0
+        if current != migrations.LATEST:
+            raise StoreError(
+                f"the database {self.where} is at schema version {current}, this faxgw needs "
+                f"{migrations.LATEST}: "
+                + ("restart the daemon (the new version upgrades the database at start-up)"
+                   if current < migrations.LATEST else "upgrade faxgw"))
+
+    def migrate(self) -> int:
+        """Apply every migration above the database's version, each in its own transaction;
+        returns the version reached."""
+        with self._migration_lock():
+            return self._migrate()
+
+    def _migrate(self) -> int:
+        with self._tx():
+            self._exec(self._ddl(migrations.SCHEMA_VERSION_DDL))
+        current = self.schema_version()
+        if current > migrations.LATEST:
+            raise StoreError(f"the database is at schema version {current}, newer than this "
+                             f"gateway knows ({migrations.LATEST}): upgrade the gateway")
+        for migration in migrations.MIGRATIONS:
+            if migration.version <= current:
+                continue
+            with self._tx(durable=True):
+                if self.schema_version() >= migration.version:
+                    continue  # another process applied it meanwhile
+                for statement in migration.statements:
+                    self._exec(self._ddl(statement))
+                self._exec("INSERT INTO schema_version (version, applied_at, description)"
+                           " VALUES (?, ?, ?)",
+                           (migration.version, self.clock(), migration.description))
+            log.info("database schema migrated to version %d: %s", migration.version,
+                     migration.description)
+            current = migration.version
+        return current
+
+    def schema_version(self) -> int:
+        return int(self._scalar("SELECT MAX(version) AS v FROM schema_version") or 0)
+
+    def check_writable(self) -> None:
+        with self._tx():
+            pass
+
+    def _event(self, job_id: str, kind: str, detail: str | None, at: float) -> None:
+        self._exec("INSERT INTO events (job_id, at, kind, detail) VALUES (?, ?, ?, ?)",
+                   (job_id, at, kind, detail))
+
+    # -- intake ------------------------------------------------------------------------------
+
+    def _insert_job(self, new: NewJob, message_id: str, pages: int, now: float,
+                    detail: str) -> None:
+        check_transition([None], State.SPOOLED, Ev.RECEIVED)
+        self._exec(
+            "INSERT INTO jobs (id, message_id, to_number, from_number, quality, state,"
+            " callback_token, media_key, pages, attempt, tries, next_run_at,"
+            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?)",
+            (new.id, message_id, new.to_number, new.from_number, new.quality,
+             State.SPOOLED.value, new.callback_token, new.media_key, pages, now, now, now))
+        self._event(new.id, Ev.RECEIVED, detail, now)
+
+    def add_message(self, message: Message, jobs: Iterable[NewJob]) -> None:
+        now = self.clock()
+        try:
+            with self._tx(durable=True):
+                self._exec(
+                    f"INSERT INTO messages ({', '.join(_MESSAGE_COLUMNS)})"
+                    f" VALUES ({_marks(_MESSAGE_COLUMNS)})",
+                    [getattr(message, c) for c in _MESSAGE_COLUMNS])
+                for job in jobs:
+                    self._insert_job(
+                        job, message.id, message.pages, now,
+                        f"from {message.report_to or message.envelope_from or '-'}"
+                        f" peer {message.peer or '-'}, {message.pages} page(s),"
+                        f" {message.document_bytes} bytes")
+        except StoreError:
+            raise
+        except Exception as exc:
+            if self._is_db_error(exc):
+                raise StoreError(str(exc)) from exc
+            raise
+
+    def _is_db_error(self, exc: BaseException) -> bool:
+        """Whether `exc` is the driver's database error (turned into StoreError on intake)."""
+        return False
+
+    # -- reads -------------------------------------------------------------------------------
+
+    def job(self, job_id: str) -> Job | None:
+        row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        return _job(row) if row else None
+
+    def job_by_token(self, token: str) -> Job | None:
+        row = self._one("SELECT * FROM jobs WHERE callback_token = ?", (token,))
+        return _job(row) if row else None
+
+    def message(self, message_id: str) -> Message | None:
+        row = self._one("SELECT * FROM messages WHERE id = ?", (message_id,))
+        return Message(**{c: row[c] for c in _MESSAGE_COLUMNS}) if row else None
+
+    def events(self, job_id: str) -> list[Event]:
+        rows = self._rows("SELECT job_id, at, kind, detail FROM events WHERE job_id = ?"
+                          " ORDER BY id", (job_id,))
+        return [Event(**r) for r in rows]
+
+    def attempts(self, job_id: str) -> list[Attempt]:
+        rows = self._rows("SELECT * FROM attempts WHERE job_id = ? ORDER BY n", (job_id,))
+        return [Attempt(**{c: r[c] for c in _ATTEMPT_COLUMNS}) for r in rows]
+
+    def jobs(self, *, state: State | str | None = None, limit: int = 100) -> list[Job]:
+        sql, args = "SELECT * FROM jobs", []
+        if state:
+            sql += " WHERE state = ?"
+            args.append(str(state))
+        sql += " ORDER BY created_at DESC LIMIT ?"
+        args.append(limit)
+        return [_job(r) for r in self._rows(sql, args)]
+
+    def message_jobs(self, message_id: str) -> list[Job]:
+        rows = self._rows("SELECT * FROM jobs WHERE message_id = ? ORDER BY id", (message_id,))
+        return [_job(r) for r in rows]
+
+    def _due_where(self, exclude: list[str]) -> tuple[str, list[Any]]:
+        states = sorted(s.value for s in ACTIVE_STATES)
+        sql = _DUE.format(states=_marks(states))
+        if exclude:
+            sql += f" AND id NOT IN ({_marks(exclude)})"
+        return sql, [*states, *exclude]
+
+    def due_jobs(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[Job]:
+        where, args = self._due_where(list(exclude))
+        rows = self._rows(
+            f"SELECT * FROM jobs WHERE {where} AND next_run_at <= ? ORDER BY next_run_at LIMIT ?",
+            (*args, now, limit))
+        return [_job(r) for r in rows]
+
+    def next_due_at(self, exclude: Iterable[str] = ()) -> float | None:
+        where, args = self._due_where(list(exclude))
+        return self._scalar(f"SELECT MIN(next_run_at) AS t FROM jobs WHERE {where}", args)
+
+    def earlier_sids(self, job: Job) -> set[str]:
+        rows = self._rows("SELECT fax_sid FROM attempts WHERE job_id = ? AND n < ?"
+                          " AND fax_sid IS NOT NULL", (job.id, job.attempt))
+        return {r["fax_sid"] for r in rows}
+
+    def oldest_active_created_at(self) -> float | None:
+        states = sorted(s.value for s in ACTIVE_STATES)
+        return self._scalar(
+            f"SELECT MIN(created_at) AS t FROM jobs WHERE state IN ({_marks(states)})", states)
+
+    def counts_by_state(self) -> dict[str, int]:
+        rows = self._rows("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        return {r["state"]: r["n"] for r in rows}
+
+    def job_listing(self, *, states: Iterable[State] | None = None,
+                    fax_status: str | None = None, to_digits: str | None = None,
+                    sender: str | None = None, since: float | None = None,
+                    limit: int = 50) -> list[JobListing]:
+        """`states` and `fax_status` are separate filters (a state word never names a fax
+        status); `to_digits` matches the end of the number; `sender` is a case-insensitive
+        part of the envelope sender, the From: address or the report address."""
+        where: list[str] = []
+        args: list[Any] = []
+        if states is not None:
+            values = sorted(s.value for s in states)
+            where.append(f"j.state IN ({_marks(values)})")
+            args += values
+        if fax_status:
+            where.append("j.fax_status = ?")
+            args.append(fax_status)
+        if to_digits:
+            where.append("j.to_number LIKE ?")
+            args.append(f"%{to_digits}")
+        if sender:
+            pattern = "%" + _like_escape(sender.lower()) + "%"
+            where.append("(" + " OR ".join(
+                f"LOWER(COALESCE(m.{c}, '')) LIKE ? ESCAPE '\\'"
+                for c in ("envelope_from", "header_from", "report_to")) + ")")
+            args += [pattern] * 3
+        if since is not None:
+            where.append("j.created_at >= ?")
+            args.append(since)
+        sql = _LISTING + (" WHERE " + " AND ".join(where) if where else "")
+        sql += " ORDER BY j.created_at DESC, j.id DESC LIMIT ?"
+        args.append(limit)
+        out = []
+        for r in self._rows(sql, args):
+            job = _job(r)
+            last = (Event(job.id, r["e_at"], r["e_kind"], r["e_detail"])
+                    if r["e_kind"] is not None else None)
+            out.append(JobListing(job, last_event=last,
+                                  **{c: r[f"m_{c}"] for c in _LISTING_MESSAGE_FIELDS}))
+        return out
+
+    def job_ids_by_prefix(self, prefix: str, limit: int = 5) -> list[str]:
+        """`prefix` is hex only (no wildcards)."""
+        rows = self._rows("SELECT id FROM jobs WHERE id LIKE ? ORDER BY id LIMIT ?",
+                          (prefix + "%", limit))
+        return [r["id"] for r in rows]
+
+    def job_ids_by_fax_sid(self, sid: str) -> list[str]:
+        """The job that sent a fax, by the sid of its current attempt or an earlier one."""
+        rows = self._rows("SELECT id FROM jobs WHERE fax_sid = ?"
+                          " UNION SELECT job_id AS id FROM attempts WHERE fax_sid = ?",
+                          (sid, sid))
+        return sorted(r["id"] for r in rows)
+
+    def unpurged_done_messages(self, cutoff: float, limit: int = 100) -> list[Message]:
+        """Messages whose jobs were all reported before `cutoff` and whose document remains."""
+        rows = self._rows(
+            "SELECT * FROM messages m WHERE m.purged_at IS NULL AND NOT EXISTS ("
+            " SELECT 1 FROM jobs j WHERE j.message_id = m.id"
+            " AND (j.state <> 'reported' OR j.reported_at > ?)) ORDER BY m.created_at LIMIT ?",
+            (cutoff, limit))
+        return [Message(**{c: r[c] for c in _MESSAGE_COLUMNS}) for r in rows]
+
+    # -- the one guarded change --------------------------------------------------------------
+
+    def transition(self, job_id: str, sources: Iterable[State], target: State | None,
+                   event: str, detail: str | None, *, durable: bool = False,
+                   also: Iterable[tuple[str, Sequence[Any]]] = (), at: float | None = None,
+                   **values: Any) -> bool:
+        sources = list(sources)
+        with self._tx(durable):
+            return self._transition(job_id, sources, target, event, detail, also=also, at=at,
+                                    **values)
+
+    def _transition(self, job_id: str, sources: list[State], target: State | None, event: str,
+                    detail: str | None, *, also: Iterable[tuple[str, Sequence[Any]]] = (),
+                    at: float | None = None, **values: Any) -> bool:
+        """`transition` inside a transaction the caller holds.
+
+        The state check in the UPDATE is what keeps a late worker step or a replayed callback
+        from undoing a newer state, and what lets several instances share one queue.
+        """
+        for source in sources:
+            check_transition([source], source if target is None else target, event)
+        now = self.clock() if at is None else at
+        values["updated_at"] = now
+        if target is not None:
+            values["state"] = target.value
+        assignments, args = [], []
+        for key, value in values.items():
+            if isinstance(value, Expr):
+                assignments.append(f"{key} = {value.sql}")
+                args += value.args
+            else:
+                assignments.append(f"{key} = ?")
+                args.append(value.value if isinstance(value, State) else value)
+        expected = [s.value for s in sources]
+        changed = self._exec(
+            f"UPDATE jobs SET {', '.join(assignments)} WHERE id = ?"
+            f" AND state IN ({_marks(expected)})", (*args, job_id, *expected))
+        if changed != 1:
+            return False
+        for sql, extra in also:  # statements that belong to the same transition
+            self._exec(sql, extra)
+        self._event(job_id, event, detail, now)
+        return True
+
+    # -- worker steps ------------------------------------------------------------------------
+
+    def add_event(self, job_id: str, kind: str, detail: str | None = None) -> None:
+        with self._tx():
+            self._event(job_id, kind, detail, self.clock())
+
+    def mark_stored(self, job: Job, media_key: str) -> bool:
+        return self.transition(job.id, [State.SPOOLED], State.STORED, Ev.STORED,
+                               "document in the media store", media_key=media_key, tries=0,
+                               next_run_at=self.clock())
+
+    def mark_submitting(self, job: Job, callback_url: str, recheck_at: float) -> bool:
+        """Committed before the send POST: a crash after this point leaves a job that is looked
+        up at SignalWire, never blindly sent again."""
+        now = self.clock()
+        n = job.attempt + 1
+        return self.transition(
+            job.id, [State.STORED], State.SUBMITTING, Ev.SUBMITTING,
+            f"attempt {n}: sending to SignalWire ({job.quality} quality)",
+            also=[("INSERT INTO attempts (job_id, n, quality, started_at) VALUES (?, ?, ?, ?)",
+                   (job.id, n, job.quality, now))], durable=True,
+            callback_url=callback_url, submit_started_at=now, attempt=n, fax_sid=None,
+            fax_status=None, error_code=None, error_message=None, next_run_at=recheck_at)
+
+    def mark_submitted(self, job: Job, sid: str, status: str, poll_at: float,
+                       detail: str) -> bool:
+        return self.transition(
+            job.id, [State.SUBMITTING], State.SUBMITTED, Ev.SUBMITTED, detail,
+            also=[("UPDATE attempts SET fax_sid = ? WHERE job_id = ? AND n = ?",
+                   (sid, job.id, job.attempt))],
+            fax_sid=sid, fax_status=status, tries=0, next_run_at=poll_at)
+
+    def mark_outcome_unknown(self, job: Job, recheck_at: float, detail: str) -> bool:
+        """The send's answer never came: look the fax up at `recheck_at`, never resend blind."""
+        return self.transition(job.id, [State.SUBMITTING], None, Ev.UNKNOWN, detail,
+                               next_run_at=recheck_at)
+
+    def back_to_stored(self, job: Job, run_at: float, detail: str) -> bool:
+        """The send did not happen (refused as retryable, or looked up and not found)."""
+        return self.transition(
+            job.id, [State.SUBMITTING], State.STORED, Ev.RETRY, detail,
+            also=[("DELETE FROM attempts WHERE job_id = ? AND n = ?", (job.id, job.attempt))],
+            attempt=max(0, job.attempt - 1), tries=job.tries + 1, next_run_at=run_at)
+
+    def schedule_retry(self, job: Job, run_at: float, quality: str, detail: str) -> bool:
+        """Another fax attempt (busy, no answer, line trouble) after a final status."""
+        return self.transition(job.id, [State.COMPLETED], State.STORED, Ev.RETRY, detail,
+                               quality=quality, tries=0, next_run_at=run_at)
+
+    def retry_later(self, job: Job, run_at: float, detail: str) -> bool:
+        """A step hit an outage: same state, try again later."""
+        return self.transition(job.id, [job.state], None, Ev.RETRY, detail,
+                               tries=job.tries + 1, next_run_at=run_at)
+
+    def mark_given_up(self, job: Job, reason: str, error_code: str | None = None,
+                      error_message: str | None = None) -> bool:
+        now = self.clock()
+        return self.transition(
+            job.id, sorted(ACTIVE_STATES - {State.GIVEN_UP}), State.GIVEN_UP, Ev.GIVEN_UP,
+            reason,
+            also=[("UPDATE attempts SET status = ?, error_code = ?, error_message = ?,"
+                   " ended_at = ? WHERE job_id = ? AND ended_at IS NULL",
+                   ("not sent", error_code, error_message or reason, now, job.id))],
+            failure_reason=reason, error_code=error_code, error_message=error_message,
+            tries=0, next_run_at=now)
+
+    def record_status(self, job: Job, sid: str | None, status: str | None, *, pages: int | None,
+                      duration_s: int | None, error_code: str | None,
+                      error_message: str | None, source: str) -> CallbackAction:
+        with self._tx():
+            row = self._one("SELECT * FROM jobs WHERE id = ?", (job.id,))
+            if row is None:
+                return CallbackAction.IGNORE
+            current = _job(row)
+            action = classify_callback(current.state, current.fax_sid, sid, status)
+            if action is not CallbackAction.IGNORE and sid and sid in self.earlier_sids(current):
+                action = CallbackAction.IGNORE  # a late word on an earlier attempt's fax
+            now = self.clock()
+            detail = (f"{source}: status={status or '-'} sid={sid or '-'}"
+                      + (f" pages={pages}" if pages is not None else "")
+                      + (f" error={error_code or ''} {error_message}" if error_message else ""))
+            if action is CallbackAction.FINAL:
+                self._transition(
+                    job.id, [current.state], State.COMPLETED, Ev.FINAL, detail,
+                    also=[("UPDATE attempts SET fax_sid = COALESCE(fax_sid, ?), status = ?,"
+                           " error_code = ?, error_message = ?, pages = ?, duration_s = ?,"
+                           " ended_at = ? WHERE job_id = ? AND n = ?",
+                           (sid, status, error_code, error_message, pages, duration_s, now,
+                            job.id, current.attempt))],
+                    fax_sid=Expr("COALESCE(fax_sid, ?)", sid), fax_status=status,
+                    pages_sent=pages, duration_s=Expr("COALESCE(?, duration_s)", duration_s),
+                    error_code=error_code, error_message=error_message, tries=0,
+                    next_run_at=now)
+            elif action is CallbackAction.PROGRESS:
+                self._transition(job.id, [current.state], None, Ev.PROGRESS, detail,
+                                 fax_status=status, fax_sid=Expr("COALESCE(fax_sid, ?)", sid))
+            else:
+                self._event(job.id, "ignored", detail, now)
+        return action
+
+    def mark_reported(self, job: Job, detail: str) -> bool:
+        return self.transition(job.id, sorted(REPORT_DUE), State.REPORTED, Ev.REPORTED, detail,
+                               reported_at=self.clock(), next_run_at=None, tries=0)
+
+    def mark_purged(self, message_id: str) -> None:
+        with self._tx():
+            self._exec("UPDATE messages SET purged_at = ? WHERE id = ?",
+                       (self.clock(), message_id))
+
+    def prune(self, cutoff: float, limit: int = 1000) -> int:
+        """Delete reported jobs (and their history) reported before `cutoff`; then messages left
+        without jobs. Batched so a large prune never holds the write lock for long."""
+        with self._tx():
+            ids = [r["id"] for r in self._rows(
+                "SELECT id FROM jobs WHERE state = 'reported' AND reported_at < ? LIMIT ?",
+                (cutoff, limit))]
+            if not ids:
+                return 0
+            for table, column in (("events", "job_id"), ("attempts", "job_id"), ("jobs", "id")):
+                self._exec(f"DELETE FROM {table} WHERE {column} IN ({_marks(ids)})", ids)
+            self._exec("DELETE FROM messages WHERE purged_at IS NOT NULL AND NOT EXISTS"
+                       " (SELECT 1 FROM jobs j WHERE j.message_id = messages.id)")
+        return len(ids)
+
+    # -- operator actions --------------------------------------------------------------------
+
+    def add_resend(self, job: Job, new: NewJob, now: float) -> str | None:
+        """A new job for the message and number of `job`, in one transaction; None when done,
+        else why not (document purged meanwhile, or another job of the message to the number
+        is still under way). The insert is conditional on the document still being there, so
+        it cannot slip in after a purge was recorded."""
+        check_transition([None], State.SPOOLED, Ev.RECEIVED)
+        try:
+            return self._add_resend(job, new, now)
+        except _Rollback as exc:
+            return str(exc)
+
+    def _add_resend(self, job: Job, new: NewJob, now: float) -> str | None:
+        with self._tx():
+            busy = self._one(
+                "SELECT id, state FROM jobs WHERE message_id = ? AND to_number = ? AND id <> ?"
+                " AND state <> ?", (job.message_id, job.to_number, job.id,
+                                    State.REPORTED.value))
+            if busy is not None:
+                return (f"job {busy['id']} for the same document and number is still under way "
+                        f"({busy['state']}); wait for its report, or cancel it first")
+            inserted = self._exec(
+                "INSERT INTO jobs (id, message_id, to_number, from_number, quality, state,"
+                " callback_token, media_key, pages, attempt, tries, next_run_at, created_at,"
+                " updated_at)"
+                " SELECT ?, m.id, ?, ?, ?, ?, ?, ?, m.pages, 0, 0, ?, ?, ?"
+                " FROM messages m WHERE m.id = ? AND m.purged_at IS NULL",
+                (new.id, new.to_number, new.from_number, new.quality, State.SPOOLED.value,
+                 new.callback_token, new.media_key, now, now, now, job.message_id))
+            if inserted != 1:
+                return "the document was deleted from the spool meanwhile"
+            self._event(new.id, Ev.RECEIVED, f"resend of job {job.id} by the operator", now)
+            if not self._transition(job.id, sorted(FINISHED), None, Ev.RESENT,
+                                    f"sent again as job {new.id} by the operator", at=now):
+                raise _Rollback(f"job {job.id} is no longer finished")
+        return None
+
+    def cancel_unsent(self, job_id: str, reason: str, now: float) -> bool:
+        """Give up a job that has not reached SignalWire (spooled or stored) so its report
+        tells the sender; False if it moved on meanwhile (the worker may have started the
+        send: then it is not ours to stop)."""
+        return self.transition(job_id, [State.SPOOLED, State.STORED], State.GIVEN_UP,
+                               Ev.CANCELED, reason, at=now, failure_reason=reason,
+                               error_code=None, error_message=None, tries=0, next_run_at=now)
+
+    def note_cancel(self, job_id: str, detail: str, now: float) -> bool:
+        """Record a cancel done at SignalWire and have the worker fetch the fax's status now
+        rather than wait for the callback or the next poll."""
+        return self.transition(job_id, [State.SUBMITTED], None, Ev.CANCEL, detail, at=now,
+                               next_run_at=now, tries=0)
+
+    def report_again(self, job_id: str, state: State, now: float) -> bool:
+        """Back from reported to `state` (completed or given-up) with the report due now.
+        `reported_at` is kept: it is how the worker tells a job that was reported before
+        (report only) from a fresh final status (retries first)."""
+        return self.transition(job_id, [State.REPORTED], state, Ev.REPORT_AGAIN,
+                               "report requested again by the operator", at=now, tries=0,
+                               next_run_at=now)
+
+    def report_now(self, job_id: str, now: float) -> bool:
+        """A report already due (maybe waiting out a relay outage): try it now."""
+        job = self.job(job_id)
+        if job is None or job.state not in REPORT_DUE:
+            return False
+        return self.transition(job_id, [job.state], None, Ev.REPORT_NOW,
+                               "report retry requested by the operator", at=now, tries=0,
+                               next_run_at=now)
+
+
+class _Rollback(StoreError):
+    """Raised inside a transaction to undo it."""
+
