@@ -49,3 +49,7 @@ DOC_TIMEOUT_S: Final = 60.0             # per mail: parsing and converting its d
 DOC_MEMORY_MB: Final = 1024             # address-space limit of a document worker process
 DOC_WORKERS: Final = 2
 LETTER_REGIONS: Final = frozenset({"US", "CA", "MX", "PH", "CL", "CO", "VE", "PR"})
+
+# Inbound faxes.
+INBOUND_RECONCILE_S: Final = 300.0      # list received faxes at SignalWire this often
+INBOUND_LOOKBACK_HOURS: Final = 24.0    # ... created within this many hours
