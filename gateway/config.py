@@ -486,6 +486,9 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         inbound_lookback_hours=r.float("INBOUND_LOOKBACK_HOURS",
                                        defaults.INBOUND_LOOKBACK_HOURS, 0.01, 24 * 30),
     )
+    if settings.inbound_lookback_hours >= job_days * 24:
+        r.problems.append("INBOUND_LOOKBACK_HOURS: must be shorter than JOB_RETENTION_DAYS "
+                          "(a pruned fax found again by the reconciler would be mailed twice)")
     if r.problems:
         raise ConfigError(r.problems)
     return settings

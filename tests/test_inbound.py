@@ -321,3 +321,82 @@ def test_bad_route_stops_the_start_with_78(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert proc.returncode == 78
     assert "INBOUND_ROUTES: '+1555=x@example.com'" in proc.stderr
+
+
+async def test_media_delete_409_is_retried_later(tmp_path: Path, simulator: Simulator,
+                                                 relay: RelaySink) -> None:
+    clock = FakeClock(time.time())
+    gw = await manual_gateway(env(tmp_path, simulator, relay), clock)
+    try:
+        simulator.state.inbound.delete_conflicts = 1
+        call = await ring(gw, simulator, to=SECOND)
+        await gw.inbound.deliverer.run_until_idle()
+        assert (await relay.next())["To"] == "lab@example.com"
+        [row] = rows(gw)
+        assert row["state"] == "deleting" and "409" in row["last_error"]
+        assert simulator.state.inbound.media_deletes == []
+        clock.advance(60)
+        await gw.inbound.deliverer.run_until_idle()
+        assert simulator.state.inbound.media_deletes == [call.fax_sid]
+        assert [r["state"] for r in rows(gw)] == ["done"]
+        assert relay.messages.empty()  # the mail is not sent again for the retry
+    finally:
+        await gw.stop(grace_s=1)
+
+
+async def test_tiff_media_is_mailed_as_pdf(gw_manual: Gateway, simulator: Simulator,
+                                           relay: RelaySink) -> None:
+    import io
+
+    from PIL import Image
+
+    frames = [Image.new("1", (1728, 2200), 1) for _ in range(2)]
+    out = io.BytesIO()
+    frames[0].save(out, "TIFF", save_all=True, append_images=frames[1:],
+                   compression="group4", dpi=(204, 196))
+    await ring(gw_manual, simulator, to=SECOND, document=out.getvalue())
+    await gw_manual.inbound.deliverer.run_until_idle()
+    mail = await relay.next()
+    assert mail["Subject"] == "Fax from +1 212-555-0147, 2 pages"
+    [pdf] = [p for p in mail.iter_attachments() if p.get_content_type() == "application/pdf"]
+    assert pdf.get_content().startswith(b"%PDF-")
+
+
+async def test_real_failure_goes_to_routed_people_and_admin(
+        tmp_path: Path, simulator: Simulator, relay: RelaySink) -> None:
+    gw = await manual_gateway(env(tmp_path, simulator, relay,
+                                  INBOUND_ADMIN_ADDRESS="faxadmin@example.com"),
+                              FakeClock(time.time()))
+    try:
+        simulator.state.inbound.outcome = "failed:Unexpected message received"
+        await ring(gw, simulator, to=SECOND)
+        await gw.inbound.deliverer.run_until_idle()
+        mails = [await relay.next(), await relay.next()]
+        assert sorted(m["To"] for m in mails) == ["faxadmin@example.com", "lab@example.com"]
+        assert all("not received: Unexpected message received" in m["Subject"] for m in mails)
+        assert relay.messages.empty()
+        assert [r["outcome"] for r in rows(gw)] == ["failed"]
+    finally:
+        await gw.stop(grace_s=1)
+
+
+async def test_wildcard_route_and_reconciler_without_a_number(
+        tmp_path: Path, simulator: Simulator, relay: RelaySink) -> None:
+    gw = await manual_gateway(env(tmp_path, simulator, relay,
+                                  INBOUND_ROUTES="*=office@example.com"),
+                              FakeClock(time.time()))
+    try:
+        simulator.state.inbound.skip_action = True
+        await ring(gw, simulator, to=UNROUTED)
+        assert await gw.inbound.reconciler.run_once() == 1
+        await gw.inbound.deliverer.run_until_idle()
+        assert (await relay.next())["To"] == "office@example.com"
+    finally:
+        await gw.stop(grace_s=1)
+
+
+def test_lookback_must_be_shorter_than_retention(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        settings_from({"INBOUND_LOOKBACK_HOURS": "48", "JOB_RETENTION_DAYS": "1",
+                       "DATA_DIR": str(tmp_path)})
+    assert any(p.startswith("INBOUND_LOOKBACK_HOURS") for p in err.value.problems)

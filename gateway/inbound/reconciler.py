@@ -18,7 +18,7 @@ from gateway.constants import IN_PROGRESS_STATUSES
 from gateway.inbound.metrics import InboundMetrics
 from gateway.inbound.webhook import FINAL, classify
 from gateway.signalwire.client import Fax, SignalWireClient, SignalWireError
-from gateway.store.inbound import RINGING, Completion, InboundStore
+from gateway.store.inbound import GAVE_UP, RINGING, Completion, InboundStore
 from gateway.store.sqlite import Store
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ class Reconciler:
         routes = self.s.inbound_routes
         if not routes.enabled:
             return 0
+        await self._housekeeping()
         since = datetime.fromtimestamp(self.clock() - self.s.inbound_lookback_hours * 3600,
                                        timezone.utc)
         targets: list[str | None] = [None] if routes.has_wildcard else list(routes.numbers)
@@ -101,3 +102,19 @@ class Reconciler:
         if recorded:
             self.on_completion()
         return recorded
+
+    async def _housekeeping(self) -> None:
+        """Answered calls that never got an outcome, not even in the listing, within the
+        look-back are given up (logged); finished faxes past JOB_RETENTION_DAYS are pruned."""
+        now = self.clock()
+        stale = await self.store.run(self.inbound.stale_ringing,
+                                     now - self.s.inbound_lookback_hours * 3600)
+        for row in stale:
+            log.warning("inbound fax %s from %s: answered, but SignalWire never reported an "
+                        "outcome; given up", row.fax_sid, row.from_number or "-")
+            await self.store.run(lambda sid=row.fax_sid: self.inbound.set_state(
+                sid, GAVE_UP, now, next_run_at=None, detail="no outcome from SignalWire"))
+        pruned = await self.store.run(self.inbound.prune,
+                                      now - self.s.job_retention_days * 86400)
+        if pruned:
+            log.info("inbound: %d finished fax record(s) pruned", pruned)

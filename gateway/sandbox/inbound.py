@@ -9,7 +9,7 @@ in the list call with `direction` inbound and its media can be deleted.
 
 Knobs for tests: `outcome` ("received", or "failed:<T.30 text>"), `media_url_override` (a
 MediaUrl on another host), `skip_action` (the callback is lost: only the reconciler can find
-the fax), `action_repeats` (duplicate callbacks). `POST <base>/_inbound/ring` (Basic auth with
+the fax), `action_repeats` (duplicate callbacks), `delete_conflicts` (media DELETEs answered 409). `POST <base>/_inbound/ring` (Basic auth with
 the project's credentials; query To, From, Url, StationId; the document as the body) lets
 `faxgw receive-sample` ring the running sandbox from another process.
 """
@@ -86,6 +86,8 @@ class InboundSimulator:
         self.skip_action = False
         self.action_repeats = 1
         self.media_deletes: list[str] = []
+        # The next media DELETEs answer 409 (in progress), as SignalWire does mid-fax.
+        self.delete_conflicts = 0
 
     async def ring(self, *, sim_url: str, webhook_url: str, to: str, from_: str,
                    document: bytes, station_id: str | None = None) -> InboundCall:

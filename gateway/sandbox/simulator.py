@@ -793,7 +793,11 @@ class _Api:
                 or request.match_info["media_sid"] != fax.media_sid):
             return self._not_found(request)
         if request.method == "DELETE":
-            if fax.status in ("queued", "processing", "sending", "receiving"):
+            inbound = self.state.inbound
+            busy = inbound is not None and inbound.delete_conflicts > 0
+            if busy or fax.status in ("queued", "processing", "sending", "receiving"):
+                if busy:
+                    inbound.delete_conflicts -= 1
                 return _error(409, ERR_IN_PROGRESS, "Fax is in progress: media cannot be deleted")
             fax.media_bytes = None
             if self.state.inbound is not None:

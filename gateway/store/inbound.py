@@ -285,6 +285,18 @@ class InboundStore:
                                "LIMIT ?", (*args, limit))
         return [_row(r) for r in rows]
 
+    def prune(self, cutoff: float, limit: int = 1000) -> int:
+        """Forget finished faxes older than `cutoff` (JOB_RETENTION_DAYS). The reconciler's
+        look-back must stay shorter than this, or it would deliver a forgotten fax again."""
+        with _Tx(self.db) as db:
+            sids = [r["fax_sid"] for r in db.execute(
+                "SELECT fax_sid FROM inbound_faxes WHERE state IN (?, ?, ?) AND created_at < ? "
+                "LIMIT ?", (DONE, GAVE_UP, REJECTED, cutoff, limit))]
+            for sid in sids:
+                db.execute("DELETE FROM inbound_deliveries WHERE fax_sid = ?", (sid,))
+                db.execute("DELETE FROM inbound_faxes WHERE fax_sid = ?", (sid,))
+        return len(sids)
+
     def counts_by_outcome(self) -> dict[str, int]:
         return {r["o"] or "pending": r["n"] for r in self.db.execute(
             "SELECT outcome AS o, COUNT(*) AS n FROM inbound_faxes GROUP BY outcome")}
