@@ -400,3 +400,23 @@ def test_lookback_must_be_shorter_than_retention(tmp_path: Path) -> None:
         settings_from({"INBOUND_LOOKBACK_HOURS": "48", "JOB_RETENTION_DAYS": "1",
                        "DATA_DIR": str(tmp_path)})
     assert any(p.startswith("INBOUND_LOOKBACK_HOURS") for p in err.value.problems)
+
+
+async def test_reconciler_does_not_reach_back_before_inbound_was_switched_on(
+        tmp_path: Path, simulator: Simulator, relay: RelaySink) -> None:
+    # A fax received (and handled by something else) before this gateway had routes.
+    gw_off = await manual_gateway(env(tmp_path / "other", simulator, relay,
+                                      INBOUND_ROUTES=""), FakeClock(time.time()))
+    try:
+        simulator.state.inbound.skip_action = True
+        call = await ring(gw_off, simulator, to=SECOND)
+        assert call.answer == "reject"
+    finally:
+        await gw_off.stop(grace_s=1)
+    simulator.state.faxes[call.fax_sid].set_status("received")  # say someone else took it
+    gw = await manual_gateway(env(tmp_path, simulator, relay), FakeClock(time.time() + 3600))
+    try:
+        assert await gw.inbound.reconciler.run_once() == 0
+        assert rows(gw) == []
+    finally:
+        await gw.stop(grace_s=1)

@@ -63,8 +63,11 @@ class Reconciler:
         if not routes.enabled:
             return 0
         await self._housekeeping()
-        since = datetime.fromtimestamp(self.clock() - self.s.inbound_lookback_hours * 3600,
-                                       timezone.utc)
+        now = self.clock()
+        enabled = await self.store.run(self.inbound.enabled_since, now)
+        # A minute of slack: a fax that was ringing when inbound was switched on.
+        since = datetime.fromtimestamp(
+            max(now - self.s.inbound_lookback_hours * 3600, enabled - 60), timezone.utc)
         targets: list[str | None] = [None] if routes.has_wildcard else list(routes.numbers)
         found: dict[str, Fax] = {}
         for to in targets:

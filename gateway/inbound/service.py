@@ -25,6 +25,8 @@ class Inbound:
                  notifier: Notifier, cpu: CpuPool, registry: CollectorRegistry,
                  public_base_url: Callable[[], str], clock: Callable[[], float]) -> None:
         self.store = store
+        self.settings = settings
+        self.clock = clock
         self.db = InboundStore(store)
         self.metrics = InboundMetrics(registry)
         self.deliverer = Deliverer(settings=settings, store=store, inbound=self.db,
@@ -43,6 +45,8 @@ class Inbound:
     async def prepare(self) -> None:
         """Create the inbound tables (until the store's migrations do)."""
         await self.store.run(self.db.ensure_schema)
+        if self.settings.inbound_routes.enabled:
+            await self.store.run(self.db.enabled_since, self.clock())
 
     async def start(self, run_background: bool = True) -> None:
         if run_background:

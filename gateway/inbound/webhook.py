@@ -196,6 +196,9 @@ class InboundWebhook:
                      f": {error_message}" if error_message and outcome != "received" else "")
             if recipients:
                 self.on_completion()
+            elif outcome == "received":
+                log.warning("inbound fax %s to %s: received, but the number has no route any "
+                            "more: nobody mailed", sid, to or "-")
         else:
             log.info("inbound fax %s: repeated completion (%s) ignored", sid, status)
         return web.Response(text=LAML_EMPTY, content_type=LAML_TYPE)

@@ -49,6 +49,10 @@ CREATE TABLE IF NOT EXISTS inbound_faxes (
 );
 CREATE INDEX IF NOT EXISTS inbound_faxes_due ON inbound_faxes (next_run_at);
 CREATE INDEX IF NOT EXISTS inbound_faxes_created ON inbound_faxes (created_at);
+CREATE TABLE IF NOT EXISTS inbound_meta (
+    name TEXT PRIMARY KEY,
+    value REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS inbound_deliveries (
     fax_sid TEXT NOT NULL,
     recipient TEXT NOT NULL,
@@ -163,6 +167,18 @@ class InboundStore:
     def ensure_schema(self) -> None:
         """Until the migration step exists: create the tables if they are missing."""
         self.db.executescript(INBOUND_SCHEMA)
+
+    def enabled_since(self, now: float) -> float:
+        """When inbound delivery was first switched on here: the reconciler never reaches
+        back before it, so a new installation does not mail faxes an earlier system handled."""
+        with _Tx(self.db) as db:
+            row = db.execute("SELECT value FROM inbound_meta WHERE name = ?",
+                             ("enabled_at",)).fetchone()
+            if row is not None:
+                return float(row["value"])
+            db.execute("INSERT INTO inbound_meta (name, value) VALUES (?, ?)",
+                       ("enabled_at", now))
+        return now
 
     def get(self, fax_sid: str) -> InboundFax | None:
         row = self.db.execute("SELECT * FROM inbound_faxes WHERE fax_sid = ?",
