@@ -301,6 +301,8 @@ class SignalWireClient:
         except ValueError:
             return False
         host = (target.hostname or "").lower()
+        if target.username is not None or target.password is not None:
+            return False  # userinfo in a media URL: not something SignalWire sends
         if (target.scheme == space.scheme and host == (space.hostname or "").lower()
                 and (target_port or _DEFAULT_PORTS.get(target.scheme))
                 == (space_port or _DEFAULT_PORTS.get(space.scheme))):
