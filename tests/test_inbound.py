@@ -102,6 +102,9 @@ async def test_unrouted_number_and_blocked_caller_get_reject(
         assert relay.messages.empty()
         outcomes = sorted(r["outcome"] for r in rows(gw))
         assert outcomes == ["blocked", "unrouted"]
+        metrics = await metrics_text(gw)
+        assert 'faxgw_inbound_faxes_total{outcome="blocked"} 1.0' in metrics
+        assert 'faxgw_inbound_faxes_total{outcome="unrouted"} 1.0' in metrics
     finally:
         await gw.stop(grace_s=1)
 
@@ -216,6 +219,7 @@ async def test_voice_call_noise_goes_to_the_admin_only(
         assert relay.messages.empty()
         [row] = rows(gw)
         assert row["outcome"] == "noise"
+        assert 'faxgw_inbound_faxes_total{outcome="noise"} 1.0' in await metrics_text(gw)
     finally:
         await gw.stop(grace_s=1)
 
@@ -420,3 +424,22 @@ async def test_reconciler_does_not_reach_back_before_inbound_was_switched_on(
         assert rows(gw) == []
     finally:
         await gw.stop(grace_s=1)
+
+
+async def test_webhook_by_get_is_signed_over_the_query(gw_manual: Gateway,
+                                                       simulator: Simulator) -> None:
+    from urllib.parse import urlencode
+
+    query = urlencode({"AccountSid": simulator.state.project_id, "ApiVersion": "v1",
+                       "FaxSid": "c0ffee00-0000-4000-8000-000000000001", "From": CALLER,
+                       "To": SECOND})
+    url = f"{webhook_url(gw_manual)}?{query}"
+    async with aiohttp.ClientSession() as client:
+        async with client.get(url, headers={"X-SignalWire-Signature":
+                                            simulator.state.sign(url, {})}) as resp:
+            assert resp.status == 200
+            assert "<Receive " in await resp.text()
+        async with client.get(url + "&To=%2B13103383499", headers={
+                "X-SignalWire-Signature": simulator.state.sign(url, {})}) as resp:
+            assert resp.status == 403
+    assert [r["state"] for r in rows(gw_manual)] == ["ringing"]

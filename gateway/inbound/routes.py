@@ -33,6 +33,10 @@ class Routes:
 
     table: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
+    def __str__(self) -> str:
+        """In INBOUND_ROUTES syntax (for `faxgw run --check`)."""
+        return ";".join(f"{n}={','.join(a)}" for n, a in self.table)
+
     @property
     def enabled(self) -> bool:
         return bool(self.table)
