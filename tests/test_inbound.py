@@ -443,3 +443,15 @@ async def test_webhook_by_get_is_signed_over_the_query(gw_manual: Gateway,
                 "X-SignalWire-Signature": simulator.state.sign(url, {})}) as resp:
             assert resp.status == 403
     assert [r["state"] for r in rows(gw_manual)] == ["ringing"]
+
+
+async def test_reconciled_fax_without_media_url_uses_the_media_instance(
+        gw_manual: Gateway, simulator: Simulator, relay: RelaySink) -> None:
+    simulator.state.inbound.skip_action = True
+    call = await ring(gw_manual, simulator, to=SECOND)
+    simulator.state.faxes[call.fax_sid].media_url = ""  # the resource names no media_url
+    assert await gw_manual.inbound.reconciler.run_once() == 1
+    await gw_manual.inbound.deliverer.run_until_idle()
+    mail = await relay.next()
+    [pdf] = [p for p in mail.iter_attachments() if p.get_content_type() == "application/pdf"]
+    assert pdf.get_content() == make_pdf(2)

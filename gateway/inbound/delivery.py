@@ -156,9 +156,13 @@ class Deliverer:
                 and not self.s.inbound_keep_media)
 
     async def _document(self, row: InboundFax) -> bytes:
-        if not row.media_url:
+        url = row.media_url
+        if not url and row.media_sid:
+            # The fax resource may lack media_url (undocumented): the media instance serves it.
+            url = self.signalwire.media_instance_url(row.fax_sid, row.media_sid)
+        if not url:
             raise PermanentFailure("SignalWire gave no media URL for this fax")
-        data, _type = await self.signalwire.fetch_media(row.media_url, MAX_INBOUND_MEDIA_BYTES)
+        data, _type = await self.signalwire.fetch_media(url, MAX_INBOUND_MEDIA_BYTES)
         kind = document_kind(data)
         if kind == "pdf":
             return data

@@ -277,10 +277,13 @@ class SignalWireClient:
             url, params = (self._absolute(nxt), None) if nxt else (None, None)
         return found
 
+    def media_instance_url(self, sid: str, media_sid: str) -> str:
+        return f"{self.base}/Faxes/{quote(sid, safe='')}/Media/{quote(media_sid, safe='')}"
+
     async def delete_media(self, sid: str, media_sid: str) -> int:
         """DELETE a fax's stored document: the HTTP status (204 gone, 404 already gone, 409
         still in progress). Raises SignalWireError for anything else."""
-        url = f"{self.base}/Faxes/{quote(sid, safe='')}/Media/{quote(media_sid, safe='')}"
+        url = self.media_instance_url(sid, media_sid)
         try:
             async with self.session.delete(url, allow_redirects=False) as resp:
                 if resp.status in (200, 204, 404, 409):
