@@ -151,6 +151,31 @@ def cmd_send(args: argparse.Namespace) -> int:
     return 0 if not refused else 1
 
 
+def cmd_received(args: argparse.Namespace) -> int:
+    import time
+
+    from gateway.inbound.commands import received
+    from gateway.ops.actions import AdminError, parse_since
+
+    settings = _load(args)
+    try:
+        since = parse_since(args.since, time.time()) if args.since else None
+    except AdminError as exc:
+        print(f"faxgw: {exc}", file=sys.stderr)
+        return 2
+    return received(settings, since=since, limit=args.limit, as_json=args.json)
+
+
+def cmd_receive_sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.inbound.commands import receive_sample
+
+    document = (Path(args.file).read_bytes() if args.file
+                else sample_pdf("faxgw received-fax sample"))
+    return receive_sample(_load(args), to=args.to, caller=args.caller, document=document)
+
+
 def cmd_passwd(args: argparse.Namespace) -> int:
     """Add a user to the users file or change its password (scrypt hash)."""
     import getpass
@@ -221,7 +246,24 @@ def build_parser() -> argparse.ArgumentParser:
                             "characters) or the SignalWire fax id")
         action.set_defaults(func=cmd_job_action)
 
-    for p in (check, jobs, *[sub.choices[n] for n in ("job", "resend", "cancel", "report")]):
+    received = sub.add_parser("received", help="list received (inbound) faxes, newest first")
+    received.add_argument("--since", metavar="T", help="90m, 12h, 7d, 2w")
+    received.add_argument("--limit", type=int, default=50)
+    received.add_argument("--json", action="store_true", help="JSON instead of a table")
+    received.set_defaults(func=cmd_received)
+
+    sample = sub.add_parser("receive-sample", help="sandbox: make the simulator send a fax "
+                            "in to the running gateway, as SignalWire would")
+    sample.add_argument("file", nargs="?", metavar="FILE", help="a PDF (or TIFF) to receive; "
+                        "default: a generated page")
+    sample.add_argument("--to", required=True, metavar="NUMBER",
+                        help="the gateway's number it comes in on (routed by INBOUND_ROUTES)")
+    sample.add_argument("--from", dest="caller", default="+12125550147", metavar="NUMBER",
+                        help="the caller's number")
+    sample.set_defaults(func=cmd_receive_sample)
+
+    for p in (check, jobs, received, sample,
+              *[sub.choices[n] for n in ("job", "resend", "cancel", "report")]):
         p.add_argument("--config", metavar="PATH", help="a .env file (default: "
                        "$FAXGW_ENV_FILE, else ./.env)")
 

@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 from dotenv import dotenv_values
 
 from gateway import constants, defaults
+from gateway.inbound.routes import (RouteError, Routes, combine, parse_routes,
+                                     parse_routes_file)
 
 
 class ConfigError(Exception):
@@ -118,6 +120,15 @@ class Settings:
     log_level: str = defaults.FAXGW_LOG_LEVEL.upper()
     log_format: str = defaults.FAXGW_LOG_FORMAT
     metrics_token: str | None = field(default=None, repr=False)
+    # Inbound faxes (gateway/inbound/): unset routes = inbound off, every call rejected.
+    inbound_routes: Routes = Routes()
+    inbound_blocked_callers: tuple[str, ...] = ()
+    inbound_keep_media: bool = defaults.INBOUND_KEEP_MEDIA
+    inbound_attach_document: bool = defaults.INBOUND_ATTACH_DOCUMENT
+    inbound_admin_address: str | None = None
+    inbound_page_size: str = "letter"
+    inbound_reconcile_s: float = defaults.INBOUND_RECONCILE_S
+    inbound_lookback_hours: float = defaults.INBOUND_LOOKBACK_HOURS
 
     @property
     def sandbox(self) -> bool:
@@ -372,6 +383,26 @@ def settings_from(env: Mapping[str, str]) -> Settings:
     http_listen = r.hostport("HTTP_LISTEN", defaults.HTTP_LISTEN)
     public = r.url("PUBLIC_BASE_URL")
 
+    routes = Routes()
+    try:
+        routes = parse_routes(r.env.get("INBOUND_ROUTES"))
+        routes_file = r.file("INBOUND_ROUTES_FILE")
+        if routes_file is not None and routes_file.is_file():
+            routes = combine(routes, parse_routes_file(routes_file))
+    except RouteError as exc:
+        r.problems.append(str(exc))
+    blocked = r.items("INBOUND_BLOCKED_CALLERS")
+    for item in blocked:
+        if item.lower() != "anonymous" and not (item.startswith("+") and item[1:].isdigit()):
+            r.problems.append(f"INBOUND_BLOCKED_CALLERS: {item!r} is not an E.164 number or "
+                              "prefix (+1900...) or 'anonymous'")
+    inbound_admin = r.addresses("INBOUND_ADMIN_ADDRESS")
+    if len(inbound_admin) > 1:
+        r.problems.append("INBOUND_ADMIN_ADDRESS: one address only")
+    paper = r.choice("FAX_PAPER", defaults.FAX_PAPER_IN_LETTER_REGIONS
+                     if region in defaults.LETTER_REGIONS else defaults.FAX_PAPER_OUTSIDE_LETTER_REGIONS,
+                     ("letter", "a4"))
+
     settings = Settings(
         fax_domain=domain,
         default_region=region,
@@ -420,9 +451,7 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         document_retention_hours=doc_hours,
         job_retention_days=job_days,
         shutdown_grace_s=r.float("SHUTDOWN_GRACE_SECONDS", defaults.SHUTDOWN_GRACE_S, 0, 600),
-        paper=r.choice("FAX_PAPER", defaults.FAX_PAPER_IN_LETTER_REGIONS
-                       if region in defaults.LETTER_REGIONS
-                       else defaults.FAX_PAPER_OUTSIDE_LETTER_REGIONS, ("letter", "a4")),
+        paper=paper,
         body_policy=r.choice("FAX_BODY", defaults.FAX_BODY, ("auto", "always", "never")),
         cover=r.bool("FAX_COVER", defaults.FAX_COVER),
         doc_timeout_s=r.float("DOC_TIMEOUT_SECONDS", defaults.DOC_TIMEOUT_S, 1, 3600),
@@ -457,7 +486,20 @@ def settings_from(env: Mapping[str, str]) -> Settings:
                            ("debug", "info", "warning", "error")).upper(),
         log_format=r.choice("FAXGW_LOG_FORMAT", defaults.FAXGW_LOG_FORMAT, ("text", "json")),
         metrics_token=r.str("METRICS_TOKEN"),
+        inbound_routes=routes,
+        inbound_blocked_callers=blocked,
+        inbound_keep_media=r.bool("INBOUND_KEEP_MEDIA", defaults.INBOUND_KEEP_MEDIA),
+        inbound_attach_document=r.bool("INBOUND_ATTACH_DOCUMENT", defaults.INBOUND_ATTACH_DOCUMENT),
+        inbound_admin_address=inbound_admin[0] if inbound_admin else None,
+        inbound_page_size=r.choice("INBOUND_PAGE_SIZE", paper, ("letter", "legal", "a4")),
+        inbound_reconcile_s=r.float("INBOUND_RECONCILE_SECONDS", defaults.INBOUND_RECONCILE_S,
+                                    0.05, 86400),
+        inbound_lookback_hours=r.float("INBOUND_LOOKBACK_HOURS",
+                                       defaults.INBOUND_LOOKBACK_HOURS, 0.01, 24 * 30),
     )
+    if settings.inbound_lookback_hours >= job_days * 24:
+        r.problems.append("INBOUND_LOOKBACK_HOURS: must be shorter than JOB_RETENTION_DAYS "
+                          "(a pruned fax found again by the reconciler would be mailed twice)")
     if r.problems:
         raise ConfigError(r.problems)
     return settings

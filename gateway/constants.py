@@ -22,3 +22,8 @@ SMTP_LINE_TIMEOUT_S: Final = 300.0
 # Config problems exit with EX_CONFIG so systemd's RestartPreventExitStatus=78 stops a crash loop.
 EXIT_CONFIG: Final = 78
 EXIT_UNAVAILABLE: Final = 69
+
+# Inbound faxes: the largest received document the gateway downloads, and the hosts (besides
+# the configured space) that may receive the project's credentials for a media download.
+MAX_INBOUND_MEDIA_BYTES: Final = 100 * 1024 * 1024
+SIGNALWIRE_FILES_HOSTS: Final = frozenset({"files.signalwire.com"})

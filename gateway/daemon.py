@@ -29,6 +29,7 @@ from gateway.store.base import StoreError, open_store
 from gateway.smtp.tls import ReloadableTLS
 from gateway.web.app import CALLBACK_ROUTE, SANDBOX_PREFIX, WebApp
 from gateway.outbound.worker import Worker
+from gateway.inbound.service import Inbound, write_sandbox_info
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,12 @@ class Gateway:
                              media=self.media, signalwire=self.signalwire,
                              notifier=self.notifier, cpu=self.cpu,
                              callback_url=self.callback_url, clock=clock, metrics=self.metrics)
+        # Faxes in, mail out (gateway/inbound/): webhook routes on the public app.
+        self.inbound = Inbound(settings=settings, store=self.store, signalwire=self.signalwire,
+                               notifier=self.notifier, cpu=self.cpu,
+                               registry=self.metrics.registry,
+                               public_base_url=self.public_base_url, clock=clock)
+        self.inbound.install(self.web.app)
         self.access = Access(settings)
         self.intake = Intake(settings, self.store, self.spool, self.cpu, self._wake_worker, clock,
                              self.notifier, self.access, self.metrics)
@@ -134,12 +141,16 @@ class Gateway:
         self.s.data_dir.mkdir(parents=True, exist_ok=True)
         self.spool.root.mkdir(exist_ok=True)
         await self.store.start()
+        await self.inbound.prepare()
         await self.cpu.start()
         await self.media.start()
         await self.web.start()
         await self.signalwire.start()
         if run_worker:
             await self.worker.start()
+        await self.inbound.start(run_background=run_worker)
+        if self.s.sandbox:
+            write_sandbox_info(self.s, self.space_url(), self.public_base_url())
         for listener in self.listeners:
             await listener.start()
         mode = "sandbox (built-in SignalWire simulator)" if self.s.sandbox else "production"
@@ -168,6 +179,7 @@ class Gateway:
         grace_s = self.s.shutdown_grace_s if grace_s is None else grace_s
         await asyncio.gather(*(listener.stop(grace_s) for listener in self.listeners))
         await self.worker.stop(grace_s)
+        await self.inbound.stop(grace_s)
         await self.signalwire.stop()
         await self.web.stop()
         await self.media.stop()

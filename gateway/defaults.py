@@ -82,3 +82,9 @@ FAXGW_LOG_FORMAT: Final = "text"
 
 # The store.
 STORE_BUSY_TIMEOUT_S: Final = 10.0    # a write waits this long for the CLI's lock, then 451
+
+# Inbound faxes.
+INBOUND_RECONCILE_S: Final = 300.0      # list received faxes at SignalWire this often
+INBOUND_LOOKBACK_HOURS: Final = 24.0    # ... created within this many hours
+INBOUND_KEEP_MEDIA: Final = False         # delete the media at SignalWire once mailed
+INBOUND_ATTACH_DOCUMENT: Final = True     # attach the PDF (False: a notice only)

@@ -10,7 +10,10 @@ import signal
 log = logging.getLogger(__name__)
 
 POINTS = frozenset({"after-commit", "after-upload", "after-send", "before-report",
-                    "after-report"})
+                    "after-report",
+                    # inbound: after the relay accepted a recipient's mail, before its commit;
+                    # after one recipient's mail is committed, before the next one's.
+                    "inbound-after-mail", "inbound-between-mails"})
 _armed = os.environ.get("FAXGW_CRASH_AT", "")
 
 

@@ -222,6 +222,7 @@ class SimFax:
     error_message: str | None = None
     remote_station_id: str | None = None
     media_bytes: bytes | None = None
+    direction: str = "outbound"
     # Set when the fax may leave "queued" (queue released, or canceled).
     released: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     # Set when the background work, callback delivery included, has ended.
@@ -247,7 +248,7 @@ class SimFax:
             "api_version": "v1",
             "date_created": _rfc2822(self.date_created),
             "date_updated": _rfc2822(self.date_updated),
-            "direction": "outbound",
+            "direction": self.direction,
             "from": self.from_,
             "to": self.to,
             "media_url": self.media_url,
@@ -328,6 +329,9 @@ class SimulatorState:
         # When set, a From outside it is refused with 21210 (not a number of this project).
         self.from_numbers: set[str] | None = None
 
+        # Inbound faxes (gateway/sandbox/inbound.py), set by install_inbound.
+        self.inbound: Any = None
+
         self._seq = 0
         self._queue_held = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -382,6 +386,10 @@ class SimulatorState:
         async with asyncio.timeout(timeout):
             await fax.finished.wait()
         return fax
+
+    def sign(self, url: str, params: dict[str, str]) -> str:
+        """The signature SignalWire would put on a request to `url` (inbound webhooks)."""
+        return compute_signature(self._signing_key, url, params)
 
     def callbacks_for(self, sid: str) -> list[CallbackAttempt]:
         return [attempt for attempt in self.callbacks if attempt.fax_sid == sid]
@@ -787,7 +795,15 @@ class _Api:
                 or request.match_info["media_sid"] != fax.media_sid):
             return self._not_found(request)
         if request.method == "DELETE":
+            inbound = self.state.inbound
+            busy = inbound is not None and inbound.delete_conflicts > 0
+            if busy or fax.status in ("queued", "processing", "sending", "receiving"):
+                if busy:
+                    inbound.delete_conflicts -= 1
+                return _error(409, ERR_IN_PROGRESS, "Fax is in progress: media cannot be deleted")
             fax.media_bytes = None
+            if self.state.inbound is not None:
+                self.state.inbound.media_deletes.append(fax.sid)
             return web.Response(status=204)
         return web.Response(body=fax.media_bytes, content_type="application/pdf")
 
@@ -880,6 +896,9 @@ def install_simulator(app: web.Application, *, project_id: str, api_token: str,
     app.router.add_delete(faxes + "/{sid}", api.delete)
     app.router.add_get(faxes + "/{sid}/Media/{media_sid}", api.media)
     app.router.add_delete(faxes + "/{sid}/Media/{media_sid}", api.media)
+    from gateway.sandbox.inbound import install_inbound
+
+    install_inbound(app, state, api, _normalise_base_path(base_path))
     app[SIM_STATE] = state
     app.on_startup.append(state._on_startup)
     app.on_cleanup.append(state._on_cleanup)

@@ -15,12 +15,15 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
-from urllib.parse import urljoin
+from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
+from yarl import URL
 
-from gateway.constants import API_PATH
+from gateway.constants import API_PATH, SIGNALWIRE_FILES_HOSTS
 from gateway.signalwire import errors
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,10 @@ class SignalWireError(Exception):
         plain = errors.words(self.code)
         detail = f"{self}" + (f" (code {self.code})" if self.code else "")
         return f"{plain}: {detail}" if plain else detail
+
+
+class MediaRefused(SignalWireError):
+    """A received fax's media URL the gateway will not fetch (a foreign host, too large)."""
 
 
 class SendRefused(SignalWireError):
@@ -63,6 +70,11 @@ class Fax:
     error_code: str | None
     error_message: str | None
     date_created: datetime | None
+    # Inbound faxes (the reconciler): which way the fax went and where its document is.
+    direction: str | None = None
+    media_url: str | None = None
+    media_sid: str | None = None
+    remote_station_id: str | None = None
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Fax":
@@ -76,6 +88,10 @@ class Fax:
             error_code=None if data.get("error_code") in (None, "") else str(data["error_code"]),
             error_message=data.get("error_message") or None,
             date_created=_parse_date(data.get("date_created")),
+            direction=data.get("direction") or None,
+            media_url=data.get("media_url") or None,
+            media_sid=data.get("media_sid") or None,
+            remote_station_id=data.get("remote_station_id") or None,
         )
 
 
@@ -124,17 +140,24 @@ class SignalWireClient:
         self._headers = {"Authorization": f"Basic {credentials}"}
         self._timeout = aiohttp.ClientTimeout(total=timeout_s, connect=min(10.0, timeout_s))
         self._session: aiohttp.ClientSession | None = None
+        # Media downloads: no default Authorization, so it is added only where allowed.
+        self._media_session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
         space = self._space_url() if callable(self._space_url) else self._space_url
         self.base = f"{space.rstrip('/')}{API_PATH}/Accounts/{self._project_id}"
         self._session = aiohttp.ClientSession(headers=self._headers, timeout=self._timeout,
                                               raise_for_status=False)
+        self._media_session = aiohttp.ClientSession(timeout=self._timeout,
+                                                    raise_for_status=False)
 
     async def stop(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._media_session is not None:
+            await self._media_session.close()
+            self._media_session = None
 
     @property
     def session(self) -> aiohttp.ClientSession:
@@ -207,6 +230,107 @@ class SignalWireClient:
             nxt = body.get("next_page_uri")
             url, params = (self._absolute(nxt), None) if nxt else (None, None)
         return found
+
+    async def list_received(self, *, to: str | None, created_after: datetime,
+                            max_pages: int = 20) -> list[Fax]:
+        """Inbound faxes (to `to`, or to any number of the project) created since then."""
+        params: dict[str, str] | None = {
+            "PageSize": "50",
+            "DateCreatedAfter": created_after.astimezone(timezone.utc).strftime("%Y-%m-%d"),
+        }
+        if to:
+            assert params is not None
+            params["To"] = to
+        url: str | None = f"{self.base}/Faxes"
+        found: list[Fax] = []
+        for _ in range(max_pages):
+            if url is None:
+                break
+            body = await self._get(url, params)
+            for item in body.get("faxes") or []:
+                if not isinstance(item, dict):
+                    continue
+                fax = Fax.from_json(item)
+                if (fax.direction or "").startswith("inbound") and (
+                        fax.date_created is None or fax.date_created >= created_after):
+                    found.append(fax)
+            nxt = body.get("next_page_uri")
+            url, params = (self._absolute(nxt), None) if nxt else (None, None)
+        return found
+
+    def media_instance_url(self, sid: str, media_sid: str) -> str:
+        return f"{self.base}/Faxes/{quote(sid, safe='')}/Media/{quote(media_sid, safe='')}"
+
+    async def delete_media(self, sid: str, media_sid: str) -> int:
+        """DELETE a fax's stored document: the HTTP status (204 gone, 404 already gone, 409
+        still in progress). Raises SignalWireError for anything else."""
+        url = self.media_instance_url(sid, media_sid)
+        try:
+            async with self.session.delete(url, allow_redirects=False) as resp:
+                if resp.status in (200, 204, 404, 409):
+                    return resp.status
+                body = await _json_body(resp)
+                code, message = _error_of(body, resp)
+                raise SignalWireError(message, status=resp.status, code=code,
+                                      retry_after_s=_retry_after(resp.headers))
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            raise SignalWireError(f"no answer from SignalWire: {type(exc).__name__}") from exc
+
+    def credentials_allowed(self, url: str) -> bool:
+        """May the project's credentials go to `url`? Only to the configured space (same
+        scheme, host and port) and SignalWire's files host over https."""
+        try:
+            target, space = urlsplit(url), urlsplit(self.base)
+            target_port, space_port = target.port, space.port
+        except ValueError:
+            return False
+        host = (target.hostname or "").lower()
+        if target.username is not None or target.password is not None:
+            return False  # userinfo in a media URL: not something SignalWire sends
+        if (target.scheme == space.scheme and host == (space.hostname or "").lower()
+                and (target_port or _DEFAULT_PORTS.get(target.scheme))
+                == (space_port or _DEFAULT_PORTS.get(space.scheme))):
+            return True
+        return (target.scheme == "https" and host in SIGNALWIRE_FILES_HOSTS
+                and target_port in (None, 443))
+
+    async def fetch_media(self, url: str, max_bytes: int) -> tuple[bytes, str | None]:
+        """Download a received fax's document with the project's credentials as HTTP Basic
+        (needed when "Protect Fax Media URLs" is on). Refuses any URL that is not SignalWire's
+        own (`MediaRefused`); a redirect is followed without the credentials, at most 3 times.
+        Returns (bytes, content type)."""
+        if not self.credentials_allowed(url):
+            raise MediaRefused("the media URL is not on SignalWire's hosts; credentials withheld")
+        headers: dict[str, str] | None = dict(self._headers)
+        assert self._media_session is not None, "SignalWire client not started"
+        current = url
+        try:
+            for _hop in range(4):
+                async with self._media_session.get(URL(current, encoded=True), headers=headers,
+                                                   allow_redirects=False) as resp:
+                    if resp.status in (301, 302, 303, 307, 308):
+                        location = resp.headers.get("Location", "")
+                        nxt = urljoin(current, location)
+                        if not location or urlsplit(nxt).scheme not in ("http", "https"):
+                            raise SignalWireError("media redirect without a usable Location",
+                                                  status=resp.status)
+                        current = nxt
+                        headers = None  # never carry the credentials along a redirect
+                        continue
+                    if resp.status != 200:
+                        raise SignalWireError(f"media download: HTTP {resp.status}",
+                                              status=resp.status)
+                    if (resp.content_length or 0) > max_bytes:
+                        raise MediaRefused(f"media larger than {max_bytes} bytes")
+                    body = bytearray()
+                    async for chunk in resp.content.iter_chunked(64 * 1024):
+                        body += chunk
+                        if len(body) > max_bytes:
+                            raise MediaRefused(f"media larger than {max_bytes} bytes")
+                    return bytes(body), resp.headers.get("Content-Type")
+            raise SignalWireError("media download: too many redirects")
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            raise SignalWireError(f"media download failed: {type(exc).__name__}") from exc
 
     def _absolute(self, uri: str) -> str:
         """next_page_uri is a path from the server's root (or a full URL)."""

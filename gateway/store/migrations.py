@@ -107,9 +107,54 @@ _V2 = (
     "UPDATE events SET kind = 'given-up' WHERE kind = 'failed'",
 )
 
+_V3 = (
+    # Received faxes (gateway/inbound/): one row per fax, one per (fax, recipient) mail sent.
+    """CREATE TABLE IF NOT EXISTS inbound_faxes (
+    fax_sid TEXT PRIMARY KEY,
+    account_sid TEXT,
+    from_number TEXT,
+    to_number TEXT,
+    state TEXT NOT NULL,
+    outcome TEXT,
+    fax_status TEXT,
+    num_pages INTEGER,
+    media_url TEXT,
+    media_sid TEXT,
+    remote_station_id TEXT,
+    error_code TEXT,
+    error_message TEXT,
+    recipients TEXT,
+    source TEXT,
+    tries INTEGER NOT NULL DEFAULT 0,
+    next_run_at {float},
+    last_error TEXT,
+    called_at {float},
+    completed_at {float},
+    media_deleted_at {float},
+    done_at {float},
+    created_at {float} NOT NULL,
+    updated_at {float} NOT NULL
+)""",
+    "CREATE INDEX IF NOT EXISTS inbound_faxes_due ON inbound_faxes (next_run_at)",
+    "CREATE INDEX IF NOT EXISTS inbound_faxes_created ON inbound_faxes (created_at)",
+    """CREATE TABLE IF NOT EXISTS inbound_meta (
+    name TEXT PRIMARY KEY,
+    value {float} NOT NULL
+)""",
+    """CREATE TABLE IF NOT EXISTS inbound_deliveries (
+    fax_sid TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    sent_at {float} NOT NULL,
+    detail TEXT,
+    PRIMARY KEY (fax_sid, recipient)
+)""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "messages, jobs, events, attempts", _V1),
     Migration(2, "states renamed: received -> spooled, failed -> given-up", _V2),
+    Migration(3, "received faxes: inbound_faxes, inbound_meta, inbound_deliveries", _V3),
 )
 
 LATEST = MIGRATIONS[-1].version

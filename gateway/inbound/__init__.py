@@ -1,0 +1,1 @@
+"""Faxes in, mail out: SignalWire's inbound fax webhook, delivery by mail, reconciliation."""

@@ -1,0 +1,185 @@
+"""Mail for a received fax: one message per recipient, the PDF attached, page 1 as a picture.
+
+Pure apart from the first-page rendering, and run in a document worker process
+(`render_received`), because the thumbnail and the serialisation of a large PDF are CPU work.
+Each recipient's mail has a Message-ID derived from the fax and the address, so a mail repeated
+after a crash (relay accepted, commit lost) is recognisable as the same mail, and an outbox file
+of the same name is replaced rather than added.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from email import policy
+from email.message import EmailMessage
+from email.utils import format_datetime, make_msgid
+from gettext import gettext as _
+
+from gateway.documents.mime import sanitize_header_text
+from gateway.mail.sender import Rendered, render
+from gateway.phone import NumberError, format_number
+from gateway.store.inbound import InboundFax
+
+# T.30 texts that mean a voice call (or a hang-up before any page) on a fax line, not a fax
+# that failed: nobody routed is told about these (Kazoo skips results 0 and 49 likewise).
+NOISE_FRAGMENTS = ("dropped prematurely", "timed out waiting for initial communication",
+                   "no fax tone", "call was hung up", "disconnected before")
+
+
+def is_noise(status: str | None, error_message: str | None, pages: int | None) -> bool:
+    """A failed reception with no page and a "nobody was faxing" message."""
+    if status == "received" or (pages or 0) > 0:
+        return False
+    text = (error_message or "").lower()
+    return any(fragment in text for fragment in NOISE_FRAGMENTS) or not text
+
+
+def _caller(number: str | None) -> str:
+    if not number:
+        return _("an unknown caller")
+    try:
+        return format_number(number)
+    except NumberError:
+        return sanitize_header_text(number, 60) or _("an unknown caller")
+
+
+def _pages(n: int | None) -> str:
+    if not n:
+        return _("no pages")
+    return _("1 page") if n == 1 else _("%d pages") % n
+
+
+def _when(ts: float | None) -> datetime:
+    return datetime.fromtimestamp(ts or 0, timezone.utc)
+
+
+def subject_for(fax: InboundFax) -> str:
+    caller = _caller(fax.from_number)
+    if fax.fax_status == "received":
+        return sanitize_header_text(_("Fax from %s, %s") % (caller, _pages(fax.num_pages)), 200)
+    reason = sanitize_header_text(fax.error_message or fax.fax_status or "failed", 120)
+    return sanitize_header_text(_("Fax from %s not received: %s") % (caller, reason), 200)
+
+
+def attachment_name(fax: InboundFax) -> str:
+    """`fax-<caller digits>-<YYYYmmdd-HHMMSS>.pdf`: unique enough and meaningful in a folder."""
+    digits = "".join(c for c in (fax.from_number or "") if c.isdigit())[:15] or "unknown"
+    return f"fax-{digits}-{_when(fax.completed_at).strftime('%Y%m%d-%H%M%S')}.pdf"
+
+
+def message_id_for(fax_sid: str, recipient: str, hostname: str) -> str:
+    tag = hashlib.sha256(f"{fax_sid}\0{recipient.lower()}".encode()).hexdigest()[:16]
+    safe_sid = "".join(c for c in fax_sid if c.isalnum() or c == "-")[:64]
+    return f"<inbound.{safe_sid}.{tag}@{hostname or 'faxgw.invalid'}>"
+
+
+def outbox_name(fax_sid: str, recipient: str) -> str:
+    tag = hashlib.sha256(f"{fax_sid}\0{recipient.lower()}".encode()).hexdigest()[:12]
+    safe_sid = "".join(c for c in fax_sid if c.isalnum() or c == "-")[:64]
+    return f"inbound-{safe_sid}-{tag}"
+
+
+@dataclass(frozen=True)
+class MailPart:
+    recipient: str
+    message_id: str
+    outbox_name: str
+    rendered: Rendered
+
+
+def _lines(fax: InboundFax, attached: bool) -> list[tuple[str, str]]:
+    rows = [
+        (_("From"), _caller(fax.from_number)),
+        (_("Station id"), sanitize_header_text(fax.remote_station_id or "-", 60)),
+        (_("Received on"), _caller(fax.to_number)),
+        (_("Time"), _when(fax.completed_at).strftime("%Y-%m-%d %H:%M:%S UTC")),
+        (_("Pages"), str(fax.num_pages or 0)),
+    ]
+    if fax.fax_status != "received":
+        rows.append((_("Status"), sanitize_header_text(fax.fax_status or "-", 40)))
+        rows.append((_("Error"), sanitize_header_text(
+            f"{fax.error_message or '-'}" + (f" (code {fax.error_code})" if fax.error_code
+                                             else ""), 300)))
+    rows.append((_("Fax id"), sanitize_header_text(fax.fax_sid, 80)))
+    return rows
+
+
+def build_received(fax: InboundFax, recipient: str, *, from_addr: str, hostname: str,
+                   pdf: bytes | None, thumbnail_png: bytes | None, attach: bool,
+                   admin_copy: bool = False) -> EmailMessage:
+    mail = EmailMessage(policy=policy.default.clone(max_line_length=998))
+    mail["From"] = from_addr
+    mail["To"] = recipient
+    mail["Subject"] = subject_for(fax)
+    mail["Date"] = format_datetime(_when(fax.completed_at))
+    mail["Message-ID"] = message_id_for(fax.fax_sid, recipient, hostname)
+    mail["Auto-Submitted"] = "auto-generated"
+    mail["X-Fax-Sid"] = sanitize_header_text(fax.fax_sid, 80)
+    rows = _lines(fax, attach and pdf is not None)
+    if fax.fax_status == "received":
+        lead = _("A fax from %s arrived on %s: %s.") % (_caller(fax.from_number),
+                                                      _caller(fax.to_number),
+                                                      _pages(fax.num_pages))
+        if pdf is None or not attach:
+            lead += " " + _("The document is not attached (the gateway is set to leave it "
+                            "out); ask the administrator for it.")
+        else:
+            lead += " " + _("The document is attached as %s.") % attachment_name(fax)
+    else:
+        lead = _("A fax call from %s on %s did not bring a document.") % (
+            _caller(fax.from_number), _caller(fax.to_number))
+        if admin_copy:
+            lead += " " + _("You get this as the gateway's administrator.")
+    width = max(len(k) for k, _v in rows) + 2
+    text = lead + "\n\n" + "\n".join(f"{k + ':':<{width}}{v}" for k, v in rows) + "\n"
+    mail.set_content(text)
+    table = "".join(f"<tr><th align=left>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+                    for k, v in rows)
+    thumb_cid = make_msgid(domain=hostname or "faxgw.invalid") if thumbnail_png else None
+    picture = (f'<p><img src="cid:{thumb_cid[1:-1]}" alt="{html.escape(_("first page"))}" '
+               f'width="300" style="border:1px solid #888"></p>' if thumb_cid else "")
+    mail.add_alternative(f"<html><body><p>{html.escape(lead)}</p><table>{table}</table>"
+                         f"{picture}</body></html>", subtype="html")
+    if thumbnail_png and thumb_cid:
+        html_part = mail.get_payload()[1]  # type: ignore[index]
+        html_part.add_related(thumbnail_png, maintype="image", subtype="png", cid=thumb_cid,
+                              filename="page-1.png")
+    if attach and pdf is not None:
+        mail.add_attachment(pdf, maintype="application", subtype="pdf",
+                            filename=attachment_name(fax))
+    return mail
+
+
+def render_received(fax: InboundFax, recipients: list[tuple[str, bool]], pdf: bytes | None, *,
+                    from_addr: str, hostname: str, attach: bool, thumbnail: bool
+                    ) -> list[MailPart]:
+    """Every pending recipient's mail, ready for the wire (runs in a document worker).
+
+    `recipients` pairs an address with whether it gets the mail as the administrator. With
+    `attach` off neither the PDF nor its picture goes out (sensitive documents).
+    """
+    thumb = None
+    if pdf is not None and attach and thumbnail:
+        from gateway.documents.convert import ConvertError, first_page_png
+
+        try:
+            thumb = first_page_png(pdf, 300)
+        except ConvertError:
+            thumb = None  # a mail without its picture rather than no mail
+    parts = []
+    for recipient, admin in recipients:
+        mail = build_received(fax, recipient, from_addr=from_addr, hostname=hostname, pdf=pdf,
+                              thumbnail_png=thumb, attach=attach, admin_copy=admin)
+        parts.append(MailPart(recipient, str(mail["Message-ID"]),
+                              outbox_name(fax.fax_sid, recipient), render(mail)))
+    return parts
+
+
+def tiff_to_pdf(data: bytes, paper: str, max_pages: int) -> tuple[bytes, int]:
+    """A received TIFF as a PDF (runs in a document worker)."""
+    from gateway.documents.convert import Limits, image_to_pdf
+
+    return image_to_pdf(data, "received fax", paper, Limits(max_pages=max_pages))
