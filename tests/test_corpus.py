@@ -12,15 +12,19 @@ Set FAXGW_CORPUS_SAMPLES=/some/dir to keep PNG renderings of a scanned page and 
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import unicodedata
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from email.header import Header
 from email.message import EmailMessage
 from pathlib import Path
 
 import aiohttp
 import pytest
+from pypdf import PdfReader
 
 from gateway.daemon import Gateway
 from gateway.outbound.states import State
@@ -649,3 +653,94 @@ async def test_encrypted_pdf_is_refused(corpus: CorpusFactory) -> None:
     reply = await c.refuse(mail(top("Befund", "<enc@example.com>"), content))
     assert "password-protected" in reply.text
     assert "Befund.pdf" in reply.text
+
+
+# ----------------------------------------------------------------------------- scripts (issue 15, item 7)
+
+CHINESE, RUSSIAN, GREEK, ARABIC = "发票已付款", "Счёт оплачен", "Το τιμολόγιο πληρώθηκε", "تم دفع الفاتورة"
+
+
+def pdf_fonts(pdf: bytes) -> set[str]:
+    """The BaseFont names of every font the pages use (embedded subsets carry a tag prefix)."""
+    reader = PdfReader(io.BytesIO(pdf))
+    names: set[str] = set()
+    for page in reader.pages:
+        for font in page["/Resources"]["/Font"].values():
+            names.add(str(font.get_object()["/BaseFont"]).lstrip("/").split("+")[-1])
+    return names
+
+
+def has_words(text: str, word: str) -> bool:
+    """The word is there, whether the extractor gives right-to-left runs in logical or
+    drawing order; Arabic presentation forms count as their letters (NFKC)."""
+    folded = unicodedata.normalize("NFKC", text)
+    return word in folded or word[::-1] in folded
+
+
+def utf8_text(text: str) -> bytes:
+    return entity([("Content-Type", "text/plain; charset=utf-8"),
+                   ("Content-Transfer-Encoding", "base64")], b64(text.encode("utf-8")))
+
+
+async def test_scripts_in_body_and_cover_subject_are_faxed_legibly(corpus: CorpusFactory) -> None:
+    """Chinese, Cyrillic, Greek and Arabic used to be faxed as '?' with a clean report."""
+    c = await corpus()
+    subject = Header(f"[cover] {RUSSIAN} {CHINESE} {ARABIC}", "utf-8").encode()
+    body = f"{CHINESE}\n{RUSSIAN}\n{GREEK}\n{ARABIC}\n"
+    faxed = await c.fax(mail(top(subject, "<scripts@example.com>"), utf8_text(body)), 2)
+    cover, text_page = faxed.pages
+    for word in (RUSSIAN, CHINESE, ARABIC.split()[-1]):
+        assert has_words(cover.text, word), (word, cover.text)
+    for word in (CHINESE, RUSSIAN, GREEK, ARABIC.split()[-1]):
+        assert has_words(text_page.text, word), (word, text_page.text)
+    assert "?" not in cover.text + text_page.text
+    # Arabic letters are drawn in their joined (presentation) forms, not as isolated letters.
+    assert any("\ufe70" <= ch <= "\ufeff" for ch in text_page.text)
+    assert {"WenQuanYiMicroHei-0", "DejaVuSansMono-Bold", "DejaVuSans-Bold",
+            "DejaVuSans"} <= pdf_fonts(faxed.pdf)
+    # Ink where each line is (40 pt margin, 11 pt type on 13 pt leading, the header takes two
+    # lines): the Arabic line, which reads right to left, is set flush right.
+    baselines = [792 - 40 - 11 - 26 - 13 * i for i in range(4)]
+    lines = [((792 - y - 9) / 792, (792 - y + 2) / 792) for y in baselines]
+    for top_f, bottom_f in lines[:3]:
+        assert text_page.region_ink(0.05, top_f, 0.3, bottom_f) > 0.02
+    arabic_top, arabic_bottom = lines[3]
+    assert text_page.region_ink(0.7, arabic_top, 0.95, arabic_bottom) > 0.02
+    assert text_page.region_ink(0.05, arabic_top, 0.5, arabic_bottom) == 0
+    assert "could not be printed" not in faxed.report_text
+
+
+async def test_a_character_no_font_has_is_named_in_the_report(corpus: CorpusFactory) -> None:
+    c = await corpus()
+    body = "Ancient order: \U00013000 and \U00013001 twice \U00013000, the rest is fine.\n"
+    faxed = await c.fax(mail(top("Hieroglyphs", "<glyph@example.com>"), utf8_text(body)), 1)
+    assert "the rest is fine" in faxed.pages[0].text
+    report = " ".join(faxed.report_text.split())
+    assert ("2 character(s) could not be printed and were faxed as '?': \U00013000 (U+13000) "
+            "\U00013001 (U+13001)") in report, report
+
+
+async def test_text_body_over_the_limit_is_refused_with_554_and_a_mail(
+        corpus: CorpusFactory) -> None:
+    """It used to be '500 Error: (ConvertError)' and a traceback (issue 15, item 8)."""
+    c = await corpus()
+    body = ("A line of a very long legacy report that nobody should fax. " * 4 + "\n") * 900
+    assert len(body) > 200_000
+    reply = await c.refuse(mail(top("Huge report", "<huge@example.com>"), utf8_text(body)))
+    assert reply.text.startswith("5.6.0 The message text is too long to fax ("), reply.text
+    refusal = await c.relay.next()
+    assert "not sent" in str(refusal["Subject"])
+    assert "too long to fax" in plain_text(refusal)
+
+
+async def test_an_empty_pdf_attachment_is_refused_without_contradiction(
+        corpus: CorpusFactory) -> None:
+    c = await corpus()
+    content = multipart("mixed", "empty_pdf", [
+        entity([("Content-Type", "text/plain; charset=us-ascii")],
+               crlf("Please open the attached document.\n")),
+        pdf_attachment(b"", "scan.pdf"),
+    ])
+    reply = await c.refuse(mail(top("Scan", "<empty@example.com>"), content))
+    assert "attachment 'scan.pdf' is empty" in reply.text
+    assert "not a document" not in reply.text, reply.text
