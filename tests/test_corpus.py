@@ -13,9 +13,12 @@ Set FAXGW_CORPUS_SAMPLES=/some/dir to keep PNG renderings of a scanned page and 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import shutil
+import time
 import unicodedata
+import zipfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from email.header import Header
@@ -34,6 +37,8 @@ from .conftest import (RelaySink, Simulator, SMTPResult, job_ids, production_env
 from .corpus import (FaxPage, PageSpec, b64, crlf, docx_bytes, encrypted_pdf, entity, fax_pages,
                      labelled_pdf, logo_png, mail, multipart, qp_binary, qp_text, render_pages,
                      scan_page, scanner_tiff, solid_image, tnef_bytes)
+
+log = logging.getLogger(__name__)
 
 NUMBER = "15551234567"
 DATE = "Tue, 24 Nov 2026 09:15:02 +0100"
@@ -744,3 +749,94 @@ async def test_an_empty_pdf_attachment_is_refused_without_contradiction(
     reply = await c.refuse(mail(top("Scan", "<empty@example.com>"), content))
     assert "attachment 'scan.pdf' is empty" in reply.text
     assert "not a document" not in reply.text, reply.text
+
+
+# ----------------------------------------------------------------------------- LibreOffice
+
+OFFICE_TYPES = {
+    "docx": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    "odt": "application/vnd.oasis.opendocument.text",
+    "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+}
+
+
+def real_docx() -> bytes:
+    import docx  # python-docx, a test dependency
+
+    document = docx.Document()
+    document.add_heading("Lease agreement 2026-77", level=1)
+    document.add_paragraph("Page one of the lease, written in Word.")
+    document.add_page_break()
+    document.add_paragraph("Page two: signatures. Подпись")
+    buf = io.BytesIO()
+    document.save(buf)
+    return buf.getvalue()
+
+
+def real_xlsx() -> bytes:
+    import openpyxl  # a test dependency
+
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.title = "Prices"
+    sheet.append(["Item", "Quantity", "Price"])
+    sheet.append(["Toner cartridge", 3, 89.5])
+    sheet.append(["Paper A4", 10, 4.25])
+    sheet["A5"] = "Total"
+    sheet["C5"] = "=SUM(C2:C3)"  # LibreOffice computes it: 93.75
+    sheet.column_dimensions["A"].width = 30
+    buf = io.BytesIO()
+    book.save(buf)
+    return buf.getvalue()
+
+
+def real_odt() -> bytes:
+    """An OpenDocument text as LibreOffice writes it: 'mimetype' first and stored."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(zipfile.ZipInfo("mimetype"), "application/vnd.oasis.opendocument.text",
+                   compress_type=zipfile.ZIP_STORED)
+        z.writestr("META-INF/manifest.xml",
+                   '<?xml version="1.0" encoding="UTF-8"?><manifest:manifest xmlns:manifest='
+                   '"urn:oasis:names:tc:opendocument:xmlns:manifest:1.0" manifest:version="1.2">'
+                   '<manifest:file-entry manifest:full-path="/" manifest:media-type='
+                   '"application/vnd.oasis.opendocument.text"/><manifest:file-entry '
+                   'manifest:full-path="content.xml" manifest:media-type="text/xml"/>'
+                   '</manifest:manifest>')
+        z.writestr("content.xml",
+                   '<?xml version="1.0" encoding="UTF-8"?><office:document-content xmlns:office='
+                   '"urn:oasis:names:tc:opendocument:xmlns:office:1.0" xmlns:text="urn:oasis:'
+                   'names:tc:opendocument:xmlns:text:1.0" office:version="1.2"><office:body>'
+                   '<office:text><text:h text:outline-level="1">Meeting minutes</text:h>'
+                   '<text:p>Written in LibreOffice Writer, faxed by faxgw.</text:p>'
+                   '</office:text></office:body></office:document-content>')
+    return buf.getvalue()
+
+
+@pytest.mark.skipif(shutil.which("soffice") is None, reason="LibreOffice is not installed")
+@pytest.mark.parametrize(("kind", "build", "pages", "words"), [
+    ("docx", real_docx, 2, [["Lease agreement 2026-77", "Page one of the lease"],
+                            ["Page two: signatures.", "Подпись"]]),
+    ("odt", real_odt, 1, [["Meeting minutes", "Written in LibreOffice Writer"]]),
+    ("xlsx", real_xlsx, 1, [["Toner cartridge", "Paper A4", "Total 93.75"]]),
+])
+async def test_real_office_files_are_converted_by_libreoffice(
+        corpus: CorpusFactory, kind: str, build: Callable[[], bytes], pages: int,
+        words: list[list[str]]) -> None:
+    c = await corpus(DOC_TIMEOUT_SECONDS="120")
+    name = f"document.{kind}"
+    content = multipart("mixed", f"office_{kind}", [
+        entity([("Content-Type", "text/plain; charset=us-ascii")],
+               crlf("Please fax the attached file.\n")),
+        entity([("Content-Type", f'{OFFICE_TYPES[kind]}; name="{name}"'),
+                ("Content-Disposition", f'attachment; filename="{name}"'),
+                ("Content-Transfer-Encoding", "base64")], b64(build())),
+    ])
+    started = time.perf_counter()
+    faxed = await c.fax(mail(top(f"Office {kind}", f"<{kind}@example.com>"), content), pages)
+    log.info("%s faxed through LibreOffice in %.1f s", kind, time.perf_counter() - started)
+    for page, expected in zip(faxed.pages, words, strict=True):
+        flat = " ".join(page.text.split())
+        for word in expected:
+            assert word in flat, (word, flat)
+    assert name in faxed.report_text
