@@ -723,6 +723,8 @@ async def test_a_character_no_font_has_is_named_in_the_report(corpus: CorpusFact
     report = " ".join(faxed.report_text.split())
     assert ("2 character(s) could not be printed and were faxed as '?': \U00013000 (U+13000) "
             "\U00013001 (U+13001)") in report, report
+    assert report.index("Some characters of your text could not be printed") < \
+        report.index("Details")
 
 
 async def test_text_body_over_the_limit_is_refused_with_554_and_a_mail(
