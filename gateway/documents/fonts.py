@@ -156,12 +156,16 @@ def split_width(text: str, chain: tuple[str, ...], size: float, max_w: float) ->
         else:
             lines.append(current.rstrip())
             current = word.lstrip()
-        while line_width(current, chain, size) > max_w and len(current) > 1:
-            cut = len(current) - 1
-            while cut > 1 and line_width(current[:cut], chain, size) > max_w:
-                cut -= 1
-            lines.append(current[:cut])
-            current = current[cut:]
+        while len(current) > 1 and line_width(current, chain, size) > max_w:
+            low, high = 1, len(current) - 1  # the longest prefix that fits, by bisection
+            while low < high:
+                mid = (low + high + 1) // 2
+                if line_width(current[:mid], chain, size) <= max_w:
+                    low = mid
+                else:
+                    high = mid - 1
+            lines.append(current[:low])
+            current = current[low:]
     if current.strip() or not lines:
         lines.append(current.rstrip())
     return lines
