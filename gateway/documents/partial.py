@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from email import policy
 from email.parser import BytesHeaderParser
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 __all__ = ["MAX_PARTS", "PartialError", "PartialInfo", "PartialSet", "PartialStore", "Reassembler",
            "Received", "join", "partial_info", "set_key"]
@@ -278,9 +278,12 @@ class Reassembler:
         self._lock = asyncio.Lock()
         self._joining: set[str] = set()
 
-    async def receive(self, content: bytes | Path, sender: str, meta: dict[str, Any], *,
-                      now: float, max_bytes: int) -> Received:
+    async def receive(self, content: bytes | Path, sender: str,
+                      meta: Callable[[], dict[str, Any]], *, now: float,
+                      max_bytes: int) -> Received:
         """Keep a part; hand back the whole message when it completes its set.
+
+        ``meta`` (called for parts only) gives what expiry needs later: whom to tell.
 
         Raises PartialError for a part that can never be reassembled and OSError when the disk
         cannot take it (a temporary failure: the sender retries).
@@ -294,8 +297,8 @@ class Reassembler:
             if key in self._joining:
                 return Received(key, f"250 2.0.0 Part {info.number} received; the message it "
                                      "belongs to is complete and being faxed")
-            found = await asyncio.to_thread(self.store.add, key, info, content, meta, now=now,
-                                            max_bytes=max_bytes)
+            found = await asyncio.to_thread(self.store.add, key, info, content, meta(),
+                                            now=now, max_bytes=max_bytes)
             of = f" of {found.total}" if found.total else ""
             log.info("message/partial %s: part %d%s received (%d held, %d bytes)", key[:12],
                      info.number, of, len(found.numbers), found.size)

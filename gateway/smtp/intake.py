@@ -129,8 +129,11 @@ class Intake:
                        client: Client | None) -> Received:
         """Received() for ordinary mail; raises PartStored (250) for a part kept for later."""
         user = client.user.name if client is not None and client.user is not None else ""
-        meta = {"numbers": list(numbers), "envelope_from": envelope_from,
-                "report": self._refusal_target(content, envelope_from, client)}
+
+        def meta() -> dict[str, Any]:
+            return {"numbers": list(numbers), "envelope_from": envelope_from,
+                    "report": self._refusal_target(content, envelope_from, client)}
+
         try:
             part = await self.partials.receive(
                 content, f"{user}|{envelope_from or ''}", meta, now=self.clock(),
