@@ -459,8 +459,8 @@ def _walk_forwarded(
 ) -> list[_Piece]:
     if ctype == "message/partial":
         walk.note(
-            "message/partial fragments cannot be reassembled; send the document in one"
-            " message (raise the scanner's mail size limit or lower the scan resolution)"
+            "message/partial fragments cannot be reassembled when they come inside another"
+            " mail (split mails sent on their own are); send the document in one message"
         )
         return []
     if ctype == "message/external-body":
