@@ -191,3 +191,21 @@ async def test_incomplete_parts_expire_with_a_refusal_mail(simulator: Simulator,
         assert await gw.store.run(gw.store.jobs) == []
     finally:
         await gw.stop(grace_s=5)
+
+
+async def test_parts_survive_a_restart(tmp_path: Path) -> None:
+    """A part answered with 250 is on disk: a restart between parts loses nothing."""
+    clock = FakeClock()
+    env = base_env(tmp_path / "var")
+    parts = split(original(pages=2), 2)
+    first = await manual_gateway(env, clock)
+    try:
+        assert (await smtp_send(first.smtp.port, parts[1], RCPT)).code == 250
+    finally:
+        await first.stop(grace_s=5)
+    second = await manual_gateway(env, clock)
+    try:
+        reply = await smtp_send(second.smtp.port, parts[0], RCPT)
+        assert reply.code == 250 and "Queued as fax job" in reply.text and "(2 pages)" in reply.text
+    finally:
+        await second.stop(grace_s=5)
