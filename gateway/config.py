@@ -95,6 +95,7 @@ class Settings:
     doc_timeout_s: float = defaults.DOC_TIMEOUT_S
     doc_memory_mb: int = defaults.DOC_MEMORY_MB
     doc_workers: int = defaults.DOC_WORKERS
+    partial_timeout_minutes: int = defaults.PARTIAL_TIMEOUT_MINUTES
     report_thumbnail: bool = defaults.REPORT_THUMBNAIL
     report_attach_pdf: bool = defaults.REPORT_ATTACH_PDF
     report_accepted: bool = defaults.REPORT_ACCEPTED
@@ -457,6 +458,8 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         doc_timeout_s=r.float("DOC_TIMEOUT_SECONDS", defaults.DOC_TIMEOUT_S, 1, 3600),
         doc_memory_mb=r.int("DOC_MEMORY_MB", defaults.DOC_MEMORY_MB, 128, 65536),
         doc_workers=r.int("DOC_WORKERS", defaults.DOC_WORKERS, 1, 64),
+        partial_timeout_minutes=r.int("PARTIAL_TIMEOUT_MINUTES", defaults.PARTIAL_TIMEOUT_MINUTES,
+                                      1, 7 * 24 * 60),
         report_thumbnail=r.bool("REPORT_THUMBNAIL", defaults.REPORT_THUMBNAIL),
         report_attach_pdf=r.bool("REPORT_ATTACH_PDF", defaults.REPORT_ATTACH_PDF),
         report_accepted=r.bool("REPORT_ACCEPTED", defaults.REPORT_ACCEPTED),

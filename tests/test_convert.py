@@ -345,7 +345,9 @@ def test_text_pages_wrap_tabs_and_form_feeds() -> None:
     reader = PdfReader(io.BytesIO(pdf))
     first = reader.pages[0].extract_text()
     assert "Invoice No. 42" in " ".join(first.split())
-    assert "Caf\u00e9 \u20ac 12,50 \u2014 \u201cquoted\u201d ??" in first
+    # The Chinese is drawn with the shipped CJK font now, not as "??" (issue 15, item 7).
+    assert "Caf\u00e9 \u20ac 12,50 \u2014 \u201cquoted\u201d" in first
+    assert "\u4e2d\u6587" in first and "??" not in first
     assert "word59" in first and "Page 1 of 2" in first and "Order confirmation" in first
     assert "Second page" in reader.pages[1].extract_text()
     for page in reader.pages:
@@ -591,3 +593,32 @@ def test_conversions_run_in_parallel_threads() -> None:
     assert [pages for _, pages in results] == [1, 1, 1, 1]
     assert [len(pdf) for pdf, _ in results] == [len(pdf) for pdf, _ in expected]
     assert not any(is_blank_png(png) for png in thumbnails)
+
+
+# --------------------------------------------------------------------------- scripts
+
+
+def test_shipped_fonts_cover_the_scripts_people_fax_in() -> None:
+    from gateway.documents import fonts
+
+    text = "发票 日本語 한국어 Счёт Τιμολόγιο فاتورة חשבונית Ünïcødé € “ ”"
+    assert fonts.undrawable(text) == []
+    assert fonts.undrawable("a \U00013000 b \U00013000") == ["\U00013000"]
+
+
+def test_cover_page_subject_and_note_in_other_scripts() -> None:
+    pdf = cover_page(to="+1 555-123-4567", sender="a@example.com", subject="Счёт 发票 Τιμή",
+                     pages=2, date="today", note="Примечание 注意 ملاحظة", paper="letter")
+    text = PdfReader(io.BytesIO(pdf)).pages[0].extract_text()
+    for word in ("Счёт", "发票", "Τιμή", "Примечание", "注意"):
+        assert word in text, text
+    assert "?" not in text
+
+
+def test_right_to_left_line_is_shaped_and_set_flush_right() -> None:
+    pdf, _ = text_to_pdf("שלום עולם", "letter", LIMITS)
+    page = render(pdf, scale=1.0)[0].convert("L")
+    band = page.crop((0, 40 + 11 - 9, 612, 40 + 11 + 3))  # the first line, top-down
+    ink = band.point(lambda v: 255 if v < 128 else 0)
+    left, _, right, _ = ink.getbbox()
+    assert right > 612 - 32 - 4 and left > 612 / 2, (left, right)

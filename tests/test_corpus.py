@@ -12,15 +12,22 @@ Set FAXGW_CORPUS_SAMPLES=/some/dir to keep PNG renderings of a scanned page and 
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import shutil
+import time
+import unicodedata
+import zipfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from email.header import Header
 from email.message import EmailMessage
 from pathlib import Path
 
 import aiohttp
 import pytest
+from pypdf import PdfReader
 
 from gateway.daemon import Gateway
 from gateway.outbound.states import State
@@ -30,6 +37,8 @@ from .conftest import (RelaySink, Simulator, SMTPResult, job_ids, production_env
 from .corpus import (FaxPage, PageSpec, b64, crlf, docx_bytes, encrypted_pdf, entity, fax_pages,
                      labelled_pdf, logo_png, mail, multipart, qp_binary, qp_text, render_pages,
                      scan_page, scanner_tiff, solid_image, tnef_bytes)
+
+log = logging.getLogger(__name__)
 
 NUMBER = "15551234567"
 DATE = "Tue, 24 Nov 2026 09:15:02 +0100"
@@ -649,3 +658,187 @@ async def test_encrypted_pdf_is_refused(corpus: CorpusFactory) -> None:
     reply = await c.refuse(mail(top("Befund", "<enc@example.com>"), content))
     assert "password-protected" in reply.text
     assert "Befund.pdf" in reply.text
+
+
+# ----------------------------------------------------------------------------- scripts (issue 15, item 7)
+
+CHINESE, RUSSIAN, GREEK, ARABIC = "发票已付款", "Счёт оплачен", "Το τιμολόγιο πληρώθηκε", "تم دفع الفاتورة"
+
+
+def pdf_fonts(pdf: bytes) -> set[str]:
+    """The BaseFont names of every font the pages use (embedded subsets carry a tag prefix)."""
+    reader = PdfReader(io.BytesIO(pdf))
+    names: set[str] = set()
+    for page in reader.pages:
+        for font in page["/Resources"]["/Font"].values():
+            names.add(str(font.get_object()["/BaseFont"]).lstrip("/").split("+")[-1])
+    return names
+
+
+def has_words(text: str, word: str) -> bool:
+    """The word is there, whether the extractor gives right-to-left runs in logical or
+    drawing order; Arabic presentation forms count as their letters (NFKC)."""
+    folded = unicodedata.normalize("NFKC", text)
+    return word in folded or word[::-1] in folded
+
+
+def utf8_text(text: str) -> bytes:
+    return entity([("Content-Type", "text/plain; charset=utf-8"),
+                   ("Content-Transfer-Encoding", "base64")], b64(text.encode("utf-8")))
+
+
+async def test_scripts_in_body_and_cover_subject_are_faxed_legibly(corpus: CorpusFactory) -> None:
+    """Chinese, Cyrillic, Greek and Arabic used to be faxed as '?' with a clean report."""
+    c = await corpus()
+    subject = Header(f"[cover] {RUSSIAN} {CHINESE} {ARABIC}", "utf-8").encode()
+    body = f"{CHINESE}\n{RUSSIAN}\n{GREEK}\n{ARABIC}\n"
+    faxed = await c.fax(mail(top(subject, "<scripts@example.com>"), utf8_text(body)), 2)
+    cover, text_page = faxed.pages
+    for word in (RUSSIAN, CHINESE, ARABIC.split()[-1]):
+        assert has_words(cover.text, word), (word, cover.text)
+    for word in (CHINESE, RUSSIAN, GREEK, ARABIC.split()[-1]):
+        assert has_words(text_page.text, word), (word, text_page.text)
+    assert "?" not in cover.text + text_page.text
+    # Arabic letters are drawn in their joined (presentation) forms, not as isolated letters.
+    assert any("\ufe70" <= ch <= "\ufeff" for ch in text_page.text)
+    assert {"WenQuanYiMicroHei-0", "DejaVuSansMono-Bold", "DejaVuSans-Bold",
+            "DejaVuSans"} <= pdf_fonts(faxed.pdf)
+    # Ink where each line is (40 pt margin, 11 pt type on 13 pt leading, the header takes two
+    # lines): the Arabic line, which reads right to left, is set flush right.
+    baselines = [792 - 40 - 11 - 26 - 13 * i for i in range(4)]
+    lines = [((792 - y - 9) / 792, (792 - y + 2) / 792) for y in baselines]
+    for top_f, bottom_f in lines[:3]:
+        assert text_page.region_ink(0.05, top_f, 0.3, bottom_f) > 0.02
+    arabic_top, arabic_bottom = lines[3]
+    assert text_page.region_ink(0.7, arabic_top, 0.95, arabic_bottom) > 0.02
+    assert text_page.region_ink(0.05, arabic_top, 0.5, arabic_bottom) == 0
+    assert "could not be printed" not in faxed.report_text
+
+
+async def test_a_character_no_font_has_is_named_in_the_report(corpus: CorpusFactory) -> None:
+    c = await corpus()
+    body = "Ancient order: \U00013000 and \U00013001 twice \U00013000, the rest is fine.\n"
+    faxed = await c.fax(mail(top("Hieroglyphs", "<glyph@example.com>"), utf8_text(body)), 1)
+    assert "the rest is fine" in faxed.pages[0].text
+    report = " ".join(faxed.report_text.split())
+    assert ("2 character(s) could not be printed and were faxed as '?': \U00013000 (U+13000) "
+            "\U00013001 (U+13001)") in report, report
+    assert report.index("Some characters of your text could not be printed") < \
+        report.index("Details")
+
+
+async def test_text_body_over_the_limit_is_refused_with_554_and_a_mail(
+        corpus: CorpusFactory) -> None:
+    """It used to be '500 Error: (ConvertError)' and a traceback (issue 15, item 8)."""
+    c = await corpus()
+    body = ("A line of a very long legacy report that nobody should fax. " * 4 + "\n") * 900
+    assert len(body) > 200_000
+    reply = await c.refuse(mail(top("Huge report", "<huge@example.com>"), utf8_text(body)))
+    assert reply.text.startswith("5.6.0 The message text is too long to fax ("), reply.text
+    refusal = await c.relay.next()
+    assert "not sent" in str(refusal["Subject"])
+    assert "too long to fax" in plain_text(refusal)
+
+
+async def test_an_empty_pdf_attachment_is_refused_without_contradiction(
+        corpus: CorpusFactory) -> None:
+    c = await corpus()
+    content = multipart("mixed", "empty_pdf", [
+        entity([("Content-Type", "text/plain; charset=us-ascii")],
+               crlf("Please open the attached document.\n")),
+        pdf_attachment(b"", "scan.pdf"),
+    ])
+    reply = await c.refuse(mail(top("Scan", "<empty@example.com>"), content))
+    assert "attachment 'scan.pdf' is empty" in reply.text
+    assert "not a document" not in reply.text, reply.text
+
+
+# ----------------------------------------------------------------------------- LibreOffice
+
+OFFICE_TYPES = {
+    "docx": "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+    "odt": "application/vnd.oasis.opendocument.text",
+    "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+}
+
+
+def real_docx() -> bytes:
+    import docx  # python-docx, a test dependency
+
+    document = docx.Document()
+    document.add_heading("Lease agreement 2026-77", level=1)
+    document.add_paragraph("Page one of the lease, written in Word.")
+    document.add_page_break()
+    document.add_paragraph("Page two: signatures. Подпись")
+    buf = io.BytesIO()
+    document.save(buf)
+    return buf.getvalue()
+
+
+def real_xlsx() -> bytes:
+    import openpyxl  # a test dependency
+
+    book = openpyxl.Workbook()
+    sheet = book.active
+    sheet.title = "Prices"
+    sheet.append(["Item", "Quantity", "Price"])
+    sheet.append(["Toner cartridge", 3, 89.5])
+    sheet.append(["Paper A4", 10, 4.25])
+    sheet["A5"] = "Total"
+    sheet["C5"] = "=SUM(C2:C3)"  # LibreOffice computes it: 93.75
+    sheet.column_dimensions["A"].width = 30
+    buf = io.BytesIO()
+    book.save(buf)
+    return buf.getvalue()
+
+
+def real_odt() -> bytes:
+    """An OpenDocument text as LibreOffice writes it: 'mimetype' first and stored."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr(zipfile.ZipInfo("mimetype"), "application/vnd.oasis.opendocument.text",
+                   compress_type=zipfile.ZIP_STORED)
+        z.writestr("META-INF/manifest.xml",
+                   '<?xml version="1.0" encoding="UTF-8"?><manifest:manifest xmlns:manifest='
+                   '"urn:oasis:names:tc:opendocument:xmlns:manifest:1.0" manifest:version="1.2">'
+                   '<manifest:file-entry manifest:full-path="/" manifest:media-type='
+                   '"application/vnd.oasis.opendocument.text"/><manifest:file-entry '
+                   'manifest:full-path="content.xml" manifest:media-type="text/xml"/>'
+                   '</manifest:manifest>')
+        z.writestr("content.xml",
+                   '<?xml version="1.0" encoding="UTF-8"?><office:document-content xmlns:office='
+                   '"urn:oasis:names:tc:opendocument:xmlns:office:1.0" xmlns:text="urn:oasis:'
+                   'names:tc:opendocument:xmlns:text:1.0" office:version="1.2"><office:body>'
+                   '<office:text><text:h text:outline-level="1">Meeting minutes</text:h>'
+                   '<text:p>Written in LibreOffice Writer, faxed by faxgw.</text:p>'
+                   '</office:text></office:body></office:document-content>')
+    return buf.getvalue()
+
+
+@pytest.mark.skipif(shutil.which("soffice") is None, reason="LibreOffice is not installed")
+@pytest.mark.parametrize(("kind", "build", "pages", "words"), [
+    ("docx", real_docx, 2, [["Lease agreement 2026-77", "Page one of the lease"],
+                            ["Page two: signatures.", "Подпись"]]),
+    ("odt", real_odt, 1, [["Meeting minutes", "Written in LibreOffice Writer"]]),
+    ("xlsx", real_xlsx, 1, [["Toner cartridge", "Paper A4", "Total 93.75"]]),
+])
+async def test_real_office_files_are_converted_by_libreoffice(
+        corpus: CorpusFactory, kind: str, build: Callable[[], bytes], pages: int,
+        words: list[list[str]]) -> None:
+    c = await corpus(DOC_TIMEOUT_SECONDS="120")
+    name = f"document.{kind}"
+    content = multipart("mixed", f"office_{kind}", [
+        entity([("Content-Type", "text/plain; charset=us-ascii")],
+               crlf("Please fax the attached file.\n")),
+        entity([("Content-Type", f'{OFFICE_TYPES[kind]}; name="{name}"'),
+                ("Content-Disposition", f'attachment; filename="{name}"'),
+                ("Content-Transfer-Encoding", "base64")], b64(build())),
+    ])
+    started = time.perf_counter()
+    faxed = await c.fax(mail(top(f"Office {kind}", f"<{kind}@example.com>"), content), pages)
+    log.info("%s faxed through LibreOffice in %.1f s", kind, time.perf_counter() - started)
+    for page, expected in zip(faxed.pages, words, strict=True):
+        flat = " ".join(page.text.split())
+        for word in expected:
+            assert word in flat, (word, flat)
+    assert name in faxed.report_text

@@ -14,6 +14,7 @@ from dataclasses import replace
 from email.message import EmailMessage
 from typing import Sequence
 
+from gateway.documents import fonts
 from gateway.documents.convert import (ConvertError, Limits, cover_page, image_to_pdf, merge_pdfs, normalize_pdf,
                       office_to_pdf, text_to_pdf)
 from gateway.documents.model import DocOptions, Document, DocumentError, MessageOptions, Prepared
@@ -117,11 +118,38 @@ def _convert(part: Part, opts: DocOptions, limits: Limits) -> tuple[bytes, int]:
 
 def build_document(parsed: ParsedMail, opts: DocOptions, msg_opts: MessageOptions, *,
                    recipients: Sequence[str], sender: str, date: str) -> Document:
-    """Every faxable part in order, the body where the policy says, a cover if asked for."""
+    """Every faxable part in order, the body where the policy says, a cover if asked for.
+
+    Every conversion error becomes a DocumentError (a 554 and a refusal mail), whichever part
+    it came from: the mail's own text as much as an attachment.
+    """
+    try:
+        return _build(parsed, opts, msg_opts, recipients=recipients, sender=sender, date=date)
+    except ConvertError as exc:
+        raise DocumentError(str(exc)) from exc
+
+
+def _undrawable_note(texts: list[str]) -> str | None:
+    """The report line for characters no shipped font can draw (faxed as '?')."""
+    missing: dict[str, None] = {}
+    for text in texts:
+        missing.update(dict.fromkeys(fonts.undrawable(text)))
+    if not missing:
+        return None
+    shown = " ".join(f"{c} (U+{ord(c):04X})" for c in list(missing)[:10])
+    more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+    return (f"{len(missing)} character(s) could not be printed and were faxed as '?': "
+            f"{shown}{more}")
+
+
+def _build(parsed: ParsedMail, opts: DocOptions, msg_opts: MessageOptions, *,
+           recipients: Sequence[str], sender: str, date: str) -> Document:
     limits = Limits(max_pages=opts.max_pages, max_image_pixels=opts.max_image_pixels)
     documents = [p for p in parsed.parts if _faxable(p)]
     notes = list(parsed.notes)
     for part in parsed.parts:
+        if not part.data:
+            continue  # mime.py has noted it as empty; "not a document we can fax" would contradict
         if not _faxable(part) and not (part.inline and part.kind in IMAGE_KINDS):
             if part.kind == "tnef":
                 notes.append(f"{_label(part)} is an Outlook winmail.dat; ask the sender's mail "
@@ -139,17 +167,18 @@ def build_document(parsed: ParsedMail, opts: DocOptions, msg_opts: MessageOption
         and not is_boilerplate(parsed.text_body))
     pdfs: list[bytes] = []
     names: list[str] = []
+    drawn: list[str] = []  # text typeset by us, checked for characters no font has
     pages = 0
     if use_body and parsed.text_body and parsed.text_body.strip():
         data, n = text_to_pdf(parsed.text_body, opts.paper, limits, title=msg_opts.subject or None)
         pdfs.append(data)
         names.append("message text")
+        drawn += [parsed.text_body, msg_opts.subject]
         pages += n
     for part in documents:
-        try:
-            data, n = _convert(part, opts, limits)
-        except ConvertError as exc:
-            raise DocumentError(str(exc)) from exc
+        data, n = _convert(part, opts, limits)
+        if part.kind == "text":
+            drawn.append(part.data.decode("utf-8", "replace"))
         pdfs.append(data)
         names.append(_label(part))
         pages += n
@@ -164,7 +193,11 @@ def build_document(parsed: ParsedMail, opts: DocOptions, msg_opts: MessageOption
         pdfs.insert(0, cover_page(to=", ".join(recipients), sender=sender,
                                   subject=msg_opts.subject, pages=pages + 1, date=date,
                                   note=note[:2000] if note else None, paper=opts.paper))
+        drawn += [msg_opts.subject, sender, note[:2000] if note else ""]
         pages += 1
+    missing = _undrawable_note(drawn)
+    if missing:
+        notes.append(missing)
     data = pdfs[0] if len(pdfs) == 1 else merge_pdfs(pdfs)
     return Document(data, pages, tuple(names), tuple(notes))
 

@@ -32,7 +32,7 @@ import threading
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import cast
 
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
@@ -51,6 +51,8 @@ from pypdf.generic import (
 from reportlab.lib.utils import simpleSplit
 from reportlab.pdfbase.pdfmetrics import stringWidth
 from reportlab.pdfgen.canvas import Canvas
+
+from gateway.documents import fonts
 
 __all__ = [
     "PAPER",
@@ -360,41 +362,57 @@ def _place_images(prepared: list[tuple[Image.Image, float, float]], paper_w: flo
 # --------------------------------------------------------------------------- text
 
 
-def _fax_text(text: str) -> str:
-    """Text the built-in fonts can draw: NFC, a few look-alikes mapped, the rest '?'."""
+def _clean_text(text: str) -> str:
+    """NFC, a few look-alikes mapped to what every font has, control characters dropped."""
     text = unicodedata.normalize("NFC", text).translate(_TEXT_TRANSLATE)
-    return "".join(c if c in _CP1252 or c in "\n\f\t" else ("" if _is_control(c) else "?")
-                   for c in text)
+    return "".join(c for c in text if c in "\n\f\t" or not _is_control(c))
+
+
+def _needs_unicode(text: str) -> bool:
+    """True when the text has characters the built-in (WinAnsi) fonts cannot draw."""
+    return any(c not in _CP1252 and c not in "\n\f\t" for c in text)
+
+
+def _columns(text: str) -> int:
+    """Width in monospace columns: CJK characters take two, combining marks none."""
+    return sum(2 if unicodedata.east_asian_width(c) in ("W", "F")
+               else 0 if unicodedata.combining(c) else 1 for c in text)
 
 
 def _is_control(char: str) -> bool:
     return unicodedata.category(char) in ("Cc", "Cf")
 
 
-def _one_line(text: str, max_chars: int = 500) -> str:
-    return _fax_text(" ".join(text.split())[:max_chars]).replace("\t", " ")
-
-
-def _wrap_line(line: str, cols: int) -> Iterator[str]:
+def _wrap_line(line: str, cols: int, width: Callable[[str], int] = len) -> Iterator[str]:
     """Break at the last space that leaves at least half a line, else hard at the column."""
-    while len(line) > cols:
-        cut = line.rfind(" ", 0, cols + 1)
-        if cut < cols // 2:
-            yield line[:cols]
-            line = line[cols:]
+    while width(line) > cols:
+        fit = cols
+        if width is not len:  # the most characters that fit in ``cols`` columns
+            fit, used = 0, 0
+            for char in line:
+                used += width(char)
+                if used > cols:
+                    break
+                fit += 1
+            fit = max(fit, 1)
+        cut = line.rfind(" ", 0, fit + 1)
+        if cut < fit // 2:
+            yield line[:fit]
+            line = line[fit:]
         else:
             yield line[:cut]
             line = line[cut + 1:]
     yield line
 
 
-def _layout_text(text: str, cols: int, rows: int, max_pages: int) -> list[list[str]]:
+def _layout_text(text: str, cols: int, rows: int, max_pages: int,
+                 width: Callable[[str], int] = len) -> list[list[str]]:
     pages: list[list[str]] = [[]]
     for number, sheet in enumerate(text.split("\f")):
         if number and pages[-1]:
             pages.append([])  # a form feed starts a page, but never leaves one blank
         for raw in sheet.split("\n"):
-            for line in _wrap_line(raw.expandtabs(TAB_SIZE).rstrip(), cols):
+            for line in _wrap_line(raw.expandtabs(TAB_SIZE).rstrip(), cols, width):
                 if len(pages[-1]) >= rows:
                     pages.append([])
                 if len(pages) > max_pages:
@@ -420,14 +438,15 @@ def text_to_pdf(text: str, paper: str, limits: Limits, title: str | None = None
     if len(text) > limits.max_text_chars:
         raise ConvertError(f"The message text is too long to fax ({len(text)} characters; at "
                            f"most {limits.max_text_chars})")
-    body = _fax_text(text.replace("\r\n", "\n").replace("\r", "\n").replace("\v", "\n"))
+    body = _clean_text(text.replace("\r\n", "\n").replace("\r", "\n").replace("\v", "\n"))
+    wide = _needs_unicode(body)  # beyond WinAnsi: the shipped fonts (fonts.py) draw it
     char_w = stringWidth("M", TEXT_FONT, TEXT_SIZE_PT)
     cols = int((paper_w - 2 * TEXT_MARGIN_X_PT) / char_w)
     rows = int((paper_h - 2 * TEXT_MARGIN_Y_PT) / TEXT_LEADING_PT)
-    header = _one_line(title, 200) if title else ""
+    header = _title_line(title) if title else ""
     if header:
         rows -= 2
-    pages = _layout_text(body, cols, rows, limits.max_pages)
+    pages = _layout_text(body, cols, rows, limits.max_pages, _columns if wide else len)
     if not pages:
         raise ConvertError("The message has no text to fax")
 
@@ -440,23 +459,45 @@ def text_to_pdf(text: str, paper: str, limits: Limits, title: str | None = None
         if header:
             _draw_header(canvas, header, f"Page {number} of {len(pages)}", paper_w, y)
             y -= 2 * TEXT_LEADING_PT
-        body_text = canvas.beginText(TEXT_MARGIN_X_PT, y)
-        body_text.setFont(TEXT_FONT, TEXT_SIZE_PT, TEXT_LEADING_PT)
-        for line in lines:
-            body_text.textLine(line)
-        canvas.drawText(body_text)
+        if wide:
+            for line in lines:
+                fonts.draw_line(canvas, TEXT_MARGIN_X_PT, y, line, fonts.MONO, TEXT_SIZE_PT,
+                                right=paper_w - TEXT_MARGIN_X_PT)
+                y -= TEXT_LEADING_PT
+        else:
+            body_text = canvas.beginText(TEXT_MARGIN_X_PT, y)
+            body_text.setFont(TEXT_FONT, TEXT_SIZE_PT, TEXT_LEADING_PT)
+            for line in lines:
+                body_text.textLine(line)
+            canvas.drawText(body_text)
         canvas.showPage()
     canvas.save()
     return buf.getvalue(), len(pages)
 
 
+def _title_line(text: str, max_chars: int = 200) -> str:
+    """One line of a title or cover field: cleaned, kept in full script (drawn by fonts.py)."""
+    return _clean_text(" ".join(text.split())[:max_chars]).replace("\t", " ")
+
+
 def _draw_header(canvas: Canvas, title: str, page_label: str, paper_w: float, y: float) -> None:
     right = paper_w - TEXT_MARGIN_X_PT
     room = right - TEXT_MARGIN_X_PT - stringWidth(page_label, HEADER_FONT, TEXT_SIZE_PT) - 12
-    while title and stringWidth(title, HEADER_FONT, TEXT_SIZE_PT) > room:
+    wide = _needs_unicode(title)
+
+    def width(value: str) -> float:
+        if wide:
+            return fonts.line_width(value, fonts.BOLD, TEXT_SIZE_PT)
+        return stringWidth(value, HEADER_FONT, TEXT_SIZE_PT)
+
+    while title and width(title) > room:
         title = title[:-4] + "..." if len(title) > 4 else ""
     canvas.setFont(HEADER_FONT, TEXT_SIZE_PT)
-    canvas.drawString(TEXT_MARGIN_X_PT, y, title)
+    if wide:
+        fonts.draw_line(canvas, TEXT_MARGIN_X_PT, y, title, fonts.BOLD, TEXT_SIZE_PT)
+    else:
+        canvas.drawString(TEXT_MARGIN_X_PT, y, title)
+    canvas.setFont(HEADER_FONT, TEXT_SIZE_PT)
     canvas.drawRightString(right, y, page_label)
     canvas.setLineWidth(1)
     canvas.line(TEXT_MARGIN_X_PT, y - 4, right, y - 4)
@@ -487,7 +528,12 @@ def cover_page(*, to: str, sender: str, subject: str, pages: int, date: str, not
     rows = (("To:", to, 2), ("From:", sender, 2), ("Date:", date, 1),
             ("Pages:", f"{pages} (including this cover page)", 1), ("Subject:", subject, 3))
     for label, value, max_lines in rows:
-        lines = simpleSplit(_one_line(value) or "-", "Helvetica", 14, width - label_w)
+        value = _title_line(value, 500) or "-"
+        wide = _needs_unicode(value)
+        if wide:
+            lines = fonts.split_width(value, fonts.SANS, 14, width - label_w)
+        else:
+            lines = simpleSplit(value, "Helvetica", 14, width - label_w)
         if len(lines) > max_lines:
             lines = lines[:max_lines]
             lines[-1] = lines[-1][:max(0, len(lines[-1]) - 3)] + "..."
@@ -495,7 +541,11 @@ def cover_page(*, to: str, sender: str, subject: str, pages: int, date: str, not
         canvas.drawString(margin, y, label)
         canvas.setFont("Helvetica", 14)
         for line in lines:
-            canvas.drawString(margin + label_w, y, line)
+            if wide:
+                fonts.draw_line(canvas, margin + label_w, y, line, fonts.SANS, 14,
+                                right=paper_w - margin)
+            else:
+                canvas.drawString(margin + label_w, y, line)
             y -= 20
         y -= 8
     if note and note.strip():
@@ -504,19 +554,28 @@ def cover_page(*, to: str, sender: str, subject: str, pages: int, date: str, not
         canvas.line(margin, y, paper_w - margin, y)
         y -= 26
         size, leading = 13.0, 17.0
-        text = _fax_text(note[:MAX_COVER_NOTE_CHARS].replace("\r\n", "\n").replace("\r", "\n"))
+        text = _clean_text(note[:MAX_COVER_NOTE_CHARS].replace("\r\n", "\n").replace("\r", "\n"))
+        wide = _needs_unicode(text)
         lines = []
         for paragraph in text.replace("\f", "\n").split("\n"):
             paragraph = paragraph.expandtabs(TAB_SIZE)
-            lines.extend(simpleSplit(paragraph, "Helvetica", size, width) or [""])
+            if wide:
+                lines.extend(fonts.split_width(paragraph, fonts.SANS, size, width) or [""])
+            else:
+                lines.extend(simpleSplit(paragraph, "Helvetica", size, width) or [""])
         room = max(0, int((y - margin) / leading))
         if len(lines) > room:
             lines = lines[:max(0, room - 1)] + ["[... the note is cut here ...]"]
-        note_text = canvas.beginText(margin, y)
-        note_text.setFont("Helvetica", size, leading)
-        for line in lines:
-            note_text.textLine(line)
-        canvas.drawText(note_text)
+        if wide:
+            for line in lines:
+                fonts.draw_line(canvas, margin, y, line, fonts.SANS, size, right=paper_w - margin)
+                y -= leading
+        else:
+            note_text = canvas.beginText(margin, y)
+            note_text.setFont("Helvetica", size, leading)
+            for line in lines:
+                note_text.textLine(line)
+            canvas.drawText(note_text)
     canvas.showPage()
     canvas.save()
     return buf.getvalue()

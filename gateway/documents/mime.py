@@ -25,6 +25,8 @@ from email import policy
 from html import unescape
 from html.parser import HTMLParser
 
+from gateway.text import sanitize_header_text
+
 __all__ = [
     "KINDS",
     "MimeError",
@@ -79,7 +81,6 @@ _WESTERN_CHARSETS = frozenset(
      "windows-1252", "cp1252", "x-unknown", "unknown-8bit"}
 )
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _BODY_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 _ENCODED_WORD = re.compile(r"=\?([^?\s]{1,40})\?([bBqQ])\?([^?\s]*)\?=")
@@ -139,21 +140,6 @@ def detect_kind(data: bytes) -> str | None:
     if b"%PDF-" in data[:PDF_HEADER_WINDOW]:
         return "pdf"
     return None
-
-
-def sanitize_header_text(s: str, max_len: int = 200) -> str:
-    """Make mail-provided text safe for a header or a one-line report field.
-
-    Removes control characters (CR/LF would inject headers), bidi overrides (they can
-    disguise a file name), and lone surrogates left by undecodable bytes; collapses
-    whitespace; cuts to ``max_len`` characters, ending in "..." when cut.
-    """
-    text = _SURROGATE.sub("\ufffd", s)
-    text = _CONTROL.sub(" ", text)
-    text = " ".join(text.split())
-    if len(text) > max_len:
-        text = text[: max(0, max_len - 3)].rstrip() + "..." if max_len >= 4 else text[:max_len]
-    return text
 
 
 # --- text decoding -------------------------------------------------------------------------
@@ -459,8 +445,8 @@ def _walk_forwarded(
 ) -> list[_Piece]:
     if ctype == "message/partial":
         walk.note(
-            "message/partial fragments cannot be reassembled; send the document in one"
-            " message (raise the scanner's mail size limit or lower the scan resolution)"
+            "message/partial fragments cannot be reassembled when they come inside another"
+            " mail (split mails sent on their own are); send the document in one message"
         )
         return []
     if ctype == "message/external-body":

@@ -18,7 +18,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from gettext import gettext as _
 
-from gateway.documents.mime import sanitize_header_text
+from gateway.text import one_line
 from gateway.mail.sender import Rendered, render
 from gateway.phone import NumberError, format_number
 from gateway.store.inbound import InboundFax
@@ -43,7 +43,7 @@ def _caller(number: str | None) -> str:
     try:
         return format_number(number)
     except NumberError:
-        return sanitize_header_text(number, 60) or _("an unknown caller")
+        return one_line(number, 60) or _("an unknown caller")
 
 
 def _pages(n: int | None) -> str:
@@ -59,9 +59,9 @@ def _when(ts: float | None) -> datetime:
 def subject_for(fax: InboundFax) -> str:
     caller = _caller(fax.from_number)
     if fax.fax_status == "received":
-        return sanitize_header_text(_("Fax from %s, %s") % (caller, _pages(fax.num_pages)), 200)
-    reason = sanitize_header_text(fax.error_message or fax.fax_status or "failed", 120)
-    return sanitize_header_text(_("Fax from %s not received: %s") % (caller, reason), 200)
+        return one_line(_("Fax from %s, %s") % (caller, _pages(fax.num_pages)), 200)
+    reason = one_line(fax.error_message or fax.fax_status or "failed", 120)
+    return one_line(_("Fax from %s not received: %s") % (caller, reason), 200)
 
 
 def attachment_name(fax: InboundFax) -> str:
@@ -93,17 +93,17 @@ class MailPart:
 def _lines(fax: InboundFax, attached: bool) -> list[tuple[str, str]]:
     rows = [
         (_("From"), _caller(fax.from_number)),
-        (_("Station id"), sanitize_header_text(fax.remote_station_id or "-", 60)),
+        (_("Station id"), one_line(fax.remote_station_id or "-", 60)),
         (_("Received on"), _caller(fax.to_number)),
         (_("Time"), _when(fax.completed_at).strftime("%Y-%m-%d %H:%M:%S UTC")),
         (_("Pages"), str(fax.num_pages or 0)),
     ]
     if fax.fax_status != "received":
-        rows.append((_("Status"), sanitize_header_text(fax.fax_status or "-", 40)))
-        rows.append((_("Error"), sanitize_header_text(
+        rows.append((_("Status"), one_line(fax.fax_status or "-", 40)))
+        rows.append((_("Error"), one_line(
             f"{fax.error_message or '-'}" + (f" (code {fax.error_code})" if fax.error_code
                                              else ""), 300)))
-    rows.append((_("Fax id"), sanitize_header_text(fax.fax_sid, 80)))
+    rows.append((_("Fax id"), one_line(fax.fax_sid, 80)))
     return rows
 
 
@@ -117,7 +117,7 @@ def build_received(fax: InboundFax, recipient: str, *, from_addr: str, hostname:
     mail["Date"] = format_datetime(_when(fax.completed_at))
     mail["Message-ID"] = message_id_for(fax.fax_sid, recipient, hostname)
     mail["Auto-Submitted"] = "auto-generated"
-    mail["X-Fax-Sid"] = sanitize_header_text(fax.fax_sid, 80)
+    mail["X-Fax-Sid"] = one_line(fax.fax_sid, 80)
     rows = _lines(fax, attach and pdf is not None)
     if fax.fax_status == "received":
         lead = _("A fax from %s arrived on %s: %s.") % (_caller(fax.from_number),

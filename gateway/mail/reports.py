@@ -145,6 +145,10 @@ def build_report(job: Job, message: Message, events: Sequence[Event],
     ok, words = outcome(job)
     number = format_number(job.to_number)
     advice = _advice(job) if not ok else None
+    if ok and message.notes and "could not be printed" in message.notes:
+        # Delivered, but not all of it legibly: say so up front, not only under "Not faxed".
+        advice = _("Some characters of your text could not be printed and were faxed as '?' "
+                   "(see \"Not faxed\" below).")
     values = {
         "headline": _("Your fax to %s was %s.") % (number, words),
         "destination": number,

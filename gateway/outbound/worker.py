@@ -27,6 +27,7 @@ from gateway.ops.metrics import Metrics
 from gateway.mail.sender import Notifier, NotifyError
 from gateway.documents.pool import CpuPool, TaskLimitError
 from gateway.mail.reports import render_final_report
+from gateway.smtp.intake import expire_partials
 from gateway.signalwire.client import (SendOutcomeUnknown, SendRefused, SendRetryable, SignalWireClient,
                          SignalWireError)
 from gateway.store.spool import Spool
@@ -425,6 +426,7 @@ class Worker:
         now = self.clock()
         self._next_housekeeping = now + defaults.HOUSEKEEPING_INTERVAL_S
         purged = await self.purge_documents(now - self.s.document_retention_hours * 3600)
+        await expire_partials(self.s, self.notifier, now)  # split mails that never completed
         pruned = 0
         cutoff = now - self.s.job_retention_days * 86400
         while batch := await self.store.run(self.store.prune, cutoff):

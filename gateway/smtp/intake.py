@@ -24,6 +24,7 @@ from gateway.smtp.access import Access, Client
 from gateway.config import Settings
 from gateway.documents.pool import CpuPool, TaskLimitError, call
 from gateway.documents.model import DocOptions, DocumentError
+from gateway.documents.partial import PartialError, PartialStore, Reassembler, Received
 from gateway.ops.faults import crash_point
 from gateway.signalwire.media import new_media_key
 from gateway.ops.metrics import Metrics
@@ -56,6 +57,18 @@ class Refused(Exception):
     def __init__(self, reply: str) -> None:
         super().__init__(reply)
         self.reply = reply
+
+
+class PartStored(Refused):
+    """Not a refusal: one part of a split mail (message/partial) was kept, reply 250.
+
+    A Refused only because the SMTP handler answers with Refused.reply as it is; the handler
+    may tell it apart (no job yet, so there is no job id to name).
+    """
+
+
+def partial_store(settings: Settings) -> PartialStore:
+    return PartialStore(settings.data_dir / "spool" / "partial")
 
 
 def _address(candidate: str) -> str | None:
@@ -96,9 +109,51 @@ class Intake:
         self.access = access
         self.metrics = metrics or Metrics(process=False)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.partials = Reassembler(partial_store(settings))
 
     async def accept(self, content: bytes, envelope_from: str | None, numbers: Sequence[str],
                      peer: str | None, client: Client | None = None) -> Accepted:
+        # A copier's "divided sending" (message/partial): keep each part; the last one brings
+        # the whole message, which then goes through intake like any other mail.
+        part = await self._partial(content, envelope_from, numbers, client)
+        if part.whole is None:
+            return await self._accept(content, envelope_from, numbers, peer, client)
+        assert part.key is not None
+        try:
+            accepted = await self._accept(part.whole, envelope_from, numbers, peer, client)
+        except Refused as exc:  # 4xx: the parts wait for the sender's retry of the last one
+            await self.partials.done(part.key, keep=exc.reply.startswith("4"))
+            raise
+        await self.partials.done(part.key, keep=False)
+        return accepted
+
+    async def _partial(self, content: bytes, envelope_from: str | None, numbers: Sequence[str],
+                       client: Client | None) -> Received:
+        """Received() for ordinary mail; raises PartStored (250) for a part kept for later."""
+        user = client.user.name if client is not None and client.user is not None else ""
+
+        def meta() -> dict[str, Any]:
+            return {"numbers": list(numbers), "envelope_from": envelope_from,
+                    "report": self._refusal_target(content, envelope_from, client)}
+
+        try:
+            part = await self.partials.receive(
+                content, f"{user}|{envelope_from or ''}", meta, now=self.clock(),
+                max_bytes=self.settings.smtp_max_message_bytes)
+        except PartialError as exc:
+            reason = one_line(str(exc), 400, ascii_only=True)
+            self._report_refusal(content, envelope_from, client, numbers, reason)
+            raise Refused(f"554 5.6.0 {reason}") from exc
+        except OSError as exc:
+            log.error("message/partial part from %s not stored: %s", envelope_from, exc)
+            raise Refused("451 4.3.0 Temporary failure: the gateway cannot store this part "
+                          "right now; please try again later") from exc
+        if part.reply is not None:
+            raise PartStored(part.reply)
+        return part
+
+    async def _accept(self, content: bytes, envelope_from: str | None, numbers: Sequence[str],
+                      peer: str | None, client: Client | None = None) -> Accepted:
         date = format_datetime(datetime.fromtimestamp(self.clock(), timezone.utc))
         try:
             prepared = await self.cpu.run(call, "gateway.documents.build:prepare", content,
@@ -171,8 +226,23 @@ class Intake:
                         numbers: Sequence[str], reason: str) -> None:
         """Tell an authorised sender why their mail cannot be faxed (a scanner shows no SMTP
         error to the person at it). Strangers never get here: they are refused at MAIL."""
-        if self.notifier is None or client is None or not self.settings.report_refusals:
+        if self.notifier is None or not self.settings.report_refusals:
             return
+        target = self._refusal_target(content, envelope_from, client)
+        if target is None:
+            return
+        refusal = build_refusal(
+            to=target["to"], numbers=numbers, reason=reason, subject=target["subject"],
+            original_msgid=target["msgid"], from_addr=self.settings.notify_from,
+            hostname=self.settings.smtp_hostname, now=self.clock(), templates=self.templates)
+        self._background(self._send_refusal(refusal, target["to"]))
+
+    def _refusal_target(self, content: bytes, envelope_from: str | None,
+                        client: Client | None) -> dict[str, str | None] | None:
+        """Where a refusal may go ({to, subject, msgid}), or None: only to an authorised
+        sender, and not when the From: header is one that sender may not use."""
+        if client is None:
+            return None
         headers = BytesHeaderParser(policy=policy.default).parsebytes(content[:256 * 1024])
         header_from = str(headers.get("From", "") or "")
         user = client.user
@@ -180,14 +250,10 @@ class Intake:
             _address(header_from) or _address(envelope_from or "")
         if not to or (self.access is not None
                       and self.access.check_header_from(client, header_from)):
-            return
-        refusal = build_refusal(
-            to=to, numbers=numbers, reason=reason,
-            subject=one_line(str(headers.get("Subject", "") or ""), 200),
-            original_msgid=str(headers.get("Message-ID", "") or "").strip() or None,
-            from_addr=self.settings.notify_from, hostname=self.settings.smtp_hostname,
-            now=self.clock(), templates=self.templates)
-        self._background(self._send_refusal(refusal, to))
+            return None
+        return {"to": to,
+                "subject": one_line(str(headers.get("Subject", "") or ""), 200),
+                "msgid": str(headers.get("Message-ID", "") or "").strip() or None}
 
     async def _send_refusal(self, refusal: EmailMessage, to: str) -> None:
         assert self.notifier is not None
@@ -212,3 +278,41 @@ class Intake:
                 await self.notifier.send(receipt, f"{job_id}.accepted")
             except NotifyError as exc:
                 log.warning("job %s: accepted receipt not sent: %s", job_id, exc)
+
+
+async def expire_partials(settings: Settings, notifier: Notifier | None, now: float) -> int:
+    """Housekeeping: split mails whose parts did not all arrive in PARTIAL_TIMEOUT_MINUTES.
+
+    Each is logged and deleted; its sender, when it was allowed a refusal mail at the time,
+    is told which parts were missing.  Returns how many sets expired.
+    """
+    minutes = settings.partial_timeout_minutes
+    store = partial_store(settings)
+    expired = await asyncio.to_thread(store.expired, now, minutes * 60)
+    for found in expired:
+        total = found.total or "?"
+        missing = ([n for n in range(1, found.total + 1) if n not in found.numbers]
+                   if found.total else None)
+        reason = (f"Your scan was sent in parts (message/partial), but only {len(found.numbers)} "
+                  f"of {total} part(s) arrived within {minutes} minutes"
+                  + (f" (missing: {', '.join(map(str, missing[:20]))})" if missing else
+                     " (the last part, which says how many there are, never came)")
+                  + "; nothing was faxed, please send it again")
+        target = found.meta.get("report")
+        log.warning("message/partial %s from %s: %d of %s part(s) after %d minutes; discarded%s",
+                    found.key[:12], one_line(str(found.meta.get("envelope_from")), 120),
+                    len(found.numbers), total, minutes,
+                    ", sender told" if target and notifier and settings.report_refusals else "")
+        if target and notifier is not None and settings.report_refusals:
+            refusal = build_refusal(
+                to=target["to"], numbers=found.meta.get("numbers") or [], reason=reason,
+                subject=target.get("subject") or "", original_msgid=target.get("msgid"),
+                from_addr=settings.notify_from, hostname=settings.smtp_hostname, now=now,
+                templates=Templates(settings.report_template_dir))
+            try:
+                await notifier.send(refusal, f"partial-{found.key[:16]}")
+            except NotifyError as exc:  # the parts go anyway: they can never be completed
+                log.warning("message/partial %s: refusal to %s not sent: %s", found.key[:12],
+                            one_line(target["to"], 120), exc)
+        await asyncio.to_thread(store.discard, found.key)
+    return len(expired)
