@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import time
 from typing import Awaitable, Callable
@@ -16,10 +15,11 @@ from gateway import defaults
 from gateway.ops import systemd as sdnotify
 from gateway.smtp.access import Access
 from gateway.config import Settings, is_loopback_url
-from gateway.constants import EXIT_UNAVAILABLE
+from gateway.constants import EXIT_CONFIG, EXIT_UNAVAILABLE
 from gateway.documents.pool import CpuPool
 from gateway.smtp.intake import Intake
 from gateway.signalwire.media import LocalMediaStore, MediaStore, S3MediaStore, load_or_create_key
+from gateway.ops.instance import AlreadyRunning, DataDirLock, remove_pid_file, write_pid_file
 from gateway.ops.metrics import Metrics
 from gateway.mail.sender import Notifier, OutboxNotifier, RelayNotifier
 from gateway.signalwire.client import SignalWireClient
@@ -38,6 +38,7 @@ class Gateway:
         self.s = settings
         self.clock = clock
         data = settings.data_dir
+        self.lock = DataDirLock(data)
         self.store = Store(data / "faxgw.sqlite3", clock)
         self.spool = Spool(data / "spool")
         self.local_media: LocalMediaStore | None = None
@@ -132,6 +133,8 @@ class Gateway:
         """Start every part; `run_worker=False` leaves the queue to be driven by hand
         (`worker.run_until_idle()`), for tests on an injected clock."""
         self.s.data_dir.mkdir(parents=True, exist_ok=True)
+        # First of all: a second daemon on this DATA_DIR must not touch the store or spool.
+        self.lock.acquire()
         self.spool.root.mkdir(exist_ok=True)
         await self.store.start()
         await self.cpu.start()
@@ -177,8 +180,10 @@ class Gateway:
         except (AssertionError, OSError, StoreError):  # stopping after a failed start
             counts = {}
         await self.store.stop()
-        log.info("faxgw stopped; jobs by state: %s",
-                 ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none")
+        if self.lock.held:
+            log.info("faxgw stopped; jobs by state: %s",
+                     ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none")
+        self.lock.release()
 
 
 async def amain(settings: Settings) -> int:
@@ -191,12 +196,22 @@ async def amain(settings: Settings) -> int:
     # SIGUSR1: look at the queue now (the CLI's resend/cancel/report take effect at once).
     loop.add_signal_handler(signal.SIGUSR1, gateway.worker.wake)
     try:
+        # The lock before the pid file: a refused second daemon must not overwrite it.
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        gateway.lock.acquire()
+        write_pid_file(settings.data_dir)
         await gateway.start()
+    except AlreadyRunning as exc:
+        # A configuration mistake (two daemons, one DATA_DIR): restarting cannot fix it, so
+        # exit 78, which the unit does not restart.
+        log.error("cannot start: %s", exc)
+        await gateway.stop(grace_s=0)
+        return EXIT_CONFIG
     except OSError as exc:  # a port in use, an unwritable DATA_DIR, ...
         log.error("cannot start: %s", exc)
         await gateway.stop(grace_s=0)
+        remove_pid_file(settings.data_dir)
         return EXIT_UNAVAILABLE
-    (data := settings.data_dir / "faxgw.pid").write_text(f"{os.getpid()}\n")
     # The watchdog pings only while the loop runs and the store thread answers.
     watchdog = sdnotify.Watchdog(healthy=lambda: gateway.store.run(lambda: True))
     await watchdog.start()
@@ -209,5 +224,5 @@ async def amain(settings: Settings) -> int:
     finally:
         await watchdog.stop()
         await gateway.stop()
-        data.unlink(missing_ok=True)
+        remove_pid_file(settings.data_dir)
     return 0
