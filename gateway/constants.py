@@ -26,3 +26,7 @@ REPORT_HEADER: Final = "X-Faxgw-Report"
 # Config problems exit with EX_CONFIG so systemd's RestartPreventExitStatus=78 stops a crash loop.
 EXIT_CONFIG: Final = 78
 EXIT_UNAVAILABLE: Final = 69
+# EX_DATAERR: the job database is damaged, deleted or replaced. Restarting cannot fix it (and a
+# restart on a fresh empty database would hide the loss), so the unit does not restart on it
+# either; a status of its own tells the operator "restore the database", not "fix the config".
+EXIT_DATA: Final = 65

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sqlite3
 import time
 from typing import Awaitable, Callable
 
@@ -15,7 +16,7 @@ from gateway import defaults
 from gateway.ops import systemd as sdnotify
 from gateway.smtp.access import Access
 from gateway.config import Settings, is_loopback_url
-from gateway.constants import EXIT_CONFIG, EXIT_UNAVAILABLE
+from gateway.constants import EXIT_CONFIG, EXIT_DATA, EXIT_UNAVAILABLE
 from gateway.documents.pool import CpuPool
 from gateway.smtp.intake import Intake
 from gateway.signalwire.media import LocalMediaStore, MediaStore, S3MediaStore, load_or_create_key
@@ -25,12 +26,16 @@ from gateway.mail.sender import Notifier, OutboxNotifier, RelayNotifier
 from gateway.signalwire.client import SignalWireClient
 from gateway.smtp.server import FaxHandler, SMTPListener
 from gateway.store.spool import Spool
+from gateway.store.health import (ADVICE, MB, DatabaseUnusable, Guard, check_integrity, damaged,
+                                  is_damage)
 from gateway.store.sqlite import Store, StoreError
 from gateway.smtp.tls import ReloadableTLS
 from gateway.web.app import CALLBACK_ROUTE, SANDBOX_PREFIX, WebApp
 from gateway.outbound.worker import Worker
 
 log = logging.getLogger(__name__)
+
+GUARD_INTERVAL_S = 5.0
 
 
 class Gateway:
@@ -40,6 +45,9 @@ class Gateway:
         data = settings.data_dir
         self.lock = DataDirLock(data)
         self.store = Store(data / "faxgw.sqlite3", clock)
+        # Set by amain: called once when the database is found gone (the daemon stops).
+        self.on_fatal: Callable[[str], None] | None = None
+        self.guard = Guard(self.store.path, data, settings.min_free_disk_mb, self._fatal)
         self.spool = Spool(data / "spool")
         self.local_media: LocalMediaStore | None = None
         if settings.media_store == "local":
@@ -59,7 +67,7 @@ class Gateway:
                            settings.doc_memory_mb * 1024 * 1024)
         self.metrics = Metrics()
         self.web = WebApp(settings, self.store, self._wake_worker, self.local_media, self.metrics)
-        self.web.ready_checks += [self._check_store, self._check_listeners,
+        self.web.ready_checks += [self._check_store, self._check_disk, self._check_listeners,
                                   self._contact_check("media"), self._contact_check("signalwire")]
         self.simulator_state: object | None = None
         if settings.sandbox:
@@ -81,6 +89,7 @@ class Gateway:
         self.access = Access(settings)
         self.intake = Intake(settings, self.store, self.spool, self.cpu, self._wake_worker, clock,
                              self.notifier, self.access, self.metrics)
+        self.intake.durability_check = self.guard.intake_refusal
         self.tls = (ReloadableTLS(settings.tls_cert_file, settings.tls_key_file,
                                   settings.tls_min_version)
                     if settings.tls_cert_file and settings.tls_key_file else None)
@@ -93,7 +102,19 @@ class Gateway:
     def _wake_worker(self) -> None:
         self.worker.wake()
 
+    def _fatal(self, reason: str) -> None:
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
+
+    async def _check_disk(self) -> tuple[str, bool, str]:
+        problem = self.guard.check_disk()
+        if problem is not None:
+            return "disk", False, problem
+        return "disk", True, f"{self.guard.free_bytes() // MB} MB free in DATA_DIR"
+
     async def _check_store(self) -> tuple[str, bool, str]:
+        if (problem := self.guard.check_database()) is not None:
+            return "store", False, problem
         try:
             await asyncio.wait_for(self.store.run(self.store.check_writable), 5)
         except Exception as exc:  # a health check reports, it does not raise
@@ -136,7 +157,14 @@ class Gateway:
         # First of all: a second daemon on this DATA_DIR must not touch the store or spool.
         self.lock.acquire()
         self.spool.root.mkdir(exist_ok=True)
-        await self.store.start()
+        try:
+            await self.store.start()
+            await self.store.run(lambda: check_integrity(self.store.db, self.store.path))
+        except sqlite3.DatabaseError as exc:
+            if is_damage(exc):
+                raise damaged(self.store.path, exc) from None
+            raise
+        self.guard.opened()
         await self.cpu.start()
         await self.media.start()
         await self.web.start()
@@ -201,6 +229,11 @@ async def amain(settings: Settings) -> int:
         gateway.lock.acquire()
         write_pid_file(settings.data_dir)
         await gateway.start()
+    except DatabaseUnusable as exc:
+        log.error("cannot start: %s", exc)
+        await gateway.stop(grace_s=0)
+        remove_pid_file(settings.data_dir)
+        return EXIT_DATA
     except AlreadyRunning as exc:
         # A configuration mistake (two daemons, one DATA_DIR): restarting cannot fix it, so
         # exit 78, which the unit does not restart.
@@ -212,6 +245,14 @@ async def amain(settings: Settings) -> int:
         await gateway.stop(grace_s=0)
         remove_pid_file(settings.data_dir)
         return EXIT_UNAVAILABLE
+    fatal: list[str] = []
+
+    def on_fatal(reason: str) -> None:
+        fatal.append(reason)
+        stop.set()
+
+    gateway.on_fatal = on_fatal
+    guard_task = asyncio.create_task(_watch(gateway))
     # The watchdog pings only while the loop runs and the store thread answers.
     watchdog = sdnotify.Watchdog(healthy=lambda: gateway.store.run(lambda: True))
     await watchdog.start()
@@ -222,7 +263,19 @@ async def amain(settings: Settings) -> int:
         sdnotify.stopping("shutting down")
         sdnotify.extend_timeout(2 * settings.shutdown_grace_s + 15)
     finally:
+        guard_task.cancel()
         await watchdog.stop()
         await gateway.stop()
         remove_pid_file(settings.data_dir)
+    if fatal:
+        log.error("faxgw stopped because %s: %s", fatal[0], ADVICE)
+        return EXIT_DATA
     return 0
+
+
+async def _watch(gateway: Gateway, interval_s: float = GUARD_INTERVAL_S) -> None:
+    """Notice a deleted database or a full disk even when no mail arrives to find it."""
+    while True:
+        await asyncio.sleep(interval_s)
+        gateway.guard.check_database()
+        gateway.guard.check_disk()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from gateway.config import Settings
 from gateway.constants import EXIT_UNAVAILABLE
 from gateway.ops.instance import running_daemon
 from gateway.signalwire.client import SignalWireClient, SignalWireError
+from gateway.store.health import DatabaseUnusable, check_integrity, damaged, is_damage
 from gateway.store.sqlite import Store
 from gateway.web.app import SANDBOX_PREFIX
 
@@ -30,7 +32,18 @@ def open_store(settings: Settings) -> Store:
     if not path.is_file():
         raise admin.AdminError(f"no database at {path}: is DATA_DIR right, has the daemon run?")
     store = Store(path)
-    store.open()
+    try:
+        store.open()
+        # The same check the daemon makes at start: a damaged file is named, not half-read.
+        check_integrity(store.db, path)
+    except sqlite3.DatabaseError as exc:
+        store.close()
+        if is_damage(exc):
+            raise damaged(path, exc) from None
+        raise
+    except DatabaseUnusable:
+        store.close()
+        raise
     return store
 
 

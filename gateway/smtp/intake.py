@@ -95,6 +95,9 @@ class Intake:
         self.access = access
         self.metrics = metrics or Metrics(process=False)
         self._tasks: set[asyncio.Task[None]] = set()
+        # The daemon's check that a 250 can still be kept (database file, free disk): a
+        # refusal reply, or None.
+        self.durability_check: Callable[[], str | None] = lambda: None
 
     async def accept(self, content: bytes, envelope_from: str | None, numbers: Sequence[str],
                      peer: str | None, client: Client | None = None) -> Accepted:
@@ -130,6 +133,8 @@ class Intake:
                        quality=options.quality, callback_token=secrets.token_urlsafe(24),
                        media_key=new_media_key())
                 for n in numbers]
+        if (refusal := self.durability_check()) is not None:
+            raise Refused(refusal)
         try:
             path = await asyncio.to_thread(self.spool.put, message_id, document.data)
         except OSError as exc:
