@@ -77,7 +77,7 @@ async def test_a_second_daemon_on_the_same_data_dir_is_refused(
 async def test_a_stale_pid_file_never_signals_a_stranger(simulator: Simulator,
                                                           tmp_path: Path) -> None:
     data = tmp_path / "var"
-    env = production_env(data, simulator)
+    env = production_env(data, simulator, DOCUMENT_RETENTION_HOURS="1")  # resend needs it
     daemon = DaemonProcess(env, tmp_path / "daemon.log")
     await daemon.start()
     reply = await smtp_send(daemon.smtp_port, pdf_mail("15551234567@fax.local"),
