@@ -103,7 +103,6 @@ class Intake:
                      peer: str | None, client: Client | None = None) -> Accepted:
         if (automatic := automatic_mail(content, envelope_from)) is not None:
             # No refusal mail: answering automatic mail is how loops and backscatter start.
-            log.info("message from %s (peer %s) refused: %s", envelope_from, peer, automatic)
             raise Refused(f"550 5.7.1 Not faxed: {automatic}")
         date = format_datetime(datetime.fromtimestamp(self.clock(), timezone.utc))
         try:
