@@ -6,10 +6,11 @@ import argparse
 import asyncio
 import os
 import sys
+from pathlib import Path
 
 from gateway import __version__, defaults
 from gateway.config import ConfigError, Settings, load_settings
-from gateway.constants import EXIT_CONFIG
+from gateway.constants import EXIT_CONFIG, EXIT_DATA
 
 
 def _load(args: argparse.Namespace) -> Settings:
@@ -305,7 +306,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return int(args.func(args))
+    from gateway.store.health import DatabaseUnusable, damaged, is_damage
+
+    try:
+        return int(args.func(args))
+    except DatabaseUnusable as exc:
+        print(f"faxgw: {exc}", file=sys.stderr)
+        return EXIT_DATA
+    except Exception as exc:  # noqa: BLE001 - only SQLite's "damaged file" is turned into words
+        if not is_damage(exc):
+            raise
+        print(f"faxgw: {damaged(Path('DATA_DIR/faxgw.sqlite3'), exc)}", file=sys.stderr)
+        return EXIT_DATA
 
 
 if __name__ == "__main__":

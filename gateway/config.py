@@ -77,6 +77,7 @@ class Settings:
     notify_smtp_tls: str = defaults.NOTIFY_SMTP_TLS
     notify_from: str = field(default_factory=lambda: f"faxgw@{socket.gethostname()}")
     data_dir: Path = Path(defaults.DATA_DIR)
+    min_free_disk_mb: int = defaults.MIN_FREE_DISK_MB
     status_poll_s: float = defaults.STATUS_POLL_S
     retry_base_s: float = defaults.RETRY_BASE_S
     retry_max_s: float = defaults.RETRY_MAX_S
@@ -278,6 +279,13 @@ class _Reader:
         return raw.rstrip("/")
 
 
+def _matches_any_domain(pattern: str) -> bool:
+    """A sender pattern whose domain part is only wildcards ("*", "*@*", "*.*"): it allows
+    every sender, which without a login is no check at all."""
+    domain = pattern.strip().rpartition("@")[2]
+    return bool(domain) and set(domain) <= set("*?.")
+
+
 def settings_from(env: Mapping[str, str]) -> Settings:
     r = _Reader(env)
     space = r.url("SIGNALWIRE_SPACE_URL")
@@ -380,6 +388,10 @@ def settings_from(env: Mapping[str, str]) -> Settings:
             check()
         except ValueError as exc:
             r.problems.append(f"{name}: {exc}")
+    r.problems.extend(f"ALLOWED_SENDERS: {p!r} lets anyone fax who writes any sender address "
+                      "(sender addresses are forged at will); list your domains or addresses, "
+                      "or use TRUSTED_NETWORKS or SMTP AUTH (USERS_FILE) for open access"
+                      for p in senders if _matches_any_domain(p))
 
     http_listen = r.hostport("HTTP_LISTEN", defaults.HTTP_LISTEN)
     public = r.url("PUBLIC_BASE_URL")
@@ -438,6 +450,7 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         notify_smtp_tls=notify_tls,
         notify_from=notify_from,
         data_dir=Path(r.str("DATA_DIR", defaults.DATA_DIR) or defaults.DATA_DIR),
+        min_free_disk_mb=r.int("MIN_FREE_DISK_MB", defaults.MIN_FREE_DISK_MB, 0, 10**9),
         status_poll_s=r.float("STATUS_POLL_SECONDS", defaults.STATUS_POLL_S, 0.05, 86400),
         retry_base_s=r.float("RETRY_BASE_SECONDS", defaults.RETRY_BASE_S, 0.01, 3600),
         retry_max_s=r.float("RETRY_MAX_SECONDS", defaults.RETRY_MAX_S, 0.01, 86400),

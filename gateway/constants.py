@@ -19,6 +19,10 @@ MAX_CALLBACK_BODY_BYTES: Final = 64 * 1024
 MAX_RCPT_ADDRESS_CHARS: Final = 320
 SMTP_LINE_TIMEOUT_S: Final = 300.0
 
+# Every mail the gateway sends (reports, receipts, refusals) carries this header, valued with the
+# job id (or "refusal"), so that one coming back to a fax address is recognised and refused.
+REPORT_HEADER: Final = "X-Faxgw-Report"
+
 # Config problems exit with EX_CONFIG so systemd's RestartPreventExitStatus=78 stops a crash loop.
 EXIT_CONFIG: Final = 78
 EXIT_UNAVAILABLE: Final = 69
@@ -27,3 +31,8 @@ EXIT_UNAVAILABLE: Final = 69
 # the configured space) that may receive the project's credentials for a media download.
 MAX_INBOUND_MEDIA_BYTES: Final = 100 * 1024 * 1024
 SIGNALWIRE_FILES_HOSTS: Final = frozenset({"files.signalwire.com"})
+
+# EX_DATAERR: the job database is damaged, deleted or replaced. Restarting cannot fix it (and a
+# restart on a fresh empty database would hide the loss), so the unit does not restart on it
+# either; a status of its own tells the operator "restore the database", not "fix the config".
+EXIT_DATA: Final = 65

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import time
 from typing import Awaitable, Callable
@@ -16,16 +15,18 @@ from gateway import defaults
 from gateway.ops import systemd as sdnotify
 from gateway.smtp.access import Access
 from gateway.config import Settings, is_loopback_url
-from gateway.constants import EXIT_UNAVAILABLE
+from gateway.constants import EXIT_CONFIG, EXIT_DATA, EXIT_UNAVAILABLE
 from gateway.documents.pool import CpuPool
 from gateway.smtp.intake import Intake
 from gateway.signalwire.media import LocalMediaStore, MediaStore, S3MediaStore, load_or_create_key
+from gateway.ops.instance import AlreadyRunning, DataDirLock, remove_pid_file, write_pid_file
 from gateway.ops.metrics import Metrics
 from gateway.mail.sender import Notifier, OutboxNotifier, RelayNotifier
 from gateway.signalwire.client import SignalWireClient
 from gateway.smtp.server import FaxHandler, SMTPListener
 from gateway.store.spool import Spool
 from gateway.store.base import StoreError, open_store
+from gateway.store.health import ADVICE, MB, DatabaseUnusable, Guard
 from gateway.smtp.tls import ReloadableTLS
 from gateway.web.app import CALLBACK_ROUTE, SANDBOX_PREFIX, WebApp
 from gateway.outbound.worker import Worker
@@ -33,13 +34,19 @@ from gateway.inbound.service import Inbound, write_sandbox_info
 
 log = logging.getLogger(__name__)
 
+GUARD_INTERVAL_S = 5.0
+
 
 class Gateway:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.s = settings
         self.clock = clock
         data = settings.data_dir
+        self.lock = DataDirLock(data)
         self.store = open_store(settings, clock)
+        # Set by amain: called once when the database is found gone (the daemon stops).
+        self.on_fatal: Callable[[str], None] | None = None
+        self.guard = Guard(self.store.file_path, data, settings.min_free_disk_mb, self._fatal)
         self.spool = Spool(data / "spool")
         self.local_media: LocalMediaStore | None = None
         if settings.media_store == "local":
@@ -59,7 +66,7 @@ class Gateway:
                            settings.doc_memory_mb * 1024 * 1024)
         self.metrics = Metrics()
         self.web = WebApp(settings, self.store, self._wake_worker, self.local_media, self.metrics)
-        self.web.ready_checks += [self._check_store, self._check_listeners,
+        self.web.ready_checks += [self._check_store, self._check_disk, self._check_listeners,
                                   self._contact_check("media"), self._contact_check("signalwire")]
         self.simulator_state: object | None = None
         if settings.sandbox:
@@ -87,6 +94,7 @@ class Gateway:
         self.access = Access(settings)
         self.intake = Intake(settings, self.store, self.spool, self.cpu, self._wake_worker, clock,
                              self.notifier, self.access, self.metrics)
+        self.intake.durability_check = self.guard.intake_refusal
         self.tls = (ReloadableTLS(settings.tls_cert_file, settings.tls_key_file,
                                   settings.tls_min_version)
                     if settings.tls_cert_file and settings.tls_key_file else None)
@@ -99,7 +107,19 @@ class Gateway:
     def _wake_worker(self) -> None:
         self.worker.wake()
 
+    def _fatal(self, reason: str) -> None:
+        if self.on_fatal is not None:
+            self.on_fatal(reason)
+
+    async def _check_disk(self) -> tuple[str, bool, str]:
+        problem = self.guard.check_disk()
+        if problem is not None:
+            return "disk", False, problem
+        return "disk", True, f"{self.guard.free_bytes() // MB} MB free in DATA_DIR"
+
     async def _check_store(self) -> tuple[str, bool, str]:
+        if (problem := self.guard.check_database()) is not None:
+            return "store", False, problem
         try:
             await asyncio.wait_for(self.store.run(self.store.check_writable), 5)
         except Exception as exc:  # a health check reports, it does not raise
@@ -139,8 +159,12 @@ class Gateway:
         """Start every part; `run_worker=False` leaves the queue to be driven by hand
         (`worker.run_until_idle()`), for tests on an injected clock."""
         self.s.data_dir.mkdir(parents=True, exist_ok=True)
+        # First of all: a second daemon on this DATA_DIR must not touch the store or spool.
+        self.lock.acquire()
         self.spool.root.mkdir(exist_ok=True)
-        await self.store.start()
+        await self.store.start()  # a damaged database raises DatabaseUnusable
+        await self.store.run(self.store.verify)
+        self.guard.opened()
         await self.inbound.prepare()
         await self.cpu.start()
         await self.media.start()
@@ -189,8 +213,10 @@ class Gateway:
         except (AssertionError, OSError, StoreError):  # stopping after a failed start
             counts = {}
         await self.store.stop()
-        log.info("faxgw stopped; jobs by state: %s",
-                 ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none")
+        if self.lock.held:
+            log.info("faxgw stopped; jobs by state: %s",
+                     ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none")
+        self.lock.release()
 
 
 async def amain(settings: Settings) -> int:
@@ -203,12 +229,35 @@ async def amain(settings: Settings) -> int:
     # SIGUSR1: look at the queue now (the CLI's resend/cancel/report take effect at once).
     loop.add_signal_handler(signal.SIGUSR1, gateway.worker.wake)
     try:
+        # The lock before the pid file: a refused second daemon must not overwrite it.
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        gateway.lock.acquire()
+        write_pid_file(settings.data_dir)
         await gateway.start()
+    except DatabaseUnusable as exc:
+        log.error("cannot start: %s", exc)
+        await gateway.stop(grace_s=0)
+        remove_pid_file(settings.data_dir)
+        return EXIT_DATA
+    except AlreadyRunning as exc:
+        # A configuration mistake (two daemons, one DATA_DIR): restarting cannot fix it, so
+        # exit 78, which the unit does not restart.
+        log.error("cannot start: %s", exc)
+        await gateway.stop(grace_s=0)
+        return EXIT_CONFIG
     except OSError as exc:  # a port in use, an unwritable DATA_DIR, ...
         log.error("cannot start: %s", exc)
         await gateway.stop(grace_s=0)
+        remove_pid_file(settings.data_dir)
         return EXIT_UNAVAILABLE
-    (data := settings.data_dir / "faxgw.pid").write_text(f"{os.getpid()}\n")
+    fatal: list[str] = []
+
+    def on_fatal(reason: str) -> None:
+        fatal.append(reason)
+        stop.set()
+
+    gateway.on_fatal = on_fatal
+    guard_task = asyncio.create_task(_watch(gateway))
     # The watchdog pings only while the loop runs and the store thread answers.
     watchdog = sdnotify.Watchdog(healthy=lambda: gateway.store.run(lambda: True))
     await watchdog.start()
@@ -219,7 +268,19 @@ async def amain(settings: Settings) -> int:
         sdnotify.stopping("shutting down")
         sdnotify.extend_timeout(2 * settings.shutdown_grace_s + 15)
     finally:
+        guard_task.cancel()
         await watchdog.stop()
         await gateway.stop()
-        data.unlink(missing_ok=True)
+        remove_pid_file(settings.data_dir)
+    if fatal:
+        log.error("faxgw stopped because %s: %s", fatal[0], ADVICE)
+        return EXIT_DATA
     return 0
+
+
+async def _watch(gateway: Gateway, interval_s: float = GUARD_INTERVAL_S) -> None:
+    """Notice a deleted database or a full disk even when no mail arrives to find it."""
+    while True:
+        await asyncio.sleep(interval_s)
+        gateway.guard.check_database()
+        gateway.guard.check_disk()

@@ -23,6 +23,9 @@ NOTIFY_SMTP_PORT: Final = 587
 NOTIFY_SMTPS_PORT: Final = 465        # the default port when NOTIFY_SMTP_TLS=tls
 NOTIFY_SMTP_TLS: Final = "starttls"
 DATA_DIR: Final = "./var"
+# Below this much free space in DATA_DIR, intake answers 451 4.3.1 and /readyz is 503: the
+# database and the spool need room to commit what a 250 promises.
+MIN_FREE_DISK_MB: Final = 100
 
 SMTP_MAX_MESSAGE_BYTES: Final = 25 * 1024 * 1024
 SMTP_MAX_RECIPIENTS: Final = 20

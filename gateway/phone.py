@@ -3,7 +3,7 @@
 The local part is the only place a sender can put the destination, so the rules here decide
 which faxes are dialled at all. They are strict on purpose: a number that is merely guessed at
 (letters turned into digits, a leading ``00`` read as an international prefix in a region
-where it is not one) dials a stranger, and a fax sent to a stranger cannot be called back.
+where it is not one, a lone letter O read as a zero) dials a stranger, and a fax sent to a stranger cannot be called back.
 Errors carry a message in plain ASCII words that the SMTP layer can put straight into a reply.
 """
 
@@ -20,6 +20,7 @@ __all__ = [
     "format_number",
     "parse_fax_number",
     "parse_recipient",
+    "quote_rcpt_local_part",
 ]
 
 # An E.164 number has at most 15 digits; 64 characters leave room for separators and the
@@ -81,6 +82,52 @@ def _strip_fax_prefix(text: str) -> str:
     return match.group("number").strip()
 
 
+# An extension at the end, as people write it: "x123", "ext. 123", "extension 123",
+# ";ext=123" (RFC 3966), "#123".
+_EXTENSION = re.compile(
+    r"(?:\s*;\s*ext\s*=\s*|\s*,?\s*(?:extension|ext\.?|x|\#)\s*)\d{1,10}\s*$", re.IGNORECASE)
+# A vanity number: at least three digits (country and area code, "1-800-", "800 "), then words
+# of letters on a phone keypad, possibly mixed with digit groups ("1-800-GOT-JUNK").
+_VANITY = re.compile(r"^[+\s().-]*(?:\d[\s().-]*){3,}[A-Za-z0-9\s().-]*$")
+_KEYPAD = {letter: str(digit) for digit, letters in
+           ((2, "ABC"), (3, "DEF"), (4, "GHI"), (5, "JKL"), (6, "MNO"), (7, "PQRS"), (8, "TUV"),
+            (9, "WXYZ")) for letter in letters}
+
+
+def _refuse_extension(raw: str, text: str) -> str:
+    """A fax machine answers the line itself; nobody can dial an extension for it."""
+    match = _EXTENSION.search(text)
+    if match is not None and any(ch.isdigit() for ch in text[:match.start()]):
+        raise NumberError(
+            f"'{_shown(raw)}' has an extension, which a fax machine cannot dial: remove "
+            f"'{_shown(match.group().strip())}' and send to the fax line's own number"
+        )
+    return text
+
+
+def _vanity_digits(raw: str, region: str, text: str) -> str:
+    """Letters to keypad digits (ITU E.161), but only in the shape of a vanity number.
+
+    "1-800-FLOWERS" is unambiguous: an area code in digits, then whole words. What is not in
+    that shape is refused rather than guessed at: a name ("john.smith"), or one letter among
+    digits ("555-123-456O", a typo for 0 that would dial a stranger).
+    """
+    words = re.findall(r"[A-Za-z]+", text)
+    if not any(ch.isdigit() for ch in text):
+        raise NumberError(
+            f"'{_shown(raw)}' is not a fax number: address the mail to the number, "
+            "e.g. +15551234567@..."
+        )
+    single = next((w for w in words if len(w) == 1), None)
+    if single is not None:
+        raise _error(raw, region, f"the letter '{_shown(single)}' is among the digits; "
+                                  "write the number in digits")
+    if not _VANITY.match(text) or not all(w.isascii() for w in words):
+        raise _error(raw, region, "it contains letters; write the number in digits, or "
+                                  "letters only as words after the area code (1-800-FLOWERS)")
+    return "".join(_KEYPAD.get(ch.upper(), ch) for ch in text)
+
+
 def _is_fictional_nanp(number: phonenumbers.PhoneNumber) -> bool:
     """True for +1 555 NXX XXXX, which phonenumbers rightly calls invalid.
 
@@ -112,9 +159,13 @@ def parse_fax_number(local_part: str, default_region: str = "US") -> str:
     numbers in area code 555 are accepted although phonenumbers marks them invalid, because
     they are the fictional range used by the product's test number and the sandbox.
 
-    Letters are refused rather than mapped to a keypad ("1-800-FLOWERS"): a mail address
-    with a typo in it must not dial someone.  ``default_region`` is a two-letter region
-    code; an unknown one is a configuration bug and raises plain ``ValueError``.
+    Vanity numbers ("1-800-FLOWERS", "800-GOT-JUNK") are dialled as their keypad digits
+    (ITU E.161), but only in that shape: digits first (at least three), then whole words.
+    Other letters are refused rather than guessed at: a single letter among digits is more
+    likely a typo for 0 or 1, and a mail address with a typo in it must not dial someone.
+    Extensions ("x123", "ext. 123", ";ext=123") are refused: a fax machine cannot dial them.
+    ``default_region`` is a two-letter region code; an unknown one is a configuration bug and
+    raises plain ``ValueError``.
     """
     region = default_region.upper()
     if region not in phonenumbers.SUPPORTED_REGIONS:
@@ -130,8 +181,9 @@ def parse_fax_number(local_part: str, default_region: str = "US") -> str:
         raise NumberError(
             "the fax number is empty; address the mail to the number, e.g. +15551234567@..."
         )
+    text = _refuse_extension(raw, text)
     if any(ch.isalpha() for ch in text):
-        raise _error(raw, region, "it contains letters; write the number in digits")
+        text = _vanity_digits(raw, region, text)
     if any(ch not in _ALLOWED for ch in text):
         raise _error(
             raw, region, "it contains characters other than digits, +, -, ., (, ) and spaces"
@@ -220,3 +272,24 @@ def parse_recipient(address: str, fax_domain: str) -> tuple[str, str]:
     if len(local) >= 2 and local.startswith('"') and local.endswith('"'):
         local = re.sub(r"\\(.)", r"\1", local[1:-1])
     return local, domain
+
+
+# "TO:<local@domain> params" where the local part holds what RFC 5321 would misread: "(555)"
+# parsed as a comment and dropped, a space, a ";ext=" read as the start of parameters.
+_RCPT_ARG = re.compile(r'^(?P<head>\s*TO:\s*<)(?P<local>[^<>"@\\]*)(?P<tail>@[^<>@\s]+>.*)$',
+                       re.IGNORECASE | re.DOTALL)
+_DOT_ATOM = re.compile(r"^[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]*$")
+
+
+def quote_rcpt_local_part(arg: str) -> str:
+    """Quote a fax number written as people write it in the RCPT argument, so the SMTP
+    parser keeps it whole: ``TO:<(555) 123-4567@fax.example>`` becomes
+    ``TO:<"(555) 123-4567"@fax.example>``. Mail clients send such addresses unquoted; parsed
+    as RFC 5321/5322 the parenthesised area code is a comment, and the number arrives as
+    "123-4567". Anything else (already quoted, a source route, no angle brackets) is
+    returned unchanged; the domain is still checked afterwards like any other.
+    """
+    match = _RCPT_ARG.match(arg)
+    if match is None or _DOT_ATOM.match(match.group("local")):
+        return arg
+    return f'{match.group("head")}"{match.group("local")}"{match.group("tail")}'

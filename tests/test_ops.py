@@ -123,7 +123,7 @@ async def test_health_readiness_and_metrics(live: DaemonProcess, relay: RelaySin
         async with http.get(base + "/readyz") as resp:
             body = await resp.json()
             assert resp.status == 200, body
-            assert set(body["checks"]) == {"store", "listeners", "media", "signalwire"}
+            assert set(body["checks"]) == {"store", "disk", "listeners", "media", "signalwire"}
             assert body["checks"]["signalwire"]["detail"].startswith("send ok")
         async with http.get(base + "/metrics") as resp:
             assert resp.status == 401  # METRICS_TOKEN is set

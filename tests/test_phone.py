@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import smtplib
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,7 +16,10 @@ from gateway.phone import (
     format_number,
     parse_fax_number,
     parse_recipient,
+    quote_rcpt_local_part,
 )
+
+from .conftest import base_env
 
 
 @pytest.mark.parametrize(
@@ -39,6 +46,13 @@ from gateway.phone import (
         ("020 7946 0000", "GB", "+442079460000"),
         ("0044 20 7946 0000", "DE", "+442079460000"),
         ("030 1234567", "de", "+49301234567"),
+        ("+1 (310) 555-0100", "US", "+13105550100"),
+        ("(555)123-4567", "US", "+15551234567"),
+        # Vanity numbers: keypad digits (E.161), words after an area code in digits.
+        ("1-800-FLOWERS", "US", "+18003569377"),
+        ("1-800-flowers", "US", "+18003569377"),
+        ("800-GOT-JUNK", "US", "+18004685865"),
+        ("FAX=1-800-FLOWERS", "US", "+18003569377"),
     ],
 )
 def test_accepts(local_part: str, region: str, expected: str) -> None:
@@ -52,9 +66,15 @@ def test_accepts(local_part: str, region: str, expected: str) -> None:
         ("", "the fax number is empty"),
         ("   ", "the fax number is empty"),
         ("FAX=", "the fax number is empty"),
-        ("1-800-FLOWERS", "(it contains letters; write the number in digits)"),
-        ("john.smith", "contains letters"),
-        ("5551234567x12", "contains letters"),
+        ("john.smith", "'john.smith' is not a fax number: address the mail to the number"),
+        ("555-123-456O", "(the letter 'O' is among the digits; write the number in digits)"),
+        ("Jenny 867-5309", "letters only as words after the area code (1-800-FLOWERS)"),
+        ("5551234567x12", "'5551234567x12' has an extension, which a fax machine cannot "
+                          "dial: remove 'x12'"),
+        ("(555) 123-4567 ext. 89", "remove 'ext. 89'"),
+        ("5551234567;ext=123", "remove ';ext=123'"),
+        ("5551234567 extension 7", "remove 'extension 7'"),
+        ("5551234567#12", "remove '#12'"),
         ("555_123_4567", "characters other than digits"),
         ("555-1234", "a local number needs its area code"),
         ("+1555123456789", "too long"),
@@ -134,6 +154,23 @@ def test_recipient_round_trip_to_e164() -> None:
     assert parse_fax_number(local) == "+15551234567"
 
 
+@pytest.mark.parametrize(
+    ("arg", "expected"),
+    [
+        ("TO:<(555) 123-4567@fax.local>", 'TO:<"(555) 123-4567"@fax.local>'),
+        ("to: <+1 (310) 555-0100@fax.local> SIZE=10",
+         'to: <"+1 (310) 555-0100"@fax.local> SIZE=10'),
+        ("TO:<5551234567;ext=1@fax.local>", 'TO:<"5551234567;ext=1"@fax.local>'),
+        ("TO:<5551234567@fax.local>", "TO:<5551234567@fax.local>"),
+        ('TO:<"(555) 123-4567"@fax.local>', 'TO:<"(555) 123-4567"@fax.local>'),
+        ("TO:<@relay:(555) 1@fax.local>", "TO:<@relay:(555) 1@fax.local>"),
+        ("TO:<a\\b c@fax.local>", "TO:<a\\b c@fax.local>"),
+    ],
+)
+def test_quote_rcpt_local_part(arg: str, expected: str) -> None:
+    assert quote_rcpt_local_part(arg) == expected
+
+
 _NUMBERISH = st.text(alphabet="0123456789+-.() /=FAXfax\u0661x", max_size=30)
 
 
@@ -159,3 +196,30 @@ def test_parse_recipient_only_raises_value_error(text: str) -> None:
     except ValueError:
         return
     assert domain == domain.lower() and domain
+
+
+def _rcpt_replies(port: int, addresses: list[str]) -> list[tuple[int, str]]:
+    """RCPT as written, unquoted (smtplib's rcpt() would rewrite the address itself)."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+        client.ehlo("client.test")
+        client.mail("alice@example.com")
+        return [(code, text.decode()) for code, text in
+                (client.docmd(f"RCPT TO:<{a}>") for a in addresses)]
+
+
+async def test_numbers_as_people_write_them_over_smtp(make_gateway, tmp_path: Path) -> None:
+    gw = await make_gateway(base_env(tmp_path / "var"))
+    replies = await asyncio.to_thread(_rcpt_replies, gw.smtp.port, [
+        "(555) 123-4567@fax.local", "+1 (310) 555-0100@fax.local", "1-800-FLOWERS@fax.local",
+        "5551234567;ext=123@fax.local", "555-123-4567 x12@fax.local",
+        "(555) 123-4567@elsewhere.example"])
+    assert replies == [
+        (250, "2.1.5 Recipient OK, fax to +15551234567"),
+        (250, "2.1.5 Recipient OK, fax to +13105550100"),
+        (250, "2.1.5 Recipient OK, fax to +18003569377"),
+        (553, "5.1.3 '5551234567;ext=123' has an extension, which a fax machine cannot dial: "
+              "remove ';ext=123' and send to the fax line's own number"),
+        (553, "5.1.3 '555-123-4567 x12' has an extension, which a fax machine cannot dial: "
+              "remove 'x12' and send to the fax line's own number"),
+        (550, "5.7.1 Relaying denied: this gateway only accepts mail for <number>@fax.local"),
+    ]

@@ -23,6 +23,7 @@ from string import Template
 from typing import Sequence
 
 from gateway.outbound.states import Job, State
+from gateway.constants import REPORT_HEADER
 from gateway.text import one_line
 from gateway.mail.sender import Rendered, render
 from gateway.phone import format_number
@@ -178,6 +179,7 @@ def build_report(job: Job, message: Message, events: Sequence[Event],
                           f"<faxgw-report.{job.id}@{hostname}>" if hostname else make_msgid(),
                           message)
     report["X-Faxgw-Job"] = job.id
+    report[REPORT_HEADER] = job.id
     report["X-Faxgw-Status"] = job.fax_status or job.state.value
     report.set_content(text)
 
@@ -240,6 +242,7 @@ def build_receipt(job: Job, message: Message, *, from_addr: str, hostname: str, 
                            f"<faxgw-accepted.{job.id}@{hostname}>" if hostname else make_msgid(),
                            message)
     receipt["X-Faxgw-Job"] = job.id
+    receipt[REPORT_HEADER] = job.id
     receipt.set_content(templates.get("accepted.txt").safe_substitute(
         destination=number, pages=_pages(job.pages), job_id=job.id))
     return receipt
@@ -258,6 +261,7 @@ def build_refusal(*, to: str, numbers: Sequence[str], reason: str, subject: str,
     refusal = _new_message(from_addr, to, one_line(
         _("Fax to %s not sent: %s") % (destinations, reason), 200), now,
         make_msgid(domain=hostname or None), original)
+    refusal[REPORT_HEADER] = "refusal"
     refusal.set_content(templates.get("refused.txt").safe_substitute(
         destinations=destinations, reason=reason, subject=subject or _("(none)")))
     return refusal

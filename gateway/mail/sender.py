@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import getaddresses
@@ -13,7 +15,7 @@ from typing import Protocol, Sequence
 import aiosmtplib
 
 from gateway.config import Settings
-from gateway.store.spool import write_durable
+from gateway.store.spool import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +46,43 @@ class Notifier(Protocol):
     async def send_rendered(self, rendered: Rendered, name: str) -> str: ...
 
 
+MAX_OUTBOX_COPIES = 1000
+
+
+def write_new(root: Path, name: str, data: bytes, mode: int = 0o640) -> Path:
+    """Write `data` durably as `<name>.eml`, or `<name>-2.eml`, `<name>-3.eml`... when that
+    exists: an earlier report is never overwritten. The file is complete before it has its
+    name (written under a temporary name, fsync'ed, then hard-linked, which fails rather than
+    replaces), so a reader of the outbox never sees half a report."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".{name}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        for n in range(1, MAX_OUTBOX_COPIES + 1):
+            path = root / (f"{name}.eml" if n == 1 else f"{name}-{n}.eml")
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                continue
+            break
+        else:
+            raise OSError(f"{MAX_OUTBOX_COPIES} copies of {name}.eml already in the outbox")
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(root)
+    return path
+
+
 class OutboxNotifier:
     """Sandbox and relay-less installs: each report is a file, named by job, written durably.
 
-    Writing under the job's name makes a repeated report after a crash replace the first, not
-    add a second.
+    A report sent again (`faxgw report`, or after a crash between writing it and recording
+    it, as a relay would deliver it twice too) is kept beside the first as `<job>-2.eml`:
+    the outbox is a record of what was sent, and nothing in it is overwritten.
     """
 
     def __init__(self, root: Path) -> None:
@@ -59,9 +93,8 @@ class OutboxNotifier:
 
     async def send_rendered(self, rendered: Rendered, name: str) -> str:
         """Bcc has no meaning for files; copies for the admin need a relay."""
-        path = self.root / f"{name}.eml"
         try:
-            await asyncio.to_thread(write_durable, path, rendered.data, 0o640)
+            path = await asyncio.to_thread(write_new, self.root, name, rendered.data, 0o640)
         except OSError as exc:
             raise NotifyError(f"outbox write failed: {exc.strerror or exc}") from exc
         return f"written to {path}"

@@ -17,6 +17,7 @@ from typing import Callable
 from gateway.ops import actions as admin
 from gateway.config import Settings
 from gateway.constants import EXIT_UNAVAILABLE
+from gateway.ops.instance import running_daemon
 from gateway.outbound.states import RetryPolicy
 from gateway.signalwire.client import SignalWireClient, SignalWireError
 from gateway.store import base as store_base
@@ -35,17 +36,36 @@ def open_store(settings: Settings) -> Store:
         store.open(migrate=False)
     except StoreError as exc:
         raise admin.AdminError(str(exc)) from exc
+    try:
+        # The same check the daemon makes at start: a damaged file is named, not half-read.
+        store.verify()
+    except BaseException:
+        store.close()
+        raise
     return store
 
 
+NOT_RUNNING = "(the daemon is not running: this takes effect when it next starts)"
+
+
 def nudge_daemon(settings: Settings) -> bool:
-    """Tell a running daemon to look at its queue now (SIGUSR1 to the pid in DATA_DIR)."""
-    try:
-        pid = int((settings.data_dir / "faxgw.pid").read_text().strip())
-        os.kill(pid, signal.SIGUSR1)
-        return True
-    except (OSError, ValueError):
+    """Tell a running daemon to look at its queue now (SIGUSR1), if one runs.
+
+    Only the process the pid file names *and* that started when the pid file says is
+    signalled (see gateway.ops.instance): after a kill -9 the pid may belong to anyone now.
+    """
+    pid = running_daemon(settings.data_dir)
+    if pid is None:
         return False
+    try:
+        os.kill(pid, signal.SIGUSR1)
+    except OSError:
+        return False
+    return True
+
+
+def _nudged(settings: Settings, text: str) -> str:
+    return text if nudge_daemon(settings) else f"{text}\n{NOT_RUNNING}"
 
 
 def space_url(settings: Settings) -> str:
@@ -100,16 +120,14 @@ def resend(settings: Settings, ref: str) -> int:
     def action(store: Store) -> str:
         new = admin.resend_job(store, ref, time.time(), from_number=settings.from_number,
                                retry_policy=RetryPolicy.from_settings(settings))
-        nudge_daemon(settings)
-        return f"job {ref} will be sent again as job {new}"
+        return _nudged(settings, f"job {ref} will be sent again as job {new}")
     return with_store(action)(settings)
 
 
 def report(settings: Settings, ref: str) -> int:
     def action(store: Store) -> str:
         text = admin.request_report(store, ref, time.time())
-        nudge_daemon(settings)
-        return text
+        return _nudged(settings, text)
     return with_store(action)(settings)
 
 
@@ -124,8 +142,7 @@ def cancel(settings: Settings, ref: str) -> int:
         if request.fax_sid is not None:
             asyncio.run(_cancel_at_signalwire(settings, request.fax_sid))
             admin.note_cancel(store, request.job_id, time.time(), request.fax_sid)
-        nudge_daemon(settings)
-        print(request.text)
+        print(_nudged(settings, request.text))
         return EX_OK
     except admin.AdminError as exc:
         print(f"faxgw: {exc}", file=sys.stderr)

@@ -21,6 +21,7 @@ from email.utils import format_datetime, parseaddr
 from typing import Any, Callable, Coroutine, Sequence
 
 from gateway.smtp.access import Access, Client
+from gateway.smtp.loops import automatic_mail, in_domain
 from gateway.config import Settings
 from gateway.documents.pool import CpuPool, TaskLimitError, call
 from gateway.documents.model import DocOptions, DocumentError
@@ -110,9 +111,15 @@ class Intake:
         self.metrics = metrics or Metrics(process=False)
         self._tasks: set[asyncio.Task[None]] = set()
         self.partials = Reassembler(partial_store(settings))
+        # The daemon's check that a 250 can still be kept (database file, free disk): a
+        # refusal reply, or None.
+        self.durability_check: Callable[[], str | None] = lambda: None
 
     async def accept(self, content: bytes, envelope_from: str | None, numbers: Sequence[str],
                      peer: str | None, client: Client | None = None) -> Accepted:
+        if (automatic := automatic_mail(content, envelope_from)) is not None:
+            # No refusal mail: answering automatic mail is how loops and backscatter start.
+            raise Refused(f"550 5.7.1 Not faxed: {automatic}")
         # A copier's "divided sending" (message/partial): keep each part; the last one brings
         # the whole message, which then goes through intake like any other mail.
         part = await self._partial(content, envelope_from, numbers, client)
@@ -182,23 +189,35 @@ class Intake:
                        quality=options.quality, callback_token=secrets.token_urlsafe(24),
                        media_key=new_media_key())
                 for n in numbers]
+        if (refusal := self.durability_check()) is not None:
+            raise Refused(refusal)
         try:
             path = await asyncio.to_thread(self.spool.put, message_id, document.data)
         except OSError as exc:
             log.error("spool write failed for message %s: %s", message_id, exc)
             raise Refused("451 4.3.0 Temporary failure: the gateway cannot store the document "
                           "right now; please try again later") from exc
+        report_to = (user.report_to if user and user.report_to
+                     else report_address(parsed, envelope_from))
+        notes = list(document.notes)
+        if report_to and in_domain(report_to, self.settings.fax_domain):
+            # A report there would be faxed, and its report mailed there again.
+            log.warning("message %s: no report will be sent: the sender address %s is in the "
+                        "fax domain %s", message_id, one_line(report_to, 120),
+                        self.settings.fax_domain)
+            notes.append(f"no report: the sender address {one_line(report_to, 120)}"
+                         " is in the fax domain")
+            report_to = None
         message = Message(
             id=message_id, created_at=self.clock(), envelope_from=envelope_from or None,
             header_from=parsed.from_addr,
-            report_to=(user.report_to if user and user.report_to
-                       else report_address(parsed, envelope_from)),
+            report_to=report_to,
             subject=options.subject, message_id_header=parsed.message_id,
             references_header=" ".join(parsed.references) or None, peer=peer,
             document_path=str(path), document_bytes=len(document.data),
             document_sha256=hashlib.sha256(document.data).hexdigest(), pages=document.pages,
             filenames=", ".join(document.filenames),
-            notes="; ".join(document.notes)[:2000] or None)
+            notes="; ".join(notes)[:2000] or None)
         try:
             await self.store.run(self.store.add_message, message, jobs)
         except (StoreError, OSError) as exc:
@@ -250,6 +269,9 @@ class Intake:
             _address(header_from) or _address(envelope_from or "")
         if not to or (self.access is not None
                       and self.access.check_header_from(client, header_from)):
+            return None
+        if in_domain(to, self.settings.fax_domain):
+            log.warning("refusal report not sent: %s is in the fax domain", one_line(to, 120))
             return None
         return {"to": to,
                 "subject": one_line(str(headers.get("Subject", "") or ""), 200),

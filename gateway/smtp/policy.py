@@ -58,7 +58,7 @@ class SenderPolicy:
     - ``*.example.com``: any address at a subdomain of example.com.
     - anything else with ``*``, ``?`` or ``[...]``: fnmatch-style, against the domain when
       the pattern has no local part, else against the whole address (``fax-*@example.com``);
-      ``*`` alone allows every sender.
+      ``*`` alone allows every sender (the configuration refuses it: see config.py).
 
     Matching ignores case (local parts included: senders do not keep their case).  No
     patterns: nothing is allowed.  Malformed patterns raise ValueError naming the pattern;

@@ -23,7 +23,8 @@ from gateway.config import HostPort, Settings
 from gateway.constants import MAX_RCPT_ADDRESS_CHARS, SMTP_LINE_TIMEOUT_S
 from gateway.smtp.intake import Intake, Refused
 from gateway.ops.metrics import Metrics
-from gateway.phone import NumberError, parse_fax_number, parse_recipient
+from gateway.phone import (NumberError, parse_fax_number, parse_recipient,
+                           quote_rcpt_local_part)
 from gateway.smtp.tls import ReloadableTLS
 
 log = logging.getLogger(__name__)
@@ -224,6 +225,10 @@ class FaxSMTP(SMTP):
                 self.transport.close()
             return
         await super()._handle_client()
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        # "(555) 123-4567@fax..." would lose its area code as an RFC 5322 comment.
+        await super().smtp_RCPT(None if arg is None else quote_rcpt_local_part(arg))
 
     async def smtp_DATA(self, arg: str) -> None:
         """DATA read in bulk up to the end marker, not line by line.

@@ -21,6 +21,7 @@ import asyncio
 import functools
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
 from gateway.outbound.states import CallbackAction, IllegalTransition, Job, State
@@ -78,6 +79,16 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def where(self) -> str:
         """Where the data lives, for messages (a path, or a database name; no password)."""
+
+    @property
+    def file_path(self) -> Path | None:
+        """The database file, for a backend that keeps one on the local disk (watched while
+        the daemon runs: gateway/store/health.py); None for a server database."""
+        return None
+
+    def verify(self) -> None:
+        """Raise `DatabaseUnusable` when the database is damaged (checked at start, before any
+        mail is taken); a backend with nothing cheap to check does nothing."""
 
     def exists(self) -> bool:
         """Whether there is a database to open (the CLI will not create an empty one)."""

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from gateway import defaults
 from gateway.store.base import StoreError
+from gateway.store.health import check_integrity, damaged, is_damage
 from gateway.store.sql import SqlStore
 
 
@@ -33,15 +34,28 @@ class SqliteStore(SqlStore):
     def where(self) -> str:
         return str(self.path)
 
+    @property
+    def file_path(self) -> Path:
+        return self.path
+
     def exists(self) -> bool:
         return self.path.is_file()
+
+    def verify(self) -> None:
+        check_integrity(self.db, self.path)
 
     def open(self, *, migrate: bool = True) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
                              timeout=self.busy_timeout_s)
         db.row_factory = sqlite3.Row
-        db.execute("PRAGMA journal_mode=WAL")
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.DatabaseError as exc:  # not a database at all: say so, no traceback
+            db.close()
+            if is_damage(exc):
+                raise damaged(self.path, exc) from None
+            raise
         # NORMAL in WAL mode survives a process crash (kill -9) but may lose the last commits on
         # power loss; the two commits that must survive that too (the mail accepted with 250,
         # and a send about to be POSTed) are made with synchronous=FULL (durable transactions).
@@ -50,6 +64,11 @@ class SqliteStore(SqlStore):
         self._db = db
         try:
             self._open_schema(migrate)
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            if is_damage(exc):
+                raise damaged(self.path, exc) from None
+            raise
         except BaseException:
             self.close()
             raise
