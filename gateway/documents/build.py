@@ -180,10 +180,15 @@ def _nothing_to_fax(parsed: ParsedMail, notes: list[str]) -> str:
     return text + "; attach a PDF, TIFF or image, or write the text in the message body"
 
 
-def prepare(content: bytes, opts: DocOptions, recipients: Sequence[str], envelope_from: str,
+def prepare(path: str, opts: DocOptions, recipients: Sequence[str], envelope_from: str,
             date: str) -> Prepared:
-    """Raw DATA to parsed mail, per-message options and the document (runs in a child process)."""
+    """The mail as received (a file the SMTP edge wrote as DATA arrived) to parsed mail,
+    per-message options and the document. Runs in a child process: it is handed the path, not
+    the bytes, so a large scan is neither held by the daemon nor pickled across to the worker."""
+    with open(path, "rb") as fh:
+        content = fh.read()
     msg = read_message(content)
+    del content
     parsed = parse_mail(msg)
     msg_opts = message_options(msg, parsed.subject, opts)
     sender = parsed.from_addr or envelope_from or "-"

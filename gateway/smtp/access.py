@@ -149,6 +149,10 @@ class Access:
             return replies.destination_refused(reason)
         now = self.clock()
         wait = max(limiter.wait_s(key, already + 1, now) for limiter, key in self._rules(client))
+        if math.isinf(wait) and already:
+            # This number alone would fit; with the message's others it is over the hourly
+            # limit: the sender can fax it in a later message.
+            wait = max(limiter.window_s for limiter, _ in self._rules(client))
         if wait:
             return self._rate_refusal(client, wait)
         churn = self.rcpt_churn.try_acquire(client.ip, 1, now)

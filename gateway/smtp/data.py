@@ -70,6 +70,7 @@ class DataWriter:
         self._carry = b""
         self._prev_crlf = True   # DATA's own line ended with CRLF
         self._mid_line = False   # the carry is the tail of a line whose start was written
+        self.error: OSError | None = None  # the file could not be written (disk full)
 
     def _write(self, data: bytes) -> None:
         if not data:
@@ -77,7 +78,10 @@ class DataWriter:
         if self.limit and self.written + len(data) > self.limit:
             self.out = None  # over the limit: keep reading to the end marker, store nothing
         if self.out is not None:
-            self.out.write(data)
+            try:
+                self.out.write(data)
+            except OSError as exc:  # keep reading to the end marker; the edge answers 451
+                self.error, self.out = exc, None
         self.written += len(data)
 
     @property

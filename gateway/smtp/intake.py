@@ -1,8 +1,10 @@
 """From an accepted SMTP transaction to durable jobs: parse, build the PDF, spool, commit.
 
-The reply string is the SMTP answer: 250 only once the document is fsync'ed in the spool and the
-job rows are committed; 451 when the disk or the store cannot take it (the sender retries); 554
-when the mail itself can never become a fax.
+The SMTP edge hands over the path of the message as received (DATA_DIR/incoming; the edge
+removes it afterwards) and the document workers read it there. A `Refused` carries the SMTP
+answer as a `Reply`: 250 only once the document is fsync'ed in the spool and the job rows are
+committed; 451 when the disk or the store cannot take it (the sender retries); 554 when the mail
+itself can never become a fax.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from email import policy
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import format_datetime, parseaddr
+from pathlib import Path
 from typing import Any, Callable, Coroutine, Sequence
 
+from gateway.smtp import replies
 from gateway.smtp.access import Access, Client
+from gateway.smtp.replies import Reply
 from gateway.config import Settings
 from gateway.documents.pool import CpuPool, TaskLimitError, call
 from gateway.documents.model import DocOptions, DocumentError
@@ -49,10 +54,10 @@ class Accepted:
 
 
 class Refused(Exception):
-    """A refusal with its full SMTP reply line."""
+    """A refusal with its SMTP reply."""
 
-    def __init__(self, reply: str) -> None:
-        super().__init__(reply)
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
         self.reply = reply
 
 
@@ -95,11 +100,12 @@ class Intake:
         self.metrics = metrics or Metrics(process=False)
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def accept(self, content: bytes, envelope_from: str | None, numbers: Sequence[str],
+    async def accept(self, path: Path, envelope_from: str | None, numbers: Sequence[str],
                      peer: str | None, client: Client | None = None) -> Accepted:
+        """Queue the message in `path` (which stays the caller's to remove) or raise Refused."""
         date = format_datetime(datetime.fromtimestamp(self.clock(), timezone.utc))
         try:
-            prepared = await self.cpu.run(call, "gateway.documents.build:prepare", content,
+            prepared = await self.cpu.run(call, "gateway.documents.build:prepare", str(path),
                                           self.doc_options, list(numbers), envelope_from or "",
                                           date)
         except (MimeError, DocumentError, TaskLimitError) as exc:
@@ -109,8 +115,8 @@ class Intake:
                 reason = f"The attached documents could not be converted: the work {exc}"
             else:
                 reason = _one_line(str(exc))
-            self._report_refusal(content, envelope_from, client, numbers, reason)
-            raise Refused(f"554 5.6.0 {reason}") from exc
+            await self._report_refusal(path, envelope_from, client, numbers, reason)
+            raise Refused(replies.bad_document(reason)) from exc
         parsed, document, options = prepared.parsed, prepared.document, prepared.options
         if client is not None and self.access is not None:
             refusal = self.access.check_header_from(client, parsed.from_addr)
@@ -129,8 +135,7 @@ class Intake:
             path = await asyncio.to_thread(self.spool.put, message_id, document.data)
         except OSError as exc:
             log.error("spool write failed for message %s: %s", message_id, exc)
-            raise Refused("451 4.3.0 Temporary failure: the gateway cannot store the document "
-                          "right now; please try again later") from exc
+            raise Refused(replies.CANNOT_STORE) from exc
         message = Message(
             id=message_id, created_at=self.clock(), envelope_from=envelope_from or None,
             header_from=parsed.from_addr,
@@ -147,8 +152,7 @@ class Intake:
         except (StoreError, OSError) as exc:
             log.error("job store write failed for message %s: %s", message_id, exc)
             await asyncio.to_thread(self.spool.remove, message_id)
-            raise Refused("451 4.3.0 Temporary failure: the gateway cannot queue the fax right "
-                          "now; please try again later") from exc
+            raise Refused(replies.CANNOT_QUEUE) from exc
         crash_point("after-commit")
         for job in jobs:
             log.info("job %s: accepted to %s, %d page(s), message %s from %s (peer %s)",
@@ -165,13 +169,18 @@ class Intake:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _report_refusal(self, content: bytes, envelope_from: str | None, client: Client | None,
-                        numbers: Sequence[str], reason: str) -> None:
+    async def _report_refusal(self, path: Path, envelope_from: str | None,
+                              client: Client | None, numbers: Sequence[str], reason: str) -> None:
         """Tell an authorised sender why their mail cannot be faxed (a scanner shows no SMTP
         error to the person at it). Strangers never get here: they are refused at MAIL."""
         if self.notifier is None or client is None or not self.settings.report_refusals:
             return
-        headers = BytesHeaderParser(policy=policy.default).parsebytes(content[:256 * 1024])
+        try:
+            head = await asyncio.to_thread(_read_head, path, 256 * 1024)
+        except OSError as exc:
+            log.warning("refusal report not sent: cannot read the message back: %s", exc)
+            return
+        headers = BytesHeaderParser(policy=policy.default).parsebytes(head)
         header_from = str(headers.get("From", "") or "")
         user = client.user
         to = (user.report_to if user and user.report_to else None) or \
@@ -210,6 +219,11 @@ class Intake:
                 await self.notifier.send(receipt, f"{job_id}.accepted")
             except NotifyError as exc:
                 log.warning("job %s: accepted receipt not sent: %s", job_id, exc)
+
+
+def _read_head(path: Path, max_bytes: int) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(max_bytes)
 
 
 def _one_line(text: str, limit: int = 400) -> str:
