@@ -137,3 +137,46 @@ def test_incoming_start_removes_leftovers(tmp_path) -> None:
     Incoming(tmp_path / "incoming").start()
     assert not path.exists()
     assert (tmp_path / "incoming" / "keep.txt").exists()
+
+
+def test_connection_limits_count_and_release() -> None:
+    from gateway.smtp.connections import ConnectionLimits
+
+    limits = ConnectionLimits(max_total=3, max_per_ip=2, clock=lambda: 0.0)
+    assert limits.admit("a") is None and limits.admit("a") is None
+    assert limits.admit("a") == "per_ip"
+    assert limits.admit("b") is None
+    assert limits.admit("c") == "total"
+    limits.release("a")
+    assert limits.admit("c") is None
+    assert limits.note_refusal() is True and limits.note_refusal() is False
+
+
+def test_accept_errors_become_one_line_a_minute(caplog) -> None:
+    import errno
+    import logging
+
+    from gateway.smtp.connections import AcceptErrors
+
+    passed: list[dict] = []
+    loop = asyncio.new_event_loop()
+    try:
+        loop.set_exception_handler(lambda _loop, ctx: passed.append(ctx))
+        now = [0.0]
+        errors = AcceptErrors(loop, clock=lambda: now[0])
+        errors.install()
+        caplog.set_level(logging.WARNING, logger="gateway.smtp.connections")
+        context = {"message": "socket.accept() out of system resource",
+                   "exception": OSError(errno.EMFILE, "Too many open files")}
+        for _ in range(100):
+            loop.call_exception_handler(context)
+        now[0] = 61.0
+        loop.call_exception_handler(context)
+        loop.call_exception_handler({"message": "something else"})
+        errors.uninstall()
+    finally:
+        loop.close()
+    lines = [r for r in caplog.records if r.name == "gateway.smtp.connections"]
+    assert len(lines) == 2 and "(99 more in the last minute)" in lines[1].getMessage()
+    assert all(r.exc_info is None for r in lines)
+    assert passed == [{"message": "something else"}]
