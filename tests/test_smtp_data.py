@@ -34,6 +34,13 @@ def reference(stream: bytes) -> tuple[Outcome, bytes] | None:
     return None
 
 
+def end_offset(stream: bytes) -> int:
+    """Where the bytes after the first proper end marker line start."""
+    if stream.startswith(b".\r\n"):
+        return 3
+    return stream.index(b"\r\n.\r\n") + 5
+
+
 def run(chunks: list[bytes], limit: int = 0) -> tuple[Outcome, bytes] | None:
     buf = io.BytesIO()
     writer = DataWriter(buf, limit)
@@ -180,3 +187,32 @@ def test_accept_errors_become_one_line_a_minute(caplog) -> None:
     assert len(lines) == 2 and "(99 more in the last minute)" in lines[1].getMessage()
     assert all(r.exc_info is None for r in lines)
     assert passed == [{"message": "something else"}]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(piece, max_size=40), st.sampled_from([1001, 64 * 1024]))
+async def test_receive_matches_line_reference(pieces: list[bytes], limit: int) -> None:
+    stream = b"".join(pieces)
+    want = reference(stream)
+    reader = asyncio.StreamReader(limit=limit)
+    reader.feed_data(stream + b"NEXT\r\n")
+    reader.feed_eof()
+    buf = io.BytesIO()
+    result = await receive(reader, DataWriter(buf, 0))
+    if want is None:
+        assert result.outcome is Outcome.EOF
+        return
+    assert result.outcome is want[0]
+    if want[0] is Outcome.DONE:
+        assert buf.getvalue() == want[1]
+        # whatever followed the end marker is still in the reader, untouched
+        assert await reader.read() == stream[end_offset(stream):] + b"NEXT\r\n"
+
+
+async def test_receive_dot_line_right_after_a_stuffed_line() -> None:
+    reader = asyncio.StreamReader(limit=1001)
+    reader.feed_data(b"..a\r\n.\r\nQUIT\r\n")
+    buf = io.BytesIO()
+    result = await asyncio.wait_for(receive(reader, DataWriter(buf, 0)), 5)
+    assert result.outcome is Outcome.DONE and buf.getvalue() == b".a\r\n"
+    assert await reader.readexactly(6) == b"QUIT\r\n"

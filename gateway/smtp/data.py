@@ -164,29 +164,40 @@ async def receive(reader: asyncio.StreamReader, writer: DataWriter) -> Result:
     """Read one message from `reader` into `writer`, never past the end marker (a pipelining
     client's next command stays in the reader for aiosmtpd).
 
-    Only public StreamReader calls: `readuntil(b".")` returns at every dot, and after a dot the
-    rest of its line is read with `readuntil(b"\n")`, so a lone-dot line is seen whole,
-    whichever way it ends, without reading beyond it; between dots `LimitOverrunError` hands
-    over what is buffered, up to the reader's limit at a time.
+    Only public StreamReader calls: `readuntil(b"\\n.")` returns at every line that starts with
+    a dot (rare: stuffed lines and the end marker), then the rest of that line is read with
+    `readuntil(b"\\n")`, so a lone-dot line is seen whole, whichever way it ends, without reading
+    beyond it; between such lines `LimitOverrunError` hands over what is buffered, up to the
+    reader's limit at a time.
     """
-    separator = b"."
-    while True:
+    separator: bytes | None = None  # None: at the start of a line
+    done = None
+    while done is None:
+        if separator is None:
+            try:
+                piece = await reader.readexactly(1)
+            except asyncio.IncompleteReadError:
+                return Result(Outcome.EOF, writer.received)
+            separator = b"\n" if piece == b"." else b"\n."
+            if piece == b"\n":
+                separator = None  # an empty line (bare LF): the next byte starts a line
+            done = writer.feed(piece)
+            continue
         try:
             piece = await reader.readuntil(separator)
+            line_done = True
         except asyncio.LimitOverrunError as exc:
             piece = await reader.read(exc.consumed)
-            separator_seen = False
+            line_done = False
         except asyncio.IncompleteReadError:
             return Result(Outcome.EOF, writer.received)
-        else:
-            separator_seen = True
         if not piece:
             return Result(Outcome.EOF, writer.received)
         done = writer.feed(piece)
-        if done is not None:
-            return Result(done[0], writer.received)
-        if separator_seen:
-            separator = b"\n" if separator == b"." else b"."
+        if line_done:
+            # After "\n." the rest of that dot line; after a line's "\n", a new line starts.
+            separator = b"\n" if separator == b"\n." else None
+    return Result(done[0], writer.received)
 
 
 class Incoming:
