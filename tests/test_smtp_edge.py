@@ -254,3 +254,16 @@ async def test_help_lists_data_and_auth_and_starttls_first_has_enhanced_code(
     code, text = await client.cmd("HELP")
     assert code == 250 and " DATA" in text and " MAIL" in text, text
     client.close()
+
+
+async def test_text_body_over_the_length_limit_gets_554_not_500(make_gateway,
+                                                                 tmp_path: Path) -> None:
+    """Issue 15 item 8: a ConvertError from the body used to escape as `500 Error: (...)`."""
+    gw = await make_gateway(base_env(tmp_path / "var"))
+    client = await Raw.connect(gw.smtp.port)
+    await client.start_mail()
+    body = (b"word " * 19 + b"\r\n") * 2200  # 220,000 characters of real text
+    code, text = await client.cmd(b"Subject: long\r\nFrom: alice@example.com\r\n\r\n" + body
+                                  + b".\r\n")
+    assert code == 554 and text.startswith("554 5.6.0 The message text is too long"), text
+    client.close()

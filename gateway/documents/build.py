@@ -141,7 +141,11 @@ def build_document(parsed: ParsedMail, opts: DocOptions, msg_opts: MessageOption
     names: list[str] = []
     pages = 0
     if use_body and parsed.text_body and parsed.text_body.strip():
-        data, n = text_to_pdf(parsed.text_body, opts.paper, limits, title=msg_opts.subject or None)
+        try:
+            data, n = text_to_pdf(parsed.text_body, opts.paper, limits,
+                                  title=msg_opts.subject or None)
+        except ConvertError as exc:  # e.g. a body over the length limit: 554, not a crash
+            raise DocumentError(str(exc)) from exc
         pdfs.append(data)
         names.append("message text")
         pages += n
