@@ -8,7 +8,9 @@ LibreOffice when installed; an optional cover page goes first.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import re
 from dataclasses import replace
 from email.message import EmailMessage
@@ -185,10 +187,11 @@ def _nothing_to_fax(parsed: ParsedMail, notes: list[str]) -> str:
 
 
 def prepare(path: str, opts: DocOptions, recipients: Sequence[str], envelope_from: str,
-            date: str) -> Prepared:
+            date: str, pdf_path: str | None = None) -> Prepared:
     """The mail as received (a file the SMTP edge wrote as DATA arrived) to parsed mail,
     per-message options and the document. Runs in a child process: it is handed the path, not
-    the bytes, so a large scan is neither held by the daemon nor pickled across to the worker."""
+    the bytes, so a large scan is neither held by the daemon nor pickled across to the worker.
+    With `pdf_path`, the PDF is written there and fsync'ed (a new file) rather than returned."""
     with open(path, "rb") as fh:
         content = fh.read()
     msg = read_message(content)
@@ -200,4 +203,13 @@ def prepare(path: str, opts: DocOptions, recipients: Sequence[str], envelope_fro
                               date=date)
     # The parts' bytes are in the document now; do not ship them back to the parent process.
     slim = replace(parsed, parts=[replace(p, data=b"") for p in parsed.parts])
-    return Prepared(slim, msg_opts, document)
+    if pdf_path is None:
+        return Prepared(slim, msg_opts, document)
+    fd = os.open(pdf_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(document.data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return Prepared(slim, msg_opts, replace(document, data=b""), pdf_path=pdf_path,
+                    pdf_bytes=len(document.data),
+                    pdf_sha256=hashlib.sha256(document.data).hexdigest())

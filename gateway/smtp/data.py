@@ -210,7 +210,7 @@ class Incoming:
         """Remove what a killed daemon left (the senders got no 250 for them and will retry)."""
         self.root.mkdir(parents=True, exist_ok=True, mode=0o750)
         stale = 0
-        for path in self.root.glob("*.eml.part"):
+        for path in self.root.glob("*.part"):
             path.unlink(missing_ok=True)
             stale += 1
         if stale:
@@ -221,5 +221,10 @@ class Incoming:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         return path, os.fdopen(fd, "wb", buffering=READ_BYTES)
 
+    @staticmethod
+    def pdf_path_for(message_path: Path) -> Path:
+        """Where a document worker writes the PDF of a message being received."""
+        return message_path.with_name(message_path.name.replace(".eml.part", ".pdf.part"))
+
     def count(self) -> int:
-        return sum(1 for _ in self.root.glob("*.eml.part"))
+        return sum(1 for _ in self.root.glob("*.part"))

@@ -10,8 +10,10 @@ itself can never become a fax.
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ from gateway.ops.metrics import Metrics
 from gateway.documents.mime import MimeError, ParsedMail, sanitize_header_text
 from gateway.mail.sender import Notifier, NotifyError
 from gateway.mail.reports import Templates, build_receipt, build_refusal
-from gateway.store.spool import Spool
+from gateway.store.spool import Spool, fsync_dir
 from gateway.store.sqlite import Message, NewJob, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -102,12 +104,24 @@ class Intake:
 
     async def accept(self, path: Path, envelope_from: str | None, numbers: Sequence[str],
                      peer: str | None, client: Client | None = None) -> Accepted:
-        """Queue the message in `path` (which stays the caller's to remove) or raise Refused."""
+        """Queue the message in `path` (which stays the caller's to remove) or raise Refused.
+
+        The document worker writes the PDF beside it (`<name>.pdf.part`, fsync'ed); it is
+        renamed into the spool, so the daemon holds neither the mail nor the document."""
+        pdf_part = path.with_name(path.name.replace(".eml.part", "") + ".pdf.part")
+        try:
+            return await self._accept(path, pdf_part, envelope_from, numbers, peer, client)
+        finally:
+            pdf_part.unlink(missing_ok=True)
+
+    async def _accept(self, path: Path, pdf_part: Path, envelope_from: str | None,
+                      numbers: Sequence[str], peer: str | None,
+                      client: Client | None) -> Accepted:
         date = format_datetime(datetime.fromtimestamp(self.clock(), timezone.utc))
         try:
             prepared = await self.cpu.run(call, "gateway.documents.build:prepare", str(path),
                                           self.doc_options, list(numbers), envelope_from or "",
-                                          date)
+                                          date, str(pdf_part))
         except (MimeError, DocumentError, TaskLimitError) as exc:
             if isinstance(exc, TaskLimitError):
                 log.warning("message from %s (peer %s): document work %s", envelope_from, peer,
@@ -131,8 +145,16 @@ class Intake:
                        quality=options.quality, callback_token=secrets.token_urlsafe(24),
                        media_key=new_media_key())
                 for n in numbers]
+        if prepared.pdf_path is not None:
+            size, sha256 = prepared.pdf_bytes, prepared.pdf_sha256
+        else:
+            size, sha256 = len(document.data), hashlib.sha256(document.data).hexdigest()
         try:
-            path = await asyncio.to_thread(self.spool.put, message_id, document.data)
+            if prepared.pdf_path is not None:
+                path = await asyncio.to_thread(self._spool_file, Path(prepared.pdf_path),
+                                               message_id)
+            else:
+                path = await asyncio.to_thread(self.spool.put, message_id, document.data)
         except OSError as exc:
             log.error("spool write failed for message %s: %s", message_id, exc)
             raise Refused(replies.CANNOT_STORE) from exc
@@ -143,8 +165,8 @@ class Intake:
                        else report_address(parsed, envelope_from)),
             subject=options.subject, message_id_header=parsed.message_id,
             references_header=" ".join(parsed.references) or None, peer=peer,
-            document_path=str(path), document_bytes=len(document.data),
-            document_sha256=hashlib.sha256(document.data).hexdigest(), pages=document.pages,
+            document_path=str(path), document_bytes=size,
+            document_sha256=sha256, pages=document.pages,
             filenames=", ".join(document.filenames),
             notes="; ".join(document.notes)[:2000] or None)
         try:
@@ -163,6 +185,20 @@ class Intake:
         if self.settings.report_accepted and message.report_to and self.notifier is not None:
             self._background(self._send_receipts(message, [j.id for j in jobs]))
         return Accepted(message_id, tuple(j.id for j in jobs), document.pages)
+
+    def _spool_file(self, pdf: Path, message_id: str) -> Path:
+        """Move the worker's fsync'ed PDF into the spool and fsync the directory (blocking).
+        A spool on another file system gets a durable copy instead."""
+        final = self.spool.path_for(message_id)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(pdf, final)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            return self.spool.put(message_id, pdf.read_bytes())
+        fsync_dir(final.parent)
+        return final
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
