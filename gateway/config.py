@@ -56,6 +56,10 @@ class Settings:
     smtp_hostname: str = field(default_factory=socket.getfqdn)
     smtp_max_message_bytes: int = defaults.SMTP_MAX_MESSAGE_BYTES
     smtp_max_recipients: int = defaults.SMTP_MAX_RECIPIENTS
+    smtp_max_connections: int = defaults.SMTP_MAX_CONNECTIONS
+    smtp_max_connections_per_ip: int = defaults.SMTP_MAX_CONNECTIONS_PER_IP
+    smtp_data_timeout_s: float = defaults.SMTP_DATA_TIMEOUT_S
+    smtp_idle_timeout_s: float = defaults.SMTP_IDLE_TIMEOUT_S
     max_pages: int = defaults.MAX_PAGES
     http_listen: HostPort = field(default_factory=lambda: _hostport(defaults.HTTP_LISTEN))
     public_base_url: str | None = None  # None: http:// + the bound HTTP address
@@ -427,6 +431,14 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         smtp_max_message_bytes=r.int("SMTP_MAX_MESSAGE_BYTES", defaults.SMTP_MAX_MESSAGE_BYTES,
                                      64 * 1024, 200 * 1024 * 1024),
         smtp_max_recipients=r.int("SMTP_MAX_RECIPIENTS", defaults.SMTP_MAX_RECIPIENTS, 1, 1000),
+        smtp_max_connections=r.int("SMTP_MAX_CONNECTIONS", defaults.SMTP_MAX_CONNECTIONS,
+                                   1, 100_000),
+        smtp_max_connections_per_ip=r.int("SMTP_MAX_CONNECTIONS_PER_IP",
+                                          defaults.SMTP_MAX_CONNECTIONS_PER_IP, 1, 100_000),
+        smtp_data_timeout_s=r.float("SMTP_DATA_TIMEOUT_SECONDS", defaults.SMTP_DATA_TIMEOUT_S,
+                                    1, 86400),
+        smtp_idle_timeout_s=r.float("SMTP_IDLE_TIMEOUT_SECONDS", defaults.SMTP_IDLE_TIMEOUT_S,
+                                    1, 3600),
         max_pages=r.int("FAX_MAX_PAGES", defaults.MAX_PAGES, 1, 2000),
         http_listen=http_listen,
         public_base_url=public,

@@ -18,6 +18,10 @@ TTL_MAX_MINUTES: Final = 300
 MAX_CALLBACK_BODY_BYTES: Final = 64 * 1024
 MAX_RCPT_ADDRESS_CHARS: Final = 320
 SMTP_LINE_TIMEOUT_S: Final = 300.0
+# Recipients a client address may name in an hour without them becoming faxes (RSET, QUIT,
+# refused DATA): bounds RCPT churn per address without touching anyone else's quota. Twenty
+# full-size messages' worth; accepted faxes give theirs back.
+RCPT_CHURN_PER_IP_HOUR: Final = 400
 
 # Every mail the gateway sends (reports, receipts, refusals) carries this header, valued with the
 # job id (or "refusal"), so that one coming back to a fax address is recognised and refused.

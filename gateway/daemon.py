@@ -23,6 +23,8 @@ from gateway.ops.instance import AlreadyRunning, DataDirLock, remove_pid_file, w
 from gateway.ops.metrics import Metrics
 from gateway.mail.sender import Notifier, OutboxNotifier, RelayNotifier
 from gateway.signalwire.client import SignalWireClient
+from gateway.smtp import replies
+from gateway.smtp.replies import Reply
 from gateway.smtp.server import FaxHandler, SMTPListener
 from gateway.store.spool import Spool
 from gateway.store.base import StoreError, open_store
@@ -94,7 +96,7 @@ class Gateway:
         self.access = Access(settings)
         self.intake = Intake(settings, self.store, self.spool, self.cpu, self._wake_worker, clock,
                              self.notifier, self.access, self.metrics)
-        self.intake.durability_check = self.guard.intake_refusal
+        self.intake.durability_check = self._durability
         self.tls = (ReloadableTLS(settings.tls_cert_file, settings.tls_key_file,
                                   settings.tls_min_version)
                     if settings.tls_cert_file and settings.tls_key_file else None)
@@ -106,6 +108,14 @@ class Gateway:
 
     def _wake_worker(self) -> None:
         self.worker.wake()
+
+    def _durability(self) -> Reply | None:
+        """The SMTP reply for a mail that cannot be made durable now, or None to go on."""
+        if self.guard.check_database() is not None:
+            return replies.DATABASE_UNAVAILABLE
+        if self.guard.check_disk() is not None:
+            return replies.DISK_LOW
+        return None
 
     def _fatal(self, reason: str) -> None:
         if self.on_fatal is not None:

@@ -29,6 +29,16 @@ MIN_FREE_DISK_MB: Final = 100
 
 SMTP_MAX_MESSAGE_BYTES: Final = 25 * 1024 * 1024
 SMTP_MAX_RECIPIENTS: Final = 20
+# Connections: a scanner or MTA holds one or two; the caps stop one address (or a crowd) from
+# taking every file descriptor. LimitNOFILE in the unit leaves room above the total.
+SMTP_MAX_CONNECTIONS: Final = 100
+SMTP_MAX_CONNECTIONS_PER_IP: Final = 10
+# The whole DATA phase: 25 MiB at ~50 KB/s (a slow office uplink) takes about 9 minutes.
+SMTP_DATA_TIMEOUT_S: Final = 600.0
+# Between commands. RFC 5321 4.5.3.2.7 suggests 5 minutes, written for MTAs that think between
+# commands; scanners and MTAs send the next command at once, and an idle session holds one of
+# the capped connection slots, so 2 minutes (operators who want the RFC figure set 300).
+SMTP_IDLE_TIMEOUT_S: Final = 120.0
 MAX_PAGES: Final = 200
 
 # Worker behaviour.

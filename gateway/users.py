@@ -166,8 +166,15 @@ def _dummy_hash() -> str:
 
 def authenticate(users: Mapping[str, "User"], username: str, password: str) -> "User | None":
     """The user if the name exists and the password matches, else None (in about the same
-    time either way).  Blocking: call through ``asyncio.to_thread``."""
+    time either way).  Blocking: call through ``asyncio.to_thread``.
+
+    The name is matched exactly, else ignoring case when that picks one user: scanners and
+    people type ``Scanner1`` for ``scanner1``, and a login name is not a secret."""
     user = users.get(username)
+    if user is None:
+        folded = username.casefold()
+        matches = [u for name, u in users.items() if name.casefold() == folded]
+        user = matches[0] if len(matches) == 1 else None
     ok = verify_password(password, user.password_hash if user else _dummy_hash())
     return user if ok and user is not None else None
 

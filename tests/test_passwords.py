@@ -96,6 +96,15 @@ def test_authenticate() -> None:
     assert authenticate(users, "nobody", "correct horse") is None
 
 
+def test_authenticate_ignores_case_of_the_user_name_when_unambiguous() -> None:
+    users = {"scanner": User("scanner", HASH), "Bob": User("Bob", HASH),
+             "bob": User("bob", HASH)}
+    assert authenticate(users, "Scanner", "correct horse") == users["scanner"]
+    assert authenticate(users, "SCANNER", "wrong") is None
+    assert authenticate(users, "Bob", "correct horse") == users["Bob"]  # exact match first
+    assert authenticate(users, "BOB", "correct horse") is None  # two users fold to "bob"
+
+
 # -- users file -----------------------------------------------------------------------
 
 

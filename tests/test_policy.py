@@ -359,3 +359,37 @@ def test_never_more_than_limit_in_any_window(events: list[tuple[str, int, float]
 def test_rate_limiter_rejects_nonsense_settings() -> None:
     with pytest.raises(ValueError):
         RateLimiter(limit=0, window_s=1)
+
+
+def test_give_back_returns_the_newest_units() -> None:
+    limiter = RateLimiter(limit=3, window_s=3600)
+    assert limiter.try_acquire("a", 2, now=0.0) == 0.0
+    assert limiter.try_acquire("a", 1, now=10.0) == 0.0
+    assert limiter.wait_s("a", 1, now=20.0) > 0
+    limiter.give_back("a", 2, now=20.0)  # the newest (at 10.0) and one of the two at 0.0
+    assert limiter.wait_s("a", 2, now=20.0) == 0.0
+    assert limiter.wait_s("a", 3, now=20.0) > 0
+    limiter.give_back("a", 5, now=20.0)  # more than recorded: nothing left, nothing negative
+    assert len(limiter) == 0
+    assert limiter.wait_s("a", 3, now=20.0) == 0.0
+
+
+def test_access_charges_faxes_at_data_not_at_rcpt() -> None:
+    from gateway.config import Settings
+    from gateway.smtp.access import Access
+
+    now = [0.0]
+    access = Access(Settings(rate_per_sender_hour=2, rate_total_hour=100,
+                             trusted_networks=()), clock=lambda: now[0])
+    client = access.client("192.0.2.1", None, "a@example.com")
+    for _ in range(50):  # named, never sent: costs the sender nothing
+        assert access.check_destination(client, "+15551234567") is None
+    assert access.reserve(client, 2) is None
+    access.release(client, 2)  # refused at DATA: given back
+    assert access.reserve(client, 2) is None
+    access.accepted(client, 2)
+    refusal = access.check_destination(client, "+15551234567")
+    assert refusal is not None and (refusal.code, refusal.enhanced) == (450, "4.7.1")
+    assert refusal.metric_reason == "rate_limited"
+    other = access.client("192.0.2.1", None, "b@example.com")
+    assert access.check_destination(other, "+15551234567") is None

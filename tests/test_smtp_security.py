@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import shutil
 import smtplib
 import ssl
@@ -381,3 +382,47 @@ def test_faxgw_passwd_writes_a_usable_hash(tmp_path: Path, monkeypatch) -> None:
     assert authenticate(users, "copier", "correct horse").from_number == "+15550101234"
     assert authenticate(users, "copier", "wrong") is None
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+async def test_failed_starttls_handshake_is_one_log_line(make_gateway, cert, users,
+                                                         tmp_path: Path, caplog) -> None:
+    """An old copier whose TLS the gateway refuses: one WARNING line, no traceback at ERROR."""
+    gw = await make_gateway(secure_env(tmp_path, cert, users))
+    caplog.set_level(logging.INFO)
+    reader, writer = await asyncio.open_connection("127.0.0.1", gw.smtp.port)
+    await reader.readline()
+    writer.write(b"EHLO copier.test\r\n")
+    while (await reader.readline())[3:4] == b"-":
+        pass
+    writer.write(b"STARTTLS\r\n")
+    assert (await reader.readline()).startswith(b"220")
+    writer.write(b"\x16\x03\x01\x00\x05not a client hello\r\n" * 4)
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 20) == b""  # the server closed it
+    writer.close()
+    handshake = [r for r in caplog.records if "STARTTLS handshake failed" in r.getMessage()]
+    assert len(handshake) == 1 and handshake[0].levelno == logging.WARNING
+    assert handshake[0].exc_info is None
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_starttls_required_reply_has_enhanced_code(make_gateway, cert, users,
+                                                         tmp_path: Path) -> None:
+    gw = await make_gateway(secure_env(tmp_path, cert, users, SMTP_REQUIRE_TLS="true"))
+
+    def run() -> tuple[int, bytes]:
+        with smtplib.SMTP("127.0.0.1", gw.smtp.port, timeout=20) as client:
+            client.ehlo("old.test")
+            return client.mail("alice@example.com")
+
+    assert await in_thread(run) == (530, b"5.7.0 Must issue a STARTTLS command first")
+
+
+async def test_auth_user_name_case_insensitive(make_gateway, cert, users, tmp_path: Path) -> None:
+    gw = await make_gateway(secure_env(tmp_path, cert, users))
+
+    def run() -> tuple[int, bytes]:
+        with session(gw.smtp.port) as client:
+            return client.login("SCANNER", "s3cret pass")
+
+    assert (await in_thread(run))[0] == 235

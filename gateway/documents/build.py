@@ -8,7 +8,9 @@ LibreOffice when installed; an optional cover page goes first.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import re
 from dataclasses import replace
 from email.message import EmailMessage
@@ -170,7 +172,11 @@ def _build(parsed: ParsedMail, opts: DocOptions, msg_opts: MessageOptions, *,
     drawn: list[str] = []  # text typeset by us, checked for characters no font has
     pages = 0
     if use_body and parsed.text_body and parsed.text_body.strip():
-        data, n = text_to_pdf(parsed.text_body, opts.paper, limits, title=msg_opts.subject or None)
+        try:
+            data, n = text_to_pdf(parsed.text_body, opts.paper, limits,
+                                  title=msg_opts.subject or None)
+        except ConvertError as exc:  # e.g. a body over the length limit: 554, not a crash
+            raise DocumentError(str(exc)) from exc
         pdfs.append(data)
         names.append("message text")
         drawn += [parsed.text_body, msg_opts.subject]
@@ -213,10 +219,16 @@ def _nothing_to_fax(parsed: ParsedMail, notes: list[str]) -> str:
     return text + "; attach a PDF, TIFF or image, or write the text in the message body"
 
 
-def prepare(content: bytes, opts: DocOptions, recipients: Sequence[str], envelope_from: str,
-            date: str) -> Prepared:
-    """Raw DATA to parsed mail, per-message options and the document (runs in a child process)."""
+def prepare(path: str, opts: DocOptions, recipients: Sequence[str], envelope_from: str,
+            date: str, pdf_path: str | None = None) -> Prepared:
+    """The mail as received (a file the SMTP edge wrote as DATA arrived) to parsed mail,
+    per-message options and the document. Runs in a child process: it is handed the path, not
+    the bytes, so a large scan is neither held by the daemon nor pickled across to the worker.
+    With `pdf_path`, the PDF is written there and fsync'ed (a new file) rather than returned."""
+    with open(path, "rb") as fh:
+        content = fh.read()
     msg = read_message(content)
+    del content
     parsed = parse_mail(msg)
     msg_opts = message_options(msg, parsed.subject, opts)
     sender = parsed.from_addr or envelope_from or "-"
@@ -224,4 +236,13 @@ def prepare(content: bytes, opts: DocOptions, recipients: Sequence[str], envelop
                               date=date)
     # The parts' bytes are in the document now; do not ship them back to the parent process.
     slim = replace(parsed, parts=[replace(p, data=b"") for p in parsed.parts])
-    return Prepared(slim, msg_opts, document)
+    if pdf_path is None:
+        return Prepared(slim, msg_opts, document)
+    fd = os.open(pdf_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(document.data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return Prepared(slim, msg_opts, replace(document, data=b""), pdf_path=pdf_path,
+                    pdf_bytes=len(document.data),
+                    pdf_sha256=hashlib.sha256(document.data).hexdigest())

@@ -51,3 +51,8 @@ class Prepared:
     parsed: ParsedMail
     options: MessageOptions
     document: Document
+    # Set when the worker wrote the PDF to a file (fsync'ed) instead of returning its bytes
+    # (document.data is then empty): the daemon never holds a large document.
+    pdf_path: str | None = None
+    pdf_bytes: int = 0
+    pdf_sha256: str = ""

@@ -38,7 +38,8 @@ CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 # Why a mail was refused; anything else is counted as "other" (labels stay a bounded set).
 REFUSAL_REASONS = ("relay_denied", "bad_number", "too_many_recipients", "no_document",
                    "bad_document", "too_big", "too_many_pages", "temp_failure", "auth", "policy",
-                   "rate_limited", "shutting_down", "other")
+                   "rate_limited", "shutting_down", "too_many_connections", "timeout",
+                   "protocol", "other")
 # A job's outcome: a final SignalWire status, or "not_sent" when the gateway gave up.
 OUTCOMES = (*sorted(FINAL_STATUSES), "not_sent", "other")
 REPORT_RESULTS = ("sent", "no_address", "gave_up")

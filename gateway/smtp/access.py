@@ -4,7 +4,13 @@ A client may send when it logged in (SMTP AUTH), connects from a trusted network
 allowed sender address (checked on the envelope and again on the From: header). Everyone else
 is refused at MAIL time and gets no report mail (no backscatter). Destinations go through the
 destination policy (premium-rate and unwanted international numbers) and the rate limits.
-Each check returns None when allowed, or the exact SMTP reply.
+Each check returns None when allowed, or the refusal as a `Reply`.
+
+Rate limits charge faxes actually accepted: RCPT only looks (so recipients named and then
+dropped with RSET, QUIT or a refused DATA cost nothing), DATA reserves the faxes of the message
+and gives them back if the message is refused. What RCPT churn costs the gateway is bounded
+separately, per client address, so one address trying thousands of recipients locks out only
+itself.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from email.utils import parseaddr
 from typing import Callable
 
 from gateway.config import Settings
+from gateway.constants import RCPT_CHURN_PER_IP_HOUR
+from gateway.smtp import replies
+from gateway.smtp.replies import Reply
 from gateway.users import LoginThrottle, User, UsersFile, UsersFileError, authenticate
 from gateway.smtp.policy import (DestinationPolicy, RateLimiter, SenderPolicy, TrustedNetworks,
                      try_acquire_all)
@@ -62,6 +71,9 @@ class Access:
                                       lockout_s=settings.auth_lockout_minutes * 60)
         self.per_sender = RateLimiter(settings.rate_per_sender_hour, 3600)
         self.total = RateLimiter(settings.rate_total_hour, 3600)
+        # Recipients named but not (yet) faxed, per client address: given back when the fax is
+        # accepted, so only churn counts.
+        self.rcpt_churn = RateLimiter(RCPT_CHURN_PER_IP_HOUR, 3600)
         self._logins = asyncio.Semaphore(MAX_CONCURRENT_LOGINS)
         self.refused_strangers = 0
 
@@ -105,11 +117,10 @@ class Access:
         return Client(ip=ip, user=user, trusted=self.trusted.contains(ip),
                       envelope_from=envelope_from)
 
-    def check_mail(self, client: Client) -> str | None:
+    def check_mail(self, client: Client) -> Reply | None:
         if client.user is not None:
             if client.user.senders and not client.user.allows_sender(client.envelope_from):
-                return (f"550 5.7.1 User {client.user.name} may not send as "
-                        f"<{client.envelope_from}>")
+                return replies.user_may_not_send_as(client.user.name, client.envelope_from)
             return None
         if client.trusted or (client.envelope_from and self.senders.allows(client.envelope_from)):
             return None
@@ -117,37 +128,64 @@ class Access:
         log.warning("refused sender <%s> from %s: not authenticated, not trusted, not allowed",
                     client.envelope_from[:200], client.ip)
         if self.auth_enabled:
-            return ("530 5.7.0 Authentication required: log in with your fax gateway account "
-                    "to send faxes")
-        return (f"550 5.7.1 Sender <{client.envelope_from[:200]}> is not allowed to send faxes "
-                "through this gateway")
+            return replies.AUTH_REQUIRED
+        return replies.sender_not_allowed(client.envelope_from)
 
-    def check_destination(self, client: Client, number: str) -> str | None:
+    def _rules(self, client: Client) -> list[tuple[RateLimiter, str]]:
+        return [(self.total, "all"), (self.per_sender, client.rate_key)]
+
+    def _rate_refusal(self, client: Client, wait: float) -> Reply:
+        if math.isinf(wait):
+            return replies.RATE_NEVER
+        log.warning("rate limit hit by %s", client.rate_key)
+        return replies.rate_limited(self.s.rate_per_sender_hour, self.s.rate_total_hour, wait)
+
+    def check_destination(self, client: Client, number: str, already: int = 0) -> Reply | None:
+        """RCPT: the destination rules, then whether this fax (with the `already` numbers of
+        the same message) would fit the rate limits now, without charging anything."""
         reason = self.destinations.check(number)
         if reason:
             log.warning("destination %s refused for %s: %s", number, client.rate_key, reason)
-            return f"550 5.7.1 {reason}"
-        wait = try_acquire_all([(self.total, "all"), (self.per_sender, client.rate_key)], 1,
-                               self.clock())
+            return replies.destination_refused(reason)
+        now = self.clock()
+        wait = max(limiter.wait_s(key, already + 1, now) for limiter, key in self._rules(client))
+        if math.isinf(wait) and already:
+            # This number alone would fit; with the message's others it is over the hourly
+            # limit: the sender can fax it in a later message.
+            wait = max(limiter.window_s for limiter, _ in self._rules(client))
         if wait:
-            if math.isinf(wait):
-                return "550 5.7.1 Rate limit: this sender may not send faxes"
-            log.warning("rate limit hit by %s", client.rate_key)
-            return (f"450 4.7.1 Rate limit reached (at most {self.s.rate_per_sender_hour} faxes "
-                    f"an hour per sender, {self.s.rate_total_hour} in all); try again in "
-                    f"{max(1, math.ceil(wait / 60))} minute(s)")
+            return self._rate_refusal(client, wait)
+        churn = self.rcpt_churn.try_acquire(client.ip, 1, now)
+        if churn:
+            log.warning("recipient churn limit hit by %s", client.ip)
+            return replies.recipient_churn(client.ip, churn)
         return None
 
-    def check_header_from(self, client: Client, header_from: str | None) -> str | None:
+    def reserve(self, client: Client, faxes: int) -> Reply | None:
+        """DATA: charge the message's faxes to the rate limits (all or nothing); `release` them
+        if the message is then refused, `accepted` once it is queued."""
+        wait = try_acquire_all(self._rules(client), faxes, self.clock())
+        return self._rate_refusal(client, wait) if wait else None
+
+    def release(self, client: Client, faxes: int) -> None:
+        """Give back a reservation: the message was refused at DATA."""
+        for limiter, key in self._rules(client):
+            limiter.give_back(key, faxes, self.clock())
+
+    def accepted(self, client: Client, faxes: int) -> None:
+        """The faxes were queued: their recipients were not churn."""
+        self.rcpt_churn.give_back(client.ip, faxes, self.clock())
+
+    def check_header_from(self, client: Client, header_from: str | None) -> Reply | None:
         """The From: header must be allowed too, unless the client logged in or is trusted
         (then it is only checked against a user's own sender list)."""
         _, addr = parseaddr(header_from or "")
         if client.user is not None:
             if client.user.senders and addr and not client.user.allows_sender(addr):
-                return f"550 5.7.1 User {client.user.name} may not send as <{addr[:200]}>"
+                return replies.user_may_not_send_as(client.user.name, addr)
             return None
         if client.trusted or not addr or self.senders.allows(addr):
             return None
         log.warning("refused From: <%s> from %s (envelope <%s>)", addr[:200], client.ip,
                     client.envelope_from[:200])
-        return f"550 5.7.1 Sender <{addr[:200]}> is not allowed to send faxes through this gateway"
+        return replies.sender_not_allowed(addr)

@@ -1,15 +1,19 @@
 """From an accepted SMTP transaction to durable jobs: parse, build the PDF, spool, commit.
 
-The reply string is the SMTP answer: 250 only once the document is fsync'ed in the spool and the
-job rows are committed; 451 when the disk or the store cannot take it (the sender retries); 554
-when the mail itself can never become a fax.
+The SMTP edge hands over the path of the message as received (DATA_DIR/incoming; the edge
+removes it afterwards) and the document workers read it there. A `Refused` carries the SMTP
+answer as a `Reply`: 250 only once the document is fsync'ed in the spool and the job rows are
+committed; 451 when the disk or the store cannot take it (the sender retries); 554 when the mail
+itself can never become a fax.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import logging
+import os
 import secrets
 import time
 from dataclasses import dataclass
@@ -18,26 +22,31 @@ from email import policy
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import format_datetime, parseaddr
+from pathlib import Path
 from typing import Any, Callable, Coroutine, Sequence
 
+from gateway.smtp import replies
 from gateway.smtp.access import Access, Client
-from gateway.smtp.loops import automatic_mail, in_domain
+from gateway.smtp.replies import Reply
 from gateway.config import Settings
 from gateway.documents.pool import CpuPool, TaskLimitError, call
 from gateway.documents.model import DocOptions, DocumentError
-from gateway.documents.partial import PartialError, PartialStore, Reassembler, Received
 from gateway.ops.faults import crash_point
 from gateway.signalwire.media import new_media_key
 from gateway.ops.metrics import Metrics
 from gateway.documents.mime import MimeError, ParsedMail
-from gateway.text import one_line
+from gateway.documents.partial import PartialError, PartialStore, Reassembler, Received
 from gateway.mail.sender import Notifier, NotifyError
 from gateway.mail.reports import Templates, build_receipt, build_refusal
-from gateway.store.spool import Spool
+from gateway.smtp.loops import automatic_mail, in_domain
+from gateway.store.spool import Spool, fsync_dir
 from gateway.store.base import Store, StoreError
 from gateway.store.rows import Message, NewJob
+from gateway.text import one_line
 
 log = logging.getLogger(__name__)
+
+HEAD_BYTES = 256 * 1024  # enough for any real header block
 
 
 def new_id() -> str:
@@ -53,10 +62,10 @@ class Accepted:
 
 
 class Refused(Exception):
-    """A refusal with its full SMTP reply line."""
+    """A refusal with its SMTP reply."""
 
-    def __init__(self, reply: str) -> None:
-        super().__init__(reply)
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
         self.reply = reply
 
 
@@ -64,7 +73,7 @@ class PartStored(Refused):
     """Not a refusal: one part of a split mail (message/partial) was kept, reply 250.
 
     A Refused only because the SMTP handler answers with Refused.reply as it is; the handler
-    may tell it apart (no job yet, so there is no job id to name).
+    tells it apart (no job yet, so nothing is charged and there is no job id to name).
     """
 
 
@@ -112,60 +121,82 @@ class Intake:
         self._tasks: set[asyncio.Task[None]] = set()
         self.partials = Reassembler(partial_store(settings))
         # The daemon's check that a 250 can still be kept (database file, free disk): a
-        # refusal reply, or None.
-        self.durability_check: Callable[[], str | None] = lambda: None
+        # refusal, or None.
+        self.durability_check: Callable[[], Reply | None] = lambda: None
 
-    async def accept(self, content: bytes, envelope_from: str | None, numbers: Sequence[str],
+    async def accept(self, path: Path, envelope_from: str | None, numbers: Sequence[str],
                      peer: str | None, client: Client | None = None) -> Accepted:
-        if (automatic := automatic_mail(content, envelope_from)) is not None:
+        """Queue the message in `path` (which stays the caller's to remove) or raise Refused.
+
+        The document worker writes the PDF beside it (`<name>.pdf.part`, fsync'ed); it is
+        renamed into the spool, so the daemon holds neither the mail nor the document."""
+        head = await asyncio.to_thread(_read_head, path, HEAD_BYTES)
+        if (automatic := automatic_mail(head, envelope_from)) is not None:
             # No refusal mail: answering automatic mail is how loops and backscatter start.
-            raise Refused(f"550 5.7.1 Not faxed: {automatic}")
+            raise Refused(replies.automatic_mail(automatic))
         # A copier's "divided sending" (message/partial): keep each part; the last one brings
         # the whole message, which then goes through intake like any other mail.
-        part = await self._partial(content, envelope_from, numbers, client)
+        part = await self._partial(path, head, envelope_from, numbers, client)
         if part.whole is None:
-            return await self._accept(content, envelope_from, numbers, peer, client)
+            return await self._accept_file(path, envelope_from, numbers, peer, client)
         assert part.key is not None
+        whole = path.with_name(path.name.replace(".eml.part", "") + ".whole.eml.part")
         try:
-            accepted = await self._accept(part.whole, envelope_from, numbers, peer, client)
+            await asyncio.to_thread(whole.write_bytes, part.whole)
+            accepted = await self._accept_file(whole, envelope_from, numbers, peer, client)
         except Refused as exc:  # 4xx: the parts wait for the sender's retry of the last one
-            await self.partials.done(part.key, keep=exc.reply.startswith("4"))
+            await self.partials.done(part.key, keep=exc.reply.temporary)
             raise
+        except OSError as exc:
+            await self.partials.done(part.key, keep=True)
+            log.error("message/partial %s: the joined message cannot be written: %s",
+                      part.key[:12], exc)
+            raise Refused(replies.CANNOT_RECEIVE) from exc
+        finally:
+            whole.unlink(missing_ok=True)
         await self.partials.done(part.key, keep=False)
         return accepted
 
-    async def _partial(self, content: bytes, envelope_from: str | None, numbers: Sequence[str],
-                       client: Client | None) -> Received:
+    async def _partial(self, path: Path, head: bytes, envelope_from: str | None,
+                       numbers: Sequence[str], client: Client | None) -> Received:
         """Received() for ordinary mail; raises PartStored (250) for a part kept for later."""
         user = client.user.name if client is not None and client.user is not None else ""
 
         def meta() -> dict[str, Any]:
             return {"numbers": list(numbers), "envelope_from": envelope_from,
-                    "report": self._refusal_target(content, envelope_from, client)}
+                    "report": self._refusal_target(head, envelope_from, client)}
 
         try:
             part = await self.partials.receive(
-                content, f"{user}|{envelope_from or ''}", meta, now=self.clock(),
+                path, f"{user}|{envelope_from or ''}", meta, now=self.clock(),
                 max_bytes=self.settings.smtp_max_message_bytes)
         except PartialError as exc:
             reason = one_line(str(exc), 400, ascii_only=True)
-            self._report_refusal(content, envelope_from, client, numbers, reason)
-            raise Refused(f"554 5.6.0 {reason}") from exc
+            await self._report_refusal(path, envelope_from, client, numbers, reason)
+            raise Refused(replies.bad_document(reason)) from exc
         except OSError as exc:
             log.error("message/partial part from %s not stored: %s", envelope_from, exc)
-            raise Refused("451 4.3.0 Temporary failure: the gateway cannot store this part "
-                          "right now; please try again later") from exc
+            raise Refused(replies.CANNOT_STORE_PART) from exc
         if part.reply is not None:
-            raise PartStored(part.reply)
+            raise PartStored(replies.part_stored(part.reply))
         return part
 
-    async def _accept(self, content: bytes, envelope_from: str | None, numbers: Sequence[str],
-                      peer: str | None, client: Client | None = None) -> Accepted:
+    async def _accept_file(self, path: Path, envelope_from: str | None, numbers: Sequence[str],
+                           peer: str | None, client: Client | None) -> Accepted:
+        pdf_part = path.with_name(path.name.replace(".eml.part", "") + ".pdf.part")
+        try:
+            return await self._accept(path, pdf_part, envelope_from, numbers, peer, client)
+        finally:
+            pdf_part.unlink(missing_ok=True)
+
+    async def _accept(self, path: Path, pdf_part: Path, envelope_from: str | None,
+                      numbers: Sequence[str], peer: str | None,
+                      client: Client | None) -> Accepted:
         date = format_datetime(datetime.fromtimestamp(self.clock(), timezone.utc))
         try:
-            prepared = await self.cpu.run(call, "gateway.documents.build:prepare", content,
+            prepared = await self.cpu.run(call, "gateway.documents.build:prepare", str(path),
                                           self.doc_options, list(numbers), envelope_from or "",
-                                          date)
+                                          date, str(pdf_part))
         except (MimeError, DocumentError, TaskLimitError) as exc:
             if isinstance(exc, TaskLimitError):
                 log.warning("message from %s (peer %s): document work %s", envelope_from, peer,
@@ -173,8 +204,8 @@ class Intake:
                 reason = f"The attached documents could not be converted: the work {exc}"
             else:
                 reason = one_line(str(exc), 400, ascii_only=True)
-            self._report_refusal(content, envelope_from, client, numbers, reason)
-            raise Refused(f"554 5.6.0 {reason}") from exc
+            await self._report_refusal(path, envelope_from, client, numbers, reason)
+            raise Refused(replies.bad_document(reason)) from exc
         parsed, document, options = prepared.parsed, prepared.document, prepared.options
         if client is not None and self.access is not None:
             refusal = self.access.check_header_from(client, parsed.from_addr)
@@ -191,12 +222,19 @@ class Intake:
                 for n in numbers]
         if (refusal := self.durability_check()) is not None:
             raise Refused(refusal)
+        if prepared.pdf_path is not None:
+            size, sha256 = prepared.pdf_bytes, prepared.pdf_sha256
+        else:
+            size, sha256 = len(document.data), hashlib.sha256(document.data).hexdigest()
         try:
-            path = await asyncio.to_thread(self.spool.put, message_id, document.data)
+            if prepared.pdf_path is not None:
+                path = await asyncio.to_thread(self._spool_file, Path(prepared.pdf_path),
+                                               message_id)
+            else:
+                path = await asyncio.to_thread(self.spool.put, message_id, document.data)
         except OSError as exc:
             log.error("spool write failed for message %s: %s", message_id, exc)
-            raise Refused("451 4.3.0 Temporary failure: the gateway cannot store the document "
-                          "right now; please try again later") from exc
+            raise Refused(replies.CANNOT_STORE) from exc
         report_to = (user.report_to if user and user.report_to
                      else report_address(parsed, envelope_from))
         notes = list(document.notes)
@@ -214,8 +252,8 @@ class Intake:
             report_to=report_to,
             subject=options.subject, message_id_header=parsed.message_id,
             references_header=" ".join(parsed.references) or None, peer=peer,
-            document_path=str(path), document_bytes=len(document.data),
-            document_sha256=hashlib.sha256(document.data).hexdigest(), pages=document.pages,
+            document_path=str(path), document_bytes=size,
+            document_sha256=sha256, pages=document.pages,
             filenames=", ".join(document.filenames),
             notes="; ".join(notes)[:2000] or None)
         try:
@@ -223,8 +261,7 @@ class Intake:
         except (StoreError, OSError) as exc:
             log.error("job store write failed for message %s: %s", message_id, exc)
             await asyncio.to_thread(self.spool.remove, message_id)
-            raise Refused("451 4.3.0 Temporary failure: the gateway cannot queue the fax right "
-                          "now; please try again later") from exc
+            raise Refused(replies.CANNOT_QUEUE) from exc
         crash_point("after-commit")
         for job in jobs:
             log.info("job %s: accepted to %s, %d page(s), message %s from %s (peer %s)",
@@ -236,33 +273,53 @@ class Intake:
             self._background(self._send_receipts(message, [j.id for j in jobs]))
         return Accepted(message_id, tuple(j.id for j in jobs), document.pages)
 
+    def _spool_file(self, pdf: Path, message_id: str) -> Path:
+        """Move the worker's fsync'ed PDF into the spool and fsync the directory (blocking).
+        A spool on another file system gets a durable copy instead."""
+        final = self.spool.path_for(message_id)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(pdf, final)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            return self.spool.put(message_id, pdf.read_bytes())
+        fsync_dir(final.parent)
+        return final
+
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _report_refusal(self, content: bytes, envelope_from: str | None, client: Client | None,
-                        numbers: Sequence[str], reason: str) -> None:
+    async def _report_refusal(self, path: Path, envelope_from: str | None,
+                              client: Client | None, numbers: Sequence[str], reason: str) -> None:
         """Tell an authorised sender why their mail cannot be faxed (a scanner shows no SMTP
         error to the person at it). Strangers never get here: they are refused at MAIL."""
-        if self.notifier is None or not self.settings.report_refusals:
+        if self.notifier is None or client is None or not self.settings.report_refusals:
             return
-        target = self._refusal_target(content, envelope_from, client)
-        if target is None:
+        try:
+            head = await asyncio.to_thread(_read_head, path, HEAD_BYTES)
+        except OSError as exc:
+            log.warning("refusal report not sent: cannot read the message back: %s", exc)
+            return
+        target = self._refusal_target(head, envelope_from, client)
+        if target is None or target["to"] is None:
             return
         refusal = build_refusal(
-            to=target["to"], numbers=numbers, reason=reason, subject=target["subject"],
+            to=target["to"], numbers=numbers, reason=reason, subject=target["subject"] or "",
             original_msgid=target["msgid"], from_addr=self.settings.notify_from,
             hostname=self.settings.smtp_hostname, now=self.clock(), templates=self.templates)
         self._background(self._send_refusal(refusal, target["to"]))
 
-    def _refusal_target(self, content: bytes, envelope_from: str | None,
+    def _refusal_target(self, head: bytes, envelope_from: str | None,
                         client: Client | None) -> dict[str, str | None] | None:
         """Where a refusal may go ({to, subject, msgid}), or None: only to an authorised
-        sender, and not when the From: header is one that sender may not use."""
+        sender, not when the From: header is one that sender may not use, and never into the
+        fax domain (it would be faxed)."""
         if client is None:
             return None
-        headers = BytesHeaderParser(policy=policy.default).parsebytes(content[:256 * 1024])
+        headers = BytesHeaderParser(policy=policy.default).parsebytes(head)
         header_from = str(headers.get("From", "") or "")
         user = client.user
         to = (user.report_to if user and user.report_to else None) or \
@@ -300,6 +357,11 @@ class Intake:
                 await self.notifier.send(receipt, f"{job_id}.accepted")
             except NotifyError as exc:
                 log.warning("job %s: accepted receipt not sent: %s", job_id, exc)
+
+
+def _read_head(path: Path, max_bytes: int) -> bytes:
+    with open(path, "rb") as fh:
+        return fh.read(max_bytes)
 
 
 async def expire_partials(settings: Settings, notifier: Notifier | None, now: float) -> int:

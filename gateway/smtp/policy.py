@@ -432,6 +432,22 @@ class RateLimiter:
         return wait
 
 
+    def give_back(self, key: str, count: int = 1, now: float | None = None) -> None:
+        """Return up to ``count`` units recorded for ``key``, newest first (a reservation that
+        was not used: a message refused after its faxes were counted)."""
+        now = time.monotonic() if now is None else now
+        window = self._window(key, now)
+        while window is not None and count > 0 and window.events:
+            stamp, n = window.events.pop()
+            taken = min(n, count)
+            count -= taken
+            window.total -= taken
+            if n > taken:
+                window.events.append((stamp, n - taken))
+        if window is not None and not window.events:
+            del self._windows[key]
+
+
 def try_acquire_all(rules: Iterable[tuple[RateLimiter, str]], count: int = 1,
                     now: float | None = None) -> float:
     """Acquire ``count`` from every (limiter, key) or from none: 0.0 if all fit (and

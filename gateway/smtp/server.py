@@ -5,7 +5,11 @@ Who may send is settled at MAIL (AUTH, trusted network, allowed sender), each re
 before sending the document; the document is checked and queued at DATA time. Scanner quirks
 handled here: lower-case AUTH mechanisms, `AUTH LOGIN <user>` initial responses, the
 `Username:` / `Password:` prompts some devices insist on, and a 535 (never silence) for a wrong
-password.
+password. Every reply is a `replies.Reply`; the metrics take the refusal reason from it.
+
+Where aiosmtpd is extended beyond its handler hooks (DATA streamed to a file, AUTH mechanisms
+matched case-insensitively, the 421 on timeouts, the connection caps), tests/test_smtp_hooks.py
+fails loudly if the methods and attributes relied on change: aiosmtpd is pinned below 1.5.
 """
 
 from __future__ import annotations
@@ -14,25 +18,33 @@ import asyncio
 import binascii
 import logging
 from base64 import b64decode
+from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, syntax
 
-from gateway.smtp.access import Access, Client
 from gateway.config import HostPort, Settings
 from gateway.constants import MAX_RCPT_ADDRESS_CHARS, SMTP_LINE_TIMEOUT_S
-from gateway.smtp.intake import Intake, Refused
 from gateway.ops.metrics import Metrics
 from gateway.phone import (NumberError, parse_fax_number, parse_recipient,
                            quote_rcpt_local_part)
+from gateway.smtp import replies
+from gateway.smtp.access import Access, Client
+from gateway.smtp.connections import AcceptErrors, ConnectionLimits
+from gateway.smtp.data import DataWriter, Incoming, Outcome, receive
+from gateway.smtp.intake import Intake, PartStored, Refused
+from gateway.smtp.replies import Reply
 from gateway.smtp.tls import ReloadableTLS
 
 log = logging.getLogger(__name__)
 
-SHUTDOWN_REPLY = "421 4.3.2 The fax gateway is shutting down; please try again later"
-AUTH_OK = "235 2.7.0 Authentication successful"
-AUTH_FAILED = "535 5.7.8 Authentication credentials invalid"
 MAX_CREDENTIAL_CHARS = 1024
+# aiosmtpd's StreamReader limit is its class attribute `line_length_limit` (1001 by default):
+# DATA is read up to this many bytes at a time. Command lines stay bounded by
+# command_size_limit (512), checked by aiosmtpd after the read.
+READER_LIMIT_BYTES = 64 * 1024
+# aiosmtpd's own reply when STARTTLS is required; rewritten with its enhanced code.
+AIOSMTPD_STARTTLS_FIRST = "530 Must issue a STARTTLS command first"
 
 
 def _b64_text(blob: bytes | str) -> str | None:
@@ -43,8 +55,21 @@ def _b64_text(blob: bytes | str) -> str | None:
         return None
 
 
+class FaxEnvelope(Envelope):
+    """aiosmtpd's envelope with the gateway's fields, made by `FaxSMTP._create_envelope`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client: Client | None = None
+        self.fax_numbers: list[str] = []
+        self.content_path: Path | None = None  # DATA as received, in DATA_DIR/incoming
+        self.content_bytes = 0
+
+
 class FaxHandler:
-    """aiosmtpd handler hooks; the client and the numbers ride along on the envelope."""
+    """aiosmtpd handler hooks; the client and the numbers ride along on the envelope.
+
+    Shared by every listener, so the connection caps and the incoming directory are too."""
 
     def __init__(self, settings: Settings, intake: Intake, access: Access,
                  metrics: Metrics | None = None) -> None:
@@ -53,10 +78,42 @@ class FaxHandler:
         self.access = access
         self.metrics = metrics or Metrics(process=False)
         self.accepting = True
+        self.incoming = Incoming(settings.data_dir / "incoming")
+        self.limits = ConnectionLimits(settings.smtp_max_connections,
+                                       settings.smtp_max_connections_per_ip)
+        self._accept_errors: AcceptErrors | None = None
+        self._started = False
 
-    def _refused(self, reason: str, reply: str) -> str:
-        self.metrics.mail_refused(reason)
-        return reply
+    def start(self) -> None:
+        """Once, before the first listener binds: clear DATA_DIR/incoming of files a killed
+        daemon left, and keep accept() failures out of the log's way."""
+        if self._started:
+            return
+        self._started = True
+        self.incoming.start()
+        self._accept_errors = AcceptErrors(asyncio.get_running_loop())
+        self._accept_errors.install()
+
+    def stop(self) -> None:
+        if self._accept_errors is not None:
+            self._accept_errors.uninstall()
+            self._accept_errors = None
+
+    def refuse(self, reply: Reply) -> str:
+        """Count a refusal under its reason and hand aiosmtpd its line."""
+        if reply.metric_reason is not None:
+            self.metrics.mail_refused(reply.metric_reason)
+        return str(reply)
+
+    async def handle_exception(self, error: Exception) -> str:
+        """aiosmtpd calls this for an exception in a command. A failed TLS handshake (an old
+        copier offering only what we refuse) is one line, not a traceback at ERROR."""
+        if isinstance(error, TLSSetupException):
+            cause = error.__cause__ or error.__context__
+            log.warning("STARTTLS handshake failed: %s", cause or "connection closed")
+            return str(replies.INTERNAL_ERROR)  # not sent: aiosmtpd closes the connection
+        log.error("SMTP session error", exc_info=error)
+        return self.refuse(replies.INTERNAL_ERROR)
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
@@ -70,11 +127,10 @@ class FaxHandler:
                           args: list[str]) -> str | None:
         ip = _peer(session)
         if not self.access.auth_enabled:
-            return "504 5.5.4 Authentication is not offered here"
+            return str(replies.AUTH_NOT_OFFERED)
         locked = self.access.locked_out_s(ip)
         if locked:
-            return (f"454 4.7.0 Too many failed logins from {ip}; try again in "
-                    f"{max(1, int(locked // 60))} minute(s)")
+            return str(replies.auth_locked_out(ip, locked))
         mechanism = args[0].upper()
         initial = args[1] if len(args) > 1 else None
         if mechanism == "PLAIN":
@@ -89,7 +145,7 @@ class FaxHandler:
                 credentials = _b64_text(blob)
             parts = credentials.split("\0") if credentials is not None else []
             if len(parts) != 3:
-                return "501 5.5.2 Malformed AUTH PLAIN response"
+                return str(replies.AUTH_MALFORMED_PLAIN)
             username, password = parts[1] or parts[0], parts[2]
         elif mechanism == "LOGIN":
             if initial is not None:
@@ -104,123 +160,156 @@ class FaxHandler:
                 return None
             password = answer.decode("utf-8", "replace") if isinstance(answer, bytes) else ""
         else:
-            return "504 5.5.4 Unrecognized authentication type (use PLAIN or LOGIN)"
+            return str(replies.AUTH_UNKNOWN_MECHANISM)
         if len(username) > MAX_CREDENTIAL_CHARS or len(password) > MAX_CREDENTIAL_CHARS:
-            return AUTH_FAILED
+            return str(replies.AUTH_FAILED)
         user = await self.access.login(ip, username, password)
         if user is None:
-            return AUTH_FAILED
+            return str(replies.AUTH_FAILED)
         session.authenticated = True
         session.auth_data = user
-        return AUTH_OK
+        return str(replies.AUTH_OK)
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         if not self.accepting:
-            return self._refused("shutting_down", SHUTDOWN_REPLY)
+            return self.refuse(replies.SHUTTING_DOWN)
         user = session.auth_data if session.authenticated else None
         client = self.access.client(_peer(session), user, address)
         refusal = self.access.check_mail(client)
         if refusal:
-            return self._refused("auth" if refusal.startswith("530") else "policy", refusal)
-        envelope.mail_from = address
-        envelope.mail_options.extend(mail_options)
-        envelope.faxgw_client = client  # type: ignore[attr-defined]
-        _numbers(envelope).clear()
-        return "250 2.1.0 Sender OK"
+            return self.refuse(refusal)
+        env = _fax(envelope)
+        env.mail_from = address
+        env.mail_options.extend(mail_options)
+        env.client = client
+        env.fax_numbers.clear()
+        return str(replies.SENDER_OK)
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
+        env = _fax(envelope)
         if len(address) > MAX_RCPT_ADDRESS_CHARS:
-            return "501 5.1.3 Recipient address too long"
+            return str(replies.RECIPIENT_TOO_LONG)
         try:
             local, domain = parse_recipient(address, self.settings.fax_domain)
         except ValueError:
-            return "553 5.1.3 Recipient address is not of the form number@domain"
+            return str(replies.RECIPIENT_NOT_NUMBER_AT_DOMAIN)
         if domain != self.settings.fax_domain:
             log.warning("relay denied: %s from %s to domain %s", _peer(session),
-                        envelope.mail_from, domain[:100])
-            return self._refused("relay_denied", "550 5.7.1 Relaying denied: this gateway only "
-                                 f"accepts mail for <number>@{self.settings.fax_domain}")
-        if len(envelope.rcpt_tos) >= self.settings.smtp_max_recipients:
-            return self._refused("too_many_recipients", "452 4.5.3 Too many recipients: at most "
-                                 f"{self.settings.smtp_max_recipients} fax numbers per message")
+                        env.mail_from, domain[:100])
+            return self.refuse(replies.relay_denied(self.settings.fax_domain))
+        if len(env.rcpt_tos) >= self.settings.smtp_max_recipients:
+            return self.refuse(replies.too_many_recipients(self.settings.smtp_max_recipients))
         try:
             number = parse_fax_number(local, self.settings.default_region)
         except NumberError as exc:
-            return self._refused("bad_number", f"553 5.1.3 {exc}")
-        numbers = _numbers(envelope)
-        if number in numbers:
-            return f"250 2.1.5 Recipient OK (duplicate of {number}, faxed once)"
-        refusal = self.access.check_destination(_client(envelope), number)
+            return self.refuse(replies.bad_number(str(exc)))
+        if number in env.fax_numbers:
+            return str(replies.recipient_duplicate(number))
+        refusal = self.access.check_destination(_client(env), number, len(env.fax_numbers))
         if refusal:
-            return self._refused("rate_limited" if refusal.startswith("450") else "policy",
-                                 refusal)
-        numbers.append(number)
-        envelope.rcpt_tos.append(address)
-        envelope.rcpt_options.extend(rcpt_options)
-        return f"250 2.1.5 Recipient OK, fax to {number}"
+            return self.refuse(refusal)
+        env.fax_numbers.append(number)
+        env.rcpt_tos.append(address)
+        env.rcpt_options.extend(rcpt_options)
+        return str(replies.recipient_ok(number))
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        numbers = list(_numbers(envelope))
+        env = _fax(envelope)
+        numbers = list(env.fax_numbers)
         if not numbers:
-            return "554 5.5.1 No valid fax recipients"
-        content = envelope.original_content or b""
+            return self.refuse(replies.NO_VALID_RECIPIENTS)
+        assert env.content_path is not None, "DATA hook without the message file"
+        client = _client(env)
+        refusal = self.access.reserve(client, len(numbers))
+        if refusal:
+            return self.refuse(refusal)
         try:
-            accepted = await self.intake.accept(content, envelope.mail_from, numbers,
-                                                _peer(session), _client(envelope))
+            accepted = await self.intake.accept(env.content_path, env.mail_from, numbers,
+                                                _peer(session), client)
+        except PartStored as exc:  # a part of a split mail, kept: nothing is faxed yet
+            self.access.release(client, len(numbers))
+            log.info("message from %s (peer %s): %s", env.mail_from, _peer(session), exc.reply)
+            return str(exc.reply)
         except Refused as exc:
-            log.info("refused message from %s (peer %s): %s", envelope.mail_from,
+            self.access.release(client, len(numbers))
+            log.info("refused message from %s (peer %s): %s", env.mail_from,
                      _peer(session), exc.reply)
-            reason = {"451": "temp_failure", "554": "bad_document"}.get(exc.reply[:3], "policy")
-            return self._refused(reason, exc.reply)
-        jobs = ", ".join(accepted.job_ids)
-        return (f"250 2.0.0 Queued as fax job{'s' if len(accepted.job_ids) > 1 else ''} {jobs} "
-                f"({accepted.pages} page{'s' if accepted.pages != 1 else ''})")
+            return self.refuse(exc.reply)
+        except BaseException:
+            self.access.release(client, len(numbers))
+            raise
+        self.access.accepted(client, len(numbers))
+        return str(replies.queued(accepted.job_ids, accepted.pages))
 
 
-def _numbers(envelope: Envelope) -> list[str]:
-    numbers = getattr(envelope, "fax_numbers", None)
-    if numbers is None:
-        numbers = []
-        envelope.fax_numbers = numbers  # type: ignore[attr-defined]
-    return numbers
+def _fax(envelope: Envelope) -> FaxEnvelope:
+    assert isinstance(envelope, FaxEnvelope), "FaxSMTP._create_envelope not used"
+    return envelope
 
 
-def _client(envelope: Envelope) -> Client:
-    client = getattr(envelope, "faxgw_client", None)
-    assert client is not None, "RCPT/DATA before a successful MAIL"
-    return client
+def _client(envelope: FaxEnvelope) -> Client:
+    assert envelope.client is not None, "RCPT/DATA before a successful MAIL"
+    return envelope.client
 
 
 def _peer(session: Session) -> str:
-    peer: Any = session.peer
-    if isinstance(peer, tuple) and peer:
-        return str(peer[0])
-    return str(peer or "-")
+    return _peer_ip(session.peer)
 
 
 class FaxSMTP(SMTP):
-    """aiosmtpd's protocol with the gateway's quirks: 421 while shutting down, and AUTH
-    mechanisms matched case-insensitively (aiosmtpd compares them as sent; some MFPs send
+    """aiosmtpd's protocol with the gateway's rules: connection caps and 421 while shutting
+    down, DATA streamed to a file, a time limit on the whole DATA phase, a 421 before an idle
+    connection is closed, and AUTH mechanisms matched case-insensitively (some MFPs send
     `auth login`)."""
+
+    line_length_limit = READER_LIMIT_BYTES
 
     def __init__(self, handler: FaxHandler, connections: set["FaxSMTP"], **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
+        self.fax_handler = handler
         self._connections = connections
+        self._refusal: Reply | None = None
+        self._counted_ip: str | None = None
+        self._phase = "command"  # command, data (receiving), processing (intake)
+
+    def _create_envelope(self) -> Envelope:
+        return FaxEnvelope()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._connections.add(self)
+        first = self.transport is None  # not the STARTTLS re-entry
+        if first:
+            self._connections.add(self)
+            ip = _peer_ip(transport.get_extra_info("peername"))
+            limits = self.fax_handler.limits
+            over = limits.admit(ip)
+            if over is None:
+                self._counted_ip = ip
+            else:
+                self._refusal = (replies.TOO_MANY_CONNECTIONS if over == "total" else
+                                 replies.too_many_connections_from(ip, limits.max_per_ip))
+                if limits.note_refusal():
+                    log.warning("SMTP connection from %s refused: %s (%d refused in the last "
+                                "minute)", ip, self._refusal, limits.refused_recently)
+                    limits.logged()
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
         self._connections.discard(self)
+        if self._counted_ip is not None:
+            self.fax_handler.limits.release(self._counted_ip)
+            self._counted_ip = None
         super().connection_lost(error)
 
     async def _handle_client(self) -> None:
         # aiosmtpd sends its 220 greeting in _handle_client; this is the one place to refuse.
-        if not self.event_handler.accepting:
-            await self.push(SHUTDOWN_REPLY)
+        refusal = self._refusal
+        if refusal is None and not self.fax_handler.accepting:
+            refusal = replies.SHUTTING_DOWN
+        if refusal is not None:
+            self.fax_handler.refuse(refusal)
+            await self.push(str(refusal))
             if self.transport is not None:
                 self.transport.close()
             return
@@ -230,76 +319,99 @@ class FaxSMTP(SMTP):
         # "(555) 123-4567@fax..." would lose its area code as an RFC 5322 comment.
         await super().smtp_RCPT(None if arg is None else quote_rcpt_local_part(arg))
 
-    async def smtp_DATA(self, arg: str) -> None:
-        """DATA read in bulk up to the end marker, not line by line.
+    async def push(self, status: Any) -> None:
+        if status == AIOSMTPD_STARTTLS_FIRST:
+            status = self.fax_handler.refuse(replies.STARTTLS_FIRST)
+        await super().push(status)
 
-        aiosmtpd reads and joins the message one line at a time, which costs most of the
-        loop's time on large scans and stalls it for a second at 20 MB. This keeps its replies
-        (354, 503, 501, 552 after the data, 250 or the handler's answer) and its size limit,
-        and lets StreamReader find the marker in C. Lines longer than 1000 octets are accepted
-        rather than refused (RFC 5321 allows a server to).
+    def _timeout_cb(self) -> None:
+        """aiosmtpd's timer ran out: say why (421 4.4.2) before closing, as RFC 5321 4.2.2
+        asks, whether the client was idle or too slow sending the message."""
+        s = self.fax_handler.settings
+        reply = (replies.data_timeout(s.smtp_data_timeout_s) if self._phase == "data"
+                 else replies.idle_timeout(s.smtp_idle_timeout_s))
+        if self.transport is not None and not self.transport.is_closing():
+            log.info("SMTP %s: %s", _peer(self.session) if self.session else "-", reply)
+            self.fax_handler.refuse(reply)
+            self._writer.write(str(reply).encode("ascii") + b"\r\n")
+        super()._timeout_cb()
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA streamed to a file in DATA_DIR/incoming as it arrives (gateway.smtp.data), then
+        the handler's DATA hook with the path; the file is removed whatever the outcome.
+
+        aiosmtpd's own DATA holds the whole message in memory; this keeps its replies (354,
+        503, 501, 552 after the data) with enhanced codes, enforces SMTP_MAX_MESSAGE_BYTES
+        while receiving, bounds the whole DATA phase by SMTP_DATA_TIMEOUT_SECONDS, and refuses
+        a bare-LF end marker at once. Lines longer than 1000 octets are accepted (RFC 5321
+        allows a server to).
         """
         if await self.check_helo_needed():
             return
         if await self.check_auth_needed("DATA"):
             return
         assert self.envelope is not None and self.session is not None
-        if not self.envelope.rcpt_tos:
-            await self.push("503 Error: need RCPT command")
+        env = _fax(self.envelope)
+        if not env.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
             return
         if arg:
-            await self.push("501 Syntax: DATA")
+            await self.push("501 5.5.4 Syntax: DATA")
             return
-        await self.push("354 End data with <CR><LF>.<CR><LF>")
-        limit = self.data_size_limit or 0
-        reader = self._reader
+        handler = self.fax_handler
+        s = handler.settings
         try:
-            head = await reader.readexactly(3)
-            if head == b".\r\n":
-                raw = b""
-            else:
-                # Back into the buffer: the first line may itself end right before the marker.
-                reader._buffer[0:0] = head
-                saved = reader._limit  # one message may be as long as the size limit allows
-                reader._limit = limit + 8 if limit else 2 ** 31
+            path, out = handler.incoming.create()
+        except OSError as exc:
+            log.error("cannot create a file in %s: %s", handler.incoming.root, exc)
+            await self.push(handler.refuse(replies.CANNOT_RECEIVE))
+            return
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            self._phase = "data"
+            self._reset_timeout(s.smtp_data_timeout_s)
+            writer = DataWriter(out, s.smtp_max_message_bytes)
+            try:
+                result = await receive(self._reader, writer)
+            finally:
                 try:
-                    raw = await reader.readuntil(b"\r\n.\r\n")
-                finally:
-                    reader._limit = saved
-                raw = raw[:-3]  # keep the last line's CRLF, drop ".\r\n"
-        except asyncio.LimitOverrunError:
-            await self._discard_data()
-            await self.push("552 Error: Too much mail data")
-            self._set_post_data_state()
-            return
-        except asyncio.IncompleteReadError:
-            return  # the client went away in the middle of the message
-        if limit and len(raw) > limit:
-            await self.push("552 Error: Too much mail data")
-            self._set_post_data_state()
-            return
-        # RFC 5321 4.5.2: a leading dot was doubled by the client.
-        content = raw.replace(b"\r\n..", b"\r\n.")
-        if content.startswith(b".."):
-            content = content[1:]
-        self.envelope.content = content
-        self.envelope.original_content = content
-        status = await self._call_handler_hook("DATA")
-        self._set_post_data_state()
-        await self.push("250 OK" if status is MISSING else status)
-
-    async def _discard_data(self) -> None:
-        """Read and drop the rest of an oversized message, up to its end marker."""
-        tail = b""
-        while True:
-            chunk = await self._reader.read(65536)
-            if not chunk:
+                    out.close()
+                except OSError as exc:  # the last buffered bytes did not fit on the disk
+                    writer.error = writer.error or exc
+            self._phase = "processing"
+            # Intake may take up to the document time limit; the idle timer must not fire.
+            self._reset_timeout(max(SMTP_LINE_TIMEOUT_S, 2 * s.doc_timeout_s))
+            if result.outcome is Outcome.EOF:
+                return  # the client went away in the middle of the message
+            if result.outcome is Outcome.BARE_LF:
+                log.warning("SMTP %s: bare LF end of DATA (legacy client or smuggling "
+                            "attempt); refused and closed", _peer(self.session))
+                await self.push(handler.refuse(replies.BARE_LF))
+                if self.transport is not None:
+                    self.transport.close()
                 return
-            window = tail + chunk
-            if b"\r\n.\r\n" in window:
+            if result.outcome is Outcome.TOO_BIG:
+                await self.push(handler.refuse(replies.too_big(s.smtp_max_message_bytes)))
+                self._set_post_data_state()
                 return
-            tail = window[-4:]
+            if writer.error is not None:
+                log.error("cannot write an incoming message to %s: %s", path, writer.error)
+                await self.push(handler.refuse(replies.CANNOT_RECEIVE))
+                self._set_post_data_state()
+                return
+            env.content_path = path
+            env.content_bytes = writer.written
+            status = await self._call_handler_hook("DATA")
+            self._set_post_data_state()
+            await self.push("250 OK" if status is MISSING else status)
+        finally:
+            path.unlink(missing_ok=True)
+            self._phase = "command"
+            if self.transport is not None and not self.transport.is_closing():
+                self._reset_timeout()
 
+    @syntax("AUTH <mechanism>")
     async def smtp_AUTH(self, arg: str) -> None:
         mechanism, sep, rest = (arg or "").partition(" ")
         await super().smtp_AUTH(mechanism.upper() + sep + rest)
@@ -312,6 +424,12 @@ class FaxSMTP(SMTP):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+def _peer_ip(peer: Any) -> str:
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "-")
 
 
 class SMTPListener:
@@ -336,13 +454,14 @@ class SMTPListener:
         return FaxSMTP(
             self.handler, self._connections, data_size_limit=s.smtp_max_message_bytes,
             enable_SMTPUTF8=True, hostname=s.smtp_hostname, ident="faxgw ESMTP",
-            timeout=SMTP_LINE_TIMEOUT_S,
+            timeout=s.smtp_idle_timeout_s,
             tls_context=None if self.implicit_tls or self.tls is None else self.tls.context,
             require_starttls=bool(self.tls) and not self.implicit_tls and s.smtp_require_tls,
             # aiosmtpd does not see implicit TLS as TLS: AUTH must be allowed there explicitly.
             auth_require_tls=not (self.implicit_tls or s.smtp_auth_plaintext))
 
     async def start(self) -> None:
+        self.handler.start()
         loop = asyncio.get_running_loop()
         ssl = self.tls.context if self.implicit_tls and self.tls is not None else None
         self._server = await loop.create_server(self._factory, host=self.listen.host,
@@ -374,3 +493,4 @@ class SMTPListener:
             self._server = None
         for conn in list(self._connections):
             conn.close()
+        self.handler.stop()

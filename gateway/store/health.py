@@ -144,13 +144,3 @@ class Guard:
             return None
         return (f"{free // MB} MB free in DATA_DIR {self.data_dir}, below MIN_FREE_DISK_MB="
                 f"{self.min_free_mb}")
-
-    def intake_refusal(self) -> str | None:
-        """The SMTP reply for a mail that cannot be made durable now, or None to go on."""
-        if self.check_database() is not None:
-            return ("451 4.3.0 Temporary failure: the gateway's job database is unavailable; "
-                    "please try again later")
-        if self.check_disk() is not None:
-            return ("451 4.3.1 Insufficient system storage: the gateway's disk is nearly full; "
-                    "please try again later")
-        return None

@@ -1,0 +1,90 @@
+"""What gateway/smtp/server.py relies on inside aiosmtpd, beyond its documented handler hooks.
+
+If aiosmtpd changes any of these, this test fails with the name of what changed, before a
+scanner finds out. Then re-read smtp/server.py against the new aiosmtpd and raise the pin in
+pyproject.toml."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from importlib.metadata import version
+
+from aiosmtpd.smtp import SMTP, Envelope, TLSSetupException, syntax
+
+from gateway.smtp.server import AIOSMTPD_STARTTLS_FIRST, FaxEnvelope, FaxSMTP
+
+
+def params(fn: object) -> list[str]:
+    return list(inspect.signature(fn).parameters)  # type: ignore[arg-type]
+
+
+def test_pinned_version() -> None:
+    major, minor = (int(x) for x in version("aiosmtpd").split(".")[:2])
+    assert (major, minor) == (1, 4), "aiosmtpd outside the pinned 1.4 series"
+
+
+def test_overridden_and_called_methods_keep_their_signatures() -> None:
+    expected = {
+        "smtp_DATA": ["self", "arg"],
+        "smtp_AUTH": ["self", "arg"],
+        "_handle_client": ["self"],
+        "_timeout_cb": ["self"],
+        "_reset_timeout": ["self", "duration"],
+        "_create_envelope": ["self"],
+        "_set_post_data_state": ["self"],
+        "_call_handler_hook": ["self", "command", "args"],
+        "check_helo_needed": ["self", "helo"],
+        "check_auth_needed": ["self", "caller_method"],
+        "push": ["self", "status"],
+        "connection_made": ["self", "transport"],
+        "connection_lost": ["self", "error"],
+        "challenge_auth": ["self", "challenge", "encode_to_b64", "log_client_response"],
+    }
+    for name, names in expected.items():
+        assert params(getattr(SMTP, name)) == names, f"aiosmtpd SMTP.{name} changed"
+    for name in ("smtp_DATA", "smtp_AUTH", "_handle_client", "_timeout_cb", "_create_envelope",
+                 "push", "connection_made", "connection_lost"):
+        assert params(getattr(FaxSMTP, name)) == params(getattr(SMTP, name)), name
+
+
+def test_internals_the_overrides_lean_on() -> None:
+    init = inspect.getsource(SMTP.__init__)
+    # The StreamReader's limit comes from the class attribute FaxSMTP raises for DATA.
+    assert "limit=self.line_length_limit" in init
+    assert "self._timeout_duration" in init
+    client = inspect.getsource(SMTP._handle_client)
+    # The greeting is sent from _handle_client, commands are read from self._reader, the
+    # timer is reset per command, and the STARTTLS-required reply is the string rewritten.
+    assert "await self.push('220" in client
+    assert "self._reader.readuntil()" in client
+    assert "self._reset_timeout()" in client
+    assert repr(AIOSMTPD_STARTTLS_FIRST) in client
+    assert "TLSSetupException" in client and "handle_exception" in client
+    handle_exception = inspect.getsource(SMTP.handle_exception)
+    assert "self.event_handler, 'handle_exception'" in handle_exception
+    assert "self.transport.close()" in inspect.getsource(SMTP._timeout_cb)
+    assert "raise TLSSetupException() from error" in inspect.getsource(SMTP.smtp_STARTTLS)
+    reset = inspect.getsource(SMTP._reset_timeout)
+    assert "call_later" in reset and "self._timeout_cb" in reset
+    assert "self.envelope = self._create_envelope()" in inspect.getsource(
+        SMTP._set_post_data_state)
+    assert issubclass(TLSSetupException, Exception) and callable(syntax)
+
+
+def test_data_and_auth_overrides_keep_their_help_syntax() -> None:
+    assert FaxSMTP.smtp_DATA.__smtp_syntax__ == "DATA"  # type: ignore[attr-defined]
+    assert FaxSMTP.smtp_AUTH.__smtp_syntax__.startswith("AUTH")  # type: ignore[attr-defined]
+
+
+async def test_protocol_has_the_reader_writer_and_envelope_it_uses() -> None:
+    class Handler:
+        pass
+
+    proto = SMTP(Handler())
+    connected = inspect.getsource(SMTP._cb_client_connected)
+    assert "self._reader = reader" in connected and "self._writer = writer" in connected
+    assert isinstance(proto._create_envelope(), Envelope)  # noqa: SLF001
+    assert issubclass(FaxEnvelope, Envelope)
+    for field in ("mail_from", "mail_options", "rcpt_tos", "rcpt_options"):
+        assert hasattr(FaxEnvelope(), field), field
