@@ -60,7 +60,9 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';
 _JOB_ID = "{job_id:[0-9a-f]{6,16}}"
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
-SESSION = web.AppKey("session", Session)
+# The session of the request (aiohttp >= 3.12 wants typed keys for request storage).
+SESSION: Any = (web.RequestKey("faxgw_session", Session) if hasattr(web, "RequestKey")
+                else "faxgw_session")
 
 
 class RecentErrors(logging.Handler):
@@ -327,13 +329,13 @@ class Dashboard:
             return await self.login_page(request, words, status=429 if locked else 401)
         session = self.sessions.create(user.name, user.role)
         nxt = form.get("next")
-        response = web.HTTPSeeOther(self._safe_next(nxt if isinstance(nxt, str) else None))
+        response = web.Response(status=303, headers={
+            "Location": self._safe_next(nxt if isinstance(nxt, str) else None)})
         response.set_cookie(SESSION_COOKIE, session.token, httponly=True, samesite="Strict",
                             secure=self.proxy.is_https(request), path="/",
                             max_age=int(self.sessions.lifetime_s))
         response.del_cookie(LOGIN_COOKIE, path="/login")
-        self._secure_headers(response)
-        return response  # type: ignore[return-value]
+        return response
 
     async def logout(self, request: web.Request) -> web.Response:
         session = request[SESSION]
@@ -342,10 +344,9 @@ class Dashboard:
             raise web.HTTPForbidden(text="the form token is missing or wrong: nothing changed")
         self.sessions.drop(session.token)
         log.info("dashboard logout: %s", session.user)
-        response = web.HTTPSeeOther("/login")
+        response = web.Response(status=303, headers={"Location": "/login"})
         response.del_cookie(SESSION_COOKIE, path="/")
-        self._secure_headers(response)
-        return response  # type: ignore[return-value]
+        return response
 
     # -- jobs --------------------------------------------------------------------------------
 
