@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator
 
 import aiohttp
 import pytest
+from PIL import Image
 from playwright.async_api import Browser, Page, async_playwright, expect
 
 from gateway.cli import sample_pdf
@@ -428,7 +429,7 @@ async def test_screenshots(dash: Dash, browser: Browser, tmp_path: Path) -> None
     out.mkdir(parents=True, exist_ok=True)
     w = await new_page(browser, viewport={"width": 1100, "height": 640})
     await login(w, dash.base, "ann")
-    await w.page.screenshot(path=str(out / "jobs.png"))
+    await w.page.screenshot(path=str(out / "jobs.png"), full_page=True)
     await w.page.goto(f"{dash.base}/jobs/{dash.jobs['delivered']}")
     await w.page.wait_for_function("document.getElementById('first-page').complete")
     await w.page.screenshot(path=str(out / "job.png"), full_page=True)
@@ -438,8 +439,12 @@ async def test_screenshots(dash: Dash, browser: Browser, tmp_path: Path) -> None
     # On a phone nothing is wider than the screen.
     assert await phone.page.evaluate("document.documentElement.scrollWidth") <= 390
     await phone.page.screenshot(path=str(out / "jobs-phone.png"))
-    for name in ("jobs.png", "job.png", "jobs-phone.png"):
+    await w.page.goto(f"{dash.base}/health")
+    await w.page.screenshot(path=str(out / "health.png"), full_page=True)
+    for name in ("jobs.png", "job.png", "jobs-phone.png", "health.png"):
         assert (out / name).stat().st_size > 5000
+        with Image.open(out / name) as shot:  # smaller files for the repository
+            shot.convert("RGB").quantize(colors=128).save(out / name, optimize=True)
     w.clean()
     phone.clean()
 
@@ -478,6 +483,13 @@ async def test_no_job_data_without_a_login_and_the_cookie_rules(dash: Dash) -> N
             session = next(c for c in cookie if c.startswith("faxgw_session="))
             assert "HttpOnly" in session and "SameSite=Strict" in session
             assert "Max-Age=28800" in session and "Secure" not in session
+        # The login form's token is single-use: the login cookie went with the login.
+        async with http.post(dash.base + "/login", data=form, allow_redirects=False) as r:
+            assert r.status == 403 and "login form had expired" in await r.text()
+        async with http.get(dash.base + "/login") as r:
+            token = re.search(r'name="login_token" value="([^"]+)"', await r.text())
+        assert token
+        form["login_token"] = token.group(1)
         # The trusted proxy (loopback by default) says HTTPS: Secure.
         async with http.post(dash.base + "/login", data=form, allow_redirects=False,
                              headers={"X-Forwarded-Proto": "https"}) as r:
@@ -511,6 +523,10 @@ async def test_forwarded_headers_only_from_a_trusted_proxy(make_gateway: Gateway
                            if c.startswith("faxgw_session="))
             assert "Secure" not in session  # 127.0.0.1 is not the proxy here
         # Nor does a made-up X-Forwarded-For dodge the lockout.
+        async with http.get(base + "/login") as r:
+            token = re.search(r'name="login_token" value="([^"]+)"', await r.text())
+        assert token
+        form["login_token"] = token.group(1)
         bad = dict(form, password="wrong")
         for n in range(3):
             async with http.post(base + "/login", data=bad, allow_redirects=False,
