@@ -218,8 +218,8 @@ class Dashboard:
         assert server is not None and server.sockets  # type: ignore[attr-defined]
         self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
         if not self.logins.enabled:
-            log.warning("dashboard on %s:%d: no one can log in until USERS_FILE names an "
-                        "administrator (faxgw passwd NAME --admin)", listen.host, self.port)
+            log.info("dashboard on %s:%d: no one can log in until USERS_FILE names an "
+                     "administrator (faxgw passwd NAME --admin)", listen.host, self.port)
         else:
             log.info("dashboard on %s:%d", listen.host, self.port)
 
