@@ -404,6 +404,15 @@ async def test_viewer_sees_but_cannot_act(dash: Dash, browser: Browser) -> None:
     await login(w, dash.base, "vic")
     await expect(page).to_have_url(dash.base + "/jobs")
     await expect(page.locator("header .who")).to_contain_text("vic (read-only)")
+    # With the keyboard alone: Tab to the first job's link, Enter opens it.
+    for _ in range(40):
+        await page.keyboard.press("Tab")
+        if await page.evaluate("document.activeElement.matches('table.jobs tbody a')"):
+            break
+    else:
+        raise AssertionError("no job link reachable with Tab")
+    await page.keyboard.press("Enter")
+    await expect(page).to_have_url(f"{dash.base}/jobs/{dash.jobs['script']}")
     await page.goto(f"{dash.base}/jobs/{dash.jobs['delivered']}")
     await expect(page.locator("img#first-page")).to_be_visible()
     assert await page.locator("a.button:has-text('Resend')").count() == 0

@@ -18,7 +18,7 @@ import logging
 import re
 from collections import OrderedDict, deque
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 from urllib.parse import urlencode
@@ -241,12 +241,14 @@ class Dashboard:
             response = exc
             self._secure_headers(response)
             raise
-        self._secure_headers(response)
+        self._secure_headers(response, request.path.startswith("/static/"))
         return response
 
     @staticmethod
-    def _secure_headers(response: web.StreamResponse) -> None:
+    def _secure_headers(response: web.StreamResponse, static: bool = False) -> None:
         h = response.headers
+        if static and response.status == 200:
+            h.setdefault("Cache-Control", "private, max-age=3600")  # no job data in there
         h.setdefault("Content-Security-Policy", CSP)
         h.setdefault("X-Content-Type-Options", "nosniff")
         h.setdefault("Referrer-Policy", "same-origin")
