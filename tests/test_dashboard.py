@@ -37,6 +37,10 @@ REFUSED_LOGIN = re.compile(r"Failed to load resource: the server responded with 
                            r"(401 \(Unauthorized\)|429 \(Too Many Requests\)|403 \(Forbidden\))")
 SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 
+# The machine running the suite may be busy: generous waits, still bounded.
+expect.set_options(timeout=15_000)
+TIMEOUT_MS = 30_000
+
 pytestmark = pytest.mark.skipif(not shutil.which(CHROMIUM), reason="needs Debian's chromium "
                                 "(apt-get install chromium); .ci/run installs it")
 
@@ -138,6 +142,7 @@ class Watched:
 
 async def new_page(browser: Browser, **options: Any) -> Watched:
     context = await browser.new_context(**options)
+    context.set_default_timeout(TIMEOUT_MS)
     return Watched(await context.new_page())
 
 
