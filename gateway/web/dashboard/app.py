@@ -27,7 +27,7 @@ import jinja2
 from aiohttp import web
 
 from gateway.config import Settings
-from gateway.documents.pool import CpuPool, TaskLimitError, call
+from gateway.documents.pool import CpuPool, call
 from gateway.ops import actions
 from gateway.ops.actions import AdminError
 from gateway.ops.logs import redact
@@ -415,11 +415,9 @@ class Dashboard:
                 self._thumb_tasks[message_id] = task
             try:
                 png = await asyncio.shield(task)
-            except (TaskLimitError, OSError, ValueError, RuntimeError) as exc:
-                log.warning("dashboard: first page of message %s not drawn: %s", message_id,
-                            exc)
-                raise web.HTTPNotFound(text="the first page could not be drawn") from None
-            except Exception as exc:  # ConvertError from the worker: a broken document
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # TaskLimitError, ConvertError, a vanished file, ...
                 log.warning("dashboard: first page of message %s not drawn: %s", message_id,
                             exc)
                 raise web.HTTPNotFound(text="the first page could not be drawn") from None

@@ -12,9 +12,13 @@
         return r.ok ? r.text() : null;
       })
       .then(function (html) {
-        if (html !== null && html !== el.getAttribute("data-html")) {
-          el.innerHTML = html;
-          el.setAttribute("data-html", html);
+        if (html === null) { return; }
+        // Compare as the browser would serialise it: an unchanged part is left alone, so
+        // the keyboard focus and the reading position stay where they are.
+        var fresh = document.createElement("template");
+        fresh.innerHTML = html;
+        if (fresh.innerHTML !== el.innerHTML) {
+          el.innerHTML = fresh.innerHTML;
         }
       })
       .catch(function () { /* offline for a moment: try again next time */ });
