@@ -453,6 +453,9 @@ async def test_screenshots(dash: Dash, browser: Browser, tmp_path: Path) -> None
     # On a phone nothing is wider than the screen.
     assert await phone.page.evaluate("document.documentElement.scrollWidth") <= 390
     await phone.page.screenshot(path=str(out / "jobs-phone.png"))
+    await phone.page.goto(f"{dash.base}/jobs/{dash.jobs['script']}")
+    assert await phone.page.evaluate("document.documentElement.scrollWidth") <= 390
+    await phone.page.screenshot(path=str(tmp_path / "job-phone.png"), full_page=True)
     await w.page.goto(f"{dash.base}/health")
     await w.page.screenshot(path=str(out / "health.png"), full_page=True)
     for name in ("jobs.png", "job.png", "jobs-phone.png", "health.png"):
