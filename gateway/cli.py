@@ -198,7 +198,7 @@ def cmd_passwd(args: argparse.Namespace) -> int:
     senders = None if args.senders is None else [s for s in args.senders.split(",") if s]
     try:
         print(passwd_command(path, args.username, password, from_number=args.from_number,
-                             report_to=args.report_to, senders=senders))
+                             report_to=args.report_to, senders=senders, role=args.role))
     except (ValueError, UsersFileError) as exc:
         print(f"faxgw passwd: {exc}", file=sys.stderr)
         return 1
@@ -296,7 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     passwd.add_argument("--senders", metavar="LIST",
                         help="comma-separated sender addresses/patterns the user may use "
                              "(\"\" to clear)")
-    passwd.set_defaults(func=cmd_passwd)
+    role = passwd.add_mutually_exclusive_group()
+    role.add_argument("--admin", dest="role", action="store_const", const="admin",
+                      help="may log in to the web dashboard and act on jobs")
+    role.add_argument("--viewer", dest="role", action="store_const", const="viewer",
+                      help="may log in to the web dashboard, read-only")
+    role.add_argument("--no-dashboard", dest="role", action="store_const", const="",
+                      help="take the dashboard away from this user (mail only)")
+    passwd.set_defaults(func=cmd_passwd, role=None)
     return parser
 
 

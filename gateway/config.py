@@ -135,6 +135,9 @@ class Settings:
     inbound_page_size: str = "letter"
     inbound_reconcile_s: float = defaults.INBOUND_RECONCILE_S
     inbound_lookback_hours: float = defaults.INBOUND_LOOKBACK_HOURS
+    admin_listen: HostPort | None = HostPort("127.0.0.1", 8026)  # None: no dashboard
+    admin_trusted_proxies: tuple[str, ...] = defaults.ADMIN_TRUSTED_PROXIES
+    admin_session_minutes: float = defaults.ADMIN_SESSION_MINUTES
 
     @property
     def sandbox(self) -> bool:
@@ -398,6 +401,19 @@ def settings_from(env: Mapping[str, str]) -> Settings:
                       for p in senders if _matches_any_domain(p))
 
     http_listen = r.hostport("HTTP_LISTEN", defaults.HTTP_LISTEN)
+    # ADMIN_LISTEN set to nothing turns the dashboard off; unset means the loopback default.
+    admin_raw = env.get("ADMIN_LISTEN")
+    admin_listen = (None if admin_raw is not None and not admin_raw.strip()
+                    else r.hostport("ADMIN_LISTEN", defaults.ADMIN_LISTEN))
+    if admin_listen is not None and (admin_listen.host, admin_listen.port) == (
+            http_listen.host, http_listen.port) and admin_listen.port != 0:
+        r.problems.append("ADMIN_LISTEN: must differ from HTTP_LISTEN (the dashboard never "
+                          "shares the listener SignalWire reaches)")
+    admin_proxies = r.items("ADMIN_TRUSTED_PROXIES", defaults.ADMIN_TRUSTED_PROXIES)
+    try:
+        TrustedNetworks(admin_proxies)
+    except ValueError as exc:
+        r.problems.append(f"ADMIN_TRUSTED_PROXIES: {exc}")
     public = r.url("PUBLIC_BASE_URL")
 
     routes = Routes()
@@ -524,6 +540,10 @@ def settings_from(env: Mapping[str, str]) -> Settings:
                                     0.05, 86400),
         inbound_lookback_hours=r.float("INBOUND_LOOKBACK_HOURS",
                                        defaults.INBOUND_LOOKBACK_HOURS, 0.01, 24 * 30),
+        admin_listen=admin_listen,
+        admin_trusted_proxies=admin_proxies,
+        admin_session_minutes=r.float("ADMIN_SESSION_MINUTES", defaults.ADMIN_SESSION_MINUTES,
+                                      1, 30 * 24 * 60),
     )
     if settings.inbound_lookback_hours >= job_days * 24:
         r.problems.append("INBOUND_LOOKBACK_HOURS: must be shorter than JOB_RETENTION_DAYS "

@@ -105,6 +105,15 @@ class Gateway:
         self.smtps = (SMTPListener(settings, self.smtp_handler, settings.smtps_listen, self.tls,
                                    implicit_tls=True) if settings.smtps_listen else None)
         self.listeners = [x for x in (self.smtp, self.smtps) if x is not None]
+        self.dashboard = None
+        if settings.admin_listen is not None:
+            # Imported only when on: jinja2 and the templates stay out of a daemon without it.
+            from gateway.web.dashboard.app import Dashboard
+
+            self.dashboard = Dashboard(settings, self.store, clock=clock,
+                                       wake=self._wake_worker, ready=self.web.ready_status,
+                                       cpu=self.cpu, signalwire=self.signalwire,
+                                       retry_policy=self.worker.retry_policy)
 
     def _wake_worker(self) -> None:
         self.worker.wake()
@@ -180,6 +189,8 @@ class Gateway:
         await self.media.start()
         await self.web.start()
         await self.signalwire.start()
+        if self.dashboard is not None:
+            await self.dashboard.start()
         if run_worker:
             await self.worker.start()
         await self.inbound.start(run_background=run_worker)
@@ -208,12 +219,16 @@ class Gateway:
             except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
                 log.error("TLS certificate not reloaded, keeping the old one: %s", exc)
         self.access.reload()
+        if self.dashboard is not None:
+            self.dashboard.logins.reload()
 
     async def stop(self, grace_s: float | None = None) -> None:
         grace_s = self.s.shutdown_grace_s if grace_s is None else grace_s
         await asyncio.gather(*(listener.stop(grace_s) for listener in self.listeners))
         await self.worker.stop(grace_s)
         await self.inbound.stop(grace_s)
+        if self.dashboard is not None:
+            await self.dashboard.stop()
         await self.signalwire.stop()
         await self.web.stop()
         await self.media.stop()

@@ -14,6 +14,10 @@ FAX_TTL_MINUTES: Final = 60
 SMTP_LISTEN: Final = "127.0.0.1:2525"
 HTTP_LISTEN: Final = "127.0.0.1:8025"
 SANDBOX_PROJECT_ID: Final = "sandbox"
+# The dashboard: loopback only unless the operator decides otherwise (an HTTPS proxy in front).
+ADMIN_LISTEN: Final = "127.0.0.1:8026"
+ADMIN_TRUSTED_PROXIES: Final = ("127.0.0.0/8", "::1")
+ADMIN_SESSION_MINUTES: Final = 480.0
 MEDIA_STORE: Final = "local"
 S3_PREFIX: Final = "faxgw/"
 S3_REGION: Final = "us-east-1"

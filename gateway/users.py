@@ -8,9 +8,13 @@ address for a while; verification is CPU-bound (~50-100 ms), so the SMTP edge mu
 
 The users file is one user per line, fields separated by spaces or tabs::
 
-    # NAME  HASH                    [from=E164] [report=ADDRESS] [senders=PATTERN,PATTERN]
+    # NAME  HASH                    [from=E164] [report=ADDRESS] [senders=PATTERN,PATTERN] [role=ROLE]
     scanner1 scrypt$15$8$1$...$...   from=+15551234567 report=it@example.com
     lab      scrypt$15$8$1$...$...   senders=lab@example.com,*@lab.example.com
+    ann      scrypt$15$8$1$...$...   role=admin
+
+``role=admin`` lets a user into the web dashboard with every action, ``role=viewer`` read-only;
+without a role a user only sends mail.
 
 Lines whose first non-blank character is ``#`` are comments; blank lines are ignored.  No
 value (user name, hash, E.164 number, mail address, sender pattern) contains whitespace,
@@ -68,13 +72,16 @@ _MAX_SCRYPT_WORK = 2 ** 24  # N * r * p; the default is 2**18
 MAX_PASSWORD_CHARS = 1024
 MAX_USERNAME_CHARS = 255
 
-_KEYS = ("from", "report", "senders")
+_KEYS = ("from", "report", "senders", "role")
+# Dashboard roles: an administrator may act on jobs, a viewer only looks.
+ROLES = ("admin", "viewer")
 _FILE_HEADER = """\
 # faxgw users: one SMTP AUTH user per line, fields separated by spaces or tabs.
-#   NAME HASH [from=+15551234567] [report=it@example.com] [senders=a@example.com,*@example.org]
+#   NAME HASH [from=+15551234567] [report=it@example.com] [senders=a@example.com,*@example.org] [role=admin]
 # HASH comes from `faxgw passwd`.  from= is the caller ID for this user's faxes, report=
 # where reports go (default: the envelope sender), senders= the MAIL FROM addresses this
-# user may send as (default: any).  Lines starting with # are comments.
+# user may send as (default: any), role= admin or viewer for the web dashboard (default: none).
+# Lines starting with # are comments.
 """
 
 
@@ -189,6 +196,7 @@ class User:
     from_number: str | None = None  # caller ID for this user's faxes; None: FAX_FROM_NUMBER
     report_to: str | None = None  # where reports go; None: the envelope sender
     senders: tuple[str, ...] = ()  # SenderPolicy patterns for MAIL FROM; (): any sender
+    role: str | None = None  # "admin" / "viewer": may use the dashboard; None: mail only
 
     def allows_sender(self, address: str) -> bool:
         """Whether this user may send as ``address`` (MAIL FROM).  No patterns: anyone,
@@ -241,6 +249,8 @@ def _user_problems(user: User) -> list[str]:
         _check_e164(user.from_number) if user.from_number is not None else None,
         _check_address(user.report_to) if user.report_to is not None else None,
         _check_senders(user.senders) if user.senders else None,
+        None if user.role is None or user.role in ROLES else
+        f"role={user.role} is not one of {', '.join(ROLES)}",
     ) if p]
     return problems
 
@@ -279,7 +289,8 @@ def _parse_line(line: str) -> tuple[User | None, list[str]]:
         return None, problems
     user = User(name=name, password_hash=password_hash, from_number=values.get("from"),
                 report_to=values.get("report"),
-                senders=tuple(values["senders"].split(",")) if "senders" in values else ())
+                senders=tuple(values["senders"].split(",")) if "senders" in values else (),
+                role=values.get("role"))
     problems = _user_problems(user)
     return (None, problems) if problems else (user, [])
 
@@ -293,6 +304,8 @@ def format_user(user: User) -> str:
         fields.append(f"report={user.report_to}")
     if user.senders:
         fields.append("senders=" + ",".join(user.senders))
+    if user.role is not None:
+        fields.append(f"role={user.role}")
     return " ".join(fields)
 
 
@@ -398,13 +411,14 @@ def _atomic_write(path: Path, text: str, old_stat: os.stat_result | None) -> Non
 
 def passwd_command(path: str | os.PathLike[str], username: str, password: str,
                    from_number: str | None = None, report_to: str | None = None,
-                   senders: Iterable[str] | None = None) -> str:
+                   senders: Iterable[str] | None = None, role: str | None = None) -> str:
     """Set a user's password (adding the user if new) for ``faxgw passwd``; returns one
     line to print.
 
     For an existing user, an argument left at None keeps the current value, so changing a
     password does not drop the user's settings; "" clears from=/report=, and an empty
-    ``senders`` iterable clears the sender patterns.  Raises ValueError (bad password) or
+    ``senders`` iterable clears the sender patterns; ``role`` "admin" / "viewer" gives
+    the user the dashboard, "" takes it away.  Raises ValueError (bad password) or
     UsersFileError (bad value, broken file), both with a message fit to print.
     """
     if not password:
@@ -424,6 +438,8 @@ def passwd_command(path: str | os.PathLike[str], username: str, password: str,
         user = replace(user, report_to=report_to or None)
     if senders is not None:
         user = replace(user, senders=tuple(s.strip() for s in senders if s.strip()))
+    if role is not None:
+        user = replace(user, role=role or None)
     user = replace(user, password_hash=hash_password(password))
     added = write_user(path, user)
     return f"user {username} {'added to' if added else 'updated in'} {path}"

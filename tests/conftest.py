@@ -172,6 +172,7 @@ def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:
         "DATA_DIR": str(data_dir),
         "SMTP_LISTEN": "127.0.0.1:0",
         "HTTP_LISTEN": "127.0.0.1:0",
+        "ADMIN_LISTEN": "127.0.0.1:0",
         "SMTP_HOSTNAME": "faxgw.test",
         "NOTIFY_FROM": "faxgw@faxgw.test",
         "RETRY_BASE_SECONDS": "0.05",

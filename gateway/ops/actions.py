@@ -434,8 +434,15 @@ def _attempts_table(attempts: Sequence[Attempt]) -> list[str]:
 
 # -- actions ------------------------------------------------------------------------------------
 
+def _note_by(store: Store, job_id: str, what: str, by: str | None) -> None:
+    """Who asked: the store records each action as done "by the operator"; an action taken
+    by a named person (a dashboard administrator) adds a line naming them to the history."""
+    if by:
+        store.add_event(job_id, "operator", f"{what} by {one_line(by, 80)}")
+
+
 def resend_job(store: Store, job_id: str, now: float, *, retry_policy: RetryPolicy,
-               from_number: str | None = None) -> str:
+               from_number: str | None = None, by: str | None = None) -> str:
     """Send the same document to the same number again, as a new job; returns its id.
 
     The job must be finished (reported or given-up; or completed with no automatic retry
@@ -471,17 +478,22 @@ def resend_job(store: Store, job_id: str, now: float, *, retry_policy: RetryPoli
     problem = store.add_resend(job, new, now)
     if problem is not None:
         raise AdminError(f"cannot resend job {job.id}: {problem}")
+    _note_by(store, job.id, f"resend as job {new.id} requested", by)
+    _note_by(store, new.id, f"resend of job {job.id} requested", by)
     return new.id
 
 
-def request_cancel(store: Store, job_id: str, now: float) -> CancelRequest:
+def request_cancel(store: Store, job_id: str, now: float, *, by: str | None = None
+                   ) -> CancelRequest:
     """Stop a fax. Not yet at SignalWire (spooled, stored, or waiting for a retry): the job
     is given up with "canceled by the operator" and the sender gets a report saying so. At
-    SignalWire (submitted): returns its fax sid; only a cancel there (`cancel_fax`) can stop it, and only
+    SignalWire (submitted): returns its fax sid; only a cancel there (`cancel_fax`) can stop
+    it, and only
     while it is still queued."""
     job = _load(store, job_id)
     if job.state in (State.SPOOLED, State.STORED):
         if store.cancel_unsent(job.id, CANCELED_BY_OPERATOR, now):
+            _note_by(store, job.id, "cancel requested", by)
             return CancelRequest(job.id, None,
                                  f"job {job.id} canceled; the sender will get a report")
         job = _load(store, job.id)  # the worker moved it on meanwhile
@@ -509,13 +521,15 @@ async def cancel_fax(client: SignalWireClient, sid: str) -> None:
         raise AdminError(f"SignalWire did not cancel fax {sid}: {exc.words}") from exc
 
 
-def note_cancel(store: Store, job_id: str, now: float, fax_sid: str) -> None:
+def note_cancel(store: Store, job_id: str, now: float, fax_sid: str, *,
+                by: str | None = None) -> None:
     """After a successful `cancel_fax`: record it, and have the worker fetch the fax's status
     now, so the job completes as "canceled" and the sender is told even if no callback comes."""
-    store.note_cancel(job_id, f"fax {fax_sid} canceled at SignalWire by the operator", now)
+    who = one_line(by, 80) if by else "the operator"
+    store.note_cancel(job_id, f"fax {fax_sid} canceled at SignalWire by {who}", now)
 
 
-def request_report(store: Store, job_id: str, now: float) -> str:
+def request_report(store: Store, job_id: str, now: float, *, by: str | None = None) -> str:
     """Send the report again. A reported job goes back to completed (a fax status came) or
     given-up (the gateway gave up), with the report due now; a job whose report is already due
     (say, waiting out a relay outage) is tried now. Returns what was done."""
@@ -524,10 +538,12 @@ def request_report(store: Store, job_id: str, now: float) -> str:
         target = State.GIVEN_UP if job.failure_reason else State.COMPLETED
         if not store.report_again(job.id, target, now):
             raise AdminError(f"job {job.id} changed meanwhile; try again")
+        _note_by(store, job.id, "report requested again", by)
         return f"job {job.id}: the report will be sent again"
     if job.state in REPORT_DUE:
         if not store.report_now(job.id, now):
             raise AdminError(f"job {job.id} changed meanwhile; try again")
+        _note_by(store, job.id, "report retry requested", by)
         return f"job {job.id}: the report was already due; it will be tried now"
     raise AdminError(f"job {job.id} is still in progress ({_status(job)}); the report goes out "
                      "when the fax is finished")

@@ -81,13 +81,19 @@ class WebApp:
         """Liveness: the event loop answers."""
         return web.json_response({"status": "ok"})
 
-    async def readyz(self, request: web.Request) -> web.Response:
-        """Readiness: every check (store writable, listeners bound, last contact with S3 and
-        SignalWire) with its state; 503 when one fails."""
-        checks = {}
+    async def ready_status(self) -> dict[str, dict[str, object]]:
+        """Every readiness check by name, {"ok": bool, "detail": str}; shared by /readyz and
+        the dashboard's health panel, so both say the same thing."""
+        checks: dict[str, dict[str, object]] = {}
         for check in self.ready_checks:
             name, ok, detail = await check()
             checks[name] = {"ok": ok, "detail": detail}
+        return checks
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Readiness: every check (store writable, listeners bound, last contact with S3 and
+        SignalWire) with its state; 503 when one fails."""
+        checks = await self.ready_status()
         ready = all(c["ok"] for c in checks.values())
         return web.json_response({"status": "ready" if ready else "not ready",
                                   "checks": checks}, status=200 if ready else 503)

@@ -1,0 +1,519 @@
+"""The dashboard's routes: login, the jobs list, one job, the actions on it, health.
+
+Server-rendered HTML (jinja2, autoescaping on: subjects, names and file names come from mail
+and are shown as text, never as markup). One small stylesheet and one small script, shipped in
+the package; the script only refreshes the parts of a page marked `data-live` so the list and a
+job's history update while the page is open. A Content-Security-Policy allows nothing but our
+own files, so even a missed escape could not run a script.
+
+The dashboard has its own listener (ADMIN_LISTEN), never the public one SignalWire reaches. It
+reads jobs only through `queries` (over `gateway.ops.actions` and the store's public methods)
+and acts through `gateway.ops.actions`, naming the administrator in the job's history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+from urllib.parse import urlencode
+
+import jinja2
+from aiohttp import web
+
+from gateway.config import Settings
+from gateway.documents.pool import CpuPool, call
+from gateway.ops import actions
+from gateway.ops.actions import AdminError
+from gateway.ops.logs import redact
+from gateway.outbound.states import RetryPolicy
+from gateway.phone import NumberError, format_number
+from gateway.signalwire.client import SignalWireClient
+from gateway.users import LoginThrottle, UsersFile
+from gateway.web.dashboard import queries
+from gateway.web.dashboard.auth import (LOGIN_COOKIE, SESSION_COOKIE, Logins, Proxy, Session,
+                                        Sessions, same_token)
+from gateway.web.dashboard.thumbs import THUMB_WIDTH_PX
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
+PAGE_SIZE = 25
+MAX_PAGE = 1000
+MAX_FORM_BYTES = 16 * 1024
+THUMB_CACHE_ENTRIES = 64
+RECENT_ERRORS = 20
+MAX_FILTER_CHARS = 200
+ACTIONS = {
+    "resend": ("Resend", "Send this document to the same number again, as a new job?"),
+    "cancel": ("Cancel", "Stop this fax? Not yet sent: it is not sent, and the sender gets a "
+                         "report saying so. At SignalWire: canceled only while still queued."),
+    "report": ("Send the report again", "Send the report mail to the sender again?"),
+}
+CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+       "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+_JOB_ID = "{job_id:[0-9a-f]{6,16}}"
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+# The session of the request (aiohttp >= 3.12 wants typed keys for request storage).
+SESSION: Any = (web.RequestKey("faxgw_session", Session) if hasattr(web, "RequestKey")
+                else "faxgw_session")
+
+
+class RecentErrors(logging.Handler):
+    """The last warnings and errors of the gateway's loggers, redacted, for the health panel."""
+
+    def __init__(self, size: int = RECENT_ERRORS) -> None:
+        super().__init__(logging.WARNING)
+        self.records: deque[tuple[float, str, str]] = deque(maxlen=size)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = redact(record.getMessage())[:500]
+        except Exception:  # a bad format string must not break logging
+            text = str(record.msg)[:500]
+        self.records.append((record.created, record.levelname.lower(), text))
+
+
+def _when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _number(e164: str | None) -> str:
+    if not e164:
+        return "-"
+    try:
+        return format_number(e164)
+    except NumberError:
+        return e164
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = max(0, int(seconds))
+    if s < 120:
+        return f"{s} s"
+    if s < 7200:
+        return f"{s // 60} min"
+    if s < 172800:
+        return f"{s // 3600} h"
+    return f"{s // 86400} days"
+
+
+@dataclass(frozen=True)
+class Filters:
+    status: str = ""
+    to: str = ""
+    sender: str = ""
+    date_from: str = ""
+    date_until: str = ""
+    q: str = ""
+    page: int = 1
+
+    def query(self, **change: Any) -> str:
+        values = {"status": self.status, "to": self.to, "sender": self.sender,
+                  "from": self.date_from, "until": self.date_until, "q": self.q,
+                  "page": self.page}
+        values.update(change)
+        return urlencode({k: v for k, v in values.items() if v and not (k == "page" and v == 1)})
+
+
+def _filters(request: web.Request) -> Filters:
+    q = request.query
+
+    def text(name: str) -> str:
+        return q.get(name, "").strip()[:MAX_FILTER_CHARS]
+
+    try:
+        page = min(MAX_PAGE, max(1, int(q.get("page", "1"))))
+    except ValueError:
+        page = 1
+    return Filters(status=text("status"), to=text("to"), sender=text("sender"),
+                   date_from=text("from"), date_until=text("until"), q=text("q"), page=page)
+
+
+def _day(text: str, field: str) -> float | None:
+    if not text:
+        return None
+    if not _DATE.fullmatch(text):
+        raise AdminError(f"{field}: give a date as YYYY-MM-DD")
+    try:
+        day = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+    except ValueError:
+        raise AdminError(f"{field}: {text} is not a date") from None
+    return day.timestamp()
+
+
+class Dashboard:
+    """The dashboard application and its listener; `start()` / `stop()` like the others."""
+
+    def __init__(self, settings: Settings, store: Any, *, clock: Callable[[], float],
+                 wake: Callable[[], None],
+                 ready: Callable[[], Awaitable[dict[str, dict[str, object]]]],
+                 cpu: CpuPool, signalwire: SignalWireClient, retry_policy: RetryPolicy,
+                 users: UsersFile | None = None) -> None:
+        self.s = settings
+        self.store = store
+        self.clock = clock
+        self.wake = wake
+        self.ready = ready
+        self.cpu = cpu
+        self.signalwire = signalwire
+        self.retry_policy = retry_policy
+        if users is None and settings.users_file is not None:
+            users = UsersFile(settings.users_file)
+        self.logins = Logins(users, LoginThrottle(settings.auth_max_failures,
+                                                  lockout_s=settings.auth_lockout_minutes * 60))
+        self.sessions = Sessions(settings.admin_session_minutes * 60, clock)
+        self.proxy = Proxy(settings.admin_trusted_proxies)
+        self.errors = RecentErrors()
+        self._thumbs: OrderedDict[str, bytes] = OrderedDict()
+        self._thumb_tasks: dict[str, asyncio.Task[bytes]] = {}
+        self.env = jinja2.Environment(
+            loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
+            trim_blocks=True, lstrip_blocks=True)
+        self.env.filters.update(when=_when, number=_number, ago=_ago)
+        self.app = web.Application(client_max_size=MAX_FORM_BYTES,
+                                   middlewares=[self._headers, self._guard])
+        r = self.app.router
+        r.add_static("/static", HERE / "static", show_index=False, append_version=False)
+        r.add_get("/login", self.login_page)
+        r.add_post("/login", self.login)
+        r.add_post("/logout", self.logout)
+        r.add_get("/", self.home)
+        r.add_get("/jobs", self.jobs_page)
+        r.add_get("/jobs/rows", self.jobs_rows)
+        r.add_get(f"/jobs/{_JOB_ID}", self.job_page)
+        r.add_get(f"/jobs/{_JOB_ID}/live", self.job_live)
+        r.add_get(f"/jobs/{_JOB_ID}/first-page.png", self.first_page)
+        r.add_get(f"/jobs/{_JOB_ID}/fax.pdf", self.document)
+        r.add_get(f"/jobs/{_JOB_ID}/{{action:resend|cancel|report}}", self.confirm_page)
+        r.add_post(f"/jobs/{_JOB_ID}/{{action:resend|cancel|report}}", self.act)
+        r.add_get("/health", self.health_page)
+        r.add_get("/health/live", self.health_live)
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self.port = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        listen = self.s.admin_listen
+        assert listen is not None
+        logging.getLogger("gateway").addHandler(self.errors)
+        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
+                                     shutdown_timeout=5)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, listen.host, listen.port)
+        await self._site.start()
+        server = self._site._server
+        assert server is not None and server.sockets  # type: ignore[attr-defined]
+        self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        if not self.logins.enabled:
+            log.info("dashboard on %s:%d: no one can log in until USERS_FILE names an "
+                     "administrator (faxgw passwd NAME --admin)", listen.host, self.port)
+        else:
+            log.info("dashboard on %s:%d", listen.host, self.port)
+
+    async def stop(self) -> None:
+        logging.getLogger("gateway").removeHandler(self.errors)
+        for task in self._thumb_tasks.values():
+            task.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    # -- middleware --------------------------------------------------------------------------
+
+    @web.middleware
+    async def _headers(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            response = exc
+            self._secure_headers(response)
+            raise
+        self._secure_headers(response, request.path.startswith("/static/"))
+        return response
+
+    @staticmethod
+    def _secure_headers(response: web.StreamResponse, static: bool = False) -> None:
+        h = response.headers
+        if static and response.status == 200:
+            h.setdefault("Cache-Control", "private, max-age=3600")  # no job data in there
+        h.setdefault("Content-Security-Policy", CSP)
+        h.setdefault("X-Content-Type-Options", "nosniff")
+        h.setdefault("Referrer-Policy", "same-origin")
+        h.setdefault("X-Frame-Options", "DENY")
+        h.setdefault("Cache-Control", "no-store")
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """No job data of any kind without a live session of a current administrator/viewer."""
+        path = request.path
+        if path == "/login" or path.startswith("/static/"):
+            return await handler(request)
+        session = self.sessions.get(request.cookies.get(SESSION_COOKIE))
+        if session is not None and self.logins.current(session.user) is None:
+            self.sessions.drop_user(session.user)  # removed from the file, or role taken away
+            session = None
+        if session is None:
+            if request.method != "GET":
+                raise web.HTTPForbidden(text="not logged in: nothing was changed")
+            if request.headers.get("X-Requested-With") == "fetch":
+                raise web.HTTPUnauthorized(text="log in again")
+            target = request.path_qs if request.path != "/" else "/jobs"
+            raise web.HTTPSeeOther("/login?" + urlencode({"next": target}))
+        request[SESSION] = session
+        return await handler(request)
+
+    # -- rendering ---------------------------------------------------------------------------
+
+    def _render(self, request: web.Request, template: str, status: int = 200,
+                **context: Any) -> web.Response:
+        session = request.get(SESSION)
+        flash: list[str] = []
+        if session is not None and session.flash:
+            flash, session.flash = session.flash, []
+        html = self.env.get_template(template).render(
+            session=session, flash=flash, sandbox=self.s.sandbox, **context)
+        return web.Response(text=html, status=status, content_type="text/html", charset="utf-8")
+
+    # -- login -------------------------------------------------------------------------------
+
+    def _safe_next(self, target: str | None) -> str:
+        if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
+            return "/jobs"
+        return target[:500]
+
+    async def login_page(self, request: web.Request, error: str | None = None,
+                         status: int = 200) -> web.Response:
+        token = request.cookies.get(LOGIN_COOKIE) or ""
+        if not re.fullmatch(r"[A-Za-z0-9_-]{20,64}", token):
+            import secrets
+
+            token = secrets.token_urlsafe(24)
+        response = self._render(request, "login.html", status=status, login_token=token,
+                                error=error, enabled=self.logins.enabled,
+                                next=self._safe_next(request.query.get("next")))
+        response.set_cookie(LOGIN_COOKIE, token, httponly=True, samesite="Strict",
+                            secure=self.proxy.is_https(request), path="/login", max_age=3600)
+        return response
+
+    async def login(self, request: web.Request) -> web.Response:
+        ip = self.proxy.client_ip(request)
+        locked = self.logins.locked_out_s(ip)
+        if locked:
+            minutes = max(1, int(locked // 60) + (1 if locked % 60 else 0))
+            return await self.login_page(
+                request, f"Too many failed logins from your address. Try again in "
+                f"{minutes} minute{'s' if minutes != 1 else ''}.", status=429)
+        form = await request.post()
+        if not same_token(request.cookies.get(LOGIN_COOKIE, ""), form.get("login_token")):
+            return await self.login_page(request, "The login form had expired; please try "
+                                         "again.", status=403)
+        name, password = form.get("name"), form.get("password")
+        if not isinstance(name, str) or not isinstance(password, str) or not name:
+            return await self.login_page(request, "Give your name and password.", status=400)
+        user = await self.logins.login(ip, name.strip(), password)
+        if user is None or user.role is None:
+            locked = self.logins.locked_out_s(ip)
+            words = ("Wrong name or password. Too many failed logins: try again later."
+                     if locked else "Wrong name or password.")
+            return await self.login_page(request, words, status=429 if locked else 401)
+        session = self.sessions.create(user.name, user.role)
+        nxt = form.get("next")
+        response = web.Response(status=303, headers={
+            "Location": self._safe_next(nxt if isinstance(nxt, str) else None)})
+        response.set_cookie(SESSION_COOKIE, session.token, httponly=True, samesite="Strict",
+                            secure=self.proxy.is_https(request), path="/",
+                            max_age=int(self.sessions.lifetime_s))
+        response.del_cookie(LOGIN_COOKIE, path="/login")
+        return response
+
+    async def logout(self, request: web.Request) -> web.Response:
+        session = request[SESSION]
+        form = await request.post()
+        if not same_token(session.csrf, form.get("csrf")):
+            raise web.HTTPForbidden(text="the form token is missing or wrong: nothing changed")
+        self.sessions.drop(session.token)
+        log.info("dashboard logout: %s", session.user)
+        response = web.Response(status=303, headers={"Location": "/login"})
+        response.del_cookie(SESSION_COOKIE, path="/")
+        return response
+
+    # -- jobs --------------------------------------------------------------------------------
+
+    async def home(self, request: web.Request) -> web.Response:
+        raise web.HTTPSeeOther("/jobs")
+
+    async def _page(self, request: web.Request) -> dict[str, Any]:
+        f = _filters(request)
+        error = None
+        try:
+            since = _day(f.date_from, "From")
+            until = _day(f.date_until, "Until")
+            if until is not None:
+                until += 86400  # the whole day
+            page = await self.store.run(lambda: queries.search_jobs(
+                self.store, status=f.status or None, to=f.to or None, sender=f.sender or None,
+                since=since, until=until, text=f.q or None, offset=(f.page - 1) * PAGE_SIZE,
+                limit=PAGE_SIZE))
+        except AdminError as exc:
+            error, page = str(exc), queries.Page([], 0, False)
+        pages = max(1, -(-page.total // PAGE_SIZE))
+        return dict(filters=f, rows=page.rows, total=page.total, capped=page.capped,
+                    pages=pages, error=error, statuses=actions.STATUS_FILTERS,
+                    first=(f.page - 1) * PAGE_SIZE + 1,
+                    last=(f.page - 1) * PAGE_SIZE + len(page.rows))
+
+    async def jobs_page(self, request: web.Request) -> web.Response:
+        context = await self._page(request)
+        context["health"] = await self._health()
+        return self._render(request, "jobs.html", **context)
+
+    async def jobs_rows(self, request: web.Request) -> web.Response:
+        return self._render(request, "_rows.html", **await self._page(request))
+
+    async def _detail(self, request: web.Request) -> queries.JobDetail:
+        ref = request.match_info["job_id"]
+        try:
+            return await self.store.run(queries.job_detail, self.store, ref)
+        except AdminError as exc:
+            raise web.HTTPNotFound(text=str(exc)) from None
+
+    async def job_page(self, request: web.Request) -> web.Response:
+        d = await self._detail(request)
+        return self._render(request, "job.html", d=d, actions=ACTIONS)
+
+    async def job_live(self, request: web.Request) -> web.Response:
+        return self._render(request, "_job_live.html", d=await self._detail(request))
+
+    async def first_page(self, request: web.Request) -> web.Response:
+        """The first page as a PNG, drawn by a document worker (never on the event loop) and
+        cached per document; gone once the document is deleted (DOCUMENT_RETENTION_HOURS)."""
+        found = await self.store.run(queries.document_of, self.store,
+                                     request.match_info["job_id"])
+        if found is None:
+            raise web.HTTPNotFound(text="the document is no longer kept")
+        message_id, path = found
+        png = self._thumbs.get(message_id)
+        if png is None:
+            task = self._thumb_tasks.get(message_id)
+            if task is None:
+                task = asyncio.ensure_future(self.cpu.run(
+                    call, "gateway.web.dashboard.thumbs:render_first_page", path,
+                    THUMB_WIDTH_PX))
+                self._thumb_tasks[message_id] = task
+            try:
+                png = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # TaskLimitError, ConvertError, a vanished file, ...
+                log.warning("dashboard: first page of message %s not drawn: %s", message_id,
+                            exc)
+                raise web.HTTPNotFound(text="the first page could not be drawn") from None
+            finally:
+                if task.done():
+                    self._thumb_tasks.pop(message_id, None)
+            self._thumbs[message_id] = png
+            while len(self._thumbs) > THUMB_CACHE_ENTRIES:
+                self._thumbs.popitem(last=False)
+        else:
+            self._thumbs.move_to_end(message_id)
+        return web.Response(body=png, content_type="image/png",
+                            headers={"Cache-Control": "private, max-age=300"})
+
+    async def document(self, request: web.Request) -> web.StreamResponse:
+        job_id = request.match_info["job_id"]
+        found = await self.store.run(queries.document_of, self.store, job_id)
+        if found is None:
+            raise web.HTTPNotFound(text="the document is no longer kept")
+        log.info("dashboard: %s opened the document of job %s", request[SESSION].user, job_id)
+        return web.FileResponse(found[1], headers={
+            "Content-Type": "application/pdf",
+            "Content-Disposition": f'inline; filename="fax-{job_id}.pdf"'})
+
+    # -- actions -----------------------------------------------------------------------------
+
+    async def confirm_page(self, request: web.Request) -> web.Response:
+        d = await self._detail(request)
+        action = request.match_info["action"]
+        label, question = ACTIONS[action]
+        return self._render(request, "confirm.html", d=d, action=action, label=label,
+                            question=question)
+
+    async def act(self, request: web.Request) -> web.Response:
+        session: Session = request[SESSION]
+        form = await request.post()
+        if not same_token(session.csrf, form.get("csrf")):
+            log.warning("dashboard: %s posted %s without a valid form token: refused",
+                        session.user, request.path)
+            raise web.HTTPForbidden(text="the form token is missing or wrong: nothing changed")
+        if not session.admin:
+            raise web.HTTPForbidden(text="read-only access: nothing changed")
+        ref = request.match_info["job_id"]
+        action = request.match_info["action"]
+        now, by = self.clock(), session.user
+        target = f"/jobs/{ref}"
+        try:
+            if action == "resend":
+                new = await self.store.run(lambda: actions.resend_job(
+                    self.store, ref, now, from_number=self.s.from_number,
+                    retry_policy=self.retry_policy, by=by))
+                session.flash.append(f"Job {ref} is being sent again as this job, {new}.")
+                target = f"/jobs/{new}"
+            elif action == "cancel":
+                req = await self.store.run(lambda: actions.request_cancel(
+                    self.store, ref, now, by=by))
+                text = req.text
+                if req.fax_sid is not None:
+                    await actions.cancel_fax(self.signalwire, req.fax_sid)
+                    await self.store.run(lambda: actions.note_cancel(
+                        self.store, req.job_id, self.clock(), req.fax_sid or "", by=by))
+                    text = f"Fax {req.fax_sid} canceled at SignalWire."
+                session.flash.append(text)
+            else:
+                session.flash.append(await self.store.run(lambda: actions.request_report(
+                    self.store, ref, now, by=by)))
+        except AdminError as exc:
+            session.flash.append(f"Not done: {exc}")
+            log.info("dashboard: %s %s job %s refused: %s", by, action, ref, exc)
+        else:
+            log.info("dashboard: %s did %s on job %s", by, action, ref)
+            self.wake()
+        raise web.HTTPSeeOther(target)
+
+    # -- health ------------------------------------------------------------------------------
+
+    async def _health(self) -> dict[str, Any]:
+        checks = await self.ready()
+        names = {"store": "Database", "listeners": "Listeners",
+                 "media": "Media store (S3)" if self.s.media_store == "s3"
+                 else "Media store (local)", "signalwire": "SignalWire"}
+        items = [(names.get(n, n), bool(c["ok"]), str(c["detail"])) for n, c in checks.items()]
+        relay_ok, relay_words = await self.store.run(queries.relay_state, self.store)
+        relay_name = (f"Report relay ({self.s.notify_smtp_host})" if self.s.notify_smtp_host
+                      else "Reports (outbox folder)")
+        items.append((relay_name, relay_ok is not False, relay_words))
+        depth, counts, oldest = await self.store.run(queries.queue_depth, self.store)
+        now = self.clock()
+        return dict(items=items, all_ok=all(ok for _, ok, _ in items), depth=depth,
+                    counts=counts, oldest_age=None if oldest is None else now - oldest,
+                    errors=list(reversed(self.errors.records)))
+
+    async def health_page(self, request: web.Request) -> web.Response:
+        return self._render(request, "health.html", health=await self._health())
+
+    async def health_live(self, request: web.Request) -> web.Response:
+        return self._render(request, "_health.html", health=await self._health(),
+                            full=request.query.get("brief") != "1")
+

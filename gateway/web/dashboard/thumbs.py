@@ -1,0 +1,15 @@
+"""The first-page picture, rendered in a document worker process (called through
+`gateway.documents.pool.call`, so the daemon never imports PDFium itself)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+THUMB_WIDTH_PX = 360
+
+
+def render_first_page(path: str, width_px: int = THUMB_WIDTH_PX) -> bytes:
+    """A grayscale PNG of page 1 of the PDF at `path`; ConvertError if it cannot be drawn."""
+    from gateway.documents.convert import first_page_png
+
+    return first_page_png(Path(path).read_bytes(), width_px)
