@@ -118,6 +118,16 @@ class Settings:
     log_level: str = defaults.FAXGW_LOG_LEVEL.upper()
     log_format: str = defaults.FAXGW_LOG_FORMAT
     metrics_token: str | None = field(default=None, repr=False)
+    database_url: str | None = field(default=None, repr=False)  # None: SQLite in DATA_DIR
+    node_id: str = field(default_factory=lambda: default_node_id())
+    lease_seconds: float = defaults.LEASE_SECONDS
+    dedup_window_hours: float = defaults.DEDUP_WINDOW_HOURS
+    send_rate_per_second: float = defaults.SEND_RATE_PER_SECOND
+
+    @property
+    def shared(self) -> bool:
+        """Several gateways share one queue (DATABASE_URL is set)."""
+        return self.database_url is not None
 
     @property
     def sandbox(self) -> bool:
@@ -130,12 +140,29 @@ class Settings:
             value = getattr(self, f.name)
             if f.name in _SECRET_FIELDS and value:
                 value = "********"
+            elif f.name == "database_url" and value:
+                value = mask_url(value)
             out[f.name] = "" if value is None else str(value)
         return out
 
 
 _SECRET_FIELDS = {"signalwire_api_token", "signalwire_signing_key", "notify_smtp_password",
                   "media_signing_key", "metrics_token"}
+
+
+def default_node_id() -> str:
+    """hostname-pid-random: unique even for two gateways started in one container image."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def mask_url(url: str) -> str:
+    """A database URL fit to print: the password replaced."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:********@{netloc}").geturl()
 
 
 def read_environment(env_file: str | None = None,
@@ -369,6 +396,18 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         except ValueError as exc:
             r.problems.append(f"{name}: {exc}")
 
+    database_url = r.str("DATABASE_URL") or None
+    if database_url is not None:
+        scheme = urlsplit(database_url).scheme
+        if scheme not in ("postgresql", "postgres"):
+            r.problems.append(f"DATABASE_URL: {mask_url(database_url)!r} is not a "
+                              "postgresql://user:password@host:port/dbname URL")
+        if media_store == "local":
+            r.problems.append("MEDIA_STORE=local with DATABASE_URL: several gateways share "
+                              "one queue, so the documents must be in S3 (MEDIA_STORE=s3) "
+                              "where every node can serve them")
+    lease_s = r.float("LEASE_SECONDS", defaults.LEASE_SECONDS, 3, 3600)
+
     http_listen = r.hostport("HTTP_LISTEN", defaults.HTTP_LISTEN)
     public = r.url("PUBLIC_BASE_URL")
 
@@ -457,6 +496,13 @@ def settings_from(env: Mapping[str, str]) -> Settings:
                            ("debug", "info", "warning", "error")).upper(),
         log_format=r.choice("FAXGW_LOG_FORMAT", defaults.FAXGW_LOG_FORMAT, ("text", "json")),
         metrics_token=r.str("METRICS_TOKEN"),
+        database_url=database_url,
+        node_id=r.str("NODE_ID") or default_node_id(),
+        lease_seconds=lease_s,
+        dedup_window_hours=r.float("DEDUP_WINDOW_HOURS", defaults.DEDUP_WINDOW_HOURS, 0,
+                                   24 * 30),
+        send_rate_per_second=r.float("SEND_RATE_PER_SECOND", defaults.SEND_RATE_PER_SECOND,
+                                     0.01, 1000),
     )
     if r.problems:
         raise ConfigError(r.problems)

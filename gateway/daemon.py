@@ -79,7 +79,8 @@ class Gateway:
                              callback_url=self.callback_url, clock=clock, metrics=self.metrics)
         self.access = Access(settings)
         self.intake = Intake(settings, self.store, self.spool, self.cpu, self._wake_worker, clock,
-                             self.notifier, self.access, self.metrics)
+                             self.notifier, self.access, self.metrics,
+                             media=self.media if settings.shared else None)
         self.tls = (ReloadableTLS(settings.tls_cert_file, settings.tls_key_file,
                                   settings.tls_min_version)
                     if settings.tls_cert_file and settings.tls_key_file else None)
@@ -134,6 +135,11 @@ class Gateway:
         self.s.data_dir.mkdir(parents=True, exist_ok=True)
         self.spool.root.mkdir(exist_ok=True)
         await self.store.start()
+        # Leases a dead run left: SQLite has one gateway, so all of them; a shared queue only
+        # this NODE_ID's (another node's run out by themselves).
+        released = await self.store.run(self.store.release_all, not self.s.shared)
+        if released:
+            log.info("released %d job lease(s) left by an earlier run", released)
         await self.cpu.start()
         await self.media.start()
         await self.web.start()

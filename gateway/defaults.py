@@ -82,3 +82,9 @@ FAXGW_LOG_FORMAT: Final = "text"
 
 # The store.
 STORE_BUSY_TIMEOUT_S: Final = 10.0    # a write waits this long for the CLI's lock, then 451
+
+# Several gateways on one PostgreSQL (DATABASE_URL).
+LEASE_SECONDS: Final = 30.0           # a dead node's jobs are taken over after this long
+DEDUP_WINDOW_HOURS: Final = 24.0      # a mail resent within this window is not faxed twice
+SEND_RATE_PER_SECOND: Final = 1.0     # faxes sent per second, all nodes together (SignalWire's)
+SHARED_POLL_S: Final = 2.0            # with a shared queue, look at it at least this often

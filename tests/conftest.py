@@ -7,6 +7,7 @@ import io
 import re
 import smtplib
 from email.message import EmailMessage
+from email.utils import make_msgid
 from email.parser import BytesParser
 from email import policy
 from pathlib import Path
@@ -41,12 +42,14 @@ def make_pdf(pages: int = 1, *, landscape: bool = False) -> bytes:
 
 def pdf_mail(to: str | list[str], *, pdf: bytes | None = None, sender: str = "alice@example.com",
              subject: str = "Invoice 42", filename: str | None = "invoice.pdf",
-             message_id: str = "<orig-1@example.com>") -> EmailMessage:
+             message_id: str | None = None) -> EmailMessage:
+    """`message_id`: by default a new one per mail (the same Message-ID and document within
+    DEDUP_WINDOW_HOURS is one mail sent twice, faxed once)."""
     msg = EmailMessage()
     msg["From"] = f"Alice Example <{sender}>"
     msg["To"] = ", ".join(to) if isinstance(to, list) else to
     msg["Subject"] = subject
-    msg["Message-ID"] = message_id
+    msg["Message-ID"] = message_id or make_msgid(domain="example.com")
     msg.set_content("Please fax the attached invoice.\n")
     msg.add_attachment(pdf if pdf is not None else make_pdf(2), maintype="application",
                        subtype="pdf", filename=filename)
@@ -176,6 +179,8 @@ def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:
         "NOTIFY_FROM": "faxgw@faxgw.test",
         "RETRY_BASE_SECONDS": "0.05",
         "RETRY_MAX_SECONDS": "0.5",
+        # Tests send many faxes at once; the pacing itself has its own test.
+        "SEND_RATE_PER_SECOND": "1000",
     }
     env.update(overrides)
     return env

@@ -92,7 +92,7 @@ def test_old_database_is_upgraded_in_place(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "faxgw.sqlite3")
     store.open()
     try:
-        assert store.schema_version() == migrations.LATEST == 2
+        assert store.schema_version() == migrations.LATEST == 3
         assert store.job(SPOOLED_JOB).state is State.SPOOLED
         given_up = store.job(GAVE_UP_JOB)
         assert (given_up.state, given_up.failure_reason) == (
@@ -104,9 +104,9 @@ def test_old_database_is_upgraded_in_place(tmp_path: Path) -> None:
     # Opening again applies nothing more.
     store.open()
     try:
-        assert store.schema_version() == 2
+        assert store.schema_version() == 3
         assert [r["version"] for r in store._rows(
-            "SELECT version FROM schema_version ORDER BY version")] == [1, 2]
+            "SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3]
     finally:
         store.close()
 

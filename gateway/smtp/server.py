@@ -174,6 +174,9 @@ class FaxHandler:
             reason = {"451": "temp_failure", "554": "bad_document"}.get(exc.reply[:3], "policy")
             return self._refused(reason, exc.reply)
         jobs = ", ".join(accepted.job_ids)
+        if accepted.duplicate:
+            return (f"250 2.0.0 Already queued as fax job{'s' if len(accepted.job_ids) > 1 else ''}"
+                    f" {jobs} (the same mail was received before; not faxed twice)")
         return (f"250 2.0.0 Queued as fax job{'s' if len(accepted.job_ids) > 1 else ''} {jobs} "
                 f"({accepted.pages} page{'s' if accepted.pages != 1 else ''})")
 
