@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import re
+import secrets
 import smtplib
 from email.message import EmailMessage
 from email.utils import make_msgid
@@ -270,3 +272,39 @@ async def drive(gw: Gateway, simulator: Simulator) -> None:
         if await gw.worker.run_due() == 0:
             return
     raise AssertionError("queue did not settle")
+
+
+# -- PostgreSQL: a real server on 127.0.0.1:5432, one database per test run ---------------------
+
+PG_ADMIN_URL = os.environ.get("FAXGW_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A database of this test run's own, dropped at the end. No server: the PostgreSQL tests
+    skip (one line), except under CI=true, where they fail."""
+    import psycopg
+
+    name = f"faxgw_test_{os.getpid()}_{secrets.token_hex(3)}"
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        reason = f"no PostgreSQL at {PG_ADMIN_URL}: {str(exc).splitlines()[0]}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + " (CI=true: required)")
+        pytest.skip(reason)
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def pg_reset(url: str) -> None:
+    """An empty schema: each test starts from a new database as far as it can tell."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("DROP SCHEMA public CASCADE")
+        db.execute("CREATE SCHEMA public")
