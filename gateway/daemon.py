@@ -57,6 +57,8 @@ class Gateway:
         self.cpu = CpuPool(settings.doc_workers, settings.doc_timeout_s,
                            settings.doc_memory_mb * 1024 * 1024)
         self.metrics = Metrics()
+        self.metrics.node.info({"node_id": settings.node_id,
+                                "store": "postgresql" if settings.shared else "sqlite"})
         self.web = WebApp(settings, self.store, self._wake_worker, self.local_media, self.metrics)
         self.web.ready_checks += [self._check_store, self._check_listeners,
                                   self._contact_check("media"), self._contact_check("signalwire")]
@@ -97,8 +99,8 @@ class Gateway:
         try:
             await asyncio.wait_for(self.store.run(self.store.check_writable), 5)
         except Exception as exc:  # a health check reports, it does not raise
-            return "store", False, f"{type(exc).__name__}: {exc}"
-        return "store", True, "writable"
+            return "store", False, f"{self.store.where}: {type(exc).__name__}: {exc}"
+        return "store", True, f"writable ({self.store.where}, node {self.s.node_id})"
 
     async def _check_listeners(self) -> tuple[str, bool, str]:
         bound = [f"{type(x).__name__}:{x.port}" for x in self.listeners if x.bound]
