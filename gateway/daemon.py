@@ -79,7 +79,7 @@ class Gateway:
                              media=self.media, signalwire=self.signalwire,
                              notifier=self.notifier, cpu=self.cpu,
                              callback_url=self.callback_url, clock=clock, metrics=self.metrics)
-        self.access = Access(settings)
+        self.access = Access(settings, store=self.store if settings.shared else None)
         self.intake = Intake(settings, self.store, self.spool, self.cpu, self._wake_worker, clock,
                              self.notifier, self.access, self.metrics,
                              media=self.media if settings.shared else None)

@@ -193,3 +193,36 @@ async def test_a_send_left_in_submitting_is_looked_up_by_the_node_that_takes_ove
     assert any("found at SignalWire" in line for line in b.lines), b.log_tail()
     assert took >= 3  # not before node-a's lease ran out
     print(f"taken over and reported {took:.1f} s after node-a died (LEASE_SECONDS=3)")
+
+
+async def test_rate_limits_and_lockouts_are_shared_by_the_nodes(pg_url: str,
+                                                                tmp_path: Path) -> None:
+    """Two nodes' access checks on one database: a sender gets its hourly limit once, not
+    once per node, and a lockout started on one node holds on the other."""
+    from gateway.config import settings_from
+    from gateway.smtp.access import Access
+    from gateway.store.postgres import PostgresStore
+
+    pg_reset(pg_url)
+    settings = settings_from({"DATA_DIR": str(tmp_path), "RATE_LIMIT_PER_SENDER": "2",
+                              "AUTH_MAX_FAILURES": "2"})
+    stores = [PostgresStore(pg_url), PostgresStore(pg_url)]
+    for store in stores:
+        await store.start()
+    try:
+        a, b = (Access(settings, store=store) for store in stores)
+        client = a.client("192.0.2.7", None, "scanner@example.com")
+        assert await a.check_destination_async(client, "+15551230011") is None
+        assert await b.check_destination_async(client, "+15551230012") is None
+        refusal = await a.check_destination_async(client, "+15551230013")
+        assert refusal is not None and refusal.startswith("450 4.7.1 Rate limit reached")
+        other = b.client("192.0.2.8", None, "someone@example.com")
+        assert await b.check_destination_async(other, "+15551230014") is None
+        # A lockout: failures on both nodes add up; the lock holds everywhere.
+        assert await a._failed_login("192.0.2.9") == 0.0
+        assert await b._failed_login("192.0.2.9") == settings.auth_lockout_minutes * 60
+        assert await a.locked_out("192.0.2.9") > 0
+        assert await b.locked_out("192.0.2.10") == 0.0
+    finally:
+        for store in stores:
+            await store.stop()

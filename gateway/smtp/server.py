@@ -70,7 +70,7 @@ class FaxHandler:
         ip = _peer(session)
         if not self.access.auth_enabled:
             return "504 5.5.4 Authentication is not offered here"
-        locked = self.access.locked_out_s(ip)
+        locked = await self.access.locked_out(ip)
         if locked:
             return (f"454 4.7.0 Too many failed logins from {ip}; try again in "
                     f"{max(1, int(locked // 60))} minute(s)")
@@ -151,7 +151,7 @@ class FaxHandler:
         numbers = _numbers(envelope)
         if number in numbers:
             return f"250 2.1.5 Recipient OK (duplicate of {number}, faxed once)"
-        refusal = self.access.check_destination(_client(envelope), number)
+        refusal = await self.access.check_destination_async(_client(envelope), number)
         if refusal:
             return self._refused("rate_limited" if refusal.startswith("450") else "policy",
                                  refusal)

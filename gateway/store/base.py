@@ -23,7 +23,7 @@ import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, TypeVar
 
 from gateway import defaults
 from gateway.outbound.states import CallbackAction, IllegalTransition, Job, State
@@ -169,6 +169,14 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def count_hits(self, kind: str, key: str, since: float) -> int: ...
+
+    @abc.abstractmethod
+    def take_hits(self, rules: Sequence[tuple[str, str, int]], now: float,
+                  window_s: float) -> float:
+        """A shared sliding-window rate limit: record a hit under every rule or none."""
+
+    @abc.abstractmethod
+    def last_hit(self, kind: str, key: str) -> float | None: ...
 
     @abc.abstractmethod
     def clear_hits(self, kind: str, key: str) -> None: ...

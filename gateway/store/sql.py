@@ -340,6 +340,32 @@ class SqlStore(Store):
                            (self.node_id, at + interval_s))
         return at
 
+    def take_hits(self, rules: Sequence[tuple[str, str, int]], now: float,
+                  window_s: float) -> float:
+        """Count one hit under every (kind, key, limit) rule, or under none: 0.0 if each has
+        room in the sliding window (and records them all), else the seconds until all will.
+        One transaction under the claim lock, so nodes cannot overrun a limit together."""
+        with self._tx():
+            self._claim_lock()
+            wait = 0.0
+            for kind, key, limit in rules:
+                self._exec("DELETE FROM hits WHERE kind = ? AND hkey = ? AND at <= ?",
+                           (kind, key, now - window_s))
+                rows = self._rows("SELECT at FROM hits WHERE kind = ? AND hkey = ?"
+                                  " ORDER BY at DESC LIMIT ?", (kind, key, limit))
+                if len(rows) >= limit:
+                    wait = max(wait, float(rows[-1]["at"]) + window_s - now)
+            if wait <= 0:
+                for kind, key, _ in rules:
+                    self._exec("INSERT INTO hits (kind, hkey, at) VALUES (?, ?, ?)",
+                               (kind, key, now))
+                return 0.0
+        return wait
+
+    def last_hit(self, kind: str, key: str) -> float | None:
+        return self._scalar("SELECT MAX(at) AS t FROM hits WHERE kind = ? AND hkey = ?",
+                            (kind, key))
+
     def count_hits(self, kind: str, key: str, since: float) -> int:
         return int(self._scalar("SELECT COUNT(*) AS n FROM hits WHERE kind = ? AND hkey = ?"
                                 " AND at > ?", (kind, key, since)) or 0)
