@@ -5,6 +5,7 @@ where one is killed with -9."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -97,8 +98,11 @@ async def test_two_gateways_work_one_queue(make_gateway: GatewayFactory, pg_url:
                                            simulator: Simulator, relay: RelaySink,
                                            tmp_path: Path) -> None:
     pg_reset(pg_url)
-    a = await make_gateway(shared_env(tmp_path, "node-a", pg_url, seaweed, simulator, relay))
-    b = await make_gateway(shared_env(tmp_path, "node-b", pg_url, seaweed, simulator, relay))
+    keep = {"DOCUMENT_RETENTION_HOURS": "1"}  # so the operator can resend at the end
+    a = await make_gateway(shared_env(tmp_path, "node-a", pg_url, seaweed, simulator, relay,
+                                      **keep))
+    b = await make_gateway(shared_env(tmp_path, "node-b", pg_url, seaweed, simulator, relay,
+                                      **keep))
     sent: list[str] = []
     for i in range(6):
         gw = (a, b)[i % 2]
@@ -120,6 +124,28 @@ async def test_two_gateways_work_one_queue(make_gateway: GatewayFactory, pg_url:
     assert sorted(r["To"] for r in simulator.state.send_requests) == sorted(
         {r["To"] for r in simulator.state.send_requests})  # each number once
     assert await all_reported(pg_url) == {"reported"}
+
+    # The CLI on a third machine (no pid file, no spool): it reads the shared database, and a
+    # resend is picked up by whichever node looks at the queue next.
+    env = dict(shared_env(tmp_path, "cli", pg_url, seaweed, simulator, relay),
+               DOCUMENT_RETENTION_HOURS="1")
+    cli_env = {k: v for k, v in os.environ.items() if not k.startswith(("FAXGW_",))}
+    cli_env.update(env)
+
+    def faxgw(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway", *args], env=cli_env,
+                              capture_output=True, text=True, timeout=60)
+
+    listing = await asyncio.to_thread(faxgw, "jobs")
+    assert listing.returncode == 0, listing.stderr
+    assert all(job_id in listing.stdout for job_id in sent)
+    shown = await asyncio.to_thread(faxgw, "job", sent[0])
+    assert shown.returncode == 0 and "delivered" in shown.stdout, shown.stdout + shown.stderr
+    again = await asyncio.to_thread(faxgw, "resend", sent[-1])
+    assert again.returncode == 0, again.stderr
+    report = await relay.next(30)
+    assert "delivered" in report["Subject"]
+    assert len(simulator.state.send_requests) == 8
 
 
 async def test_a_node_killed_with_9_leaves_nothing_behind(pg_url: str, seaweed: SeaweedS3,

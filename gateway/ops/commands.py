@@ -96,7 +96,8 @@ def job(settings: Settings, ref: str) -> int:
 def resend(settings: Settings, ref: str) -> int:
     def action(store: Store) -> str:
         new = admin.resend_job(store, ref, time.time(), from_number=settings.from_number,
-                               retry_policy=RetryPolicy.from_settings(settings))
+                               retry_policy=RetryPolicy.from_settings(settings),
+                               shared=settings.shared)
         nudge_daemon(settings)
         return f"job {ref} will be sent again as job {new}"
     return with_store(action)(settings)

@@ -277,8 +277,10 @@ class Store(abc.ABC):
     # -- operator actions --------------------------------------------------------------------
 
     @abc.abstractmethod
-    def add_resend(self, job: Job, new: NewJob, now: float) -> str | None:
-        """A new job for the message and number of `job`; None when done, else why not."""
+    def add_resend(self, job: Job, new: NewJob, now: float, *,
+                   stored: bool = False) -> str | None:
+        """A new job for the message and number of `job`; None when done, else why not.
+        `stored`: it sends the media object `new.media_key` already in the media store."""
 
     @abc.abstractmethod
     def cancel_unsent(self, job_id: str, reason: str, now: float) -> bool: ...

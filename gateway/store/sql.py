@@ -656,18 +656,19 @@ class SqlStore(Store):
 
     # -- operator actions --------------------------------------------------------------------
 
-    def add_resend(self, job: Job, new: NewJob, now: float) -> str | None:
+    def add_resend(self, job: Job, new: NewJob, now: float, *,
+                   stored: bool = False) -> str | None:
         """A new job for the message and number of `job`, in one transaction; None when done,
         else why not (document purged meanwhile, or another job of the message to the number
         is still under way). The insert is conditional on the document still being there, so
         it cannot slip in after a purge was recorded."""
         check_transition([None], State.SPOOLED, Ev.RECEIVED)
         try:
-            return self._add_resend(job, new, now)
+            return self._add_resend(job, new, now, stored)
         except _Rollback as exc:
             return str(exc)
 
-    def _add_resend(self, job: Job, new: NewJob, now: float) -> str | None:
+    def _add_resend(self, job: Job, new: NewJob, now: float, stored: bool) -> str | None:
         with self._tx():
             busy = self._one(
                 "SELECT id, state FROM jobs WHERE message_id = ? AND to_number = ? AND id <> ?"
@@ -687,6 +688,10 @@ class SqlStore(Store):
             if inserted != 1:
                 return "the document was deleted from the spool meanwhile"
             self._event(new.id, Ev.RECEIVED, f"resend of job {job.id} by the operator", now)
+            if stored:  # a shared queue: the document is in the media store already
+                self._transition(new.id, [State.SPOOLED], State.STORED, Ev.STORED,
+                                 "document already in the media store", at=now, tries=0,
+                                 next_run_at=now)
             if not self._transition(job.id, sorted(FINISHED), None, Ev.RESENT,
                                     f"sent again as job {new.id} by the operator", at=now):
                 raise _Rollback(f"job {job.id} is no longer finished")
