@@ -118,6 +118,7 @@ class Settings:
     log_level: str = defaults.FAXGW_LOG_LEVEL.upper()
     log_format: str = defaults.FAXGW_LOG_FORMAT
     metrics_token: str | None = field(default=None, repr=False)
+    smtp_proxy_protocol: bool = defaults.SMTP_PROXY_PROTOCOL
     database_url: str | None = field(default=None, repr=False)  # None: SQLite in DATA_DIR
     node_id: str = field(default_factory=lambda: default_node_id())
     lease_seconds: float = defaults.LEASE_SECONDS
@@ -496,6 +497,7 @@ def settings_from(env: Mapping[str, str]) -> Settings:
                            ("debug", "info", "warning", "error")).upper(),
         log_format=r.choice("FAXGW_LOG_FORMAT", defaults.FAXGW_LOG_FORMAT, ("text", "json")),
         metrics_token=r.str("METRICS_TOKEN"),
+        smtp_proxy_protocol=r.bool("SMTP_PROXY_PROTOCOL", defaults.SMTP_PROXY_PROTOCOL),
         database_url=database_url,
         node_id=r.str("NODE_ID") or default_node_id(),
         lease_seconds=lease_s,

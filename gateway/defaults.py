@@ -87,4 +87,5 @@ STORE_BUSY_TIMEOUT_S: Final = 10.0    # a write waits this long for the CLI's lo
 LEASE_SECONDS: Final = 30.0           # a dead node's jobs are taken over after this long
 DEDUP_WINDOW_HOURS: Final = 24.0      # a mail resent within this window is not faxed twice
 SEND_RATE_PER_SECOND: Final = 1.0     # faxes sent per second, all nodes together (SignalWire's)
-SHARED_POLL_S: Final = 2.0            # with a shared queue, look at it at least this often
+SHARED_POLL_S: Final = 2.0
+SMTP_PROXY_PROTOCOL: Final = False    # behind a TCP load balancer: PROXY v1/v2 header first            # with a shared queue, look at it at least this often

@@ -53,6 +53,11 @@ class FaxHandler:
         self.metrics = metrics or Metrics(process=False)
         self.accepting = True
 
+    async def handle_PROXY(self, server: SMTP, session: Session, envelope: Envelope,
+                           proxy_data: Any) -> bool:
+        """SMTP_PROXY_PROTOCOL: a well-formed header from the load balancer names the client."""
+        return bool(proxy_data and proxy_data.valid)
+
     def _refused(self, reason: str, reply: str) -> str:
         self.metrics.mail_refused(reason)
         return reply
@@ -196,6 +201,9 @@ def _client(envelope: Envelope) -> Client:
 
 
 def _peer(session: Session) -> str:
+    proxied = getattr(session, "proxy_data", None)  # SMTP_PROXY_PROTOCOL: the real client
+    if proxied is not None and getattr(proxied, "src_addr", None):
+        return str(proxied.src_addr)
     peer: Any = session.peer
     if isinstance(peer, tuple) and peer:
         return str(peer[0])
@@ -335,6 +343,7 @@ class SMTPListener:
             self.handler, self._connections, data_size_limit=s.smtp_max_message_bytes,
             enable_SMTPUTF8=True, hostname=s.smtp_hostname, ident="faxgw ESMTP",
             timeout=SMTP_LINE_TIMEOUT_S,
+            proxy_protocol_timeout=SMTP_LINE_TIMEOUT_S if s.smtp_proxy_protocol else None,
             tls_context=None if self.implicit_tls or self.tls is None else self.tls.context,
             require_starttls=bool(self.tls) and not self.implicit_tls and s.smtp_require_tls,
             # aiosmtpd does not see implicit TLS as TLS: AUTH must be allowed there explicitly.
