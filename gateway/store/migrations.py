@@ -112,6 +112,8 @@ _V3 = (
     # another node takes it over only once the lease has run out.
     "ALTER TABLE jobs ADD COLUMN lease_owner TEXT",
     "ALTER TABLE jobs ADD COLUMN lease_until {float}",
+    # The claim's "no other attempt in flight to this number" looks jobs up by number.
+    "CREATE INDEX IF NOT EXISTS jobs_number ON jobs (to_number, state)",
     # A mail resent after a lost 250 is found by its Message-ID and document.
     "CREATE INDEX IF NOT EXISTS messages_dedup ON messages (message_id_header, document_sha256)",
     # Named leases: the node that runs the once-only tasks (housekeeping), and shared pacing

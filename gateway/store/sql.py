@@ -34,10 +34,11 @@ _LISTING_MESSAGE_FIELDS = ("envelope_from", "header_from", "report_to", "subject
 # one attempt in flight per destination, across nodes. The `?` is the time now.
 _DUE = """
     next_run_at IS NOT NULL AND state IN ({states})
-    AND NOT (state = 'stored' AND to_number IN (
-        SELECT other.to_number FROM jobs other
-        WHERE other.id <> jobs.id AND (other.state IN ('submitting', 'submitted')
-            OR (other.state = 'stored' AND other.lease_until > ?))))
+    AND NOT (state = 'stored' AND EXISTS (
+        SELECT 1 FROM jobs other
+        WHERE other.to_number = jobs.to_number AND other.id <> jobs.id
+            AND (other.state IN ('submitting', 'submitted')
+                 OR (other.state = 'stored' AND other.lease_until > ?))))
 """
 # Not claimed by a live node: never claimed, released, or its lease ran out (the node died).
 _UNCLAIMED = " AND (lease_until IS NULL OR lease_until <= ?)"
