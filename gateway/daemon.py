@@ -152,12 +152,12 @@ class Gateway:
             await listener.start()
         mode = "sandbox (built-in SignalWire simulator)" if self.s.sandbox else "production"
         log.info("faxgw started in %s mode: SMTP %s:%d%s%s for *@%s, HTTP %s:%d, media %s, "
-                 "reports %s", mode, self.s.smtp_listen.host, self.smtp.port,
+                 "reports %s, store %s (node %s)", mode, self.s.smtp_listen.host, self.smtp.port,
                  " (STARTTLS)" if self.tls else "",
                  f", SMTPS {self.smtps.listen.host}:{self.smtps.port}" if self.smtps else "",
                  self.s.fax_domain, self.s.http_listen.host, self.web.port, self.s.media_store,
                  f"via {self.s.notify_smtp_host}" if self.s.notify_smtp_host
-                 else f"to {self.s.data_dir / 'outbox'}")
+                 else f"to {self.s.data_dir / 'outbox'}", self.store.where, self.s.node_id)
         if not self.s.sandbox and is_loopback_url(self.public_base_url()):
             log.warning("PUBLIC_BASE_URL %s is a loopback address: SignalWire cannot reach "
                         "it for callbacks or media", self.public_base_url())
@@ -200,7 +200,7 @@ async def amain(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGUSR1, gateway.worker.wake)
     try:
         await gateway.start()
-    except OSError as exc:  # a port in use, an unwritable DATA_DIR, ...
+    except (OSError, StoreError) as exc:  # a port in use, an unwritable DATA_DIR, no database
         log.error("cannot start: %s", exc)
         await gateway.stop(grace_s=0)
         return EXIT_UNAVAILABLE
