@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import psycopg
 import pytest
 
@@ -124,6 +125,16 @@ async def test_two_gateways_work_one_queue(make_gateway: GatewayFactory, pg_url:
     assert sorted(r["To"] for r in simulator.state.send_requests) == sorted(
         {r["To"] for r in simulator.state.send_requests})  # each number once
     assert await all_reported(pg_url) == {"reported"}
+
+    # Each node says who it is; the queue depth and /readyz are the shared database's.
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{b.web.port}/metrics") as resp:
+            text = await resp.text()
+        async with http.get(f"http://127.0.0.1:{b.web.port}/readyz") as resp:
+            ready = await resp.text()
+    assert 'faxgw_node_info{node_id="node-b",store="postgresql"} 1.0' in text
+    assert "faxgw_queue_depth 0.0" in text
+    assert "postgresql://postgres@127.0.0.1" in ready and "node node-b" in ready
 
     # The CLI on a third machine (no pid file, no spool): it reads the shared database, and a
     # resend is picked up by whichever node looks at the queue next.
