@@ -138,6 +138,17 @@ class Settings:
     admin_listen: HostPort | None = HostPort("127.0.0.1", 8026)  # None: no dashboard
     admin_trusted_proxies: tuple[str, ...] = defaults.ADMIN_TRUSTED_PROXIES
     admin_session_minutes: float = defaults.ADMIN_SESSION_MINUTES
+    smtp_proxy_protocol: bool = defaults.SMTP_PROXY_PROTOCOL
+    database_url: str | None = field(default=None, repr=False)  # None: SQLite in DATA_DIR
+    node_id: str = field(default_factory=lambda: default_node_id())
+    lease_seconds: float = defaults.LEASE_SECONDS
+    dedup_window_hours: float = defaults.DEDUP_WINDOW_HOURS
+    send_rate_per_second: float = defaults.SEND_RATE_PER_SECOND
+
+    @property
+    def shared(self) -> bool:
+        """Several gateways share one queue (DATABASE_URL is set)."""
+        return self.database_url is not None
 
     @property
     def sandbox(self) -> bool:
@@ -150,12 +161,29 @@ class Settings:
             value = getattr(self, f.name)
             if f.name in _SECRET_FIELDS and value:
                 value = "********"
+            elif f.name == "database_url" and value:
+                value = mask_url(value)
             out[f.name] = "" if value is None else str(value)
         return out
 
 
 _SECRET_FIELDS = {"signalwire_api_token", "signalwire_signing_key", "notify_smtp_password",
                   "media_signing_key", "metrics_token"}
+
+
+def default_node_id() -> str:
+    """hostname-pid-random: unique even for two gateways started in one container image."""
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+def mask_url(url: str) -> str:
+    """A database URL fit to print: the password replaced."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return parts._replace(netloc=f"{user}:********@{netloc}").geturl()
 
 
 def read_environment(env_file: str | None = None,
@@ -400,6 +428,18 @@ def settings_from(env: Mapping[str, str]) -> Settings:
                       "or use TRUSTED_NETWORKS or SMTP AUTH (USERS_FILE) for open access"
                       for p in senders if _matches_any_domain(p))
 
+    database_url = r.str("DATABASE_URL") or None
+    if database_url is not None:
+        scheme = urlsplit(database_url).scheme
+        if scheme not in ("postgresql", "postgres"):
+            r.problems.append(f"DATABASE_URL: {mask_url(database_url)!r} is not a "
+                              "postgresql://user:password@host:port/dbname URL")
+        if media_store == "local":
+            r.problems.append("MEDIA_STORE=local with DATABASE_URL: several gateways share "
+                              "one queue, so the documents must be in S3 (MEDIA_STORE=s3) "
+                              "where every node can serve them")
+    lease_s = r.float("LEASE_SECONDS", defaults.LEASE_SECONDS, 3, 3600)
+
     http_listen = r.hostport("HTTP_LISTEN", defaults.HTTP_LISTEN)
     # ADMIN_LISTEN set to nothing turns the dashboard off; unset means the loopback default.
     admin_raw = env.get("ADMIN_LISTEN")
@@ -544,6 +584,14 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         admin_trusted_proxies=admin_proxies,
         admin_session_minutes=r.float("ADMIN_SESSION_MINUTES", defaults.ADMIN_SESSION_MINUTES,
                                       1, 30 * 24 * 60),
+        smtp_proxy_protocol=r.bool("SMTP_PROXY_PROTOCOL", defaults.SMTP_PROXY_PROTOCOL),
+        database_url=database_url,
+        node_id=r.str("NODE_ID") or default_node_id(),
+        lease_seconds=lease_s,
+        dedup_window_hours=r.float("DEDUP_WINDOW_HOURS", defaults.DEDUP_WINDOW_HOURS, 0,
+                                   24 * 30),
+        send_rate_per_second=r.float("SEND_RATE_PER_SECOND", defaults.SEND_RATE_PER_SECOND,
+                                     0.01, 1000),
     )
     if settings.inbound_lookback_hours >= job_days * 24:
         r.problems.append("INBOUND_LOOKBACK_HOURS: must be shorter than JOB_RETENTION_DAYS "

@@ -67,6 +67,8 @@ class Gateway:
         self.cpu = CpuPool(settings.doc_workers, settings.doc_timeout_s,
                            settings.doc_memory_mb * 1024 * 1024)
         self.metrics = Metrics()
+        self.metrics.node.info({"node_id": settings.node_id,
+                                "store": "postgresql" if settings.shared else "sqlite"})
         self.web = WebApp(settings, self.store, self._wake_worker, self.local_media, self.metrics)
         self.web.ready_checks += [self._check_store, self._check_disk, self._check_listeners,
                                   self._contact_check("media"), self._contact_check("signalwire")]
@@ -93,9 +95,10 @@ class Gateway:
                                registry=self.metrics.registry,
                                public_base_url=self.public_base_url, clock=clock)
         self.inbound.install(self.web.app)
-        self.access = Access(settings)
+        self.access = Access(settings, store=self.store if settings.shared else None)
         self.intake = Intake(settings, self.store, self.spool, self.cpu, self._wake_worker, clock,
-                             self.notifier, self.access, self.metrics)
+                             self.notifier, self.access, self.metrics,
+                             media=self.media if settings.shared else None)
         self.intake.durability_check = self._durability
         self.tls = (ReloadableTLS(settings.tls_cert_file, settings.tls_key_file,
                                   settings.tls_min_version)
@@ -142,8 +145,8 @@ class Gateway:
         try:
             await asyncio.wait_for(self.store.run(self.store.check_writable), 5)
         except Exception as exc:  # a health check reports, it does not raise
-            return "store", False, f"{type(exc).__name__}: {exc}"
-        return "store", True, "writable"
+            return "store", False, f"{self.store.where}: {type(exc).__name__}: {exc}"
+        return "store", True, f"writable ({self.store.where}, node {self.s.node_id})"
 
     async def _check_listeners(self) -> tuple[str, bool, str]:
         bound = [f"{type(x).__name__}:{x.port}" for x in self.listeners if x.bound]
@@ -184,6 +187,11 @@ class Gateway:
         await self.store.start()  # a damaged database raises DatabaseUnusable
         await self.store.run(self.store.verify)
         self.guard.opened()
+        # Leases a dead run left: SQLite has one gateway, so all of them; a shared queue only
+        # this NODE_ID's (another node's run out by themselves).
+        released = await self.store.run(self.store.release_all, not self.s.shared)
+        if released:
+            log.info("released %d job lease(s) left by an earlier run", released)
         await self.inbound.prepare()
         await self.cpu.start()
         await self.media.start()
@@ -200,12 +208,12 @@ class Gateway:
             await listener.start()
         mode = "sandbox (built-in SignalWire simulator)" if self.s.sandbox else "production"
         log.info("faxgw started in %s mode: SMTP %s:%d%s%s for *@%s, HTTP %s:%d, media %s, "
-                 "reports %s", mode, self.s.smtp_listen.host, self.smtp.port,
+                 "reports %s, store %s (node %s)", mode, self.s.smtp_listen.host, self.smtp.port,
                  " (STARTTLS)" if self.tls else "",
                  f", SMTPS {self.smtps.listen.host}:{self.smtps.port}" if self.smtps else "",
                  self.s.fax_domain, self.s.http_listen.host, self.web.port, self.s.media_store,
                  f"via {self.s.notify_smtp_host}" if self.s.notify_smtp_host
-                 else f"to {self.s.data_dir / 'outbox'}")
+                 else f"to {self.s.data_dir / 'outbox'}", self.store.where, self.s.node_id)
         if not self.s.sandbox and is_loopback_url(self.public_base_url()):
             log.warning("PUBLIC_BASE_URL %s is a loopback address: SignalWire cannot reach "
                         "it for callbacks or media", self.public_base_url())
@@ -270,7 +278,7 @@ async def amain(settings: Settings) -> int:
         log.error("cannot start: %s", exc)
         await gateway.stop(grace_s=0)
         return EXIT_CONFIG
-    except OSError as exc:  # a port in use, an unwritable DATA_DIR, ...
+    except (OSError, StoreError) as exc:  # a port in use, an unwritable DATA_DIR, no database
         log.error("cannot start: %s", exc)
         await gateway.stop(grace_s=0)
         remove_pid_file(settings.data_dir)

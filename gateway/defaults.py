@@ -106,3 +106,10 @@ INBOUND_RECONCILE_S: Final = 300.0      # list received faxes at SignalWire this
 INBOUND_LOOKBACK_HOURS: Final = 24.0    # ... created within this many hours
 INBOUND_KEEP_MEDIA: Final = False         # delete the media at SignalWire once mailed
 INBOUND_ATTACH_DOCUMENT: Final = True     # attach the PDF (False: a notice only)
+
+# Several gateways on one PostgreSQL (DATABASE_URL).
+LEASE_SECONDS: Final = 30.0           # a dead node's jobs are taken over after this long
+DEDUP_WINDOW_HOURS: Final = 24.0      # a mail resent within this window is not faxed twice
+SEND_RATE_PER_SECOND: Final = 1.0     # faxes sent per second, all nodes together (SignalWire's)
+SHARED_POLL_S: Final = 2.0            # with a shared queue, look at it at least this often
+SMTP_PROXY_PROTOCOL: Final = False    # behind a TCP load balancer: PROXY v1/v2 header first

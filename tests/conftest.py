@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import re
+import secrets
 import smtplib
 from email.message import EmailMessage
+from email.utils import make_msgid
 from email.parser import BytesParser
 from email import policy
 from pathlib import Path
@@ -41,12 +44,14 @@ def make_pdf(pages: int = 1, *, landscape: bool = False) -> bytes:
 
 def pdf_mail(to: str | list[str], *, pdf: bytes | None = None, sender: str = "alice@example.com",
              subject: str = "Invoice 42", filename: str | None = "invoice.pdf",
-             message_id: str = "<orig-1@example.com>") -> EmailMessage:
+             message_id: str | None = None) -> EmailMessage:
+    """`message_id`: by default a new one per mail (the same Message-ID and document within
+    DEDUP_WINDOW_HOURS is one mail sent twice, faxed once)."""
     msg = EmailMessage()
     msg["From"] = f"Alice Example <{sender}>"
     msg["To"] = ", ".join(to) if isinstance(to, list) else to
     msg["Subject"] = subject
-    msg["Message-ID"] = message_id
+    msg["Message-ID"] = message_id or make_msgid(domain="example.com")
     msg.set_content("Please fax the attached invoice.\n")
     msg.add_attachment(pdf if pdf is not None else make_pdf(2), maintype="application",
                        subtype="pdf", filename=filename)
@@ -177,6 +182,8 @@ def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:
         "NOTIFY_FROM": "faxgw@faxgw.test",
         "RETRY_BASE_SECONDS": "0.05",
         "RETRY_MAX_SECONDS": "0.5",
+        # Tests send many faxes at once; the pacing itself has its own test.
+        "SEND_RATE_PER_SECOND": "1000",
     }
     env.update(overrides)
     return env
@@ -266,3 +273,39 @@ async def drive(gw: Gateway, simulator: Simulator) -> None:
         if await gw.worker.run_due() == 0:
             return
     raise AssertionError("queue did not settle")
+
+
+# -- PostgreSQL: a real server on 127.0.0.1:5432, one database per test run ---------------------
+
+PG_ADMIN_URL = os.environ.get("FAXGW_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A database of this test run's own, dropped at the end. No server: the PostgreSQL tests
+    skip (one line), except under CI=true, where they fail."""
+    import psycopg
+
+    name = f"faxgw_test_{os.getpid()}_{secrets.token_hex(3)}"
+    try:
+        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        reason = f"no PostgreSQL at {PG_ADMIN_URL}: {str(exc).splitlines()[0]}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(reason + " (CI=true: required)")
+        pytest.skip(reason)
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def pg_reset(url: str) -> None:
+    """An empty schema: each test starts from a new database as far as it can tell."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as db:
+        db.execute("DROP SCHEMA public CASCADE")
+        db.execute("CREATE SCHEMA public")

@@ -28,7 +28,8 @@ async def test_pdf_mail_becomes_fax_via_s3_and_report_via_relay(
         DOCUMENT_RETENTION_HOURS="1"))  # keep the object so the test can fetch it afterwards
     pdf = make_pdf(3)
 
-    reply = await smtp_send(gw.smtp.port, pdf_mail("15551234567@fax.local", pdf=pdf),
+    reply = await smtp_send(gw.smtp.port, pdf_mail("15551234567@fax.local", pdf=pdf,
+                                                   message_id="<orig-1@example.com>"),
                             ["15551234567@fax.local"])
     assert reply.code == 250, reply.text
     assert reply.text.startswith("2.0.0 Queued as fax job ")

@@ -348,7 +348,7 @@ async def test_authorised_sender_gets_a_refusal_report(make_gateway, simulator: 
                                            NOTIFY_SMTP_HOST="127.0.0.1",
                                            NOTIFY_SMTP_PORT=str(relay.port),
                                            NOTIFY_SMTP_TLS="none"))
-    msg = pdf_mail(RCPT, pdf=b"%PDF-1.4\nbroken")
+    msg = pdf_mail(RCPT, pdf=b"%PDF-1.4\nbroken", message_id="<orig-1@example.com>")
 
     def run() -> tuple[int, bytes]:
         with smtplib.SMTP("127.0.0.1", gw.smtp.port, timeout=20) as client:

@@ -442,7 +442,8 @@ def _note_by(store: Store, job_id: str, what: str, by: str | None) -> None:
 
 
 def resend_job(store: Store, job_id: str, now: float, *, retry_policy: RetryPolicy,
-               from_number: str | None = None, by: str | None = None) -> str:
+               from_number: str | None = None, by: str | None = None,
+               shared: bool = False) -> str:
     """Send the same document to the same number again, as a new job; returns its id.
 
     The job must be finished (reported or given-up; or completed with no automatic retry
@@ -469,13 +470,17 @@ def resend_job(store: Store, job_id: str, now: float, *, retry_policy: RetryPoli
             f"cannot resend job {job.id}: its document was deleted from the spool at "
             f"{_when(message.purged_at)} UTC (DOCUMENT_RETENTION_HOURS keeps documents "
             "longer); ask the sender to mail it again")
-    if not Path(message.document_path).is_file():
+    # Several gateways (DATABASE_URL): the document is in S3 since the 250, and the spool file
+    # is on whichever node took the mail: the new job sends the stored object.
+    stored = shared and job.media_key is not None
+    if not stored and not Path(message.document_path).is_file():
         raise AdminError(f"cannot resend job {job.id}: its document {message.document_path} is "
                          "missing from the spool; ask the sender to mail it again")
     new = NewJob(id=secrets.token_hex(JOB_ID_CHARS // 2), to_number=job.to_number,
                  from_number=from_number or job.from_number, quality=job.quality,
-                 callback_token=secrets.token_urlsafe(24), media_key=new_media_key())
-    problem = store.add_resend(job, new, now)
+                 callback_token=secrets.token_urlsafe(24),
+                 media_key=job.media_key if stored and job.media_key else new_media_key())
+    problem = store.add_resend(job, new, now, stored=stored)
     if problem is not None:
         raise AdminError(f"cannot resend job {job.id}: {problem}")
     _note_by(store, job.id, f"resend as job {new.id} requested", by)

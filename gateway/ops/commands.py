@@ -65,6 +65,8 @@ def nudge_daemon(settings: Settings) -> bool:
 
 
 def _nudged(settings: Settings, text: str) -> str:
+    if settings.shared:  # every node looks at the shared queue every few seconds: no signal
+        return text
     return text if nudge_daemon(settings) else f"{text}\n{NOT_RUNNING}"
 
 
@@ -119,7 +121,8 @@ def job(settings: Settings, ref: str) -> int:
 def resend(settings: Settings, ref: str) -> int:
     def action(store: Store) -> str:
         new = admin.resend_job(store, ref, time.time(), from_number=settings.from_number,
-                               retry_policy=RetryPolicy.from_settings(settings))
+                               retry_policy=RetryPolicy.from_settings(settings),
+                               shared=settings.shared)
         return _nudged(settings, f"job {ref} will be sent again as job {new}")
     return with_store(action)(settings)
 

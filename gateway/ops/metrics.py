@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Iterable, Iterator, Mapping
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
@@ -131,6 +131,10 @@ class Metrics:
                                     buckets=END_TO_END_BUCKETS_S, registry=r)
         self.reports = Counter("faxgw_reports", "Reports handled, by result", ["result"],
                                registry=r)
+        # Which node this is: several gateways on one database scrape alike otherwise (the
+        # store gauges are the shared queue's, the same on every node).
+        self.node = Info("faxgw_node", "This gateway node: its NODE_ID and job store",
+                         registry=r)
         for reason in REFUSAL_REASONS:  # every series exists from the start: rate() works
             self.mails_refused.labels(reason)
         for status in OUTCOMES:

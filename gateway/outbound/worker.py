@@ -66,6 +66,9 @@ class Worker:
         self._stopping = False
         self.retry_policy = RetryPolicy.from_settings(settings)
         self._next_housekeeping = 0.0
+        self._heartbeat: asyncio.Task[None] | None = None
+        # With a shared queue other nodes add and free work: look at it often.
+        self._idle_wake_s = defaults.SHARED_POLL_S if settings.shared else IDLE_WAKE_S
         self._recheck_s = min(UNKNOWN_RECHECK_S, settings.api_timeout_s)
         # Notified after every step: lets tests and the CLI wait for a job without polling.
         self.progress = asyncio.Condition()
@@ -74,6 +77,27 @@ class Worker:
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="faxgw-worker")
+        self._heartbeat = asyncio.create_task(self._beat(), name="faxgw-heartbeat")
+
+    async def _beat(self) -> None:
+        """Extend the leases of the jobs this node is working, every LEASE_SECONDS/3, so no
+        other node takes a live node's job; a dead node stops beating and its jobs are
+        claimed by the others once its leases run out."""
+        interval = self.s.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            ids = list(self._inflight)
+            if not ids:
+                continue
+            try:
+                held = await self.store.run(self.store.renew_leases, ids, self.clock())
+            except Exception:  # a task boundary: the next beat tries again
+                log.exception("heartbeat: cannot extend the job leases")
+                continue
+            for job_id in set(ids) - held:
+                if job_id in self._inflight:
+                    log.warning("job %s: lease lost (this node stalled past LEASE_SECONDS); "
+                                "another node may have taken the job over", job_id)
 
     def wake(self) -> None:
         self._wake.set()
@@ -85,6 +109,10 @@ class Worker:
         """
         self._stopping = True
         self._wake.set()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+            self._heartbeat = None
         if self._task is not None:
             await self._task
             self._task = None
@@ -103,18 +131,18 @@ class Worker:
             started: list[asyncio.Task[None]] = []
             try:
                 if self.clock() >= self._next_housekeeping:
-                    await self.housekeeping()
+                    await self.housekeeping_if_leader()
                 started = await self._dispatch()
                 nxt = await self.store.run(self.store.next_due_at, list(self._inflight))
             except Exception:
                 log.exception("worker: cannot read the job store; retrying")
                 nxt = self.clock() + self.s.retry_base_s
-            timeout = IDLE_WAKE_S if nxt is None else min(IDLE_WAKE_S,
-                                                          max(0.0, nxt - self.clock()))
+            idle = self._idle_wake_s
+            timeout = idle if nxt is None else min(idle, max(0.0, nxt - self.clock()))
             if timeout == 0 and not started:
                 # What is due waits on a running step (same number, or no free slot): the
                 # step's end wakes us.
-                timeout = IDLE_WAKE_S
+                timeout = idle
             if timeout > 0 and not self._stopping:
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout)
@@ -125,14 +153,12 @@ class Worker:
         free = self.s.worker_concurrency - len(self._inflight)
         if free <= 0:
             return []
-        due = await self.store.run(self.store.due_jobs, self.clock(), free, list(self._inflight))
+        # Claimed, not merely read: each job comes leased to this node (see _beat).
+        due = await self.store.run(self.store.claim_due, self.clock(), free,
+                                   list(self._inflight))
         started = []
-        dialling = set(self._dialling.values())
         for job in due:
             if job.state is State.STORED:
-                if job.to_number in dialling:
-                    continue  # one attempt in flight per destination number
-                dialling.add(job.to_number)
                 self._dialling[job.id] = job.to_number
             task = asyncio.create_task(self._step(job), name=f"faxgw-job-{job.id}")
             self._inflight[job.id] = task
@@ -171,6 +197,11 @@ class Worker:
             log.exception("job %s: %s step crashed", job.id, job.state.value)
             await self._later(job, f"internal error: {type(exc).__name__}")
         finally:
+            try:
+                await self.store.run(self.store.release, job.id)
+            except Exception:  # the lease runs out by itself
+                log.warning("job %s: lease not released; it runs out in %.0f s", job.id,
+                            self.s.lease_seconds)
             self._inflight.pop(job.id, None)
             self._dialling.pop(job.id, None)
             self._wake.set()
@@ -240,6 +271,7 @@ class Worker:
             await self._later(job, str(exc))
             return
         callback = self.callback_url(job.callback_token)
+        await self._pace()
         recheck_at = self.clock() + self.s.api_timeout_s + self._recheck_s
         if not await self.store.run(self.store.mark_submitting, job, callback, recheck_at):
             return
@@ -287,6 +319,15 @@ class Worker:
                                  self.clock() + self.s.status_poll_s,
                                  f"SignalWire accepted: sid {fax.sid}, status {fax.status}")
             log.info("job %s attempt %d: submitted, sid %s", job.id, job.attempt, fax.sid)
+
+    async def _pace(self) -> None:
+        """Stay under SignalWire's account send rate (SEND_RATE_PER_SECOND, all nodes
+        together): a slot is reserved in the database, and this send waits for it."""
+        interval = 1.0 / self.s.send_rate_per_second
+        at = await self.store.run(self.store.take_send_slot, self.clock(), interval)
+        wait = at - self.clock()
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     async def _reconcile(self, job: Job) -> None:
         """A send whose answer never came: find the fax at SignalWire, resend only if absent."""
@@ -420,6 +461,16 @@ class Worker:
             await asyncio.to_thread(self.spool.remove, message.id)
             await self.store.run(self.store.mark_purged, message.id)
         return len(messages)
+
+    async def housekeeping_if_leader(self) -> None:
+        """Once, not once per node: housekeeping runs on the node holding the `housekeeping`
+        lease; it moves to another node when its holder stops renewing it (dies)."""
+        now = self.clock()
+        ttl = defaults.HOUSEKEEPING_INTERVAL_S + 3 * self.s.lease_seconds
+        if await self.store.run(self.store.take_lead, "housekeeping", now, ttl):
+            await self.housekeeping()
+        else:
+            self._next_housekeeping = now + defaults.HOUSEKEEPING_INTERVAL_S / 4
 
     async def housekeeping(self) -> None:
         """Purge documents past their retention; prune jobs past theirs (in batches)."""

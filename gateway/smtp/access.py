@@ -21,13 +21,14 @@ import math
 import time
 from dataclasses import dataclass
 from email.utils import parseaddr
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from gateway.config import Settings
 from gateway.constants import RCPT_CHURN_PER_IP_HOUR
 from gateway.smtp import replies
 from gateway.smtp.replies import Reply
-from gateway.users import LoginThrottle, User, UsersFile, UsersFileError, authenticate
+from gateway.users import (LoginThrottle, User, UsersFile, UsersFileError, authenticate,
+                           client_key)
 from gateway.smtp.policy import (DestinationPolicy, RateLimiter, SenderPolicy, TrustedNetworks,
                      try_acquire_all)
 
@@ -57,10 +58,23 @@ class Client:
         return f"sender:{self.envelope_from.lower()}" if self.envelope_from else f"ip:{self.ip}"
 
 
+if TYPE_CHECKING:
+    from gateway.store.base import Store
+
+# Shared across nodes (DATABASE_URL): hit kinds in the store's `hits` table.
+_AUTH_FAIL, _AUTH_LOCK, _RATE_TOTAL, _RATE_SENDER = "auth-fail", "auth-lock", "rate-all", "rate"
+
+
 class Access:
-    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic, *,
+                 store: "Store | None" = None) -> None:
         self.s = settings
         self.clock = clock
+        # Several gateways (DATABASE_URL): rate limits and login lockouts are counted in the
+        # shared database, on wall-clock time, so a sender cannot get N times the limit by
+        # spreading over N nodes. None: in this process's memory, as for a single gateway.
+        self.store = store
+        self.wall_clock: Callable[[], float] = time.time
         self.trusted = TrustedNetworks(settings.trusted_networks)
         self.senders = SenderPolicy(settings.allowed_senders)
         self.destinations = DestinationPolicy(
@@ -96,6 +110,28 @@ class Access:
     def locked_out_s(self, ip: str) -> float:
         return self.throttle.check(ip, self.clock())
 
+    async def locked_out(self, ip: str) -> float:
+        """Seconds `ip` stays locked out of AUTH, across every node when the store is shared."""
+        if self.store is None:
+            return self.locked_out_s(ip)
+        last = await self.store.run(self.store.last_hit, _AUTH_LOCK, client_key(ip))
+        if last is None:
+            return 0.0
+        return max(0.0, last + self.throttle.lockout_s - self.wall_clock())
+
+    async def _failed_login(self, ip: str) -> float:
+        if self.store is None:
+            return self.throttle.failure(ip, self.clock())
+        key, now = client_key(ip), self.wall_clock()
+        failures = await self.store.run(self.store.add_hit, _AUTH_FAIL, key, now,
+                                        now - self.throttle.window_s)
+        if failures < self.throttle.max_failures:
+            return 0.0
+        await self.store.run(self.store.add_hit, _AUTH_LOCK, key, now,
+                             now - self.throttle.lockout_s)
+        await self.store.run(self.store.clear_hits, _AUTH_FAIL, key)
+        return self.throttle.lockout_s
+
     async def login(self, ip: str, username: str, password: str) -> User | None:
         if self.users is None:
             return None
@@ -103,11 +139,13 @@ class Access:
         async with self._logins:
             user = await asyncio.to_thread(authenticate, self.users.users, username, password)
         if user is None:
-            locked = self.throttle.failure(ip, self.clock())
+            locked = await self._failed_login(ip)
             log.warning("AUTH failed for user %r from %s%s", username[:64], ip,
                         f"; locked out for {locked:.0f} s" if locked else "")
             return None
         self.throttle.success(ip)
+        if self.store is not None:
+            await self.store.run(self.store.clear_hits, _AUTH_FAIL, client_key(ip))
         log.info("AUTH ok: user %s from %s", user.name, ip)
         return user
 
@@ -175,6 +213,48 @@ class Access:
     def accepted(self, client: Client, faxes: int) -> None:
         """The faxes were queued: their recipients were not churn."""
         self.rcpt_churn.give_back(client.ip, faxes, self.clock())
+
+    # Several gateways (DATABASE_URL): the same three steps, with the rate limits counted in
+    # the shared database so that N nodes do not give a sender N times the limit. RCPT churn
+    # stays per node: it bounds what one address costs this node.
+
+    def _shared_rules(self, client: Client) -> list[tuple[str, str, int]]:
+        return [(_RATE_TOTAL, "all", self.s.rate_total_hour),
+                (_RATE_SENDER, client.rate_key, self.s.rate_per_sender_hour)]
+
+    async def check_destination_async(self, client: Client, number: str,
+                                      already: int = 0) -> Reply | None:
+        """`check_destination`; when shared, the rate limits are looked up (not charged) in
+        the database."""
+        if self.store is None:
+            return self.check_destination(client, number, already)
+        reason = self.destinations.check(number)
+        if reason:
+            log.warning("destination %s refused for %s: %s", number, client.rate_key, reason)
+            return replies.destination_refused(reason)
+        wait = await self.store.run(self.store.hits_wait, self._shared_rules(client),
+                                    already + 1, self.wall_clock(), 3600.0)
+        if wait:
+            return self._rate_refusal(client, wait)
+        churn = self.rcpt_churn.try_acquire(client.ip, 1, self.clock())
+        if churn:
+            log.warning("recipient churn limit hit by %s", client.ip)
+            return replies.recipient_churn(client.ip, churn)
+        return None
+
+    async def reserve_async(self, client: Client, faxes: int) -> Reply | None:
+        if self.store is None:
+            return self.reserve(client, faxes)
+        wait = await self.store.run(self.store.take_hits, self._shared_rules(client),
+                                    self.wall_clock(), 3600.0, faxes)
+        return self._rate_refusal(client, wait) if wait else None
+
+    async def release_async(self, client: Client, faxes: int) -> None:
+        if self.store is None:
+            self.release(client, faxes)
+            return
+        await self.store.run(self.store.give_back_hits,
+                             [(kind, key) for kind, key, _ in self._shared_rules(client)], faxes)
 
     def check_header_from(self, client: Client, header_from: str | None) -> Reply | None:
         """The From: header must be allowed too, unless the client logged in or is trusted

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -32,7 +33,7 @@ from gateway.config import Settings
 from gateway.documents.pool import CpuPool, TaskLimitError, call
 from gateway.documents.model import DocOptions, DocumentError
 from gateway.ops.faults import crash_point
-from gateway.signalwire.media import new_media_key
+from gateway.signalwire.media import MediaError, MediaStore, new_media_key
 from gateway.ops.metrics import Metrics
 from gateway.documents.mime import MimeError, ParsedMail
 from gateway.documents.partial import PartialError, PartialStore, Reassembler, Received
@@ -59,6 +60,7 @@ class Accepted:
     message_id: str
     job_ids: tuple[str, ...]
     pages: int
+    duplicate: bool = False  # the same mail was accepted before: these are its jobs
 
 
 class Refused(Exception):
@@ -106,8 +108,11 @@ class Intake:
     def __init__(self, settings: Settings, store: Store, spool: Spool, cpu: CpuPool,
                  on_new_jobs: Callable[[], None], clock: Callable[[], float] = time.time,
                  notifier: Notifier | None = None, access: Access | None = None,
-                 metrics: Metrics | None = None) -> None:
+                 metrics: Metrics | None = None, media: MediaStore | None = None) -> None:
         self.settings = settings
+        # A shared queue (DATABASE_URL): the document goes to the media store before the 250,
+        # so any node can send it if this one dies.
+        self.media = media
         self.store = store
         self.spool = spool
         self.cpu = cpu
@@ -213,19 +218,23 @@ class Intake:
                 raise Refused(refusal)
         user = client.user if client is not None else None
 
-        message_id = new_id()
-        from_number = (user.from_number if user and user.from_number
-                       else self.settings.from_number)
-        jobs = [NewJob(id=new_id(), to_number=n, from_number=from_number,
-                       quality=options.quality, callback_token=secrets.token_urlsafe(24),
-                       media_key=new_media_key())
-                for n in numbers]
-        if (refusal := self.durability_check()) is not None:
-            raise Refused(refusal)
         if prepared.pdf_path is not None:
             size, sha256 = prepared.pdf_bytes, prepared.pdf_sha256
         else:
             size, sha256 = len(document.data), hashlib.sha256(document.data).hexdigest()
+        duplicate = await self._duplicate(parsed.message_id, numbers, sha256, document.pages)
+        if duplicate is not None:
+            return duplicate
+        message_id = new_id()
+        from_number = (user.from_number if user and user.from_number
+                       else self.settings.from_number)
+        shared_key = new_media_key() if self.media is not None else None
+        jobs = [NewJob(id=new_id(), to_number=n, from_number=from_number,
+                       quality=options.quality, callback_token=secrets.token_urlsafe(24),
+                       media_key=shared_key or new_media_key())
+                for n in numbers]
+        if (refusal := self.durability_check()) is not None:
+            raise Refused(refusal)
         try:
             if prepared.pdf_path is not None:
                 path = await asyncio.to_thread(self._spool_file, Path(prepared.pdf_path),
@@ -257,8 +266,12 @@ class Intake:
             filenames=", ".join(document.filenames),
             notes="; ".join(notes)[:2000] or None)
         try:
-            await self.store.run(self.store.add_message, message, jobs)
-        except (StoreError, OSError) as exc:
+            if shared_key is not None:
+                assert self.media is not None
+                await self.media.put(shared_key, path)
+            await self.store.run(functools.partial(self.store.add_message, message, jobs,
+                                                   stored=shared_key is not None))
+        except (StoreError, OSError, MediaError) as exc:
             log.error("job store write failed for message %s: %s", message_id, exc)
             await asyncio.to_thread(self.spool.remove, message_id)
             raise Refused(replies.CANNOT_QUEUE) from exc
@@ -286,6 +299,27 @@ class Intake:
             return self.spool.put(message_id, pdf.read_bytes())
         fsync_dir(final.parent)
         return final
+
+    async def _duplicate(self, message_id_header: str | None, numbers: Sequence[str],
+                         sha256: str, pages: int) -> Accepted | None:
+        """The same mail (Message-ID, recipients, document) accepted within DEDUP_WINDOW_HOURS:
+        a client that lost our 250 and sent again. Its jobs, not new ones; a mail with no
+        Message-ID is never merged."""
+        if not message_id_header or self.settings.dedup_window_hours <= 0:
+            return None
+        since = self.clock() - self.settings.dedup_window_hours * 3600
+        try:
+            found = await self.store.run(self.store.find_duplicates, message_id_header,
+                                         list(numbers), sha256, since)
+        except (StoreError, OSError) as exc:
+            log.error("job store read failed (duplicate check): %s", exc)
+            raise Refused(replies.CANNOT_QUEUE) from exc
+        if not found or set(found) != set(numbers):
+            return None  # a new recipient makes it a new mail
+        job_ids = tuple(found[n] for n in numbers)
+        log.info("message %s resent (same Message-ID and document): already jobs %s",
+                 one_line(message_id_header, 200), ", ".join(job_ids))
+        return Accepted("", job_ids, pages, duplicate=True)
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)

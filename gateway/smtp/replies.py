@@ -51,6 +51,13 @@ def recipient_duplicate(number: str) -> Reply:
     return Reply(250, "2.1.5", f"Recipient OK (duplicate of {number}, faxed once)")
 
 
+def already_queued(job_ids: tuple[str, ...] | list[str]) -> Reply:
+    """The same mail again (Message-ID, recipients, document): a client that lost our 250."""
+    plural = "s" if len(job_ids) > 1 else ""
+    return Reply(250, "2.0.0", f"Already queued as fax job{plural} {', '.join(job_ids)} (the "
+                 "same mail was received before; not faxed twice)")
+
+
 def queued(job_ids: tuple[str, ...] | list[str], pages: int) -> Reply:
     jobs = ", ".join(job_ids)
     return Reply(250, "2.0.0", f"Queued as fax job{'s' if len(job_ids) > 1 else ''} {jobs} "

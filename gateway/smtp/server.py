@@ -115,6 +115,11 @@ class FaxHandler:
         log.error("SMTP session error", exc_info=error)
         return self.refuse(replies.INTERNAL_ERROR)
 
+    async def handle_PROXY(self, server: SMTP, session: Session, envelope: Envelope,
+                           proxy_data: Any) -> bool:
+        """SMTP_PROXY_PROTOCOL: a well-formed header from the load balancer names the client."""
+        return bool(proxy_data and proxy_data.valid)
+
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
                           hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
@@ -128,7 +133,7 @@ class FaxHandler:
         ip = _peer(session)
         if not self.access.auth_enabled:
             return str(replies.AUTH_NOT_OFFERED)
-        locked = self.access.locked_out_s(ip)
+        locked = await self.access.locked_out(ip)
         if locked:
             return str(replies.auth_locked_out(ip, locked))
         mechanism = args[0].upper()
@@ -207,7 +212,8 @@ class FaxHandler:
             return self.refuse(replies.bad_number(str(exc)))
         if number in env.fax_numbers:
             return str(replies.recipient_duplicate(number))
-        refusal = self.access.check_destination(_client(env), number, len(env.fax_numbers))
+        refusal = await self.access.check_destination_async(_client(env), number,
+                                                            len(env.fax_numbers))
         if refusal:
             return self.refuse(refusal)
         env.fax_numbers.append(number)
@@ -222,24 +228,27 @@ class FaxHandler:
             return self.refuse(replies.NO_VALID_RECIPIENTS)
         assert env.content_path is not None, "DATA hook without the message file"
         client = _client(env)
-        refusal = self.access.reserve(client, len(numbers))
+        refusal = await self.access.reserve_async(client, len(numbers))
         if refusal:
             return self.refuse(refusal)
         try:
             accepted = await self.intake.accept(env.content_path, env.mail_from, numbers,
                                                 _peer(session), client)
         except PartStored as exc:  # a part of a split mail, kept: nothing is faxed yet
-            self.access.release(client, len(numbers))
+            await self.access.release_async(client, len(numbers))
             log.info("message from %s (peer %s): %s", env.mail_from, _peer(session), exc.reply)
             return str(exc.reply)
         except Refused as exc:
-            self.access.release(client, len(numbers))
+            await self.access.release_async(client, len(numbers))
             log.info("refused message from %s (peer %s): %s", env.mail_from,
                      _peer(session), exc.reply)
             return self.refuse(exc.reply)
         except BaseException:
-            self.access.release(client, len(numbers))
+            await self.access.release_async(client, len(numbers))
             raise
+        if accepted.duplicate:  # faxed once already: nothing new is charged
+            await self.access.release_async(client, len(numbers))
+            return str(replies.already_queued(accepted.job_ids))
         self.access.accepted(client, len(numbers))
         return str(replies.queued(accepted.job_ids, accepted.pages))
 
@@ -255,6 +264,9 @@ def _client(envelope: FaxEnvelope) -> Client:
 
 
 def _peer(session: Session) -> str:
+    proxied = getattr(session, "proxy_data", None)  # SMTP_PROXY_PROTOCOL: the real client
+    if proxied is not None and getattr(proxied, "src_addr", None):
+        return str(proxied.src_addr)
     return _peer_ip(session.peer)
 
 
@@ -455,6 +467,7 @@ class SMTPListener:
             self.handler, self._connections, data_size_limit=s.smtp_max_message_bytes,
             enable_SMTPUTF8=True, hostname=s.smtp_hostname, ident="faxgw ESMTP",
             timeout=s.smtp_idle_timeout_s,
+            proxy_protocol_timeout=SMTP_LINE_TIMEOUT_S if s.smtp_proxy_protocol else None,
             tls_context=None if self.implicit_tls or self.tls is None else self.tls.context,
             require_starttls=bool(self.tls) and not self.implicit_tls and s.smtp_require_tls,
             # aiosmtpd does not see implicit TLS as TLS: AUTH must be allowed there explicitly.

@@ -19,11 +19,14 @@ from __future__ import annotations
 import abc
 import asyncio
 import functools
+import os
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, TypeVar
 
+from gateway import defaults
 from gateway.outbound.states import CallbackAction, IllegalTransition, Job, State
 from gateway.store.rows import Attempt, Event, JobListing, Message, NewJob
 
@@ -47,6 +50,10 @@ class Store(abc.ABC):
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self._executor: ThreadPoolExecutor | None = None
+        # Who claims jobs (NODE_ID), and for how long a claim lasts without a heartbeat
+        # (LEASE_SECONDS); open_store sets both from the settings.
+        self.node_id = f"{socket.gethostname()}-{os.getpid()}"
+        self.lease_s = defaults.LEASE_SECONDS
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -105,8 +112,10 @@ class Store(abc.ABC):
     # -- intake ------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def add_message(self, message: Message, jobs: Iterable[NewJob]) -> None:
-        """Commit a message and its jobs in one transaction (durable once this returns)."""
+    def add_message(self, message: Message, jobs: Iterable[NewJob], *,
+                    stored: bool = False) -> None:
+        """Commit a message and its jobs in one transaction (durable once this returns);
+        `stored`: the document is in the media store already, the jobs start there."""
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -138,6 +147,71 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def next_due_at(self, exclude: Iterable[str] = ()) -> float | None:
         """When the next step of a job not in `exclude` (running now) falls due."""
+
+    # -- claims (several nodes, one queue) ---------------------------------------------------
+
+    @abc.abstractmethod
+    def claim_due(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[Job]:
+        """Like `due_jobs`, but each job returned is leased to this node until
+        now + lease_s, in the same transaction: no other node gets it while the lease lives.
+        At most one stored job per destination number, and none to a number in flight."""
+
+    @abc.abstractmethod
+    def renew_leases(self, job_ids: Iterable[str], now: float) -> set[str]:
+        """The heartbeat: extend this node's leases; returns the ids it still holds."""
+
+    @abc.abstractmethod
+    def release(self, job_id: str) -> None:
+        """This node is done with the job's step: any node may claim its next one."""
+
+    @abc.abstractmethod
+    def release_all(self, everyone: bool = False) -> int:
+        """At start: drop leases a previous run of this node (or, `everyone`, any) left."""
+
+    @abc.abstractmethod
+    def take_lead(self, name: str, now: float, ttl_s: float) -> bool:
+        """Hold the named lease (once-only tasks); False while another live node holds it."""
+
+    @abc.abstractmethod
+    def take_send_slot(self, now: float, interval_s: float) -> float:
+        """The time of the next free send slot, reserved for this node (shared send rate)."""
+
+    @abc.abstractmethod
+    def add_hit(self, kind: str, key: str, now: float, forget_before: float) -> int:
+        """Count a hit (a mail, a failed login) shared across nodes; hits since then."""
+
+    @abc.abstractmethod
+    def count_hits(self, kind: str, key: str, since: float) -> int: ...
+
+    @abc.abstractmethod
+    def take_hits(self, rules: Sequence[tuple[str, str, int]], now: float,
+                  window_s: float, count: int = 1) -> float:
+        """A shared sliding-window rate limit: record `count` hits under every rule or none;
+        0.0, or the seconds until they would fit."""
+
+    @abc.abstractmethod
+    def hits_wait(self, rules: Sequence[tuple[str, str, int]], count: int, now: float,
+                  window_s: float) -> float:
+        """`take_hits` without recording: would `count` more fit now?"""
+
+    @abc.abstractmethod
+    def give_back_hits(self, keys: Sequence[tuple[str, str]], count: int) -> None:
+        """Remove the newest `count` hits of each (kind, key) (a refused message's charge)."""
+
+    @abc.abstractmethod
+    def last_hit(self, kind: str, key: str) -> float | None: ...
+
+    @abc.abstractmethod
+    def clear_hits(self, kind: str, key: str) -> None: ...
+
+    @abc.abstractmethod
+    def find_duplicates(self, message_id_header: str | None, numbers: Iterable[str],
+                        sha256: str, since: float) -> dict[str, str]:
+        """Jobs of an earlier copy of this mail, by number (see `SqlStore`)."""
+
+    @abc.abstractmethod
+    def queue_depth(self) -> int:
+        """Jobs not yet reported, all nodes together."""
 
     @abc.abstractmethod
     def earlier_sids(self, job: Job) -> set[str]:
@@ -226,8 +300,10 @@ class Store(abc.ABC):
     # -- operator actions --------------------------------------------------------------------
 
     @abc.abstractmethod
-    def add_resend(self, job: Job, new: NewJob, now: float) -> str | None:
-        """A new job for the message and number of `job`; None when done, else why not."""
+    def add_resend(self, job: Job, new: NewJob, now: float, *,
+                   stored: bool = False) -> str | None:
+        """A new job for the message and number of `job`; None when done, else why not.
+        `stored`: it sends the media object `new.media_key` already in the media store."""
 
     @abc.abstractmethod
     def cancel_unsent(self, job_id: str, reason: str, now: float) -> bool: ...
@@ -243,10 +319,18 @@ class Store(abc.ABC):
 
 
 def open_store(settings: "Settings", clock: Callable[[], float] = time.time) -> Store:
-    """The store the settings name, not yet opened (`open()` or `await start()`).
+    """The store the settings name, not yet opened (`open()` or `await start()`):
+    PostgreSQL when DATABASE_URL is set (several gateways, one queue), else SQLite at
+    DATA_DIR/faxgw.sqlite3."""
+    store: Store
+    if settings.database_url:
+        from gateway.store.postgres import PostgresStore
 
-    Only SQLite today, at DATA_DIR/faxgw.sqlite3; a PostgreSQL backend plugs in here.
-    """
-    from gateway.store.sqlite import SqliteStore
+        store = PostgresStore(settings.database_url, clock)
+    else:
+        from gateway.store.sqlite import SqliteStore
 
-    return SqliteStore(settings.data_dir / DB_FILENAME, clock)
+        store = SqliteStore(settings.data_dir / DB_FILENAME, clock)
+    store.node_id = settings.node_id
+    store.lease_s = settings.lease_seconds
+    return store

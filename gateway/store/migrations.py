@@ -151,10 +151,37 @@ _V3 = (
 )""",
 )
 
+_V4 = (
+    # A job being worked is claimed by one node until `lease_until` (a heartbeat extends it);
+    # another node takes it over only once the lease has run out.
+    "ALTER TABLE jobs ADD COLUMN lease_owner TEXT",
+    "ALTER TABLE jobs ADD COLUMN lease_until {float}",
+    # The claim's "no other attempt in flight to this number" looks jobs up by number.
+    "CREATE INDEX IF NOT EXISTS jobs_number ON jobs (to_number, state)",
+    # A mail resent after a lost 250 is found by its Message-ID and document.
+    "CREATE INDEX IF NOT EXISTS messages_dedup ON messages (message_id_header, document_sha256)",
+    # Named leases: the node that runs the once-only tasks (housekeeping), and shared pacing
+    # (the next free send slot under SignalWire's account rate).
+    """CREATE TABLE IF NOT EXISTS leases (
+    name TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    until {float} NOT NULL
+)""",
+    # Hits counted across nodes: mails per sender and in total, failed logins per user/address.
+    """CREATE TABLE IF NOT EXISTS hits (
+    kind TEXT NOT NULL,
+    hkey TEXT NOT NULL,
+    at {float} NOT NULL
+)""",
+    "CREATE INDEX IF NOT EXISTS hits_key ON hits (kind, hkey, at)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "messages, jobs, events, attempts", _V1),
     Migration(2, "states renamed: received -> spooled, failed -> given-up", _V2),
     Migration(3, "received faxes: inbound_faxes, inbound_meta, inbound_deliveries", _V3),
+    Migration(4, "job leases (several nodes), dedup index, named leases, shared hit counts",
+              _V4),
 )
 
 LATEST = MIGRATIONS[-1].version

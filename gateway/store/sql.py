@@ -13,6 +13,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import logging
+import math
 from dataclasses import fields
 from typing import Any, ContextManager, Iterable, Sequence
 
@@ -32,13 +33,18 @@ _LISTING_MESSAGE_FIELDS = ("envelope_from", "header_from", "report_to", "subject
                            "filenames")
 
 # A job is due when its time has come, unless it would dial a number that another job is dialling
-# right now: at most one attempt in flight per destination.
+# right now, or that a node has claimed a job to and is about to dial (its lease is live): at most
+# one attempt in flight per destination, across nodes. The `?` is the time now.
 _DUE = """
     next_run_at IS NOT NULL AND state IN ({states})
-    AND NOT (state = 'stored' AND to_number IN (
-        SELECT other.to_number FROM jobs other
-        WHERE other.state IN ('submitting', 'submitted') AND other.id <> jobs.id))
+    AND NOT (state = 'stored' AND EXISTS (
+        SELECT 1 FROM jobs other
+        WHERE other.to_number = jobs.to_number AND other.id <> jobs.id
+            AND (other.state IN ('submitting', 'submitted')
+                 OR (other.state = 'stored' AND other.lease_until > ?))))
 """
+# Not claimed by a live node: never claimed, released, or its lease ran out (the node died).
+_UNCLAIMED = " AND (lease_until IS NULL OR lease_until <= ?)"
 
 _LISTING = """
     SELECT {job_columns}, {message_columns},
@@ -191,7 +197,10 @@ class SqlStore(Store):
              State.SPOOLED.value, new.callback_token, new.media_key, pages, now, now, now))
         self._event(new.id, Ev.RECEIVED, detail, now)
 
-    def add_message(self, message: Message, jobs: Iterable[NewJob]) -> None:
+    def add_message(self, message: Message, jobs: Iterable[NewJob], *,
+                    stored: bool = False) -> None:
+        """`stored`: the document is already in the media store (a shared queue uploads it
+        before the 250), so the jobs start in `stored`."""
         now = self.clock()
         try:
             with self._tx(durable=True):
@@ -205,6 +214,10 @@ class SqlStore(Store):
                         f"from {message.report_to or message.envelope_from or '-'}"
                         f" peer {message.peer or '-'}, {message.pages} page(s),"
                         f" {message.document_bytes} bytes")
+                    if stored:
+                        self._transition(job.id, [State.SPOOLED], State.STORED, Ev.STORED,
+                                         "document in the media store before the 250",
+                                         at=now, tries=0, next_run_at=now)
         except StoreError:
             raise
         except Exception as exc:
@@ -252,23 +265,213 @@ class SqlStore(Store):
         rows = self._rows("SELECT * FROM jobs WHERE message_id = ? ORDER BY id", (message_id,))
         return [_job(r) for r in rows]
 
-    def _due_where(self, exclude: list[str]) -> tuple[str, list[Any]]:
+    def _due_where(self, exclude: list[str], now: float) -> tuple[str, list[Any]]:
         states = sorted(s.value for s in ACTIVE_STATES)
         sql = _DUE.format(states=_marks(states))
         if exclude:
             sql += f" AND id NOT IN ({_marks(exclude)})"
-        return sql, [*states, *exclude]
+        return sql, [*states, now, *exclude]
 
     def due_jobs(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[Job]:
-        where, args = self._due_where(list(exclude))
+        where, args = self._due_where(list(exclude), now)
         rows = self._rows(
-            f"SELECT * FROM jobs WHERE {where} AND next_run_at <= ? ORDER BY next_run_at LIMIT ?",
-            (*args, now, limit))
+            f"SELECT * FROM jobs WHERE {where}{_UNCLAIMED} AND next_run_at <= ?"
+            " ORDER BY next_run_at LIMIT ?", (*args, now, now, limit))
         return [_job(r) for r in rows]
 
     def next_due_at(self, exclude: Iterable[str] = ()) -> float | None:
-        where, args = self._due_where(list(exclude))
-        return self._scalar(f"SELECT MIN(next_run_at) AS t FROM jobs WHERE {where}", args)
+        """A job another node holds falls due for us when its lease runs out."""
+        where, args = self._due_where(list(exclude), self.clock())
+        return self._scalar(
+            "SELECT MIN(CASE WHEN lease_until > next_run_at THEN lease_until"
+            f" ELSE next_run_at END) AS t FROM jobs WHERE {where}", args)
+
+    # -- claims: several nodes, one queue ----------------------------------------------------
+
+    SKIP_LOCKED = ""  # PostgreSQL: " FOR UPDATE SKIP LOCKED"
+
+    def _claim_lock(self) -> None:
+        """Serialise claims across nodes (SQLite: BEGIN IMMEDIATE already does)."""
+
+    def claim_due(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[Job]:
+        where, args = self._due_where(list(exclude), now)
+        with self._tx():
+            self._claim_lock()
+            rows = self._rows(
+                f"SELECT * FROM jobs WHERE {where}{_UNCLAIMED} AND next_run_at <= ?"
+                f" ORDER BY next_run_at LIMIT ?{self.SKIP_LOCKED}",
+                (*args, now, now, limit))
+            claimed, numbers = [], set()
+            for row in rows:
+                if row["state"] == State.STORED.value:
+                    if row["to_number"] in numbers:
+                        continue  # one attempt in flight per destination number
+                    numbers.add(row["to_number"])
+                claimed.append(row)
+            if claimed:
+                ids = [r["id"] for r in claimed]
+                self._exec(f"UPDATE jobs SET lease_owner = ?, lease_until = ?"
+                           f" WHERE id IN ({_marks(ids)})",
+                           (self.node_id, now + self.lease_s, *ids))
+        return [_job(r) for r in claimed]
+
+    def renew_leases(self, job_ids: Iterable[str], now: float) -> set[str]:
+        ids = list(job_ids)
+        if not ids:
+            return set()
+        with self._tx():
+            self._exec(f"UPDATE jobs SET lease_until = ? WHERE lease_owner = ?"
+                       f" AND id IN ({_marks(ids)})", (now + self.lease_s, self.node_id, *ids))
+            rows = self._rows(f"SELECT id FROM jobs WHERE lease_owner = ?"
+                              f" AND id IN ({_marks(ids)})", (self.node_id, *ids))
+        return {r["id"] for r in rows}
+
+    def release(self, job_id: str) -> None:
+        with self._tx():
+            self._exec("UPDATE jobs SET lease_owner = NULL, lease_until = NULL"
+                       " WHERE id = ? AND lease_owner = ?", (job_id, self.node_id))
+
+    def release_all(self, everyone: bool = False) -> int:
+        """At start: this node's leases from before a restart (same NODE_ID), or with
+        `everyone` every lease (SQLite: one gateway per database, so any lease is a dead
+        one's)."""
+        with self._tx():
+            if everyone:
+                return self._exec("UPDATE jobs SET lease_owner = NULL, lease_until = NULL"
+                                  " WHERE lease_owner IS NOT NULL")
+            return self._exec("UPDATE jobs SET lease_owner = NULL, lease_until = NULL"
+                              " WHERE lease_owner = ?", (self.node_id,))
+
+    def lease_of(self, job_id: str) -> tuple[str | None, float | None]:
+        row = self._one("SELECT lease_owner, lease_until FROM jobs WHERE id = ?", (job_id,))
+        return (None, None) if row is None else (row["lease_owner"], row["lease_until"])
+
+    def take_lead(self, name: str, now: float, ttl_s: float) -> bool:
+        """Hold (or extend) the named lease for this node; True if this node holds it.
+        It moves to another node only once its holder stops extending it."""
+        with self._tx():
+            self._claim_lock()
+            row = self._one("SELECT owner, until FROM leases WHERE name = ?", (name,))
+            if row is None:
+                self._exec("INSERT INTO leases (name, owner, until) VALUES (?, ?, ?)",
+                           (name, self.node_id, now + ttl_s))
+                return True
+            if row["owner"] != self.node_id and row["until"] > now:
+                return False
+            self._exec("UPDATE leases SET owner = ?, until = ? WHERE name = ?",
+                       (self.node_id, now + ttl_s, name))
+            return True
+
+    def take_send_slot(self, now: float, interval_s: float) -> float:
+        """Reserve the next send slot under the account's rate, across nodes; returns when it
+        is (now, or later: the caller waits until then)."""
+        with self._tx():
+            self._claim_lock()
+            row = self._one("SELECT until FROM leases WHERE name = 'send-slot'")
+            at = now if row is None else max(now, float(row["until"]))
+            if row is None:
+                self._exec("INSERT INTO leases (name, owner, until) VALUES ('send-slot', ?, ?)",
+                           (self.node_id, at + interval_s))
+            else:
+                self._exec("UPDATE leases SET owner = ?, until = ? WHERE name = 'send-slot'",
+                           (self.node_id, at + interval_s))
+        return at
+
+    def _hits_wait(self, rules: Sequence[tuple[str, str, int]], count: int, now: float,
+                   window_s: float) -> float:
+        """Inside a transaction: 0.0 if `count` more hits fit every (kind, key, limit) rule in
+        the sliding window, else the seconds until they will (inf: they never can)."""
+        wait = 0.0
+        for kind, key, limit in rules:
+            if count > limit:
+                return math.inf
+            self._exec("DELETE FROM hits WHERE kind = ? AND hkey = ? AND at <= ?",
+                       (kind, key, now - window_s))
+            rows = self._rows("SELECT at FROM hits WHERE kind = ? AND hkey = ?"
+                              " ORDER BY at DESC LIMIT ?", (kind, key, limit))
+            room = limit - len(rows)
+            if room < count:
+                # The hit that must expire before `count` more fit.
+                wait = max(wait, float(rows[limit - count]["at"]) + window_s - now)
+        return wait
+
+    def hits_wait(self, rules: Sequence[tuple[str, str, int]], count: int, now: float,
+                  window_s: float) -> float:
+        """Whether `count` more hits would fit now (see take_hits), without recording any."""
+        with self._tx():
+            self._claim_lock()
+            return self._hits_wait(rules, count, now, window_s)
+
+    def take_hits(self, rules: Sequence[tuple[str, str, int]], now: float,
+                  window_s: float, count: int = 1) -> float:
+        """Count `count` hits under every (kind, key, limit) rule, or under none: 0.0 if each
+        has room in the sliding window (and records them all), else the seconds until all will.
+        One transaction under the claim lock, so nodes cannot overrun a limit together."""
+        with self._tx():
+            self._claim_lock()
+            wait = self._hits_wait(rules, count, now, window_s)
+            if wait <= 0:
+                for kind, key, _ in rules:
+                    for i in range(count):  # distinct times, so a give-back removes exactly these
+                        self._exec("INSERT INTO hits (kind, hkey, at) VALUES (?, ?, ?)",
+                                   (kind, key, now + i * 1e-6))
+                return 0.0
+        return wait
+
+    def give_back_hits(self, keys: Sequence[tuple[str, str]], count: int) -> None:
+        """Undo the newest `count` hits of each (kind, key): faxes charged at DATA whose
+        message was then refused."""
+        with self._tx():
+            for kind, key in keys:
+                rows = self._rows("SELECT at FROM hits WHERE kind = ? AND hkey = ?"
+                                  " ORDER BY at DESC LIMIT ?", (kind, key, count))
+                for r in rows:
+                    self._exec("DELETE FROM hits WHERE kind = ? AND hkey = ? AND at = ?",
+                               (kind, key, r["at"]))
+
+    def last_hit(self, kind: str, key: str) -> float | None:
+        return self._scalar("SELECT MAX(at) AS t FROM hits WHERE kind = ? AND hkey = ?",
+                            (kind, key))
+
+    def count_hits(self, kind: str, key: str, since: float) -> int:
+        return int(self._scalar("SELECT COUNT(*) AS n FROM hits WHERE kind = ? AND hkey = ?"
+                                " AND at > ?", (kind, key, since)) or 0)
+
+    def add_hit(self, kind: str, key: str, now: float, forget_before: float) -> int:
+        """Record a hit and return how many there are since `forget_before` (older ones of
+        this key are deleted on the way)."""
+        with self._tx():
+            self._exec("DELETE FROM hits WHERE kind = ? AND hkey = ? AND at <= ?",
+                       (kind, key, forget_before))
+            self._exec("INSERT INTO hits (kind, hkey, at) VALUES (?, ?, ?)", (kind, key, now))
+            return int(self._scalar("SELECT COUNT(*) AS n FROM hits WHERE kind = ?"
+                                    " AND hkey = ?", (kind, key)) or 0)
+
+    def clear_hits(self, kind: str, key: str) -> None:
+        with self._tx():
+            self._exec("DELETE FROM hits WHERE kind = ? AND hkey = ?", (kind, key))
+
+    def find_duplicates(self, message_id_header: str | None, numbers: Iterable[str],
+                        sha256: str, since: float) -> dict[str, str]:
+        """Jobs of an earlier mail with the same Message-ID and document, accepted after
+        `since`, by destination number (a mail resent after a lost 250). No Message-ID: none."""
+        numbers = list(numbers)
+        if not message_id_header or not numbers:
+            return {}
+        rows = self._rows(
+            "SELECT j.to_number, j.id FROM jobs j JOIN messages m ON m.id = j.message_id"
+            " WHERE m.message_id_header = ? AND m.document_sha256 = ? AND m.created_at >= ?"
+            f" AND j.to_number IN ({_marks(numbers)}) ORDER BY j.created_at",
+            (message_id_header, sha256, since, *numbers))
+        found: dict[str, str] = {}
+        for r in rows:
+            found.setdefault(r["to_number"], r["id"])
+        return found
+
+    def queue_depth(self) -> int:
+        states = sorted(s.value for s in ACTIVE_STATES)
+        return int(self._scalar(f"SELECT COUNT(*) AS n FROM jobs WHERE state IN"
+                                f" ({_marks(states)})", states) or 0)
 
     def earlier_sids(self, job: Job) -> set[str]:
         rows = self._rows("SELECT fax_sid FROM attempts WHERE job_id = ? AND n < ?"
@@ -351,15 +554,15 @@ class SqlStore(Store):
     def transition(self, job_id: str, sources: Iterable[State], target: State | None,
                    event: str, detail: str | None, *, durable: bool = False,
                    also: Iterable[tuple[str, Sequence[Any]]] = (), at: float | None = None,
-                   **values: Any) -> bool:
+                   mine: bool = False, **values: Any) -> bool:
         sources = list(sources)
         with self._tx(durable):
             return self._transition(job_id, sources, target, event, detail, also=also, at=at,
-                                    **values)
+                                    mine=mine, **values)
 
     def _transition(self, job_id: str, sources: list[State], target: State | None, event: str,
                     detail: str | None, *, also: Iterable[tuple[str, Sequence[Any]]] = (),
-                    at: float | None = None, **values: Any) -> bool:
+                    at: float | None = None, mine: bool = False, **values: Any) -> bool:
         """`transition` inside a transaction the caller holds.
 
         The state check in the UPDATE is what keeps a late worker step or a replayed callback
@@ -380,9 +583,13 @@ class SqlStore(Store):
                 assignments.append(f"{key} = ?")
                 args.append(value.value if isinstance(value, State) else value)
         expected = [s.value for s in sources]
+        # `mine`: only while no other node holds the job (a node that stalled past its lease
+        # must not send a fax the node that took the job over is sending).
+        guard = " AND (lease_owner IS NULL OR lease_owner = ?)" if mine else ""
         changed = self._exec(
             f"UPDATE jobs SET {', '.join(assignments)} WHERE id = ?"
-            f" AND state IN ({_marks(expected)})", (*args, job_id, *expected))
+            f" AND state IN ({_marks(expected)}){guard}",
+            (*args, job_id, *expected, *([self.node_id] if mine else [])))
         if changed != 1:
             return False
         for sql, extra in also:  # statements that belong to the same transition
@@ -410,7 +617,7 @@ class SqlStore(Store):
             job.id, [State.STORED], State.SUBMITTING, Ev.SUBMITTING,
             f"attempt {n}: sending to SignalWire ({job.quality} quality)",
             also=[("INSERT INTO attempts (job_id, n, quality, started_at) VALUES (?, ?, ?, ?)",
-                   (job.id, n, job.quality, now))], durable=True,
+                   (job.id, n, job.quality, now))], durable=True, mine=True,
             callback_url=callback_url, submit_started_at=now, attempt=n, fax_sid=None,
             fax_status=None, error_code=None, error_message=None, next_run_at=recheck_at)
 
@@ -516,18 +723,19 @@ class SqlStore(Store):
 
     # -- operator actions --------------------------------------------------------------------
 
-    def add_resend(self, job: Job, new: NewJob, now: float) -> str | None:
+    def add_resend(self, job: Job, new: NewJob, now: float, *,
+                   stored: bool = False) -> str | None:
         """A new job for the message and number of `job`, in one transaction; None when done,
         else why not (document purged meanwhile, or another job of the message to the number
         is still under way). The insert is conditional on the document still being there, so
         it cannot slip in after a purge was recorded."""
         check_transition([None], State.SPOOLED, Ev.RECEIVED)
         try:
-            return self._add_resend(job, new, now)
+            return self._add_resend(job, new, now, stored)
         except _Rollback as exc:
             return str(exc)
 
-    def _add_resend(self, job: Job, new: NewJob, now: float) -> str | None:
+    def _add_resend(self, job: Job, new: NewJob, now: float, stored: bool) -> str | None:
         with self._tx():
             busy = self._one(
                 "SELECT id, state FROM jobs WHERE message_id = ? AND to_number = ? AND id <> ?"
@@ -547,6 +755,10 @@ class SqlStore(Store):
             if inserted != 1:
                 return "the document was deleted from the spool meanwhile"
             self._event(new.id, Ev.RECEIVED, f"resend of job {job.id} by the operator", now)
+            if stored:  # a shared queue: the document is in the media store already
+                self._transition(new.id, [State.SPOOLED], State.STORED, Ev.STORED,
+                                 "document already in the media store", at=now, tries=0,
+                                 next_run_at=now)
             if not self._transition(job.id, sorted(FINISHED), None, Ev.RESENT,
                                     f"sent again as job {new.id} by the operator", at=now):
                 raise _Rollback(f"job {job.id} is no longer finished")

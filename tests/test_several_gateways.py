@@ -1,0 +1,273 @@
+"""Several gateways, one queue: PostgreSQL (DATABASE_URL), shared S3 (SeaweedFS), the simulator
+and the report relay in the test process (they outlive every node), nodes as real processes
+where one is killed with -9."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import psycopg
+import pytest
+
+from .conftest import (GatewayFactory, RelaySink, Simulator, job_ids, pdf_mail, pg_reset,
+                       production_env, smtp_send)
+from .daemon_proc import DaemonProcess
+from .s3server import SeaweedS3
+
+
+def shared_env(tmp_path: Path, name: str, pg_url: str, seaweed: SeaweedS3,
+               simulator: Simulator, relay: RelaySink, **extra: str) -> dict[str, str]:
+    return production_env(
+        tmp_path / name, simulator, DATABASE_URL=pg_url, NODE_ID=name, MEDIA_STORE="s3",
+        S3_BUCKET="faxgw-test", S3_PREFIX=f"multi-{tmp_path.name}",
+        S3_ENDPOINT_URL=seaweed.endpoint_url, S3_REGION=seaweed.region,
+        NOTIFY_SMTP_HOST="127.0.0.1", NOTIFY_SMTP_PORT=str(relay.port), NOTIFY_SMTP_TLS="none",
+        SIGNALWIRE_TIMEOUT_SECONDS="1", STATUS_POLL_SECONDS="0.5", LEASE_SECONDS="3", **extra)
+
+
+@pytest.fixture
+def s3_credentials(seaweed: SeaweedS3, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweed.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed.secret_key)
+
+
+def db_states(pg_url: str) -> dict[str, str]:
+    with psycopg.connect(pg_url) as db:
+        return dict(db.execute("SELECT id, state FROM jobs").fetchall())
+
+
+async def all_reported(pg_url: str, timeout_s: float = 30) -> set[str]:
+    """The report mail goes out just before its job is marked reported, on whichever node:
+    watch the shared database until every job is."""
+    async with asyncio.timeout(timeout_s):
+        while (states := set(db_states(pg_url).values())) != {"reported"}:
+            await asyncio.sleep(0.1)
+    return states
+
+
+async def send(port: int, number: str, message_id: str | None = None) -> list[str]:
+    reply = await smtp_send(port, pdf_mail(f"{number}@fax.local", message_id=message_id),
+                            [f"{number}@fax.local"])
+    assert reply.code == 250, reply.text
+    return job_ids(reply.text)
+
+
+def test_media_store_local_with_database_url_exits_78(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin", "DATA_DIR": str(tmp_path / "var"), "MEDIA_STORE": "local",
+           "DATABASE_URL": "postgresql://faxgw:pw-not-shown@127.0.0.1:5432/faxgw"}
+    done = subprocess.run([sys.executable, "-m", "gateway", "run"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78, done.stderr
+    assert "MEDIA_STORE=local with DATABASE_URL" in done.stderr
+    assert "pw-not-shown" not in done.stderr + done.stdout
+
+
+async def test_a_mail_sent_twice_is_faxed_once(make_gateway: GatewayFactory,
+                                               simulator: Simulator, relay: RelaySink,
+                                               tmp_path: Path) -> None:
+    """SQLite, one gateway: the client lost our 250 and sent the same mail again."""
+    gw = await make_gateway(production_env(tmp_path / "var", simulator,
+                                           NOTIFY_SMTP_HOST="127.0.0.1",
+                                           NOTIFY_SMTP_PORT=str(relay.port),
+                                           NOTIFY_SMTP_TLS="none"))
+    msg = pdf_mail("15551234567@fax.local", message_id="<resent-1@example.com>")
+    first = await smtp_send(gw.smtp.port, msg, ["15551234567@fax.local"])
+    again = await smtp_send(gw.smtp.port, msg, ["15551234567@fax.local"])
+    assert first.code == again.code == 250
+    [job_id] = job_ids(first.text)
+    assert again.text.startswith(f"2.0.0 Already queued as fax job {job_id} ")
+    # A different mail with no Message-ID is never merged, even with the same document.
+    bare = pdf_mail("15551234567@fax.local")
+    del bare["Message-ID"]
+    third = await smtp_send(gw.smtp.port, bare, ["15551234567@fax.local"])
+    fourth = await smtp_send(gw.smtp.port, bare, ["15551234567@fax.local"])
+    assert len({*job_ids(third.text), *job_ids(fourth.text), job_id}) == 3
+    for _ in range(3):
+        await relay.next(30)
+    await simulator.state.wait_idle()
+    assert len(simulator.state.send_requests) == 3
+
+
+async def test_two_gateways_work_one_queue(make_gateway: GatewayFactory, pg_url: str,
+                                           seaweed: SeaweedS3, s3_credentials: None,
+                                           simulator: Simulator, relay: RelaySink,
+                                           tmp_path: Path) -> None:
+    pg_reset(pg_url)
+    keep = {"DOCUMENT_RETENTION_HOURS": "1"}  # so the operator can resend at the end
+    a = await make_gateway(shared_env(tmp_path, "node-a", pg_url, seaweed, simulator, relay,
+                                      **keep))
+    b = await make_gateway(shared_env(tmp_path, "node-b", pg_url, seaweed, simulator, relay,
+                                      **keep))
+    sent: list[str] = []
+    for i in range(6):
+        gw = (a, b)[i % 2]
+        sent += await send(gw.smtp.port, f"155512{i + 10:05d}")
+    # The 250 came after the document was in S3: the jobs start in `stored`.
+    events = await a.store.run(a.store.events, sent[0])
+    assert [(e.kind, e.detail) for e in events[:2]] == [
+        ("received", events[0].detail), ("stored", "document in the media store before the 250")]
+    # Resent to the other node after a lost 250: the same job.
+    msg = pdf_mail("15551299999@fax.local", message_id="<lost-250@example.com>")
+    one = await smtp_send(a.smtp.port, msg, ["15551299999@fax.local"])
+    two = await smtp_send(b.smtp.port, msg, ["15551299999@fax.local"])
+    assert job_ids(one.text) == job_ids(two.text)
+    sent += job_ids(one.text)
+    reports = [await relay.next(60) for _ in range(len(sent))]
+    await simulator.state.wait_idle()
+    assert all("delivered" in r["Subject"] for r in reports)
+    assert len(simulator.state.send_requests) == len(sent) == 7
+    assert sorted(r["To"] for r in simulator.state.send_requests) == sorted(
+        {r["To"] for r in simulator.state.send_requests})  # each number once
+    assert await all_reported(pg_url) == {"reported"}
+
+    # Each node says who it is; the queue depth and /readyz are the shared database's.
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{b.web.port}/metrics") as resp:
+            text = await resp.text()
+        async with http.get(f"http://127.0.0.1:{b.web.port}/readyz") as resp:
+            ready = await resp.text()
+    assert 'faxgw_node_info{node_id="node-b",store="postgresql"} 1.0' in text
+    assert "faxgw_queue_depth 0.0" in text
+    assert "postgresql://postgres@127.0.0.1" in ready and "node node-b" in ready
+
+    # The CLI on a third machine (no pid file, no spool): it reads the shared database, and a
+    # resend is picked up by whichever node looks at the queue next.
+    env = dict(shared_env(tmp_path, "cli", pg_url, seaweed, simulator, relay),
+               DOCUMENT_RETENTION_HOURS="1")
+    cli_env = {k: v for k, v in os.environ.items() if not k.startswith(("FAXGW_",))}
+    cli_env.update(env)
+
+    def faxgw(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "gateway", *args], env=cli_env,
+                              capture_output=True, text=True, timeout=60)
+
+    listing = await asyncio.to_thread(faxgw, "jobs")
+    assert listing.returncode == 0, listing.stderr
+    assert all(job_id in listing.stdout for job_id in sent)
+    shown = await asyncio.to_thread(faxgw, "job", sent[0])
+    assert shown.returncode == 0 and "delivered" in shown.stdout, shown.stdout + shown.stderr
+    again = await asyncio.to_thread(faxgw, "resend", sent[-1])
+    assert again.returncode == 0, again.stderr
+    report = await relay.next(30)
+    assert "delivered" in report["Subject"]
+    assert len(simulator.state.send_requests) == 8
+
+
+async def test_a_node_killed_with_9_leaves_nothing_behind(pg_url: str, seaweed: SeaweedS3,
+                                                          s3_credentials: None,
+                                                          simulator: Simulator,
+                                                          relay: RelaySink,
+                                                          tmp_path: Path) -> None:
+    """Mail to both nodes; node-a dies with -9 while its faxes are under way and never comes
+    back: node-b takes its jobs over after the lease, each is faxed once and reported once."""
+    pg_reset(pg_url)
+    a = DaemonProcess(shared_env(tmp_path, "node-a", pg_url, seaweed, simulator, relay),
+                      tmp_path / "a.log")
+    b = DaemonProcess(shared_env(tmp_path, "node-b", pg_url, seaweed, simulator, relay),
+                      tmp_path / "b.log")
+    try:
+        await a.start()
+        await b.start()
+        simulator.state.hold_queue()  # faxes stay queued: node-a dies with work under way
+        sent: list[str] = []
+        for i in range(8):
+            sent += await send((a, b)[i % 2].smtp_port, f"155513{i + 10:05d}")
+        await a.kill9()
+        killed_at = time.monotonic()
+        simulator.state.release_queue()
+        reports = [await relay.next(60) for _ in range(len(sent))]
+        took = time.monotonic() - killed_at
+        await simulator.state.wait_idle(30)
+        assert await b.terminate() == 0, b.log_tail()
+    finally:
+        await a.close()
+        await b.close()
+    assert relay.messages.empty(), "a job was reported twice"
+    assert len(reports) == 8 and all("delivered" in r["Subject"] for r in reports)
+    numbers = [r["To"] for r in simulator.state.send_requests]
+    assert len(numbers) == len(set(numbers)) == 8, numbers  # each faxed exactly once
+    assert await all_reported(pg_url) == {"reported"}
+    print(f"all {len(sent)} reported {took:.1f} s after the kill (LEASE_SECONDS=3)")
+
+
+async def test_a_send_left_in_submitting_is_looked_up_by_the_node_that_takes_over(
+        pg_url: str, seaweed: SeaweedS3, s3_credentials: None, simulator: Simulator,
+        relay: RelaySink, tmp_path: Path) -> None:
+    """node-a dies right after SignalWire took the fax, before recording it: its job sits in
+    `submitting` under node-a's lease. node-b waits out the lease, finds the fax at SignalWire
+    and does not send it again."""
+    pg_reset(pg_url)
+    a = DaemonProcess(shared_env(tmp_path, "node-a", pg_url, seaweed, simulator, relay),
+                      tmp_path / "a.log")
+    b = DaemonProcess(shared_env(tmp_path, "node-b", pg_url, seaweed, simulator, relay,
+                                 WORKER_CONCURRENCY="1"), tmp_path / "b.log")
+    try:
+        await a.start(crash_at="after-send")
+        # Until node-a has claimed the job, node-b must not: start it once node-a is dead.
+        [job_id] = await send(a.smtp_port, "15551300042")
+        assert await a.wait_exit() == -9
+        died_at = time.monotonic()
+        with psycopg.connect(pg_url) as db:
+            state, owner = db.execute("SELECT state, lease_owner FROM jobs WHERE id = %s",
+                                      (job_id,)).fetchone()
+        assert (state, owner) == ("submitting", "node-a")
+        await b.start()
+        report = await relay.next(60)
+        took = time.monotonic() - died_at
+        await all_reported(pg_url)
+        assert await b.terminate() == 0, b.log_tail()
+    finally:
+        await a.close()
+        await b.close()
+    assert "delivered" in report["Subject"]
+    assert len(simulator.state.send_requests) == 1  # looked up, not resent
+    assert any("found at SignalWire" in line for line in b.lines), b.log_tail()
+    assert took >= 3  # not before node-a's lease ran out
+    print(f"taken over and reported {took:.1f} s after node-a died (LEASE_SECONDS=3)")
+
+
+async def test_rate_limits_and_lockouts_are_shared_by_the_nodes(pg_url: str,
+                                                                tmp_path: Path) -> None:
+    """Two nodes' access checks on one database: a sender gets its hourly limit once, not
+    once per node, and a lockout started on one node holds on the other."""
+    from gateway.config import settings_from
+    from gateway.smtp.access import Access
+    from gateway.store.postgres import PostgresStore
+
+    pg_reset(pg_url)
+    settings = settings_from({"DATA_DIR": str(tmp_path), "RATE_LIMIT_PER_SENDER": "2",
+                              "AUTH_MAX_FAILURES": "2"})
+    stores = [PostgresStore(pg_url), PostgresStore(pg_url)]
+    for store in stores:
+        await store.start()
+    try:
+        a, b = (Access(settings, store=store) for store in stores)
+        client = a.client("192.0.2.7", None, "scanner@example.com")
+        # RCPT only looks: naming recipients charges nothing (issue 15's lock-out attack).
+        for _ in range(5):
+            assert await a.check_destination_async(client, "+15551230011") is None
+        # DATA charges: one fax accepted on each node uses the sender's 2 an hour.
+        assert await a.reserve_async(client, 1) is None
+        assert await b.reserve_async(client, 1) is None
+        refusal = await a.check_destination_async(client, "+15551230013")
+        assert refusal is not None and str(refusal).startswith("450 4.7.1 Rate limit reached")
+        assert await b.reserve_async(client, 1) is not None
+        # A message refused at DATA gives its charge back, on any node.
+        await a.release_async(client, 1)
+        assert await b.check_destination_async(client, "+15551230013") is None
+        other = b.client("192.0.2.8", None, "someone@example.com")
+        assert await b.check_destination_async(other, "+15551230014") is None
+        # A lockout: failures on both nodes add up; the lock holds everywhere.
+        assert await a._failed_login("192.0.2.9") == 0.0
+        assert await b._failed_login("192.0.2.9") == settings.auth_lockout_minutes * 60
+        assert await a.locked_out("192.0.2.9") > 0
+        assert await b.locked_out("192.0.2.10") == 0.0
+    finally:
+        for store in stores:
+            await store.stop()

@@ -1,0 +1,333 @@
+"""The store interface on both backends: SQLite (one file) and PostgreSQL (a real server).
+
+Every test here runs twice. "Nodes" are several store objects on one database, each with its own
+NODE_ID and the one injected clock, as several gateways would be.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from gateway.outbound.states import CallbackAction, State
+from gateway.store import migrations
+from gateway.store.postgres import PostgresStore
+from gateway.store.rows import Message, NewJob
+from gateway.store.sql import SqlStore
+from gateway.store.sqlite import SqliteStore
+
+from .conftest import FakeClock, pg_reset
+
+NodeFactory = Callable[[str], SqlStore]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "postgresql":
+        url = request.getfixturevalue("pg_url")
+        pg_reset(url)
+        return url
+    return str(tmp_path / "faxgw.sqlite3")
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def node(backend: str, clock: FakeClock) -> Iterator[NodeFactory]:
+    """A factory of opened stores on the test's database, one per node id; all closed after."""
+    opened: list[SqlStore] = []
+
+    def factory(node_id: str = "node-a") -> SqlStore:
+        store: SqlStore = (PostgresStore(backend, clock) if backend.startswith("postgresql")
+                           else SqliteStore(Path(backend), clock))
+        store.node_id = node_id
+        store.lease_s = 30.0
+        store.open()
+        opened.append(store)
+        return store
+
+    yield factory
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def store(node: NodeFactory) -> SqlStore:
+    return node("node-a")
+
+
+_counter = iter(range(1, 1_000_000))
+
+
+def add_mail(store: SqlStore, *numbers: str, msgid: str | None = None, sha: str = "ab" * 32,
+             stored: bool = False) -> list[str]:
+    n = next(_counter)
+    message = Message(id=f"m{n:015d}", created_at=store.clock(), envelope_from="a@example.com",
+                      header_from="a@example.com", report_to="a@example.com", subject="s",
+                      message_id_header=msgid, references_header=None, peer="127.0.0.1",
+                      document_path=f"/spool/{n}.pdf", document_bytes=10, document_sha256=sha,
+                      pages=1, filenames="a.pdf")
+    jobs = [NewJob(f"j{n:07d}{i:08d}", number, "+15550100000", "fine", f"tok-{n}-{i}",
+                   f"key-{n}") for i, number in enumerate(numbers or ("+15551230000",))]
+    store.add_message(message, jobs, stored=stored)
+    return [j.id for j in jobs]
+
+
+# -- the interface, both backends ---------------------------------------------------------------
+
+def test_a_job_goes_from_mail_to_report(store: SqlStore) -> None:
+    assert store.schema_version() == migrations.LATEST
+    [job_id] = add_mail(store, "+15551230001")
+    [job] = store.claim_due(store.clock(), 10)
+    assert job.id == job_id and job.state is State.SPOOLED
+    assert store.mark_stored(job, "key-1")
+    store.release(job_id)
+    [job] = store.claim_due(store.clock(), 10)
+    assert store.mark_submitting(job, "http://gw.test/cb", store.clock() + 40)
+    job = store.job(job_id)
+    assert store.mark_submitted(job, "sid-1", "queued", store.clock() + 600, "accepted")
+    store.release(job_id)
+    job = store.job(job_id)
+    assert store.record_status(job, "sid-1", "delivered", pages=1, duration_s=30,
+                               error_code=None, error_message=None,
+                               source="callback") is CallbackAction.FINAL
+    # A replayed callback is history only.
+    assert store.record_status(store.job(job_id), "sid-1", "delivered", pages=1, duration_s=30,
+                               error_code=None, error_message=None,
+                               source="callback") is CallbackAction.IGNORE
+    assert store.mark_reported(store.job(job_id), "report sent")
+    assert store.job(job_id).state is State.REPORTED
+    assert [e.kind for e in store.events(job_id)] == [
+        "received", "stored", "submitting", "submitted", "final", "ignored", "reported"]
+    [attempt] = store.attempts(job_id)
+    assert (attempt.fax_sid, attempt.status, attempt.pages) == ("sid-1", "delivered", 1)
+    [listing] = store.job_listing(sender="A@EXAMPLE")
+    assert listing.job.id == job_id and listing.last_event.kind == "reported"
+    assert store.job_ids_by_prefix(job_id[:6]) == [job_id]
+    assert store.job_ids_by_fax_sid("sid-1") == [job_id]
+    assert store.counts_by_state() == {"reported": 1}
+    assert store.queue_depth() == 0
+    store.clock.advance(10)  # type: ignore[attr-defined]
+    assert store.prune(store.clock()) == 1
+    assert store.job(job_id) is None
+
+
+def test_a_job_stored_before_the_250_starts_in_stored(store: SqlStore) -> None:
+    [job_id] = add_mail(store, stored=True)
+    job = store.job(job_id)
+    assert job.state is State.STORED and job.media_key
+    assert [e.kind for e in store.events(job_id)] == ["received", "stored"]
+
+
+def test_a_claimed_job_is_not_claimed_again_until_released(node: NodeFactory) -> None:
+    a, b = node("node-a"), node("node-b")
+    [job_id] = add_mail(a)
+    assert [j.id for j in a.claim_due(a.clock(), 10)] == [job_id]
+    assert b.claim_due(b.clock(), 10) == []
+    assert a.claim_due(a.clock(), 10, exclude=[]) == []  # not even to its holder
+    a.release(job_id)
+    assert [j.id for j in b.claim_due(b.clock(), 10)] == [job_id]
+
+
+def test_a_dead_nodes_job_is_taken_over_after_the_lease(node: NodeFactory,
+                                                        clock: FakeClock) -> None:
+    a, b = node("node-a"), node("node-b")
+    [job_id] = add_mail(a, stored=True)
+    [job] = a.claim_due(clock(), 10)
+    assert a.mark_submitting(job, "http://gw.test/cb", clock() + 40)
+    # node-a dies here: the send's outcome is unknown, its lease stops being renewed.
+    clock.advance(29)
+    assert b.claim_due(clock(), 10) == []
+    assert b.next_due_at() == pytest.approx(clock() + 1)  # when the lease runs out
+    clock.advance(11)  # past the lease and the recheck time
+    [taken] = b.claim_due(clock(), 10)
+    # Taken over in `submitting`: the worker looks the fax up at SignalWire, never resends.
+    assert (taken.id, taken.state) == (job_id, State.SUBMITTING)
+    assert b.lease_of(job_id)[0] == "node-b"
+
+
+def test_a_live_nodes_job_is_never_taken(node: NodeFactory, clock: FakeClock) -> None:
+    a, b = node("node-a"), node("node-b")
+    [job_id] = add_mail(a)
+    a.claim_due(clock(), 10)
+    for _ in range(20):  # 200 s of heartbeats every 10 s (LEASE_SECONDS/3)
+        clock.advance(10)
+        assert a.renew_leases([job_id], clock()) == {job_id}
+        assert b.claim_due(clock(), 10) == []
+
+
+def test_a_node_that_lost_its_lease_cannot_start_the_send(node: NodeFactory,
+                                                          clock: FakeClock) -> None:
+    """A node that stalled past its lease must not send what the new holder is sending."""
+    a, b = node("node-a"), node("node-b")
+    [job_id] = add_mail(a, stored=True)
+    [stale] = a.claim_due(clock(), 10)
+    clock.advance(31)
+    [taken] = b.claim_due(clock(), 10)
+    assert a.renew_leases([job_id], clock()) == set()
+    assert not a.mark_submitting(stale, "http://gw.test/cb", clock() + 40)
+    assert b.mark_submitting(taken, "http://gw.test/cb", clock() + 40)
+    assert len(b.attempts(job_id)) == 1
+
+
+def test_one_attempt_in_flight_per_number_across_nodes(node: NodeFactory,
+                                                       clock: FakeClock) -> None:
+    a, b = node("node-a"), node("node-b")
+    first = add_mail(a, "+15551230009", stored=True)[0]
+    second = add_mail(a, "+15551230009", stored=True)[0]
+    other = add_mail(a, "+15551230010", stored=True)[0]
+    claimed_a = {j.id for j in a.claim_due(clock(), 1)}
+    claimed_b = {j.id for j in b.claim_due(clock(), 10)}
+    # One of the two to ...0009 is claimed; the other waits while that one is in flight.
+    assert len(claimed_a | claimed_b) == 2 and other in claimed_a | claimed_b
+    [mine] = (claimed_a | claimed_b) - {other}
+    assert mine in (first, second)
+    waiting = second if mine == first else first
+    holder = a if mine in claimed_a else b
+    assert holder.mark_submitting(holder.job(mine), "http://gw.test/cb", clock() + 40)
+    holder.release(mine)  # in flight now by its state, not its lease
+    clock.advance(60)
+    assert waiting not in {j.id for j in b.claim_due(clock(), 10)}
+    assert holder.mark_submitted(holder.job(mine), "sid-9", "queued", clock() + 600, "ok")
+    assert holder.record_status(holder.job(mine), "sid-9", "delivered", pages=1, duration_s=1,
+                                error_code=None, error_message=None,
+                                source="callback") is CallbackAction.FINAL
+    assert waiting in {j.id for j in b.claim_due(clock(), 10)}
+
+
+def _claim_many(make: Callable[[], SqlStore], out: list[str], rounds: int,
+                start: threading.Barrier) -> None:
+    store = make()
+    start.wait()  # every node connected before the first claim: they really compete
+    try:
+        for _ in range(rounds):
+            for job in store.claim_due(store.clock(), 3):
+                out.append(job.id)  # never released: each job must be claimed exactly once
+    finally:
+        store.close()
+
+
+def test_concurrent_claims_never_give_a_job_to_two_nodes(backend: str, store: SqlStore,
+                                                         clock: FakeClock) -> None:
+    ids = [add_mail(store, f"+1555124{i:04d}")[0] for i in range(60)]
+
+    def make(node_id: str) -> Callable[[], SqlStore]:
+        def opened() -> SqlStore:
+            s: SqlStore = (PostgresStore(backend, clock) if backend.startswith("postgresql")
+                           else SqliteStore(Path(backend), clock))
+            s.node_id, s.lease_s = node_id, 30.0
+            s.open()
+            return s
+        return opened
+
+    results: list[list[str]] = [[] for _ in range(4)]
+    start = threading.Barrier(4)
+    threads = [threading.Thread(target=_claim_many,
+                                args=(make(f"n{i}"), results[i], 30, start))
+               for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    claimed = [job_id for r in results for job_id in r]
+    assert sorted(claimed) == sorted(ids)  # every job once, none twice
+
+
+def test_a_resent_mail_is_found_by_message_id_and_document(store: SqlStore,
+                                                           clock: FakeClock) -> None:
+    ids = add_mail(store, "+15551230001", "+15551230002", msgid="<a@x>")
+    since = clock() - 24 * 3600
+    found = store.find_duplicates("<a@x>", ["+15551230001", "+15551230002"], "ab" * 32, since)
+    assert found == {"+15551230001": ids[0], "+15551230002": ids[1]}
+    assert store.find_duplicates("<a@x>", ["+15551230001"], "cd" * 32, since) == {}
+    assert store.find_duplicates("<b@x>", ["+15551230001"], "ab" * 32, since) == {}
+    assert store.find_duplicates(None, ["+15551230001"], "ab" * 32, since) == {}
+    clock.advance(25 * 3600)
+    assert store.find_duplicates("<a@x>", ["+15551230001"], "ab" * 32,
+                                 clock() - 24 * 3600) == {}
+
+
+def test_the_leader_lease_moves_only_when_its_holder_stops(node: NodeFactory,
+                                                          clock: FakeClock) -> None:
+    a, b = node("node-a"), node("node-b")
+    assert a.take_lead("housekeeping", clock(), 90)
+    assert not b.take_lead("housekeeping", clock(), 90)
+    clock.advance(60)
+    assert a.take_lead("housekeeping", clock(), 90)  # renewed
+    clock.advance(60)
+    assert not b.take_lead("housekeeping", clock(), 90)
+    clock.advance(31)  # node-a stopped renewing 91 s ago
+    assert b.take_lead("housekeeping", clock(), 90)
+    assert not a.take_lead("housekeeping", clock(), 90)
+
+
+def test_send_slots_are_shared_by_every_node(node: NodeFactory, clock: FakeClock) -> None:
+    a, b = node("node-a"), node("node-b")
+    slots = [a.take_send_slot(clock(), 1.0), b.take_send_slot(clock(), 1.0),
+             a.take_send_slot(clock(), 1.0)]
+    assert slots == [clock(), clock() + 1, clock() + 2]
+    clock.advance(10)
+    assert b.take_send_slot(clock(), 1.0) == clock()  # no backlog carried over an idle time
+
+
+def test_hits_are_counted_across_nodes(node: NodeFactory, clock: FakeClock) -> None:
+    a, b = node("node-a"), node("node-b")
+    assert a.add_hit("auth", "bob", clock(), clock() - 900) == 1
+    assert b.add_hit("auth", "bob", clock(), clock() - 900) == 2
+    assert a.count_hits("auth", "bob", clock() - 900) == 2
+    clock.advance(901)
+    assert b.add_hit("auth", "bob", clock(), clock() - 900) == 1
+    b.clear_hits("auth", "bob")
+    assert a.count_hits("auth", "bob", clock() - 900) == 0
+
+
+def test_restart_releases_leases_left_by_the_same_node(node: NodeFactory,
+                                                       clock: FakeClock) -> None:
+    a = node("node-a")
+    [job_id] = add_mail(a)
+    a.claim_due(clock(), 10)
+    again = node("node-a")  # the same NODE_ID, restarted
+    assert again.release_all() == 1
+    assert [j.id for j in again.claim_due(clock(), 10)] == [job_id]
+
+
+# -- PostgreSQL only ----------------------------------------------------------------------------
+
+def _open_and_close(url: str) -> int:
+    store = PostgresStore(url)
+    store.open()
+    try:
+        return store.schema_version()
+    finally:
+        store.close()
+
+
+def test_nodes_starting_together_migrate_once(pg_url: str) -> None:
+    pg_reset(pg_url)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(3) as pool:
+        versions = pool.map(_open_and_close, [pg_url] * 3)
+    assert versions == [migrations.LATEST] * 3
+    store = PostgresStore(pg_url)
+    store.open()
+    try:
+        rows = store._rows("SELECT version FROM schema_version ORDER BY version")
+        assert [r["version"] for r in rows] == list(range(1, migrations.LATEST + 1))
+    finally:
+        store.close()
+
+
+def test_the_password_is_never_shown(pg_url: str) -> None:
+    store = PostgresStore("postgresql://faxgw:s3cret-pw@127.0.0.1:1/nowhere",
+                          connect_timeout_s=1)
+    assert "s3cret-pw" not in store.where and "********" in store.where
+    with pytest.raises(Exception) as caught:
+        store.open()
+    assert "s3cret-pw" not in str(caught.value)
