@@ -23,8 +23,8 @@ from gateway.store.rows import Message, NewJob
 from gateway.store.base import open_store
 from gateway.store.sqlite import SqliteStore as Store
 
-from .conftest import (FakeClock, RelaySink, Simulator, base_env, drive, make_pdf,
-                       manual_gateway, production_env, relay_env, send_one)
+from .conftest import (FakeClock, GatewayFactory, RelaySink, Simulator, base_env, drive, make_pdf,
+                       production_env, relay_env, send_one)
 
 POLICY = RetryPolicy(3, 600.0, 3600.0)  # the defaults, as a daemon configured so uses them
 T0 = 1_700_000_000.0
@@ -406,7 +406,8 @@ class Cli:
         self.store.close()
 
 
-async def test_cancel_a_queued_fax_at_signalwire(simulator: Simulator, relay: RelaySink,
+async def test_cancel_a_queued_fax_at_signalwire(manual_gateway: GatewayFactory,
+                                                 simulator: Simulator, relay: RelaySink,
                                                  tmp_path: Path) -> None:
     clock = Clock(1_800_000_000.0)
     gw = await manual_gateway(production_env(tmp_path / "var", simulator, **relay_env(relay)),
@@ -439,7 +440,8 @@ async def test_cancel_a_queued_fax_at_signalwire(simulator: Simulator, relay: Re
 
 
 async def test_cancel_before_submission_reports_to_the_sender(
-        simulator: Simulator, relay: RelaySink, tmp_path: Path) -> None:
+        manual_gateway: GatewayFactory, simulator: Simulator, relay: RelaySink,
+        tmp_path: Path) -> None:
     clock = Clock(1_800_000_000.0)
     gw = await manual_gateway(production_env(tmp_path / "var", simulator, **relay_env(relay)),
                               clock)
@@ -457,7 +459,8 @@ async def test_cancel_before_submission_reports_to_the_sender(
     assert simulator.state.send_requests == []
 
 
-async def test_resend_and_report_again_end_to_end(simulator: Simulator, relay: RelaySink,
+async def test_resend_and_report_again_end_to_end(manual_gateway: GatewayFactory,
+                                                  simulator: Simulator, relay: RelaySink,
                                                   tmp_path: Path) -> None:
     clock = Clock(1_800_000_000.0)
     gw = await manual_gateway(production_env(tmp_path / "var", simulator,
@@ -490,7 +493,8 @@ async def test_resend_and_report_again_end_to_end(simulator: Simulator, relay: R
     assert old.reported_at == clock.now
 
 
-async def test_resend_refused_once_the_document_is_purged(simulator: Simulator,
+async def test_resend_refused_once_the_document_is_purged(manual_gateway: GatewayFactory,
+                                                          simulator: Simulator,
                                                           relay: RelaySink,
                                                           tmp_path: Path) -> None:
     clock = Clock(1_800_000_000.0)
@@ -509,7 +513,8 @@ async def test_resend_refused_once_the_document_is_purged(simulator: Simulator,
         await gw.stop()
 
 
-async def test_report_again_never_dials_again(simulator: Simulator, relay: RelaySink,
+async def test_report_again_never_dials_again(manual_gateway: GatewayFactory,
+                                              simulator: Simulator, relay: RelaySink,
                                               tmp_path: Path) -> None:
     clock = Clock(1_800_000_000.0)
     gw = await manual_gateway(production_env(tmp_path / "var", simulator,

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from gateway.sandbox.harness import DaemonProcess
+
 from .conftest import (RelaySink, Simulator, _send_blocking, job_ids, pdf_mail,
                        production_env, smtp_send)
-from .daemon_proc import DaemonProcess
 
 
 def daemon_env(tmp_path: Path, simulator: Simulator, relay: RelaySink,

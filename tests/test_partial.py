@@ -20,8 +20,8 @@ from pypdf import PdfReader
 from gateway.documents.partial import (MAX_PARTS, PartialError, PartialInfo, PartialStore, join,
                                        partial_info, set_key)
 
-from .conftest import (FakeClock, RelaySink, Simulator, base_env, job_ids, make_pdf,
-                       manual_gateway, pdf_mail, production_env, relay_env, smtp_send)
+from .conftest import (FakeClock, GatewayFactory, RelaySink, Simulator, base_env, job_ids,
+                       make_pdf, pdf_mail, production_env, relay_env, smtp_send)
 
 NUMBER = "15551234567"
 RCPT = [f"{NUMBER}@fax.local"]
@@ -166,7 +166,8 @@ async def test_parts_over_the_size_limit_or_too_many_are_refused(make_gateway,
     assert reply.code == 554 and f"more than {MAX_PARTS} parts" in reply.text
 
 
-async def test_incomplete_parts_expire_with_a_refusal_mail(simulator: Simulator,
+async def test_incomplete_parts_expire_with_a_refusal_mail(manual_gateway: GatewayFactory,
+                                                           simulator: Simulator,
                                                            relay: RelaySink,
                                                            tmp_path: Path) -> None:
     clock = FakeClock()
@@ -193,7 +194,7 @@ async def test_incomplete_parts_expire_with_a_refusal_mail(simulator: Simulator,
         await gw.stop(grace_s=5)
 
 
-async def test_parts_survive_a_restart(tmp_path: Path) -> None:
+async def test_parts_survive_a_restart(manual_gateway: GatewayFactory, tmp_path: Path) -> None:
     """A part answered with 250 is on disk: a restart between parts loses nothing."""
     clock = FakeClock()
     env = base_env(tmp_path / "var")
