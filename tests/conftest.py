@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import smtplib
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -17,6 +18,7 @@ from pypdf import PdfWriter
 
 from gateway.config import Settings, settings_from
 from gateway.daemon import Gateway
+from gateway.ops import logs
 from gateway.outbound.states import State
 # Shared with bench/ (one copy): the simulator's account, the simulator server, job ids.
 from gateway.sandbox.harness import (API_TOKEN, PROJECT_ID, SIGNING_KEY, job_ids,
@@ -115,6 +117,31 @@ class RelaySink:
 
     async def next(self, timeout_s: float = 20.0) -> EmailMessage:
         return await asyncio.wait_for(self.messages.get(), timeout_s)
+
+
+# Loggers setup_logging() tunes (gateway/ops/logs.py); put back after each test.
+TUNED_LOGGERS = ("mail.log", "botocore", "boto3", "s3transfer", "urllib3", "aiohttp.access")
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """What a test changes in process-wide logging it does not keep: handlers and levels set
+    by setup_logging() (the CLI in-process, the log tests) and secrets registered with the
+    redactor (which would otherwise mask those values in every later test's lines)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    levels = {name: logging.getLogger(name).level for name in TUNED_LOGGERS}
+    secrets = logs.registered_secrets()
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    for name, lvl in levels.items():
+        logging.getLogger(name).setLevel(lvl)
+    for value in logs.registered_secrets() - secrets:
+        logs.unregister_secret(value)
+    assert logs.registered_secrets() == secrets
 
 
 @pytest.fixture(scope="session")
