@@ -142,6 +142,7 @@ async def test_sigterm_finishes_open_transaction_refuses_new_and_resumes(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 40 mails through random kills; reports may each wait up to 120 s
 async def test_chaos_random_kills_lose_nothing_and_send_nothing_twice(
         simulator: Simulator, relay: RelaySink, tmp_path: Path) -> None:
     """Many mails, the daemon killed with SIGKILL at random moments, then left to finish."""
