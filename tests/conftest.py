@@ -10,7 +10,7 @@ from email.message import EmailMessage
 from email.parser import BytesParser
 from email import policy
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import pytest
 from aiosmtpd.smtp import SMTP as AioSMTP
@@ -104,10 +104,11 @@ class RelaySink:
         await self.messages.put(msg)  # type: ignore[arg-type]
         return "250 2.0.0 OK sink"
 
-    async def start(self) -> None:
+    async def start(self, port: int = 0) -> None:
+        """Listen on `port` (0: a free one); a stopped sink may start again on its port."""
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: AioSMTP(self, hostname="sink.test"),
-                                               "127.0.0.1", 0)
+                                               "127.0.0.1", port)
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:

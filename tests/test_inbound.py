@@ -3,7 +3,6 @@ the simulator signing every request, the relay sink as the mail relay, and real 
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from aiohttp import web
 from gateway.config import ConfigError, settings_from
 from gateway.daemon import Gateway
 from gateway.inbound.webhook import ACTION_ROUTE, INBOUND_ROUTE
+from gateway.sandbox.harness import serve
 
 from .conftest import (FakeClock, GatewayFactory, RelaySink, Simulator, make_pdf, production_env,
                        relay_env)
@@ -188,13 +188,9 @@ async def test_media_url_on_a_foreign_host_gets_no_credentials(
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", foreign)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, url = await serve(app)
     try:
-        simulator.state.inbound.media_url_override = f"http://127.0.0.1:{port}/fax.pdf"
+        simulator.state.inbound.media_url_override = f"{url}/fax.pdf"
         call = await ring(gw_manual, simulator, to=SECOND)
         await gw_manual.inbound.deliverer.run_until_idle()
     finally:
@@ -274,21 +270,13 @@ async def test_relay_outage_is_waited_out(manual_gateway: GatewayFactory, tmp_pa
         [row] = rows(gw)
         assert row["state"] == "delivering" and row["tries"] == 1
         assert "relay" in row["last_error"]
-        await restart_on_same_port(relay)
+        await relay.start(relay.port)
         clock.advance(60)
         await gw.inbound.deliverer.run_until_idle()
         assert (await relay.next())["To"] == "lab@example.com"
         assert [r["state"] for r in rows(gw)] == ["done"]
     finally:
         await gw.stop(grace_s=1)
-
-
-async def restart_on_same_port(relay: RelaySink) -> None:
-    from aiosmtpd.smtp import SMTP as AioSMTP
-
-    loop = asyncio.get_running_loop()
-    relay.server = await loop.create_server(lambda: AioSMTP(relay, hostname="sink.test"),
-                                            "127.0.0.1", relay.port)
 
 
 @pytest.mark.parametrize("value, words", [

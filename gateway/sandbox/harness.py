@@ -56,6 +56,19 @@ def simulator_env(space_url: str) -> dict[str, str]:
             "FAX_FROM_NUMBER": FROM_NUMBER}
 
 
+async def start_runner(runner: web.AppRunner, port: int = 0) -> str:
+    """Set up `runner` and serve it on 127.0.0.1:`port` (0: a free one); its base URL."""
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+async def serve(app: web.Application, port: int = 0) -> tuple[web.AppRunner, str]:
+    """`app` on a loopback port: the runner (to clean up) and the base URL."""
+    runner = web.AppRunner(app, access_log=None)
+    return runner, await start_runner(runner, port)
+
+
 class SimulatorServer:
     """The SignalWire simulator as its own HTTP server on a loopback port (port 0).
 
@@ -68,11 +81,9 @@ class SimulatorServer:
         self.runner = web.AppRunner(self.app, access_log=None)
         self.url = ""
 
-    async def start(self) -> None:
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}"
+    async def start(self, port: int = 0) -> None:
+        """Serve on `port` (0: a free one); a stopped server may start again on its port."""
+        self.url = await start_runner(self.runner, port)
 
     async def stop(self) -> None:
         await self.runner.cleanup()
