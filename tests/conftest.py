@@ -193,7 +193,10 @@ def production_env(data_dir: Path, simulator: Simulator, **overrides: str) -> di
 
 class GatewayFactory:
     """Starts in-process gateways for one test and stops, at teardown, every one the test
-    left running (newest first), whether the test passed, failed or stopped some itself."""
+    left running (newest first), whether the test passed, failed or stopped some itself.
+
+    Name the fixture after `simulator` and `relay` in a test's arguments: fixtures are torn
+    down in reverse order, so the gateways then stop while those are still there."""
 
     def __init__(self, default_env: Callable[[], dict[str, str]], *, run_worker: bool) -> None:
         self.default_env = default_env

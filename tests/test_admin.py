@@ -406,9 +406,9 @@ class Cli:
         self.store.close()
 
 
-async def test_cancel_a_queued_fax_at_signalwire(manual_gateway: GatewayFactory,
-                                                 simulator: Simulator, relay: RelaySink,
-                                                 tmp_path: Path) -> None:
+async def test_cancel_a_queued_fax_at_signalwire(simulator: Simulator, relay: RelaySink,
+                                                 tmp_path: Path,
+                                                 manual_gateway: GatewayFactory) -> None:
     clock = Clock(1_800_000_000.0)
     gw = await manual_gateway(production_env(tmp_path / "var", simulator, **relay_env(relay)),
                               clock)
@@ -440,8 +440,8 @@ async def test_cancel_a_queued_fax_at_signalwire(manual_gateway: GatewayFactory,
 
 
 async def test_cancel_before_submission_reports_to_the_sender(
-        manual_gateway: GatewayFactory, simulator: Simulator, relay: RelaySink,
-        tmp_path: Path) -> None:
+        simulator: Simulator, relay: RelaySink, tmp_path: Path,
+        manual_gateway: GatewayFactory) -> None:
     clock = Clock(1_800_000_000.0)
     gw = await manual_gateway(production_env(tmp_path / "var", simulator, **relay_env(relay)),
                               clock)
@@ -459,9 +459,9 @@ async def test_cancel_before_submission_reports_to_the_sender(
     assert simulator.state.send_requests == []
 
 
-async def test_resend_and_report_again_end_to_end(manual_gateway: GatewayFactory,
-                                                  simulator: Simulator, relay: RelaySink,
-                                                  tmp_path: Path) -> None:
+async def test_resend_and_report_again_end_to_end(simulator: Simulator, relay: RelaySink,
+                                                  tmp_path: Path,
+                                                  manual_gateway: GatewayFactory) -> None:
     clock = Clock(1_800_000_000.0)
     gw = await manual_gateway(production_env(tmp_path / "var", simulator,
                                              DOCUMENT_RETENTION_HOURS="24", **relay_env(relay)),
@@ -493,10 +493,9 @@ async def test_resend_and_report_again_end_to_end(manual_gateway: GatewayFactory
     assert old.reported_at == clock.now
 
 
-async def test_resend_refused_once_the_document_is_purged(manual_gateway: GatewayFactory,
-                                                          simulator: Simulator,
-                                                          relay: RelaySink,
-                                                          tmp_path: Path) -> None:
+async def test_resend_refused_once_the_document_is_purged(simulator: Simulator, relay: RelaySink,
+                                                          tmp_path: Path,
+                                                          manual_gateway: GatewayFactory) -> None:
     clock = Clock(1_800_000_000.0)
     gw = await manual_gateway(production_env(tmp_path / "var", simulator, **relay_env(relay)),
                               clock)
@@ -513,9 +512,9 @@ async def test_resend_refused_once_the_document_is_purged(manual_gateway: Gatewa
         await gw.stop()
 
 
-async def test_report_again_never_dials_again(manual_gateway: GatewayFactory,
-                                              simulator: Simulator, relay: RelaySink,
-                                              tmp_path: Path) -> None:
+async def test_report_again_never_dials_again(simulator: Simulator, relay: RelaySink,
+                                              tmp_path: Path,
+                                              manual_gateway: GatewayFactory) -> None:
     clock = Clock(1_800_000_000.0)
     gw = await manual_gateway(production_env(tmp_path / "var", simulator,
                                              FAX_MAX_ATTEMPTS="1", **relay_env(relay)), clock)

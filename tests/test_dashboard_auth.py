@@ -88,8 +88,8 @@ async def _login(http: aiohttp.ClientSession, base: str, name: str = "ann",
         return r.status
 
 
-async def test_sessions_expire_and_follow_the_users_file(manual_gateway: GatewayFactory,
-                                                         tmp_path: Path) -> None:
+async def test_sessions_expire_and_follow_the_users_file(tmp_path: Path,
+                                                         manual_gateway: GatewayFactory) -> None:
     users = tmp_path / "users"
     passwd_command(users, "ann", PASSWORD, role="admin")
     clock = FakeClock()
@@ -120,9 +120,9 @@ async def test_sessions_expire_and_follow_the_users_file(manual_gateway: Gateway
         await gw.stop(grace_s=5)
 
 
-async def test_a_deleted_document_is_not_shown_or_resent(manual_gateway: GatewayFactory,
-                                                         tmp_path: Path, simulator: Simulator,
-                                                        relay: RelaySink) -> None:
+async def test_a_deleted_document_is_not_shown_or_resent(tmp_path: Path, simulator: Simulator,
+                                                         relay: RelaySink,
+                                                         manual_gateway: GatewayFactory) -> None:
     """DOCUMENT_RETENTION_HOURS=0: once reported, neither the picture nor the PDF is there,
     and Resend says why in plain words."""
     users = tmp_path / "users"

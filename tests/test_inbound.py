@@ -54,8 +54,8 @@ def rows(gw: Gateway, table: str = "inbound_faxes") -> list[sqlite3.Row]:
 
 
 @pytest.fixture
-async def gw_manual(manual_gateway: GatewayFactory, tmp_path: Path, simulator: Simulator,
-                    relay: RelaySink) -> AsyncIterator[Gateway]:
+async def gw_manual(tmp_path: Path, simulator: Simulator, relay: RelaySink,
+                    manual_gateway: GatewayFactory) -> AsyncIterator[Gateway]:
     gw = await manual_gateway(env(tmp_path, simulator, relay), FakeClock(time.time()))
     yield gw
     await gw.stop(grace_s=1)
@@ -89,8 +89,8 @@ async def test_routed_fax_is_mailed_to_every_address_and_deleted(
 
 
 async def test_unrouted_number_and_blocked_caller_get_reject(
-        manual_gateway: GatewayFactory, tmp_path: Path, simulator: Simulator,
-        relay: RelaySink) -> None:
+        tmp_path: Path, simulator: Simulator, relay: RelaySink,
+        manual_gateway: GatewayFactory) -> None:
     gw = await manual_gateway(env(tmp_path, simulator, relay,
                                   INBOUND_BLOCKED_CALLERS="+1900,+12125550666"), FakeClock(time.time()))
     try:
@@ -110,9 +110,9 @@ async def test_unrouted_number_and_blocked_caller_get_reject(
         await gw.stop(grace_s=1)
 
 
-async def test_inbound_off_rejects_everything(manual_gateway: GatewayFactory, tmp_path: Path,
-                                              simulator: Simulator,
-                                              relay: RelaySink) -> None:
+async def test_inbound_off_rejects_everything(tmp_path: Path, simulator: Simulator,
+                                              relay: RelaySink,
+                                              manual_gateway: GatewayFactory) -> None:
     gw = await manual_gateway(env(tmp_path, simulator, relay, INBOUND_ROUTES=""), FakeClock(time.time()))
     try:
         assert (await ring(gw, simulator)).answer == "reject"
@@ -204,8 +204,8 @@ async def test_media_url_on_a_foreign_host_gets_no_credentials(
 
 
 async def test_voice_call_noise_goes_to_the_admin_only(
-        manual_gateway: GatewayFactory, tmp_path: Path, simulator: Simulator,
-        relay: RelaySink) -> None:
+        tmp_path: Path, simulator: Simulator, relay: RelaySink,
+        manual_gateway: GatewayFactory) -> None:
     gw = await manual_gateway(env(tmp_path, simulator, relay,
                                   INBOUND_ADMIN_ADDRESS="faxadmin@example.com"), FakeClock(time.time()))
     try:
@@ -223,9 +223,9 @@ async def test_voice_call_noise_goes_to_the_admin_only(
         await gw.stop(grace_s=1)
 
 
-async def test_document_left_out_when_configured(manual_gateway: GatewayFactory, tmp_path: Path,
-                                                 simulator: Simulator,
-                                                 relay: RelaySink) -> None:
+async def test_document_left_out_when_configured(tmp_path: Path, simulator: Simulator,
+                                                 relay: RelaySink,
+                                                 manual_gateway: GatewayFactory) -> None:
     gw = await manual_gateway(env(tmp_path, simulator, relay, INBOUND_ATTACH_DOCUMENT="no",
                                   INBOUND_KEEP_MEDIA="yes"), FakeClock(time.time()))
     try:
@@ -258,9 +258,8 @@ async def test_reconciler_picks_up_a_fax_whose_callback_was_lost(
     assert (row["source"], row["state"]) == ("reconciler", "done")
 
 
-async def test_relay_outage_is_waited_out(manual_gateway: GatewayFactory, tmp_path: Path,
-                                          simulator: Simulator,
-                                          relay: RelaySink) -> None:
+async def test_relay_outage_is_waited_out(tmp_path: Path, simulator: Simulator, relay: RelaySink,
+                                          manual_gateway: GatewayFactory) -> None:
     clock = FakeClock(time.time())
     gw = await manual_gateway(env(tmp_path, simulator, relay), clock)
     try:
@@ -320,9 +319,9 @@ def test_bad_route_stops_the_start_with_78(tmp_path: Path) -> None:
     assert "INBOUND_ROUTES: '+1555=x@example.com'" in proc.stderr
 
 
-async def test_media_delete_409_is_retried_later(manual_gateway: GatewayFactory, tmp_path: Path,
-                                                 simulator: Simulator,
-                                                 relay: RelaySink) -> None:
+async def test_media_delete_409_is_retried_later(tmp_path: Path, simulator: Simulator,
+                                                 relay: RelaySink,
+                                                 manual_gateway: GatewayFactory) -> None:
     clock = FakeClock(time.time())
     gw = await manual_gateway(env(tmp_path, simulator, relay), clock)
     try:
@@ -361,8 +360,8 @@ async def test_tiff_media_is_mailed_as_pdf(gw_manual: Gateway, simulator: Simula
 
 
 async def test_real_failure_goes_to_routed_people_and_admin(
-        manual_gateway: GatewayFactory, tmp_path: Path, simulator: Simulator,
-        relay: RelaySink) -> None:
+        tmp_path: Path, simulator: Simulator, relay: RelaySink,
+        manual_gateway: GatewayFactory) -> None:
     gw = await manual_gateway(env(tmp_path, simulator, relay,
                                   INBOUND_ADMIN_ADDRESS="faxadmin@example.com"),
                               FakeClock(time.time()))
@@ -380,8 +379,8 @@ async def test_real_failure_goes_to_routed_people_and_admin(
 
 
 async def test_wildcard_route_and_reconciler_without_a_number(
-        manual_gateway: GatewayFactory, tmp_path: Path, simulator: Simulator,
-        relay: RelaySink) -> None:
+        tmp_path: Path, simulator: Simulator, relay: RelaySink,
+        manual_gateway: GatewayFactory) -> None:
     gw = await manual_gateway(env(tmp_path, simulator, relay,
                                   INBOUND_ROUTES="*=office@example.com"),
                               FakeClock(time.time()))
@@ -403,8 +402,8 @@ def test_lookback_must_be_shorter_than_retention(tmp_path: Path) -> None:
 
 
 async def test_reconciler_does_not_reach_back_before_inbound_was_switched_on(
-        manual_gateway: GatewayFactory, tmp_path: Path, simulator: Simulator,
-        relay: RelaySink) -> None:
+        tmp_path: Path, simulator: Simulator, relay: RelaySink,
+        manual_gateway: GatewayFactory) -> None:
     # A fax received (and handled by something else) before this gateway had routes.
     gw_off = await manual_gateway(env(tmp_path / "other", simulator, relay,
                                       INBOUND_ROUTES=""), FakeClock(time.time()))

@@ -166,10 +166,9 @@ async def test_parts_over_the_size_limit_or_too_many_are_refused(make_gateway,
     assert reply.code == 554 and f"more than {MAX_PARTS} parts" in reply.text
 
 
-async def test_incomplete_parts_expire_with_a_refusal_mail(manual_gateway: GatewayFactory,
-                                                           simulator: Simulator,
-                                                           relay: RelaySink,
-                                                           tmp_path: Path) -> None:
+async def test_incomplete_parts_expire_with_a_refusal_mail(simulator: Simulator, relay: RelaySink,
+                                                           tmp_path: Path,
+                                                           manual_gateway: GatewayFactory) -> None:
     clock = FakeClock()
     gw = await manual_gateway(production_env(tmp_path / "var", simulator, **relay_env(relay),
                                              PARTIAL_TIMEOUT_MINUTES="30"), clock)
@@ -191,7 +190,7 @@ async def test_incomplete_parts_expire_with_a_refusal_mail(manual_gateway: Gatew
     assert await gw.store.run(gw.store.jobs) == []
 
 
-async def test_parts_survive_a_restart(manual_gateway: GatewayFactory, tmp_path: Path) -> None:
+async def test_parts_survive_a_restart(tmp_path: Path, manual_gateway: GatewayFactory) -> None:
     """A part answered with 250 is on disk: a restart between parts loses nothing."""
     clock = FakeClock()
     env = base_env(tmp_path / "var")

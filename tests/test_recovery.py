@@ -170,8 +170,8 @@ async def test_report_relay_outage_is_waited_out(make_gateway, simulator: Simula
 
 
 async def test_busy_then_delivered_on_the_injected_clock(
-        manual_gateway: GatewayFactory, simulator: Simulator, relay: RelaySink,
-        tmp_path: Path) -> None:
+        simulator: Simulator, relay: RelaySink, tmp_path: Path,
+        manual_gateway: GatewayFactory) -> None:
     simulator.state.outcome_overrides["+15551234567"] = ["busy", "no-answer"]
     clock = FakeClock()
     gw = await manual_gateway(production_env(tmp_path / "var", simulator, **relay_env(relay)),
@@ -199,8 +199,8 @@ async def test_busy_then_delivered_on_the_injected_clock(
 
 
 async def test_busy_gives_up_at_max_attempts_and_kill_time(
-        manual_gateway: GatewayFactory, simulator: Simulator, relay: RelaySink,
-        tmp_path: Path) -> None:
+        simulator: Simulator, relay: RelaySink, tmp_path: Path,
+        manual_gateway: GatewayFactory) -> None:
     clock = FakeClock()
     gw = await manual_gateway(production_env(tmp_path / "var", simulator, FAX_KILL_MINUTES="25",
                                              **relay_env(relay)), clock)
@@ -233,8 +233,8 @@ async def test_busy_gives_up_at_max_attempts_and_kill_time(
 
 
 async def test_resolution_failure_retried_once_at_standard(
-        manual_gateway: GatewayFactory, simulator: Simulator, relay: RelaySink,
-        tmp_path: Path) -> None:
+        simulator: Simulator, relay: RelaySink, tmp_path: Path,
+        manual_gateway: GatewayFactory) -> None:
     clock = FakeClock()
     gw = await manual_gateway(production_env(tmp_path / "var", simulator, FAX_QUALITY="superfine",
                                              **relay_env(relay)), clock)
@@ -252,9 +252,9 @@ async def test_resolution_failure_retried_once_at_standard(
                                                          ("standard", "delivered")]
 
 
-async def test_media_failure_is_never_retried(manual_gateway: GatewayFactory,
-                                              simulator: Simulator, relay: RelaySink,
-                                             tmp_path: Path) -> None:
+async def test_media_failure_is_never_retried(simulator: Simulator, relay: RelaySink,
+                                              tmp_path: Path,
+                                              manual_gateway: GatewayFactory) -> None:
     clock = FakeClock()
     gw = await manual_gateway(production_env(tmp_path / "var", simulator, **relay_env(relay)),
                               clock)
@@ -276,9 +276,9 @@ async def test_media_failure_is_never_retried(manual_gateway: GatewayFactory,
     assert len(simulator.state.faxes) == 1
 
 
-async def test_one_attempt_in_flight_per_number(manual_gateway: GatewayFactory,
-                                                simulator: Simulator, relay: RelaySink,
-                                                tmp_path: Path) -> None:
+async def test_one_attempt_in_flight_per_number(simulator: Simulator, relay: RelaySink,
+                                                tmp_path: Path,
+                                                manual_gateway: GatewayFactory) -> None:
     clock = FakeClock()
     gw = await manual_gateway(production_env(tmp_path / "var", simulator, **relay_env(relay)),
                               clock)
@@ -301,8 +301,8 @@ async def test_one_attempt_in_flight_per_number(manual_gateway: GatewayFactory,
 
 
 async def test_housekeeping_purges_documents_and_prunes_old_jobs(
-        manual_gateway: GatewayFactory, simulator: Simulator, relay: RelaySink,
-        tmp_path: Path) -> None:
+        simulator: Simulator, relay: RelaySink, tmp_path: Path,
+        manual_gateway: GatewayFactory) -> None:
     clock = FakeClock()
     gw = await manual_gateway(production_env(tmp_path / "var", simulator,
                                              DOCUMENT_RETENTION_HOURS="24",
@@ -369,8 +369,8 @@ async def test_store_locked_answers_451_then_accepts(tmp_path: Path) -> None:
 
 
 async def test_late_callback_of_an_earlier_attempt_changes_nothing(
-        manual_gateway: GatewayFactory, simulator: Simulator, relay: RelaySink,
-        tmp_path: Path) -> None:
+        simulator: Simulator, relay: RelaySink, tmp_path: Path,
+        manual_gateway: GatewayFactory) -> None:
     """Attempt 1 was busy; while attempt 2 is being sent (no sid yet), a replayed callback of
     attempt 1's fax must not be taken for attempt 2."""
     from gateway.signalwire.signature import compute_signature
