@@ -12,7 +12,6 @@ import atexit
 import ctypes
 import os
 import signal
-import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,12 +19,6 @@ from typing import IO, Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 _LIVE: set[Child] = set()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _die_with_parent(parent_pid: int) -> Callable[[], None]:

@@ -35,6 +35,9 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
+from gateway.sandbox.harness import (FROM_NUMBER, JOB_ID, PROJECT_ID, READY_LINE, SIGNING_KEY,
+                                     SimulatorServer, free_port, simulator_env)
+from gateway.sandbox.s3server import SeaweedS3
 from gateway.store.base import DB_FILENAME
 from gateway.store.sqlite import SqliteStore
 
@@ -44,7 +47,6 @@ from .procs import (
     Interference,
     Meter,
     cpu_s,
-    free_port,
     status_kb,
     tail,
     tree_cpu_s,
@@ -56,15 +58,10 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 PY = sys.executable
 
-PROJECT_ID = "0b6f2a1e-5d0c-4a6e-9a51-7e7c1f1d9a00"
-API_TOKEN = "PTbenchtokenvalue"
-SIGNING_KEY = "PSKbenchsigningkey000"
-FROM_NUMBER = "+15557654321"
 BUCKET = "faxgw-bench"
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # a 20 MB PDF is a 27.4 MB message in base64
 SIZES = {"100k": 100_000, "2m": 2_000_000, "20m": 20_000_000}
 SIZE_NAMES = {"100k": "100 KB", "2m": "2 MB", "20m": "20 MB"}
-JOB_ID = re.compile(r"\b[0-9a-f]{16}\b")
 
 
 def _own_cpu_s() -> float:
@@ -94,17 +91,12 @@ def dist_ms(values_s: list[float]) -> dict[str, float | int | None]:
 # -- the SignalWire simulator, in this process --------------------------------------------
 
 
-class RecordingSimulator:
-    """The gateway's own simulator app, plus a middleware noting when each send POST arrives
-    (before the handler runs, so the simulator's work is not counted)."""
+class RecordingSimulator(SimulatorServer):
+    """The simulator server the tests use, plus a middleware noting when each send POST
+    arrives (before the handler runs, so the simulator's work is not counted)."""
 
     def __init__(self, callback_delay_s: float) -> None:
-        from gateway.sandbox.simulator import SIM_STATE, create_simulator_app
-
-        self.app = create_simulator_app(project_id=PROJECT_ID, api_token=API_TOKEN,
-                                        signing_key=SIGNING_KEY,
-                                        callback_delay_s=callback_delay_s)
-        self.state = self.app[SIM_STATE]
+        super().__init__(callback_delay_s=callback_delay_s)
         self.posts: dict[str, float] = {}
         self.post_count = 0
 
@@ -120,18 +112,6 @@ class RecordingSimulator:
             return await handler(request)
 
         self.app.middlewares.append(record)
-        self.runner = web.AppRunner(self.app, access_log=None)
-        self.url = ""
-
-    async def start(self) -> None:
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-
-    async def stop(self) -> None:
-        await self.runner.cleanup()
 
     def drop_media(self) -> None:
         """The simulator keeps every fetched PDF (StoreMedia); the bench has no use for them."""
@@ -215,7 +195,7 @@ class GatewayProcess:
         await self.child.start()
         while time.monotonic() - began < timeout_s:
             text = self.log_path.read_text(errors="replace").rsplit(marker, 1)[-1]
-            if "faxgw started" in text:
+            if READY_LINE in text:
                 return time.monotonic() - began
             if not self.child.running:
                 break
@@ -291,9 +271,7 @@ class Bench:
         env = self.base_env()
         env.update({
             "SMTP_HOSTNAME": "faxgw.bench", "NOTIFY_FROM": "faxgw@faxgw.bench",
-            "SIGNALWIRE_SPACE_URL": sim_url, "SIGNALWIRE_PROJECT_ID": PROJECT_ID,
-            "SIGNALWIRE_API_TOKEN": API_TOKEN, "SIGNALWIRE_SIGNING_KEY": SIGNING_KEY,
-            "FAX_FROM_NUMBER": FROM_NUMBER,
+            **simulator_env(sim_url),
             "MEDIA_STORE": "s3", "S3_BUCKET": BUCKET, "S3_PREFIX": "faxgw/",
             "S3_ENDPOINT_URL": self.s3.endpoint_url, "S3_REGION": self.s3.region,
             "AWS_ACCESS_KEY_ID": self.s3.access_key,
@@ -1060,9 +1038,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="faxgw-bench-"))
     src = root / "src"
     code_id = snapshot_gateway(args.gateway_source, src)
-    sys.path.insert(0, str(REPO))  # tests.s3server (SeaweedFS helper)
     sys.path.insert(0, str(src))  # gateway.*: the snapshot, in this process too
-    from tests.s3server import SeaweedS3
 
     began = time.monotonic()
     log(f"work dir {root}; gateway code: {code_id}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import os
 import re
 import secrets
@@ -13,23 +14,23 @@ from email.utils import make_msgid
 from email.parser import BytesParser
 from email import policy
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import pytest
-from aiohttp import web
 from aiosmtpd.smtp import SMTP as AioSMTP
 from pypdf import PdfWriter
 
 from gateway.config import Settings, settings_from
 from gateway.daemon import Gateway
+from gateway.ops import logs
 from gateway.outbound.states import State
-from gateway.sandbox.simulator import SIM_STATE, SimulatorState, create_simulator_app
+# Shared with bench/ (one copy): the simulator's account, the simulator server, job ids.
+from gateway.sandbox.harness import (API_TOKEN, PROJECT_ID, SIGNING_KEY, job_ids,
+                                     simulator_env)
+from gateway.sandbox.harness import SimulatorServer as Simulator
+from gateway.sandbox.s3server import SeaweedS3
 
-from .s3server import SeaweedS3
-
-PROJECT_ID = "0b6f2a1e-5d0c-4a6e-9a51-7e7c1f1d9a00"
-API_TOKEN = "PTtesttokenvalue"
-SIGNING_KEY = "PSKtestsigningkey0000"
+__all__ = ["API_TOKEN", "PROJECT_ID", "SIGNING_KEY", "Simulator", "job_ids"]
 
 
 def make_pdf(pages: int = 1, *, landscape: bool = False) -> bytes:
@@ -109,10 +110,11 @@ class RelaySink:
         await self.messages.put(msg)  # type: ignore[arg-type]
         return "250 2.0.0 OK sink"
 
-    async def start(self) -> None:
+    async def start(self, port: int = 0) -> None:
+        """Listen on `port` (0: a free one); a stopped sink may start again on its port."""
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: AioSMTP(self, hostname="sink.test"),
-                                               "127.0.0.1", 0)
+                                               "127.0.0.1", port)
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
@@ -124,25 +126,29 @@ class RelaySink:
         return await asyncio.wait_for(self.messages.get(), timeout_s)
 
 
-class Simulator:
-    """The SignalWire simulator as a separate HTTP server on its own port."""
+# Loggers setup_logging() tunes (gateway/ops/logs.py); put back after each test.
+TUNED_LOGGERS = ("mail.log", "botocore", "boto3", "s3transfer", "urllib3", "aiohttp.access")
 
-    def __init__(self, **kwargs: Any) -> None:
-        self.app = create_simulator_app(project_id=PROJECT_ID, api_token=API_TOKEN,
-                                        signing_key=SIGNING_KEY, **kwargs)
-        self.state: SimulatorState = self.app[SIM_STATE]
-        self.runner = web.AppRunner(self.app, access_log=None)
-        self.url = ""
 
-    async def start(self) -> None:
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-
-    async def stop(self) -> None:
-        await self.runner.cleanup()
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """What a test changes in process-wide logging it does not keep: handlers and levels set
+    by setup_logging() (the CLI in-process, the log tests) and secrets registered with the
+    redactor (which would otherwise mask those values in every later test's lines)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    levels = {name: logging.getLogger(name).level for name in TUNED_LOGGERS}
+    secrets = logs.registered_secrets()
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    for name, lvl in levels.items():
+        logging.getLogger(name).setLevel(lvl)
+    for value in logs.registered_secrets() - secrets:
+        logs.unregister_secret(value)
+    assert logs.registered_secrets() == secrets
 
 
 @pytest.fixture(scope="session")
@@ -190,30 +196,51 @@ def base_env(data_dir: Path, **overrides: str) -> dict[str, str]:
 
 
 def production_env(data_dir: Path, simulator: Simulator, **overrides: str) -> dict[str, str]:
-    return base_env(data_dir, SIGNALWIRE_SPACE_URL=simulator.url,
-                    SIGNALWIRE_PROJECT_ID=PROJECT_ID, SIGNALWIRE_API_TOKEN=API_TOKEN,
-                    SIGNALWIRE_SIGNING_KEY=SIGNING_KEY, FAX_FROM_NUMBER="+15557654321",
-                    **overrides)
+    return base_env(data_dir, **{**simulator_env(simulator.url), **overrides})
 
 
-GatewayFactory = Callable[..., Awaitable[Gateway]]
+class GatewayFactory:
+    """Starts in-process gateways for one test and stops, at teardown, every one the test
+    left running (newest first), whether the test passed, failed or stopped some itself.
+
+    Name the fixture after `simulator` and `relay` in a test's arguments: fixtures are torn
+    down in reverse order, so the gateways then stop while those are still there."""
+
+    def __init__(self, default_env: Callable[[], dict[str, str]], *, run_worker: bool) -> None:
+        self.default_env = default_env
+        self.run_worker = run_worker
+        self.started: list[Gateway] = []
+
+    async def __call__(self, env: dict[str, str] | None = None,
+                       clock: Callable[[], float] | None = None) -> Gateway:
+        settings: Settings = settings_from(env or self.default_env())
+        gateway = Gateway(settings) if clock is None else Gateway(settings, clock=clock)
+        await gateway.start(run_worker=self.run_worker)
+        self.started.append(gateway)
+        return gateway
+
+    async def close(self) -> None:
+        for gateway in reversed(self.started):
+            if gateway.lock.held:  # released by Gateway.stop(): the test stopped it already
+                await gateway.stop(grace_s=5)
 
 
 @pytest.fixture
 async def make_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
-    """Start gateways from an environment dict; PUBLIC_BASE_URL is filled in once bound."""
-    started: list[Gateway] = []
-
-    async def factory(env: dict[str, str] | None = None) -> Gateway:
-        settings: Settings = settings_from(env or base_env(tmp_path / "var"))
-        gateway = Gateway(settings)
-        await gateway.start()
-        started.append(gateway)
-        return gateway
-
+    """Start gateways from an environment dict (base_env by default), the worker running;
+    PUBLIC_BASE_URL is filled in once bound."""
+    factory = GatewayFactory(lambda: base_env(tmp_path / "var"), run_worker=True)
     yield factory
-    for gateway in reversed(started):
-        await gateway.stop(grace_s=5)
+    await factory.close()
+
+
+@pytest.fixture
+async def manual_gateway(tmp_path: Path) -> AsyncIterator[GatewayFactory]:
+    """Gateways whose queue the test drives (no worker loop: `drive()`, `run_due()`), on the
+    clock it injects: `await manual_gateway(env, FakeClock())`."""
+    factory = GatewayFactory(lambda: base_env(tmp_path / "var"), run_worker=False)
+    yield factory
+    await factory.close()
 
 
 async def wait_state(gateway: Gateway, job_id: str, state: State,
@@ -223,11 +250,6 @@ async def wait_state(gateway: Gateway, job_id: str, state: State,
         return job is not None and job.state is state
 
     await gateway.worker.wait_for(reached, timeout_s)
-
-
-def job_ids(reply_text: str) -> list[str]:
-    """The job ids from a '250 2.0.0 Queued as fax job(s) a, b (N pages)' reply."""
-    return re.findall(r"\b[0-9a-f]{16}\b", reply_text)
 
 
 def relay_env(relay: RelaySink, **extra: str) -> dict[str, str]:
@@ -256,13 +278,6 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
-
-
-async def manual_gateway(env: dict[str, str], clock: FakeClock) -> Gateway:
-    """A gateway whose queue the test drives (no worker loop), on the injected clock."""
-    gw = Gateway(settings_from(env), clock=clock)
-    await gw.start(run_worker=False)
-    return gw
 
 
 async def drive(gw: Gateway, simulator: Simulator) -> None:

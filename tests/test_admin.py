@@ -23,8 +23,8 @@ from gateway.store.rows import Message, NewJob
 from gateway.store.base import open_store
 from gateway.store.sqlite import SqliteStore as Store
 
-from .conftest import (FakeClock, RelaySink, Simulator, base_env, drive, make_pdf,
-                       manual_gateway, production_env, relay_env, send_one)
+from .conftest import (FakeClock, GatewayFactory, RelaySink, Simulator, base_env, drive, make_pdf,
+                       production_env, relay_env, send_one)
 
 POLICY = RetryPolicy(3, 600.0, 3600.0)  # the defaults, as a daemon configured so uses them
 T0 = 1_700_000_000.0
@@ -407,7 +407,8 @@ class Cli:
 
 
 async def test_cancel_a_queued_fax_at_signalwire(simulator: Simulator, relay: RelaySink,
-                                                 tmp_path: Path) -> None:
+                                                 tmp_path: Path,
+                                                 manual_gateway: GatewayFactory) -> None:
     clock = Clock(1_800_000_000.0)
     gw = await manual_gateway(production_env(tmp_path / "var", simulator, **relay_env(relay)),
                               clock)
@@ -439,7 +440,8 @@ async def test_cancel_a_queued_fax_at_signalwire(simulator: Simulator, relay: Re
 
 
 async def test_cancel_before_submission_reports_to_the_sender(
-        simulator: Simulator, relay: RelaySink, tmp_path: Path) -> None:
+        simulator: Simulator, relay: RelaySink, tmp_path: Path,
+        manual_gateway: GatewayFactory) -> None:
     clock = Clock(1_800_000_000.0)
     gw = await manual_gateway(production_env(tmp_path / "var", simulator, **relay_env(relay)),
                               clock)
@@ -458,7 +460,8 @@ async def test_cancel_before_submission_reports_to_the_sender(
 
 
 async def test_resend_and_report_again_end_to_end(simulator: Simulator, relay: RelaySink,
-                                                  tmp_path: Path) -> None:
+                                                  tmp_path: Path,
+                                                  manual_gateway: GatewayFactory) -> None:
     clock = Clock(1_800_000_000.0)
     gw = await manual_gateway(production_env(tmp_path / "var", simulator,
                                              DOCUMENT_RETENTION_HOURS="24", **relay_env(relay)),
@@ -490,9 +493,9 @@ async def test_resend_and_report_again_end_to_end(simulator: Simulator, relay: R
     assert old.reported_at == clock.now
 
 
-async def test_resend_refused_once_the_document_is_purged(simulator: Simulator,
-                                                          relay: RelaySink,
-                                                          tmp_path: Path) -> None:
+async def test_resend_refused_once_the_document_is_purged(simulator: Simulator, relay: RelaySink,
+                                                          tmp_path: Path,
+                                                          manual_gateway: GatewayFactory) -> None:
     clock = Clock(1_800_000_000.0)
     gw = await manual_gateway(production_env(tmp_path / "var", simulator, **relay_env(relay)),
                               clock)
@@ -510,7 +513,8 @@ async def test_resend_refused_once_the_document_is_purged(simulator: Simulator,
 
 
 async def test_report_again_never_dials_again(simulator: Simulator, relay: RelaySink,
-                                              tmp_path: Path) -> None:
+                                              tmp_path: Path,
+                                              manual_gateway: GatewayFactory) -> None:
     clock = Clock(1_800_000_000.0)
     gw = await manual_gateway(production_env(tmp_path / "var", simulator,
                                              FAX_MAX_ATTEMPTS="1", **relay_env(relay)), clock)

@@ -17,7 +17,6 @@ import time
 import zlib
 from pathlib import Path
 
-import pypdfium2 as pdfium
 import pytest
 from PIL import Image, ImageChops, ImageDraw
 from pypdf import PdfReader, PdfWriter
@@ -39,6 +38,8 @@ from gateway.documents.convert import (
     text_to_pdf,
 )
 
+from .corpus import render_pages
+
 LIMITS = Limits()
 A4_300DPI = (2480, 3508)
 
@@ -47,17 +48,8 @@ A4_300DPI = (2480, 3508)
 
 
 def render(pdf: bytes, scale: float = 0.5) -> list[Image.Image]:
-    """Every page as a grayscale image (72 dpi * scale)."""
-    document = pdfium.PdfDocument(pdf)
-    try:
-        images = []
-        for index in range(len(document)):
-            page = document[index]
-            images.append(page.render(scale=scale, grayscale=True).to_pil().convert("L"))
-            page.close()
-        return images
-    finally:
-        document.close()
+    """Every page as a grayscale image (72 dpi * scale; half the corpus's default: faster)."""
+    return render_pages(pdf, scale)
 
 
 def check_fax_pdf(pdf: bytes, paper: str, pages: int, blank_ok: bool = False

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from gateway.sandbox.harness import DaemonProcess
+
 from .conftest import (RelaySink, Simulator, _send_blocking, job_ids, pdf_mail,
                        production_env, smtp_send)
-from .daemon_proc import DaemonProcess
 
 
 def daemon_env(tmp_path: Path, simulator: Simulator, relay: RelaySink,
@@ -141,6 +142,7 @@ async def test_sigterm_finishes_open_transaction_refuses_new_and_resumes(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # 40 mails through random kills; reports may each wait up to 120 s
 async def test_chaos_random_kills_lose_nothing_and_send_nothing_twice(
         simulator: Simulator, relay: RelaySink, tmp_path: Path) -> None:
     """Many mails, the daemon killed with SIGKILL at random moments, then left to finish."""

@@ -17,7 +17,7 @@ from gateway.outbound.states import State
 from gateway.users import UsersFileError, load_users, passwd_command
 
 from .conftest import (FakeClock, GatewayFactory, RelaySink, Simulator, base_env, drive,
-                       manual_gateway, production_env, relay_env, send_one, wait_state)
+                       production_env, relay_env, send_one, wait_state)
 
 PASSWORD = "ann-admin-pw"
 
@@ -88,7 +88,8 @@ async def _login(http: aiohttp.ClientSession, base: str, name: str = "ann",
         return r.status
 
 
-async def test_sessions_expire_and_follow_the_users_file(tmp_path: Path) -> None:
+async def test_sessions_expire_and_follow_the_users_file(tmp_path: Path,
+                                                         manual_gateway: GatewayFactory) -> None:
     users = tmp_path / "users"
     passwd_command(users, "ann", PASSWORD, role="admin")
     clock = FakeClock()
@@ -120,7 +121,8 @@ async def test_sessions_expire_and_follow_the_users_file(tmp_path: Path) -> None
 
 
 async def test_a_deleted_document_is_not_shown_or_resent(tmp_path: Path, simulator: Simulator,
-                                                        relay: RelaySink) -> None:
+                                                         relay: RelaySink,
+                                                         manual_gateway: GatewayFactory) -> None:
     """DOCUMENT_RETENTION_HOURS=0: once reported, neither the picture nor the PDF is there,
     and Resend says why in plain words."""
     users = tmp_path / "users"

@@ -3,7 +3,6 @@ the simulator signing every request, the relay sink as the mail relay, and real 
 
 from __future__ import annotations
 
-import asyncio
 import sqlite3
 import time
 from pathlib import Path
@@ -16,9 +15,10 @@ from aiohttp import web
 from gateway.config import ConfigError, settings_from
 from gateway.daemon import Gateway
 from gateway.inbound.webhook import ACTION_ROUTE, INBOUND_ROUTE
+from gateway.sandbox.harness import serve
 
-from .conftest import (FakeClock, RelaySink, Simulator, make_pdf, manual_gateway,
-                       production_env, relay_env)
+from .conftest import (FakeClock, GatewayFactory, RelaySink, Simulator, make_pdf, production_env,
+                       relay_env)
 
 ROUTED = "+13103383454"
 SECOND = "+13103383455"
@@ -54,8 +54,8 @@ def rows(gw: Gateway, table: str = "inbound_faxes") -> list[sqlite3.Row]:
 
 
 @pytest.fixture
-async def gw_manual(tmp_path: Path, simulator: Simulator,
-                    relay: RelaySink) -> AsyncIterator[Gateway]:
+async def gw_manual(tmp_path: Path, simulator: Simulator, relay: RelaySink,
+                    manual_gateway: GatewayFactory) -> AsyncIterator[Gateway]:
     gw = await manual_gateway(env(tmp_path, simulator, relay), FakeClock(time.time()))
     yield gw
     await gw.stop(grace_s=1)
@@ -89,7 +89,8 @@ async def test_routed_fax_is_mailed_to_every_address_and_deleted(
 
 
 async def test_unrouted_number_and_blocked_caller_get_reject(
-        tmp_path: Path, simulator: Simulator, relay: RelaySink) -> None:
+        tmp_path: Path, simulator: Simulator, relay: RelaySink,
+        manual_gateway: GatewayFactory) -> None:
     gw = await manual_gateway(env(tmp_path, simulator, relay,
                                   INBOUND_BLOCKED_CALLERS="+1900,+12125550666"), FakeClock(time.time()))
     try:
@@ -110,7 +111,8 @@ async def test_unrouted_number_and_blocked_caller_get_reject(
 
 
 async def test_inbound_off_rejects_everything(tmp_path: Path, simulator: Simulator,
-                                              relay: RelaySink) -> None:
+                                              relay: RelaySink,
+                                              manual_gateway: GatewayFactory) -> None:
     gw = await manual_gateway(env(tmp_path, simulator, relay, INBOUND_ROUTES=""), FakeClock(time.time()))
     try:
         assert (await ring(gw, simulator)).answer == "reject"
@@ -186,13 +188,9 @@ async def test_media_url_on_a_foreign_host_gets_no_credentials(
 
     app = web.Application()
     app.router.add_get("/{tail:.*}", foreign)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, url = await serve(app)
     try:
-        simulator.state.inbound.media_url_override = f"http://127.0.0.1:{port}/fax.pdf"
+        simulator.state.inbound.media_url_override = f"{url}/fax.pdf"
         call = await ring(gw_manual, simulator, to=SECOND)
         await gw_manual.inbound.deliverer.run_until_idle()
     finally:
@@ -206,7 +204,8 @@ async def test_media_url_on_a_foreign_host_gets_no_credentials(
 
 
 async def test_voice_call_noise_goes_to_the_admin_only(
-        tmp_path: Path, simulator: Simulator, relay: RelaySink) -> None:
+        tmp_path: Path, simulator: Simulator, relay: RelaySink,
+        manual_gateway: GatewayFactory) -> None:
     gw = await manual_gateway(env(tmp_path, simulator, relay,
                                   INBOUND_ADMIN_ADDRESS="faxadmin@example.com"), FakeClock(time.time()))
     try:
@@ -225,7 +224,8 @@ async def test_voice_call_noise_goes_to_the_admin_only(
 
 
 async def test_document_left_out_when_configured(tmp_path: Path, simulator: Simulator,
-                                                 relay: RelaySink) -> None:
+                                                 relay: RelaySink,
+                                                 manual_gateway: GatewayFactory) -> None:
     gw = await manual_gateway(env(tmp_path, simulator, relay, INBOUND_ATTACH_DOCUMENT="no",
                                   INBOUND_KEEP_MEDIA="yes"), FakeClock(time.time()))
     try:
@@ -258,8 +258,8 @@ async def test_reconciler_picks_up_a_fax_whose_callback_was_lost(
     assert (row["source"], row["state"]) == ("reconciler", "done")
 
 
-async def test_relay_outage_is_waited_out(tmp_path: Path, simulator: Simulator,
-                                          relay: RelaySink) -> None:
+async def test_relay_outage_is_waited_out(tmp_path: Path, simulator: Simulator, relay: RelaySink,
+                                          manual_gateway: GatewayFactory) -> None:
     clock = FakeClock(time.time())
     gw = await manual_gateway(env(tmp_path, simulator, relay), clock)
     try:
@@ -269,21 +269,13 @@ async def test_relay_outage_is_waited_out(tmp_path: Path, simulator: Simulator,
         [row] = rows(gw)
         assert row["state"] == "delivering" and row["tries"] == 1
         assert "relay" in row["last_error"]
-        await restart_on_same_port(relay)
+        await relay.start(relay.port)
         clock.advance(60)
         await gw.inbound.deliverer.run_until_idle()
         assert (await relay.next())["To"] == "lab@example.com"
         assert [r["state"] for r in rows(gw)] == ["done"]
     finally:
         await gw.stop(grace_s=1)
-
-
-async def restart_on_same_port(relay: RelaySink) -> None:
-    from aiosmtpd.smtp import SMTP as AioSMTP
-
-    loop = asyncio.get_running_loop()
-    relay.server = await loop.create_server(lambda: AioSMTP(relay, hostname="sink.test"),
-                                            "127.0.0.1", relay.port)
 
 
 @pytest.mark.parametrize("value, words", [
@@ -328,7 +320,8 @@ def test_bad_route_stops_the_start_with_78(tmp_path: Path) -> None:
 
 
 async def test_media_delete_409_is_retried_later(tmp_path: Path, simulator: Simulator,
-                                                 relay: RelaySink) -> None:
+                                                 relay: RelaySink,
+                                                 manual_gateway: GatewayFactory) -> None:
     clock = FakeClock(time.time())
     gw = await manual_gateway(env(tmp_path, simulator, relay), clock)
     try:
@@ -367,7 +360,8 @@ async def test_tiff_media_is_mailed_as_pdf(gw_manual: Gateway, simulator: Simula
 
 
 async def test_real_failure_goes_to_routed_people_and_admin(
-        tmp_path: Path, simulator: Simulator, relay: RelaySink) -> None:
+        tmp_path: Path, simulator: Simulator, relay: RelaySink,
+        manual_gateway: GatewayFactory) -> None:
     gw = await manual_gateway(env(tmp_path, simulator, relay,
                                   INBOUND_ADMIN_ADDRESS="faxadmin@example.com"),
                               FakeClock(time.time()))
@@ -385,7 +379,8 @@ async def test_real_failure_goes_to_routed_people_and_admin(
 
 
 async def test_wildcard_route_and_reconciler_without_a_number(
-        tmp_path: Path, simulator: Simulator, relay: RelaySink) -> None:
+        tmp_path: Path, simulator: Simulator, relay: RelaySink,
+        manual_gateway: GatewayFactory) -> None:
     gw = await manual_gateway(env(tmp_path, simulator, relay,
                                   INBOUND_ROUTES="*=office@example.com"),
                               FakeClock(time.time()))
@@ -407,7 +402,8 @@ def test_lookback_must_be_shorter_than_retention(tmp_path: Path) -> None:
 
 
 async def test_reconciler_does_not_reach_back_before_inbound_was_switched_on(
-        tmp_path: Path, simulator: Simulator, relay: RelaySink) -> None:
+        tmp_path: Path, simulator: Simulator, relay: RelaySink,
+        manual_gateway: GatewayFactory) -> None:
     # A fax received (and handled by something else) before this gateway had routes.
     gw_off = await manual_gateway(env(tmp_path / "other", simulator, relay,
                                       INBOUND_ROUTES=""), FakeClock(time.time()))

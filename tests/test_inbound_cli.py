@@ -8,8 +8,9 @@ import os
 import sys
 from pathlib import Path
 
+from gateway.sandbox.harness import DaemonProcess
+
 from .conftest import base_env
-from .daemon_proc import DaemonProcess
 
 
 async def faxgw(env: dict[str, str], *args: str) -> tuple[int, str, str]:

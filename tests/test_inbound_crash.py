@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from gateway.inbound.webhook import INBOUND_ROUTE
+from gateway.sandbox.harness import DaemonProcess
 
 from .conftest import RelaySink, Simulator, make_pdf, production_env, relay_env
-from .daemon_proc import DaemonProcess
 
 ROUTED = "+13103383454"
 

@@ -8,6 +8,7 @@ from typing import AsyncIterator
 import pytest
 from aiohttp import web
 
+from gateway.sandbox.harness import start_runner
 from gateway.signalwire.client import MediaRefused, SignalWireClient, SignalWireError
 
 from .conftest import API_TOKEN, PROJECT_ID, make_pdf
@@ -29,10 +30,7 @@ class Host:
         return await self.handler(request)
 
     async def start(self) -> None:
-        await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        self.url = await start_runner(self.runner)
 
     async def stop(self) -> None:
         await self.runner.cleanup()

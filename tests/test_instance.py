@@ -14,9 +14,9 @@ import pytest
 from gateway.constants import EXIT_CONFIG
 from gateway.ops.instance import (AlreadyRunning, DataDirLock, process_start_time,
                                   read_pid_file, running_daemon)
+from gateway.sandbox.harness import DaemonProcess
 
 from .conftest import Simulator, job_ids, pdf_mail, production_env, smtp_send
-from .daemon_proc import DaemonProcess
 
 
 def test_start_time_reads_this_process_and_nothing_for_a_dead_pid(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from gateway.ops.metrics import (
     collect_snapshot,
     error_code_label,
 )
+from gateway.sandbox.harness import serve
 from gateway.signalwire.client import SendOutcomeUnknown, SendRetryable, SignalWireError
 from gateway.store.rows import Message, NewJob
 from gateway.store.sqlite import SqliteStore as Store
@@ -172,14 +173,9 @@ async def test_metrics_endpoint_against_a_live_gateway(make_gateway) -> None:
     app = web.Application()
     app.router.add_get("/metrics", aiohttp_handler(metrics, gw.store, token="scrape-token"))
     app.router.add_get("/open", aiohttp_handler(metrics, gw.store))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, url = await serve(app)
     try:
         async with aiohttp.ClientSession() as session:
-            url = f"http://127.0.0.1:{port}"
             async with session.get(f"{url}/metrics") as resp:
                 assert resp.status == 401
             async with session.get(f"{url}/metrics",
@@ -203,14 +199,10 @@ async def test_metrics_endpoint_survives_a_store_that_does_not_answer(tmp_path: 
     await store.stop()  # no executor any more: every store call fails
     app = web.Application()
     app.router.add_get("/metrics", aiohttp_handler(Metrics(), store))
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, url = await serve(app)
     try:
         async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{port}/metrics") as resp:
+            async with session.get(f"{url}/metrics") as resp:
                 assert resp.status == 200
                 body = await resp.read()
     finally:

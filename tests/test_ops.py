@@ -16,8 +16,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway.sandbox.harness import DaemonProcess
+
 from .conftest import RelaySink, Simulator, job_ids, pdf_mail, production_env, smtp_send
-from .daemon_proc import DaemonProcess
 
 
 def cli_env(daemon: DaemonProcess) -> dict[str, str]:

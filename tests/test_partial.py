@@ -20,8 +20,8 @@ from pypdf import PdfReader
 from gateway.documents.partial import (MAX_PARTS, PartialError, PartialInfo, PartialStore, join,
                                        partial_info, set_key)
 
-from .conftest import (FakeClock, RelaySink, Simulator, base_env, job_ids, make_pdf,
-                       manual_gateway, pdf_mail, production_env, relay_env, smtp_send)
+from .conftest import (FakeClock, GatewayFactory, RelaySink, Simulator, base_env, job_ids,
+                       make_pdf, pdf_mail, production_env, relay_env, smtp_send)
 
 NUMBER = "15551234567"
 RCPT = [f"{NUMBER}@fax.local"]
@@ -166,34 +166,31 @@ async def test_parts_over_the_size_limit_or_too_many_are_refused(make_gateway,
     assert reply.code == 554 and f"more than {MAX_PARTS} parts" in reply.text
 
 
-async def test_incomplete_parts_expire_with_a_refusal_mail(simulator: Simulator,
-                                                           relay: RelaySink,
-                                                           tmp_path: Path) -> None:
+async def test_incomplete_parts_expire_with_a_refusal_mail(simulator: Simulator, relay: RelaySink,
+                                                           tmp_path: Path,
+                                                           manual_gateway: GatewayFactory) -> None:
     clock = FakeClock()
     gw = await manual_gateway(production_env(tmp_path / "var", simulator, **relay_env(relay),
                                              PARTIAL_TIMEOUT_MINUTES="30"), clock)
-    try:
-        parts = split(original(), 3)
-        for index in (0, 2):
-            assert (await smtp_send(gw.smtp.port, parts[index], RCPT)).code == 250
-        clock.advance(29 * 60)
-        await gw.worker.housekeeping()
-        assert relay.messages.empty()
-        assert len(list((tmp_path / "var" / "spool" / "partial").iterdir())) == 1
-        clock.advance(2 * 60)
-        await gw.worker.housekeeping()
-        refusal = await relay.next()
-        assert refusal["To"] == "alice@example.com"
-        text = " ".join(str(refusal.get_body(("plain",)).get_content()).split())
-        assert "only 2 of 3 part(s) arrived within 30 minutes (missing: 2)" in text, text
-        assert re.search(r"not sent", str(refusal["Subject"]))
-        assert list((tmp_path / "var" / "spool" / "partial").iterdir()) == []
-        assert await gw.store.run(gw.store.jobs) == []
-    finally:
-        await gw.stop(grace_s=5)
+    parts = split(original(), 3)
+    for index in (0, 2):
+        assert (await smtp_send(gw.smtp.port, parts[index], RCPT)).code == 250
+    clock.advance(29 * 60)
+    await gw.worker.housekeeping()
+    assert relay.messages.empty()
+    assert len(list((tmp_path / "var" / "spool" / "partial").iterdir())) == 1
+    clock.advance(2 * 60)
+    await gw.worker.housekeeping()
+    refusal = await relay.next()
+    assert refusal["To"] == "alice@example.com"
+    text = " ".join(str(refusal.get_body(("plain",)).get_content()).split())
+    assert "only 2 of 3 part(s) arrived within 30 minutes (missing: 2)" in text, text
+    assert re.search(r"not sent", str(refusal["Subject"]))
+    assert list((tmp_path / "var" / "spool" / "partial").iterdir()) == []
+    assert await gw.store.run(gw.store.jobs) == []
 
 
-async def test_parts_survive_a_restart(tmp_path: Path) -> None:
+async def test_parts_survive_a_restart(tmp_path: Path, manual_gateway: GatewayFactory) -> None:
     """A part answered with 250 is on disk: a restart between parts loses nothing."""
     clock = FakeClock()
     env = base_env(tmp_path / "var")
@@ -204,8 +201,5 @@ async def test_parts_survive_a_restart(tmp_path: Path) -> None:
     finally:
         await first.stop(grace_s=5)
     second = await manual_gateway(env, clock)
-    try:
-        reply = await smtp_send(second.smtp.port, parts[0], RCPT)
-        assert reply.code == 250 and "Queued as fax job" in reply.text and "(2 pages)" in reply.text
-    finally:
-        await second.stop(grace_s=5)
+    reply = await smtp_send(second.smtp.port, parts[0], RCPT)
+    assert reply.code == 250 and "Queued as fax job" in reply.text and "(2 pages)" in reply.text

@@ -7,14 +7,14 @@ SignalWire (the simulator), and exactly one report per job.
 from __future__ import annotations
 
 import asyncio
-import socket
 from pathlib import Path
 
 from gateway.config import settings_from
 from gateway.daemon import Gateway
 from gateway.outbound.states import State
+from gateway.sandbox.harness import free_port
 
-from .conftest import (PROJECT_ID, FakeClock, RelaySink, Simulator, drive, manual_gateway,
+from .conftest import (PROJECT_ID, FakeClock, GatewayFactory, RelaySink, Simulator, drive,
                        pdf_mail, production_env, relay_env, send_one, smtp_send, wait_state)
 
 
@@ -113,9 +113,7 @@ async def test_lost_response_is_found_not_resent(
 async def test_signalwire_unreachable_then_up(make_gateway, relay: RelaySink,
                                               tmp_path: Path) -> None:
     """Connection refused means nothing was sent: retried until SignalWire answers."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     sim = Simulator(callback_delay_s=0.01)
     env = production_env(tmp_path / "var", sim, **relay_env(relay))
     env["SIGNALWIRE_SPACE_URL"] = f"http://127.0.0.1:{port}"
@@ -126,11 +124,7 @@ async def test_signalwire_unreachable_then_up(make_gateway, relay: RelaySink,
         return (await events_of(gw, job_id)).count("retry") >= 2
 
     await gw.worker.wait_for(refused_twice, 30)
-    from aiohttp import web
-
-    await sim.runner.setup()
-    site = web.TCPSite(sim.runner, "127.0.0.1", port)
-    await site.start()
+    await sim.start(port)
     try:
         assert "delivered" in (await relay.next())["Subject"]
         assert len(sim.state.faxes) == 1
@@ -153,9 +147,7 @@ async def test_lost_callbacks_are_recovered_by_polling(
 
 async def test_report_relay_outage_is_waited_out(make_gateway, simulator: Simulator,
                                                  tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     gw = await make_gateway(production_env(
         tmp_path / "var", simulator, NOTIFY_SMTP_HOST="127.0.0.1", NOTIFY_SMTP_PORT=str(port),
         NOTIFY_SMTP_TLS="none"))
@@ -167,10 +159,7 @@ async def test_report_relay_outage_is_waited_out(make_gateway, simulator: Simula
 
     await gw.worker.wait_for(report_retried, 30)
     relay = RelaySink()
-    loop = asyncio.get_running_loop()
-    from aiosmtpd.smtp import SMTP as AioSMTP
-
-    relay.server = await loop.create_server(lambda: AioSMTP(relay), "127.0.0.1", port)
+    await relay.start(port)
     try:
         report = await relay.next()
         assert "delivered" in report["Subject"]
@@ -181,7 +170,8 @@ async def test_report_relay_outage_is_waited_out(make_gateway, simulator: Simula
 
 
 async def test_busy_then_delivered_on_the_injected_clock(
-        simulator: Simulator, relay: RelaySink, tmp_path: Path) -> None:
+        simulator: Simulator, relay: RelaySink, tmp_path: Path,
+        manual_gateway: GatewayFactory) -> None:
     simulator.state.outcome_overrides["+15551234567"] = ["busy", "no-answer"]
     clock = FakeClock()
     gw = await manual_gateway(production_env(tmp_path / "var", simulator, **relay_env(relay)),
@@ -209,7 +199,8 @@ async def test_busy_then_delivered_on_the_injected_clock(
 
 
 async def test_busy_gives_up_at_max_attempts_and_kill_time(
-        simulator: Simulator, relay: RelaySink, tmp_path: Path) -> None:
+        simulator: Simulator, relay: RelaySink, tmp_path: Path,
+        manual_gateway: GatewayFactory) -> None:
     clock = FakeClock()
     gw = await manual_gateway(production_env(tmp_path / "var", simulator, FAX_KILL_MINUTES="25",
                                              **relay_env(relay)), clock)
@@ -242,7 +233,8 @@ async def test_busy_gives_up_at_max_attempts_and_kill_time(
 
 
 async def test_resolution_failure_retried_once_at_standard(
-        simulator: Simulator, relay: RelaySink, tmp_path: Path) -> None:
+        simulator: Simulator, relay: RelaySink, tmp_path: Path,
+        manual_gateway: GatewayFactory) -> None:
     clock = FakeClock()
     gw = await manual_gateway(production_env(tmp_path / "var", simulator, FAX_QUALITY="superfine",
                                              **relay_env(relay)), clock)
@@ -261,7 +253,8 @@ async def test_resolution_failure_retried_once_at_standard(
 
 
 async def test_media_failure_is_never_retried(simulator: Simulator, relay: RelaySink,
-                                             tmp_path: Path) -> None:
+                                              tmp_path: Path,
+                                              manual_gateway: GatewayFactory) -> None:
     clock = FakeClock()
     gw = await manual_gateway(production_env(tmp_path / "var", simulator, **relay_env(relay)),
                               clock)
@@ -284,7 +277,8 @@ async def test_media_failure_is_never_retried(simulator: Simulator, relay: Relay
 
 
 async def test_one_attempt_in_flight_per_number(simulator: Simulator, relay: RelaySink,
-                                                tmp_path: Path) -> None:
+                                                tmp_path: Path,
+                                                manual_gateway: GatewayFactory) -> None:
     clock = FakeClock()
     gw = await manual_gateway(production_env(tmp_path / "var", simulator, **relay_env(relay)),
                               clock)
@@ -307,34 +301,32 @@ async def test_one_attempt_in_flight_per_number(simulator: Simulator, relay: Rel
 
 
 async def test_housekeeping_purges_documents_and_prunes_old_jobs(
-        simulator: Simulator, relay: RelaySink, tmp_path: Path) -> None:
+        simulator: Simulator, relay: RelaySink, tmp_path: Path,
+        manual_gateway: GatewayFactory) -> None:
     clock = FakeClock()
     gw = await manual_gateway(production_env(tmp_path / "var", simulator,
                                              DOCUMENT_RETENTION_HOURS="24",
                                              JOB_RETENTION_DAYS="30", **relay_env(relay)), clock)
-    try:
-        job_id = await send_one(gw)
-        await drive(gw, simulator)
-        await relay.next()
-        job = await gw.store.run(gw.store.job, job_id)
-        message = await gw.store.run(gw.store.message, job.message_id)
-        assert job.state is State.REPORTED
-        assert Path(message.document_path).is_file()  # kept for 24 hours
-        clock.advance(23 * 3600)
-        await gw.worker.housekeeping()
-        assert Path(message.document_path).is_file()
-        clock.advance(2 * 3600)
-        await gw.worker.housekeeping()
-        assert not Path(message.document_path).exists()
-        assert not (tmp_path / "var" / "media" / job.media_key).exists()
-        assert await gw.store.run(gw.store.job, job_id) is not None
-        clock.advance(30 * 86400)
-        await gw.worker.housekeeping()
-        assert await gw.store.run(gw.store.job, job_id) is None
-        assert await gw.store.run(gw.store.message, job.message_id) is None
-        assert await gw.store.run(gw.store.events, job_id) == []
-    finally:
-        await gw.stop()
+    job_id = await send_one(gw)
+    await drive(gw, simulator)
+    await relay.next()
+    job = await gw.store.run(gw.store.job, job_id)
+    message = await gw.store.run(gw.store.message, job.message_id)
+    assert job.state is State.REPORTED
+    assert Path(message.document_path).is_file()  # kept for 24 hours
+    clock.advance(23 * 3600)
+    await gw.worker.housekeeping()
+    assert Path(message.document_path).is_file()
+    clock.advance(2 * 3600)
+    await gw.worker.housekeeping()
+    assert not Path(message.document_path).exists()
+    assert not (tmp_path / "var" / "media" / job.media_key).exists()
+    assert await gw.store.run(gw.store.job, job_id) is not None
+    clock.advance(30 * 86400)
+    await gw.worker.housekeeping()
+    assert await gw.store.run(gw.store.job, job_id) is None
+    assert await gw.store.run(gw.store.message, job.message_id) is None
+    assert await gw.store.run(gw.store.events, job_id) == []
 
 
 async def test_spool_failure_answers_451_and_keeps_nothing(make_gateway, tmp_path: Path) -> None:
@@ -377,7 +369,8 @@ async def test_store_locked_answers_451_then_accepts(tmp_path: Path) -> None:
 
 
 async def test_late_callback_of_an_earlier_attempt_changes_nothing(
-        simulator: Simulator, relay: RelaySink, tmp_path: Path) -> None:
+        simulator: Simulator, relay: RelaySink, tmp_path: Path,
+        manual_gateway: GatewayFactory) -> None:
     """Attempt 1 was busy; while attempt 2 is being sent (no sid yet), a replayed callback of
     attempt 1's fax must not be taken for attempt 2."""
     from gateway.signalwire.signature import compute_signature
@@ -388,25 +381,22 @@ async def test_late_callback_of_an_earlier_attempt_changes_nothing(
     clock = FakeClock()
     gw = await manual_gateway(production_env(tmp_path / "var", simulator, **relay_env(relay)),
                               clock)
-    try:
-        job_id = await send_one(gw)
-        await drive(gw, simulator)
-        job = await gw.store.run(gw.store.job, job_id)
-        first_sid = (await gw.store.run(gw.store.attempts, job_id))[0].fax_sid
-        assert job.state is State.STORED and first_sid
-        # attempt 2 starts (committed as submitting) but its answer has not come yet
-        await gw.store.run(gw.store.mark_submitting, job, job.callback_url, clock.now + 60)
-        job = await gw.store.run(gw.store.job, job_id)
-        import aiohttp
+    job_id = await send_one(gw)
+    await drive(gw, simulator)
+    job = await gw.store.run(gw.store.job, job_id)
+    first_sid = (await gw.store.run(gw.store.attempts, job_id))[0].fax_sid
+    assert job.state is State.STORED and first_sid
+    # attempt 2 starts (committed as submitting) but its answer has not come yet
+    await gw.store.run(gw.store.mark_submitting, job, job.callback_url, clock.now + 60)
+    job = await gw.store.run(gw.store.job, job_id)
+    import aiohttp
 
-        params = {"FaxSid": first_sid, "FaxStatus": "busy", "AccountSid": PROJECT_ID}
-        async with aiohttp.ClientSession() as http:
-            async with http.post(job.callback_url, data=params, headers={
-                    "X-SignalWire-Signature": compute_signature(SIGNING_KEY, job.callback_url,
-                                                                params)}) as resp:
-                assert resp.status == 200
-        job = await gw.store.run(gw.store.job, job_id)
-        assert (job.state, job.fax_sid) == (State.SUBMITTING, None)
-        assert (await events_of(gw, job_id))[-1] == "ignored"
-    finally:
-        await gw.stop()
+    params = {"FaxSid": first_sid, "FaxStatus": "busy", "AccountSid": PROJECT_ID}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(job.callback_url, data=params, headers={
+                "X-SignalWire-Signature": compute_signature(SIGNING_KEY, job.callback_url,
+                                                            params)}) as resp:
+            assert resp.status == 200
+    job = await gw.store.run(gw.store.job, job_id)
+    assert (job.state, job.fax_sid) == (State.SUBMITTING, None)
+    assert (await events_of(gw, job_id))[-1] == "ignored"

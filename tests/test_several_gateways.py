@@ -17,8 +17,8 @@ import pytest
 
 from .conftest import (GatewayFactory, RelaySink, Simulator, job_ids, pdf_mail, pg_reset,
                        production_env, smtp_send)
-from .daemon_proc import DaemonProcess
-from .s3server import SeaweedS3
+from gateway.sandbox.harness import DaemonProcess
+from gateway.sandbox.s3server import SeaweedS3
 
 
 def shared_env(tmp_path: Path, name: str, pg_url: str, seaweed: SeaweedS3,

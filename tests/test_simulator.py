@@ -26,6 +26,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from reportlab.pdfgen import canvas
 
+from gateway.sandbox.harness import serve
 from gateway.signalwire.signature import SIGNATURE_HEADER, verify_signature
 from gateway.sandbox.simulator import (
     SIM_STATE,
@@ -128,15 +129,6 @@ def build_gateway_app(gw: Gateway) -> web.Application:
     app.router.add_get("/redirect", redirect)
     app.router.add_post("/signalwire/fax-status", callback)
     return app
-
-
-async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    return runner, f"http://127.0.0.1:{port}"
 
 
 async def api_call(http: aiohttp.ClientSession, method: str, url: str, *,

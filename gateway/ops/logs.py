@@ -67,8 +67,23 @@ class Redactor(logging.Filter):
             return
         with self._lock:
             self._secrets.update({value, quote(value, safe="")})
-            ordered = sorted(self._secrets, key=len, reverse=True)
-            self._known = re.compile("|".join(re.escape(s) for s in ordered))
+            self._compile()
+
+    def unregister(self, value: str | None) -> None:
+        if not value:
+            return
+        with self._lock:
+            self._secrets.difference_update({value, quote(value, safe="")})
+            self._compile()
+
+    def registered(self) -> frozenset[str]:
+        with self._lock:
+            return frozenset(self._secrets)
+
+    def _compile(self) -> None:
+        ordered = sorted(self._secrets, key=len, reverse=True)
+        self._known = (re.compile("|".join(re.escape(s) for s in ordered)) if ordered
+                       else None)
 
     def redact(self, text: str) -> str:
         known = self._known
@@ -106,6 +121,18 @@ def register_secret(value: str | None) -> None:
     """Mask this exact value (and its URL-encoded form) wherever it appears in a log line.
     Values shorter than 6 characters are ignored: they would mask ordinary words."""
     _redactor.register(value)
+
+
+def unregister_secret(value: str | None) -> None:
+    """Stop masking a value given to register_secret (a credential replaced on reload; a test
+    that registered one must not leave it masking the lines of later tests)."""
+    _redactor.unregister(value)
+
+
+def registered_secrets() -> frozenset[str]:
+    """The values masked now (each also in its URL-encoded form), so that a caller that adds
+    some for a while (a test) can put the set back as it was."""
+    return _redactor.registered()
 
 
 def redact(text: str) -> str:

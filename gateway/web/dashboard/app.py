@@ -214,9 +214,7 @@ class Dashboard:
         await self._runner.setup()
         self._site = web.TCPSite(self._runner, listen.host, listen.port)
         await self._site.start()
-        server = self._site._server
-        assert server is not None and server.sockets  # type: ignore[attr-defined]
-        self.port = int(server.sockets[0].getsockname()[1])  # type: ignore[attr-defined]
+        self.port = int(self._runner.addresses[0][1])  # aiohttp's public view of the sockets
         if not self.logins.enabled:
             log.info("dashboard on %s:%d: no one can log in until USERS_FILE names an "
                      "administrator (faxgw passwd NAME --admin)", listen.host, self.port)

@@ -1,25 +1,100 @@
-"""The gateway as a real process (`python -m gateway run`), for kill -9 and SIGTERM tests."""
+"""What the test suite and the benchmark both need to run the gateway against the sandbox.
+
+One place for it, so tests/ and bench/ cannot drift apart: the simulator's credentials, the
+simulator as an HTTP server on a loopback port, the SignalWire settings that point a gateway
+at it, free loopback ports, the line a starting daemon logs once it is ready, and the daemon
+as a real process (`python -m gateway run`) for kill -9, SIGTERM and restart tests. Nothing
+here runs in production; it lives in the package (not in tests/) because bench/ must not
+import the test suite.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
+from aiohttp import web
+
+from gateway.sandbox.simulator import SIM_STATE, SimulatorState, create_simulator_app
+
+# The simulator's account; any values work, the gateway is given the same ones.
+PROJECT_ID = "0b6f2a1e-5d0c-4a6e-9a51-7e7c1f1d9a00"
+API_TOKEN = "PTtesttokenvalue"
+SIGNING_KEY = "PSKtestsigningkey0000"
+FROM_NUMBER = "+15557654321"
+
+# Logged by the daemon once its listeners are bound (gateway/daemon.py).
 READY_LINE = "faxgw started"
+
+# A job id as the 250 reply to DATA quotes it ("Queued as fax job(s) a, b").
+JOB_ID = re.compile(r"\b[0-9a-f]{16}\b")
 
 
 def free_port() -> int:
+    """A loopback port free right now, for a process that must keep one port across restarts
+    (the callback URLs handed to SignalWire name it); in-process servers bind port 0."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
 
 
+def job_ids(reply_text: str) -> list[str]:
+    """The job ids from a '250 2.0.0 Queued as fax job(s) a, b (N pages)' reply."""
+    return JOB_ID.findall(reply_text)
+
+
+def simulator_env(space_url: str) -> dict[str, str]:
+    """The settings that send a gateway's faxes to a simulator at `space_url`."""
+    return {"SIGNALWIRE_SPACE_URL": space_url, "SIGNALWIRE_PROJECT_ID": PROJECT_ID,
+            "SIGNALWIRE_API_TOKEN": API_TOKEN, "SIGNALWIRE_SIGNING_KEY": SIGNING_KEY,
+            "FAX_FROM_NUMBER": FROM_NUMBER}
+
+
+async def start_runner(runner: web.AppRunner, port: int = 0) -> str:
+    """Set up `runner` and serve it on 127.0.0.1:`port` (0: a free one); its base URL."""
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+async def serve(app: web.Application, port: int = 0) -> tuple[web.AppRunner, str]:
+    """`app` on a loopback port: the runner (to clean up) and the base URL."""
+    runner = web.AppRunner(app, access_log=None)
+    return runner, await start_runner(runner, port)
+
+
+class SimulatorServer:
+    """The SignalWire simulator as its own HTTP server on a loopback port (port 0).
+
+    `app` may be given middlewares before `start()` (the bench timestamps send POSTs)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.app = create_simulator_app(project_id=PROJECT_ID, api_token=API_TOKEN,
+                                        signing_key=SIGNING_KEY, **kwargs)
+        self.state: SimulatorState = self.app[SIM_STATE]
+        self.runner = web.AppRunner(self.app, access_log=None)
+        self.url = ""
+
+    async def start(self, port: int = 0) -> None:
+        """Serve on `port` (0: a free one); a stopped server may start again on its port."""
+        self.url = await start_runner(self.runner, port)
+
+    async def stop(self) -> None:
+        await self.runner.cleanup()
+
+
 class DaemonProcess:
-    """Fixed ports across restarts, so callback URLs given to SignalWire stay valid."""
+    """`python -m gateway run` as a child process, its stderr kept in a log file and in memory.
+
+    SMTP and HTTP ports are chosen once and kept across restarts, so callback URLs given to
+    SignalWire stay valid. FAXGW_* and SIGNALWIRE_* variables of the calling environment are
+    not inherited: the daemon sees only the settings it is given."""
 
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.smtp_port = free_port()
@@ -34,6 +109,7 @@ class DaemonProcess:
         self._new_line = asyncio.Condition()
 
     async def start(self, crash_at: str | None = None, timeout_s: float = 30) -> None:
+        """Start and wait for READY_LINE; `crash_at` names a FAXGW_CRASH_AT point."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("FAXGW_", "SIGNALWIRE_"))}
         env.update(self.env)
         if crash_at:
@@ -51,7 +127,7 @@ class DaemonProcess:
 
     async def _read_log(self, ready: asyncio.Future[None]) -> None:
         assert self.proc is not None and self.proc.stderr is not None
-        with open(self.log_path, "a", encoding="utf-8") as log:
+        with open(self.log_path, "a", encoding="utf-8") as log:  # noqa: ASYNC230 - a pump task
             log.write(f"--- start {self.starts} ---\n")
             async for raw in self.proc.stderr:
                 line = raw.decode("utf-8", "replace")
