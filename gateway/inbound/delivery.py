@@ -45,6 +45,30 @@ def document_kind(data: bytes) -> str | None:
     return None
 
 
+async def fetch_document(signalwire: SignalWireClient, cpu: CpuPool, settings: Settings,
+                         row: InboundFax) -> bytes:
+    """A received fax's document as PDF, downloaded from SignalWire (a TIFF converted in a
+    document worker). Shared by the deliverer and the dashboard's picture of page 1, so both
+    fetch the same way (SignalWire's hosts only, bounded size). PermanentFailure when it can
+    never work; MediaRefused, SignalWireError or TaskLimitError otherwise."""
+    url = row.media_url
+    if not url and row.media_sid:
+        # The fax resource may lack media_url (undocumented): the media instance serves it.
+        url = signalwire.media_instance_url(row.fax_sid, row.media_sid)
+    if not url:
+        raise PermanentFailure("SignalWire gave no media URL for this fax")
+    data, _type = await signalwire.fetch_media(url, MAX_INBOUND_MEDIA_BYTES)
+    kind = document_kind(data)
+    if kind == "pdf":
+        return data
+    if kind == "tiff":
+        pdf, _pages = await cpu.run(call, "gateway.mail.received:tiff_to_pdf", data,
+                                    "a4" if settings.inbound_page_size == "a4" else "letter",
+                                    2000)
+        return pdf
+    raise PermanentFailure(f"the document is neither PDF nor TIFF ({len(data)} bytes)")
+
+
 class Deliverer:
     def __init__(self, *, settings: Settings, store: Store, inbound: InboundStore,
                  signalwire: SignalWireClient, notifier: Notifier, cpu: CpuPool,
@@ -156,22 +180,7 @@ class Deliverer:
                 and not self.s.inbound_keep_media)
 
     async def _document(self, row: InboundFax) -> bytes:
-        url = row.media_url
-        if not url and row.media_sid:
-            # The fax resource may lack media_url (undocumented): the media instance serves it.
-            url = self.signalwire.media_instance_url(row.fax_sid, row.media_sid)
-        if not url:
-            raise PermanentFailure("SignalWire gave no media URL for this fax")
-        data, _type = await self.signalwire.fetch_media(url, MAX_INBOUND_MEDIA_BYTES)
-        kind = document_kind(data)
-        if kind == "pdf":
-            return data
-        if kind == "tiff":
-            pdf, _pages = await self.cpu.run(call, "gateway.mail.received:tiff_to_pdf", data,
-                                             "a4" if self.s.inbound_page_size == "a4"
-                                             else "letter", 2000)
-            return pdf
-        raise PermanentFailure(f"the document is neither PDF nor TIFF ({len(data)} bytes)")
+        return await fetch_document(self.signalwire, self.cpu, self.s, row)
 
     async def _deliver(self, row: InboundFax) -> bool:
         """Mail every recipient not yet served; True when all are."""
