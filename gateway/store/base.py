@@ -225,21 +225,28 @@ class Store(abc.ABC):
 
     # -- operator actions --------------------------------------------------------------------
 
+    # Each takes `by`: who asked (a dashboard administrator's name), written into the job's
+    # history in the one event the action makes; None means "the operator" (the CLI).
+
     @abc.abstractmethod
-    def add_resend(self, job: Job, new: NewJob, now: float) -> str | None:
+    def add_resend(self, job: Job, new: NewJob, now: float, *, by: str | None = None
+                   ) -> str | None:
         """A new job for the message and number of `job`; None when done, else why not."""
 
     @abc.abstractmethod
-    def cancel_unsent(self, job_id: str, reason: str, now: float) -> bool: ...
+    def cancel_unsent(self, job_id: str, reason: str, now: float, *,
+                      by: str | None = None) -> bool: ...
 
     @abc.abstractmethod
-    def note_cancel(self, job_id: str, detail: str, now: float) -> bool: ...
+    def note_cancel(self, job_id: str, detail: str, now: float, *,
+                    by: str | None = None) -> bool: ...
 
     @abc.abstractmethod
-    def report_again(self, job_id: str, state: State, now: float) -> bool: ...
+    def report_again(self, job_id: str, state: State, now: float, *,
+                     by: str | None = None) -> bool: ...
 
     @abc.abstractmethod
-    def report_now(self, job_id: str, now: float) -> bool: ...
+    def report_now(self, job_id: str, now: float, *, by: str | None = None) -> bool: ...
 
 
 def open_store(settings: "Settings", clock: Callable[[], float] = time.time) -> Store:
