@@ -113,7 +113,8 @@ class Deliverer:
             except asyncio.CancelledError:
                 raise
             except Exception:  # task boundary: log, wait a little, go on
-                log.exception("inbound deliverer: unexpected error")
+                if self.store.damage is None:  # else said once; the daemon stops
+                    log.exception("inbound deliverer: unexpected error")
                 nxt = self.clock() + self.s.retry_base_s
             delay = 60.0 if nxt is None else max(0.0, min(60.0, nxt - self.clock()))
             self._wake.clear()
@@ -146,6 +147,8 @@ class Deliverer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # task boundary: retried like an outage
+                if self.store.damage is not None:  # said once; the daemon stops
+                    return
                 log.exception("inbound fax %s: unexpected error", row.fax_sid)
                 await self._later(row, f"{type(exc).__name__}: {exc}")
 

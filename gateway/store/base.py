@@ -47,6 +47,11 @@ class Store(abc.ABC):
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self._executor: ThreadPoolExecutor | None = None
+        # Set by a backend the first time a query finds the database damaged (after start:
+        # start itself raises DatabaseUnusable); every later failure is that one. The daemon
+        # sets `on_damage` (called once, on the store's thread) to refuse mail and stop.
+        self.damage: str | None = None
+        self.on_damage: Callable[[BaseException], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
