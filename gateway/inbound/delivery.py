@@ -186,7 +186,11 @@ class Deliverer:
     async def _later(self, row: InboundFax, reason: str, delay_s: float | None = None) -> None:
         now = self.clock()
         if self._gave_up(row):
-            await self._give_up(row, f"gave up after {self.s.give_up_hours:g} hours: {reason}")
+            if row.state == DELETING:  # every mail went out: delivered, whatever the media
+                await self._end_delivered(row, reason)
+            else:
+                await self._give_up(row, f"gave up after {self.s.give_up_hours:g} hours: "
+                                         f"{reason}")
             return
         delay = delay_s if delay_s is not None else backoff_s(
             row.tries + 1, self.s.retry_base_s, self.s.retry_max_s, self.jitter())
@@ -269,12 +273,9 @@ class Deliverer:
         given up later is never counted twice)."""
         self.metrics.faxes.labels(row.outcome or "received").inc()
 
-    async def _delete_later(self, row: InboundFax, reason: str) -> None:
+    async def _end_delivered(self, row: InboundFax, reason: str) -> None:
         """Every mail went out: a deletion that keeps failing until GIVE_UP_HOURS leaves the
         document at SignalWire (said in the log) and the fax ends delivered, not given up."""
-        if not self._gave_up(row):
-            await self._later(row, reason)
-            return
         now = self.clock()
         await self.store.run(lambda: self.inbound.set_state(
             row.fax_sid, DONE, now, next_run_at=None, detail=reason))
@@ -289,10 +290,10 @@ class Deliverer:
         try:
             status = await self.signalwire.delete_media(sid, row.media_sid)
         except SignalWireError as exc:
-            await self._delete_later(row, f"media delete: {exc}")
+            await self._later(row, f"media delete: {exc}")
             return
         if status == 409:
-            await self._delete_later(row, "media delete: the fax is still in progress (409)")
+            await self._later(row, "media delete: the fax is still in progress (409)")
             return
         now = self.clock()
         self._count_done(row)

@@ -7,7 +7,9 @@ A 250 promises the job survives. Two things break that promise without any write
   start. So the file at the path must still be the one that was opened (same st_dev/st_ino),
   checked before each intake commit, by /readyz and periodically.
 - A damaged file. `PRAGMA quick_check` at start, and SQLITE_CORRUPT / SQLITE_NOTADB named as
-  such wherever they surface, so the operator reads what to do instead of a traceback.
+  such wherever they surface, so the operator reads what to do instead of a traceback; found
+  by a query after start, the store reports it here once (`Guard.report_damage`) and the
+  daemon takes the deleted-file path.
 
 Neither heals by restarting, so the daemon stops with EXIT_DATA (65), which the systemd unit
 lists in RestartPreventExitStatus, rather than crash-looping (or worse, restarting on a fresh
