@@ -235,4 +235,12 @@ async def test_received_screenshot(kept: Inbox, browser: Browser, tmp_path: Path
     assert (out / "received.png").stat().st_size > 5000
     with Image.open(out / "received.png") as shot:
         shot.convert("RGB").quantize(colors=128).save(out / "received.png", optimize=True)
+    # On a phone nothing is wider than the screen, the list nor a fax's page.
+    phone = await new_page(browser, viewport={"width": 390, "height": 760},
+                           device_scale_factor=1, is_mobile=True)
+    await login(phone, kept.base, "ann")
+    for url in ("/received", f"/received/{sid}"):
+        await phone.page.goto(kept.base + url)
+        assert await phone.page.evaluate("document.documentElement.scrollWidth") <= 390, url
     w.clean()
+    phone.clean()
