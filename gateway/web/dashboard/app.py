@@ -42,7 +42,7 @@ from gateway.web.dashboard.auth import (LOGIN_COOKIE, SESSION_COOKIE, Logins, Pr
                                         Sessions, same_token)
 from gateway.inbound.delivery import PermanentFailure, fetch_document
 from gateway.signalwire.client import SignalWireError
-from gateway.store.inbound import InboundStore
+from gateway.store.inbound import InboundFax, InboundStore
 from gateway.web.dashboard.thumbs import THUMB_WIDTH_PX
 
 log = logging.getLogger(__name__)
@@ -611,7 +611,7 @@ class Dashboard:
         return web.Response(body=png, content_type="image/png",
                             headers={"Cache-Control": "private, max-age=300"})
 
-    async def _draw_received(self, fax: Any) -> bytes:
+    async def _draw_received(self, fax: InboundFax) -> bytes:
         try:
             pdf = await fetch_document(self.signalwire, self.cpu, self.s, fax)
         except (PermanentFailure, SignalWireError) as exc:
