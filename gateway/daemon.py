@@ -49,6 +49,9 @@ class Gateway:
         # Set by amain: called once when the database is found gone (the daemon stops).
         self.on_fatal: Callable[[str], None] | None = None
         self.guard = Guard(self.store.file_path, data, settings.min_free_disk_mb, self._fatal)
+        # Damage found by a query after start (intake, the worker, ...): as a deleted file.
+        self.store.on_damage = self.guard.report_damage
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.spool = Spool(data / "spool")
         self.local_media: LocalMediaStore | None = None
         if settings.media_store == "local":
@@ -130,7 +133,12 @@ class Gateway:
         return None
 
     def _fatal(self, reason: str) -> None:
-        if self.on_fatal is not None:
+        """Stop the daemon; callable from any thread (damage is found on the store's)."""
+        if self.on_fatal is None:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self.on_fatal, reason)
+        else:
             self.on_fatal(reason)
 
     async def _check_disk(self) -> tuple[str, bool, str]:
@@ -180,6 +188,7 @@ class Gateway:
     async def start(self, run_worker: bool = True) -> None:
         """Start every part; `run_worker=False` leaves the queue to be driven by hand
         (`worker.run_until_idle()`), for tests on an injected clock."""
+        self._loop = asyncio.get_running_loop()
         self.s.data_dir.mkdir(parents=True, exist_ok=True)
         # First of all: a second daemon on this DATA_DIR must not touch the store or spool.
         self.lock.acquire()
@@ -242,7 +251,9 @@ class Gateway:
         await self.media.stop()
         await self.cpu.stop()
         try:
-            counts = await self.store.run(self.store.counts_by_state)
+            # Not from a database found damaged or gone: a summary is not worth a traceback.
+            counts = ({} if self.guard.database_problem is not None
+                      else await self.store.run(self.store.counts_by_state))
         except (AssertionError, OSError, StoreError):  # stopping after a failed start
             counts = {}
         await self.store.stop()

@@ -6,7 +6,6 @@ import asyncio
 import io
 import logging
 import os
-import re
 import secrets
 import smtplib
 from email.message import EmailMessage
@@ -324,3 +323,10 @@ def pg_reset(url: str) -> None:
     with psycopg.connect(url, autocommit=True) as db:
         db.execute("DROP SCHEMA public CASCADE")
         db.execute("CREATE SCHEMA public")
+
+
+def needs(available: bool, what: str) -> pytest.MarkDecorator:
+    """Skip a test whose tool is missing on this machine, with one clear line; but under CI
+    (`CI=true`), where .ci/run installs it, run it anyway so that a missing tool fails."""
+    return pytest.mark.skipif(not available and os.environ.get("CI") != "true",
+                              reason=f"needs {what}")

@@ -18,6 +18,7 @@ from gateway.ops import actions as admin
 from gateway.ops import commands
 from gateway.ops.actions import AdminError
 from gateway.daemon import Gateway
+from gateway.text import one_line
 from gateway.outbound.states import RetryPolicy, State
 from gateway.store.rows import Message, NewJob
 from gateway.store.base import open_store
@@ -265,6 +266,37 @@ def test_resend_makes_a_new_job_for_the_same_document(store: Store, tmp_path: Pa
         admin.resend_job(store, a, clock.now, retry_policy=POLICY)
     with pytest.raises(AdminError, match="still in progress"):
         admin.resend_job(store, new_id, clock.now, retry_policy=POLICY)
+
+
+def test_a_named_operator_is_written_into_each_action_event_once(store: Store, tmp_path: Path,
+                                                                 clock: Clock) -> None:
+    """The dashboard passes the administrator's name; the store writes it into the action's
+    own event (one line per action, no extra "operator" line), made one plain line."""
+    [a, b, c] = add_mail(store, tmp_path, ["+15551234567", "+15551234568", "+15551234569"])
+    name = "ann\r\nkind: forged\x1b[31m" + "x" * 200
+    shown = one_line(name, 80)
+    assert "\n" not in shown and "\x1b" not in shown and len(shown) == 80
+    to_reported(store, a, "sid-a-000000000000")
+    new_id = admin.resend_job(store, a, clock.now, retry_policy=POLICY, by=name)
+    assert [(e.kind, e.detail) for e in store.events(a)][-1] == (
+        "resent", f"sent again as job {new_id} by {shown}")
+    assert store.events(new_id)[0].detail == f"resend of job {a} by {shown}"
+    admin.request_report(store, a, clock.now, by="ann")
+    assert store.events(a)[-1].detail == "report requested again by ann"
+    admin.request_report(store, a, clock.now, by="ann")  # due already: tried now
+    assert store.events(a)[-1].detail == "report retry requested by ann"
+    admin.request_cancel(store, b, clock.now, by="ann")
+    job = store.job(b)
+    assert job.failure_reason == "canceled by the operator"  # the sender's report
+    assert store.events(b)[-1].detail == "canceled by ann"
+    to_submitted(store, c, "sid-c-000000000000")
+    admin.note_cancel(store, c, clock.now, "sid-c-000000000000", by="ann")
+    assert store.events(c)[-1].detail == "fax sid-c-000000000000 canceled at SignalWire by ann"
+    for job_id in (a, b, c, new_id):
+        assert not [e for e in store.events(job_id) if e.kind == "operator"]
+    # No name (the CLI): "the operator", as before.
+    admin.request_report(store, a, clock.now)
+    assert store.events(a)[-1].detail == "report retry requested by the operator"
 
 
 def test_resend_uses_the_given_caller_number(store: Store, tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ from gateway.documents.convert import (
     text_to_pdf,
 )
 
+from .conftest import needs
 from .corpus import render_pages
 
 LIMITS = Limits()
@@ -564,7 +565,7 @@ def test_office_plumbing_with_a_stand_in(monkeypatch: pytest.MonkeyPatch,
     assert not status.exists() or "\nState:\tZ" in status.read_text()
 
 
-@pytest.mark.skipif(shutil.which("soffice") is None, reason="LibreOffice is not installed")
+@needs(shutil.which("soffice") is not None, "LibreOffice (soffice); .ci/run installs it")
 def test_office_with_libreoffice(tmp_path: Path) -> None:
     source = tmp_path / "note.txt"
     source.write_text("Converted by LibreOffice\n")

@@ -33,7 +33,7 @@ from gateway.daemon import Gateway
 from gateway.outbound.states import State
 
 from .conftest import (RelaySink, Simulator, SMTPResult, job_ids, production_env, smtp_send,
-                       wait_state)
+                       needs, wait_state)
 from .corpus import (FaxPage, PageSpec, b64, crlf, docx_bytes, encrypted_pdf, entity, fax_pages,
                      labelled_pdf, logo_png, mail, multipart, qp_binary, qp_text, render_pages,
                      scan_page, scanner_tiff, solid_image, tnef_bytes)
@@ -815,7 +815,7 @@ def real_odt() -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.skipif(shutil.which("soffice") is None, reason="LibreOffice is not installed")
+@needs(shutil.which("soffice") is not None, "LibreOffice (soffice); .ci/run installs it")
 @pytest.mark.parametrize(("kind", "build", "pages", "words"), [
     ("docx", real_docx, 2, [["Lease agreement 2026-77", "Page one of the lease"],
                             ["Page two: signatures.", "Подпись"]]),

@@ -176,6 +176,6 @@ async def test_cli_actions_without_a_name_are_unchanged(make_gateway: GatewayFac
                                                          retry_policy=policy))
     gw.worker.wake()  # what the CLI's SIGUSR1 does
     events = await gw.store.run(gw.store.events, job_id)
-    assert [e.kind for e in events][-1] == "resent"
-    assert not [e for e in events if e.kind == "operator"]
+    assert [(e.kind, e.detail) for e in events][-1] == (
+        "resent", f"sent again as job {new} by the operator")
     await wait_state(gw, new, State.REPORTED)

@@ -3,7 +3,6 @@ and ALLOWED_SENDERS='*' (item 11)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil

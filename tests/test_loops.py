@@ -3,7 +3,6 @@ answered; mail systems *generate* (an ERP's invoices) is still faxed."""
 
 from __future__ import annotations
 
-from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
@@ -11,7 +10,7 @@ import pytest
 from gateway.outbound.states import State
 from gateway.smtp.loops import automatic_mail, in_domain
 
-from .conftest import base_env, job_ids, make_pdf, pdf_mail, smtp_send, wait_state
+from .conftest import base_env, job_ids, pdf_mail, smtp_send, wait_state
 
 
 def mail(**headers: str) -> bytes:

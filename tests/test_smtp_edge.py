@@ -5,13 +5,8 @@ limit attack of issue 15, DATA on disk while it arrives, HELP, and failed STARTT
 from __future__ import annotations
 
 import asyncio
-import logging
 import re
 from pathlib import Path
-
-import pytest
-
-from gateway.daemon import Gateway
 
 from .conftest import base_env, make_pdf, pdf_mail
 

@@ -6,7 +6,6 @@ pyproject.toml."""
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 from importlib.metadata import version
 

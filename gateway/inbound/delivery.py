@@ -18,7 +18,7 @@ from gateway.config import Settings
 from gateway.constants import MAX_INBOUND_MEDIA_BYTES
 from gateway.documents.pool import CpuPool, TaskLimitError, call
 from gateway.inbound.metrics import InboundMetrics
-from gateway.mail.received import MailPart
+from gateway.mail.received import MailPart, render_given_up
 from gateway.mail.sender import Notifier, NotifyError
 from gateway.ops.faults import crash_point
 from gateway.outbound.states import backoff_s
@@ -43,6 +43,30 @@ def document_kind(data: bytes) -> str | None:
     if data[:4] in (b"II*\x00", b"MM\x00*"):
         return "tiff"
     return None
+
+
+async def fetch_document(signalwire: SignalWireClient, cpu: CpuPool, settings: Settings,
+                         row: InboundFax) -> bytes:
+    """A received fax's document as PDF, downloaded from SignalWire (a TIFF converted in a
+    document worker). Shared by the deliverer and the dashboard's picture of page 1, so both
+    fetch the same way (SignalWire's hosts only, bounded size). PermanentFailure when it can
+    never work; MediaRefused, SignalWireError or TaskLimitError otherwise."""
+    url = row.media_url
+    if not url and row.media_sid:
+        # The fax resource may lack media_url (undocumented): the media instance serves it.
+        url = signalwire.media_instance_url(row.fax_sid, row.media_sid)
+    if not url:
+        raise PermanentFailure("SignalWire gave no media URL for this fax")
+    data, _type = await signalwire.fetch_media(url, MAX_INBOUND_MEDIA_BYTES)
+    kind = document_kind(data)
+    if kind == "pdf":
+        return data
+    if kind == "tiff":
+        pdf, _pages = await cpu.run(call, "gateway.mail.received:tiff_to_pdf", data,
+                                    "a4" if settings.inbound_page_size == "a4" else "letter",
+                                    2000)
+        return pdf
+    raise PermanentFailure(f"the document is neither PDF nor TIFF ({len(data)} bytes)")
 
 
 class Deliverer:
@@ -89,7 +113,8 @@ class Deliverer:
             except asyncio.CancelledError:
                 raise
             except Exception:  # task boundary: log, wait a little, go on
-                log.exception("inbound deliverer: unexpected error")
+                if self.store.damage is None:  # else said once; the daemon stops
+                    log.exception("inbound deliverer: unexpected error")
                 nxt = self.clock() + self.s.retry_base_s
             delay = 60.0 if nxt is None else max(0.0, min(60.0, nxt - self.clock()))
             self._wake.clear()
@@ -122,20 +147,50 @@ class Deliverer:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # task boundary: retried like an outage
+                if self.store.damage is not None:  # said once; the daemon stops
+                    return
                 log.exception("inbound fax %s: unexpected error", row.fax_sid)
                 await self._later(row, f"{type(exc).__name__}: {exc}")
 
     def _gave_up(self, row: InboundFax) -> bool:
         return self.clock() - row.created_at > self.s.give_up_hours * 3600
 
+    async def _give_up(self, row: InboundFax, reason: str, outcome: str = "gave_up") -> None:
+        """End a fax undelivered: recorded, counted once under `outcome`, and the
+        administrator (INBOUND_ADMIN_ADDRESS) told by mail, so it is not lost in a log. The
+        alert is tried once: when the relay itself is what failed, it fails too (logged)."""
+        sid = row.fax_sid
+        now = self.clock()
+        await self.store.run(lambda: self.inbound.set_state(
+            sid, GAVE_UP, now, next_run_at=None, detail=reason))
+        self.metrics.faxes.labels(outcome).inc()
+        admin = self.s.inbound_admin_address
+        if not admin:
+            log.error("inbound fax %s: given up: %s (no INBOUND_ADMIN_ADDRESS to tell)", sid,
+                      reason)
+            return
+        log.error("inbound fax %s: given up: %s; telling %s", sid, reason, admin)
+        mailed = sorted(await self.store.run(self.inbound.delivered_to, sid))
+        part = render_given_up(row, admin, reason, mailed, from_addr=self.s.notify_from,
+                               hostname=self.s.smtp_hostname)
+        try:
+            where = await self.notifier.send_rendered(part.rendered, part.outbox_name)
+        except NotifyError as exc:
+            self.metrics.mails.labels("retry").inc()
+            log.error("inbound fax %s: the administrator %s could not be told either: %s",
+                      sid, admin, exc)
+            return
+        self.metrics.mails.labels("sent").inc()
+        log.info("inbound fax %s: administrator %s told %s", sid, admin, where)
+
     async def _later(self, row: InboundFax, reason: str, delay_s: float | None = None) -> None:
         now = self.clock()
         if self._gave_up(row):
-            log.error("inbound fax %s: gave up after %g hours: %s", row.fax_sid,
-                      self.s.give_up_hours, reason)
-            self.metrics.faxes.labels("gave_up").inc()
-            await self.store.run(lambda: self.inbound.set_state(
-                row.fax_sid, GAVE_UP, now, next_run_at=None, detail=reason))
+            if row.state == DELETING:  # every mail went out: delivered, whatever the media
+                await self._end_delivered(row, reason)
+            else:
+                await self._give_up(row, f"gave up after {self.s.give_up_hours:g} hours: "
+                                         f"{reason}")
             return
         delay = delay_s if delay_s is not None else backoff_s(
             row.tries + 1, self.s.retry_base_s, self.s.retry_max_s, self.jitter())
@@ -156,22 +211,7 @@ class Deliverer:
                 and not self.s.inbound_keep_media)
 
     async def _document(self, row: InboundFax) -> bytes:
-        url = row.media_url
-        if not url and row.media_sid:
-            # The fax resource may lack media_url (undocumented): the media instance serves it.
-            url = self.signalwire.media_instance_url(row.fax_sid, row.media_sid)
-        if not url:
-            raise PermanentFailure("SignalWire gave no media URL for this fax")
-        data, _type = await self.signalwire.fetch_media(url, MAX_INBOUND_MEDIA_BYTES)
-        kind = document_kind(data)
-        if kind == "pdf":
-            return data
-        if kind == "tiff":
-            pdf, _pages = await self.cpu.run(call, "gateway.mail.received:tiff_to_pdf", data,
-                                             "a4" if self.s.inbound_page_size == "a4"
-                                             else "letter", 2000)
-            return pdf
-        raise PermanentFailure(f"the document is neither PDF nor TIFF ({len(data)} bytes)")
+        return await fetch_document(self.signalwire, self.cpu, self.s, row)
 
     async def _deliver(self, row: InboundFax) -> bool:
         """Mail every recipient not yet served; True when all are."""
@@ -184,17 +224,11 @@ class Deliverer:
                 try:
                     pdf = await self._document(row)
                 except MediaRefused as exc:
-                    log.error("inbound fax %s: media URL refused (%s): nothing mailed; "
-                              "deliver it by hand from SignalWire's dashboard", sid, exc)
-                    self.metrics.faxes.labels("media_refused").inc()
-                    await self.store.run(lambda: self.inbound.set_state(
-                        sid, GAVE_UP, self.clock(), next_run_at=None, detail=str(exc)))
+                    await self._give_up(row, f"media URL refused ({exc}): nothing mailed",
+                                        "media_refused")
                     return False
                 except PermanentFailure as exc:
-                    log.error("inbound fax %s: %s: nothing mailed", sid, exc)
-                    self.metrics.faxes.labels("gave_up").inc()
-                    await self.store.run(lambda: self.inbound.set_state(
-                        sid, GAVE_UP, self.clock(), next_run_at=None, detail=str(exc)))
+                    await self._give_up(row, f"{exc}: nothing mailed")
                     return False
                 except (SignalWireError, TaskLimitError) as exc:
                     await self._later(row, f"media download: {exc}")
@@ -229,9 +263,26 @@ class Deliverer:
         await self.store.run(lambda: self.inbound.set_state(
             sid, nxt, now, next_run_at=now if nxt == DELETING else None))
         if nxt == DONE:
+            self._count_done(row)
             log.info("inbound fax %s: done (%s)", sid,
                      "media kept at SignalWire" if row.outcome == "received" else row.outcome)
         return True
+
+    def _count_done(self, row: InboundFax) -> None:
+        """A fax is counted once, by its final outcome, when it is finished (so one that is
+        given up later is never counted twice)."""
+        self.metrics.faxes.labels(row.outcome or "received").inc()
+
+    async def _end_delivered(self, row: InboundFax, reason: str) -> None:
+        """Every mail went out: a deletion that keeps failing until GIVE_UP_HOURS leaves the
+        document at SignalWire (said in the log) and the fax ends delivered, not given up."""
+        now = self.clock()
+        await self.store.run(lambda: self.inbound.set_state(
+            row.fax_sid, DONE, now, next_run_at=None, detail=reason))
+        self._count_done(row)
+        log.error("inbound fax %s: delivered, but its document could not be deleted at "
+                  "SignalWire for %g hours (%s): left there; delete it in SignalWire's "
+                  "dashboard", row.fax_sid, self.s.give_up_hours, reason)
 
     async def _delete_media(self, row: InboundFax) -> None:
         sid = row.fax_sid
@@ -245,6 +296,7 @@ class Deliverer:
             await self._later(row, "media delete: the fax is still in progress (409)")
             return
         now = self.clock()
+        self._count_done(row)
         await self.store.run(lambda: self.inbound.set_state(sid, DONE, now, next_run_at=None,
                                                             media_deleted=True))
         self.metrics.media_deleted.inc()

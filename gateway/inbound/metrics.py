@@ -14,9 +14,10 @@ class InboundMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = registry or CollectorRegistry()
         self.faxes = Counter("faxgw_inbound_faxes",
-                             "Inbound fax calls by outcome (received, failed, noise: a voice "
-                             "call on the fax line, canceled, unrouted/blocked: rejected, "
-                             "media_refused, gave_up)", ["outcome"], registry=r)
+                             "Inbound fax calls, each counted once by its final outcome when "
+                             "it is finished (received, failed, noise: a voice call on the fax "
+                             "line, canceled, unrouted/blocked: rejected, media_refused, "
+                             "gave_up)", ["outcome"], registry=r)
         self.mails = Counter("faxgw_inbound_mails", "Mails of received faxes, by result",
                              ["result"], registry=r)
         self.signature_failures = Counter(

@@ -99,7 +99,8 @@ class Reconciler:
                               else self.clock()))
             if await self.store.run(self.inbound.record_completion, completion, self.clock()):
                 recorded += 1
-                self.metrics.faxes.labels(outcome).inc()
+                if not recipients:  # finished now; otherwise counted when it ends
+                    self.metrics.faxes.labels(outcome).inc()
                 log.info("inbound fax %s: found by the reconciler (%s, no callback seen), for "
                          "%d recipient(s)", sid, outcome, len(recipients))
         if recorded:
@@ -117,6 +118,7 @@ class Reconciler:
                         "outcome; given up", row.fax_sid, row.from_number or "-")
             await self.store.run(lambda sid=row.fax_sid: self.inbound.set_state(
                 sid, GAVE_UP, now, next_run_at=None, detail="no outcome from SignalWire"))
+            self.metrics.faxes.labels("gave_up").inc()
         pruned = await self.store.run(self.inbound.prune,
                                       now - self.s.job_retention_days * 86400)
         if pruned:

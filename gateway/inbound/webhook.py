@@ -190,7 +190,8 @@ class InboundWebhook:
                       type(exc).__name__, exc)
             raise web.HTTPServiceUnavailable(text="try later") from None
         if new:
-            self.metrics.faxes.labels(outcome).inc()
+            if not recipients:  # finished now; otherwise counted when delivered or given up
+                self.metrics.faxes.labels(outcome).inc()
             log.info("inbound fax %s: %s, %s page(s), for %d recipient(s)%s", sid, outcome,
                      pages if pages is not None else "-", len(recipients),
                      f": {error_message}" if error_message and outcome != "received" else "")

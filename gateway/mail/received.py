@@ -178,6 +178,38 @@ def render_received(fax: InboundFax, recipients: list[tuple[str, bool]], pdf: by
     return parts
 
 
+def render_given_up(fax: InboundFax, admin: str, reason: str, mailed: list[str], *,
+                    from_addr: str, hostname: str) -> MailPart:
+    """The administrator's alert for a received fax the gateway gave up on (the relay or
+    SignalWire down past GIVE_UP_HOURS, a media URL refused, a document neither PDF nor TIFF):
+    without it the fax would be lost with only a log line. Small and cheap: built on the loop.
+    Its Message-ID and outbox name are derived from the fax, so a repeat is recognisable."""
+    tag = f"given-up\0{admin}"
+    mail = EmailMessage(policy=policy.default.clone(max_line_length=998))
+    mail["From"] = from_addr
+    mail["To"] = admin
+    mail["Subject"] = one_line(_("Fax from %s not delivered: %s") % (
+        _caller(fax.from_number), one_line(reason, 120)), 200)
+    mail["Date"] = format_datetime(datetime.now(timezone.utc))
+    mail["Message-ID"] = message_id_for(fax.fax_sid, tag, hostname)
+    mail["Auto-Submitted"] = "auto-generated"
+    mail["X-Fax-Sid"] = one_line(fax.fax_sid, 80)
+    wanted = [r for r in fax.recipient_list]
+    missing = [r for r in wanted if r not in mailed]
+    rows = _lines(fax, False) + [
+        (_("Reason"), one_line(reason, 300)),
+        (_("Mailed to"), one_line(", ".join(mailed) or "-", 500)),
+        (_("Not mailed to"), one_line(", ".join(missing) or "-", 500)),
+    ]
+    lead = _("The gateway gave up delivering a fax from %s on %s by mail: %s. Deliver it by "
+             "hand: it is in SignalWire's dashboard under this fax id, unless it was deleted "
+             "there.") % (_caller(fax.from_number), _caller(fax.to_number), one_line(reason, 300))
+    width = max(len(k) for k, _v in rows) + 2
+    mail.set_content(lead + "\n\n" + "\n".join(f"{k + ':':<{width}}{v}" for k, v in rows)
+                     + "\n")
+    return MailPart(admin, str(mail["Message-ID"]), outbox_name(fax.fax_sid, tag), render(mail))
+
+
 def tiff_to_pdf(data: bytes, paper: str, max_pages: int) -> tuple[bytes, int]:
     """A received TIFF as a PDF (runs in a document worker)."""
     from gateway.documents.convert import Limits, image_to_pdf

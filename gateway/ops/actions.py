@@ -434,13 +434,6 @@ def _attempts_table(attempts: Sequence[Attempt]) -> list[str]:
 
 # -- actions ------------------------------------------------------------------------------------
 
-def _note_by(store: Store, job_id: str, what: str, by: str | None) -> None:
-    """Who asked: the store records each action as done "by the operator"; an action taken
-    by a named person (a dashboard administrator) adds a line naming them to the history."""
-    if by:
-        store.add_event(job_id, "operator", f"{what} by {one_line(by, 80)}")
-
-
 def resend_job(store: Store, job_id: str, now: float, *, retry_policy: RetryPolicy,
                from_number: str | None = None, by: str | None = None,
                shared: bool = False) -> str:
@@ -480,11 +473,9 @@ def resend_job(store: Store, job_id: str, now: float, *, retry_policy: RetryPoli
                  from_number=from_number or job.from_number, quality=job.quality,
                  callback_token=secrets.token_urlsafe(24),
                  media_key=job.media_key if stored and job.media_key else new_media_key())
-    problem = store.add_resend(job, new, now, stored=stored)
+    problem = store.add_resend(job, new, now, stored=stored, by=by)
     if problem is not None:
         raise AdminError(f"cannot resend job {job.id}: {problem}")
-    _note_by(store, job.id, f"resend as job {new.id} requested", by)
-    _note_by(store, new.id, f"resend of job {job.id} requested", by)
     return new.id
 
 
@@ -497,8 +488,7 @@ def request_cancel(store: Store, job_id: str, now: float, *, by: str | None = No
     while it is still queued."""
     job = _load(store, job_id)
     if job.state in (State.SPOOLED, State.STORED):
-        if store.cancel_unsent(job.id, CANCELED_BY_OPERATOR, now):
-            _note_by(store, job.id, "cancel requested", by)
+        if store.cancel_unsent(job.id, CANCELED_BY_OPERATOR, now, by=by):
             return CancelRequest(job.id, None,
                                  f"job {job.id} canceled; the sender will get a report")
         job = _load(store, job.id)  # the worker moved it on meanwhile
@@ -530,8 +520,7 @@ def note_cancel(store: Store, job_id: str, now: float, fax_sid: str, *,
                 by: str | None = None) -> None:
     """After a successful `cancel_fax`: record it, and have the worker fetch the fax's status
     now, so the job completes as "canceled" and the sender is told even if no callback comes."""
-    who = one_line(by, 80) if by else "the operator"
-    store.note_cancel(job_id, f"fax {fax_sid} canceled at SignalWire by {who}", now)
+    store.note_cancel(job_id, f"fax {fax_sid} canceled at SignalWire", now, by=by)
 
 
 def request_report(store: Store, job_id: str, now: float, *, by: str | None = None) -> str:
@@ -541,14 +530,12 @@ def request_report(store: Store, job_id: str, now: float, *, by: str | None = No
     job = _load(store, job_id)
     if job.state is State.REPORTED:
         target = State.GIVEN_UP if job.failure_reason else State.COMPLETED
-        if not store.report_again(job.id, target, now):
+        if not store.report_again(job.id, target, now, by=by):
             raise AdminError(f"job {job.id} changed meanwhile; try again")
-        _note_by(store, job.id, "report requested again", by)
         return f"job {job.id}: the report will be sent again"
     if job.state in REPORT_DUE:
-        if not store.report_now(job.id, now):
+        if not store.report_now(job.id, now, by=by):
             raise AdminError(f"job {job.id} changed meanwhile; try again")
-        _note_by(store, job.id, "report retry requested", by)
         return f"job {job.id}: the report was already due; it will be tried now"
     raise AdminError(f"job {job.id} is still in progress ({_status(job)}); the report goes out "
                      "when the fax is finished")

@@ -135,7 +135,9 @@ class Worker:
                 started = await self._dispatch()
                 nxt = await self.store.run(self.store.next_due_at, list(self._inflight))
             except Exception:
-                log.exception("worker: cannot read the job store; retrying")
+                if self.store.damage is None:
+                    log.exception("worker: cannot read the job store; retrying")
+                # else: the database is damaged; said once (store health), the daemon stops
                 nxt = self.clock() + self.s.retry_base_s
             idle = self._idle_wake_s
             timeout = idle if nxt is None else min(idle, max(0.0, nxt - self.clock()))
@@ -194,6 +196,11 @@ class Worker:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a step boundary: log, keep the job, try again later
+            if self.store.damage is not None:
+                # The database is damaged (said once, by the store's health): the daemon is
+                # stopping, and nothing more can be written for this job.
+                log.debug("job %s: step stopped by the damaged database: %s", job.id, exc)
+                return
             log.exception("job %s: %s step crashed", job.id, job.state.value)
             await self._later(job, f"internal error: {type(exc).__name__}")
         finally:

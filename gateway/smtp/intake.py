@@ -272,8 +272,10 @@ class Intake:
             await self.store.run(functools.partial(self.store.add_message, message, jobs,
                                                    stored=shared_key is not None))
         except (StoreError, OSError, MediaError) as exc:
-            log.error("job store write failed for message %s: %s", message_id, exc)
             await asyncio.to_thread(self.spool.remove, message_id)
+            if (refusal := self.durability_check()) is not None:
+                raise Refused(refusal) from exc  # the database is gone or damaged: said once
+            log.error("job store write failed for message %s: %s", message_id, exc)
             raise Refused(replies.CANNOT_QUEUE) from exc
         crash_point("after-commit")
         for job in jobs:

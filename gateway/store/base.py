@@ -54,6 +54,11 @@ class Store(abc.ABC):
         # (LEASE_SECONDS); open_store sets both from the settings.
         self.node_id = f"{socket.gethostname()}-{os.getpid()}"
         self.lease_s = defaults.LEASE_SECONDS
+        # Set by a backend the first time a query finds the database damaged (after start:
+        # start itself raises DatabaseUnusable); every later failure is that one. The daemon
+        # sets `on_damage` (called once, on the store's thread) to refuse mail and stop.
+        self.damage: str | None = None
+        self.on_damage: Callable[[BaseException], None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -299,23 +304,30 @@ class Store(abc.ABC):
 
     # -- operator actions --------------------------------------------------------------------
 
+    # Each takes `by`: who asked (a dashboard administrator's name), written into the job's
+    # history in the one event the action makes; None means "the operator" (the CLI).
+
     @abc.abstractmethod
-    def add_resend(self, job: Job, new: NewJob, now: float, *,
-                   stored: bool = False) -> str | None:
+    def add_resend(self, job: Job, new: NewJob, now: float, *, stored: bool = False,
+                   by: str | None = None) -> str | None:
         """A new job for the message and number of `job`; None when done, else why not.
-        `stored`: it sends the media object `new.media_key` already in the media store."""
+        `stored`: it sends the media object `new.media_key` already in the media store; `by`:
+        who asked (the history names them)."""
 
     @abc.abstractmethod
-    def cancel_unsent(self, job_id: str, reason: str, now: float) -> bool: ...
+    def cancel_unsent(self, job_id: str, reason: str, now: float, *,
+                      by: str | None = None) -> bool: ...
 
     @abc.abstractmethod
-    def note_cancel(self, job_id: str, detail: str, now: float) -> bool: ...
+    def note_cancel(self, job_id: str, detail: str, now: float, *,
+                    by: str | None = None) -> bool: ...
 
     @abc.abstractmethod
-    def report_again(self, job_id: str, state: State, now: float) -> bool: ...
+    def report_again(self, job_id: str, state: State, now: float, *,
+                     by: str | None = None) -> bool: ...
 
     @abc.abstractmethod
-    def report_now(self, job_id: str, now: float) -> bool: ...
+    def report_now(self, job_id: str, now: float, *, by: str | None = None) -> bool: ...
 
 
 def open_store(settings: "Settings", clock: Callable[[], float] = time.time) -> Store:

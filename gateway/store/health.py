@@ -7,7 +7,9 @@ A 250 promises the job survives. Two things break that promise without any write
   start. So the file at the path must still be the one that was opened (same st_dev/st_ino),
   checked before each intake commit, by /readyz and periodically.
 - A damaged file. `PRAGMA quick_check` at start, and SQLITE_CORRUPT / SQLITE_NOTADB named as
-  such wherever they surface, so the operator reads what to do instead of a traceback.
+  such wherever they surface, so the operator reads what to do instead of a traceback; found
+  by a query after start, the store reports it here once (`Guard.report_damage`) and the
+  daemon takes the deleted-file path.
 
 Neither heals by restarting, so the daemon stops with EXIT_DATA (65), which the systemd unit
 lists in RestartPreventExitStatus, rather than crash-looping (or worse, restarting on a fresh
@@ -22,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -84,6 +87,7 @@ class Guard:
         self._identity: tuple[int, int] | None = None
         self.database_problem: str | None = None
         self._disk_low = False
+        self._lock = threading.Lock()
 
     def opened(self) -> None:
         """Remember which file was opened: call right after the store opened it. A database
@@ -116,6 +120,21 @@ class Guard:
         if self.on_fatal is not None:
             self.on_fatal(problem)
         return problem
+
+    def report_damage(self, exc: BaseException) -> None:
+        """A query found the database damaged after start (pages overwritten under the
+        running daemon): the same path as a deleted file (451 to mail, /readyz 503, one log
+        line, the daemon stops with EXIT_DATA). Called on the store's thread; once."""
+        with self._lock:
+            if self.database_problem is not None:
+                return
+            problem = (f"the job database {self.db_path} is damaged ({exc}); found while the "
+                       "gateway ran")
+            self.database_problem = problem
+        log.error("%s: refusing mail (451) and stopping; jobs accepted since then may be "
+                  "lost: %s", problem, ADVICE)
+        if self.on_fatal is not None:
+            self.on_fatal(problem)
 
     def free_bytes(self) -> int:
         st = os.statvfs(self.data_dir)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Iterable
 
 from gateway.store.base import StoreError
-from gateway.store.sql import SqlStore
+from gateway.store.sql import SqlStore, _like_escape
 
 
 # Row states. `ringing`: the webhook was answered with <Receive>, no outcome yet; `rejected`:
@@ -227,6 +227,42 @@ class InboundStore:
         rows = self._rows(f"SELECT * FROM inbound_faxes {where} ORDER BY created_at DESC "
                           "LIMIT ?", (*args, limit))
         return [_row(r) for r in rows]
+
+    def search(self, *, to_digits: str | None = None, caller: str | None = None,
+               since: float | None = None, until: float | None = None, offset: int = 0,
+               limit: int = 25) -> tuple[list[InboundFax], int]:
+        """One page of faxes, newest first, and how many match in all (the dashboard's list).
+        `to_digits`: digits of the number it came in on; `caller`: a number (its digits
+        match the caller's number) or a case-insensitive part of the station id; `since`/`until`: created_at."""
+        where: list[str] = []
+        args: list[Any] = []
+        if to_digits:
+            where.append("COALESCE(to_number, '') LIKE ?")
+            args.append(f"%{to_digits}%")
+        if caller:
+            # Digits match the caller's number only when the text is written as a number
+            # ("(617) 555"), not when they are part of a name ("LAB 2").
+            numeric = all(c.isdigit() or c in "+()-. " for c in caller)
+            digits = "".join(c for c in caller if c.isdigit()) if numeric else ""
+            parts = ["LOWER(COALESCE(remote_station_id, '')) LIKE ? ESCAPE '\\'"]
+            args.append("%" + _like_escape(caller.lower()) + "%")
+            if digits:
+                parts.append("COALESCE(from_number, '') LIKE ?")
+                args.append(f"%{digits}%")
+            where.append("(" + " OR ".join(parts) + ")")
+        if since is not None:
+            where.append("created_at >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("created_at < ?")
+            args.append(until)
+        clause = (" WHERE " + " AND ".join(where)) if where else ""
+        total = int(self._one(f"SELECT COUNT(*) AS n FROM inbound_faxes{clause}",
+                              args)["n"])  # type: ignore[index]
+        rows = self._rows(f"SELECT * FROM inbound_faxes{clause} "
+                          "ORDER BY created_at DESC, fax_sid DESC LIMIT ? OFFSET ?",
+                          (*args, limit, offset))
+        return [_row(r) for r in rows], total
 
     def prune(self, cutoff: float, limit: int = 1000) -> int:
         """Forget finished faxes older than `cutoff` (JOB_RETENTION_DAYS). The reconciler's

@@ -21,6 +21,7 @@ from gateway.outbound.states import (ACTIVE_STATES, FINISHED, REPORT_DUE,
                                      CallbackAction, Ev, Job, State, check_transition,
                                      classify_callback)
 from gateway.store import migrations
+from gateway.text import one_line
 from gateway.store.base import Store, StoreError
 from gateway.store.rows import Attempt, Event, JobListing, Message, NewJob
 
@@ -62,6 +63,14 @@ class Expr:
     def __init__(self, sql: str, *args: Any) -> None:
         self.sql = sql
         self.args = args
+
+
+def operator(by: str | None) -> str:
+    """Who did an operator action, as written in the history: a name made one plain line of
+    at most 80 characters (it comes from a login and is shown in the dashboard and the CLI),
+    or "the operator" when no one is named (the CLI)."""
+    name = one_line(by, 80) if by else ""
+    return name or "the operator"
 
 
 def _marks(items: Sequence[Any]) -> str:
@@ -723,19 +732,20 @@ class SqlStore(Store):
 
     # -- operator actions --------------------------------------------------------------------
 
-    def add_resend(self, job: Job, new: NewJob, now: float, *,
-                   stored: bool = False) -> str | None:
+    def add_resend(self, job: Job, new: NewJob, now: float, *, stored: bool = False,
+                   by: str | None = None) -> str | None:
         """A new job for the message and number of `job`, in one transaction; None when done,
         else why not (document purged meanwhile, or another job of the message to the number
         is still under way). The insert is conditional on the document still being there, so
         it cannot slip in after a purge was recorded."""
         check_transition([None], State.SPOOLED, Ev.RECEIVED)
         try:
-            return self._add_resend(job, new, now, stored)
+            return self._add_resend(job, new, now, stored, operator(by))
         except _Rollback as exc:
             return str(exc)
 
-    def _add_resend(self, job: Job, new: NewJob, now: float, stored: bool) -> str | None:
+    def _add_resend(self, job: Job, new: NewJob, now: float, stored: bool,
+                    who: str) -> str | None:
         with self._tx():
             busy = self._one(
                 "SELECT id, state FROM jobs WHERE message_id = ? AND to_number = ? AND id <> ?"
@@ -754,45 +764,49 @@ class SqlStore(Store):
                  new.callback_token, new.media_key, now, now, now, job.message_id))
             if inserted != 1:
                 return "the document was deleted from the spool meanwhile"
-            self._event(new.id, Ev.RECEIVED, f"resend of job {job.id} by the operator", now)
+            self._event(new.id, Ev.RECEIVED, f"resend of job {job.id} by {who}", now)
             if stored:  # a shared queue: the document is in the media store already
                 self._transition(new.id, [State.SPOOLED], State.STORED, Ev.STORED,
                                  "document already in the media store", at=now, tries=0,
                                  next_run_at=now)
             if not self._transition(job.id, sorted(FINISHED), None, Ev.RESENT,
-                                    f"sent again as job {new.id} by the operator", at=now):
+                                    f"sent again as job {new.id} by {who}", at=now):
                 raise _Rollback(f"job {job.id} is no longer finished")
         return None
 
-    def cancel_unsent(self, job_id: str, reason: str, now: float) -> bool:
+    def cancel_unsent(self, job_id: str, reason: str, now: float, *,
+                      by: str | None = None) -> bool:
         """Give up a job that has not reached SignalWire (spooled or stored) so its report
-        tells the sender; False if it moved on meanwhile (the worker may have started the
-        send: then it is not ours to stop)."""
+        tells the sender `reason`; the history names who canceled it. False if it moved on
+        meanwhile (the worker may have started the send: then it is not ours to stop)."""
+        detail = f"canceled by {operator(by)}" if by else reason
         return self.transition(job_id, [State.SPOOLED, State.STORED], State.GIVEN_UP,
-                               Ev.CANCELED, reason, at=now, failure_reason=reason,
+                               Ev.CANCELED, detail, at=now, failure_reason=reason,
                                error_code=None, error_message=None, tries=0, next_run_at=now)
 
-    def note_cancel(self, job_id: str, detail: str, now: float) -> bool:
-        """Record a cancel done at SignalWire and have the worker fetch the fax's status now
-        rather than wait for the callback or the next poll."""
-        return self.transition(job_id, [State.SUBMITTED], None, Ev.CANCEL, detail, at=now,
-                               next_run_at=now, tries=0)
+    def note_cancel(self, job_id: str, detail: str, now: float, *,
+                    by: str | None = None) -> bool:
+        """Record a cancel done at SignalWire ("`detail` by <who>") and have the worker fetch
+        the fax's status now rather than wait for the callback or the next poll."""
+        return self.transition(job_id, [State.SUBMITTED], None, Ev.CANCEL,
+                               f"{detail} by {operator(by)}", at=now, next_run_at=now, tries=0)
 
-    def report_again(self, job_id: str, state: State, now: float) -> bool:
+    def report_again(self, job_id: str, state: State, now: float, *,
+                     by: str | None = None) -> bool:
         """Back from reported to `state` (completed or given-up) with the report due now.
         `reported_at` is kept: it is how the worker tells a job that was reported before
         (report only) from a fresh final status (retries first)."""
         return self.transition(job_id, [State.REPORTED], state, Ev.REPORT_AGAIN,
-                               "report requested again by the operator", at=now, tries=0,
+                               f"report requested again by {operator(by)}", at=now, tries=0,
                                next_run_at=now)
 
-    def report_now(self, job_id: str, now: float) -> bool:
+    def report_now(self, job_id: str, now: float, *, by: str | None = None) -> bool:
         """A report already due (maybe waiting out a relay outage): try it now."""
         job = self.job(job_id)
         if job is None or job.state not in REPORT_DUE:
             return False
         return self.transition(job_id, [job.state], None, Ev.REPORT_NOW,
-                               "report retry requested by the operator", at=now, tries=0,
+                               f"report retry requested by {operator(by)}", at=now, tries=0,
                                next_run_at=now)
 
 

@@ -96,9 +96,17 @@ class SqliteStore(SqlStore):
             try:
                 yield
             except BaseException:
-                db.execute("ROLLBACK")
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    if self.damage is None:  # keep the first error, not the rollback's
+                        raise
                 raise
-            db.execute("COMMIT")
+            try:
+                db.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                self._notice(exc)
+                raise
         finally:
             if durable:
                 db.execute("PRAGMA synchronous=NORMAL")
@@ -108,10 +116,28 @@ class SqliteStore(SqlStore):
                                (name,)))
 
     def _exec(self, sql: str, args: Sequence[Any] = ()) -> int:
-        return self.db.execute(self._sql(sql), args).rowcount
+        try:
+            return self.db.execute(self._sql(sql), args).rowcount
+        except sqlite3.DatabaseError as exc:
+            self._notice(exc)
+            raise
 
     def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.db.execute(self._sql(sql), args).fetchall()]
+        try:
+            return [dict(r) for r in self.db.execute(self._sql(sql), args).fetchall()]
+        except sqlite3.DatabaseError as exc:
+            self._notice(exc)
+            raise
+
+    def _notice(self, exc: sqlite3.DatabaseError) -> None:
+        """A query that found the file damaged (SQLITE_CORRUPT / SQLITE_NOTADB: pages
+        overwritten under the running daemon): say so once, through `on_damage`, so the daemon
+        takes the same path as for a deleted database instead of failing query by query."""
+        if not is_damage(exc) or self.damage is not None:
+            return
+        self.damage = str(damaged(self.path, exc))
+        if self.on_damage is not None:
+            self.on_damage(exc)
 
     def _is_db_error(self, exc: BaseException) -> bool:
         return isinstance(exc, sqlite3.Error)

@@ -1,4 +1,5 @@
-"""The dashboard's routes: login, the jobs list, one job, the actions on it, health.
+"""The dashboard's routes: login, the jobs list, one job, the actions on it, received faxes,
+health.
 
 Server-rendered HTML (jinja2, autoescaping on: subjects, names and file names come from mail
 and are shown as text, never as markup). One small stylesheet and one small script, shipped in
@@ -9,6 +10,7 @@ own files, so even a missed escape could not run a script.
 The dashboard has its own listener (ADMIN_LISTEN), never the public one SignalWire reaches. It
 reads jobs only through `queries` (over `gateway.ops.actions` and the store's public methods)
 and acts through `gateway.ops.actions`, naming the administrator in the job's history.
+Received faxes are read through `gateway.store.inbound.InboundStore` (also via `queries`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ from gateway.users import LoginThrottle, UsersFile
 from gateway.web.dashboard import queries
 from gateway.web.dashboard.auth import (LOGIN_COOKIE, SESSION_COOKIE, Logins, Proxy, Session,
                                         Sessions, same_token)
+from gateway.inbound.delivery import PermanentFailure, fetch_document
+from gateway.signalwire.client import SignalWireError
+from gateway.store.inbound import InboundFax, InboundStore
 from gateway.web.dashboard.thumbs import THUMB_WIDTH_PX
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,7 @@ ACTIONS = {
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 _JOB_ID = "{job_id:[0-9a-f]{6,16}}"
+_FAX_SID = "{fax_sid:[A-Za-z0-9-]{1,64}}"
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 # The session of the request (aiohttp >= 3.12 wants typed keys for request storage).
@@ -126,6 +132,38 @@ class Filters:
         return urlencode({k: v for k, v in values.items() if v and not (k == "page" and v == 1)})
 
 
+@dataclass(frozen=True)
+class ReceivedFilters:
+    to: str = ""
+    caller: str = ""
+    date_from: str = ""
+    date_until: str = ""
+    page: int = 1
+
+    def query(self, **change: Any) -> str:
+        values = {"to": self.to, "caller": self.caller, "from": self.date_from,
+                  "until": self.date_until, "page": self.page}
+        values.update(change)
+        return urlencode({k: v for k, v in values.items() if v and not (k == "page" and v == 1)})
+
+
+def _page_number(request: web.Request) -> int:
+    try:
+        return min(MAX_PAGE, max(1, int(request.query.get("page", "1"))))
+    except ValueError:
+        return 1
+
+
+def _received_filters(request: web.Request) -> ReceivedFilters:
+    q = request.query
+
+    def text(name: str) -> str:
+        return q.get(name, "").strip()[:MAX_FILTER_CHARS]
+
+    return ReceivedFilters(to=text("to"), caller=text("caller"), date_from=text("from"),
+                           date_until=text("until"), page=_page_number(request))
+
+
 def _filters(request: web.Request) -> Filters:
     q = request.query
 
@@ -175,6 +213,7 @@ class Dashboard:
         self.sessions = Sessions(settings.admin_session_minutes * 60, clock)
         self.proxy = Proxy(settings.admin_trusted_proxies)
         self.errors = RecentErrors()
+        self.inbound = InboundStore(store)
         self._thumbs: OrderedDict[str, bytes] = OrderedDict()
         self._thumb_tasks: dict[str, asyncio.Task[bytes]] = {}
         self.env = jinja2.Environment(
@@ -197,6 +236,11 @@ class Dashboard:
         r.add_get(f"/jobs/{_JOB_ID}/fax.pdf", self.document)
         r.add_get(f"/jobs/{_JOB_ID}/{{action:resend|cancel|report}}", self.confirm_page)
         r.add_post(f"/jobs/{_JOB_ID}/{{action:resend|cancel|report}}", self.act)
+        r.add_get("/received", self.received_page)
+        r.add_get("/received/rows", self.received_rows)
+        r.add_get(f"/received/{_FAX_SID}", self.received_fax_page)
+        r.add_get(f"/received/{_FAX_SID}/live", self.received_fax_live)
+        r.add_get(f"/received/{_FAX_SID}/first-page.png", self.received_first_page)
         r.add_get("/health", self.health_page)
         r.add_get("/health/live", self.health_live)
         self._runner: web.AppRunner | None = None
@@ -489,6 +533,89 @@ class Dashboard:
             log.info("dashboard: %s did %s on job %s", by, action, ref)
             self.wake()
         raise web.HTTPSeeOther(target)
+
+    # -- received faxes ----------------------------------------------------------------------
+
+    async def _received(self, request: web.Request) -> dict[str, Any]:
+        f = _received_filters(request)
+        error = None
+        try:
+            since = _day(f.date_from, "From")
+            until = _day(f.date_until, "Until")
+            if until is not None:
+                until += 86400  # the whole day
+            page = await self.store.run(lambda: queries.search_received(
+                self.inbound, to=f.to or None, caller=f.caller or None, since=since,
+                until=until, offset=(f.page - 1) * PAGE_SIZE, limit=PAGE_SIZE))
+        except AdminError as exc:
+            error, page = str(exc), queries.ReceivedPage([], 0)
+        pages = max(1, -(-page.total // PAGE_SIZE))
+        return dict(filters=f, rows=page.rows, total=page.total, pages=pages, error=error,
+                    first=(f.page - 1) * PAGE_SIZE + 1,
+                    last=(f.page - 1) * PAGE_SIZE + len(page.rows),
+                    inbound_on=self.s.inbound_routes.enabled)
+
+    async def received_page(self, request: web.Request) -> web.Response:
+        return self._render(request, "received.html", **await self._received(request))
+
+    async def received_rows(self, request: web.Request) -> web.Response:
+        return self._render(request, "_received_rows.html", **await self._received(request))
+
+    async def _received_detail(self, request: web.Request) -> queries.ReceivedDetail:
+        sid = request.match_info["fax_sid"]
+        d = await self.store.run(queries.received_detail, self.inbound, sid)
+        if d is None:
+            raise web.HTTPNotFound(text="no received fax with this id")
+        return d
+
+    async def received_fax_page(self, request: web.Request) -> web.Response:
+        return self._render(request, "received_fax.html", d=await self._received_detail(request))
+
+    async def received_fax_live(self, request: web.Request) -> web.Response:
+        return self._render(request, "_received_live.html",
+                            d=await self._received_detail(request))
+
+    async def received_first_page(self, request: web.Request) -> web.Response:
+        """Page 1 of a received fax, drawn from SignalWire's copy (the gateway keeps none)
+        while SignalWire still has it; fetched the deliverer's way, drawn in a document
+        worker, cached like a job's picture."""
+        d = await self._received_detail(request)
+        fax = d.row.fax
+        if not d.picture:
+            raise web.HTTPNotFound(text=d.no_picture)
+        key = "in:" + fax.fax_sid
+        png = self._thumbs.get(key)
+        if png is None:
+            task = self._thumb_tasks.get(key)
+            if task is None:
+                task = asyncio.ensure_future(self._draw_received(fax))
+                self._thumb_tasks[key] = task
+            try:
+                png = await asyncio.shield(task)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # SignalWire down, media gone, not drawable, ...
+                log.warning("dashboard: first page of received fax %s not drawn: %s",
+                            fax.fax_sid, redact(str(exc)))
+                raise web.HTTPNotFound(text="the first page could not be drawn") from None
+            finally:
+                if task.done():
+                    self._thumb_tasks.pop(key, None)
+            self._thumbs[key] = png
+            while len(self._thumbs) > THUMB_CACHE_ENTRIES:
+                self._thumbs.popitem(last=False)
+        else:
+            self._thumbs.move_to_end(key)
+        return web.Response(body=png, content_type="image/png",
+                            headers={"Cache-Control": "private, max-age=300"})
+
+    async def _draw_received(self, fax: InboundFax) -> bytes:
+        try:
+            pdf = await fetch_document(self.signalwire, self.cpu, self.s, fax)
+        except (PermanentFailure, SignalWireError) as exc:
+            raise RuntimeError(f"document not fetched: {exc}") from None
+        return await self.cpu.run(call, "gateway.web.dashboard.thumbs:render_first_page_of",
+                                  pdf, THUMB_WIDTH_PX)
 
     # -- health ------------------------------------------------------------------------------
 

@@ -14,6 +14,8 @@ from gateway.mail.reports import outcome
 from gateway.ops import actions
 from gateway.ops.actions import JobRow
 from gateway.outbound.states import ACTIVE_STATES, Job, State
+from gateway.store import inbound
+from gateway.store.inbound import InboundFax, InboundStore
 from gateway.store.rows import Attempt, Event, Message
 
 # The newest jobs a search looks through: search and "until" are done here, not in SQL, so
@@ -112,3 +114,122 @@ def relay_state(store: Any) -> tuple[bool | None, str]:
         if text.startswith("reported:"):
             return True, text
     return None, "no report sent yet"
+
+
+# -- received faxes --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Delivery:
+    recipient: str
+    message_id: str
+    sent_at: float
+    detail: str | None
+
+
+@dataclass(frozen=True)
+class ReceivedRow:
+    fax: InboundFax
+    result: str        # the outcome in plain words
+    tone: str          # ok / bad / busy, for the row's colour
+    mailed: int        # recipients served so far
+
+
+@dataclass(frozen=True)
+class ReceivedPage:
+    rows: list[ReceivedRow]
+    total: int
+
+
+@dataclass(frozen=True)
+class ReceivedDetail:
+    row: ReceivedRow
+    deliveries: Sequence[Delivery]
+    picture: bool           # page 1 can be drawn from SignalWire's copy
+    no_picture: str         # why not, in plain words, when it cannot
+
+
+def _pages(n: int | None) -> str:
+    if not n:
+        return "no pages"
+    return "1 page" if n == 1 else f"{n} pages"
+
+
+def received_result(fax: InboundFax, mailed: int) -> tuple[str, str]:
+    """(plain words, tone) for a received fax: what a person at the front desk would ask."""
+    wanted = len(fax.recipient_list)
+    reason = fax.error_message or fax.last_error or ""
+    if fax.state == inbound.RINGING:
+        return "coming in: answered, no outcome from SignalWire yet", "busy"
+    if fax.state == inbound.REJECTED:
+        if fax.outcome == "blocked":
+            return "refused: the caller is blocked (INBOUND_BLOCKED_CALLERS)", "bad"
+        return "refused: no route for this number (INBOUND_ROUTES)", "bad"
+    if fax.state == inbound.GAVE_UP:
+        return (f"given up{': ' + reason if reason else ''}; "
+                f"mailed to {mailed} of {wanted}", "bad")
+    if fax.outcome == "received":
+        got = f"received, {_pages(fax.num_pages)}"
+        if fax.state == inbound.DELIVERING:
+            return f"{got}; mailing ({mailed} of {wanted} sent)", "busy"
+        if wanted == 0:
+            return f"{got}; no one to mail it to", "bad"
+        return f"{got}, mailed to {mailed} of {wanted}", "ok"
+    if fax.outcome == "canceled":
+        return "canceled: the caller hung up before a page, or the call was refused", "bad"
+    if fax.outcome == "noise":
+        return (f"not a fax (a voice call or a hang-up){': ' + reason if reason else ''}",
+                "bad")
+    words = f"not received{': ' + reason if reason else ''}"
+    if fax.error_code:
+        words += f" (code {fax.error_code})"
+    return words, "bad" if fax.state != inbound.DELIVERING else "busy"
+
+
+def _received_row(db: InboundStore, fax: InboundFax) -> ReceivedRow:
+    mailed = len(db.delivered_to(fax.fax_sid))
+    words, tone = received_result(fax, mailed)
+    return ReceivedRow(fax, words, tone, mailed)
+
+
+def search_received(db: InboundStore, *, to: str | None, caller: str | None,
+                    since: float | None, until: float | None, offset: int,
+                    limit: int) -> ReceivedPage:
+    """Received faxes newest first, filtered by the number they came in on (its digits),
+    the caller (number digits or station id) and the date; one page of them."""
+    digits = None
+    if to:
+        digits = "".join(c for c in to if c.isdigit())
+        if not digits:
+            raise actions.AdminError("Number: give some digits of the number")
+    faxes, total = db.search(to_digits=digits, caller=caller or None, since=since,
+                             until=until, offset=offset, limit=limit)
+    return ReceivedPage([_received_row(db, f) for f in faxes], total)
+
+
+def picture_state(fax: InboundFax) -> tuple[bool, str]:
+    """Whether page 1 can be drawn now, or why not. The gateway keeps no copy of a received
+    fax (the mail carries it); SignalWire keeps it until the gateway deletes it after mailing
+    (unless INBOUND_KEEP_MEDIA=yes), so the picture exists only while SignalWire has it."""
+    if fax.state == inbound.RINGING:
+        return False, "No picture yet: the fax is still coming in."
+    if fax.outcome != "received":
+        return False, "No picture: no document was received."
+    if fax.media_deleted_at is not None:
+        return False, ("No picture: the gateway keeps no copy of received faxes, and the "
+                       "document was deleted at SignalWire after it was mailed (set "
+                       "INBOUND_KEEP_MEDIA=yes to keep it there). The recipients' mail has it.")
+    if not fax.media_url and not fax.media_sid:
+        return False, "No picture: SignalWire named no document for this fax."
+    return True, ""
+
+
+def received_detail(db: InboundStore, fax_sid: str) -> ReceivedDetail | None:
+    fax = db.get(fax_sid)
+    if fax is None:
+        return None
+    deliveries = [Delivery(d["recipient"], d["message_id"], d["sent_at"], d["detail"])
+                  for d in db.deliveries(fax_sid)]
+    words, tone = received_result(fax, len(deliveries))
+    picture, why = picture_state(fax)
+    return ReceivedDetail(ReceivedRow(fax, words, tone, len(deliveries)), deliveries,
+                          picture, why)

@@ -13,3 +13,11 @@ def render_first_page(path: str, width_px: int = THUMB_WIDTH_PX) -> bytes:
     from gateway.documents.convert import first_page_png
 
     return first_page_png(Path(path).read_bytes(), width_px)
+
+
+def render_first_page_of(pdf: bytes, width_px: int = THUMB_WIDTH_PX) -> bytes:
+    """The same from the PDF's bytes (a received fax, fetched from SignalWire, is not kept in
+    a file)."""
+    from gateway.documents.convert import first_page_png
+
+    return first_page_png(pdf, width_px)
