@@ -31,6 +31,7 @@ import functools
 import hashlib
 import hmac
 import ipaddress
+import logging
 import os
 import secrets
 import tempfile
@@ -42,6 +43,8 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from gateway.smtp.policy import SenderPolicy
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "LoginThrottle",
@@ -472,6 +475,15 @@ class UsersFile:
         users = load_users(self.path)
         self.users, self._stamp = users, stamp
         return True
+
+    def refresh(self, who: str) -> None:
+        """`reload_if_changed`, logged for `who` (the SMTP side, the dashboard): a broken file
+        keeps the previous users and says so."""
+        try:
+            if self.reload_if_changed():
+                log.info("%s: users file reloaded: %d user(s)", who, len(self.users))
+        except UsersFileError as exc:
+            log.error("%s: users file not reloaded, keeping the previous users: %s", who, exc)
 
 
 # -- failed-login throttling ----------------------------------------------------------

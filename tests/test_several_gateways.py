@@ -94,6 +94,25 @@ async def test_a_mail_sent_twice_is_faxed_once(make_gateway: GatewayFactory,
     assert len(simulator.state.send_requests) == 3
 
 
+async def test_a_mail_with_a_cover_page_sent_twice_is_faxed_once(
+        make_gateway: GatewayFactory, simulator: Simulator, relay: RelaySink,
+        tmp_path: Path) -> None:
+    """The cover page shows the mail's own Date:, so the same mail renders the same PDF
+    seconds later and is recognised (it once showed the arrival time, and was faxed twice)."""
+    gw = await make_gateway(production_env(tmp_path / "var", simulator, FAX_COVER="yes",
+                                           NOTIFY_SMTP_HOST="127.0.0.1",
+                                           NOTIFY_SMTP_PORT=str(relay.port),
+                                           NOTIFY_SMTP_TLS="none"))
+    msg = pdf_mail("15551234567@fax.local", message_id="<cover-1@example.com>")
+    msg["Date"] = "Sun, 29 Nov 2026 09:00:00 +0000"  # every mail client sets one
+    first = await smtp_send(gw.smtp.port, msg, ["15551234567@fax.local"])
+    assert "(3 pages)" in first.text, first.text  # the cover and the document's two
+    gw.intake.clock = lambda: time.time() + 7  # arrives "seconds later"
+    again = await smtp_send(gw.smtp.port, msg, ["15551234567@fax.local"])
+    [job_id] = job_ids(first.text)
+    assert again.text.startswith(f"2.0.0 Already queued as fax job {job_id} "), again.text
+
+
 async def test_two_gateways_work_one_queue(make_gateway: GatewayFactory, pg_url: str,
                                            seaweed: SeaweedS3, s3_credentials: None,
                                            simulator: Simulator, relay: RelaySink,

@@ -288,6 +288,26 @@ def test_hits_are_counted_across_nodes(node: NodeFactory, clock: FakeClock) -> N
     assert a.count_hits("auth", "bob", clock() - 900) == 0
 
 
+def test_rate_hits_charge_at_data_give_back_and_age_out(node: NodeFactory,
+                                                        clock: FakeClock) -> None:
+    """The shared rate limit: looking charges nothing, a charge of N is all or nothing, a
+    refused message gives exactly its N back, and housekeeping forgets hits past every window."""
+    a, b = node("node-a"), node("node-b")
+    rules = [("rate", "sender:x", 3)]
+    assert a.hits_wait(rules, 3, clock(), 3600) == 0.0
+    assert a.count_hits("rate", "sender:x", clock() - 3600) == 0
+    assert a.take_hits(rules, clock(), 3600, 2) == 0.0
+    assert b.take_hits(rules, clock(), 3600, 2) > 0  # 2 more do not fit: none recorded
+    assert b.count_hits("rate", "sender:x", clock() - 3600) == 2
+    b.give_back_hits([("rate", "sender:x")], 2)
+    assert a.count_hits("rate", "sender:x", clock() - 3600) == 0
+    assert b.take_hits(rules, clock(), 3600, 3) == 0.0
+    assert a.hits_wait(rules, 1, clock(), 3600) > 0
+    clock.advance(3601)
+    assert a.prune_hits(clock() - 3600) == 3
+    assert a.hits_wait(rules, 3, clock(), 3600) == 0.0
+
+
 def test_restart_releases_leases_left_by_the_same_node(node: NodeFactory,
                                                        clock: FakeClock) -> None:
     a = node("node-a")

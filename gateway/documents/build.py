@@ -14,13 +14,14 @@ import os
 import re
 from dataclasses import replace
 from email.message import EmailMessage
-from typing import Sequence
+from typing import Any, Sequence
 
 from gateway.documents import fonts
 from gateway.documents.convert import (ConvertError, Limits, cover_page, image_to_pdf, merge_pdfs, normalize_pdf,
                       office_to_pdf, text_to_pdf)
 from gateway.documents.model import DocOptions, Document, DocumentError, MessageOptions, Prepared
 from gateway.documents.mime import ParsedMail, Part, parse_mail, read_message
+from gateway.text import one_line
 
 __all__ = ["DocOptions", "Document", "DocumentError", "MessageOptions", "Prepared", "prepare",
            "build_document", "message_options", "is_boilerplate"]
@@ -219,6 +220,13 @@ def _nothing_to_fax(parsed: ParsedMail, notes: list[str]) -> str:
     return text + "; attach a PDF, TIFF or image, or write the text in the message body"
 
 
+def _mail_date(msg: Any) -> str:
+    try:
+        return one_line(str(msg.get("Date", "") or ""), 60)
+    except Exception:  # noqa: BLE001 - a malformed header is no date, not a refusal
+        return ""
+
+
 def prepare(path: str, opts: DocOptions, recipients: Sequence[str], envelope_from: str,
             date: str, pdf_path: str | None = None) -> Prepared:
     """The mail as received (a file the SMTP edge wrote as DATA arrived) to parsed mail,
@@ -232,8 +240,10 @@ def prepare(path: str, opts: DocOptions, recipients: Sequence[str], envelope_fro
     parsed = parse_mail(msg)
     msg_opts = message_options(msg, parsed.subject, opts)
     sender = parsed.from_addr or envelope_from or "-"
+    # The cover page shows when the sender sent it (the mail's Date:), not when it arrived:
+    # the same mail sent again renders the same PDF, which is how a resend is recognised.
     document = build_document(parsed, opts, msg_opts, recipients=recipients, sender=sender,
-                              date=date)
+                              date=_mail_date(msg) or date)
     # The parts' bytes are in the document now; do not ship them back to the parent process.
     slim = replace(parsed, parts=[replace(p, data=b"") for p in parsed.parts])
     if pdf_path is None:

@@ -26,6 +26,8 @@ from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from gateway.store.spool import fsync_dir
+
 __all__ = ["MAX_PARTS", "PartialError", "PartialInfo", "PartialSet", "PartialStore", "Reassembler",
            "Received", "join", "partial_info", "set_key"]
 
@@ -146,7 +148,7 @@ class PartialStore:
             if self.open_sets() >= MAX_OPEN_SETS:
                 raise OSError("too many incomplete message/partial sets")
             folder.mkdir(parents=True, exist_ok=True)
-            _fsync_dir(folder.parent)
+            fsync_dir(folder.parent)
         current = self.get(key)
         size = _size(source)
         held = current.size - _size_of(folder / str(info.number)) if current else 0
@@ -250,15 +252,7 @@ def _write(path: Path, source: bytes | Path) -> None:
         with open(tmp, "rb") as done:
             os.fsync(done.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 @dataclass(frozen=True)

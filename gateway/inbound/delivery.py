@@ -105,10 +105,19 @@ class Deliverer:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
 
+    async def _lead(self) -> bool:
+        """One node delivers (several gateways on one database): the holder of the `inbound`
+        lease, which moves when its holder stops renewing it. A single gateway always leads."""
+        if not self.s.shared:
+            return True
+        return await self.store.run(self.store.take_lead, "inbound", self.clock(),
+                                    3 * self.s.lease_seconds)
+
     async def _loop(self) -> None:
         while True:
             try:
-                await self.run_due()
+                if await self._lead():
+                    await self.run_due()
                 nxt = await self.store.run(self.inbound.next_due_at)
             except asyncio.CancelledError:
                 raise
@@ -116,7 +125,8 @@ class Deliverer:
                 if self.store.damage is None:  # else said once; the daemon stops
                     log.exception("inbound deliverer: unexpected error")
                 nxt = self.clock() + self.s.retry_base_s
-            delay = 60.0 if nxt is None else max(0.0, min(60.0, nxt - self.clock()))
+            longest = self.s.lease_seconds if self.s.shared else 60.0  # renew the lease in time
+            delay = longest if nxt is None else max(0.0, min(longest, nxt - self.clock()))
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), delay if delay > 0 else 0.01)

@@ -50,7 +50,11 @@ class Reconciler:
     async def _loop(self) -> None:
         while True:
             try:
-                await self.run_once()
+                # Several gateways: one node lists SignalWire's faxes at a time.
+                if not self.s.shared or await self.store.run(
+                        self.store.take_lead, "inbound-reconcile", self.clock(),
+                        self.s.inbound_reconcile_s + 3 * self.s.lease_seconds):
+                    await self.run_once()
             except asyncio.CancelledError:
                 raise
             except Exception:  # task boundary

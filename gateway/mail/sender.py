@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import secrets
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import getaddresses
@@ -15,7 +14,7 @@ from typing import Protocol, Sequence
 import aiosmtplib
 
 from gateway.config import Settings
-from gateway.store.spool import fsync_dir
+from gateway.store.spool import fsync_dir, write_temp
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +53,8 @@ def write_new(root: Path, name: str, data: bytes, mode: int = 0o640) -> Path:
     exists: an earlier report is never overwritten. The file is complete before it has its
     name (written under a temporary name, fsync'ed, then hard-linked, which fails rather than
     replaces), so a reader of the outbox never sees half a report."""
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{name}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    tmp = write_temp(root, name, data, mode)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
         for n in range(1, MAX_OUTBOX_COPIES + 1):
             path = root / (f"{name}.eml" if n == 1 else f"{name}-{n}.eml")
             try:

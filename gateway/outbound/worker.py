@@ -478,6 +478,8 @@ class Worker:
             await self.housekeeping()
         else:
             self._next_housekeeping = now + defaults.HOUSEKEEPING_INTERVAL_S / 4
+            # Split mails wait in this node's own spool: every node expires its own.
+            await expire_partials(self.s, self.notifier, now)
 
     async def housekeeping(self) -> None:
         """Purge documents past their retention; prune jobs past theirs (in batches)."""
@@ -489,6 +491,9 @@ class Worker:
         cutoff = now - self.s.job_retention_days * 86400
         while batch := await self.store.run(self.store.prune, cutoff):
             pruned += batch
+        # Shared rate-limit and lockout hits older than any window that counts them.
+        await self.store.run(self.store.prune_hits,
+                             now - max(3600.0, self.s.auth_lockout_minutes * 60))
         if purged or pruned:
             log.info("housekeeping: %d document(s) deleted, %d old job(s) pruned", purged,
                      pruned)

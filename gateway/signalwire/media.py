@@ -146,6 +146,7 @@ class S3MediaStore:
         return f"{self.prefix}{key}"
 
     async def put(self, key: str, source: Path) -> None:
+        from boto3.exceptions import Boto3Error  # upload_file wraps ClientError in it
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
@@ -153,7 +154,7 @@ class S3MediaStore:
             await asyncio.to_thread(self._client.upload_file, str(source), self.bucket,
                                     self._object(key),
                                     ExtraArgs={"ContentType": "application/pdf"})
-        except (BotoCoreError, ClientError, OSError) as exc:
+        except (Boto3Error, BotoCoreError, ClientError, OSError) as exc:
             raise MediaError(f"S3 upload to bucket {self.bucket}: {_s3_reason(exc)}") from exc
 
     async def url(self, key: str, ttl_s: int) -> str:

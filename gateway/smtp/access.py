@@ -27,8 +27,7 @@ from gateway.config import Settings
 from gateway.constants import RCPT_CHURN_PER_IP_HOUR
 from gateway.smtp import replies
 from gateway.smtp.replies import Reply
-from gateway.users import (LoginThrottle, User, UsersFile, UsersFileError, authenticate,
-                           client_key)
+from gateway.users import LoginThrottle, User, UsersFile, authenticate, client_key
 from gateway.smtp.policy import (DestinationPolicy, RateLimiter, SenderPolicy, TrustedNetworks,
                      try_acquire_all)
 
@@ -97,13 +96,8 @@ class Access:
 
     def reload(self) -> None:
         """SIGHUP: re-read the users file (a broken file keeps the previous users)."""
-        if self.users is None:
-            return
-        try:
-            if self.users.reload_if_changed():
-                log.info("users file reloaded: %d user(s)", len(self.users.users))
-        except UsersFileError as exc:
-            log.error("users file not reloaded, keeping the previous users: %s", exc)
+        if self.users is not None:
+            self.users.refresh("SMTP AUTH")
 
     # -- AUTH --------------------------------------------------------------------------------
 

@@ -157,6 +157,9 @@ class Intake:
             log.error("message/partial %s: the joined message cannot be written: %s",
                       part.key[:12], exc)
             raise Refused(replies.CANNOT_RECEIVE) from exc
+        except BaseException:  # anything else: the parts wait for the retry of the last one
+            await self.partials.done(part.key, keep=True)
+            raise
         finally:
             whole.unlink(missing_ok=True)
         await self.partials.done(part.key, keep=False)
@@ -313,7 +316,11 @@ class Intake:
         try:
             found = await self.store.run(self.store.find_duplicates, message_id_header,
                                          list(numbers), sha256, since)
-        except (StoreError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - the driver's own errors included
+            if not (isinstance(exc, (StoreError, OSError)) or self.store.is_db_error(exc)):
+                raise
+            if (refusal := self.durability_check()) is not None:
+                raise Refused(refusal) from exc  # the database is gone or damaged: said once
             log.error("job store read failed (duplicate check): %s", exc)
             raise Refused(replies.CANNOT_QUEUE) from exc
         if not found or set(found) != set(numbers):

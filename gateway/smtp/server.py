@@ -236,6 +236,7 @@ class FaxHandler:
                                                 _peer(session), client)
         except PartStored as exc:  # a part of a split mail, kept: nothing is faxed yet
             await self.access.release_async(client, len(numbers))
+            self.access.accepted(client, len(numbers))  # its recipients are not churn
             log.info("message from %s (peer %s): %s", env.mail_from, _peer(session), exc.reply)
             return str(exc.reply)
         except Refused as exc:
@@ -248,6 +249,7 @@ class FaxHandler:
             raise
         if accepted.duplicate:  # faxed once already: nothing new is charged
             await self.access.release_async(client, len(numbers))
+            self.access.accepted(client, len(numbers))
             return str(replies.already_queued(accepted.job_ids))
         self.access.accepted(client, len(numbers))
         return str(replies.queued(accepted.job_ids, accepted.pages))

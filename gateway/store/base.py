@@ -92,6 +92,10 @@ class Store(abc.ABC):
     def where(self) -> str:
         """Where the data lives, for messages (a path, or a database name; no password)."""
 
+    def is_db_error(self, exc: BaseException) -> bool:
+        """Whether `exc` is the database driver's own error (the store could not answer)."""
+        return False
+
     @property
     def file_path(self) -> Path | None:
         """The database file, for a backend that keeps one on the local disk (watched while
@@ -202,6 +206,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def give_back_hits(self, keys: Sequence[tuple[str, str]], count: int) -> None:
         """Remove the newest `count` hits of each (kind, key) (a refused message's charge)."""
+
+    @abc.abstractmethod
+    def prune_hits(self, before: float) -> int:
+        """Delete every hit older than `before` (housekeeping)."""
 
     @abc.abstractmethod
     def last_hit(self, kind: str, key: str) -> float | None: ...

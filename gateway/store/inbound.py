@@ -106,8 +106,12 @@ class InboundStore:
             row = self._one("SELECT value FROM inbound_meta WHERE name = ?", ("enabled_at",))
             if row is not None:
                 return float(row["value"])
-            self._exec("INSERT INTO inbound_meta (name, value) VALUES (?, ?)",
-                       ("enabled_at", now))
+            # Two nodes starting together: the first one's time stands.
+            self._exec("INSERT INTO inbound_meta (name, value) VALUES (?, ?)"
+                       " ON CONFLICT (name) DO NOTHING", ("enabled_at", now))
+        row = self._one("SELECT value FROM inbound_meta WHERE name = ?", ("enabled_at",))
+        if row is not None:
+            return float(row["value"])
         return now
 
     def get(self, fax_sid: str) -> InboundFax | None:
@@ -136,7 +140,7 @@ class InboundStore:
             self._exec(
                 "INSERT INTO inbound_faxes (fax_sid, account_sid, from_number, to_number, "
                 "state, outcome, called_at, created_at, updated_at, done_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fax_sid) DO NOTHING",
                 (fax_sid, account_sid, from_number, to_number, state, outcome, now, now, now,
                  now if state == REJECTED else None))
 
@@ -155,7 +159,8 @@ class InboundStore:
                 return False
             if row is None:
                 self._exec("INSERT INTO inbound_faxes (fax_sid, state, created_at, updated_at) "
-                           "VALUES (?, ?, ?, ?)", (c.fax_sid, RINGING, now, now))
+                           "VALUES (?, ?, ?, ?) ON CONFLICT (fax_sid) DO NOTHING",
+                           (c.fax_sid, RINGING, now, now))
             self._exec(
                 "UPDATE inbound_faxes SET account_sid = ?, from_number = ?, to_number = ?, "
                 "state = ?, outcome = ?, fax_status = ?, num_pages = ?, media_url = ?, "
@@ -195,7 +200,8 @@ class InboundStore:
                          "AND recipient = ?", (fax_sid, recipient)):
                 return
             self._exec("INSERT INTO inbound_deliveries (fax_sid, recipient, message_id, "
-                       "sent_at, detail) VALUES (?, ?, ?, ?, ?)",
+                       "sent_at, detail) VALUES (?, ?, ?, ?, ?)"
+                       " ON CONFLICT (fax_sid, recipient) DO NOTHING",
                        (fax_sid, recipient, message_id, now, detail[:300]))
             self._exec("UPDATE inbound_faxes SET updated_at = ?, tries = 0, last_error = NULL "
                        "WHERE fax_sid = ?", (now, fax_sid))

@@ -16,16 +16,27 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_durable(path: Path, data: bytes, mode: int = 0o640) -> None:
-    """Write to a temporary name, fsync, rename into place, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+def write_temp(directory: Path, name: str, data: bytes, mode: int = 0o640) -> Path:
+    """`data` in a new hidden file beside where it will live, fsync'ed: the caller gives it its
+    final name (rename or link) and removes it on failure."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{name}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_durable(path: Path, data: bytes, mode: int = 0o640) -> None:
+    """Write to a temporary name, fsync, rename into place, fsync the directory."""
+    tmp = write_temp(path.parent, path.name, data, mode)
+    try:
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

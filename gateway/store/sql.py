@@ -234,6 +234,9 @@ class SqlStore(Store):
                 raise StoreError(str(exc)) from exc
             raise
 
+    def is_db_error(self, exc: BaseException) -> bool:
+        return self._is_db_error(exc)
+
     def _is_db_error(self, exc: BaseException) -> bool:
         """Whether `exc` is the driver's database error (turned into StoreError on intake)."""
         return False
@@ -437,6 +440,12 @@ class SqlStore(Store):
                 for r in rows:
                     self._exec("DELETE FROM hits WHERE kind = ? AND hkey = ? AND at = ?",
                                (kind, key, r["at"]))
+
+    def prune_hits(self, before: float) -> int:
+        """Forget hits older than every window (senders and addresses seen once stay no
+        longer than that)."""
+        with self._tx():
+            return self._exec("DELETE FROM hits WHERE at <= ?", (before,))
 
     def last_hit(self, kind: str, key: str) -> float | None:
         return self._scalar("SELECT MAX(at) AS t FROM hits WHERE kind = ? AND hkey = ?",

@@ -304,9 +304,12 @@ class Dashboard:
         if path == "/login" or path.startswith("/static/"):
             return await handler(request)
         session = self.sessions.get(request.cookies.get(SESSION_COOKIE))
-        if session is not None and self.logins.current(session.user) is None:
-            self.sessions.drop_user(session.user)  # removed from the file, or role taken away
-            session = None
+        if session is not None:
+            current = self.logins.current(session.user)
+            if current is None or current.role != session.role:
+                # Removed from the file, role taken away or changed: log in again.
+                self.sessions.drop_user(session.user)
+                session = None
         if session is None:
             if request.method != "GET":
                 raise web.HTTPForbidden(text="not logged in: nothing was changed")
@@ -510,7 +513,7 @@ class Dashboard:
             if action == "resend":
                 new = await self.store.run(lambda: actions.resend_job(
                     self.store, ref, now, from_number=self.s.from_number,
-                    retry_policy=self.retry_policy, by=by))
+                    retry_policy=self.retry_policy, by=by, shared=self.s.shared))
                 session.flash.append(f"Job {ref} is being sent again as this job, {new}.")
                 target = f"/jobs/{new}"
             elif action == "cancel":

@@ -25,7 +25,7 @@ from typing import Callable
 from aiohttp import web
 
 from gateway.smtp.policy import TrustedNetworks
-from gateway.users import LoginThrottle, ROLES, User, UsersFile, UsersFileError, authenticate
+from gateway.users import LoginThrottle, ROLES, User, UsersFile, authenticate
 
 log = logging.getLogger(__name__)
 
@@ -143,13 +143,8 @@ class Logins:
         return self.users is not None
 
     def reload(self) -> None:
-        if self.users is None:
-            return
-        try:
-            if self.users.reload_if_changed():
-                log.info("dashboard: users file reloaded")
-        except UsersFileError as exc:
-            log.error("dashboard: users file not reloaded, keeping the previous users: %s", exc)
+        if self.users is not None:
+            self.users.refresh("dashboard")
 
     def current(self, name: str) -> User | None:
         """The user behind a session as the users file says now: a removed user, or one whose
