@@ -149,7 +149,7 @@ async def test_received_list_filters_paging_and_one_fax(kept: Inbox, browser: Br
         await expect(row.locator("td").nth(1)).to_have_text(re.compile(r"\d{4}-\d\d-\d\d "))
     image = page.locator("img#first-page")
     await expect(image).to_be_visible()
-    await page.wait_for_function("document.getElementById('first-page').complete")
+    await expect(page.locator("img#first-page")).to_have_js_property("complete", True)
     assert await image.evaluate("img => img.naturalWidth") > 0
 
     # A failed fax: its reason, the administrator's mail, and why there is no picture.
@@ -232,7 +232,7 @@ async def test_received_screenshot(kept: Inbox, browser: Browser, tmp_path: Path
     w = await new_page(browser, viewport={"width": 1100, "height": 640})
     await login(w, kept.base, "ann")
     await w.page.goto(f"{kept.base}/received/{sid}")
-    await w.page.wait_for_function("document.getElementById('first-page').complete")
+    await expect(w.page.locator("img#first-page")).to_have_js_property("complete", True)
     await w.page.screenshot(path=str(out / "received.png"), full_page=True)
     assert (out / "received.png").stat().st_size > 5000
     with Image.open(out / "received.png") as shot:
