@@ -25,6 +25,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -33,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from .documents import write_documents
-from .procs import tree_rss_kb
+from .procs import descendants, status_kb, tree_rss_kb
+from .pyspy import analyse, find_py_spy
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -69,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="'worktree' (a copy taken at start) or a git revision such as HEAD")
     p.add_argument("--results-dir", default=str(BENCH / "results"))
     p.add_argument("--keep-tmp", action="store_true")
+    p.add_argument("--profile", action="store_true",
+                   help="py-spy --gil --subprocesses on the daemon during each burst "
+                        "(raw stacks in bench/results, summary printed)")
     a = p.parse_args(argv)
     a.counts = [int(n) for n in a.scans.split(",") if n]
     a.size_bytes = parse_size(a.size)
@@ -79,6 +84,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a.concurrency = max(a.counts)
     a.max_minutes = 1e9
     return a
+
+
+class PerProcess:
+    """Each process's own RSS before and at its peak (the tree figure is their sum's peak):
+    says whether the growth is in the daemon, a busy worker or all of them."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.before: dict[int, int] = {}
+        self.peak: dict[int, int] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def begin(self) -> None:
+        for p in [self.pid, *descendants(self.pid)]:
+            self.before[p] = self.peak[p] = status_kb(p, "VmRSS") or 0
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        kids: list[int] = []
+        refreshed = 0.0
+        while True:
+            if time.monotonic() - refreshed > 1.0:
+                kids, refreshed = descendants(self.pid), time.monotonic()
+            for p in [self.pid, *kids]:
+                rss = status_kb(p, "VmRSS")
+                if rss is not None:
+                    self.peak[p] = max(self.peak.get(p, 0), rss)
+            await asyncio.sleep(0.05)
+
+    async def end(self) -> list[dict[str, int]]:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        return [{"pid": p, "daemon": p == self.pid, "before_kb": self.before.get(p, 0),
+                 "peak_kb": peak} for p, peak in sorted(self.peak.items())]
 
 
 async def measure(bench: Any, count: int, run: int) -> dict[str, Any]:
@@ -104,9 +147,23 @@ async def measure(bench: Any, count: int, run: int) -> dict[str, Any]:
         await asyncio.sleep(a.settle_s)
         idle_own, idle_tree = tree_rss_kb(gw.pid)
         load_before = os.getloadavg()
+        spy = raw = None
+        if a.profile and (exe := find_py_spy()) is not None:
+            raw = Path(a.results_dir) / f"{a.stamp}-memory-{count}x{a.label}-{run}.txt"
+            spy = bench.child(f"py-spy-{count}-{run}", [
+                exe, "record", "--pid", str(gw.pid), "--rate", "100", "--subprocesses",
+                "--gil", "--format", "raw", "--threads", "--output", str(raw)])
+            await spy.start()
+            await asyncio.sleep(1.0)  # py-spy attaches
+        per = PerProcess(gw.pid)
+        per.begin()
         row = await bench.gateway_phase(gw, sim, ticker, f"{count}x{a.label}", a.label,
                                         ["burst", "--count", str(count),
                                          "--concurrency", str(count)])
+        row["per_process"] = await per.end()
+        if spy is not None and raw is not None:
+            await spy.stop(grace_s=20, sig=signal.SIGINT)
+            row["profile"] = analyse(raw, main_pid=gw.pid) if raw.exists() else None
         row.update({"scans": count, "run": run, "idle_rss_kb": idle_own,
                     "idle_tree_rss_kb": idle_tree, "loadavg_before": load_before,
                     "loadavg_after": os.getloadavg(), "extra_env": a.extra_env})
@@ -117,6 +174,12 @@ async def measure(bench: Any, count: int, run: int) -> dict[str, Any]:
         await relay.stop()
         ticker.stop()
         await sim.stop()
+
+
+def _inside_loop(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from .run import _inside_loop as inside
+
+    return inside(entries)
 
 
 def _mb(kb: float | None) -> str:
@@ -155,11 +218,24 @@ def render(results: dict[str, Any]) -> str:
             f"{'-' if last_post is None else f'{last_post:.1f}':>9s} "
             f"{r['gateway_cpu_ms_per_msg'] or 0:7.0f} {load:>10s} "
             f"{r['interference']['foreign_pct_of_machine']:9.1f}")
+        lines.append("      per process, MB before -> peak: " + ", ".join(
+            f"{'daemon' if p['daemon'] else 'worker'} {_mb(p['before_kb'])}->{_mb(p['peak_kb'])}"
+            for p in r.get("per_process", [])))
         problems = {k: v for k, v in r["simulator"].items() if v}
         if r.get("refused") or r.get("errors") or r["posts_missing"] or problems:
             lines.append(f"      refused {r.get('refused')} errors {r.get('errors')} "
                          f"{r.get('first_errors')} posts missing {r['posts_missing']} "
                          f"simulator {problems}")
+    for r in results["runs"]:
+        prof = r.get("profile")
+        if prof and "self" in prof:
+            lines.append(f"py-spy, {r['scans']} scans ({prof['samples']} GIL samples): threads "
+                         + ", ".join(f"{t['name']} {t['pct']:.0f}%" for t in prof["threads"]))
+            for f in prof["self"][:10]:
+                lines.append(f"    {f['pct']:5.1f}%  {f['name']}")
+            lines.append("  event-loop thread, inclusive:")
+            for f in _inside_loop(prof["main_inclusive"])[:12]:
+                lines.append(f"    {f['pct']:5.1f}%  {f['name']}")
     lines.append("  tree growth: peak of daemon + document workers (sum of VmRSS every 50 ms) "
                  "minus before the burst; daemon: VmHWM (reset at the start) minus before.")
     lines.append(f"  targets (issue 14): tree growth < {TARGETS_MB[8]} MB for 8 scans, "

@@ -5,6 +5,7 @@ daemon down with it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import multiprocessing
@@ -13,7 +14,7 @@ import resource
 import signal
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, Callable, TypeVar
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,48 @@ def call(target: str, *args: Any, **kwargs: Any) -> Any:
     return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
 
+def _task(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
+    """Every task in a worker: the function, then the memory it freed handed back."""
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _release_memory()
+
+
+def _release_memory() -> None:
+    """Give the memory a task freed back to the system (glibc keeps freed heap by default).
+
+    A 20 MB scan makes a worker allocate ~70 MB; without this the worker keeps a good part
+    of it for the rest of its life, and each idle worker looks as large as its largest mail.
+    malloc_trim costs well under a millisecond on a worker's heap."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):  # not glibc
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
+
+
+# Work on inputs this large (a mail, a PDF) takes a "large" turn: one at a time. A worker
+# needs about 3x a message while it converts it (a 20 MB scan: ~70 MB on top of the worker),
+# so eight scans at once would make every worker that size together; one at a time bounds
+# the workers' growth to one large document, and keeps the other workers for ordinary mail,
+# which then never queues behind a batch of scans.
+LARGE_INPUT_BYTES = 4 * 1024 * 1024
+LARGE_AT_ONCE = 1
+
+
+class NoTurnError(Exception):
+    """A large input's turn did not come in time (the caller answers "try later")."""
+
+
 class CpuPool:
     def __init__(self, workers: int, timeout_s: float, memory_bytes: int) -> None:
         self.workers = workers
@@ -59,6 +102,24 @@ class CpuPool:
         self.memory_bytes = memory_bytes
         self._pool: ProcessPoolExecutor | None = None
         self._pids: Any = None  # the current pool's SimpleQueue of worker pids
+        self._large = asyncio.Semaphore(LARGE_AT_ONCE)
+
+    @contextlib.asynccontextmanager
+    async def turn(self, input_bytes: int, wait_s: float | None = None) -> AsyncIterator[None]:
+        """Hold this around `run` for work on an input of `input_bytes`: immediate for
+        ordinary input, one at a time from LARGE_INPUT_BYTES. TimeoutError when a large turn
+        does not come within `wait_s` raises NoTurnError (None: wait as long as it takes)."""
+        if input_bytes < LARGE_INPUT_BYTES:
+            yield
+            return
+        try:
+            await asyncio.wait_for(self._large.acquire(), wait_s)
+        except TimeoutError:
+            raise NoTurnError(f"no turn for a large input within {wait_s:.0f} s") from None
+        try:
+            yield
+        finally:
+            self._large.release()
 
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn: children start clean (no copy of the daemon's threads, sockets or loop) and
@@ -70,8 +131,9 @@ class CpuPool:
 
     async def start(self) -> None:
         self._pool = self._new_pool()
-        # Start the children now, not on the first mail.
-        await self.run(len, b"warm-up")
+        # Start every child now, not during the first burst of mail (a start costs a
+        # process's worth of CPU): the executor starts one per task while none is idle.
+        await asyncio.gather(*(self.run(len, b"warm-up") for _ in range(self.workers)))
 
     async def stop(self) -> None:
         if self._pool is not None:
@@ -82,7 +144,7 @@ class CpuPool:
         if self._pool is None:
             raise RuntimeError("CPU pool not started")
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._pool, functools.partial(fn, *args, **kwargs))
+        future = loop.run_in_executor(self._pool, functools.partial(_task, fn, args, kwargs))
         try:
             return await asyncio.wait_for(future, self.timeout_s)
         except asyncio.TimeoutError:
