@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import gc
 import logging
 import multiprocessing
 import os
@@ -31,6 +32,12 @@ def _init_child(max_bytes: int, parent_pid: int, pids: Any) -> None:
     (`pids`, a SimpleQueue), so a runaway task can be killed without the executor's
     internals."""
     pids.put(os.getpid())
+    try:
+        # Conversions are batch work; the daemon's loop answers SMTP and webhooks and must
+        # not wait for a CPU behind them (on 2 cores, two busy workers stalled it 150+ ms).
+        os.nice(WORKER_NICE)
+    except OSError:
+        pass
     if max_bytes > 0:
         resource.setrlimit(resource.RLIMIT_AS, (max_bytes, max_bytes))
     try:
@@ -54,19 +61,36 @@ def call(target: str, *args: Any, **kwargs: Any) -> Any:
 
 
 def _task(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
-    """Every task in a worker: the function, then the memory it freed handed back."""
+    """Every task in a worker: the function, then, after a large one, its memory handed back."""
+    before = _resident_bytes()
     try:
         return fn(*args, **kwargs)
     finally:
-        _release_memory()
+        if _resident_bytes() - before > RELEASE_AFTER_BYTES:
+            _release_memory()
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * _PAGE_BYTES
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+# A task that grew the worker by more than this (a large scan, never ordinary mail) is
+# followed by a collection and a trim: they cost 5-80 ms, too much after every small task.
+RELEASE_AFTER_BYTES = 16 * 1024 * 1024
 
 
 def _release_memory() -> None:
-    """Give the memory a task freed back to the system (glibc keeps freed heap by default).
+    """Give the memory a task used back to the system, now rather than some day.
 
-    A 20 MB scan makes a worker allocate ~70 MB; without this the worker keeps a good part
-    of it for the rest of its life, and each idle worker looks as large as its largest mail.
-    malloc_trim costs well under a millisecond on a worker's heap."""
+    The parsed mail and pypdf's objects hold reference cycles, so a 20 MB scan's buffers
+    outlive the task until the cyclic collector happens to run (each task left ~20 MB more
+    behind); and glibc keeps freed heap by default."""
+    gc.collect()
     global _TRIM
     if _TRIM is None:
         try:
@@ -89,6 +113,8 @@ _TRIM: Any = None
 # which then never queues behind a batch of scans.
 LARGE_INPUT_BYTES = 4 * 1024 * 1024
 LARGE_AT_ONCE = 1
+# Scheduling priority of the workers relative to the daemon (nice increment).
+WORKER_NICE = 5
 
 
 class NoTurnError(Exception):
