@@ -129,6 +129,16 @@ class CpuPool:
         self._pool: ProcessPoolExecutor | None = None
         self._pids: Any = None  # the current pool's SimpleQueue of worker pids
         self._large = asyncio.Semaphore(LARGE_AT_ONCE)
+        # Background work (report mails) may occupy all workers but one: the executor runs
+        # tasks in order, so a queue of reports would otherwise hold up every mail's 250.
+        self._background = asyncio.Semaphore(max(1, workers - 1))
+
+    @contextlib.asynccontextmanager
+    async def background(self) -> AsyncIterator[None]:
+        """Hold this around `run` for work nobody is waiting on (a report mail): it leaves
+        a worker free for intake, whose sender waits for the 250."""
+        async with self._background:
+            yield
 
     @contextlib.asynccontextmanager
     async def turn(self, input_bytes: int, wait_s: float | None = None) -> AsyncIterator[None]:

@@ -379,7 +379,7 @@ class Worker:
                        attach_pdf=self.s.report_attach_pdf, bcc=self.s.report_bcc)
         try:
             # A large document's thumbnail takes a large turn (CpuPool.turn), like its intake.
-            async with self.cpu.turn(message.document_bytes or 0):
+            async with self.cpu.background(), self.cpu.turn(message.document_bytes or 0):
                 rendered = await self.cpu.run(render_final_report, job, message, events,
                                               attempts, thumbnail=self.s.report_thumbnail,
                                               **options)
