@@ -143,8 +143,8 @@ class CpuPool:
     @contextlib.asynccontextmanager
     async def turn(self, input_bytes: int, wait_s: float | None = None) -> AsyncIterator[None]:
         """Hold this around `run` for work on an input of `input_bytes`: immediate for
-        ordinary input, one at a time from LARGE_INPUT_BYTES. TimeoutError when a large turn
-        does not come within `wait_s` raises NoTurnError (None: wait as long as it takes)."""
+        ordinary input, one at a time from LARGE_INPUT_BYTES. NoTurnError when a large turn
+        does not come within `wait_s` (None: wait as long as it takes)."""
         if input_bytes < LARGE_INPUT_BYTES:
             yield
             return
