@@ -283,6 +283,8 @@ class Bench:
             "RATE_LIMIT_PER_SENDER": "1000000", "RATE_LIMIT_TOTAL": "10000000",
             # The simulator has no account limit: measure the gateway, not the pacing.
             "SEND_RATE_PER_SECOND": "1000",
+            # Every client here is 127.0.0.1; the default (10) would refuse the 20 sessions.
+            "SMTP_MAX_CONNECTIONS_PER_IP": "1000",
         })
         return env
 

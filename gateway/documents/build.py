@@ -20,7 +20,7 @@ from gateway.documents import fonts
 from gateway.documents.convert import (ConvertError, Limits, cover_page, image_to_pdf, merge_pdfs, normalize_pdf,
                       office_to_pdf, text_to_pdf)
 from gateway.documents.model import DocOptions, Document, DocumentError, MessageOptions, Prepared
-from gateway.documents.mime import ParsedMail, Part, parse_mail, read_message
+from gateway.documents.mime import ParsedMail, Part, parse_mail, read_message_file
 from gateway.text import one_line
 
 __all__ = ["DocOptions", "Document", "DocumentError", "MessageOptions", "Prepared", "prepare",
@@ -233,17 +233,16 @@ def prepare(path: str, opts: DocOptions, recipients: Sequence[str], envelope_fro
     per-message options and the document. Runs in a child process: it is handed the path, not
     the bytes, so a large scan is neither held by the daemon nor pickled across to the worker.
     With `pdf_path`, the PDF is written there and fsync'ed (a new file) rather than returned."""
-    with open(path, "rb") as fh:
-        content = fh.read()
-    msg = read_message(content)
-    del content
+    msg = read_message_file(path)
     parsed = parse_mail(msg)
     msg_opts = message_options(msg, parsed.subject, opts)
-    sender = parsed.from_addr or envelope_from or "-"
     # The cover page shows when the sender sent it (the mail's Date:), not when it arrived:
     # the same mail sent again renders the same PDF, which is how a resend is recognised.
+    date = _mail_date(msg) or date
+    del msg  # the encoded mail; the parts hold what is needed, decoded
+    sender = parsed.from_addr or envelope_from or "-"
     document = build_document(parsed, opts, msg_opts, recipients=recipients, sender=sender,
-                              date=_mail_date(msg) or date)
+                              date=date)
     # The parts' bytes are in the document now; do not ship them back to the parent process.
     slim = replace(parsed, parts=[replace(p, data=b"") for p in parsed.parts])
     if pdf_path is None:

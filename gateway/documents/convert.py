@@ -843,15 +843,18 @@ def merge_pdfs(pdfs: list[bytes]) -> bytes:
 # --------------------------------------------------------------------------- rendering
 
 
-def first_page_png(pdf: bytes, width_px: int = 300) -> bytes:
-    """A grayscale PNG of page 1 for report mails, so the sender sees what was faxed."""
+def first_page_png(pdf: bytes | Path, width_px: int = 300) -> bytes:
+    """A grayscale PNG of page 1 for report mails, so the sender sees what was faxed.
+
+    Given a path, PDFium reads the file as it needs it (page 1 only), so a 20 MB scan is not
+    read into memory to draw a 300-pixel picture."""
     if not 1 <= width_px <= MAX_THUMBNAIL_PX:
         raise ValueError(f"width_px must be 1..{MAX_THUMBNAIL_PX}")
     import pypdfium2 as pdfium  # imported here: only report mails need PDFium
 
     with _PDFIUM_LOCK:
         try:
-            document = pdfium.PdfDocument(pdf)
+            document = pdfium.PdfDocument(str(pdf) if isinstance(pdf, Path) else pdf)
             try:
                 page = document[0]
                 page_w, page_h = page.get_size()

@@ -214,17 +214,18 @@ def render_final_report(job: Job, message: Message, events: Sequence[Event],
     document worker process, off the event loop. A report goes out without its thumbnail or
     PDF rather than not at all."""
     pdf: bytes | None = None
-    if thumbnail or attach_pdf:
+    document = Path(message.document_path)
+    if attach_pdf:
         try:
-            pdf = Path(message.document_path).read_bytes()
+            pdf = document.read_bytes()
         except OSError:
             pdf = None
     thumb = None
-    if thumbnail and pdf is not None:
+    if thumbnail and (pdf is not None or (not attach_pdf and document.is_file())):
         from gateway.documents.convert import ConvertError, first_page_png
 
-        try:
-            thumb = first_page_png(pdf, 300)
+        try:  # from the file when it is not attached: PDFium reads only page 1
+            thumb = first_page_png(pdf if pdf is not None else document, 300)
         except ConvertError:
             thumb = None
     report = build_report(job, message, events, attempts, from_addr=from_addr,

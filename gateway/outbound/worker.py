@@ -426,8 +426,11 @@ class Worker:
                        now=self.clock(), template_dir=self.s.report_template_dir,
                        attach_pdf=self.s.report_attach_pdf, bcc=self.s.report_bcc)
         try:
-            rendered = await self.cpu.run(render_final_report, job, message, events, attempts,
-                                          thumbnail=self.s.report_thumbnail, **options)
+            # A large document's thumbnail takes a large turn (CpuPool.turn), like its intake.
+            async with self.cpu.background(), self.cpu.turn(message.document_bytes or 0):
+                rendered = await self.cpu.run(render_final_report, job, message, events,
+                                              attempts, thumbnail=self.s.report_thumbnail,
+                                              **options)
         except TaskLimitError as exc:
             log.warning("job %s: report rendering %s; sending it without the thumbnail",
                         job.id, exc)

@@ -30,7 +30,7 @@ from gateway.smtp import replies
 from gateway.smtp.access import Access, Client
 from gateway.smtp.replies import Reply
 from gateway.config import Settings
-from gateway.documents.pool import CpuPool, TaskLimitError, call
+from gateway.documents.pool import CpuPool, NoTurnError, TaskLimitError, call
 from gateway.documents.model import DocOptions, DocumentError
 from gateway.ops.faults import crash_point
 from gateway.signalwire.media import MediaError, MediaStore, new_media_key
@@ -201,10 +201,18 @@ class Intake:
                       numbers: Sequence[str], peer: str | None,
                       client: Client | None) -> Accepted:
         date = format_datetime(datetime.fromtimestamp(self.clock(), timezone.utc))
+        size = path.stat().st_size
         try:
-            prepared = await self.cpu.run(call, "gateway.documents.build:prepare", str(path),
-                                          self.doc_options, list(numbers), envelope_from or "",
-                                          date, str(pdf_part))
+            # Large mail is converted one at a time (CpuPool.turn); the wait is bounded so the
+            # sender's DATA timeout does not run out: a 451 instead, and the scanner retries.
+            async with self.cpu.turn(size, self.settings.doc_timeout_s):
+                prepared = await self.cpu.run(call, "gateway.documents.build:prepare",
+                                              str(path), self.doc_options, list(numbers),
+                                              envelope_from or "", date, str(pdf_part))
+        except NoTurnError:
+            log.warning("message from %s (peer %s, %d bytes): no turn at the document workers "
+                        "within %.0f s", envelope_from, peer, size, self.settings.doc_timeout_s)
+            raise Refused(replies.CONVERSIONS_BUSY) from None
         except (MimeError, DocumentError, TaskLimitError) as exc:
             if isinstance(exc, TaskLimitError):
                 log.warning("message from %s (peer %s): document work %s", envelope_from, peer,

@@ -199,5 +199,7 @@ CANNOT_QUEUE = Reply(451, "4.3.0", "Temporary failure: the gateway cannot queue 
                      "now; please try again later", "temp_failure")
 CANNOT_RECEIVE = Reply(451, "4.3.0", "Temporary failure: the gateway cannot receive the "
                        "message right now; please try again later", "temp_failure")
+CONVERSIONS_BUSY = Reply(451, "4.3.0", "Temporary failure: the gateway is busy converting other "
+                         "large documents; please try again in a few minutes", "temp_failure")
 INTERNAL_ERROR = Reply(451, "4.3.0", "Temporary failure: an internal error in the fax gateway; "
                        "please try again later", "other")
