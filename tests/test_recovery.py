@@ -7,6 +7,8 @@ SignalWire (the simulator), and exactly one report per job.
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from pathlib import Path
 
 from gateway.config import settings_from
@@ -327,6 +329,33 @@ async def test_housekeeping_purges_documents_and_prunes_old_jobs(
     assert await gw.store.run(gw.store.job, job_id) is None
     assert await gw.store.run(gw.store.message, job.message_id) is None
     assert await gw.store.run(gw.store.events, job_id) == []
+
+
+async def test_spool_sweep_deletes_only_old_files_of_purged_or_unknown_messages(
+        simulator: Simulator, relay: RelaySink, tmp_path: Path,
+        manual_gateway: GatewayFactory) -> None:
+    """A node's spool files whose message another node purged (or that never got its commit)
+    are deleted by that node's own sweep; a kept document, and a file too young to judge (an
+    intake may be between its spool write and its commit), stay."""
+    gw = await manual_gateway(production_env(tmp_path / "var", simulator,
+                                             DOCUMENT_RETENTION_HOURS="24", **relay_env(relay)),
+                              FakeClock())
+    job_id = await send_one(gw)
+    job = await gw.store.run(gw.store.job, job_id)
+    kept = Path((await gw.store.run(gw.store.message, job.message_id)).document_path)
+    spool = kept.parent
+    orphan, young = spool / "0123456789abcdef.pdf", spool / "fedcba9876543210.pdf"
+    for path in (orphan, young):
+        path.write_bytes(b"%PDF-1.4 left behind")
+    old = time.time() - 2 * 3600
+    for path in (kept, orphan):
+        os.utime(path, (old, old))
+    assert await gw.worker.sweep_spool() == 1
+    assert kept.is_file() and young.is_file() and not orphan.exists()
+    # Once the message is purged (here: by "another node"), its file goes too.
+    await gw.store.run(gw.store.mark_purged, job.message_id)
+    assert await gw.worker.sweep_spool() == 1
+    assert not kept.exists() and young.is_file()
 
 
 async def test_spool_failure_answers_451_and_keeps_nothing(make_gateway, tmp_path: Path) -> None:

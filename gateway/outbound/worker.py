@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import random
 import time
 from datetime import datetime, timezone
@@ -472,6 +473,39 @@ class Worker:
             await self.store.run(self.store.mark_purged, message.id)
         return len(messages)
 
+    async def sweep_spool(self, min_age_s: float | None = None) -> int:
+        """Delete this node's spool files whose message is purged or gone. With several
+        gateways the node that purges a message is not always the one that spooled it; on one
+        gateway this catches a file left by a crash between the spool write and the commit.
+        Only files older than any intake could still be working on (by their mtime)."""
+        if min_age_s is None:
+            min_age_s = max(3600.0, 4 * self.s.doc_timeout_s)
+        cutoff = time.time() - min_age_s
+
+        def candidates() -> dict[str, Path]:
+            found: dict[str, Path] = {}
+            try:
+                entries = list(os.scandir(self.spool.root))
+            except FileNotFoundError:
+                return found
+            for entry in entries:
+                if entry.name.endswith(".pdf") and entry.is_file() and \
+                        entry.stat().st_mtime < cutoff:
+                    found[entry.name[:-4]] = Path(entry.path)
+            return found
+
+        files = await asyncio.to_thread(candidates)
+        removed = 0
+        ids = sorted(files)
+        for i in range(0, len(ids), 200):
+            for message_id in await self.store.run(self.store.gone_messages, ids[i:i + 200]):
+                await asyncio.to_thread(files[message_id].unlink, missing_ok=True)
+                removed += 1
+        if removed:
+            log.info("housekeeping: %d spool file(s) of purged or unknown messages deleted",
+                     removed)
+        return removed
+
     async def housekeeping_if_leader(self) -> None:
         """Once, not once per node: housekeeping runs on the node holding the `housekeeping`
         lease; it moves to another node when its holder stops renewing it (dies)."""
@@ -481,14 +515,16 @@ class Worker:
             await self.housekeeping()
         else:
             self._next_housekeeping = now + defaults.HOUSEKEEPING_INTERVAL_S / 4
-            # Split mails wait in this node's own spool: every node expires its own.
+            # Split mails and spool files are this node's own: every node tidies its own.
             await expire_partials(self.s, self.notifier, now)
+            await self.sweep_spool()
 
     async def housekeeping(self) -> None:
         """Purge documents past their retention; prune jobs past theirs (in batches)."""
         now = self.clock()
         self._next_housekeeping = now + defaults.HOUSEKEEPING_INTERVAL_S
         purged = await self.purge_documents(now - self.s.document_retention_hours * 3600)
+        await self.sweep_spool()
         await expire_partials(self.s, self.notifier, now)  # split mails that never completed
         pruned = 0
         cutoff = now - self.s.job_retention_days * 86400

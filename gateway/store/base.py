@@ -208,6 +208,10 @@ class Store(abc.ABC):
         """Remove the newest `count` hits of each (kind, key) (a refused message's charge)."""
 
     @abc.abstractmethod
+    def gone_messages(self, ids: Sequence[str]) -> set[str]:
+        """Of these message ids, those whose document may go (purged, or no such message)."""
+
+    @abc.abstractmethod
     def prune_hits(self, before: float) -> int:
         """Delete every hit older than `before` (housekeeping)."""
 

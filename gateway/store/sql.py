@@ -719,6 +719,15 @@ class SqlStore(Store):
         return self.transition(job.id, sorted(REPORT_DUE), State.REPORTED, Ev.REPORTED, detail,
                                reported_at=self.clock(), next_run_at=None, tries=0)
 
+    def gone_messages(self, ids: Sequence[str]) -> set[str]:
+        """Of these message ids, those whose document may go: purged, or no such message."""
+        ids = list(ids)
+        if not ids:
+            return set()
+        kept = {r["id"] for r in self._rows(
+            f"SELECT id FROM messages WHERE purged_at IS NULL AND id IN ({_marks(ids)})", ids)}
+        return set(ids) - kept
+
     def mark_purged(self, message_id: str) -> None:
         with self._tx():
             self._exec("UPDATE messages SET purged_at = ? WHERE id = ?",
