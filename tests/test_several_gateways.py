@@ -5,6 +5,7 @@ where one is killed with -9."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import subprocess
 import sys
@@ -290,3 +291,38 @@ async def test_rate_limits_and_lockouts_are_shared_by_the_nodes(pg_url: str,
     finally:
         for store in stores:
             await store.stop()
+
+
+async def test_a_shared_database_that_stops_answering_is_a_451_not_a_traceback(
+        pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The shared checks at AUTH, RCPT and DATA meet a dropped connection: the driver's error
+    becomes StoreError, and the SMTP side answers 451 "database unavailable" in one line."""
+    from gateway.config import settings_from
+    from gateway.smtp.access import Access
+    from gateway.smtp.replies import DATABASE_UNAVAILABLE
+    from gateway.smtp.server import FaxHandler
+    from gateway.store.base import StoreError
+    from gateway.store.postgres import PostgresStore
+
+    pg_reset(pg_url)
+    settings = settings_from({"DATA_DIR": str(tmp_path)})
+    store = PostgresStore(pg_url)
+    await store.start()
+    try:
+        access = Access(settings, store=store)
+        client = access.client("192.0.2.7", None, "scanner@example.com")
+        assert await access.check_destination_async(client, "+15551230011") is None
+        dbname = pg_url.rsplit("/", 1)[1]
+        with psycopg.connect(pg_url, autocommit=True) as admin:  # the server drops us
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                          " WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,))
+        with pytest.raises(StoreError, match="did not answer") as caught:
+            await access.check_destination_async(client, "+15551230011")
+        # What aiosmtpd does with an exception in a command: the handler's exception hook.
+        handler = FaxHandler(settings, None, access)  # type: ignore[arg-type]  # no DATA here
+        with caplog.at_level(logging.WARNING):
+            reply = await handler.handle_exception(caught.value)
+        assert reply == str(DATABASE_UNAVAILABLE)
+        assert not [r for r in caplog.records if r.exc_info]
+    finally:
+        await store.stop()

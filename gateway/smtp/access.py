@@ -21,9 +21,10 @@ import math
 import time
 from dataclasses import dataclass
 from email.utils import parseaddr
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from gateway.config import Settings
+from gateway.store.base import StoreError
 from gateway.constants import RCPT_CHURN_PER_IP_HOUR
 from gateway.smtp import replies
 from gateway.smtp.replies import Reply
@@ -32,6 +33,8 @@ from gateway.smtp.policy import (DestinationPolicy, RateLimiter, SenderPolicy, T
                      try_acquire_all)
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # scrypt costs ~160 ms of CPU: a few at a time, off the loop, so a login flood cannot starve it.
 MAX_CONCURRENT_LOGINS = 2
@@ -104,11 +107,25 @@ class Access:
     def locked_out_s(self, ip: str) -> float:
         return self.throttle.check(ip, self.clock())
 
+    async def _db(self, fn: Callable[..., T], *args: Any) -> T:
+        """A call to the shared store; the driver's own error (the database did not answer)
+        becomes StoreError, which the SMTP side answers with 451 "database unavailable"."""
+        assert self.store is not None
+        try:
+            return await self.store.run(fn, *args)
+        except StoreError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - only the driver's errors are converted
+            if self.store.is_db_error(exc):
+                raise StoreError(f"the shared database did not answer: "
+                                 f"{type(exc).__name__}") from exc
+            raise
+
     async def locked_out(self, ip: str) -> float:
         """Seconds `ip` stays locked out of AUTH, across every node when the store is shared."""
         if self.store is None:
             return self.locked_out_s(ip)
-        last = await self.store.run(self.store.last_hit, _AUTH_LOCK, client_key(ip))
+        last = await self._db(self.store.last_hit, _AUTH_LOCK, client_key(ip))
         if last is None:
             return 0.0
         return max(0.0, last + self.throttle.lockout_s - self.wall_clock())
@@ -117,13 +134,13 @@ class Access:
         if self.store is None:
             return self.throttle.failure(ip, self.clock())
         key, now = client_key(ip), self.wall_clock()
-        failures = await self.store.run(self.store.add_hit, _AUTH_FAIL, key, now,
+        failures = await self._db(self.store.add_hit, _AUTH_FAIL, key, now,
                                         now - self.throttle.window_s)
         if failures < self.throttle.max_failures:
             return 0.0
-        await self.store.run(self.store.add_hit, _AUTH_LOCK, key, now,
+        await self._db(self.store.add_hit, _AUTH_LOCK, key, now,
                              now - self.throttle.lockout_s)
-        await self.store.run(self.store.clear_hits, _AUTH_FAIL, key)
+        await self._db(self.store.clear_hits, _AUTH_FAIL, key)
         return self.throttle.lockout_s
 
     async def login(self, ip: str, username: str, password: str) -> User | None:
@@ -139,7 +156,7 @@ class Access:
             return None
         self.throttle.success(ip)
         if self.store is not None:
-            await self.store.run(self.store.clear_hits, _AUTH_FAIL, client_key(ip))
+            await self._db(self.store.clear_hits, _AUTH_FAIL, client_key(ip))
         log.info("AUTH ok: user %s from %s", user.name, ip)
         return user
 
@@ -226,7 +243,7 @@ class Access:
         if reason:
             log.warning("destination %s refused for %s: %s", number, client.rate_key, reason)
             return replies.destination_refused(reason)
-        wait = await self.store.run(self.store.hits_wait, self._shared_rules(client),
+        wait = await self._db(self.store.hits_wait, self._shared_rules(client),
                                     already + 1, self.wall_clock(), 3600.0)
         if wait:
             return self._rate_refusal(client, wait)
@@ -239,7 +256,7 @@ class Access:
     async def reserve_async(self, client: Client, faxes: int) -> Reply | None:
         if self.store is None:
             return self.reserve(client, faxes)
-        wait = await self.store.run(self.store.take_hits, self._shared_rules(client),
+        wait = await self._db(self.store.take_hits, self._shared_rules(client),
                                     self.wall_clock(), 3600.0, faxes)
         return self._rate_refusal(client, wait) if wait else None
 
@@ -247,7 +264,7 @@ class Access:
         if self.store is None:
             self.release(client, faxes)
             return
-        await self.store.run(self.store.give_back_hits,
+        await self._db(self.store.give_back_hits,
                              [(kind, key) for kind, key, _ in self._shared_rules(client)], faxes)
 
     def check_header_from(self, client: Client, header_from: str | None) -> Reply | None:

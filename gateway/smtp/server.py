@@ -34,6 +34,7 @@ from gateway.smtp.connections import AcceptErrors, ConnectionLimits
 from gateway.smtp.data import DataWriter, Incoming, Outcome, receive
 from gateway.smtp.intake import Intake, PartStored, Refused
 from gateway.smtp.replies import Reply
+from gateway.store.base import StoreError
 from gateway.smtp.tls import ReloadableTLS
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,9 @@ class FaxHandler:
             cause = error.__cause__ or error.__context__
             log.warning("STARTTLS handshake failed: %s", cause or "connection closed")
             return str(replies.INTERNAL_ERROR)  # not sent: aiosmtpd closes the connection
+        if isinstance(error, StoreError):  # the shared database did not answer a check
+            log.warning("SMTP: %s; answered 451", error)
+            return self.refuse(replies.DATABASE_UNAVAILABLE)
         log.error("SMTP session error", exc_info=error)
         return self.refuse(replies.INTERNAL_ERROR)
 
