@@ -210,53 +210,39 @@ class SignalWireClient:
         body = await self._get(f"{self.base}/Faxes/{sid}")
         return Fax.from_json(body)
 
-    async def list_faxes(self, *, to: str, from_: str, created_after: datetime,
-                         max_pages: int = 10) -> list[Fax]:
-        """Faxes to `to` from `from_` created on or after `created_after` (all pages)."""
-        params: dict[str, str] | None = {
-            "To": to, "From": from_, "PageSize": "50",
-            "DateCreatedAfter": created_after.astimezone(timezone.utc).strftime("%Y-%m-%d"),
-        }
+    async def _listed(self, params: dict[str, str], created_after: datetime,
+                      max_pages: int) -> list[Fax]:
+        """The Faxes list call, following `next_page_uri` for at most `max_pages` pages;
+        faxes created on or after `created_after` (the API filters by day only)."""
+        params = {"PageSize": "50", **params,
+                  "DateCreatedAfter": created_after.astimezone(timezone.utc).strftime("%Y-%m-%d")}
         url: str | None = f"{self.base}/Faxes"
+        query: dict[str, str] | None = params
         found: list[Fax] = []
         for _ in range(max_pages):
             if url is None:
                 break
-            body = await self._get(url, params)
-            for item in body.get("faxes") or []:
-                fax = Fax.from_json(item)
-                if fax.date_created is None or fax.date_created >= created_after:
-                    found.append(fax)
-            nxt = body.get("next_page_uri")
-            url, params = (self._absolute(nxt), None) if nxt else (None, None)
-        return found
-
-    async def list_received(self, *, to: str | None, created_after: datetime,
-                            max_pages: int = 20) -> list[Fax]:
-        """Inbound faxes (to `to`, or to any number of the project) created since then."""
-        params: dict[str, str] | None = {
-            "PageSize": "50",
-            "DateCreatedAfter": created_after.astimezone(timezone.utc).strftime("%Y-%m-%d"),
-        }
-        if to:
-            assert params is not None
-            params["To"] = to
-        url: str | None = f"{self.base}/Faxes"
-        found: list[Fax] = []
-        for _ in range(max_pages):
-            if url is None:
-                break
-            body = await self._get(url, params)
+            body = await self._get(url, query)
             for item in body.get("faxes") or []:
                 if not isinstance(item, dict):
                     continue
                 fax = Fax.from_json(item)
-                if (fax.direction or "").startswith("inbound") and (
-                        fax.date_created is None or fax.date_created >= created_after):
+                if fax.date_created is None or fax.date_created >= created_after:
                     found.append(fax)
             nxt = body.get("next_page_uri")
-            url, params = (self._absolute(nxt), None) if nxt else (None, None)
+            url, query = (self._absolute(nxt), None) if nxt else (None, None)
         return found
+
+    async def list_faxes(self, *, to: str, from_: str, created_after: datetime,
+                         max_pages: int = 10) -> list[Fax]:
+        """Faxes to `to` from `from_` created on or after `created_after` (all pages)."""
+        return await self._listed({"To": to, "From": from_}, created_after, max_pages)
+
+    async def list_received(self, *, to: str | None, created_after: datetime,
+                            max_pages: int = 20) -> list[Fax]:
+        """Inbound faxes (to `to`, or to any number of the project) created since then."""
+        faxes = await self._listed({"To": to} if to else {}, created_after, max_pages)
+        return [f for f in faxes if (f.direction or "").startswith("inbound")]
 
     def media_instance_url(self, sid: str, media_sid: str) -> str:
         return f"{self.base}/Faxes/{quote(sid, safe='')}/Media/{quote(media_sid, safe='')}"
