@@ -260,7 +260,7 @@ class Received:
     """What became of one incoming mail: not a part, a part kept, or the last part."""
 
     key: str | None = None
-    reply: str | None = None  # the 250 for a part kept while others are missing
+    reply: str | None = None  # the words of the 250 for a part kept while others are missing
     whole: bytes | None = None  # the reassembled message, once every part is here
 
 
@@ -289,7 +289,7 @@ class Reassembler:
         key = set_key(sender, info.id)
         async with self._lock:
             if key in self._joining:
-                return Received(key, f"250 2.0.0 Part {info.number} received; the message it "
+                return Received(key, f"Part {info.number} received; the message it "
                                      "belongs to is complete and being faxed")
             found = await asyncio.to_thread(self.store.add, key, info, content, meta(),
                                             now=now, max_bytes=max_bytes)
@@ -297,7 +297,7 @@ class Reassembler:
             log.info("message/partial %s: part %d%s received (%d held, %d bytes)", key[:12],
                      info.number, of, len(found.numbers), found.size)
             if not found.complete:
-                return Received(key, f"250 2.0.0 Part {info.number}{of} received; the fax is "
+                return Received(key, f"Part {info.number}{of} received; the fax is "
                                      "sent when all parts have arrived")
             self._joining.add(key)
             try:

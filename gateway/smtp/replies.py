@@ -182,9 +182,7 @@ def automatic_mail(why: str) -> Reply:
 
 def part_stored(words: str) -> Reply:
     """One part of a split mail (message/partial) kept until the others arrive."""
-    code, _, rest = words.partition(" ")
-    enhanced, _, text = rest.partition(" ")
-    return Reply(int(code), enhanced, text)
+    return Reply(250, "2.0.0", words)
 
 
 CANNOT_STORE_PART = Reply(451, "4.3.0", "Temporary failure: the gateway cannot store this part "
