@@ -114,22 +114,22 @@ class Guard:
                 return None
             problem = (f"the job database {self.db_path} was replaced by another file while "
                        "the gateway ran")
-        self.database_problem = problem
-        log.error("%s: refusing mail (451) and stopping; jobs accepted since then may be "
-                  "lost: %s", problem, ADVICE)
-        if self.on_fatal is not None:
-            self.on_fatal(problem)
-        return problem
+        self._lost(problem)
+        return self.database_problem
 
     def report_damage(self, exc: BaseException) -> None:
         """A query found the database damaged after start (pages overwritten under the
         running daemon): the same path as a deleted file (451 to mail, /readyz 503, one log
         line, the daemon stops with EXIT_DATA). Called on the store's thread; once."""
+        self._lost(f"the job database {self.db_path} is damaged ({exc}); found while the "
+                   "gateway ran")
+
+    def _lost(self, problem: str) -> None:
+        """The database can no longer be trusted: said once (the first finding wins, from the
+        loop or the store's thread), then the daemon is told to stop."""
         with self._lock:
             if self.database_problem is not None:
                 return
-            problem = (f"the job database {self.db_path} is damaged ({exc}); found while the "
-                       "gateway ran")
             self.database_problem = problem
         log.error("%s: refusing mail (451) and stopping; jobs accepted since then may be "
                   "lost: %s", problem, ADVICE)
