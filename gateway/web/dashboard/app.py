@@ -114,6 +114,13 @@ def _ago(seconds: float | None) -> str:
     return f"{s // 86400} days"
 
 
+def _query(values: dict[str, Any], change: dict[str, Any]) -> str:
+    """A list page's query string: the filters as set, with `change` applied; empty values
+    and page 1 left out."""
+    values = {**values, **change}
+    return urlencode({k: v for k, v in values.items() if v and not (k == "page" and v == 1)})
+
+
 @dataclass(frozen=True)
 class Filters:
     status: str = ""
@@ -125,11 +132,9 @@ class Filters:
     page: int = 1
 
     def query(self, **change: Any) -> str:
-        values = {"status": self.status, "to": self.to, "sender": self.sender,
-                  "from": self.date_from, "until": self.date_until, "q": self.q,
-                  "page": self.page}
-        values.update(change)
-        return urlencode({k: v for k, v in values.items() if v and not (k == "page" and v == 1)})
+        return _query({"status": self.status, "to": self.to, "sender": self.sender,
+                       "from": self.date_from, "until": self.date_until, "q": self.q,
+                       "page": self.page}, change)
 
 
 @dataclass(frozen=True)
@@ -141,10 +146,8 @@ class ReceivedFilters:
     page: int = 1
 
     def query(self, **change: Any) -> str:
-        values = {"to": self.to, "caller": self.caller, "from": self.date_from,
-                  "until": self.date_until, "page": self.page}
-        values.update(change)
-        return urlencode({k: v for k, v in values.items() if v and not (k == "page" and v == 1)})
+        return _query({"to": self.to, "caller": self.caller, "from": self.date_from,
+                       "until": self.date_until, "page": self.page}, change)
 
 
 def _page_number(request: web.Request) -> int:
