@@ -26,6 +26,7 @@ from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from gateway.documents.mime import header_block
 from gateway.store.spool import fsync_dir
 
 __all__ = ["MAX_PARTS", "PartialError", "PartialInfo", "PartialSet", "PartialStore", "Reassembler",
@@ -62,7 +63,10 @@ def partial_info(content: bytes) -> PartialInfo | None:
 
     Raises PartialError for a part that can never fit (no id, a number out of range).
     """
-    headers = BytesHeaderParser(policy=policy.default).parsebytes(content[:HEADER_PROBE_BYTES])
+    block = header_block(content[:HEADER_PROBE_BYTES])
+    if b"partial" not in block.lower():
+        return None  # nearly every mail: no header parsing on the loop at all
+    headers = BytesHeaderParser(policy=policy.compat32).parsebytes(block)
     if headers.get_content_type() != "message/partial":
         return None
     ident = str(headers.get_param("id", "", header="content-type") or "").strip()
@@ -274,15 +278,18 @@ class Reassembler:
 
     async def receive(self, content: bytes | Path, sender: str,
                       meta: Callable[[], dict[str, Any]], *, now: float,
-                      max_bytes: int) -> Received:
+                      max_bytes: int, head: bytes | None = None) -> Received:
         """Keep a part; hand back the whole message when it completes its set.
 
         ``meta`` (called for parts only) gives what expiry needs later: whom to tell.
+        ``head``: the start of the message in the file ``content``, when the caller has read
+        it already (it is not read again, blocking, on the loop).
 
         Raises PartialError for a part that can never be reassembled and OSError when the disk
         cannot take it (a temporary failure: the sender retries).
         """
-        head = content if isinstance(content, bytes) else _head(content)
+        if head is None:
+            head = content if isinstance(content, bytes) else _head(content)
         info = partial_info(head)
         if info is None:
             return Received()

@@ -177,7 +177,7 @@ class Intake:
         try:
             part = await self.partials.receive(
                 path, f"{user}|{envelope_from or ''}", meta, now=self.clock(),
-                max_bytes=self.settings.smtp_max_message_bytes)
+                max_bytes=self.settings.smtp_max_message_bytes, head=head)
         except PartialError as exc:
             reason = one_line(str(exc), 400, ascii_only=True)
             await self._report_refusal(path, envelope_from, client, numbers, reason)

@@ -21,6 +21,7 @@ from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 
 from gateway.constants import REPORT_HEADER
+from gateway.documents.mime import header_block
 
 __all__ = ["automatic_mail", "in_domain"]
 
@@ -55,17 +56,6 @@ def _header(headers: Message, name: str) -> str:
     return " ".join(str(v) for v in headers.get_all(name, [])).strip().lower()
 
 
-_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
-
-
-def _header_block(data: bytes) -> bytes:
-    """The header section of `data` (up to its first empty line), what the header parser
-    reads. Handing it the rest too made it split the whole body into lines for nothing: on
-    the event loop, for every mail, that was a third of the daemon's own CPU."""
-    blank = _BLANK_LINE.search(data)
-    return data if blank is None else data[:blank.end()]
-
-
 def _top_level_part_types(content: bytes, headers: Message) -> list[str]:
     """Content types of the immediate parts of a top-level multipart (not of parts nested in
     them: a bounce forwarded as an attachment on purpose is someone's document)."""
@@ -86,7 +76,7 @@ def _top_level_part_types(content: bytes, headers: Message) -> list[str]:
             continue
         if len(types) >= _MAX_PARTS:
             break
-        part = _PARSER.parsebytes(_header_block(scanned[match.end():match.end() + 16 * 1024]))
+        part = _PARSER.parsebytes(header_block(scanned[match.end():match.end() + 16 * 1024]))
         types.append(part.get_content_type())
     return types
 
@@ -97,7 +87,7 @@ def automatic_mail(content: bytes, envelope_from: str | None) -> str | None:
     `envelope_from` is the MAIL FROM address as received ("" for the null sender ``<>``;
     None when unknown).
     """
-    headers = _PARSER.parsebytes(_header_block(content[:_HEADER_BYTES]))
+    headers = _PARSER.parsebytes(header_block(content[:_HEADER_BYTES]))
     if headers.get(REPORT_HEADER) is not None or headers.get("X-Faxgw-Job") is not None:
         return ("this is a report from a fax gateway sent back to a fax number; it is not "
                 "faxed, so that reports cannot loop")
