@@ -843,6 +843,9 @@ def merge_pdfs(pdfs: list[bytes]) -> bytes:
 # --------------------------------------------------------------------------- rendering
 
 
+THUMBNAIL_ZLIB_LEVEL = 3
+
+
 def first_page_png(pdf: bytes | Path, width_px: int = 300) -> bytes:
     """A grayscale PNG of page 1 for report mails, so the sender sees what was faxed.
 
@@ -866,7 +869,9 @@ def first_page_png(pdf: bytes | Path, width_px: int = 300) -> bytes:
         except (pdfium.PdfiumError, IndexError, ValueError) as exc:
             raise ConvertError("The document could not be rendered") from exc
     out = io.BytesIO()
-    image.convert("L").save(out, "PNG", optimize=True)
+    # zlib level 3, not optimize=True (level 9 plus a filter search): 1.2 ms instead of 10 ms
+    # for a 300-pixel page, and ~12 KB instead of ~11 KB. It is made for every report mail.
+    image.convert("L").save(out, "PNG", compress_level=THUMBNAIL_ZLIB_LEVEL)
     return out.getvalue()
 
 
