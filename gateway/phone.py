@@ -9,6 +9,7 @@ Errors carry a message in plain ASCII words that the SMTP layer can put straight
 
 from __future__ import annotations
 
+import functools
 import re
 
 import phonenumbers
@@ -145,6 +146,10 @@ def _is_fictional_nanp(number: phonenumbers.PhoneNumber) -> bool:
     )
 
 
+# Pure (phonenumbers' metadata is fixed), and a gateway's senders fax the same few numbers
+# over and over: the parse costs more CPU than the rest of a RCPT command. Refusals raise and
+# are not cached, so hostile input cannot fill the cache beyond its size either way.
+@functools.lru_cache(maxsize=1024)
 def parse_fax_number(local_part: str, default_region: str = "US") -> str:
     """Turn the local part of a fax RCPT address into an E.164 number such as "+15551234567".
 

@@ -10,6 +10,7 @@ bill when one of those is wrong.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import ipaddress
 import math
 import re
@@ -295,10 +296,18 @@ class DestinationPolicy:
         self.allow_prefixes = tuple(_normalise_prefix(p) for p in allow_prefixes)
         self.block_prefixes = tuple(_normalise_prefix(p) for p in block_prefixes)
         self.allow_international = allow_international
+        # The answer depends only on the number and this policy's settings (fixed): cached,
+        # like parse_fax_number, for the numbers a gateway faxes again and again.
+        self._cached = functools.lru_cache(maxsize=1024)(self._check)
 
     def check(self, e164: str) -> str | None:
         """None if the number may be dialled, else the reason in plain ASCII words (fit
         for an SMTP reply).  Never raises."""
+        if not isinstance(e164, str):
+            return "the fax number is not an E.164 number"
+        return self._cached(e164)
+
+    def _check(self, e164: str) -> str | None:
         if not isinstance(e164, str):
             return "the fax number is not an E.164 number"
         digits = e164[1:]
