@@ -1,7 +1,8 @@
 """From a received mail to the documents to fax and the text around them.
 
-Pure functions over ``email.message.EmailMessage`` (parsed with ``email.policy.default``), so
-the SMTP edge can run them in a worker thread and the tests need no sockets.
+Pure functions over ``email.message.Message`` (parsed with ``email.policy.compat32``: the walk
+reads raw header values through its own tolerant parsers), so they run in a document worker
+and the tests need no sockets.
 
 The mail comes from scanners, ERP systems, T.37 fax machines and people's mail clients, and
 each gets MIME wrong in its own way (see the field notes).  The walk is therefore tolerant:
