@@ -248,6 +248,7 @@ class Gateway:
             await self.dashboard.stop()
         await self.signalwire.stop()
         await self.web.stop()
+        await self.notifier.stop()
         await self.media.stop()
         await self.cpu.stop()
         try:

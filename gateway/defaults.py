@@ -54,6 +54,8 @@ GIVE_UP_HOURS: Final = 24.0         # an outage longer than this fails the job (
 API_TIMEOUT_S: Final = 30.0
 S3_TIMEOUT_S: Final = 60.0
 NOTIFY_TIMEOUT_S: Final = 60.0
+RELAY_IDLE_S: Final = 20.0          # a relay connection unused this long is closed (QUIT)
+RELAY_CONNECTIONS: Final = 4        # relay connections kept open between reports, at most
 SHUTDOWN_GRACE_S: Final = 20.0
 
 # Fax-level retries (busy, no answer, line trouble), HylaFAX-like: 3 tries within an hour.

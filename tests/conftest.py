@@ -102,6 +102,20 @@ class RelaySink:
         self.envelopes: list[tuple[str, list[str]]] = []
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
+        self.sessions: list[AioSMTP] = []  # every connection the sink took, in order
+        self.quits = 0
+        self._quit = asyncio.Condition()
+
+    async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
+        async with self._quit:
+            self.quits += 1
+            self._quit.notify_all()
+        return "221 Bye"
+
+    async def quits_reach(self, n: int, timeout_s: float = 10.0) -> None:
+        """Wait until clients have said QUIT `n` times in all."""
+        async with self._quit:
+            await asyncio.wait_for(self._quit.wait_for(lambda: self.quits >= n), timeout_s)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
         msg = BytesParser(policy=policy.default).parsebytes(envelope.original_content)
@@ -112,13 +126,25 @@ class RelaySink:
     async def start(self, port: int = 0) -> None:
         """Listen on `port` (0: a free one); a stopped sink may start again on its port."""
         loop = asyncio.get_running_loop()
-        self.server = await loop.create_server(lambda: AioSMTP(self, hostname="sink.test"),
-                                               "127.0.0.1", port)
+        self.server = await loop.create_server(self._session, "127.0.0.1", port)
         self.port = self.server.sockets[0].getsockname()[1]
 
+    def _session(self) -> AioSMTP:
+        session = AioSMTP(self, hostname="sink.test")
+        self.sessions.append(session)
+        return session
+
+    def drop_connections(self) -> None:
+        """Close every open connection, as a relay does to idle clients or when it stops."""
+        for session in self.sessions:
+            if session.transport is not None:
+                session.transport.close()
+
     async def stop(self) -> None:
+        """Down like a real relay: no listener and no connection left open."""
         if self.server:
             self.server.close()
+            self.drop_connections()
             await self.server.wait_closed()
 
     async def next(self, timeout_s: float = 20.0) -> EmailMessage:

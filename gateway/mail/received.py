@@ -13,13 +13,12 @@ import hashlib
 import html
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from email import policy
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from gettext import gettext as _
 
 from gateway.text import one_line
-from gateway.mail.sender import Rendered, render
+from gateway.mail.sender import MAIL_POLICY, Rendered, render
 from gateway.phone import NumberError, format_number
 from gateway.store.inbound import InboundFax
 
@@ -110,7 +109,7 @@ def _lines(fax: InboundFax, attached: bool) -> list[tuple[str, str]]:
 def build_received(fax: InboundFax, recipient: str, *, from_addr: str, hostname: str,
                    pdf: bytes | None, thumbnail_png: bytes | None, attach: bool,
                    admin_copy: bool = False) -> EmailMessage:
-    mail = EmailMessage(policy=policy.default.clone(max_line_length=998))
+    mail = EmailMessage(policy=MAIL_POLICY)
     mail["From"] = from_addr
     mail["To"] = recipient
     mail["Subject"] = subject_for(fax)
@@ -185,7 +184,7 @@ def render_given_up(fax: InboundFax, admin: str, reason: str, mailed: list[str],
     without it the fax would be lost with only a log line. Small and cheap: built on the loop.
     Its Message-ID and outbox name are derived from the fax, so a repeat is recognisable."""
     tag = f"given-up\0{admin}"
-    mail = EmailMessage(policy=policy.default.clone(max_line_length=998))
+    mail = EmailMessage(policy=MAIL_POLICY)
     mail["From"] = from_addr
     mail["To"] = admin
     mail["Subject"] = one_line(_("Fax from %s not delivered: %s") % (

@@ -13,7 +13,6 @@ import html
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from email import policy
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from gettext import gettext as _
@@ -25,7 +24,7 @@ from typing import Sequence
 from gateway.outbound.states import Job, State
 from gateway.constants import REPORT_HEADER
 from gateway.text import one_line
-from gateway.mail.sender import Rendered, render
+from gateway.mail.sender import MAIL_POLICY, Rendered, render
 from gateway.phone import format_number
 from gateway.signalwire import errors
 from gateway.store.rows import Attempt, Event, Message
@@ -122,9 +121,7 @@ def _is_msgid(value: str) -> bool:
 
 def _new_message(from_addr: str, to: str, subject: str, now: float, msgid: str,
                  original: Message) -> EmailMessage:
-    # Headers unfolded up to RFC 5322's hard limit: Python folds a long Subject before its
-    # first word, which clients show as a leading space.
-    mail = EmailMessage(policy=policy.default.clone(max_line_length=998))
+    mail = EmailMessage(policy=MAIL_POLICY)  # headers unfolded up to 998 characters
     mail["From"] = from_addr
     mail["To"] = to
     mail["Subject"] = subject

@@ -1,0 +1,85 @@
+"""Reports through the relay on connections kept open between reports (a real aiosmtpd sink)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from gateway.config import settings_from
+from gateway.mail.sender import NotifyError, Rendered, RelayNotifier
+
+from .conftest import RelaySink, base_env, relay_env
+
+
+def report(n: int) -> Rendered:
+    data = (f"From: faxgw@faxgw.test\r\nTo: a@example.com\r\nSubject: report {n}\r\n"
+            f"Message-ID: <r{n}@faxgw.test>\r\n\r\nFax {n} delivered.\r\n").encode()
+    return Rendered(data, ("a@example.com",))
+
+
+def notifier(tmp_path: Path, relay: RelaySink, **kw: float) -> RelayNotifier:
+    settings = settings_from(base_env(tmp_path, **relay_env(relay)))
+    return RelayNotifier(settings, 10.0, **kw)  # type: ignore[arg-type]
+
+
+async def test_reports_share_one_connection_and_quit_on_stop(tmp_path: Path,
+                                                             relay: RelaySink) -> None:
+    relay_out = notifier(tmp_path, relay)
+    for n in range(5):
+        assert "relayed via 127.0.0.1" in await relay_out.send_rendered(report(n), f"j{n}")
+    subjects = [(await relay.next())["Subject"] for _ in range(5)]
+    assert subjects == [f"report {n}" for n in range(5)]
+    assert len(relay.sessions) == 1 and relay_out.connections_made == 1
+    await relay_out.stop()
+    assert relay.quits == 1
+
+
+async def test_a_connection_the_relay_dropped_costs_a_connection_not_a_report(
+        tmp_path: Path, relay: RelaySink) -> None:
+    relay_out = notifier(tmp_path, relay)
+    await relay_out.send_rendered(report(1), "j1")
+    relay.drop_connections()  # the relay's idle timeout, while the connection waited
+    await relay_out.send_rendered(report(2), "j2")
+    assert [(await relay.next())["Subject"] for _ in range(2)] == ["report 1", "report 2"]
+    assert relay_out.connections_made == 2
+    await relay_out.stop()
+
+
+async def test_idle_connection_is_closed_with_quit(tmp_path: Path, relay: RelaySink) -> None:
+    relay_out = notifier(tmp_path, relay, idle_s=0.05)
+    await relay_out.send_rendered(report(1), "j1")
+    await relay.quits_reach(1)
+    await relay_out.send_rendered(report(2), "j2")  # a new connection after the idle one went
+    assert relay_out.connections_made == 2
+    await relay_out.stop()
+
+
+async def test_concurrent_reports_keep_at_most_the_pool(tmp_path: Path,
+                                                        relay: RelaySink) -> None:
+    relay_out = notifier(tmp_path, relay, keep=2)
+    await asyncio.gather(*(relay_out.send_rendered(report(n), f"j{n}") for n in range(6)))
+    made = relay_out.connections_made
+    assert 1 <= made <= 6
+    await relay.quits_reach(made - 2)  # the connections beyond the 2 kept: QUIT
+    for n in range(6, 10):  # one after another: the kept connections, no new one
+        await relay_out.send_rendered(report(n), f"j{n}")
+    assert relay_out.connections_made == made
+    assert len({(await relay.next())["Subject"] for _ in range(10)}) == 10
+    await relay_out.stop()
+
+
+async def test_relay_down_is_a_notify_error_and_then_recovers(tmp_path: Path,
+                                                               relay: RelaySink) -> None:
+    relay_out = notifier(tmp_path, relay)
+    await relay_out.send_rendered(report(1), "j1")
+    await relay.stop()
+    try:
+        await relay_out.send_rendered(report(2), "j2")
+    except NotifyError as exc:
+        assert "relay 127.0.0.1" in str(exc)
+    else:
+        raise AssertionError("a report went out with the relay down")
+    await relay.start(relay.port)
+    await relay_out.send_rendered(report(3), "j3")
+    assert [(await relay.next())["Subject"] for _ in range(2)] == ["report 1", "report 3"]
+    await relay_out.stop()
