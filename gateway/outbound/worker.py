@@ -33,6 +33,7 @@ from gateway.signalwire.client import (SendOutcomeUnknown, SendRefused, SendRetr
                          SignalWireError)
 from gateway.store.spool import Spool
 from gateway.store.base import Store
+from gateway.store.rows import Attempt, Event, Message
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +134,7 @@ class Worker:
             try:
                 if self.clock() >= self._next_housekeeping:
                     await self.housekeeping_if_leader()
-                started = await self._dispatch()
-                nxt = await self.store.run(self.store.next_due_at, list(self._inflight))
+                started, nxt = await self._dispatch()
             except Exception:
                 if self.store.damage is None:
                     log.exception("worker: cannot read the job store; retrying")
@@ -152,13 +152,20 @@ class Worker:
                 except asyncio.TimeoutError:
                     pass
 
-    async def _dispatch(self) -> list[asyncio.Task[None]]:
+    async def _dispatch(self) -> tuple[list[asyncio.Task[None]], float | None]:
+        """Start the due steps there is room for; (their tasks, when the next one is due)."""
         free = self.s.worker_concurrency - len(self._inflight)
-        if free <= 0:
-            return []
-        # Claimed, not merely read: each job comes leased to this node (see _beat).
-        due = await self.store.run(self.store.claim_due, self.clock(), free,
-                                   list(self._inflight))
+        inflight = list(self._inflight)
+        store = self.store
+
+        def claim() -> tuple[list[Job], float | None]:
+            # Claimed, not merely read: each job comes leased to this node (see _beat). The
+            # next due time in the same trip to the store thread (the loop asks after every
+            # step that ends).
+            due = store.claim_due(self.clock(), free, inflight) if free > 0 else []
+            return due, store.next_due_at(inflight + [j.id for j in due])
+
+        due, nxt = await store.run(claim)
         started = []
         for job in due:
             if job.state is State.STORED:
@@ -166,11 +173,11 @@ class Worker:
             task = asyncio.create_task(self._step(job), name=f"faxgw-job-{job.id}")
             self._inflight[job.id] = task
             started.append(task)
-        return started
+        return started, nxt
 
     async def run_due(self) -> int:
         """Run every due step to completion once (tests drive the queue with this)."""
-        tasks = await self._dispatch()
+        tasks, _ = await self._dispatch()
         if tasks:
             await asyncio.gather(*tasks)
         return len(tasks)
@@ -281,11 +288,16 @@ class Worker:
         callback = self.callback_url(job.callback_token)
         await self._pace()
         recheck_at = self.clock() + self.s.api_timeout_s + self._recheck_s
-        if not await self.store.run(self.store.mark_submitting, job, callback, recheck_at):
+        store = self.store
+
+        def submitting() -> Job | None:  # one trip to the store thread: the change, the row
+            return store.job(job.id) if store.mark_submitting(job, callback, recheck_at) else None
+
+        current = await store.run(submitting)
+        if current is None:
             return
+        job = current
         self.metrics.attempt_started()
-        job = await self.store.run(self.store.job, job.id)
-        assert job is not None
         log.info("job %s attempt %d: sending to %s", job.id, job.attempt, job.to_number)
         try:
             with self.metrics.api_call("send"):
@@ -410,7 +422,12 @@ class Worker:
                 log.info("job %s attempt %d: %s (%s); next attempt in %.0f s", job.id,
                          job.attempt, job.fax_status, why, delay)
                 return
-        message = await self.store.run(self.store.message, job.message_id)
+        store = self.store
+
+        def facts() -> tuple[Message | None, list[Event], list[Attempt]]:  # one store trip
+            return (store.message(job.message_id), store.events(job.id), store.attempts(job.id))
+
+        message, events, attempts = await store.run(facts)
         assert message is not None
         if not message.report_to:
             await self.store.run(self.store.mark_reported, job,
@@ -421,8 +438,6 @@ class Worker:
                      job.fax_status or job.state.value)
             await self._cleanup(job)
             return
-        events = await self.store.run(self.store.events, job.id)
-        attempts = await self.store.run(self.store.attempts, job.id)
         options = dict(from_addr=self.s.notify_from, hostname=self.s.smtp_hostname,
                        now=self.clock(), template_dir=self.s.report_template_dir,
                        attach_pdf=self.s.report_attach_pdf, bcc=self.s.report_bcc)
@@ -456,22 +471,29 @@ class Worker:
         """With no document retention, the PDF goes as soon as every job of its message is
         reported; otherwise housekeeping removes it later."""
         if self.s.document_retention_hours == 0:
-            await self.purge_documents(self.clock())
+            # This job's message only (housekeeping catches any left behind), not a search of
+            # every message: several reports ending together searched and purged alike.
+            jobs = await self.store.run(self.store.message_jobs, job.message_id)
+            if jobs and all(j.state is State.REPORTED for j in jobs):
+                await self._purge(job.message_id, jobs)
 
     async def purge_documents(self, cutoff: float) -> int:
         """Delete spool files and media objects of messages fully reported before `cutoff`."""
         messages = await self.store.run(self.store.unpurged_done_messages, cutoff)
         for message in messages:
-            jobs = await self.store.run(self.store.message_jobs, message.id)
-            try:
-                for key in {j.media_key for j in jobs if j.media_key}:
-                    await self.media.delete(key)
-            except MediaError as exc:
-                log.warning("message %s: media not deleted yet: %s", message.id, exc)
-                continue
-            await asyncio.to_thread(self.spool.remove, message.id)
-            await self.store.run(self.store.mark_purged, message.id)
+            await self._purge(message.id, await self.store.run(self.store.message_jobs,
+                                                               message.id))
         return len(messages)
+
+    async def _purge(self, message_id: str, jobs: list[Job]) -> None:
+        try:
+            for key in {j.media_key for j in jobs if j.media_key}:
+                await self.media.delete(key)
+        except MediaError as exc:
+            log.warning("message %s: media not deleted yet: %s", message_id, exc)
+            return
+        await asyncio.to_thread(self.spool.remove, message_id)
+        await self.store.run(self.store.mark_purged, message_id)
 
     async def sweep_spool(self, min_age_s: float | None = None) -> int:
         """Delete this node's spool files whose message is purged or gone. With several
