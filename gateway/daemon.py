@@ -103,6 +103,7 @@ class Gateway:
                              self.notifier, self.access, self.metrics,
                              media=self.media if settings.shared else None)
         self.intake.durability_check = self._durability
+        self.worker.intake_active = lambda: self.intake.active
         self.tls = (ReloadableTLS(settings.tls_cert_file, settings.tls_key_file,
                                   settings.tls_min_version)
                     if settings.tls_cert_file and settings.tls_key_file else None)

@@ -47,6 +47,9 @@ MAX_PAGES: Final = 200
 
 # Worker behaviour.
 WORKER_CONCURRENCY: Final = 8
+# Steps worked on at once while mail is being taken in (a sender waits for its 250; uploads,
+# sends and reports can wait a moment): the CPU goes to intake first.
+WORKER_CONCURRENCY_DURING_INTAKE: Final = 2
 STATUS_POLL_S: Final = 600          # fetch a submitted fax with no final callback after this long
 RETRY_BASE_S: Final = 5.0           # first backoff of an outage retry; doubles up to RETRY_MAX_S
 RETRY_MAX_S: Final = 600.0

@@ -74,6 +74,9 @@ class Worker:
         self._recheck_s = min(UNKNOWN_RECHECK_S, settings.api_timeout_s)
         # Notified after every step: lets tests and the CLI wait for a job without polling.
         self.progress = asyncio.Condition()
+        # How many mails intake is working on now (the daemon wires in Intake's count): while
+        # any, fewer steps run at once, so senders get their 250 first.
+        self.intake_active: Callable[[], int] = lambda: 0
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -154,7 +157,10 @@ class Worker:
 
     async def _dispatch(self) -> tuple[list[asyncio.Task[None]], float | None]:
         """Start the due steps there is room for; (their tasks, when the next one is due)."""
-        free = self.s.worker_concurrency - len(self._inflight)
+        limit = self.s.worker_concurrency
+        if self.intake_active():
+            limit = min(limit, defaults.WORKER_CONCURRENCY_DURING_INTAKE)
+        free = limit - len(self._inflight)
         inflight = list(self._inflight)
         store = self.store
 

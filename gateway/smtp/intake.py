@@ -128,6 +128,7 @@ class Intake:
         # The daemon's check that a 250 can still be kept (database file, free disk): a
         # refusal, or None.
         self.durability_check: Callable[[], Reply | None] = lambda: None
+        self.active = 0  # mails being accepted now (the worker yields CPU to them)
 
     async def accept(self, path: Path, envelope_from: str | None, numbers: Sequence[str],
                      peer: str | None, client: Client | None = None) -> Accepted:
@@ -135,6 +136,17 @@ class Intake:
 
         The document worker writes the PDF beside it (`<name>.pdf.part`, fsync'ed); it is
         renamed into the spool, so the daemon holds neither the mail nor the document."""
+        self.active += 1
+        try:
+            return await self._accept_mail(path, envelope_from, numbers, peer, client)
+        finally:
+            self.active -= 1
+            if not self.active:
+                self.on_new_jobs()  # the worker goes back to its full concurrency
+
+    async def _accept_mail(self, path: Path, envelope_from: str | None,
+                           numbers: Sequence[str], peer: str | None,
+                           client: Client | None) -> Accepted:
         head = await asyncio.to_thread(_read_head, path, HEAD_BYTES)
         if (automatic := automatic_mail(head, envelope_from)) is not None:
             # No refusal mail: answering automatic mail is how loops and backscatter start.
