@@ -380,3 +380,36 @@ async def test_a_report_mailed_by_another_node_carries_the_document(
     assert len(warnings) == 1 and warnings[0].startswith(f"job {sent[1]}: "), warnings
     assert not [r for r in caplog.records if "X-Amz-" in r.getMessage()]
     assert not list((tmp_path / "node-b" / "spool").glob(".report-*"))  # temp files gone
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_copies_of_a_mail_arriving_together_make_one_job(
+        backend: str, manual_gateway: GatewayFactory, seaweed: SeaweedS3, s3_credentials: None,
+        simulator: Simulator, relay: RelaySink, tmp_path: Path,
+        request: pytest.FixtureRequest) -> None:
+    """The client sent the same mail over two connections at once (to one gateway, or to two
+    nodes): the commit decides, so one becomes the job and the other answers with its id."""
+    if backend == "postgresql":
+        pg_url = request.getfixturevalue("pg_url")
+        pg_reset(pg_url)
+        prefix = f"multi-{tmp_path.name}"
+        gateways = [await manual_gateway(shared_env(tmp_path, name, pg_url, seaweed, simulator,
+                                                    relay)) for name in ("node-a", "node-b")]
+    else:
+        gateways = [await manual_gateway(production_env(tmp_path / "var", simulator))] * 2
+    msg = pdf_mail("15551234567@fax.local", message_id="<together-1@example.com>")
+    replies = await asyncio.gather(*(smtp_send(gw.smtp.port, msg, ["15551234567@fax.local"])
+                                     for gw in gateways))
+    assert [r.code for r in replies] == [250, 250], [r.text for r in replies]
+    [job_id] = {i for r in replies for i in job_ids(r.text)}
+    again = [r.text for r in replies if r.text.startswith("2.0.0 Already queued as fax job")]
+    assert len(again) == 1 and job_id in again[0], [r.text for r in replies]
+    assert [j.id for j in await gateways[0].store.run(gateways[0].store.jobs)] == [job_id]
+    # The copy that lost kept nothing: one spool file, and (shared) one object in S3.
+    spooled = [p for gw in gateways for p in gw.spool.root.glob("*.pdf")]
+    assert len(set(spooled)) == 1
+    if backend == "postgresql":
+        listed = seaweed.client().list_objects_v2(Bucket="faxgw-test", Prefix=prefix)
+        [key] = [o["Key"] for o in listed.get("Contents", [])]
+        job = await gateways[0].store.run(gateways[0].store.job, job_id)
+        assert job is not None and job.media_key and key.endswith(job.media_key)

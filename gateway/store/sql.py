@@ -206,13 +206,18 @@ class SqlStore(Store):
              State.SPOOLED.value, new.callback_token, new.media_key, pages, now, now, now))
         self._event(new.id, Ev.RECEIVED, detail, now)
 
-    def add_message(self, message: Message, jobs: Iterable[NewJob], *,
-                    stored: bool = False) -> None:
+    def add_message(self, message: Message, jobs: Iterable[NewJob], *, stored: bool = False,
+                    dedup_since: float | None = None) -> list[str] | None:
         """`stored`: the document is already in the media store (a shared queue uploads it
-        before the 250), so the jobs start in `stored`."""
+        before the 250), so the jobs start in `stored`. `dedup_since`: see `_claim_dedup`."""
+        jobs = list(jobs)
         now = self.clock()
         try:
             with self._tx(durable=True):
+                if dedup_since is not None and message.message_id_header:
+                    earlier = self._claim_dedup(message, jobs, dedup_since)
+                    if earlier is not None:
+                        return earlier
                 self._exec(
                     f"INSERT INTO messages ({', '.join(_MESSAGE_COLUMNS)})"
                     f" VALUES ({_marks(_MESSAGE_COLUMNS)})",
@@ -233,6 +238,41 @@ class SqlStore(Store):
             if self._is_db_error(exc):
                 raise StoreError(str(exc)) from exc
             raise
+        return None
+
+    def _claim_dedup(self, message: Message, jobs: list[NewJob],
+                     since: float) -> list[str] | None:
+        """Inside the intake commit: claim this mail's dedup key for each number (Message-ID,
+        number, document), unless an earlier copy accepted at or after `since` holds it.
+
+        One upsert for all numbers, in key order (two copies committing at once on two nodes
+        lock the keys in the same order: the second waits for the first and then finds its
+        keys; SQLite serialises the commits). A key older than `since` is taken over, so the
+        window's end lets a later copy through. Returns None when this mail is new (every key
+        now ours: a mail with a new recipient is a new mail and takes the others over too), or
+        the jobs of the earlier copy, in the order of `jobs`, when it holds every key."""
+        mine = sorted((j.to_number, j.id) for j in jobs)
+        rows = self._rows(
+            "INSERT INTO dedup_keys (message_id_header, to_number, document_sha256, job_id, at)"
+            f" VALUES {', '.join('(?, ?, ?, ?, ?)' for _ in mine)}"
+            " ON CONFLICT (message_id_header, to_number, document_sha256) DO UPDATE SET"
+            " job_id = CASE WHEN dedup_keys.at < ? THEN excluded.job_id"
+            " ELSE dedup_keys.job_id END,"
+            " at = CASE WHEN dedup_keys.at < ? THEN excluded.at ELSE dedup_keys.at END"
+            " RETURNING to_number, job_id",
+            [*(v for number, job_id in mine
+               for v in (message.message_id_header, number, message.document_sha256, job_id,
+                         message.created_at)), since, since])
+        holders = {r["to_number"]: r["job_id"] for r in rows}
+        taken = [(number, job_id) for number, job_id in mine if holders[number] != job_id]
+        if len(taken) == len(mine):
+            return [holders[j.to_number] for j in jobs]
+        for number, job_id in taken:
+            self._exec("UPDATE dedup_keys SET job_id = ?, at = ? WHERE message_id_header = ?"
+                       " AND to_number = ? AND document_sha256 = ?",
+                       (job_id, message.created_at, message.message_id_header, number,
+                        message.document_sha256))
+        return None
 
     def is_db_error(self, exc: BaseException) -> bool:
         return self._is_db_error(exc)
@@ -468,23 +508,6 @@ class SqlStore(Store):
     def clear_hits(self, kind: str, key: str) -> None:
         with self._tx():
             self._exec("DELETE FROM hits WHERE kind = ? AND hkey = ?", (kind, key))
-
-    def find_duplicates(self, message_id_header: str | None, numbers: Iterable[str],
-                        sha256: str, since: float) -> dict[str, str]:
-        """Jobs of an earlier mail with the same Message-ID and document, accepted after
-        `since`, by destination number (a mail resent after a lost 250). No Message-ID: none."""
-        numbers = list(numbers)
-        if not message_id_header or not numbers:
-            return {}
-        rows = self._rows(
-            "SELECT j.to_number, j.id FROM jobs j JOIN messages m ON m.id = j.message_id"
-            " WHERE m.message_id_header = ? AND m.document_sha256 = ? AND m.created_at >= ?"
-            f" AND j.to_number IN ({_marks(numbers)}) ORDER BY j.created_at",
-            (message_id_header, sha256, since, *numbers))
-        found: dict[str, str] = {}
-        for r in rows:
-            found.setdefault(r["to_number"], r["id"])
-        return found
 
     def queue_depth(self) -> int:
         states = sorted(s.value for s in ACTIVE_STATES)
@@ -742,7 +765,8 @@ class SqlStore(Store):
                 (cutoff, limit))]
             if not ids:
                 return 0
-            for table, column in (("events", "job_id"), ("attempts", "job_id"), ("jobs", "id")):
+            for table, column in (("events", "job_id"), ("attempts", "job_id"),
+                                  ("dedup_keys", "job_id"), ("jobs", "id")):
                 self._exec(f"DELETE FROM {table} WHERE {column} IN ({_marks(ids)})", ids)
             self._exec("DELETE FROM messages WHERE purged_at IS NOT NULL AND NOT EXISTS"
                        " (SELECT 1 FROM jobs j WHERE j.message_id = messages.id)")
