@@ -128,6 +128,35 @@ class PostgresStore(SqlStore):
             finally:
                 self._conn = outer
 
+    @contextlib.contextmanager
+    def _batch_tx(self, durable: bool = False) -> Iterator[None]:
+        """BEGIN, the statements and COMMIT in pipeline mode: the server is waited for where a
+        result is read (`_rows`) and once at the end, so the intake commit is two round trips
+        (psycopg's own `transaction()` would wait after BEGIN and after COMMIT too)."""
+        outer = self._conn
+        with self._connection() as conn:
+            self._conn = conn
+            try:
+                try:
+                    with conn.pipeline() as pipeline:
+                        try:
+                            conn.execute("BEGIN")
+                            yield
+                            conn.execute("COMMIT")
+                        except BaseException:
+                            # Past the aborted pipeline here: leaving one that still holds an
+                            # error logs it a second time.
+                            with contextlib.suppress(psycopg.Error):
+                                pipeline.sync()
+                            raise
+                except BaseException:
+                    if not conn.closed:
+                        with contextlib.suppress(psycopg.Error):  # the first error is the one
+                            conn.execute("ROLLBACK")
+                    raise
+            finally:
+                self._conn = outer
+
     def _exec(self, sql: str, args: Sequence[Any] = ()) -> int:
         with self._connection() as conn:
             return conn.execute(_placeholders(sql), args).rowcount

@@ -101,6 +101,12 @@ class SqlStore(Store):
         survives power loss, not only a process crash (the 250 to a sender, a send about to
         be POSTed)."""
 
+    def _batch_tx(self, durable: bool = False) -> ContextManager[None]:
+        """A write transaction whose statements the backend may send together: an `_exec`'s
+        row count is not known inside it (PostgreSQL: pipeline mode, which waits for the
+        server only at a `_rows` and at the commit). Default: `_tx`."""
+        return self._tx(durable)
+
     @abc.abstractmethod
     def _exec(self, sql: str, args: Sequence[Any] = ()) -> int:
         """Run one statement (`?` placeholders); the number of rows it changed."""
@@ -195,43 +201,33 @@ class SqlStore(Store):
 
     # -- intake ------------------------------------------------------------------------------
 
-    def _insert_job(self, new: NewJob, message_id: str, pages: int, now: float,
-                    detail: str) -> None:
-        check_transition([None], State.SPOOLED, Ev.RECEIVED)
-        self._exec(
-            "INSERT INTO jobs (id, message_id, to_number, from_number, quality, state,"
-            " callback_token, media_key, pages, attempt, tries, next_run_at,"
-            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?)",
-            (new.id, message_id, new.to_number, new.from_number, new.quality,
-             State.SPOOLED.value, new.callback_token, new.media_key, pages, now, now, now))
-        self._event(new.id, Ev.RECEIVED, detail, now)
+    _JOB_INSERT = ("id", "message_id", "to_number", "from_number", "quality", "state",
+                   "callback_token", "media_key", "pages", "attempt", "tries", "next_run_at",
+                   "created_at", "updated_at")
 
     def add_message(self, message: Message, jobs: Iterable[NewJob], *, stored: bool = False,
                     dedup_since: float | None = None) -> list[str] | None:
         """`stored`: the document is already in the media store (a shared queue uploads it
-        before the 250), so the jobs start in `stored`. `dedup_since`: see `_claim_dedup`."""
+        before the 250), so the jobs start in `stored`. `dedup_since`: see `_claim_dedup`.
+
+        A few statements whatever the number of jobs (one per table), in a batch transaction:
+        PostgreSQL sends them together and waits once for the dedup claim and once for the
+        commit, which is most of the 250's wait on a database across the network."""
         jobs = list(jobs)
-        now = self.clock()
         try:
-            with self._tx(durable=True):
-                if dedup_since is not None and message.message_id_header:
-                    earlier = self._claim_dedup(message, jobs, dedup_since)
-                    if earlier is not None:
-                        return earlier
+            with self._batch_tx(durable=True):
                 self._exec(
                     f"INSERT INTO messages ({', '.join(_MESSAGE_COLUMNS)})"
                     f" VALUES ({_marks(_MESSAGE_COLUMNS)})",
                     [getattr(message, c) for c in _MESSAGE_COLUMNS])
-                for job in jobs:
-                    self._insert_job(
-                        job, message.id, message.pages, now,
-                        f"from {message.report_to or message.envelope_from or '-'}"
-                        f" peer {message.peer or '-'}, {message.pages} page(s),"
-                        f" {message.document_bytes} bytes")
-                    if stored:
-                        self._transition(job.id, [State.SPOOLED], State.STORED, Ev.STORED,
-                                         "document in the media store before the 250",
-                                         at=now, tries=0, next_run_at=now)
+                if jobs:
+                    self._insert_jobs(message, jobs, self.clock(), stored)
+                    if dedup_since is not None and message.message_id_header:
+                        earlier = self._claim_dedup(message, jobs, dedup_since)
+                        if earlier is not None:
+                            raise _Resent(earlier)  # nothing of this copy is kept
+        except _Resent as resent:
+            return resent.job_ids
         except StoreError:
             raise
         except Exception as exc:
@@ -239,6 +235,32 @@ class SqlStore(Store):
                 raise StoreError(str(exc)) from exc
             raise
         return None
+
+    def _insert_jobs(self, message: Message, jobs: list[NewJob], now: float,
+                     stored: bool) -> None:
+        """A new message's jobs and their first events, in two statements: each job born
+        `spooled` (received) and, `stored`, moved on to `stored` at once: both changes checked
+        against the table, made by the insert itself."""
+        check_transition([None], State.SPOOLED, Ev.RECEIVED)
+        events = [(j.id, Ev.RECEIVED,
+                   f"from {message.report_to or message.envelope_from or '-'}"
+                   f" peer {message.peer or '-'}, {message.pages} page(s),"
+                   f" {message.document_bytes} bytes") for j in jobs]
+        state = State.SPOOLED
+        if stored:
+            check_transition([State.SPOOLED], State.STORED, Ev.STORED)
+            state = State.STORED
+            events += [(j.id, Ev.STORED, "document in the media store before the 250")
+                       for j in jobs]
+        self._exec(
+            f"INSERT INTO jobs ({', '.join(self._JOB_INSERT)}) VALUES "
+            + ", ".join(f"({_marks(self._JOB_INSERT)})" for _ in jobs),
+            [v for j in jobs for v in (
+                j.id, message.id, j.to_number, j.from_number, j.quality, state.value,
+                j.callback_token, j.media_key, message.pages, 0, 0, now, now, now)])
+        self._exec("INSERT INTO events (job_id, at, kind, detail) VALUES "
+                   + ", ".join("(?, ?, ?, ?)" for _ in events),
+                   [v for job_id, kind, detail in events for v in (job_id, now, kind, detail)])
 
     def _claim_dedup(self, message: Message, jobs: list[NewJob],
                      since: float) -> list[str] | None:
@@ -854,4 +876,12 @@ class SqlStore(Store):
 
 class _Rollback(StoreError):
     """Raised inside a transaction to undo it."""
+
+
+class _Resent(Exception):
+    """Raised inside the intake commit to undo it: the mail is an earlier copy's jobs."""
+
+    def __init__(self, job_ids: list[str]) -> None:
+        super().__init__(", ".join(job_ids))
+        self.job_ids = job_ids
 
