@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -15,6 +16,7 @@ import pytest
 
 from gateway.outbound.states import CallbackAction, State
 from gateway.store import migrations
+from gateway.store.base import StoreError
 from gateway.store.postgres import PostgresStore
 from gateway.store.rows import Message, NewJob
 from gateway.store.sql import SqlStore
@@ -290,6 +292,20 @@ def test_a_resent_mail_is_recognised_in_the_commit(store: SqlStore, clock: FakeC
     while store.prune(clock()):
         pass
     assert store._scalar("SELECT COUNT(*) AS n FROM dedup_keys") == 0
+
+
+def test_a_failed_intake_commit_leaves_nothing_and_the_store_usable(store: SqlStore) -> None:
+    """A statement failing inside the commit (PostgreSQL: in the middle of its pipeline) undoes
+    the whole mail, says so as StoreError, and the next mail commits."""
+    message, jobs = new_mail(store, "+15551230001")
+    assert store.add_message(message, jobs) is None
+    again, others = new_mail(store, "+15551230002")
+    with pytest.raises(StoreError):
+        store.add_message(replace(again, id=message.id), others, dedup_since=0.0)
+    assert [j.id for j in store.jobs()] == [jobs[0].id]
+    assert store.events(others[0].id) == []
+    assert commit(store, "+15551230002") != []
+    assert len(store.jobs()) == 2
 
 
 def test_two_copies_committed_at_once_make_one_job(backend: str, node: NodeFactory,

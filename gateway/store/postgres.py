@@ -134,6 +134,10 @@ class PostgresStore(SqlStore):
         result is read (`_rows`) and once at the end, so the intake commit is two round trips
         (psycopg's own `transaction()` would wait after BEGIN and after COMMIT too)."""
         outer = self._conn
+        if outer is not None:  # inside another transaction: a savepoint, as _tx makes
+            with self._tx(durable):
+                yield
+            return
         with self._connection() as conn:
             self._conn = conn
             try:
