@@ -6,7 +6,8 @@ behind PgBouncer in transaction mode. Every query is in `sql.py`; only what Post
 own way is here: connecting, `%s` placeholders, the advisory lock that lets only one of several
 nodes starting together run the migrations, and the claim of due work with
 `FOR UPDATE SKIP LOCKED` under a transaction-scoped advisory lock (so the check "no other
-attempt in flight to this number" and the lease that makes it true are one step across nodes).
+attempt in flight to this number" and the lease that makes it true are one step across nodes),
+and the batch transaction of the intake commit (pipeline mode: two round trips, not eight).
 """
 
 from __future__ import annotations

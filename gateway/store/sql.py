@@ -2,7 +2,8 @@
 
 Queries use `?` placeholders, plain types and no backend-only functions. What differs between
 backends is a handful of small methods a backend provides: `open`/`close`, turning `?` into its
-placeholder (`_sql`), a write transaction and its durability (`_tx`), running a statement
+placeholder (`_sql`), a write transaction and its durability (`_tx`; `_batch_tx`, one whose
+statements may go to the server together), running a statement
 (`_exec`, `_rows`), `_has_table`, the DDL types (`DDL_TYPES`), a lock while migrating
 (`_migration_lock`), which driver errors mean "could not write" (`_is_db_error`) and the claim
 of due work (`due_jobs`: SQLite has one writer; a shared PostgreSQL queue would lock and skip).
