@@ -46,9 +46,7 @@ def run(store: SqlStore, count: int) -> dict[str, float]:
         for i in range(count):
             message, jobs = _message(i)
             t0 = time.perf_counter()
-            store.find_duplicates(message.message_id_header, [j.to_number for j in jobs],
-                                  message.document_sha256, time.time() - 86400)
-            store.add_message(message, jobs, stored=True)
+            store.add_message(message, jobs, stored=True, dedup_since=time.time() - 86400)
             intake.append(time.perf_counter() - t0)
         intake_s = time.perf_counter() - started
         claims: list[float] = []

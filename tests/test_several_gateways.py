@@ -7,17 +7,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
+from email.message import EmailMessage
 from pathlib import Path
 
 import aiohttp
 import psycopg
 import pytest
 
-from .conftest import (GatewayFactory, RelaySink, Simulator, job_ids, pdf_mail, pg_reset,
-                       production_env, smtp_send)
+from .conftest import (GatewayFactory, RelaySink, Simulator, drive, job_ids, pdf_mail,
+                       pg_reset, production_env, smtp_send)
 from gateway.sandbox.harness import DaemonProcess
 from gateway.sandbox.s3server import SeaweedS3
 
@@ -326,3 +328,88 @@ async def test_a_shared_database_that_stops_answering_is_a_451_not_a_traceback(
         assert not [r for r in caplog.records if r.exc_info]
     finally:
         await store.stop()
+
+
+async def test_a_report_mailed_by_another_node_carries_the_document(
+        manual_gateway: GatewayFactory, pg_url: str, seaweed: SeaweedS3, s3_credentials: None,
+        simulator: Simulator, relay: RelaySink, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """node-a takes two mails and is gone with its disk before either is reported; node-b
+    reports both. The document comes from the shared media store for the thumbnail and the
+    attached PDF; when it cannot be fetched, the report still goes, without them."""
+    from gateway.cli import sample_pdf
+
+    pg_reset(pg_url)
+    a = await manual_gateway(shared_env(tmp_path, "node-a", pg_url, seaweed, simulator, relay))
+    b = await manual_gateway(shared_env(tmp_path, "node-b", pg_url, seaweed, simulator, relay,
+                                        REPORT_ATTACH_PDF="yes"))
+    pdfs = [sample_pdf("fetched for the report"), sample_pdf("gone before the report")]
+    sent: list[str] = []
+    for i, pdf in enumerate(pdfs):
+        number = f"155514{i + 10:05d}"
+        reply = await smtp_send(a.smtp.port, pdf_mail(f"{number}@fax.local", pdf=pdf),
+                                [f"{number}@fax.local"])
+        assert reply.code == 250, reply.text
+        sent += job_ids(reply.text)
+    await a.stop()
+    shutil.rmtree(tmp_path / "node-a" / "spool")  # the node's disk went with it
+    assert await b.worker.run_due() == 2  # node-b sends both
+    await simulator.state.wait_idle()
+    # The second document leaves the media store after its fax, before its report.
+    second = await b.store.run(b.store.job, sent[1])
+    assert second is not None and second.media_key is not None
+    await b.media.delete(second.media_key)
+    with caplog.at_level(logging.INFO):
+        await drive(b, simulator)
+        reports = {r["X-Faxgw-Job"]: r for r in [await relay.next(30), await relay.next(30)]}
+    assert await all_reported(pg_url) == {"reported"}
+
+    def parts(report: EmailMessage) -> list[str]:
+        return [p.get_content_type() for p in report.walk()]
+
+    fetched = reports[sent[0]]
+    assert "image/png" in parts(fetched)
+    [attached] = [p for p in fetched.iter_attachments()
+                  if p.get_content_type() == "application/pdf"]
+    assert attached.get_content() == pdfs[0]
+    assert "delivered" in reports[sent[1]]["Subject"]
+    assert "image/png" not in parts(reports[sent[1]])
+    assert "application/pdf" not in parts(reports[sent[1]])
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno >= logging.WARNING and "media store" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"job {sent[1]}: "), warnings
+    assert not [r for r in caplog.records if "X-Amz-" in r.getMessage()]
+    assert not list((tmp_path / "node-b" / "spool").glob(".report-*"))  # temp files gone
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_copies_of_a_mail_arriving_together_make_one_job(
+        backend: str, manual_gateway: GatewayFactory, seaweed: SeaweedS3, s3_credentials: None,
+        simulator: Simulator, relay: RelaySink, tmp_path: Path,
+        request: pytest.FixtureRequest) -> None:
+    """The client sent the same mail over two connections at once (to one gateway, or to two
+    nodes): the commit decides, so one becomes the job and the other answers with its id."""
+    if backend == "postgresql":
+        pg_url = request.getfixturevalue("pg_url")
+        pg_reset(pg_url)
+        prefix = f"multi-{tmp_path.name}"
+        gateways = [await manual_gateway(shared_env(tmp_path, name, pg_url, seaweed, simulator,
+                                                    relay)) for name in ("node-a", "node-b")]
+    else:
+        gateways = [await manual_gateway(production_env(tmp_path / "var", simulator))] * 2
+    msg = pdf_mail("15551234567@fax.local", message_id="<together-1@example.com>")
+    replies = await asyncio.gather(*(smtp_send(gw.smtp.port, msg, ["15551234567@fax.local"])
+                                     for gw in gateways))
+    assert [r.code for r in replies] == [250, 250], [r.text for r in replies]
+    [job_id] = {i for r in replies for i in job_ids(r.text)}
+    again = [r.text for r in replies if r.text.startswith("2.0.0 Already queued as fax job")]
+    assert len(again) == 1 and job_id in again[0], [r.text for r in replies]
+    assert [j.id for j in await gateways[0].store.run(gateways[0].store.jobs)] == [job_id]
+    # The copy that lost kept nothing: one spool file, and (shared) one object in S3.
+    spooled = [p for gw in gateways for p in gw.spool.root.glob("*.pdf")]
+    assert len(set(spooled)) == 1
+    if backend == "postgresql":
+        listed = seaweed.client().list_objects_v2(Bucket="faxgw-test", Prefix=prefix)
+        [key] = [o["Key"] for o in listed.get("Contents", [])]
+        job = await gateways[0].store.run(gateways[0].store.job, job_id)
+        assert job is not None and job.media_key and key.endswith(job.media_key)

@@ -77,9 +77,13 @@ class RecordingStore(SqliteStore):
         self.made = []
         super().open()
 
-    def _insert_job(self, new: NewJob, *args: Any) -> None:
-        super()._insert_job(new, *args)
-        self.made.append((None, State.SPOOLED, Ev.RECEIVED))
+    def _insert_jobs(self, message: Message, jobs: list[NewJob], now: float,
+                     stored: bool) -> None:
+        super()._insert_jobs(message, jobs, now, stored)
+        for _ in jobs:
+            self.made.append((None, State.SPOOLED, Ev.RECEIVED))
+            if stored:
+                self.made.append((State.SPOOLED, State.STORED, Ev.STORED))
 
     def _transition(self, job_id: str, sources: list[State], target: State | None,
                     event: str, detail: str | None, **kw: Any) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -15,6 +16,7 @@ import pytest
 
 from gateway.outbound.states import CallbackAction, State
 from gateway.store import migrations
+from gateway.store.base import StoreError
 from gateway.store.postgres import PostgresStore
 from gateway.store.rows import Message, NewJob
 from gateway.store.sql import SqlStore
@@ -240,18 +242,132 @@ def test_concurrent_claims_never_give_a_job_to_two_nodes(backend: str, store: Sq
     assert sorted(claimed) == sorted(ids)  # every job once, none twice
 
 
-def test_a_resent_mail_is_found_by_message_id_and_document(store: SqlStore,
-                                                           clock: FakeClock) -> None:
-    ids = add_mail(store, "+15551230001", "+15551230002", msgid="<a@x>")
-    since = clock() - 24 * 3600
-    found = store.find_duplicates("<a@x>", ["+15551230001", "+15551230002"], "ab" * 32, since)
-    assert found == {"+15551230001": ids[0], "+15551230002": ids[1]}
-    assert store.find_duplicates("<a@x>", ["+15551230001"], "cd" * 32, since) == {}
-    assert store.find_duplicates("<b@x>", ["+15551230001"], "ab" * 32, since) == {}
-    assert store.find_duplicates(None, ["+15551230001"], "ab" * 32, since) == {}
-    clock.advance(25 * 3600)
-    assert store.find_duplicates("<a@x>", ["+15551230001"], "ab" * 32,
-                                 clock() - 24 * 3600) == {}
+def new_mail(store: SqlStore, *numbers: str, msgid: str | None = "<a@x>",
+             sha: str = "ab" * 32) -> tuple[Message, list[NewJob]]:
+    n = next(_counter)
+    message = Message(id=f"m{n:015d}", created_at=store.clock(), envelope_from="a@example.com",
+                      header_from="a@example.com", report_to="a@example.com", subject="s",
+                      message_id_header=msgid, references_header=None, peer="127.0.0.1",
+                      document_path=f"/spool/{n}.pdf", document_bytes=10, document_sha256=sha,
+                      pages=1, filenames="a.pdf")
+    return message, [NewJob(f"j{n:07d}{i:08d}", number, "+15550100000", "fine",
+                            f"tok-{n}-{i}", f"key-{n}") for i, number in enumerate(numbers)]
+
+
+def commit(store: SqlStore, *numbers: str, window_h: float = 24, **kw: str | None) -> list[str]:
+    """The jobs a mail became: new ones, or an earlier copy's (a resend)."""
+    message, jobs = new_mail(store, *numbers, **kw)
+    earlier = store.add_message(message, jobs, dedup_since=store.clock() - window_h * 3600)
+    return [j.id for j in jobs] if earlier is None else earlier
+
+
+def test_a_resent_mail_is_recognised_in_the_commit(store: SqlStore, clock: FakeClock) -> None:
+    one, two = "+15551230001", "+15551230002"
+    first = commit(store, one, two)
+    assert commit(store, two, one) == first[::-1]  # the same mail again: its jobs
+    assert commit(store, one) == first[:1]  # to one of its numbers: that job
+    assert len(store.jobs()) == 2  # and nothing was written
+    for other in (dict(sha="cd" * 32), dict(msgid="<b@x>"), dict(msgid=None)):
+        assert set(commit(store, one, **other)).isdisjoint(first)  # another mail
+    assert set(commit(store, one, msgid=None)).isdisjoint(first)  # never merged: no id
+    # A new recipient makes it a new mail, which the next copy then names.
+    third = commit(store, one, "+15551230003")
+    assert set(third).isdisjoint(first)
+    assert commit(store, one, "+15551230003") == third
+    # Past the window an earlier copy no longer counts: a new job, and it holds the key now.
+    clock.advance(23 * 3600)
+    assert commit(store, two) == first[1:]
+    clock.advance(2 * 3600)
+    later = commit(store, two)
+    assert set(later).isdisjoint(first)
+    assert commit(store, two) == later
+    # Without a window nothing is merged.
+    message, jobs = new_mail(store, two)
+    assert store.add_message(message, jobs) is None
+    # Pruned jobs take their keys with them.
+    for job in store.jobs(limit=1000):
+        store.mark_given_up(job, "test")
+        store.mark_reported(store.job(job.id), "test")
+    clock.advance(1)
+    while store.prune(clock()):
+        pass
+    assert store._scalar("SELECT COUNT(*) AS n FROM dedup_keys") == 0
+
+
+def test_a_failed_intake_commit_leaves_nothing_and_the_store_usable(store: SqlStore) -> None:
+    """A statement failing inside the commit (PostgreSQL: in the middle of its pipeline) undoes
+    the whole mail, says so as StoreError, and the next mail commits."""
+    message, jobs = new_mail(store, "+15551230001")
+    assert store.add_message(message, jobs) is None
+    again, others = new_mail(store, "+15551230002")
+    with pytest.raises(StoreError):
+        store.add_message(replace(again, id=message.id), others, dedup_since=0.0)
+    assert [j.id for j in store.jobs()] == [jobs[0].id]
+    assert store.events(others[0].id) == []
+    assert commit(store, "+15551230002") != []
+    assert len(store.jobs()) == 2
+
+
+def test_two_copies_committed_at_once_make_one_job(backend: str, node: NodeFactory,
+                                                   clock: FakeClock) -> None:
+    """Copy A's commit has claimed its key and is still open when copy B commits on another
+    connection (another node): B waits for A and then names A's job; one job in all."""
+    a, b = node("node-a"), node("node-b")
+    claimed, go = threading.Event(), threading.Event()
+    original = a._claim_dedup
+
+    def claim_and_hold(*args: object) -> list[str] | None:
+        found = original(*args)  # type: ignore[arg-type]
+        claimed.set()
+        assert go.wait(30)
+        return found
+
+    a._claim_dedup = claim_and_hold  # type: ignore[method-assign]
+    copy_a, copy_b = new_mail(a, "+15551230001"), new_mail(b, "+15551230001")
+    since = clock() - 3600
+    results: dict[str, list[str] | None] = {}
+
+    def add(name: str, store: SqlStore, mail: tuple[Message, list[NewJob]]) -> None:
+        results[name] = store.add_message(*mail, dedup_since=since)
+
+    ta = threading.Thread(target=add, args=("a", a, copy_a))
+    ta.start()
+    assert claimed.wait(30)
+    tb = threading.Thread(target=add, args=("b", b, copy_b))
+    tb.start()
+    if backend.startswith("postgresql"):  # B is blocked on A's key (SQLite: on its lock)
+        watch = PostgresStore(backend, clock)
+        watch.open()
+        try:
+            while not watch._scalar("SELECT COUNT(*) AS n FROM pg_locks WHERE NOT granted"):
+                tb.join(0.01)
+                assert tb.is_alive(), "B finished while A held its key"
+        finally:
+            watch.close()
+    go.set()
+    ta.join()
+    tb.join()
+    assert results == {"a": None, "b": [copy_a[1][0].id]}
+    assert [j.id for j in a.jobs()] == [copy_a[1][0].id]
+
+
+def test_mails_accepted_before_the_dedup_keys_are_still_known(
+        node: NodeFactory, clock: FakeClock, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A database of version 4 (the same mail faxed twice, as it could be then) upgrades: the
+    newest job per key is recorded, so a copy resent after the upgrade is that job."""
+    with monkeypatch.context() as old:
+        old.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:4])
+        old.setattr(migrations, "LATEST", 4)
+        v4 = node("old-version")
+        twice = [j for _ in range(2) for j in add_mail(v4, "+15551230001", msgid="<a@x>")]
+        clock.advance(1)
+        newest = add_mail(v4, "+15551230001", msgid="<a@x>")
+        add_mail(v4, "+15551230001", msgid=None)
+        assert v4.schema_version() == 4
+    store = node("node-a")
+    assert store.schema_version() == migrations.LATEST
+    assert commit(store, "+15551230001") == newest
+    assert set(commit(store, "+15551230001", msgid=None)).isdisjoint(twice + newest)
 
 
 def test_the_leader_lease_moves_only_when_its_holder_stops(node: NodeFactory,

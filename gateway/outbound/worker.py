@@ -9,10 +9,12 @@ and a send whose outcome is unknown is looked up at SignalWire before anything i
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import logging
 import os
 import random
+import secrets
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -447,6 +449,7 @@ class Worker:
         options = dict(from_addr=self.s.notify_from, hostname=self.s.smtp_hostname,
                        now=self.clock(), template_dir=self.s.report_template_dir,
                        attach_pdf=self.s.report_attach_pdf, bcc=self.s.report_bcc)
+        message, fetched = await self._report_document(job, message)
         try:
             # A large document's thumbnail takes a large turn (CpuPool.turn), like its intake.
             async with self.cpu.background(), self.cpu.turn(message.document_bytes or 0):
@@ -460,6 +463,9 @@ class Worker:
             rendered = await asyncio.to_thread(
                 functools.partial(render_final_report, job, message, events, attempts,
                                   thumbnail=False, **options))
+        finally:
+            if fetched is not None:
+                await asyncio.to_thread(fetched.unlink, missing_ok=True)
         crash_point("before-report")
         try:
             where = await self.notifier.send_rendered(rendered, job.id)
@@ -472,6 +478,32 @@ class Worker:
         self.metrics.fax_finished(job, self.clock())
         log.info("job %s: reported (%s) %s", job.id, job.fax_status or job.state.value, where)
         await self._cleanup(job)
+
+    async def _report_document(self, job: Job, message: Message) -> tuple[Message, Path | None]:
+        """The message as the report renderer reads it, and a temporary file to delete after.
+
+        With a shared queue the mail may have been spooled by another node (dead, or simply
+        elsewhere): when the spool file is not on this node and the report wants the document
+        (thumbnail or PDF), it is fetched from the media store into a hidden file in this
+        node's spool (a crash leaves it to `sweep_spool`, as a file of no known message). A
+        failed fetch does not hold the report back: it goes without thumbnail and PDF."""
+        if not (self.s.shared and job.media_key
+                and (self.s.report_thumbnail or self.s.report_attach_pdf)):
+            return message, None
+        if await asyncio.to_thread(Path(message.document_path).is_file):
+            return message, None
+        tmp = self.spool.root / f".report-{job.id}.{secrets.token_hex(4)}.pdf"
+        try:
+            await asyncio.to_thread(functools.partial(tmp.parent.mkdir, parents=True,
+                                                      exist_ok=True))
+            await self.media.fetch(job.media_key, tmp)
+        except (MediaError, OSError) as exc:
+            await asyncio.to_thread(tmp.unlink, missing_ok=True)
+            log.warning("job %s: the document is not on this node and could not be fetched "
+                        "from the media store (%s); the report goes without its thumbnail and "
+                        "PDF", job.id, exc)
+            return message, None
+        return dataclasses.replace(message, document_path=str(tmp)), tmp
 
     async def _cleanup(self, job: Job) -> None:
         """With no document retention, the PDF goes as soon as every job of its message is

@@ -35,6 +35,7 @@ class MediaStore(Protocol):
     async def start(self) -> None: ...
     async def stop(self) -> None: ...
     async def put(self, key: str, source: Path) -> None: ...
+    async def fetch(self, key: str, dest: Path) -> None: ...
     async def url(self, key: str, ttl_s: int) -> str: ...
     async def delete(self, key: str) -> None: ...
 
@@ -78,6 +79,13 @@ class LocalMediaStore:
             fsync_dir(self.root)
         except OSError as exc:
             tmp.unlink(missing_ok=True)
+            raise MediaError(f"local media store: {exc.strerror or exc}") from exc
+
+    async def fetch(self, key: str, dest: Path) -> None:
+        """Copy the document to `dest` (a report mailed by a node that did not spool it)."""
+        try:
+            await asyncio.to_thread(shutil.copyfile, self.root / key, dest)
+        except OSError as exc:
             raise MediaError(f"local media store: {exc.strerror or exc}") from exc
 
     async def url(self, key: str, ttl_s: int) -> str:
@@ -162,6 +170,23 @@ class S3MediaStore:
         with open(source, "rb") as body:
             self._client.put_object(Bucket=self.bucket, Key=self._object(key), Body=body,
                                     ContentType="application/pdf")
+
+    async def fetch(self, key: str, dest: Path) -> None:
+        """Download the document to `dest`: one GET streamed to disk a chunk at a time (a
+        report mailed by a node that did not spool the mail)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            await asyncio.to_thread(self._fetch, key, dest)
+        except (BotoCoreError, ClientError, OSError) as exc:
+            raise MediaError(f"S3 download from bucket {self.bucket}: {_s3_reason(exc)}") \
+                from exc
+
+    def _fetch(self, key: str, dest: Path) -> None:
+        response = self._client.get_object(Bucket=self.bucket, Key=self._object(key))
+        with response["Body"] as body, open(dest, "wb") as out:
+            for chunk in body.iter_chunks(1 << 20):
+                out.write(chunk)
 
     async def url(self, key: str, ttl_s: int) -> str:
         return await asyncio.to_thread(

@@ -245,9 +245,6 @@ class Intake:
             size, sha256 = prepared.pdf_bytes, prepared.pdf_sha256
         else:
             size, sha256 = len(document.data), hashlib.sha256(document.data).hexdigest()
-        duplicate = await self._duplicate(parsed.message_id, numbers, sha256, document.pages)
-        if duplicate is not None:
-            return duplicate
         message_id = new_id()
         from_number = (user.from_number if user and user.from_number
                        else self.settings.from_number)
@@ -288,18 +285,26 @@ class Intake:
             document_sha256=sha256, pages=document.pages,
             filenames=", ".join(document.filenames),
             notes="; ".join(notes)[:2000] or None)
+        # The same mail (Message-ID, recipients, document) accepted within DEDUP_WINDOW_HOURS
+        # is a client that lost our 250 and sent again: its jobs, not new ones. Decided in the
+        # commit, so copies arriving at two nodes at once still make one job each.
+        window_s = self.settings.dedup_window_hours * 3600
+        dedup_since = message.created_at - window_s if window_s > 0 else None
         try:
             if shared_key is not None:
                 assert self.media is not None
                 await self.media.put(shared_key, path)
-            await self.store.run(functools.partial(self.store.add_message, message, jobs,
-                                                   stored=shared_key is not None))
+            earlier = await self.store.run(functools.partial(
+                self.store.add_message, message, jobs, stored=shared_key is not None,
+                dedup_since=dedup_since))
         except (StoreError, OSError, MediaError) as exc:
             await asyncio.to_thread(self.spool.remove, message_id)
             if (refusal := self.durability_check()) is not None:
                 raise Refused(refusal) from exc  # the database is gone or damaged: said once
             log.error("job store write failed for message %s: %s", message_id, exc)
             raise Refused(replies.CANNOT_QUEUE) from exc
+        if earlier is not None:
+            return await self._resent(message, earlier, shared_key)
         crash_point("after-commit")
         for job in jobs:
             log.info("job %s: accepted to %s, %d page(s), message %s from %s (peer %s)",
@@ -325,30 +330,20 @@ class Intake:
         fsync_dir(final.parent)
         return final
 
-    async def _duplicate(self, message_id_header: str | None, numbers: Sequence[str],
-                         sha256: str, pages: int) -> Accepted | None:
-        """The same mail (Message-ID, recipients, document) accepted within DEDUP_WINDOW_HOURS:
-        a client that lost our 250 and sent again. Its jobs, not new ones; a mail with no
-        Message-ID is never merged."""
-        if not message_id_header or self.settings.dedup_window_hours <= 0:
-            return None
-        since = self.clock() - self.settings.dedup_window_hours * 3600
-        try:
-            found = await self.store.run(self.store.find_duplicates, message_id_header,
-                                         list(numbers), sha256, since)
-        except Exception as exc:  # noqa: BLE001 - the driver's own errors included
-            if not (isinstance(exc, (StoreError, OSError)) or self.store.is_db_error(exc)):
-                raise
-            if (refusal := self.durability_check()) is not None:
-                raise Refused(refusal) from exc  # the database is gone or damaged: said once
-            log.error("job store read failed (duplicate check): %s", exc)
-            raise Refused(replies.CANNOT_QUEUE) from exc
-        if not found or set(found) != set(numbers):
-            return None  # a new recipient makes it a new mail
-        job_ids = tuple(found[n] for n in numbers)
+    async def _resent(self, message: Message, job_ids: list[str],
+                      shared_key: str | None) -> Accepted:
+        """The mail was accepted before (the commit found its jobs): nothing new is kept."""
+        await asyncio.to_thread(self.spool.remove, message.id)
+        if shared_key is not None:
+            assert self.media is not None
+            try:
+                await self.media.delete(shared_key)
+            except MediaError as exc:  # an orphan object costs storage, not a second fax
+                log.warning("message %s resent: its copy in the media store was not deleted: "
+                            "%s", one_line(message.message_id_header or "-", 200), exc)
         log.info("message %s resent (same Message-ID and document): already jobs %s",
-                 one_line(message_id_header, 200), ", ".join(job_ids))
-        return Accepted("", job_ids, pages, duplicate=True)
+                 one_line(message.message_id_header or "-", 200), ", ".join(job_ids))
+        return Accepted("", tuple(job_ids), message.pages, duplicate=True)
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)

@@ -121,10 +121,15 @@ class Store(abc.ABC):
     # -- intake ------------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def add_message(self, message: Message, jobs: Iterable[NewJob], *,
-                    stored: bool = False) -> None:
-        """Commit a message and its jobs in one transaction (durable once this returns);
-        `stored`: the document is in the media store already, the jobs start there."""
+    def add_message(self, message: Message, jobs: Iterable[NewJob], *, stored: bool = False,
+                    dedup_since: float | None = None) -> list[str] | None:
+        """Commit a message and its jobs in one transaction (durable once this returns), and
+        return None; `stored`: the document is in the media store already, the jobs start
+        there. `dedup_since`: a mail with a Message-ID that was accepted for these same
+        numbers with the same document at or after this time (a client that lost our 250
+        and sent again, to any node) is not committed again: the earlier copy's job ids come
+        back instead, in the order of `jobs`. The check is part of the commit, so two copies
+        committing at once on two nodes make one job. None: never merged."""
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -220,11 +225,6 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def clear_hits(self, kind: str, key: str) -> None: ...
-
-    @abc.abstractmethod
-    def find_duplicates(self, message_id_header: str | None, numbers: Iterable[str],
-                        sha256: str, since: float) -> dict[str, str]:
-        """Jobs of an earlier copy of this mail, by number (see `SqlStore`)."""
 
     @abc.abstractmethod
     def queue_depth(self) -> int:

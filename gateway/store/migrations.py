@@ -176,12 +176,41 @@ _V4 = (
     "CREATE INDEX IF NOT EXISTS hits_key ON hits (kind, hkey, at)",
 )
 
+_V5 = (
+    # A mail resent after a lost 250 is recognised in the commit itself, atomically across
+    # nodes: one row per (Message-ID, number, document) names the job it became. A row older
+    # than DEDUP_WINDOW_HOURS no longer counts: the next copy takes it over in its commit.
+    """CREATE TABLE IF NOT EXISTS dedup_keys (
+    message_id_header TEXT NOT NULL,
+    to_number TEXT NOT NULL,
+    document_sha256 TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    at {float} NOT NULL,
+    PRIMARY KEY (message_id_header, to_number, document_sha256)
+)""",
+    "CREATE INDEX IF NOT EXISTS dedup_keys_job ON dedup_keys (job_id)",
+    # The jobs already accepted, so a copy of one resent just after the upgrade is still known:
+    # per key the newest job (a mail faxed twice before version 5 has two).
+    """INSERT INTO dedup_keys (message_id_header, to_number, document_sha256, job_id, at)
+    SELECT m.message_id_header, j.to_number, m.document_sha256, j.id, m.created_at
+    FROM jobs j JOIN messages m ON m.id = j.message_id
+    WHERE m.message_id_header IS NOT NULL AND NOT EXISTS (
+        SELECT 1 FROM jobs j2 JOIN messages m2 ON m2.id = j2.message_id
+        WHERE m2.message_id_header = m.message_id_header
+            AND m2.document_sha256 = m.document_sha256 AND j2.to_number = j.to_number
+            AND (m2.created_at > m.created_at
+                 OR (m2.created_at = m.created_at AND j2.id > j.id)))""",
+    # Only the duplicate check of version 4 read it.
+    "DROP INDEX IF EXISTS messages_dedup",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "messages, jobs, events, attempts", _V1),
     Migration(2, "states renamed: received -> spooled, failed -> given-up", _V2),
     Migration(3, "received faxes: inbound_faxes, inbound_meta, inbound_deliveries", _V3),
     Migration(4, "job leases (several nodes), dedup index, named leases, shared hit counts",
               _V4),
+    Migration(5, "dedup keys: a resent mail is recognised in the commit, atomically", _V5),
 )
 
 LATEST = MIGRATIONS[-1].version

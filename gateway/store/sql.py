@@ -2,7 +2,8 @@
 
 Queries use `?` placeholders, plain types and no backend-only functions. What differs between
 backends is a handful of small methods a backend provides: `open`/`close`, turning `?` into its
-placeholder (`_sql`), a write transaction and its durability (`_tx`), running a statement
+placeholder (`_sql`), a write transaction and its durability (`_tx`; `_batch_tx`, one whose
+statements may go to the server together), running a statement
 (`_exec`, `_rows`), `_has_table`, the DDL types (`DDL_TYPES`), a lock while migrating
 (`_migration_lock`), which driver errors mean "could not write" (`_is_db_error`) and the claim
 of due work (`due_jobs`: SQLite has one writer; a shared PostgreSQL queue would lock and skip).
@@ -101,6 +102,12 @@ class SqlStore(Store):
         survives power loss, not only a process crash (the 250 to a sender, a send about to
         be POSTed)."""
 
+    def _batch_tx(self, durable: bool = False) -> ContextManager[None]:
+        """A write transaction whose statements the backend may send together: an `_exec`'s
+        row count is not known inside it (PostgreSQL: pipeline mode, which waits for the
+        server only at a `_rows` and at the commit). Default: `_tx`."""
+        return self._tx(durable)
+
     @abc.abstractmethod
     def _exec(self, sql: str, args: Sequence[Any] = ()) -> int:
         """Run one statement (`?` placeholders); the number of rows it changed."""
@@ -195,44 +202,100 @@ class SqlStore(Store):
 
     # -- intake ------------------------------------------------------------------------------
 
-    def _insert_job(self, new: NewJob, message_id: str, pages: int, now: float,
-                    detail: str) -> None:
-        check_transition([None], State.SPOOLED, Ev.RECEIVED)
-        self._exec(
-            "INSERT INTO jobs (id, message_id, to_number, from_number, quality, state,"
-            " callback_token, media_key, pages, attempt, tries, next_run_at,"
-            " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?)",
-            (new.id, message_id, new.to_number, new.from_number, new.quality,
-             State.SPOOLED.value, new.callback_token, new.media_key, pages, now, now, now))
-        self._event(new.id, Ev.RECEIVED, detail, now)
+    _JOB_INSERT = ("id", "message_id", "to_number", "from_number", "quality", "state",
+                   "callback_token", "media_key", "pages", "attempt", "tries", "next_run_at",
+                   "created_at", "updated_at")
 
-    def add_message(self, message: Message, jobs: Iterable[NewJob], *,
-                    stored: bool = False) -> None:
+    def add_message(self, message: Message, jobs: Iterable[NewJob], *, stored: bool = False,
+                    dedup_since: float | None = None) -> list[str] | None:
         """`stored`: the document is already in the media store (a shared queue uploads it
-        before the 250), so the jobs start in `stored`."""
-        now = self.clock()
+        before the 250), so the jobs start in `stored`. `dedup_since`: see `_claim_dedup`.
+
+        A few statements whatever the number of jobs (one per table), in a batch transaction:
+        PostgreSQL sends them together and waits once for the dedup claim and once for the
+        commit, which is most of the 250's wait on a database across the network."""
+        jobs = list(jobs)
         try:
-            with self._tx(durable=True):
+            with self._batch_tx(durable=True):
                 self._exec(
                     f"INSERT INTO messages ({', '.join(_MESSAGE_COLUMNS)})"
                     f" VALUES ({_marks(_MESSAGE_COLUMNS)})",
                     [getattr(message, c) for c in _MESSAGE_COLUMNS])
-                for job in jobs:
-                    self._insert_job(
-                        job, message.id, message.pages, now,
-                        f"from {message.report_to or message.envelope_from or '-'}"
-                        f" peer {message.peer or '-'}, {message.pages} page(s),"
-                        f" {message.document_bytes} bytes")
-                    if stored:
-                        self._transition(job.id, [State.SPOOLED], State.STORED, Ev.STORED,
-                                         "document in the media store before the 250",
-                                         at=now, tries=0, next_run_at=now)
+                if jobs:
+                    self._insert_jobs(message, jobs, self.clock(), stored)
+                    if dedup_since is not None and message.message_id_header:
+                        earlier = self._claim_dedup(message, jobs, dedup_since)
+                        if earlier is not None:
+                            raise _Resent(earlier)  # nothing of this copy is kept
+        except _Resent as resent:
+            return resent.job_ids
         except StoreError:
             raise
         except Exception as exc:
             if self._is_db_error(exc):
                 raise StoreError(str(exc)) from exc
             raise
+        return None
+
+    def _insert_jobs(self, message: Message, jobs: list[NewJob], now: float,
+                     stored: bool) -> None:
+        """A new message's jobs and their first events, in two statements: each job born
+        `spooled` (received) and, `stored`, moved on to `stored` at once: both changes checked
+        against the table, made by the insert itself."""
+        check_transition([None], State.SPOOLED, Ev.RECEIVED)
+        events = [(j.id, Ev.RECEIVED,
+                   f"from {message.report_to or message.envelope_from or '-'}"
+                   f" peer {message.peer or '-'}, {message.pages} page(s),"
+                   f" {message.document_bytes} bytes") for j in jobs]
+        state = State.SPOOLED
+        if stored:
+            check_transition([State.SPOOLED], State.STORED, Ev.STORED)
+            state = State.STORED
+            events += [(j.id, Ev.STORED, "document in the media store before the 250")
+                       for j in jobs]
+        self._exec(
+            f"INSERT INTO jobs ({', '.join(self._JOB_INSERT)}) VALUES "
+            + ", ".join(f"({_marks(self._JOB_INSERT)})" for _ in jobs),
+            [v for j in jobs for v in (
+                j.id, message.id, j.to_number, j.from_number, j.quality, state.value,
+                j.callback_token, j.media_key, message.pages, 0, 0, now, now, now)])
+        self._exec("INSERT INTO events (job_id, at, kind, detail) VALUES "
+                   + ", ".join("(?, ?, ?, ?)" for _ in events),
+                   [v for job_id, kind, detail in events for v in (job_id, now, kind, detail)])
+
+    def _claim_dedup(self, message: Message, jobs: list[NewJob],
+                     since: float) -> list[str] | None:
+        """Inside the intake commit: claim this mail's dedup key for each number (Message-ID,
+        number, document), unless an earlier copy accepted at or after `since` holds it.
+
+        One upsert for all numbers, in key order (two copies committing at once on two nodes
+        lock the keys in the same order: the second waits for the first and then finds its
+        keys; SQLite serialises the commits). A key older than `since` is taken over, so the
+        window's end lets a later copy through. Returns None when this mail is new (every key
+        now ours: a mail with a new recipient is a new mail and takes the others over too), or
+        the jobs of the earlier copy, in the order of `jobs`, when it holds every key."""
+        mine = sorted((j.to_number, j.id) for j in jobs)
+        rows = self._rows(
+            "INSERT INTO dedup_keys (message_id_header, to_number, document_sha256, job_id, at)"
+            f" VALUES {', '.join('(?, ?, ?, ?, ?)' for _ in mine)}"
+            " ON CONFLICT (message_id_header, to_number, document_sha256) DO UPDATE SET"
+            " job_id = CASE WHEN dedup_keys.at < ? THEN excluded.job_id"
+            " ELSE dedup_keys.job_id END,"
+            " at = CASE WHEN dedup_keys.at < ? THEN excluded.at ELSE dedup_keys.at END"
+            " RETURNING to_number, job_id",
+            [*(v for number, job_id in mine
+               for v in (message.message_id_header, number, message.document_sha256, job_id,
+                         message.created_at)), since, since])
+        holders = {r["to_number"]: r["job_id"] for r in rows}
+        taken = [(number, job_id) for number, job_id in mine if holders[number] != job_id]
+        if len(taken) == len(mine):
+            return [holders[j.to_number] for j in jobs]
+        for number, job_id in taken:
+            self._exec("UPDATE dedup_keys SET job_id = ?, at = ? WHERE message_id_header = ?"
+                       " AND to_number = ? AND document_sha256 = ?",
+                       (job_id, message.created_at, message.message_id_header, number,
+                        message.document_sha256))
+        return None
 
     def is_db_error(self, exc: BaseException) -> bool:
         return self._is_db_error(exc)
@@ -468,23 +531,6 @@ class SqlStore(Store):
     def clear_hits(self, kind: str, key: str) -> None:
         with self._tx():
             self._exec("DELETE FROM hits WHERE kind = ? AND hkey = ?", (kind, key))
-
-    def find_duplicates(self, message_id_header: str | None, numbers: Iterable[str],
-                        sha256: str, since: float) -> dict[str, str]:
-        """Jobs of an earlier mail with the same Message-ID and document, accepted after
-        `since`, by destination number (a mail resent after a lost 250). No Message-ID: none."""
-        numbers = list(numbers)
-        if not message_id_header or not numbers:
-            return {}
-        rows = self._rows(
-            "SELECT j.to_number, j.id FROM jobs j JOIN messages m ON m.id = j.message_id"
-            " WHERE m.message_id_header = ? AND m.document_sha256 = ? AND m.created_at >= ?"
-            f" AND j.to_number IN ({_marks(numbers)}) ORDER BY j.created_at",
-            (message_id_header, sha256, since, *numbers))
-        found: dict[str, str] = {}
-        for r in rows:
-            found.setdefault(r["to_number"], r["id"])
-        return found
 
     def queue_depth(self) -> int:
         states = sorted(s.value for s in ACTIVE_STATES)
@@ -742,7 +788,8 @@ class SqlStore(Store):
                 (cutoff, limit))]
             if not ids:
                 return 0
-            for table, column in (("events", "job_id"), ("attempts", "job_id"), ("jobs", "id")):
+            for table, column in (("events", "job_id"), ("attempts", "job_id"),
+                                  ("dedup_keys", "job_id"), ("jobs", "id")):
                 self._exec(f"DELETE FROM {table} WHERE {column} IN ({_marks(ids)})", ids)
             self._exec("DELETE FROM messages WHERE purged_at IS NOT NULL AND NOT EXISTS"
                        " (SELECT 1 FROM jobs j WHERE j.message_id = messages.id)")
@@ -830,4 +877,12 @@ class SqlStore(Store):
 
 class _Rollback(StoreError):
     """Raised inside a transaction to undo it."""
+
+
+class _Resent(Exception):
+    """Raised inside the intake commit to undo it: the mail is an earlier copy's jobs."""
+
+    def __init__(self, job_ids: list[str]) -> None:
+        super().__init__(", ".join(job_ids))
+        self.job_ids = job_ids
 
