@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import time
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
@@ -203,3 +204,17 @@ async def test_parts_survive_a_restart(tmp_path: Path, manual_gateway: GatewayFa
     second = await manual_gateway(env, clock)
     reply = await smtp_send(second.smtp.port, parts[0], RCPT)
     assert reply.code == 250 and "Queued as fax job" in reply.text and "(2 pages)" in reply.text
+
+
+def test_a_set_still_being_written_is_not_expired(tmp_path: Path) -> None:
+    """The set's folder exists before its meta file: housekeeping running in between took
+    its age as "since 1970" and threw away the part being stored. Without meta, the
+    folder's own time counts (a crash's leftover still goes, after twice the timeout)."""
+    store = PartialStore(tmp_path / "partial")
+    writing = store.root / "a"
+    writing.mkdir(parents=True)
+    (writing / "1").write_bytes(b"part one")
+    assert store.expired(now=time.time() + 10 * 86400, timeout_s=60) == []
+    old = time.time() - 3 * 60
+    os.utime(writing, (old, old))
+    assert [s.key for s in store.expired(now=time.time(), timeout_s=60)] == ["a"]

@@ -229,7 +229,21 @@ class PartialStore:
                     log.warning("message/partial %s: removing a set left half-joined",
                                 entry.name[:12])
                     shutil.rmtree(entry, ignore_errors=True)
-        return [s for s in self.sets() if now - float(s.meta.get("first_seen", 0)) > timeout_s]
+        return [s for s in self.sets() if self._age(s, now) > timeout_s]
+
+    def _age(self, found: PartialSet, now: float) -> float:
+        """How long ago the set's first part came. A set with no meta yet is being written
+        right now (its folder is made before its meta file), or was left by a crash between
+        the two: its folder's time says which, by file times, with the margin used for
+        half-joined sets (it was taken as 0, "1970", and a part arriving while housekeeping
+        ran was thrown away)."""
+        first = found.meta.get("first_seen")
+        if isinstance(first, (int, float)):
+            return now - float(first)
+        try:
+            return (time.time() - (self.root / found.key).stat().st_mtime) / 2
+        except OSError:
+            return 0.0  # gone meanwhile
 
 
 def _size(source: bytes | Path) -> int:
