@@ -183,10 +183,13 @@ class S3MediaStore:
                 from exc
 
     def _fetch(self, key: str, dest: Path) -> None:
-        response = self._client.get_object(Bucket=self.bucket, Key=self._object(key))
-        with response["Body"] as body, open(dest, "wb") as out:
-            for chunk in body.iter_chunks(1 << 20):
-                out.write(chunk)
+        body = self._client.get_object(Bucket=self.bucket, Key=self._object(key))["Body"]
+        try:
+            with open(dest, "wb") as out:
+                for chunk in body.iter_chunks(1 << 20):  # botocore's StreamingBody
+                    out.write(chunk)
+        finally:
+            body.close()
 
     async def url(self, key: str, ttl_s: int) -> str:
         return await asyncio.to_thread(
