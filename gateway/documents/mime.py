@@ -21,7 +21,7 @@ import quopri
 import re
 from dataclasses import dataclass, field
 from email.message import EmailMessage, Message
-from email.parser import BytesFeedParser, BytesParser
+from email.parser import BytesFeedParser, BytesHeaderParser, BytesParser
 from email import policy
 from html import unescape
 from html.parser import HTMLParser
@@ -632,18 +632,103 @@ def read_message(data: bytes) -> Message:
     hundred levels, which a hostile sender reaches in about 50 kB.  Callers that parse DATA
     should use this so that such mail gets a 5xx with a reason, like other unreadable mail.
     """
+    if len(data) <= FAST_PARSE_MAX_BYTES and (split := _split_entity(data, 0)) is not None:
+        return split
     try:
         return BytesParser(policy=_PARSE_POLICY).parsebytes(data)
     except RecursionError:
         raise MimeError("the message is nested too deeply to be read") from None
 
 
+# Up to this size a mail is read whole and, when it has the usual shape, split at its MIME
+# boundaries without the line-by-line feed parser (see _split_mail); larger mail is fed to the
+# stdlib parser a chunk at a time, which bounds memory.
+FAST_PARSE_MAX_BYTES = 4 * 1024 * 1024
+_FAST_MAX_DEPTH = 4
+_FAST_MAX_PARTS = 100
+_HEAD_PARSER = BytesHeaderParser(policy=_PARSE_POLICY)
+
+
+def _split_entity(data: bytes, depth: int) -> Message | None:
+    """One entity (headers, body) as the feed parser would build it, or None when it is not
+    of the plain shape this handles (the caller then uses the feed parser): headers without
+    defects and a blank line after them; a leaf, or a multipart with a boundary whose parts
+    all close; no message/* parts and no multipart/digest."""
+    if data.startswith((b"\r\n", b"\n")):
+        return None  # no header fields at all: rare, left to the feed parser
+    blank = _BLANK_LINE.search(data)
+    if blank is None:
+        return None
+    msg = _HEAD_PARSER.parsebytes(data[:blank.end()])
+    if msg.defects or msg.get_payload():
+        return None  # a line that is no header field: the feed parser's recovery decides
+    body = data[blank.end():]
+    ctype = msg.get_content_type()
+    if ctype.startswith("message/") or ctype == "multipart/digest":
+        return None
+    if msg.get_content_maintype() != "multipart":
+        msg.set_payload(body.decode("ascii", "surrogateescape"))
+        return msg
+    boundary = msg.get_boundary()
+    if not boundary or depth >= _FAST_MAX_DEPTH:
+        return None
+    parts = _split_parts(body, b"--" + boundary.encode("ascii", "surrogateescape"))
+    if parts is None:
+        return None
+    children = []
+    for raw in parts:
+        child = _split_entity(raw, depth + 1)
+        if child is None:
+            return None
+        children.append(child)
+    msg.set_payload(children)  # a multipart's payload is its list of parts
+    return msg
+
+
+def _split_parts(body: bytes, delimiter: bytes) -> list[bytes] | None:
+    """The parts between the delimiter lines of a multipart body (RFC 2046 5.1.1: the line
+    break before a delimiter belongs to it), or None without a closing delimiter."""
+    parts: list[bytes] = []
+    start: int | None = None  # where the current part begins
+    at = body.find(delimiter)
+    while at != -1:
+        line_end = body.find(b"\n", at)
+        after = at + len(delimiter)
+        rest = body[after:line_end if line_end != -1 else len(body)].removesuffix(b"\r")
+        rest = rest.rstrip(b" \t")
+        if (at == 0 or body[at - 1] == 0x0A) and rest in (b"", b"--"):
+            if start is not None:
+                if len(parts) >= _FAST_MAX_PARTS:
+                    return None  # hostile or absurd: the feed parser and the walk's limits
+                part = body[start:at]
+                parts.append(part[:-2] if part.endswith(b"\r\n") else part[:-1])
+            if rest == b"--":
+                return parts if start is not None else None
+            if line_end == -1:
+                return None
+            start = line_end + 1
+        at = body.find(delimiter, after)
+    return None
+
+
+def _split_mail(path: str) -> Message | None:
+    """The mail in `path` split at its boundaries in one pass (C-speed finds), for mail of the
+    usual shape up to FAST_PARSE_MAX_BYTES; None to use the feed parser. The feed parser reads
+    a 100 KB scan line by line (~1,800 lines of base64): most of a small fax's parse time."""
+    with open(path, "rb") as fh:
+        data = fh.read(FAST_PARSE_MAX_BYTES + 1)
+    return None if len(data) > FAST_PARSE_MAX_BYTES else _split_entity(data, 0)
+
+
 def read_message_file(path: str, chunk_bytes: int = 1 << 20) -> Message:
-    """`read_message` for a mail in a file, fed to the parser a chunk at a time.
+    """`read_message` for a mail in a file: split at its boundaries when it has the usual
+    shape (`_split_mail`), else fed to the stdlib parser a chunk at a time.
 
     `parsebytes` needs the whole mail as bytes, then as a str, then copies it into a StringIO
     (four bytes a character): about 8x the message at once, 230 MB for a 20 MB scan. Fed in
     chunks, the parser holds the lines of one part and the part itself."""
+    if (split := _split_mail(path)) is not None:
+        return split
     parser = BytesFeedParser(policy=_PARSE_POLICY)
     try:
         with open(path, "rb") as fh:
