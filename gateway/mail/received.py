@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
-from gettext import gettext as _
+from gateway.mail.phrases import _
 
 from gateway.text import one_line
 from gateway.mail.sender import MAIL_POLICY, Rendered, render
