@@ -76,6 +76,7 @@ class Worker:
         self._recheck_s = min(UNKNOWN_RECHECK_S, settings.api_timeout_s)
         # Notified after every step: lets tests and the CLI wait for a job without polling.
         self.progress = asyncio.Condition()
+        self._released: list[str] = []  # jobs whose step ended: their leases go next trip
         # How many mails intake is working on now (the daemon wires in Intake's count): while
         # any, fewer steps run at once, so senders get their 250 first.
         self.intake_active: Callable[[], int] = lambda: 0
@@ -131,6 +132,12 @@ class Worker:
             await asyncio.gather(*pending, return_exceptions=True)
             log.info("worker stopped: %d step(s) finished, %d cancelled", len(done),
                      len(pending))
+        released, self._released = self._released, []
+        try:
+            await self.store.run(self.store.release, *released)
+        except Exception:  # noqa: BLE001 - the leases run out by themselves
+            log.warning("%d job lease(s) not released; they run out in %.0f s", len(released),
+                        self.s.lease_seconds)
 
     async def _loop(self) -> None:
         while not self._stopping:
@@ -173,7 +180,17 @@ class Worker:
             due = store.claim_due(self.clock(), free, inflight) if free > 0 else []
             return due, store.next_due_at(inflight + [j.id for j in due])
 
-        due, nxt = await store.run(claim)
+        released, self._released = self._released, []
+
+        def release_and_claim() -> tuple[list[Job], float | None]:
+            store.release(*released)
+            return claim()
+
+        try:
+            due, nxt = await store.run(release_and_claim)
+        except BaseException:
+            self._released.extend(released)  # tried again on the next trip
+            raise
         started = []
         for job in due:
             if job.state is State.STORED:
@@ -220,11 +237,9 @@ class Worker:
             log.exception("job %s: %s step crashed", job.id, job.state.value)
             await self._later(job, f"internal error: {type(exc).__name__}")
         finally:
-            try:
-                await self.store.run(self.store.release, job.id)
-            except Exception:  # the lease runs out by itself
-                log.warning("job %s: lease not released; it runs out in %.0f s", job.id,
-                            self.s.lease_seconds)
+            # Released on the loop's next trip to the store (which this step's end wakes),
+            # with the claim of what comes next: not a trip of its own per step.
+            self._released.append(job.id)
             self._inflight.pop(job.id, None)
             self._dialling.pop(job.id, None)
             self._wake.set()

@@ -175,8 +175,8 @@ class Store(abc.ABC):
         """The heartbeat: extend this node's leases; returns the ids it still holds."""
 
     @abc.abstractmethod
-    def release(self, job_id: str) -> None:
-        """This node is done with the job's step: any node may claim its next one."""
+    def release(self, *job_ids: str) -> None:
+        """This node is done with these jobs' steps: any node may claim their next ones."""
 
     @abc.abstractmethod
     def release_all(self, everyone: bool = False) -> int:

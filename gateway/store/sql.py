@@ -401,10 +401,13 @@ class SqlStore(Store):
                               f" AND id IN ({_marks(ids)})", (self.node_id, *ids))
         return {r["id"] for r in rows}
 
-    def release(self, job_id: str) -> None:
+    def release(self, *job_ids: str) -> None:
+        if not job_ids:
+            return
         with self._tx():
             self._exec("UPDATE jobs SET lease_owner = NULL, lease_until = NULL"
-                       " WHERE id = ? AND lease_owner = ?", (job_id, self.node_id))
+                       f" WHERE lease_owner = ? AND id IN ({_marks(job_ids)})",
+                       (self.node_id, *job_ids))
 
     def release_all(self, everyone: bool = False) -> int:
         """At start: this node's leases from before a restart (same NODE_ID), or with
