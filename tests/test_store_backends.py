@@ -6,6 +6,7 @@ NODE_ID and the one injected clock, as several gateways would be.
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import threading
 from dataclasses import replace
@@ -467,3 +468,25 @@ def test_the_password_is_never_shown(pg_url: str) -> None:
     with pytest.raises(Exception) as caught:
         store.open()
     assert "s3cret-pw" not in str(caught.value)
+
+
+async def test_calls_on_the_store_threads_at_once_keep_their_limits(
+        node: NodeFactory, clock: FakeClock) -> None:
+    """Store.run on every thread the backend has (PostgreSQL: several, each transaction on its
+    own pooled connection): twenty rate-limit charges racing for ten places take exactly ten,
+    and twenty mails committed at once are twenty messages, each with its job."""
+    store = node("node-a")
+    store.close()  # reopened by start(), with the store's own threads
+    await store.start()
+    try:
+        rules = [("rate", "sender:race", 10)]
+        waits = await asyncio.gather(*(store.run(store.take_hits, rules, clock(), 3600)
+                                       for _ in range(20)))
+        assert sum(1 for w in waits if w == 0.0) == 10
+        assert store.count_hits("rate", "sender:race", clock() - 3600) == 10
+        jobs = await asyncio.gather(*(store.run(add_mail, store, "+15551230000")
+                                      for _ in range(20)))
+        assert len({j for ids in jobs for j in ids}) == 20
+        assert len(store.jobs()) == 20
+    finally:
+        await store.stop()

@@ -47,6 +47,11 @@ class StoreError(Exception):
 class Store(abc.ABC):
     """The job store. Subclasses implement the abstract methods; the thread plumbing is here."""
 
+    # Threads the store's calls run on. SQLite: one (one writer, and the daemon's own order
+    # of writes). A server database takes calls on several connections at once, as it takes
+    # several nodes' (its transactions and locks are what keep them apart).
+    THREADS = 1
+
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self._executor: ThreadPoolExecutor | None = None
@@ -72,7 +77,7 @@ class Store(abc.ABC):
     def close(self) -> None: ...
 
     async def start(self) -> None:
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="faxgw-store")
+        self._executor = ThreadPoolExecutor(self.THREADS, thread_name_prefix="faxgw-store")
         await self.run(self.open)
 
     async def stop(self) -> None:

@@ -365,8 +365,16 @@ class SqlStore(Store):
 
     SKIP_LOCKED = ""  # PostgreSQL: " FOR UPDATE SKIP LOCKED"
 
-    def _claim_lock(self) -> None:
-        """Serialise claims across nodes (SQLite: BEGIN IMMEDIATE already does)."""
+    def _claim_lock(self, what: str = "claims") -> None:
+        """Serialise one kind of shared decision across nodes, inside a transaction: "claims"
+        (jobs, named leases), "hits" (rate limits), "send-slot" (the account's send rate).
+        Each kind has its own lock, so a sender's rate-limit check never waits behind a
+        claim. SQLite: BEGIN IMMEDIATE already serialises every write."""
+
+    def _relaxed_commit(self) -> None:
+        """Inside a transaction: its commit need not wait for the disk (rate-limit counts:
+        losing the last few to a crash of the database server costs nothing). SQLite: as
+        every commit."""
 
     def claim_due(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[Job]:
         where, args = self._due_where(list(exclude), now)
@@ -444,7 +452,7 @@ class SqlStore(Store):
         """Reserve the next send slot under the account's rate, across nodes; returns when it
         is (now, or later: the caller waits until then)."""
         with self._tx():
-            self._claim_lock()
+            self._claim_lock("send-slot")
             row = self._one("SELECT until FROM leases WHERE name = 'send-slot'")
             at = now if row is None else max(now, float(row["until"]))
             if row is None:
@@ -456,17 +464,19 @@ class SqlStore(Store):
         return at
 
     def _hits_wait(self, rules: Sequence[tuple[str, str, int]], count: int, now: float,
-                   window_s: float) -> float:
+                   window_s: float, prune: bool = True) -> float:
         """Inside a transaction: 0.0 if `count` more hits fit every (kind, key, limit) rule in
-        the sliding window, else the seconds until they will (inf: they never can)."""
+        the sliding window, else the seconds until they will (inf: they never can). `prune`
+        deletes the key's hits that left the window (a read-only check does not)."""
         wait = 0.0
         for kind, key, limit in rules:
             if count > limit:
                 return math.inf
-            self._exec("DELETE FROM hits WHERE kind = ? AND hkey = ? AND at <= ?",
-                       (kind, key, now - window_s))
-            rows = self._rows("SELECT at FROM hits WHERE kind = ? AND hkey = ?"
-                              " ORDER BY at DESC LIMIT ?", (kind, key, limit))
+            if prune:
+                self._exec("DELETE FROM hits WHERE kind = ? AND hkey = ? AND at <= ?",
+                           (kind, key, now - window_s))
+            rows = self._rows("SELECT at FROM hits WHERE kind = ? AND hkey = ? AND at > ?"
+                              " ORDER BY at DESC LIMIT ?", (kind, key, now - window_s, limit))
             room = limit - len(rows)
             if room < count:
                 # The hit that must expire before `count` more fit.
@@ -475,18 +485,19 @@ class SqlStore(Store):
 
     def hits_wait(self, rules: Sequence[tuple[str, str, int]], count: int, now: float,
                   window_s: float) -> float:
-        """Whether `count` more hits would fit now (see take_hits), without recording any."""
+        """Whether `count` more hits would fit now (see take_hits), without recording any:
+        a read, under no lock (take_hits decides; this only refuses early)."""
         with self._tx():
-            self._claim_lock()
-            return self._hits_wait(rules, count, now, window_s)
+            return self._hits_wait(rules, count, now, window_s, prune=False)
 
     def take_hits(self, rules: Sequence[tuple[str, str, int]], now: float,
                   window_s: float, count: int = 1) -> float:
         """Count `count` hits under every (kind, key, limit) rule, or under none: 0.0 if each
         has room in the sliding window (and records them all), else the seconds until all will.
-        One transaction under the claim lock, so nodes cannot overrun a limit together."""
+        One transaction under the hits lock, so nodes cannot overrun a limit together."""
         with self._tx():
-            self._claim_lock()
+            self._claim_lock("hits")
+            self._relaxed_commit()
             wait = self._hits_wait(rules, count, now, window_s)
             if wait <= 0:
                 for kind, key, _ in rules:
@@ -500,6 +511,7 @@ class SqlStore(Store):
         """Undo the newest `count` hits of each (kind, key): faxes charged at DATA whose
         message was then refused."""
         with self._tx():
+            self._relaxed_commit()
             for kind, key in keys:
                 rows = self._rows("SELECT at FROM hits WHERE kind = ? AND hkey = ?"
                                   " ORDER BY at DESC LIMIT ?", (kind, key, count))
