@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     code_id = snapshot_gateway(args.gateway_source, src)
     sys.path.insert(0, str(REPO))  # tests.s3server (SeaweedFS helper)
     sys.path.insert(0, str(src))  # gateway.*: the snapshot, in this process too
-    from tests.s3server import SeaweedS3
+    from gateway.sandbox.s3server import SeaweedS3
 
     s3 = SeaweedS3(root / "s3")
     code = 1
