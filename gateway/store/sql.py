@@ -464,26 +464,28 @@ class SqlStore(Store):
         return at
 
     def _hits_wait(self, rules: Sequence[tuple[str, str, int]], count: int, now: float,
-                   window_s: float, prune: bool = True) -> float:
+                   window_s: float) -> float:
         """Inside a transaction: 0.0 if `count` more hits fit every (kind, key, limit) rule in
-        the sliding window, else the seconds until they will (inf: they never can). `prune`
-        deletes the key's hits that left the window (a read-only check does not)."""
+        the sliding window, else the seconds until they will (inf: they never can). Hits
+        that left the window are not counted (housekeeping deletes them: prune_hits)."""
+        if any(count > limit for _, _, limit in rules):
+            return math.inf
+        if not rules:
+            return 0.0
+        since = now - window_s
+        # One query for every rule's count (under the hits lock: each statement is a round
+        # trip the lock is held for), counted, not fetched.
+        match = " OR ".join(["(kind = ? AND hkey = ?)"] * len(rules))
+        counts = {(r["kind"], r["hkey"]): int(r["n"]) for r in self._rows(
+            f"SELECT kind, hkey, COUNT(*) AS n FROM hits WHERE ({match}) AND at > ?"
+            " GROUP BY kind, hkey", [*(v for k, h, _ in rules for v in (k, h)), since])}
         wait = 0.0
         for kind, key, limit in rules:
-            if count > limit:
-                return math.inf
-            if prune:
-                self._exec("DELETE FROM hits WHERE kind = ? AND hkey = ? AND at <= ?",
-                           (kind, key, now - window_s))
-            # Counted, not fetched: a limit of a few thousand an hour made every check read
-            # (and turn into Python rows) every hit in the window, for every mail.
-            found = self._one("SELECT COUNT(*) AS n FROM hits WHERE kind = ? AND hkey = ?"
-                              " AND at > ?", (kind, key, now - window_s))
-            if limit - int(found["n"] if found else 0) < count:
+            if limit - counts.get((kind, key), 0) < count:
                 # The hit that must expire before `count` more fit.
                 row = self._one("SELECT at FROM hits WHERE kind = ? AND hkey = ? AND at > ?"
                                 " ORDER BY at DESC LIMIT 1 OFFSET ?",
-                                (kind, key, now - window_s, limit - count))
+                                (kind, key, since, limit - count))
                 if row is not None:
                     wait = max(wait, float(row["at"]) + window_s - now)
         return wait
@@ -493,22 +495,25 @@ class SqlStore(Store):
         """Whether `count` more hits would fit now (see take_hits), without recording any:
         a read, under no lock (take_hits decides; this only refuses early)."""
         with self._tx():
-            return self._hits_wait(rules, count, now, window_s, prune=False)
+            return self._hits_wait(rules, count, now, window_s)
 
     def take_hits(self, rules: Sequence[tuple[str, str, int]], now: float,
                   window_s: float, count: int = 1) -> float:
         """Count `count` hits under every (kind, key, limit) rule, or under none: 0.0 if each
         has room in the sliding window (and records them all), else the seconds until all will.
-        One transaction under the hits lock, so nodes cannot overrun a limit together."""
-        with self._tx():
+        One transaction under the hits lock, so nodes cannot overrun a limit together; its
+        statements go out together (`_batch_tx`): the lock is held for two round trips."""
+        with self._batch_tx():
             self._claim_lock("hits")
             self._relaxed_commit()
             wait = self._hits_wait(rules, count, now, window_s)
             if wait <= 0:
-                for kind, key, _ in rules:
-                    for i in range(count):  # distinct times, so a give-back removes exactly these
-                        self._exec("INSERT INTO hits (kind, hkey, at) VALUES (?, ?, ?)",
-                                   (kind, key, now + i * 1e-6))
+                # One statement for all; distinct times, so a give-back removes exactly these.
+                values = [(kind, key, now + i * 1e-6) for kind, key, _ in rules
+                          for i in range(count)]
+                self._exec("INSERT INTO hits (kind, hkey, at) VALUES "
+                           + ", ".join(["(?, ?, ?)"] * len(values)),
+                           [v for row in values for v in row])
                 return 0.0
         return wait
 
