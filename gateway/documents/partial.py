@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from gateway.documents.mime import header_block
-from gateway.store.spool import fsync_dir
+from gateway.store.spool import copy_durable, fsync_dir
 
 __all__ = ["MAX_PARTS", "PartialError", "PartialInfo", "PartialSet", "PartialStore", "Reassembler",
            "Received", "join", "partial_info", "set_key"]
@@ -259,16 +259,14 @@ def _size_of(path: Path) -> int:
 
 def _write(path: Path, source: bytes | Path) -> None:
     """Atomically: a temporary file, fsync'ed, renamed over the target, the directory synced."""
+    if not isinstance(source, bytes):
+        copy_durable(source, path)
+        return
     tmp = path.with_name(f".{path.name}.tmp")
-    if isinstance(source, bytes):
-        with open(tmp, "wb") as out:
-            out.write(source)
-            out.flush()
-            os.fsync(out.fileno())
-    else:
-        shutil.copyfile(source, tmp)
-        with open(tmp, "rb") as done:
-            os.fsync(done.fileno())
+    with open(tmp, "wb") as out:
+        out.write(source)
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
 

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Protocol, TypeVar
 
-from gateway.store.spool import fsync_dir
+from gateway.store.spool import copy_durable
 
 T = TypeVar("T")
 S3_THREADS = 8  # S3 calls at once (uploads, presigning, deletes, fetches)
@@ -74,16 +74,9 @@ class LocalMediaStore:
         await asyncio.to_thread(self._put, key, source)
 
     def _put(self, key: str, source: Path) -> None:
-        target = self.root / key
-        tmp = target.with_name(f".{key}.tmp")
         try:
-            shutil.copyfile(source, tmp)
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-            fsync_dir(self.root)
+            copy_durable(source, self.root / key)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise MediaError(f"local media store: {exc.strerror or exc}") from exc
 
     async def fetch(self, key: str, dest: Path) -> None:

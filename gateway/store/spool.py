@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 
@@ -37,6 +38,21 @@ def write_durable(path: Path, data: bytes, mode: int = 0o640) -> None:
     """Write to a temporary name, fsync, rename into place, fsync the directory."""
     tmp = write_temp(path.parent, path.name, data, mode)
     try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def copy_durable(source: Path, path: Path) -> None:
+    """`write_durable` for a file already on disk: copied under a temporary name, fsync'ed,
+    renamed into place, the directory fsync'ed."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        shutil.copyfile(source, tmp)
+        with open(tmp, "rb") as done:
+            os.fsync(done.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
