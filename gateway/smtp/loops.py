@@ -14,14 +14,13 @@ Pure functions over bytes and header values; no I/O, so they are tested without 
 
 from __future__ import annotations
 
-import re
 from email import policy
 from email.message import Message
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 
 from gateway.constants import REPORT_HEADER
-from gateway.documents.mime import header_block
+from gateway.documents.mime import delimiter_lines, header_block
 
 __all__ = ["automatic_mail", "in_domain"]
 
@@ -64,25 +63,18 @@ def _top_level_part_types(content: bytes, headers: Message) -> list[str]:
     boundary = headers.get_param("boundary")
     if not isinstance(boundary, str) or not boundary or len(boundary) > 200:
         return []
-    # Found with bytes.find, not a regex: a pattern made from each mail's own boundary was
-    # compiled anew for every mail, on the event loop.
     marker = b"--" + boundary.encode("latin-1", "replace")
     scanned = content[:_SCAN_BYTES]
-    types = []
-    at = scanned.find(marker)
-    while at != -1:
-        after = at + len(marker)
-        line_end = scanned.find(b"\n", after)
+    types: list[str] = []
+    for _, line_end, closing in delimiter_lines(scanned, marker):
         if line_end == -1:
             break
-        # A delimiter line: at a line start, then only blanks ("--boundary--" ends the parts)
-        if (at == 0 or scanned[at - 1] == 0x0A) \
-                and not scanned[after:line_end].removesuffix(b"\r").strip(b" \t"):
-            if len(types) >= _MAX_PARTS:
-                break
-            head = scanned[line_end + 1:line_end + 1 + 16 * 1024]
-            types.append(_PARSER.parsebytes(header_block(head)).get_content_type())
-        at = scanned.find(marker, after)
+        if closing:
+            continue
+        if len(types) >= _MAX_PARTS:
+            break
+        head = scanned[line_end + 1:line_end + 1 + 16 * 1024]
+        types.append(_PARSER.parsebytes(header_block(head)).get_content_type())
     return types
 
 
