@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
     src = root / "src"
     code_id = snapshot_gateway(args.gateway_source, src)
-    sys.path.insert(0, str(REPO))  # tests.s3server (SeaweedFS helper)
+    sys.path.insert(0, str(REPO))  # gateway.sandbox (the SeaweedFS helper) from this checkout
     sys.path.insert(0, str(src))  # gateway.*: the snapshot, in this process too
     from gateway.sandbox.s3server import SeaweedS3
 

@@ -172,19 +172,15 @@ class Worker:
         free = limit - len(self._inflight)
         inflight = list(self._inflight)
         store = self.store
-
-        def claim() -> tuple[list[Job], float | None]:
-            # Claimed, not merely read: each job comes leased to this node (see _beat). The
-            # next due time in the same trip to the store thread (the loop asks after every
-            # step that ends).
-            due = store.claim_due(self.clock(), free, inflight) if free > 0 else []
-            return due, store.next_due_at(inflight + [j.id for j in due])
-
         released, self._released = self._released, []
 
         def release_and_claim() -> tuple[list[Job], float | None]:
+            # One trip to the store thread (the loop comes here after every step that ends):
+            # the ended steps' leases go, the due jobs are claimed, not merely read (each comes
+            # leased to this node, see _beat), and the next due time is read.
             store.release(*released)
-            return claim()
+            due = store.claim_due(self.clock(), free, inflight) if free > 0 else []
+            return due, store.next_due_at(inflight + [j.id for j in due])
 
         try:
             due, nxt = await store.run(release_and_claim)
