@@ -453,30 +453,35 @@ class Dashboard:
         if found is None:
             raise web.HTTPNotFound(text="the document is no longer kept")
         message_id, path = found
-        png = self._thumbs.get(message_id)
+        return await self._picture(message_id, f"message {message_id}", lambda: self.cpu.run(
+            call, "gateway.web.dashboard.thumbs:render_first_page", path, THUMB_WIDTH_PX))
+
+    async def _picture(self, key: str, what: str,
+                       draw: Callable[[], Awaitable[bytes]]) -> web.Response:
+        """A first-page PNG from the cache, or drawn once however many ask at the same time
+        (one task per key, shielded from a viewer who goes away), then cached."""
+        png = self._thumbs.get(key)
         if png is None:
-            task = self._thumb_tasks.get(message_id)
+            task = self._thumb_tasks.get(key)
             if task is None:
-                task = asyncio.ensure_future(self.cpu.run(
-                    call, "gateway.web.dashboard.thumbs:render_first_page", path,
-                    THUMB_WIDTH_PX))
-                self._thumb_tasks[message_id] = task
+                task = asyncio.ensure_future(draw())
+                self._thumb_tasks[key] = task
             try:
                 png = await asyncio.shield(task)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # TaskLimitError, ConvertError, a vanished file, ...
-                log.warning("dashboard: first page of message %s not drawn: %s", message_id,
-                            exc)
+            except Exception as exc:  # TaskLimitError, ConvertError, SignalWire down, ...
+                log.warning("dashboard: first page of %s not drawn: %s", what,
+                            redact(str(exc)))
                 raise web.HTTPNotFound(text="the first page could not be drawn") from None
             finally:
                 if task.done():
-                    self._thumb_tasks.pop(message_id, None)
-            self._thumbs[message_id] = png
+                    self._thumb_tasks.pop(key, None)
+            self._thumbs[key] = png
             while len(self._thumbs) > THUMB_CACHE_ENTRIES:
                 self._thumbs.popitem(last=False)
         else:
-            self._thumbs.move_to_end(message_id)
+            self._thumbs.move_to_end(key)
         return web.Response(body=png, content_type="image/png",
                             headers={"Cache-Control": "private, max-age=300"})
 
@@ -589,31 +594,8 @@ class Dashboard:
         fax = d.row.fax
         if not d.picture:
             raise web.HTTPNotFound(text=d.no_picture)
-        key = "in:" + fax.fax_sid
-        png = self._thumbs.get(key)
-        if png is None:
-            task = self._thumb_tasks.get(key)
-            if task is None:
-                task = asyncio.ensure_future(self._draw_received(fax))
-                self._thumb_tasks[key] = task
-            try:
-                png = await asyncio.shield(task)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # SignalWire down, media gone, not drawable, ...
-                log.warning("dashboard: first page of received fax %s not drawn: %s",
-                            fax.fax_sid, redact(str(exc)))
-                raise web.HTTPNotFound(text="the first page could not be drawn") from None
-            finally:
-                if task.done():
-                    self._thumb_tasks.pop(key, None)
-            self._thumbs[key] = png
-            while len(self._thumbs) > THUMB_CACHE_ENTRIES:
-                self._thumbs.popitem(last=False)
-        else:
-            self._thumbs.move_to_end(key)
-        return web.Response(body=png, content_type="image/png",
-                            headers={"Cache-Control": "private, max-age=300"})
+        return await self._picture("in:" + fax.fax_sid, f"received fax {fax.fax_sid}",
+                                   lambda: self._draw_received(fax))
 
     async def _draw_received(self, fax: InboundFax) -> bytes:
         try:
