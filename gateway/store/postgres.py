@@ -187,6 +187,11 @@ class PostgresStore(SqlStore):
         with self._connection() as conn:
             return conn.execute(_placeholders(sql), args).fetchall()
 
+    def _exec_later(self, sql: str, args: Sequence[Any] = ()) -> Callable[[], int]:
+        with self._connection() as conn:
+            cursor = conn.execute(_placeholders(sql), args)
+        return lambda: cursor.rowcount  # in pipeline mode: known once the batch is synced
+
     def _is_db_error(self, exc: BaseException) -> bool:
         return isinstance(exc, psycopg.Error)  # PoolTimeout is an OperationalError
 

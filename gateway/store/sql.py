@@ -16,7 +16,7 @@ import contextlib
 import logging
 import math
 from dataclasses import fields
-from typing import Any, ContextManager, Iterable, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Sequence
 
 from gateway.outbound.states import (ACTIVE_STATES, FINISHED, REPORT_DUE,
                                      CallbackAction, Ev, Job, State, check_transition,
@@ -115,6 +115,13 @@ class SqlStore(Store):
     @abc.abstractmethod
     def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
         """Run one query (`?` placeholders); its rows as dicts keyed by column name."""
+
+    def _exec_later(self, sql: str, args: Sequence[Any] = ()) -> Callable[[], int]:
+        """`_exec` whose row count is read once the `_batch_tx` it is in has ended (PostgreSQL:
+        sent with the rest of the batch, the commit included, so the batch is one round trip).
+        Default: run now."""
+        changed = self._exec(sql, args)
+        return lambda: changed
 
     def _sql(self, sql: str) -> str:
         """The statement in the backend's placeholder style (`?` here; `%s` for psycopg)."""
@@ -493,29 +500,41 @@ class SqlStore(Store):
     def hits_wait(self, rules: Sequence[tuple[str, str, int]], count: int, now: float,
                   window_s: float) -> float:
         """Whether `count` more hits would fit now (see take_hits), without recording any:
-        a read, under no lock (take_hits decides; this only refuses early)."""
-        with self._tx():
-            return self._hits_wait(rules, count, now, window_s)
+        a read, under no lock and in no transaction (take_hits decides; this only refuses
+        early), so one round trip."""
+        return self._hits_wait(rules, count, now, window_s)
 
     def take_hits(self, rules: Sequence[tuple[str, str, int]], now: float,
                   window_s: float, count: int = 1) -> float:
         """Count `count` hits under every (kind, key, limit) rule, or under none: 0.0 if each
         has room in the sliding window (and records them all), else the seconds until all will.
-        One transaction under the hits lock, so nodes cannot overrun a limit together; its
-        statements go out together (`_batch_tx`): the lock is held for two round trips."""
+        One transaction under the hits lock, so nodes cannot overrun a limit together: the
+        hits are inserted only where every rule still has room, in one statement, and the
+        batch (lock, insert, commit) goes out together: one round trip, and the lock is
+        held for no round trip at all. Only a refusal reads again, for how long to wait."""
+        if any(count > limit for _, _, limit in rules):
+            return math.inf
+        if not rules:
+            return 0.0
+        # Distinct times, so a give-back removes exactly these.
+        fresh = [(kind, key, now + i * 1e-6) for kind, key, _ in rules for i in range(count)]
         with self._batch_tx():
             self._claim_lock("hits")
             self._relaxed_commit()
-            wait = self._hits_wait(rules, count, now, window_s)
-            if wait <= 0:
-                # One statement for all; distinct times, so a give-back removes exactly these.
-                values = [(kind, key, now + i * 1e-6) for kind, key, _ in rules
-                          for i in range(count)]
-                self._exec("INSERT INTO hits (kind, hkey, at) VALUES "
-                           + ", ".join(["(?, ?, ?)"] * len(values)),
-                           [v for row in values for v in row])
-                return 0.0
-        return wait
+            inserted = self._exec_later(
+                "INSERT INTO hits (kind, hkey, at) WITH rules (kind, hkey, lim) AS (VALUES "
+                + ", ".join(["(?, ?, ?)"] * len(rules))
+                + "), fresh (kind, hkey, at) AS (VALUES "
+                + ", ".join(["(?, ?, ?)"] * len(fresh))
+                + ") SELECT kind, hkey, at FROM fresh"
+                " WHERE NOT EXISTS (SELECT 1 FROM rules WHERE rules.lim - ? < ("
+                " SELECT COUNT(*) FROM hits WHERE hits.kind = rules.kind"
+                " AND hits.hkey = rules.hkey AND hits.at > ?))",
+                [*(v for rule in rules for v in rule), *(v for row in fresh for v in row),
+                 count, now - window_s])
+        if inserted():
+            return 0.0
+        return max(self._hits_wait(rules, count, now, window_s), 1e-3)  # refused: not 0
 
     def give_back_hits(self, keys: Sequence[tuple[str, str]], count: int) -> None:
         """Undo the newest `count` hits of each (kind, key): faxes charged at DATA whose
