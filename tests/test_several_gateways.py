@@ -8,6 +8,7 @@ import asyncio
 import logging
 import os
 import shutil
+import smtplib
 import subprocess
 import sys
 import time
@@ -413,3 +414,74 @@ async def test_copies_of_a_mail_arriving_together_make_one_job(
         [key] = [o["Key"] for o in listed.get("Contents", [])]
         job = await gateways[0].store.run(gateways[0].store.job, job_id)
         assert job is not None and job.media_key and key.endswith(job.media_key)
+
+
+async def test_a_data_charge_refused_meanwhile_is_the_rate_refusal_and_no_mail(
+        make_gateway: GatewayFactory, pg_url: str, seaweed: SeaweedS3, s3_credentials: None,
+        simulator: Simulator, relay: RelaySink, tmp_path: Path) -> None:
+    """The shared DATA charge is decided while the document is converted. Two sessions of one
+    sender pass RCPT on two nodes while one fax is left in its hour; the second DATA gets the
+    rate limit's 450, even with a broken document (no refusal mail: the sender is over the
+    limit, as when the charge came first), and nothing of it is kept."""
+    pg_reset(pg_url)
+    limits = {"RATE_LIMIT_PER_SENDER": "1"}
+    a = await make_gateway(shared_env(tmp_path, "node-a", pg_url, seaweed, simulator, relay,
+                                      **limits))
+    b = await make_gateway(shared_env(tmp_path, "node-b", pg_url, seaweed, simulator, relay,
+                                      **limits))
+
+    def past_rcpt(port: int, number: str) -> smtplib.SMTP:
+        client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+        client.ehlo("client.test")
+        assert client.mail("alice@example.com")[0] == 250
+        assert client.rcpt(f"{number}@fax.local")[0] == 250  # RCPT only looks
+        return client
+
+    def data(client: smtplib.SMTP, msg: EmailMessage) -> tuple[int, bytes]:
+        try:
+            return client.data(msg.as_bytes(policy=msg.policy.clone(linesep="\r\n")))
+        finally:
+            client.quit()
+
+    one = await asyncio.to_thread(past_rcpt, a.smtp.port, "15551230011")
+    two = await asyncio.to_thread(past_rcpt, b.smtp.port, "15551230012")
+    code, text = await asyncio.to_thread(data, one, pdf_mail("15551230011@fax.local"))
+    assert code == 250, text
+    code, text = await asyncio.to_thread(data, two, pdf_mail("15551230012@fax.local", pdf=b""))
+    assert code == 450 and text.startswith(b"4.7.1 Rate limit reached"), text
+    await asyncio.gather(*a.intake._tasks, *b.intake._tasks)  # refusal mails go out here
+    # A broken document from a sender under the limit: 554 and a refusal mail, as ever.
+    bob = await smtp_send(a.smtp.port, pdf_mail("15551230013@fax.local", pdf=b"",
+                                                sender="bob@example.com"),
+                          ["15551230013@fax.local"], mail_from="bob@example.com")
+    assert bob.code == 554 and "is empty" in bob.text, bob.text
+    mails = [await relay.next(30), await relay.next(30)]  # bob's refusal, alice's one report
+    assert sorted(str(m["To"]) for m in mails) == ["alice@example.com", "bob@example.com"]
+    assert "delivered" in str(next(m for m in mails if "alice" in str(m["To"]))["Subject"])
+    assert relay.messages.empty()
+    # Nothing of the refused mail was kept: one job, one document in the media store.
+    assert await all_reported(pg_url) == {"reported"} and len(db_states(pg_url)) == 1
+    assert len(simulator.state.send_requests) == 1
+    assert [p for p in (tmp_path / "node-b").rglob("*.pdf*")] == []
+
+
+async def test_a_spool_that_cannot_be_written_leaves_no_object_in_s3(
+        manual_gateway: GatewayFactory, pg_url: str, seaweed: SeaweedS3, s3_credentials: None,
+        simulator: Simulator, relay: RelaySink, tmp_path: Path) -> None:
+    """Shared, the PUT to S3 runs while the spool links the document in: when the spool
+    write fails the sender gets 451 and the object the PUT made is deleted again."""
+    pg_reset(pg_url)
+    gw = await manual_gateway(shared_env(tmp_path, "node-a", pg_url, seaweed, simulator, relay))
+    shutil.rmtree(gw.spool.root, ignore_errors=True)
+    gw.spool.root.write_text("not a directory")  # mkdir of the spool fails: an OSError
+    reply = await smtp_send(gw.smtp.port, pdf_mail("15551234567@fax.local"),
+                            ["15551234567@fax.local"])
+    assert reply.code == 451 and reply.text.startswith("4.3.0"), reply.text
+    listed = seaweed.client().list_objects_v2(Bucket="faxgw-test",
+                                              Prefix=f"multi-{tmp_path.name}")
+    assert listed.get("Contents", []) == []
+    assert await gw.store.run(gw.store.jobs) == []
+    gw.spool.root.unlink()  # the disk is back: the sender's retry goes through
+    again = await smtp_send(gw.smtp.port, pdf_mail("15551234567@fax.local"),
+                            ["15551234567@fax.local"])
+    assert again.code == 250, again.text

@@ -253,6 +253,29 @@ class Access:
             return replies.recipient_churn(client.ip, churn)
         return None
 
+    def charge(self, client: Client, faxes: int) -> asyncio.Future[Reply | None]:
+        """DATA: start `reserve`. In memory the answer is there at once (a refused message is
+        never converted); shared, the database decides while the document is converted, and
+        the intake waits for that answer before it stores anything. Over-limit senders are
+        refused at RCPT already (a read), so conversions started for a charge that is then
+        refused are only the races between a sender's own sessions."""
+        if self.store is None:
+            decided: asyncio.Future[Reply | None] = asyncio.get_running_loop().create_future()
+            decided.set_result(self.reserve(client, faxes))
+            return decided
+        return asyncio.ensure_future(self.reserve_async(client, faxes))
+
+    async def give_back(self, charge: asyncio.Future[Reply | None], client: Client,
+                        faxes: int) -> None:
+        """Release what `charge` reserved, once it is decided; nothing if it was refused or
+        failed (the failure, a StoreError, is the intake's to report)."""
+        try:
+            refused = await asyncio.shield(charge)
+        except Exception:  # noqa: BLE001 - nothing was charged
+            return
+        if refused is None:
+            await self.release_async(client, faxes)
+
     async def reserve_async(self, client: Client, faxes: int) -> Reply | None:
         if self.store is None:
             return self.reserve(client, faxes)

@@ -40,7 +40,7 @@ from gateway.documents.partial import PartialError, PartialStore, Reassembler, R
 from gateway.mail.sender import Notifier, NotifyError
 from gateway.mail.reports import Templates, build_receipt, build_refusal
 from gateway.smtp.loops import automatic_mail, in_domain
-from gateway.store.spool import Spool, fsync_dir
+from gateway.store.spool import Spool, copy_durable, fsync_dir
 from gateway.store.base import Store, StoreError
 from gateway.store.rows import Message, NewJob
 from gateway.text import one_line
@@ -69,6 +69,10 @@ class Refused(Exception):
     def __init__(self, reply: Reply) -> None:
         super().__init__(str(reply))
         self.reply = reply
+
+
+class RateRefused(Refused):
+    """The message's DATA rate charge (`Access.charge`) was refused: nothing was charged."""
 
 
 class PartStored(Refused):
@@ -131,36 +135,43 @@ class Intake:
         self.active = 0  # mails being accepted now (the worker yields CPU to them)
 
     async def accept(self, path: Path, envelope_from: str | None, numbers: Sequence[str],
-                     peer: str | None, client: Client | None = None) -> Accepted:
+                     peer: str | None, client: Client | None = None,
+                     charge: asyncio.Future[Reply | None] | None = None) -> Accepted:
         """Queue the message in `path` (which stays the caller's to remove) or raise Refused.
+
+        `charge`: the rate limits' answer for this message (`Access.charge`), decided while the
+        document is converted; nothing is stored, and no refusal mail sent, before it says yes
+        (RateRefused when it says no).
 
         The document worker writes the PDF beside it (`<name>.pdf.part`, fsync'ed); it is
         renamed into the spool, so the daemon holds neither the mail nor the document."""
         self.active += 1
         try:
-            return await self._accept_mail(path, envelope_from, numbers, peer, client)
+            return await self._accept_mail(path, envelope_from, numbers, peer, client,
+                                           charge)
         finally:
             self.active -= 1
             if not self.active:
                 self.on_new_jobs()  # the worker goes back to its full concurrency
 
     async def _accept_mail(self, path: Path, envelope_from: str | None,
-                           numbers: Sequence[str], peer: str | None,
-                           client: Client | None) -> Accepted:
+                           numbers: Sequence[str], peer: str | None, client: Client | None,
+                           charge: asyncio.Future[Reply | None] | None) -> Accepted:
         head = await asyncio.to_thread(_read_head, path, HEAD_BYTES)
         if (automatic := automatic_mail(head, envelope_from)) is not None:
             # No refusal mail: answering automatic mail is how loops and backscatter start.
             raise Refused(replies.automatic_mail(automatic))
         # A copier's "divided sending" (message/partial): keep each part; the last one brings
         # the whole message, which then goes through intake like any other mail.
-        part = await self._partial(path, head, envelope_from, numbers, client)
+        part = await self._partial(path, head, envelope_from, numbers, client, charge)
         if part.whole is None:
-            return await self._accept_file(path, envelope_from, numbers, peer, client)
+            return await self._accept_file(path, envelope_from, numbers, peer, client, charge)
         assert part.key is not None
         whole = path.with_name(path.name.replace(".eml.part", "") + ".whole.eml.part")
         try:
             await asyncio.to_thread(whole.write_bytes, part.whole)
-            accepted = await self._accept_file(whole, envelope_from, numbers, peer, client)
+            accepted = await self._accept_file(whole, envelope_from, numbers, peer, client,
+                                               charge)
         except Refused as exc:  # 4xx: the parts wait for the sender's retry of the last one
             await self.partials.done(part.key, keep=exc.reply.temporary)
             raise
@@ -178,7 +189,8 @@ class Intake:
         return accepted
 
     async def _partial(self, path: Path, head: bytes, envelope_from: str | None,
-                       numbers: Sequence[str], client: Client | None) -> Received:
+                       numbers: Sequence[str], client: Client | None,
+                       charge: asyncio.Future[Reply | None] | None) -> Received:
         """Received() for ordinary mail; raises PartStored (250) for a part kept for later."""
         user = client.user.name if client is not None and client.user is not None else ""
 
@@ -192,7 +204,7 @@ class Intake:
                 max_bytes=self.settings.smtp_max_message_bytes, head=head)
         except PartialError as exc:
             reason = one_line(str(exc), 400, ascii_only=True)
-            await self._report_refusal(path, envelope_from, client, numbers, reason)
+            await self._report_refusal(path, envelope_from, client, numbers, reason, charge)
             raise Refused(replies.bad_document(reason)) from exc
         except OSError as exc:
             log.error("message/partial part from %s not stored: %s", envelope_from, exc)
@@ -202,16 +214,18 @@ class Intake:
         return part
 
     async def _accept_file(self, path: Path, envelope_from: str | None, numbers: Sequence[str],
-                           peer: str | None, client: Client | None) -> Accepted:
+                           peer: str | None, client: Client | None,
+                           charge: asyncio.Future[Reply | None] | None) -> Accepted:
         pdf_part = path.with_name(path.name.replace(".eml.part", "") + ".pdf.part")
         try:
-            return await self._accept(path, pdf_part, envelope_from, numbers, peer, client)
+            return await self._accept(path, pdf_part, envelope_from, numbers, peer, client,
+                                      charge)
         finally:
             pdf_part.unlink(missing_ok=True)
 
     async def _accept(self, path: Path, pdf_part: Path, envelope_from: str | None,
-                      numbers: Sequence[str], peer: str | None,
-                      client: Client | None) -> Accepted:
+                      numbers: Sequence[str], peer: str | None, client: Client | None,
+                      charge: asyncio.Future[Reply | None] | None) -> Accepted:
         date = format_datetime(datetime.fromtimestamp(self.clock(), timezone.utc))
         size = path.stat().st_size
         try:
@@ -232,8 +246,9 @@ class Intake:
                 reason = f"The attached documents could not be converted: the work {exc}"
             else:
                 reason = one_line(str(exc), 400, ascii_only=True)
-            await self._report_refusal(path, envelope_from, client, numbers, reason)
+            await self._report_refusal(path, envelope_from, client, numbers, reason, charge)
             raise Refused(replies.bad_document(reason)) from exc
+        await _charged(charge)
         parsed, document, options = prepared.parsed, prepared.document, prepared.options
         if client is not None and self.access is not None:
             refusal = self.access.check_header_from(client, parsed.from_addr)
@@ -255,14 +270,23 @@ class Intake:
                 for n in numbers]
         if (refusal := self.durability_check()) is not None:
             raise Refused(refusal)
+        upload: asyncio.Future[None] | None = None
+        if shared_key is not None and prepared.pdf_path is not None:
+            # The PUT reads the worker's file while the spool links it in: neither waits for
+            # the other, and both are done before the commit.
+            assert self.media is not None
+            upload = asyncio.ensure_future(self.media.put(shared_key, Path(prepared.pdf_path)))
+            # A session that ends meanwhile leaves it to finish alone (its error is not news).
+            upload.add_done_callback(lambda done: done.cancelled() or done.exception())
         try:
             if prepared.pdf_path is not None:
                 path = await asyncio.to_thread(self._spool_file, Path(prepared.pdf_path),
-                                               message_id)
+                                               message_id, upload is not None)
             else:
                 path = await asyncio.to_thread(self.spool.put, message_id, document.data)
         except OSError as exc:
             log.error("spool write failed for message %s: %s", message_id, exc)
+            await self._forget_upload(upload, shared_key, message_id)
             raise Refused(replies.CANNOT_STORE) from exc
         report_to = (user.report_to if user and user.report_to
                      else report_address(parsed, envelope_from))
@@ -291,7 +315,9 @@ class Intake:
         window_s = self.settings.dedup_window_hours * 3600
         dedup_since = message.created_at - window_s if window_s > 0 else None
         try:
-            if shared_key is not None:
+            if upload is not None:
+                await upload
+            elif shared_key is not None:
                 assert self.media is not None
                 await self.media.put(shared_key, path)
             earlier = await self.store.run(functools.partial(
@@ -299,6 +325,7 @@ class Intake:
                 dedup_since=dedup_since))
         except (StoreError, OSError, MediaError) as exc:
             await asyncio.to_thread(self.spool.remove, message_id)
+            await self._forget_upload(upload, shared_key, message_id)
             if (refusal := self.durability_check()) is not None:
                 raise Refused(refusal) from exc  # the database is gone or damaged: said once
             log.error("job store write failed for message %s: %s", message_id, exc)
@@ -316,31 +343,53 @@ class Intake:
             self._background(self._send_receipts(message, [j.id for j in jobs]))
         return Accepted(message_id, tuple(j.id for j in jobs), document.pages)
 
-    def _spool_file(self, pdf: Path, message_id: str) -> Path:
-        """Move the worker's fsync'ed PDF into the spool and fsync the directory (blocking).
-        A spool on another file system gets a durable copy instead."""
+    def _spool_file(self, pdf: Path, message_id: str, keep: bool = False) -> Path:
+        """Move the worker's fsync'ed PDF into the spool and fsync the directory (blocking);
+        `keep`: link it instead (the media store's PUT is reading it meanwhile; the caller
+        removes the worker's name). A spool on another file system, or one without hard
+        links, gets a durable copy instead."""
         final = self.spool.path_for(message_id)
         final.parent.mkdir(parents=True, exist_ok=True)
         try:
-            os.replace(pdf, final)
+            (os.link if keep else os.replace)(pdf, final)
         except OSError as exc:
-            if exc.errno != errno.EXDEV:
+            if exc.errno not in (errno.EXDEV, errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
                 raise
-            return self.spool.put(message_id, pdf.read_bytes())
+            copy_durable(pdf, final)
+            return final
         fsync_dir(final.parent)
         return final
+
+    async def _forget_upload(self, upload: asyncio.Future[None] | None, key: str | None,
+                             message_id: str) -> None:
+        """The mail was not accepted after all: its concurrent PUT, if it got through, leaves
+        no orphan in the media store (best effort)."""
+        if upload is None or key is None:
+            return
+        try:
+            await asyncio.shield(upload)
+        except (MediaError, OSError):
+            return  # nothing stored
+        except asyncio.CancelledError:
+            if not upload.cancelled():
+                raise
+            return
+        await self._delete_shared(key, f"message {message_id} not accepted")
+
+    async def _delete_shared(self, key: str, what: str) -> None:
+        assert self.media is not None
+        try:
+            await self.media.delete(key)
+        except MediaError as exc:  # an orphan object costs storage, not a second fax
+            log.warning("%s: its copy in the media store was not deleted: %s", what, exc)
 
     async def _resent(self, message: Message, job_ids: list[str],
                       shared_key: str | None) -> Accepted:
         """The mail was accepted before (the commit found its jobs): nothing new is kept."""
         await asyncio.to_thread(self.spool.remove, message.id)
         if shared_key is not None:
-            assert self.media is not None
-            try:
-                await self.media.delete(shared_key)
-            except MediaError as exc:  # an orphan object costs storage, not a second fax
-                log.warning("message %s resent: its copy in the media store was not deleted: "
-                            "%s", one_line(message.message_id_header or "-", 200), exc)
+            await self._delete_shared(
+                shared_key, f"message {one_line(message.message_id_header or '-', 200)} resent")
         log.info("message %s resent (same Message-ID and document): already jobs %s",
                  one_line(message.message_id_header or "-", 200), ", ".join(job_ids))
         return Accepted("", tuple(job_ids), message.pages, duplicate=True)
@@ -351,9 +400,13 @@ class Intake:
         task.add_done_callback(self._tasks.discard)
 
     async def _report_refusal(self, path: Path, envelope_from: str | None,
-                              client: Client | None, numbers: Sequence[str], reason: str) -> None:
+                              client: Client | None, numbers: Sequence[str], reason: str,
+                              charge: asyncio.Future[Reply | None] | None) -> None:
         """Tell an authorised sender why their mail cannot be faxed (a scanner shows no SMTP
-        error to the person at it). Strangers never get here: they are refused at MAIL."""
+        error to the person at it). Strangers never get here: they are refused at MAIL. A
+        sender over the rate limits gets that refusal instead, and no mail (as before the
+        conversion started)."""
+        await _charged(charge)
         if self.notifier is None or client is None or not self.settings.report_refusals:
             return
         try:
@@ -415,6 +468,13 @@ class Intake:
                 await self.notifier.send(receipt, f"{job_id}.accepted")
             except NotifyError as exc:
                 log.warning("job %s: accepted receipt not sent: %s", job_id, exc)
+
+
+async def _charged(charge: asyncio.Future[Reply | None] | None) -> None:
+    """Wait for the rate limits' answer; RateRefused when it is no. Shielded: a mail whose
+    session ends meanwhile leaves the charge to be given back (Access.give_back)."""
+    if charge is not None and (refusal := await asyncio.shield(charge)) is not None:
+        raise RateRefused(refusal)
 
 
 def _read_head(path: Path, max_bytes: int) -> bytes:

@@ -32,7 +32,7 @@ from gateway.smtp import replies
 from gateway.smtp.access import Access, Client
 from gateway.smtp.connections import AcceptErrors, ConnectionLimits
 from gateway.smtp.data import DataWriter, Incoming, Outcome, receive
-from gateway.smtp.intake import Intake, PartStored, Refused
+from gateway.smtp.intake import Intake, PartStored, RateRefused, Refused
 from gateway.smtp.replies import Reply
 from gateway.store.base import StoreError
 from gateway.smtp.tls import ReloadableTLS
@@ -232,27 +232,29 @@ class FaxHandler:
             return self.refuse(replies.NO_VALID_RECIPIENTS)
         assert env.content_path is not None, "DATA hook without the message file"
         client = _client(env)
-        refusal = await self.access.reserve_async(client, len(numbers))
-        if refusal:
+        charge = self.access.charge(client, len(numbers))
+        if charge.done() and (refusal := charge.result()):
             return self.refuse(refusal)
         try:
             accepted = await self.intake.accept(env.content_path, env.mail_from, numbers,
-                                                _peer(session), client)
+                                                _peer(session), client, charge)
+        except RateRefused as exc:  # the charge was refused: nothing to give back
+            return self.refuse(exc.reply)
         except PartStored as exc:  # a part of a split mail, kept: nothing is faxed yet
-            await self.access.release_async(client, len(numbers))
+            await self.access.give_back(charge, client, len(numbers))
             self.access.accepted(client, len(numbers))  # its recipients are not churn
             log.info("message from %s (peer %s): %s", env.mail_from, _peer(session), exc.reply)
             return str(exc.reply)
         except Refused as exc:
-            await self.access.release_async(client, len(numbers))
+            await self.access.give_back(charge, client, len(numbers))
             log.info("refused message from %s (peer %s): %s", env.mail_from,
                      _peer(session), exc.reply)
             return self.refuse(exc.reply)
         except BaseException:
-            await self.access.release_async(client, len(numbers))
+            await self.access.give_back(charge, client, len(numbers))
             raise
         if accepted.duplicate:  # faxed once already: nothing new is charged
-            await self.access.release_async(client, len(numbers))
+            await self.access.give_back(charge, client, len(numbers))
             self.access.accepted(client, len(numbers))
             return str(replies.already_queued(accepted.job_ids))
         self.access.accepted(client, len(numbers))
