@@ -1,8 +1,8 @@
 """Inbound fax persistence: one row per received fax, one per (fax, recipient) mail sent.
 
 The tables come from migration 3 (gateway/store/migrations.py). The queries are written once in
-portable SQL and run through the job store's own dialect hooks (`_tx`, `_exec`, `_rows`), so they
-work on every SQL backend; every method runs on the main store's own thread and connection
+portable SQL and run through the job store's own dialect hooks (`_tx`, `_exec_later`, `_rows`),
+so they work on every SQL backend; every method runs on the main store's own thread and connection
 (`await store.run(inbound.method, ...)`), so writes are serialised with the job store's.
 
 Exactly-once per recipient: a recipient's mail is recorded in `inbound_deliveries` only after the
@@ -95,7 +95,7 @@ class InboundStore:
     def __init__(self, store: SqlStore) -> None:
         self.store = store
         self._tx = store._tx
-        self._exec = store._exec
+        self._exec_later = store._exec_later
         self._rows = store._rows
         self._one = store._one
 
@@ -107,8 +107,8 @@ class InboundStore:
             if row is not None:
                 return float(row["value"])
             # Two nodes starting together: the first one's time stands.
-            self._exec("INSERT INTO inbound_meta (name, value) VALUES (?, ?)"
-                       " ON CONFLICT (name) DO NOTHING", ("enabled_at", now))
+            self._exec_later("INSERT INTO inbound_meta (name, value) VALUES (?, ?)"
+                             " ON CONFLICT (name) DO NOTHING", ("enabled_at", now))
         row = self._one("SELECT value FROM inbound_meta WHERE name = ?", ("enabled_at",))
         if row is not None:
             return float(row["value"])
@@ -137,7 +137,7 @@ class InboundStore:
         with self._tx():
             if self._one("SELECT 1 AS x FROM inbound_faxes WHERE fax_sid = ?", (fax_sid,)):
                 return
-            self._exec(
+            self._exec_later(
                 "INSERT INTO inbound_faxes (fax_sid, account_sid, from_number, to_number, "
                 "state, outcome, called_at, created_at, updated_at, done_at) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fax_sid) DO NOTHING",
@@ -158,10 +158,11 @@ class InboundStore:
             if row is not None and row["state"] != RINGING:
                 return False
             if row is None:
-                self._exec("INSERT INTO inbound_faxes (fax_sid, state, created_at, updated_at) "
-                           "VALUES (?, ?, ?, ?) ON CONFLICT (fax_sid) DO NOTHING",
-                           (c.fax_sid, RINGING, now, now))
-            self._exec(
+                self._exec_later("INSERT INTO inbound_faxes (fax_sid, state, created_at,"
+                                 " updated_at) VALUES (?, ?, ?, ?)"
+                                 " ON CONFLICT (fax_sid) DO NOTHING",
+                                 (c.fax_sid, RINGING, now, now))
+            self._exec_later(
                 "UPDATE inbound_faxes SET account_sid = ?, from_number = ?, to_number = ?, "
                 "state = ?, outcome = ?, fax_status = ?, num_pages = ?, media_url = ?, "
                 "media_sid = ?, remote_station_id = ?, error_code = ?, error_message = ?, "
@@ -199,17 +200,17 @@ class InboundStore:
             if self._one("SELECT 1 AS x FROM inbound_deliveries WHERE fax_sid = ? "
                          "AND recipient = ?", (fax_sid, recipient)):
                 return
-            self._exec("INSERT INTO inbound_deliveries (fax_sid, recipient, message_id, "
-                       "sent_at, detail) VALUES (?, ?, ?, ?, ?)"
-                       " ON CONFLICT (fax_sid, recipient) DO NOTHING",
-                       (fax_sid, recipient, message_id, now, detail[:300]))
-            self._exec("UPDATE inbound_faxes SET updated_at = ?, tries = 0, last_error = NULL "
-                       "WHERE fax_sid = ?", (now, fax_sid))
+            self._exec_later("INSERT INTO inbound_deliveries (fax_sid, recipient, message_id, "
+                             "sent_at, detail) VALUES (?, ?, ?, ?, ?)"
+                             " ON CONFLICT (fax_sid, recipient) DO NOTHING",
+                             (fax_sid, recipient, message_id, now, detail[:300]))
+            self._exec_later("UPDATE inbound_faxes SET updated_at = ?, tries = 0,"
+                             " last_error = NULL WHERE fax_sid = ?", (now, fax_sid))
 
     def set_state(self, fax_sid: str, state: str, now: float, *, next_run_at: float | None,
                   detail: str | None = None, media_deleted: bool = False) -> None:
         with self._tx():
-            self._exec(
+            self._exec_later(
                 "UPDATE inbound_faxes SET state = ?, next_run_at = ?, updated_at = ?, tries = 0, "
                 "last_error = COALESCE(?, last_error), "
                 "media_deleted_at = CASE WHEN ? = 1 THEN ? ELSE media_deleted_at END, "
@@ -219,9 +220,9 @@ class InboundStore:
 
     def later(self, fax_sid: str, run_at: float, error: str, now: float) -> None:
         with self._tx():
-            self._exec("UPDATE inbound_faxes SET tries = tries + 1, next_run_at = ?, "
-                       "last_error = ?, updated_at = ? WHERE fax_sid = ?",
-                       (run_at, error[:500], now, fax_sid))
+            self._exec_later("UPDATE inbound_faxes SET tries = tries + 1, next_run_at = ?, "
+                             "last_error = ?, updated_at = ? WHERE fax_sid = ?",
+                             (run_at, error[:500], now, fax_sid))
 
     def stale_ringing(self, before: float, limit: int = 100) -> list[InboundFax]:
         rows = self._rows("SELECT * FROM inbound_faxes WHERE state = ? AND called_at < ? "
@@ -278,8 +279,8 @@ class InboundStore:
                 "SELECT fax_sid FROM inbound_faxes WHERE state IN (?, ?, ?) AND created_at < ? "
                 "LIMIT ?", (DONE, GAVE_UP, REJECTED, cutoff, limit))]
             for sid in sids:
-                self._exec("DELETE FROM inbound_deliveries WHERE fax_sid = ?", (sid,))
-                self._exec("DELETE FROM inbound_faxes WHERE fax_sid = ?", (sid,))
+                self._exec_later("DELETE FROM inbound_deliveries WHERE fax_sid = ?", (sid,))
+                self._exec_later("DELETE FROM inbound_faxes WHERE fax_sid = ?", (sid,))
         return len(sids)
 
     def counts_by_outcome(self) -> dict[str, int]:

@@ -136,31 +136,36 @@ class PostgresStore(SqlStore):
 
     @contextlib.contextmanager
     def _tx(self, durable: bool = False) -> Iterator[None]:
-        """A transaction on one pooled connection; every commit is durable (synchronous_commit
-        stays the server's, `on` by default)."""
-        outer = self._conn
-        with self._connection() as conn, conn.transaction():
-            self._conn = conn
-            try:
-                yield
-            finally:
-                self._conn = outer
+        """A transaction on one pooled connection, in pipeline mode: BEGIN goes out with the
+        first statement, and what needs no answer (`_exec_later`: events, locks) with the next
+        one or with the COMMIT; an `_exec` waits for its row count. Every commit is durable
+        (synchronous_commit stays the server's, `on` by default)."""
+        with self._pipelined(wait_for_counts=True):
+            yield
 
     @contextlib.contextmanager
     def _batch_tx(self, durable: bool = False) -> Iterator[None]:
-        """BEGIN, the statements and COMMIT in pipeline mode: the server is waited for where a
-        result is read (`_rows`) and once at the end, so the intake commit is two round trips
-        (psycopg's own `transaction()` would wait after BEGIN and after COMMIT too)."""
+        """`_tx` where not even an `_exec` waits: the server is waited for where a result is
+        read (`_rows`) and once at the end, so the intake commit is two round trips."""
+        with self._pipelined(wait_for_counts=False):
+            yield
+
+    @contextlib.contextmanager
+    def _pipelined(self, wait_for_counts: bool) -> Iterator[None]:
+        """BEGIN, the statements and COMMIT in pipeline mode (psycopg's own `transaction()`
+        waits after BEGIN and after COMMIT). Inside another transaction: a savepoint."""
         outer = self._conn
-        if outer is not None:  # inside another transaction: a savepoint, as _tx makes
-            with self._tx(durable):
+        if outer is not None:
+            with outer.transaction():
                 yield
             return
+        local = self._local
         with self._connection() as conn:
             self._conn = conn
             try:
                 try:
                     with conn.pipeline() as pipeline:
+                        local.pipeline, local.wait_for_counts = pipeline, wait_for_counts
                         try:
                             conn.execute("BEGIN")
                             yield
@@ -178,14 +183,19 @@ class PostgresStore(SqlStore):
                     raise
             finally:
                 self._conn = outer
+                local.pipeline = None
 
     def _exec(self, sql: str, args: Sequence[Any] = ()) -> int:
         with self._connection() as conn:
-            return conn.execute(_placeholders(sql), args).rowcount
+            cursor = conn.execute(_placeholders(sql), args)
+            pipeline = getattr(self._local, "pipeline", None)
+            if pipeline is not None and self._local.wait_for_counts:
+                pipeline.sync()  # the count is the answer: wait for it (one round trip)
+            return cursor.rowcount
 
     def _rows(self, sql: str, args: Sequence[Any] = ()) -> list[dict[str, Any]]:
         with self._connection() as conn:
-            return conn.execute(_placeholders(sql), args).fetchall()
+            return conn.execute(_placeholders(sql), args).fetchall()  # waits in a pipeline
 
     def _exec_later(self, sql: str, args: Sequence[Any] = ()) -> Callable[[], int]:
         with self._connection() as conn:
@@ -196,10 +206,11 @@ class PostgresStore(SqlStore):
         return isinstance(exc, psycopg.Error)  # PoolTimeout is an OperationalError
 
     def _claim_lock(self, what: str = "claims") -> None:
-        self._exec("SELECT pg_advisory_xact_lock(?)", (_LOCKS[what],))
+        # Not waited for: the server takes the lock before it runs the next statement.
+        self._exec_later("SELECT pg_advisory_xact_lock(?)", (_LOCKS[what],))
 
     def _relaxed_commit(self) -> None:
-        self._exec("SET LOCAL synchronous_commit = off")
+        self._exec_later("SET LOCAL synchronous_commit = off")
 
     def tune_for_bulk_load(self) -> None:
         """Benchmark seeding only: commits without waiting for the WAL flush."""

@@ -117,9 +117,10 @@ class SqlStore(Store):
         """Run one query (`?` placeholders); its rows as dicts keyed by column name."""
 
     def _exec_later(self, sql: str, args: Sequence[Any] = ()) -> Callable[[], int]:
-        """`_exec` whose row count is read once the `_batch_tx` it is in has ended (PostgreSQL:
-        sent with the rest of the batch, the commit included, so the batch is one round trip).
-        Default: run now."""
+        """`_exec` whose row count is read, if at all, once the transaction it is in has
+        ended. PostgreSQL does not wait for it: it goes out with the next statement or with
+        the COMMIT (statements whose count nobody reads: events, leases, locks), so a
+        transaction costs a round trip less per such statement. Default: run now."""
         changed = self._exec(sql, args)
         return lambda: changed
 
@@ -204,8 +205,9 @@ class SqlStore(Store):
             pass
 
     def _event(self, job_id: str, kind: str, detail: str | None, at: float) -> None:
-        self._exec("INSERT INTO events (job_id, at, kind, detail) VALUES (?, ?, ?, ?)",
-                   (job_id, at, kind, detail))
+        # Nothing to wait for: PostgreSQL sends it with the next statement or the commit.
+        self._exec_later("INSERT INTO events (job_id, at, kind, detail) VALUES (?, ?, ?, ?)",
+                         (job_id, at, kind, detail))
 
     # -- intake ------------------------------------------------------------------------------
 
@@ -298,9 +300,9 @@ class SqlStore(Store):
         if len(taken) == len(mine):
             return [holders[j.to_number] for j in jobs]
         for number, job_id in taken:
-            self._exec("UPDATE dedup_keys SET job_id = ?, at = ? WHERE message_id_header = ?"
-                       " AND to_number = ? AND document_sha256 = ?",
-                       (job_id, message.created_at, message.message_id_header, number,
+            self._exec_later("UPDATE dedup_keys SET job_id = ?, at = ? WHERE message_id_header = ?"
+                             " AND to_number = ? AND document_sha256 = ?",
+                             (job_id, message.created_at, message.message_id_header, number,
                         message.document_sha256))
         return None
 
@@ -400,9 +402,9 @@ class SqlStore(Store):
                 claimed.append(row)
             if claimed:
                 ids = [r["id"] for r in claimed]
-                self._exec(f"UPDATE jobs SET lease_owner = ?, lease_until = ?"
-                           f" WHERE id IN ({_marks(ids)})",
-                           (self.node_id, now + self.lease_s, *ids))
+                self._exec_later(f"UPDATE jobs SET lease_owner = ?, lease_until = ?"
+                                 f" WHERE id IN ({_marks(ids)})",
+                                 (self.node_id, now + self.lease_s, *ids))
         return [_job(r) for r in claimed]
 
     def renew_leases(self, job_ids: Iterable[str], now: float) -> set[str]:
@@ -410,8 +412,9 @@ class SqlStore(Store):
         if not ids:
             return set()
         with self._tx():
-            self._exec(f"UPDATE jobs SET lease_until = ? WHERE lease_owner = ?"
-                       f" AND id IN ({_marks(ids)})", (now + self.lease_s, self.node_id, *ids))
+            self._exec_later(f"UPDATE jobs SET lease_until = ? WHERE lease_owner = ?"
+                             f" AND id IN ({_marks(ids)})",
+                             (now + self.lease_s, self.node_id, *ids))
             rows = self._rows(f"SELECT id FROM jobs WHERE lease_owner = ?"
                               f" AND id IN ({_marks(ids)})", (self.node_id, *ids))
         return {r["id"] for r in rows}
@@ -420,9 +423,9 @@ class SqlStore(Store):
         if not job_ids:
             return
         with self._tx():
-            self._exec("UPDATE jobs SET lease_owner = NULL, lease_until = NULL"
-                       f" WHERE lease_owner = ? AND id IN ({_marks(job_ids)})",
-                       (self.node_id, *job_ids))
+            self._exec_later("UPDATE jobs SET lease_owner = NULL, lease_until = NULL"
+                             f" WHERE lease_owner = ? AND id IN ({_marks(job_ids)})",
+                             (self.node_id, *job_ids))
 
     def release_all(self, everyone: bool = False) -> int:
         """At start: this node's leases from before a restart (same NODE_ID), or with
@@ -446,13 +449,13 @@ class SqlStore(Store):
             self._claim_lock()
             row = self._one("SELECT owner, until FROM leases WHERE name = ?", (name,))
             if row is None:
-                self._exec("INSERT INTO leases (name, owner, until) VALUES (?, ?, ?)",
-                           (name, self.node_id, now + ttl_s))
+                self._exec_later("INSERT INTO leases (name, owner, until) VALUES (?, ?, ?)",
+                                 (name, self.node_id, now + ttl_s))
                 return True
             if row["owner"] != self.node_id and row["until"] > now:
                 return False
-            self._exec("UPDATE leases SET owner = ?, until = ? WHERE name = ?",
-                       (self.node_id, now + ttl_s, name))
+            self._exec_later("UPDATE leases SET owner = ?, until = ? WHERE name = ?",
+                             (self.node_id, now + ttl_s, name))
             return True
 
     def take_send_slot(self, now: float, interval_s: float) -> float:
@@ -463,11 +466,11 @@ class SqlStore(Store):
             row = self._one("SELECT until FROM leases WHERE name = 'send-slot'")
             at = now if row is None else max(now, float(row["until"]))
             if row is None:
-                self._exec("INSERT INTO leases (name, owner, until) VALUES ('send-slot', ?, ?)",
-                           (self.node_id, at + interval_s))
+                self._exec_later("INSERT INTO leases (name, owner, until)"
+                                 " VALUES ('send-slot', ?, ?)", (self.node_id, at + interval_s))
             else:
-                self._exec("UPDATE leases SET owner = ?, until = ? WHERE name = 'send-slot'",
-                           (self.node_id, at + interval_s))
+                self._exec_later("UPDATE leases SET owner = ?, until = ? WHERE name = 'send-slot'",
+                                 (self.node_id, at + interval_s))
         return at
 
     def _hits_wait(self, rules: Sequence[tuple[str, str, int]], count: int, now: float,
@@ -545,8 +548,8 @@ class SqlStore(Store):
                 rows = self._rows("SELECT at FROM hits WHERE kind = ? AND hkey = ?"
                                   " ORDER BY at DESC LIMIT ?", (kind, key, count))
                 for r in rows:
-                    self._exec("DELETE FROM hits WHERE kind = ? AND hkey = ? AND at = ?",
-                               (kind, key, r["at"]))
+                    self._exec_later("DELETE FROM hits WHERE kind = ? AND hkey = ? AND at = ?",
+                                     (kind, key, r["at"]))
 
     def prune_hits(self, before: float) -> int:
         """Forget hits older than every window (senders and addresses seen once stay no
@@ -566,15 +569,16 @@ class SqlStore(Store):
         """Record a hit and return how many there are since `forget_before` (older ones of
         this key are deleted on the way)."""
         with self._tx():
-            self._exec("DELETE FROM hits WHERE kind = ? AND hkey = ? AND at <= ?",
-                       (kind, key, forget_before))
-            self._exec("INSERT INTO hits (kind, hkey, at) VALUES (?, ?, ?)", (kind, key, now))
+            self._exec_later("DELETE FROM hits WHERE kind = ? AND hkey = ? AND at <= ?",
+                             (kind, key, forget_before))
+            self._exec_later("INSERT INTO hits (kind, hkey, at) VALUES (?, ?, ?)",
+                             (kind, key, now))
             return int(self._scalar("SELECT COUNT(*) AS n FROM hits WHERE kind = ?"
                                     " AND hkey = ?", (kind, key)) or 0)
 
     def clear_hits(self, kind: str, key: str) -> None:
         with self._tx():
-            self._exec("DELETE FROM hits WHERE kind = ? AND hkey = ?", (kind, key))
+            self._exec_later("DELETE FROM hits WHERE kind = ? AND hkey = ?", (kind, key))
 
     def queue_depth(self) -> int:
         states = sorted(s.value for s in ACTIVE_STATES)
@@ -701,7 +705,7 @@ class SqlStore(Store):
         if changed != 1:
             return False
         for sql, extra in also:  # statements that belong to the same transition
-            self._exec(sql, extra)
+            self._exec_later(sql, extra)
         self._event(job_id, event, detail, now)
         return True
 
@@ -820,8 +824,8 @@ class SqlStore(Store):
 
     def mark_purged(self, message_id: str) -> None:
         with self._tx():
-            self._exec("UPDATE messages SET purged_at = ? WHERE id = ?",
-                       (self.clock(), message_id))
+            self._exec_later("UPDATE messages SET purged_at = ? WHERE id = ?",
+                             (self.clock(), message_id))
 
     def prune(self, cutoff: float, limit: int = 1000) -> int:
         """Delete reported jobs (and their history) reported before `cutoff`; then messages left
@@ -834,9 +838,9 @@ class SqlStore(Store):
                 return 0
             for table, column in (("events", "job_id"), ("attempts", "job_id"),
                                   ("dedup_keys", "job_id"), ("jobs", "id")):
-                self._exec(f"DELETE FROM {table} WHERE {column} IN ({_marks(ids)})", ids)
-            self._exec("DELETE FROM messages WHERE purged_at IS NOT NULL AND NOT EXISTS"
-                       " (SELECT 1 FROM jobs j WHERE j.message_id = messages.id)")
+                self._exec_later(f"DELETE FROM {table} WHERE {column} IN ({_marks(ids)})", ids)
+            self._exec_later("DELETE FROM messages WHERE purged_at IS NOT NULL AND NOT EXISTS"
+                             " (SELECT 1 FROM jobs j WHERE j.message_id = messages.id)")
         return len(ids)
 
     # -- operator actions --------------------------------------------------------------------
