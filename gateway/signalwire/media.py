@@ -234,6 +234,22 @@ class S3MediaStore:
                 failed = await self._call(self._delete_objects, keys)
             except (BotoCoreError, ClientError) as exc:
                 failed = dict.fromkeys(keys, _s3_reason(exc))
+            except BaseException as exc:  # not S3's answer: each caller gets it as it is
+                cancelled = isinstance(exc, asyncio.CancelledError)
+                pending = [f for futures in waiting.values() for f in futures]
+                if cancelled:  # nothing will delete the rest either
+                    pending += [f for futures in self._deletes.values() for f in futures]
+                    self._deletes.clear()
+                for future in pending:
+                    if future.done():
+                        continue
+                    if cancelled:
+                        future.cancel()
+                    else:
+                        future.set_exception(exc)
+                if cancelled:
+                    raise
+                continue
             for key, futures in waiting.items():
                 for future in futures:
                     if future.done():  # its caller was cancelled
