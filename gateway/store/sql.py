@@ -303,7 +303,7 @@ class SqlStore(Store):
             self._exec_later("UPDATE dedup_keys SET job_id = ?, at = ? WHERE message_id_header = ?"
                              " AND to_number = ? AND document_sha256 = ?",
                              (job_id, message.created_at, message.message_id_header, number,
-                        message.document_sha256))
+                              message.document_sha256))
         return None
 
     def is_db_error(self, exc: BaseException) -> bool:
