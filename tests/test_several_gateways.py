@@ -296,6 +296,57 @@ async def test_rate_limits_and_lockouts_are_shared_by_the_nodes(pg_url: str,
             await store.stop()
 
 
+async def test_rcpt_reads_the_shared_counts_once_a_second_while_far_from_the_limits(
+        pg_url: str, tmp_path: Path) -> None:
+    """RCPT only looks (DATA's charge decides): far from the limits a node answers RCPT from
+    the counts it read in the last RCPT_COUNTS_S, so most recipients cost no round trip; near
+    a limit, and once the counts are older, it reads again and sees the other nodes' charges."""
+    from gateway.config import settings_from
+    from gateway.smtp.access import RCPT_COUNTS_S, Access
+    from gateway.store.postgres import PostgresStore
+
+    pg_reset(pg_url)
+    settings = settings_from({"DATA_DIR": str(tmp_path), "RATE_LIMIT_PER_SENDER": "30"})
+    stores = [PostgresStore(pg_url), PostgresStore(pg_url)]
+    for store in stores:
+        await store.start()
+    try:
+        now = [0.0]
+        a = Access(settings, clock=lambda: now[0], store=stores[0])
+        b = Access(settings, store=stores[1])
+        reads: list[int] = []
+        counts = stores[0].hit_counts
+
+        def counted(*args: object) -> dict[tuple[str, str], int]:
+            reads.append(1)
+            return counts(*args)  # type: ignore[arg-type]
+
+        stores[0].hit_counts = counted  # type: ignore[method-assign]
+        client = a.client("192.0.2.7", None, "scanner@example.com")
+        for _ in range(5):
+            assert await a.check_destination_async(client, "+15551230011") is None
+        assert len(reads) == 1
+        assert await a.reserve_async(client, 27) is None  # its own charge: counted at once
+        assert await a.check_destination_async(client, "+15551230011") is None
+        assert len(reads) == 2  # 3 left of 30: within a tenth of the limit, it reads
+        assert await b.reserve_async(client, 3) is None  # the other node takes the rest
+        refusal = await a.check_destination_async(client, "+15551230011")
+        assert refusal is not None and str(refusal).startswith("450 4.7.1 Rate limit reached")
+        assert await a.reserve_async(client, 1) is not None  # DATA always asks the database
+        # Another sender, far from its limit when node a last looked: node b's charges show at
+        # node a's RCPT once its counts are RCPT_COUNTS_S old.
+        other = a.client("192.0.2.8", None, "copier@example.com")
+        assert await a.check_destination_async(other, "+15551230012") is None
+        assert await b.reserve_async(other, 30) is None
+        assert await a.check_destination_async(other, "+15551230012") is None  # not read
+        now[0] += RCPT_COUNTS_S + 0.1
+        refusal = await a.check_destination_async(other, "+15551230012")
+        assert refusal is not None and str(refusal).startswith("450 4.7.1 Rate limit reached")
+    finally:
+        for store in stores:
+            await store.stop()
+
+
 async def test_a_shared_database_that_stops_answering_is_a_451_not_a_traceback(
         pg_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The shared checks at AUTH, RCPT and DATA meet a dropped connection: the driver's error
@@ -308,17 +359,23 @@ async def test_a_shared_database_that_stops_answering_is_a_451_not_a_traceback(
     from gateway.store.postgres import PostgresStore
 
     pg_reset(pg_url)
+    from gateway.smtp.access import RCPT_COUNTS_S
+
     settings = settings_from({"DATA_DIR": str(tmp_path)})
     store = PostgresStore(pg_url)
     await store.start()
     try:
-        access = Access(settings, store=store)
+        now = [0.0]
+        access = Access(settings, clock=lambda: now[0], store=store)
         client = access.client("192.0.2.7", None, "scanner@example.com")
         assert await access.check_destination_async(client, "+15551230011") is None
         dbname = pg_url.rsplit("/", 1)[1]
         with psycopg.connect(pg_url, autocommit=True) as admin:  # the server drops us
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                           " WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,))
+        # The counts RCPT read a moment ago still stand (the limits have room to spare).
+        assert await access.check_destination_async(client, "+15551230011") is None
+        now[0] += RCPT_COUNTS_S + 0.1
         with pytest.raises(StoreError, match="did not answer") as caught:
             await access.check_destination_async(client, "+15551230011")
         # What aiosmtpd does with an exception in a command: the handler's exception hook.

@@ -65,6 +65,11 @@ if TYPE_CHECKING:
 
 # Shared across nodes (DATABASE_URL): hit kinds in the store's `hits` table.
 _AUTH_FAIL, _AUTH_LOCK, _RATE_TOTAL, _RATE_SENDER = "auth-fail", "auth-lock", "rate-all", "rate"
+# RCPT on a shared store: counts read from the database are trusted this long (seconds), but
+# only while a limit has a tenth of itself to spare beyond what is asked; nearer to it every
+# RCPT reads. DATA's charge, in the database, always decides.
+RCPT_COUNTS_S = 1.0
+_COUNTS_KEPT = 4096  # (kind, key) counts kept at most (senders are the client's to choose)
 
 
 class Access:
@@ -91,6 +96,8 @@ class Access:
         # accepted, so only churn counts.
         self.rcpt_churn = RateLimiter(RCPT_CHURN_PER_IP_HOUR, 3600)
         self._logins = asyncio.Semaphore(MAX_CONCURRENT_LOGINS)
+        # Shared: (kind, key) -> (when read, on self.clock; the hits counted then).
+        self._counts: dict[tuple[str, str], tuple[float, int]] = {}
         self.refused_strangers = 0
 
     @property
@@ -243,8 +250,7 @@ class Access:
         if reason:
             log.warning("destination %s refused for %s: %s", number, client.rate_key, reason)
             return replies.destination_refused(reason)
-        wait = await self._db(self.store.hits_wait, self._shared_rules(client),
-                                    already + 1, self.wall_clock(), 3600.0)
+        wait = await self._shared_wait(self._shared_rules(client), already + 1)
         if wait:
             return self._rate_refusal(client, wait)
         churn = self.rcpt_churn.try_acquire(client.ip, 1, self.clock())
@@ -276,19 +282,55 @@ class Access:
         if refused is None:
             await self.release_async(client, faxes)
 
+    async def _shared_wait(self, rules: list[tuple[str, str, int]], wanted: int) -> float:
+        """RCPT's look at the shared limits: from counts read in the last RCPT_COUNTS_S while
+        every limit has room to spare (no round trip for most recipients), else read again."""
+        now = self.clock()
+        if all(self._room_to_spare(rule, wanted, now) for rule in rules):
+            return 0.0
+        assert self.store is not None
+        counts = await self._db(self.store.hit_counts, rules, self.wall_clock(), 3600.0)
+        if len(self._counts) >= _COUNTS_KEPT:
+            self._counts = {k: v for k, v in self._counts.items()
+                            if now - v[0] <= RCPT_COUNTS_S}
+            if len(self._counts) >= _COUNTS_KEPT:
+                self._counts.clear()
+        for kind, key, _ in rules:
+            self._counts[(kind, key)] = (now, counts.get((kind, key), 0))
+        if all(limit - counts.get((kind, key), 0) >= wanted for kind, key, limit in rules):
+            return 0.0
+        return await self._db(self.store.hits_wait, rules, wanted, self.wall_clock(), 3600.0)
+
+    def _room_to_spare(self, rule: tuple[str, str, int], wanted: int, now: float) -> bool:
+        kind, key, limit = rule
+        seen = self._counts.get((kind, key))
+        return seen is not None and now - seen[0] <= RCPT_COUNTS_S and \
+            limit - seen[1] - wanted >= max(1, limit // 10)
+
+    def _counted(self, rules: list[tuple[str, str, int]], faxes: int) -> None:
+        """This node's own charges (and give-backs) in the counts it keeps."""
+        for kind, key, _ in rules:
+            if (seen := self._counts.get((kind, key))) is not None:
+                self._counts[(kind, key)] = (seen[0], max(0, seen[1] + faxes))
+
     async def reserve_async(self, client: Client, faxes: int) -> Reply | None:
         if self.store is None:
             return self.reserve(client, faxes)
-        wait = await self._db(self.store.take_hits, self._shared_rules(client),
-                                    self.wall_clock(), 3600.0, faxes)
-        return self._rate_refusal(client, wait) if wait else None
+        rules = self._shared_rules(client)
+        wait = await self._db(self.store.take_hits, rules, self.wall_clock(), 3600.0, faxes)
+        if wait:
+            return self._rate_refusal(client, wait)
+        self._counted(rules, faxes)
+        return None
 
     async def release_async(self, client: Client, faxes: int) -> None:
         if self.store is None:
             self.release(client, faxes)
             return
-        await self._db(self.store.give_back_hits,
-                             [(kind, key) for kind, key, _ in self._shared_rules(client)], faxes)
+        rules = self._shared_rules(client)
+        await self._db(self.store.give_back_hits, [(kind, key) for kind, key, _ in rules],
+                       faxes)
+        self._counted(rules, -faxes)
 
     def check_header_from(self, client: Client, header_from: str | None) -> Reply | None:
         """The From: header must be allowed too, unless the client logged in or is trusted

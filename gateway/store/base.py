@@ -214,6 +214,11 @@ class Store(abc.ABC):
         """`take_hits` without recording: would `count` more fit now?"""
 
     @abc.abstractmethod
+    def hit_counts(self, rules: Sequence[tuple[str, str, int]], now: float,
+                   window_s: float) -> dict[tuple[str, str], int]:
+        """Each rule's (kind, key) hits in the window now (absent: none)."""
+
+    @abc.abstractmethod
     def give_back_hits(self, keys: Sequence[tuple[str, str]], count: int) -> None:
         """Remove the newest `count` hits of each (kind, key) (a refused message's charge)."""
 

@@ -483,12 +483,7 @@ class SqlStore(Store):
         if not rules:
             return 0.0
         since = now - window_s
-        # One query for every rule's count (under the hits lock: each statement is a round
-        # trip the lock is held for), counted, not fetched.
-        match = " OR ".join(["(kind = ? AND hkey = ?)"] * len(rules))
-        counts = {(r["kind"], r["hkey"]): int(r["n"]) for r in self._rows(
-            f"SELECT kind, hkey, COUNT(*) AS n FROM hits WHERE ({match}) AND at > ?"
-            " GROUP BY kind, hkey", [*(v for k, h, _ in rules for v in (k, h)), since])}
+        counts = self.hit_counts(rules, now, window_s)
         wait = 0.0
         for kind, key, limit in rules:
             if limit - counts.get((kind, key), 0) < count:
@@ -499,6 +494,18 @@ class SqlStore(Store):
                 if row is not None:
                     wait = max(wait, float(row["at"]) + window_s - now)
         return wait
+
+    def hit_counts(self, rules: Sequence[tuple[str, str, int]], now: float,
+                   window_s: float) -> dict[tuple[str, str], int]:
+        """Each rule's (kind, key) hits in the sliding window (absent: none), in one query,
+        counted, not fetched."""
+        if not rules:
+            return {}
+        match = " OR ".join(["(kind = ? AND hkey = ?)"] * len(rules))
+        return {(r["kind"], r["hkey"]): int(r["n"]) for r in self._rows(
+            f"SELECT kind, hkey, COUNT(*) AS n FROM hits WHERE ({match}) AND at > ?"
+            " GROUP BY kind, hkey", [*(v for k, h, _ in rules for v in (k, h)),
+                                     now - window_s])}
 
     def hits_wait(self, rules: Sequence[tuple[str, str, int]], count: int, now: float,
                   window_s: float) -> float:
