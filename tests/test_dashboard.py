@@ -218,6 +218,15 @@ async def test_login_list_filter_search_and_paging(dash: Dash, browser: Browser,
     await page.wait_for_load_state()
     assert await rows(page) == [j["delivered"]]
     await expect(page.locator(".pager")).to_contain_text("Page 2 of 2")
+    await page.click("a[rel=prev]")
+    await page.wait_for_load_state()
+    assert await rows(page) == [j["script"], j["failed"]]
+    # The dates in the form, then Clear.
+    await page.fill("#until", "2000-01-01")
+    await page.click(".filters button[type=submit]")
+    await expect(page.locator(".count")).to_have_text("No jobs found.")
+    await page.click(".filters a.secondary")
+    await expect(page).to_have_url(dash.base + "/jobs")
     w.clean()
 
 

@@ -131,6 +131,11 @@ async def test_received_list_filters_paging_and_one_fax(kept: Inbox, browser: Br
     await page.wait_for_load_state()
     assert await received_rows(w) == [first]
     await expect(page.locator(".pager")).to_contain_text("Page 2 of 2")
+    await page.click("a[rel=prev]")
+    await page.wait_for_load_state()
+    assert await received_rows(w) == [failed, other]
+    await page.click("a[rel=next]")
+    await page.wait_for_load_state()
 
     # One fax, by its link: every fact, each recipient's mail, the picture of page 1.
     await page.click(f"a[href='/received/{first}']")
