@@ -69,16 +69,21 @@ def store(node: NodeFactory) -> SqlStore:
 _counter = iter(range(1, 1_000_000))
 
 
-def add_mail(store: SqlStore, *numbers: str, msgid: str | None = None, sha: str = "ab" * 32,
-             stored: bool = False) -> list[str]:
+def new_mail(store: SqlStore, *numbers: str, msgid: str | None = "<a@x>",
+             sha: str = "ab" * 32) -> tuple[Message, list[NewJob]]:
     n = next(_counter)
     message = Message(id=f"m{n:015d}", created_at=store.clock(), envelope_from="a@example.com",
                       header_from="a@example.com", report_to="a@example.com", subject="s",
                       message_id_header=msgid, references_header=None, peer="127.0.0.1",
                       document_path=f"/spool/{n}.pdf", document_bytes=10, document_sha256=sha,
                       pages=1, filenames="a.pdf")
-    jobs = [NewJob(f"j{n:07d}{i:08d}", number, "+15550100000", "fine", f"tok-{n}-{i}",
-                   f"key-{n}") for i, number in enumerate(numbers or ("+15551230000",))]
+    return message, [NewJob(f"j{n:07d}{i:08d}", number, "+15550100000", "fine",
+                            f"tok-{n}-{i}", f"key-{n}") for i, number in enumerate(numbers)]
+
+
+def add_mail(store: SqlStore, *numbers: str, msgid: str | None = None, sha: str = "ab" * 32,
+             stored: bool = False) -> list[str]:
+    message, jobs = new_mail(store, *(numbers or ("+15551230000",)), msgid=msgid, sha=sha)
     store.add_message(message, jobs, stored=stored)
     return [j.id for j in jobs]
 
@@ -241,18 +246,6 @@ def test_concurrent_claims_never_give_a_job_to_two_nodes(backend: str, store: Sq
         t.join()
     claimed = [job_id for r in results for job_id in r]
     assert sorted(claimed) == sorted(ids)  # every job once, none twice
-
-
-def new_mail(store: SqlStore, *numbers: str, msgid: str | None = "<a@x>",
-             sha: str = "ab" * 32) -> tuple[Message, list[NewJob]]:
-    n = next(_counter)
-    message = Message(id=f"m{n:015d}", created_at=store.clock(), envelope_from="a@example.com",
-                      header_from="a@example.com", report_to="a@example.com", subject="s",
-                      message_id_header=msgid, references_header=None, peer="127.0.0.1",
-                      document_path=f"/spool/{n}.pdf", document_bytes=10, document_sha256=sha,
-                      pages=1, filenames="a.pdf")
-    return message, [NewJob(f"j{n:07d}{i:08d}", number, "+15550100000", "fine",
-                            f"tok-{n}-{i}", f"key-{n}") for i, number in enumerate(numbers)]
 
 
 def commit(store: SqlStore, *numbers: str, window_h: float = 24, **kw: str | None) -> list[str]:
