@@ -58,3 +58,32 @@ async def test_every_waiting_delete_hears_that_s3_refused(
                    for r in results), results
     finally:
         await store.stop()
+
+
+async def test_a_purge_deletes_its_messages_objects_in_one_call(
+        manual_gateway, seaweed: SeaweedS3, s3_credentials: None, simulator, tmp_path: Path
+) -> None:
+    """One gateway, one mail to three numbers: three objects (one per job); once every job is
+    reported they all go, asked for together, so in one DeleteObjects call."""
+    from .conftest import drive, job_ids, pdf_mail, production_env, smtp_send
+
+    prefix = f"purge-{tmp_path.name}/"
+    gw = await manual_gateway(production_env(
+        tmp_path / "var", simulator, MEDIA_STORE="s3", S3_BUCKET="faxgw-test",
+        S3_PREFIX=prefix, S3_ENDPOINT_URL=seaweed.endpoint_url, S3_REGION=seaweed.region))
+    calls: list[int] = []
+    gw.media._client.meta.events.register(
+        "provide-client-params.s3.DeleteObjects",
+        lambda params, **_: calls.append(len(params["Delete"]["Objects"])))
+    numbers = ["15551230021", "15551230022", "15551230023"]
+    reply = await smtp_send(gw.smtp.port, pdf_mail([f"{n}@fax.local" for n in numbers]),
+                            [f"{n}@fax.local" for n in numbers])
+    assert reply.code == 250 and len(job_ids(reply.text)) == 3, reply.text
+    await drive(gw, simulator)
+    jobs = [await gw.store.run(gw.store.job, j) for j in job_ids(reply.text)]
+    assert [j.state.value for j in jobs if j is not None] == ["reported"] * 3
+    assert len({j.media_key for j in jobs if j is not None}) == 3
+    listed = seaweed.client().list_objects_v2(Bucket="faxgw-test", Prefix=prefix)
+    assert listed.get("Contents", []) == []
+    assert calls == [3]
+    assert list(gw.spool.root.glob("*.pdf")) == []

@@ -535,11 +535,16 @@ class Worker:
         return len(messages)
 
     async def _purge(self, message_id: str, jobs: list[Job]) -> None:
-        try:
-            for key in {j.media_key for j in jobs if j.media_key}:
-                await self.media.delete(key)
-        except MediaError as exc:
-            log.warning("message %s: media not deleted yet: %s", message_id, exc)
+        # Asked for together, so the media store can delete them in one call.
+        keys = {j.media_key for j in jobs if j.media_key}
+        outcomes = await asyncio.gather(*(self.media.delete(k) for k in keys),
+                                        return_exceptions=True)
+        errors = [o for o in outcomes if isinstance(o, BaseException)]
+        for error in errors:
+            if not isinstance(error, MediaError):
+                raise error
+        if errors:
+            log.warning("message %s: media not deleted yet: %s", message_id, errors[0])
             return
         await asyncio.to_thread(self.spool.remove, message_id)
         await self.store.run(self.store.mark_purged, message_id)
