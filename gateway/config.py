@@ -140,6 +140,7 @@ class Settings:
     admin_session_minutes: float = defaults.ADMIN_SESSION_MINUTES
     smtp_proxy_protocol: bool = defaults.SMTP_PROXY_PROTOCOL
     database_url: str | None = field(default=None, repr=False)  # None: SQLite in DATA_DIR
+    database_prepared_statements: bool = defaults.DATABASE_PREPARED_STATEMENTS
     node_id: str = field(default_factory=lambda: default_node_id())
     lease_seconds: float = defaults.LEASE_SECONDS
     dedup_window_hours: float = defaults.DEDUP_WINDOW_HOURS
@@ -586,6 +587,8 @@ def settings_from(env: Mapping[str, str]) -> Settings:
                                       1, 30 * 24 * 60),
         smtp_proxy_protocol=r.bool("SMTP_PROXY_PROTOCOL", defaults.SMTP_PROXY_PROTOCOL),
         database_url=database_url,
+        database_prepared_statements=r.bool("DATABASE_PREPARED_STATEMENTS",
+                                            defaults.DATABASE_PREPARED_STATEMENTS),
         node_id=r.str("NODE_ID") or default_node_id(),
         lease_seconds=lease_s,
         dedup_window_hours=r.float("DEDUP_WINDOW_HOURS", defaults.DEDUP_WINDOW_HOURS, 0,

@@ -113,6 +113,7 @@ INBOUND_KEEP_MEDIA: Final = False         # delete the media at SignalWire once 
 INBOUND_ATTACH_DOCUMENT: Final = True     # attach the PDF (False: a notice only)
 
 # Several gateways on one PostgreSQL (DATABASE_URL).
+DATABASE_PREPARED_STATEMENTS: Final = True  # PostgreSQL plans each query once per connection
 LEASE_SECONDS: Final = 30.0           # a dead node's jobs are taken over after this long
 DEDUP_WINDOW_HOURS: Final = 24.0      # a mail resent within this window is not faxed twice
 SEND_RATE_PER_SECOND: Final = 1.0     # faxes sent per second, all nodes together (SignalWire's)

@@ -18,7 +18,7 @@ import pytest
 from gateway.outbound.states import CallbackAction, State
 from gateway.store import migrations
 from gateway.store.base import StoreError
-from gateway.store.postgres import PostgresStore
+from gateway.store.postgres import PREPARE_THRESHOLD, PostgresStore
 from gateway.store.rows import Message, NewJob
 from gateway.store.sql import SqlStore
 from gateway.store.sqlite import SqliteStore
@@ -483,3 +483,54 @@ async def test_calls_on_the_store_threads_at_once_keep_their_limits(
         assert len(store.jobs()) == 20
     finally:
         await store.stop()
+
+
+def _prepared_count(store: PostgresStore) -> int:
+    """Prepared statements on the store's one connection (its pool holds one)."""
+    return int(store._rows("SELECT COUNT(*) AS n FROM pg_prepared_statements")[0]["n"])
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+def test_frequent_queries_are_prepared_unless_turned_off(pg_url: str, prepared: bool) -> None:
+    from gateway.config import settings_from
+    from gateway.store.base import open_store
+
+    pg_reset(pg_url)
+    settings = settings_from({"DATABASE_URL": pg_url, "MEDIA_STORE": "s3", "S3_BUCKET": "faxes",
+                              "DATABASE_PREPARED_STATEMENTS": "yes" if prepared else "no"})
+    chosen = open_store(settings)
+    assert isinstance(chosen, PostgresStore)
+    store = PostgresStore(pg_url, max_connections=1, prepared_statements=prepared)
+    assert store.prepare_threshold == chosen.prepare_threshold
+    store.open()
+    try:
+        before = _prepared_count(store)
+        for _ in range(PREPARE_THRESHOLD + 1):
+            assert store.job("no-such-job") is None
+        assert (_prepared_count(store) > before) is prepared
+    finally:
+        store.close()
+
+
+def test_a_migration_elsewhere_costs_one_call_not_every_call(pg_url: str) -> None:
+    """A node that prepared `SELECT * FROM jobs` and then sees another node add a column (a
+    newer version's migration): PostgreSQL refuses the old plan once; the connection then
+    forgets its prepared statements, and the next call works."""
+    import psycopg
+
+    pg_reset(pg_url)
+    store = PostgresStore(pg_url, max_connections=1)
+    store.open()
+    try:
+        [job_id] = add_mail(store)
+        for _ in range(PREPARE_THRESHOLD + 1):
+            assert store.job(job_id) is not None
+        with psycopg.connect(pg_url, autocommit=True) as other:
+            other.execute("ALTER TABLE jobs ADD COLUMN added_by_a_newer_node INTEGER")
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            store.job(job_id)
+        for _ in range(PREPARE_THRESHOLD + 1):  # prepared again, against the new table
+            job = store.job(job_id)
+            assert job is not None and job.id == job_id
+    finally:
+        store.close()

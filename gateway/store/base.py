@@ -360,7 +360,8 @@ def open_store(settings: "Settings", clock: Callable[[], float] = time.time) -> 
     if settings.database_url:
         from gateway.store.postgres import PostgresStore
 
-        store = PostgresStore(settings.database_url, clock)
+        store = PostgresStore(settings.database_url, clock,
+                              prepared_statements=settings.database_prepared_statements)
     else:
         from gateway.store.sqlite import SqliteStore
 

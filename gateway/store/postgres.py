@@ -1,8 +1,11 @@
 """The PostgreSQL backend: one database shared by several gateways (DATABASE_URL).
 
 psycopg 3 with psycopg_pool: a synchronous API (the store runs on its own thread, and the CLI is
-synchronous), and no server-side prepared statements (`prepare_threshold=None`) so it works
-behind PgBouncer in transaction mode. Every query is in `sql.py`; only what PostgreSQL does its
+synchronous). A query the store runs often is prepared on the server (psycopg's own
+`prepare_threshold`), so PostgreSQL parses and plans it once per connection, not on every call;
+`DATABASE_PREPARED_STATEMENTS=no` turns that off for a PgBouncer in transaction mode that does
+not keep prepared statements (before 1.21, or `max_prepared_statements = 0`). Every query is
+in `sql.py`; only what PostgreSQL does its
 own way is here: connecting, `%s` placeholders, the advisory lock that lets only one of several
 nodes starting together run the migrations, and the claim of due work with
 `FOR UPDATE SKIP LOCKED` under a transaction-scoped advisory lock (so the check "no other
@@ -37,6 +40,11 @@ CLAIM_LOCK = 0x6661786777_02
 _LOCKS = {"claims": CLAIM_LOCK, "hits": 0x6661786777_03, "send-slot": 0x6661786777_04}
 
 
+PREPARE_THRESHOLD = 5
+# PostgreSQL's words when a prepared `SELECT *` meets a table that gained a column.
+_STALE_PLAN = "cached plan must not change result type"
+
+
 @functools.lru_cache(maxsize=512)
 def _placeholders(sql: str) -> str:
     """`?` -> `%s`; a literal `%` doubled so psycopg does not read it as a placeholder."""
@@ -54,8 +62,11 @@ class PostgresStore(SqlStore):
 
     def __init__(self, url: str, clock: Callable[[], float] = time.time,
                  connect_timeout_s: float = defaults.STORE_BUSY_TIMEOUT_S,
-                 max_connections: int = 4) -> None:
+                 max_connections: int = 4, prepared_statements: bool = True) -> None:
         super().__init__(clock)
+        # psycopg prepares a query after it ran this many times on a connection (its
+        # default); None: never (each call is parsed and planned again).
+        self.prepare_threshold: int | None = PREPARE_THRESHOLD if prepared_statements else None
         self.url = url
         self.connect_timeout_s = connect_timeout_s
         self.max_connections = max_connections
@@ -80,7 +91,8 @@ class PostgresStore(SqlStore):
         pool: ConnectionPool = ConnectionPool(
             self.url, min_size=1, max_size=self.max_connections, open=False,
             timeout=self.connect_timeout_s, name="faxgw",
-            kwargs={"autocommit": True, "row_factory": dict_row, "prepare_threshold": None,
+            kwargs={"autocommit": True, "row_factory": dict_row,
+                    "prepare_threshold": self.prepare_threshold,
                     "connect_timeout": max(1, int(self.connect_timeout_s)),
                     "application_name": "faxgw"})
         try:
@@ -130,9 +142,19 @@ class PostgresStore(SqlStore):
     def _connection(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
         if self._conn is not None:
             yield self._conn
-        else:
-            with self.pool.connection() as conn:
+            return
+        with self.pool.connection() as conn:
+            try:
                 yield conn
+            except psycopg.errors.FeatureNotSupported as exc:
+                if _STALE_PLAN in str(exc) and not conn.closed:
+                    # Another node's migration changed a table under a query prepared here:
+                    # this call fails (its caller retries, as after any database error) and
+                    # the connection forgets its prepared statements, so the next one works.
+                    log.info("a table changed under a prepared query; forgetting them")
+                    with contextlib.suppress(psycopg.Error):
+                        conn.execute("DEALLOCATE ALL")  # psycopg drops its cache too
+                raise
 
     @contextlib.contextmanager
     def _tx(self, durable: bool = False) -> Iterator[None]:
