@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from gateway.sandbox.s3server import SeaweedS3
@@ -87,3 +88,129 @@ async def test_a_purge_deletes_its_messages_objects_in_one_call(
     assert listed.get("Contents", []) == []
     assert calls == [3]
     assert list(gw.spool.root.glob("*.pdf")) == []
+
+
+async def test_the_signed_url_is_the_one_boto3_would_give(
+        seaweed: SeaweedS3, s3_credentials: None) -> None:
+    """The store signs with botocore's query signer itself rather than through the client;
+    if botocore changes either, this says so before SignalWire does."""
+    store = media_store(seaweed, "same/odd name+é/")
+    await store.start()
+    try:
+        for _ in range(3):  # the two must fall within one second (X-Amz-Date)
+            ours = await store.url("doc.pdf", 600)
+            theirs = store._client.generate_presigned_url(
+                "get_object", Params={"Bucket": "faxgw-test", "Key": "same/odd name+é/doc.pdf"},
+                ExpiresIn=600)
+            if ours == theirs:
+                break
+        assert ours == theirs
+    finally:
+        await store.stop()
+
+
+async def test_a_scan_goes_up_and_comes_back_a_chunk_at_a_time(
+        seaweed: SeaweedS3, s3_credentials: None, tmp_path: Path) -> None:
+    import os
+
+    from gateway.signalwire import media
+
+    store = media_store(seaweed, f"big-{tmp_path.name}/")
+    await store.start()
+    try:
+        source = tmp_path / "scan.pdf"
+        source.write_bytes(os.urandom(media.READ_WHOLE_BYTES * 3 + 12345))  # streamed
+        await store.put("scan.pdf", source)
+        back = tmp_path / "back.pdf"
+        await store.fetch("scan.pdf", back)
+        assert back.read_bytes() == source.read_bytes()
+        async with aiohttp.ClientSession() as http:  # what SignalWire does with the URL
+            async with http.get(await store.url("scan.pdf", 60)) as response:
+                assert response.status == 200
+                assert response.headers["Content-Type"] == "application/pdf"
+                assert await response.read() == source.read_bytes()
+        await store.delete("scan.pdf")
+        with pytest.raises(MediaError, match="NoSuchKey"):
+            await store.fetch("scan.pdf", back)
+    finally:
+        await store.stop()
+
+
+async def test_a_refusal_names_s3s_reason_and_never_the_signed_url(
+        seaweed: SeaweedS3, s3_credentials: None, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "doc.pdf"
+    source.write_bytes(b"%PDF-1.4 not much\n")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-" + seaweed.secret_key)
+    store = media_store(seaweed, "x/")
+    await store.start()
+    try:
+        with pytest.raises(MediaError) as refused:
+            await store.put("doc.pdf", source)
+    finally:
+        await store.stop()
+    assert str(refused.value).startswith(
+        "S3 upload to bucket faxgw-test: SignatureDoesNotMatch"), refused.value
+    closed = S3MediaStore(bucket="faxgw-test", prefix="", region=seaweed.region,
+                          endpoint_url=f"http://127.0.0.1:{_closed_port()}", timeout_s=5)
+    await closed.start()
+    try:
+        with pytest.raises(MediaError) as unreachable:
+            await closed.put("doc.pdf", source)
+    finally:
+        await closed.stop()
+    assert "Cannot connect" in str(unreachable.value)
+    for text in (str(refused.value), str(unreachable.value), caplog.text):
+        assert "X-Amz-Signature" not in text and "X-Amz-Credential" not in text
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_a_request_s3_could_not_take_is_tried_again(
+        s3_credentials: None, tmp_path: Path) -> None:
+    """A 503 SlowDown (or a 5xx of any kind, or a dropped connection): sent again once, as
+    boto3's standard retries did."""
+    seen: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while not reader.at_eof():
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except asyncio.IncompleteReadError:
+                break
+            seen.append(head.split(b" ", 2)[0])
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            if len(seen) == 1:
+                body = b"<Error><Code>SlowDown</Code><Message>Reduce your rate</Message></Error>"
+                writer.write(b"HTTP/1.1 503 Slow Down\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(body), body))
+            else:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    source = tmp_path / "doc.pdf"
+    source.write_bytes(b"%PDF-1.4 not much\n")
+    store = S3MediaStore(bucket="faxgw-test", prefix="", region="us-east-1",
+                         endpoint_url=f"http://127.0.0.1:{port}", timeout_s=5)
+    await store.start()
+    try:
+        await store.put("doc.pdf", source)
+        assert seen == [b"PUT", b"PUT"]
+        seen.clear()
+        seen.append(b"-")  # from now on every request is answered 200
+        await store.delete("doc.pdf")
+        assert seen == [b"-", b"DELETE"]
+    finally:
+        await store.stop()
+        server.close()
+        await server.wait_closed()
