@@ -868,11 +868,21 @@ def first_page_png(pdf: bytes | Path, width_px: int = 300) -> bytes:
                 document.close()
         except (pdfium.PdfiumError, IndexError, ValueError) as exc:
             raise ConvertError("The document could not be rendered") from exc
+    # Sixteen greys, four bits a pixel (a fax is black and white; the picture only has to
+    # show which document went): half the bytes to compress and to mail. zlib level 3, not
+    # optimize=True (level 9 plus a filter search). For a 300-pixel page: 0.7 ms and ~6 KB,
+    # where 256 greys cost 1.1 ms and ~12 KB (optimize=True: 10 ms). It is made for every
+    # report mail.
+    grey = image.convert("L").point(_TO_16_GREYS)
+    indexed = Image.frombytes("P", grey.size, grey.tobytes())
+    indexed.putpalette(_16_GREYS_PALETTE)
     out = io.BytesIO()
-    # zlib level 3, not optimize=True (level 9 plus a filter search): 1.2 ms instead of 10 ms
-    # for a 300-pixel page, and ~12 KB instead of ~11 KB. It is made for every report mail.
-    image.convert("L").save(out, "PNG", compress_level=THUMBNAIL_ZLIB_LEVEL)
+    indexed.save(out, "PNG", bits=4, compress_level=THUMBNAIL_ZLIB_LEVEL)
     return out.getvalue()
+
+
+_TO_16_GREYS = [(v * 15 + 127) // 255 for v in range(256)]
+_16_GREYS_PALETTE = [c for i in range(16) for c in (i * 17,) * 3]
 
 
 def is_blank_png(png: bytes) -> bool:
