@@ -40,6 +40,7 @@ from gateway.store.rows import Attempt, Event, Message
 log = logging.getLogger(__name__)
 
 IDLE_WAKE_S = 30.0           # look at the queue at least this often, even when nothing is due
+DISPATCH_GATHER_S = 0.01     # after a wake, what else happens this soon is claimed in one trip
 UNKNOWN_RECHECK_S = 10.0     # after a send with no answer, look the fax up this much later
 LOOKUP_SKEW_S = 120.0        # clock skew allowed when matching a looked-up fax to a send
 
@@ -162,7 +163,13 @@ class Worker:
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout)
                 except asyncio.TimeoutError:
-                    pass
+                    continue
+            if not self._stopping:
+                # Woken (a step ended, a mail came in): what else ends or comes in over the
+                # next few milliseconds goes to the store in the same trip. In a burst every
+                # fax wakes the loop about four times; one claim per wake cost a third of the
+                # store's work per fax.
+                await asyncio.sleep(DISPATCH_GATHER_S)
 
     async def _dispatch(self) -> tuple[list[asyncio.Task[None]], float | None]:
         """Start the due steps there is room for; (their tasks, when the next one is due)."""
