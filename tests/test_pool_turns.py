@@ -50,6 +50,7 @@ async def _enter(pool: CpuPool, size: int) -> bool:
     "QUJDRA==\r\n",                           # padded at the end
     "QUJD\r\nRA==\r\n\r\n",                   # padding then blank lines
     "QUJD" * 300_000 + "\r\nRA==",            # longer than one slice
+    "QUJD" * ((1 << 20) // 4 - 1) + "QQ==" + "\r\n\r\n",  # padding ends the first slice
 ])
 def test_clean_base64_matches_the_lenient_decoder(text: str) -> None:
     assert _clean_base64(text) == _lenient_b64decode(text.encode())[0]
@@ -58,6 +59,7 @@ def test_clean_base64_matches_the_lenient_decoder(text: str) -> None:
 @pytest.mark.parametrize("text", [
     "QUJD*REVG",          # a stray character
     "QUI=QUJD",           # padding in the middle (glued chunks)
+    "QUJD" * ((1 << 20) // 4 - 1) + "QQ==" + "QUJD",  # ... at the end of a slice
     "QUJDR",              # cut mid-quantum
     "QUJD\u00e9REVG",     # not ASCII
 ])
