@@ -214,3 +214,43 @@ async def test_a_request_s3_could_not_take_is_tried_again(
         await store.stop()
         server.close()
         await server.wait_closed()
+
+
+async def test_the_proxy_the_environment_names_is_used(
+        s3_credentials: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HTTP_PROXY / HTTPS_PROXY and NO_PROXY, as boto3 honoured them: the request goes to the
+    proxy, in absolute form, unless NO_PROXY names the S3 host."""
+    from gateway.signalwire.media import env_proxy
+
+    lines: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines.append(head.split(b"\r\n", 1)[0])
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+    proxy_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy_url)
+    source = tmp_path / "doc.pdf"
+    source.write_bytes(b"%PDF-1.4 not much\n")
+    store = S3MediaStore(bucket="faxgw-test", prefix="p/", region="us-east-1",
+                         endpoint_url="http://s3.example.invalid:9000", timeout_s=5)
+    await store.start()
+    try:
+        await store.put("doc.pdf", source)
+    finally:
+        await store.stop()
+        server.close()
+        await server.wait_closed()
+    assert len(lines) == 1
+    assert lines[0].startswith(b"PUT http://s3.example.invalid:9000/faxgw-test/p/doc.pdf?")
+    monkeypatch.setenv("NO_PROXY", "s3.example.invalid")
+    assert env_proxy("http://s3.example.invalid:9000/faxgw-test/") is None
+    assert env_proxy("http://other.example.invalid/") == proxy_url

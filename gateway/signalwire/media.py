@@ -21,6 +21,7 @@ import ssl
 import shutil
 import time
 import urllib.parse
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Protocol, TypeVar
@@ -158,6 +159,7 @@ class S3MediaStore:
         self._bucket_url = ""  # the object's URL is this plus its quoted name
         self._signing_region = region
         self._http: aiohttp.ClientSession | None = None
+        self._proxy: str | None = None
         # Client creation, credential refreshes and several-key deletes block a thread for a
         # network round trip; they get threads of their own, so that the quick file work the
         # rest of the daemon hands to asyncio's default executor never queues behind them.
@@ -181,8 +183,10 @@ class S3MediaStore:
                                            ssl=ssl.create_default_context(cafile=cafile)),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=min(10.0, self.timeout_s),
                                           sock_read=self.timeout_s),
-            trust_env=True,  # HTTPS_PROXY / NO_PROXY, as boto3 reads them
             auto_decompress=False, skip_auto_headers=("Content-Type",))
+        # HTTPS_PROXY / HTTP_PROXY and NO_PROXY, as boto3 reads them, decided once: aiohttp's
+        # trust_env would look them (and ~/.netrc) up in a thread on every request.
+        self._proxy = env_proxy(self._bucket_url)
 
     def _make_client(self) -> tuple[Any, Any, str]:
         import boto3
@@ -257,7 +261,8 @@ class S3MediaStore:
                 async with asyncio.timeout(deadline_s or self.timeout_s * 2):
                     url = await self._signed(method, key, REQUEST_URL_TTL_S)
                     async with self._http.request(method, url, headers=headers,
-                                                  data=body() if body else None) as response:
+                                                  data=body() if body else None,
+                                                  proxy=self._proxy) as response:
                         if response.status in ok:
                             if into is not None:
                                 await _save_body(response, into)
@@ -379,6 +384,15 @@ def _s3_reason(exc: BaseException) -> str:
         err = response.get("Error", {})
         return f"{err.get('Code', 'error')}: {err.get('Message', '')}".strip()
     return type(exc).__name__ + (f": {exc}" if str(exc) else "")
+
+
+def env_proxy(url: str) -> str | None:
+    """The proxy the environment names for `url` (the scheme's `*_PROXY`), unless `NO_PROXY`
+    exempts its host: urllib's reading of the variables, which botocore uses too."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname and urllib.request.proxy_bypass(parts.hostname):
+        return None
+    return urllib.request.getproxies().get(parts.scheme) or None
 
 
 def _retryable(exc: BaseException) -> bool:
