@@ -17,8 +17,8 @@ import logging
 import os
 import re
 import secrets
-import ssl
 import shutil
+import ssl
 import time
 import urllib.parse
 import urllib.request
@@ -143,9 +143,9 @@ class S3MediaStore:
     boto3 finds the credentials (its whole chain: environment, profile, instance role) and the
     bucket's address once, at start. Each request is then signed with botocore's SigV4 query
     signer (the one `generate_presigned_url` uses, without the client's machinery around it) and
-    sent with aiohttp on the event loop. A boto3 call cost ~1.5 ms of CPU and two thread hops
-    per PUT or DELETE, a sixth of the whole pipeline's CPU per fax; signing costs ~0.1 ms. The
-    boto3 client still does the rare several-key DeleteObjects and resolves the address."""
+    sent with aiohttp on the event loop. Through the client, a PUT or DELETE cost ~1.5 ms of
+    CPU and two thread hops (S3 calls were a sixth of the pipeline's CPU per fax); signing one
+    costs ~0.1-0.2 ms. The boto3 client still does the rare several-key DeleteObjects."""
 
     def __init__(self, *, bucket: str, prefix: str, region: str, endpoint_url: str | None,
                  timeout_s: float) -> None:
