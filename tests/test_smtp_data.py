@@ -216,3 +216,17 @@ async def test_receive_dot_line_right_after_a_stuffed_line() -> None:
     result = await asyncio.wait_for(receive(reader, DataWriter(buf, 0)), 5)
     assert result.outcome is Outcome.DONE and buf.getvalue() == b".a\r\n"
     assert await reader.readexactly(6) == b"QUIT\r\n"
+
+
+@pytest.mark.parametrize("keep", [1, 7, 20, 10_000])
+def test_the_writer_keeps_the_head_of_what_it_wrote(keep: int) -> None:
+    """Intake reads the header block from the writer, not from the file: it must be the
+    file's own first bytes (unstuffed, doubled CRs folded), however DATA was cut."""
+    stream = (b"Subject: dots\r\n..leading dot\r\nline\r\r\n" + b"x" * 50 + b"\r\n.\r\n")
+    for cut in range(1, len(stream), 5):
+        out = io.BytesIO()
+        writer = DataWriter(out, 0, keep_head=keep)
+        done = writer.feed(stream[:cut]) or writer.feed(stream[cut:])
+        assert done is not None and done[0] is Outcome.DONE
+        assert bytes(writer.head) == out.getvalue()[:keep]
+    assert DataWriter(io.BytesIO(), 0).head == b""  # nothing kept unless asked

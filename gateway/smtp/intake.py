@@ -136,8 +136,12 @@ class Intake:
 
     async def accept(self, path: Path, envelope_from: str | None, numbers: Sequence[str],
                      peer: str | None, client: Client | None = None,
-                     charge: asyncio.Future[Reply | None] | None = None) -> Accepted:
+                     charge: asyncio.Future[Reply | None] | None = None,
+                     head: bytes | None = None) -> Accepted:
         """Queue the message in `path` (which stays the caller's to remove) or raise Refused.
+
+        `head`: the file's first HEAD_BYTES, when the caller kept them as it wrote the file
+        (else they are read back from it).
 
         `charge`: the rate limits' answer for this message (`Access.charge`), decided while the
         document is converted; nothing is stored, and no refusal mail sent, before it says yes
@@ -148,7 +152,7 @@ class Intake:
         self.active += 1
         try:
             return await self._accept_mail(path, envelope_from, numbers, peer, client,
-                                           charge)
+                                           charge, head)
         finally:
             self.active -= 1
             if not self.active:
@@ -156,8 +160,10 @@ class Intake:
 
     async def _accept_mail(self, path: Path, envelope_from: str | None,
                            numbers: Sequence[str], peer: str | None, client: Client | None,
-                           charge: asyncio.Future[Reply | None] | None) -> Accepted:
-        head = await asyncio.to_thread(_read_head, path, HEAD_BYTES)
+                           charge: asyncio.Future[Reply | None] | None,
+                           head: bytes | None) -> Accepted:
+        if head is None:
+            head = await asyncio.to_thread(_read_head, path, HEAD_BYTES)
         if (automatic := automatic_mail(head, envelope_from)) is not None:
             # No refusal mail: answering automatic mail is how loops and backscatter start.
             raise Refused(replies.automatic_mail(automatic))

@@ -32,7 +32,7 @@ from gateway.smtp import replies
 from gateway.smtp.access import Access, Client
 from gateway.smtp.connections import AcceptErrors, ConnectionLimits
 from gateway.smtp.data import DataWriter, Incoming, Outcome, receive
-from gateway.smtp.intake import Intake, PartStored, RateRefused, Refused
+from gateway.smtp.intake import HEAD_BYTES, Intake, PartStored, RateRefused, Refused
 from gateway.smtp.replies import Reply
 from gateway.store.base import StoreError
 from gateway.smtp.tls import ReloadableTLS
@@ -65,6 +65,7 @@ class FaxEnvelope(Envelope):
         self.fax_numbers: list[str] = []
         self.content_path: Path | None = None  # DATA as received, in DATA_DIR/incoming
         self.content_bytes = 0
+        self.content_head = b""  # its first HEAD_BYTES (the header block and more)
 
 
 class FaxHandler:
@@ -237,7 +238,8 @@ class FaxHandler:
             return self.refuse(refusal)
         try:
             accepted = await self.intake.accept(env.content_path, env.mail_from, numbers,
-                                                _peer(session), client, charge)
+                                                _peer(session), client, charge,
+                                                head=env.content_head)
         except RateRefused as exc:  # the charge was refused: nothing to give back
             return self.refuse(exc.reply)
         except PartStored as exc:  # a part of a split mail, kept: nothing is faxed yet
@@ -391,7 +393,7 @@ class FaxSMTP(SMTP):
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             self._phase = "data"
             self._reset_timeout(s.smtp_data_timeout_s)
-            writer = DataWriter(out, s.smtp_max_message_bytes)
+            writer = DataWriter(out, s.smtp_max_message_bytes, keep_head=HEAD_BYTES)
             try:
                 result = await receive(self._reader, writer)
             finally:
@@ -422,6 +424,7 @@ class FaxSMTP(SMTP):
                 return
             env.content_path = path
             env.content_bytes = writer.written
+            env.content_head = bytes(writer.head)
             status = await self._call_handler_hook("DATA")
             self._set_post_data_state()
             await self.push("250 OK" if status is MISSING else status)
