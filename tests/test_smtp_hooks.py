@@ -47,6 +47,19 @@ def test_overridden_and_called_methods_keep_their_signatures() -> None:
         assert params(getattr(FaxSMTP, name)) == params(getattr(SMTP, name)), name
 
 
+def test_the_address_parse_is_aiosmtpds_own() -> None:
+    """FaxSMTP._getaddr is aiosmtpd's parse without its per-call class: same answers."""
+    ours, theirs = object.__new__(FaxSMTP), object.__new__(SMTP)
+    samples = ["", "<>", "<a@b.c>", " <a@b.c> SIZE=100", "a@b.c", "<a@b.c", "a b@c.d",
+               "<\"odd name\"@b.c> BODY=8BITMIME", "<@route:a@b.c>", "<é@b.c> SMTPUTF8",
+               "<" + "x" * 70 + "@b.c>", "<a@[127.0.0.1]>", "garbage<<>>", "<a@b.c> <d@e.f>"]
+    for limit in (0, 64):
+        ours.local_part_limit = theirs.local_part_limit = limit
+        for arg in samples:
+            assert ours._getaddr(arg) == theirs._getaddr(arg), (limit, arg)
+    assert params(SMTP._getaddr) == ["self", "arg"]
+
+
 def test_internals_the_overrides_lean_on() -> None:
     init = inspect.getsource(SMTP.__init__)
     # The StreamReader's limit comes from the class attribute FaxSMTP raises for DATA.
