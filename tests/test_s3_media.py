@@ -142,26 +142,25 @@ async def test_a_refusal_names_s3s_reason_and_never_the_signed_url(
     source = tmp_path / "doc.pdf"
     source.write_bytes(b"%PDF-1.4 not much\n")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-" + seaweed.secret_key)
-    store = media_store(seaweed, "x/")
+    refused = await _refused_put(media_store(seaweed, "x/"), source)
+    assert refused.startswith("S3 upload to bucket faxgw-test: SignatureDoesNotMatch"), refused
+    unreachable = await _refused_put(
+        S3MediaStore(bucket="faxgw-test", prefix="", region=seaweed.region,
+                     endpoint_url=f"http://127.0.0.1:{_closed_port()}", timeout_s=5), source)
+    assert "Cannot connect" in unreachable
+    for text in (refused, unreachable, caplog.text):
+        assert "X-Amz-Signature" not in text and "X-Amz-Credential" not in text
+
+
+async def _refused_put(store: S3MediaStore, source: Path) -> str:
+    """What the store says when it cannot upload `source`."""
     await store.start()
     try:
         with pytest.raises(MediaError) as refused:
             await store.put("doc.pdf", source)
     finally:
         await store.stop()
-    assert str(refused.value).startswith(
-        "S3 upload to bucket faxgw-test: SignatureDoesNotMatch"), refused.value
-    closed = S3MediaStore(bucket="faxgw-test", prefix="", region=seaweed.region,
-                          endpoint_url=f"http://127.0.0.1:{_closed_port()}", timeout_s=5)
-    await closed.start()
-    try:
-        with pytest.raises(MediaError) as unreachable:
-            await closed.put("doc.pdf", source)
-    finally:
-        await closed.stop()
-    assert "Cannot connect" in str(unreachable.value)
-    for text in (str(refused.value), str(unreachable.value), caplog.text):
-        assert "X-Amz-Signature" not in text and "X-Amz-Credential" not in text
+    return str(refused.value)
 
 
 def _closed_port() -> int:
