@@ -253,3 +253,45 @@ async def test_the_proxy_the_environment_names_is_used(
     monkeypatch.setenv("NO_PROXY", "s3.example.invalid")
     assert env_proxy("http://s3.example.invalid:9000/faxgw-test/") is None
     assert env_proxy("http://other.example.invalid/") == proxy_url
+
+
+async def test_reports_ending_together_purge_their_message_once(
+        manual_gateway, seaweed: SeaweedS3, s3_credentials: None, simulator, tmp_path: Path
+) -> None:
+    """The last reports of one message ending at once (the worker starts the steps it
+    claims together) purge it once; a clean-up after the purge finds nothing left to do."""
+    import dataclasses
+
+    from .conftest import drive, job_ids, pdf_mail, production_env, smtp_send
+
+    prefix = f"once-{tmp_path.name}/"
+    gw = await manual_gateway(production_env(
+        tmp_path / "var", simulator, MEDIA_STORE="s3", S3_BUCKET="faxgw-test",
+        S3_PREFIX=prefix, S3_ENDPOINT_URL=seaweed.endpoint_url, S3_REGION=seaweed.region,
+        DOCUMENT_RETENTION_HOURS="1"))  # no purge at the reports: the test does them
+    calls: list[int] = []
+    gw.media._client.meta.events.register(
+        "provide-client-params.s3.DeleteObjects",
+        lambda params, **_: calls.append(len(params["Delete"]["Objects"])))
+    numbers = ["15551230031", "15551230032", "15551230033"]
+    reply = await smtp_send(gw.smtp.port, pdf_mail([f"{n}@fax.local" for n in numbers]),
+                            [f"{n}@fax.local" for n in numbers])
+    assert reply.code == 250, reply.text
+    await drive(gw, simulator)
+    jobs = [await gw.store.run(gw.store.job, j) for j in job_ids(reply.text)]
+    assert [j.state.value for j in jobs if j is not None] == ["reported"] * 3
+    gw.worker.s = dataclasses.replace(gw.worker.s, document_retention_hours=0)
+    purges: list[str] = []
+    purge = gw.worker._purge
+
+    async def counted(message_id: str, message_jobs: list) -> None:
+        purges.append(message_id)
+        await purge(message_id, message_jobs)
+
+    gw.worker._purge = counted  # type: ignore[method-assign]
+    await asyncio.gather(*(gw.worker._cleanup(j) for j in jobs if j is not None))
+    assert calls == [3] and len(purges) == 1
+    await gw.worker._cleanup(jobs[0])  # type: ignore[arg-type]  # later: purged already
+    assert calls == [3] and len(purges) == 1
+    listed = seaweed.client().list_objects_v2(Bucket="faxgw-test", Prefix=prefix)
+    assert listed.get("Contents", []) == []

@@ -534,3 +534,13 @@ def test_a_migration_elsewhere_costs_one_call_not_every_call(pg_url: str) -> Non
             assert job is not None and job.id == job_id
     finally:
         store.close()
+
+
+def test_a_purged_messages_jobs_are_not_listed_for_purging(store: SqlStore) -> None:
+    [job_id] = add_mail(store, "+15551230041")
+    job = store.job(job_id)
+    assert job is not None
+    assert [j.id for j in store.message_jobs(job.message_id, True)] == [job_id]
+    store.mark_purged(job.message_id)
+    assert store.message_jobs(job.message_id, True) == []
+    assert [j.id for j in store.message_jobs(job.message_id)] == [job_id]  # still there

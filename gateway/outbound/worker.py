@@ -78,6 +78,7 @@ class Worker:
         # Notified after every step: lets tests and the CLI wait for a job without polling.
         self.progress = asyncio.Condition()
         self._released: list[str] = []  # jobs whose step ended: their leases go next trip
+        self._purging: set[str] = set()  # messages whose documents this node is deleting
         # How many mails intake is working on now (the daemon wires in Intake's count): while
         # any, fewer steps run at once, so senders get their 250 first.
         self.intake_active: Callable[[], int] = lambda: 0
@@ -526,12 +527,18 @@ class Worker:
     async def _cleanup(self, job: Job) -> None:
         """With no document retention, the PDF goes as soon as every job of its message is
         reported; otherwise housekeeping removes it later."""
-        if self.s.document_retention_hours == 0:
+        if self.s.document_retention_hours == 0 and job.message_id not in self._purging:
             # This job's message only (housekeeping catches any left behind), not a search of
-            # every message: several reports ending together searched and purged alike.
-            jobs = await self.store.run(self.store.message_jobs, job.message_id)
-            if jobs and all(j.state is State.REPORTED for j in jobs):
-                await self._purge(job.message_id, jobs)
+            # every message: several reports ending together searched and purged alike. Its
+            # last reports, ending together, purge it once: the others see it being purged
+            # here, or purged already.
+            self._purging.add(job.message_id)
+            try:
+                jobs = await self.store.run(self.store.message_jobs, job.message_id, True)
+                if jobs and all(j.state is State.REPORTED for j in jobs):
+                    await self._purge(job.message_id, jobs)
+            finally:
+                self._purging.discard(job.message_id)
 
     async def purge_documents(self, cutoff: float) -> int:
         """Delete spool files and media objects of messages fully reported before `cutoff`."""

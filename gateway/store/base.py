@@ -157,7 +157,8 @@ class Store(abc.ABC):
     def jobs(self, *, state: State | str | None = None, limit: int = 100) -> list[Job]: ...
 
     @abc.abstractmethod
-    def message_jobs(self, message_id: str) -> list[Job]: ...
+    def message_jobs(self, message_id: str, unpurged: bool = False) -> list[Job]:
+        """The message's jobs; `unpurged`: none once its documents are purged."""
 
     @abc.abstractmethod
     def due_jobs(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[Job]:

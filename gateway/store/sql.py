@@ -345,8 +345,14 @@ class SqlStore(Store):
         args.append(limit)
         return [_job(r) for r in self._rows(sql, args)]
 
-    def message_jobs(self, message_id: str) -> list[Job]:
-        rows = self._rows("SELECT * FROM jobs WHERE message_id = ? ORDER BY id", (message_id,))
+    def message_jobs(self, message_id: str, unpurged: bool = False) -> list[Job]:
+        if unpurged:
+            rows = self._rows("SELECT * FROM jobs WHERE message_id = ? AND NOT EXISTS ("
+                              " SELECT 1 FROM messages WHERE id = ? AND purged_at IS NOT NULL)"
+                              " ORDER BY id", (message_id, message_id))
+        else:
+            rows = self._rows("SELECT * FROM jobs WHERE message_id = ? ORDER BY id",
+                              (message_id,))
         return [_job(r) for r in rows]
 
     def _due_where(self, exclude: list[str], now: float) -> tuple[str, list[Any]]:
