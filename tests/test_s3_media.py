@@ -24,15 +24,41 @@ def media_store(seaweed: SeaweedS3, prefix: str, bucket: str = "faxgw-test") -> 
                         endpoint_url=seaweed.endpoint_url, timeout_s=10)
 
 
+def _delete_objects_calls(store: S3MediaStore) -> list[int]:
+    """Through botocore's public event hooks: the keys in each DeleteObjects call from now on."""
+    calls: list[int] = []
+    store._client.meta.events.register(
+        "provide-client-params.s3.DeleteObjects",
+        lambda params, **_: calls.append(len(params["Delete"]["Objects"])))
+    return calls
+
+
+async def _mail_to_three_numbers_reported(manual_gateway, seaweed: SeaweedS3, simulator,
+                                          tmp_path: Path, prefix: str, series: str,
+                                          **env: str) -> tuple:
+    """A gateway on SeaweedFS (objects under `prefix`), one mail to three numbers, driven
+    until every job is reported: (the gateway, its DeleteObjects calls, the three jobs)."""
+    from .conftest import drive, job_ids, pdf_mail, production_env, smtp_send
+
+    gw = await manual_gateway(production_env(
+        tmp_path / "var", simulator, MEDIA_STORE="s3", S3_BUCKET="faxgw-test",
+        S3_PREFIX=prefix, S3_ENDPOINT_URL=seaweed.endpoint_url, S3_REGION=seaweed.region,
+        **env))
+    calls = _delete_objects_calls(gw.media)
+    rcpts = [f"155512300{series}{i}@fax.local" for i in (1, 2, 3)]
+    reply = await smtp_send(gw.smtp.port, pdf_mail(rcpts), rcpts)
+    assert reply.code == 250 and len(job_ids(reply.text)) == 3, reply.text
+    await drive(gw, simulator)
+    jobs = [await gw.store.run(gw.store.job, j) for j in job_ids(reply.text)]
+    assert [j.state.value for j in jobs if j is not None] == ["reported"] * 3
+    return gw, calls, [j for j in jobs if j is not None]
+
+
 async def test_deletes_asked_for_together_go_in_few_calls(
         seaweed: SeaweedS3, s3_credentials: None, tmp_path: Path) -> None:
     store = media_store(seaweed, f"batch-{tmp_path.name}/")
     await store.start()
-    calls: list[int] = []
-    # botocore's public event hooks: count the DeleteObjects calls and the keys in each.
-    store._client.meta.events.register(
-        "provide-client-params.s3.DeleteObjects",
-        lambda params, **_: calls.append(len(params["Delete"]["Objects"])))
+    calls = _delete_objects_calls(store)
     try:
         source = tmp_path / "doc.pdf"
         source.write_bytes(b"%PDF-1.4 not much\n")
@@ -66,24 +92,10 @@ async def test_a_purge_deletes_its_messages_objects_in_one_call(
 ) -> None:
     """One gateway, one mail to three numbers: three objects (one per job); once every job is
     reported they all go, asked for together, so in one DeleteObjects call."""
-    from .conftest import drive, job_ids, pdf_mail, production_env, smtp_send
-
     prefix = f"purge-{tmp_path.name}/"
-    gw = await manual_gateway(production_env(
-        tmp_path / "var", simulator, MEDIA_STORE="s3", S3_BUCKET="faxgw-test",
-        S3_PREFIX=prefix, S3_ENDPOINT_URL=seaweed.endpoint_url, S3_REGION=seaweed.region))
-    calls: list[int] = []
-    gw.media._client.meta.events.register(
-        "provide-client-params.s3.DeleteObjects",
-        lambda params, **_: calls.append(len(params["Delete"]["Objects"])))
-    numbers = ["15551230021", "15551230022", "15551230023"]
-    reply = await smtp_send(gw.smtp.port, pdf_mail([f"{n}@fax.local" for n in numbers]),
-                            [f"{n}@fax.local" for n in numbers])
-    assert reply.code == 250 and len(job_ids(reply.text)) == 3, reply.text
-    await drive(gw, simulator)
-    jobs = [await gw.store.run(gw.store.job, j) for j in job_ids(reply.text)]
-    assert [j.state.value for j in jobs if j is not None] == ["reported"] * 3
-    assert len({j.media_key for j in jobs if j is not None}) == 3
+    gw, calls, jobs = await _mail_to_three_numbers_reported(
+        manual_gateway, seaweed, simulator, tmp_path, prefix, "2")
+    assert len({j.media_key for j in jobs}) == 3
     listed = seaweed.client().list_objects_v2(Bucket="faxgw-test", Prefix=prefix)
     assert listed.get("Contents", []) == []
     assert calls == [3]
@@ -262,24 +274,10 @@ async def test_reports_ending_together_purge_their_message_once(
     claims together) purge it once; a clean-up after the purge finds nothing left to do."""
     import dataclasses
 
-    from .conftest import drive, job_ids, pdf_mail, production_env, smtp_send
-
     prefix = f"once-{tmp_path.name}/"
-    gw = await manual_gateway(production_env(
-        tmp_path / "var", simulator, MEDIA_STORE="s3", S3_BUCKET="faxgw-test",
-        S3_PREFIX=prefix, S3_ENDPOINT_URL=seaweed.endpoint_url, S3_REGION=seaweed.region,
-        DOCUMENT_RETENTION_HOURS="1"))  # no purge at the reports: the test does them
-    calls: list[int] = []
-    gw.media._client.meta.events.register(
-        "provide-client-params.s3.DeleteObjects",
-        lambda params, **_: calls.append(len(params["Delete"]["Objects"])))
-    numbers = ["15551230031", "15551230032", "15551230033"]
-    reply = await smtp_send(gw.smtp.port, pdf_mail([f"{n}@fax.local" for n in numbers]),
-                            [f"{n}@fax.local" for n in numbers])
-    assert reply.code == 250, reply.text
-    await drive(gw, simulator)
-    jobs = [await gw.store.run(gw.store.job, j) for j in job_ids(reply.text)]
-    assert [j.state.value for j in jobs if j is not None] == ["reported"] * 3
+    gw, calls, jobs = await _mail_to_three_numbers_reported(
+        manual_gateway, seaweed, simulator, tmp_path, prefix, "3",
+        DOCUMENT_RETENTION_HOURS="1")  # no purge at the reports: the test does them
     gw.worker.s = dataclasses.replace(gw.worker.s, document_retention_hours=0)
     purges: list[str] = []
     purge = gw.worker._purge
@@ -289,9 +287,9 @@ async def test_reports_ending_together_purge_their_message_once(
         await purge(message_id, message_jobs)
 
     gw.worker._purge = counted  # type: ignore[method-assign]
-    await asyncio.gather(*(gw.worker._cleanup(j) for j in jobs if j is not None))
+    await asyncio.gather(*(gw.worker._cleanup(j) for j in jobs))
     assert calls == [3] and len(purges) == 1
-    await gw.worker._cleanup(jobs[0])  # type: ignore[arg-type]  # later: purged already
+    await gw.worker._cleanup(jobs[0])  # later: purged already
     assert calls == [3] and len(purges) == 1
     listed = seaweed.client().list_objects_v2(Bucket="faxgw-test", Prefix=prefix)
     assert listed.get("Contents", []) == []
