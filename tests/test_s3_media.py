@@ -280,13 +280,13 @@ async def test_reports_ending_together_purge_their_message_once(
         DOCUMENT_RETENTION_HOURS="1")  # no purge at the reports: the test does them
     gw.worker.s = dataclasses.replace(gw.worker.s, document_retention_hours=0)
     purges: list[str] = []
-    purge = gw.worker._purge
+    mark_purged = gw.store.mark_purged
 
-    async def counted(message_id: str, message_jobs: list) -> None:
+    def counted(message_id: str) -> None:
         purges.append(message_id)
-        await purge(message_id, message_jobs)
+        mark_purged(message_id)
 
-    gw.worker._purge = counted  # type: ignore[method-assign]
+    gw.store.mark_purged = counted  # type: ignore[method-assign]
     await asyncio.gather(*(gw.worker._cleanup(j) for j in jobs))
     assert calls == [3] and len(purges) == 1
     await gw.worker._cleanup(jobs[0])  # later: purged already

@@ -527,18 +527,14 @@ class Worker:
     async def _cleanup(self, job: Job) -> None:
         """With no document retention, the PDF goes as soon as every job of its message is
         reported; otherwise housekeeping removes it later."""
-        if self.s.document_retention_hours == 0 and job.message_id not in self._purging:
+        if self.s.document_retention_hours == 0:
             # This job's message only (housekeeping catches any left behind), not a search of
             # every message: several reports ending together searched and purged alike. Its
-            # last reports, ending together, purge it once: the others see it being purged
-            # here, or purged already.
-            self._purging.add(job.message_id)
-            try:
-                jobs = await self.store.run(self.store.message_jobs, job.message_id, True)
-                if jobs and all(j.state is State.REPORTED for j in jobs):
-                    await self._purge(job.message_id, jobs)
-            finally:
-                self._purging.discard(job.message_id)
+            # last reports, ending together, purge it once: the others find it being purged
+            # (_purge), or purged already.
+            jobs = await self.store.run(self.store.message_jobs, job.message_id, True)
+            if jobs and all(j.state is State.REPORTED for j in jobs):
+                await self._purge(job.message_id, jobs)
 
     async def purge_documents(self, cutoff: float) -> int:
         """Delete spool files and media objects of messages fully reported before `cutoff`."""
@@ -549,6 +545,15 @@ class Worker:
         return len(messages)
 
     async def _purge(self, message_id: str, jobs: list[Job]) -> None:
+        if message_id in self._purging:
+            return  # another report's clean-up, or housekeeping, is purging it now
+        self._purging.add(message_id)
+        try:
+            await self._purge_now(message_id, jobs)
+        finally:
+            self._purging.discard(message_id)
+
+    async def _purge_now(self, message_id: str, jobs: list[Job]) -> None:
         # Asked for together, so the media store can delete them in one call.
         keys = {j.media_key for j in jobs if j.media_key}
         outcomes = await asyncio.gather(*(self.media.delete(k) for k in keys),
