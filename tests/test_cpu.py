@@ -46,3 +46,126 @@ def test_every_task_named_by_dotted_path_resolves() -> None:
     for name in names:
         module, _, attr = name.partition(":")
         assert callable(getattr(importlib.import_module(module), attr)), name
+
+
+@pytest.fixture
+async def two():
+    cpu = CpuPool(2, timeout_s=2.0, memory_bytes=512 * 1024 * 1024)
+    await cpu.start()
+    yield cpu
+    await cpu.stop()
+
+
+async def test_a_runaway_task_costs_only_its_own_worker(two: CpuPool) -> None:
+    """The task beside a runaway one finishes: only the runaway's worker is killed."""
+    import asyncio
+
+    before = set(two.pids)
+    runaway = asyncio.create_task(two.run(time.sleep, 30))
+    beside = asyncio.create_task(two.run(_sleep_then, 0.5, "finished"))
+    with pytest.raises(TaskLimitError, match="longer than 2 seconds"):
+        await runaway
+    assert await beside == "finished"
+    assert await two.run(sum, [4, 5]) == 9
+    await two.ready()
+    after = set(two.pids)
+    assert len(after) == 2 and len(after & before) == 1  # one replaced, one kept
+
+
+async def test_a_worker_killed_from_outside_is_replaced(pool: CpuPool) -> None:
+    import asyncio
+    import os
+    import signal
+
+    (pid,) = pool.pids
+    task = asyncio.create_task(pool.run(time.sleep, 30))
+    await asyncio.sleep(0)  # the task is written to the worker before the kill
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(TaskLimitError):
+        await task
+    assert await pool.run(len, b"abcd") == 4
+    await pool.ready()
+    assert len(pool.pids) == 1 and pool.pids != [pid]
+
+
+async def test_a_tasks_exception_comes_back_with_the_workers_traceback(pool: CpuPool) -> None:
+    with pytest.raises(ValueError, match="invalid literal") as info:
+        await pool.run(int, "not a number")
+    assert "Traceback" in str(info.value.__cause__)
+    assert await pool.run(int, "12") == 12
+
+
+async def test_a_result_that_cannot_be_sent_back_is_a_plain_error(pool: CpuPool) -> None:
+    with pytest.raises(RuntimeError, match="result could not be sent back"):
+        await pool.run(_unpicklable)
+    assert await pool.run(len, b"ab") == 2
+
+
+async def test_large_arguments_and_results_cross_intact(pool: CpuPool) -> None:
+    data = bytes(range(256)) * (24 * 1024 * 1024 // 256)  # 24 MiB, many socket reads
+    assert await pool.run(bytes, data) == data
+
+
+async def test_a_caller_that_gives_up_leaves_the_worker_usable(pool: CpuPool) -> None:
+    import asyncio
+
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(pool.run(_sleep_then, 0.3, "late"), 0.05)
+    # The abandoned result is read and dropped; the one worker takes the next task.
+    assert await pool.run(_sleep_then, 0, "next") == "next"
+
+
+def _sleep_then(seconds: float, value: str) -> str:
+    time.sleep(seconds)
+    return value
+
+
+def _unpicklable() -> object:
+    import threading
+
+    return threading.Lock()
+
+
+_HOLDER = """
+import asyncio, sys
+from gateway.documents.pool import CpuPool
+
+async def main():
+    pool = CpuPool(2, timeout_s=60, memory_bytes=0)
+    await pool.start()
+    print(*pool.pids, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def test_the_workers_end_with_a_killed_daemon() -> None:
+    """kill -9 of the daemon must not leave its workers behind (holding its files)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        pids = [int(p) for p in holder.stdout.readline().split()]  # type: ignore[union-attr]
+        assert len(pids) == 2 and all(_alive(p) for p in pids)
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(10)
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not any(_alive(p) for p in pids)
+    finally:
+        holder.kill()
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie waiting for a reaper (PID 1 in a container may be slow)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

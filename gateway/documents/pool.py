@@ -1,20 +1,30 @@
 """CPU-bound document work (parsing, conversion, rendering) in child processes, with a time and
 a memory limit per task, so a hostile attachment can neither stall the event loop nor take the
-daemon down with it."""
+daemon down with it.
+
+Each worker is a spawned process on one end of a socket pair; the daemon's end is an asyncio
+transport on the event loop. A task goes down as one length-prefixed pickle and its result comes
+back the same way, so handing work over costs a write and a read on the loop: no manager or
+feeder threads, no locks, no wake-ups across threads (concurrent.futures' ProcessPoolExecutor
+spent ~8% of the daemon's GIL time on those in an intake burst). A task over its time limit, or
+a worker that dies, costs that one worker, which is killed and started again; the others go on.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-import functools
 import gc
 import logging
 import multiprocessing
 import os
+import pickle
 import resource
 import signal
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+import socket
+import struct
+import traceback
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 log = logging.getLogger(__name__)
@@ -26,12 +36,12 @@ class TaskLimitError(Exception):
     """A task ran out of time or memory; the pool was replaced."""
 
 
-def _init_child(max_bytes: int, parent_pid: int, pids: Any) -> None:
+def _init_child(max_bytes: int, parent_pid: int) -> None:
     """In each worker: the memory limit, and death with the parent (a kill -9 of the daemon
-    must not leave workers behind holding its sockets and pipes). It tells the pool its pid
-    (`pids`, a SimpleQueue), so a runaway task can be killed without the executor's
-    internals."""
-    pids.put(os.getpid())
+    must not leave workers behind holding its sockets and pipes)."""
+    # ^C at a terminal reaches the whole process group: the daemon stops in order and the
+    # workers end when their socket closes, not in the middle of a task with a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         # Conversions are batch work; the daemon's loop answers SMTP and webhooks and must
         # not wait for a CPU behind them (on 2 cores, two busy workers stalled it 150+ ms).
@@ -121,16 +131,151 @@ class NoTurnError(Exception):
     """A large input's turn did not come in time (the caller answers "try later")."""
 
 
+# A frame on a worker's socket: the length of the pickle that follows, 8 bytes big-endian.
+_HEAD = struct.Struct("!Q")
+# Below this a frame goes out in one write (header and pickle joined); above, in two, so a
+# large argument or result is never copied just to put 8 bytes in front of it.
+_JOIN_BELOW = 64 * 1024
+
+
+class _RemoteTraceback(Exception):
+    """The worker's traceback, as the cause of the exception a task raised there."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytearray | None:
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            return None  # the daemon closed its end: time to go
+        got += n
+    return buf
+
+
+def _send_frame(sock: socket.socket, payload: bytes) -> None:
+    if len(payload) < _JOIN_BELOW:
+        sock.sendall(_HEAD.pack(len(payload)) + payload)
+    else:
+        sock.sendall(_HEAD.pack(len(payload)))
+        sock.sendall(payload)
+
+
+def _worker_main(sock: socket.socket, max_bytes: int, parent_pid: int) -> None:
+    """A worker process: read a task, run it, write its result or its exception; until the
+    daemon closes the socket."""
+    _init_child(max_bytes, parent_pid)
+    while True:
+        head = _recv_exactly(sock, _HEAD.size)
+        if head is None:
+            return
+        (size,) = _HEAD.unpack(head)
+        try:
+            body = _recv_exactly(sock, size)
+            if body is None:
+                return
+            fn, args, kwargs = pickle.loads(body)
+            del body
+            reply: tuple[bool, Any, str] = (True, _task(fn, args, kwargs), "")
+        except BaseException as exc:  # noqa: BLE001 (every failure goes back to the caller)
+            reply = (False, exc, traceback.format_exc())
+        try:
+            payload = pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
+        except BaseException as exc:  # noqa: BLE001 (an unpicklable result or exception)
+            payload = pickle.dumps((False, RuntimeError(
+                f"document task's {'result' if reply[0] else 'exception'} could not be sent "
+                f"back: {type(exc).__name__}: {exc}"), reply[2]), pickle.HIGHEST_PROTOCOL)
+        del reply
+        _send_frame(sock, payload)
+        del payload
+
+
+class _Job:
+    __slots__ = ("payload", "future")
+
+    def __init__(self, payload: bytes, future: asyncio.Future[Any]) -> None:
+        self.payload = payload
+        self.future = future
+
+
+class _Worker(asyncio.Protocol):
+    """The daemon's end of one worker: its process, its transport, the task it runs."""
+
+    def __init__(self, pool: CpuPool, slot: int, process: Any) -> None:
+        self.pool = pool
+        self.slot = slot
+        self.process = process
+        self.transport: asyncio.Transport | None = None
+        self.job: _Job | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self._buf = bytearray()
+        self._need = 0  # the length of the frame being read, 0 before its header
+        self.gone = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def start(self, job: _Job) -> None:
+        assert self.transport is not None and self.job is None
+        self.job = job
+        self.timer = asyncio.get_running_loop().call_later(
+            self.pool.timeout_s, self.pool._timed_out, self)
+        payload = job.payload
+        job.payload = b""  # the worker has it now; a large argument is not kept twice
+        if len(payload) < _JOIN_BELOW:
+            self.transport.write(_HEAD.pack(len(payload)) + payload)
+        else:
+            self.transport.write(_HEAD.pack(len(payload)))
+            self.transport.write(payload)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        buf += data
+        while True:
+            if not self._need:
+                if len(buf) < _HEAD.size:
+                    return
+                (self._need,) = _HEAD.unpack_from(buf)
+                del buf[:_HEAD.size]
+            if len(buf) < self._need:
+                return
+            try:
+                with memoryview(buf) as view:
+                    reply = pickle.loads(view[:self._need])
+            except Exception as exc:  # e.g. an exception class that cannot be rebuilt here
+                reply = (False, RuntimeError(f"document task's reply could not be read: "
+                                             f"{type(exc).__name__}: {exc}"), "")
+            del buf[:self._need]
+            self._need = 0
+            self.pool._done(self, reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.pool._lost(self)
+
+
 class CpuPool:
     def __init__(self, workers: int, timeout_s: float, memory_bytes: int) -> None:
         self.workers = workers
         self.timeout_s = timeout_s
         self.memory_bytes = memory_bytes
-        self._pool: ProcessPoolExecutor | None = None
-        self._pids: Any = None  # the current pool's SimpleQueue of worker pids
+        self._ctx = multiprocessing.get_context("spawn")
+        self._slots: list[_Worker | None] = []
+        self._idle: list[_Worker] = []
+        self._queue: collections.deque[_Job] = collections.deque()
+        self._starting: set[asyncio.Task[None]] = set()
+        self._running = False
         self._large = asyncio.Semaphore(LARGE_AT_ONCE)
-        # Background work (report mails) may occupy all workers but one: the executor runs
-        # tasks in order, so a queue of reports would otherwise hold up every mail's 250.
+        # Background work (report mails) may occupy all workers but one: tasks run in the
+        # order they come, so a queue of reports would otherwise hold up every mail's 250.
         self._background = asyncio.Semaphore(max(1, workers - 1))
 
     @contextlib.asynccontextmanager
@@ -157,54 +302,175 @@ class CpuPool:
         finally:
             self._large.release()
 
-    def _new_pool(self) -> ProcessPoolExecutor:
-        # spawn: children start clean (no copy of the daemon's threads, sockets or loop) and
-        # are the daemon's own children, so PR_SET_PDEATHSIG ends them with it.
-        ctx = multiprocessing.get_context("spawn")
-        self._pids = ctx.SimpleQueue()
-        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_init_child,
-                                   initargs=(self.memory_bytes, os.getpid(), self._pids))
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes' pids (for tests and the operator's `ps`)."""
+        return [w.process.pid for w in self._slots if w is not None and not w.gone]
+
+    async def ready(self) -> None:
+        """Return when every worker being started again (after a kill) is up."""
+        while self._starting:
+            await asyncio.gather(*self._starting, return_exceptions=True)
 
     async def start(self) -> None:
-        self._pool = self._new_pool()
-        # Start every child now, not during the first burst of mail (a start costs a
-        # process's worth of CPU): the executor starts one per task while none is idle.
+        self._running = True
+        self._slots = [None] * self.workers
+        # Every worker now, not during the first burst of mail (a start costs a process's
+        # worth of CPU), and each one's first task proves it answers.
+        await asyncio.gather(*(self._spawn(slot) for slot in range(self.workers)))
         await asyncio.gather(*(self.run(len, b"warm-up") for _ in range(self.workers)))
 
     async def stop(self) -> None:
-        if self._pool is not None:
-            pool, self._pool = self._pool, None
-            await asyncio.to_thread(pool.shutdown, True, cancel_futures=True)
+        if not self._running:
+            return
+        self._running = False
+        for task in list(self._starting):
+            task.cancel()
+        while self._queue:
+            self._queue.popleft().future.cancel()
+        workers = [w for w in self._slots if w is not None]
+        self._slots, self._idle = [], []
+        for w in workers:
+            w.gone = True
+            if w.timer is not None:
+                w.timer.cancel()
+            if w.job is not None and not w.job.future.done():
+                w.job.future.cancel()
+            if w.transport is not None:
+                w.transport.close()  # an idle worker reads the end of its socket and exits
+        await asyncio.to_thread(_reap, [w.process for w in workers], 2.0)
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        if self._pool is None:
+        if not self._running:
             raise RuntimeError("CPU pool not started")
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._pool, functools.partial(_task, fn, args, kwargs))
-        try:
-            return await asyncio.wait_for(future, self.timeout_s)
-        except asyncio.TimeoutError:
-            log.warning("document task exceeded %.0f s; restarting the worker processes",
-                        self.timeout_s)
-            self._replace()
-            raise TaskLimitError(f"took longer than {self.timeout_s:.0f} seconds") from None
-        except (BrokenProcessPool, MemoryError):
-            log.warning("document task died (out of memory?); restarting the worker processes")
-            self._replace()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        job = _Job(pickle.dumps((fn, args, kwargs), pickle.HIGHEST_PROTOCOL), future)
+        if self._idle:
+            self._idle.pop().start(job)
+        else:
+            self._queue.append(job)
+        ok, value, remote_tb = await future
+        if ok:
+            return value  # type: ignore[no-any-return]
+        if isinstance(value, MemoryError):
             raise TaskLimitError("needed more memory than allowed") from None
+        if remote_tb:
+            value.__cause__ = _RemoteTraceback(remote_tb)
+        raise value
 
-    def _replace(self) -> None:
-        old, old_pids = self._pool, self._pids
-        self._pool = self._new_pool()
-        if old is not None:
-            # Killing is the only way to stop a runaway task in a pool worker. The pids come
-            # from the workers themselves; only those still our live children are killed
-            # (a pid is never reused while its process is our unreaped child).
-            reported = set()
-            while not old_pids.empty():
-                reported.add(old_pids.get())
-            for proc in multiprocessing.active_children():
-                if proc.pid in reported:
-                    proc.kill()
-            old.shutdown(wait=False, cancel_futures=True)
-            old_pids.close()
+    # -- the workers' side, called by _Worker and the timers --------------------------------
+
+    def _next(self, worker: _Worker) -> None:
+        while self._queue:
+            job = self._queue.popleft()
+            if not job.future.done():  # its caller gave up while it waited
+                worker.start(job)
+                return
+        self._idle.append(worker)
+
+    def _finish(self, worker: _Worker) -> _Job | None:
+        job, worker.job = worker.job, None
+        if worker.timer is not None:
+            worker.timer.cancel()
+            worker.timer = None
+        return job
+
+    def _done(self, worker: _Worker, reply: tuple[bool, Any, str]) -> None:
+        job = self._finish(worker)
+        if job is not None and not job.future.done():
+            job.future.set_result(reply)
+        if not reply[0] and isinstance(reply[1], MemoryError):
+            # The worker lives, but its heap may be left fragmented at the limit: a new one.
+            log.warning("document task needed more memory than allowed; restarting its worker")
+            self._replace(worker)
+        elif not worker.gone:
+            self._next(worker)
+
+    def _timed_out(self, worker: _Worker) -> None:
+        worker.timer = None
+        job = self._finish(worker)
+        log.warning("document task exceeded %.0f s; restarting its worker process",
+                    self.timeout_s)
+        if job is not None and not job.future.done():
+            job.future.set_exception(
+                TaskLimitError(f"took longer than {self.timeout_s:.0f} seconds"))
+        self._replace(worker)
+
+    def _lost(self, worker: _Worker) -> None:
+        if worker.gone:
+            return
+        job = self._finish(worker)
+        log.warning("document worker %s ended%s; starting another", worker.process.pid,
+                    " during a task (out of memory?)" if job is not None else "")
+        if job is not None and not job.future.done():
+            job.future.set_exception(TaskLimitError("needed more memory than allowed"))
+        self._replace(worker)
+
+    def _replace(self, worker: _Worker) -> None:
+        """Kill `worker` (a runaway task can only be stopped so) and start another in its
+        place; tasks waiting meanwhile go to the others, or to the new one."""
+        if worker.gone:
+            return
+        worker.gone = True
+        with contextlib.suppress(ValueError):
+            self._idle.remove(worker)
+        if worker.process.is_alive():
+            worker.process.kill()
+        if worker.transport is not None:
+            worker.transport.close()
+        if self._running and self._slots[worker.slot] is worker:
+            task = asyncio.get_running_loop().create_task(self._restart(worker))
+            self._starting.add(task)
+            task.add_done_callback(self._starting.discard)
+
+    async def _restart(self, old: _Worker) -> None:
+        await asyncio.to_thread(_reap, [old.process], 5.0)
+        delay = 0.5
+        while self._running:
+            try:
+                await self._spawn(old.slot)
+                return
+            except OSError as exc:  # no fork for now (EAGAIN, ENOMEM): try again
+                log.error("cannot start a document worker (%s); trying again in %.0f s",
+                          exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _spawn(self, slot: int) -> None:
+        ours, theirs = socket.socketpair()
+        try:
+            # spawn: children start clean (no copy of the daemon's threads, sockets or loop)
+            # and are the daemon's own children, so PR_SET_PDEATHSIG ends them with it.
+            process = self._ctx.Process(
+                target=_worker_main, args=(theirs, self.memory_bytes, os.getpid()),
+                name=f"faxgw-doc-{slot}", daemon=True)
+            process.start()
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        loop = asyncio.get_running_loop()
+        try:
+            _, worker = await loop.create_unix_connection(
+                lambda: _Worker(self, slot, process), sock=ours)
+        except BaseException:
+            process.kill()
+            ours.close()
+            raise
+        if not self._running:
+            worker.gone = True
+            assert worker.transport is not None
+            worker.transport.close()
+            return
+        self._slots[slot] = worker
+        self._next(worker)
+
+
+def _reap(processes: list[Any], grace_s: float) -> None:
+    """Wait up to `grace_s` for the processes to end, then kill what is left; in a thread."""
+    for process in processes:
+        process.join(grace_s)
+        if process.is_alive():
+            process.kill()
+            process.join()
