@@ -100,3 +100,37 @@ async def test_protocol_has_the_reader_writer_and_envelope_it_uses() -> None:
     assert issubclass(FaxEnvelope, Envelope)
     for field in ("mail_from", "mail_options", "rcpt_tos", "rcpt_options"):
         assert hasattr(FaxEnvelope(), field), field
+
+
+async def test_the_short_dir_finds_every_command_mechanism_and_hook() -> None:
+    """FaxSMTP and FaxHandler answer `dir()` with only the names aiosmtpd's __init__ looks
+    its commands, AUTH mechanisms and hooks up by; it must find the same ones as over the
+    whole class. If aiosmtpd starts to look things up by another prefix, this fails."""
+    import asyncio
+
+    from gateway.smtp.server import FaxHandler
+
+    handler = object.__new__(FaxHandler)
+    ours = FaxSMTP(handler, set(), loop=asyncio.get_running_loop())
+
+    class Whole(FaxSMTP):
+        def __dir__(self) -> list[str]:
+            return object.__dir__(self)
+
+    class WholeHandler(FaxHandler):
+        def __dir__(self) -> list[str]:
+            return object.__dir__(self)
+
+    whole = Whole(object.__new__(WholeHandler), set(), loop=asyncio.get_running_loop())
+    assert ours._smtp_methods.keys() == whole._smtp_methods.keys()  # noqa: SLF001
+    assert ours._auth_methods.keys() == whole._auth_methods.keys()  # noqa: SLF001
+    assert ours._handle_hooks.keys() == whole._handle_hooks.keys()  # noqa: SLF001
+    assert {"DATA", "AUTH", "EHLO", "STARTTLS"} <= ours._smtp_methods.keys()  # noqa: SLF001
+    assert {"RCPT", "DATA", "EHLO"} <= ours._handle_hooks.keys()  # noqa: SLF001
+    # Where aiosmtpd looks them up, and the EHLO hook's signature it reads every time.
+    init = inspect.getsource(SMTP.__init__)
+    assert "inspect.getmembers(obj)" in init and "for m in dir(handler)" in init
+    assert "for m in dir(self)" in init
+    assert "inspect.signature(ehlo_hook)" in init
+    assert ours._ehlo_hook_ver == "new"  # noqa: SLF001
+    assert "__signature__" in vars(FaxHandler.handle_EHLO)
