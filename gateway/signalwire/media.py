@@ -137,6 +137,54 @@ class LocalMediaStore:
         await asyncio.to_thread((self.root / key).unlink, True)
 
 
+def presign_v4(method: str, url: str, *, access_key: str, secret_key: str, token: str | None,
+               region: str, ttl_s: int, now: float) -> str:
+    """`url` (an S3 object's, path already quoted) presigned for `method`: AWS Signature
+    Version 4 in the query string, only the host header signed, the payload unsigned.
+
+    The URL botocore's S3SigV4QueryAuth gives, character for character
+    (tests/test_s3_media.py compares them), at a tenth of its cost: it builds and parses a
+    request object for every signature (~200 us of the loop; three per fax), and derives the
+    day's signing key each time, which here is kept for the day."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"  # IPv6
+    if parts.port is not None and parts.port != _DEFAULT_PORTS.get(parts.scheme):
+        host = f"{host}:{parts.port}"
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    scope = f"{stamp[:8]}/{region}/s3/aws4_request"
+    params = [("X-Amz-Algorithm", "AWS4-HMAC-SHA256"),
+              ("X-Amz-Credential", f"{access_key}/{scope}"),
+              ("X-Amz-Date", stamp), ("X-Amz-Expires", str(ttl_s)),
+              ("X-Amz-SignedHeaders", "host")]
+    if token is not None:
+        params.append(("X-Amz-Security-Token", token))
+    query = "&".join(f"{k}={_aws_quote(v)}" for k, v in params)
+    canonical = "&".join(sorted(query.split("&")))
+    request = f"{method}\n{parts.path}\n{canonical}\nhost:{host}\n\nhost\nUNSIGNED-PAYLOAD"
+    to_sign = (f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n"
+               f"{hashlib.sha256(request.encode()).hexdigest()}")
+    signature = hmac.new(_signing_key(secret_key, stamp[:8], region), to_sign.encode(),
+                         hashlib.sha256).hexdigest()
+    return f"{parts.scheme}://{parts.netloc}{parts.path}?{query}&X-Amz-Signature={signature}"
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _aws_quote(value: str) -> str:
+    return urllib.parse.quote(value, safe="-_.~")
+
+
+@functools.lru_cache(maxsize=4)
+def _signing_key(secret_key: str, day: str, region: str) -> bytes:
+    key = hmac.new(f"AWS4{secret_key}".encode(), day.encode(), hashlib.sha256).digest()
+    for part in (region, "s3", "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return key
+
+
 class S3MediaStore:
     """Documents in an S3 (or S3-compatible) bucket behind SigV4 presigned URLs.
 
@@ -230,8 +278,6 @@ class S3MediaStore:
     async def _signed(self, method: str, key: str, ttl_s: int) -> str:
         """A presigned URL for one request on the object: SigV4 in the query, only `host`
         signed, so the request carries no Authorization header and its body is not hashed."""
-        from botocore.auth import S3SigV4QueryAuth
-        from botocore.awsrequest import AWSRequest
         from botocore.credentials import RefreshableCredentials
 
         credentials = self._credentials
@@ -242,10 +288,11 @@ class S3MediaStore:
             frozen = await self._call(credentials.get_frozen_credentials)  # network: a thread
         else:
             frozen = credentials.get_frozen_credentials()
-        request = AWSRequest(method=method, url=self._bucket_url
-                             + urllib.parse.quote(self._object(key), safe="/~"))
-        S3SigV4QueryAuth(frozen, "s3", self._signing_region, expires=ttl_s).add_auth(request)
-        return str(request.url)
+        return presign_v4(method, self._bucket_url + urllib.parse.quote(self._object(key),
+                                                                        safe="/~"),
+                          access_key=frozen.access_key, secret_key=frozen.secret_key,
+                          token=frozen.token, region=self._signing_region, ttl_s=ttl_s,
+                          now=time.time())
 
     async def _request(self, what: str, method: str, key: str, ok: tuple[int, ...],
                        body: Callable[[], Any] | None = None,
