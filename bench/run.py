@@ -617,7 +617,8 @@ class Bench:
         out_dir = Path(self.args.results_dir)
         size = self.args.profile_size
         raw = out_dir / f"{self.args.stamp}-profile-{size}.txt"
-        spy = self.child("py-spy", [exe, "record", "--pid", str(gw.pid), "--rate", "100",
+        spy = self.child("py-spy", [exe, "record", "--pid", str(gw.pid), "--rate",
+                                    str(self.args.profile_rate),
                                     "--subprocesses", "--gil", "--format", "raw", "--threads",
                                     "--output", str(raw)])
         await spy.start()
@@ -744,8 +745,9 @@ class Bench:
             return {"skipped": "py-spy not installed"}
         raw = Path(self.args.results_dir) / f"{self.args.stamp}-profile-callbacks.txt"
         spy = self.child("py-spy-callbacks", [exe, "record", "--pid", str(gw.pid), "--rate",
-                                              "100", "--subprocesses", "--gil", "--format",
-                                              "raw", "--threads", "--output", str(raw)])
+                                              str(self.args.profile_rate), "--subprocesses",
+                                              "--gil", "--format", "raw", "--threads",
+                                              "--output", str(raw)])
         await spy.start()
         await asyncio.sleep(1.0)
         row = await self.callbacks(gw, waiting, "profiled-callbacks")
@@ -940,8 +942,9 @@ def render(results: dict[str, Any]) -> str:
     if prof and "self" in prof:
         add("")
         size = SIZE_NAMES[results["args"].get("profile_size", "100k")]
+        rate = results["args"].get("profile_rate", 100)
         add(f"py-spy --gil --subprocesses, {size} burst ({prof['samples']} samples of "
-            f"threads holding a GIL, 100/s per process; raw stacks: {prof['raw']})")
+            f"threads holding a GIL, {rate}/s per process; raw stacks: {prof['raw']})")
         add("  threads: " + ", ".join(f"{t['name']} {t['pct']:.0f}%" for t in prof["threads"]))
         add("  self time by package: " + ", ".join(
             f"{p['name']} {p['pct']:.1f}%" for p in prof["packages_self"][:10]))
@@ -1064,6 +1067,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--profile-count", type=int, default=200,
                    help="messages in the burst profiled with py-spy")
+    p.add_argument("--profile-rate", type=int, default=100,
+                   help="py-spy samples per second per process (more samples cost the "
+                        "profiled run more)")
     p.add_argument("--profile-size", default="100k", choices=list(SIZES),
                    help="message size of the profiled burst")
     p.add_argument("--quick", action="store_true",
