@@ -83,3 +83,112 @@ async def test_relay_down_is_a_notify_error_and_then_recovers(tmp_path: Path,
     await relay_out.send_rendered(report(3), "j3")
     assert [(await relay.next())["Subject"] for _ in range(2)] == ["report 1", "report 3"]
     await relay_out.stop()
+
+
+class _MailRule(RelaySink):
+    """The relay sink, with a rule for MAIL on a connection that sent mail already."""
+
+    def __init__(self, again: str | None) -> None:
+        super().__init__()
+        self.again = again  # the reply to MAIL on a connection's second transaction, if any
+        self.mail_options: list[list[str]] = []
+        self._mails: dict[int, int] = {}
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options) -> str:
+        self.mail_options.append(list(mail_options))
+        seen = self._mails.get(id(server), 0)
+        self._mails[id(server)] = seen + 1
+        if seen and self.again is not None:
+            return self.again
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+
+async def _sink(rule: _MailRule):
+    await rule.start()
+    return rule
+
+
+async def test_a_421_to_mail_on_a_waiting_connection_costs_a_connection_not_a_report(
+        tmp_path: Path) -> None:
+    """A relay that closes idle connections says 421 first; read as MAIL's reply, it means a
+    new connection, and the report goes once, on it."""
+    relay = await _sink(_MailRule("421 4.4.2 sink.test idle too long, closing"))
+    try:
+        relay_out = notifier(tmp_path, relay)
+        await relay_out.send_rendered(report(1), "j1")
+        await relay_out.send_rendered(report(2), "j2")
+        assert [(await relay.next())["Subject"] for _ in range(2)] == ["report 1", "report 2"]
+        assert relay_out.connections_made == 2 and len(relay.envelopes) == 2
+        await relay_out.stop()
+    finally:
+        await relay.stop()
+
+
+async def test_a_refused_sender_on_a_waiting_connection_is_an_error_not_a_retry(
+        tmp_path: Path) -> None:
+    relay = await _sink(_MailRule("550 5.7.1 sender not allowed"))
+    try:
+        relay_out = notifier(tmp_path, relay)
+        await relay_out.send_rendered(report(1), "j1")
+        try:
+            await relay_out.send_rendered(report(2), "j2")
+        except NotifyError as exc:
+            assert "550" in str(exc)
+        else:
+            raise AssertionError("a refused sender was taken as delivered")
+        assert relay_out.connections_made == 1 and len(relay.envelopes) == 1
+        await relay_out.stop()
+    finally:
+        await relay.stop()
+
+
+async def test_a_waiting_connection_sends_the_reports_size(tmp_path: Path) -> None:
+    """RFC 1870 SIZE, once the connection's EHLO showed it (aiosmtpd offers it)."""
+    relay = await _sink(_MailRule(None))
+    try:
+        relay_out = notifier(tmp_path, relay)
+        await relay_out.send_rendered(report(1), "j1")
+        await relay_out.send_rendered(report(2), "j2")
+        assert relay.mail_options[0] == []  # the first, before EHLO told: SIZE is optional
+        assert relay.mail_options[1] == [f"SIZE={len(report(2).data)}"]
+        assert [(await relay.next())["Subject"] for _ in range(2)] == ["report 1", "report 2"]
+        await relay_out.stop()
+    finally:
+        await relay.stop()
+
+
+class _RefusesNobody(RelaySink):
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options) -> str:
+        if address.startswith("nobody@"):
+            return "550 5.1.1 no such user"
+        envelope.rcpt_tos.append(address)
+        return "250 OK"
+
+
+async def test_some_recipients_refused_is_an_error_after_the_others_got_it(
+        tmp_path: Path) -> None:
+    relay = _RefusesNobody()
+    await relay.start()
+    try:
+        relay_out = notifier(tmp_path, relay)
+        two = Rendered(report(1).data, ("a@example.com", "nobody@example.com"))
+        try:
+            await relay_out.send_rendered(two, "j1")
+        except NotifyError as exc:
+            assert str(exc) == "relay refused recipients: ['nobody@example.com']"
+        else:
+            raise AssertionError("a refused recipient went unnoticed")
+        assert [rcpts for _, rcpts in relay.envelopes] == [["a@example.com"]]
+        nobody = Rendered(report(2).data, ("nobody@example.com",))
+        try:
+            await relay_out.send_rendered(nobody, "j2")
+        except NotifyError as exc:
+            assert "SMTPRecipientsRefused" in str(exc)
+        else:
+            raise AssertionError("a report to no accepted recipient was taken as sent")
+        assert len(relay.envelopes) == 1
+        await relay_out.stop()
+    finally:
+        await relay.stop()
