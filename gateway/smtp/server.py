@@ -18,6 +18,7 @@ import asyncio
 import binascii
 import inspect
 import logging
+import re
 from email._header_value_parser import get_addr_spec, get_angle_addr
 from email.errors import HeaderParseError
 from base64 import b64decode
@@ -69,6 +70,12 @@ class FaxEnvelope(Envelope):
         self.content_path: Path | None = None  # DATA as received, in DATA_DIR/incoming
         self.content_bytes = 0
         self.content_head = b""  # its first HEAD_BYTES (the header block and more)
+
+
+# An SMTP path of the plainest kind: "<", a dot-atom local part, "@", a dot-atom domain, ">"
+# (RFC 5321 4.1.2 / RFC 5322 3.4.1, ASCII only); anything else takes the stdlib's parser.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_SIMPLE_PATH = re.compile(rf"<(?P<addr>{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
 
 
 def _hook_names(cls: type) -> list[str]:
@@ -336,15 +343,24 @@ class FaxSMTP(SMTP):
         """The address in MAIL FROM / RCPT TO and the rest of the line, parsed as aiosmtpd
         1.4 does (the stdlib's angle-addr or addr-spec grammar, then its local-part limit),
         minus the typing.Protocol class its version builds on every call: 44 of its 58 us,
-        twice per mail (tests/test_smtp_hooks.py checks both agree)."""
+        twice per mail; and the plainest paths matched by a regex instead of the stdlib's
+        parser (tests/test_smtp_hooks.py checks ours agrees with aiosmtpd's)."""
         if not arg:
             return "", ""
-        parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
-        try:
-            address, rest = parse(arg)
-        except HeaderParseError:
-            return None, None
-        addr = address.addr_spec
+        simple = _SIMPLE_PATH.match(arg)
+        rest = arg[simple.end():].lstrip(" \t") if simple is not None else ""
+        if simple is not None and not rest.startswith("("):
+            # <dot-atom@dot-atom>, what nearly every client sends: the parse below gives this
+            # address, and the rest after the blanks (a comment there goes to the parser), at a
+            # tenth of its cost (the test compares ours with aiosmtpd's).
+            addr = simple["addr"]
+        else:
+            parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
+            try:
+                address, rest = parse(arg)
+            except HeaderParseError:
+                return None, None
+            addr = address.addr_spec
         if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
             return None, None
         return addr, rest
