@@ -58,6 +58,15 @@ def bounce(report_type: str = "delivery-status", wrapped: bool = True) -> bytes:
     (bounce("disposition-notification"), "alice@example.com",
      "mail system report (disposition-notification)"),
     (bounce(wrapped=False), "alice@example.com", "report (message/delivery-status)"),
+    # The part's type in odd case, folded onto a second line, or after a few other parts.
+    (bounce(wrapped=False).replace(b"message/delivery-status", b"Message/Delivery-Status"),
+     "alice@example.com", "report (message/delivery-status)"),
+    (bounce(wrapped=False).replace(b"Content-Type: message/", b"Content-Type:\r\n\tmessage/"),
+     "alice@example.com", "report (message/delivery-status)"),
+    (bounce(wrapped=False).replace(b"--b1\r\nContent-Type: message/",
+                                   b"--b1\r\nContent-Type: image/png\r\n\r\nx\r\n" * 5
+                                   + b"--b1\r\nContent-Type: message/"),
+     "alice@example.com", "report (message/delivery-status)"),
 ])
 def test_automatic_mail_is_named(content: bytes, envelope: str, words: str) -> None:
     reason = automatic_mail(content, envelope)

@@ -14,6 +14,7 @@ Pure functions over bytes and header values; no I/O, so they are tested without 
 
 from __future__ import annotations
 
+import re
 from email import policy
 from email.message import Message
 from email.parser import BytesHeaderParser
@@ -36,6 +37,7 @@ _REPORT_TYPES = frozenset({"message/delivery-status", "message/global-delivery-s
                            "message/disposition-notification",
                            "message/global-disposition-notification"})
 _PARSER = BytesHeaderParser(policy=policy.compat32)
+_MESSAGE_TYPE = re.compile(rb"message/", re.IGNORECASE)
 
 
 def in_domain(address: str, domain: str) -> bool:
@@ -55,9 +57,10 @@ def _header(headers: Message, name: str) -> str:
     return " ".join(str(v) for v in headers.get_all(name, [])).strip().lower()
 
 
-def _top_level_part_types(content: bytes, headers: Message) -> list[str]:
-    """Content types of the immediate parts of a top-level multipart (not of parts nested in
-    them: a bounce forwarded as an attachment on purpose is someone's document)."""
+def _top_level_report_types(content: bytes, headers: Message) -> list[str]:
+    """The mail-system report types (_REPORT_TYPES) among the immediate parts of a top-level
+    multipart (not of parts nested in them: a bounce forwarded as an attachment on purpose is
+    someone's document)."""
     if headers.get_content_maintype() != "multipart":
         return []
     boundary = headers.get_param("boundary")
@@ -66,15 +69,23 @@ def _top_level_part_types(content: bytes, headers: Message) -> list[str]:
     marker = b"--" + boundary.encode("latin-1", "replace")
     scanned = content[:_SCAN_BYTES]
     types: list[str] = []
+    parts = 0
     for _, line_end, closing in delimiter_lines(scanned, marker):
         if line_end == -1:
             break
         if closing:
             continue
-        if len(types) >= _MAX_PARTS:
+        parts += 1
+        if parts > _MAX_PARTS:
             break
-        head = scanned[line_end + 1:line_end + 1 + 16 * 1024]
-        types.append(_PARSER.parsebytes(header_block(head)).get_content_type())
+        block = header_block(scanned[line_end + 1:line_end + 1 + 16 * 1024])
+        # Every report type is "message/...", and a content type is never encoded: a part
+        # whose header block lacks those bytes is none, and is not parsed (a scan's parts).
+        if _MESSAGE_TYPE.search(block) is None:
+            continue
+        kind = _PARSER.parsebytes(block).get_content_type()
+        if kind in _REPORT_TYPES:
+            types.append(kind)
     return types
 
 
@@ -112,7 +123,7 @@ def automatic_mail(content: bytes, envelope_from: str | None) -> str | None:
     if headers.get_content_type() == "multipart/report":
         kind = str(headers.get_param("report-type") or "report")[:40]
         return f"this is a mail system report ({kind}); automatic mail is not faxed"
-    report_parts = [t for t in _top_level_part_types(content, headers) if t in _REPORT_TYPES]
+    report_parts = _top_level_report_types(content, headers)
     if report_parts:
         return (f"this is a mail system report ({report_parts[0]}); automatic mail is not "
                 "faxed")
