@@ -173,7 +173,10 @@ def presign_v4(method: str, url: str, *, access_key: str, secret_key: str, token
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+@functools.lru_cache(maxsize=64)
 def _aws_quote(value: str) -> str:
+    """Percent-encoded as SigV4 asks. Kept: the values repeat (the credential scope all day,
+    a session token, the expiry), and quote() walks every character of a ~1 KB STS token."""
     return urllib.parse.quote(value, safe="-_.~")
 
 
