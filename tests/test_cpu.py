@@ -9,12 +9,19 @@ import pytest
 from gateway.documents.pool import CpuPool, TaskLimitError
 
 
+async def _running(workers: int, timeout_s: float):
+    cpu = CpuPool(workers, timeout_s=timeout_s, memory_bytes=512 * 1024 * 1024)
+    await cpu.start()
+    try:
+        yield cpu
+    finally:
+        await cpu.stop()
+
+
 @pytest.fixture
 async def pool():
-    cpu = CpuPool(1, timeout_s=1.0, memory_bytes=512 * 1024 * 1024)
-    await cpu.start()
-    yield cpu
-    await cpu.stop()
+    async for cpu in _running(1, 1.0):
+        yield cpu
 
 
 async def test_runaway_task_is_killed_and_the_pool_recovers(pool: CpuPool) -> None:
@@ -50,10 +57,8 @@ def test_every_task_named_by_dotted_path_resolves() -> None:
 
 @pytest.fixture
 async def two():
-    cpu = CpuPool(2, timeout_s=2.0, memory_bytes=512 * 1024 * 1024)
-    await cpu.start()
-    yield cpu
-    await cpu.stop()
+    async for cpu in _running(2, 2.0):
+        yield cpu
 
 
 async def test_a_runaway_task_costs_only_its_own_worker(two: CpuPool) -> None:
