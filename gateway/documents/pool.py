@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 
 class TaskLimitError(Exception):
-    """A task ran out of time or memory; the pool was replaced."""
+    """A task ran out of time or memory; its worker process was replaced."""
 
 
 def _init_child(max_bytes: int, parent_pid: int) -> None:

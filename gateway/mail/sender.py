@@ -192,6 +192,9 @@ class RelayNotifier:
                          or exc.code == 421)  # "closing the connection"
                 if not (reused and stale):
                     raise
+            except BaseException:
+                client.close()
+                raise
 
     async def _rest(self, client: aiosmtplib.SMTP,
                     rendered: Rendered) -> tuple[dict[str, aiosmtplib.SMTPResponse], str]:
