@@ -161,12 +161,10 @@ def _recv_exactly(sock: socket.socket, size: int) -> bytearray | None:
     return buf
 
 
-def _send_frame(sock: socket.socket, payload: bytes) -> None:
-    if len(payload) < _JOIN_BELOW:
-        sock.sendall(_HEAD.pack(len(payload)) + payload)
-    else:
-        sock.sendall(_HEAD.pack(len(payload)))
-        sock.sendall(payload)
+def _frame(payload: bytes) -> tuple[bytes, ...]:
+    """The pieces that send `payload` as one frame (both ends write frames so)."""
+    head = _HEAD.pack(len(payload))
+    return (head + payload,) if len(payload) < _JOIN_BELOW else (head, payload)
 
 
 def _worker_main(sock: socket.socket, max_bytes: int, parent_pid: int) -> None:
@@ -194,7 +192,8 @@ def _worker_main(sock: socket.socket, max_bytes: int, parent_pid: int) -> None:
                 f"document task's {'result' if reply[0] else 'exception'} could not be sent "
                 f"back: {type(exc).__name__}: {exc}"), reply[2]), pickle.HIGHEST_PROTOCOL)
         del reply
-        _send_frame(sock, payload)
+        for piece in _frame(payload):
+            sock.sendall(piece)
         del payload
 
 
@@ -231,11 +230,7 @@ class _Worker(asyncio.Protocol):
             self.pool.timeout_s, self.pool._timed_out, self)
         payload = job.payload
         job.payload = b""  # the worker has it now; a large argument is not kept twice
-        if len(payload) < _JOIN_BELOW:
-            self.transport.write(_HEAD.pack(len(payload)) + payload)
-        else:
-            self.transport.write(_HEAD.pack(len(payload)))
-            self.transport.write(payload)
+        self.transport.writelines(_frame(payload))
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
