@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import functools
 import inspect
 import logging
 import re
@@ -78,6 +79,7 @@ _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _SIMPLE_PATH = re.compile(rf"<(?P<addr>{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
 
 
+@functools.cache
 def _hook_names(cls: type) -> list[str]:
     """What `dir()` of the session and of its handler answers: only the names aiosmtpd looks
     its commands, AUTH mechanisms and hooks up by (`smtp_*`, `auth_*`, `handle_*`).
@@ -86,14 +88,7 @@ def _hook_names(cls: type) -> list[str]:
     connection; over the whole class (~200 names, properties included) that cost 390 us of
     the loop per connection on a 2-core machine, ~20 us this way. tests/test_smtp_hooks.py
     checks that aiosmtpd finds the same commands, mechanisms and hooks either way."""
-    names = _HOOK_NAMES.get(cls)
-    if names is None:
-        names = _HOOK_NAMES[cls] = sorted(
-            n for n in dir(cls) if n.startswith(("smtp_", "auth_", "handle_")))
-    return names
-
-
-_HOOK_NAMES: dict[type, list[str]] = {}
+    return sorted(n for n in dir(cls) if n.startswith(("smtp_", "auth_", "handle_")))
 
 
 class FaxHandler:
