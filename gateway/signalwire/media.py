@@ -192,11 +192,11 @@ class S3MediaStore:
     """Documents in an S3 (or S3-compatible) bucket behind SigV4 presigned URLs.
 
     boto3 finds the credentials (its whole chain: environment, profile, instance role) and the
-    bucket's address once, at start. Each request is then signed with botocore's SigV4 query
-    signer (the one `generate_presigned_url` uses, without the client's machinery around it) and
-    sent with aiohttp on the event loop. Through the client, a PUT or DELETE cost ~1.5 ms of
-    CPU and two thread hops (S3 calls were a sixth of the pipeline's CPU per fax); signing one
-    costs ~0.1-0.2 ms. The boto3 client still does the rare several-key DeleteObjects."""
+    bucket's address once, at start. Each request is then presigned by `presign_v4` (the URL
+    `generate_presigned_url` would give) and sent with aiohttp on the event loop. Through the
+    client, a PUT or DELETE cost ~1.5 ms of CPU and two thread hops (S3 calls were a sixth of
+    the pipeline's CPU per fax); a signature costs ~20 us. The boto3 client still does the
+    rare several-key DeleteObjects."""
 
     def __init__(self, *, bucket: str, prefix: str, region: str, endpoint_url: str | None,
                  timeout_s: float) -> None:
