@@ -12,6 +12,7 @@ import atexit
 import ctypes
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -300,3 +301,48 @@ class Interference:
         return {"wall_s": wall, "machine_busy_s": busy - self.busy0, "bench_cpu_s": ours,
                 "foreign_cpu_s": foreign, "steal_s": steal - self.steal0,
                 "foreign_pct_of_machine": 100 * foreign / (wall * cpus) if wall else 0.0}
+
+
+class DiskStalls:
+    """How long the disk takes to make a small write durable, sampled through a phase: a
+    4 KB write and fsync every 50 ms, in a directory on the gateway's filesystem. The 250
+    waits for fsyncs (the spool file, the store's commit), so a disk that stalls shows up as a
+    run of slow replies with an idle event loop; this says when the disk itself stalled."""
+
+    PERIOD_S = 0.05
+    SLOW_S = 0.1
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / f".bench-fsync-probe-{os.getpid()}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._samples: list[tuple[float, float]] = []  # (seconds into the phase, fsync s)
+
+    def begin(self) -> None:
+        self._t0 = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="bench-fsync-probe", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        block = b"\0" * 4096
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            while not self._stop.wait(self.PERIOD_S):
+                start = time.monotonic()
+                os.pwrite(fd, block, 0)
+                os.fsync(fd)
+                self._samples.append((start - self._t0, time.monotonic() - start))
+        finally:
+            os.close(fd)
+            self.path.unlink(missing_ok=True)
+
+    def end(self) -> dict[str, Any]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        durations = sorted(d for _, d in self._samples)
+        slow = [(round(t, 2), round(d * 1000)) for t, d in self._samples if d > self.SLOW_S]
+        return {"samples": len(durations),
+                "p50_ms": durations[len(durations) // 2] * 1000 if durations else None,
+                "max_ms": durations[-1] * 1000 if durations else None,
+                "slow_at_s_ms": slow[:50]}

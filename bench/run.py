@@ -45,6 +45,7 @@ from gateway.store.sqlite import SqliteStore
 from .documents import write_documents
 from .procs import (
     Child,
+    DiskStalls,
     Interference,
     Meter,
     cpu_s,
@@ -472,6 +473,8 @@ class Bench:
         meter.begin()
         others = Interference()
         others.begin()
+        disk = DiskStalls(gw.root)
+        disk.begin()
         safe_name = re.sub(r"[^A-Za-z0-9.-]", "_", name)
         lg = await self.loadgen(f"gw-{safe_name}", gw.smtp_port, label, mode, prefix,
                                 a.loadgen_timeout_s)
@@ -526,6 +529,7 @@ class Bench:
             "seaweed_cpu_s": weed_cpu,
             "probe": probe,
             "interference": others.end(),
+            "disk_fsync": disk.end(),
             "driver_max_lag_ms": ticker.take(),
             "driver_cpu_s": _own_cpu_s() - driver_cpu0,
             "simulator": sim.problems(),
@@ -925,6 +929,13 @@ def render(results: dict[str, Any]) -> str:
             f"'.'->250 p50 {_f(st['dot_to_250_ms']['p50'])} ms p99 "
             f"{_f(st['dot_to_250_ms']['p99'])} ms; max loop lag "
             f"{_f((st.get('probe') or {}).get('max_lag_ms'))} ms")
+        disk = st.get("disk_fsync")
+        if disk and disk["samples"]:
+            stalls = ", ".join(f"{ms} ms at {t:g} s" for t, ms in disk["slow_at_s_ms"][:5])
+            add(f"  The disk meanwhile (4 KB write + fsync every 50 ms beside the gateway's "
+                f"data): p50 {disk['p50_ms']:.1f} ms, worst {disk['max_ms']:.0f} ms"
+                f"{'; over 100 ms: ' + stalls if stalls else ''}. The 250 waits for fsyncs: "
+                f"a disk stall holds every reply due meanwhile.")
     idle = results.get("idle")
     if idle:
         add(f"Idle daemon (python -m gateway run, S3 + relay configured): "
@@ -953,6 +964,11 @@ def render(results: dict[str, Any]) -> str:
     for name, measured, target, met in targets(results):
         add(f"  [{'met ' if met else 'MISS' if met is not None else ' -- '}] {name}: "
             f"{measured} (target {target})")
+    host = host_speed(results)
+    if host:
+        add(f"  The host's speed, for comparing runs (the same code's CPU per fax follows it): bare "
+            f"aiosmtpd took {host['bare_per_s']:.0f} mails/s at {host['bare_cpu_ms']:.1f} ms of "
+            f"CPU per mail (100 KB, mean of its runs); CPU per fax is {host['ratio']:.1f}x that.")
     prof = results.get("profile")
     if prof and "self" in prof:
         add("")
@@ -993,6 +1009,22 @@ def bare_rates(results: dict[str, Any]) -> dict[str, float]:
         if r["server"] == "aiosmtpd" and r["accepted_per_s"]:
             runs.setdefault(r["size"], []).append(r["accepted_per_s"])
     return {size: sum(v) / len(v) for size, v in runs.items()}
+
+
+def host_speed(results: dict[str, Any]) -> dict[str, float] | None:
+    """Bare aiosmtpd's rate and CPU per 100 KB mail, and the gateway's CPU per fax as a
+    multiple of the latter: shared hosts run the same code 2-3x faster or slower from one day
+    (or hour) to the next, and bare aiosmtpd moves with them."""
+    bare = [r for r in [*results.get("intake", []), *results.get("bare_again", [])]
+            if r["server"] == "aiosmtpd" and r["size"] == "100k" and r["accepted"]
+            and (r.get("process") or {}).get("cpu_s")]
+    g = next((r for r in results.get("intake", [])
+              if r["server"] == "faxgw" and r["size"] == "100k"), None)
+    if not bare or not g or g.get("gateway_cpu_ms_per_msg") is None:
+        return None
+    cpu_ms = sum(r["process"]["cpu_s"] * 1000 / r["accepted"] for r in bare) / len(bare)
+    return {"bare_per_s": sum(r["accepted_per_s"] for r in bare) / len(bare),
+            "bare_cpu_ms": cpu_ms, "ratio": g["gateway_cpu_ms_per_msg"] / cpu_ms}
 
 
 def targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
@@ -1206,6 +1238,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         s3.stop()
         results["total_s"] = time.monotonic() - began
+        results["host_speed"] = host_speed(results)
         if results.get("stamp"):
             out = Path(args.results_dir) / f"{args.stamp}.json"
             out.write_text(json.dumps(results, indent=1, default=str))
