@@ -9,7 +9,8 @@ from email.parser import BytesParser
 
 import pytest
 
-from gateway.documents.mime import _split_entity, parse_mail, read_message, read_message_file
+from gateway.documents.mime import (_split_entity, delimiter_lines, parse_mail, read_message,
+                                    read_message_file)
 
 from .corpus import CRLF, b64, crlf, entity, labelled_pdf, PageSpec, mail, multipart, qp_text
 
@@ -93,3 +94,25 @@ def test_the_scanner_mail_walks_to_its_documents() -> None:
     assert [p.data for p in parsed.parts] == [PDF, PDF]
     assert parsed.text_body == "Hello,\nsee attached."
     assert parsed.subject == "Rechnung M\u00e4rz"
+
+
+class _CountingBytes(bytes):
+    """bytes that count how many bytes their find() calls look through."""
+
+    scanned = 0
+
+    def find(self, sub, start=0, end=None):  # type: ignore[override]
+        at = super().find(sub, start, end)
+        stop = len(self) if end is None else end
+        type(self).scanned += (at + len(sub) if at != -1 else stop) - start
+        return at
+
+
+def test_finding_delimiters_in_one_long_line_of_them_is_linear() -> None:
+    """A line made of "--b" repeated: only a line's start can hold a delimiter, so the rest of
+    the line is not searched again for each of them (that was quadratic, and the
+    automatic-mail check runs it on the event loop over the first 256 KB of every mail)."""
+    body = _CountingBytes(b"x" + b"--b" * 100_000 + b"\r\n--b--\r\n")
+    _CountingBytes.scanned = 0
+    assert list(delimiter_lines(body, b"--b")) == [(len(body) - 7, len(body) - 1, True)]
+    assert _CountingBytes.scanned <= 2 * len(body)
