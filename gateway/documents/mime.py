@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import quopri
 import re
 from dataclasses import dataclass, field
@@ -401,7 +402,9 @@ def _clean_base64(payload: object) -> bytes | None:
     check and a2b_base64 took 330 us (and ~100 ms for a 20 MB scan)."""
     if not isinstance(payload, str):
         return None
-    out: list[bytes] = []
+    # Each slice's bytes go into one buffer as they come (a list joined at the end held the
+    # document twice); getvalue() hands that buffer over without a copy.
+    out = io.BytesIO()
     carry = b""
     total = len(payload)
     for start in range(0, total, _B64_SLICE_CHARS):
@@ -413,14 +416,14 @@ def _clean_base64(payload: object) -> bytes | None:
         compact = carry + piece.translate(None, _B64_SPACE)
         whole = len(compact) - len(compact) % 4
         try:  # strict: only the alphabet, padding only at the end
-            out.append(pybase64.b64decode(compact[:whole], validate=True))
+            out.write(pybase64.b64decode(compact[:whole], validate=True))
         except binascii.Error:
             return None  # junk, or padding in the middle
         if (compact[whole - 1:whole] == b"=" and end < total
                 and payload[end:].strip("= \t\r\n")):
             return None  # padding, then more: glued chunks, for the lenient path
         carry = compact[whole:]
-    return None if carry else b"".join(out)
+    return None if carry else out.getvalue()
 
 
 def _payload_bytes(entity: Message, label: str, walk: _Walk) -> bytes:
@@ -638,7 +641,7 @@ def read_message(data: bytes) -> Message:
     hundred levels, which a hostile sender reaches in about 50 kB.  Callers that parse DATA
     should use this so that such mail gets a 5xx with a reason, like other unreadable mail.
     """
-    if len(data) <= FAST_PARSE_MAX_BYTES and (split := _split_entity(data, 0)) is not None:
+    if (split := _split_entity(data, 0)) is not None:
         return split
     try:
         return BytesParser(policy=_PARSE_POLICY).parsebytes(data)
@@ -646,44 +649,50 @@ def read_message(data: bytes) -> Message:
         raise MimeError("the message is nested too deeply to be read") from None
 
 
-# Up to this size a mail is read whole and, when it has the usual shape, split at its MIME
-# boundaries without the line-by-line feed parser (see _split_mail); larger mail is fed to the
-# stdlib parser a chunk at a time, which bounds memory.
-FAST_PARSE_MAX_BYTES = 4 * 1024 * 1024
+# Mail of the usual shape is split at its MIME boundaries (_split_entity), within these
+# bounds; any other mail goes to the stdlib's feed parser.
 _FAST_MAX_DEPTH = 4
 _FAST_MAX_PARTS = 100
 _HEAD_PARSER = BytesHeaderParser(policy=_PARSE_POLICY)
 
 
-def _split_entity(data: bytes, depth: int) -> Message | None:
-    """One entity (headers, body) as the feed parser would build it, or None when it is not
-    of the plain shape this handles (the caller then uses the feed parser): headers without
-    defects and a blank line after them; a leaf, or a multipart with a boundary whose parts
-    all close; no message/* parts and no multipart/digest."""
-    if data.startswith((b"\r\n", b"\n")):
+def _split_entity(data: bytes, depth: int, start: int = 0,
+                  end: int | None = None) -> Message | None:
+    """One entity (headers, body), `data[start:end]`, as the feed parser would build it, or
+    None when it is not of the plain shape this handles (the caller then uses the feed
+    parser): headers without defects and a blank line after them; a leaf, or a multipart with
+    a boundary whose parts all close; no message/* parts and no multipart/digest.
+
+    Nothing is sliced but the header blocks: the parts are offsets into `data`, and a leaf's
+    body is decoded from a view of it, so a 27 MB mail costs its bytes and its body's string
+    (the feed parser holds the body as lines and then joins them: ~2.7x the mail)."""
+    if end is None:
+        end = len(data)
+    if data.startswith((b"\r\n", b"\n"), start, end):
         return None  # no header fields at all: rare, left to the feed parser
-    blank = _BLANK_LINE.search(data)
+    blank = _BLANK_LINE.search(data, start, end)
     if blank is None:
         return None
-    msg = _HEAD_PARSER.parsebytes(data[:blank.end()])
+    msg = _HEAD_PARSER.parsebytes(data[start:blank.end()])
     if msg.defects or msg.get_payload():
         return None  # a line that is no header field: the feed parser's recovery decides
-    body = data[blank.end():]
+    body = blank.end()
     ctype = msg.get_content_type()
     if ctype.startswith("message/") or ctype == "multipart/digest":
         return None
     if msg.get_content_maintype() != "multipart":
-        msg.set_payload(body.decode("ascii", "surrogateescape"))
+        with memoryview(data) as view, view[body:end] as payload:
+            msg.set_payload(str(payload, "ascii", "surrogateescape"))
         return msg
     boundary = msg.get_boundary()
     if not boundary or depth >= _FAST_MAX_DEPTH:
         return None
-    parts = _split_parts(body, b"--" + boundary.encode("ascii", "surrogateescape"))
+    parts = _split_parts(data, body, end, b"--" + boundary.encode("ascii", "surrogateescape"))
     if parts is None:
         return None
     children = []
-    for raw in parts:
-        child = _split_entity(raw, depth + 1)
+    for part_start, part_end in parts:
+        child = _split_entity(data, depth + 1, part_start, part_end)
         if child is None:
             return None
         children.append(child)
@@ -691,57 +700,66 @@ def _split_entity(data: bytes, depth: int) -> Message | None:
     return msg
 
 
-def delimiter_lines(body: bytes, delimiter: bytes) -> Iterator[tuple[int, int, bool]]:
-    """The delimiter lines ("--boundary", RFC 2046 5.1.1) of a multipart body, found with
-    `bytes.find` (no regex compiled from each mail's own boundary): for each, where it starts,
-    where its line break is (-1: none, the data ends on it), and whether it is the closing
-    one ("--boundary--"). It must start a line and be followed by blanks only."""
+def delimiter_lines(body: bytes, delimiter: bytes, start: int = 0,
+                    end: int | None = None) -> Iterator[tuple[int, int, bool]]:
+    """The delimiter lines ("--boundary", RFC 2046 5.1.1) of a multipart body (`body[start:
+    end]`), found with `bytes.find` (no regex compiled from each mail's own boundary): for
+    each, where it starts, where its line break is (-1: none, the body ends on it), and
+    whether it is the closing one ("--boundary--"). It must start a line and be followed by
+    blanks only. Positions are indexes into `body`."""
+    if end is None:
+        end = len(body)
     # Only a line's start can hold a delimiter, so "\n--boundary" is what is searched for
     # (C-speed): a hostile mail of one long line of "--boundary" made the old search, which
     # looked at the rest of the line after every one of them, quadratic (a 255 KB header block
     # held the event loop for 0.9 s in the automatic-mail check).
     at_line_start = b"\n" + delimiter
-    at = 0 if body.startswith(delimiter) else _after_newline(body.find(at_line_start))
+    at = start if body.startswith(delimiter, start, end) else _after_newline(
+        body.find(at_line_start, start, end))
     while at != -1:
         after = at + len(delimiter)
-        line_end = body.find(b"\n", after)
-        rest = body[after:line_end if line_end != -1 else len(body)].removesuffix(b"\r")
+        line_end = body.find(b"\n", after, end)
+        rest = body[after:line_end if line_end != -1 else end].removesuffix(b"\r")
         rest = rest.rstrip(b" \t")
         if rest in (b"", b"--"):
             yield at, line_end, rest == b"--"
-        at = _after_newline(body.find(at_line_start, after - 1))
+        at = _after_newline(body.find(at_line_start, after - 1, end))
 
 
 def _after_newline(found: int) -> int:
     return found + 1 if found != -1 else -1
 
 
-def _split_parts(body: bytes, delimiter: bytes) -> list[bytes] | None:
-    """The parts between the delimiter lines of a multipart body (the line break before a
-    delimiter belongs to it), or None without a closing delimiter."""
-    parts: list[bytes] = []
-    start: int | None = None  # where the current part begins
-    for at, line_end, closing in delimiter_lines(body, delimiter):
-        if start is not None:
+def _split_parts(data: bytes, start: int, end: int,
+                 delimiter: bytes) -> list[tuple[int, int]] | None:
+    """Where the parts between the delimiter lines of the multipart body `data[start:end]`
+    start and end (the line break before a delimiter belongs to it), or None without a
+    closing delimiter."""
+    parts: list[tuple[int, int]] = []
+    begin: int | None = None  # where the current part begins
+    for at, line_end, closing in delimiter_lines(data, delimiter, start, end):
+        if begin is not None:
             if len(parts) >= _FAST_MAX_PARTS:
                 return None  # hostile or absurd: the feed parser and the walk's limits
-            part = body[start:at]
-            parts.append(part[:-2] if part.endswith(b"\r\n") else part[:-1])
+            stop = at - 2 if data.startswith(b"\r\n", max(begin, at - 2), at) else at - 1
+            parts.append((begin, max(begin, stop)))
         if closing:
-            return parts if start is not None else None
+            return parts if begin is not None else None
         if line_end == -1:
             return None
-        start = line_end + 1
+        begin = line_end + 1
     return None
 
 
 def _split_mail(path: str) -> Message | None:
-    """The mail in `path` split at its boundaries in one pass (C-speed finds), for mail of the
-    usual shape up to FAST_PARSE_MAX_BYTES; None to use the feed parser. The feed parser reads
-    a 100 KB scan line by line (~1,800 lines of base64): most of a small fax's parse time."""
+    """The mail in `path` split at its boundaries in one pass (C-speed finds), when it has the
+    usual shape; None to use the feed parser. The feed parser reads a 100 KB scan line by line
+    (~1,800 lines of base64): most of a small fax's parse time; and it holds a 27 MB mail's
+    encoded part as lines, then joined: +75 MB at its peak, where this holds the file's bytes
+    and the part's string (+55 MB), then the string alone."""
     with open(path, "rb") as fh:
-        data = fh.read(FAST_PARSE_MAX_BYTES + 1)
-    return None if len(data) > FAST_PARSE_MAX_BYTES else _split_entity(data, 0)
+        data = fh.read()
+    return _split_entity(data, 0)
 
 
 def read_message_file(path: str, chunk_bytes: int = 1 << 20) -> Message:
