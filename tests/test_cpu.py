@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -174,3 +175,24 @@ def _alive(pid: int) -> bool:
             return fh.read().rpartition(")")[2].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+async def test_an_idle_worker_is_a_bare_interpreter_with_no_helper_process(two: CpuPool) -> None:
+    """The workers start on worker.py alone: no asyncio or ssl in them until a task needs
+    them (an idle worker was 23 MB with multiprocessing's spawn, which also started a 13 MB
+    resource-tracker process beside them), and nothing but the workers is started."""
+    import os
+    from pathlib import Path
+
+    for pid in two.pids:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+        assert "_asyncio" not in maps and "_ssl" not in maps, "the worker imported asyncio"
+        assert Path(f"/proc/{pid}/status").read_text().count(f"PPid:\t{os.getpid()}\n") == 1
+    me = os.getpid()
+    children = {int(c) for c in Path(f"/proc/{me}/task/{me}/children").read_text().split()}
+    assert set(two.pids) <= children
+    for child in children - set(two.pids):
+        cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+        assert b"multiprocessing" not in cmdline, cmdline
+    # And they work: a task in each.
+    assert await asyncio.gather(two.run(len, b"ab"), two.run(len, b"abc")) == [2, 3]

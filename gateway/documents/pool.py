@@ -2,12 +2,13 @@
 a memory limit per task, so a hostile attachment can neither stall the event loop nor take the
 daemon down with it.
 
-Each worker is a spawned process on one end of a socket pair; the daemon's end is an asyncio
-transport on the event loop. A task goes down as one length-prefixed pickle and its result comes
-back the same way, so handing work over costs a write and a read on the loop: no manager or
-feeder threads, no locks, no wake-ups across threads (concurrent.futures' ProcessPoolExecutor
-spent ~8% of the daemon's GIL time on those in an intake burst). A task over its time limit, or
-a worker that dies, costs that one worker, which is killed and started again; the others go on.
+Each worker is a process of its own (`worker.py`) on one end of a socket pair; the daemon's
+end is an asyncio transport on the event loop. A task goes down as one length-prefixed pickle
+and its result comes back the same way, so handing work over costs a write and a read on the
+loop: no manager or feeder threads, no locks, no wake-ups across threads (concurrent.futures'
+ProcessPoolExecutor spent ~8% of the daemon's GIL time on those in an intake burst). A task
+over its time limit, or a worker that dies, costs that one worker, which is killed and started
+again; the others go on.
 """
 
 from __future__ import annotations
@@ -15,17 +16,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import gc
 import logging
-import multiprocessing
 import os
 import pickle
-import resource
-import signal
 import socket
-import struct
-import traceback
+import subprocess
+import sys
 from typing import Any, AsyncIterator, Callable, TypeVar
+
+from gateway.documents.worker import _HEAD, _frame, call
+
+__all__ = ["CpuPool", "LARGE_AT_ONCE", "LARGE_INPUT_BYTES", "NoTurnError", "TaskLimitError",
+           "call"]
 
 log = logging.getLogger(__name__)
 
@@ -36,86 +38,6 @@ class TaskLimitError(Exception):
     """A task ran out of time or memory; its worker process was replaced."""
 
 
-def _init_child(max_bytes: int, parent_pid: int) -> None:
-    """In each worker: the memory limit, and death with the parent (a kill -9 of the daemon
-    must not leave workers behind holding its sockets and pipes)."""
-    # ^C at a terminal reaches the whole process group: the daemon stops in order and the
-    # workers end when their socket closes, not in the middle of a task with a traceback.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        # Conversions are batch work; the daemon's loop answers SMTP and webhooks and must
-        # not wait for a CPU behind them (on 2 cores, two busy workers stalled it 150+ ms).
-        os.nice(WORKER_NICE)
-    except OSError:
-        pass
-    if max_bytes > 0:
-        resource.setrlimit(resource.RLIMIT_AS, (max_bytes, max_bytes))
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        pass
-    if os.getppid() != parent_pid:
-        os._exit(0)  # the daemon died while this worker was still starting up
-
-
-def call(target: str, *args: Any, **kwargs: Any) -> Any:
-    """Run `module:function` in the worker: the daemon never imports the module itself (the
-    PDF and image libraries stay out of its memory)."""
-    import importlib
-
-    module, _, name = target.partition(":")
-    return getattr(importlib.import_module(module), name)(*args, **kwargs)
-
-
-def _task(fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> T:
-    """Every task in a worker: the function, then, after a large one, its memory handed back."""
-    before = _resident_bytes()
-    try:
-        return fn(*args, **kwargs)
-    finally:
-        if _resident_bytes() - before > RELEASE_AFTER_BYTES:
-            _release_memory()
-
-
-def _resident_bytes() -> int:
-    try:
-        with open("/proc/self/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * _PAGE_BYTES
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-# A task that grew the worker by more than this (a large scan, never ordinary mail) is
-# followed by a collection and a trim: they cost 5-80 ms, too much after every small task.
-RELEASE_AFTER_BYTES = 16 * 1024 * 1024
-
-
-def _release_memory() -> None:
-    """Give the memory a task used back to the system, now rather than some day.
-
-    The parsed mail and pypdf's objects hold reference cycles, so a 20 MB scan's buffers
-    outlive the task until the cyclic collector happens to run (each task left ~20 MB more
-    behind); and glibc keeps freed heap by default."""
-    gc.collect()
-    global _TRIM
-    if _TRIM is None:
-        try:
-            import ctypes
-
-            _TRIM = ctypes.CDLL(None).malloc_trim
-        except (OSError, AttributeError):  # not glibc
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM: Any = None
-
-
 # Work on inputs this large (a mail, a PDF) takes a "large" turn: one at a time. A worker
 # needs about 3x a message while it converts it (a 20 MB scan: ~70 MB on top of the worker),
 # so eight scans at once would make every worker that size together; one at a time bounds
@@ -123,19 +45,10 @@ _TRIM: Any = None
 # which then never queues behind a batch of scans.
 LARGE_INPUT_BYTES = 4 * 1024 * 1024
 LARGE_AT_ONCE = 1
-# Scheduling priority of the workers relative to the daemon (nice increment).
-WORKER_NICE = 5
 
 
 class NoTurnError(Exception):
     """A large input's turn did not come in time (the caller answers "try later")."""
-
-
-# A frame on a worker's socket: the length of the pickle that follows, 8 bytes big-endian.
-_HEAD = struct.Struct("!Q")
-# Below this a frame goes out in one write (header and pickle joined); above, in two, so a
-# large argument or result is never copied just to put 8 bytes in front of it.
-_JOIN_BELOW = 64 * 1024
 
 
 class _RemoteTraceback(Exception):
@@ -149,52 +62,40 @@ class _RemoteTraceback(Exception):
         return self.text
 
 
-def _recv_exactly(sock: socket.socket, size: int) -> bytearray | None:
-    buf = bytearray(size)
-    view = memoryview(buf)
-    got = 0
-    while got < size:
-        n = sock.recv_into(view[got:])
-        if n == 0:
-            return None  # the daemon closed its end: time to go
-        got += n
-    return buf
+_CHILD_CODE = ("import os, sys; "
+               "sys.path[:0] = os.environ.pop('FAXGW_WORKER_PATH').split(os.pathsep); "
+               "from gateway.documents.worker import _child_main; _child_main()")
 
 
-def _frame(payload: bytes) -> tuple[bytes, ...]:
-    """The pieces that send `payload` as one frame (both ends write frames so)."""
-    head = _HEAD.pack(len(payload))
-    return (head + payload,) if len(payload) < _JOIN_BELOW else (head, payload)
+class _Process:
+    """A worker process: the interpreter started afresh on `_child_main`, with the daemon's
+    import path and its end of the socket pair.
 
+    Not multiprocessing's spawn: that starts a resource-tracker process beside the workers
+    (13 MB for nothing here: the pool shares no semaphores or memory) and has each worker
+    import the daemon's own `__main__` first."""
 
-def _worker_main(sock: socket.socket, max_bytes: int, parent_pid: int) -> None:
-    """A worker process: read a task, run it, write its result or its exception; until the
-    daemon closes the socket."""
-    _init_child(max_bytes, parent_pid)
-    while True:
-        head = _recv_exactly(sock, _HEAD.size)
-        if head is None:
-            return
-        (size,) = _HEAD.unpack(head)
-        try:
-            body = _recv_exactly(sock, size)
-            if body is None:
-                return
-            fn, args, kwargs = pickle.loads(body)
-            del body
-            reply: tuple[bool, Any, str] = (True, _task(fn, args, kwargs), "")
-        except BaseException as exc:  # noqa: BLE001 (every failure goes back to the caller)
-            reply = (False, exc, traceback.format_exc())
-        try:
-            payload = pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
-        except BaseException as exc:  # noqa: BLE001 (an unpicklable result or exception)
-            payload = pickle.dumps((False, RuntimeError(
-                f"document task's {'result' if reply[0] else 'exception'} could not be sent "
-                f"back: {type(exc).__name__}: {exc}"), reply[2]), pickle.HIGHEST_PROTOCOL)
-        del reply
-        for piece in _frame(payload):
-            sock.sendall(piece)
-        del payload
+    def __init__(self, sock: socket.socket, max_bytes: int) -> None:
+        # The daemon's import path (a bench snapshot, a checkout run in place), handed over
+        # in a variable of our own that the worker removes: PYTHONPATH would reach whatever
+        # the worker starts in turn (LibreOffice).
+        env = dict(os.environ, FAXGW_WORKER_PATH=os.pathsep.join(p for p in sys.path if p))
+        self._popen = subprocess.Popen(
+            [sys.executable, "-c", _CHILD_CODE, str(sock.fileno()), str(max_bytes),
+             str(os.getpid())],
+            pass_fds=(sock.fileno(),), stdin=subprocess.DEVNULL, env=env)
+        self.pid = self._popen.pid
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self._popen.kill()
+
+    def join(self, timeout_s: float | None = None) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._popen.wait(timeout_s)
 
 
 class _Job:
@@ -208,7 +109,7 @@ class _Job:
 class _Worker(asyncio.Protocol):
     """The daemon's end of one worker: its process, its transport, the task it runs."""
 
-    def __init__(self, pool: CpuPool, slot: int, process: Any) -> None:
+    def __init__(self, pool: CpuPool, slot: int, process: _Process) -> None:
         self.pool = pool
         self.slot = slot
         self.process = process
@@ -262,7 +163,6 @@ class CpuPool:
         self.workers = workers
         self.timeout_s = timeout_s
         self.memory_bytes = memory_bytes
-        self._ctx = multiprocessing.get_context("spawn")
         self._slots: list[_Worker | None] = []
         self._idle: list[_Worker] = []
         self._queue: collections.deque[_Job] = collections.deque()
@@ -434,12 +334,9 @@ class CpuPool:
     async def _spawn(self, slot: int) -> None:
         ours, theirs = socket.socketpair()
         try:
-            # spawn: children start clean (no copy of the daemon's threads, sockets or loop)
-            # and are the daemon's own children, so PR_SET_PDEATHSIG ends them with it.
-            process = self._ctx.Process(
-                target=_worker_main, args=(theirs, self.memory_bytes, os.getpid()),
-                name=f"faxgw-doc-{slot}", daemon=True)
-            process.start()
+            # A new interpreter: no copy of the daemon's threads, sockets or loop; and the
+            # daemon's own child, so PR_SET_PDEATHSIG ends it with the daemon.
+            process = _Process(theirs, self.memory_bytes)
         except BaseException:
             ours.close()
             raise
@@ -462,7 +359,7 @@ class CpuPool:
         self._next(worker)
 
 
-def _reap(processes: list[Any], grace_s: float) -> None:
+def _reap(processes: list[_Process], grace_s: float) -> None:
     """Wait up to `grace_s` for the processes to end, then kill what is left; in a thread."""
     for process in processes:
         process.join(grace_s)
