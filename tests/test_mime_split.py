@@ -142,3 +142,21 @@ def test_finding_delimiters_in_one_long_line_of_them_is_linear() -> None:
     _CountingBytes.scanned = 0
     assert list(delimiter_lines(body, b"--b")) == [(len(body) - 7, len(body) - 1, True)]
     assert _CountingBytes.scanned <= 2 * len(body)
+
+
+def test_lines_that_only_start_with_the_delimiter_are_not_delimiters() -> None:
+    body = _CountingBytes(b"--bx\r\n" * 1000 + b"--b-x\r\n--b x\r\n--b \r\n--b--\t\r\n")
+    _CountingBytes.scanned = 0
+    found = list(delimiter_lines(body, b"--b"))
+    assert [(body[at:line_end], closing) for at, line_end, closing in found] == [
+        (b"--b \r", False), (b"--b--\t\r", True)]
+    assert _CountingBytes.scanned <= 2 * len(body)
+
+
+def test_a_caller_can_bound_how_many_lines_are_looked_at() -> None:
+    """The automatic-mail check runs on the event loop: it looks at no more than so many
+    lines that start with the boundary, delimiters or not."""
+    body = b"--b x\r\n" * 10 + b"--b\r\n" + b"--b--\r\n"
+    assert [closing for *_, closing in delimiter_lines(body, b"--b")] == [False, True]
+    assert list(delimiter_lines(body, b"--b", max_lines=10)) == []
+    assert len(list(delimiter_lines(body, b"--b", max_lines=11))) == 1

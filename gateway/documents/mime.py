@@ -21,7 +21,7 @@ import io
 import quopri
 import re
 from dataclasses import dataclass, field
-from email.message import EmailMessage, Message
+from email.message import Message
 from email.parser import BytesFeedParser, BytesHeaderParser, BytesParser
 from email import policy
 from html import unescape
@@ -700,13 +700,15 @@ def _split_entity(data: bytes, depth: int, start: int = 0,
     return msg
 
 
-def delimiter_lines(body: bytes, delimiter: bytes, start: int = 0,
-                    end: int | None = None) -> Iterator[tuple[int, int, bool]]:
+def delimiter_lines(body: bytes, delimiter: bytes, start: int = 0, end: int | None = None,
+                    max_lines: int | None = None) -> Iterator[tuple[int, int, bool]]:
     """The delimiter lines ("--boundary", RFC 2046 5.1.1) of a multipart body (`body[start:
     end]`), found with `bytes.find` (no regex compiled from each mail's own boundary): for
     each, where it starts, where its line break is (-1: none, the body ends on it), and
     whether it is the closing one ("--boundary--"). It must start a line and be followed by
-    blanks only. Positions are indexes into `body`."""
+    blanks only. Positions are indexes into `body`. With `max_lines`, no more than that many
+    lines that start with the delimiter are looked at (a caller on the event loop bounds its
+    work so: a mail can hold tens of thousands of "--boundary x" lines)."""
     if end is None:
         end = len(body)
     # Only a line's start can hold a delimiter, so "\n--boundary" is what is searched for
@@ -717,13 +719,23 @@ def delimiter_lines(body: bytes, delimiter: bytes, start: int = 0,
     at = start if body.startswith(delimiter, start, end) else _after_newline(
         body.find(at_line_start, start, end))
     while at != -1:
+        if max_lines is not None:
+            if max_lines <= 0:
+                return
+            max_lines -= 1
         after = at + len(delimiter)
-        line_end = body.find(b"\n", after, end)
-        rest = body[after:line_end if line_end != -1 else end].removesuffix(b"\r")
-        rest = rest.rstrip(b" \t")
-        if rest in (b"", b"--"):
-            yield at, line_end, rest == b"--"
+        # What may follow a delimiter: "--", blanks, the line break, or the end. Anything else
+        # (a longer boundary, "--boundaryX") is no delimiter, told without reading the line.
+        if after >= end or body[after] in _AFTER_DELIMITER:
+            line_end = body.find(b"\n", after, end)
+            rest = body[after:line_end if line_end != -1 else end].removesuffix(b"\r")
+            rest = rest.rstrip(b" \t")
+            if rest in (b"", b"--"):
+                yield at, line_end, rest == b"--"
         at = _after_newline(body.find(at_line_start, after - 1, end))
+
+
+_AFTER_DELIMITER = frozenset(b"-\r\n \t")
 
 
 def _after_newline(found: int) -> int:
