@@ -196,3 +196,37 @@ async def test_an_idle_worker_is_a_bare_interpreter_with_no_helper_process(two: 
         assert b"multiprocessing" not in cmdline, cmdline
     # And they work: a task in each.
     assert await asyncio.gather(two.run(len, b"ab"), two.run(len, b"abc")) == [2, 3]
+
+
+async def test_workers_that_cannot_start_are_retried_slowly_and_said_so(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A worker that ends before it answers anything (here: an interpreter that exits at
+    once, as a broken install would) fails the pool's start with an error, is logged with its
+    exit status, and is started again with a growing delay, not as fast as processes start."""
+    import logging
+
+    from gateway.documents import pool as pool_module
+
+    monkeypatch.setattr(pool_module, "_CHILD_CODE", "import sys; sys.exit(3)")
+    cpu = CpuPool(1, timeout_s=5.0, memory_bytes=0)
+    spawned: list[float] = []
+    third = asyncio.Event()  # the first start, then two restarts after it died
+    real_spawn = cpu._spawn
+
+    async def counting_spawn(slot: int) -> None:
+        spawned.append(asyncio.get_running_loop().time())
+        if len(spawned) == 3:
+            third.set()
+        await real_spawn(slot)
+
+    monkeypatch.setattr(cpu, "_spawn", counting_spawn)
+    with caplog.at_level(logging.ERROR, logger="gateway.documents.pool"):
+        with pytest.raises(TaskLimitError):
+            await cpu.start()
+        try:
+            await asyncio.wait_for(third.wait(), 30)
+        finally:
+            await cpu.stop()
+    assert "ended without answering a task (exit status 3)" in caplog.text
+    gaps = [b - a for a, b in zip(spawned, spawned[1:])]
+    assert gaps[0] >= 0.5 and gaps[1] >= 1.0, gaps  # 0.5 s, then 1 s, ... up to 30 s

@@ -39,7 +39,8 @@ class TaskLimitError(Exception):
 
 
 # Work on inputs this large (a mail, a PDF) takes a "large" turn: one at a time. A worker
-# needs about 3x a message while it converts it (a 20 MB scan: ~70 MB on top of the worker),
+# needs about twice a message while it converts it (a 20 MB scan's 27 MB mail: ~52 MB on top
+# of the worker) and about three times a page's image to draw its thumbnail (PDFium),
 # so eight scans at once would make every worker that size together; one at a time bounds
 # the workers' growth to one large document, and keeps the other workers for ordinary mail,
 # which then never queues behind a batch of scans.
@@ -89,6 +90,11 @@ class _Process:
     def is_alive(self) -> bool:
         return self._popen.poll() is None
 
+    def exit_status(self) -> int | None:
+        """The exit code, or minus the signal that ended it; None while it runs (it may
+        still be on its way out when its socket closes)."""
+        return self._popen.poll()
+
     def kill(self) -> None:
         if self.is_alive():
             self._popen.kill()
@@ -119,6 +125,7 @@ class _Worker(asyncio.Protocol):
         self._buf = bytearray()
         self._need = 0  # the length of the frame being read, 0 before its header
         self.gone = False
+        self.served = 0  # tasks answered: 0 when it dies means it never got going
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -168,6 +175,7 @@ class CpuPool:
         self._queue: collections.deque[_Job] = collections.deque()
         self._starting: set[asyncio.Task[None]] = set()
         self._running = False
+        self._early_deaths = 0  # workers in a row that ended without answering a task
         self._large = asyncio.Semaphore(LARGE_AT_ONCE)
         # Background work (report mails) may occupy all workers but one: tasks run in the
         # order they come, so a queue of reports would otherwise hold up every mail's 250.
@@ -271,6 +279,8 @@ class CpuPool:
         return job
 
     def _done(self, worker: _Worker, reply: tuple[bool, Any, str]) -> None:
+        worker.served += 1
+        self._early_deaths = 0
         job = self._finish(worker)
         if job is not None and not job.future.done():
             job.future.set_result(reply)
@@ -295,8 +305,14 @@ class CpuPool:
         if worker.gone:
             return
         job = self._finish(worker)
-        log.warning("document worker %s ended%s; starting another", worker.process.pid,
-                    " during a task (out of memory?)" if job is not None else "")
+        if worker.served == 0:
+            # Not a task's doing: the interpreter could not start the worker (its traceback,
+            # if any, is on stderr just before this line).
+            log.error("document worker %s ended without answering a task (exit status %s); "
+                      "starting another", worker.process.pid, worker.process.exit_status())
+        else:
+            log.warning("document worker %s ended%s; starting another", worker.process.pid,
+                        " during a task (out of memory?)" if job is not None else "")
         if job is not None and not job.future.done():
             job.future.set_exception(TaskLimitError("needed more memory than allowed"))
         self._replace(worker)
@@ -320,6 +336,11 @@ class CpuPool:
 
     async def _restart(self, old: _Worker) -> None:
         await asyncio.to_thread(_reap, [old.process], 5.0)
+        if old.served == 0:
+            # Workers that end without answering a task (a broken install, no memory at all)
+            # are started again more and more slowly, not at the rate processes can start.
+            self._early_deaths += 1
+            await asyncio.sleep(min(0.25 * 2 ** self._early_deaths, 30.0))
         delay = 0.5
         while self._running:
             try:
