@@ -968,7 +968,8 @@ def render(results: dict[str, Any]) -> str:
     if host:
         add(f"  The host's speed, for comparing runs (the same code's CPU per fax follows it): "
             f"bare aiosmtpd took {host['bare_per_s']:.0f} mails/s at "
-            f"{host['bare_cpu_ms']:.1f} ms of CPU per mail (100 KB, mean of its runs); CPU per fax is {host['ratio']:.1f}x that.")
+            f"{host['bare_cpu_ms']:.1f} ms of CPU per mail (100 KB, mean of its runs); "
+            f"CPU per fax is {host['ratio']:.1f}x that.")
     prof = results.get("profile")
     if prof and "self" in prof:
         add("")
