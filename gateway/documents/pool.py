@@ -96,6 +96,7 @@ class _Process:
         return self._popen.poll()
 
     def kill(self) -> None:
+        """SIGKILL, unless it has ended (and been reaped) already."""
         if self.is_alive():
             self._popen.kill()
 
@@ -325,8 +326,7 @@ class CpuPool:
         worker.gone = True
         with contextlib.suppress(ValueError):
             self._idle.remove(worker)
-        if worker.process.is_alive():
-            worker.process.kill()
+        worker.process.kill()
         if worker.transport is not None:
             worker.transport.close()
         if self._running and self._slots[worker.slot] is worker:
@@ -384,6 +384,5 @@ def _reap(processes: list[_Process], grace_s: float) -> None:
     """Wait up to `grace_s` for the processes to end, then kill what is left; in a thread."""
     for process in processes:
         process.join(grace_s)
-        if process.is_alive():
-            process.kill()
-            process.join()
+        process.kill()  # if it is still running
+        process.join()
