@@ -1003,11 +1003,17 @@ def render(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def bare_runs(results: dict[str, Any], size: str | None = None) -> list[dict[str, Any]]:
+    """Bare aiosmtpd's runs (of one size): before the gateway's and, if made, after them."""
+    return [r for r in [*results.get("intake", []), *results.get("bare_again", [])]
+            if r["server"] == "aiosmtpd" and (size is None or r["size"] == size)]
+
+
 def bare_rates(results: dict[str, Any]) -> dict[str, float]:
     """Bare aiosmtpd's rate per size: the mean of its runs before and after the gateway's."""
     runs: dict[str, list[float]] = {}
-    for r in [*results.get("intake", []), *results.get("bare_again", [])]:
-        if r["server"] == "aiosmtpd" and r["accepted_per_s"]:
+    for r in bare_runs(results):
+        if r["accepted_per_s"]:
             runs.setdefault(r["size"], []).append(r["accepted_per_s"])
     return {size: sum(v) / len(v) for size, v in runs.items()}
 
@@ -1016,9 +1022,8 @@ def host_speed(results: dict[str, Any]) -> dict[str, float] | None:
     """Bare aiosmtpd's rate and CPU per 100 KB mail, and the gateway's CPU per fax as a
     multiple of the latter: shared hosts run the same code 2-3x faster or slower from one day
     (or hour) to the next, and bare aiosmtpd moves with them."""
-    bare = [r for r in [*results.get("intake", []), *results.get("bare_again", [])]
-            if r["server"] == "aiosmtpd" and r["size"] == "100k" and r["accepted"]
-            and (r.get("process") or {}).get("cpu_s")]
+    bare = [r for r in bare_runs(results, "100k")
+            if r["accepted"] and (r.get("process") or {}).get("cpu_s")]
     g = next((r for r in results.get("intake", [])
               if r["server"] == "faxgw" and r["size"] == "100k"), None)
     if not bare or not g or g.get("gateway_cpu_ms_per_msg") is None:
@@ -1034,8 +1039,7 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
     g, b = rows.get(("faxgw", "100k")), bare_rates(results).get("100k")
     if g and b:
         x = g["accepted_per_s"] / b
-        n = sum(1 for r in [*results.get("intake", []), *results.get("bare_again", [])]
-                if r["server"] == "aiosmtpd" and r["size"] == "100k")
+        n = len(bare_runs(results, "100k"))
         measured = (f"{x:.2f}x ({g['accepted_per_s']:.1f} vs {b:.1f}/s"
                     f"{', the mean of 2 runs' if n > 1 else ''})")
         out.append(("intake 100 KB vs bare aiosmtpd", measured, ">= 0.6x", x >= 0.6))
