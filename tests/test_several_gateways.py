@@ -626,3 +626,41 @@ async def test_the_last_two_parts_at_two_gateways_at_once_make_one_fax(
     assert len(jobs) == 3 and len({j.message_id for j in jobs}) == 3
     with psycopg.connect(pg_url) as db:
         assert db.execute("SELECT COUNT(*) FROM partial_sets").fetchone() == (0,)
+
+
+async def test_a_split_mail_whose_joining_node_died_is_joined_when_its_last_part_comes_again(
+        make_gateway: GatewayFactory, pg_url: str, seaweed: SeaweedS3, s3_credentials: None,
+        simulator: Simulator, relay: RelaySink, tmp_path: Path) -> None:
+    """node-a took the last part, claimed the set for its join and died (-9) before queuing
+    the fax; the copier, which got no answer, sends that part again, to node-b, later: the
+    claim is stale, node-b joins the set and the fax is sent (it was told "being faxed", and
+    nothing ever was)."""
+    pg_reset(pg_url)
+    a = DaemonProcess(shared_env(tmp_path, "node-a", pg_url, seaweed, simulator, relay),
+                      tmp_path / "a.log")
+    rcpt = ["15551234567@fax.local"]
+    parts = split_mail(2, 2, "died@copier.example")
+    try:
+        await a.start(crash_at="partial-claimed")
+        assert (await smtp_send(a.smtp_port, parts[0], rcpt)).code == 250
+        with pytest.raises(smtplib.SMTPException):
+            await smtp_send(a.smtp_port, parts[1], rcpt)
+        assert await a.wait_exit() == -9
+    finally:
+        await a.close()
+    with psycopg.connect(pg_url) as db:
+        assert db.execute("SELECT state, owner LIKE 'node-a/%' FROM partial_sets"
+                          ).fetchall() == [("joining", True)]
+    env = shared_env(tmp_path, "node-b", pg_url, seaweed, simulator, relay)
+    soon = await make_gateway(env)
+    reply = await smtp_send(soon.smtp.port, parts[1], rcpt)
+    assert reply.text == ("2.0.0 Part 2 received; the message it belongs to is complete and "
+                          "being faxed"), reply.text  # node-a might still be at it
+    await soon.stop(grace_s=5)
+    later = await make_gateway(env, clock=lambda: time.time() + 1000)  # past the claim's life
+    reply = await smtp_send(later.smtp.port, parts[1], rcpt)
+    assert reply.code == 250 and "Queued as fax job" in reply.text, reply.text
+    await all_reported(pg_url)
+    assert len(simulator.state.send_requests) == 1
+    with psycopg.connect(pg_url) as db:
+        assert db.execute("SELECT COUNT(*) FROM partial_sets").fetchone() == (0,)

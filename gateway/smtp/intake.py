@@ -97,6 +97,16 @@ def _address(candidate: str) -> str | None:
     return None
 
 
+def join_stale_s(settings: Settings) -> float | None:
+    """After how long a split mail claimed for a join by a node that never finished it is
+    joined again when its last part comes once more: well past the longest a join takes (a
+    turn at the document workers, the conversion, the upload); never without the dedup check,
+    which recognises the fax queued already if that node got so far."""
+    if settings.dedup_window_hours <= 0:
+        return None
+    return max(900.0, 4 * settings.doc_timeout_s)
+
+
 def report_address(parsed: ParsedMail, envelope_from: str | None) -> str | None:
     """Where the report goes: the From: header, else the envelope sender; None for bounces."""
     for candidate in (parsed.from_addr, envelope_from):
@@ -136,7 +146,8 @@ class Intake:
         # and the job store, so that any node may receive the last part.
         parts_in = part_media or media
         self.partials = (Partials(store, parts_in, settings.node_id,
-                                  settings.partial_max_sets_per_sender)
+                                  settings.partial_max_sets_per_sender,
+                                  join_stale_s(settings))
                          if parts_in is not None else None)
         # The daemon's check that a 250 can still be kept (database file, free disk): a
         # refusal, or None.

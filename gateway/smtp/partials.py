@@ -22,9 +22,10 @@ from typing import Any, Callable
 
 from gateway.documents.partial import (MAX_OPEN_SETS, PartialError, Received, SetsFull, join,
                                        partial_info, set_key)
+from gateway.ops.faults import crash_point
 from gateway.signalwire.media import MediaError, MediaStore
 from gateway.store.base import Store
-from gateway.store.partials import Added, HeldSet, PartialsStore, sender_key
+from gateway.store.partials import Added, HeldSet, PartialsStore, sender_key, stale
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,19 @@ class Expired:
 
 class Partials:
     def __init__(self, store: Store, media: MediaStore, node_id: str,
-                 max_sets_per_sender: int) -> None:
+                 max_sets_per_sender: int, join_stale_s: float | None = None) -> None:
+        """`join_stale_s`: a set claimed for a join that long ago, whose last part comes
+        again, is joined again: the node joining it died (or its sender gave up waiting for
+        the answer), and the sender is trying once more. Safe only where a mail queued twice
+        is recognised as one (DEDUP_WINDOW_HOURS): the join may have been queued already.
+        None: such a set waits for its expiry, and a retry is told it is being faxed."""
         assert hasattr(store, "_tx"), "split mail needs an SQL store"
         self.store = store
         self.rows = PartialsStore(store)  # type: ignore[arg-type]
         self.media = media
         self.node_id = node_id
         self.max_sets_per_sender = max_sets_per_sender
+        self.join_stale_s = join_stale_s
 
     async def receive(self, path: Path, sender: str, recipients: list[str],
                       meta: Callable[[], dict[str, Any]], *, now: float, max_bytes: int,
@@ -65,7 +72,8 @@ class Partials:
         # What can be seen refused without the upload is refused before it (the transaction
         # below checks it all again).
         held = await self.store.run(self.rows.get, set_id)
-        if held is not None and held.state != "open":
+        stale_before = now - self.join_stale_s if self.join_stale_s is not None else None
+        if held is not None and held.state != "open" and not stale(held, stale_before):
             return self._being_faxed(set_id, info.number)
         if held is None:
             mine, everyone = await self.store.run(self.rows.open_sets, sender)
@@ -81,7 +89,7 @@ class Partials:
             added: Added = await self.store.run(functools.partial(
                 self.rows.add, set_id, sender, info, recipients, key, size, meta(), now,
                 owner=owner, max_bytes=max_bytes, max_sets=MAX_OPEN_SETS,
-                max_sets_per_sender=self.max_sets_per_sender))
+                max_sets_per_sender=self.max_sets_per_sender, stale_before=stale_before))
         except BaseException:
             await self._delete([key], f"message/partial {set_id[:12]}: refused part")
             raise
@@ -96,6 +104,7 @@ class Partials:
         if added.owner is None:
             return Received(set_id, f"Part {info.number}{of} received; the fax is sent when "
                                     "all parts have arrived")
+        crash_point("partial-claimed")
         try:
             whole = await self._join(path, added.keys)
         except BaseException:

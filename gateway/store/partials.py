@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, TypeVar
 
 from gateway.documents.partial import PartialError, PartialInfo, SetsFull, check_part
@@ -32,6 +32,12 @@ def sender_key(sender: str) -> str:
     return hashlib.sha256(sender.lower().encode()).hexdigest()[:40]
 
 
+def stale(held: "HeldSet", before: float | None) -> bool:
+    """Claimed for a join so long ago that the node joining it must have died."""
+    return (before is not None and held.state == JOINING and held.claimed_at is not None
+            and held.claimed_at <= before)
+
+
 @dataclass(frozen=True)
 class HeldSet:
     set_id: str
@@ -42,6 +48,7 @@ class HeldSet:
     first_seen: float
     state: str
     owner: str | None
+    claimed_at: float | None
     numbers: tuple[int, ...]  # the part numbers held, in order
     keys: tuple[str, ...]  # their media keys, in the same order
     size: int
@@ -95,7 +102,7 @@ class PartialsStore:
         return HeldSet(set_id, head["sender_key"], head["total"],
                        [n for n in head["recipients"].split(",") if n],
                        json.loads(head["meta"]), float(head["first_seen"]), head["state"],
-                       head["owner"], tuple(int(p["number"]) for p in parts),
+                       head["owner"], head["claimed_at"], tuple(int(p["number"]) for p in parts),
                        tuple(p["media_key"] for p in parts),
                        sum(int(p["size"]) for p in parts))
 
@@ -110,16 +117,19 @@ class PartialsStore:
 
     def add(self, set_id: str, sender: str, info: PartialInfo, recipients: list[str],
             media_key: str, size: int, meta: dict[str, Any], now: float, *, owner: str,
-            max_bytes: int, max_sets: int, max_sets_per_sender: int) -> Added:
+            max_bytes: int, max_sets: int, max_sets_per_sender: int,
+            stale_before: float | None = None) -> Added:
         """Record one part (its object `media_key` is in the media store already) and return
         the set as it stands; when this commit completes the set, it is claimed for `owner`.
+        `stale_before`: a set claimed for a join before then is joined again (the node
+        joining it died: see Partials).
 
         Raises PartConflict for a part that contradicts the set, PartialError when the parts
         would together exceed `max_bytes`, SetsFull when a new set finds no room (this
         sender's `max_sets_per_sender`, everyone's `max_sets`); nothing is recorded then."""
         return self._db(lambda: self._add(set_id, sender_key(sender), info, recipients,
                                           media_key, size, meta, now, owner, max_bytes,
-                                          max_sets, max_sets_per_sender))
+                                          max_sets, max_sets_per_sender, stale_before))
 
     def _lock(self, set_id: str) -> bool:
         return bool(self._exec("UPDATE partial_sets SET first_seen = first_seen"
@@ -127,7 +137,8 @@ class PartialsStore:
 
     def _add(self, set_id: str, skey: str, info: PartialInfo, recipients: list[str],
              media_key: str, size: int, meta: dict[str, Any], now: float, owner: str,
-             max_bytes: int, max_sets: int, max_sets_per_sender: int) -> Added:
+             max_bytes: int, max_sets: int, max_sets_per_sender: int,
+             stale_before: float | None) -> Added:
         with self._tx(durable=True):
             if not self._lock(set_id):
                 # A new set: counted under a lock of its own, so two nodes opening sets for
@@ -146,6 +157,10 @@ class PartialsStore:
                 self._lock(set_id)
             held = self._get(set_id)
             assert held is not None
+            if stale(held, stale_before):
+                self._exec("UPDATE partial_sets SET state = ?, owner = NULL, claimed_at = NULL"
+                           " WHERE set_id = ? AND state = ?", (OPEN, set_id, JOINING))
+                held = replace(held, state=OPEN, owner=None, claimed_at=None)
             if held.state != OPEN:
                 return Added(held.numbers, held.total, held.size, joining=True)
             check_part(info, recipients, held.total, held.recipients, list(held.numbers))
