@@ -2,9 +2,9 @@
 
 Copiers split a large scan into several mails ("divided sending" on Canon and Ricoh devices):
 each mail's top-level type is ``message/partial; id=...; number=N; total=T`` and the bodies,
-joined in order, are the original message.  Each part is kept on disk as it arrives (so a
-restart loses nothing the sender was told was received), under a directory named by a hash of
-the sender and the id, so that parts from different senders with the same id never mix.
+joined in order, are the original message.  Each part is kept durably as it arrives (so a
+restart loses nothing the sender was told was received), in a set named by a hash of the
+sender and the id (`set_key`), so that parts from different senders with the same id never mix.
 
 Pure functions (`partial_info`, `join`, `check_part`) and what a part's refusal says. The parts
 are kept where every gateway node sees them (smtp/partials.py: the media store and the job
@@ -116,15 +116,15 @@ def check_part(info: PartialInfo, recipients: list[str], set_total: int | None,
     The numbers are those of the set's first part: a later part may not redirect the scan
     (it may come from anyone who may send here, with the same id)."""
     if sorted(set(recipients)) != sorted(set(set_recipients)):
-        raise PartConflict("this part is addressed to other fax numbers than the earlier parts "
+        raise PartConflict("This part is addressed to other fax numbers than the earlier parts "
                            "of the same split message; every part must be sent to the same "
                            "numbers")
     if info.total is not None and set_total is not None and info.total != set_total:
-        raise PartConflict(f"this part says the message has {info.total} parts, but an earlier "
+        raise PartConflict(f"This part says the message has {info.total} parts, but an earlier "
                            f"part said {set_total}; the parts cannot be put together")
     total = info.total or set_total
     if total is not None and max([info.number, *held]) > total:
-        raise PartConflict(f"this part says the message has {total} parts, but part "
+        raise PartConflict(f"This part says the message has {total} parts, but part "
                            f"{max([info.number, *held])} was sent; the parts cannot be put "
                            "together")
 

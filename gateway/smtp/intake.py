@@ -234,7 +234,7 @@ class Intake:
         except PartConflict as exc:  # no refusal mail: the set's expiry tells the sender once
             reason = one_line(str(exc), 400, ascii_only=True)
             log.warning("message/partial part from %s refused: %s", envelope_from, reason)
-            raise Refused(replies.bad_document(reason[:1].upper() + reason[1:])) from exc
+            raise Refused(replies.bad_document(reason)) from exc
         except SetsFull as exc:  # no refusal mail either: a flood would be answered in kind
             log.warning("message/partial part from %s refused: %s", envelope_from, exc)
             raise Refused(replies.too_many_partial_sets(exc.held) if exc.per_sender
@@ -542,9 +542,11 @@ async def expire_partials(settings: Settings, notifier: Notifier | None, now: fl
     partials = Partials(store, media, settings.node_id, settings.partial_max_sets_per_sender)
     expired: list[Expired] = await partials.expire(now, minutes * 60)
     for sender in expired:
-        first = sender.sets[0]
-        await _expired_notice(settings, notifier, now, first.set_id, first.meta,
-                              [(s.numbers, s.total) for s in sender.sets])
+        # The notice goes where a set says it may (one sent while the sender may have been
+        # refused mail does not say so).
+        sets = sorted(sender.sets, key=lambda s: not s.meta.get("report"))
+        await _expired_notice(settings, notifier, now, sets[0].set_id, sets[0].meta,
+                              [(s.numbers, s.total) for s in sets])
         count += len(sender.sets)
     return count
 

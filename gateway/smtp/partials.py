@@ -25,7 +25,9 @@ from gateway.documents.partial import (MAX_OPEN_SETS, PartialError, Received, Se
 from gateway.ops.faults import crash_point
 from gateway.signalwire.media import MediaError, MediaStore
 from gateway.store.base import Store
-from gateway.store.partials import Added, HeldSet, PartialsStore, sender_key, stale
+from gateway.store.partials import Added, HeldSet, PartialsStore, stale
+
+__all__ = ["Expired", "Partials"]
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +92,11 @@ class Partials:
                 self.rows.add, set_id, sender, info, recipients, key, size, meta(), now,
                 owner=owner, max_bytes=max_bytes, max_sets=MAX_OPEN_SETS,
                 max_sets_per_sender=self.max_sets_per_sender, stale_before=stale_before))
-        except BaseException:
+        except (PartialError, SetsFull):
             await self._delete([key], f"message/partial {set_id[:12]}: refused part")
             raise
+        # Any other failure may have come after the commit (a connection lost meanwhile):
+        # the object stays, as a row may name it (an orphan costs storage, not a part).
         if added.joining:
             await self._delete([key], f"message/partial {set_id[:12]}: part of a joined set")
             return self._being_faxed(set_id, info.number)
@@ -166,6 +170,3 @@ class Partials:
                 continue
             by_sender.setdefault(held.sender_key, []).append(held)
         return [Expired(k, v) for k, v in by_sender.items()]
-
-
-__all__ = ["Expired", "Partials", "PartialError", "SetsFull", "sender_key"]
