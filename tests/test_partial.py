@@ -358,3 +358,26 @@ async def test_one_senders_flood_does_not_block_another(
     assert "only 1 of 2 part(s) arrived within 60 minutes (missing: 2)" in text, text
     assert "2 other scan(s) you sent in parts did not arrive complete either" in text, text
     assert await held(gw) == (0, 0) and node.parts() == []
+
+
+async def test_parts_an_earlier_version_kept_on_disk_still_expire(
+        simulator: Simulator, relay: RelaySink, tmp_path: Path,
+        manual_gateway: GatewayFactory) -> None:
+    """Parts kept in DATA_DIR/spool/partial by the version before the shared store are never
+    completed now (new parts go to the store): they expire as before, sender told."""
+    clock = FakeClock()
+    legacy = PartialStore(tmp_path / "var" / "spool" / "partial")
+    parts = split(original(), 2)
+    target = {"to": "alice@example.com", "subject": "Scan", "msgid": None}
+    legacy.add(set_key("|alice@example.com", "scan-0001@copier.example"),
+               partial_info(parts[0]), parts[0],  # type: ignore[arg-type]
+               {"numbers": ["+" + NUMBER], "envelope_from": "alice@example.com",
+                "report": target}, now=clock(), max_bytes=10**6)
+    gw = await manual_gateway(production_env(tmp_path / "var", simulator, **relay_env(relay)),
+                              clock)
+    clock.advance(61 * 60)
+    await gw.worker.housekeeping()
+    refusal = await relay.next()
+    text = " ".join(str(refusal.get_body(("plain",)).get_content()).split())
+    assert "only 1 of 2 part(s) arrived within 60 minutes (missing: 2)" in text, text
+    assert list(legacy.root.iterdir()) == []
