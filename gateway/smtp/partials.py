@@ -26,6 +26,7 @@ from gateway.ops.faults import crash_point
 from gateway.signalwire.media import MediaError, MediaStore
 from gateway.store.base import Store
 from gateway.store.partials import Added, HeldSet, PartialsStore, stale
+from gateway.store.sql import SqlStore
 
 __all__ = ["Expired", "Partials"]
 
@@ -50,9 +51,9 @@ class Partials:
         the answer), and the sender is trying once more. Safe only where a mail queued twice
         is recognised as one (DEDUP_WINDOW_HOURS): the join may have been queued already.
         None: such a set waits for its expiry, and a retry is told it is being faxed."""
-        assert hasattr(store, "_tx"), "split mail needs an SQL store"
+        assert isinstance(store, SqlStore), "split mail is kept in an SQL store"
         self.store = store
-        self.rows = PartialsStore(store)  # type: ignore[arg-type]
+        self.rows = PartialsStore(store)
         self.media = media
         self.node_id = node_id
         self.max_sets_per_sender = max_sets_per_sender
