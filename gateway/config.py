@@ -101,6 +101,7 @@ class Settings:
     doc_memory_mb: int = defaults.DOC_MEMORY_MB
     doc_workers: int = defaults.DOC_WORKERS
     partial_timeout_minutes: int = defaults.PARTIAL_TIMEOUT_MINUTES
+    partial_max_sets_per_sender: int = defaults.PARTIAL_MAX_SETS_PER_SENDER
     report_thumbnail: bool = defaults.REPORT_THUMBNAIL
     report_attach_pdf: bool = defaults.REPORT_ATTACH_PDF
     report_accepted: bool = defaults.REPORT_ACCEPTED
@@ -542,6 +543,8 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         doc_workers=r.int("DOC_WORKERS", defaults.DOC_WORKERS, 1, 64),
         partial_timeout_minutes=r.int("PARTIAL_TIMEOUT_MINUTES", defaults.PARTIAL_TIMEOUT_MINUTES,
                                       1, 7 * 24 * 60),
+        partial_max_sets_per_sender=r.int("PARTIAL_MAX_SETS_PER_SENDER",
+                                          defaults.PARTIAL_MAX_SETS_PER_SENDER, 1, 1000),
         report_thumbnail=r.bool("REPORT_THUMBNAIL", defaults.REPORT_THUMBNAIL),
         report_attach_pdf=r.bool("REPORT_ATTACH_PDF", defaults.REPORT_ATTACH_PDF),
         report_accepted=r.bool("REPORT_ACCEPTED", defaults.REPORT_ACCEPTED),

@@ -101,7 +101,8 @@ class Gateway:
         self.access = Access(settings, store=self.store if settings.shared else None)
         self.intake = Intake(settings, self.store, self.spool, self.cpu, self._wake_worker, clock,
                              self.notifier, self.access, self.metrics,
-                             media=self.media if settings.shared else None)
+                             media=self.media if settings.shared else None,
+                             part_media=self.media)
         self.intake.durability_check = self._durability
         self.worker.intake_active = lambda: self.intake.active
         self.tls = (ReloadableTLS(settings.tls_cert_file, settings.tls_key_file,

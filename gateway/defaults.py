@@ -77,6 +77,7 @@ DOC_TIMEOUT_S: Final = 60.0             # per mail: parsing and converting its d
 DOC_MEMORY_MB: Final = 1024             # address-space limit of a document worker process
 DOC_WORKERS: Final = 2
 PARTIAL_TIMEOUT_MINUTES: Final = 60     # message/partial parts wait this long for the rest
+PARTIAL_MAX_SETS_PER_SENDER: Final = 20  # split mails one sender may have waiting for parts
 LETTER_REGIONS: Final = frozenset({"US", "CA", "MX", "PH", "CL", "CO", "VE", "PR"})
 FAX_PAPER_OUTSIDE_LETTER_REGIONS: Final = "a4"
 FAX_PAPER_IN_LETTER_REGIONS: Final = "letter"

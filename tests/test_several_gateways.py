@@ -5,6 +5,7 @@ where one is killed with -9."""
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import shutil
@@ -18,9 +19,11 @@ from pathlib import Path
 import aiohttp
 import psycopg
 import pytest
+from pypdf import PdfReader
 
 from .conftest import (GatewayFactory, RelaySink, Simulator, drive, job_ids, pdf_mail,
                        pg_reset, production_env, smtp_send)
+from .test_partial import split
 from gateway.sandbox.harness import DaemonProcess
 from gateway.sandbox.s3server import SeaweedS3
 
@@ -542,3 +545,122 @@ async def test_a_spool_that_cannot_be_written_leaves_no_object_in_s3(
     again = await smtp_send(gw.smtp.port, pdf_mail("15551234567@fax.local"),
                             ["15551234567@fax.local"])
     assert again.code == 250, again.text
+
+
+def numbered_pdf(pages: int) -> bytes:
+    """A PDF whose pages say "Page 1", "Page 2", ...: the fax shows whether they kept order."""
+    from reportlab.pdfgen import canvas
+
+    out = io.BytesIO()
+    pdf = canvas.Canvas(out)
+    for n in range(1, pages + 1):
+        pdf.setFont("Helvetica", 48)
+        pdf.drawString(100, 600, f"Page {n}")
+        pdf.showPage()
+    pdf.save()
+    return out.getvalue()
+
+
+def split_mail(pages: int, parts: int, ident: str) -> list[bytes]:
+    msg = pdf_mail("15551234567@fax.local", pdf=numbered_pdf(pages),
+                   message_id=f"<whole-{ident}>")
+    raw = msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+    return split(raw, parts, ident)
+
+
+async def test_a_split_mail_whose_parts_reach_two_gateways_is_faxed_once(
+        make_gateway: GatewayFactory, pg_url: str, seaweed: SeaweedS3, s3_credentials: None,
+        simulator: Simulator, relay: RelaySink, tmp_path: Path) -> None:
+    """Parts 1 and 3 at node A, part 2 at node B: each node kept its parts to itself, all
+    three got `250 Part N received` and no fax was ever sent. The parts are in the shared
+    store now, so B, which gets the last one, joins the set."""
+    pg_reset(pg_url)
+    a = await make_gateway(shared_env(tmp_path, "node-a", pg_url, seaweed, simulator, relay))
+    b = await make_gateway(shared_env(tmp_path, "node-b", pg_url, seaweed, simulator, relay))
+    parts = split_mail(3, 3, "scan-2@copier.example")
+    rcpt = ["15551234567@fax.local"]
+    for gw, n in ((a, 1), (a, 3)):
+        reply = await smtp_send(gw.smtp.port, parts[n - 1], rcpt)
+        assert (reply.code, reply.text) == (250, f"2.0.0 Part {n} of 3 received; the fax is "
+                                                 "sent when all parts have arrived")
+    last = await smtp_send(b.smtp.port, parts[1], rcpt)
+    assert last.code == 250 and "(3 pages)" in last.text, last.text
+    [job_id] = job_ids(last.text)
+    await all_reported(pg_url)
+    assert len(simulator.state.send_requests) == 1
+    [fax] = simulator.state.faxes.values()
+    assert fax.media_bytes is not None
+    pages = [" ".join(p.extract_text().split())
+             for p in PdfReader(io.BytesIO(fax.media_bytes)).pages]
+    assert pages == ["Page 1", "Page 2", "Page 3"], pages
+    # Nothing of the parts is left: no rows, no objects in S3 (only the fax's document).
+    with psycopg.connect(pg_url) as db:
+        assert db.execute("SELECT COUNT(*) FROM partial_sets").fetchone() == (0,)
+        assert db.execute("SELECT COUNT(*) FROM partials").fetchone() == (0,)
+    listed = seaweed.client().list_objects_v2(Bucket="faxgw-test",
+                                              Prefix=f"multi-{tmp_path.name}")
+    assert [o["Key"] for o in listed.get("Contents", []) if "partial-" in o["Key"]] == []
+    assert [j.id for j in await a.store.run(a.store.jobs)] == [job_id]
+
+
+async def test_the_last_two_parts_at_two_gateways_at_once_make_one_fax(
+        manual_gateway: GatewayFactory, pg_url: str, seaweed: SeaweedS3, s3_credentials: None,
+        simulator: Simulator, relay: RelaySink, tmp_path: Path) -> None:
+    """Parts 2 and 3 reach A and B at the same moment: the commit that completes the set
+    claims it, so exactly one node joins it, whichever order the commits take."""
+    pg_reset(pg_url)
+    a = await manual_gateway(shared_env(tmp_path, "node-a", pg_url, seaweed, simulator, relay))
+    b = await manual_gateway(shared_env(tmp_path, "node-b", pg_url, seaweed, simulator, relay))
+    rcpt = ["15551234567@fax.local"]
+    for round_ in range(3):
+        parts = split_mail(2, 3, f"race-{round_}@copier.example")
+        assert (await smtp_send(a.smtp.port, parts[0], rcpt)).code == 250
+        replies = await asyncio.gather(smtp_send(a.smtp.port, parts[1], rcpt),
+                                       smtp_send(b.smtp.port, parts[2], rcpt))
+        assert [r.code for r in replies] == [250, 250], [r.text for r in replies]
+        queued = [r.text for r in replies if "Queued as fax job" in r.text]
+        assert len(queued) == 1, [r.text for r in replies]
+        others = [r.text for r in replies if r.text not in queued]
+        assert "received; the fax is sent when all parts have arrived" in others[0]
+    jobs = await a.store.run(a.store.jobs)
+    assert len(jobs) == 3 and len({j.message_id for j in jobs}) == 3
+    with psycopg.connect(pg_url) as db:
+        assert db.execute("SELECT COUNT(*) FROM partial_sets").fetchone() == (0,)
+
+
+async def test_a_split_mail_whose_joining_node_died_is_joined_when_its_last_part_comes_again(
+        make_gateway: GatewayFactory, pg_url: str, seaweed: SeaweedS3, s3_credentials: None,
+        simulator: Simulator, relay: RelaySink, tmp_path: Path) -> None:
+    """node-a took the last part, claimed the set for its join and died (-9) before queuing
+    the fax; the copier, which got no answer, sends that part again, to node-b, later: the
+    claim is stale, node-b joins the set and the fax is sent (it was told "being faxed", and
+    nothing ever was)."""
+    pg_reset(pg_url)
+    a = DaemonProcess(shared_env(tmp_path, "node-a", pg_url, seaweed, simulator, relay),
+                      tmp_path / "a.log")
+    rcpt = ["15551234567@fax.local"]
+    parts = split_mail(2, 2, "died@copier.example")
+    try:
+        await a.start(crash_at="partial-claimed")
+        assert (await smtp_send(a.smtp_port, parts[0], rcpt)).code == 250
+        with pytest.raises(smtplib.SMTPException):
+            await smtp_send(a.smtp_port, parts[1], rcpt)
+        assert await a.wait_exit() == -9
+    finally:
+        await a.close()
+    with psycopg.connect(pg_url) as db:
+        assert db.execute("SELECT state, owner LIKE 'node-a/%' FROM partial_sets"
+                          ).fetchall() == [("joining", True)]
+    env = shared_env(tmp_path, "node-b", pg_url, seaweed, simulator, relay)
+    soon = await make_gateway(env)
+    reply = await smtp_send(soon.smtp.port, parts[1], rcpt)
+    assert reply.text == ("2.0.0 Part 2 received; the message it belongs to is complete and "
+                          "being faxed"), reply.text  # node-a might still be at it
+    await soon.stop(grace_s=5)
+    later = await make_gateway(env, clock=lambda: time.time() + 1000)  # past the claim's life
+    reply = await smtp_send(later.smtp.port, parts[1], rcpt)
+    assert reply.code == 250 and "Queued as fax job" in reply.text, reply.text
+    await all_reported(pg_url)
+    assert len(simulator.state.send_requests) == 1
+    with psycopg.connect(pg_url) as db:
+        assert db.execute("SELECT COUNT(*) FROM partial_sets").fetchone() == (0,)

@@ -2,17 +2,20 @@
 
 Copiers split a large scan into several mails ("divided sending" on Canon and Ricoh devices):
 each mail's top-level type is ``message/partial; id=...; number=N; total=T`` and the bodies,
-joined in order, are the original message.  Each part is kept on disk as it arrives (so a
-restart loses nothing the sender was told was received), under a directory named by a hash of
-the sender and the id, so that parts from different senders with the same id never mix.
+joined in order, are the original message.  Each part is kept durably as it arrives (so a
+restart loses nothing the sender was told was received), in a set named by a hash of the
+sender and the id (`set_key`), so that parts from different senders with the same id never mix.
 
-Pure functions (`partial_info`, `join`) and a small on-disk store (`PartialStore`); the SMTP
-side (what to reply, when to refuse, the refusal mail on expiry) is in smtp/intake.py.
+Pure functions (`partial_info`, `join`, `check_part`) and what a part's refusal says. The parts
+are kept where every gateway node sees them (smtp/partials.py: the media store and the job
+store's `partial_sets` and `partials` tables); the on-disk `PartialStore` here is what an
+earlier version kept them in, still read so that its sets expire (with their refusal mail).
+The SMTP side (what to reply, when to refuse, the refusal mail on expiry) is in
+smtp/intake.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import logging
@@ -24,13 +27,14 @@ from dataclasses import dataclass
 from email import policy
 from email.parser import BytesHeaderParser
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 from gateway.documents.mime import header_block
 from gateway.store.spool import copy_durable, fsync_dir
 
-__all__ = ["MAX_PARTS", "PartialError", "PartialInfo", "PartialSet", "PartialStore", "Reassembler",
-           "Received", "join", "partial_info", "set_key"]
+__all__ = ["MAX_PARTS", "PartConflict", "PartialError", "PartialInfo", "PartialSet",
+           "PartialStore", "Received", "SetsFull", "check_part", "join", "partial_info",
+           "set_key"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,22 @@ _FROM_ENCLOSED = re.compile(rb"^(content-[^:]*|subject|message-id|encrypted|mime
 
 class PartialError(ValueError):
     """A part that can never be reassembled (bad parameters, too many parts, too large)."""
+
+
+class PartConflict(PartialError):
+    """A part that contradicts its set's earlier parts (other fax numbers, another total):
+    refused, and the set keeps waiting for a part that fits (no refusal mail: the set's
+    expiry tells the sender once)."""
+
+
+class SetsFull(Exception):
+    """No room for one more incomplete set: this sender's (`per_sender`) or everyone's."""
+
+    def __init__(self, per_sender: bool, held: int) -> None:
+        super().__init__(f"{held} incomplete message/partial sets"
+                         + (" from this sender" if per_sender else ""))
+        self.per_sender = per_sender
+        self.held = held
 
 
 @dataclass(frozen=True)
@@ -87,6 +107,26 @@ def partial_info(content: bytes) -> PartialInfo | None:
 def _int_param(value: object) -> int | None:
     text = str(value).strip() if value is not None else ""
     return int(text) if text.isdigit() and len(text) < 6 else None
+
+
+def check_part(info: PartialInfo, recipients: list[str], set_total: int | None,
+               set_recipients: list[str], held: list[int]) -> None:
+    """Raise PartConflict when the part cannot belong with the parts held for its set.
+
+    The numbers are those of the set's first part: a later part may not redirect the scan
+    (it may come from anyone who may send here, with the same id)."""
+    if sorted(set(recipients)) != sorted(set(set_recipients)):
+        raise PartConflict("This part is addressed to other fax numbers than the earlier parts "
+                           "of the same split message; every part must be sent to the same "
+                           "numbers")
+    if info.total is not None and set_total is not None and info.total != set_total:
+        raise PartConflict(f"This part says the message has {info.total} parts, but an earlier "
+                           f"part said {set_total}; the parts cannot be put together")
+    total = info.total or set_total
+    if total is not None and max([info.number, *held]) > total:
+        raise PartConflict(f"This part says the message has {total} parts, but part "
+                           f"{max([info.number, *held])} was sent; the parts cannot be put "
+                           "together")
 
 
 def set_key(sender: str, ident: str) -> str:
@@ -278,66 +318,4 @@ class Received:
     key: str | None = None
     reply: str | None = None  # the words of the 250 for a part kept while others are missing
     whole: bytes | None = None  # the reassembled message, once every part is here
-
-
-class Reassembler:
-    """Serialises parts per process (one daemon per DATA_DIR) so a set is joined only once."""
-
-    def __init__(self, store: PartialStore) -> None:
-        self.store = store
-        self._lock = asyncio.Lock()
-        self._joining: set[str] = set()
-
-    async def receive(self, content: bytes | Path, sender: str,
-                      meta: Callable[[], dict[str, Any]], *, now: float,
-                      max_bytes: int, head: bytes | None = None) -> Received:
-        """Keep a part; hand back the whole message when it completes its set.
-
-        ``meta`` (called for parts only) gives what expiry needs later: whom to tell.
-        ``head``: the start of the message in the file ``content``, when the caller has read
-        it already (it is not read again, blocking, on the loop).
-
-        Raises PartialError for a part that can never be reassembled and OSError when the disk
-        cannot take it (a temporary failure: the sender retries).
-        """
-        if head is None:
-            head = content if isinstance(content, bytes) else _head(content)
-        info = partial_info(head)
-        if info is None:
-            return Received()
-        key = set_key(sender, info.id)
-        async with self._lock:
-            if key in self._joining:
-                return Received(key, f"Part {info.number} received; the message it "
-                                     "belongs to is complete and being faxed")
-            found = await asyncio.to_thread(self.store.add, key, info, content, meta(),
-                                            now=now, max_bytes=max_bytes)
-            of = f" of {found.total}" if found.total else ""
-            log.info("message/partial %s: part %d%s received (%d held, %d bytes)", key[:12],
-                     info.number, of, len(found.numbers), found.size)
-            if not found.complete:
-                return Received(key, f"Part {info.number}{of} received; the fax is "
-                                     "sent when all parts have arrived")
-            self._joining.add(key)
-            try:
-                parts = await asyncio.to_thread(self.store.claim, key)
-            except BaseException:
-                self._joining.discard(key)
-                raise
-        try:
-            return Received(key, whole=await asyncio.to_thread(join, parts))
-        except BaseException:
-            await self.done(key, keep=True)
-            raise
-
-    async def done(self, key: str, *, keep: bool) -> None:
-        """The whole was faxed or refused for good (discard), or must wait for a retry (keep)."""
-        try:
-            await asyncio.to_thread(self.store.release, key, keep=keep)
-        finally:
-            self._joining.discard(key)
-
-
-def _head(path: Path) -> bytes:
-    with open(path, "rb") as source:
-        return source.read(HEADER_PROBE_BYTES)
+    owner: str | None = None  # with `whole`: this node's claim on the set (see Partials.done)

@@ -13,7 +13,9 @@ POINTS = frozenset({"after-commit", "after-upload", "after-send", "before-report
                     "after-report",
                     # inbound: after the relay accepted a recipient's mail, before its commit;
                     # after one recipient's mail is committed, before the next one's.
-                    "inbound-after-mail", "inbound-between-mails"})
+                    "inbound-after-mail", "inbound-between-mails",
+                    # split mail: its set claimed for the join, nothing queued yet.
+                    "partial-claimed"})
 _armed = os.environ.get("FAXGW_CRASH_AT", "")
 
 

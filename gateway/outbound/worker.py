@@ -620,7 +620,7 @@ class Worker:
         self._next_housekeeping = now + defaults.HOUSEKEEPING_INTERVAL_S
         purged = await self.purge_documents(now - self.s.document_retention_hours * 3600)
         await self.sweep_spool()
-        await expire_partials(self.s, self.notifier, now)  # split mails that never completed
+        await expire_partials(self.s, self.notifier, now, self.store, self.media)  # split mail
         pruned = 0
         cutoff = now - self.s.job_retention_days * 86400
         while batch := await self.store.run(self.store.prune, cutoff):

@@ -36,10 +36,12 @@ from gateway.ops.faults import crash_point
 from gateway.signalwire.media import MediaError, MediaStore, new_media_key
 from gateway.ops.metrics import Metrics
 from gateway.documents.mime import MimeError, ParsedMail
-from gateway.documents.partial import PartialError, PartialStore, Reassembler, Received
+from gateway.documents.partial import (PartConflict, PartialError, PartialStore, Received,
+                                       SetsFull)
 from gateway.mail.sender import Notifier, NotifyError
 from gateway.mail.reports import Templates, build_receipt, build_refusal
 from gateway.smtp.loops import automatic_mail, in_domain
+from gateway.smtp.partials import Expired, Partials
 from gateway.store.spool import Spool, copy_durable, fsync_dir
 from gateway.store.base import Store, StoreError
 from gateway.store.rows import Message, NewJob
@@ -84,6 +86,7 @@ class PartStored(Refused):
 
 
 def partial_store(settings: Settings) -> PartialStore:
+    """Where an earlier version kept split mail's parts (its sets are only expired now)."""
     return PartialStore(settings.data_dir / "spool" / "partial")
 
 
@@ -92,6 +95,16 @@ def _address(candidate: str) -> str | None:
     if "@" in addr and not any(c in addr for c in "\r\n<>,; "):
         return addr
     return None
+
+
+def join_stale_s(settings: Settings) -> float | None:
+    """After how long a split mail claimed for a join by a node that never finished it is
+    joined again when its last part comes once more: well past the longest a join takes (a
+    turn at the document workers, the conversion, the upload); never without the dedup check,
+    which recognises the fax queued already if that node got so far."""
+    if settings.dedup_window_hours <= 0:
+        return None
+    return max(900.0, 4 * settings.doc_timeout_s)
 
 
 def report_address(parsed: ParsedMail, envelope_from: str | None) -> str | None:
@@ -112,7 +125,8 @@ class Intake:
     def __init__(self, settings: Settings, store: Store, spool: Spool, cpu: CpuPool,
                  on_new_jobs: Callable[[], None], clock: Callable[[], float] = time.time,
                  notifier: Notifier | None = None, access: Access | None = None,
-                 metrics: Metrics | None = None, media: MediaStore | None = None) -> None:
+                 metrics: Metrics | None = None, media: MediaStore | None = None,
+                 part_media: MediaStore | None = None) -> None:
         self.settings = settings
         # A shared queue (DATABASE_URL): the document goes to the media store before the 250,
         # so any node can send it if this one dies.
@@ -128,7 +142,13 @@ class Intake:
         self.access = access
         self.metrics = metrics or Metrics(process=False)
         self._tasks: set[asyncio.Task[None]] = set()
-        self.partials = Reassembler(partial_store(settings))
+        # Split mail's parts: in the media store (`part_media`: the daemon's, shared or not)
+        # and the job store, so that any node may receive the last part.
+        parts_in = part_media or media
+        self.partials = (Partials(store, parts_in, settings.node_id,
+                                  settings.partial_max_sets_per_sender,
+                                  join_stale_s(settings))
+                         if parts_in is not None else None)
         # The daemon's check that a 250 can still be kept (database file, free disk): a
         # refusal, or None.
         self.durability_check: Callable[[], Reply | None] = lambda: None
@@ -172,26 +192,27 @@ class Intake:
         part = await self._partial(path, head, envelope_from, numbers, client, charge)
         if part.whole is None:
             return await self._accept_file(path, envelope_from, numbers, peer, client, charge)
-        assert part.key is not None
+        assert part.key is not None and part.owner is not None and self.partials is not None
+        owner = part.owner
         whole = path.with_name(path.name.replace(".eml.part", "") + ".whole.eml.part")
         try:
             await asyncio.to_thread(whole.write_bytes, part.whole)
             accepted = await self._accept_file(whole, envelope_from, numbers, peer, client,
                                                charge)
         except Refused as exc:  # 4xx: the parts wait for the sender's retry of the last one
-            await self.partials.done(part.key, keep=exc.reply.temporary)
+            await self.partials.done(part.key, owner, keep=exc.reply.temporary)
             raise
         except OSError as exc:
-            await self.partials.done(part.key, keep=True)
+            await self.partials.done(part.key, owner, keep=True)
             log.error("message/partial %s: the joined message cannot be written: %s",
                       part.key[:12], exc)
             raise Refused(replies.CANNOT_RECEIVE) from exc
         except BaseException:  # anything else: the parts wait for the retry of the last one
-            await self.partials.done(part.key, keep=True)
+            await self.partials.done(part.key, owner, keep=True)
             raise
         finally:
             whole.unlink(missing_ok=True)
-        await self.partials.done(part.key, keep=False)
+        await self.partials.done(part.key, owner, keep=False)
         return accepted
 
     async def _partial(self, path: Path, head: bytes, envelope_from: str | None,
@@ -204,15 +225,25 @@ class Intake:
             return {"numbers": list(numbers), "envelope_from": envelope_from,
                     "report": self._refusal_target(head, envelope_from, client)}
 
+        if self.partials is None:
+            return Received()
         try:
             part = await self.partials.receive(
-                path, f"{user}|{envelope_from or ''}", meta, now=self.clock(),
+                path, f"{user}|{envelope_from or ''}", list(numbers), meta, now=self.clock(),
                 max_bytes=self.settings.smtp_max_message_bytes, head=head)
+        except PartConflict as exc:  # no refusal mail: the set's expiry tells the sender once
+            reason = one_line(str(exc), 400, ascii_only=True)
+            log.warning("message/partial part from %s refused: %s", envelope_from, reason)
+            raise Refused(replies.bad_document(reason)) from exc
+        except SetsFull as exc:  # no refusal mail either: a flood would be answered in kind
+            log.warning("message/partial part from %s refused: %s", envelope_from, exc)
+            raise Refused(replies.too_many_partial_sets(exc.held) if exc.per_sender
+                          else replies.CANNOT_STORE_PART) from exc
         except PartialError as exc:
             reason = one_line(str(exc), 400, ascii_only=True)
             await self._report_refusal(path, envelope_from, client, numbers, reason, charge)
             raise Refused(replies.bad_document(reason)) from exc
-        except OSError as exc:
+        except (OSError, MediaError, StoreError) as exc:
             log.error("message/partial part from %s not stored: %s", envelope_from, exc)
             raise Refused(replies.CANNOT_STORE_PART) from exc
         if part.reply is not None:
@@ -488,39 +519,71 @@ def _read_head(path: Path, max_bytes: int) -> bytes:
         return fh.read(max_bytes)
 
 
-async def expire_partials(settings: Settings, notifier: Notifier | None, now: float) -> int:
+async def expire_partials(settings: Settings, notifier: Notifier | None, now: float,
+                          store: Store | None = None, media: MediaStore | None = None) -> int:
     """Housekeeping: split mails whose parts did not all arrive in PARTIAL_TIMEOUT_MINUTES.
 
     Each is logged and deleted; its sender, when it was allowed a refusal mail at the time,
-    is told which parts were missing.  Returns how many sets expired.
+    is told which parts were missing: one mail per sender and sweep, however many of their
+    sets expired. `store` and `media`: where the parts are kept (every node's; the node
+    holding the housekeeping lease sweeps them); without them only the sets an earlier
+    version left in this node's DATA_DIR are swept. Returns how many sets expired.
     """
     minutes = settings.partial_timeout_minutes
-    store = partial_store(settings)
-    expired = await asyncio.to_thread(store.expired, now, minutes * 60)
-    for found in expired:
-        total = found.total or "?"
-        missing = ([n for n in range(1, found.total + 1) if n not in found.numbers]
-                   if found.total else None)
-        reason = (f"Your scan was sent in parts (message/partial), but only {len(found.numbers)} "
-                  f"of {total} part(s) arrived within {minutes} minutes"
-                  + (f" (missing: {', '.join(map(str, missing[:20]))})" if missing else
-                     " (the last part, which says how many there are, never came)")
-                  + "; nothing was faxed, please send it again")
-        target = found.meta.get("report")
-        log.warning("message/partial %s from %s: %d of %s part(s) after %d minutes; discarded%s",
-                    found.key[:12], one_line(str(found.meta.get("envelope_from")), 120),
-                    len(found.numbers), total, minutes,
-                    ", sender told" if target and notifier and settings.report_refusals else "")
-        if target and notifier is not None and settings.report_refusals:
-            refusal = build_refusal(
-                to=target["to"], numbers=found.meta.get("numbers") or [], reason=reason,
-                subject=target.get("subject") or "", original_msgid=target.get("msgid"),
-                from_addr=settings.notify_from, hostname=settings.smtp_hostname, now=now,
-                templates=Templates(settings.report_template_dir))
-            try:
-                await notifier.send(refusal, f"partial-{found.key[:16]}")
-            except NotifyError as exc:  # the parts go anyway: they can never be completed
-                log.warning("message/partial %s: refusal to %s not sent: %s", found.key[:12],
-                            one_line(target["to"], 120), exc)
-        await asyncio.to_thread(store.discard, found.key)
-    return len(expired)
+    legacy = partial_store(settings)
+    count = 0
+    for found in await asyncio.to_thread(legacy.expired, now, minutes * 60):
+        await _expired_notice(settings, notifier, now, found.key, found.meta,
+                              [(found.numbers, found.total)])
+        await asyncio.to_thread(legacy.discard, found.key)
+        count += 1
+    if store is None or media is None:
+        return count
+    partials = Partials(store, media, settings.node_id, settings.partial_max_sets_per_sender)
+    expired: list[Expired] = await partials.expire(now, minutes * 60)
+    for sender in expired:
+        # The notice goes where a set says it may (one sent while the sender may have been
+        # refused mail does not say so).
+        sets = sorted(sender.sets, key=lambda s: not s.meta.get("report"))
+        await _expired_notice(settings, notifier, now, sets[0].set_id, sets[0].meta,
+                              [(s.numbers, s.total) for s in sets])
+        count += len(sender.sets)
+    return count
+
+
+async def _expired_notice(settings: Settings, notifier: Notifier | None, now: float, key: str,
+                          meta: dict[str, Any],
+                          sets: list[tuple[tuple[int, ...], int | None]]) -> None:
+    """Log the sets of one sender that expired, and tell the sender once (`meta`: the first
+    set's, which says whether and where)."""
+    minutes = settings.partial_timeout_minutes
+    numbers, total = sets[0]
+    missing = [n for n in range(1, total + 1) if n not in numbers] if total else None
+    reason = (f"Your scan was sent in parts (message/partial), but only {len(numbers)} "
+              f"of {total or '?'} part(s) arrived within {minutes} minutes"
+              + (f" (missing: {', '.join(map(str, missing[:20]))})" if missing else
+                 " (the last part, which says how many there are, never came)")
+              + "; nothing was faxed, please send it again")
+    if len(sets) > 1:
+        reason += (f". {len(sets) - 1} other scan(s) you sent in parts did not arrive "
+                   "complete either; please send them again too")
+    target = meta.get("report")
+    told = bool(target and notifier is not None and settings.report_refusals)
+    log.warning("message/partial %s from %s: %d of %s part(s) after %d minutes; discarded%s%s",
+                key[:12], one_line(str(meta.get("envelope_from")), 120), len(numbers),
+                total or "?", minutes,
+                f" (and {len(sets) - 1} other set(s) of this sender)" if len(sets) > 1 else "",
+                ", sender told" if told else "")
+    if not told:
+        return
+    assert target is not None and notifier is not None
+    refusal = build_refusal(
+        to=target["to"], numbers=meta.get("numbers") or [], reason=reason,
+        subject=target.get("subject") or "", original_msgid=target.get("msgid"),
+        from_addr=settings.notify_from, hostname=settings.smtp_hostname, now=now,
+        templates=Templates(settings.report_template_dir))
+    try:
+        await notifier.send(refusal, f"partial-{key[:16]}")
+    except NotifyError as exc:  # the parts go anyway: they can never be completed
+        log.warning("message/partial %s: refusal to %s not sent: %s", key[:12],
+                    one_line(target["to"], 120), exc)

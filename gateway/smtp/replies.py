@@ -185,6 +185,13 @@ def part_stored(words: str) -> Reply:
     return Reply(250, "2.0.0", words)
 
 
+def too_many_partial_sets(held: int) -> Reply:
+    """A part that would open one more split mail than its sender may have waiting."""
+    return Reply(451, "4.7.0", f"Too many split messages from this sender are waiting for their "
+                 f"other parts ({held}); send their missing parts first, or try again later",
+                 "rate_limited")
+
+
 CANNOT_STORE_PART = Reply(451, "4.3.0", "Temporary failure: the gateway cannot store this part "
                           "right now; please try again later", "temp_failure")
 DATABASE_UNAVAILABLE = Reply(451, "4.3.0", "Temporary failure: the gateway's job database is "

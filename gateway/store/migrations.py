@@ -204,6 +204,34 @@ _V5 = (
     "DROP INDEX IF EXISTS messages_dedup",
 )
 
+_V6 = (
+    # Split mail (message/partial) kept where every node sees it: one row per set (who sent
+    # it, to which numbers, how many parts, since when, and which node is joining it), one
+    # per part received (its bytes are an object in the media store). The node whose commit
+    # completes a set joins it; parts 1 and 3 at one node and 2 at another make one fax.
+    """CREATE TABLE IF NOT EXISTS partial_sets (
+    set_id TEXT PRIMARY KEY,
+    sender_key TEXT NOT NULL,
+    total INTEGER,
+    recipients TEXT NOT NULL,
+    meta TEXT NOT NULL,
+    first_seen {float} NOT NULL,
+    state TEXT NOT NULL,
+    owner TEXT,
+    claimed_at {float}
+)""",
+    "CREATE INDEX IF NOT EXISTS partial_sets_sender ON partial_sets (sender_key, state)",
+    "CREATE INDEX IF NOT EXISTS partial_sets_first_seen ON partial_sets (first_seen)",
+    """CREATE TABLE IF NOT EXISTS partials (
+    set_id TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    media_key TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    received_at {float} NOT NULL,
+    PRIMARY KEY (set_id, number)
+)""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "messages, jobs, events, attempts", _V1),
     Migration(2, "states renamed: received -> spooled, failed -> given-up", _V2),
@@ -211,6 +239,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "job leases (several nodes), dedup index, named leases, shared hit counts",
               _V4),
     Migration(5, "dedup keys: a resent mail is recognised in the commit, atomically", _V5),
+    Migration(6, "split mail (message/partial) shared by every node: partial_sets, partials",
+              _V6),
 )
 
 LATEST = MIGRATIONS[-1].version

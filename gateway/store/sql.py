@@ -382,7 +382,8 @@ class SqlStore(Store):
 
     def _claim_lock(self, what: str = "claims") -> None:
         """Serialise one kind of shared decision across nodes, inside a transaction: "claims"
-        (jobs, named leases), "hits" (rate limits), "send-slot" (the account's send rate).
+        (jobs, named leases), "hits" (rate limits), "send-slot" (the account's send rate),
+        "partials" (opening a split mail's set, counted per sender).
         Each kind has its own lock, so a sender's rate-limit check never waits behind a
         claim. SQLite: BEGIN IMMEDIATE already serialises every write."""
 
