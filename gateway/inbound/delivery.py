@@ -314,11 +314,23 @@ class Deliverer:
             except TaskLimitError as exc:
                 await self._later(row, f"building the mail: {exc}")
                 return False
+            waits: list[tuple[str, float]] = []
             for index, part in enumerate(parts):
-                if not await self._mail(row, part):
+                served = await self._mail(row, part)
+                if served is False:
                     return False
-                if index + 1 < len(parts):
+                if served is not True:
+                    waits.append((part.recipient, served))
+                elif index + 1 < len(parts):
                     crash_point("inbound-between-mails")
+            if waits:
+                # Looked at again soon: the node that started the mail settles it as soon
+                # as it runs again; it is sent again only once that node cannot be sending.
+                recipient, settle_at = min(waits, key=lambda w: w[1])
+                await self._later(row, f"mail to {recipient}: another node started it and "
+                                       "may still be sending it",
+                                  max(0.0, min(settle_at - self.clock(), self.s.lease_seconds)))
+                return False
         nxt = DELETING if self._wants_delete(row) else DONE
         now = self.clock()
         if not await self.store.run(lambda: self.inbound.move(
@@ -334,9 +346,11 @@ class Deliverer:
                      "media kept at SignalWire" if row.outcome == "received" else row.outcome)
         return True
 
-    async def _mail(self, row: InboundFax, part: MailPart) -> bool:
+    async def _mail(self, row: InboundFax, part: MailPart) -> bool | float:
         """One recipient's mail, only after the statement that records it as started proved
-        this node still holds the fax; True when it is served (now or before)."""
+        this node still holds the fax; True when it is served (now or before), False when the
+        fax is left (lease lost, or retried later), or the time until which another node may
+        still be sending it."""
         sid, epoch = row.fax_sid, row.lease_epoch
         verdict, settle_at = await self.store.run(self.inbound.begin_send, sid, epoch,
                                                   part.recipient, self.clock(), self.settle_s)
@@ -347,9 +361,7 @@ class Deliverer:
             return False
         if verdict == WAIT:
             assert settle_at is not None
-            await self._later(row, f"mail to {part.recipient}: another node started it and "
-                                   "may still be sending it", max(0.0, settle_at - self.clock()))
-            return False
+            return settle_at
         if verdict == AGAIN:
             log.warning("inbound fax %s: the mail to %s may have gone already (its sender "
                         "never recorded the relay's answer): sent again, same Message-ID %s",
