@@ -43,6 +43,22 @@ def kinds(db: InboundStore, sid: str) -> list[str]:
     return [e["kind"] for e in db.events(sid)]
 
 
+def test_a_received_fax_mail_is_the_same_message_from_any_node() -> None:
+    """Two nodes with their own SMTP_HOSTNAME (the host's name by default) mail the same fax
+    to the same recipient: one Message-ID, so a copy that escapes is one message."""
+    from gateway.mail.received import render_given_up, render_received
+
+    from .test_inbound_pure import fax
+
+    ids = [render_received(fax(), [(R1, False)], None, from_addr="Fax <faxgw@example.org>",
+                           hostname=host, attach=False, thumbnail=False)[0].message_id
+           for host in ("node-a.internal", "node-b.internal")]
+    assert ids[0] == ids[1] and ids[0].endswith("@example.org>")
+    alerts = [render_given_up(fax(), R1, "down", [], from_addr="faxgw@example.org",
+                              hostname=host).message_id for host in ("n1", "n2")]
+    assert alerts[0] == alerts[1]
+
+
 def test_the_table_uses_outbounds_word_for_giving_up() -> None:
     assert InState.GIVEN_UP.value == "given-up" and InEv.GIVEN_UP.value == "given-up"
     assert all(t.target is not InState.RINGING or t.source is None for t in TRANSITIONS)
