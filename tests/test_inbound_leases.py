@@ -208,7 +208,8 @@ def test_migration_renames_gave_up_and_keeps_the_rows(tmp_path: Path) -> None:
     store.open()
     try:
         inbound = InboundStore(store)
-        assert [inbound.get(s).state for s in ("FX1", "FX2")] == ["given-up", "done"]  # type: ignore[union-attr]
+        states = [inbound.get(s).state for s in ("FX1", "FX2")]  # type: ignore[union-attr]
+        assert states == ["given-up", "done"]
         assert store.schema_version() >= mine.version
     finally:
         store.close()

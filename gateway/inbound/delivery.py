@@ -113,17 +113,22 @@ class Deliverer:
         self._wake.set()
 
     async def stop(self, grace_s: float) -> None:
-        for task in (self._task, self._heartbeat):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        self._task = self._heartbeat = None
+        """Claim nothing more, let the running faxes finish up to `grace_s` (their leases still
+        renewed meanwhile), cancel the rest: each resumes from the database."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
         running = list(self._running.values())
         if running:
             _done, pending = await asyncio.wait(running, timeout=grace_s)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+            self._heartbeat = None
 
     async def _beat(self) -> None:
         """Extend the leases of the faxes this node works, every LEASE_SECONDS/3: a live node

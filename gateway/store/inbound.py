@@ -156,7 +156,8 @@ class InboundStore:
 
     def _event(self, fax_sid: str, kind: str, detail: str | None, now: float) -> None:
         self._exec_later("INSERT INTO inbound_events (fax_sid, at, kind, detail) "
-                         "VALUES (?, ?, ?, ?)", (fax_sid, now, str(kind), (detail or "")[:500] or None))
+                         "VALUES (?, ?, ?, ?)",
+                         (fax_sid, now, str(kind), (detail or "")[:500] or None))
 
     def _move(self, fax_sid: str, sources: Iterable[str], target: str, event: str,
               detail: str | None, now: float, *, fence: int | None = None,
