@@ -198,7 +198,7 @@ async def test_media_url_on_a_foreign_host_gets_no_credentials(
     assert seen == []  # not even fetched, so no credentials went there
     assert relay.messages.empty()
     [row] = rows(gw_manual)
-    assert row["fax_sid"] == call.fax_sid and row["state"] == "gave_up"
+    assert row["fax_sid"] == call.fax_sid and row["state"] == "given-up"
     assert "not on SignalWire's hosts" in caplog.text
     assert simulator.state.inbound.media_deletes == []
 

@@ -71,7 +71,7 @@ async def test_a_document_neither_pdf_nor_tiff_is_given_up_told_and_counted_once
         # Received, but nothing can be mailed yet: not counted until it ends.
         assert await counts(gw) == {}
         await gw.inbound.deliverer.run_until_idle()
-        assert row(gw, sid)["state"] == "gave_up"
+        assert row(gw, sid)["state"] == "given-up"
         alert = await relay.next()
         assert alert["To"] == ADMIN
         assert alert["Subject"] == ("Fax from +1 212-555-0147 not delivered: the document is "
@@ -98,7 +98,7 @@ async def test_a_refused_media_url_tells_the_administrator(
         await gw.inbound.deliverer.run_until_idle()
         alert = await relay.next()
         assert alert["To"] == ADMIN and "media URL refused" in alert["Subject"]
-        assert row(gw, sid)["state"] == "gave_up"
+        assert row(gw, sid)["state"] == "given-up"
         assert relay.messages.empty()
         assert await counts(gw) == {"media_refused": 1.0}
     finally:
@@ -113,7 +113,7 @@ async def test_without_an_admin_address_a_give_up_is_logged_only(
         with caplog.at_level(logging.ERROR, "gateway.inbound.delivery"):
             sid = await ring(gw, simulator, b"not a document")
             await gw.inbound.deliverer.run_until_idle()
-        assert row(gw, sid)["state"] == "gave_up"
+        assert row(gw, sid)["state"] == "given-up"
         assert relay.messages.empty()
         assert "no INBOUND_ADMIN_ADDRESS to tell" in caplog.text
         assert await counts(gw) == {"gave_up": 1.0}

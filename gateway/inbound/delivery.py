@@ -2,33 +2,48 @@
 then delete the document at SignalWire.
 
 Every step is resumable from the database alone: a recipient counts as served only once the
-relay accepted its mail (`InboundStore.mark_sent`), the media is deleted only after every
+relay accepted its mail (`InboundStore.settle_send`), the media is deleted only after every
 recipient was served, and an outage (SignalWire, the relay) is retried with the same capped
 exponential backoff as outbound reports until GIVE_UP_HOURS.
+
+Several gateways on one database: each node claims due faxes for itself, like jobs (a lease per
+fax, renewed every LEASE_SECONDS/3 while it works them), so a dead node's faxes are taken over
+once its leases run out. Each mail and each media DELETE is preceded by a statement that proves
+this node still holds the fax at the epoch of its claim; a node that stalled past its lease
+finds it lost there and sends nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 from typing import Callable
 
+from gateway import defaults
 from gateway.config import Settings
 from gateway.constants import MAX_INBOUND_MEDIA_BYTES
 from gateway.documents.pool import CpuPool, TaskLimitError, call
 from gateway.inbound.metrics import InboundMetrics
+from gateway.inbound.states import InEv
 from gateway.mail.received import MailPart, render_given_up
 from gateway.mail.sender import Notifier, NotifyError
 from gateway.ops.faults import crash_point
 from gateway.outbound.states import backoff_s
 from gateway.signalwire.client import MediaRefused, SignalWireClient, SignalWireError
-from gateway.store.inbound import DELETING, DELIVERING, DONE, GAVE_UP, InboundFax, InboundStore
+from gateway.store.inbound import (AGAIN, DELETING, DELIVERING, DONE, GIVEN_UP, LOST, SENT, WAIT,
+                                   InboundFax, InboundStore)
 from gateway.store.base import Store
 
 log = logging.getLogger(__name__)
 
 CONCURRENCY = 4
+# Several gateways: how long a mail another node started (and never recorded as accepted or
+# failed) may still be under way at that node, which may only have stalled: its connect, MAIL,
+# RCPT and DATA each wait up to NOTIFY_TIMEOUT_S. After it the mail is sent again, with the same
+# Message-ID. One gateway: a started mail not settled is a dead run's, sent again at once.
+SEND_SETTLE_S = 3 * defaults.NOTIFY_TIMEOUT_S
 
 
 class PermanentFailure(Exception):
@@ -84,16 +99,22 @@ class Deliverer:
         self.jitter: Callable[[], float] = random.random
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._epochs: dict[str, int] = {}  # fax sid -> the epoch of this node's claim
         self._sem = asyncio.Semaphore(CONCURRENCY)
+        self.settle_s = SEND_SETTLE_S if settings.shared else 0.0
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="inbound-deliverer")
+        self._heartbeat = asyncio.create_task(self._beat(), name="inbound-heartbeat")
 
     def wake(self) -> None:
         self._wake.set()
 
     async def stop(self, grace_s: float) -> None:
+        """Claim nothing more, let the running faxes finish up to `grace_s` (their leases still
+        renewed meanwhile), cancel the rest: each resumes from the database."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
@@ -104,20 +125,35 @@ class Deliverer:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+            self._heartbeat = None
 
-    async def _lead(self) -> bool:
-        """One node delivers (several gateways on one database): the holder of the `inbound`
-        lease, which moves when its holder stops renewing it. A single gateway always leads."""
-        if not self.s.shared:
-            return True
-        return await self.store.run(self.store.take_lead, "inbound", self.clock(),
-                                    3 * self.s.lease_seconds)
+    async def _beat(self) -> None:
+        """Extend the leases of the faxes this node works, every LEASE_SECONDS/3: a live node
+        keeps its faxes; a dead (or stalled) one stops beating and another node claims them."""
+        while True:
+            await asyncio.sleep(self.s.lease_seconds / 3)
+            sids = list(self._running)
+            if not sids:
+                continue
+            try:
+                held = await self.store.run(self.inbound.renew, sids, self.clock())
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # task boundary: the next beat tries again
+                log.exception("inbound heartbeat: cannot extend the fax leases")
+                continue
+            for sid in sids:
+                if sid in self._running and held.get(sid) != self._epochs.get(sid):
+                    log.warning("inbound fax %s: lease lost (this node stalled past "
+                                "LEASE_SECONDS); another node may have taken it over", sid)
 
     async def _loop(self) -> None:
         while True:
             try:
-                if await self._lead():
-                    await self.run_due()
+                await self.run_due()
                 nxt = await self.store.run(self.inbound.next_due_at)
             except asyncio.CancelledError:
                 raise
@@ -125,7 +161,8 @@ class Deliverer:
                 if self.store.damage is None:  # else said once; the daemon stops
                     log.exception("inbound deliverer: unexpected error")
                 nxt = self.clock() + self.s.retry_base_s
-            longest = self.s.lease_seconds if self.s.shared else 60.0  # renew the lease in time
+            # Several gateways: another node's callbacks and released faxes do not wake us.
+            longest = min(self.s.lease_seconds, defaults.SHARED_POLL_S) if self.s.shared else 60.0
             delay = longest if nxt is None else max(0.0, min(longest, nxt - self.clock()))
             self._wake.clear()
             try:
@@ -134,12 +171,16 @@ class Deliverer:
                 pass
 
     async def run_due(self) -> int:
-        """Start every due fax not already running; returns how many were started."""
-        rows = await self.store.run(self.inbound.due, self.clock(), 50, list(self._running))
+        """Claim every due fax no live node holds and start it; returns how many."""
+        free = max(0, 50 - len(self._running))
+        if not free:
+            return 0
+        rows = await self.store.run(self.inbound.claim_due, self.clock(), free,
+                                    list(self._running))
         for row in rows:
+            self._epochs[row.fax_sid] = row.lease_epoch
             task = asyncio.create_task(self._guarded(row), name=f"inbound-{row.fax_sid}")
             self._running[row.fax_sid] = task
-            task.add_done_callback(lambda _t, sid=row.fax_sid: self._running.pop(sid, None))
         return len(rows)
 
     async def run_until_idle(self, max_rounds: int = 100) -> None:
@@ -151,16 +192,30 @@ class Deliverer:
             await asyncio.gather(*list(self._running.values()), return_exceptions=True)
 
     async def _guarded(self, row: InboundFax) -> None:
-        async with self._sem:
+        sid = row.fax_sid
+        try:
+            async with self._sem:
+                try:
+                    await self.step(row)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # task boundary: retried like an outage
+                    if self.store.damage is not None:  # said once; the daemon stops
+                        return
+                    log.exception("inbound fax %s: unexpected error", sid)
+                    await self._later(row, f"{type(exc).__name__}: {exc}")
+        finally:
+            self._running.pop(sid, None)
+            self._epochs.pop(sid, None)
             try:
-                await self.step(row)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # task boundary: retried like an outage
-                if self.store.damage is not None:  # said once; the daemon stops
-                    return
-                log.exception("inbound fax %s: unexpected error", row.fax_sid)
-                await self._later(row, f"{type(exc).__name__}: {exc}")
+                await self.store.run(self.inbound.release, sid)
+            except Exception:  # noqa: BLE001 - the lease runs out by itself
+                log.warning("inbound fax %s: lease not released; it runs out in %.0f s", sid,
+                            self.s.lease_seconds)
+
+    def _lost(self, row: InboundFax, what: str) -> None:
+        log.warning("inbound fax %s: lease lost (this node stalled past LEASE_SECONDS, or "
+                    "another node took the fax over): %s not done here", row.fax_sid, what)
 
     def _gave_up(self, row: InboundFax) -> bool:
         return self.clock() - row.created_at > self.s.give_up_hours * 3600
@@ -171,8 +226,11 @@ class Deliverer:
         alert is tried once: when the relay itself is what failed, it fails too (logged)."""
         sid = row.fax_sid
         now = self.clock()
-        await self.store.run(lambda: self.inbound.set_state(
-            sid, GAVE_UP, now, next_run_at=None, detail=reason))
+        if not await self.store.run(lambda: self.inbound.move(
+                sid, [DELIVERING], GIVEN_UP, InEv.GIVEN_UP, reason, now, fence=row.lease_epoch,
+                next_run_at=None, tries=0, last_error=reason[:500], done_at=now)):
+            self._lost(row, "giving up")
+            return
         self.metrics.faxes.labels(outcome).inc()
         admin = self.s.inbound_admin_address
         if not admin:
@@ -204,16 +262,23 @@ class Deliverer:
             return
         delay = delay_s if delay_s is not None else backoff_s(
             row.tries + 1, self.s.retry_base_s, self.s.retry_max_s, self.jitter())
+        if not await self.store.run(self.inbound.later, row.fax_sid, row.lease_epoch,
+                                    now + delay, reason, now):
+            self._lost(row, f"retry ({reason})")
+            return
         log.warning("inbound fax %s: %s; retry %d in %.1f s", row.fax_sid, reason,
                     row.tries + 1, delay)
-        await self.store.run(self.inbound.later, row.fax_sid, now + delay, reason, now)
 
     async def step(self, row: InboundFax) -> None:
+        """One turn on a fax this node claimed (`row.lease_epoch`: the epoch of the claim,
+        which every fenced step names)."""
         if row.state == DELIVERING:
             if not await self._deliver(row):
                 return
-            row = await self.store.run(self.inbound.get, row.fax_sid) or row
-        if row.state == DELETING or (row.state == DELIVERING and self._wants_delete(row)):
+            fresh = await self.store.run(self.inbound.get, row.fax_sid)
+            if fresh is not None:
+                row = dataclasses.replace(fresh, lease_epoch=row.lease_epoch)
+        if row.state == DELETING:
             await self._delete_media(row)
 
     def _wants_delete(self, row: InboundFax) -> bool:
@@ -254,28 +319,71 @@ class Deliverer:
             except TaskLimitError as exc:
                 await self._later(row, f"building the mail: {exc}")
                 return False
+            waits: list[tuple[str, float]] = []
             for index, part in enumerate(parts):
-                try:
-                    where = await self.notifier.send_rendered(part.rendered, part.outbox_name)
-                except NotifyError as exc:
-                    self.metrics.mails.labels("retry").inc()
-                    await self._later(row, f"mail to {part.recipient}: {exc}")
+                served = await self._mail(row, part)
+                if served is False:
                     return False
-                crash_point("inbound-after-mail")
-                await self.store.run(self.inbound.mark_sent, sid, part.recipient,
-                                     part.message_id, where, self.clock())
-                self.metrics.mails.labels("sent").inc()
-                log.info("inbound fax %s: mail to %s %s", sid, part.recipient, where)
-                if index + 1 < len(parts):
+                if served is not True:
+                    waits.append((part.recipient, served))
+                elif index + 1 < len(parts):
                     crash_point("inbound-between-mails")
+            if waits:
+                # Looked at again soon: the node that started the mail settles it as soon
+                # as it runs again; it is sent again only once that node cannot be sending.
+                recipient, settle_at = min(waits, key=lambda w: w[1])
+                await self._later(row, f"mail to {recipient}: another node started it and "
+                                       "may still be sending it",
+                                  max(0.0, min(settle_at - self.clock(), self.s.lease_seconds)))
+                return False
         nxt = DELETING if self._wants_delete(row) else DONE
         now = self.clock()
-        await self.store.run(lambda: self.inbound.set_state(
-            sid, nxt, now, next_run_at=now if nxt == DELETING else None))
+        if not await self.store.run(lambda: self.inbound.move(
+                sid, [DELIVERING], nxt, InEv.DELIVERED,
+                f"{len(row.recipient_list)} recipient(s) mailed", now, fence=row.lease_epoch,
+                tries=0, next_run_at=now if nxt == DELETING else None,
+                done_at=now if nxt == DONE else None)):
+            self._lost(row, "recording the delivery")
+            return False
         if nxt == DONE:
             self._count_done(row)
             log.info("inbound fax %s: done (%s)", sid,
                      "media kept at SignalWire" if row.outcome == "received" else row.outcome)
+        return True
+
+    async def _mail(self, row: InboundFax, part: MailPart) -> bool | float:
+        """One recipient's mail, only after the statement that records it as started proved
+        this node still holds the fax; True when it is served (now or before), False when the
+        fax is left (lease lost, or retried later), or the time until which another node may
+        still be sending it."""
+        sid, epoch = row.fax_sid, row.lease_epoch
+        verdict, settle_at = await self.store.run(self.inbound.begin_send, sid, epoch,
+                                                  part.recipient, self.clock(), self.settle_s)
+        if verdict == SENT:
+            return True
+        if verdict == LOST:
+            self._lost(row, f"the mail to {part.recipient}")
+            return False
+        if verdict == WAIT:
+            assert settle_at is not None
+            return settle_at
+        if verdict == AGAIN:
+            log.warning("inbound fax %s: the mail to %s may have gone already (its sender "
+                        "never recorded the relay's answer): sent again, same Message-ID %s",
+                        sid, part.recipient, part.message_id)
+        try:
+            where = await self.notifier.send_rendered(part.rendered, part.outbox_name)
+        except NotifyError as exc:
+            self.metrics.mails.labels("retry").inc()
+            await self.store.run(lambda: self.inbound.settle_send(
+                sid, epoch, part.recipient, self.clock()))
+            await self._later(row, f"mail to {part.recipient}: {exc}")
+            return False
+        crash_point("inbound-after-mail")
+        await self.store.run(lambda: self.inbound.settle_send(
+            sid, epoch, part.recipient, self.clock(), message_id=part.message_id, detail=where))
+        self.metrics.mails.labels("sent").inc()
+        log.info("inbound fax %s: mail to %s %s", sid, part.recipient, where)
         return True
 
     def _count_done(self, row: InboundFax) -> None:
@@ -287,8 +395,12 @@ class Deliverer:
         """Every mail went out: a deletion that keeps failing until GIVE_UP_HOURS leaves the
         document at SignalWire (said in the log) and the fax ends delivered, not given up."""
         now = self.clock()
-        await self.store.run(lambda: self.inbound.set_state(
-            row.fax_sid, DONE, now, next_run_at=None, detail=reason))
+        if not await self.store.run(lambda: self.inbound.move(
+                row.fax_sid, [DELETING], DONE, InEv.MEDIA_KEPT, reason, now,
+                fence=row.lease_epoch, next_run_at=None, tries=0, last_error=reason[:500],
+                done_at=now)):
+            self._lost(row, "ending the fax")
+            return
         self._count_done(row)
         log.error("inbound fax %s: delivered, but its document could not be deleted at "
                   "SignalWire for %g hours (%s): left there; delete it in SignalWire's "
@@ -297,6 +409,10 @@ class Deliverer:
     async def _delete_media(self, row: InboundFax) -> None:
         sid = row.fax_sid
         assert row.media_sid is not None
+        if not await self.store.run(self.inbound.begin_delete, sid, row.lease_epoch,
+                                    self.clock()):
+            self._lost(row, "the media DELETE")
+            return
         try:
             status = await self.signalwire.delete_media(sid, row.media_sid)
         except SignalWireError as exc:
@@ -306,8 +422,11 @@ class Deliverer:
             await self._later(row, "media delete: the fax is still in progress (409)")
             return
         now = self.clock()
+        # It is gone (204), or was already (404): a fact, recorded whoever holds the fax now.
+        if not await self.store.run(lambda: self.inbound.move(
+                sid, [DELETING], DONE, InEv.MEDIA_DELETED, f"SignalWire answered {status}",
+                now, next_run_at=None, tries=0, media_deleted_at=now, done_at=now)):
+            return  # another node that took the fax over finished it
         self._count_done(row)
-        await self.store.run(lambda: self.inbound.set_state(sid, DONE, now, next_run_at=None,
-                                                            media_deleted=True))
         self.metrics.media_deleted.inc()
         log.info("inbound fax %s: done; media deleted at SignalWire (%d)", sid, status)

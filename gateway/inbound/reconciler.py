@@ -18,7 +18,8 @@ from gateway.constants import IN_PROGRESS_STATUSES
 from gateway.inbound.metrics import InboundMetrics
 from gateway.inbound.webhook import FINAL, classify
 from gateway.signalwire.client import Fax, SignalWireClient, SignalWireError
-from gateway.store.inbound import GAVE_UP, RINGING, Completion, InboundStore
+from gateway.inbound.states import InEv
+from gateway.store.inbound import GIVEN_UP, RINGING, Completion, InboundStore
 from gateway.store.base import Store
 
 log = logging.getLogger(__name__)
@@ -120,9 +121,10 @@ class Reconciler:
         for row in stale:
             log.warning("inbound fax %s from %s: answered, but SignalWire never reported an "
                         "outcome; given up", row.fax_sid, row.from_number or "-")
-            await self.store.run(lambda sid=row.fax_sid: self.inbound.set_state(
-                sid, GAVE_UP, now, next_run_at=None, detail="no outcome from SignalWire"))
-            self.metrics.faxes.labels("gave_up").inc()
+            if await self.store.run(lambda sid=row.fax_sid: self.inbound.move(
+                    sid, [RINGING], GIVEN_UP, InEv.GIVEN_UP, "no outcome from SignalWire", now,
+                    next_run_at=None, last_error="no outcome from SignalWire", done_at=now)):
+                self.metrics.faxes.labels("gave_up").inc()
         pruned = await self.store.run(self.inbound.prune,
                                       now - self.s.job_retention_days * 86400)
         if pruned:

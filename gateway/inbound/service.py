@@ -43,7 +43,10 @@ class Inbound:
         self.webhook.install(app)
 
     async def prepare(self) -> None:
-        """Note when inbound was first switched on (the reconciler never looks back before it)."""
+        """Free the fax leases an earlier run left (SQLite: one gateway, so all of them; a
+        shared database: this NODE_ID's), and note when inbound was first switched on (the
+        reconciler never looks back before it)."""
+        await self.store.run(self.db.release_all, not self.settings.shared)
         if self.settings.inbound_routes.enabled:
             await self.store.run(self.db.enabled_since, self.clock())
 

@@ -2,9 +2,10 @@
 
 Pure apart from the first-page rendering, and run in a document worker process
 (`render_received`), because the thumbnail and the serialisation of a large PDF are CPU work.
-Each recipient's mail has a Message-ID derived from the fax and the address, so a mail repeated
-after a crash (relay accepted, commit lost) is recognisable as the same mail, and an outbox file
-of the same name is replaced rather than added.
+Each recipient's mail has a Message-ID derived from the fax and the address (and NOTIFY_FROM's
+domain, not the node's name), so a mail repeated after a crash (relay accepted, commit lost), by
+whichever node, is recognisable as the same mail, and an outbox file of the same name is
+replaced rather than added.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import html
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid
+from email.utils import format_datetime, make_msgid, parseaddr
 from gateway.mail.phrases import _
 
 from gateway.text import one_line
@@ -69,6 +70,15 @@ def attachment_name(fax: InboundFax) -> str:
     return f"fax-{digits}-{_when(fax.completed_at).strftime('%Y%m%d-%H%M%S')}.pdf"
 
 
+def id_domain(from_addr: str) -> str:
+    """The right side of a received fax's Message-ID: NOTIFY_FROM's domain, which every gateway
+    sharing a database has alike, never a node's own name (SMTP_HOSTNAME defaults to the host's),
+    so the mail a node that took the fax over sends again is the same message."""
+    domain = parseaddr(from_addr)[1].rpartition("@")[2].lower()
+    domain = "".join(c for c in domain if c.isalnum() or c in ".-")[:200]
+    return domain or "faxgw.invalid"
+
+
 def message_id_for(fax_sid: str, recipient: str, hostname: str) -> str:
     tag = hashlib.sha256(f"{fax_sid}\0{recipient.lower()}".encode()).hexdigest()[:16]
     safe_sid = "".join(c for c in fax_sid if c.isalnum() or c == "-")[:64]
@@ -114,7 +124,7 @@ def build_received(fax: InboundFax, recipient: str, *, from_addr: str, hostname:
     mail["To"] = recipient
     mail["Subject"] = subject_for(fax)
     mail["Date"] = format_datetime(_when(fax.completed_at))
-    mail["Message-ID"] = message_id_for(fax.fax_sid, recipient, hostname)
+    mail["Message-ID"] = message_id_for(fax.fax_sid, recipient, id_domain(from_addr))
     mail["Auto-Submitted"] = "auto-generated"
     mail["X-Fax-Sid"] = one_line(fax.fax_sid, 80)
     rows = _lines(fax, attach and pdf is not None)
@@ -190,7 +200,7 @@ def render_given_up(fax: InboundFax, admin: str, reason: str, mailed: list[str],
     mail["Subject"] = one_line(_("Fax from %s not delivered: %s") % (
         _caller(fax.from_number), one_line(reason, 120)), 200)
     mail["Date"] = format_datetime(datetime.now(timezone.utc))
-    mail["Message-ID"] = message_id_for(fax.fax_sid, tag, hostname)
+    mail["Message-ID"] = message_id_for(fax.fax_sid, tag, id_domain(from_addr))
     mail["Auto-Submitted"] = "auto-generated"
     mail["X-Fax-Sid"] = one_line(fax.fax_sid, 80)
     wanted = [r for r in fax.recipient_list]

@@ -232,6 +232,37 @@ _V6 = (
 )""",
 )
 
+_V7 = (
+    # Received faxes are claimed per fax like jobs (gateway/inbound/states.py): the node working
+    # one holds its lease until `lease_until`; `lease_epoch` goes up at every claim, and a mail
+    # or a media DELETE goes out only after a statement that finds the node's own epoch.
+    "ALTER TABLE inbound_faxes ADD COLUMN lease_owner TEXT",
+    "ALTER TABLE inbound_faxes ADD COLUMN lease_until {float}",
+    "ALTER TABLE inbound_faxes ADD COLUMN lease_epoch INTEGER NOT NULL DEFAULT 0",
+    # The state word outbound uses.
+    "UPDATE inbound_faxes SET state = 'given-up' WHERE state = 'gave_up'",
+    # Every change of a received fax leaves an event, as a job's does.
+    """CREATE TABLE IF NOT EXISTS inbound_events (
+    id {autoid} PRIMARY KEY,
+    fax_sid TEXT NOT NULL,
+    at {float} NOT NULL,
+    kind TEXT NOT NULL,
+    detail TEXT
+)""",
+    "CREATE INDEX IF NOT EXISTS inbound_events_fax ON inbound_events (fax_sid, id)",
+    # A recipient's mail that was started and not yet known accepted (a row in
+    # inbound_deliveries): its fate is uncertain until the node that started it settles it.
+    """CREATE TABLE IF NOT EXISTS inbound_sends (
+    fax_sid TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    node TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    started_at {float} NOT NULL,
+    ended_at {float},
+    PRIMARY KEY (fax_sid, recipient)
+)""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "messages, jobs, events, attempts", _V1),
     Migration(2, "states renamed: received -> spooled, failed -> given-up", _V2),
@@ -241,6 +272,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "dedup keys: a resent mail is recognised in the commit, atomically", _V5),
     Migration(6, "split mail (message/partial) shared by every node: partial_sets, partials",
               _V6),
+    Migration(7, "received faxes: leases per fax, inbound_events, inbound_sends; "
+                 "gave_up -> given-up", _V7),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -164,7 +164,7 @@ def received_result(fax: InboundFax, mailed: int) -> tuple[str, str]:
         if fax.outcome == "blocked":
             return "refused: the caller is blocked (INBOUND_BLOCKED_CALLERS)", "bad"
         return "refused: no route for this number (INBOUND_ROUTES)", "bad"
-    if fax.state == inbound.GAVE_UP:
+    if fax.state == inbound.GIVEN_UP:
         return (f"given up{': ' + reason if reason else ''}; "
                 f"mailed to {mailed} of {wanted}", "bad")
     if fax.outcome == "received":
