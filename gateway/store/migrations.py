@@ -204,6 +204,19 @@ _V5 = (
     "DROP INDEX IF EXISTS messages_dedup",
 )
 
+_V6 = (
+    # RFC 3461 DSN and RFC 4954 AUTH= as relays send them (gateway/smtp/dsn.py): the MAIL
+    # command's RET, ENVID and AUTH= submitter, what a DSN returns of the mail, and each
+    # recipient's NOTIFY and ORCPT. NULL: not asked (the usual report).
+    "ALTER TABLE messages ADD COLUMN dsn_ret TEXT",
+    "ALTER TABLE messages ADD COLUMN dsn_envid TEXT",
+    "ALTER TABLE messages ADD COLUMN auth_submitter TEXT",
+    "ALTER TABLE messages ADD COLUMN dsn_headers TEXT",
+    "ALTER TABLE messages ADD COLUMN dsn_full TEXT",
+    "ALTER TABLE jobs ADD COLUMN dsn_notify TEXT",
+    "ALTER TABLE jobs ADD COLUMN dsn_orcpt TEXT",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "messages, jobs, events, attempts", _V1),
     Migration(2, "states renamed: received -> spooled, failed -> given-up", _V2),
@@ -211,6 +224,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "job leases (several nodes), dedup index, named leases, shared hit counts",
               _V4),
     Migration(5, "dedup keys: a resent mail is recognised in the commit, atomically", _V5),
+    Migration(6, "DSN (RET, ENVID, NOTIFY, ORCPT) and the AUTH= submitter", _V6),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -213,7 +213,7 @@ class SqlStore(Store):
 
     _JOB_INSERT = ("id", "message_id", "to_number", "from_number", "quality", "state",
                    "callback_token", "media_key", "pages", "attempt", "tries", "next_run_at",
-                   "created_at", "updated_at")
+                   "created_at", "updated_at", "dsn_notify", "dsn_orcpt")
 
     def add_message(self, message: Message, jobs: Iterable[NewJob], *, stored: bool = False,
                     dedup_since: float | None = None) -> list[str] | None:
@@ -267,7 +267,8 @@ class SqlStore(Store):
             + ", ".join(f"({_marks(self._JOB_INSERT)})" for _ in jobs),
             [v for j in jobs for v in (
                 j.id, message.id, j.to_number, j.from_number, j.quality, state.value,
-                j.callback_token, j.media_key, message.pages, 0, 0, now, now, now)])
+                j.callback_token, j.media_key, message.pages, 0, 0, now, now, now,
+                j.dsn_notify, j.dsn_orcpt)])
         self._exec("INSERT INTO events (job_id, at, kind, detail) VALUES "
                    + ", ".join("(?, ?, ?, ?)" for _ in events),
                    [v for job_id, kind, detail in events for v in (job_id, now, kind, detail)])
