@@ -326,3 +326,25 @@ async def test_relay_through_starttls_and_auth_with_auth_and_dsn_parameters(
     job = await gw.store.run(gw.store.job, job_id)
     message = await gw.store.run(gw.store.message, job.message_id)
     assert message.auth_submitter == "<>"
+
+
+@pytestmark_tls
+async def test_commands_pipelined_after_starttls_are_discarded(manual_gateway, cert, users,
+                                                              tmp_path: Path) -> None:
+    """With PIPELINING offered, STARTTLS must still end a group (RFC 2920, RFC 3207 4.2):
+    plaintext written after it in the same write is thrown away, never run inside TLS."""
+    gw = await manual_gateway(base_env(
+        tmp_path / "var", TLS_CERT_FILE=str(cert[0]), TLS_KEY_FILE=str(cert[1]),
+        USERS_FILE=str(users), TRUSTED_NETWORKS="127.0.0.1/32"))
+    wire = await Wire.open(gw.smtp.port)
+    wire.send("EHLO r.example")
+    assert "250-STARTTLS" in await wire.reply()
+    wire.send("STARTTLS", "HELP", "MAIL FROM:<injected@example.com>")
+    assert await wire.one() == "220 2.0.0 Ready to start TLS"
+    await wire.writer.start_tls(_tls())
+    wire.send("NOOP", "EHLO r.example", "MAIL FROM:<a@example.com>", "QUIT")
+    assert await wire.one() == "250 2.0.0 OK"
+    assert (await wire.reply())[-1] == "250 HELP"
+    assert await wire.one() == "250 2.1.0 Sender OK"  # not "503 nested MAIL"
+    assert await wire.one() == "221 2.0.0 Bye"
+    await wire.close()
