@@ -191,6 +191,11 @@ async def test_ret_full_keeps_the_mail_within_its_bound(manual_gateway, tmp_path
      "501 5.5.4 Invalid parameter: AUTH needs a value (AUTH=...)"),
     ("MAIL FROM:<a@example.com> FOO=1",
      "555 5.5.4 MAIL FROM parameters not recognized or not implemented"),
+    # aiosmtpd's own checks still run on what is left, with their enhanced codes.
+    ("MAIL FROM:<a@example.com> AUTH=<> SIZE=999999999999 RET=HDRS",
+     "552 5.3.4 Error: message size exceeds fixed maximum message size"),
+    ("MAIL FROM:<a@example.com> ENVID=x BODY=BINARYMIME",
+     "501 5.5.4 Error: BODY can only be one of 7BIT, 8BITMIME"),
 ])
 async def test_bad_mail_parameters_get_exact_replies(manual_gateway, tmp_path: Path,
                                                      command: str, expected: str) -> None:
