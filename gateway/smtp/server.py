@@ -385,8 +385,9 @@ class FaxSMTP(SMTP):
         self.taken_params = []
         if arg is None or self.session is None or not self.session.extended_smtp:
             return arg
-        if arg[:len(keyword)].upper() != keyword:
-            return arg
+        upper = arg.upper()
+        if upper[:len(keyword)] != keyword or not any(k in upper for k in keywords):
+            return arg  # nothing of ours: no second parse of the address
         rest = arg[len(keyword):].strip()
         address, params = self._getaddr(rest)
         if not address or not params or not rest.endswith(params):
