@@ -238,10 +238,11 @@ def report_message(content: ReportContent) -> EmailMessage:
     report = EmailMessage(policy=MAIL_POLICY)
     for name, value in content.headers:
         report[name] = value
-    return _fill_report(report, content)
+    _fill_report(report, content)
+    return report
 
 
-def _fill_report(report: MIMEPart, content: ReportContent) -> EmailMessage:
+def _fill_report(report: MIMEPart, content: ReportContent) -> None:
     """The report's body (text, HTML, first-page picture, PDF) in `report`: the whole mail,
     or the part people read of a DSN (gateway/mail/dsn.py)."""
     report.set_content(content.text)
@@ -254,7 +255,6 @@ def _fill_report(report: MIMEPart, content: ReportContent) -> EmailMessage:
     if content.pdf is not None:
         report.add_attachment(content.pdf, maintype="application", subtype="pdf",
                               filename=content.pdf_name)
-    return report  # type: ignore[return-value]
 
 
 def render_final_report(job: Job, message: Message, events: Sequence[Event],
@@ -286,7 +286,8 @@ def render_final_report(job: Job, message: Message, events: Sequence[Event],
     if job.dsn_notify is not None:
         from gateway.mail.dsn import dsn_report  # it builds on this module
 
-        human = _fill_report(MIMEPart(policy=MAIL_POLICY), content)
+        human = MIMEPart(policy=MAIL_POLICY)
+        _fill_report(human, content)
         return render(dsn_report(content.headers, human, job, message, hostname=hostname,
                                  fax_domain=fax_domain, delivered=outcome(job)[0]), bcc)
     data = write_report(content)  # straight to bytes: the email package cost ~8 ms a report

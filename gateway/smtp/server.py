@@ -246,7 +246,7 @@ class FaxHandler:
         env.rcpt_params.clear()
         env.mail_params = params
         if params.auth is not None:
-            log.info("MAIL from %s (peer %s): submitter AUTH=%s (recorded, not trusted)",
+            log.debug("MAIL from %s (peer %s): submitter AUTH=%s (recorded, not trusted)",
                      address, _peer(session), params.auth[:200])
         return str(replies.SENDER_OK)
 
