@@ -27,6 +27,8 @@ def test_overridden_and_called_methods_keep_their_signatures() -> None:
     expected = {
         "smtp_DATA": ["self", "arg"],
         "smtp_AUTH": ["self", "arg"],
+        "smtp_MAIL": ["self", "arg"],
+        "smtp_RCPT": ["self", "arg"],
         "_handle_client": ["self"],
         "_timeout_cb": ["self"],
         "_reset_timeout": ["self", "duration"],
@@ -42,7 +44,7 @@ def test_overridden_and_called_methods_keep_their_signatures() -> None:
     }
     for name, names in expected.items():
         assert params(getattr(SMTP, name)) == names, f"aiosmtpd SMTP.{name} changed"
-    for name in ("smtp_DATA", "smtp_AUTH", "_handle_client", "_timeout_cb", "_create_envelope",
+    for name in ("smtp_DATA", "smtp_AUTH", "smtp_MAIL", "smtp_RCPT", "_handle_client", "_timeout_cb", "_create_envelope",
                  "push", "connection_made", "connection_lost"):
         assert params(getattr(FaxSMTP, name)) == params(getattr(SMTP, name)), name
 
@@ -104,6 +106,38 @@ def test_internals_the_overrides_lean_on() -> None:
     assert "self.envelope = self._create_envelope()" in inspect.getsource(
         SMTP._set_post_data_state)
     assert issubclass(TLSSetupException, Exception) and callable(syntax)
+
+
+def test_what_the_dsn_and_auth_parameter_overrides_lean_on() -> None:
+    """FaxSMTP.smtp_MAIL / smtp_RCPT take RET, ENVID, AUTH=, NOTIFY and ORCPT off the line
+    before aiosmtpd's own parse (which answers 555 to any parameter it does not know), and
+    give every connection its own command_size_limits (aiosmtpd's is one dict on its class,
+    which its EHLO adds to), set after EHLO by FaxHandler.handle_EHLO."""
+    for name in ("smtp_MAIL", "smtp_RCPT"):
+        source = inspect.getsource(getattr(SMTP, name))
+        keyword = "FROM:" if name == "smtp_MAIL" else "TO:"
+        # The line is the keyword, the address as _getaddr parses it, then blank-separated
+        # parameters; only an extended (EHLO) session may give parameters.
+        assert f"self._strip_command_keyword('{keyword}', arg)" in source, name
+        assert "self._getaddr(arg)" in source, name
+        assert ".upper().split()" in source and "self._getparams(" in source, name
+        assert "if not self.session.extended_smtp and" in source, name
+        assert "not recognized or not implemented" in source, name
+    strip = inspect.getsource(SMTP._strip_command_keyword)
+    assert "arg[:keylen].upper() == keyword" in strip and "arg[keylen:].strip()" in strip
+    client = inspect.getsource(SMTP._handle_client)
+    assert "self.command_size_limits[command]" in client
+    assert "else self.command_size_limit" in client
+    assert "self.command_size_limits['MAIL'] += 26" in inspect.getsource(SMTP.smtp_EHLO)
+    assert "self.command_size_limits['MAIL'] += 10" in inspect.getsource(SMTP.smtp_EHLO)
+    # The EHLO hook gets the lines so far with "250 HELP" last, and the server first.
+    ehlo = inspect.getsource(SMTP.smtp_EHLO)
+    assert "response.append('250 HELP')" in ehlo
+    assert 'self._call_handler_hook("EHLO", hostname, response)' in ehlo
+    assert "hook(self, self.session, self.envelope, *args)" in inspect.getsource(
+        SMTP._call_handler_hook)
+    assert FaxSMTP.smtp_MAIL.__smtp_syntax__ == SMTP.smtp_MAIL.__smtp_syntax__  # type: ignore
+    assert FaxSMTP.smtp_RCPT.__smtp_syntax__ == SMTP.smtp_RCPT.__smtp_syntax__  # type: ignore
 
 
 def test_data_and_auth_overrides_keep_their_help_syntax() -> None:

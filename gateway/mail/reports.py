@@ -14,7 +14,7 @@ import html
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from email.message import EmailMessage
+from email.message import EmailMessage, MIMEPart
 from email.utils import format_datetime, make_msgid
 from gateway.mail.phrases import _
 from importlib import resources
@@ -238,6 +238,13 @@ def report_message(content: ReportContent) -> EmailMessage:
     report = EmailMessage(policy=MAIL_POLICY)
     for name, value in content.headers:
         report[name] = value
+    _fill_report(report, content)
+    return report
+
+
+def _fill_report(report: MIMEPart, content: ReportContent) -> None:
+    """The report's body (text, HTML, first-page picture, PDF) in `report`: the whole mail,
+    or the part people read of a DSN (gateway/mail/dsn.py)."""
     report.set_content(content.text)
     report.add_alternative(content.html, subtype="html")
     if content.thumbnail_png and content.thumbnail_cid:
@@ -248,16 +255,16 @@ def report_message(content: ReportContent) -> EmailMessage:
     if content.pdf is not None:
         report.add_attachment(content.pdf, maintype="application", subtype="pdf",
                               filename=content.pdf_name)
-    return report
 
 
 def render_final_report(job: Job, message: Message, events: Sequence[Event],
                         attempts: Sequence[Attempt], *, from_addr: str, hostname: str, now: float,
                         template_dir: Path | None, thumbnail: bool, attach_pdf: bool,
-                        bcc: Sequence[str]) -> Rendered:
+                        bcc: Sequence[str], fax_domain: str = "") -> Rendered:
     """The whole report, thumbnail and serialisation included: CPU work that runs in a
     document worker process, off the event loop. A report goes out without its thumbnail or
-    PDF rather than not at all."""
+    PDF rather than not at all. A recipient that asked for DSNs (NOTIFY) gets it inside a
+    multipart/report (gateway/mail/dsn.py)."""
     pdf: bytes | None = None
     document = Path(message.document_path)
     if attach_pdf:
@@ -276,6 +283,13 @@ def render_final_report(job: Job, message: Message, events: Sequence[Event],
     content = report_content(job, message, events, attempts, from_addr=from_addr,
                              hostname=hostname, now=now, templates=Templates(template_dir),
                              thumbnail_png=thumb, pdf=pdf if attach_pdf else None)
+    if job.dsn_notify is not None:
+        from gateway.mail.dsn import dsn_report  # it builds on this module
+
+        human = MIMEPart(policy=MAIL_POLICY)
+        _fill_report(human, content)
+        return render(dsn_report(content.headers, human, job, message, hostname=hostname,
+                                 fax_domain=fax_domain, delivered=outcome(job)[0]), bcc)
     data = write_report(content)  # straight to bytes: the email package cost ~8 ms a report
     if data is None:  # what only the email package does (an address that is not ASCII)
         return render(report_message(content), bcc)

@@ -42,7 +42,7 @@ REFUSAL_REASONS = ("relay_denied", "bad_number", "too_many_recipients", "no_docu
                    "protocol", "other")
 # A job's outcome: a final SignalWire status, or "not_sent" when the gateway gave up.
 OUTCOMES = (*sorted(FINAL_STATUSES), "not_sent", "other")
-REPORT_RESULTS = ("sent", "no_address", "gave_up")
+REPORT_RESULTS = ("sent", "no_address", "gave_up", "not_asked")  # not_asked: DSN NOTIFY
 API_OPERATIONS = ("send", "fetch", "list", "cancel")
 
 API_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

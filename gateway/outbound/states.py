@@ -169,6 +169,8 @@ class Job:
     created_at: float
     updated_at: float
     reported_at: float | None
+    dsn_notify: str | None = None  # RCPT's NOTIFY and ORCPT (RFC 3461), see gateway/smtp/dsn.py
+    dsn_orcpt: str | None = None
 
 
 class CallbackAction(enum.StrEnum):

@@ -29,7 +29,9 @@ from gateway.signalwire.media import MediaError, MediaStore, new_media_key
 from gateway.ops.metrics import Metrics
 from gateway.mail.sender import Notifier, NotifyError
 from gateway.documents.pool import CpuPool, TaskLimitError
-from gateway.mail.reports import render_final_report
+from gateway.mail.dsn import asked, delay_notice
+from gateway.mail.reports import outcome, render_final_report
+from gateway.smtp.dsn import wants
 from gateway.smtp.intake import expire_partials
 from gateway.signalwire.client import (SendOutcomeUnknown, SendRefused, SendRetryable, SignalWireClient,
                          SignalWireError)
@@ -443,11 +445,16 @@ class Worker:
             if decision is not None:
                 when, quality, why = decision
                 delay = when - self.clock()
-                await self.store.run(self.store.schedule_retry, job, when, quality,
-                                     f"attempt {job.attempt} {job.fax_status} ({why}); attempt "
-                                     f"{job.attempt + 1} in {delay:.0f} s at {quality} quality")
+                scheduled = await self.store.run(
+                    self.store.schedule_retry, job, when, quality,
+                    f"attempt {job.attempt} {job.fax_status} ({why}); attempt "
+                    f"{job.attempt + 1} in {delay:.0f} s at {quality} quality")
                 log.info("job %s attempt %d: %s (%s); next attempt in %.0f s", job.id,
                          job.attempt, job.fax_status, why, delay)
+                if scheduled and wants(job.dsn_notify, "DELAY"):
+                    # Fenced by the retry's own transition (completed -> stored, checked in
+                    # its UPDATE): only the step that moved the job back sends the notice.
+                    await self._delay_notice(job, when, why)
                 return
         store = self.store
 
@@ -456,6 +463,15 @@ class Worker:
 
         message, events, attempts = await store.run(facts)
         assert message is not None
+        if not asked(job, outcome(job)[0]):
+            await self.store.run(self.store.mark_reported, job,
+                                 f"no report sent: NOTIFY={job.dsn_notify} (RFC 3461)")
+            self.metrics.report_done("not_asked")
+            self.metrics.fax_finished(job, self.clock())
+            log.info("job %s: final (%s), no report: the sender asked NOTIFY=%s", job.id,
+                     job.fax_status or job.state.value, job.dsn_notify)
+            await self._cleanup(job)
+            return
         if not message.report_to:
             await self.store.run(self.store.mark_reported, job,
                                  "no report sent: the mail had no usable sender address")
@@ -467,7 +483,8 @@ class Worker:
             return
         options = dict(from_addr=self.s.notify_from, hostname=self.s.smtp_hostname,
                        now=self.clock(), template_dir=self.s.report_template_dir,
-                       attach_pdf=self.s.report_attach_pdf, bcc=self.s.report_bcc)
+                       attach_pdf=self.s.report_attach_pdf, bcc=self.s.report_bcc,
+                       fax_domain=self.s.fax_domain)
         message, fetched = await self._report_document(job, message)
         try:
             # A large document's thumbnail takes a large turn (CpuPool.turn), like its intake.
@@ -497,6 +514,29 @@ class Worker:
         self.metrics.fax_finished(job, self.clock())
         log.info("job %s: reported (%s) %s", job.id, job.fax_status or job.state.value, where)
         await self._cleanup(job)
+
+    async def _delay_notice(self, job: Job, retry_at: float, why: str) -> None:
+        """NOTIFY=DELAY (RFC 3461): tell the sender the fax was put back for a retry. Best
+        effort and at most once per retry: a relay that is down costs this notice, not the
+        fax (the final report still comes)."""
+        message = await self.store.run(self.store.message, job.message_id)
+        if message is None or not message.report_to:
+            return
+        notice = await asyncio.to_thread(functools.partial(
+            delay_notice, job, message, from_addr=self.s.notify_from,
+            hostname=self.s.smtp_hostname, fax_domain=self.s.fax_domain, now=self.clock(),
+            retry_at=retry_at, why=why,
+            retry_until=job.created_at + self.retry_policy.kill_s))
+        try:
+            where = await self.notifier.send(notice, f"{job.id}.delay-{job.attempt}",
+                                             self.s.report_bcc)
+        except NotifyError as exc:
+            log.warning("job %s attempt %d: delay notice not delivered: %s", job.id,
+                        job.attempt, exc)
+            return
+        await self.store.run(self.store.add_event, job.id, "dsn",
+                             f"delay notice after attempt {job.attempt} {where}")
+        log.info("job %s attempt %d: delay notice %s", job.id, job.attempt, where)
 
     async def _report_document(self, job: Job, message: Message) -> tuple[Message, Path | None]:
         """The message as the report renderer reads it, and a temporary file to delete after.

@@ -26,7 +26,7 @@ from email.utils import format_datetime, parseaddr
 from pathlib import Path
 from typing import Any, Callable, Coroutine, Sequence
 
-from gateway.smtp import replies
+from gateway.smtp import dsn as dsn_params, replies
 from gateway.smtp.access import Access, Client
 from gateway.smtp.replies import Reply
 from gateway.config import Settings
@@ -157,11 +157,16 @@ class Intake:
     async def accept(self, path: Path, envelope_from: str | None, numbers: Sequence[str],
                      peer: str | None, client: Client | None = None,
                      charge: asyncio.Future[Reply | None] | None = None,
-                     head: bytes | None = None) -> Accepted:
+                     head: bytes | None = None,
+                     dsn: tuple[dsn_params.MailParams, list[dsn_params.RcptParams]] | None = None
+                     ) -> Accepted:
         """Queue the message in `path` (which stays the caller's to remove) or raise Refused.
 
         `head`: the file's first HEAD_BYTES, when the caller kept them as it wrote the file
         (else they are read back from it).
+
+        `dsn`: the MAIL command's RET, ENVID, AUTH= and each number's NOTIFY, ORCPT (in the
+        order of `numbers`), kept with the message and its jobs.
 
         `charge`: the rate limits' answer for this message (`Access.charge`), decided while the
         document is converted; nothing is stored, and no refusal mail sent, before it says yes
@@ -172,7 +177,7 @@ class Intake:
         self.active += 1
         try:
             return await self._accept_mail(path, envelope_from, numbers, peer, client,
-                                           charge, head)
+                                           charge, head, dsn)
         finally:
             self.active -= 1
             if not self.active:
@@ -181,7 +186,9 @@ class Intake:
     async def _accept_mail(self, path: Path, envelope_from: str | None,
                            numbers: Sequence[str], peer: str | None, client: Client | None,
                            charge: asyncio.Future[Reply | None] | None,
-                           head: bytes | None) -> Accepted:
+                           head: bytes | None,
+                           dsn: tuple[dsn_params.MailParams, list[dsn_params.RcptParams]] | None
+                           = None) -> Accepted:
         if head is None:
             head = await asyncio.to_thread(_read_head, path, HEAD_BYTES)
         if (automatic := automatic_mail(head, envelope_from)) is not None:
@@ -191,14 +198,15 @@ class Intake:
         # the whole message, which then goes through intake like any other mail.
         part = await self._partial(path, head, envelope_from, numbers, client, charge)
         if part.whole is None:
-            return await self._accept_file(path, envelope_from, numbers, peer, client, charge)
+            return await self._accept_file(path, envelope_from, numbers, peer, client, charge,
+                                           dsn)
         assert part.key is not None and part.owner is not None and self.partials is not None
         owner = part.owner
         whole = path.with_name(path.name.replace(".eml.part", "") + ".whole.eml.part")
         try:
             await asyncio.to_thread(whole.write_bytes, part.whole)
             accepted = await self._accept_file(whole, envelope_from, numbers, peer, client,
-                                               charge)
+                                               charge, dsn)
         except Refused as exc:  # 4xx: the parts wait for the sender's retry of the last one
             await self.partials.done(part.key, owner, keep=exc.reply.temporary)
             raise
@@ -252,17 +260,21 @@ class Intake:
 
     async def _accept_file(self, path: Path, envelope_from: str | None, numbers: Sequence[str],
                            peer: str | None, client: Client | None,
-                           charge: asyncio.Future[Reply | None] | None) -> Accepted:
+                           charge: asyncio.Future[Reply | None] | None,
+                           dsn: tuple[dsn_params.MailParams, list[dsn_params.RcptParams]] | None
+                           = None) -> Accepted:
         pdf_part = path.with_name(path.name.replace(".eml.part", "") + ".pdf.part")
         try:
             return await self._accept(path, pdf_part, envelope_from, numbers, peer, client,
-                                      charge)
+                                      charge, dsn)
         finally:
             pdf_part.unlink(missing_ok=True)
 
     async def _accept(self, path: Path, pdf_part: Path, envelope_from: str | None,
                       numbers: Sequence[str], peer: str | None, client: Client | None,
-                      charge: asyncio.Future[Reply | None] | None) -> Accepted:
+                      charge: asyncio.Future[Reply | None] | None,
+                      dsn: tuple[dsn_params.MailParams, list[dsn_params.RcptParams]] | None
+                      = None) -> Accepted:
         date = format_datetime(datetime.fromtimestamp(self.clock(), timezone.utc))
         size = path.stat().st_size
         try:
@@ -301,10 +313,20 @@ class Intake:
         from_number = (user.from_number if user and user.from_number
                        else self.settings.from_number)
         shared_key = new_media_key() if self.media is not None else None
+        mail_params, rcpt_params = dsn if dsn is not None else (dsn_params.MailParams(), [])
+        rcpt_params = list(rcpt_params) + [dsn_params.RcptParams()] * (len(numbers)
+                                                                       - len(rcpt_params))
         jobs = [NewJob(id=new_id(), to_number=n, from_number=from_number,
                        quality=options.quality, callback_token=secrets.token_urlsafe(24),
-                       media_key=shared_key or new_media_key())
-                for n in numbers]
+                       media_key=shared_key or new_media_key(),
+                       dsn_notify=r.notify, dsn_orcpt=r.orcpt)
+                for n, r in zip(numbers, rcpt_params)]
+        returned: tuple[str | None, str | None] = (None, None)
+        if any(r.notify not in (None, "NEVER") for r in rcpt_params):
+            # What a DSN returns of the mail (RFC 3461 RET): the spool keeps only the PDF, so
+            # the header block is kept now, and the whole mail for RET=FULL within a bound.
+            returned = await asyncio.to_thread(dsn_params.returned_content, path,
+                                               mail_params.ret == "FULL")
         if (refusal := self.durability_check()) is not None:
             raise Refused(refusal)
         upload: asyncio.Future[None] | None = None
@@ -345,7 +367,9 @@ class Intake:
             document_path=str(path), document_bytes=size,
             document_sha256=sha256, pages=document.pages,
             filenames=", ".join(document.filenames),
-            notes="; ".join(notes)[:2000] or None)
+            notes="; ".join(notes)[:2000] or None,
+            dsn_ret=mail_params.ret, dsn_envid=mail_params.envid,
+            auth_submitter=mail_params.auth, dsn_headers=returned[0], dsn_full=returned[1])
         # The same mail (Message-ID, recipients, document) accepted within DEDUP_WINDOW_HOURS
         # is a client that lost our 250 and sent again: its jobs, not new ones. Decided in the
         # commit, so copies arriving at two nodes at once still make one job each.

@@ -118,6 +118,11 @@ def user_may_not_send_as(user: str, address: str) -> Reply:
     return Reply(550, "5.7.1", f"User {user} may not send as <{address[:200]}>", "policy")
 
 
+def bad_parameter(words: str) -> Reply:
+    """A MAIL or RCPT parameter (RFC 3461 DSN, RFC 4954 AUTH=) that is not well formed."""
+    return Reply(501, "5.5.4", f"Invalid parameter: {words}", "protocol")
+
+
 # -- RCPT -------------------------------------------------------------------------------------
 
 RECIPIENT_TOO_LONG = Reply(501, "5.1.3", "Recipient address too long", "bad_number")

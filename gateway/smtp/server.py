@@ -7,8 +7,13 @@ handled here: lower-case AUTH mechanisms, `AUTH LOGIN <user>` initial responses,
 `Username:` / `Password:` prompts some devices insist on, and a 535 (never silence) for a wrong
 password. Every reply is a `replies.Reply`; the metrics take the refusal reason from it.
 
+ESMTP as the relays in front of it speak it: PIPELINING (RFC 2920), ENHANCEDSTATUSCODES (RFC
+2034: aiosmtpd's own replies get theirs in `push`), DSN (RFC 3461: RET, ENVID, NOTIFY, ORCPT)
+and RFC 4954's `AUTH=` on MAIL, which aiosmtpd would answer with 555; see gateway/smtp/dsn.py.
+
 Where aiosmtpd is extended beyond its handler hooks (DATA streamed to a file, AUTH mechanisms
-matched case-insensitively, the 421 on timeouts, the connection caps), tests/test_smtp_hooks.py
+matched case-insensitively, the 421 on timeouts, the connection caps, the DSN and AUTH=
+parameters taken off MAIL and RCPT before aiosmtpd reads them), tests/test_smtp_hooks.py
 fails loudly if the methods and attributes relied on change: aiosmtpd is pinned below 1.5.
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import collections
 import functools
 import inspect
 import logging
@@ -33,7 +39,7 @@ from gateway.constants import MAX_RCPT_ADDRESS_CHARS, SMTP_LINE_TIMEOUT_S
 from gateway.ops.metrics import Metrics
 from gateway.phone import (NumberError, parse_fax_number, parse_recipient,
                            quote_rcpt_local_part)
-from gateway.smtp import replies
+from gateway.smtp import dsn, replies
 from gateway.smtp.access import Access, Client
 from gateway.smtp.connections import AcceptErrors, ConnectionLimits
 from gateway.smtp.data import DataWriter, Incoming, Outcome, receive
@@ -51,6 +57,14 @@ MAX_CREDENTIAL_CHARS = 1024
 READER_LIMIT_BYTES = 64 * 1024
 # aiosmtpd's own reply when STARTTLS is required; rewritten with its enhanced code.
 AIOSMTPD_STARTTLS_FIRST = "530 Must issue a STARTTLS command first"
+# ENHANCEDSTATUSCODES: the code given to aiosmtpd's own replies that carry none (by reply code;
+# otherwise the class with .0.0). Ours carry theirs already.
+_ENHANCED_BY_CODE = {"250": "2.0.0", "221": "2.0.0", "220": "2.0.0", "252": "2.5.0",
+                     "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1",
+                     "504": "5.5.4", "530": "5.7.0", "552": "5.3.4", "554": "5.7.0",
+                     "555": "5.5.4", "454": "4.7.0"}
+_HAS_ENHANCED = re.compile(r"[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
+_NEEDS_ENHANCED = re.compile(r"([245]\d\d)([ -])")
 
 
 def _b64_text(blob: bytes | str) -> str | None:
@@ -71,6 +85,8 @@ class FaxEnvelope(Envelope):
         self.content_path: Path | None = None  # DATA as received, in DATA_DIR/incoming
         self.content_bytes = 0
         self.content_head = b""  # its first HEAD_BYTES (the header block and more)
+        self.mail_params = dsn.MailParams()  # RET, ENVID, AUTH= of MAIL
+        self.rcpt_params: list[dsn.RcptParams] = []  # NOTIFY, ORCPT, one per fax number
 
 
 # An SMTP path of the plainest kind: "<", a dot-atom local part, "@", a dot-atom domain, ">"
@@ -157,7 +173,11 @@ class FaxHandler:
         if not self.access.auth_enabled:
             # No users file: no AUTH to offer (aiosmtpd would list its built-in mechanisms).
             responses = [r for r in responses if not r[4:].upper().startswith("AUTH")]
-        return responses
+        if isinstance(server, FaxSMTP):
+            server.allow_long_commands()
+        # Before the last line ("250 HELP"): the extensions honoured beyond aiosmtpd's own.
+        return [*responses[:-1], "250-PIPELINING", "250-DSN", "250-ENHANCEDSTATUSCODES",
+                *responses[-1:]]
 
     async def handle_AUTH(self, server: SMTP, session: Session, envelope: Envelope,
                           args: list[str]) -> str | None:
@@ -215,11 +235,19 @@ class FaxHandler:
         refusal = self.access.check_mail(client)
         if refusal:
             return self.refuse(refusal)
+        params = dsn.parse_mail(_taken(server), bool(session.authenticated))
+        if isinstance(params, Reply):
+            return self.refuse(params)
         env = _fax(envelope)
         env.mail_from = address
         env.mail_options.extend(mail_options)
         env.client = client
         env.fax_numbers.clear()
+        env.rcpt_params.clear()
+        env.mail_params = params
+        if params.auth is not None:
+            log.debug("MAIL from %s (peer %s): submitter AUTH=%s (recorded, not trusted)",
+                     address, _peer(session), params.auth[:200])
         return str(replies.SENDER_OK)
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
@@ -227,6 +255,9 @@ class FaxHandler:
         env = _fax(envelope)
         if len(address) > MAX_RCPT_ADDRESS_CHARS:
             return str(replies.RECIPIENT_TOO_LONG)
+        params = dsn.parse_rcpt(_taken(server))
+        if isinstance(params, Reply):
+            return self.refuse(params)
         try:
             local, domain = parse_recipient(address, self.settings.fax_domain)
         except ValueError:
@@ -248,6 +279,7 @@ class FaxHandler:
         if refusal:
             return self.refuse(refusal)
         env.fax_numbers.append(number)
+        env.rcpt_params.append(params)
         env.rcpt_tos.append(address)
         env.rcpt_options.extend(rcpt_options)
         return str(replies.recipient_ok(number))
@@ -265,7 +297,8 @@ class FaxHandler:
         try:
             accepted = await self.intake.accept(env.content_path, env.mail_from, numbers,
                                                 _peer(session), client, charge,
-                                                head=env.content_head)
+                                                head=env.content_head,
+                                                dsn=(env.mail_params, list(env.rcpt_params)))
         except RateRefused as exc:  # the charge was refused: nothing to give back
             return self.refuse(exc.reply)
         except PartStored as exc:  # a part of a split mail, kept: nothing is faxed yet
@@ -300,6 +333,11 @@ def _fax(envelope: Envelope) -> FaxEnvelope:
     return envelope
 
 
+def _taken(server: SMTP) -> list[str]:
+    """The DSN / AUTH= parameter words FaxSMTP took off the command being handled."""
+    return list(server.taken_params) if isinstance(server, FaxSMTP) else []
+
+
 def _client(envelope: FaxEnvelope) -> Client:
     assert envelope.client is not None, "RCPT/DATA before a successful MAIL"
     return envelope.client
@@ -327,6 +365,38 @@ class FaxSMTP(SMTP):
         self._refusal: Reply | None = None
         self._counted_ip: str | None = None
         self._phase = "command"  # command, data (receiving), processing (intake)
+        # aiosmtpd's command_size_limits is one dict on its class, which its EHLO adds to on
+        # every EHLO of every connection: each connection gets its own, set by
+        # allow_long_commands.
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        self.taken_params: list[str] = []  # DSN / AUTH= words of the current MAIL or RCPT
+
+    def allow_long_commands(self) -> None:
+        """After EHLO: MAIL and RCPT may be as long as the extensions offered make them (SIZE=
+        26 and SMTPUTF8 10 as aiosmtpd counts them; DSN and AUTH= per RFC 3461 and 4954)."""
+        base = SMTP.command_size_limit
+        self.command_size_limits["MAIL"] = base + 26 + 10 + dsn.MAIL_EXTRA_CHARS
+        self.command_size_limits["RCPT"] = base + dsn.RCPT_EXTRA_CHARS
+
+    def _take_params(self, arg: str | None, keyword: str, keywords: frozenset[str]) -> str | None:
+        """`arg` without the parameters in `keywords` (kept, as written, in taken_params for
+        the MAIL or RCPT hook): aiosmtpd answers 555 to any parameter it does not know, and
+        upper-cases the rest. A line that does not parse is left to aiosmtpd to refuse."""
+        self.taken_params = []
+        if arg is None or self.session is None or not self.session.extended_smtp:
+            return arg
+        upper = arg.upper()
+        if upper[:len(keyword)] != keyword or not any(k in upper for k in keywords):
+            return arg  # nothing of ours: no second parse of the address
+        rest = arg[len(keyword):].strip()
+        address, params = self._getaddr(rest)
+        if not address or not params or not rest.endswith(params):
+            return arg
+        ours, kept = dsn.split_params(params.split(), keywords)
+        if not ours:
+            return arg
+        self.taken_params = ours
+        return " ".join([keyword + rest[:len(rest) - len(params)].rstrip(), *kept])
 
     def _create_envelope(self) -> Envelope:
         return FaxEnvelope()
@@ -398,14 +468,39 @@ class FaxSMTP(SMTP):
             return
         await super()._handle_client()
 
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        # RET, ENVID (RFC 3461) and AUTH= (RFC 4954) go to the MAIL hook, not to aiosmtpd.
+        await super().smtp_MAIL(self._take_params(arg, "FROM:", dsn.MAIL_KEYWORDS))
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str | None) -> None:
         # "(555) 123-4567@fax..." would lose its area code as an RFC 5322 comment.
-        await super().smtp_RCPT(None if arg is None else quote_rcpt_local_part(arg))
+        arg = None if arg is None else quote_rcpt_local_part(arg)
+        # NOTIFY and ORCPT (RFC 3461) go to the RCPT hook, not to aiosmtpd.
+        await super().smtp_RCPT(self._take_params(arg, "TO:", dsn.RCPT_KEYWORDS))
 
     async def push(self, status: Any) -> None:
         if status == AIOSMTPD_STARTTLS_FIRST:
             status = self.fax_handler.refuse(replies.STARTTLS_FIRST)
+        elif isinstance(status, str):
+            status = self._enhanced(status)
         await super().push(status)
+
+    def _enhanced(self, status: str) -> str:
+        """ENHANCEDSTATUSCODES (RFC 2034): aiosmtpd's own replies ("503 Error: need MAIL
+        command", "250 OK") with an enhanced code; not the greeting, nor HELO's and EHLO's
+        replies, which RFC 2034 leaves without."""
+        if _HAS_ENHANCED.match(status) or not (found := _NEEDS_ENHANCED.match(status)):
+            return status
+        code = found.group(1)
+        if code == "250" and (found.group(2) == "-" or status in (
+                f"250 {self.hostname}", "250 HELP")):
+            return status
+        if code == "220" and status.startswith(f"220 {self.hostname} "):
+            return status
+        enhanced = _ENHANCED_BY_CODE.get(code, f"{code[0]}.0.0")
+        return f"{code}{found.group(2)}{enhanced} {status[4:]}"
 
     def _timeout_cb(self) -> None:
         """aiosmtpd's timer ran out: say why (421 4.4.2) before closing, as RFC 5321 4.2.2

@@ -263,6 +263,19 @@ _V7 = (
 )""",
 )
 
+_V8 = (
+    # RFC 3461 DSN and RFC 4954 AUTH= as relays send them (gateway/smtp/dsn.py): the MAIL
+    # command's RET, ENVID and AUTH= submitter, what a DSN returns of the mail, and each
+    # recipient's NOTIFY and ORCPT. NULL: not asked (the usual report).
+    "ALTER TABLE messages ADD COLUMN dsn_ret TEXT",
+    "ALTER TABLE messages ADD COLUMN dsn_envid TEXT",
+    "ALTER TABLE messages ADD COLUMN auth_submitter TEXT",
+    "ALTER TABLE messages ADD COLUMN dsn_headers TEXT",
+    "ALTER TABLE messages ADD COLUMN dsn_full TEXT",
+    "ALTER TABLE jobs ADD COLUMN dsn_notify TEXT",
+    "ALTER TABLE jobs ADD COLUMN dsn_orcpt TEXT",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "messages, jobs, events, attempts", _V1),
     Migration(2, "states renamed: received -> spooled, failed -> given-up", _V2),
@@ -274,6 +287,7 @@ MIGRATIONS: tuple[Migration, ...] = (
               _V6),
     Migration(7, "received faxes: leases per fax, inbound_events, inbound_sends; "
                  "gave_up -> given-up", _V7),
+    Migration(8, "DSN (RET, ENVID, NOTIFY, ORCPT) and the AUTH= submitter", _V8),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -31,6 +31,14 @@ class Message:
     filenames: str | None
     notes: str | None = None
     purged_at: float | None = None
+    # RFC 3461 DSN and RFC 4954 AUTH= of the MAIL command (migration 6): RET, ENVID, the
+    # submitter AUTH= named (a record, not an identity), and what a DSN returns of the mail:
+    # its header block, and the whole mail for RET=FULL within DSN_FULL_MAX_BYTES.
+    dsn_ret: str | None = None
+    dsn_envid: str | None = None
+    auth_submitter: str | None = None
+    dsn_headers: str | None = None
+    dsn_full: str | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,8 @@ class NewJob:
     quality: str
     callback_token: str
     media_key: str
+    dsn_notify: str | None = None  # RCPT's NOTIFY (RFC 3461): NEVER, or SUCCESS,FAILURE,DELAY
+    dsn_orcpt: str | None = None   # RCPT's ORCPT, "rfc822;address"
 
 
 @dataclass(frozen=True)

@@ -214,6 +214,11 @@ class SqlStore(Store):
     _JOB_INSERT = ("id", "message_id", "to_number", "from_number", "quality", "state",
                    "callback_token", "media_key", "pages", "attempt", "tries", "next_run_at",
                    "created_at", "updated_at")
+    # Columns of migration 6 (DSN, AUTH=), written only when a mail has them: a mail without
+    # is the same INSERT as before (tests/test_store_backends.py writes to older schemas).
+    _DSN_JOB_COLUMNS = ("dsn_notify", "dsn_orcpt")
+    _DSN_MESSAGE_COLUMNS = frozenset({"dsn_ret", "dsn_envid", "auth_submitter", "dsn_headers",
+                                      "dsn_full"})
 
     def add_message(self, message: Message, jobs: Iterable[NewJob], *, stored: bool = False,
                     dedup_since: float | None = None) -> list[str] | None:
@@ -226,10 +231,12 @@ class SqlStore(Store):
         jobs = list(jobs)
         try:
             with self._batch_tx(durable=True):
+                columns = [c for c in _MESSAGE_COLUMNS if c not in self._DSN_MESSAGE_COLUMNS
+                           or getattr(message, c) is not None]
                 self._exec(
-                    f"INSERT INTO messages ({', '.join(_MESSAGE_COLUMNS)})"
-                    f" VALUES ({_marks(_MESSAGE_COLUMNS)})",
-                    [getattr(message, c) for c in _MESSAGE_COLUMNS])
+                    f"INSERT INTO messages ({', '.join(columns)})"
+                    f" VALUES ({_marks(columns)})",
+                    [getattr(message, c) for c in columns])
                 if jobs:
                     self._insert_jobs(message, jobs, self.clock(), stored)
                     if dedup_since is not None and message.message_id_header:
@@ -262,12 +269,15 @@ class SqlStore(Store):
             state = State.STORED
             events += [(j.id, Ev.STORED, "document in the media store before the 250")
                        for j in jobs]
+        dsn = any(j.dsn_notify is not None or j.dsn_orcpt is not None for j in jobs)
+        columns = self._JOB_INSERT + (self._DSN_JOB_COLUMNS if dsn else ())
         self._exec(
-            f"INSERT INTO jobs ({', '.join(self._JOB_INSERT)}) VALUES "
-            + ", ".join(f"({_marks(self._JOB_INSERT)})" for _ in jobs),
+            f"INSERT INTO jobs ({', '.join(columns)}) VALUES "
+            + ", ".join(f"({_marks(columns)})" for _ in jobs),
             [v for j in jobs for v in (
                 j.id, message.id, j.to_number, j.from_number, j.quality, state.value,
-                j.callback_token, j.media_key, message.pages, 0, 0, now, now, now)])
+                j.callback_token, j.media_key, message.pages, 0, 0, now, now, now,
+                *((j.dsn_notify, j.dsn_orcpt) if dsn else ()))])
         self._exec("INSERT INTO events (job_id, at, kind, detail) VALUES "
                    + ", ".join("(?, ?, ?, ?)" for _ in events),
                    [v for job_id, kind, detail in events for v in (job_id, now, kind, detail)])
