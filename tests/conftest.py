@@ -342,6 +342,27 @@ def pg_url() -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+@pytest.fixture(scope="session")
+def pgbouncer_url(pg_url: str) -> Iterator[str]:
+    """The test run's database behind a real PgBouncer in transaction mode (tests/pgbouncer.py).
+    Missing PgBouncer: skipped (one line), except under CI=true, where .ci/run installs it."""
+    from urllib.parse import urlsplit
+
+    from . import pgbouncer
+
+    if not pgbouncer.available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("no pgbouncer (CI=true: .ci/run installs Debian's pgbouncer)")
+        pytest.skip("needs PgBouncer (Debian's pgbouncer package)")
+    server = urlsplit(pg_url)
+    bouncer = pgbouncer.PgBouncer(server.hostname or "127.0.0.1", server.port or 5432)
+    bouncer.start()
+    try:
+        yield bouncer.url(server.path.lstrip("/"))
+    finally:
+        bouncer.close()
+
+
 def pg_reset(url: str) -> None:
     """An empty schema: each test starts from a new database as far as it can tell."""
     import psycopg

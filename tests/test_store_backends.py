@@ -28,13 +28,34 @@ from .conftest import FakeClock, pg_reset
 NodeFactory = Callable[[str], SqlStore]
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+class PgUrl(str):
+    """A PostgreSQL URL, whether the store prepares its frequent queries there, and the
+    server's own URL (not through PgBouncer) for a test's look at its locks."""
+
+    prepared: bool = True
+    direct: str = ""
+
+
+def open_backend(backend: str, clock: FakeClock) -> SqlStore:
+    """A store (not yet opened) on the test's database, as the backend says."""
+    if backend.startswith("postgresql"):
+        return PostgresStore(backend, clock,
+                             prepared_statements=getattr(backend, "prepared", True))
+    return SqliteStore(Path(backend), clock)
+
+
+# PostgreSQL twice more behind PgBouncer in transaction mode (tests/pgbouncer.py), as many sites
+# run it: with DATABASE_PREPARED_STATEMENTS=no, and with the default `yes`.
+@pytest.fixture(params=["sqlite", "postgresql", "pgbouncer", "pgbouncer-prepared"])
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "postgresql":
-        url = request.getfixturevalue("pg_url")
-        pg_reset(url)
-        return url
-    return str(tmp_path / "faxgw.sqlite3")
+    if request.param == "sqlite":
+        return str(tmp_path / "faxgw.sqlite3")
+    direct = request.getfixturevalue("pg_url")
+    pg_reset(direct)
+    url = PgUrl(request.getfixturevalue("pgbouncer_url")
+                if request.param.startswith("pgbouncer") else direct)
+    url.prepared, url.direct = request.param != "pgbouncer", direct
+    return url
 
 
 @pytest.fixture
@@ -48,8 +69,7 @@ def node(backend: str, clock: FakeClock) -> Iterator[NodeFactory]:
     opened: list[SqlStore] = []
 
     def factory(node_id: str = "node-a") -> SqlStore:
-        store: SqlStore = (PostgresStore(backend, clock) if backend.startswith("postgresql")
-                           else SqliteStore(Path(backend), clock))
+        store = open_backend(backend, clock)
         store.node_id = node_id
         store.lease_s = 30.0
         store.open()
@@ -228,8 +248,7 @@ def test_concurrent_claims_never_give_a_job_to_two_nodes(backend: str, store: Sq
 
     def make(node_id: str) -> Callable[[], SqlStore]:
         def opened() -> SqlStore:
-            s: SqlStore = (PostgresStore(backend, clock) if backend.startswith("postgresql")
-                           else SqliteStore(Path(backend), clock))
+            s = open_backend(backend, clock)
             s.node_id, s.lease_s = node_id, 30.0
             s.open()
             return s
@@ -330,7 +349,8 @@ def test_two_copies_committed_at_once_make_one_job(backend: str, node: NodeFacto
     tb = threading.Thread(target=add, args=("b", b, copy_b))
     tb.start()
     if backend.startswith("postgresql"):  # B is blocked on A's key (SQLite: on its lock)
-        watch = PostgresStore(backend, clock)
+        # Straight to the server: behind PgBouncer, A and B hold both of its connections.
+        watch = PostgresStore(getattr(backend, "direct"), clock)
         watch.open()
         try:
             while not watch._scalar("SELECT COUNT(*) AS n FROM pg_locks WHERE NOT granted"):

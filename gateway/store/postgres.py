@@ -42,6 +42,10 @@ _LOCKS = {"claims": CLAIM_LOCK, "hits": 0x6661786777_03, "send-slot": 0x66617867
 
 
 PREPARE_THRESHOLD = 5
+# What a prepared statement meets behind a pooler that moves transactions between server
+# connections and does not carry prepared statements along.
+_LOST_PREPARED = (psycopg.errors.DuplicatePreparedStatement,
+                  psycopg.errors.InvalidSqlStatementName)
 # PostgreSQL's words when a prepared `SELECT *` meets a table that gained a column.
 _STALE_PLAN = "cached plan must not change result type"
 
@@ -105,6 +109,8 @@ class PostgresStore(SqlStore):
                              f"{type(exc).__name__}") from None
         self._pool = pool
         try:
+            if self.prepare_threshold is not None and not self._server_keeps_prepared():
+                self._stop_preparing("a test at start")
             self._open_schema(migrate)
         except BaseException:
             self.close()
@@ -115,24 +121,46 @@ class PostgresStore(SqlStore):
             self._pool.close()
             self._pool = None
 
+    def _server_keeps_prepared(self) -> bool:
+        """Whether a prepared statement stays where it was prepared. Not so behind PgBouncer in
+        transaction mode before 1.21 (or with `max_prepared_statements = 0`): each transaction
+        may run on another server connection. Two clients prepare the same name in turn; through
+        such a pooler the second lands on the first's server connection (PgBouncer hands out the
+        one used last) and is refused, or finds its statement gone."""
+        clients = [psycopg.connect(self.url, autocommit=True, prepare_threshold=0,
+                                   connect_timeout=max(1, int(self.connect_timeout_s)),
+                                   application_name="faxgw")
+                   for _ in range(2)]
+        try:
+            for _ in range(3):
+                for client in clients:
+                    client.execute("SELECT 1 AS probe", prepare=True).fetchall()
+        except _LOST_PREPARED:
+            return False
+        finally:
+            for client in clients:
+                client.close()
+        return True
+
+    def _stop_preparing(self, why: str) -> None:
+        if self.prepare_threshold is None:
+            return
+        self.prepare_threshold = None
+        log.warning("PostgreSQL at %s does not keep prepared statements between transactions "
+                    "(%s): a pooler such as PgBouncer in transaction mode before 1.21 is in "
+                    "front of it. Prepared statements are off for this run; set "
+                    "DATABASE_PREPARED_STATEMENTS=no to say so.", self.where, why)
+
     @property
     def pool(self) -> ConnectionPool:
         if self._pool is None:
             raise StoreError("store is not open")
         return self._pool
 
-    @contextlib.contextmanager
-    def _migration_lock(self) -> Iterator[None]:
-        """A session advisory lock: several nodes starting together migrate once (the others
-        wait, then find the schema current)."""
-        with self.pool.connection() as conn:
-            conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK,))
-            self._conn = conn
-            try:
-                yield
-            finally:
-                self._conn = None
-                conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK,))
+    def _lock_migrations(self) -> None:
+        # Held to the end of this migration's transaction: nodes starting together migrate
+        # once (the others wait, then find the schema current).
+        self._exec_later("SELECT pg_advisory_xact_lock(?)", (MIGRATION_LOCK,))
 
     def _has_table(self, name: str) -> bool:
         return bool(self._rows("SELECT 1 AS x FROM information_schema.tables"
@@ -145,8 +173,16 @@ class PostgresStore(SqlStore):
             yield self._conn
             return
         with self.pool.connection() as conn:
+            if conn.prepare_threshold != self.prepare_threshold:  # turned off since it was made
+                conn.prepare_threshold = self.prepare_threshold
             try:
                 yield conn
+            except _LOST_PREPARED as exc:
+                # A pooler in front of the server moved this connection's transactions to a
+                # server connection that lacks its prepared statements (or has another's):
+                # this call fails like any database error (its caller retries); none after.
+                self._stop_preparing(type(exc).__name__)
+                raise
             except psycopg.errors.FeatureNotSupported as exc:
                 if _STALE_PLAN in str(exc) and not conn.closed:
                     # Another node's migration changed a table under a query prepared here:

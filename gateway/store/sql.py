@@ -5,7 +5,7 @@ backends is a handful of small methods a backend provides: `open`/`close`, turni
 placeholder (`_sql`), a write transaction and its durability (`_tx`; `_batch_tx`, one whose
 statements may go to the server together), running a statement
 (`_exec`, `_rows`), `_has_table`, the DDL types (`DDL_TYPES`), a lock while migrating
-(`_migration_lock`), which driver errors mean "could not write" (`_is_db_error`) and the claim
+(`_lock_migrations`), which driver errors mean "could not write" (`_is_db_error`) and the claim
 of due work (`due_jobs`: SQLite has one writer; a shared PostgreSQL queue would lock and skip).
 """
 
@@ -141,12 +141,13 @@ class SqlStore(Store):
     def _ddl(self, statement: str) -> str:
         return statement.format(**self.DDL_TYPES)
 
-    def _migration_lock(self) -> ContextManager[None]:
-        """Held while migrating, so that two gateways starting on one shared database do not
-        both apply a step (PostgreSQL: an advisory lock). SQLite needs none: only the daemon
-        migrates (the CLI opens with `migrate=False`), and each step's `BEGIN IMMEDIATE` plus
-        the version check inside it keeps a step from applying twice."""
-        return contextlib.nullcontext()
+    def _lock_migrations(self) -> None:
+        """First in every migration's transaction, so that two gateways starting on one shared
+        database do not both apply a step (PostgreSQL: a transaction-scoped advisory lock, which
+        a pooler in transaction mode cannot strand on a server connection as it could a
+        session's). SQLite needs none: only the daemon migrates (the CLI opens with
+        `migrate=False`), and each step's `BEGIN IMMEDIATE` plus the version check inside it
+        keeps a step from applying twice."""
 
     @abc.abstractmethod
     def _has_table(self, name: str) -> bool:
@@ -171,11 +172,8 @@ class SqlStore(Store):
     def migrate(self) -> int:
         """Apply every migration above the database's version, each in its own transaction;
         returns the version reached."""
-        with self._migration_lock():
-            return self._migrate()
-
-    def _migrate(self) -> int:
         with self._tx():
+            self._lock_migrations()
             self._exec(self._ddl(migrations.SCHEMA_VERSION_DDL))
         current = self.schema_version()
         if current > migrations.LATEST:
@@ -185,6 +183,7 @@ class SqlStore(Store):
             if migration.version <= current:
                 continue
             with self._tx(durable=True):
+                self._lock_migrations()
                 if self.schema_version() >= migration.version:
                     continue  # another process applied it meanwhile
                 for statement in migration.statements:
