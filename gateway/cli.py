@@ -9,18 +9,23 @@ import sys
 from pathlib import Path
 
 from gateway import __version__, defaults
-from gateway.config import ConfigError, Settings, load_settings
+from gateway.config import ConfigError, Settings, load_settings_warned
 from gateway.constants import EXIT_CONFIG, EXIT_DATA
 
 
 def _load(args: argparse.Namespace) -> Settings:
     try:
-        return load_settings(args.config)
+        settings, warnings = load_settings_warned(getattr(args, "config", None))
     except ConfigError as exc:
+        for warning in exc.warnings:
+            print(f"faxgw: warning: {warning}", file=sys.stderr)
         print("faxgw: invalid configuration:", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
+    for warning in warnings:
+        print(f"faxgw: warning: {warning}", file=sys.stderr)
+    return settings
 
 
 def _setup_logging(settings: Settings, level: str | None = None) -> None:
@@ -29,7 +34,8 @@ def _setup_logging(settings: Settings, level: str | None = None) -> None:
     logs.setup_logging(level or settings.log_level, settings.log_format)
     for secret in (settings.signalwire_api_token, settings.signalwire_signing_key,
                    settings.notify_smtp_password, settings.media_signing_key,
-                   settings.metrics_token, os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                   settings.metrics_token, settings.aws_secret_access_key,
+                   settings.aws_session_token, os.environ.get("AWS_SECRET_ACCESS_KEY"),
                    os.environ.get("AWS_SESSION_TOKEN"), _url_password(settings.database_url)):
         logs.register_secret(secret)
 
