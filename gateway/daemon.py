@@ -19,8 +19,8 @@ from gateway.config import Settings, is_loopback_url
 from gateway.constants import EXIT_CONFIG, EXIT_DATA, EXIT_UNAVAILABLE
 from gateway.documents.pool import CpuPool
 from gateway.smtp.intake import Intake
-from gateway.signalwire.media import (LocalMediaStore, MediaError, MediaStore, S3MediaStore,
-                                      load_or_create_key)
+from gateway.signalwire.media import (LocalMediaStore, MediaError, MediaStore,
+                                      load_or_create_key, s3_media_store)
 from gateway.ops.instance import AlreadyRunning, DataDirLock, remove_pid_file, write_pid_file
 from gateway.ops.metrics import Metrics
 from gateway.mail.sender import Notifier, OutboxNotifier, RelayNotifier
@@ -263,17 +263,6 @@ class Gateway:
             log.info("faxgw stopped; jobs by state: %s",
                      ", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none")
         self.lock.release()
-
-
-def s3_media_store(settings: Settings, timeout_s: float) -> S3MediaStore:
-    """The S3 store with the settings' credentials (the .env file's as much as the
-    environment's), not whatever boto3 would find in the process environment."""
-    return S3MediaStore(bucket=settings.s3_bucket, prefix=settings.s3_prefix,
-                        region=settings.s3_region, endpoint_url=settings.s3_endpoint_url,
-                        timeout_s=timeout_s, access_key_id=settings.aws_access_key_id,
-                        secret_access_key=settings.aws_secret_access_key,
-                        session_token=settings.aws_session_token, profile=settings.aws_profile,
-                        ca_bundle=str(settings.aws_ca_bundle) if settings.aws_ca_bundle else None)
 
 
 async def _bound(name: str, listen: object, start: Awaitable[None]) -> None:

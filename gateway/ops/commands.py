@@ -167,7 +167,7 @@ async def _cancel_at_signalwire(settings: Settings, sid: str) -> None:
 
 
 async def _probe_s3(settings: Settings) -> str:
-    from gateway.daemon import s3_media_store
+    from gateway.signalwire.media import s3_media_store
 
     store = s3_media_store(settings, 20)
     await store.start()

@@ -24,11 +24,14 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Protocol, TypeVar
 
 import aiohttp
 
 from gateway.store.spool import copy_durable
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
 
 T = TypeVar("T")
 DELETE_BATCH = 1000  # keys in one DeleteObjects call (S3's own limit)
@@ -438,6 +441,17 @@ class S3MediaStore:
         return {names.get(e.get("Key", ""), e.get("Key", "")):
                 f"{e.get('Code', 'error')}: {e.get('Message', '')}".strip(": ")
                 for e in response.get("Errors", [])}
+
+
+def s3_media_store(settings: Settings, timeout_s: float) -> S3MediaStore:
+    """The S3 store with the settings' credentials (the .env file's as much as the
+    environment's), not whatever boto3 would find in the process environment."""
+    return S3MediaStore(bucket=settings.s3_bucket, prefix=settings.s3_prefix,
+                        region=settings.s3_region, endpoint_url=settings.s3_endpoint_url,
+                        timeout_s=timeout_s, access_key_id=settings.aws_access_key_id,
+                        secret_access_key=settings.aws_secret_access_key,
+                        session_token=settings.aws_session_token, profile=settings.aws_profile,
+                        ca_bundle=str(settings.aws_ca_bundle) if settings.aws_ca_bundle else None)
 
 
 def _s3_reason(exc: BaseException) -> str:
