@@ -172,6 +172,10 @@ class Settings:
                 value = "********"
             elif f.name == "database_url" and value:
                 value = mask_url(value)
+            elif isinstance(value, bool):
+                value = "yes" if value else "no"
+            elif isinstance(value, tuple):
+                value = ",".join(value)
             out[VARIABLES[f.name]] = "" if value is None else str(value)
         return out
 

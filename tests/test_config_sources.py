@@ -121,12 +121,16 @@ def test_production_without_public_base_url_is_refused(
 def test_run_check_prints_the_variables_not_internal_names(
         clean_env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     env_file = tmp_path / "faxgw.env"
-    env_file.write_text("SMTP_DATA_TIMEOUT_SECONDS=300\nFAX_QUALITY=superfine\n")
+    env_file.write_text("SMTP_DATA_TIMEOUT_SECONDS=300\nFAX_QUALITY=superfine\nFAX_COVER=yes\n"
+                        "TRUSTED_NETWORKS=10.0.0.0/8, 192.168.1.0/24\n")
     code, out, err = run_check(env_file, capsys)
     assert code == 0, err
     lines = dict(line.split(" = ", 1) for line in out.splitlines() if " = " in line)
     assert lines["SMTP_DATA_TIMEOUT_SECONDS"] == "300.0"
     assert lines["FAX_QUALITY"] == "superfine"
+    # In the variables' own syntax, as they could be written back into the file.
+    assert (lines["FAX_COVER"], lines["REPORT_ACCEPTED"]) == ("yes", "no")
+    assert lines["TRUSTED_NETWORKS"] == "10.0.0.0/8,192.168.1.0/24"
     assert "smtp_data_timeout_s" not in out and "quality" not in out
     assert set(lines) <= KNOWN_VARIABLES
 
