@@ -610,6 +610,9 @@ def settings_from(env: Mapping[str, str]) -> Settings:
     inbound_admin = r.addresses("INBOUND_ADMIN_ADDRESS")
     if len(inbound_admin) > 1:
         r.problems.append("INBOUND_ADMIN_ADDRESS: one address only")
+    r.problems.extend(f"INBOUND_ADMIN_ADDRESS: {a} is in FAX_DOMAIN ({domain}): its mail would "
+                      "be faxed out; give a mailbox" for a in inbound_admin
+                      if a.rpartition("@")[2].lower().rstrip(".") == domain)
     paper = r.choice("FAX_PAPER", defaults.FAX_PAPER_IN_LETTER_REGIONS
                      if region in defaults.LETTER_REGIONS else defaults.FAX_PAPER_OUTSIDE_LETTER_REGIONS,
                      ("letter", "a4"))

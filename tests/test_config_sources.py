@@ -204,6 +204,10 @@ def test_inbound_routes_into_the_fax_domain_are_refused(
     assert code == 78 and "555@faxes.example.com is in FAX_DOMAIN" in text
     assert settings_from(base_env(tmp_path, INBOUND_ROUTES="*=desk@example.com")
                          ).inbound_routes.enabled
+    with pytest.raises(ConfigError, match="INBOUND_ADMIN_ADDRESS: 15551234567@fax.local is in "
+                                          "FAX_DOMAIN"):
+        settings_from(base_env(tmp_path, INBOUND_ROUTES="*=desk@example.com",
+                               INBOUND_ADMIN_ADDRESS="15551234567@fax.local"))
 
 
 def test_the_readme_lists_each_variable_once_and_every_one_the_gateway_reads() -> None:
