@@ -9,18 +9,23 @@ import sys
 from pathlib import Path
 
 from gateway import __version__, defaults
-from gateway.config import ConfigError, Settings, load_settings
+from gateway.config import ConfigError, Settings, load_settings_warned
 from gateway.constants import EXIT_CONFIG, EXIT_DATA
 
 
 def _load(args: argparse.Namespace) -> Settings:
     try:
-        return load_settings(args.config)
+        settings, warnings = load_settings_warned(getattr(args, "config", None))
     except ConfigError as exc:
+        for warning in exc.warnings:
+            print(f"faxgw: warning: {warning}", file=sys.stderr)
         print("faxgw: invalid configuration:", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         raise SystemExit(EXIT_CONFIG) from None
+    for warning in warnings:
+        print(f"faxgw: warning: {warning}", file=sys.stderr)
+    return settings
 
 
 def _setup_logging(settings: Settings, level: str | None = None) -> None:
@@ -29,7 +34,8 @@ def _setup_logging(settings: Settings, level: str | None = None) -> None:
     logs.setup_logging(level or settings.log_level, settings.log_format)
     for secret in (settings.signalwire_api_token, settings.signalwire_signing_key,
                    settings.notify_smtp_password, settings.media_signing_key,
-                   settings.metrics_token, os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                   settings.metrics_token, settings.aws_secret_access_key,
+                   settings.aws_session_token, os.environ.get("AWS_SECRET_ACCESS_KEY"),
                    os.environ.get("AWS_SESSION_TOKEN"), _url_password(settings.database_url)):
         logs.register_secret(secret)
 
@@ -110,17 +116,53 @@ def sample_pdf(text: str = "faxgw test page") -> bytes:
     return bytes(out)
 
 
+def _read_input(path: str, command: str) -> bytes | None:
+    """A file named on the command line, or None after saying why it cannot be read."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        print(f"faxgw {command}: cannot read {path}: {exc.strerror or exc}", file=sys.stderr)
+        return None
+
+
+def _send_target(args: argparse.Namespace) -> tuple[str, int, str]:
+    """Host, port and fax domain: --server / --domain, else SMTP_LISTEN / FAX_DOMAIN of the
+    configuration (the gateway on this host), without requiring the rest of it to be valid."""
+    from gateway.config import read_environment
+
+    try:
+        env = read_environment(args.config)
+    except ConfigError:
+        env = {}
+    server = args.server or (env.get("SMTP_LISTEN") or "").strip() or defaults.SMTP_LISTEN
+    host, _, port = server.rpartition(":")
+    host = host.strip("[]")
+    if host in ("", "0.0.0.0"):
+        host = "127.0.0.1"
+    elif host == "::":
+        host = "::1"
+    domain = args.domain or (env.get("FAX_DOMAIN") or "").strip() or defaults.FAX_DOMAIN
+    if not port.isdigit():
+        raise ValueError(f"{server!r} is not host:port")
+    return host, int(port), domain
+
+
 def cmd_send(args: argparse.Namespace) -> int:
     """A test client: mail files to the gateway, as a scanner or a person would."""
     import mimetypes
     import smtplib
     from email.message import EmailMessage
-    from pathlib import Path
 
-    host, _, port = args.server.rpartition(":")
+    try:
+        host, port, domain = _send_target(args)
+    except ValueError as exc:
+        print(f"faxgw send: --server / SMTP_LISTEN: {exc}", file=sys.stderr)
+        return 2
+    if not (args.files or args.sample or args.body):
+        print("faxgw send: give files to send, --sample or --body", file=sys.stderr)
+        return 2
     msg = EmailMessage()
     msg["From"] = args.sender
-    domain = args.domain or "fax.local"
     rcpts = [n if "@" in n else f"{n}@{domain}" for n in args.to]
     msg["To"] = ", ".join(rcpts)
     msg["Subject"] = args.subject
@@ -128,17 +170,18 @@ def cmd_send(args: argparse.Namespace) -> int:
     if args.sample:
         msg.add_attachment(sample_pdf(), maintype="application", subtype="pdf",
                            filename="faxgw-test-page.pdf")
-    elif not args.files:
-        print("faxgw send: give files to send, or --sample", file=sys.stderr)
-        return 2
     for name in args.files:
         path = Path(name)
+        content = _read_input(name, "send")
+        if content is None:
+            return 66  # EX_NOINPUT
         ctype = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         maintype, subtype = ctype.split("/", 1)
-        msg.add_attachment(path.read_bytes(), maintype=maintype, subtype=subtype,
-                           filename=path.name)
+        msg.add_attachment(content, maintype=maintype, subtype=subtype, filename=path.name)
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    refused: dict[str, tuple[int, bytes]] = {}
     try:
-        with smtplib.SMTP(host or "127.0.0.1", int(port), timeout=60) as client:
+        with smtplib.SMTP(host, port, timeout=60) as client:
             client.ehlo()
             if args.starttls:
                 client.starttls()
@@ -147,22 +190,32 @@ def cmd_send(args: argparse.Namespace) -> int:
                 import getpass
 
                 client.login(args.user, getpass.getpass(f"Password for {args.user}: "))
-            refused = client.send_message(msg, from_addr=args.sender, to_addrs=rcpts)
-            code, text = client.noop()
-    except smtplib.SMTPResponseException as exc:
-        print(f"refused: {exc.smtp_code} {exc.smtp_error.decode(errors='replace')}",
-              file=sys.stderr)
-        return 1
+            # Step by step rather than send_message: the reply to DATA names the jobs.
+            code, text = client.mail(args.sender)
+            if code != 250:
+                raise smtplib.SMTPSenderRefused(code, text, args.sender)
+            for rcpt in rcpts:
+                code, text = client.rcpt(rcpt)
+                if code not in (250, 251):
+                    refused[rcpt] = (code, text)
+            if len(refused) == len(rcpts):
+                raise smtplib.SMTPRecipientsRefused(refused)
+            code, text = client.data(msg.as_bytes(policy=msg.policy.clone(linesep="\r\n")))
     except smtplib.SMTPRecipientsRefused as exc:
         for rcpt, (code, text) in exc.recipients.items():
             print(f"refused {rcpt}: {code} {text.decode(errors='replace')}", file=sys.stderr)
         return 1
+    except smtplib.SMTPResponseException as exc:
+        print(f"refused: {exc.smtp_code} {exc.smtp_error.decode(errors='replace')}",
+              file=sys.stderr)
+        return 1
     except OSError as exc:
-        print(f"cannot talk to {args.server}: {exc}", file=sys.stderr)
+        print(f"cannot talk to {where}: {exc}", file=sys.stderr)
         return 69
     for rcpt, (code, text) in refused.items():
         print(f"refused {rcpt}: {code} {text.decode(errors='replace')}", file=sys.stderr)
-    print(f"sent to {', '.join(r for r in rcpts if r not in refused)}")
+    print(f"sent to {', '.join(r for r in rcpts if r not in refused)}: "
+          f"{code} {text.decode(errors='replace')}")
     return 0 if not refused else 1
 
 
@@ -186,8 +239,10 @@ def cmd_receive_sample(args: argparse.Namespace) -> int:
 
     from gateway.inbound.commands import receive_sample
 
-    document = (Path(args.file).read_bytes() if args.file
+    document = (_read_input(args.file, "receive-sample") if args.file
                 else sample_pdf("faxgw received-fax sample"))
+    if document is None:
+        return 66  # EX_NOINPUT
     return receive_sample(_load(args), to=args.to, caller=args.caller, document=document)
 
 
@@ -288,12 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="attach a generated one-page test PDF")
     send.add_argument("--to", action="append", required=True, metavar="NUMBER",
                       help="fax number (or number@domain); repeat for several")
-    send.add_argument("--server", default=defaults.SMTP_LISTEN, metavar="HOST:PORT")
-    send.add_argument("--domain", help="fax domain (default fax.local)")
+    send.add_argument("--server", metavar="HOST:PORT",
+                      help="the gateway (default: SMTP_LISTEN of the configuration)")
+    send.add_argument("--domain", help="fax domain (default: FAX_DOMAIN of the configuration)")
+    send.add_argument("--config", metavar="PATH", help="a .env file to take SMTP_LISTEN and "
+                      "FAX_DOMAIN from (default: $FAXGW_ENV_FILE, else ./.env)")
     send.add_argument("--from", dest="sender", default="faxgw-test@example.com",
                       metavar="ADDR", help="sender address (reports go here)")
     send.add_argument("--subject", default="faxgw test")
-    send.add_argument("--body", help="message text")
+    send.add_argument("--body", help="message text (alone: a body-only mail, faxed as a page)")
     send.add_argument("--starttls", action="store_true", help="use STARTTLS")
     send.add_argument("--user", help="AUTH user (asks for the password)")
     send.set_defaults(func=cmd_send)
@@ -330,7 +388,14 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.store.health import DatabaseUnusable, damaged, is_damage
 
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # here, where a reader gone away is caught, not at exit
+        return code
+    except BrokenPipeError:
+        # `faxgw received --json | head`: the reader has what it wanted. Quiet from here on
+        # (the interpreter's own flush of stdout at exit would fail again).
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # as a shell reports a process ended by SIGPIPE
     except DatabaseUnusable as exc:
         print(f"faxgw: {exc}", file=sys.stderr)
         return EXIT_DATA

@@ -28,6 +28,7 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+        self.warnings: list[str] = []  # unknown variables: perhaps the cause of a problem
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,12 @@ class Settings:
     s3_prefix: str = defaults.S3_PREFIX
     s3_endpoint_url: str | None = None
     s3_region: str = defaults.S3_REGION
+    # Given to boto3 explicitly, so that keys in the .env file are used (None: boto3's chain).
+    aws_access_key_id: str | None = None
+    aws_secret_access_key: str | None = field(default=None, repr=False)
+    aws_session_token: str | None = field(default=None, repr=False)
+    aws_profile: str | None = None
+    aws_ca_bundle: Path | None = None
     media_url_ttl_s: int = defaults.FAX_TTL_MINUTES * 60 + defaults.MEDIA_URL_SLACK_S
     media_signing_key: str = field(default="", repr=False)  # "": generated once into DATA_DIR
     notify_smtp_host: str | None = None  # None: reports go to DATA_DIR/outbox as .eml files
@@ -157,7 +164,8 @@ class Settings:
         return self.signalwire_space_url is None
 
     def masked(self) -> dict[str, str]:
-        """Settings as printable text, secrets replaced, for `faxgw check-config` and start-up logs."""
+        """Settings as printable text under their variables' names, secrets replaced, for
+        `faxgw run --check`."""
         out: dict[str, str] = {}
         for f in fields(self):
             value = getattr(self, f.name)
@@ -165,12 +173,86 @@ class Settings:
                 value = "********"
             elif f.name == "database_url" and value:
                 value = mask_url(value)
-            out[f.name] = "" if value is None else str(value)
+            elif isinstance(value, bool):
+                value = "yes" if value else "no"
+            elif isinstance(value, tuple):
+                value = ",".join(value)
+            out[VARIABLES[f.name]] = "" if value is None else str(value)
         return out
 
 
 _SECRET_FIELDS = {"signalwire_api_token", "signalwire_signing_key", "notify_smtp_password",
-                  "media_signing_key", "metrics_token"}
+                  "media_signing_key", "metrics_token", "aws_secret_access_key",
+                  "aws_session_token"}
+
+# Each Settings field and the variable it is read from (a field read from two variables names
+# the first): what `run --check` prints, and the names an unknown variable is compared with.
+VARIABLES: dict[str, str] = {
+    "fax_domain": "FAX_DOMAIN", "default_region": "FAX_DEFAULT_REGION",
+    "from_number": "FAX_FROM_NUMBER", "quality": "FAX_QUALITY", "ttl_minutes": "FAX_TTL_MINUTES",
+    "smtp_listen": "SMTP_LISTEN", "smtp_hostname": "SMTP_HOSTNAME",
+    "smtp_max_message_bytes": "SMTP_MAX_MESSAGE_BYTES",
+    "smtp_max_recipients": "SMTP_MAX_RECIPIENTS", "smtp_max_connections": "SMTP_MAX_CONNECTIONS",
+    "smtp_max_connections_per_ip": "SMTP_MAX_CONNECTIONS_PER_IP",
+    "smtp_data_timeout_s": "SMTP_DATA_TIMEOUT_SECONDS",
+    "smtp_idle_timeout_s": "SMTP_IDLE_TIMEOUT_SECONDS", "max_pages": "FAX_MAX_PAGES",
+    "http_listen": "HTTP_LISTEN", "public_base_url": "PUBLIC_BASE_URL",
+    "signalwire_space_url": "SIGNALWIRE_SPACE_URL",
+    "signalwire_project_id": "SIGNALWIRE_PROJECT_ID",
+    "signalwire_api_token": "SIGNALWIRE_API_TOKEN",
+    "signalwire_signing_key": "SIGNALWIRE_SIGNING_KEY", "media_store": "MEDIA_STORE",
+    "s3_bucket": "S3_BUCKET", "s3_prefix": "S3_PREFIX", "s3_endpoint_url": "S3_ENDPOINT_URL",
+    "s3_region": "S3_REGION", "aws_access_key_id": "AWS_ACCESS_KEY_ID",
+    "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY", "aws_session_token": "AWS_SESSION_TOKEN",
+    "aws_profile": "AWS_PROFILE", "aws_ca_bundle": "AWS_CA_BUNDLE",
+    "media_url_ttl_s": "MEDIA_URL_TTL_SECONDS", "media_signing_key": "MEDIA_SIGNING_KEY",
+    "notify_smtp_host": "NOTIFY_SMTP_HOST", "notify_smtp_port": "NOTIFY_SMTP_PORT",
+    "notify_smtp_username": "NOTIFY_SMTP_USERNAME",
+    "notify_smtp_password": "NOTIFY_SMTP_PASSWORD", "notify_smtp_tls": "NOTIFY_SMTP_TLS",
+    "notify_from": "NOTIFY_FROM", "data_dir": "DATA_DIR", "min_free_disk_mb": "MIN_FREE_DISK_MB",
+    "status_poll_s": "STATUS_POLL_SECONDS", "retry_base_s": "RETRY_BASE_SECONDS",
+    "retry_max_s": "RETRY_MAX_SECONDS", "give_up_hours": "GIVE_UP_HOURS",
+    "worker_concurrency": "WORKER_CONCURRENCY", "api_timeout_s": "SIGNALWIRE_TIMEOUT_SECONDS",
+    "fax_max_attempts": "FAX_MAX_ATTEMPTS", "fax_retry_delay_s": "FAX_RETRY_DELAY_SECONDS",
+    "fax_kill_minutes": "FAX_KILL_MINUTES", "document_retention_hours": "DOCUMENT_RETENTION_HOURS",
+    "job_retention_days": "JOB_RETENTION_DAYS", "shutdown_grace_s": "SHUTDOWN_GRACE_SECONDS",
+    "paper": "FAX_PAPER", "body_policy": "FAX_BODY", "cover": "FAX_COVER",
+    "doc_timeout_s": "DOC_TIMEOUT_SECONDS", "doc_memory_mb": "DOC_MEMORY_MB",
+    "doc_workers": "DOC_WORKERS", "partial_timeout_minutes": "PARTIAL_TIMEOUT_MINUTES",
+    "report_thumbnail": "REPORT_THUMBNAIL", "report_attach_pdf": "REPORT_ATTACH_PDF",
+    "report_accepted": "REPORT_ACCEPTED", "report_bcc": "REPORT_BCC",
+    "report_refusals": "REPORT_REFUSALS", "report_template_dir": "REPORT_TEMPLATE_DIR",
+    "smtps_listen": "SMTPS_LISTEN", "tls_cert_file": "TLS_CERT_FILE",
+    "tls_key_file": "TLS_KEY_FILE", "tls_min_version": "TLS_MIN_VERSION",
+    "smtp_require_tls": "SMTP_REQUIRE_TLS", "smtp_auth_plaintext": "SMTP_AUTH_PLAINTEXT",
+    "users_file": "USERS_FILE", "trusted_networks": "TRUSTED_NETWORKS",
+    "allowed_senders": "ALLOWED_SENDERS", "fax_allow_international": "FAX_ALLOW_INTERNATIONAL",
+    "fax_allow_prefixes": "FAX_ALLOW_PREFIXES", "fax_block_prefixes": "FAX_BLOCK_PREFIXES",
+    "rate_per_sender_hour": "RATE_LIMIT_PER_SENDER", "rate_total_hour": "RATE_LIMIT_TOTAL",
+    "auth_max_failures": "AUTH_MAX_FAILURES", "auth_lockout_minutes": "AUTH_LOCKOUT_MINUTES",
+    "log_level": "FAXGW_LOG_LEVEL", "log_format": "FAXGW_LOG_FORMAT",
+    "metrics_token": "METRICS_TOKEN", "inbound_routes": "INBOUND_ROUTES",
+    "inbound_blocked_callers": "INBOUND_BLOCKED_CALLERS",
+    "inbound_keep_media": "INBOUND_KEEP_MEDIA",
+    "inbound_attach_document": "INBOUND_ATTACH_DOCUMENT",
+    "inbound_admin_address": "INBOUND_ADMIN_ADDRESS", "inbound_page_size": "INBOUND_PAGE_SIZE",
+    "inbound_reconcile_s": "INBOUND_RECONCILE_SECONDS",
+    "inbound_lookback_hours": "INBOUND_LOOKBACK_HOURS", "admin_listen": "ADMIN_LISTEN",
+    "admin_trusted_proxies": "ADMIN_TRUSTED_PROXIES",
+    "admin_session_minutes": "ADMIN_SESSION_MINUTES",
+    "smtp_proxy_protocol": "SMTP_PROXY_PROTOCOL", "database_url": "DATABASE_URL",
+    "database_prepared_statements": "DATABASE_PREPARED_STATEMENTS", "node_id": "NODE_ID",
+    "lease_seconds": "LEASE_SECONDS", "dedup_window_hours": "DEDUP_WINDOW_HOURS",
+    "send_rate_per_second": "SEND_RATE_PER_SECOND",
+}
+# Variables read besides those: the .env file's own, the second of a pair, a test hook.
+OTHER_VARIABLES = frozenset({"FAXGW_ENV_FILE", "INBOUND_ROUTES_FILE", "FAXGW_CRASH_AT",
+                             "FAXGW_WORKER_PATH"})
+KNOWN_VARIABLES = frozenset(VARIABLES.values()) | OTHER_VARIABLES
+# A name from the .env file starting so is meant for us; from the environment only a near miss.
+_OUR_PREFIXES = ("FAX_", "FAXGW_", "SMTP_", "SMTPS_", "HTTP_LISTEN", "ADMIN_", "SIGNALWIRE_",
+                 "S3_", "MEDIA_", "NOTIFY_", "REPORT_", "TLS_", "INBOUND_", "DOC_", "DATABASE_",
+                 "RATE_LIMIT_", "AUTH_", "RETRY_", "PUBLIC_BASE")
 
 
 def default_node_id() -> str:
@@ -188,28 +270,66 @@ def mask_url(url: str) -> str:
     return parts._replace(netloc=f"{user}:********@{netloc}").geturl()
 
 
-def read_environment(env_file: str | None = None,
-                     environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The merged variables: the .env file first, the process environment over it.
+def read_env_file(env_file: str | None = None,
+                  environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The .env file's variables (`env_file`, else $FAXGW_ENV_FILE, else ./.env if present).
 
     dotenv_values rather than load_dotenv: the process environment is not mutated.
     """
     environ = os.environ if environ is None else environ
     path = env_file or environ.get("FAXGW_ENV_FILE")
-    merged: dict[str, str] = {}
     if path:
         if not Path(path).is_file():
             raise ConfigError([f"FAXGW_ENV_FILE: {path} does not exist or is not a file"])
-        merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
-    elif Path(".env").is_file():
-        merged.update({k: v for k, v in dotenv_values(".env").items() if v is not None})
-    merged.update(environ)
-    return merged
+        return {k: v for k, v in dotenv_values(path).items() if v is not None}
+    if Path(".env").is_file():
+        return {k: v for k, v in dotenv_values(".env").items() if v is not None}
+    return {}
+
+
+def read_environment(env_file: str | None = None,
+                     environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The merged variables: the .env file first, the process environment over it."""
+    environ = os.environ if environ is None else environ
+    return {**read_env_file(env_file, environ), **environ}
 
 
 def load_settings(env_file: str | None = None,
                   environ: Mapping[str, str] | None = None) -> Settings:
     return settings_from(read_environment(env_file, environ))
+
+
+def load_settings_warned(env_file: str | None = None, environ: Mapping[str, str] | None = None
+                         ) -> tuple[Settings, list[str]]:
+    """The settings, and a warning for each variable that looks meant for faxgw but is none
+    of its names (a misspelt FAX_QUALTY would otherwise be ignored without a word)."""
+    environ = os.environ if environ is None else environ
+    from_file = read_env_file(env_file, environ)
+    warnings = unknown_variables(from_file, environ)
+    try:
+        return settings_from({**from_file, **environ}), warnings
+    except ConfigError as exc:
+        exc.warnings = warnings
+        raise
+
+
+def unknown_variables(from_file: Mapping[str, str], environ: Mapping[str, str]) -> list[str]:
+    """Warnings for unknown names: in the .env file, any with one of our prefixes or near one
+    of our names; in the environment (which holds every other program's too), only near ones."""
+    import difflib
+
+    out: list[str] = []
+    for source, names, prefixed in (("the configuration file", from_file, True),
+                                    ("the environment", environ, False)):
+        for name in sorted(names):
+            if name in KNOWN_VARIABLES or (source == "the environment" and name in from_file):
+                continue
+            near = difflib.get_close_matches(name, KNOWN_VARIABLES, n=1, cutoff=0.85)
+            if not near and not (prefixed and name.startswith(_OUR_PREFIXES)):
+                continue
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            out.append(f"{name} in {source} is not a faxgw setting and is ignored{hint}")
+    return out
 
 
 class _Reader:
@@ -374,6 +494,9 @@ def settings_from(env: Mapping[str, str]) -> Settings:
     if prefix and not prefix.endswith("/"):
         prefix += "/"
     s3_endpoint = r.url("S3_ENDPOINT_URL")
+    aws_key_id, aws_secret = r.str("AWS_ACCESS_KEY_ID"), r.str("AWS_SECRET_ACCESS_KEY")
+    if bool(aws_key_id) != bool(aws_secret):
+        r.problems.append("AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY: set both or neither")
 
     notify_host = r.str("NOTIFY_SMTP_HOST")
     notify_tls = r.choice("NOTIFY_SMTP_TLS", defaults.NOTIFY_SMTP_TLS, ("none", "starttls", "tls"))
@@ -404,11 +527,14 @@ def settings_from(env: Mapping[str, str]) -> Settings:
     cert, key = r.file("TLS_CERT_FILE"), r.file("TLS_KEY_FILE")
     if bool(cert) != bool(key):
         r.problems.append("TLS_CERT_FILE / TLS_KEY_FILE: set both or neither")
-    if r.str("SMTPS_LISTEN") and not cert:
+    smtps_listen = (r.hostport("SMTPS_LISTEN", "0.0.0.0:465") if r.str("SMTPS_LISTEN")
+                    else None)
+    if smtps_listen is not None and not cert:
         r.problems.append("SMTPS_LISTEN: needs TLS_CERT_FILE and TLS_KEY_FILE")
     tls_min = r.choice("TLS_MIN_VERSION", defaults.TLS_MIN_VERSION, ("tlsv1", "tlsv1.1", "tlsv1.2", "tlsv1.3"))
     tls_min = "TLSv" + tls_min[4:]
-    if r.bool("SMTP_REQUIRE_TLS", defaults.SMTP_REQUIRE_TLS) and not cert:
+    require_tls = r.bool("SMTP_REQUIRE_TLS", defaults.SMTP_REQUIRE_TLS)
+    if require_tls and not cert:
         r.problems.append("SMTP_REQUIRE_TLS: needs TLS_CERT_FILE and TLS_KEY_FILE")
     users_file = r.file("USERS_FILE")
     from gateway.smtp.policy import DestinationPolicy, SenderPolicy, TrustedNetworks
@@ -457,6 +583,11 @@ def settings_from(env: Mapping[str, str]) -> Settings:
     except ValueError as exc:
         r.problems.append(f"ADMIN_TRUSTED_PROXIES: {exc}")
     public = r.url("PUBLIC_BASE_URL")
+    if public is None and space is not None and not is_loopback_url(space):
+        # Otherwise http:// + HTTP_LISTEN: loopback, which SignalWire can never reach.
+        r.problems.append("PUBLIC_BASE_URL: required when SIGNALWIRE_SPACE_URL is set (the "
+                          "https:// address at which SignalWire reaches HTTP_LISTEN, for "
+                          "status callbacks and media)")
 
     routes = Routes()
     try:
@@ -466,6 +597,12 @@ def settings_from(env: Mapping[str, str]) -> Settings:
             routes = combine(routes, parse_routes_file(routes_file))
     except RouteError as exc:
         r.problems.append(str(exc))
+    for number, addresses in routes.table:
+        for address in addresses:
+            if address.rpartition("@")[2].lower().rstrip(".") == domain:
+                r.problems.append(f"INBOUND_ROUTES: {number}={address} is in FAX_DOMAIN "
+                                  f"({domain}): each fax received there would be faxed out "
+                                  "again; route it to a mailbox")
     blocked = r.items("INBOUND_BLOCKED_CALLERS")
     for item in blocked:
         if item.lower() != "anonymous" and not (item.startswith("+") and item[1:].isdigit()):
@@ -474,6 +611,9 @@ def settings_from(env: Mapping[str, str]) -> Settings:
     inbound_admin = r.addresses("INBOUND_ADMIN_ADDRESS")
     if len(inbound_admin) > 1:
         r.problems.append("INBOUND_ADMIN_ADDRESS: one address only")
+    r.problems.extend(f"INBOUND_ADMIN_ADDRESS: {a} is in FAX_DOMAIN ({domain}): its mail would "
+                      "be faxed out; give a mailbox" for a in inbound_admin
+                      if a.rpartition("@")[2].lower().rstrip(".") == domain)
     paper = r.choice("FAX_PAPER", defaults.FAX_PAPER_IN_LETTER_REGIONS
                      if region in defaults.LETTER_REGIONS else defaults.FAX_PAPER_OUTSIDE_LETTER_REGIONS,
                      ("letter", "a4"))
@@ -509,6 +649,11 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         s3_prefix=prefix,
         s3_endpoint_url=s3_endpoint,
         s3_region=r.str("S3_REGION", defaults.S3_REGION) or defaults.S3_REGION,
+        aws_access_key_id=aws_key_id,
+        aws_secret_access_key=aws_secret,
+        aws_session_token=r.str("AWS_SESSION_TOKEN"),
+        aws_profile=r.str("AWS_PROFILE"),
+        aws_ca_bundle=r.file("AWS_CA_BUNDLE"),
         media_url_ttl_s=media_ttl,
         media_signing_key=r.str("MEDIA_SIGNING_KEY", "") or "",
         notify_smtp_host=notify_host,
@@ -551,11 +696,11 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         report_bcc=r.addresses("REPORT_BCC"),
         report_refusals=r.bool("REPORT_REFUSALS", defaults.REPORT_REFUSALS),
         report_template_dir=template_dir,
-        smtps_listen=r.hostport("SMTPS_LISTEN", "") if r.str("SMTPS_LISTEN") else None,
+        smtps_listen=smtps_listen,
         tls_cert_file=cert,
         tls_key_file=key,
         tls_min_version=tls_min,
-        smtp_require_tls=r.bool("SMTP_REQUIRE_TLS", defaults.SMTP_REQUIRE_TLS),
+        smtp_require_tls=require_tls,
         smtp_auth_plaintext=r.bool("SMTP_AUTH_PLAINTEXT", defaults.SMTP_AUTH_PLAINTEXT),
         users_file=users_file,
         trusted_networks=trusted,

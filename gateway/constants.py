@@ -18,10 +18,14 @@ TTL_MAX_MINUTES: Final = 300
 MAX_CALLBACK_BODY_BYTES: Final = 64 * 1024
 MAX_RCPT_ADDRESS_CHARS: Final = 320
 SMTP_LINE_TIMEOUT_S: Final = 300.0
-# Recipients a client address may name in an hour without them becoming faxes (RSET, QUIT,
-# refused DATA): bounds RCPT churn per address without touching anyone else's quota. Twenty
-# full-size messages' worth; accepted faxes give theirs back.
-RCPT_CHURN_PER_IP_HOUR: Final = 400
+# Recipients a sender (the logged-in user, else the envelope sender from one address) may name
+# in an hour without them becoming faxes (RSET, QUIT, refused DATA): bounds RCPT churn without
+# touching anyone else's quota, also behind one office NAT or mail relay. Twenty full-size
+# messages' worth; accepted faxes give theirs back.
+RCPT_CHURN_PER_SENDER_HOUR: Final = 400
+# The same per client address, all its senders together: only a client making up sender after
+# sender reaches it (each at its own bound), so that churn stays bounded even then.
+RCPT_CHURN_PER_IP_HOUR: Final = 10 * RCPT_CHURN_PER_SENDER_HOUR
 
 # Every mail the gateway sends (reports, receipts, refusals) carries this header, valued with the
 # job id (or "refusal"), so that one coming back to a fax address is recognised and refused.

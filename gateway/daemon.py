@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from typing import Awaitable, Callable
@@ -18,7 +19,8 @@ from gateway.config import Settings, is_loopback_url
 from gateway.constants import EXIT_CONFIG, EXIT_DATA, EXIT_UNAVAILABLE
 from gateway.documents.pool import CpuPool
 from gateway.smtp.intake import Intake
-from gateway.signalwire.media import LocalMediaStore, MediaStore, S3MediaStore, load_or_create_key
+from gateway.signalwire.media import (LocalMediaStore, MediaError, MediaStore,
+                                      load_or_create_key, s3_media_store)
 from gateway.ops.instance import AlreadyRunning, DataDirLock, remove_pid_file, write_pid_file
 from gateway.ops.metrics import Metrics
 from gateway.mail.sender import Notifier, OutboxNotifier, RelayNotifier
@@ -60,10 +62,7 @@ class Gateway:
             self.local_media = LocalMediaStore(data / "media", key, self.public_base_url, clock)
             self.media: MediaStore = self.local_media
         else:
-            self.media = S3MediaStore(bucket=settings.s3_bucket, prefix=settings.s3_prefix,
-                                      region=settings.s3_region,
-                                      endpoint_url=settings.s3_endpoint_url,
-                                      timeout_s=defaults.S3_TIMEOUT_S)
+            self.media = s3_media_store(settings, defaults.S3_TIMEOUT_S)
         self.notifier: Notifier = (
             RelayNotifier(settings, defaults.NOTIFY_TIMEOUT_S) if settings.notify_smtp_host
             else OutboxNotifier(data / "outbox"))
@@ -206,17 +205,18 @@ class Gateway:
         await self.inbound.prepare()
         await self.cpu.start()
         await self.media.start()
-        await self.web.start()
+        await _bound("HTTP_LISTEN", self.s.http_listen, self.web.start())
         await self.signalwire.start()
         if self.dashboard is not None:
-            await self.dashboard.start()
+            await _bound("ADMIN_LISTEN", self.s.admin_listen, self.dashboard.start())
         if run_worker:
             await self.worker.start()
         await self.inbound.start(run_background=run_worker)
         if self.s.sandbox:
             write_sandbox_info(self.s, self.space_url(), self.public_base_url())
         for listener in self.listeners:
-            await listener.start()
+            await _bound("SMTPS_LISTEN" if listener is self.smtps else "SMTP_LISTEN",
+                         listener.listen, listener.start())
         mode = "sandbox (built-in SignalWire simulator)" if self.s.sandbox else "production"
         log.info("faxgw started in %s mode: SMTP %s:%d%s%s for *@%s, HTTP %s:%d, media %s, "
                  "reports %s, store %s (node %s)", mode, self.s.smtp_listen.host, self.smtp.port,
@@ -266,6 +266,15 @@ class Gateway:
         self.lock.release()
 
 
+async def _bound(name: str, listen: object, start: Awaitable[None]) -> None:
+    """Bind a listener; a port in use (or any bind error) names the setting that asked."""
+    try:
+        await start
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
+        raise OSError(f"{name}={listen}: {reason}") from exc
+
+
 async def amain(settings: Settings) -> int:
     gateway = Gateway(settings)
     stop = asyncio.Event()
@@ -291,6 +300,11 @@ async def amain(settings: Settings) -> int:
         # exit 78, which the unit does not restart.
         log.error("cannot start: %s", exc)
         await gateway.stop(grace_s=0)
+        return EXIT_CONFIG
+    except MediaError as exc:  # no S3 credentials: restarting cannot fix it
+        log.error("cannot start: %s", exc)
+        await gateway.stop(grace_s=0)
+        remove_pid_file(settings.data_dir)
         return EXIT_CONFIG
     except (OSError, StoreError) as exc:  # a port in use, an unwritable DATA_DIR, no database
         log.error("cannot start: %s", exc)

@@ -73,6 +73,9 @@ HASH_BYTES = 32
 _MAX_SCRYPT_MEMORY_BYTES = 256 * 1024 * 1024
 _MAX_SCRYPT_WORK = 2 ** 24  # N * r * p; the default is 2**18
 MAX_PASSWORD_CHARS = 1024
+# `faxgw passwd` refuses shorter ones: a login that guards faxes sent on the company's line
+# and the dashboard, tried AUTH_MAX_FAILURES times per address before a lockout.
+MIN_PASSWORD_CHARS = 10
 MAX_USERNAME_CHARS = 255
 
 _KEYS = ("from", "report", "senders", "role")
@@ -426,6 +429,8 @@ def passwd_command(path: str | os.PathLike[str], username: str, password: str,
     """
     if not password:
         raise ValueError("the password is empty")
+    if len(password) < MIN_PASSWORD_CHARS:
+        raise ValueError(f"the password is shorter than {MIN_PASSWORD_CHARS} characters")
     if len(password) > MAX_PASSWORD_CHARS:
         raise ValueError(f"the password is longer than {MAX_PASSWORD_CHARS} characters")
     if password != password.strip() or any(ch in password for ch in "\r\n\0"):

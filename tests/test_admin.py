@@ -381,7 +381,7 @@ def test_cancel_before_submission_fails_the_job_for_its_report(store: Store,
         assert (job.state, job.failure_reason, job.next_run_at) == (
             State.GIVEN_UP, "canceled by the operator", T0 + 5)
         assert store.events(job_id)[-1].detail == "canceled by the operator"
-    with pytest.raises(AdminError, match="already finished \\(given-up/not sent\\)"):
+    with pytest.raises(AdminError, match="already finished \\(given-up/canceled\\)"):
         admin.request_cancel(store, a, T0 + 6)
 
 

@@ -46,12 +46,13 @@ def test_run_check_prints_masked_settings(tmp_path: Path, monkeypatch,
     env_file = tmp_path / "faxgw.env"
     env_file.write_text("SIGNALWIRE_SPACE_URL=https://x.signalwire.com\n"
                         "SIGNALWIRE_PROJECT_ID=p\nSIGNALWIRE_API_TOKEN=sekrit-token\n"
-                        "SIGNALWIRE_SIGNING_KEY=sekrit-key\nFAX_FROM_NUMBER=+15550100000\n")
+                        "SIGNALWIRE_SIGNING_KEY=sekrit-key\nFAX_FROM_NUMBER=+15550100000\n"
+                        "PUBLIC_BASE_URL=https://fax.example.com\n")
     for name in ("SIGNALWIRE_SPACE_URL", "FAXGW_ENV_FILE"):
         monkeypatch.delenv(name, raising=False)
     assert main(["run", "--check", "--config", str(env_file)]) == 0
     out = capsys.readouterr().out
-    assert "signalwire_space_url = https://x.signalwire.com" in out
+    assert "SIGNALWIRE_SPACE_URL = https://x.signalwire.com" in out
     assert "sekrit" not in out and "configuration OK" in out
 
 

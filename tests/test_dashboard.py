@@ -416,9 +416,9 @@ async def test_lockout_after_repeated_wrong_passwords(make_gateway: GatewayFacto
 async def test_viewer_sees_but_cannot_act(dash: Dash, browser: Browser) -> None:
     w = await new_page(browser)
     page = w.page
-    # A user without a dashboard role cannot log in at all.
+    # A user without a dashboard role cannot log in at all, and is told why.
     await login(w, dash.base, "sam")
-    await expect(page.locator("p.error")).to_have_text("Wrong name or password.")
+    await expect(page.locator("p.error")).to_contain_text("may only send faxes by mail")
     await login(w, dash.base, "vic")
     await expect(page).to_have_url(dash.base + "/jobs")
     await expect(page.locator("header .who")).to_contain_text("vic (read-only)")
@@ -446,7 +446,7 @@ async def test_viewer_sees_but_cannot_act(dash: Dash, browser: Browser) -> None:
     assert response.status == 403 and "read-only" in await response.text()
     assert await dash.count_jobs() == jobs_before
     assert len(dash.simulator.state.faxes) == faxes_before
-    w.errors = [e for e in w.errors if "401" not in e]  # the refused login of sam
+    w.errors = [e for e in w.errors if "403" not in e]  # the refused login of sam
     w.clean()
 
 

@@ -25,19 +25,19 @@ PASSWORD = "ann-admin-pw"
 def test_roles_in_the_users_file(tmp_path: Path) -> None:
     users = tmp_path / "users"
     passwd_command(users, "ann", PASSWORD, role="admin")
-    passwd_command(users, "vic", "pw-vic", role="viewer", from_number="+15551234567")
-    passwd_command(users, "sam", "pw-sam")
+    passwd_command(users, "vic", "pw-vic-viewer", role="viewer", from_number="+15551234567")
+    passwd_command(users, "sam", "pw-sam-mail-only")
     loaded = load_users(users)
     assert (loaded["ann"].role, loaded["vic"].role, loaded["sam"].role) == ("admin", "viewer",
                                                                            None)
     assert "role=viewer" in users.read_text()
-    passwd_command(users, "vic", "pw-vic-2")          # a new password keeps the role
+    passwd_command(users, "vic", "pw-vic-viewer-2")          # a new password keeps the role
     assert load_users(users)["vic"].role == "viewer"
-    passwd_command(users, "vic", "pw-vic-2", role="")  # --no-dashboard
+    passwd_command(users, "vic", "pw-vic-viewer-2", role="")  # --no-dashboard
     assert load_users(users)["vic"].role is None
     assert load_users(users)["vic"].from_number == "+15551234567"
     with pytest.raises(UsersFileError, match="role=root is not one of admin, viewer"):
-        passwd_command(users, "eve", "pw", role="root")
+        passwd_command(users, "eve", "pw-eve-root", role="root")
     users.write_text(users.read_text() + "bad scrypt$15$8$1$AAAAAAAAAAA=$AAAAAAAAAAAAAAAAAAAAAA== "
                      "role=boss\n")
     with pytest.raises(UsersFileError, match=r":\d+: role=boss is not one of admin, viewer"):
@@ -49,13 +49,13 @@ def test_passwd_admin_and_viewer_flags(tmp_path: Path) -> None:
     for args in (["ann", "--admin"], ["vic", "--viewer"]):
         done = subprocess.run([sys.executable, "-m", "gateway", "passwd", *args,
                                "--users-file", str(users), "--password-stdin"],
-                              input="pw-123\n", capture_output=True, text=True, timeout=60)
+                              input="pw-123456789\n", capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
     assert {n: u.role for n, u in load_users(users).items()} == {"ann": "admin",
                                                                   "vic": "viewer"}
     done = subprocess.run([sys.executable, "-m", "gateway", "passwd", "ann", "--admin",
                            "--viewer", "--users-file", str(users), "--password-stdin"],
-                          input="pw-123\n", capture_output=True, text=True, timeout=60)
+                          input="pw-123456789\n", capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "not allowed with argument" in done.stderr
 
 
@@ -115,7 +115,7 @@ async def test_sessions_expire_and_follow_the_users_file(tmp_path: Path,
             passwd_command(users, "ann", PASSWORD, role="")
             async with http.get(base + "/health", allow_redirects=False) as r:
                 assert r.status == 303
-            assert await _login(http, base) == 401
+            assert await _login(http, base) == 403  # told it has no dashboard role
     finally:
         await gw.stop(grace_s=5)
 

@@ -200,4 +200,4 @@ async def test_port_in_use_exits_69_with_a_clear_line(tmp_path: Path) -> None:
             stderr=subprocess.PIPE)
         _, err = await asyncio.wait_for(proc.communicate(), 60)
     assert proc.returncode == 69
-    assert "cannot start" in err.decode() and "address already in use" in err.decode()
+    assert f"cannot start: SMTP_LISTEN=127.0.0.1:{port}: Address already in use" in err.decode()

@@ -238,30 +238,32 @@ def test_user_allows_sender() -> None:
 
 def test_passwd_command_adds_updates_and_keeps_settings(tmp_path: Path) -> None:
     path = tmp_path / "users"
-    msg = passwd_command(path, "scanner", "s3cret", from_number="+15551234567",
+    msg = passwd_command(path, "scanner", "s3cret-scanner", from_number="+15551234567",
                          report_to="it@example.com", senders=["scan@example.com"])
     assert msg == f"user scanner added to {path}"
     user = load_users(path)["scanner"]
-    assert verify_password("s3cret", user.password_hash)
+    assert verify_password("s3cret-scanner", user.password_hash)
     assert (user.from_number, user.report_to, user.senders) == (
         "+15551234567", "it@example.com", ("scan@example.com",))
 
-    msg = passwd_command(path, "scanner", "n3w")  # password only: settings kept
+    msg = passwd_command(path, "scanner", "n3w-scanner-pw")  # password only: settings kept
     assert msg == f"user scanner updated in {path}"
     user = load_users(path)["scanner"]
-    assert verify_password("n3w", user.password_hash)
-    assert not verify_password("s3cret", user.password_hash)
+    assert verify_password("n3w-scanner-pw", user.password_hash)
+    assert not verify_password("s3cret-scanner", user.password_hash)
     assert (user.from_number, user.report_to, user.senders) == (
         "+15551234567", "it@example.com", ("scan@example.com",))
 
-    passwd_command(path, "scanner", "n3w", from_number="", report_to="", senders=[])
+    passwd_command(path, "scanner", "n3w-scanner-pw", from_number="", report_to="", senders=[])
     user = load_users(path)["scanner"]
     assert (user.from_number, user.report_to, user.senders) == (None, None, ())
 
 
 @pytest.mark.parametrize(("password", "message"), [
     ("", "empty"),
-    (" padded", "white space"),
+    ("x", "shorter than 10 characters"),
+    ("123456789", "shorter than 10 characters"),
+    (" padded password", "white space"),
     ("line\nbreak", "line break"),
     ("x" * 1025, "longer than"),
 ])
@@ -273,9 +275,9 @@ def test_passwd_command_refuses_bad_passwords(tmp_path: Path, password: str, mes
 
 def test_passwd_command_refuses_bad_values(tmp_path: Path) -> None:
     with pytest.raises(UsersFileError, match="not an E.164"):
-        passwd_command(tmp_path / "users", "scanner", "pw", from_number="555-1234")
+        passwd_command(tmp_path / "users", "scanner", "pw-scanner-1", from_number="555-1234")
     with pytest.raises(UsersFileError, match="sender pattern"):
-        passwd_command(tmp_path / "users", "scanner", "pw", senders=["bad@"])
+        passwd_command(tmp_path / "users", "scanner", "pw-scanner-1", senders=["bad@"])
 
 
 def test_users_file_reloads_when_changed_and_keeps_last_good(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import html
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -84,6 +85,51 @@ def _advice(job: Job) -> str | None:
     if job.fax_status == "no-answer":
         return _("Nobody answered; check the number and that the fax machine is on.")
     return None
+
+
+_STATUS_IN_DETAIL = re.compile(r"\bstatus=([a-z-]+)")
+_ATTEMPT_IN_DETAIL = re.compile(r"^attempt (\d+)\b")
+
+
+def history_line(event: Event, message: Message) -> str | None:
+    """An event of the job's history as the sender would say it, or None for the gateway's
+    own bookkeeping (uploads, lookups, progress, retries of its own steps). The operator's
+    `faxgw job` keeps the internal words; a report does not quote them."""
+    kind, detail = event.kind, event.detail or ""
+    if kind == "received":
+        if detail.startswith("resend of job"):
+            return _("sent again at the operator's request")
+        return _("your mail was received (%s)") % _pages(message.pages)
+    if kind == "submitting":
+        n = _ATTEMPT_IN_DETAIL.match(detail)
+        return _("attempt %s: dialing") % n.group(1) if n else _("dialing")
+    if kind == "final":
+        status = _STATUS_IN_DETAIL.search(detail)
+        word = status.group(1) if status else ""
+        return STATUS_WORDS.get(word, _("the fax service reported: %s") % (word or "-"))
+    if kind == "retry" and _ATTEMPT_IN_DETAIL.match(detail):
+        return _("waiting to try again")
+    if kind == "given-up":
+        return _("not sent: ") + one_line(detail, 300)
+    if kind == "canceled":
+        return _("canceled by the operator")
+    if kind == "cancel":
+        return _("canceled by the operator while queued at the fax service")
+    if kind == "reported":
+        return _("report sent")
+    if kind == "report-again":
+        return _("report sent again at the operator's request")
+    if kind == "resent":
+        return _("sent again as a new fax at the operator's request")
+    return None
+
+
+def _status_words(job: Job) -> str:
+    """The report's Status line: what became of the fax, not the last line's signal of an
+    earlier attempt (a canceled fax that had been busy once is canceled, not busy)."""
+    if job.failure_reason:
+        return _("canceled") if job.fax_status == "canceled" else _("not sent")
+    return job.fax_status or job.state.value
 
 
 def outcome(job: Job) -> tuple[bool, str]:
@@ -173,7 +219,9 @@ def report_content(job: Job, message: Message, events: Sequence[Event],
     now = time.time() if now is None else now
     ok, words = outcome(job)
     number = format_number(job.to_number)
-    advice = _advice(job) if not ok else None
+    # Advice about the line only when the line was the trouble: not for a fax the gateway gave
+    # up or the operator canceled.
+    advice = _advice(job) if not ok and not job.failure_reason else None
     if ok and message.notes and "could not be printed" in message.notes:
         # Delivered, but not all of it legibly: say so up front, not only under "Not faxed".
         advice = _("Some characters of your text could not be printed and were faxed as '?' "
@@ -185,7 +233,7 @@ def report_content(job: Job, message: Message, events: Sequence[Event],
         "documents": one_line(message.filenames or "-", 300),
         "not_faxed": one_line(message.notes or "-", 600),
         "pages": _pages(job.pages_sent if ok and job.pages_sent else job.pages),
-        "status": job.fax_status or job.state.value,
+        "status": _status_words(job),
         "duration": f"{job.duration_s} s" if job.duration_s is not None else "-",
         "error": (one_line(job.error_message or "", 300)
                   + (f" (code {job.error_code})" if job.error_code else "")) or "-",
@@ -194,8 +242,8 @@ def report_content(job: Job, message: Message, events: Sequence[Event],
         "job_id": job.id,
         "received": _when(message.created_at),
         "finished": _when(job.updated_at),
-        "history": "\n".join(f"  {_when(e.at)}  {e.kind}: "
-                             f"{one_line(e.detail or '', 300)}" for e in events),
+        "history": "\n".join(f"  {_when(e.at)}  {line}" for e in events
+                             if (line := history_line(e, message)) is not None),
     }
     text = templates.get("report.txt").safe_substitute(
         values, advice=f"{advice}\n" if advice else "",

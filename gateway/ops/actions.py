@@ -157,10 +157,12 @@ def list_jobs(store: Store, *, status: str | None = None, to: str | None = None,
         states = ACTIVE_STATES
     elif status in FAX_STATUSES:
         fax_status = status
-    elif status is not None:
+    elif status is not None and status != State.GIVEN_UP.value:
         states = frozenset({State(status)})
+    # given-up: the faxes the gateway never got through, before their report and after it.
     rows = store.job_listing(states=states, fax_status=fax_status, to_digits=digits,
-                             sender=(sender or "").strip() or None, since=since, limit=limit)
+                             sender=(sender or "").strip() or None, since=since, limit=limit,
+                             gave_up=status == State.GIVEN_UP.value)
     return [_row(r) for r in rows]
 
 
@@ -186,7 +188,7 @@ def _row(r: JobListing) -> JobRow:
 
 def _status(job: Job) -> str:
     if job.failure_reason:
-        return f"{job.state.value}/not sent"
+        return f"{job.state.value}/{'canceled' if job.fax_status == 'canceled' else 'not sent'}"
     return f"{job.state.value}/{job.fax_status}" if job.fax_status else job.state.value
 
 

@@ -167,11 +167,9 @@ async def _cancel_at_signalwire(settings: Settings, sid: str) -> None:
 
 
 async def _probe_s3(settings: Settings) -> str:
-    from gateway.signalwire.media import S3MediaStore
+    from gateway.signalwire.media import s3_media_store
 
-    store = S3MediaStore(bucket=settings.s3_bucket, prefix=settings.s3_prefix,
-                         region=settings.s3_region, endpoint_url=settings.s3_endpoint_url,
-                         timeout_s=20)
+    store = s3_media_store(settings, 20)
     await store.start()
     try:
         probe = Path(os.environ.get("TMPDIR", "/tmp")) / f"faxgw-probe-{os.getpid()}.pdf"

@@ -94,9 +94,13 @@ class DaemonProcess:
 
     SMTP and HTTP ports are chosen once and kept across restarts, so callback URLs given to
     SignalWire stay valid. FAXGW_* and SIGNALWIRE_* variables of the calling environment are
-    not inherited: the daemon sees only the settings it is given."""
+    not inherited (nor those starting with one of `hide`): the daemon sees only the settings it
+    is given, in `env` or in a file named by `args` (`--config PATH`)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+    def __init__(self, env: dict[str, str], log_path: Path, *, args: tuple[str, ...] = (),
+                 hide: tuple[str, ...] = ()) -> None:
+        self.args = args
+        self.hide = ("FAXGW_", "SIGNALWIRE_", *hide)
         self.smtp_port = free_port()
         self.http_port = free_port()
         self.env = dict(env, SMTP_LISTEN=f"127.0.0.1:{self.smtp_port}",
@@ -110,12 +114,12 @@ class DaemonProcess:
 
     async def start(self, crash_at: str | None = None, timeout_s: float = 30) -> None:
         """Start and wait for READY_LINE; `crash_at` names a FAXGW_CRASH_AT point."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("FAXGW_", "SIGNALWIRE_"))}
+        env = {k: v for k, v in os.environ.items() if not k.startswith(self.hide)}
         env.update(self.env)
         if crash_at:
             env["FAXGW_CRASH_AT"] = crash_at
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "run", env=env, stdin=asyncio.subprocess.DEVNULL,
+            sys.executable, "-m", "gateway", "run", *self.args, env=env, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         self.starts += 1
         ready = asyncio.get_running_loop().create_future()

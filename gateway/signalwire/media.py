@@ -24,11 +24,14 @@ import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Protocol, TypeVar
 
 import aiohttp
 
 from gateway.store.spool import copy_durable
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
 
 T = TypeVar("T")
 DELETE_BATCH = 1000  # keys in one DeleteObjects call (S3's own limit)
@@ -191,16 +194,24 @@ def _signing_key(secret_key: str, day: str, region: str) -> bytes:
 class S3MediaStore:
     """Documents in an S3 (or S3-compatible) bucket behind SigV4 presigned URLs.
 
-    boto3 finds the credentials (its whole chain: environment, profile, instance role) and the
-    bucket's address once, at start. Each request is then presigned by `presign_v4` (the URL
+    The credentials are the settings' (AWS_* from the .env file or the environment, given to
+    boto3 explicitly), else boto3's chain (profile, instance role); they and the bucket's
+    address are found once, at start. Each request is then presigned by `presign_v4` (the URL
     `generate_presigned_url` would give) and sent with aiohttp on the event loop. Through the
     client, a PUT or DELETE cost ~1.5 ms of CPU and two thread hops (S3 calls were a sixth of
     the pipeline's CPU per fax); a signature costs ~20 us. The boto3 client still does the
     rare several-key DeleteObjects."""
 
     def __init__(self, *, bucket: str, prefix: str, region: str, endpoint_url: str | None,
-                 timeout_s: float) -> None:
+                 timeout_s: float, access_key_id: str | None = None,
+                 secret_access_key: str | None = None, session_token: str | None = None,
+                 profile: str | None = None, ca_bundle: str | None = None) -> None:
         self.bucket = bucket
+        self._keys = {"aws_access_key_id": access_key_id,
+                      "aws_secret_access_key": secret_access_key,
+                      "aws_session_token": session_token} if access_key_id else {}
+        self._profile = profile
+        self._ca_bundle = ca_bundle
         self.prefix = prefix
         self.region = region
         self.endpoint_url = endpoint_url
@@ -228,7 +239,7 @@ class S3MediaStore:
         self._threads = ThreadPoolExecutor(S3_THREADS, thread_name_prefix="faxgw-s3")
         self._client, self._credentials, self._bucket_url = await self._call(self._make_client)
         self._signing_region = self._client.meta.region_name or self.region
-        cafile = os.environ.get("AWS_CA_BUNDLE") or None  # as boto3 honours it
+        cafile = self._ca_bundle or os.environ.get("AWS_CA_BUNDLE") or None  # as boto3's
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=S3_CONNECTIONS,
                                            ssl=ssl.create_default_context(cafile=cafile)),
@@ -250,9 +261,14 @@ class S3MediaStore:
             read_timeout=self.timeout_s,
             retries={"max_attempts": 2, "mode": "standard"},
         )
-        session = boto3.session.Session()
+        session = boto3.session.Session(profile_name=self._profile, **self._keys)
         client = session.client("s3", region_name=self.region, endpoint_url=self.endpoint_url,
-                                config=config)
+                                config=config, **({"verify": self._ca_bundle}
+                                                  if self._ca_bundle else {}))
+        if session.get_credentials() is None:
+            raise MediaError("S3: no credentials: set AWS_ACCESS_KEY_ID and "
+                             "AWS_SECRET_ACCESS_KEY (in the configuration file or the "
+                             "environment), AWS_PROFILE, or give the host an instance role")
         # The bucket's address as boto3 writes it (path or virtual-host style, the regional
         # endpoint): a presigned URL for a known name, cut before that name.
         probe = client.generate_presigned_url(
@@ -425,6 +441,17 @@ class S3MediaStore:
         return {names.get(e.get("Key", ""), e.get("Key", "")):
                 f"{e.get('Code', 'error')}: {e.get('Message', '')}".strip(": ")
                 for e in response.get("Errors", [])}
+
+
+def s3_media_store(settings: Settings, timeout_s: float) -> S3MediaStore:
+    """The S3 store with the settings' credentials (the .env file's as much as the
+    environment's), not whatever boto3 would find in the process environment."""
+    return S3MediaStore(bucket=settings.s3_bucket, prefix=settings.s3_prefix,
+                        region=settings.s3_region, endpoint_url=settings.s3_endpoint_url,
+                        timeout_s=timeout_s, access_key_id=settings.aws_access_key_id,
+                        secret_access_key=settings.aws_secret_access_key,
+                        session_token=settings.aws_session_token, profile=settings.aws_profile,
+                        ca_bundle=str(settings.aws_ca_bundle) if settings.aws_ca_bundle else None)
 
 
 def _s3_reason(exc: BaseException) -> str:

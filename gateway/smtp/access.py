@@ -9,8 +9,9 @@ Each check returns None when allowed, or the refusal as a `Reply`.
 Rate limits charge faxes actually accepted: RCPT only looks (so recipients named and then
 dropped with RSET, QUIT or a refused DATA cost nothing), DATA reserves the faxes of the message
 and gives them back if the message is refused. What RCPT churn costs the gateway is bounded
-separately, per client address, so one address trying thousands of recipients locks out only
-itself.
+separately, per sender (the user, else the envelope sender from its address), so one sender
+trying thousands of recipients locks out only itself, not the others behind the same NAT or
+relay; a looser bound per address catches a client that makes up sender after sender.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from gateway.config import Settings
 from gateway.store.base import StoreError
-from gateway.constants import RCPT_CHURN_PER_IP_HOUR
+from gateway.constants import RCPT_CHURN_PER_IP_HOUR, RCPT_CHURN_PER_SENDER_HOUR
+from gateway.text import one_line
 from gateway.smtp import replies
 from gateway.smtp.replies import Reply
 from gateway.users import LoginThrottle, User, UsersFile, authenticate, client_key
@@ -58,6 +60,20 @@ class Client:
         if self.user is not None:
             return f"user:{self.user.name}"
         return f"sender:{self.envelope_from.lower()}" if self.envelope_from else f"ip:{self.ip}"
+
+    @property
+    def churn_key(self) -> str:
+        """Whose RCPT churn this is: the user, else the envelope sender at this address (a
+        sender name alone is anyone's to write)."""
+        if self.user is not None:
+            return f"user:{self.user.name}"
+        return f"sender:{self.envelope_from.lower()} ip:{self.ip}"
+
+    @property
+    def churn_who(self) -> str:
+        if self.user is not None:
+            return f"by user {one_line(self.user.name, 100)}"
+        return f"by <{one_line(self.envelope_from, 100)}> from {self.ip}"
 
 
 if TYPE_CHECKING:
@@ -92,9 +108,10 @@ class Access:
                                       lockout_s=settings.auth_lockout_minutes * 60)
         self.per_sender = RateLimiter(settings.rate_per_sender_hour, 3600)
         self.total = RateLimiter(settings.rate_total_hour, 3600)
-        # Recipients named but not (yet) faxed, per client address: given back when the fax is
-        # accepted, so only churn counts.
-        self.rcpt_churn = RateLimiter(RCPT_CHURN_PER_IP_HOUR, 3600)
+        # Recipients named but not (yet) faxed, per sender and (a backstop) per address: given
+        # back when the fax is accepted, so only churn counts.
+        self.rcpt_churn = RateLimiter(RCPT_CHURN_PER_SENDER_HOUR, 3600)
+        self.rcpt_churn_ip = RateLimiter(RCPT_CHURN_PER_IP_HOUR, 3600)
         self._logins = asyncio.Semaphore(MAX_CONCURRENT_LOGINS)
         # Shared: (kind, key) -> (when read, on self.clock; the hits counted then).
         self._counts: dict[tuple[str, str], tuple[float, int]] = {}
@@ -211,10 +228,19 @@ class Access:
             wait = max(limiter.window_s for limiter, _ in self._rules(client))
         if wait:
             return self._rate_refusal(client, wait)
-        churn = self.rcpt_churn.try_acquire(client.ip, 1, now)
-        if churn:
-            log.warning("recipient churn limit hit by %s", client.ip)
-            return replies.recipient_churn(client.ip, churn)
+        return self._churn(client, now)
+
+    def _churn(self, client: Client, now: float) -> Reply | None:
+        """Count one recipient named towards the sender's churn, then its address's."""
+        wait = self.rcpt_churn.try_acquire(client.churn_key, 1, now)
+        if wait:
+            log.warning("recipient churn limit hit %s", client.churn_who)
+            return replies.recipient_churn(client.churn_who, wait)
+        wait = self.rcpt_churn_ip.try_acquire(client.ip, 1, now)
+        if wait:
+            self.rcpt_churn.give_back(client.churn_key, 1, now)
+            log.warning("recipient churn limit hit from %s (all its senders)", client.ip)
+            return replies.recipient_churn(f"from {client.ip}", wait)
         return None
 
     def reserve(self, client: Client, faxes: int) -> Reply | None:
@@ -230,7 +256,9 @@ class Access:
 
     def accepted(self, client: Client, faxes: int) -> None:
         """The faxes were queued: their recipients were not churn."""
-        self.rcpt_churn.give_back(client.ip, faxes, self.clock())
+        now = self.clock()
+        self.rcpt_churn.give_back(client.churn_key, faxes, now)
+        self.rcpt_churn_ip.give_back(client.ip, faxes, now)
 
     # Several gateways (DATABASE_URL): the same three steps, with the rate limits counted in
     # the shared database so that N nodes do not give a sender N times the limit. RCPT churn
@@ -253,11 +281,7 @@ class Access:
         wait = await self._shared_wait(self._shared_rules(client), already + 1)
         if wait:
             return self._rate_refusal(client, wait)
-        churn = self.rcpt_churn.try_acquire(client.ip, 1, self.clock())
-        if churn:
-            log.warning("recipient churn limit hit by %s", client.ip)
-            return replies.recipient_churn(client.ip, churn)
-        return None
+        return self._churn(client, self.clock())
 
     def charge(self, client: Client, faxes: int) -> asyncio.Future[Reply | None]:
         """DATA: start `reserve`. In memory the answer is there at once (a refused message is

@@ -158,8 +158,9 @@ def rate_limited(per_sender: int, total: int, wait_s: float) -> Reply:
                  "minute(s)", "rate_limited")
 
 
-def recipient_churn(ip: str, wait_s: float) -> Reply:
-    return Reply(450, "4.7.1", f"Too many recipients tried from {ip} without sending; try again "
+def recipient_churn(who: str, wait_s: float) -> Reply:
+    """`who`: "by <sender> from 192.0.2.1", "by user NAME" or "from 192.0.2.1" (one line)."""
+    return Reply(450, "4.7.1", f"Too many recipients tried {who} without sending; try again "
                  f"in {max(1, math.ceil(wait_s / 60))} minute(s)", "rate_limited")
 
 

@@ -330,7 +330,7 @@ class Store(abc.ABC):
     def job_listing(self, *, states: Iterable[State] | None = None,
                     fax_status: str | None = None, to_digits: str | None = None,
                     sender: str | None = None, since: float | None = None,
-                    limit: int = 50) -> list[JobListing]:
+                    limit: int = 50, gave_up: bool = False) -> list[JobListing]:
         """Jobs with their message and last event, newest first (`faxgw jobs`)."""
 
     @abc.abstractmethod

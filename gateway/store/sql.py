@@ -625,16 +625,20 @@ class SqlStore(Store):
     def job_listing(self, *, states: Iterable[State] | None = None,
                     fax_status: str | None = None, to_digits: str | None = None,
                     sender: str | None = None, since: float | None = None,
-                    limit: int = 50) -> list[JobListing]:
+                    limit: int = 50, gave_up: bool = False) -> list[JobListing]:
         """`states` and `fax_status` are separate filters (a state word never names a fax
         status); `to_digits` matches the end of the number; `sender` is a case-insensitive
-        part of the envelope sender, the From: address or the report address."""
+        part of the envelope sender, the From: address or the report address; `gave_up`:
+        the jobs the gateway gave up (canceled included), reported to the sender or not."""
         where: list[str] = []
         args: list[Any] = []
         if states is not None:
             values = sorted(s.value for s in states)
             where.append(f"j.state IN ({_marks(values)})")
             args += values
+        if gave_up:
+            where.append("(j.state = ? OR (j.state = ? AND j.failure_reason IS NOT NULL))")
+            args += [State.GIVEN_UP.value, State.REPORTED.value]
         if fax_status:
             where.append("j.fax_status = ?")
             args.append(fax_status)
@@ -916,9 +920,11 @@ class SqlStore(Store):
         tells the sender `reason`; the history names who canceled it. False if it moved on
         meanwhile (the worker may have started the send: then it is not ours to stop)."""
         detail = f"canceled by {operator(by)}" if by else reason
+        # fax_status "canceled": not the busy line of an earlier attempt waiting for its retry.
         return self.transition(job_id, [State.SPOOLED, State.STORED], State.GIVEN_UP,
                                Ev.CANCELED, detail, at=now, failure_reason=reason,
-                               error_code=None, error_message=None, tries=0, next_run_at=now)
+                               fax_status="canceled", error_code=None, error_message=None,
+                               tries=0, next_run_at=now)
 
     def note_cancel(self, job_id: str, detail: str, now: float, *,
                     by: str | None = None) -> bool:

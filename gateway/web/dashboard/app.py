@@ -40,6 +40,7 @@ from gateway.users import LoginThrottle, UsersFile
 from gateway.web.dashboard import queries
 from gateway.web.dashboard.auth import (LOGIN_COOKIE, SESSION_COOKIE, Logins, Proxy, Session,
                                         Sessions, same_token)
+from gateway.web.dashboard.auth import NO_DASHBOARD_ROLE
 from gateway.inbound.delivery import PermanentFailure, fetch_document
 from gateway.signalwire.client import SignalWireError
 from gateway.store.inbound import InboundFax, InboundStore
@@ -372,7 +373,9 @@ class Dashboard:
         if not isinstance(name, str) or not isinstance(password, str) or not name:
             return await self.login_page(request, "Give your name and password.", status=400)
         user = await self.logins.login(ip, name.strip(), password)
-        if user is None or user.role is None:
+        if user is not None and user.role is None:
+            return await self.login_page(request, NO_DASHBOARD_ROLE, status=403)
+        if user is None:
             locked = self.logins.locked_out_s(ip)
             words = ("Wrong name or password. Too many failed logins: try again later."
                      if locked else "Wrong name or password.")

@@ -19,7 +19,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from aiohttp import web
@@ -127,6 +127,11 @@ class Proxy:
         return False
 
 
+NO_DASHBOARD_ROLE = ("Your name and password are right, but this user may only send faxes by "
+                     "mail, not use the dashboard. An administrator can allow it with "
+                     "faxgw passwd NAME --viewer (or --admin).")
+
+
 class Logins:
     """Password checks for the dashboard: USERS_FILE users with role=admin or role=viewer,
     with the same lockout rules (AUTH_MAX_FAILURES, AUTH_LOCKOUT_MINUTES) as SMTP AUTH."""
@@ -159,15 +164,19 @@ class Logins:
         return self.throttle.check(ip, self.monotonic())
 
     async def login(self, ip: str, name: str, password: str) -> User | None:
-        """The user if the name, password and role are right; a user without a dashboard role
-        fails exactly like a wrong password (and counts towards the lockout)."""
+        """The user if the name and password are right, else None (counted towards the
+        lockout). A user without a dashboard role comes back with its role None, to be told
+        so (NO_DASHBOARD_ROLE): only someone who knows the password learns it."""
         if self.users is None:
             return None
         self.reload()
-        users = {n: u for n, u in self.users.users.items() if u.role in ROLES}
         async with self._slots:
-            user = await asyncio.to_thread(authenticate, users, name[:MAX_FIELD_CHARS],
-                                           password[:MAX_FIELD_CHARS])
+            user = await asyncio.to_thread(authenticate, self.users.users,
+                                           name[:MAX_FIELD_CHARS], password[:MAX_FIELD_CHARS])
+        if user is not None and user.role not in ROLES:
+            log.warning("dashboard login refused for user %r from %s: no dashboard role",
+                        user.name, ip)
+            return replace(user, role=None)
         if user is None:
             locked = self.throttle.failure(ip, self.monotonic())
             log.warning("dashboard login failed for user %r from %s%s", name[:64], ip,
