@@ -314,7 +314,8 @@ class Intake:
             document_path=str(path), document_bytes=size,
             document_sha256=sha256, pages=document.pages,
             filenames=", ".join(document.filenames),
-            notes="; ".join(notes)[:2000] or None)
+            notes="; ".join(notes)[:2000] or None,
+            auth_results=client.auth_results if client is not None else None)
         # The same mail (Message-ID, recipients, document) accepted within DEDUP_WINDOW_HOURS
         # is a client that lost our 250 and sent again: its jobs, not new ones. Decided in the
         # commit, so copies arriving at two nodes at once still make one job each.

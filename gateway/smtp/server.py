@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import dataclasses
 import functools
 import inspect
 import logging
@@ -41,6 +42,7 @@ from gateway.smtp.intake import HEAD_BYTES, Intake, PartStored, RateRefused, Ref
 from gateway.smtp.replies import Reply
 from gateway.store.base import StoreError
 from gateway.smtp.tls import ReloadableTLS
+from gateway.smtp.verify import SenderVerifier
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,7 @@ class FaxHandler:
                                        settings.smtp_max_connections_per_ip)
         self._accept_errors: AcceptErrors | None = None
         self._started = False
+        self.verifier = SenderVerifier(settings)
 
     def start(self) -> None:
         """Once, before the first listener binds: clear DATA_DIR/incoming of files a killed
@@ -123,6 +126,7 @@ class FaxHandler:
         self._accept_errors.install()
 
     def stop(self) -> None:
+        self.verifier.close()
         if self._accept_errors is not None:
             self._accept_errors.uninstall()
             self._accept_errors = None
@@ -259,6 +263,13 @@ class FaxHandler:
             return self.refuse(replies.NO_VALID_RECIPIENTS)
         assert env.content_path is not None, "DATA hook without the message file"
         client = _client(env)
+        # SENDER_VERIFY: the From: domain vouches for the mail (SPF/DKIM under DMARC), or
+        # 550 / 451 and no report (gateway.smtp.verify).
+        verdict = await self.verifier.check(env.content_path, client, session.host_name or "")
+        if verdict.reply is not None:
+            return self.refuse(verdict.reply)
+        if verdict.auth_results is not None:
+            env.client = client = dataclasses.replace(client, auth_results=verdict.auth_results)
         charge = self.access.charge(client, len(numbers))
         if charge.done() and (refusal := charge.result()):
             return self.refuse(refusal)

@@ -204,6 +204,12 @@ _V5 = (
     "DROP INDEX IF EXISTS messages_dedup",
 )
 
+_V6 = (
+    # SENDER_VERIFY=dmarc: how the sender was proven (SPF, DKIM, DMARC, or AUTH / a trusted
+    # network), as an Authentication-Results value, shown with the job.
+    "ALTER TABLE messages ADD COLUMN auth_results TEXT",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "messages, jobs, events, attempts", _V1),
     Migration(2, "states renamed: received -> spooled, failed -> given-up", _V2),
@@ -211,6 +217,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "job leases (several nodes), dedup index, named leases, shared hit counts",
               _V4),
     Migration(5, "dedup keys: a resent mail is recognised in the commit, atomically", _V5),
+    Migration(6, "messages.auth_results: how the sender was proven", _V6),
 )
 
 LATEST = MIGRATIONS[-1].version

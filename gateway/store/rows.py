@@ -31,6 +31,7 @@ class Message:
     filenames: str | None
     notes: str | None = None
     purged_at: float | None = None
+    auth_results: str | None = None  # SENDER_VERIFY: the Authentication-Results we found
 
 
 @dataclass(frozen=True)
