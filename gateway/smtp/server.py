@@ -43,6 +43,7 @@ from gateway.smtp.replies import Reply
 from gateway.store.base import StoreError
 from gateway.smtp.tls import ReloadableTLS
 from gateway.smtp.verify import SenderVerifier
+from gateway.smtp.postmaster import SEPARATELY, Postmaster, is_postmaster
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ class FaxEnvelope(Envelope):
         self.content_path: Path | None = None  # DATA as received, in DATA_DIR/incoming
         self.content_bytes = 0
         self.content_head = b""  # its first HEAD_BYTES (the header block and more)
+        self.postmaster = False  # RCPT postmaster@ the fax domain: forwarded, not faxed
 
 
 # An SMTP path of the plainest kind: "<", a dot-atom local part, "@", a dot-atom domain, ">"
@@ -114,6 +116,7 @@ class FaxHandler:
         self._accept_errors: AcceptErrors | None = None
         self._started = False
         self.verifier = SenderVerifier(settings)
+        self.postmaster = Postmaster(settings, intake.notifier)
 
     def start(self) -> None:
         """Once, before the first listener binds: clear DATA_DIR/incoming of files a killed
@@ -224,6 +227,7 @@ class FaxHandler:
         env.mail_options.extend(mail_options)
         env.client = client
         env.fax_numbers.clear()
+        env.postmaster = False
         return str(replies.SENDER_OK)
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
@@ -231,6 +235,16 @@ class FaxHandler:
         env = _fax(envelope)
         if len(address) > MAX_RCPT_ADDRESS_CHARS:
             return str(replies.RECIPIENT_TOO_LONG)
+        if is_postmaster(address, self.settings.fax_domain):  # RFC 5321 4.5.1
+            reply = self.postmaster.recipient(bool(env.fax_numbers), env.postmaster)
+            if reply.refusal:
+                return self.refuse(reply)
+            if not env.postmaster:
+                env.postmaster = True
+                env.rcpt_tos.append(address)
+            return str(reply)
+        if env.postmaster:
+            return self.refuse(SEPARATELY)
         try:
             local, domain = parse_recipient(address, self.settings.fax_domain)
         except ValueError:
@@ -258,6 +272,10 @@ class FaxHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         env = _fax(envelope)
+        if env.postmaster and env.content_path is not None:
+            reply = await self.postmaster.forward(env.content_path, env.mail_from or "",
+                                                  _peer(session), session.host_name or "")
+            return self.refuse(reply) if reply.refusal else str(reply)
         numbers = list(env.fax_numbers)
         if not numbers:
             return self.refuse(replies.NO_VALID_RECIPIENTS)
