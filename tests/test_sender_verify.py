@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import html
+import re
 import os
 import smtplib
 import subprocess
@@ -15,12 +17,14 @@ from email.utils import make_msgid
 from pathlib import Path
 from typing import Iterator
 
+import aiohttp
 import dkim
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gateway.users import User, hash_password, write_user
+from gateway.config import ConfigError, settings_from
+from gateway.users import User, hash_password, passwd_command, write_user
 
 from .conftest import job_ids, make_pdf, base_env, smtp_send
 from .dns_server import DnsServer
@@ -111,7 +115,9 @@ def store_env(request: pytest.FixtureRequest) -> dict[str, str]:
 
 async def test_dkim_pass_aligned_is_accepted_and_recorded(make_gateway, dns_server: DnsServer,
                                                           keys, store_env, tmp_path) -> None:
-    env = verify_env(tmp_path, dns_server, **store_env)
+    users = tmp_path / "users"
+    passwd_command(users, "ann", "ann-admin-pw", role="admin")  # for the dashboard
+    env = verify_env(tmp_path, dns_server, USERS_FILE=str(users), **store_env)
     gw = await make_gateway(env)
     reply = await smtp_send(gw.smtp.port, mail("alice@signed.example", key=keys["published"]),
                             [RCPT], mail_from="alice@signed.example")
@@ -126,6 +132,18 @@ async def test_dkim_pass_aligned_is_accepted_and_recorded(make_gateway, dns_serv
     assert ("sel._domainkey.signed.example", "TXT") in dns_server.queries
     shown = await asyncio.to_thread(faxgw_job, env, job_id)
     assert f"Authentication-Results: {results}" in shown
+    base = f"http://127.0.0.1:{gw.dashboard.port}"
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        async with http.get(base + "/login") as r:
+            token = re.search(r'name="login_token" value="([^"]+)"', await r.text())
+        assert token
+        async with http.post(base + "/login", allow_redirects=False, data={
+                "login_token": token.group(1), "name": "ann", "password": "ann-admin-pw"}) as r:
+            assert r.status == 303
+        async with http.get(f"{base}/jobs/{job_id}") as r:
+            assert r.status == 200
+            page = html.unescape(await r.text())
+    assert f"<dt>Authentication</dt><dd class=\"mono\">{results}</dd>" in page
 
 
 async def test_spf_pass_aligned_is_accepted(make_gateway, dns_server: DnsServer,
@@ -225,3 +243,34 @@ async def test_trusted_network_and_auth_are_not_looked_up(make_gateway, dns_serv
     message = await gw.store.run(gw.store.message, job.message_id)
     assert message.auth_results == "faxgw.test; auth=pass smtp.auth=scanner"
     assert dns_server.queries == []  # neither was looked up
+
+
+async def test_spf_lookups_are_bounded(make_gateway, dns_server: DnsServer, tmp_path) -> None:
+    """An SPF policy that includes another, and that another, twelve deep: RFC 7208's limit
+    of 10 lookups stops it (permerror), well before the gateway's own count."""
+    for n in range(12):
+        dns_server.add_txt(f"l{n}.loop.example", f"v=spf1 include:l{n + 1}.loop.example -all")
+    dns_server.add_txt("loop.example", "v=spf1 include:l0.loop.example -all")
+    gw = await make_gateway(verify_env(tmp_path, dns_server, ALLOWED_SENDERS="loop.example"))
+    reply = await smtp_send(gw.smtp.port, mail("x@loop.example"), [RCPT],
+                            mail_from="x@loop.example")
+    assert reply.code == 550, reply.text
+    assert "SPF permerror for loop.example" in reply.text
+    spf_queries = [q for q in dns_server.queries if q[0].endswith("loop.example")
+                   and q[1] == "TXT" and not q[0].startswith("_dmarc")]
+    assert 10 <= len(spf_queries) <= 12
+
+
+def test_settings_name_the_variable() -> None:
+    with pytest.raises(ConfigError) as err:
+        settings_from({"SENDER_VERIFY": "spf", "DNS_NAMESERVERS": "dns.example,10.0.0.1:99999",
+                       "DNS_TIMEOUT_SECONDS": "0"})
+    problems = "\n".join(err.value.problems)
+    assert "SENDER_VERIFY: 'spf' is not one of off, dmarc" in problems
+    assert "DNS_NAMESERVERS: 'dns.example' is not an IP address" in problems
+    assert "DNS_NAMESERVERS: '10.0.0.1:99999' is not an IP address" in problems
+    assert "DNS_TIMEOUT_SECONDS: 0.0 is outside" in problems
+    s = settings_from({"DNS_NAMESERVERS": "127.0.0.1:5353, [::1]:53, 10.0.0.53"})
+    assert [(h.host, h.port) for h in s.dns_nameservers] == [
+        ("127.0.0.1", 5353), ("::1", 53), ("10.0.0.53", 53)]
+    assert s.sender_verify == "off"
