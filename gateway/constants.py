@@ -46,4 +46,4 @@ EXIT_DATA: Final = 65
 # checked per mail, and mails checked at once (each takes a thread while it waits for DNS).
 MAX_DNS_LOOKUPS = 40
 MAX_DKIM_SIGNATURES = 5
-MAX_CONCURRENT_VERIFICATIONS = 8
+MAX_CONCURRENT_VERIFICATIONS = 4  # each may hold a whole mail in memory for DKIM

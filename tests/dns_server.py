@@ -95,10 +95,16 @@ class DnsServer:
                 out = server.answer(data, udp=False)
                 sock.sendall(len(out).to_bytes(2, "big") + out)
 
-        self._udp = socketserver.ThreadingUDPServer(("127.0.0.1", 0), Udp)
-        self.port = self._udp.server_address[1]
-        socketserver.ThreadingTCPServer.allow_reuse_address = True
-        self._tcp = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Tcp)
+        for _ in range(50):  # a free UDP port whose TCP twin is free as well
+            self._udp = socketserver.ThreadingUDPServer(("127.0.0.1", 0), Udp)
+            self.port = self._udp.server_address[1]
+            try:
+                self._tcp = socketserver.ThreadingTCPServer(("127.0.0.1", self.port), Tcp)
+                break
+            except OSError:
+                self._udp.server_close()
+        else:
+            raise OSError("no port free for both UDP and TCP")
         for srv in (self._udp, self._tcp):
             srv.daemon_threads = True
             t = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05},

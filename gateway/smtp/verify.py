@@ -72,6 +72,7 @@ class Verdict:
 
 
 def sender_unproven(domain: str, found: str) -> Reply:
+    domain = one_line(domain, 80, ascii_only=True)  # the whole reply stays under 512 octets
     return Reply(550, "5.7.1", f"Sender not proven: the From: domain {domain} does not vouch "
                  f"for this mail ({found}); DMARC needs SPF or DKIM to pass for {domain}",
                  "policy")
@@ -372,7 +373,7 @@ def _summary(found: _Found, aspf: str, adkim: str) -> str:
                 parts.append(f"{result} for {d or '?'}" + (f": {why}" if why else ""))
         dkim_text = "DKIM " + "; ".join(parts)
     text = f"{spf_text}; {dkim_text}"
-    return one_line(text, 300, ascii_only=True)
+    return one_line(text, 200, ascii_only=True)
 
 
 def _auth_results(authserv_id: str, found: _Found, proven: bool, mail_from: str) -> str:
