@@ -116,7 +116,7 @@ class FaxHandler:
         self._accept_errors: AcceptErrors | None = None
         self._started = False
         self.verifier = SenderVerifier(settings)
-        self.postmaster = Postmaster(settings, intake.notifier)
+        self.postmaster = Postmaster(settings, intake.notifier if intake is not None else None)
 
     def start(self) -> None:
         """Once, before the first listener binds: clear DATA_DIR/incoming of files a killed
