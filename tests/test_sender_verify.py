@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.config import ConfigError, settings_from
+from gateway.smtp.verify import Lookups, evaluate
 from gateway.users import User, hash_password, passwd_command, write_user
 
 from .conftest import job_ids, make_pdf, base_env, smtp_send
@@ -274,3 +275,20 @@ def test_settings_name_the_variable() -> None:
     assert [(h.host, h.port) for h in s.dns_nameservers] == [
         ("127.0.0.1", 5353), ("::1", 53), ("10.0.0.53", 53)]
     assert s.sender_verify == "off"
+
+
+@pytest.mark.parametrize("raw", [
+    b"", b"\xff\xfe\r\n\r\n", b"From: <@>\r\n\r\n", b"From: a@b.example, c@d.example\r\n\r\n",
+    b"From: a@b.example\r\nFrom: a@b.example\r\n\r\n",
+    b"From: a@b.example\r\nDKIM-Signature: v=1; a=rsa-sha256; d=; s=\r\n\r\nx",
+    b"From: a@b.example\r\nDKIM-Signature: \x00\xff garbage\r\n\r\nbody",
+    b"From: a@b.example\r\nDKIM-Signature: v=1; a=rsa-sha256; d=b.example; s=sel; h=from;"
+    b" bh=!!!; b=???\r\n\r\nbody",
+])
+def test_hostile_mail_is_an_answer_not_an_exception(raw: bytes) -> None:
+    """The check itself, without sockets: whatever the header block holds, a reply comes out
+    (no resolver here: a 451 once the From: is usable, else the 550 for the From:)."""
+    verdict = evaluate(raw, "127.0.0.1", "a@b.example", "client.test", Lookups(None, 1.0),
+                       "faxgw.test")
+    assert verdict.reply is not None
+    assert str(verdict.reply)[:9] in ("550 5.7.1", "451 4.7.5")

@@ -275,11 +275,16 @@ def _dmarc_record(lookups: Lookups, found: _Found) -> None:
 
 
 def _check_dkim(data: bytes, lookups: Lookups, found: _Found) -> None:
-    checker = dkim.DKIM(data, logger=_DKIM_LOG)
+    try:
+        checker = dkim.DKIM(data, logger=_DKIM_LOG)
+    except Exception as exc:  # noqa: BLE001 - a header block dkimpy cannot split: no pass
+        found.dkim.append(("permerror", "", "", f"unreadable header ({type(exc).__name__})"))
+        return
     count = sum(1 for name, _ in checker.headers if name.lower() == b"dkim-signature")
     for idx in range(min(count, MAX_DKIM_SIGNATURES)):
         failures = len(lookups.failures)
         why = ""
+        checker.signature_fields = {}  # not the previous signature's, if this one is unreadable
         try:
             ok = checker.verify(idx=idx, dnsfunc=lookups.dkim_txt)
         except dkim.DKIMException as exc:
