@@ -124,6 +124,9 @@ class Settings:
     users_file: Path | None = None
     trusted_networks: tuple[str, ...] = defaults.TRUSTED_NETWORKS
     allowed_senders: tuple[str, ...] = ()
+    sender_verify: str = defaults.SENDER_VERIFY
+    dns_nameservers: tuple[HostPort, ...] = ()  # (): the system's resolver
+    dns_timeout_s: float = defaults.DNS_TIMEOUT_S
     fax_allow_international: bool = defaults.FAX_ALLOW_INTERNATIONAL
     fax_allow_prefixes: tuple[str, ...] = ()
     fax_block_prefixes: tuple[str, ...] = ()
@@ -443,6 +446,29 @@ def _matches_any_domain(pattern: str) -> bool:
     return bool(domain) and set(domain) <= set("*?.")
 
 
+def _nameservers(r: _Reader) -> tuple[HostPort, ...]:
+    """DNS_NAMESERVERS: "ip[:port]" items (IPv6 as [addr]:port); a resolver is named by its
+    address, never by a name that would itself need DNS."""
+    found: list[HostPort] = []
+    for item in r.items("DNS_NAMESERVERS"):
+        host, port = item, "53"
+        if item.startswith("["):
+            host, _, rest = item[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else ("53" if not rest else "")
+        elif item.count(":") == 1:
+            host, _, port = item.partition(":")
+        try:
+            ipaddress.ip_address(host)
+            if not port.isdigit() or not 0 < int(port) <= 65535:
+                raise ValueError
+        except ValueError:
+            r.problems.append(f"DNS_NAMESERVERS: {item!r} is not an IP address with an "
+                              "optional port (e.g. 127.0.0.1, 127.0.0.1:5353 or [::1]:53)")
+            continue
+        found.append(HostPort(host, int(port)))
+    return tuple(found)
+
+
 def settings_from(env: Mapping[str, str]) -> Settings:
     r = _Reader(env)
     space = r.url("SIGNALWIRE_SPACE_URL")
@@ -555,6 +581,8 @@ def settings_from(env: Mapping[str, str]) -> Settings:
                       "(sender addresses are forged at will); list your domains or addresses, "
                       "or use TRUSTED_NETWORKS or SMTP AUTH (USERS_FILE) for open access"
                       for p in senders if _matches_any_domain(p))
+
+    nameservers = _nameservers(r)
 
     database_url = r.str("DATABASE_URL") or None
     if database_url is not None:
@@ -705,6 +733,9 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         users_file=users_file,
         trusted_networks=trusted,
         allowed_senders=senders,
+        sender_verify=r.choice("SENDER_VERIFY", defaults.SENDER_VERIFY, ("off", "dmarc")),
+        dns_nameservers=nameservers,
+        dns_timeout_s=r.float("DNS_TIMEOUT_SECONDS", defaults.DNS_TIMEOUT_S, 0.1, 120),
         fax_allow_international=r.bool("FAX_ALLOW_INTERNATIONAL",
                                        defaults.FAX_ALLOW_INTERNATIONAL),
         fax_allow_prefixes=allow_prefixes,

@@ -44,3 +44,10 @@ SIGNALWIRE_FILES_HOSTS: Final = frozenset({"files.signalwire.com"})
 # restart on a fresh empty database would hide the loss), so the unit does not restart on it
 # either; a status of its own tells the operator "restore the database", not "fix the config".
 EXIT_DATA: Final = 65
+
+# Sender verification (SENDER_VERIFY=dmarc): DNS lookups per mail (SPF allows 10 mechanisms that
+# look up, each with its own A/MX lookups; then the DKIM keys and the DMARC records), signatures
+# checked per mail, and mails checked at once (each takes a thread while it waits for DNS).
+MAX_DNS_LOOKUPS = 40
+MAX_DKIM_SIGNATURES = 5
+MAX_CONCURRENT_VERIFICATIONS = 4  # each may hold a whole mail in memory for DKIM

@@ -120,3 +120,9 @@ DEDUP_WINDOW_HOURS: Final = 24.0      # a mail resent within this window is not 
 SEND_RATE_PER_SECOND: Final = 1.0     # faxes sent per second, all nodes together (SignalWire's)
 SHARED_POLL_S: Final = 2.0            # with a shared queue, look at it at least this often
 SMTP_PROXY_PROTOCOL: Final = False    # behind a TCP load balancer: PROXY v1/v2 header first
+
+# Proving who sent a mail (gateway/smtp/verify.py): "off", or "dmarc" (SPF or DKIM must pass
+# aligned with the From: domain for senders that neither logged in nor are on a trusted network).
+SENDER_VERIFY: Final = "off"
+# All the DNS lookups of one mail's check together (SPF, DKIM keys, DMARC) wait at most this long.
+DNS_TIMEOUT_S: Final = 10.0

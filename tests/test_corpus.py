@@ -36,7 +36,7 @@ from .conftest import (RelaySink, Simulator, SMTPResult, job_ids, production_env
                        needs, wait_state)
 from .corpus import (FaxPage, PageSpec, b64, crlf, docx_bytes, encrypted_pdf, entity, fax_pages,
                      labelled_pdf, logo_png, mail, multipart, qp_binary, qp_text, render_pages,
-                     scan_page, scanner_tiff, solid_image, tnef_bytes)
+                     scan_page, scanner_tiff, solid_image, tnef_bytes, winmail_dat)
 
 log = logging.getLogger(__name__)
 
@@ -615,14 +615,14 @@ async def test_docx_only_without_libreoffice_is_refused(corpus: CorpusFactory) -
     assert "Vertrag.docx" in reply.text
 
 
-def winmail_mail(body: str) -> bytes:
+def winmail_mail(body: str, tnef: bytes | None = None) -> bytes:
     content = multipart("mixed", "----=_NextPart_000_0012_01DB3E4A.5F2C1B30", [
         entity([("Content-Type", 'text/plain;\r\n\tcharset="us-ascii"'),
                 ("Content-Transfer-Encoding", "7bit")], crlf(body)),
         entity([("Content-Type", 'application/ms-tnef;\r\n\tname="winmail.dat"'),
                 ("Content-Transfer-Encoding", "base64"),
                 ("Content-Disposition", 'attachment;\r\n\tfilename="winmail.dat"')],
-               b64(tnef_bytes())),
+               b64(tnef if tnef is not None else tnef_bytes())),
     ])
     return mail(top("Contract", "<000101db3e4a$tnef$@example.com>",
                     extra=(("X-Mailer", "Microsoft Outlook 16.0"),)), content)
@@ -646,6 +646,19 @@ async def test_winmail_dat_with_covering_text_tells_the_sender(corpus: CorpusFac
         assert "winmail.dat" in plain_text(await c.relay.next())
     else:
         assert reply.code == 554 and "winmail.dat" in reply.text, reply.text
+
+
+async def test_winmail_dat_carrying_a_pdf_is_faxed(corpus: CorpusFactory) -> None:
+    """Outlook in Rich Text mode packs the PDF into winmail.dat: the PDF inside is faxed, and
+    the covering note in the body is not (as for any mail with an attachment)."""
+    c = await corpus()
+    body = "Hello,\n\nplease fax the attached contract to the Smith office.\n\nRegards,\nBob\n"
+    pdf = labelled_pdf([PageSpec("PAGE-W1"), PageSpec("PAGE-W2"), PageSpec("PAGE-W3")])
+    tnef = winmail_dat([("Vertrag Müller.pdf", pdf)], body=body)
+    faxed = await c.fax(winmail_mail(body, tnef), pages=3)
+    assert ["PAGE-W1" in faxed.pages[0].text, "PAGE-W2" in faxed.pages[1].text,
+            "PAGE-W3" in faxed.pages[2].text] == [True, True, True]
+    assert "Smith office" not in " ".join(p.text for p in faxed.pages)
 
 
 async def test_encrypted_pdf_is_refused(corpus: CorpusFactory) -> None:

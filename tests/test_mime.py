@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import io
 import re
+import shutil
 import struct
+import subprocess
 import zlib
 from email import policy
 from email.message import EmailMessage
@@ -20,6 +22,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pypdf import PdfReader, PdfWriter
+
+from tests.corpus import winmail_dat
 
 from gateway.documents.mime import (
     KINDS,
@@ -680,8 +684,64 @@ Content-Transfer-Encoding: base64
 """)
     parsed = parse(raw)
     assert docs(parsed) == [("tnef", "winmail.dat")]
-    assert len(parsed.notes) == 1
-    assert parsed.notes[0].startswith("winmail.dat (TNEF) attachment cannot be read")
+    assert parsed.notes == ["attachment 'winmail.dat' is an Outlook winmail.dat (TNEF) with no "
+                            "files in it; send the document again from a mail in HTML or "
+                            "plain-text format"]
+
+
+def winmail_mail(tnef: bytes) -> bytes:
+    return mail(f"""
+From: exchange-user@example.com
+Content-Type: multipart/mixed; boundary=B
+
+--B
+Content-Type: text/plain
+
+See attachment.
+--B
+Content-Type: application/ms-tnef; name="winmail.dat"
+Content-Disposition: attachment; filename="winmail.dat"
+Content-Transfer-Encoding: base64
+
+{b64(tnef)}
+--B--
+""")
+
+
+def test_winmail_dat_files_become_attachments() -> None:
+    """Outlook's Rich Text mail: the PDF, the Word file and the text inside winmail.dat are
+    the mail's attachments, by their long (Unicode) names; the logo Outlook shows in place
+    is marked inline."""
+    pdf = make_pdf(2)
+    tnef = winmail_dat([("Vertrag Müller.pdf", pdf), ("Anlage.docx", b"PK\x03\x04" + b"\0" * 40),
+                        ("notes.txt", "Grüße\r\n".encode("cp1252"))],
+                       body="Please fax the contract.")
+    parsed = parse(winmail_mail(tnef))
+    assert docs(parsed) == [("pdf", "Vertrag Müller.pdf"), ("zip", "Anlage.docx"),
+                            ("text", "notes.txt")]
+    assert parsed.parts[0].data == pdf and parsed.parts[0].content_type == "application/pdf"
+    assert parsed.parts[2].data.decode("utf-8").strip() == "Grüße"
+    assert parsed.notes == []
+
+
+def test_damaged_winmail_dat_is_explained() -> None:
+    tnef = winmail_dat([("a.pdf", make_pdf(1))])
+    cut = tnef[:30] + b"\xff" * 8  # an attribute's length runs past the end
+    parsed = parse(winmail_mail(cut))
+    assert [p.kind for p in parsed.parts] == ["tnef"]
+    assert len(parsed.notes) == 1 and "winmail.dat" in parsed.notes[0]
+
+
+@pytest.mark.skipif(shutil.which("tnef") is None, reason="Debian's tnef is not installed")
+def test_winmail_dat_samples_read_as_outlooks(tmp_path) -> None:
+    """The samples above are TNEF as Outlook writes it: an independent decoder (Debian's
+    `tnef`, written from Outlook's files) lists the same files with the same names."""
+    path = tmp_path / "winmail.dat"
+    path.write_bytes(winmail_dat([("Vertrag Müller.pdf", make_pdf(1)), ("notes.txt", b"x")]))
+    done = subprocess.run(["tnef", "-t", str(path)], capture_output=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.decode().splitlines() == ["Vertrag Müller.pdf\t|\tVertrag Müller.pdf",
+                                                 "notes.txt\t|\tnotes.txt"]
 
 
 def test_message_partial_is_explained() -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import mimetypes
 import quopri
 import re
 from dataclasses import dataclass, field
@@ -471,11 +472,8 @@ def _leaf(entity: Message, ctype: str, walk: _Walk, related: bool) -> list[_Piec
         data, kind = text.encode("utf-8"), "text"
     if kind is None and (ctype in _TNEF_TYPES or (filename or "").lower() == "winmail.dat"):
         kind = "tnef"
-    if kind == "tnef":
-        walk.note(
-            "winmail.dat (TNEF) attachment cannot be read: Outlook packed the document in its"
-            " own format; send it again from a mail in HTML or plain-text format"
-        )
+    if kind == "tnef" and _unpack_tnef(data, label, walk):
+        return []  # the files inside were found instead
     if not data:
         walk.note(f"{label} is empty")
     inline = (
@@ -486,6 +484,40 @@ def _leaf(entity: Message, ctype: str, walk: _Walk, related: bool) -> list[_Piec
     )
     walk.found.append(_Found(data, ctype, filename, kind, inline))
     return []
+
+
+def _unpack_tnef(data: bytes, label: str, walk: _Walk, depth: int = 0) -> bool:
+    """Outlook's winmail.dat: the files inside become attachments of their own, as if the
+    mail had carried them (their kind from their bytes, office files by their names). False
+    (noted why) when it is damaged or holds no files: then it stays, unreadable, in the list."""
+    from gateway.documents.tnef import TnefError, extract  # tnefparse only for such mail
+
+    try:
+        files, _ = extract(data)
+    except TnefError as exc:
+        walk.note(f"{label}: {exc}; send it again from a mail in HTML or plain-text format")
+        return False
+    if not files:
+        walk.note(f"{label} is an Outlook winmail.dat (TNEF) with no files in it; send the "
+                  "document again from a mail in HTML or plain-text format")
+        return False
+    for inner in files:
+        kind = detect_kind(inner.data)
+        name = sanitize_header_text(inner.name, MAX_FILENAME_CHARS) if inner.name else None
+        guessed = mimetypes.guess_type(name or "")[0] or "application/octet-stream"
+        payload = inner.data
+        if kind == "tnef" and depth < 2:  # an Outlook item attached to an Outlook item
+            if _unpack_tnef(inner.data, f"'{name}' in {label}", walk, depth + 1):
+                continue
+        if kind is None and guessed.startswith("text/") and \
+                guessed.partition("/")[2] in _TEXT_ATTACHMENT_SUBTYPES:
+            text = _decode_bytes(inner.data, None)
+            text = html_to_text(text) if guessed == "text/html" else _tidy_text(text)
+            payload, kind = text.encode("utf-8"), "text"
+        # A picture Outlook's HTML shows in place (a signature logo) has a content id.
+        inline = inner.content_id and kind in ("jpeg", "png", "gif")
+        walk.found.append(_Found(payload, guessed, name, kind, inline))
+    return True
 
 
 def _walk_forwarded(

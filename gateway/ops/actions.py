@@ -369,7 +369,7 @@ def _number(e164: str) -> str:
 
 
 def _fields(pairs: Iterable[tuple[str, str]], indent: int = 2) -> list[str]:
-    return [f"{' ' * indent}{name + ':':<15}{value}" for name, value in pairs]
+    return [f"{' ' * indent}{name + ':':<14} {value}" for name, value in pairs]
 
 
 def _next_step(job: Job, now: float | None) -> str:
@@ -397,6 +397,7 @@ def _message_fields(m: Message) -> list[tuple[str, str]]:
         ("Subject", _clean(m.subject)),
         ("Message-ID", _clean(m.message_id_header)),
         ("Peer", _clean(m.peer)),
+        *([("Authentication-Results", _clean(m.auth_results, 1000))] if m.auth_results else []),
         ("Files", _clean(m.filenames, 500)),
         ("Pages", str(m.pages)),
         ("Size", f"{m.document_bytes} bytes, sha256 {m.document_sha256}"),

@@ -50,6 +50,7 @@ class Client:
     user: User | None
     trusted: bool
     envelope_from: str
+    auth_results: str | None = None  # SENDER_VERIFY: how the sender was proven, kept on the job
 
     @property
     def authorised(self) -> bool:

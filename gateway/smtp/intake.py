@@ -369,7 +369,8 @@ class Intake:
             filenames=", ".join(document.filenames),
             notes="; ".join(notes)[:2000] or None,
             dsn_ret=mail_params.ret, dsn_envid=mail_params.envid,
-            auth_submitter=mail_params.auth, dsn_headers=returned[0], dsn_full=returned[1])
+            auth_submitter=mail_params.auth, dsn_headers=returned[0], dsn_full=returned[1],
+            auth_results=client.auth_results if client is not None else None)
         # The same mail (Message-ID, recipients, document) accepted within DEDUP_WINDOW_HOURS
         # is a client that lost our 250 and sent again: its jobs, not new ones. Decided in the
         # commit, so copies arriving at two nodes at once still make one job each.

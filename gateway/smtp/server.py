@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import collections
+import dataclasses
 import functools
 import inspect
 import logging
@@ -47,6 +48,8 @@ from gateway.smtp.intake import HEAD_BYTES, Intake, PartStored, RateRefused, Ref
 from gateway.smtp.replies import Reply
 from gateway.store.base import StoreError
 from gateway.smtp.tls import ReloadableTLS
+from gateway.smtp.verify import SenderVerifier
+from gateway.smtp.postmaster import SEPARATELY, Postmaster, is_postmaster
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +90,7 @@ class FaxEnvelope(Envelope):
         self.content_head = b""  # its first HEAD_BYTES (the header block and more)
         self.mail_params = dsn.MailParams()  # RET, ENVID, AUTH= of MAIL
         self.rcpt_params: list[dsn.RcptParams] = []  # NOTIFY, ORCPT, one per fax number
+        self.postmaster = False  # RCPT postmaster@ the fax domain: forwarded, not faxed
 
 
 # An SMTP path of the plainest kind: "<", a dot-atom local part, "@", a dot-atom domain, ">"
@@ -127,6 +131,8 @@ class FaxHandler:
                                        settings.smtp_max_connections_per_ip)
         self._accept_errors: AcceptErrors | None = None
         self._started = False
+        self.verifier = SenderVerifier(settings)
+        self.postmaster = Postmaster(settings, intake.notifier if intake is not None else None)
 
     def start(self) -> None:
         """Once, before the first listener binds: clear DATA_DIR/incoming of files a killed
@@ -139,6 +145,7 @@ class FaxHandler:
         self._accept_errors.install()
 
     def stop(self) -> None:
+        self.verifier.close()
         if self._accept_errors is not None:
             self._accept_errors.uninstall()
             self._accept_errors = None
@@ -248,6 +255,7 @@ class FaxHandler:
         if params.auth is not None:
             log.debug("MAIL from %s (peer %s): submitter AUTH=%s (recorded, not trusted)",
                      address, _peer(session), params.auth[:200])
+        env.postmaster = False
         return str(replies.SENDER_OK)
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
@@ -258,6 +266,16 @@ class FaxHandler:
         params = dsn.parse_rcpt(_taken(server))
         if isinstance(params, Reply):
             return self.refuse(params)
+        if is_postmaster(address, self.settings.fax_domain):  # RFC 5321 4.5.1
+            reply = self.postmaster.recipient(bool(env.fax_numbers), env.postmaster)
+            if reply.refusal:
+                return self.refuse(reply)
+            if not env.postmaster:
+                env.postmaster = True
+                env.rcpt_tos.append(address)
+            return str(reply)
+        if env.postmaster:
+            return self.refuse(SEPARATELY)
         try:
             local, domain = parse_recipient(address, self.settings.fax_domain)
         except ValueError:
@@ -286,11 +304,22 @@ class FaxHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         env = _fax(envelope)
+        if env.postmaster and env.content_path is not None:
+            reply = await self.postmaster.forward(env.content_path, env.mail_from or "",
+                                                  _peer(session), session.host_name or "")
+            return self.refuse(reply) if reply.refusal else str(reply)
         numbers = list(env.fax_numbers)
         if not numbers:
             return self.refuse(replies.NO_VALID_RECIPIENTS)
         assert env.content_path is not None, "DATA hook without the message file"
         client = _client(env)
+        # SENDER_VERIFY: the From: domain vouches for the mail (SPF/DKIM under DMARC), or
+        # 550 / 451 and no report (gateway.smtp.verify).
+        verdict = await self.verifier.check(env.content_path, client, session.host_name or "")
+        if verdict.reply is not None:
+            return self.refuse(verdict.reply)
+        if verdict.auth_results is not None:
+            env.client = client = dataclasses.replace(client, auth_results=verdict.auth_results)
         charge = self.access.charge(client, len(numbers))
         if charge.done() and (refusal := charge.result()):
             return self.refuse(refusal)

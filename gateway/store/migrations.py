@@ -276,6 +276,12 @@ _V8 = (
     "ALTER TABLE jobs ADD COLUMN dsn_orcpt TEXT",
 )
 
+_V9 = (
+    # SENDER_VERIFY=dmarc: how the sender was proven (SPF, DKIM, DMARC, or AUTH / a trusted
+    # network), as an Authentication-Results value, shown with the job.
+    "ALTER TABLE messages ADD COLUMN auth_results TEXT",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "messages, jobs, events, attempts", _V1),
     Migration(2, "states renamed: received -> spooled, failed -> given-up", _V2),
@@ -288,6 +294,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(7, "received faxes: leases per fax, inbound_events, inbound_sends; "
                  "gave_up -> given-up", _V7),
     Migration(8, "DSN (RET, ENVID, NOTIFY, ORCPT) and the AUTH= submitter", _V8),
+    Migration(9, "messages.auth_results: how the sender was proven", _V9),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -39,6 +39,7 @@ class Message:
     auth_submitter: str | None = None
     dsn_headers: str | None = None
     dsn_full: str | None = None
+    auth_results: str | None = None  # SENDER_VERIFY: the Authentication-Results we found
 
 
 @dataclass(frozen=True)
