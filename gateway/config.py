@@ -247,6 +247,9 @@ VARIABLES: dict[str, str] = {
     "database_prepared_statements": "DATABASE_PREPARED_STATEMENTS", "node_id": "NODE_ID",
     "lease_seconds": "LEASE_SECONDS", "dedup_window_hours": "DEDUP_WINDOW_HOURS",
     "send_rate_per_second": "SEND_RATE_PER_SECOND",
+    "partial_max_sets_per_sender": "PARTIAL_MAX_SETS_PER_SENDER",
+    "sender_verify": "SENDER_VERIFY", "dns_nameservers": "DNS_NAMESERVERS",
+    "dns_timeout_s": "DNS_TIMEOUT_SECONDS",
 }
 # Variables read besides those: the .env file's own, the second of a pair, a test hook.
 OTHER_VARIABLES = frozenset({"FAXGW_ENV_FILE", "INBOUND_ROUTES_FILE", "FAXGW_CRASH_AT",
