@@ -411,10 +411,12 @@ class Dashboard:
             return response
         user = result.user
         if user is None or user.role is None:
-            if result.locked_s == self.logins.throttle.lockout_s:  # this failure locked it
-                return await self.login_page(request, "Wrong name or password. Too many failed "
-                                             "logins: try again later.", status=429)
-            if result.locked_s:  # locked by another login while this one waited
+            if result.wrong:
+                words = ("Wrong name or password. Too many failed logins: try again later."
+                         if result.locked_s else "Wrong name or password.")
+                return await self.login_page(request, words,
+                                             status=429 if result.locked_s else 401)
+            if result.locked_s:  # locked by other logins while this one waited or was checked
                 return await self._locked_page(request, result.locked_s)
             return await self.login_page(request, "Wrong name or password.", status=401)
         session = await self.sessions.create(user)

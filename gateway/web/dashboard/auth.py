@@ -165,11 +165,12 @@ class Proxy:
 
 @dataclass(frozen=True)
 class LoginResult:
-    """What a login came to: `user` in; else `locked_s` > 0 (the address is locked out, or
-    was just locked by this failure), `busy` (too many logins at once on this node), or a
-    wrong name or password."""
+    """What a login came to: `user` in; else `wrong` (the name or password was checked and is
+    wrong), `locked_s` > 0 (the address is locked out now: by this failure, or by others
+    while this login waited or was checked), `busy` (too many logins at once on this node)."""
 
     user: User | None = None
+    wrong: bool = False
     locked_s: float = 0.0
     busy: bool = False
 
@@ -250,7 +251,8 @@ class Logins:
                                            self.throttle.window_s, self.throttle.max_failures)
             log.warning("dashboard login failed for user %r from %s%s", name[:64], ip,
                         f"; locked out for {self.throttle.lockout_s:.0f} s" if started else "")
-            return LoginResult(locked_s=self.throttle.lockout_s if started else 0.0)
+            locked = self.throttle.lockout_s if started else await self.locked_out_s(ip)
+            return LoginResult(wrong=True, locked_s=locked)
         locked = await self.locked_out_s(ip)  # locked during the check, on any node
         if locked:
             log.warning("dashboard login of %s from %s refused: the address was locked out "
