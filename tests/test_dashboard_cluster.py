@@ -19,10 +19,8 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
 
 import aiohttp
-import psycopg
 import pytest
 
 from gateway.config import settings_from
@@ -34,8 +32,8 @@ from gateway.store.base import open_store
 from gateway.users import load_users, passwd_command
 from gateway.web.dashboard.auth import MAX_CONCURRENT_LOGINS
 
-from .conftest import (GatewayFactory, RelaySink, Simulator, pg_reset, production_env,
-                       relay_env, send_one, wait_state)
+from .conftest import (GatewayFactory, RelaySink, Simulator, base_env, pg_reset,
+                       production_env, relay_env, send_one, wait_state)
 from .test_admin import add_mail, to_reported
 from .test_several_gateways import shared_env
 
@@ -275,8 +273,6 @@ async def test_no_one_gets_in_while_the_address_is_locked(make_gateway: GatewayF
     users.write_text(users.read_text().replace(line, f"ann {slow_hash(PASSWORDS['ann'])} "
                                                       "role=admin"))
     assert load_users(users)["ann"].role == "admin"
-    from .conftest import base_env
-
     gw = await make_gateway(base_env(tmp_path / "var", USERS_FILE=str(users),
                                      AUTH_MAX_FAILURES="3"))
     async with aiohttp.ClientSession(cookie_jar=jar()) as http:
@@ -298,8 +294,6 @@ async def test_a_login_flood_is_bounded(make_gateway: GatewayFactory, tmp_path: 
     checked, the rest are refused at once (503, try again in a minute) or for the lockout
     (429); none gets in."""
     users = make_users(tmp_path)
-    from .conftest import base_env
-
     gw = await make_gateway(base_env(tmp_path / "var", USERS_FILE=str(users)))
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(cookie_jar=jar(), connector=connector) as http:
@@ -323,8 +317,6 @@ async def test_a_login_flood_is_bounded(make_gateway: GatewayFactory, tmp_path: 
 
 async def test_a_new_password_or_a_deleted_user_ends_the_sessions(
         make_gateway: GatewayFactory, tmp_path: Path) -> None:
-    from .conftest import base_env
-
     users = make_users(tmp_path)
     gw = await make_gateway(base_env(tmp_path / "var", USERS_FILE=str(users)))
 
