@@ -251,12 +251,24 @@ def cmd_passwd(args: argparse.Namespace) -> int:
     import getpass
     import os
 
-    from gateway.users import UsersFileError, passwd_command
+    from gateway.users import UsersFileError, delete_user, passwd_command
 
     path = args.users_file or os.environ.get("USERS_FILE")
     if not path:
         print("faxgw passwd: give --users-file or set USERS_FILE", file=sys.stderr)
         return 2
+    if args.delete:
+        try:
+            deleted = delete_user(path, args.username)
+        except UsersFileError as exc:
+            print(f"faxgw passwd: {exc}", file=sys.stderr)
+            return 1
+        if not deleted:
+            print(f"faxgw passwd: no user {args.username} in {path}", file=sys.stderr)
+            return 1
+        print(f"user {args.username} deleted from {path}; their dashboard sessions end at "
+              "their next request")
+        return 0
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
@@ -375,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="may log in to the web dashboard, read-only")
     role.add_argument("--no-dashboard", dest="role", action="store_const", const="",
                       help="take the dashboard away from this user (mail only)")
+    passwd.add_argument("--delete", action="store_true",
+                        help="remove the user (mail and dashboard); their sessions end")
     passwd.set_defaults(func=cmd_passwd, role=None)
     return parser
 

@@ -53,6 +53,7 @@ __all__ = [
     "UsersFileError",
     "authenticate",
     "client_key",
+    "delete_user",
     "format_user",
     "hash_password",
     "load_users",
@@ -387,6 +388,35 @@ def write_user(path: str | os.PathLike[str], user: User) -> bool:
     finally:
         os.close(dir_fd)  # also releases the lock
     return added
+
+
+def delete_user(path: str | os.PathLike[str], username: str) -> bool:
+    """Remove the user's line from the file (`faxgw passwd NAME --delete`); False if there
+    was none.  Written like `write_user` (locked, atomic, owner and mode kept); the daemon
+    re-reads the file at the next login or dashboard request, which ends the user's
+    dashboard sessions."""
+    path = Path(path)
+    directory = path.parent if str(path.parent) else Path(".")
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX)
+        try:
+            old_text = path.read_text(encoding="utf-8")
+            old_stat = path.stat()
+        except FileNotFoundError:
+            return False
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsersFileError([f"{path}: cannot read the users file: {exc}"]) from None
+        _parse_text(old_text, str(path))  # refuse to rewrite a file that is already broken
+        lines = old_text.splitlines()
+        kept = [line for line in lines if line.split()[:1] != [username]]
+        if len(kept) == len(lines):
+            return False
+        _atomic_write(path, "\n".join(kept) + "\n", old_stat)
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)  # also releases the lock
+    return True
 
 
 def _atomic_write(path: Path, text: str, old_stat: os.stat_result | None) -> None:

@@ -261,9 +261,10 @@ def test_resend_makes_a_new_job_for_the_same_document(store: Store, tmp_path: Pa
     assert store.events(new_id)[0].detail == f"resend of job {a} by the operator"
     assert store.events(a)[-1].kind == "resent"
     # The first resend is under way: a second one would fax the document twice.
-    with pytest.raises(AdminError, match=f"job {new_id} for the same document and number is "
-                                         "still under way"):
+    with pytest.raises(admin.AlreadyResent, match=f"job {a} is already being resent, as job "
+                                                  f"{new_id} \\(spooled\\)") as err:
         admin.resend_job(store, a, clock.now, retry_policy=POLICY)
+    assert err.value.job_id == new_id
     with pytest.raises(AdminError, match="still in progress"):
         admin.resend_job(store, new_id, clock.now, retry_policy=POLICY)
 

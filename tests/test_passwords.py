@@ -360,3 +360,23 @@ def test_memory_is_bounded_oldest_evicted() -> None:
 def test_throttle_rejects_nonsense_settings() -> None:
     with pytest.raises(ValueError):
         LoginThrottle(max_failures=0)
+
+
+def test_delete_user_keeps_the_other_lines(tmp_path: Path) -> None:
+    """`faxgw passwd NAME --delete`: the user's line goes; the others, comments and the file's
+    mode stay; an unknown user or a broken file changes nothing."""
+    from gateway.users import delete_user
+
+    path = tmp_path / "users"
+    passwd_command(path, "ann", "pw-ann", role="admin")
+    passwd_command(path, "bob", "pw-bob")
+    path.write_text(path.read_text() + "# a note\n")
+    assert delete_user(path, "ann") is True
+    assert list(load_users(path)) == ["bob"] and path.read_text().endswith("# a note\n")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert delete_user(path, "ann") is False and delete_user(tmp_path / "none", "x") is False
+    path.write_text(path.read_text() + "broken\n")
+    before = path.read_text()
+    with pytest.raises(UsersFileError):
+        delete_user(path, "bob")
+    assert path.read_text() == before

@@ -33,7 +33,7 @@ from gateway.mail.reports import outcome
 from gateway.signalwire.client import SignalWireClient, SignalWireError
 from gateway.signalwire import errors as sw_errors
 from gateway.store.base import Store
-from gateway.store.rows import Attempt, Event, JobListing, Message, NewJob
+from gateway.store.rows import Attempt, Event, JobListing, Message, NewJob, UnderWay
 
 MIN_PREFIX_CHARS = 6
 JOB_ID_CHARS = 16
@@ -51,6 +51,15 @@ assert len(set(STATUS_FILTERS)) == len(STATUS_FILTERS), "a state word is also a 
 
 class AdminError(Exception):
     """A command that cannot be done, in plain words for the operator."""
+
+
+class AlreadyResent(AdminError):
+    """A resend asked for while another resend of the same mail to the same number is under
+    way (a double click on "Yes, resend", two operators, two nodes): `job_id` is that job."""
+
+    def __init__(self, text: str, job_id: str) -> None:
+        super().__init__(text)
+        self.job_id = job_id
 
 
 @dataclass(frozen=True)
@@ -441,6 +450,7 @@ def resend_job(store: Store, job_id: str, now: float, *, retry_policy: RetryPoli
                from_number: str | None = None, by: str | None = None,
                shared: bool = False) -> str:
     """Send the same document to the same number again, as a new job; returns its id.
+    `AlreadyResent` (naming that job) when another resend of it is under way.
 
     The job must be finished (reported or given-up; or completed with no automatic retry
     coming), and the document still in the spool: with DOCUMENT_RETENTION_HOURS=0 it is
@@ -477,6 +487,13 @@ def resend_job(store: Store, job_id: str, now: float, *, retry_policy: RetryPoli
                  callback_token=secrets.token_urlsafe(24),
                  media_key=job.media_key if stored and job.media_key else new_media_key())
     problem = store.add_resend(job, new, now, stored=stored, by=by)
+    if isinstance(problem, UnderWay):
+        if problem.resend:
+            raise AlreadyResent(f"job {job.id} is already being resent, as job "
+                                f"{problem.job_id} ({problem.state})", problem.job_id)
+        raise AdminError(f"cannot resend job {job.id}: job {problem.job_id} for the same "
+                         f"document and number is still under way ({problem.state}); wait "
+                         "for its report, or cancel it first")
     if problem is not None:
         raise AdminError(f"cannot resend job {job.id}: {problem}")
     return new.id

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, TypeVar
 
 from gateway import defaults
 from gateway.outbound.states import CallbackAction, IllegalTransition, Job, State
-from gateway.store.rows import Attempt, Event, JobListing, Message, NewJob
+from gateway.store.rows import Attempt, Event, JobListing, Message, NewJob, UnderWay
 
 if TYPE_CHECKING:
     from gateway.config import Settings
@@ -407,10 +407,12 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def add_resend(self, job: Job, new: NewJob, now: float, *, stored: bool = False,
-                   by: str | None = None) -> str | None:
-        """A new job for the message and number of `job`; None when done, else why not.
-        `stored`: it sends the media object `new.media_key` already in the media store; `by`:
-        who asked (the history names them)."""
+                   by: str | None = None) -> str | UnderWay | None:
+        """A new job for the message and number of `job`; None when done, else why not
+        (`UnderWay`: another job of the message to the number is not yet reported). The check
+        and the insert are one step across nodes: of resends asked at the same moment, one
+        is made. `stored`: it sends the media object `new.media_key` already in the media
+        store; `by`: who asked (the history names them)."""
 
     @abc.abstractmethod
     def cancel_unsent(self, job_id: str, reason: str, now: float, *,

@@ -282,6 +282,31 @@ _V9 = (
     "ALTER TABLE messages ADD COLUMN auth_results TEXT",
 )
 
+_V10 = (
+    # Dashboard sessions, in the shared store: a load balancer may send each request to any
+    # node, and a restart keeps them. `token_hash` is the SHA-256 of the cookie's random token
+    # (the token itself is stored nowhere); `password_tag` identifies the user's password hash
+    # at login, so a new password or a deleted user ends the session.
+    """CREATE TABLE IF NOT EXISTS dashboard_sessions (
+    token_hash TEXT PRIMARY KEY,
+    user_name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    password_tag TEXT NOT NULL,
+    created_at {float} NOT NULL,
+    expires_at {float} NOT NULL
+)""",
+    "CREATE INDEX IF NOT EXISTS dashboard_sessions_user ON dashboard_sessions (user_name)",
+    "CREATE INDEX IF NOT EXISTS dashboard_sessions_expires ON dashboard_sessions (expires_at)",
+    # What an action said, shown on the session's next page (whichever node serves it).
+    """CREATE TABLE IF NOT EXISTS dashboard_flash (
+    id {autoid} PRIMARY KEY,
+    token_hash TEXT NOT NULL,
+    at {float} NOT NULL,
+    text TEXT NOT NULL
+)""",
+    "CREATE INDEX IF NOT EXISTS dashboard_flash_session ON dashboard_flash (token_hash, id)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "messages, jobs, events, attempts", _V1),
     Migration(2, "states renamed: received -> spooled, failed -> given-up", _V2),
@@ -295,6 +320,7 @@ MIGRATIONS: tuple[Migration, ...] = (
                  "gave_up -> given-up", _V7),
     Migration(8, "DSN (RET, ENVID, NOTIFY, ORCPT) and the AUTH= submitter", _V8),
     Migration(9, "messages.auth_results: how the sender was proven", _V9),
+    Migration(10, "dashboard sessions and their messages, shared by the nodes", _V10),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from gateway.outbound.states import Job
 
-__all__ = ["Attempt", "Event", "Job", "JobListing", "Message", "NewJob"]
+__all__ = ["Attempt", "Event", "Job", "JobListing", "Message", "NewJob", "UnderWay"]
 
 
 @dataclass(frozen=True)
@@ -89,3 +89,14 @@ class JobListing:
     peer: str | None
     filenames: str | None
     last_event: Event | None
+
+
+@dataclass(frozen=True)
+class UnderWay:
+    """Why a resend was not made: another job of the mail to the same number is under way.
+    `resend`: that job is itself a resend (a double click, or another operator, a moment
+    earlier), so the answer is "already being resent" and names it."""
+
+    job_id: str
+    state: str
+    resend: bool

@@ -24,7 +24,7 @@ from gateway.outbound.states import (ACTIVE_STATES, FINISHED, REPORT_DUE,
 from gateway.store import migrations
 from gateway.text import one_line
 from gateway.store.base import Store, StoreError
-from gateway.store.rows import Attempt, Event, JobListing, Message, NewJob
+from gateway.store.rows import Attempt, Event, JobListing, Message, NewJob, UnderWay
 
 log = logging.getLogger(__name__)
 
@@ -388,6 +388,7 @@ class SqlStore(Store):
     # -- claims: several nodes, one queue ----------------------------------------------------
 
     SKIP_LOCKED = ""  # PostgreSQL: " FOR UPDATE SKIP LOCKED"
+    FOR_UPDATE = ""   # PostgreSQL: " FOR UPDATE" (SQLite: BEGIN IMMEDIATE locks everything)
 
     def _claim_lock(self, what: str = "claims") -> None:
         """Serialise one kind of shared decision across nodes, inside a transaction: "claims"
@@ -873,11 +874,16 @@ class SqlStore(Store):
     # -- operator actions --------------------------------------------------------------------
 
     def add_resend(self, job: Job, new: NewJob, now: float, *, stored: bool = False,
-                   by: str | None = None) -> str | None:
+                   by: str | None = None) -> str | UnderWay | None:
         """A new job for the message and number of `job`, in one transaction; None when done,
-        else why not (document purged meanwhile, or another job of the message to the number
-        is still under way). The insert is conditional on the document still being there, so
-        it cannot slip in after a purge was recorded."""
+        else why not (document purged meanwhile, or `UnderWay`: another job of the message to
+        the number is still under way). The insert is conditional on the document still being
+        there, so it cannot slip in after a purge was recorded.
+
+        The transaction first locks the message's row (PostgreSQL; SQLite's BEGIN IMMEDIATE
+        already serialises writers), so the look for a job under way and the new job are one
+        step: two resends of one mail at the same moment, on one node or two, are taken one
+        after the other, and the second finds the first's job."""
         check_transition([None], State.SPOOLED, Ev.RECEIVED)
         try:
             return self._add_resend(job, new, now, stored, operator(by))
@@ -885,15 +891,21 @@ class SqlStore(Store):
             return str(exc)
 
     def _add_resend(self, job: Job, new: NewJob, now: float, stored: bool,
-                    who: str) -> str | None:
+                    who: str) -> str | UnderWay | None:
         with self._tx():
+            self._rows(f"SELECT id FROM messages WHERE id = ?{self.FOR_UPDATE}",
+                       (job.message_id,))
             busy = self._one(
                 "SELECT id, state FROM jobs WHERE message_id = ? AND to_number = ? AND id <> ?"
-                " AND state <> ?", (job.message_id, job.to_number, job.id,
-                                    State.REPORTED.value))
+                " AND state <> ? ORDER BY created_at DESC LIMIT 1",
+                (job.message_id, job.to_number, job.id, State.REPORTED.value))
             if busy is not None:
-                return (f"job {busy['id']} for the same document and number is still under way "
-                        f"({busy['state']}); wait for its report, or cancel it first")
+                # A resend's first event says so (see below); an intake job's does not.
+                first = self._one("SELECT kind, detail FROM events WHERE job_id = ?"
+                                  " ORDER BY id LIMIT 1", (busy["id"],))
+                resend = (first is not None and first["kind"] == Ev.RECEIVED
+                          and (first["detail"] or "").startswith("resend of job "))
+                return UnderWay(busy["id"], busy["state"], resend)
             inserted = self._exec(
                 "INSERT INTO jobs (id, message_id, to_number, from_number, quality, state,"
                 " callback_token, media_key, pages, attempt, tries, next_run_at, created_at,"

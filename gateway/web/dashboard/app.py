@@ -31,18 +31,18 @@ from aiohttp import web
 from gateway.config import Settings
 from gateway.documents.pool import CpuPool, call
 from gateway.ops import actions
-from gateway.ops.actions import AdminError
+from gateway.ops.actions import AdminError, AlreadyResent
 from gateway.ops.logs import redact
 from gateway.outbound.states import RetryPolicy
 from gateway.phone import NumberError, format_number
 from gateway.signalwire.client import SignalWireClient
 from gateway.users import LoginThrottle, UsersFile
 from gateway.web.dashboard import queries
-from gateway.web.dashboard.auth import (LOGIN_COOKIE, SESSION_COOKIE, Logins, Proxy, Session,
-                                        Sessions, same_token)
-from gateway.web.dashboard.auth import NO_DASHBOARD_ROLE
+from gateway.web.dashboard.auth import (LOGIN_COOKIE, NO_DASHBOARD_ROLE, SESSION_COOKIE, Logins,
+                                        Proxy, Session, Sessions, password_tag, same_token)
 from gateway.inbound.delivery import PermanentFailure, fetch_document
 from gateway.signalwire.client import SignalWireError
+from gateway.store.base import StoreError
 from gateway.store.inbound import InboundFax, InboundStore
 from gateway.web.dashboard.thumbs import THUMB_WIDTH_PX
 
@@ -213,8 +213,9 @@ class Dashboard:
         if users is None and settings.users_file is not None:
             users = UsersFile(settings.users_file)
         self.logins = Logins(users, LoginThrottle(settings.auth_max_failures,
-                                                  lockout_s=settings.auth_lockout_minutes * 60))
-        self.sessions = Sessions(settings.admin_session_minutes * 60, clock)
+                                                  lockout_s=settings.auth_lockout_minutes * 60),
+                             store, clock)
+        self.sessions = Sessions(store, settings.admin_session_minutes * 60, clock)
         self.proxy = Proxy(settings.admin_trusted_proxies)
         self.errors = RecentErrors()
         self.inbound = InboundStore(store)
@@ -307,13 +308,20 @@ class Dashboard:
         path = request.path
         if path == "/login" or path.startswith("/static/"):
             return await handler(request)
-        session = self.sessions.get(request.cookies.get(SESSION_COOKIE))
-        if session is not None:
-            current = self.logins.current(session.user)
-            if current is None or current.role != session.role:
-                # Removed from the file, role taken away or changed: log in again.
-                self.sessions.drop_user(session.user)
-                session = None
+        # A page (not a part the script fetches, a picture or a PDF) shows the messages.
+        page = (request.method == "GET" and request.headers.get("X-Requested-With") != "fetch"
+                and not path.endswith((".png", ".pdf")))
+        try:
+            session = await self.sessions.get(request.cookies.get(SESSION_COOKIE), page=page)
+            if session is not None:
+                session = await self._still_valid(session)
+        except Exception as exc:  # noqa: BLE001 - only the store's own errors are answered
+            if not (isinstance(exc, StoreError) or self.store.is_db_error(exc)):
+                raise
+            log.warning("dashboard: sessions not readable: the database did not answer (%s)",
+                        type(exc).__name__)
+            raise web.HTTPServiceUnavailable(
+                text="the database did not answer; try again in a moment") from None
         if session is None:
             if request.method != "GET":
                 raise web.HTTPForbidden(text="not logged in: nothing was changed")
@@ -323,6 +331,26 @@ class Dashboard:
             raise web.HTTPSeeOther("/login?" + urlencode({"next": target}))
         request[SESSION] = session
         return await handler(request)
+
+    async def _still_valid(self, session: Session) -> Session | None:
+        """The session if its user is still in the users file with the same role and the
+        same password; otherwise it ends (and so do the user's other stale ones)."""
+        current = self.logins.current(session.user)
+        if current is None:  # removed from the file, or the dashboard role taken away
+            await self.sessions.drop_user(session.user)
+            log.info("dashboard: sessions of %s ended: no longer a dashboard user", session.user)
+            return None
+        tag = password_tag(current)
+        if current.role != session.role or tag != session.password_tag:
+            # Role changed, or a new password: log in again (a session opened with the
+            # new password stays).
+            dropped = await self.sessions.drop_user(session.user, unless_tag=tag)
+            if current.role != session.role:
+                await self.sessions.drop(session)
+            log.info("dashboard: %d session(s) of %s ended: its password or role changed",
+                     dropped, session.user)
+            return None
+        return session
 
     # -- rendering ---------------------------------------------------------------------------
 
@@ -357,14 +385,17 @@ class Dashboard:
                             secure=self.proxy.is_https(request), path="/login", max_age=3600)
         return response
 
+    async def _locked_page(self, request: web.Request, locked: float) -> web.Response:
+        minutes = max(1, int(locked // 60) + (1 if locked % 60 else 0))
+        return await self.login_page(
+            request, f"Too many failed logins from your address. Try again in "
+            f"{minutes} minute{'s' if minutes != 1 else ''}.", status=429)
+
     async def login(self, request: web.Request) -> web.Response:
         ip = self.proxy.client_ip(request)
-        locked = self.logins.locked_out_s(ip)
+        locked = await self.logins.locked_out_s(ip)
         if locked:
-            minutes = max(1, int(locked // 60) + (1 if locked % 60 else 0))
-            return await self.login_page(
-                request, f"Too many failed logins from your address. Try again in "
-                f"{minutes} minute{'s' if minutes != 1 else ''}.", status=429)
+            return await self._locked_page(request, locked)
         form = await request.post()
         if not same_token(request.cookies.get(LOGIN_COOKIE, ""), form.get("login_token")):
             return await self.login_page(request, "The login form had expired; please try "
@@ -372,15 +403,25 @@ class Dashboard:
         name, password = form.get("name"), form.get("password")
         if not isinstance(name, str) or not isinstance(password, str) or not name:
             return await self.login_page(request, "Give your name and password.", status=400)
-        user = await self.logins.login(ip, name.strip(), password)
+        result = await self.logins.login(ip, name.strip(), password)
+        if result.busy:
+            response = await self.login_page(
+                request, "Too many logins at once. Try again in a minute.", status=503)
+            response.headers["Retry-After"] = "60"
+            return response
+        user = result.user
         if user is not None and user.role is None:
             return await self.login_page(request, NO_DASHBOARD_ROLE, status=403)
         if user is None:
-            locked = self.logins.locked_out_s(ip)
-            words = ("Wrong name or password. Too many failed logins: try again later."
-                     if locked else "Wrong name or password.")
-            return await self.login_page(request, words, status=429 if locked else 401)
-        session = self.sessions.create(user.name, user.role)
+            if result.wrong:
+                words = ("Wrong name or password. Too many failed logins: try again later."
+                         if result.locked_s else "Wrong name or password.")
+                return await self.login_page(request, words,
+                                             status=429 if result.locked_s else 401)
+            if result.locked_s:  # locked by other logins while this one waited or was checked
+                return await self._locked_page(request, result.locked_s)
+            return await self.login_page(request, "Wrong name or password.", status=401)
+        session = await self.sessions.create(user)
         nxt = form.get("next")
         response = web.Response(status=303, headers={
             "Location": self._safe_next(nxt if isinstance(nxt, str) else None)})
@@ -395,7 +436,7 @@ class Dashboard:
         form = await request.post()
         if not same_token(session.csrf, form.get("csrf")):
             raise web.HTTPForbidden(text="the form token is missing or wrong: nothing changed")
-        self.sessions.drop(session.token)
+        await self.sessions.drop(session)
         log.info("dashboard logout: %s", session.user)
         response = web.Response(status=303, headers={"Location": "/login"})
         response.del_cookie(SESSION_COOKIE, path="/")
@@ -522,10 +563,17 @@ class Dashboard:
         target = f"/jobs/{ref}"
         try:
             if action == "resend":
-                new = await self.store.run(lambda: actions.resend_job(
-                    self.store, ref, now, from_number=self.s.from_number,
-                    retry_policy=self.retry_policy, by=by, shared=self.s.shared))
-                session.flash.append(f"Job {ref} is being sent again as this job, {new}.")
+                try:
+                    new = await self.store.run(lambda: actions.resend_job(
+                        self.store, ref, now, from_number=self.s.from_number,
+                        retry_policy=self.retry_policy, by=by, shared=self.s.shared))
+                except AlreadyResent as exc:  # a double click: show the job that was made
+                    await self.sessions.flash(session, f"Not done: job {ref} is already being "
+                                              f"resent, as this job, {exc.job_id}.")
+                    log.info("dashboard: %s resend job %s refused: already being resent as "
+                             "%s", by, ref, exc.job_id)
+                    raise web.HTTPSeeOther(f"/jobs/{exc.job_id}") from None
+                text = f"Job {ref} is being sent again as this job, {new}."
                 target = f"/jobs/{new}"
             elif action == "cancel":
                 req = await self.store.run(lambda: actions.request_cancel(
@@ -536,14 +584,14 @@ class Dashboard:
                     await self.store.run(lambda: actions.note_cancel(
                         self.store, req.job_id, self.clock(), req.fax_sid or "", by=by))
                     text = f"Fax {req.fax_sid} canceled at SignalWire."
-                session.flash.append(text)
             else:
-                session.flash.append(await self.store.run(lambda: actions.request_report(
-                    self.store, ref, now, by=by)))
+                text = await self.store.run(lambda: actions.request_report(
+                    self.store, ref, now, by=by))
         except AdminError as exc:
-            session.flash.append(f"Not done: {exc}")
+            await self.sessions.flash(session, f"Not done: {exc}")
             log.info("dashboard: %s %s job %s refused: %s", by, action, ref, exc)
         else:
+            await self.sessions.flash(session, text)
             log.info("dashboard: %s did %s on job %s", by, action, ref)
             self.wake()
         raise web.HTTPSeeOther(target)
