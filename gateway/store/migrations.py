@@ -204,6 +204,26 @@ _V5 = (
     "DROP INDEX IF EXISTS messages_dedup",
 )
 
+_V6 = (
+    # A fencing token: every claim of a job adds one, and a worker step records its work only
+    # while the job still carries the token it was claimed with (a node that stalled past its
+    # lease finds its UPDATE matching nothing, and does not send, mail or delete).
+    "ALTER TABLE jobs ADD COLUMN lease_epoch INTEGER NOT NULL DEFAULT 0",
+    # The report being mailed: its number (the Message-ID is the job's and this number's) and,
+    # until it is recorded as sent, when its mailing began (set: its outcome is uncertain).
+    "ALTER TABLE jobs ADD COLUMN report_n INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE jobs ADD COLUMN reporting_at {float}",
+    # A document being deleted: no resend may take it from here on.
+    "ALTER TABLE messages ADD COLUMN purging_at {float}",
+    # A fax sid belongs to one job: an attempt that took another job's fax as its own (a
+    # lookup after an unanswered send) loses it; then each sid is unique.
+    """UPDATE attempts SET fax_sid = NULL WHERE fax_sid IS NOT NULL AND EXISTS (
+    SELECT 1 FROM attempts a2 WHERE a2.fax_sid = attempts.fax_sid
+        AND (a2.started_at < attempts.started_at
+             OR (a2.started_at = attempts.started_at AND a2.job_id < attempts.job_id)))""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS attempts_fax_sid ON attempts (fax_sid)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "messages, jobs, events, attempts", _V1),
     Migration(2, "states renamed: received -> spooled, failed -> given-up", _V2),
@@ -211,6 +231,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "job leases (several nodes), dedup index, named leases, shared hit counts",
               _V4),
     Migration(5, "dedup keys: a resent mail is recognised in the commit, atomically", _V5),
+    Migration(6, "fencing: lease epochs, report numbers, purge marks, one job per fax sid",
+              _V6),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -37,7 +37,8 @@ log = logging.getLogger(__name__)
 MIGRATION_LOCK = 0x6661786777_01
 CLAIM_LOCK = 0x6661786777_02
 # One advisory lock per kind of shared decision (see SqlStore._claim_lock).
-_LOCKS = {"claims": CLAIM_LOCK, "hits": 0x6661786777_03, "send-slot": 0x6661786777_04}
+_LOCKS = {"claims": CLAIM_LOCK, "hits": 0x6661786777_03, "send-slot": 0x6661786777_04,
+          "purge": 0x6661786777_05}
 
 
 PREPARE_THRESHOLD = 5
