@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sqlite3
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -454,3 +456,61 @@ async def test_a_step_whose_failure_cannot_be_recorded_ends_quietly(
     assert results == [None]
     assert "could not be recorded either" in caplog.text
     assert not [r for r in caplog.records if r.exc_info and "store" in r.getMessage()]
+
+
+# -- 3. two processes: a node paused past its lease ------------------------------------------------
+
+async def test_a_node_paused_past_its_lease_mails_no_report_twice(
+        pg_url: str, seaweed: Any, simulator: Simulator, relay: RelaySink, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two gateway processes on one PostgreSQL (LEASE_SECONDS=3). node-a is stopped with
+    SIGSTOP while it holds a job whose report is due, for 10 s, then continued: node-b has
+    taken the job over and reported it meanwhile; node-a, waking, finds its claim gone and
+    mails nothing. Every job is faxed once and reported once."""
+    from gateway.sandbox.harness import DaemonProcess
+
+    from .test_several_gateways import all_reported, send, shared_env
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweed.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed.secret_key)
+    pg_reset(pg_url)
+    nodes = [DaemonProcess(shared_env(tmp_path, name, pg_url, seaweed, simulator, relay,
+                                      SMTP_HOSTNAME=f"{name}.test", REPORT_ATTACH_PDF="yes"),
+                           tmp_path / f"{name}.log") for name in ("node-a", "node-b")]
+    a, b = nodes
+    sent: list[str] = []
+    try:
+        for node in nodes:
+            await node.start()
+        simulator.state.hold_queue()  # the faxes end together: the reports come in a burst
+        for i in range(8):
+            sent += await send(nodes[i % 2].smtp_port, f"155513{i + 50:05d}")
+        await simulator.state.wait_faxes(8, 30)
+        simulator.state.release_queue()
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            async with asyncio.timeout(30):  # node-a working on a report: pause it there
+                while not db.execute(
+                        "SELECT 1 FROM jobs WHERE lease_owner = 'node-a' AND lease_until > %s"
+                        " AND state IN ('completed', 'given-up')", (time.time(),)).fetchone():
+                    await asyncio.sleep(0.005)
+        assert a.proc is not None
+        a.proc.send_signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(10)  # the fault: a stall of 10 s, past LEASE_SECONDS=3
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        await all_reported(pg_url, 60)
+        await a.wait_log("lease lost", 30)  # its heartbeat, once it runs again, says so
+        for node in nodes:
+            assert await node.terminate() == 0, node.log_tail()
+    finally:
+        for node in nodes:
+            await node.close()
+    reports = []
+    while not relay.messages.empty():
+        reports.append(relay.messages.get_nowait())
+    per_job = Counter(r["X-Faxgw-Job"] for r in reports)
+    assert per_job == Counter(sent), per_job  # each reported once
+    assert len({r["Message-ID"] for r in reports}) == len(reports)
+    numbers = [r["To"] for r in simulator.state.send_requests]
+    assert len(numbers) == len(set(numbers)) == 8, numbers  # each faxed once
