@@ -514,3 +514,25 @@ async def test_a_node_paused_past_its_lease_mails_no_report_twice(
     assert len({r["Message-ID"] for r in reports}) == len(reports)
     numbers = [r["To"] for r in simulator.state.send_requests]
     assert len(numbers) == len(set(numbers)) == 8, numbers  # each faxed once
+
+
+# -- 4. a callback before the send's answer ----------------------------------------------------------
+
+async def test_a_final_callback_before_the_send_answer_blocks_nothing(
+        backend: str, node_env: Callable[..., dict[str, str]], make_gateway: GatewayFactory,
+        simulator: Simulator, relay: RelaySink) -> None:
+    """SignalWire calls back with the final status before it answers the send POST. The final
+    status stands (the answer recorded after it changes nothing), and the faxes behind it to
+    the same number go at once, not at the status poll (STATUS_POLL_SECONDS=600)."""
+    simulator.state.answer_after_callback = 1
+    gw = await make_gateway(node_env(SIGNALWIRE_TIMEOUT_SECONDS="20"))
+    jobs = [await send_one(gw, NUMBER) for _ in range(3)]
+    reports = {r["X-Faxgw-Job"]: r for r in [await relay.next(30) for _ in jobs]}
+    assert set(reports) == set(jobs)
+    assert all("delivered" in r["Subject"] for r in reports.values())
+    first = await gw.store.run(gw.store.job, jobs[0])
+    assert first is not None and first.fax_sid in simulator.state.faxes
+    for job_id in jobs:  # each final status came by callback, none by the poll
+        [final] = [e for e in await gw.store.run(gw.store.events, job_id) if e.kind == "final"]
+        assert final.detail is not None and final.detail.startswith("callback: "), final
+    assert len(simulator.state.faxes) == 3

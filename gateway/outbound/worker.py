@@ -412,9 +412,15 @@ class Worker:
         else:
             self.contact["signalwire"] = (True, self.clock(), "send ok")
             crash_point("after-send")
-            await self.store.run(self.store.mark_submitted, job, fax.sid, fax.status,
-                                 self.clock() + self.s.status_poll_s,
-                                 f"SignalWire accepted: sid {fax.sid}, status {fax.status}")
+            if not await self.store.run(self.store.mark_submitted, job, fax.sid, fax.status,
+                                        self.clock() + self.s.status_poll_s,
+                                        f"SignalWire accepted: sid {fax.sid}, status "
+                                        f"{fax.status}"):
+                # Its final status came first (the callback overtook the answer), or another
+                # node holds the job now: what is recorded stands.
+                log.info("job %s attempt %d: sent, sid %s; the job had moved on meanwhile",
+                         job.id, job.attempt, fax.sid)
+                return
             log.info("job %s attempt %d: submitted, sid %s", job.id, job.attempt, fax.sid)
 
     async def _pace(self) -> None:
