@@ -160,8 +160,10 @@ class Worker:
                 if self.clock() >= self._next_housekeeping:
                     await self.housekeeping_if_leader()
                 started, nxt = await self._dispatch()
-            except Exception:
-                if self.store.damage is None:
+            except Exception as exc:
+                if self.store.damage is None and self._store_failed(exc):
+                    log.warning("worker: cannot read the job store (%s); retrying", _words(exc))
+                elif self.store.damage is None:
                     log.exception("worker: cannot read the job store; retrying")
                 # else: the database is damaged; said once (store health), the daemon stops
                 nxt = self.clock() + self.s.retry_base_s
