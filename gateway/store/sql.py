@@ -877,8 +877,9 @@ class SqlStore(Store):
         """Committed before report `n` goes to the relay, fenced: a node that lost the job
         does not mail. Until `mark_reported`, the report's outcome is uncertain (`reporting_at`
         set): the node that takes the job over mails it again under the same number, so the
-        same Message-ID."""
-        return self.transition(job.id, [job.state], None, Ev.REPORTING, detail, durable=True,
+        same Message-ID. Not a durable commit (SQLite: no fsync of its own): lost to a power
+        cut, the report's number is worked out again the same (the one recorded, plus one)."""
+        return self.transition(job.id, [job.state], None, Ev.REPORTING, detail,
                                fence=job.lease_epoch, report_n=n, reporting_at=self.clock())
 
     def mark_reported(self, job: Job, detail: str) -> bool:
