@@ -551,9 +551,8 @@ class Worker:
         finally:
             if fetched is not None:
                 await asyncio.to_thread(fetched.unlink, missing_ok=True)
-        detail = (f"report {n}: mailing it again with the same Message-ID (an earlier mailing "
-                  "of it was never recorded; it may have gone out)" if uncertain
-                  else f"report {n}: mailing it")
+        detail = (f"report {n}: mailing it again with the same Message-ID (an earlier try of "
+                  "it was not recorded as sent)" if uncertain else f"report {n}: mailing it")
         if not await self.store.run(self.store.mark_reporting, job, n, detail) \
                 or not self._holds(job):
             self._lost(job, "report")
@@ -662,8 +661,8 @@ class Worker:
         # ours. A resend is refused from here on.
         if not await self.store.run(self.store.claim_purge, message_id, job) \
                 or (job is not None and not self._holds(job)):
-            log.info("message %s: documents kept: a job of it is under way again, or was "
-                     "taken over", message_id)
+            log.debug("message %s: documents not deleted here: purged already, a job of it is "
+                      "under way again, or its job was taken over", message_id)
             return
         # Asked for together, so the media store can delete them in one call.
         keys = {j.media_key for j in jobs if j.media_key}
