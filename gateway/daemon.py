@@ -257,7 +257,10 @@ class Gateway:
             # Not from a database found damaged or gone: a summary is not worth a traceback.
             counts = ({} if self.guard.database_problem is not None
                       else await self.store.run(self.store.counts_by_state))
-        except (AssertionError, OSError, StoreError):  # stopping after a failed start
+        except Exception as exc:  # stopping after a failed start, or a connection killed
+            if not (isinstance(exc, (AssertionError, OSError, StoreError))
+                    or self.store.is_db_error(exc)):
+                raise
             counts = {}
         await self.store.stop()
         if self.lock.held:

@@ -81,7 +81,8 @@ async def test_pdf_mail_becomes_fax_via_s3_and_report_via_relay(
     job = await gw.store.run(gw.store.job, job_id)
     assert (job.fax_status, job.pages_sent, job.attempt) == ("delivered", 3, 1)
     kinds = [e.kind for e in await gw.store.run(gw.store.events, job_id)]
-    assert kinds == ["received", "stored", "submitting", "submitted", "final", "reported"]
+    assert kinds == ["received", "stored", "submitting", "submitted", "final", "reporting",
+                     "reported"]
 
 
 async def test_sandbox_local_media_and_outbox(make_gateway, tmp_path: Path) -> None:

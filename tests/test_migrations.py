@@ -197,3 +197,34 @@ def test_the_cli_does_not_upgrade_a_database_under_a_running_old_daemon(tmp_path
     assert commands.jobs(settings, status="spooled", to=None, sender=None, since=None,
                          limit=10, fmt="table") == 0
     assert SPOOLED_JOB in capsys.readouterr().out
+
+
+def test_the_fencing_migration_leaves_each_fax_sid_to_its_first_job(tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """A database where a lookup had adopted another job's fax (issue 23): the later attempt
+    loses the sid, the first keeps it, and from then on the index keeps a sid to one job."""
+    [fencing] = [m for m in migrations.MIGRATIONS if "one job per fax sid" in m.description]
+    monkeypatch.setattr(migrations, "MIGRATIONS", tuple(
+        m for m in migrations.MIGRATIONS if m.version < fencing.version))
+    monkeypatch.setattr(migrations, "LATEST", fencing.version - 1)
+    store = SqliteStore(tmp_path / "faxgw.sqlite3")
+    store.open()
+    with store._tx():
+        for job_id, started in (("j-first", 1.0), ("j-second", 2.0), ("j-own", 3.0)):
+            store._exec("INSERT INTO attempts (job_id, n, quality, started_at, fax_sid)"
+                        " VALUES (?, 1, 'fine', ?, ?)",
+                        (job_id, started, "sid-own" if job_id == "j-own" else "sid-shared"))
+    store.close()
+    monkeypatch.undo()
+    store.open()
+    try:
+        assert store.schema_version() >= fencing.version
+        assert {r["job_id"]: r["fax_sid"] for r in store._rows(
+            "SELECT job_id, fax_sid FROM attempts")} == {
+                "j-first": "sid-shared", "j-second": None, "j-own": "sid-own"}
+        with pytest.raises(sqlite3.IntegrityError):
+            with store._tx():
+                store._exec("UPDATE attempts SET fax_sid = 'sid-shared' WHERE job_id = ?",
+                            ("j-second",))
+    finally:
+        store.close()

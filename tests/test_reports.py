@@ -46,7 +46,13 @@ def test_failed_report_lists_attempts_with_advice_and_threads() -> None:
                                  "after 3 attempts")
     assert report["In-Reply-To"] == "<o@example.com>"
     assert report["References"] == "<r1@example.com> <o@example.com>"
-    assert report["Message-ID"] == "<faxgw-report.0123456789abcdef@gw.test>"
+    # The job's and the report's number at NOTIFY_FROM's domain, not the node's name: the
+    # same report mailed by another node (after a stall or a crash) has the same Message-ID.
+    assert report["Message-ID"] == "<faxgw-report.0123456789abcdef@x.test>"
+    again = [build_report(make_job(report_n=2), make_message(), [], attempts,
+                          from_addr="gw@x.test", hostname=node, now=9.0)["Message-ID"]
+             for node in ("node-a.test", "node-b.test")]
+    assert again == ["<faxgw-report.0123456789abcdef.2@x.test>"] * 2
     text = report.get_body(("plain",)).get_content()
     assert text.startswith("Your fax to +1 555-123-4567 was not delivered: the line was busy.")
     assert "The line was busy; try again later." in text

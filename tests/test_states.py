@@ -189,6 +189,7 @@ def test_every_change_the_store_makes_is_in_the_table_and_every_row_is_made(
     for state in (State.COMPLETED, State.GIVEN_UP):
         job_id = bring_to(store, tmp_path, state)
         assert store.report_now(job_id, store.clock())
+        assert store.mark_reporting(store.job(job_id), 1, "report 1: mailing it")
         assert store.mark_reported(store.job(job_id), "report sent")
         assert store.report_again(job_id, state, store.clock())
 

@@ -205,6 +205,56 @@ def test_a_node_that_lost_its_lease_cannot_start_the_send(node: NodeFactory,
     assert len(b.attempts(job_id)) == 1
 
 
+def test_a_stale_claim_records_nothing_even_once_the_new_holder_let_go(
+        node: NodeFactory, clock: FakeClock) -> None:
+    """The fencing token: node-b claimed the job after node-a's lease ran out, did its step
+    and released it. node-a, waking up, holds an older claim: its changes (the send, the
+    report, the document's deletion) match nothing, though no node holds the job now."""
+    a, b = node("node-a"), node("node-b")
+    [send_id] = add_mail(a, "+15551230031", stored=True)
+    [report_id] = add_mail(a, "+15551230032", stored=True)
+    assert a.cancel_unsent(report_id, "canceled", clock())  # given up: its report is due
+    stale = {j.id: j for j in a.claim_due(clock(), 10)}
+    assert set(stale) == {send_id, report_id}
+    clock.advance(31)
+    taken = {j.id: j for j in b.claim_due(clock(), 10)}
+    assert {j.lease_epoch for j in taken.values()} == {stale[send_id].lease_epoch + 1}
+    b.release(*taken)
+    assert a.lease_of(send_id) == (None, None)
+    assert not a.mark_submitting(stale[send_id], "http://gw.test/cb", clock() + 40)
+    assert not a.mark_reporting(stale[report_id], 1, "report 1: mailing it")
+    assert not a.mark_reported(stale[report_id], "report relayed")
+    assert not a.mark_given_up(stale[send_id], "late")
+    assert [a.job(i).state for i in (send_id, report_id)] == [State.STORED, State.GIVEN_UP]
+    # Under the claim that came after, the same changes are made.
+    assert b.mark_reporting(taken[report_id], 1, "report 1: mailing it")
+    assert b.mark_reported(taken[report_id], "report relayed")
+    assert not a.claim_purge(a.job(report_id).message_id, stale[report_id])
+    assert b.claim_purge(b.job(report_id).message_id, taken[report_id])
+
+
+def test_a_document_being_deleted_is_not_resent_and_a_resent_one_not_deleted(
+        node: NodeFactory, clock: FakeClock) -> None:
+    """The purge and a resend of the same document decide against each other in the
+    database: a resend recorded first keeps the document; a purge recorded first refuses
+    the resend."""
+    store = node("node-a")
+    first, second = add_mail(store, "+15551230033"), add_mail(store, "+15551230034")
+    for job in store.claim_due(clock(), 10):
+        assert store.mark_given_up(job, "canceled")
+        assert store.mark_reported(store.job(job.id), "report relayed")
+    one, two = store.job(first[0]), store.job(second[0])
+    assert one is not None and two is not None
+    resend = NewJob("r" + one.id[1:], one.to_number, one.from_number, "fine", "tok-r1",
+                    one.media_key)
+    assert store.add_resend(one, resend, clock(), stored=True) is None
+    assert not store.claim_purge(one.message_id)  # the resend needs the document
+    assert store.claim_purge(two.message_id)
+    again = NewJob("r" + two.id[1:], two.to_number, two.from_number, "fine", "tok-r2",
+                   two.media_key)
+    assert store.add_resend(two, again, clock(), stored=True) is not None
+
+
 def test_one_attempt_in_flight_per_number_across_nodes(node: NodeFactory,
                                                        clock: FakeClock) -> None:
     a, b = node("node-a"), node("node-b")
@@ -222,8 +272,11 @@ def test_one_attempt_in_flight_per_number_across_nodes(node: NodeFactory,
     assert holder.mark_submitting(holder.job(mine), "http://gw.test/cb", clock() + 40)
     holder.release(mine)  # in flight now by its state, not its lease
     clock.advance(60)
-    assert waiting not in {j.id for j in b.claim_due(clock(), 10)}
-    assert holder.mark_submitted(holder.job(mine), "sid-9", "queued", clock() + 600, "ok")
+    reclaimed = {j.id: j for j in b.claim_due(clock(), 10)}
+    assert waiting not in reclaimed
+    # Its lookup came due, so node-b holds `mine` now: the answer is recorded under its claim.
+    owner, held = (b, reclaimed[mine]) if mine in reclaimed else (holder, holder.job(mine))
+    assert owner.mark_submitted(held, "sid-9", "queued", clock() + 600, "ok")
     assert holder.record_status(holder.job(mine), "sid-9", "delivered", pages=1, duration_s=1,
                                 error_code=None, error_message=None,
                                 source="callback") is CallbackAction.FINAL

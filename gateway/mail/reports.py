@@ -197,6 +197,16 @@ def _new_message(from_addr: str, to: str, subject: str, now: float, msgid: str,
     return mail
 
 
+def report_msgid(job: Job, from_addr: str, hostname: str) -> str:
+    """The report's Message-ID: the job's and the report's number (`Job.report_n`), at the
+    domain of NOTIFY_FROM, which every node of a cluster shares (not the node's own name). A
+    report mailed again after a crash between the relay's 250 and the record of it, by this
+    node or another, carries the same one, so mail clients show one message."""
+    domain = from_addr.rpartition("@")[2].strip("<> ") or hostname or "faxgw.invalid"
+    number = f".{job.report_n}" if job.report_n else ""
+    return f"<faxgw-report.{job.id}{number}@{domain}>"
+
+
 @dataclass(frozen=True)
 class ReportContent:
     """A report mail's parts, before they are put together (as an EmailMessage, or written
@@ -251,9 +261,7 @@ def report_content(job: Job, message: Message, events: Sequence[Event],
                            f"{_attempt_result(a)}" for a in attempts))
     subject = subject_line(job)
     headers = _reply_headers(from_addr, message.report_to or "", subject, now,
-                             # Stable: a report re-sent after a crash is recognisably the same.
-                             f"<faxgw-report.{job.id}@{hostname}>" if hostname else make_msgid(),
-                             message)
+                             report_msgid(job, from_addr, hostname), message)
     headers += [("X-Faxgw-Job", job.id), (REPORT_HEADER, job.id),
                 ("X-Faxgw-Status", job.fax_status or job.state.value)]
     escaped = {k: html.escape(v) for k, v in values.items()}

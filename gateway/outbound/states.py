@@ -67,6 +67,7 @@ class Ev(enum.StrEnum):
     GIVEN_UP = "given-up"
     CANCELED = "canceled"          # operator canceled before the send
     CANCEL = "cancel"              # operator canceled at SignalWire; fetch the status now
+    REPORTING = "reporting"        # a report is being mailed: uncertain until `reported`
     REPORTED = "reported"
     REPORT_AGAIN = "report-again"
     REPORT_NOW = "report-now"
@@ -101,6 +102,8 @@ def _rows() -> tuple[Transition, ...]:
         Transition(S.COMPLETED, S.STORED, Ev.RETRY, "busy, no answer, line trouble"),
         Transition(S.SPOOLED, S.GIVEN_UP, Ev.CANCELED, "operator canceled before the send"),
         Transition(S.STORED, S.GIVEN_UP, Ev.CANCELED, "operator canceled before the send"),
+        Transition(S.COMPLETED, S.COMPLETED, Ev.REPORTING, "report about to be mailed"),
+        Transition(S.GIVEN_UP, S.GIVEN_UP, Ev.REPORTING, "report about to be mailed"),
         Transition(S.COMPLETED, S.REPORTED, Ev.REPORTED, "report sent (or given up)"),
         Transition(S.GIVEN_UP, S.REPORTED, Ev.REPORTED, "report sent (or given up)"),
         Transition(S.REPORTED, S.COMPLETED, Ev.REPORT_AGAIN, "operator: report again"),
@@ -171,6 +174,11 @@ class Job:
     reported_at: float | None
     dsn_notify: str | None = None  # RCPT's NOTIFY and ORCPT (RFC 3461), see gateway/smtp/dsn.py
     dsn_orcpt: str | None = None
+    # The fencing token: the claim this copy of the job was read under (see SqlStore).
+    lease_epoch: int = 0
+    # The report being mailed (its Message-ID), and since when while not yet recorded.
+    report_n: int = 0
+    reporting_at: float | None = None
 
 
 class CallbackAction(enum.StrEnum):

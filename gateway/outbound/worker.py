@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
+import itertools
 import logging
 import os
 import random
@@ -36,7 +37,7 @@ from gateway.smtp.intake import expire_partials
 from gateway.signalwire.client import (SendOutcomeUnknown, SendRefused, SendRetryable, SignalWireClient,
                          SignalWireError)
 from gateway.store.spool import Spool
-from gateway.store.base import Store
+from gateway.store.base import Store, StoreError
 from gateway.store.rows import Attempt, Event, Message
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,11 @@ class Worker:
         self.progress = asyncio.Condition()
         self._released: list[str] = []  # jobs whose step ended: their leases go next trip
         self._purging: set[str] = set()  # messages whose documents this node is deleting
+        # job id -> until when (time.monotonic) this node surely holds the job's lease: from
+        # just before its claim or last renewal. A stall (SIGSTOP, a VM paused) moves the
+        # monotonic clock on, so a node that wakes up past it knows before its next side
+        # effect, not only at the fenced record after it.
+        self._held_until: dict[str, float] = {}
         # How many mails intake is working on now (the daemon wires in Intake's count): while
         # any, fewer steps run at once, so senders get their 250 first.
         self.intake_active: Callable[[], int] = lambda: 0
@@ -101,12 +107,17 @@ class Worker:
             ids = list(self._inflight)
             if not ids:
                 continue
+            asked = time.monotonic()
             try:
                 held = await self.store.run(self.store.renew_leases, ids, self.clock())
-            except Exception:  # a task boundary: the next beat tries again
-                log.exception("heartbeat: cannot extend the job leases")
+            except Exception as exc:  # a task boundary: the next beat tries again
+                log.warning("heartbeat: cannot extend the job leases: %s", _words(exc))
                 continue
+            for job_id in held:
+                if job_id in self._held_until:
+                    self._held_until[job_id] = asked + self.s.lease_seconds
             for job_id in set(ids) - held:
+                self._held_until[job_id] = 0.0  # lost: no side effect of it from here on
                 if job_id in self._inflight:
                     log.warning("job %s: lease lost (this node stalled past LEASE_SECONDS); "
                                 "another node may have taken the job over", job_id)
@@ -151,8 +162,10 @@ class Worker:
                 if self.clock() >= self._next_housekeeping:
                     await self.housekeeping_if_leader()
                 started, nxt = await self._dispatch()
-            except Exception:
-                if self.store.damage is None:
+            except Exception as exc:
+                if self.store.damage is None and self._store_failed(exc):
+                    log.warning("worker: cannot read the job store (%s); retrying", _words(exc))
+                elif self.store.damage is None:
                     log.exception("worker: cannot read the job store; retrying")
                 # else: the database is damaged; said once (store health), the daemon stops
                 nxt = self.clock() + self.s.retry_base_s
@@ -183,6 +196,7 @@ class Worker:
         inflight = list(self._inflight)
         store = self.store
         released, self._released = self._released, []
+        asked = time.monotonic()
 
         def release_and_claim() -> tuple[list[Job], float | None]:
             # One trip to the store thread (the loop comes here after every step that ends):
@@ -199,6 +213,7 @@ class Worker:
             raise
         started = []
         for job in due:
+            self._held_until[job.id] = asked + self.s.lease_seconds
             if job.state is State.STORED:
                 self._dialling[job.id] = job.to_number
             task = asyncio.create_task(self._step(job), name=f"faxgw-job-{job.id}")
@@ -240,9 +255,19 @@ class Worker:
                 # stopping, and nothing more can be written for this job.
                 log.debug("job %s: step stopped by the damaged database: %s", job.id, exc)
                 return
-            log.exception("job %s: %s step crashed", job.id, job.state.value)
-            await self._later(job, f"internal error: {type(exc).__name__}")
+            if self._store_failed(exc):
+                log.warning("job %s: %s step stopped: the job store did not answer: %s",
+                            job.id, job.state.value, _words(exc))
+            else:
+                log.exception("job %s: %s step crashed", job.id, job.state.value)
+            try:
+                await self._later(job, f"internal error: {type(exc).__name__}")
+            except Exception as again:  # the store is down: the job's lease runs out, and
+                # the step is tried again then (by this node or another)
+                log.warning("job %s: the failed step could not be recorded either (%s); it "
+                            "runs again once its lease is out", job.id, _words(again))
         finally:
+            self._held_until.pop(job.id, None)
             # Released on the loop's next trip to the store (which this step's end wakes),
             # with the claim of what comes next: not a trip of its own per step.
             self._released.append(job.id)
@@ -259,6 +284,26 @@ class Worker:
                 while not await predicate():
                     await self.progress.wait()
         await asyncio.wait_for(_wait(), timeout_s)
+
+    def _store_failed(self, exc: BaseException) -> bool:
+        return isinstance(exc, StoreError) or self.store.is_db_error(exc)
+
+    def _holds(self, job: Job) -> bool:
+        """Whether this node surely still holds the job's lease, by its own clock: checked
+        just before a side effect (a send, a report, a deletion), after the fenced record of
+        it. A job run outside a claim (a test driving a step) counts as held."""
+        until = self._held_until.get(job.id)
+        return until is None or time.monotonic() < until - self.s.lease_seconds / 10
+
+    def _lost(self, job: Job, what: str) -> None:
+        log.warning("job %s: %s not done: another node holds the job now (this node stalled "
+                    "past LEASE_SECONDS, or the job moved on)", job.id, what)
+
+    async def _reread(self, job: Job) -> Job:
+        """The job as stored now, still under the claim `job` was taken with."""
+        current = await self.store.run(self.store.job, job.id)
+        assert current is not None
+        return dataclasses.replace(current, lease_epoch=job.lease_epoch)
 
     def _delay(self, job: Job) -> float:
         return backoff_s(job.tries + 1, self.s.retry_base_s, self.s.retry_max_s, self.jitter())
@@ -320,10 +365,17 @@ class Worker:
         store = self.store
 
         def submitting() -> Job | None:  # one trip to the store thread: the change, the row
-            return store.job(job.id) if store.mark_submitting(job, callback, recheck_at) else None
+            if not store.mark_submitting(job, callback, recheck_at):
+                return None
+            current = store.job(job.id)
+            assert current is not None
+            return dataclasses.replace(current, lease_epoch=job.lease_epoch)
 
         current = await store.run(submitting)
-        if current is None:
+        if current is None or not self._holds(job):
+            # Not sent: the job moved on, or another node took it (a send recorded as started
+            # and not made is looked up, not found, and sent by that node).
+            self._lost(job, "send")
             return
         job = current
         self.metrics.attempt_started()
@@ -364,9 +416,15 @@ class Worker:
         else:
             self.contact["signalwire"] = (True, self.clock(), "send ok")
             crash_point("after-send")
-            await self.store.run(self.store.mark_submitted, job, fax.sid, fax.status,
-                                 self.clock() + self.s.status_poll_s,
-                                 f"SignalWire accepted: sid {fax.sid}, status {fax.status}")
+            if not await self.store.run(self.store.mark_submitted, job, fax.sid, fax.status,
+                                        self.clock() + self.s.status_poll_s,
+                                        f"SignalWire accepted: sid {fax.sid}, status "
+                                        f"{fax.status}"):
+                # Its final status came first (the callback overtook the answer), or another
+                # node holds the job now: what is recorded stands.
+                log.info("job %s attempt %d: sent, sid %s; the job had moved on meanwhile",
+                         job.id, job.attempt, fax.sid)
+                return
             log.info("job %s attempt %d: submitted, sid %s", job.id, job.attempt, fax.sid)
 
     async def _pace(self) -> None:
@@ -389,8 +447,10 @@ class Worker:
         except SignalWireError as exc:
             await self._later(job, f"cannot look up the fax at SignalWire: {exc.words}")
             return
-        earlier = await self.store.run(self.store.earlier_sids, job)
-        faxes = [f for f in faxes if f.sid not in earlier]
+        # A fax another job sent to the same number (or an earlier attempt of this one) is
+        # never this job's: a sid belongs to one job.
+        taken = await self.store.run(self.store.taken_sids, job, [f.sid for f in faxes])
+        faxes = [f for f in faxes if f.sid not in taken]
         if not faxes:
             await self.store.run(self.store.back_to_stored, job, self.clock(),
                                  "the unanswered send did not reach SignalWire; sending again")
@@ -403,8 +463,7 @@ class Worker:
         log.info("job %s: unanswered send found at SignalWire as %s (%s)", job.id, fax.sid,
                  fax.status)
         if fax.status in FINAL_STATUSES:
-            job = await self.store.run(self.store.job, job.id)
-            assert job is not None
+            job = await self._reread(job)
             await self._apply_fax(job, fax.sid, fax.status, fax.num_pages, fax.duration_s,
                                   fax.error_code, fax.error_message, "lookup")
 
@@ -464,8 +523,10 @@ class Worker:
         message, events, attempts = await store.run(facts)
         assert message is not None
         if not asked(job, outcome(job)[0]):
-            await self.store.run(self.store.mark_reported, job,
-                                 f"no report sent: NOTIFY={job.dsn_notify} (RFC 3461)")
+            if not await self.store.run(self.store.mark_reported, job,
+                                        f"no report sent: NOTIFY={job.dsn_notify} (RFC 3461)"):
+                self._lost(job, "report")
+                return
             self.metrics.report_done("not_asked")
             self.metrics.fax_finished(job, self.clock())
             log.info("job %s: final (%s), no report: the sender asked NOTIFY=%s", job.id,
@@ -473,14 +534,21 @@ class Worker:
             await self._cleanup(job)
             return
         if not message.report_to:
-            await self.store.run(self.store.mark_reported, job,
-                                 "no report sent: the mail had no usable sender address")
+            if not await self.store.run(self.store.mark_reported, job,
+                                        "no report sent: the mail had no usable sender address"):
+                self._lost(job, "report")
+                return
             self.metrics.report_done("no_address")
             self.metrics.fax_finished(job, self.clock())
             log.info("job %s: final (%s), no sender address to report to", job.id,
                      job.fax_status or job.state.value)
             await self._cleanup(job)
             return
+        # The report's number (its Message-ID): a new one, or the same again when a mailing
+        # of it began and was never recorded (it may have gone out: a crash, a stall).
+        uncertain = job.reporting_at is not None
+        n = job.report_n if uncertain else job.report_n + 1
+        job = dataclasses.replace(job, report_n=n)
         options = dict(from_addr=self.s.notify_from, hostname=self.s.smtp_hostname,
                        now=self.clock(), template_dir=self.s.report_template_dir,
                        attach_pdf=self.s.report_attach_pdf, bcc=self.s.report_bcc,
@@ -502,6 +570,12 @@ class Worker:
         finally:
             if fetched is not None:
                 await asyncio.to_thread(fetched.unlink, missing_ok=True)
+        detail = (f"report {n}: mailing it again with the same Message-ID (an earlier try of "
+                  "it was not recorded as sent)" if uncertain else f"report {n}: mailing it")
+        if not await self.store.run(self.store.mark_reporting, job, n, detail) \
+                or not self._holds(job):
+            self._lost(job, "report")
+            return
         crash_point("before-report")
         try:
             where = await self.notifier.send_rendered(rendered, job.id)
@@ -509,7 +583,8 @@ class Worker:
             await self._later(job, f"report not delivered: {exc}")
             return
         crash_point("after-report")
-        await self.store.run(self.store.mark_reported, job, f"report {where}")
+        if not await self._record_report(job, f"report {where}"):
+            return
         self.metrics.report_done("sent")
         self.metrics.fax_finished(job, self.clock())
         log.info("job %s: reported (%s) %s", job.id, job.fax_status or job.state.value, where)
@@ -537,6 +612,34 @@ class Worker:
         await self.store.run(self.store.add_event, job.id, "dsn",
                              f"delay notice after attempt {job.attempt} {where}")
         log.info("job %s attempt %d: delay notice %s", job.id, job.attempt, where)
+
+    async def _record_report(self, job: Job, detail: str) -> bool:
+        """The relay took the report: record it. A record that fails (a connection killed,
+        the database restarting) is tried again, never the mail, for as long as this node
+        holds the job; past that the job is left `reporting`, and the node that takes it over
+        mails it again under the same Message-ID. True once recorded."""
+        for tries in itertools.count(1):
+            try:
+                if await self.store.run(self.store.mark_reported, job, detail):
+                    return True
+                current = await self.store.run(self.store.job, job.id)
+                if current is not None and current.state is State.REPORTED \
+                        and current.lease_epoch == job.lease_epoch:
+                    return True  # the failed try had committed after all
+                self._lost(job, "record of the report")
+                return False
+            except Exception as exc:
+                if not self._store_failed(exc):
+                    raise
+                if tries >= 3 and not self._holds(job):
+                    log.warning("job %s: report %d was mailed (%s) but cannot be recorded: "
+                                "%s; the node that takes the job over mails it again with the "
+                                "same Message-ID", job.id, job.report_n, detail, _words(exc))
+                    return False
+                log.warning("job %s: report %d mailed, recording it failed (%s); trying the "
+                            "record again", job.id, job.report_n, _words(exc))
+                await asyncio.sleep(min(0.1 * 2 ** tries, 2.0))
+        raise AssertionError("unreachable")
 
     async def _report_document(self, job: Job, message: Message) -> tuple[Message, Path | None]:
         """The message as the report renderer reads it, and a temporary file to delete after.
@@ -574,7 +677,7 @@ class Worker:
             # (_purge), or purged already.
             jobs = await self.store.run(self.store.message_jobs, job.message_id, True)
             if jobs and all(j.state is State.REPORTED for j in jobs):
-                await self._purge(job.message_id, jobs)
+                await self._purge(job.message_id, jobs, job)
 
     async def purge_documents(self, cutoff: float) -> int:
         """Delete spool files and media objects of messages fully reported before `cutoff`."""
@@ -584,16 +687,25 @@ class Worker:
                                                                message.id))
         return len(messages)
 
-    async def _purge(self, message_id: str, jobs: list[Job]) -> None:
+    async def _purge(self, message_id: str, jobs: list[Job], job: Job | None = None) -> None:
+        """`job`: the purge follows that job's report, under its claim."""
         if message_id in self._purging:
             return  # another report's clean-up, or housekeeping, is purging it now
         self._purging.add(message_id)
         try:
-            await self._purge_now(message_id, jobs)
+            await self._purge_now(message_id, jobs, job)
         finally:
             self._purging.discard(message_id)
 
-    async def _purge_now(self, message_id: str, jobs: list[Job]) -> None:
+    async def _purge_now(self, message_id: str, jobs: list[Job], job: Job | None) -> None:
+        # Recorded first, checked in the same statement: every job of the message reported
+        # (a resend made meanwhile needs the document) and, after a report, the job still
+        # ours. A resend is refused from here on.
+        if not await self.store.run(self.store.claim_purge, message_id, job) \
+                or (job is not None and not self._holds(job)):
+            log.debug("message %s: documents not deleted here: purged already, a job of it is "
+                      "under way again, or its job was taken over", message_id)
+            return
         # Asked for together, so the media store can delete them in one call.
         keys = {j.media_key for j in jobs if j.media_key}
         outcomes = await asyncio.gather(*(self.media.delete(k) for k in keys),
@@ -671,3 +783,10 @@ class Worker:
         if purged or pruned:
             log.info("housekeeping: %d document(s) deleted, %d old job(s) pruned", purged,
                      pruned)
+
+
+def _words(exc: BaseException) -> str:
+    """An exception as a short line for the log (a driver's message may run to lines)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0][:200] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -292,6 +292,7 @@ class SimulatorState:
     Records: ``send_requests`` (form fields of every authenticated, form-encoded send POST,
     rejected ones included), ``faxes`` (sid -> SimFax), ``callbacks`` (every attempt),
     ``media_fetches``. Knobs: ``fail_next_send``, ``drop_next_send_responses``,
+    ``answer_after_callback``,
     ``suppress_callbacks``, ``media_head_first``, ``require_pdf_content_type``,
     ``from_numbers``, `hold_queue` / `release_queue`.
     """
@@ -319,6 +320,9 @@ class SimulatorState:
         # past the client's timeout, or whose client is killed while waiting).
         self.hang_next_send = 0
         self._unhang = asyncio.Event()
+        # Create the fax, and answer the send only once it has ended and its final status
+        # callback has been delivered (a callback that overtakes the send's answer).
+        self.answer_after_callback = 0
         # Per destination, the outcomes of its next faxes ("busy", "no-answer", "delivered",
         # "failed:<T.30 message>"); when a list runs out the number's usual outcome applies.
         self.outcome_overrides: dict[str, list[str]] = {}
@@ -750,6 +754,10 @@ class _Api:
         if state.hang_next_send > 0:
             state.hang_next_send -= 1
             await state._unhang.wait()
+        if state.answer_after_callback > 0:
+            state.answer_after_callback -= 1
+            await fax.finished.wait()
+            return web.json_response({**fax.resource(), "status": "queued"}, status=201)
         return web.json_response(fax.resource(), status=201)
 
     async def fetch(self, request: web.Request) -> web.Response:

@@ -11,7 +11,9 @@ event loop never waits on a disk or a network round trip, and calls are serialis
 The CLI uses the same objects synchronously (`open()` ... `close()`).
 
 Every change of a job goes through one guarded transition checked against
-`gateway.outbound.states.TRANSITIONS`, and every change leaves an event.
+`gateway.outbound.states.TRANSITIONS`, and every change leaves an event. A worker step's change
+is fenced: it carries the lease epoch the job was claimed with (`Job.lease_epoch`, one more at
+every claim), and is made only while no other claim came since.
 """
 
 from __future__ import annotations
@@ -321,6 +323,11 @@ class Store(abc.ABC):
         """Fax sids of the job's earlier attempts: never to be taken for the current one."""
 
     @abc.abstractmethod
+    def taken_sids(self, job: Job, sids: Iterable[str]) -> set[str]:
+        """Of these fax sids, those that belong to another job (or to an earlier attempt of
+        this one): a sid is one job's only, never to be adopted by another."""
+
+    @abc.abstractmethod
     def oldest_active_created_at(self) -> float | None: ...
 
     @abc.abstractmethod
@@ -392,7 +399,17 @@ class Store(abc.ABC):
         """Apply a fax status (callback or poll) idempotently; returns what it did."""
 
     @abc.abstractmethod
+    def mark_reporting(self, job: Job, n: int, detail: str) -> bool:
+        """Report `n` is about to be mailed; False (nothing mailed) when the job moved on or
+        another node claimed it since `job` was claimed (its fencing token, `lease_epoch`)."""
+
+    @abc.abstractmethod
     def mark_reported(self, job: Job, detail: str) -> bool: ...
+
+    @abc.abstractmethod
+    def claim_purge(self, message_id: str, job: Job | None = None) -> bool:
+        """The message's document is about to be deleted: only if every job of it is
+        reported (and `job` is still held); no resend takes the document from then on."""
 
     @abc.abstractmethod
     def mark_purged(self, message_id: str) -> None: ...

@@ -307,6 +307,26 @@ _V10 = (
     "CREATE INDEX IF NOT EXISTS dashboard_flash_session ON dashboard_flash (token_hash, id)",
 )
 
+_V11 = (
+    # A fencing token: every claim of a job adds one, and a worker step records its work only
+    # while the job still carries the token it was claimed with (a node that stalled past its
+    # lease finds its UPDATE matching nothing, and does not send, mail or delete).
+    "ALTER TABLE jobs ADD COLUMN lease_epoch INTEGER NOT NULL DEFAULT 0",
+    # The report being mailed: its number (the Message-ID is the job's and this number's) and,
+    # until it is recorded as sent, when its mailing began (set: its outcome is uncertain).
+    "ALTER TABLE jobs ADD COLUMN report_n INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE jobs ADD COLUMN reporting_at {float}",
+    # A document being deleted: no resend may take it from here on.
+    "ALTER TABLE messages ADD COLUMN purging_at {float}",
+    # A fax sid belongs to one job: an attempt that took another job's fax as its own (a
+    # lookup after an unanswered send) loses it; then each sid is unique.
+    """UPDATE attempts SET fax_sid = NULL WHERE fax_sid IS NOT NULL AND EXISTS (
+    SELECT 1 FROM attempts a2 WHERE a2.fax_sid = attempts.fax_sid
+        AND (a2.started_at < attempts.started_at
+             OR (a2.started_at = attempts.started_at AND a2.job_id < attempts.job_id)))""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS attempts_fax_sid ON attempts (fax_sid)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "messages, jobs, events, attempts", _V1),
     Migration(2, "states renamed: received -> spooled, failed -> given-up", _V2),
@@ -321,6 +341,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(8, "DSN (RET, ENVID, NOTIFY, ORCPT) and the AUTH= submitter", _V8),
     Migration(9, "messages.auth_results: how the sender was proven", _V9),
     Migration(10, "dashboard sessions and their messages, shared by the nodes", _V10),
+    Migration(11, "fencing: lease epochs, report numbers, purge marks, one job per fax sid",
+              _V11),
 )
 
 LATEST = MIGRATIONS[-1].version

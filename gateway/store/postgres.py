@@ -38,7 +38,7 @@ MIGRATION_LOCK = 0x6661786777_01
 CLAIM_LOCK = 0x6661786777_02
 # One advisory lock per kind of shared decision (see SqlStore._claim_lock).
 _LOCKS = {"claims": CLAIM_LOCK, "hits": 0x6661786777_03, "send-slot": 0x6661786777_04,
-          "partials": 0x6661786777_05}
+          "partials": 0x6661786777_05, "purge": 0x6661786777_06}
 
 
 PREPARE_THRESHOLD = 5

@@ -393,7 +393,8 @@ class SqlStore(Store):
     def _claim_lock(self, what: str = "claims") -> None:
         """Serialise one kind of shared decision across nodes, inside a transaction: "claims"
         (jobs, named leases), "hits" (rate limits), "send-slot" (the account's send rate),
-        "partials" (opening a split mail's set, counted per sender).
+        "partials" (opening a split mail's set, counted per sender),
+        "purge" (a document's deletion against a resend of it).
         Each kind has its own lock, so a sender's rate-limit check never waits behind a
         claim. SQLite: BEGIN IMMEDIATE already serialises every write."""
 
@@ -419,9 +420,13 @@ class SqlStore(Store):
                 claimed.append(row)
             if claimed:
                 ids = [r["id"] for r in claimed]
-                self._exec_later(f"UPDATE jobs SET lease_owner = ?, lease_until = ?"
-                                 f" WHERE id IN ({_marks(ids)})",
+                # Each claim is a new fencing token: the rows are locked (or the database is,
+                # SQLite) from the read to this update, so the token is the one read plus one.
+                self._exec_later(f"UPDATE jobs SET lease_owner = ?, lease_until = ?,"
+                                 f" lease_epoch = lease_epoch + 1 WHERE id IN ({_marks(ids)})",
                                  (self.node_id, now + self.lease_s, *ids))
+                for row in claimed:
+                    row["lease_epoch"] += 1
         return [_job(r) for r in claimed]
 
     def renew_leases(self, job_ids: Iterable[str], now: float) -> set[str]:
@@ -694,19 +699,23 @@ class SqlStore(Store):
     def transition(self, job_id: str, sources: Iterable[State], target: State | None,
                    event: str, detail: str | None, *, durable: bool = False,
                    also: Iterable[tuple[str, Sequence[Any]]] = (), at: float | None = None,
-                   mine: bool = False, **values: Any) -> bool:
+                   mine: bool = False, fence: int | None = None, **values: Any) -> bool:
         sources = list(sources)
         with self._tx(durable):
             return self._transition(job_id, sources, target, event, detail, also=also, at=at,
-                                    mine=mine, **values)
+                                    mine=mine, fence=fence, **values)
 
     def _transition(self, job_id: str, sources: list[State], target: State | None, event: str,
                     detail: str | None, *, also: Iterable[tuple[str, Sequence[Any]]] = (),
-                    at: float | None = None, mine: bool = False, **values: Any) -> bool:
+                    at: float | None = None, mine: bool = False, fence: int | None = None,
+                    **values: Any) -> bool:
         """`transition` inside a transaction the caller holds.
 
         The state check in the UPDATE is what keeps a late worker step or a replayed callback
-        from undoing a newer state, and what lets several instances share one queue.
+        from undoing a newer state, and what lets several instances share one queue. `fence`:
+        the lease epoch the worker claimed the job with (a worker step's change): the change
+        is made only while no claim came since (no other node took the job over), in the same
+        UPDATE, so a node that stalled past its lease records nothing and goes no further.
         """
         for source in sources:
             check_transition([source], source if target is None else target, event)
@@ -725,11 +734,16 @@ class SqlStore(Store):
         expected = [s.value for s in sources]
         # `mine`: only while no other node holds the job (a node that stalled past its lease
         # must not send a fax the node that took the job over is sending).
-        guard = " AND (lease_owner IS NULL OR lease_owner = ?)" if mine else ""
+        guard, guard_args = "", []
+        if mine or fence is not None:
+            guard, guard_args = " AND (lease_owner IS NULL OR lease_owner = ?)", [self.node_id]
+        if fence is not None:
+            guard += " AND lease_epoch = ?"
+            guard_args.append(fence)
         changed = self._exec(
             f"UPDATE jobs SET {', '.join(assignments)} WHERE id = ?"
             f" AND state IN ({_marks(expected)}){guard}",
-            (*args, job_id, *expected, *([self.node_id] if mine else [])))
+            (*args, job_id, *expected, *guard_args))
         if changed != 1:
             return False
         for sql, extra in also:  # statements that belong to the same transition
@@ -745,8 +759,8 @@ class SqlStore(Store):
 
     def mark_stored(self, job: Job, media_key: str) -> bool:
         return self.transition(job.id, [State.SPOOLED], State.STORED, Ev.STORED,
-                               "document in the media store", media_key=media_key, tries=0,
-                               next_run_at=self.clock())
+                               "document in the media store", fence=job.lease_epoch,
+                               media_key=media_key, tries=0, next_run_at=self.clock())
 
     def mark_submitting(self, job: Job, callback_url: str, recheck_at: float) -> bool:
         """Committed before the send POST: a crash after this point leaves a job that is looked
@@ -757,7 +771,7 @@ class SqlStore(Store):
             job.id, [State.STORED], State.SUBMITTING, Ev.SUBMITTING,
             f"attempt {n}: sending to SignalWire ({job.quality} quality)",
             also=[("INSERT INTO attempts (job_id, n, quality, started_at) VALUES (?, ?, ?, ?)",
-                   (job.id, n, job.quality, now))], durable=True, mine=True,
+                   (job.id, n, job.quality, now))], durable=True, fence=job.lease_epoch,
             callback_url=callback_url, submit_started_at=now, attempt=n, fax_sid=None,
             fax_status=None, error_code=None, error_message=None, next_run_at=recheck_at)
 
@@ -766,30 +780,32 @@ class SqlStore(Store):
         return self.transition(
             job.id, [State.SUBMITTING], State.SUBMITTED, Ev.SUBMITTED, detail,
             also=[("UPDATE attempts SET fax_sid = ? WHERE job_id = ? AND n = ?",
-                   (sid, job.id, job.attempt))],
+                   (sid, job.id, job.attempt))], fence=job.lease_epoch,
             fax_sid=sid, fax_status=status, tries=0, next_run_at=poll_at)
 
     def mark_outcome_unknown(self, job: Job, recheck_at: float, detail: str) -> bool:
         """The send's answer never came: look the fax up at `recheck_at`, never resend blind."""
         return self.transition(job.id, [State.SUBMITTING], None, Ev.UNKNOWN, detail,
-                               next_run_at=recheck_at)
+                               fence=job.lease_epoch, next_run_at=recheck_at)
 
     def back_to_stored(self, job: Job, run_at: float, detail: str) -> bool:
         """The send did not happen (refused as retryable, or looked up and not found)."""
         return self.transition(
             job.id, [State.SUBMITTING], State.STORED, Ev.RETRY, detail,
             also=[("DELETE FROM attempts WHERE job_id = ? AND n = ?", (job.id, job.attempt))],
-            attempt=max(0, job.attempt - 1), tries=job.tries + 1, next_run_at=run_at)
+            fence=job.lease_epoch, attempt=max(0, job.attempt - 1), tries=job.tries + 1,
+            next_run_at=run_at)
 
     def schedule_retry(self, job: Job, run_at: float, quality: str, detail: str) -> bool:
         """Another fax attempt (busy, no answer, line trouble) after a final status."""
         return self.transition(job.id, [State.COMPLETED], State.STORED, Ev.RETRY, detail,
-                               quality=quality, tries=0, next_run_at=run_at)
+                               fence=job.lease_epoch, quality=quality, tries=0,
+                               next_run_at=run_at)
 
     def retry_later(self, job: Job, run_at: float, detail: str) -> bool:
         """A step hit an outage: same state, try again later."""
         return self.transition(job.id, [job.state], None, Ev.RETRY, detail,
-                               tries=job.tries + 1, next_run_at=run_at)
+                               fence=job.lease_epoch, tries=job.tries + 1, next_run_at=run_at)
 
     def mark_given_up(self, job: Job, reason: str, error_code: str | None = None,
                       error_message: str | None = None) -> bool:
@@ -800,12 +816,27 @@ class SqlStore(Store):
             also=[("UPDATE attempts SET status = ?, error_code = ?, error_message = ?,"
                    " ended_at = ? WHERE job_id = ? AND ended_at IS NULL",
                    ("not sent", error_code, error_message or reason, now, job.id))],
-            failure_reason=reason, error_code=error_code, error_message=error_message,
+            fence=job.lease_epoch, failure_reason=reason, error_code=error_code, error_message=error_message,
             tries=0, next_run_at=now)
 
     def record_status(self, job: Job, sid: str | None, status: str | None, *, pages: int | None,
                       duration_s: int | None, error_code: str | None,
                       error_message: str | None, source: str) -> CallbackAction:
+        """The job is read, classified and changed in one transaction; on PostgreSQL the
+        change may still find the job moved on (the send's answer recorded meanwhile by
+        another connection: `submitting` -> `submitted`), and then the status is classified
+        again against what the job is now, so a final status is never lost."""
+        for _ in range(5):
+            action = self._record_status(job, sid, status, pages, duration_s, error_code,
+                                         error_message, source)
+            if action is not None:
+                return action
+        raise StoreError(f"job {job.id}: the status {status} could not be recorded: the job "
+                         "kept changing")
+
+    def _record_status(self, job: Job, sid: str | None, status: str | None, pages: int | None,
+                       duration_s: int | None, error_code: str | None,
+                       error_message: str | None, source: str) -> CallbackAction | None:
         with self._tx():
             row = self._one("SELECT * FROM jobs WHERE id = ?", (job.id,))
             if row is None:
@@ -814,12 +845,16 @@ class SqlStore(Store):
             action = classify_callback(current.state, current.fax_sid, sid, status)
             if action is not CallbackAction.IGNORE and sid and sid in self.earlier_sids(current):
                 action = CallbackAction.IGNORE  # a late word on an earlier attempt's fax
+            if (action is not CallbackAction.IGNORE and sid and current.fax_sid is None
+                    and self._sid_owners(current, [sid])):
+                action = CallbackAction.IGNORE  # another job's fax: never this job's
             now = self.clock()
             detail = (f"{source}: status={status or '-'} sid={sid or '-'}"
                       + (f" pages={pages}" if pages is not None else "")
                       + (f" error={error_code or ''} {error_message}" if error_message else ""))
+            done = True
             if action is CallbackAction.FINAL:
-                self._transition(
+                done = self._transition(
                     job.id, [current.state], State.COMPLETED, Ev.FINAL, detail,
                     also=[("UPDATE attempts SET fax_sid = COALESCE(fax_sid, ?), status = ?,"
                            " error_code = ?, error_message = ?, pages = ?, duration_s = ?,"
@@ -831,15 +866,41 @@ class SqlStore(Store):
                     error_code=error_code, error_message=error_message, tries=0,
                     next_run_at=now)
             elif action is CallbackAction.PROGRESS:
-                self._transition(job.id, [current.state], None, Ev.PROGRESS, detail,
-                                 fax_status=status, fax_sid=Expr("COALESCE(fax_sid, ?)", sid))
+                done = self._transition(job.id, [current.state], None, Ev.PROGRESS, detail,
+                                        fax_status=status, fax_sid=Expr("COALESCE(fax_sid, ?)", sid))
             else:
                 self._event(job.id, "ignored", detail, now)
-        return action
+        return action if done else None
+
+    def _sid_owners(self, job: Job, sids: Sequence[str]) -> set[str]:
+        """Of these fax sids, those the store knows as another job's, or as an earlier
+        attempt's of this one: a sid belongs to one job (the `attempts_fax_sid` index)."""
+        sids = list(sids)
+        if not sids:
+            return set()
+        rows = self._rows(
+            f"SELECT fax_sid FROM attempts WHERE fax_sid IN ({_marks(sids)})"
+            " AND NOT (job_id = ? AND n = ?)"
+            f" UNION SELECT fax_sid FROM jobs WHERE fax_sid IN ({_marks(sids)}) AND id <> ?",
+            (*sids, job.id, job.attempt, *sids, job.id))
+        return {r["fax_sid"] for r in rows}
+
+    def taken_sids(self, job: Job, sids: Iterable[str]) -> set[str]:
+        return self._sid_owners(job, list(sids))
+
+    def mark_reporting(self, job: Job, n: int, detail: str) -> bool:
+        """Committed before report `n` goes to the relay, fenced: a node that lost the job
+        does not mail. Until `mark_reported`, the report's outcome is uncertain (`reporting_at`
+        set): the node that takes the job over mails it again under the same number, so the
+        same Message-ID. Not a durable commit (SQLite: no fsync of its own): lost to a power
+        cut, the report's number is worked out again the same (the one recorded, plus one)."""
+        return self.transition(job.id, [job.state], None, Ev.REPORTING, detail,
+                               fence=job.lease_epoch, report_n=n, reporting_at=self.clock())
 
     def mark_reported(self, job: Job, detail: str) -> bool:
         return self.transition(job.id, sorted(REPORT_DUE), State.REPORTED, Ev.REPORTED, detail,
-                               reported_at=self.clock(), next_run_at=None, tries=0)
+                               fence=job.lease_epoch, reported_at=self.clock(),
+                               reporting_at=None, next_run_at=None, tries=0)
 
     def gone_messages(self, ids: Sequence[str]) -> set[str]:
         """Of these message ids, those whose document may go: purged, or no such message."""
@@ -849,6 +910,23 @@ class SqlStore(Store):
         kept = {r["id"] for r in self._rows(
             f"SELECT id FROM messages WHERE purged_at IS NULL AND id IN ({_marks(ids)})", ids)}
         return set(ids) - kept
+
+    def claim_purge(self, message_id: str, job: Job | None = None) -> bool:
+        """Recorded before a message's document is deleted, in one statement with its checks:
+        every job of the message reported, and (`job`: the purge follows that job's report)
+        the job still held under the claim it was reported with. From here no resend takes
+        the document (`add_resend`); False: leave it be."""
+        fence, args = "", [self.clock(), message_id, message_id]
+        if job is not None:
+            fence = (" AND EXISTS (SELECT 1 FROM jobs WHERE id = ? AND lease_epoch = ?"
+                     " AND (lease_owner IS NULL OR lease_owner = ?))")
+            args += [job.id, job.lease_epoch, self.node_id]
+        with self._tx():
+            self._claim_lock("purge")
+            return self._exec(
+                "UPDATE messages SET purging_at = ? WHERE id = ? AND purged_at IS NULL"
+                " AND NOT EXISTS (SELECT 1 FROM jobs WHERE message_id = ?"
+                f" AND state <> 'reported'){fence}", args) == 1
 
     def mark_purged(self, message_id: str) -> None:
         with self._tx():
@@ -893,6 +971,7 @@ class SqlStore(Store):
     def _add_resend(self, job: Job, new: NewJob, now: float, stored: bool,
                     who: str) -> str | UnderWay | None:
         with self._tx():
+            self._claim_lock("purge")  # one or the other: this resend, or the purge
             self._rows(f"SELECT id FROM messages WHERE id = ?{self.FOR_UPDATE}",
                        (job.message_id,))
             busy = self._one(
@@ -911,7 +990,8 @@ class SqlStore(Store):
                 " callback_token, media_key, pages, attempt, tries, next_run_at, created_at,"
                 " updated_at)"
                 " SELECT ?, m.id, ?, ?, ?, ?, ?, ?, m.pages, 0, 0, ?, ?, ?"
-                " FROM messages m WHERE m.id = ? AND m.purged_at IS NULL",
+                " FROM messages m WHERE m.id = ? AND m.purged_at IS NULL"
+                " AND m.purging_at IS NULL",
                 (new.id, new.to_number, new.from_number, new.quality, State.SPOOLED.value,
                  new.callback_token, new.media_key, now, now, now, job.message_id))
             if inserted != 1:

@@ -17,7 +17,7 @@ from gateway.outbound.states import CallbackAction
 from gateway.signalwire.media import MEDIA_ROUTE, LocalMediaStore
 from gateway.ops.metrics import Metrics, aiohttp_handler
 from gateway.signalwire.signature import verify_signature
-from gateway.store.base import Store
+from gateway.store.base import Store, StoreError
 from gateway.text import one_line
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,21 @@ class WebApp:
                                   "checks": checks}, status=200 if ready else 503)
 
     async def status_callback(self, request: web.Request) -> web.Response:
+        """A job's status callback. With the job store not answering (an outage, a connection
+        killed under it), 503: SignalWire tries the callback again, as for the inbound
+        completion; the status poll finds a status whose callbacks all came in vain."""
+        try:
+            return await self._status_callback(request)
+        except Exception as exc:
+            if not (isinstance(exc, StoreError) or self.store.is_db_error(exc)):
+                raise
+            log.warning("status callback not recorded, answered 503 so SignalWire tries "
+                        "again: the job store did not answer: %s: %s", type(exc).__name__,
+                        one_line(str(exc), 200))
+            raise web.HTTPServiceUnavailable(text="try later",
+                                             headers={"Retry-After": "5"}) from None
+
+    async def _status_callback(self, request: web.Request) -> web.Response:
         token = request.match_info["token"]
         if len(token) > MAX_TOKEN_CHARS:
             raise web.HTTPNotFound()
