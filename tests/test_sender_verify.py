@@ -292,3 +292,60 @@ def test_hostile_mail_is_an_answer_not_an_exception(raw: bytes) -> None:
                        "faxgw.test")
     assert verdict.reply is not None
     assert str(verdict.reply)[:9] in ("550 5.7.1", "451 4.7.5")
+
+
+def mail_with_from(from_value: str, key: bytes, domain: str) -> bytes:
+    """A mail whose From: field is written exactly so (no library re-folds it), DKIM-signed
+    for `domain`."""
+    data = mail("placeholder@signed.example")
+    data = data.replace(b"From: Alice <placeholder@signed.example>\r\n",
+                        f"From: {from_value}\r\n".encode(), 1)
+    assert f"From: {from_value}\r\n".encode() in data
+    signature = dkim.sign(data, b"sel", domain.encode(), key,
+                          include_headers=[b"from", b"to", b"subject", b"message-id"])
+    return signature + data
+
+
+async def test_a_from_that_parsers_read_differently_cannot_split_check_and_sender(
+        make_gateway, dns_server: DnsServer, keys, tmp_path) -> None:
+    """The From: '(a (b) alice@signed.example) attacker@evil.example' is attacker@evil.example
+    (RFC 5322: comments nest). evil.example signs it and DMARC passes for evil.example; the
+    envelope names an allowed sender. The address verified and the address the gateway uses
+    (ALLOWED_SENDERS, the report) must be the same one: evil.example is not allowed, so no
+    fax, and the mail's own From: address is named in the refusal."""
+    pub = base64.b64encode(keys["forger.pub"]).decode()
+    dns_server.add_txt("sel._domainkey.evil.example", f"v=DKIM1; k=rsa; p={pub}")
+    dns_server.add_txt("_dmarc.evil.example", "v=DMARC1; p=reject")
+    dns_server.add_txt("evil.example", "v=spf1 -all")
+    env = verify_env(tmp_path, dns_server, ALLOWED_SENDERS="signed.example")
+    gw = await make_gateway(env)
+    nested = "(a (b) alice@signed.example) attacker@evil.example"
+    reply = await smtp_send(gw.smtp.port, mail_with_from(nested, keys["forger"], "evil.example"),
+                            [RCPT], mail_from="alice@signed.example")
+    assert reply.code == 550, reply.text
+    assert reply.text == ("5.7.1 Sender <attacker@evil.example> is not allowed to send faxes "
+                          "through this gateway")
+    assert job_ids(reply.text) == []
+
+    # A From: that the two readings would see as different addresses is refused outright.
+    for unclear in ("alice@signed.example (x) <attacker@evil.example>",
+                    '"a" alice@signed.example <attacker@evil.example>'):
+        reply = await smtp_send(gw.smtp.port,
+                                mail_with_from(unclear, keys["forger"], "evil.example"),
+                                [RCPT], mail_from="alice@signed.example")
+        assert reply.code == 550, (unclear, reply.text)
+        assert reply.text.startswith("5.7.1 Sender not proven: the From: header must name "
+                                     "exactly one address"), reply.text
+    await gw.stop(grace_s=5)
+
+    # With evil.example allowed, the same mail is faxed and its report goes where the check
+    # looked: attacker@evil.example, never alice@.
+    gw = await make_gateway({**env, "ALLOWED_SENDERS": "signed.example,evil.example"})
+    reply = await smtp_send(gw.smtp.port, mail_with_from(nested, keys["forger"], "evil.example"),
+                            [RCPT], mail_from="alice@signed.example")
+    assert reply.code == 250, reply.text
+    [job_id] = job_ids(reply.text)
+    job = await gw.store.run(gw.store.job, job_id)
+    message = await gw.store.run(gw.store.message, job.message_id)
+    assert message.report_to == "attacker@evil.example"
+    assert "dmarc=pass header.from=evil.example" in message.auth_results
