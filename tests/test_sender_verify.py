@@ -12,6 +12,7 @@ import os
 import smtplib
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
 from email.utils import make_msgid
 from pathlib import Path
@@ -27,7 +28,7 @@ from gateway.config import ConfigError, settings_from
 from gateway.smtp.verify import Lookups, evaluate
 from gateway.users import User, hash_password, passwd_command, write_user
 
-from .conftest import job_ids, make_pdf, base_env, smtp_send
+from .conftest import _send_blocking, job_ids, make_pdf, base_env, smtp_send
 from .dns_server import DnsServer
 
 RCPT = "15551234567@fax.local"
@@ -349,3 +350,28 @@ async def test_a_from_that_parsers_read_differently_cannot_split_check_and_sende
     message = await gw.store.run(gw.store.message, job.message_id)
     assert message.report_to == "attacker@evil.example"
     assert "dmarc=pass header.from=evil.example" in message.auth_results
+
+
+async def test_a_burst_waiting_for_the_check_threads_keeps_its_whole_dns_time(
+        make_gateway, dns_server: DnsServer, tmp_path) -> None:
+    """Six times as many mails at once as there are check threads, and a resolver that takes
+    0.3 s an answer (each check: about 0.6 s of DNS, within DNS_TIMEOUT_SECONDS=1.5). The
+    checks queued behind others must still have their 1.5 s once they run: every sender is
+    proven, none is told 451 because it waited for a thread."""
+    from gateway.constants import MAX_CONCURRENT_VERIFICATIONS
+
+    gw = await make_gateway(verify_env(tmp_path, dns_server, DNS_TIMEOUT_SECONDS="1.5",
+                                       SMTP_MAX_CONNECTIONS_PER_IP="100"))
+    dns_server.delay_s = 0.3
+    count = 6 * MAX_CONCURRENT_VERIFICATIONS
+    loop = asyncio.get_running_loop()
+    # The clients get threads of their own: the default executor is the gateway's (spool,
+    # store), and two dozen blocking clients in it would starve the gateway they talk to.
+    with ThreadPoolExecutor(count) as clients:
+        replies = await asyncio.gather(*(
+            loop.run_in_executor(clients, _send_blocking, gw.smtp.port, mail("bob@spf.example"),
+                                 "bob@spf.example", [RCPT])
+            for _ in range(count)))
+    assert [r.code for r in replies] == [250] * count, [r.text for r in replies if r.code != 250]
+    # The resolver was slow for all of them: each check asked it (SPF and DMARC at least).
+    assert len([q for q in dns_server.queries if q == ("spf.example", "TXT")]) == count

@@ -468,10 +468,10 @@ class SenderVerifier:
             return Verdict(None, self.proven_by_session(user, trusted, ip))
         if self._pool is None:  # the listeners are stopping
             return Verdict(replies.SHUTTING_DOWN, None)
-        lookups = Lookups(self.resolver, self.settings.dns_timeout_s)
         loop = asyncio.get_running_loop()
         verdict = await loop.run_in_executor(self._pool, _evaluate_file, path, ip, mail_from,
-                                             helo, lookups, self.settings.smtp_hostname)
+                                             helo, self.resolver, self.settings.dns_timeout_s,
+                                             self.settings.smtp_hostname)
         if verdict.reply is not None:
             log.warning("sender <%s> from %s not proven: %s", one_line(mail_from, 200), ip,
                         verdict.reply)
@@ -481,6 +481,10 @@ class SenderVerifier:
         return verdict
 
 
-def _evaluate_file(path: Path, ip: str, mail_from: str, helo: str, lookups: Lookups,
+def _evaluate_file(path: Path, ip: str, mail_from: str, helo: str,
+                   resolver: dns.resolver.Resolver | None, timeout_s: float,
                    authserv_id: str) -> Verdict:
+    """In a pool thread. The DNS deadline starts here, when the check has its thread: in a
+    burst a check may wait for one, and that wait is not the DNS's time."""
+    lookups = Lookups(resolver, timeout_s)
     return evaluate(path.read_bytes(), ip, mail_from, helo, lookups, authserv_id)
