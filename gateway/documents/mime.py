@@ -505,6 +505,12 @@ def _unpack_tnef(data: bytes, label: str, walk: _Walk, depth: int = 0) -> bool:
                   "document again from a mail in HTML or plain-text format")
         return False
     for inner in files:
+        # Each file counts as a part: nested winmail.dat (up to 50 files each, three deep)
+        # could otherwise yield ~127,000 of them past the MIME part limit.
+        walk.entities += 1
+        if walk.entities > walk.max_parts:
+            raise MimeError(f"the message has more than {walk.max_parts} MIME parts "
+                            "(counting the files inside winmail.dat)")
         kind = detect_kind(inner.data)
         name = sanitize_header_text(inner.name, MAX_FILENAME_CHARS) if inner.name else None
         guessed = mimetypes.guess_type(name or "")[0] or "application/octet-stream"
