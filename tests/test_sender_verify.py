@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import html
+import inspect
 import re
 import os
 import smtplib
@@ -21,11 +22,12 @@ from typing import Iterator
 import aiohttp
 import dkim
 import pytest
+import spf
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.config import ConfigError, settings_from
-from gateway.smtp.verify import Lookups, evaluate
+from gateway.smtp.verify import Lookups, SenderVerifier, evaluate
 from gateway.users import User, hash_password, passwd_command, write_user
 
 from .conftest import _send_blocking, job_ids, make_pdf, base_env, smtp_send
@@ -375,3 +377,44 @@ async def test_a_burst_waiting_for_the_check_threads_keeps_its_whole_dns_time(
     assert [r.code for r in replies] == [250] * count, [r.text for r in replies if r.code != 250]
     # The resolver was slow for all of them: each check asked it (SPF and DMARC at least).
     assert len([q for q in dns_server.queries if q == ("spf.example", "TXT")]) == count
+
+
+def test_the_dkimpy_and_pyspf_internals_verify_uses_are_still_there(
+        dns_server: DnsServer, keys) -> None:
+    """verify.py leans on what dkimpy and pyspf do not document (named next to them in
+    pyproject.toml): dkimpy's `DKIM.headers` (to count the signatures) and
+    `DKIM.signature_fields` (the d= and s= of the one just verified), and pyspf's
+    module-level `spf.DNSLookup(name, qtype, tcpfallback, timeout)`, which verify.py replaces
+    so that SPF asks our resolver. An upgrade that changes any of them fails here, by name."""
+    from gateway.smtp import verify
+
+    verifier = SenderVerifier(settings_from({"SENDER_VERIFY": "dmarc",
+                                             "DNS_NAMESERVERS": dns_server.address}))
+    try:
+        lookups = Lookups(verifier.resolver, 5.0)
+        data = mail("alice@signed.example", key=keys["published"])
+        checker = dkim.DKIM(data)
+        headers = getattr(checker, "headers", None)
+        assert isinstance(headers, list) and all(
+            isinstance(name, bytes) and isinstance(value, bytes) for name, value in headers), \
+            "dkimpy's DKIM.headers is no longer a list of (name, value) bytes pairs"
+        assert [name.lower() for name, _ in headers].count(b"dkim-signature") == 1
+        assert checker.verify(idx=0, dnsfunc=lookups.dkim_txt), \
+            "dkimpy's DKIM.verify(idx=, dnsfunc=) no longer verifies with our lookups"
+        fields = getattr(checker, "signature_fields", None)
+        assert isinstance(fields, dict) and fields.get(b"d") == b"signed.example" \
+            and fields.get(b"s") == b"sel", \
+            "dkimpy's DKIM.signature_fields no longer holds the verified signature's tags"
+
+        assert spf.DNSLookup is verify._spf_dns, "pyspf's spf.DNSLookup hook is gone"
+        params = inspect.signature(verify._pyspf_lookup).parameters
+        assert list(params)[:2] == ["name", "qtype"] and len(params) == 4, \
+            f"pyspf's DNSLookup changed its signature: {list(params)}"
+        found = verify._Found("spf.example")
+        verify._check_spf("127.0.0.1", "bob@spf.example", "client.test", lookups, found)
+        assert found.spf == "pass", (found.spf, found.spf_reason)
+        # Only our hook could have asked the loopback server: pyspf's own asks the system's.
+        assert ("spf.example", "TXT") in dns_server.queries, \
+            "pyspf no longer looks names up through spf.DNSLookup"
+    finally:
+        verifier.close()
