@@ -179,7 +179,7 @@ class Settings:
             elif isinstance(value, bool):
                 value = "yes" if value else "no"
             elif isinstance(value, tuple):
-                value = ",".join(value)
+                value = ",".join(str(item) for item in value)  # HostPort prints host:port
             out[VARIABLES[f.name]] = "" if value is None else str(value)
         return out
 

@@ -105,6 +105,10 @@ class RelaySink:
         self.sessions: list[AioSMTP] = []  # every connection the sink took, in order
         self.quits = 0
         self._quit = asyncio.Condition()
+        # stall_data: DATA is never answered (a relay that hangs); `stalled` is set once one is.
+        self.stall_data = False
+        self.stalled = asyncio.Event()
+        self._unstall = asyncio.Event()
 
     async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
         async with self._quit:
@@ -118,6 +122,9 @@ class RelaySink:
             await asyncio.wait_for(self._quit.wait_for(lambda: self.quits >= n), timeout_s)
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.stall_data:
+            self.stalled.set()
+            await self._unstall.wait()  # until the sink stops
         msg = BytesParser(policy=policy.default).parsebytes(envelope.original_content)
         self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
         await self.messages.put(msg)  # type: ignore[arg-type]
@@ -142,6 +149,7 @@ class RelaySink:
 
     async def stop(self) -> None:
         """Down like a real relay: no listener and no connection left open."""
+        self._unstall.set()
         if self.server:
             self.server.close()
             self.drop_connections()

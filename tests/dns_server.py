@@ -3,7 +3,8 @@
 Real DNS over UDP (and TCP, for answers too big for a datagram) on 127.0.0.1, port 0: the
 gateway reaches it through DNS_NAMESERVERS=127.0.0.1:PORT exactly as it would reach a real
 resolver. Messages are built and parsed with dnspython. `silent` makes it read queries and
-never answer (a resolver that is down behind a firewall).
+never answer (a resolver that is down behind a firewall); `delay_s` makes each UDP answer come
+that long after its query (a slow resolver).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import socket
 import socketserver
 import threading
+import time
 from typing import Any
 
 import dns.exception
@@ -34,6 +36,7 @@ class DnsServer:
         self.records: dict[tuple[str, str], list[str]] = {}
         self.queries: list[tuple[str, str]] = []
         self.silent = False
+        self.delay_s = 0.0  # a slow resolver: each answer this long after its query
         self._udp: socketserver.ThreadingUDPServer | None = None
         self._tcp: socketserver.ThreadingTCPServer | None = None
         self._threads: list[threading.Thread] = []
@@ -77,6 +80,8 @@ class DnsServer:
                 data, sock = self.request
                 if server.silent:
                     return
+                if server.delay_s:
+                    time.sleep(server.delay_s)  # a slow upstream, not synchronisation
                 sock.sendto(server.answer(data, udp=True), self.client_address)
 
         class Tcp(socketserver.BaseRequestHandler):

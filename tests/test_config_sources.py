@@ -135,6 +135,20 @@ def test_run_check_prints_the_variables_not_internal_names(
     assert set(lines) <= KNOWN_VARIABLES
 
 
+def test_run_check_prints_dns_nameservers(
+        clean_env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A tuple of host:port values (not strings) is printed in the variable's own syntax."""
+    env_file = tmp_path / "faxgw.env"
+    env_file.write_text("SENDER_VERIFY=dmarc\nDNS_NAMESERVERS=127.0.0.1:5353, [::1]:53\n")
+    code, out, err = run_check(env_file, capsys)
+    assert code == 0, err
+    assert "Traceback" not in err
+    lines = dict(line.split(" = ", 1) for line in out.splitlines() if " = " in line)
+    assert lines["DNS_NAMESERVERS"] == "127.0.0.1:5353,[::1]:53"
+    assert settings_from({"DNS_NAMESERVERS": lines["DNS_NAMESERVERS"]}).dns_nameservers == \
+        settings_from({"DNS_NAMESERVERS": "127.0.0.1:5353,[::1]:53"}).dns_nameservers
+
+
 def test_a_misspelt_variable_is_warned_about(
         clean_env: None, tmp_path: Path, capsys: pytest.CaptureFixture[str],
         monkeypatch: pytest.MonkeyPatch) -> None:

@@ -198,3 +198,36 @@ async def test_no_delay_notice_without_delay(make_gateway, simulator: Simulator,
     assert job.attempt == 2
     await wait_state(gw, job_id, State.REPORTED)
     assert relay.messages.empty()
+
+
+async def test_dsns_go_to_the_envelope_sender_not_the_from_header(
+        make_gateway, simulator: Simulator, relay: RelaySink, tmp_path: Path) -> None:
+    """RFC 3461/3464: a DSN goes to the return path (MAIL FROM). The From: header names
+    someone else (anyone can write it): with RET=FULL the DSN carries the whole mail, so
+    mailing it to the From: address would make the gateway send arbitrary mail anywhere.
+    The delay notices and the final DSN go to erp@example.com; the usual report (a recipient
+    without NOTIFY, same mail) still goes to the From: address, as before."""
+    gw = await make_gateway(production_env(
+        tmp_path / "var", simulator, FAX_MAX_ATTEMPTS="2", FAX_RETRY_DELAY_SECONDS="0.2",
+        **relay_env(relay)))
+    mail = pdf_mail([BUSY, DELIVERED], sender="victim@elsewhere.example")
+    reply = await asyncio.to_thread(
+        send, gw.smtp.port, mail, {BUSY: ["NOTIFY=DELAY,FAILURE"], DELIVERED: []},
+        ["RET=FULL"])
+    busy_id, usual_id = job_ids(reply)
+    await wait_state(gw, busy_id, State.REPORTED)
+    await wait_state(gw, usual_id, State.REPORTED)
+    got = {}
+    while not relay.messages.empty():
+        report = relay.messages.get_nowait()
+        got.setdefault(report["X-Faxgw-Job"], []).append(report)
+    dsns = got[busy_id]
+    assert [r["X-Faxgw-Status"] for r in dsns] == ["delayed", "busy"]
+    for report in dsns:
+        assert report.get_content_type() == "multipart/report"
+        assert report["To"] == "erp@example.com"
+    [usual] = got[usual_id]
+    assert usual.get_content_type() == "multipart/alternative"
+    assert usual["To"] == "victim@elsewhere.example"
+    assert sorted(rcpts for _from, rcpts in relay.envelopes) == [
+        ["erp@example.com"], ["erp@example.com"], ["victim@elsewhere.example"]]

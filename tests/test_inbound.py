@@ -3,6 +3,7 @@ the simulator signing every request, the relay sink as the mail relay, and real 
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 import time
 from pathlib import Path
@@ -451,3 +452,24 @@ async def test_reconciled_fax_without_media_url_uses_the_media_instance(
     mail = await relay.next()
     [pdf] = [p for p in mail.iter_attachments() if p.get_content_type() == "application/pdf"]
     assert pdf.get_content() == make_pdf(2)
+
+
+async def test_a_relay_that_stalls_forever_is_given_up_within_the_send_bound(
+        gw_manual: Gateway, simulator: Simulator, relay: RelaySink) -> None:
+    """The relay takes the connection, MAIL and RCPT, then never answers DATA. Each step has
+    its own NOTIFY_TIMEOUT_S (60 s); the send as a whole is bounded (well inside the settle
+    window other nodes wait): the mail is given up and retried later, not waited on."""
+    from gateway.inbound.delivery import SEND_SETTLE_S, SEND_TIMEOUT_S
+
+    assert SEND_TIMEOUT_S <= SEND_SETTLE_S / 1.5  # comfortably inside the window
+    deliverer = gw_manual.inbound.deliverer
+    deliverer.send_timeout_s = 1.0  # the bound, short for the test
+    relay.stall_data = True
+    await ring(gw_manual, simulator, to=SECOND)
+    await asyncio.wait_for(deliverer.run_until_idle(), 20)  # not the 60 s of DATA's timeout
+    assert relay.stalled.is_set()
+    [row] = rows(gw_manual)
+    assert row["state"] != "done"
+    assert row["last_error"] == ("mail to lab@example.com: the relay took longer than 1 s in "
+                                 "all; given up")
+    assert rows(gw_manual, "inbound_deliveries") == []

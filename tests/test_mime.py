@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pypdf import PdfReader, PdfWriter
 
+from tests.conftest import smtp_send
 from tests.corpus import winmail_dat
 
 from gateway.documents.mime import (
@@ -1190,3 +1191,34 @@ _MIME_LINES = st.sampled_from(
 def test_parse_mail_total_over_arbitrary_bytes(raw: bytes) -> None:
     msg = BytesParser(policy=policy.default).parsebytes(raw)
     _parse_totally(msg, len(raw) + 1)
+
+
+def nested_winmail(outer: int, inner: int) -> bytes:
+    """A winmail.dat of `outer` winmail.dat files of `inner` small text files each."""
+    one = winmail_dat([(f"n{i}.txt", b"x") for i in range(inner)])
+    return winmail_dat([(f"item{i}.dat", one) for i in range(outer)])
+
+
+def test_files_inside_winmail_dat_count_toward_the_part_limit() -> None:
+    """Nested winmail.dat: 20 items of 30 files each are 620 parts (the 600 files, the 20
+    items): past the 500 part limit, which counts them like MIME parts."""
+    raw = winmail_mail(nested_winmail(20, 30))
+    with pytest.raises(MimeError) as err:
+        parse(raw)
+    assert str(err.value) == ("the message has more than 500 MIME parts (counting the files "
+                              "inside winmail.dat)")
+    # Within the limit, the files inside are the mail's attachments, as before.
+    parsed = parse(winmail_mail(nested_winmail(3, 4)))
+    assert [name for _kind, name in docs(parsed)] == [f"n{i}.txt" for i in range(4)] * 3
+
+
+async def test_winmail_dat_past_the_part_limit_is_refused_over_smtp(make_gateway,
+                                                                    tmp_path) -> None:
+    """The same over SMTP: 554 5.6.0 with the reason, no job."""
+    gw = await make_gateway()
+    raw = winmail_mail(nested_winmail(20, 30))
+    raw = raw.replace(b"exchange-user@example.com", b"alice@example.com", 1)
+    reply = await smtp_send(gw.smtp.port, raw, ["15551234567@fax.local"])
+    assert (reply.code, reply.text) == (554, "5.6.0 the message has more than 500 MIME parts "
+                                        "(counting the files inside winmail.dat)")
+    assert await gw.store.run(gw.store.jobs) == []

@@ -9,6 +9,8 @@ import smtplib
 from email.message import EmailMessage
 from pathlib import Path
 
+from gateway.constants import SMTP_LINE_TIMEOUT_S
+
 from .conftest import RelaySink, base_env, pdf_mail, relay_env
 
 ADMIN = "fax-admin@example.com"
@@ -114,3 +116,22 @@ async def test_relay_down_is_a_temporary_failure(relay: RelaySink, make_gateway,
                                           "postmaster@fax.local").as_bytes()))
     assert replies[-1][0] == 451 and replies[-1][1].startswith("4.4.0 Temporary failure: the "
                                                                "mail cannot be forwarded")
+
+
+async def test_a_stalled_relay_is_answered_451_before_the_session_times_out(
+        relay: RelaySink, make_gateway, tmp_path: Path) -> None:
+    """The forward is handed to the relay inside DATA. A relay that never answers DATA is
+    given up within the forward's bound (451, the client tries again), well before the
+    session's own timer would close it with a 421 (after which a forward the relay did take
+    would come again)."""
+    gw = await make_gateway(admin_env(tmp_path, relay))
+    postmaster = gw.smtp_handler.postmaster
+    processing_timer_s = max(SMTP_LINE_TIMEOUT_S, 2 * gw.s.doc_timeout_s)  # server.py's
+    assert postmaster.forward_timeout_s <= processing_timer_s / 2
+    postmaster.forward_timeout_s = 1.0  # the bound, short for the test
+    relay.stall_data = True
+    replies = await asyncio.to_thread(session, gw.smtp.port, "hostmaster@remote.test",
+                                      ["postmaster@fax.local"], note("Certificate"))
+    assert relay.stalled.is_set()
+    assert replies[-1] == (451, "4.4.0 Temporary failure: the mail cannot be forwarded to the "
+                                "administrator right now; please try again later")

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
 
 from gateway.config import settings_from
-from gateway.mail.sender import NotifyError, Rendered, RelayNotifier
+from gateway.mail.sender import (MAIL_POLICY, NotifyError, OutboxNotifier, Rendered,
+                                 RelayNotifier)
 
 from .conftest import RelaySink, base_env, relay_env
 
@@ -183,3 +186,34 @@ async def test_some_recipients_refused_is_an_error_after_the_others_got_it(
         await relay_out.stop()
     finally:
         await relay.stop()
+
+
+class _Recorded(EmailMessage):
+    """A real report mail that notes which thread serialises it."""
+
+    threads: list[threading.Thread] = []
+
+    def as_bytes(self, *args: object, **kwargs: object) -> bytes:  # type: ignore[override]
+        type(self).threads.append(threading.current_thread())
+        return super().as_bytes(*args, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["relay", "outbox"])
+async def test_send_serialises_the_mail_off_the_event_loop(tmp_path: Path, relay: RelaySink,
+                                                           kind: str) -> None:
+    """A postmaster forward holds up to 10 MiB and a DSN up to 1 MiB of mail: turning it into
+    bytes (~0.2 s for 10 MiB) must not hold the event loop (every SMTP session, the web)."""
+    out = (notifier(tmp_path, relay) if kind == "relay"
+           else OutboxNotifier(tmp_path / "outbox"))
+    (tmp_path / "outbox").mkdir()
+    mail = _Recorded(policy=MAIL_POLICY)
+    mail["From"] = "faxgw@faxgw.test"
+    mail["To"] = "admin@example.com"
+    mail["Subject"] = "forward"
+    mail.set_content("body\n")
+    _Recorded.threads = []
+    await out.send(mail, "forward-1")
+    assert _Recorded.threads and threading.current_thread() not in _Recorded.threads
+    if kind == "relay":
+        assert (await relay.next())["Subject"] == "forward"
+        await out.stop()

@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import base64
 import html
+import inspect
 import re
 import os
 import smtplib
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
 from email.utils import make_msgid
 from pathlib import Path
@@ -20,14 +22,15 @@ from typing import Iterator
 import aiohttp
 import dkim
 import pytest
+import spf
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.config import ConfigError, settings_from
-from gateway.smtp.verify import Lookups, evaluate
+from gateway.smtp.verify import Lookups, SenderVerifier, evaluate
 from gateway.users import User, hash_password, passwd_command, write_user
 
-from .conftest import job_ids, make_pdf, base_env, smtp_send
+from .conftest import _send_blocking, job_ids, make_pdf, base_env, smtp_send
 from .dns_server import DnsServer
 
 RCPT = "15551234567@fax.local"
@@ -292,3 +295,126 @@ def test_hostile_mail_is_an_answer_not_an_exception(raw: bytes) -> None:
                        "faxgw.test")
     assert verdict.reply is not None
     assert str(verdict.reply)[:9] in ("550 5.7.1", "451 4.7.5")
+
+
+def mail_with_from(from_value: str, key: bytes, domain: str) -> bytes:
+    """A mail whose From: field is written exactly so (no library re-folds it), DKIM-signed
+    for `domain`."""
+    data = mail("placeholder@signed.example")
+    data = data.replace(b"From: Alice <placeholder@signed.example>\r\n",
+                        f"From: {from_value}\r\n".encode(), 1)
+    assert f"From: {from_value}\r\n".encode() in data
+    signature = dkim.sign(data, b"sel", domain.encode(), key,
+                          include_headers=[b"from", b"to", b"subject", b"message-id"])
+    return signature + data
+
+
+async def test_a_from_that_parsers_read_differently_cannot_split_check_and_sender(
+        make_gateway, dns_server: DnsServer, keys, tmp_path) -> None:
+    """The From: '(a (b) alice@signed.example) attacker@evil.example' is attacker@evil.example
+    (RFC 5322: comments nest). evil.example signs it and DMARC passes for evil.example; the
+    envelope names an allowed sender. The address verified and the address the gateway uses
+    (ALLOWED_SENDERS, the report) must be the same one: evil.example is not allowed, so no
+    fax, and the mail's own From: address is named in the refusal."""
+    pub = base64.b64encode(keys["forger.pub"]).decode()
+    dns_server.add_txt("sel._domainkey.evil.example", f"v=DKIM1; k=rsa; p={pub}")
+    dns_server.add_txt("_dmarc.evil.example", "v=DMARC1; p=reject")
+    dns_server.add_txt("evil.example", "v=spf1 -all")
+    env = verify_env(tmp_path, dns_server, ALLOWED_SENDERS="signed.example")
+    gw = await make_gateway(env)
+    nested = "(a (b) alice@signed.example) attacker@evil.example"
+    reply = await smtp_send(gw.smtp.port, mail_with_from(nested, keys["forger"], "evil.example"),
+                            [RCPT], mail_from="alice@signed.example")
+    assert reply.code == 550, reply.text
+    assert reply.text == ("5.7.1 Sender <attacker@evil.example> is not allowed to send faxes "
+                          "through this gateway")
+    assert job_ids(reply.text) == []
+
+    # A From: that the two readings would see as different addresses is refused outright.
+    for unclear in ("alice@signed.example (x) <attacker@evil.example>",
+                    '"a" alice@signed.example <attacker@evil.example>'):
+        reply = await smtp_send(gw.smtp.port,
+                                mail_with_from(unclear, keys["forger"], "evil.example"),
+                                [RCPT], mail_from="alice@signed.example")
+        assert reply.code == 550, (unclear, reply.text)
+        assert reply.text.startswith("5.7.1 Sender not proven: the From: header must name "
+                                     "exactly one address"), reply.text
+    await gw.stop(grace_s=5)
+
+    # With evil.example allowed, the same mail is faxed and its report goes where the check
+    # looked: attacker@evil.example, never alice@.
+    gw = await make_gateway({**env, "ALLOWED_SENDERS": "signed.example,evil.example"})
+    reply = await smtp_send(gw.smtp.port, mail_with_from(nested, keys["forger"], "evil.example"),
+                            [RCPT], mail_from="alice@signed.example")
+    assert reply.code == 250, reply.text
+    [job_id] = job_ids(reply.text)
+    job = await gw.store.run(gw.store.job, job_id)
+    message = await gw.store.run(gw.store.message, job.message_id)
+    assert message.report_to == "attacker@evil.example"
+    assert "dmarc=pass header.from=evil.example" in message.auth_results
+
+
+async def test_a_burst_waiting_for_the_check_threads_keeps_its_whole_dns_time(
+        make_gateway, dns_server: DnsServer, tmp_path) -> None:
+    """Six times as many mails at once as there are check threads, and a resolver that takes
+    0.3 s an answer (each check: about 0.6 s of DNS, within DNS_TIMEOUT_SECONDS=1.5). The
+    checks queued behind others must still have their 1.5 s once they run: every sender is
+    proven, none is told 451 because it waited for a thread."""
+    from gateway.constants import MAX_CONCURRENT_VERIFICATIONS
+
+    gw = await make_gateway(verify_env(tmp_path, dns_server, DNS_TIMEOUT_SECONDS="1.5",
+                                       SMTP_MAX_CONNECTIONS_PER_IP="100"))
+    dns_server.delay_s = 0.3
+    count = 6 * MAX_CONCURRENT_VERIFICATIONS
+    loop = asyncio.get_running_loop()
+    # The clients get threads of their own: the default executor is the gateway's (spool,
+    # store), and two dozen blocking clients in it would starve the gateway they talk to.
+    with ThreadPoolExecutor(count) as clients:
+        replies = await asyncio.gather(*(
+            loop.run_in_executor(clients, _send_blocking, gw.smtp.port, mail("bob@spf.example"),
+                                 "bob@spf.example", [RCPT])
+            for _ in range(count)))
+    assert [r.code for r in replies] == [250] * count, [r.text for r in replies if r.code != 250]
+    # The resolver was slow for all of them: each check asked it (SPF and DMARC at least).
+    assert len([q for q in dns_server.queries if q == ("spf.example", "TXT")]) == count
+
+
+def test_the_dkimpy_and_pyspf_internals_verify_uses_are_still_there(
+        dns_server: DnsServer, keys) -> None:
+    """verify.py leans on what dkimpy and pyspf do not document (named next to them in
+    pyproject.toml): dkimpy's `DKIM.headers` (to count the signatures) and
+    `DKIM.signature_fields` (the d= and s= of the one just verified), and pyspf's
+    module-level `spf.DNSLookup(name, qtype, tcpfallback, timeout)`, which verify.py replaces
+    so that SPF asks our resolver. An upgrade that changes any of them fails here, by name."""
+    from gateway.smtp import verify
+
+    verifier = SenderVerifier(settings_from({"SENDER_VERIFY": "dmarc",
+                                             "DNS_NAMESERVERS": dns_server.address}))
+    try:
+        lookups = Lookups(verifier.resolver, 5.0)
+        data = mail("alice@signed.example", key=keys["published"])
+        checker = dkim.DKIM(data)
+        headers = getattr(checker, "headers", None)
+        assert isinstance(headers, list) and all(
+            isinstance(name, bytes) and isinstance(value, bytes) for name, value in headers), \
+            "dkimpy's DKIM.headers is no longer a list of (name, value) bytes pairs"
+        assert [name.lower() for name, _ in headers].count(b"dkim-signature") == 1
+        assert checker.verify(idx=0, dnsfunc=lookups.dkim_txt), \
+            "dkimpy's DKIM.verify(idx=, dnsfunc=) no longer verifies with our lookups"
+        fields = getattr(checker, "signature_fields", None)
+        assert isinstance(fields, dict) and fields.get(b"d") == b"signed.example" \
+            and fields.get(b"s") == b"sel", \
+            "dkimpy's DKIM.signature_fields no longer holds the verified signature's tags"
+
+        assert spf.DNSLookup is verify._spf_dns, "pyspf's spf.DNSLookup hook is gone"
+        params = inspect.signature(verify._pyspf_lookup).parameters
+        assert list(params)[:2] == ["name", "qtype"] and len(params) == 4, \
+            f"pyspf's DNSLookup changed its signature: {list(params)}"
+        found = verify._Found("spf.example")
+        verify._check_spf("127.0.0.1", "bob@spf.example", "client.test", lookups, found)
+        assert found.spf == "pass", (found.spf, found.spf_reason)
+        # Only our hook could have asked the loopback server: pyspf's own asks the system's.
+        assert ("spf.example", "TXT") in dns_server.queries, \
+            "pyspf no longer looks names up through spf.DNSLookup"
+    finally:
+        verifier.close()

@@ -346,6 +346,9 @@ def _raw_header(entity: Message, name: str) -> str | None:
     return None
 
 
+raw_header = _raw_header  # for the sender check (gateway.smtp.verify), which must read alike
+
+
 def _content_type(entity: Message) -> str:
     ctype = entity.get_content_type().lower()
     if re.fullmatch(r"[a-z0-9!#$&^_.+-]+/[a-z0-9!#$&^_.+-]+", ctype):
@@ -502,6 +505,12 @@ def _unpack_tnef(data: bytes, label: str, walk: _Walk, depth: int = 0) -> bool:
                   "document again from a mail in HTML or plain-text format")
         return False
     for inner in files:
+        # Each file counts as a part: nested winmail.dat (up to 50 files each, three deep)
+        # could otherwise yield ~127,000 of them past the MIME part limit.
+        walk.entities += 1
+        if walk.entities > walk.max_parts:
+            raise MimeError(f"the message has more than {walk.max_parts} MIME parts "
+                            "(counting the files inside winmail.dat)")
         kind = detect_kind(inner.data)
         name = sanitize_header_text(inner.name, MAX_FILENAME_CHARS) if inner.name else None
         guessed = mimetypes.guess_type(name or "")[0] or "application/octet-stream"
@@ -612,17 +621,54 @@ def _walk(entity: Message, depth: int, walk: _Walk, related: bool) -> list[_Piec
     return pieces
 
 
-def _address(entity: Message, name: str) -> str | None:
-    """The addr-spec of the first mailbox in an address header, or None.
+def _blank_quotes_and_comments(text: str) -> str:
+    """`text` with each quoted string made '""' and each comment a blank, as RFC 5322 reads
+    them: comments nest, a backslash quotes the next character in both; an unclosed one runs
+    to the end. The stdlib's getaddresses reads them so too (the sender check uses it), so
+    '(a (b) x@y) z@w' is z@w for both, never x@y for one of them."""
+    out: list[str] = []
+    depth = 0
+    quoted = False
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if quoted:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                quoted = False
+                out.append('""')
+        elif depth:
+            if c == "\\":
+                i += 1
+            elif c == "(":
+                depth += 1
+            elif c == ")":
+                depth -= 1
+                if not depth:
+                    out.append(" ")
+        elif c == '"':
+            quoted = True
+        elif c == "(":
+            depth = 1
+        else:
+            out.append(c)
+        i += 1
+    if quoted:
+        out.append('""')
+    return "".join(out)
+
+
+def header_address(raw: str | None) -> str | None:
+    """The addr-spec of the first mailbox in a raw (unfolded) address header value, or None.
 
     Quoted display names and comments are blanked first, so '"a@b" <real@x>' yields real@x;
-    a quoted local part in the address itself is not supported (no sender uses one).
+    a quoted local part in the address itself is not supported (no sender uses one). The
+    sender check (SENDER_VERIFY) verifies the domain of this very address.
     """
-    raw = _raw_header(entity, name)
     if raw is None:
         return None
-    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', raw[:4096])
-    text = re.sub(r"\([^()]*\)", " ", text)  # RFC 5322 comments
+    text = _blank_quotes_and_comments(raw[:4096])
     match = re.search(r"<\s*([^<>\s]+@[^<>\s]+?)\s*>|([^\s<>,;:\"()]+@[^\s<>,;:\"()]+)", text)
     if match is None:
         return None
@@ -851,8 +897,8 @@ def parse_mail(msg: Message, *, max_depth: int = 20, max_parts: int = 500) -> Pa
         parts=parts,
         text_body=text_body,
         subject=sanitize_header_text(_decode_rfc2047(subject_raw or ""), MAX_SUBJECT_CHARS),
-        from_addr=_address(msg, "from"),
-        reply_to=_address(msg, "reply-to"),
+        from_addr=header_address(_raw_header(msg, "from")),
+        reply_to=header_address(_raw_header(msg, "reply-to")),
         message_id=_message_id(_raw_header(msg, "message-id")),
         references=_references(_raw_header(msg, "references")),
         notes=notes,

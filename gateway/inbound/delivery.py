@@ -40,10 +40,15 @@ log = logging.getLogger(__name__)
 
 CONCURRENCY = 4
 # Several gateways: how long a mail another node started (and never recorded as accepted or
-# failed) may still be under way at that node, which may only have stalled: its connect, MAIL,
-# RCPT and DATA each wait up to NOTIFY_TIMEOUT_S. After it the mail is sent again, with the same
-# Message-ID. One gateway: a started mail not settled is a dead run's, sent again at once.
+# failed) may still be under way at that node, which may only have stalled. After it the mail
+# is sent again, with the same Message-ID. One gateway: a started mail not settled is a dead
+# run's, sent again at once.
 SEND_SETTLE_S = 3 * defaults.NOTIFY_TIMEOUT_S
+# The whole of one mail's send (connect, EHLO, STARTTLS, AUTH, MAIL, RCPT, DATA: each may wait
+# NOTIFY_TIMEOUT_S on its own) is given up after this, well inside SEND_SETTLE_S, so the settle
+# window really bounds a send that is still under way at a live node.
+SEND_TIMEOUT_S = 2 * defaults.NOTIFY_TIMEOUT_S
+assert SEND_TIMEOUT_S < SEND_SETTLE_S
 
 
 class PermanentFailure(Exception):
@@ -104,6 +109,7 @@ class Deliverer:
         self._epochs: dict[str, int] = {}  # fax sid -> the epoch of this node's claim
         self._sem = asyncio.Semaphore(CONCURRENCY)
         self.settle_s = SEND_SETTLE_S if settings.shared else 0.0
+        self.send_timeout_s = SEND_TIMEOUT_S
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="inbound-deliverer")
@@ -242,8 +248,12 @@ class Deliverer:
         part = render_given_up(row, admin, reason, mailed, from_addr=self.s.notify_from,
                                hostname=self.s.smtp_hostname)
         try:
-            where = await self.notifier.send_rendered(part.rendered, part.outbox_name)
-        except NotifyError as exc:
+            async with asyncio.timeout(self.send_timeout_s):
+                where = await self.notifier.send_rendered(part.rendered, part.outbox_name)
+        except (NotifyError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):
+                exc = NotifyError(f"the relay took longer than {self.send_timeout_s:g} s "
+                                  "in all; given up")
             self.metrics.mails.labels("retry").inc()
             log.error("inbound fax %s: the administrator %s could not be told either: %s",
                       sid, admin, exc)
@@ -372,8 +382,12 @@ class Deliverer:
                         "never recorded the relay's answer): sent again, same Message-ID %s",
                         sid, part.recipient, part.message_id)
         try:
-            where = await self.notifier.send_rendered(part.rendered, part.outbox_name)
-        except NotifyError as exc:
+            async with asyncio.timeout(self.send_timeout_s):
+                where = await self.notifier.send_rendered(part.rendered, part.outbox_name)
+        except (NotifyError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):
+                exc = NotifyError(f"the relay took longer than {self.send_timeout_s:g} s "
+                                  "in all; given up")
             self.metrics.mails.labels("retry").inc()
             await self.store.run(lambda: self.inbound.settle_send(
                 sid, epoch, part.recipient, self.clock()))

@@ -24,10 +24,33 @@ from gateway.outbound.states import Job
 from gateway.phone import format_number
 from gateway.signalwire import errors
 from gateway.smtp.dsn import wants, xtext_encode
+from gateway.smtp.loops import in_domain
 from gateway.store.rows import Message
 from gateway.text import one_line
 
-__all__ = ["asked", "delay_notice", "delivery_status", "dsn_report", "status_of"]
+__all__ = ["asked", "delay_notice", "delivery_status", "dsn_recipient", "dsn_report",
+           "report_recipient", "status_of"]
+
+
+def dsn_recipient(message: Message, fax_domain: str) -> str | None:
+    """Where a DSN goes: the envelope return path, MAIL FROM (RFC 3461 6.2, RFC 3464 2), never
+    the From: header, which the sender writes freely (with RET=FULL a DSN to it would carry up
+    to a MiB of the sender's own mail to any address). None for the null sender <> and for an
+    address in the fax domain (the DSN would be faxed)."""
+    addr = (message.envelope_from or "").strip().removeprefix("<").removesuffix(">").strip()
+    if "@" not in addr or any(c in addr for c in "\r\n<>,; \t"):
+        return None
+    if fax_domain and in_domain(addr, fax_domain):
+        return None
+    return addr
+
+
+def report_recipient(job: Job, message: Message, fax_domain: str) -> str | None:
+    """Who gets the job's report: a recipient that asked for DSNs (NOTIFY) gets one at the
+    envelope sender; the usual report goes where intake decided (From:, else MAIL FROM)."""
+    if job.dsn_notify is None:
+        return message.report_to
+    return dsn_recipient(message, fax_domain)
 
 
 def asked(job: Job, delivered: bool) -> bool:
@@ -143,7 +166,7 @@ def delay_notice(job: Job, message: Message, *, from_addr: str, hostname: str,
     same if it ever went twice."""
     number = format_number(job.to_number)
     subject = one_line(_("Fax to %s delayed: %s; trying again") % (number, why), 200)
-    headers = _reply_headers(from_addr, message.report_to or "", subject, now,
+    headers = _reply_headers(from_addr, dsn_recipient(message, fax_domain) or "", subject, now,
                              f"<faxgw-delay.{job.id}.{job.attempt}@{hostname or 'faxgw.invalid'}>",
                              message)
     headers += [("X-Faxgw-Job", job.id), (REPORT_HEADER, job.id),

@@ -340,11 +340,13 @@ def render_final_report(job: Job, message: Message, events: Sequence[Event],
                              hostname=hostname, now=now, templates=Templates(template_dir),
                              thumbnail_png=thumb, pdf=pdf if attach_pdf else None)
     if job.dsn_notify is not None:
-        from gateway.mail.dsn import dsn_report  # it builds on this module
+        from gateway.mail.dsn import dsn_recipient, dsn_report  # it builds on this module
 
         human = MIMEPart(policy=MAIL_POLICY)
         _fill_report(human, content)
-        return render(dsn_report(content.headers, human, job, message, hostname=hostname,
+        to = dsn_recipient(message, fax_domain) or ""  # MAIL FROM, not the From: header
+        headers = [(name, to if name == "To" else value) for name, value in content.headers]
+        return render(dsn_report(headers, human, job, message, hostname=hostname,
                                  fax_domain=fax_domain, delivered=outcome(job)[0]), bcc)
     data = write_report(content)  # straight to bytes: the email package cost ~8 ms a report
     if data is None:  # what only the email package does (an address that is not ASCII)

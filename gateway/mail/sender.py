@@ -110,7 +110,8 @@ class OutboxNotifier:
         self.root = root
 
     async def send(self, report: EmailMessage, name: str, bcc: Sequence[str] = ()) -> str:
-        return await self.send_rendered(render(report, bcc), name)
+        # Off the loop: a postmaster forward holds up to 10 MiB, a DSN up to 1 MiB of mail.
+        return await self.send_rendered(await asyncio.to_thread(render, report, bcc), name)
 
     async def send_rendered(self, rendered: Rendered, name: str) -> str:
         """Bcc has no meaning for files; copies for the admin need a relay."""
@@ -144,7 +145,8 @@ class RelayNotifier:
         self.connections_made = 0  # for tests and metrics: how often a new one was needed
 
     async def send(self, report: EmailMessage, name: str, bcc: Sequence[str] = ()) -> str:
-        return await self.send_rendered(render(report, bcc), name)
+        # Off the loop: a postmaster forward holds up to 10 MiB, a DSN up to 1 MiB of mail.
+        return await self.send_rendered(await asyncio.to_thread(render, report, bcc), name)
 
     async def send_rendered(self, rendered: Rendered, name: str) -> str:
         s = self.settings

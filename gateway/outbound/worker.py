@@ -30,7 +30,7 @@ from gateway.signalwire.media import MediaError, MediaStore, new_media_key
 from gateway.ops.metrics import Metrics
 from gateway.mail.sender import Notifier, NotifyError
 from gateway.documents.pool import CpuPool, TaskLimitError
-from gateway.mail.dsn import asked, delay_notice
+from gateway.mail.dsn import asked, delay_notice, report_recipient
 from gateway.mail.reports import outcome, render_final_report
 from gateway.smtp.dsn import wants
 from gateway.smtp.intake import expire_partials
@@ -533,7 +533,7 @@ class Worker:
                      job.fax_status or job.state.value, job.dsn_notify)
             await self._cleanup(job)
             return
-        if not message.report_to:
+        if not report_recipient(job, message, self.s.fax_domain):
             if not await self.store.run(self.store.mark_reported, job,
                                         "no report sent: the mail had no usable sender address"):
                 self._lost(job, "report")
@@ -595,7 +595,7 @@ class Worker:
         effort and at most once per retry: a relay that is down costs this notice, not the
         fax (the final report still comes)."""
         message = await self.store.run(self.store.message, job.message_id)
-        if message is None or not message.report_to:
+        if message is None or not report_recipient(job, message, self.s.fax_domain):
             return
         notice = await asyncio.to_thread(functools.partial(
             delay_notice, job, message, from_addr=self.s.notify_from,

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from gateway.config import Settings
+from gateway.constants import SMTP_LINE_TIMEOUT_S
 from gateway.mail.sender import MAIL_POLICY, Notifier, NotifyError
 from gateway.documents.mime import header_block
 from gateway.smtp.policy import RateLimiter
@@ -55,6 +56,16 @@ def is_postmaster(address: str, fax_domain: str) -> bool:
     return local.lower() == "postmaster" and domain.rstrip(".").lower() == fax_domain.lower()
 
 
+def forward_timeout_s(settings: Settings) -> float:
+    """The forward is handed to the relay inside DATA: all of it (connect to the DATA reply)
+    is bounded by half the time the SMTP session waits for the gateway's DATA reply (the
+    timer server.py sets after the data: max(SMTP_LINE_TIMEOUT_S, 2 * DOC_TIMEOUT_SECONDS)).
+    So the client hears 250 when the relay took the mail, or 451 when it did not answer, and
+    never a 421 from that timer after the relay took it (then it would send it again and the
+    administrator get it twice)."""
+    return max(SMTP_LINE_TIMEOUT_S, 2 * settings.doc_timeout_s) / 2
+
+
 class Postmaster:
     def __init__(self, settings: Settings, notifier: Notifier | None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -62,6 +73,7 @@ class Postmaster:
         self.notifier = notifier
         self.clock = clock
         self.per_ip = RateLimiter(POSTMASTER_PER_IP_HOUR, 3600)
+        self.forward_timeout_s = forward_timeout_s(settings)
 
     @property
     def address(self) -> str | None:
@@ -97,8 +109,12 @@ class Postmaster:
             return Reply(451, "4.3.0", "Temporary failure: the gateway cannot read the mail "
                          "back; please try again later", "temp_failure")
         try:
-            where = await self.notifier.send(forward, f"postmaster-{int(time.time() * 1000)}")
-        except NotifyError as exc:
+            async with asyncio.timeout(self.forward_timeout_s):
+                where = await self.notifier.send(forward,
+                                                 f"postmaster-{int(time.time() * 1000)}")
+        except (NotifyError, TimeoutError) as exc:
+            if isinstance(exc, TimeoutError):
+                exc = NotifyError(f"the relay took longer than {self.forward_timeout_s:g} s")
             self.per_ip.give_back(peer, 1, self.clock())
             log.warning("postmaster: mail from <%s> (peer %s) not forwarded to %s: %s",
                         one_line(mail_from, 200), peer, self.address, exc)

@@ -47,6 +47,7 @@ from authres.dmarc import DMARCAuthenticationResult
 from publicsuffixlist import PublicSuffixList
 
 from gateway.config import Settings
+from gateway.documents.mime import header_address, header_block, raw_header
 from gateway.constants import MAX_CONCURRENT_VERIFICATIONS, MAX_DKIM_SIGNATURES, MAX_DNS_LOOKUPS
 from gateway.smtp.access import Client
 from gateway.smtp import replies
@@ -84,7 +85,7 @@ def verify_unavailable(why: str) -> Reply:
 
 
 FROM_NOT_ONE = Reply(550, "5.7.1", "Sender not proven: the From: header must name exactly one "
-                     "address", "policy")
+                     "address, written plainly (Name <address>)", "policy")
 
 
 # -- DNS --------------------------------------------------------------------------------------
@@ -229,17 +230,27 @@ class _Found:
     dmarc_temp: bool = False
 
 
+_MAX_HEADER_BYTES = 256 * 1024
+
+
 def _one_from_domain(data: bytes) -> str | None:
-    end = data.find(b"\r\n\r\n")
-    if end < 0:
-        end = data.find(b"\n\n")
-    head = data[:end if end >= 0 else 256 * 1024][:256 * 1024]
-    headers = BytesHeaderParser(policy=policy.compat32).parsebytes(head)
-    values = [str(v) for v in headers.get_all("From", [])]
-    addresses = [a for _, a in getaddresses(values) if a]
-    if len(values) != 1 or len(addresses) != 1 or "@" not in addresses[0]:
+    """The domain of the From: address the intake will use (mime.header_address over the
+    same header block, read the way the intake reads it), or None: not exactly one From:
+    field naming exactly one address, or one that the stdlib's reading (getaddresses) sees
+    as another address. One reading decides both what is verified and where the fax's
+    report goes, so a From: that parsers read differently cannot split them."""
+    head = header_block(data)
+    if len(head) > _MAX_HEADER_BYTES:
         return None
-    domain = addresses[0].rpartition("@")[2].strip().rstrip(".>").lower()
+    headers = BytesHeaderParser(policy=policy.compat32).parsebytes(head)
+    if sum(1 for key, _ in headers.raw_items() if key.lower() == "from") != 1:
+        return None
+    raw = raw_header(headers, "from") or ""
+    used = header_address(raw)
+    addresses = [a for _, a in getaddresses([raw]) if a]
+    if used is None or len(addresses) != 1 or addresses[0].lower() != used.lower():
+        return None
+    domain = used.rpartition("@")[2].strip().rstrip(".>").lower()
     if not domain or any(c in domain for c in " <>\"\\") or not domain.isascii():
         return None
     return domain
@@ -457,10 +468,10 @@ class SenderVerifier:
             return Verdict(None, self.proven_by_session(user, trusted, ip))
         if self._pool is None:  # the listeners are stopping
             return Verdict(replies.SHUTTING_DOWN, None)
-        lookups = Lookups(self.resolver, self.settings.dns_timeout_s)
         loop = asyncio.get_running_loop()
         verdict = await loop.run_in_executor(self._pool, _evaluate_file, path, ip, mail_from,
-                                             helo, lookups, self.settings.smtp_hostname)
+                                             helo, self.resolver, self.settings.dns_timeout_s,
+                                             self.settings.smtp_hostname)
         if verdict.reply is not None:
             log.warning("sender <%s> from %s not proven: %s", one_line(mail_from, 200), ip,
                         verdict.reply)
@@ -470,6 +481,10 @@ class SenderVerifier:
         return verdict
 
 
-def _evaluate_file(path: Path, ip: str, mail_from: str, helo: str, lookups: Lookups,
+def _evaluate_file(path: Path, ip: str, mail_from: str, helo: str,
+                   resolver: dns.resolver.Resolver | None, timeout_s: float,
                    authserv_id: str) -> Verdict:
+    """In a pool thread. The DNS deadline starts here, when the check has its thread: in a
+    burst a check may wait for one, and that wait is not the DNS's time."""
+    lookups = Lookups(resolver, timeout_s)
     return evaluate(path.read_bytes(), ip, mail_from, helo, lookups, authserv_id)
