@@ -204,6 +204,12 @@ _V5 = (
     "DROP INDEX IF EXISTS messages_dedup",
 )
 
+_V6 = (
+    # The dashboard pages through every job newest first, and filters by fax status, in SQL.
+    "CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at, id)",
+    "CREATE INDEX IF NOT EXISTS jobs_fax_status ON jobs (fax_status, created_at)",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "messages, jobs, events, attempts", _V1),
     Migration(2, "states renamed: received -> spooled, failed -> given-up", _V2),

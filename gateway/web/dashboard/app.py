@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 25
-MAX_PAGE = 1000
+MAX_PAGE = 100_000  # the database pages (OFFSET): 2.5 million jobs deep at most
 MAX_FORM_BYTES = 16 * 1024
 THUMB_CACHE_ENTRIES = 64
 RECENT_ERRORS = 20
@@ -411,14 +411,14 @@ class Dashboard:
             until = _day(f.date_until, "Until")
             if until is not None:
                 until += 86400  # the whole day
-            page = await self.store.run(lambda: queries.search_jobs(
+            page = await self.store.read(lambda: queries.search_jobs(
                 self.store, status=f.status or None, to=f.to or None, sender=f.sender or None,
                 since=since, until=until, text=f.q or None, offset=(f.page - 1) * PAGE_SIZE,
                 limit=PAGE_SIZE))
         except AdminError as exc:
-            error, page = str(exc), queries.Page([], 0, False)
+            error, page = str(exc), queries.Page([], 0)
         pages = max(1, -(-page.total // PAGE_SIZE))
-        return dict(filters=f, rows=page.rows, total=page.total, capped=page.capped,
+        return dict(filters=f, rows=page.rows, total=page.total,
                     pages=pages, error=error, statuses=actions.STATUS_FILTERS,
                     first=(f.page - 1) * PAGE_SIZE + 1,
                     last=(f.page - 1) * PAGE_SIZE + len(page.rows))
@@ -434,7 +434,7 @@ class Dashboard:
     async def _detail(self, request: web.Request) -> queries.JobDetail:
         ref = request.match_info["job_id"]
         try:
-            return await self.store.run(queries.job_detail, self.store, ref)
+            return await self.store.read(queries.job_detail, self.store, ref)
         except AdminError as exc:
             raise web.HTTPNotFound(text=str(exc)) from None
 
@@ -448,7 +448,7 @@ class Dashboard:
     async def first_page(self, request: web.Request) -> web.Response:
         """The first page as a PNG, drawn by a document worker (never on the event loop) and
         cached per document; gone once the document is deleted (DOCUMENT_RETENTION_HOURS)."""
-        found = await self.store.run(queries.document_of, self.store,
+        found = await self.store.read(queries.document_of, self.store,
                                      request.match_info["job_id"])
         if found is None:
             raise web.HTTPNotFound(text="the document is no longer kept")
@@ -487,7 +487,7 @@ class Dashboard:
 
     async def document(self, request: web.Request) -> web.StreamResponse:
         job_id = request.match_info["job_id"]
-        found = await self.store.run(queries.document_of, self.store, job_id)
+        found = await self.store.read(queries.document_of, self.store, job_id)
         if found is None:
             raise web.HTTPNotFound(text="the document is no longer kept")
         log.info("dashboard: %s opened the document of job %s", request[SESSION].user, job_id)
@@ -555,7 +555,7 @@ class Dashboard:
             until = _day(f.date_until, "Until")
             if until is not None:
                 until += 86400  # the whole day
-            page = await self.store.run(lambda: queries.search_received(
+            page = await self.store.read(lambda: queries.search_received(
                 self.inbound, to=f.to or None, caller=f.caller or None, since=since,
                 until=until, offset=(f.page - 1) * PAGE_SIZE, limit=PAGE_SIZE))
         except AdminError as exc:
@@ -574,7 +574,7 @@ class Dashboard:
 
     async def _received_detail(self, request: web.Request) -> queries.ReceivedDetail:
         sid = request.match_info["fax_sid"]
-        d = await self.store.run(queries.received_detail, self.inbound, sid)
+        d = await self.store.read(queries.received_detail, self.inbound, sid)
         if d is None:
             raise web.HTTPNotFound(text="no received fax with this id")
         return d
@@ -613,11 +613,11 @@ class Dashboard:
                  "media": "Media store (S3)" if self.s.media_store == "s3"
                  else "Media store (local)", "signalwire": "SignalWire"}
         items = [(names.get(n, n), bool(c["ok"]), str(c["detail"])) for n, c in checks.items()]
-        relay_ok, relay_words = await self.store.run(queries.relay_state, self.store)
+        relay_ok, relay_words = await self.store.read(queries.relay_state, self.store)
         relay_name = (f"Report relay ({self.s.notify_smtp_host})" if self.s.notify_smtp_host
                       else "Reports (outbox folder)")
         items.append((relay_name, relay_ok is not False, relay_words))
-        depth, counts, oldest = await self.store.run(queries.queue_depth, self.store)
+        depth, counts, oldest = await self.store.read(queries.queue_depth, self.store)
         now = self.clock()
         return dict(items=items, all_ok=all(ok for _, ok, _ in items), depth=depth,
                     counts=counts, oldest_age=None if oldest is None else now - oldest,

@@ -18,41 +18,44 @@ from gateway.store import inbound
 from gateway.store.inbound import InboundFax, InboundStore
 from gateway.store.rows import Attempt, Event, Message
 
-# The newest jobs a search looks through: search and "until" are done here, not in SQL, so
-# they are bounded (the store interface has no text search or offset yet).
-MAX_SCAN = 5000
 FINAL_STATES = (State.COMPLETED, State.GIVEN_UP, State.REPORTED)
 
 
 @dataclass(frozen=True)
 class Page:
     rows: list[JobRow]
-    total: int          # matches among the scanned jobs
-    capped: bool        # MAX_SCAN was reached: there may be more
-
-
-def _matches(row: JobRow, needle: str) -> bool:
-    hay = " ".join(x for x in (row.id, row.destination, row.sender, row.subject or "",
-                               row.filenames or "", row.envelope_from or "",
-                               row.header_from or "", row.fax_sid or "", row.result)
-                   if x).lower()
-    return needle in hay
+    total: int          # every job that matches
 
 
 def search_jobs(store: Any, *, status: str | None, to: str | None, sender: str | None,
                 since: float | None, until: float | None, text: str | None, offset: int,
                 limit: int) -> Page:
     """Jobs newest first, filtered like `faxgw jobs` plus a free-text search (id, number,
-    sender, subject, file names, fax id, result) and an end time, one page of them."""
-    rows = actions.list_jobs(store, status=status, to=to, sender=sender, since=since,
-                             limit=MAX_SCAN)
-    capped = len(rows) >= MAX_SCAN
-    if until is not None:
-        rows = [r for r in rows if r.created < until]
-    if text:
-        needle = text.strip().lower()
-        rows = [r for r in rows if _matches(r, needle)]
-    return Page(rows[offset:offset + limit], len(rows), capped)
+    sender, subject, file names, fax id, error) and an end time, one page of them: searched,
+    counted and paged by the database over every job, however many there are."""
+    states: frozenset[State] | None = None
+    fax_status = None
+    if status is not None:
+        status = status.strip().lower()
+        if status not in actions.STATUS_FILTERS:
+            raise actions.AdminError(f"unknown status {status[:30]!r}; use one of: "
+                                     + ", ".join(actions.STATUS_FILTERS))
+        if status == "active":
+            states = ACTIVE_STATES
+        elif status in actions.FAX_STATUSES:
+            fax_status = status
+        else:
+            states = frozenset({State(status)})
+    digits = None
+    if to:
+        digits = "".join(c for c in to if c.isdigit())
+        if not digits:
+            raise actions.AdminError("Number: give some digits of the number")
+    listings, total = store.job_search(
+        states=states, fax_status=fax_status, to_digits=digits,
+        sender=(sender or "").strip() or None, since=since, until=until,
+        text=(text or "").strip() or None, offset=offset, limit=limit)
+    return Page([actions._row(r) for r in listings], total)
 
 
 @dataclass(frozen=True)
