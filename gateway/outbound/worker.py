@@ -489,8 +489,10 @@ class Worker:
         try:
             where = await self.notifier.send_rendered(rendered, job.id)
         except NotifyError as exc:
+            self.contact["relay"] = (False, self.clock(), f"report not delivered: {exc}")
             await self._later(job, f"report not delivered: {exc}")
             return
+        self.contact["relay"] = (True, self.clock(), f"reported: {where}")
         crash_point("after-report")
         await self.store.run(self.store.mark_reported, job, f"report {where}")
         self.metrics.report_done("sent")

@@ -199,8 +199,12 @@ class S3MediaStore:
     rare several-key DeleteObjects."""
 
     def __init__(self, *, bucket: str, prefix: str, region: str, endpoint_url: str | None,
-                 timeout_s: float) -> None:
+                 timeout_s: float, clock: Callable[[], float] = time.time) -> None:
         self.bucket = bucket
+        self.clock = clock
+        # This node's last request to S3, whoever made it (intake's upload, the worker, the
+        # purge): (ok, when, what), for the health checks.
+        self.contact: tuple[bool, float, str] | None = None
         self.prefix = prefix
         self.region = region
         self.endpoint_url = endpoint_url
@@ -316,6 +320,7 @@ class S3MediaStore:
                         if response.status in ok:
                             if into is not None:
                                 await _save_body(response, into)
+                            self.contact = (True, self.clock(), f"{what.split()[0]} ok")
                             return
                         reason = await _s3_error(response)
                         if response.status < 500:
@@ -327,7 +332,9 @@ class S3MediaStore:
                 if attempt + 1 < S3_ATTEMPTS and _retryable(exc):
                     continue
                 break
-        raise S3RequestError(what, self.bucket, reason)
+        error = S3RequestError(what, self.bucket, reason)
+        self.contact = (False, self.clock(), str(error))
+        raise error
 
     async def put(self, key: str, source: Path) -> None:
         """One PUT streamed from the spool file: a fax-sized PDF is read at once (it was just

@@ -208,6 +208,14 @@ _V6 = (
     # The dashboard pages through every job newest first, and filters by fax status, in SQL.
     "CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at, id)",
     "CREATE INDEX IF NOT EXISTS jobs_fax_status ON jobs (fax_status, created_at)",
+    # Each running gateway says it is alive (gateway/ops/nodes.py), so every node's dashboard
+    # can list the live ones.
+    """CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    started_at {float} NOT NULL,
+    seen_at {float} NOT NULL,
+    detail TEXT
+)""",
 )
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -217,6 +225,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "job leases (several nodes), dedup index, named leases, shared hit counts",
               _V4),
     Migration(5, "dedup keys: a resent mail is recognised in the commit, atomically", _V5),
+    Migration(6, "dashboard: job list indexes (time, fax status); live nodes", _V6),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Awaitable, Callable
-from urllib.parse import urlencode
+from urllib.parse import unquote, urlencode
 
 import jinja2
 from aiohttp import web
@@ -33,6 +33,7 @@ from gateway.documents.pool import CpuPool, call
 from gateway.ops import actions
 from gateway.ops.actions import AdminError
 from gateway.ops.logs import redact
+from gateway.ops.nodes import LIVE_S
 from gateway.outbound.states import RetryPolicy
 from gateway.phone import NumberError, format_number
 from gateway.signalwire.client import SignalWireClient
@@ -181,6 +182,23 @@ def _filters(request: web.Request) -> Filters:
                    date_from=text("from"), date_until=text("until"), q=text("q"), page=page)
 
 
+_UNSAFE_IN_NEXT = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+def safe_next(target: str | None) -> str:
+    r"""Where to go after the login: a path on this dashboard, else the job list. Only '/'
+    followed by something other than '/' or '\\', with no control character (browsers drop
+    a tab or a newline, so '/\t/host' is '//host', another site; a newline would split the
+    Location header), checked as given and once percent-decoded."""
+    if not target or len(target) > 500:
+        return "/jobs"
+    for text in (target, unquote(target)):
+        if (not text.startswith("/") or text[1:2] in ("/", "\\")
+                or _UNSAFE_IN_NEXT.search(text)):
+            return "/jobs"
+    return target
+
+
 def _day(text: str, field: str) -> float | None:
     if not text:
         return None
@@ -200,8 +218,13 @@ class Dashboard:
                  wake: Callable[[], None],
                  ready: Callable[[], Awaitable[dict[str, dict[str, object]]]],
                  cpu: CpuPool, signalwire: SignalWireClient, retry_policy: RetryPolicy,
-                 users: UsersFile | None = None) -> None:
+                 users: UsersFile | None = None,
+                 contact: Callable[[str], tuple[bool, float, str] | None] | None = None
+                 ) -> None:
         self.s = settings
+        # This node's last contact with a service by name ("relay": the last report mailed);
+        # the health page says what this node saw, never another node's.
+        self.contact = contact or (lambda name: None)
         self.store = store
         self.clock = clock
         self.wake = wake
@@ -338,9 +361,7 @@ class Dashboard:
     # -- login -------------------------------------------------------------------------------
 
     def _safe_next(self, target: str | None) -> str:
-        if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
-            return "/jobs"
-        return target[:500]
+        return safe_next(target)
 
     async def login_page(self, request: web.Request, error: str | None = None,
                          status: int = 200) -> web.Response:
@@ -613,15 +634,24 @@ class Dashboard:
                  "media": "Media store (S3)" if self.s.media_store == "s3"
                  else "Media store (local)", "signalwire": "SignalWire"}
         items = [(names.get(n, n), bool(c["ok"]), str(c["detail"])) for n, c in checks.items()]
-        relay_ok, relay_words = await self.store.read(queries.relay_state, self.store)
+        now = self.clock()
+        relay = self.contact("relay")
+        if relay is not None:
+            relay_ok: bool | None = relay[0]
+            relay_words = f"{relay[2]} ({_ago(now - relay[1])} ago)"
+        elif self.s.shared:  # the store's newest reports may be any node's
+            relay_ok, relay_words = None, "no report sent by this node yet"
+        else:
+            relay_ok, relay_words = await self.store.read(queries.relay_state, self.store)
         relay_name = (f"Report relay ({self.s.notify_smtp_host})" if self.s.notify_smtp_host
-                      else "Reports (outbox folder)")
+                      else f"Reports (outbox folder {self.s.data_dir / 'outbox'})")
         items.append((relay_name, relay_ok is not False, relay_words))
         depth, counts, oldest = await self.store.read(queries.queue_depth, self.store)
-        now = self.clock()
+        nodes = await self.store.read(self.store.live_nodes, now - LIVE_S)
         return dict(items=items, all_ok=all(ok for _, ok, _ in items), depth=depth,
                     counts=counts, oldest_age=None if oldest is None else now - oldest,
-                    errors=list(reversed(self.errors.records)))
+                    errors=list(reversed(self.errors.records)), nodes=nodes,
+                    node_id=self.s.node_id, now=now)
 
     async def health_page(self, request: web.Request) -> web.Response:
         return self._render(request, "health.html", health=await self._health())
