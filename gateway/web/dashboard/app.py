@@ -26,6 +26,7 @@ from typing import Any, Awaitable, Callable
 from urllib.parse import unquote, urlencode
 
 import jinja2
+from markupsafe import Markup
 from aiohttp import web
 
 from gateway.config import Settings
@@ -87,10 +88,15 @@ class RecentErrors(logging.Handler):
         self.records.append((record.created, record.levelname.lower(), text))
 
 
-def _when(ts: float | None) -> str:
+def _when(ts: float | None) -> Markup | str:
+    """A moment as a <time> element: UTC as written (and on hover); dash.js shows it in the
+    viewer's own time zone."""
     if ts is None:
         return "-"
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    moment = datetime.fromtimestamp(ts, timezone.utc)
+    utc = moment.strftime("%Y-%m-%d %H:%M:%S")
+    return Markup('<time datetime="{}" title="{} UTC">{} UTC</time>').format(
+        moment.strftime("%Y-%m-%dT%H:%M:%SZ"), utc, utc)
 
 
 def _number(e164: str | None) -> str:
@@ -258,6 +264,7 @@ class Dashboard:
         r.add_get("/jobs/rows", self.jobs_rows)
         r.add_get(f"/jobs/{_JOB_ID}", self.job_page)
         r.add_get(f"/jobs/{_JOB_ID}/live", self.job_live)
+        r.add_get(f"/jobs/{_JOB_ID}/actions", self.job_actions)
         r.add_get(f"/jobs/{_JOB_ID}/first-page.png", self.first_page)
         r.add_get(f"/jobs/{_JOB_ID}/fax.pdf", self.document)
         r.add_get(f"/jobs/{_JOB_ID}/{{action:resend|cancel|report}}", self.confirm_page)
@@ -459,12 +466,23 @@ class Dashboard:
         except AdminError as exc:
             raise web.HTTPNotFound(text=str(exc)) from None
 
+    def _offers(self, d: queries.JobDetail) -> list[tuple[queries.Offer, str]]:
+        return [(o, ACTIONS[o.key][0]) for o in queries.offers(
+            d, self.clock(), self.retry_policy, self.s.shared)]
+
     async def job_page(self, request: web.Request) -> web.Response:
         d = await self._detail(request)
-        return self._render(request, "job.html", d=d, actions=ACTIONS)
+        return self._render(request, "job.html", d=d, offers=self._offers(d), now=self.clock())
 
     async def job_live(self, request: web.Request) -> web.Response:
-        return self._render(request, "_job_live.html", d=await self._detail(request))
+        return self._render(request, "_job_live.html", d=await self._detail(request),
+                            now=self.clock())
+
+    async def job_actions(self, request: web.Request) -> web.Response:
+        """The actions part of a job's page, refreshed with it: what is offered changes as
+        the job moves on."""
+        d = await self._detail(request)
+        return self._render(request, "_job_actions.html", d=d, offers=self._offers(d))
 
     async def first_page(self, request: web.Request) -> web.Response:
         """The first page as a PNG, drawn by a document worker (never on the event loop) and
@@ -522,8 +540,9 @@ class Dashboard:
         d = await self._detail(request)
         action = request.match_info["action"]
         label, question = ACTIONS[action]
+        offer = next(o for o, _ in self._offers(d) if o.key == action)
         return self._render(request, "confirm.html", d=d, action=action, label=label,
-                            question=question)
+                            question=question, offer=offer)
 
     async def act(self, request: web.Request) -> web.Response:
         session: Session = request[SESSION]

@@ -7,13 +7,15 @@ Every function is synchronous and meant to run on the store's own thread (`store
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 from gateway.mail.reports import outcome
 from gateway.ops import actions
 from gateway.ops.actions import JobRow
-from gateway.outbound.states import ACTIVE_STATES, Job, State
+from gateway.outbound.states import (ACTIVE_STATES, FINISHED, REPORT_DUE, Job, RetryPolicy,
+                                     State, retry_decision)
 from gateway.store import inbound
 from gateway.store.inbound import InboundFax, InboundStore
 from gateway.store.rows import Attempt, Event, Message
@@ -85,6 +87,53 @@ def job_detail(store: Any, ref: str) -> JobDetail:
         events=store.events(job.id),
         siblings=[j for j in store.message_jobs(job.message_id) if j.id != job.id],
         document_kept=kept)
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One of the job page's actions: whether it can work now, and if not, why not."""
+    key: str
+    possible: bool
+    why_not: str = ""
+
+
+def _when_utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def offers(d: JobDetail, now: float, retry_policy: RetryPolicy, shared: bool) -> list[Offer]:
+    """Resend, Cancel and Send the report again as `gateway.ops.actions` would decide them
+    now, so the page offers only what can work and says why the rest cannot (the action
+    still checks again when it is done: the job may move on meanwhile)."""
+    job, message = d.job, d.message
+    if job.state not in FINISHED:
+        resend = Offer("resend", False, "The fax is still in progress; it can be sent again "
+                                        "once it is finished.")
+    elif (job.state is State.COMPLETED
+          and (decision := retry_decision(job, retry_policy, now)) is not None):
+        resend = Offer("resend", False, f"It will be retried automatically at "
+                                        f"{_when_utc(decision[0])}; cancel it first to resend "
+                                        "it by hand.")
+    elif message is None or message.purged_at is not None or not (
+            (shared and job.media_key) or d.document_kept):
+        resend = Offer("resend", False, "Its document is no longer kept "
+                                        "(DOCUMENT_RETENTION_HOURS): ask the sender to mail it "
+                                        "again.")
+    else:
+        resend = Offer("resend", True)
+    if job.state in (State.SPOOLED, State.STORED, State.SUBMITTED):
+        cancel = Offer("cancel", True)
+    elif job.state is State.SUBMITTING:
+        cancel = Offer("cancel", False, "It is being handed to SignalWire right now; try again "
+                                        "in a few seconds.")
+    else:
+        cancel = Offer("cancel", False, "The fax is finished: there is nothing to cancel.")
+    if job.state is State.REPORTED or job.state in REPORT_DUE:
+        report = Offer("report", True)
+    else:
+        report = Offer("report", False, "The report goes out by itself when the fax is "
+                                        "finished.")
+    return [resend, cancel, report]
 
 
 def document_of(store: Any, job_id: str) -> tuple[str, str] | None:

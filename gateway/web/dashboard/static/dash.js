@@ -3,6 +3,17 @@
 (function () {
   "use strict";
   var PERIOD_MS = 5000;
+  function two(n) { return (n < 10 ? "0" : "") + n; }
+  // Times come as <time datetime="...Z" title="... UTC">... UTC</time>: shown in the
+  // viewer's own time zone, the UTC time on hover.
+  function localize(root) {
+    root.querySelectorAll("time[datetime]").forEach(function (t) {
+      var d = new Date(t.getAttribute("datetime"));
+      if (isNaN(d.getTime())) { return; }
+      t.textContent = d.getFullYear() + "-" + two(d.getMonth() + 1) + "-" + two(d.getDate()) +
+        " " + two(d.getHours()) + ":" + two(d.getMinutes()) + ":" + two(d.getSeconds());
+    });
+  }
   function refresh(el) {
     var url = el.getAttribute("data-live");
     return fetch(url, {credentials: "same-origin", headers: {"X-Requested-With": "fetch"},
@@ -17,6 +28,7 @@
         // the keyboard focus and the reading position stay where they are.
         var fresh = document.createElement("template");
         fresh.innerHTML = html;
+        localize(fresh.content);
         if (fresh.innerHTML !== el.innerHTML) {
           el.innerHTML = fresh.innerHTML;
         }
@@ -29,6 +41,7 @@
     }
   }
   document.addEventListener("DOMContentLoaded", function () {
+    localize(document);
     if (document.querySelector("[data-live]")) {
       window.setInterval(tick, PERIOD_MS);
     }
