@@ -144,8 +144,10 @@ def build_received(fax: InboundFax, recipient: str, *, from_addr: str, hostname:
                          f"{picture}</body></html>", subtype="html")
     if thumbnail_png and thumb_cid:
         html_part = mail.get_payload()[1]  # type: ignore[index]
+        # Shown in the HTML (cid:), so inline: mail programs list an `attachment` part as a
+        # second file beside the PDF.
         html_part.add_related(thumbnail_png, maintype="image", subtype="png", cid=thumb_cid,
-                              filename="page-1.png")
+                              filename="page-1.png", disposition="inline")
     if attach and pdf is not None:
         mail.add_attachment(pdf, maintype="application", subtype="pdf",
                             filename=attachment_name(fax))

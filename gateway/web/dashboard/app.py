@@ -54,6 +54,7 @@ PAGE_SIZE = 25
 MAX_PAGE = 100_000  # the database pages (OFFSET): 2.5 million jobs deep at most
 MAX_FORM_BYTES = 16 * 1024
 THUMB_CACHE_ENTRIES = 64
+MEDIA_GONE_ENTRIES = 1000
 RECENT_ERRORS = 20
 MAX_FILTER_CHARS = 200
 ACTIONS = {
@@ -248,6 +249,8 @@ class Dashboard:
         self.inbound = InboundStore(store)
         self._thumbs: OrderedDict[str, bytes] = OrderedDict()
         self._thumb_tasks: dict[str, asyncio.Task[bytes]] = {}
+        # Received faxes whose document SignalWire answered it no longer has (404/410).
+        self._media_gone: OrderedDict[str, float] = OrderedDict()
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
             trim_blocks=True, lstrip_blocks=True)
@@ -617,6 +620,8 @@ class Dashboard:
         d = await self.store.read(queries.received_detail, self.inbound, sid)
         if d is None:
             raise web.HTTPNotFound(text="no received fax with this id")
+        if d.picture and sid in self._media_gone:
+            d = queries.document_gone(d)
         return d
 
     async def received_fax_page(self, request: web.Request) -> web.Response:
@@ -641,6 +646,12 @@ class Dashboard:
         try:
             pdf = await fetch_document(self.signalwire, self.cpu, self.s, fax)
         except (PermanentFailure, SignalWireError) as exc:
+            if isinstance(exc, SignalWireError) and exc.status in (404, 410):
+                # Deleted at SignalWire (by hand, or by its retention): the page says so
+                # from now on instead of offering a picture that cannot come.
+                self._media_gone[fax.fax_sid] = self.clock()
+                while len(self._media_gone) > MEDIA_GONE_ENTRIES:
+                    self._media_gone.popitem(last=False)
             raise RuntimeError(f"document not fetched: {exc}") from None
         return await self.cpu.run(call, "gateway.web.dashboard.thumbs:render_first_page_of",
                                   pdf, THUMB_WIDTH_PX)

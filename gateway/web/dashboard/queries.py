@@ -6,7 +6,7 @@ Every function is synchronous and meant to run on the store's own thread (`store
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -198,6 +198,7 @@ class ReceivedDetail:
     deliveries: Sequence[Delivery]
     picture: bool           # page 1 can be drawn from SignalWire's copy
     no_picture: str         # why not, in plain words, when it cannot
+    document_gone: bool = False  # SignalWire answered that it no longer has the document
 
 
 def _pages(n: int | None) -> str:
@@ -273,6 +274,15 @@ def picture_state(fax: InboundFax) -> tuple[bool, str]:
     if not fax.media_url and not fax.media_sid:
         return False, "No picture: SignalWire named no document for this fax."
     return True, ""
+
+
+DOCUMENT_GONE = ("No picture: SignalWire no longer has this fax's document (it was deleted "
+                 "there), and the gateway keeps no copy. The recipients' mail has it.")
+
+
+def document_gone(d: ReceivedDetail) -> ReceivedDetail:
+    """The detail of a fax whose document SignalWire answered it no longer has."""
+    return replace(d, picture=False, no_picture=DOCUMENT_GONE, document_gone=True)
 
 
 def received_detail(db: InboundStore, fax_sid: str) -> ReceivedDetail | None:

@@ -40,8 +40,22 @@
       document.querySelectorAll("[data-live]").forEach(refresh);
     }
   }
+  // A picture that cannot come (the document is gone) is replaced by its words, not shown
+  // as a broken image; inline handlers are not allowed by the page's CSP.
+  function missing(img) {
+    var p = document.createElement("p");
+    p.className = "muted";
+    p.id = "no-picture";
+    p.textContent = img.getAttribute("data-missing");
+    var figure = img.closest("figure") || img;
+    figure.replaceWith(p);
+  }
   document.addEventListener("DOMContentLoaded", function () {
     localize(document);
+    document.querySelectorAll("img[data-missing]").forEach(function (img) {
+      if (img.complete && img.naturalWidth === 0) { missing(img); return; }
+      img.addEventListener("error", function () { missing(img); });
+    });
     if (document.querySelector("[data-live]")) {
       window.setInterval(tick, PERIOD_MS);
     }
