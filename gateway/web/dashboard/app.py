@@ -193,10 +193,10 @@ _UNSAFE_IN_NEXT = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
 def safe_next(target: str | None) -> str:
-    r"""Where to go after the login: a path on this dashboard, else the job list. Only '/'
-    followed by something other than '/' or '\\', with no control character (browsers drop
-    a tab or a newline, so '/\t/host' is '//host', another site; a newline would split the
-    Location header), checked as given and once percent-decoded."""
+    """Where to go after the login: a path on this dashboard, else the job list. Only '/'
+    followed by something other than '/' or a backslash, with no control character (browsers
+    drop a tab or a newline, so '/<tab>/host' is '//host', another site; a newline would split
+    the Location header), checked as given and once percent-decoded."""
     if not target or len(target) > 500:
         return "/jobs"
     for text in (target, unquote(target)):
