@@ -71,7 +71,7 @@ class _StoreThreads:
                  teardown: Callable[[], None] | None = None, name: str = "store") -> None:
         self.loop = loop
         # Run on each thread before its first call and after its last (a reader's own
-        # connection); a failed setup fails every call that thread takes, not the process.
+        # connection); a failed setup fails that call, and the next call tries it again.
         self._setup = setup
         self._teardown = teardown
         self.calls: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]] | None] = (
@@ -85,29 +85,25 @@ class _StoreThreads:
             thread.start()
 
     def _serve(self) -> None:
-        broken: BaseException | None = None
-        if self._setup is not None:
-            try:
-                self._setup()
-            except BaseException as exc:  # noqa: BLE001 (each caller gets it)
-                broken = exc
         try:
-            self._serve_calls(broken)
+            self._serve_calls()
         finally:
-            if self._teardown is not None and broken is None:
+            if self._teardown is not None:
                 try:
                     self._teardown()
                 except Exception:  # noqa: BLE001 (closing a read connection at the end)
                     pass
 
-    def _serve_calls(self, broken: BaseException | None) -> None:
+    def _serve_calls(self) -> None:
+        ready = self._setup is None
         while (call := self.calls.get()) is not None:
             fn, future = call
             if future.cancelled():  # its caller gave up before it started (a read only)
                 continue
             try:
-                if broken is not None:
-                    raise broken
+                if not ready and self._setup is not None:
+                    self._setup()  # raises to this caller; the next call tries again
+                    ready = True
                 result = (future, True, fn())
             except BaseException as exc:  # noqa: BLE001 (the caller gets it, as it would)
                 result = (future, False, exc)

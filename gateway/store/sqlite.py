@@ -84,7 +84,9 @@ class SqliteStore(SqlStore):
 
     def open_reader(self) -> None:
         """A read-only connection for this thread (the dashboard's reader)."""
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+        # mode=rw: never create a file (one deleted under the daemon is the guard's to see).
+        db = sqlite3.connect(self.path.resolve().as_uri() + "?mode=rw", uri=True,
+                             isolation_level=None, check_same_thread=False,
                              timeout=self.busy_timeout_s)
         db.row_factory = sqlite3.Row
         db.execute("PRAGMA query_only=ON")
