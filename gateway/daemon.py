@@ -9,6 +9,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import time
 from typing import Awaitable, Callable
 
@@ -23,6 +24,7 @@ from gateway.signalwire.media import (LocalMediaStore, MediaError, MediaStore,
                                       load_or_create_key, s3_media_store)
 from gateway.ops.instance import AlreadyRunning, DataDirLock, remove_pid_file, write_pid_file
 from gateway.ops.metrics import Metrics
+from gateway.ops.nodes import NodeHeartbeat
 from gateway.mail.sender import Notifier, OutboxNotifier, RelayNotifier
 from gateway.signalwire.client import SignalWireClient
 from gateway.smtp import replies
@@ -62,7 +64,7 @@ class Gateway:
             self.local_media = LocalMediaStore(data / "media", key, self.public_base_url, clock)
             self.media: MediaStore = self.local_media
         else:
-            self.media = s3_media_store(settings, defaults.S3_TIMEOUT_S)
+            self.media = s3_media_store(settings, defaults.S3_TIMEOUT_S, clock)
         self.notifier: Notifier = (
             RelayNotifier(settings, defaults.NOTIFY_TIMEOUT_S) if settings.notify_smtp_host
             else OutboxNotifier(data / "outbox"))
@@ -112,6 +114,7 @@ class Gateway:
         self.smtps = (SMTPListener(settings, self.smtp_handler, settings.smtps_listen, self.tls,
                                    implicit_tls=True) if settings.smtps_listen else None)
         self.listeners = [x for x in (self.smtp, self.smtps) if x is not None]
+        self.heartbeat: NodeHeartbeat | None = None
         self.dashboard = None
         if settings.admin_listen is not None:
             # Imported only when on: jinja2 and the templates stay out of a daemon without it.
@@ -120,7 +123,8 @@ class Gateway:
             self.dashboard = Dashboard(settings, self.store, clock=clock,
                                        wake=self._wake_worker, ready=self.web.ready_status,
                                        cpu=self.cpu, signalwire=self.signalwire,
-                                       retry_policy=self.worker.retry_policy)
+                                       retry_policy=self.worker.retry_policy,
+                                       contact=self._contact)
 
     def _wake_worker(self) -> None:
         self.worker.wake()
@@ -162,9 +166,18 @@ class Gateway:
         ok = len(bound) == len(self.listeners) and self.web.port > 0
         return "listeners", ok, ", ".join(bound) or "none bound"
 
+    def _contact(self, name: str) -> tuple[bool, float, str] | None:
+        """This node's last contact with an outside service: the worker's, or the media
+        store's own (a shared queue uploads at intake, not in the worker), the newer."""
+        states = [self.worker.contact.get(name)]
+        if name == "media":
+            states.append(getattr(self.media, "contact", None))
+        known = [s for s in states if s is not None]
+        return max(known, key=lambda s: s[1]) if known else None
+
     def _contact_check(self, name: str) -> Callable[[], Awaitable[tuple[str, bool, str]]]:
         async def check() -> tuple[str, bool, str]:
-            state = self.worker.contact.get(name)
+            state = self._contact(name)
             if state is None:
                 return name, True, "no contact yet"
             ok, when, detail = state
@@ -217,6 +230,9 @@ class Gateway:
         for listener in self.listeners:
             await _bound("SMTPS_LISTEN" if listener is self.smtps else "SMTP_LISTEN",
                          listener.listen, listener.start())
+        self.heartbeat = NodeHeartbeat(
+            self.store, self.s.node_id, self._node_detail(), self.clock)
+        await self.heartbeat.start()
         mode = "sandbox (built-in SignalWire simulator)" if self.s.sandbox else "production"
         log.info("faxgw started in %s mode: SMTP %s:%d%s%s for *@%s, HTTP %s:%d, media %s, "
                  "reports %s, store %s (node %s)", mode, self.s.smtp_listen.host, self.smtp.port,
@@ -241,8 +257,17 @@ class Gateway:
         if self.dashboard is not None:
             self.dashboard.logins.reload()
 
+    def _node_detail(self) -> str:
+        """What the dashboard of every node shows about this one."""
+        reports = (f"reports via {self.s.notify_smtp_host}" if self.s.notify_smtp_host
+                   else f"reports to {self.s.data_dir / 'outbox'}")
+        return f"{socket.gethostname()}, SMTP port {self.smtp.port}, {reports}"
+
     async def stop(self, grace_s: float | None = None) -> None:
         grace_s = self.s.shutdown_grace_s if grace_s is None else grace_s
+        if self.heartbeat is not None:
+            await self.heartbeat.stop()
+            self.heartbeat = None
         await asyncio.gather(*(listener.stop(grace_s) for listener in self.listeners))
         await self.worker.stop(grace_s)
         await self.inbound.stop(grace_s)

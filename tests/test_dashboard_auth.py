@@ -152,7 +152,8 @@ async def test_a_deleted_document_is_not_shown_or_resent(tmp_path: Path, simulat
                                  data={"csrf": csrf.group(1)}) as r:
                 page = await r.text()
                 assert r.status == 200 and str(r.url).endswith(f"/jobs/{job_id}")
-            assert "Not done: cannot resend job" in page and "deleted from the spool" in page
+            assert "Not done.</strong> cannot resend job" in page
+            assert "deleted from the spool" in page
             # An unknown job is a plain 404.
             async with http.get(f"{base}/jobs/0123456789abcdef") as r:
                 assert r.status == 404

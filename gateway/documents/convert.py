@@ -19,6 +19,7 @@ typesets text with the built-in fonts; pypdfium2 renders thumbnails.
 
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import math
@@ -100,6 +101,8 @@ TEXT_MARGIN_Y_PT = 40.0
 TAB_SIZE = 8
 HEADER_FONT = "Helvetica-Bold"
 
+# Reduced page images held before they are encoded into a PDF part (image_to_pdf).
+PREPARED_BYTES = 48 * 1024 * 1024
 MAX_ANNOTATIONS_PER_PAGE = 2000
 MAX_COVER_NOTE_CHARS = 5000
 MAX_THUMBNAIL_PX = 2000
@@ -220,7 +223,14 @@ def image_to_pdf(data: bytes, name: str, paper: str, limits: Limits) -> tuple[by
     """
     paper_w, paper_h = _paper(paper)
     label = _label(name)
+    # Frame by frame: decoded, reduced to fax resolution, and once the reduced pages held
+    # reach PREPARED_BYTES, encoded into a PDF part and let go. Memory is then one frame being
+    # decoded plus PREPARED_BYTES plus the compressed parts, whatever the number of frames
+    # (300 fax-resolution grey pages held at once were over a gigabyte).
     prepared: list[tuple[Image.Image, float, float]] = []
+    held = 0
+    parts: list[bytes] = []
+    pages = 0
     try:
         with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as im:
             frames = getattr(im, "n_frames", 1) if im.format in MULTI_PAGE_FORMATS else 1
@@ -234,7 +244,17 @@ def image_to_pdf(data: bytes, name: str, paper: str, limits: Limits) -> tuple[by
                     raise ConvertError(
                         f"{label} is too large an image ({width} x {height} pixels); at most "
                         f"{limits.max_image_pixels // 1_000_000} megapixels")
-                prepared.append(_prepare_frame(frame, paper_w, paper_h))
+                page = _prepare_frame(frame, paper_w, paper_h)
+                prepared.append(page)
+                held += _held_bytes(page[0])
+                pages += 1
+                if held >= PREPARED_BYTES:
+                    parts.append(_place_images(prepared, paper_w, paper_h))
+                    prepared, held = [], 0
+                    # pypdf's objects hold reference cycles that keep each part's pages
+                    # alive until the cyclic collector runs: without this the bound is not
+                    # one (150 grey pages peaked at 415 MB; with it, 165 MB).
+                    gc.collect()
     except ConvertError:
         raise
     except Image.DecompressionBombError as exc:
@@ -243,9 +263,16 @@ def image_to_pdf(data: bytes, name: str, paper: str, limits: Limits) -> tuple[by
     except _IMAGE_ERRORS as exc:
         log.info("unreadable image %s: %s: %s", label, type(exc).__name__, exc)
         raise ConvertError(f"{label} could not be read as an image") from exc
-    if not prepared:
+    if prepared:
+        parts.append(_place_images(prepared, paper_w, paper_h))
+    if not parts:
         raise ConvertError(f"{label} could not be read as an image")
-    return _place_images(prepared, paper_w, paper_h), len(prepared)
+    return merge_pdfs(parts), pages
+
+
+def _held_bytes(im: Image.Image) -> int:
+    """What a prepared page costs in memory: 1 bit a pixel bilevel, 8 grey."""
+    return (im.width * im.height + 7) // 8 if im.mode == "1" else im.width * im.height
 
 
 def _dpi(im: Image.Image) -> tuple[float, float]:

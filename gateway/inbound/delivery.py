@@ -49,6 +49,7 @@ SEND_SETTLE_S = 3 * defaults.NOTIFY_TIMEOUT_S
 # window really bounds a send that is still under way at a live node.
 SEND_TIMEOUT_S = 2 * defaults.NOTIFY_TIMEOUT_S
 assert SEND_TIMEOUT_S < SEND_SETTLE_S
+MAX_RECEIVED_PAGES = 2000
 
 
 class PermanentFailure(Exception):
@@ -70,7 +71,8 @@ async def fetch_document(signalwire: SignalWireClient, cpu: CpuPool, settings: S
     """A received fax's document as PDF, downloaded from SignalWire (a TIFF converted in a
     document worker). Shared by the deliverer and the dashboard's picture of page 1, so both
     fetch the same way (SignalWire's hosts only, bounded size). PermanentFailure when it can
-    never work; MediaRefused, SignalWireError or TaskLimitError otherwise."""
+    never work (a TIFF that cannot be converted too: the same bytes fail the same way);
+    MediaRefused, SignalWireError or TaskLimitError otherwise."""
     url = row.media_url
     if not url and row.media_sid:
         # The fax resource may lack media_url (undocumented): the media instance serves it.
@@ -82,9 +84,18 @@ async def fetch_document(signalwire: SignalWireClient, cpu: CpuPool, settings: S
     if kind == "pdf":
         return data
     if kind == "tiff":
-        pdf, _pages = await cpu.run(call, "gateway.mail.received:tiff_to_pdf", data,
-                                    "a4" if settings.inbound_page_size == "a4" else "letter",
-                                    2000)
+        try:
+            pdf, _pages, why = await cpu.run(
+                call, "gateway.mail.received:tiff_to_pdf", data,
+                "a4" if settings.inbound_page_size == "a4" else "letter", MAX_RECEIVED_PAGES)
+        except TaskLimitError as exc:
+            # Conversion is frame by frame within a memory bound; a TIFF that still takes more
+            # time or memory than a document worker is given will take it again.
+            raise PermanentFailure(f"the received TIFF could not be converted: it {exc}"
+                                   ) from None
+        if pdf is None:
+            # The same bytes fail the same way every time: final at once, never retried.
+            raise PermanentFailure(f"the received TIFF could not be converted: {why}")
         return pdf
     raise PermanentFailure(f"the document is neither PDF nor TIFF ({len(data)} bytes)")
 

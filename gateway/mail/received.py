@@ -154,8 +154,10 @@ def build_received(fax: InboundFax, recipient: str, *, from_addr: str, hostname:
                          f"{picture}</body></html>", subtype="html")
     if thumbnail_png and thumb_cid:
         html_part = mail.get_payload()[1]  # type: ignore[index]
+        # Shown in the HTML (cid:), so inline: mail programs list an `attachment` part as a
+        # second file beside the PDF.
         html_part.add_related(thumbnail_png, maintype="image", subtype="png", cid=thumb_cid,
-                              filename="page-1.png")
+                              filename="page-1.png", disposition="inline")
     if attach and pdf is not None:
         mail.add_attachment(pdf, maintype="application", subtype="pdf",
                             filename=attachment_name(fax))
@@ -219,8 +221,14 @@ def render_given_up(fax: InboundFax, admin: str, reason: str, mailed: list[str],
     return MailPart(admin, str(mail["Message-ID"]), outbox_name(fax.fax_sid, tag), render(mail))
 
 
-def tiff_to_pdf(data: bytes, paper: str, max_pages: int) -> tuple[bytes, int]:
-    """A received TIFF as a PDF (runs in a document worker)."""
-    from gateway.documents.convert import Limits, image_to_pdf
+def tiff_to_pdf(data: bytes, paper: str, max_pages: int) -> tuple[bytes | None, int, str]:
+    """A received TIFF as a PDF (runs in a document worker): (PDF, pages, ""), or (None, 0,
+    why) when it cannot be converted; said in words, so the daemon never imports the
+    converter to read its exception."""
+    from gateway.documents.convert import ConvertError, Limits, image_to_pdf
 
-    return image_to_pdf(data, "received fax", paper, Limits(max_pages=max_pages))
+    try:
+        pdf, pages = image_to_pdf(data, "received fax", paper, Limits(max_pages=max_pages))
+    except ConvertError as exc:
+        return None, 0, str(exc)
+    return pdf, pages, ""

@@ -580,8 +580,10 @@ class Worker:
         try:
             where = await self.notifier.send_rendered(rendered, job.id)
         except NotifyError as exc:
+            self.contact["relay"] = (False, self.clock(), f"report not delivered: {exc}")
             await self._later(job, f"report not delivered: {exc}")
             return
+        self.contact["relay"] = (True, self.clock(), f"reported: {where}")
         crash_point("after-report")
         if not await self._record_report(job, f"report {where}"):
             return

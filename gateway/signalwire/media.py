@@ -205,13 +205,18 @@ class S3MediaStore:
     def __init__(self, *, bucket: str, prefix: str, region: str, endpoint_url: str | None,
                  timeout_s: float, access_key_id: str | None = None,
                  secret_access_key: str | None = None, session_token: str | None = None,
-                 profile: str | None = None, ca_bundle: str | None = None) -> None:
+                 profile: str | None = None, ca_bundle: str | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
         self.bucket = bucket
         self._keys = {"aws_access_key_id": access_key_id,
                       "aws_secret_access_key": secret_access_key,
                       "aws_session_token": session_token} if access_key_id else {}
         self._profile = profile
         self._ca_bundle = ca_bundle
+        self.clock = clock
+        # This node's last request to S3, whoever made it (intake's upload, the worker, the
+        # purge): (ok, when, what), for the health checks.
+        self.contact: tuple[bool, float, str] | None = None
         self.prefix = prefix
         self.region = region
         self.endpoint_url = endpoint_url
@@ -332,6 +337,7 @@ class S3MediaStore:
                         if response.status in ok:
                             if into is not None:
                                 await _save_body(response, into)
+                            self.contact = (True, self.clock(), f"{what.split()[0]} ok")
                             return
                         reason = await _s3_error(response)
                         if response.status < 500:
@@ -343,7 +349,9 @@ class S3MediaStore:
                 if attempt + 1 < S3_ATTEMPTS and _retryable(exc):
                     continue
                 break
-        raise S3RequestError(what, self.bucket, reason)
+        error = S3RequestError(what, self.bucket, reason)
+        self.contact = (False, self.clock(), str(error))
+        raise error
 
     async def put(self, key: str, source: Path) -> None:
         """One PUT streamed from the spool file: a fax-sized PDF is read at once (it was just
@@ -443,7 +451,8 @@ class S3MediaStore:
                 for e in response.get("Errors", [])}
 
 
-def s3_media_store(settings: Settings, timeout_s: float) -> S3MediaStore:
+def s3_media_store(settings: Settings, timeout_s: float,
+                   clock: Callable[[], float] = time.time) -> S3MediaStore:
     """The S3 store with the settings' credentials (the .env file's as much as the
     environment's), not whatever boto3 would find in the process environment."""
     return S3MediaStore(bucket=settings.s3_bucket, prefix=settings.s3_prefix,
@@ -451,7 +460,8 @@ def s3_media_store(settings: Settings, timeout_s: float) -> S3MediaStore:
                         timeout_s=timeout_s, access_key_id=settings.aws_access_key_id,
                         secret_access_key=settings.aws_secret_access_key,
                         session_token=settings.aws_session_token, profile=settings.aws_profile,
-                        ca_bundle=str(settings.aws_ca_bundle) if settings.aws_ca_bundle else None)
+                        ca_bundle=str(settings.aws_ca_bundle) if settings.aws_ca_bundle else None,
+                        clock=clock)
 
 
 def _s3_reason(exc: BaseException) -> str:

@@ -68,24 +68,44 @@ class _StoreThreads:
     write to the loop's self-pipe): run_in_executor's plumbing was ~7% of the daemon's loop in
     an intake burst."""
 
-    def __init__(self, count: int, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, count: int, loop: asyncio.AbstractEventLoop, *,
+                 setup: Callable[[], None] | None = None,
+                 teardown: Callable[[], None] | None = None, name: str = "store") -> None:
         self.loop = loop
+        # Run on each thread before its first call and after its last (a reader's own
+        # connection); a failed setup fails that call, and the next call tries it again.
+        self._setup = setup
+        self._teardown = teardown
         self.calls: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]] | None] = (
             queue.SimpleQueue())
         self._results: collections.deque[tuple[asyncio.Future[Any], bool, Any]] = (
             collections.deque())
         self._wake_pending = False
-        self._threads = [threading.Thread(target=self._serve, name=f"faxgw-store_{n}",
+        self._threads = [threading.Thread(target=self._serve, name=f"faxgw-{name}_{n}",
                                           daemon=True) for n in range(count)]
         for thread in self._threads:
             thread.start()
 
     def _serve(self) -> None:
+        try:
+            self._serve_calls()
+        finally:
+            if self._teardown is not None:
+                try:
+                    self._teardown()
+                except Exception:  # noqa: BLE001 (closing a read connection at the end)
+                    pass
+
+    def _serve_calls(self) -> None:
+        ready = self._setup is None
         while (call := self.calls.get()) is not None:
             fn, future = call
             if future.cancelled():  # its caller gave up before it started (a read only)
                 continue
             try:
+                if not ready and self._setup is not None:
+                    self._setup()  # raises to this caller; the next call tries again
+                    ready = True
                 result = (future, True, fn())
             except BaseException as exc:  # noqa: BLE001 (the caller gets it, as it would)
                 result = (future, False, exc)
@@ -131,6 +151,7 @@ class Store(abc.ABC):
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.clock = clock
         self._executor: _StoreThreads | None = None
+        self._reader: _StoreThreads | None = None
         # Who claims jobs (NODE_ID), and for how long a claim lasts without a heartbeat
         # (LEASE_SECONDS); open_store sets both from the settings.
         self.node_id = f"{socket.gethostname()}-{os.getpid()}"
@@ -157,6 +178,9 @@ class Store(abc.ABC):
         await self.run(self.open)
 
     async def stop(self) -> None:
+        if self._reader is not None:
+            await asyncio.to_thread(self._reader.shutdown)
+            self._reader = None
         if self._executor is not None:
             await self.run(self.close)
             await asyncio.to_thread(self._executor.shutdown)
@@ -168,6 +192,26 @@ class Store(abc.ABC):
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._executor.calls.put((functools.partial(fn, *args) if args else fn, future))
         return await future
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a read-only store call for the dashboard on the reader's own thread and
+        connection (`open_reader`), never in the queue that intake's commits and the worker's
+        steps wait in: a page of the job list over many jobs, refreshed by every open tab,
+        delays no mail's 250. Calls that write use `run`."""
+        if self._reader is None:
+            assert self._executor is not None, "store not started"
+            self._reader = _StoreThreads(1, asyncio.get_running_loop(), setup=self.open_reader,
+                                         teardown=self.close_reader, name="store-reader")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._reader.calls.put((functools.partial(fn, *args) if args else fn, future))
+        return await future
+
+    def open_reader(self) -> None:
+        """On the reader thread, before its first call: a connection of its own for reads.
+        A backend whose calls may run on any thread at once needs nothing here."""
+
+    def close_reader(self) -> None:
+        """On the reader thread, after its last call."""
 
     @property
     @abc.abstractmethod

@@ -327,6 +327,20 @@ _V11 = (
     "CREATE UNIQUE INDEX IF NOT EXISTS attempts_fax_sid ON attempts (fax_sid)",
 )
 
+_V12 = (
+    # The dashboard pages through every job newest first, and filters by fax status, in SQL.
+    "CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at, id)",
+    "CREATE INDEX IF NOT EXISTS jobs_fax_status ON jobs (fax_status, created_at)",
+    # Each running gateway says it is alive (gateway/ops/nodes.py), so every node's dashboard
+    # can list the live ones.
+    """CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    started_at {float} NOT NULL,
+    seen_at {float} NOT NULL,
+    detail TEXT
+)""",
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "messages, jobs, events, attempts", _V1),
     Migration(2, "states renamed: received -> spooled, failed -> given-up", _V2),
@@ -343,6 +357,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(10, "dashboard sessions and their messages, shared by the nodes", _V10),
     Migration(11, "fencing: lease epochs, report numbers, purge marks, one job per fax sid",
               _V11),
+    Migration(12, "dashboard: job list indexes (time, fax status); live nodes", _V12),
 )
 
 LATEST = MIGRATIONS[-1].version

@@ -95,7 +95,9 @@ class PostgresStore(SqlStore):
 
     def open(self, *, migrate: bool = True) -> None:
         pool: ConnectionPool = ConnectionPool(
-            self.url, min_size=1, max_size=self.max_connections, open=False,
+            # One connection more than the store's threads: the dashboard's reader
+            # (`Store.read`) never takes one that intake's commit is waiting for.
+            self.url, min_size=1, max_size=self.max_connections + 1, open=False,
             timeout=self.connect_timeout_s, name="faxgw",
             kwargs={"autocommit": True, "row_factory": dict_row,
                     "prepare_threshold": self.prepare_threshold,

@@ -672,6 +672,91 @@ class SqlStore(Store):
                                   **{c: r[f"m_{c}"] for c in _LISTING_MESSAGE_FIELDS}))
         return out
 
+    def job_search(self, *, states: Iterable[State] | None = None,
+                   fax_status: str | None = None, to_digits: str | None = None,
+                   sender: str | None = None, since: float | None = None,
+                   until: float | None = None, text: str | None = None, offset: int = 0,
+                   limit: int = 25) -> tuple[list[JobListing], int]:
+        """One page of `job_listing` (newest first) with its filters plus an end time
+        (`until`, exclusive) and a free-text search (`text`: a case-insensitive part of the
+        job id, number, fax id, sender addresses, subject, file names or error), and how many
+        jobs match in all. Filtered, counted and paged in SQL (the dashboard over any number
+        of jobs); the page's ids first, then their rows, so the last event is looked up for
+        the page only."""
+        where: list[str] = []
+        args: list[Any] = []
+        needs_message = False
+        if states is not None:
+            values = sorted(s.value for s in states)
+            where.append(f"j.state IN ({_marks(values)})")
+            args += values
+        if fax_status:
+            where.append("j.fax_status = ?")
+            args.append(fax_status)
+        if to_digits:
+            where.append("j.to_number LIKE ?")
+            args.append(f"%{to_digits}")
+        if sender:
+            needs_message = True
+            pattern = "%" + _like_escape(sender.lower()) + "%"
+            where.append("(" + " OR ".join(
+                f"LOWER(COALESCE(m.{c}, '')) LIKE ? ESCAPE '\\'"
+                for c in ("envelope_from", "header_from", "report_to")) + ")")
+            args += [pattern] * 3
+        if since is not None:
+            where.append("j.created_at >= ?")
+            args.append(since)
+        if until is not None:
+            where.append("j.created_at < ?")
+            args.append(until)
+        if text:
+            needs_message = True
+            pattern = "%" + _like_escape(text.strip().lower()) + "%"
+            columns = ("j.id", "j.to_number", "j.fax_sid", "j.fax_status", "j.failure_reason",
+                       "j.error_message", "m.envelope_from", "m.header_from", "m.report_to",
+                       "m.subject", "m.filenames")
+            where.append("(" + " OR ".join(f"LOWER(COALESCE({c}, '')) LIKE ? ESCAPE '\\'"
+                                           for c in columns) + ")")
+            args += [pattern] * len(columns)
+        source = "jobs j" + (" JOIN messages m ON m.id = j.message_id" if needs_message else "")
+        condition = (" WHERE " + " AND ".join(where)) if where else ""
+        total = int(self._scalar(f"SELECT COUNT(*) AS n FROM {source}{condition}", args) or 0)
+        if total <= offset:
+            return [], total
+        ids = [r["id"] for r in self._rows(
+            f"SELECT j.id FROM {source}{condition}"
+            " ORDER BY j.created_at DESC, j.id DESC LIMIT ? OFFSET ?", [*args, limit, offset])]
+        if not ids:
+            return [], total
+        sql = (_LISTING + f" WHERE j.id IN ({_marks(ids)})"
+               " ORDER BY j.created_at DESC, j.id DESC")
+        out = []
+        for r in self._rows(sql, ids):
+            job = _job(r)
+            last = (Event(job.id, r["e_at"], r["e_kind"], r["e_detail"])
+                    if r["e_kind"] is not None else None)
+            out.append(JobListing(job, last_event=last,
+                                  **{c: r[f"m_{c}"] for c in _LISTING_MESSAGE_FIELDS}))
+        return out, total
+
+    def node_seen(self, node_id: str, started_at: float, now: float, detail: str) -> None:
+        """This node is alive (its heartbeat): one row per node, written over."""
+        with self._tx():
+            self._exec("INSERT INTO nodes (node_id, started_at, seen_at, detail)"
+                       " VALUES (?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET"
+                       " started_at = excluded.started_at, seen_at = excluded.seen_at,"
+                       " detail = excluded.detail", (node_id, started_at, now, detail))
+
+    def node_gone(self, node_id: str) -> None:
+        """This node stopped cleanly: no longer listed (a crashed one ages out)."""
+        with self._tx():
+            self._exec("DELETE FROM nodes WHERE node_id = ?", (node_id,))
+
+    def live_nodes(self, since: float, limit: int = 100) -> list[dict[str, Any]]:
+        """Nodes seen at or after `since`, by node id: node_id, started_at, seen_at, detail."""
+        return self._rows("SELECT node_id, started_at, seen_at, detail FROM nodes"
+                          " WHERE seen_at >= ? ORDER BY node_id LIMIT ?", (since, limit))
+
     def job_ids_by_prefix(self, prefix: str, limit: int = 5) -> list[str]:
         """`prefix` is hex only (no wildcards)."""
         rows = self._rows("SELECT id FROM jobs WHERE id LIKE ? ORDER BY id LIMIT ?",

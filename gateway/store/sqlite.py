@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -29,6 +30,9 @@ class SqliteStore(SqlStore):
         # SMTP side answers 451 and the sender retries.
         self.busy_timeout_s = busy_timeout_s
         self._db: sqlite3.Connection | None = None
+        # The dashboard's reader thread reads on a connection of its own (`open_reader`): in
+        # WAL mode its reads run beside the writer's transactions, never between them.
+        self._local = threading.local()
 
     @property
     def where(self) -> str:
@@ -78,8 +82,27 @@ class SqliteStore(SqlStore):
             self._db.close()
             self._db = None
 
+    def open_reader(self) -> None:
+        """A read-only connection for this thread (the dashboard's reader)."""
+        # mode=rw: never create a file (one deleted under the daemon is the guard's to see).
+        db = sqlite3.connect(self.path.resolve().as_uri() + "?mode=rw", uri=True,
+                             isolation_level=None, check_same_thread=False,
+                             timeout=self.busy_timeout_s)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA query_only=ON")
+        self._local.db = db
+
+    def close_reader(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            self._local.db = None
+            db.close()
+
     @property
     def db(self) -> sqlite3.Connection:
+        reader = getattr(self._local, "db", None)
+        if reader is not None:
+            return reader
         if self._db is None:
             raise StoreError("store is not open")
         return self._db

@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Awaitable, Callable
-from urllib.parse import urlencode
+from urllib.parse import unquote, urlencode
 
 import jinja2
+from markupsafe import Markup
 from aiohttp import web
 
 from gateway.config import Settings
@@ -33,6 +34,7 @@ from gateway.documents.pool import CpuPool, call
 from gateway.ops import actions
 from gateway.ops.actions import AdminError, AlreadyResent
 from gateway.ops.logs import redact
+from gateway.ops.nodes import LIVE_S
 from gateway.outbound.states import RetryPolicy
 from gateway.phone import NumberError, format_number
 from gateway.signalwire.client import SignalWireClient
@@ -50,9 +52,10 @@ log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 25
-MAX_PAGE = 1000
+MAX_PAGE = 100_000  # the database pages (OFFSET): 2.5 million jobs deep at most
 MAX_FORM_BYTES = 16 * 1024
 THUMB_CACHE_ENTRIES = 64
+MEDIA_GONE_ENTRIES = 1000
 RECENT_ERRORS = 20
 MAX_FILTER_CHARS = 200
 ACTIONS = {
@@ -87,10 +90,15 @@ class RecentErrors(logging.Handler):
         self.records.append((record.created, record.levelname.lower(), text))
 
 
-def _when(ts: float | None) -> str:
+def _when(ts: float | None) -> Markup | str:
+    """A moment as a <time> element: UTC as written (and on hover); dash.js shows it in the
+    viewer's own time zone."""
     if ts is None:
         return "-"
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    moment = datetime.fromtimestamp(ts, timezone.utc)
+    utc = moment.strftime("%Y-%m-%d %H:%M:%S")
+    return Markup('<time datetime="{}" title="{} UTC">{} UTC</time>').format(
+        moment.strftime("%Y-%m-%dT%H:%M:%SZ"), utc, utc)
 
 
 def _number(e164: str | None) -> str:
@@ -182,6 +190,23 @@ def _filters(request: web.Request) -> Filters:
                    date_from=text("from"), date_until=text("until"), q=text("q"), page=page)
 
 
+_UNSAFE_IN_NEXT = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+def safe_next(target: str | None) -> str:
+    """Where to go after the login: a path on this dashboard, else the job list. Only '/'
+    followed by something other than '/' or a backslash, with no control character (browsers
+    drop a tab or a newline, so '/<tab>/host' is '//host', another site; a newline would split
+    the Location header), checked as given and once percent-decoded."""
+    if not target or len(target) > 500:
+        return "/jobs"
+    for text in (target, unquote(target)):
+        if (not text.startswith("/") or text[1:2] in ("/", "\\")
+                or _UNSAFE_IN_NEXT.search(text)):
+            return "/jobs"
+    return target
+
+
 def _day(text: str, field: str) -> float | None:
     if not text:
         return None
@@ -201,8 +226,13 @@ class Dashboard:
                  wake: Callable[[], None],
                  ready: Callable[[], Awaitable[dict[str, dict[str, object]]]],
                  cpu: CpuPool, signalwire: SignalWireClient, retry_policy: RetryPolicy,
-                 users: UsersFile | None = None) -> None:
+                 users: UsersFile | None = None,
+                 contact: Callable[[str], tuple[bool, float, str] | None] | None = None
+                 ) -> None:
         self.s = settings
+        # This node's last contact with a service by name ("relay": the last report mailed);
+        # the health page says what this node saw, never another node's.
+        self.contact = contact or (lambda name: None)
         self.store = store
         self.clock = clock
         self.wake = wake
@@ -221,6 +251,8 @@ class Dashboard:
         self.inbound = InboundStore(store)
         self._thumbs: OrderedDict[str, bytes] = OrderedDict()
         self._thumb_tasks: dict[str, asyncio.Task[bytes]] = {}
+        # Received faxes whose document SignalWire answered it no longer has (404/410).
+        self._media_gone: OrderedDict[str, float] = OrderedDict()
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
             trim_blocks=True, lstrip_blocks=True)
@@ -237,6 +269,7 @@ class Dashboard:
         r.add_get("/jobs/rows", self.jobs_rows)
         r.add_get(f"/jobs/{_JOB_ID}", self.job_page)
         r.add_get(f"/jobs/{_JOB_ID}/live", self.job_live)
+        r.add_get(f"/jobs/{_JOB_ID}/actions", self.job_actions)
         r.add_get(f"/jobs/{_JOB_ID}/first-page.png", self.first_page)
         r.add_get(f"/jobs/{_JOB_ID}/fax.pdf", self.document)
         r.add_get(f"/jobs/{_JOB_ID}/{{action:resend|cancel|report}}", self.confirm_page)
@@ -367,9 +400,7 @@ class Dashboard:
     # -- login -------------------------------------------------------------------------------
 
     def _safe_next(self, target: str | None) -> str:
-        if not target or not target.startswith("/") or target.startswith("//") or "\\" in target:
-            return "/jobs"
-        return target[:500]
+        return safe_next(target)
 
     async def login_page(self, request: web.Request, error: str | None = None,
                          status: int = 200) -> web.Response:
@@ -455,14 +486,14 @@ class Dashboard:
             until = _day(f.date_until, "Until")
             if until is not None:
                 until += 86400  # the whole day
-            page = await self.store.run(lambda: queries.search_jobs(
+            page = await self.store.read(lambda: queries.search_jobs(
                 self.store, status=f.status or None, to=f.to or None, sender=f.sender or None,
                 since=since, until=until, text=f.q or None, offset=(f.page - 1) * PAGE_SIZE,
                 limit=PAGE_SIZE))
         except AdminError as exc:
-            error, page = str(exc), queries.Page([], 0, False)
+            error, page = str(exc), queries.Page([], 0)
         pages = max(1, -(-page.total // PAGE_SIZE))
-        return dict(filters=f, rows=page.rows, total=page.total, capped=page.capped,
+        return dict(filters=f, rows=page.rows, total=page.total,
                     pages=pages, error=error, statuses=actions.STATUS_FILTERS,
                     first=(f.page - 1) * PAGE_SIZE + 1,
                     last=(f.page - 1) * PAGE_SIZE + len(page.rows))
@@ -478,21 +509,32 @@ class Dashboard:
     async def _detail(self, request: web.Request) -> queries.JobDetail:
         ref = request.match_info["job_id"]
         try:
-            return await self.store.run(queries.job_detail, self.store, ref)
+            return await self.store.read(queries.job_detail, self.store, ref)
         except AdminError as exc:
             raise web.HTTPNotFound(text=str(exc)) from None
 
+    def _offers(self, d: queries.JobDetail) -> list[tuple[queries.Offer, str]]:
+        return [(o, ACTIONS[o.key][0]) for o in queries.offers(
+            d, self.clock(), self.retry_policy, self.s.shared)]
+
     async def job_page(self, request: web.Request) -> web.Response:
         d = await self._detail(request)
-        return self._render(request, "job.html", d=d, actions=ACTIONS)
+        return self._render(request, "job.html", d=d, offers=self._offers(d), now=self.clock())
 
     async def job_live(self, request: web.Request) -> web.Response:
-        return self._render(request, "_job_live.html", d=await self._detail(request))
+        return self._render(request, "_job_live.html", d=await self._detail(request),
+                            now=self.clock())
+
+    async def job_actions(self, request: web.Request) -> web.Response:
+        """The actions part of a job's page, refreshed with it: what is offered changes as
+        the job moves on."""
+        d = await self._detail(request)
+        return self._render(request, "_job_actions.html", d=d, offers=self._offers(d))
 
     async def first_page(self, request: web.Request) -> web.Response:
         """The first page as a PNG, drawn by a document worker (never on the event loop) and
         cached per document; gone once the document is deleted (DOCUMENT_RETENTION_HOURS)."""
-        found = await self.store.run(queries.document_of, self.store,
+        found = await self.store.read(queries.document_of, self.store,
                                      request.match_info["job_id"])
         if found is None:
             raise web.HTTPNotFound(text="the document is no longer kept")
@@ -531,7 +573,7 @@ class Dashboard:
 
     async def document(self, request: web.Request) -> web.StreamResponse:
         job_id = request.match_info["job_id"]
-        found = await self.store.run(queries.document_of, self.store, job_id)
+        found = await self.store.read(queries.document_of, self.store, job_id)
         if found is None:
             raise web.HTTPNotFound(text="the document is no longer kept")
         log.info("dashboard: %s opened the document of job %s", request[SESSION].user, job_id)
@@ -545,8 +587,9 @@ class Dashboard:
         d = await self._detail(request)
         action = request.match_info["action"]
         label, question = ACTIONS[action]
+        offer = next(o for o, _ in self._offers(d) if o.key == action)
         return self._render(request, "confirm.html", d=d, action=action, label=label,
-                            question=question)
+                            question=question, offer=offer)
 
     async def act(self, request: web.Request) -> web.Response:
         session: Session = request[SESSION]
@@ -606,7 +649,7 @@ class Dashboard:
             until = _day(f.date_until, "Until")
             if until is not None:
                 until += 86400  # the whole day
-            page = await self.store.run(lambda: queries.search_received(
+            page = await self.store.read(lambda: queries.search_received(
                 self.inbound, to=f.to or None, caller=f.caller or None, since=since,
                 until=until, offset=(f.page - 1) * PAGE_SIZE, limit=PAGE_SIZE))
         except AdminError as exc:
@@ -625,9 +668,11 @@ class Dashboard:
 
     async def _received_detail(self, request: web.Request) -> queries.ReceivedDetail:
         sid = request.match_info["fax_sid"]
-        d = await self.store.run(queries.received_detail, self.inbound, sid)
+        d = await self.store.read(queries.received_detail, self.inbound, sid)
         if d is None:
             raise web.HTTPNotFound(text="no received fax with this id")
+        if d.picture and sid in self._media_gone:
+            d = queries.document_gone(d)
         return d
 
     async def received_fax_page(self, request: web.Request) -> web.Response:
@@ -652,6 +697,12 @@ class Dashboard:
         try:
             pdf = await fetch_document(self.signalwire, self.cpu, self.s, fax)
         except (PermanentFailure, SignalWireError) as exc:
+            if isinstance(exc, SignalWireError) and exc.status in (404, 410):
+                # Deleted at SignalWire (by hand, or by its retention): the page says so
+                # from now on instead of offering a picture that cannot come.
+                self._media_gone[fax.fax_sid] = self.clock()
+                while len(self._media_gone) > MEDIA_GONE_ENTRIES:
+                    self._media_gone.popitem(last=False)
             raise RuntimeError(f"document not fetched: {exc}") from None
         return await self.cpu.run(call, "gateway.web.dashboard.thumbs:render_first_page_of",
                                   pdf, THUMB_WIDTH_PX)
@@ -664,15 +715,24 @@ class Dashboard:
                  "media": "Media store (S3)" if self.s.media_store == "s3"
                  else "Media store (local)", "signalwire": "SignalWire"}
         items = [(names.get(n, n), bool(c["ok"]), str(c["detail"])) for n, c in checks.items()]
-        relay_ok, relay_words = await self.store.run(queries.relay_state, self.store)
-        relay_name = (f"Report relay ({self.s.notify_smtp_host})" if self.s.notify_smtp_host
-                      else "Reports (outbox folder)")
-        items.append((relay_name, relay_ok is not False, relay_words))
-        depth, counts, oldest = await self.store.run(queries.queue_depth, self.store)
         now = self.clock()
+        relay = self.contact("relay")
+        if relay is not None:
+            relay_ok: bool | None = relay[0]
+            relay_words = f"{relay[2]} ({_ago(now - relay[1])} ago)"
+        elif self.s.shared:  # the store's newest reports may be any node's
+            relay_ok, relay_words = None, "no report sent by this node yet"
+        else:
+            relay_ok, relay_words = await self.store.read(queries.relay_state, self.store)
+        relay_name = (f"Report relay ({self.s.notify_smtp_host})" if self.s.notify_smtp_host
+                      else f"Reports (outbox folder {self.s.data_dir / 'outbox'})")
+        items.append((relay_name, relay_ok is not False, relay_words))
+        depth, counts, oldest = await self.store.read(queries.queue_depth, self.store)
+        nodes = await self.store.read(self.store.live_nodes, now - LIVE_S)
         return dict(items=items, all_ok=all(ok for _, ok, _ in items), depth=depth,
                     counts=counts, oldest_age=None if oldest is None else now - oldest,
-                    errors=list(reversed(self.errors.records)))
+                    errors=list(reversed(self.errors.records)), nodes=nodes,
+                    node_id=self.s.node_id, now=now)
 
     async def health_page(self, request: web.Request) -> web.Response:
         return self._render(request, "health.html", health=await self._health())

@@ -6,53 +6,58 @@ Every function is synchronous and meant to run on the store's own thread (`store
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
 
 from gateway.mail.reports import outcome
 from gateway.ops import actions
 from gateway.ops.actions import JobRow
-from gateway.outbound.states import ACTIVE_STATES, Job, State
+from gateway.outbound.states import (ACTIVE_STATES, FINISHED, REPORT_DUE, Job, RetryPolicy,
+                                     State, retry_decision)
 from gateway.store import inbound
 from gateway.store.inbound import InboundFax, InboundStore
 from gateway.store.rows import Attempt, Event, Message
 
-# The newest jobs a search looks through: search and "until" are done here, not in SQL, so
-# they are bounded (the store interface has no text search or offset yet).
-MAX_SCAN = 5000
 FINAL_STATES = (State.COMPLETED, State.GIVEN_UP, State.REPORTED)
 
 
 @dataclass(frozen=True)
 class Page:
     rows: list[JobRow]
-    total: int          # matches among the scanned jobs
-    capped: bool        # MAX_SCAN was reached: there may be more
-
-
-def _matches(row: JobRow, needle: str) -> bool:
-    hay = " ".join(x for x in (row.id, row.destination, row.sender, row.subject or "",
-                               row.filenames or "", row.envelope_from or "",
-                               row.header_from or "", row.fax_sid or "", row.result)
-                   if x).lower()
-    return needle in hay
+    total: int          # every job that matches
 
 
 def search_jobs(store: Any, *, status: str | None, to: str | None, sender: str | None,
                 since: float | None, until: float | None, text: str | None, offset: int,
                 limit: int) -> Page:
     """Jobs newest first, filtered like `faxgw jobs` plus a free-text search (id, number,
-    sender, subject, file names, fax id, result) and an end time, one page of them."""
-    rows = actions.list_jobs(store, status=status, to=to, sender=sender, since=since,
-                             limit=MAX_SCAN)
-    capped = len(rows) >= MAX_SCAN
-    if until is not None:
-        rows = [r for r in rows if r.created < until]
-    if text:
-        needle = text.strip().lower()
-        rows = [r for r in rows if _matches(r, needle)]
-    return Page(rows[offset:offset + limit], len(rows), capped)
+    sender, subject, file names, fax id, error) and an end time, one page of them: searched,
+    counted and paged by the database over every job, however many there are."""
+    states: frozenset[State] | None = None
+    fax_status = None
+    if status is not None:
+        status = status.strip().lower()
+        if status not in actions.STATUS_FILTERS:
+            raise actions.AdminError(f"unknown status {status[:30]!r}; use one of: "
+                                     + ", ".join(actions.STATUS_FILTERS))
+        if status == "active":
+            states = ACTIVE_STATES
+        elif status in actions.FAX_STATUSES:
+            fax_status = status
+        else:
+            states = frozenset({State(status)})
+    digits = None
+    if to:
+        digits = "".join(c for c in to if c.isdigit())
+        if not digits:
+            raise actions.AdminError("Number: give some digits of the number")
+    listings, total = store.job_search(
+        states=states, fax_status=fax_status, to_digits=digits,
+        sender=(sender or "").strip() or None, since=since, until=until,
+        text=(text or "").strip() or None, offset=offset, limit=limit)
+    return Page([actions._row(r) for r in listings], total)
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,53 @@ def job_detail(store: Any, ref: str) -> JobDetail:
         events=store.events(job.id),
         siblings=[j for j in store.message_jobs(job.message_id) if j.id != job.id],
         document_kept=kept)
+
+
+@dataclass(frozen=True)
+class Offer:
+    """One of the job page's actions: whether it can work now, and if not, why not."""
+    key: str
+    possible: bool
+    why_not: str = ""
+
+
+def _when_utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def offers(d: JobDetail, now: float, retry_policy: RetryPolicy, shared: bool) -> list[Offer]:
+    """Resend, Cancel and Send the report again as `gateway.ops.actions` would decide them
+    now, so the page offers only what can work and says why the rest cannot (the action
+    still checks again when it is done: the job may move on meanwhile)."""
+    job, message = d.job, d.message
+    if job.state not in FINISHED:
+        resend = Offer("resend", False, "The fax is still in progress; it can be sent again "
+                                        "once it is finished.")
+    elif (job.state is State.COMPLETED
+          and (decision := retry_decision(job, retry_policy, now)) is not None):
+        resend = Offer("resend", False, f"It will be retried automatically at "
+                                        f"{_when_utc(decision[0])}; cancel it first to resend "
+                                        "it by hand.")
+    elif message is None or message.purged_at is not None or not (
+            (shared and job.media_key) or d.document_kept):
+        resend = Offer("resend", False, "Its document is no longer kept "
+                                        "(DOCUMENT_RETENTION_HOURS): ask the sender to mail it "
+                                        "again.")
+    else:
+        resend = Offer("resend", True)
+    if job.state in (State.SPOOLED, State.STORED, State.SUBMITTED):
+        cancel = Offer("cancel", True)
+    elif job.state is State.SUBMITTING:
+        cancel = Offer("cancel", False, "It is being handed to SignalWire right now; try again "
+                                        "in a few seconds.")
+    else:
+        cancel = Offer("cancel", False, "The fax is finished: there is nothing to cancel.")
+    if job.state is State.REPORTED or job.state in REPORT_DUE:
+        report = Offer("report", True)
+    else:
+        report = Offer("report", False, "The report goes out by itself when the fax is "
+                                        "finished.")
+    return [resend, cancel, report]
 
 
 def document_of(store: Any, job_id: str) -> tuple[str, str] | None:
@@ -146,6 +198,7 @@ class ReceivedDetail:
     deliveries: Sequence[Delivery]
     picture: bool           # page 1 can be drawn from SignalWire's copy
     no_picture: str         # why not, in plain words, when it cannot
+    document_gone: bool = False  # SignalWire answered that it no longer has the document
 
 
 def _pages(n: int | None) -> str:
@@ -221,6 +274,15 @@ def picture_state(fax: InboundFax) -> tuple[bool, str]:
     if not fax.media_url and not fax.media_sid:
         return False, "No picture: SignalWire named no document for this fax."
     return True, ""
+
+
+DOCUMENT_GONE = ("No picture: SignalWire no longer has this fax's document (it was deleted "
+                 "there), and the gateway keeps no copy. The recipients' mail has it.")
+
+
+def document_gone(d: ReceivedDetail) -> ReceivedDetail:
+    """The detail of a fax whose document SignalWire answered it no longer has."""
+    return replace(d, picture=False, no_picture=DOCUMENT_GONE, document_gone=True)
 
 
 def received_detail(db: InboundStore, fax_sid: str) -> ReceivedDetail | None:
