@@ -38,7 +38,13 @@ from .test_admin import add_mail, to_reported
 from .test_several_gateways import shared_env
 
 PASSWORDS = {"ann": "ann-admin-pw", "vic": "vic-viewer-pw"}
-FLASH = re.compile(r'<p class="flash" role="status">([^<]*)</p>')
+# A done action's message, and a refused one's ("Not done." set apart, see base.html).
+FLASH = re.compile(r'<p class="flash" role="status">([^<]*)</p>'
+                   r'|<p class="flash bad" role="alert"><strong>(Not done)\.</strong> ([^<]*)</p>')
+
+
+def flashes(page: str) -> list[str]:
+    return [done or f"{refused}: {words}" for done, refused, words in FLASH.findall(page)]
 
 
 @pytest.fixture
@@ -163,7 +169,7 @@ async def test_a_double_click_on_resend_makes_one_job(
     jobs = await a.store.run(a.store.message_jobs, job.message_id)
     [new] = [j.id for j in jobs if j.id != job_id]
     assert all(url.endswith(f"/jobs/{new}") for url, _ in answers), [u for u, _ in answers]
-    shown = sorted(m for _, page in answers for m in FLASH.findall(page))
+    shown = sorted(m for _, page in answers for m in flashes(page))
     assert shown == sorted(
         [f"Job {job_id} is being sent again as this job, {new}."]
         + [f"Not done: job {job_id} is already being resent, as this job, {new}."] * 2), shown

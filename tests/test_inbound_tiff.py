@@ -41,7 +41,7 @@ async def test_a_tiff_that_cannot_be_converted_is_final_at_once(
         caplog.set_level(logging.INFO)
         await gw.inbound.deliverer.run_until_idle()
         fax = row(gw, sid)
-        assert fax["state"] == "gave_up" and fax["tries"] == 0  # never scheduled again
+        assert fax["state"] == "given-up" and fax["tries"] == 0  # never scheduled again
         assert fax["next_run_at"] is None
         alert = await relay.next()
         assert alert["To"] == ADMIN
@@ -57,7 +57,7 @@ async def test_a_tiff_that_cannot_be_converted_is_final_at_once(
         # Another pass tells no one again.
         gw.clock.advance(3600)  # type: ignore[attr-defined]
         await gw.inbound.deliverer.run_until_idle()
-        assert relay.messages.empty() and row(gw, sid)["state"] == "gave_up"
+        assert relay.messages.empty() and row(gw, sid)["state"] == "given-up"
     finally:
         await gw.stop(grace_s=1)
 

@@ -368,8 +368,8 @@ def test_delete_user_keeps_the_other_lines(tmp_path: Path) -> None:
     from gateway.users import delete_user
 
     path = tmp_path / "users"
-    passwd_command(path, "ann", "pw-ann", role="admin")
-    passwd_command(path, "bob", "pw-bob")
+    passwd_command(path, "ann", "pw-ann-long-enough", role="admin")
+    passwd_command(path, "bob", "pw-bob-long-enough")
     path.write_text(path.read_text() + "# a note\n")
     assert delete_user(path, "ann") is True
     assert list(load_users(path)) == ["bob"] and path.read_text().endswith("# a note\n")
