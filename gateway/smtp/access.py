@@ -53,10 +53,6 @@ class Client:
     auth_results: str | None = None  # SENDER_VERIFY: how the sender was proven, kept on the job
 
     @property
-    def authorised(self) -> bool:
-        return self.user is not None or self.trusted
-
-    @property
     def rate_key(self) -> str:
         if self.user is not None:
             return f"user:{self.user.name}"

@@ -282,10 +282,6 @@ class Store(abc.ABC):
         """The message's jobs; `unpurged`: none once its documents are purged."""
 
     @abc.abstractmethod
-    def due_jobs(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[Job]:
-        """Active jobs whose next step is due (and may run now), oldest first."""
-
-    @abc.abstractmethod
     def next_due_at(self, exclude: Iterable[str] = ()) -> float | None:
         """When the next step of a job not in `exclude` (running now) falls due."""
 
@@ -293,7 +289,7 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def claim_due(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[Job]:
-        """Like `due_jobs`, but each job returned is leased to this node until
+        """Active jobs whose next step is due, oldest first, each leased to this node until
         now + lease_s, in the same transaction: no other node gets it while the lease lives.
         At most one stored job per destination number, and none to a number in flight."""
 

@@ -467,9 +467,5 @@ class InboundStore:
                 self._exec_later("DELETE FROM inbound_faxes WHERE fax_sid = ?", (sid,))
         return len(sids)
 
-    def counts_by_outcome(self) -> dict[str, int]:
-        return {r["o"] or "pending": r["n"] for r in self._rows(
-            "SELECT outcome AS o, COUNT(*) AS n FROM inbound_faxes GROUP BY outcome")}
-
 
 __all__ = ["InboundStore", "InboundFax", "Completion", "StoreError"]

@@ -6,7 +6,7 @@ placeholder (`_sql`), a write transaction and its durability (`_tx`; `_batch_tx`
 statements may go to the server together), running a statement
 (`_exec`, `_rows`), `_has_table`, the DDL types (`DDL_TYPES`), a lock while migrating
 (`_lock_migrations`), which driver errors mean "could not write" (`_is_db_error`) and the claim
-of due work (`due_jobs`: SQLite has one writer; a shared PostgreSQL queue would lock and skip).
+of due work (`claim_due`: SQLite has one writer; a shared PostgreSQL queue locks and skips).
 """
 
 from __future__ import annotations
@@ -370,13 +370,6 @@ class SqlStore(Store):
         if exclude:
             sql += f" AND id NOT IN ({_marks(exclude)})"
         return sql, [*states, now, *exclude]
-
-    def due_jobs(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[Job]:
-        where, args = self._due_where(list(exclude), now)
-        rows = self._rows(
-            f"SELECT * FROM jobs WHERE {where}{_UNCLAIMED} AND next_run_at <= ?"
-            " ORDER BY next_run_at LIMIT ?", (*args, now, now, limit))
-        return [_job(r) for r in rows]
 
     def next_due_at(self, exclude: Iterable[str] = ()) -> float | None:
         """A job another node holds falls due for us when its lease runs out."""
