@@ -2,8 +2,9 @@
 
 The tables come from migration 3 (gateway/store/migrations.py). The queries are written once in
 portable SQL and run through the SQL store's public surface (`SqlAccess`: `tx`, `execute_later`,
-`rows`), so they work on every SQL backend; every method runs on the main store's own thread and connection
-(`await store.run(inbound.method, ...)`), so writes are serialised with the job store's.
+`rows`), so they work on every SQL backend; every method runs on the main store's own thread and
+connection (`await store.run(inbound.method, ...)`), so writes are serialised with the job
+store's.
 
 Every change of state goes through `_move`, which refuses what gateway/inbound/states.py does
 not allow and records an event. A fax being delivered is claimed by one node (`claim_due`: a
@@ -423,7 +424,8 @@ class InboundStore:
                limit: int = 25) -> tuple[list[InboundFax], int]:
         """One page of faxes, newest first, and how many match in all (the dashboard's list).
         `to_digits`: digits of the number it came in on; `caller`: a number (its digits
-        match the caller's number) or a case-insensitive part of the station id; `since`/`until`: created_at."""
+        match the caller's number) or a case-insensitive part of the station id;
+        `since`/`until`: created_at."""
         where: list[str] = []
         args: list[Any] = []
         if to_digits:

@@ -2,8 +2,8 @@
 
 One `partial_sets` row per set (sender and id, hashed: `set_key`), one `partials` row per part
 held; the part's bytes are an object in the media store (smtp/partials.py). The tables come from
-migration 6. Like InboundStore, the queries run through the SQL store's public surface (`SqlAccess`) on
-its thread and connection (`await store.run(partials.method, ...)`).
+migration 6. Like InboundStore, the queries run through the SQL store's public surface
+(`SqlAccess`) on its thread and connection (`await store.run(partials.method, ...)`).
 
 Exactly once: a part is recorded in a transaction that first locks its set's row (an UPDATE of
 it: a row lock on PostgreSQL, the write lock on SQLite), so the commits of one set's parts are

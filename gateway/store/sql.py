@@ -16,9 +16,9 @@ nodes (sql_nodes.py), one mixin each over `SqlCore`, composed here.
 
 from __future__ import annotations
 
-from gateway.store.sql_core import JOB_COLUMNS, Expr, SqlCore, operator
+from gateway.store.sql_core import JOB_COLUMNS, Expr, SqlCore
 from gateway.store.sql_intake import SqlIntake
-from gateway.store.sql_jobs import SqlJobs
+from gateway.store.sql_jobs import SqlJobs, operator
 from gateway.store.sql_leases import SqlLeases
 from gateway.store.sql_listings import SqlListings
 from gateway.store.sql_nodes import SqlNodes

@@ -19,9 +19,8 @@ from gateway.store import migrations
 from gateway.store.base import Store, StoreError
 from gateway.store.interfaces import SqlAccess
 from gateway.store.rows import Attempt, Message
-from gateway.text import one_line
 
-log = logging.getLogger("gateway.store.sql")
+log = logging.getLogger(__name__)
 
 JOB_COLUMNS = tuple(f.name for f in fields(Job))
 _MESSAGE_COLUMNS = tuple(f.name for f in fields(Message))
@@ -34,14 +33,6 @@ class Expr:
     def __init__(self, sql: str, *args: Any) -> None:
         self.sql = sql
         self.args = args
-
-
-def operator(by: str | None) -> str:
-    """Who did an operator action, as written in the history: a name made one plain line of
-    at most 80 characters (it comes from a login and is shown in the dashboard and the CLI),
-    or "the operator" when no one is named (the CLI)."""
-    name = one_line(by, 80) if by else ""
-    return name or "the operator"
 
 
 def _marks(items: Sequence[Any]) -> str:

@@ -10,8 +10,16 @@ from gateway.outbound.states import (ACTIVE_STATES, FINISHED, REPORT_DUE, Callba
                                      Job, State, check_transition, classify_callback)
 from gateway.store.base import StoreError
 from gateway.store.rows import Attempt, Event, Message, NewJob, UnderWay
-from gateway.store.sql_core import (_ATTEMPT_COLUMNS, _MESSAGE_COLUMNS, Expr, SqlCore, _job,
-                                    _marks, operator)
+from gateway.store.sql_core import _ATTEMPT_COLUMNS, _MESSAGE_COLUMNS, Expr, SqlCore, _job, _marks
+from gateway.text import one_line
+
+
+def operator(by: str | None) -> str:
+    """Who did an operator action, as written in the history: a name made one plain line of
+    at most 80 characters (it comes from a login and is shown in the dashboard and the CLI),
+    or "the operator" when no one is named (the CLI)."""
+    name = one_line(by, 80) if by else ""
+    return name or "the operator"
 
 
 class SqlJobs(SqlCore):
@@ -202,7 +210,8 @@ class SqlJobs(SqlCore):
             also=[("UPDATE attempts SET status = ?, error_code = ?, error_message = ?,"
                    " ended_at = ? WHERE job_id = ? AND ended_at IS NULL",
                    ("not sent", error_code, error_message or reason, now, job.id))],
-            fence=job.lease_epoch, failure_reason=reason, error_code=error_code, error_message=error_message,
+            fence=job.lease_epoch, failure_reason=reason, error_code=error_code,
+            error_message=error_message,
             tries=0, next_run_at=now)
 
     def record_status(self, job: Job, sid: str | None, status: str | None, *, pages: int | None,
@@ -253,7 +262,8 @@ class SqlJobs(SqlCore):
                     next_run_at=now)
             elif action is CallbackAction.PROGRESS:
                 done = self._transition(job.id, [current.state], None, Ev.PROGRESS, detail,
-                                        fax_status=status, fax_sid=Expr("COALESCE(fax_sid, ?)", sid))
+                                        fax_status=status,
+                                        fax_sid=Expr("COALESCE(fax_sid, ?)", sid))
             else:
                 self._event(job.id, "ignored", detail, now)
         return action if done else None

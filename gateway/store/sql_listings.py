@@ -7,7 +7,7 @@ from typing import Any, Iterable
 
 from gateway.outbound.states import ACTIVE_STATES, State
 from gateway.store.rows import Event, JobListing
-from gateway.store.sql_core import JOB_COLUMNS, SqlCore, _job, like_escape, _marks
+from gateway.store.sql_core import JOB_COLUMNS, SqlCore, _job, _marks, like_escape
 
 _LISTING_MESSAGE_FIELDS = ("envelope_from", "header_from", "report_to", "subject", "peer",
                            "filenames")
