@@ -2,10 +2,10 @@
 leases and limits, listings, nodes) together, with its lifecycle and the thread every call runs
 on. Callers that use one concern are typed against that one; the worker and intake use `Store`.
 
-Shaped like postfix-mta-sts-resolver's cache backends: this small base class, and each backend a
-sibling module (`sqlite.py` today; `postgres.py` next). The SQL every backend shares lives once
-in `sql.py` (`SqlStore`); a backend overrides only what differs (connection, placeholders,
-transactions and durability, the claim of due work).
+Shaped like postfix-mta-sts-resolver's cache backends: this base class, and each backend a
+sibling module (`sqlite.py`, `postgres.py`). The SQL every backend shares lives once in `sql.py`
+(`SqlStore`, split by concern into the `sql_*.py` modules); a backend overrides only what differs
+(connection, placeholders, transactions and durability, the claim of due work).
 
 Every call is synchronous and runs on one dedicated thread that owns the connection (`run`): the
 event loop never waits on a disk or a network round trip, and calls are serialised without locks.
