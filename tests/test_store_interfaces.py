@@ -21,7 +21,7 @@ from gateway.store.sessions import SessionStore
 from gateway.store.sql import SqlStore
 from gateway.store.sqlite import SqliteStore
 
-from .conftest import FakeClock
+from .conftest import FakeClock, pg_reset
 
 CONCERNS = (Jobs, Leases, Listings, Nodes, SqlAccess)
 # What a backend provides SqlStore: named only inside the SQL store and its backends.
@@ -34,8 +34,13 @@ SQL_STORE_MODULES = {"sql.py", "sql_core.py", "sql_intake.py", "sql_jobs.py", "s
 @pytest.fixture(params=["sqlite", "postgresql"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[SqlStore]:
     clock = FakeClock()
-    db: SqlStore = (SqliteStore(tmp_path / "faxgw.sqlite3", clock) if request.param == "sqlite"
-                    else PostgresStore(request.getfixturevalue("pg_url"), clock))
+    db: SqlStore
+    if request.param == "sqlite":
+        db = SqliteStore(tmp_path / "faxgw.sqlite3", clock)
+    else:
+        url = request.getfixturevalue("pg_url")
+        pg_reset(url)  # the run's database: an empty schema, as a new database
+        db = PostgresStore(url, clock)
     db.node_id = "node-a"
     db.open()
     try:

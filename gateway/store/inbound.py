@@ -310,10 +310,10 @@ class InboundStore:
         with self._tx():
             if everyone:
                 return self.store.execute("UPDATE inbound_faxes SET lease_owner = NULL,"
-                                        " lease_until = NULL WHERE lease_owner IS NOT NULL")
+                                          " lease_until = NULL WHERE lease_owner IS NOT NULL")
             return self.store.execute("UPDATE inbound_faxes SET lease_owner = NULL,"
-                                    " lease_until = NULL WHERE lease_owner = ?",
-                                    (self.store.node_id,))
+                                      " lease_until = NULL WHERE lease_owner = ?",
+                                      (self.store.node_id,))
 
     def next_due_at(self) -> float | None:
         """A fax another node holds falls due for us when its lease runs out."""
@@ -343,8 +343,8 @@ class InboundStore:
         with self._tx(durable=True):
             guard, guard_args = self._fence(epoch, now)
             if self.store.execute(f"UPDATE inbound_faxes SET updated_at = ? WHERE fax_sid = ?"
-                                f" AND state = ?{guard}",
-                                (now, fax_sid, DELIVERING.value, *guard_args)) != 1:
+                                  f" AND state = ?{guard}",
+                                  (now, fax_sid, DELIVERING.value, *guard_args)) != 1:
                 return LOST, None
             if self._one("SELECT 1 AS x FROM inbound_deliveries WHERE fax_sid = ? AND "
                          "recipient = ?", (fax_sid, recipient)):

@@ -50,8 +50,8 @@ class SessionStore:
         s = self.store
         with s.tx():
             s.execute_later("DELETE FROM dashboard_flash WHERE token_hash IN"
-                          " (SELECT token_hash FROM dashboard_sessions WHERE expires_at <= ?)",
-                          (now,))
+                            " (SELECT token_hash FROM dashboard_sessions WHERE expires_at <= ?)",
+                            (now,))
             s.execute_later("DELETE FROM dashboard_sessions WHERE expires_at <= ?", (now,))
             s.execute_later(
                 "INSERT INTO dashboard_sessions (token_hash, user_name, role, password_tag,"
@@ -80,7 +80,7 @@ class SessionStore:
     def _drop(self, token_hash: str) -> None:
         self.store.execute_later("DELETE FROM dashboard_flash WHERE token_hash = ?", (token_hash,))
         self.store.execute_later("DELETE FROM dashboard_sessions WHERE token_hash = ?",
-                               (token_hash,))
+                                 (token_hash,))
 
     def drop(self, token_hash: str) -> None:
         with self.store.tx():
@@ -96,7 +96,7 @@ class SessionStore:
             args.append(unless_tag)
         with s.tx():
             s.execute_later("DELETE FROM dashboard_flash WHERE token_hash IN"
-                          f" (SELECT token_hash FROM dashboard_sessions WHERE {where})", args)
+                            f" (SELECT token_hash FROM dashboard_sessions WHERE {where})", args)
             return s.execute(f"DELETE FROM dashboard_sessions WHERE {where}", args)
 
     def add_flash(self, token_hash: str, text: str, now: float) -> None:
@@ -104,8 +104,8 @@ class SessionStore:
         s = self.store
         with s.tx():
             s.execute_later("INSERT INTO dashboard_flash (token_hash, at, text)"
-                          " SELECT token_hash, ?, ? FROM dashboard_sessions"
-                          " WHERE token_hash = ?", (now, text[:MAX_FLASH_CHARS], token_hash))
+                            " SELECT token_hash, ?, ? FROM dashboard_sessions"
+                            " WHERE token_hash = ?", (now, text[:MAX_FLASH_CHARS], token_hash))
             s.execute_later(
                 "DELETE FROM dashboard_flash WHERE token_hash = ? AND id NOT IN (SELECT id FROM"
                 " dashboard_flash WHERE token_hash = ? ORDER BY id DESC LIMIT ?)",
@@ -116,7 +116,7 @@ class SessionStore:
         same moment never both show one."""
         with self.store.tx():
             rows = self.store.rows("DELETE FROM dashboard_flash WHERE token_hash = ?"
-                                    " RETURNING id, text", (token_hash,))
+                                   " RETURNING id, text", (token_hash,))
         return [r["text"] for r in sorted(rows, key=lambda r: r["id"])]
 
     # -- lockouts ----------------------------------------------------------------------------
@@ -124,7 +124,7 @@ class SessionStore:
     def locked_until(self, key: str, now: float, lockout_s: float) -> float | None:
         """When the lockout of this address (a `client_key`) ends; None if it is not locked."""
         last = self.store.scalar("SELECT MAX(at) AS t FROM hits WHERE kind = ? AND hkey = ?",
-                                  (LOCKED, key))
+                                 (LOCKED, key))
         if last is None or float(last) + lockout_s <= now:
             return None
         return float(last) + lockout_s
@@ -137,15 +137,15 @@ class SessionStore:
         with s.tx():
             s.lock("hits")
             s.execute_later("DELETE FROM hits WHERE kind = ? AND hkey = ? AND at <= ?",
-                          (FAILED, key, now - window_s))
+                            (FAILED, key, now - window_s))
             s.execute_later("INSERT INTO hits (kind, hkey, at) VALUES (?, ?, ?)",
-                          (FAILED, key, now))
+                            (FAILED, key, now))
             count = int(s.scalar("SELECT COUNT(*) AS n FROM hits WHERE kind = ? AND hkey = ?",
-                                  (FAILED, key)) or 0)
+                                 (FAILED, key)) or 0)
             if count < max_failures:
                 return False
             s.execute_later("INSERT INTO hits (kind, hkey, at) VALUES (?, ?, ?)",
-                          (LOCKED, key, now))
+                            (LOCKED, key, now))
             s.execute_later("DELETE FROM hits WHERE kind = ? AND hkey = ?", (FAILED, key))
         return True
 
