@@ -1,10 +1,12 @@
 """The store's interfaces, one per concern: what a caller may ask of the job store, typed.
 
-A caller is typed against the interface it uses: the callbacks and the CLI against `Jobs`, the
-SMTP side's rate limits against `Leases`, the dashboard against `Listings` and `Nodes`, the
-heartbeat against `Nodes`; the worker and intake, which use several, against the whole `Store`
-(gateway/store/base.py), which is all of them. Both backends (gateway/store/sqlite.py,
-gateway/store/postgres.py) implement every one through `SqlStore` (gateway/store/sql.py).
+A caller is typed against the interface it uses: the SMTP side's rate limits against `Leases`,
+the metrics and the dashboard's job list against `Listings`, the heartbeat against `Nodes`, a
+document's download against `Jobs`; the worker, intake, the callbacks and the CLI, which use
+several, against the whole `Store` (gateway/store/base.py), which is all of them; the dashboard
+and inbound faxes, which keep tables of their own beside the jobs, against `SqlStore`. Both
+backends (gateway/store/sqlite.py, gateway/store/postgres.py) implement every one through
+`SqlStore` (gateway/store/sql.py).
 
 The tables kept beside the jobs (inbound faxes, split mail, dashboard sessions: inbound.py,
 partials.py, sessions.py) are written over `SqlAccess`, the SQL store's public surface for
