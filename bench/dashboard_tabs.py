@@ -85,8 +85,8 @@ def seed(data_dir: Path, count: int) -> None:
                 secrets.token_hex(8), f"+1555{n % 1000:03d}{i:04d}", "+15550100000", "fine",
                 secrets.token_urlsafe(18), secrets.token_hex(8)) for i in range(k)])
             clock[0] += 1
-        store._exec("UPDATE jobs SET state = 'reported', fax_status = 'delivered',"
-                    " next_run_at = NULL, reported_at = created_at")
+        store.execute("UPDATE jobs SET state = 'reported', fax_status = 'delivered',"
+                      " next_run_at = NULL, reported_at = created_at")
         store.checkpoint()
     finally:
         store.close()

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import pytest
 
 from gateway.outbound.states import CallbackAction, State
-from gateway.store import migrations, sql
+from gateway.store import migrations, sql_intake
 from gateway.store.base import StoreError
 from gateway.store.postgres import PREPARE_THRESHOLD, PostgresStore
 from gateway.store.rows import Message, NewJob
@@ -426,8 +426,8 @@ def test_mails_accepted_before_the_dedup_keys_are_still_known(
         old.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:4])
         old.setattr(migrations, "LATEST", 4)
         # The message columns added since version 4 are not there to write.
-        old.setattr(sql, "_MESSAGE_COLUMNS",
-                    tuple(c for c in sql._MESSAGE_COLUMNS if c not in ("auth_results",)))
+        old.setattr(sql_intake, "_MESSAGE_COLUMNS",
+                    tuple(c for c in sql_intake._MESSAGE_COLUMNS if c not in ("auth_results",)))
         v4 = node("old-version")
         twice = [j for _ in range(2) for j in add_mail(v4, "+15551230001", msgid="<a@x>")]
         clock.advance(1)

@@ -16,12 +16,12 @@ from gateway.inbound.webhook import InboundWebhook
 from gateway.mail.sender import Notifier
 from gateway.signalwire.client import SignalWireClient
 from gateway.store.inbound import InboundStore
-from gateway.store.base import Store
+from gateway.store.sql import SqlStore
 from prometheus_client import CollectorRegistry
 
 
 class Inbound:
-    def __init__(self, *, settings: Settings, store: Store, signalwire: SignalWireClient,
+    def __init__(self, *, settings: Settings, store: SqlStore, signalwire: SignalWireClient,
                  notifier: Notifier, cpu: CpuPool, registry: CollectorRegistry,
                  public_base_url: Callable[[], str], clock: Callable[[], float]) -> None:
         self.store = store

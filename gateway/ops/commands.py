@@ -22,12 +22,13 @@ from gateway.outbound.states import RetryPolicy
 from gateway.signalwire.client import SignalWireClient, SignalWireError
 from gateway.store import base as store_base
 from gateway.store.base import Store, StoreError
+from gateway.store.sql import SqlStore
 from gateway.web.app import SANDBOX_PREFIX
 
 EX_OK, EX_FAIL = 0, 1
 
 
-def open_store(settings: Settings) -> Store:
+def open_store(settings: Settings) -> SqlStore:
     store = store_base.open_store(settings)
     if not store.exists():
         raise admin.AdminError(f"no database at {store.where}: is DATA_DIR right, has the "

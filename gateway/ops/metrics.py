@@ -25,7 +25,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from gateway.constants import FINAL_STATUSES
 from gateway.outbound.states import ACTIVE_STATES, Job, State
-from gateway.store.base import Store
+from gateway.store.interfaces import Listings
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class StoreSnapshot:
     taken_at: float = field(default_factory=time.time)
 
 
-def collect_snapshot(store: Store, now: float) -> StoreSnapshot:
+def collect_snapshot(store: Listings, now: float) -> StoreSnapshot:
     """Run on the store's thread: `await store.run(collect_snapshot, store, clock())`."""
     return StoreSnapshot(store.counts_by_state(), store.oldest_active_created_at(), now)
 
@@ -233,7 +233,7 @@ def authorized(authorization: str | None, token: str | None) -> bool:
                                                                token.encode())
 
 
-def aiohttp_handler(metrics: Metrics, store: Store, *, token: str | None = None,
+def aiohttp_handler(metrics: Metrics, store: Listings, *, token: str | None = None,
                     clock: Callable[[], float] = time.time,
                     store_timeout_s: float = SCRAPE_STORE_TIMEOUT_S
                     ) -> Callable[[web.Request], Awaitable[web.Response]]:

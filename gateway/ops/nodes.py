@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable
+from typing import Callable
+
+from gateway.store.interfaces import Nodes
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +22,7 @@ LIVE_S = 3 * HEARTBEAT_S  # two heartbeats may be missed (a busy database) befor
 class NodeHeartbeat:
     """The node's row in `nodes`, written at start and every HEARTBEAT_S; `start()`/`stop()`."""
 
-    def __init__(self, store: Any, node_id: str, detail: str,
+    def __init__(self, store: Nodes, node_id: str, detail: str,
                  clock: Callable[[], float]) -> None:
         self.store = store
         self.node_id = node_id

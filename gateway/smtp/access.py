@@ -53,10 +53,6 @@ class Client:
     auth_results: str | None = None  # SENDER_VERIFY: how the sender was proven, kept on the job
 
     @property
-    def authorised(self) -> bool:
-        return self.user is not None or self.trusted
-
-    @property
     def rate_key(self) -> str:
         if self.user is not None:
             return f"user:{self.user.name}"
@@ -78,7 +74,7 @@ class Client:
 
 
 if TYPE_CHECKING:
-    from gateway.store.base import Store
+    from gateway.store.interfaces import Leases
 
 # Shared across nodes (DATABASE_URL): hit kinds in the store's `hits` table.
 _AUTH_FAIL, _AUTH_LOCK, _RATE_TOTAL, _RATE_SENDER = "auth-fail", "auth-lock", "rate-all", "rate"
@@ -91,7 +87,7 @@ _COUNTS_KEPT = 4096  # (kind, key) counts kept at most (senders are the client's
 
 class Access:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic, *,
-                 store: "Store | None" = None) -> None:
+                 store: "Leases | None" = None) -> None:
         self.s = settings
         self.clock = clock
         # Several gateways (DATABASE_URL): rate limits and login lockouts are counted in the

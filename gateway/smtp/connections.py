@@ -65,9 +65,6 @@ class ConnectionLimits:
         if self._per_ip[ip] <= 0:
             del self._per_ip[ip]
 
-    def open_from(self, ip: str) -> int:
-        return self._per_ip.get(ip, 0)
-
 
 class AcceptErrors:
     """A loop exception handler in front of the previous one: accept() failures for lack of

@@ -234,10 +234,5 @@ class Incoming:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         return path, os.fdopen(fd, "wb", buffering=READ_BYTES)
 
-    @staticmethod
-    def pdf_path_for(message_path: Path) -> Path:
-        """Where a document worker writes the PDF of a message being received."""
-        return message_path.with_name(message_path.name.replace(".eml.part", ".pdf.part"))
-
     def count(self) -> int:
         return sum(1 for _ in self.root.glob("*.part"))

@@ -1,10 +1,11 @@
-"""The store interface: what the worker, intake, callbacks, metrics, the CLI and the benchmark
-may ask of the job store, in typed rows (gateway/store/rows.py).
+"""The job store as a whole: the interface of each concern (gateway/store/interfaces.py: jobs,
+leases and limits, listings, nodes) together, with its lifecycle and the thread every call runs
+on. Callers that use one concern are typed against that one; the worker and intake use `Store`.
 
-Shaped like postfix-mta-sts-resolver's cache backends: this small base class, and each backend a
-sibling module (`sqlite.py` today; `postgres.py` next). The SQL every backend shares lives once
-in `sql.py` (`SqlStore`); a backend overrides only what differs (connection, placeholders,
-transactions and durability, the claim of due work).
+Shaped like postfix-mta-sts-resolver's cache backends: this base class, and each backend a
+sibling module (`sqlite.py`, `postgres.py`). The SQL every backend shares lives once in `sql.py`
+(`SqlStore`, split by concern into the `sql_*.py` modules); a backend overrides only what differs
+(connection, placeholders, transactions and durability, the claim of due work).
 
 Every call is synchronous and runs on one dedicated thread that owns the connection (`run`): the
 event loop never waits on a disk or a network round trip, and calls are serialised without locks.
@@ -28,14 +29,15 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from gateway import defaults
-from gateway.outbound.states import CallbackAction, IllegalTransition, Job, State
-from gateway.store.rows import Attempt, Event, JobListing, Message, NewJob, UnderWay
+from gateway.outbound.states import IllegalTransition
+from gateway.store.interfaces import Jobs, Leases, Listings, Nodes
 
 if TYPE_CHECKING:
     from gateway.config import Settings
+    from gateway.store.sql import SqlStore
 
 T = TypeVar("T")
 
@@ -140,8 +142,10 @@ class _StoreThreads:
             thread.join()
 
 
-class Store(abc.ABC):
-    """The job store. Subclasses implement the abstract methods; the thread plumbing is here."""
+class Store(Jobs, Leases, Listings, Nodes):
+    """The whole job store: every concern's interface (gateway/store/interfaces.py), the
+    lifecycle, and the thread plumbing every call runs through. Subclasses implement the
+    abstract methods (`SqlStore`, for both backends)."""
 
     # Threads the store's calls run on. SQLite: one (one writer, and the daemon's own order
     # of writes). A server database takes calls on several connections at once, as it takes
@@ -244,258 +248,12 @@ class Store(abc.ABC):
     def check_writable(self) -> None:
         """Take and release the write lock: raises when the database cannot be written."""
 
-    # -- intake ------------------------------------------------------------------------------
 
-    @abc.abstractmethod
-    def add_message(self, message: Message, jobs: Iterable[NewJob], *, stored: bool = False,
-                    dedup_since: float | None = None) -> list[str] | None:
-        """Commit a message and its jobs in one transaction (durable once this returns), and
-        return None; `stored`: the document is in the media store already, the jobs start
-        there. `dedup_since`: a mail with a Message-ID that was accepted for these same
-        numbers with the same document at or after this time (a client that lost our 250
-        and sent again, to any node) is not committed again: the earlier copy's job ids come
-        back instead, in the order of `jobs`. The check is part of the commit, so two copies
-        committing at once on two nodes make one job. None: never merged."""
-
-    # -- reads -------------------------------------------------------------------------------
-
-    @abc.abstractmethod
-    def job(self, job_id: str) -> Job | None: ...
-
-    @abc.abstractmethod
-    def job_by_token(self, token: str) -> Job | None: ...
-
-    @abc.abstractmethod
-    def message(self, message_id: str) -> Message | None: ...
-
-    @abc.abstractmethod
-    def events(self, job_id: str) -> list[Event]: ...
-
-    @abc.abstractmethod
-    def attempts(self, job_id: str) -> list[Attempt]: ...
-
-    @abc.abstractmethod
-    def jobs(self, *, state: State | str | None = None, limit: int = 100) -> list[Job]: ...
-
-    @abc.abstractmethod
-    def message_jobs(self, message_id: str, unpurged: bool = False) -> list[Job]:
-        """The message's jobs; `unpurged`: none once its documents are purged."""
-
-    @abc.abstractmethod
-    def due_jobs(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[Job]:
-        """Active jobs whose next step is due (and may run now), oldest first."""
-
-    @abc.abstractmethod
-    def next_due_at(self, exclude: Iterable[str] = ()) -> float | None:
-        """When the next step of a job not in `exclude` (running now) falls due."""
-
-    # -- claims (several nodes, one queue) ---------------------------------------------------
-
-    @abc.abstractmethod
-    def claim_due(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[Job]:
-        """Like `due_jobs`, but each job returned is leased to this node until
-        now + lease_s, in the same transaction: no other node gets it while the lease lives.
-        At most one stored job per destination number, and none to a number in flight."""
-
-    @abc.abstractmethod
-    def renew_leases(self, job_ids: Iterable[str], now: float) -> set[str]:
-        """The heartbeat: extend this node's leases; returns the ids it still holds."""
-
-    @abc.abstractmethod
-    def release(self, *job_ids: str) -> None:
-        """This node is done with these jobs' steps: any node may claim their next ones."""
-
-    @abc.abstractmethod
-    def release_all(self, everyone: bool = False) -> int:
-        """At start: drop leases a previous run of this node (or, `everyone`, any) left."""
-
-    @abc.abstractmethod
-    def take_lead(self, name: str, now: float, ttl_s: float) -> bool:
-        """Hold the named lease (once-only tasks); False while another live node holds it."""
-
-    @abc.abstractmethod
-    def take_send_slot(self, now: float, interval_s: float) -> float:
-        """The time of the next free send slot, reserved for this node (shared send rate)."""
-
-    @abc.abstractmethod
-    def add_hit(self, kind: str, key: str, now: float, forget_before: float) -> int:
-        """Count a hit (a mail, a failed login) shared across nodes; hits since then."""
-
-    @abc.abstractmethod
-    def count_hits(self, kind: str, key: str, since: float) -> int: ...
-
-    @abc.abstractmethod
-    def take_hits(self, rules: Sequence[tuple[str, str, int]], now: float,
-                  window_s: float, count: int = 1) -> float:
-        """A shared sliding-window rate limit: record `count` hits under every rule or none;
-        0.0, or the seconds until they would fit."""
-
-    @abc.abstractmethod
-    def hits_wait(self, rules: Sequence[tuple[str, str, int]], count: int, now: float,
-                  window_s: float) -> float:
-        """`take_hits` without recording: would `count` more fit now?"""
-
-    @abc.abstractmethod
-    def hit_counts(self, rules: Sequence[tuple[str, str, int]], now: float,
-                   window_s: float) -> dict[tuple[str, str], int]:
-        """Each rule's (kind, key) hits in the window now (absent: none)."""
-
-    @abc.abstractmethod
-    def give_back_hits(self, keys: Sequence[tuple[str, str]], count: int) -> None:
-        """Remove the newest `count` hits of each (kind, key) (a refused message's charge)."""
-
-    @abc.abstractmethod
-    def gone_messages(self, ids: Sequence[str]) -> set[str]:
-        """Of these message ids, those whose document may go (purged, or no such message)."""
-
-    @abc.abstractmethod
-    def prune_hits(self, before: float) -> int:
-        """Delete every hit older than `before` (housekeeping)."""
-
-    @abc.abstractmethod
-    def last_hit(self, kind: str, key: str) -> float | None: ...
-
-    @abc.abstractmethod
-    def clear_hits(self, kind: str, key: str) -> None: ...
-
-    @abc.abstractmethod
-    def queue_depth(self) -> int:
-        """Jobs not yet reported, all nodes together."""
-
-    @abc.abstractmethod
-    def earlier_sids(self, job: Job) -> set[str]:
-        """Fax sids of the job's earlier attempts: never to be taken for the current one."""
-
-    @abc.abstractmethod
-    def taken_sids(self, job: Job, sids: Iterable[str]) -> set[str]:
-        """Of these fax sids, those that belong to another job (or to an earlier attempt of
-        this one): a sid is one job's only, never to be adopted by another."""
-
-    @abc.abstractmethod
-    def oldest_active_created_at(self) -> float | None: ...
-
-    @abc.abstractmethod
-    def counts_by_state(self) -> dict[str, int]: ...
-
-    @abc.abstractmethod
-    def job_listing(self, *, states: Iterable[State] | None = None,
-                    fax_status: str | None = None, to_digits: str | None = None,
-                    sender: str | None = None, since: float | None = None,
-                    limit: int = 50, gave_up: bool = False) -> list[JobListing]:
-        """Jobs with their message and last event, newest first (`faxgw jobs`)."""
-
-    @abc.abstractmethod
-    def job_ids_by_prefix(self, prefix: str, limit: int = 5) -> list[str]: ...
-
-    @abc.abstractmethod
-    def job_ids_by_fax_sid(self, sid: str) -> list[str]: ...
-
-    @abc.abstractmethod
-    def unpurged_done_messages(self, cutoff: float, limit: int = 100) -> list[Message]: ...
-
-    # -- the one guarded change --------------------------------------------------------------
-
-    @abc.abstractmethod
-    def transition(self, job_id: str, sources: Iterable[State], target: State | None,
-                   event: str, detail: str | None, **values: Any) -> bool:
-        """Move a job from one of `sources` to `target` (None: it stays where it is), setting
-        `values` and recording `event`, only if the table allows every (source, target, event)
-        (else IllegalTransition, nothing written) and the job is still in one of `sources`
-        (else False, nothing written)."""
-
-    # -- worker steps ------------------------------------------------------------------------
-
-    @abc.abstractmethod
-    def add_event(self, job_id: str, kind: str, detail: str | None = None) -> None:
-        """History only (a refused or ignored callback): no change to the job."""
-
-    @abc.abstractmethod
-    def mark_stored(self, job: Job, media_key: str) -> bool: ...
-
-    @abc.abstractmethod
-    def mark_submitting(self, job: Job, callback_url: str, recheck_at: float) -> bool:
-        """Committed durably before the send POST."""
-
-    @abc.abstractmethod
-    def mark_submitted(self, job: Job, sid: str, status: str, poll_at: float,
-                       detail: str) -> bool: ...
-
-    @abc.abstractmethod
-    def mark_outcome_unknown(self, job: Job, recheck_at: float, detail: str) -> bool: ...
-
-    @abc.abstractmethod
-    def back_to_stored(self, job: Job, run_at: float, detail: str) -> bool: ...
-
-    @abc.abstractmethod
-    def schedule_retry(self, job: Job, run_at: float, quality: str, detail: str) -> bool: ...
-
-    @abc.abstractmethod
-    def retry_later(self, job: Job, run_at: float, detail: str) -> bool: ...
-
-    @abc.abstractmethod
-    def mark_given_up(self, job: Job, reason: str, error_code: str | None = None,
-                      error_message: str | None = None) -> bool: ...
-
-    @abc.abstractmethod
-    def record_status(self, job: Job, sid: str | None, status: str | None, *,
-                      pages: int | None, duration_s: int | None, error_code: str | None,
-                      error_message: str | None, source: str) -> CallbackAction:
-        """Apply a fax status (callback or poll) idempotently; returns what it did."""
-
-    @abc.abstractmethod
-    def mark_reporting(self, job: Job, n: int, detail: str) -> bool:
-        """Report `n` is about to be mailed; False (nothing mailed) when the job moved on or
-        another node claimed it since `job` was claimed (its fencing token, `lease_epoch`)."""
-
-    @abc.abstractmethod
-    def mark_reported(self, job: Job, detail: str) -> bool: ...
-
-    @abc.abstractmethod
-    def claim_purge(self, message_id: str, job: Job | None = None) -> bool:
-        """The message's document is about to be deleted: only if every job of it is
-        reported (and `job` is still held); no resend takes the document from then on."""
-
-    @abc.abstractmethod
-    def mark_purged(self, message_id: str) -> None: ...
-
-    @abc.abstractmethod
-    def prune(self, cutoff: float, limit: int = 1000) -> int: ...
-
-    # -- operator actions --------------------------------------------------------------------
-
-    # Each takes `by`: who asked (a dashboard administrator's name), written into the job's
-    # history in the one event the action makes; None means "the operator" (the CLI).
-
-    @abc.abstractmethod
-    def add_resend(self, job: Job, new: NewJob, now: float, *, stored: bool = False,
-                   by: str | None = None) -> str | UnderWay | None:
-        """A new job for the message and number of `job`; None when done, else why not
-        (`UnderWay`: another job of the message to the number is not yet reported). The check
-        and the insert are one step across nodes: of resends asked at the same moment, one
-        is made. `stored`: it sends the media object `new.media_key` already in the media
-        store; `by`: who asked (the history names them)."""
-
-    @abc.abstractmethod
-    def cancel_unsent(self, job_id: str, reason: str, now: float, *,
-                      by: str | None = None) -> bool: ...
-
-    @abc.abstractmethod
-    def note_cancel(self, job_id: str, detail: str, now: float, *,
-                    by: str | None = None) -> bool: ...
-
-    @abc.abstractmethod
-    def report_again(self, job_id: str, state: State, now: float, *,
-                     by: str | None = None) -> bool: ...
-
-    @abc.abstractmethod
-    def report_now(self, job_id: str, now: float, *, by: str | None = None) -> bool: ...
-
-
-def open_store(settings: "Settings", clock: Callable[[], float] = time.time) -> Store:
+def open_store(settings: "Settings", clock: Callable[[], float] = time.time) -> "SqlStore":
     """The store the settings name, not yet opened (`open()` or `await start()`):
     PostgreSQL when DATABASE_URL is set (several gateways, one queue), else SQLite at
     DATA_DIR/faxgw.sqlite3."""
-    store: Store
+    store: SqlStore
     if settings.database_url:
         from gateway.store.postgres import PostgresStore
 

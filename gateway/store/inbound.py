@@ -1,9 +1,10 @@
 """Inbound fax persistence: one row per received fax, one per (fax, recipient) mail sent.
 
 The tables come from migration 3 (gateway/store/migrations.py). The queries are written once in
-portable SQL and run through the job store's own dialect hooks (`_tx`, `_exec_later`, `_rows`),
-so they work on every SQL backend; every method runs on the main store's own thread and connection
-(`await store.run(inbound.method, ...)`), so writes are serialised with the job store's.
+portable SQL and run through the SQL store's public surface (`SqlAccess`: `tx`, `execute_later`,
+`rows`), so they work on every SQL backend; every method runs on the main store's own thread and
+connection (`await store.run(inbound.method, ...)`), so writes are serialised with the job
+store's.
 
 Every change of state goes through `_move`, which refuses what gateway/inbound/states.py does
 not allow and records an event. A fax being delivered is claimed by one node (`claim_due`: a
@@ -26,7 +27,8 @@ from typing import Any, Iterable
 
 from gateway.inbound.states import DUE_STATES, InEv, InState, check_transition
 from gateway.store.base import StoreError
-from gateway.store.sql import Expr, SqlStore, _like_escape
+from gateway.store.interfaces import SqlAccess
+from gateway.store.sql_core import Expr, like_escape
 
 # Row states (see gateway/inbound/states.py); plain strings compare equal to them.
 RINGING, REJECTED, DELIVERING, DELETING, DONE, GIVEN_UP = (
@@ -108,12 +110,12 @@ class InboundStore:
     """Inbound fax rows on the main store's connection. Synchronous methods: call them through
     `store.run(...)` in the daemon, directly from the CLI (which opens the store itself)."""
 
-    def __init__(self, store: SqlStore) -> None:
+    def __init__(self, store: SqlAccess) -> None:
         self.store = store
-        self._tx = store._tx
-        self._exec_later = store._exec_later
-        self._rows = store._rows
-        self._one = store._one
+        self._tx = store.tx
+        self._exec_later = store.execute_later
+        self._rows = store.rows
+        self._one = store.one
 
     def enabled_since(self, now: float) -> float:
         """When inbound delivery was first switched on here: the reconciler never reaches
@@ -170,7 +172,7 @@ class InboundStore:
         target = InState(target)
         check_transition(expected, target, event)
         values.update(state=target.value, updated_at=now)
-        assignments, args = [], []
+        assignments, args = list[str](), list[Any]()
         for key, value in values.items():
             if isinstance(value, Expr):
                 assignments.append(f"{key} = {value.sql}")
@@ -179,7 +181,7 @@ class InboundStore:
                 assignments.append(f"{key} = ?")
                 args.append(value)
         guard, guard_args = self._fence(fence, now) if fence is not None else ("", [])
-        changed = self.store._exec(
+        changed = self.store.execute(
             f"UPDATE inbound_faxes SET {', '.join(assignments)} WHERE fax_sid = ?"
             f" AND state IN ({','.join('?' * len(expected))}){guard}",
             (*args, fax_sid, *[e.value for e in expected], *guard_args))
@@ -208,7 +210,7 @@ class InboundStore:
         with self._tx():
             if self._one("SELECT 1 AS x FROM inbound_faxes WHERE fax_sid = ?", (fax_sid,)):
                 return
-            if self.store._exec(
+            if self.store.execute(
                     "INSERT INTO inbound_faxes (fax_sid, account_sid, from_number, to_number, "
                     "state, outcome, called_at, created_at, updated_at, done_at) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (fax_sid) DO NOTHING",
@@ -259,7 +261,7 @@ class InboundStore:
                 (*_DUE, now, now, *skip, limit))
             claimed = []
             for row in rows:
-                if self.store._exec(
+                if self.store.execute(
                         "UPDATE inbound_faxes SET lease_owner = ?, lease_until = ?, "
                         "lease_epoch = lease_epoch + 1 WHERE fax_sid = ? AND state IN (?, ?) "
                         "AND (lease_until IS NULL OR lease_until <= ?)",
@@ -307,11 +309,11 @@ class InboundStore:
         lease (SQLite: one gateway per database, so any lease is a dead run's)."""
         with self._tx():
             if everyone:
-                return self.store._exec("UPDATE inbound_faxes SET lease_owner = NULL,"
-                                        " lease_until = NULL WHERE lease_owner IS NOT NULL")
-            return self.store._exec("UPDATE inbound_faxes SET lease_owner = NULL,"
-                                    " lease_until = NULL WHERE lease_owner = ?",
-                                    (self.store.node_id,))
+                return self.store.execute("UPDATE inbound_faxes SET lease_owner = NULL,"
+                                          " lease_until = NULL WHERE lease_owner IS NOT NULL")
+            return self.store.execute("UPDATE inbound_faxes SET lease_owner = NULL,"
+                                      " lease_until = NULL WHERE lease_owner = ?",
+                                      (self.store.node_id,))
 
     def next_due_at(self) -> float | None:
         """A fax another node holds falls due for us when its lease runs out."""
@@ -340,9 +342,9 @@ class InboundStore:
         me = self.store.node_id
         with self._tx(durable=True):
             guard, guard_args = self._fence(epoch, now)
-            if self.store._exec(f"UPDATE inbound_faxes SET updated_at = ? WHERE fax_sid = ?"
-                                f" AND state = ?{guard}",
-                                (now, fax_sid, DELIVERING.value, *guard_args)) != 1:
+            if self.store.execute(f"UPDATE inbound_faxes SET updated_at = ? WHERE fax_sid = ?"
+                                  f" AND state = ?{guard}",
+                                  (now, fax_sid, DELIVERING.value, *guard_args)) != 1:
                 return LOST, None
             if self._one("SELECT 1 AS x FROM inbound_deliveries WHERE fax_sid = ? AND "
                          "recipient = ?", (fax_sid, recipient)):
@@ -422,7 +424,8 @@ class InboundStore:
                limit: int = 25) -> tuple[list[InboundFax], int]:
         """One page of faxes, newest first, and how many match in all (the dashboard's list).
         `to_digits`: digits of the number it came in on; `caller`: a number (its digits
-        match the caller's number) or a case-insensitive part of the station id; `since`/`until`: created_at."""
+        match the caller's number) or a case-insensitive part of the station id;
+        `since`/`until`: created_at."""
         where: list[str] = []
         args: list[Any] = []
         if to_digits:
@@ -434,7 +437,7 @@ class InboundStore:
             numeric = all(c.isdigit() or c in "+()-. " for c in caller)
             digits = "".join(c for c in caller if c.isdigit()) if numeric else ""
             parts = ["LOWER(COALESCE(remote_station_id, '')) LIKE ? ESCAPE '\\'"]
-            args.append("%" + _like_escape(caller.lower()) + "%")
+            args.append("%" + like_escape(caller.lower()) + "%")
             if digits:
                 parts.append("COALESCE(from_number, '') LIKE ?")
                 args.append(f"%{digits}%")
@@ -466,10 +469,6 @@ class InboundStore:
                 self._exec_later("DELETE FROM inbound_events WHERE fax_sid = ?", (sid,))
                 self._exec_later("DELETE FROM inbound_faxes WHERE fax_sid = ?", (sid,))
         return len(sids)
-
-    def counts_by_outcome(self) -> dict[str, int]:
-        return {r["o"] or "pending": r["n"] for r in self._rows(
-            "SELECT outcome AS o, COUNT(*) AS n FROM inbound_faxes GROUP BY outcome")}
 
 
 __all__ = ["InboundStore", "InboundFax", "Completion", "StoreError"]

@@ -2,8 +2,8 @@
 
 One `partial_sets` row per set (sender and id, hashed: `set_key`), one `partials` row per part
 held; the part's bytes are an object in the media store (smtp/partials.py). The tables come from
-migration 6. Like InboundStore, the queries run through the job store's own dialect hooks on
-its thread and connection (`await store.run(partials.method, ...)`).
+migration 6. Like InboundStore, the queries run through the SQL store's public surface
+(`SqlAccess`) on its thread and connection (`await store.run(partials.method, ...)`).
 
 Exactly once: a part is recorded in a transaction that first locks its set's row (an UPDATE of
 it: a row lock on PostgreSQL, the write lock on SQLite), so the commits of one set's parts are
@@ -21,7 +21,7 @@ from typing import Any, Callable, TypeVar
 
 from gateway.documents.partial import PartialError, PartialInfo, SetsFull, check_part
 from gateway.store.base import StoreError
-from gateway.store.sql import SqlStore
+from gateway.store.interfaces import SqlAccess
 
 T = TypeVar("T")
 
@@ -73,12 +73,12 @@ class Added:
 class PartialsStore:
     """Synchronous methods: call them through `store.run(...)`."""
 
-    def __init__(self, store: SqlStore) -> None:
+    def __init__(self, store: SqlAccess) -> None:
         self.store = store
-        self._tx = store._tx
-        self._exec = store._exec
-        self._rows = store._rows
-        self._one = store._one
+        self._tx = store.tx
+        self._exec = store.execute
+        self._rows = store.rows
+        self._one = store.one
 
     def _db(self, fn: Callable[[], T]) -> T:
         try:
@@ -86,7 +86,7 @@ class PartialsStore:
         except (StoreError, PartialError, SetsFull):
             raise
         except Exception as exc:
-            if self.store._is_db_error(exc):
+            if self.store.is_db_error(exc):
                 raise StoreError(str(exc)) from exc
             raise
 
@@ -143,7 +143,7 @@ class PartialsStore:
             if not self._lock(set_id):
                 # A new set: counted under a lock of its own, so two nodes opening sets for
                 # one sender at once do not both pass the bound.
-                self.store._claim_lock("partials")
+                self.store.lock("partials")
                 mine, everyone = self._open_sets(skey)
                 if mine >= max_sets_per_sender:
                     raise SetsFull(True, mine)
@@ -168,8 +168,8 @@ class PartialsStore:
             replaced = twins.get(info.number)
             twin_size = 0
             if replaced is not None:
-                twin_size = int(self._one("SELECT size FROM partials WHERE set_id = ? AND "
-                                          "number = ?", (set_id, info.number))["size"])
+                twin_size = int(self.store.scalar("SELECT size FROM partials WHERE set_id = ?"
+                                                  " AND number = ?", (set_id, info.number)))
             if held.size - twin_size + size > max_bytes:
                 raise PartialError(f"the parts of this message together are larger than "
                                    f"{max_bytes} bytes, the most this gateway accepts")

@@ -76,7 +76,7 @@ class PostgresStore(SqlStore):
         self.url = url
         self.connect_timeout_s = connect_timeout_s
         self.max_connections = max_connections
-        self._pool: ConnectionPool | None = None
+        self._pool: ConnectionPool[psycopg.Connection[dict[str, Any]]] | None = None
         # The connection a transaction runs on, per thread (the store's calls run on THREADS
         # threads at once): inside _tx / _batch_tx / the migration lock.
         self._local = threading.local()
@@ -94,7 +94,7 @@ class PostgresStore(SqlStore):
         return mask_url(self.url)
 
     def open(self, *, migrate: bool = True) -> None:
-        pool: ConnectionPool = ConnectionPool(
+        pool: ConnectionPool[psycopg.Connection[dict[str, Any]]] = ConnectionPool(
             # One connection more than the store's threads: the dashboard's reader
             # (`Store.read`) never takes one that intake's commit is waiting for.
             self.url, min_size=1, max_size=self.max_connections + 1, open=False,
@@ -155,7 +155,7 @@ class PostgresStore(SqlStore):
                     "DATABASE_PREPARED_STATEMENTS=no to say so.", self.where, why)
 
     @property
-    def pool(self) -> ConnectionPool:
+    def pool(self) -> ConnectionPool[psycopg.Connection[dict[str, Any]]]:
         if self._pool is None:
             raise StoreError("store is not open")
         return self._pool

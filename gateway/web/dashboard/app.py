@@ -46,6 +46,7 @@ from gateway.inbound.delivery import PermanentFailure, fetch_document
 from gateway.signalwire.client import SignalWireError
 from gateway.store.base import StoreError
 from gateway.store.inbound import InboundFax, InboundStore
+from gateway.store.sql import SqlStore
 from gateway.web.dashboard.thumbs import THUMB_WIDTH_PX
 
 log = logging.getLogger(__name__)
@@ -222,7 +223,7 @@ def _day(text: str, field: str) -> float | None:
 class Dashboard:
     """The dashboard application and its listener; `start()` / `stop()` like the others."""
 
-    def __init__(self, settings: Settings, store: Any, *, clock: Callable[[], float],
+    def __init__(self, settings: Settings, store: SqlStore, *, clock: Callable[[], float],
                  wake: Callable[[], None],
                  ready: Callable[[], Awaitable[dict[str, dict[str, object]]]],
                  cpu: CpuPool, signalwire: SignalWireClient, retry_policy: RetryPolicy,

@@ -24,11 +24,12 @@ import re
 import secrets
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Callable
 
 from aiohttp import web
 
 from gateway.smtp.policy import TrustedNetworks
+from gateway.store.interfaces import Calls
 from gateway.store.sessions import SessionStore
 from gateway.users import LoginThrottle, ROLES, User, UsersFile, authenticate, client_key
 
@@ -83,7 +84,7 @@ class Sessions:
     """Sessions in the job store, by the hash of their cookie token; expired ones are not
     found (and are deleted when the next session is made)."""
 
-    def __init__(self, store: Any, lifetime_s: float,
+    def __init__(self, store: Calls, lifetime_s: float,
                  clock: Callable[[], float] = time.time) -> None:
         self.store = store
         self.db = SessionStore(store)
@@ -191,7 +192,7 @@ class Logins:
     password is checked, and once more after: one whose address was locked meanwhile (by
     another login of the flood, on any node) is refused even with the right password."""
 
-    def __init__(self, users: UsersFile | None, throttle: LoginThrottle, store: Any,
+    def __init__(self, users: UsersFile | None, throttle: LoginThrottle, store: Calls,
                  clock: Callable[[], float] = time.time) -> None:
         self.users = users
         self.throttle = throttle

@@ -17,7 +17,9 @@ from gateway.ops.actions import JobRow
 from gateway.outbound.states import (ACTIVE_STATES, FINISHED, REPORT_DUE, Job, RetryPolicy,
                                      State, retry_decision)
 from gateway.store import inbound
+from gateway.store.base import Store
 from gateway.store.inbound import InboundFax, InboundStore
+from gateway.store.interfaces import Jobs, Listings
 from gateway.store.rows import Attempt, Event, Message
 
 FINAL_STATES = (State.COMPLETED, State.GIVEN_UP, State.REPORTED)
@@ -29,7 +31,7 @@ class Page:
     total: int          # every job that matches
 
 
-def search_jobs(store: Any, *, status: str | None, to: str | None, sender: str | None,
+def search_jobs(store: Listings, *, status: str | None, to: str | None, sender: str | None,
                 since: float | None, until: float | None, text: str | None, offset: int,
                 limit: int) -> Page:
     """Jobs newest first, filtered like `faxgw jobs` plus a free-text search (id, number,
@@ -73,7 +75,7 @@ class JobDetail:
     document_kept: bool
 
 
-def job_detail(store: Any, ref: str) -> JobDetail:
+def job_detail(store: Store, ref: str) -> JobDetail:
     """Everything the job page shows; AdminError (plain words) for an unknown job."""
     job = actions._load(store, ref)
     message = store.message(job.message_id)
@@ -136,7 +138,7 @@ def offers(d: JobDetail, now: float, retry_policy: RetryPolicy, shared: bool) ->
     return [resend, cancel, report]
 
 
-def document_of(store: Any, job_id: str) -> tuple[str, str] | None:
+def document_of(store: Jobs, job_id: str) -> tuple[str, str] | None:
     """(message id, path) of a job's document while it is still kept, else None."""
     job = store.job(job_id)
     if job is None:
@@ -149,14 +151,14 @@ def document_of(store: Any, job_id: str) -> tuple[str, str] | None:
     return message.id, message.document_path
 
 
-def queue_depth(store: Any) -> tuple[int, dict[str, int], float | None]:
+def queue_depth(store: Listings) -> tuple[int, dict[str, int], float | None]:
     """(jobs not yet reported, counts by state, when the oldest of them arrived)."""
     counts = store.counts_by_state()
     depth = sum(counts.get(s.value, 0) for s in ACTIVE_STATES)
     return depth, counts, store.oldest_active_created_at()
 
 
-def relay_state(store: Any) -> tuple[bool | None, str]:
+def relay_state(store: Store) -> tuple[bool | None, str]:
     """How report delivery went lately, from the newest jobs' last events: (ok, words);
     ok None when no report has been tried yet."""
     for row in actions.list_jobs(store, limit=50):

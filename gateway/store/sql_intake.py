@@ -1,0 +1,130 @@
+"""The intake commit: a mail's message and jobs in one durable transaction, and the merge of a
+copy sent again (a client that lost our 250) into the jobs of the first, decided inside it."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+from gateway.outbound.states import Ev, State, check_transition
+from gateway.store.base import StoreError
+from gateway.store.rows import Message, NewJob
+from gateway.store.sql_core import _MESSAGE_COLUMNS, SqlCore, _marks
+
+
+class SqlIntake(SqlCore):
+    """`add_message` of the `Jobs` interface."""
+
+    _JOB_INSERT = ("id", "message_id", "to_number", "from_number", "quality", "state",
+                   "callback_token", "media_key", "pages", "attempt", "tries", "next_run_at",
+                   "created_at", "updated_at")
+
+    # Columns of migration 6 (DSN, AUTH=), written only when a mail has them: a mail without
+    # is the same INSERT as before (tests/test_store_backends.py writes to older schemas).
+    _DSN_JOB_COLUMNS = ("dsn_notify", "dsn_orcpt")
+
+    _DSN_MESSAGE_COLUMNS = frozenset({"dsn_ret", "dsn_envid", "auth_submitter", "dsn_headers",
+                                      "dsn_full"})
+
+    def add_message(self, message: Message, jobs: Iterable[NewJob], *, stored: bool = False,
+                    dedup_since: float | None = None) -> list[str] | None:
+        """`stored`: the document is already in the media store (a shared queue uploads it
+        before the 250), so the jobs start in `stored`. `dedup_since`: see `_claim_dedup`.
+
+        A few statements whatever the number of jobs (one per table), in a batch transaction:
+        PostgreSQL sends them together and waits once for the dedup claim and once for the
+        commit, which is most of the 250's wait on a database across the network."""
+        jobs = list(jobs)
+        try:
+            with self._batch_tx(durable=True):
+                columns = [c for c in _MESSAGE_COLUMNS if c not in self._DSN_MESSAGE_COLUMNS
+                           or getattr(message, c) is not None]
+                self._exec(
+                    f"INSERT INTO messages ({', '.join(columns)})"
+                    f" VALUES ({_marks(columns)})",
+                    [getattr(message, c) for c in columns])
+                if jobs:
+                    self._insert_jobs(message, jobs, self.clock(), stored)
+                    if dedup_since is not None and message.message_id_header:
+                        earlier = self._claim_dedup(message, jobs, dedup_since)
+                        if earlier is not None:
+                            raise _Resent(earlier)  # nothing of this copy is kept
+        except _Resent as resent:
+            return resent.job_ids
+        except StoreError:
+            raise
+        except Exception as exc:
+            if self._is_db_error(exc):
+                raise StoreError(str(exc)) from exc
+            raise
+        return None
+
+    def _insert_jobs(self, message: Message, jobs: list[NewJob], now: float,
+                     stored: bool) -> None:
+        """A new message's jobs and their first events, in two statements: each job born
+        `spooled` (received) and, `stored`, moved on to `stored` at once: both changes checked
+        against the table, made by the insert itself."""
+        check_transition([None], State.SPOOLED, Ev.RECEIVED)
+        events = [(j.id, Ev.RECEIVED,
+                   f"from {message.report_to or message.envelope_from or '-'}"
+                   f" peer {message.peer or '-'}, {message.pages} page(s),"
+                   f" {message.document_bytes} bytes") for j in jobs]
+        state = State.SPOOLED
+        if stored:
+            check_transition([State.SPOOLED], State.STORED, Ev.STORED)
+            state = State.STORED
+            events += [(j.id, Ev.STORED, "document in the media store before the 250")
+                       for j in jobs]
+        dsn = any(j.dsn_notify is not None or j.dsn_orcpt is not None for j in jobs)
+        columns = self._JOB_INSERT + (self._DSN_JOB_COLUMNS if dsn else ())
+        self._exec(
+            f"INSERT INTO jobs ({', '.join(columns)}) VALUES "
+            + ", ".join(f"({_marks(columns)})" for _ in jobs),
+            [v for j in jobs for v in (
+                j.id, message.id, j.to_number, j.from_number, j.quality, state.value,
+                j.callback_token, j.media_key, message.pages, 0, 0, now, now, now,
+                *((j.dsn_notify, j.dsn_orcpt) if dsn else ()))])
+        self._exec("INSERT INTO events (job_id, at, kind, detail) VALUES "
+                   + ", ".join("(?, ?, ?, ?)" for _ in events),
+                   [v for job_id, kind, detail in events for v in (job_id, now, kind, detail)])
+
+    def _claim_dedup(self, message: Message, jobs: list[NewJob],
+                     since: float) -> list[str] | None:
+        """Inside the intake commit: claim this mail's dedup key for each number (Message-ID,
+        number, document), unless an earlier copy accepted at or after `since` holds it.
+
+        One upsert for all numbers, in key order (two copies committing at once on two nodes
+        lock the keys in the same order: the second waits for the first and then finds its
+        keys; SQLite serialises the commits). A key older than `since` is taken over, so the
+        window's end lets a later copy through. Returns None when this mail is new (every key
+        now ours: a mail with a new recipient is a new mail and takes the others over too), or
+        the jobs of the earlier copy, in the order of `jobs`, when it holds every key."""
+        mine = sorted((j.to_number, j.id) for j in jobs)
+        rows = self._rows(
+            "INSERT INTO dedup_keys (message_id_header, to_number, document_sha256, job_id, at)"
+            f" VALUES {', '.join('(?, ?, ?, ?, ?)' for _ in mine)}"
+            " ON CONFLICT (message_id_header, to_number, document_sha256) DO UPDATE SET"
+            " job_id = CASE WHEN dedup_keys.at < ? THEN excluded.job_id"
+            " ELSE dedup_keys.job_id END,"
+            " at = CASE WHEN dedup_keys.at < ? THEN excluded.at ELSE dedup_keys.at END"
+            " RETURNING to_number, job_id",
+            [*(v for number, job_id in mine
+               for v in (message.message_id_header, number, message.document_sha256, job_id,
+                         message.created_at)), since, since])
+        holders = {r["to_number"]: r["job_id"] for r in rows}
+        taken = [(number, job_id) for number, job_id in mine if holders[number] != job_id]
+        if len(taken) == len(mine):
+            return [holders[j.to_number] for j in jobs]
+        for number, job_id in taken:
+            self._exec_later("UPDATE dedup_keys SET job_id = ?, at = ? WHERE message_id_header = ?"
+                             " AND to_number = ? AND document_sha256 = ?",
+                             (job_id, message.created_at, message.message_id_header, number,
+                              message.document_sha256))
+        return None
+
+
+class _Resent(Exception):
+    """Raised inside the intake commit to undo it: the mail is an earlier copy's jobs."""
+
+    def __init__(self, job_ids: list[str]) -> None:
+        super().__init__(", ".join(job_ids))
+        self.job_ids = job_ids
