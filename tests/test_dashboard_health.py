@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from gateway.outbound.states import State
-from gateway.sandbox.s3server import SeaweedS3
+from testsupport.s3server import SeaweedS3
 from gateway.users import passwd_command
 from gateway.web.dashboard.app import safe_next
 

@@ -467,7 +467,7 @@ async def test_a_node_paused_past_its_lease_mails_no_report_twice(
     SIGSTOP while it holds a job whose report is due, for 10 s, then continued: node-b has
     taken the job over and reported it meanwhile; node-a, waking, finds its claim gone and
     mails nothing. Every job is faxed once and reported once."""
-    from gateway.sandbox.harness import DaemonProcess
+    from testsupport.harness import DaemonProcess
 
     from .test_several_gateways import all_reported, send, shared_env
 

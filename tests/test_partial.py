@@ -29,7 +29,7 @@ from gateway.documents.partial import (MAX_PARTS, PartialError, PartialInfo, Par
 from .conftest import (FakeClock, GatewayFactory, RelaySink, Simulator, base_env, job_ids,
                        make_pdf, pdf_mail, pg_reset, production_env, relay_env, smtp_send)
 from gateway.daemon import Gateway
-from gateway.sandbox.s3server import SeaweedS3
+from testsupport.s3server import SeaweedS3
 
 NUMBER = "15551234567"
 RCPT = [f"{NUMBER}@fax.local"]

@@ -19,7 +19,7 @@ from .conftest import (GatewayFactory, RelaySink, Simulator, job_ids, pdf_mail, 
                        smtp_send)
 from .pgbouncer import POOL_SIZE
 from .test_several_gateways import all_reported, shared_env
-from gateway.sandbox.s3server import SeaweedS3
+from testsupport.s3server import SeaweedS3
 from gateway.store import migrations
 from gateway.store.postgres import PREPARE_THRESHOLD, PostgresStore
 

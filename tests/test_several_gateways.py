@@ -24,8 +24,8 @@ from pypdf import PdfReader
 from .conftest import (GatewayFactory, RelaySink, Simulator, drive, job_ids, pdf_mail,
                        pg_reset, production_env, smtp_send)
 from .test_partial import split
-from gateway.sandbox.harness import DaemonProcess
-from gateway.sandbox.s3server import SeaweedS3
+from testsupport.harness import DaemonProcess
+from testsupport.s3server import SeaweedS3
 
 
 def shared_env(tmp_path: Path, name: str, pg_url: str, seaweed: SeaweedS3,

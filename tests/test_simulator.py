@@ -26,7 +26,7 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from reportlab.pdfgen import canvas
 
-from gateway.sandbox.harness import serve
+from testsupport.harness import serve
 from gateway.signalwire.signature import SIGNATURE_HEADER, verify_signature
 from gateway.sandbox.simulator import (
     SIM_STATE,
