@@ -34,8 +34,8 @@ from gateway.web.dashboard.auth import MAX_CONCURRENT_LOGINS
 
 from .conftest import (GatewayFactory, RelaySink, Simulator, base_env, pg_reset,
                        production_env, relay_env, send_one)
-from .test_admin import add_mail, to_reported
-from .test_several_gateways import shared_env
+from .helpers.jobs import add_mail, to_reported
+from .helpers.cluster import shared_env
 
 PASSWORDS = {"ann": "ann-admin-pw", "vic": "vic-viewer-pw"}
 FLASH = re.compile(r'<p class="flash" role="status">([^<]*)</p>')

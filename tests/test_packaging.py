@@ -84,3 +84,22 @@ def test_testsupport_is_not_installed_and_the_gateway_does_not_import_it() -> No
                  if re.search(r"^\s*(from|import)\s+(testsupport|tests|bench)\b",
                               path.read_text(encoding="utf-8"), re.M)]
     assert not importers, f"installed modules importing test-only code: {importers}"
+
+
+def test_no_test_module_imports_another() -> None:
+    """What several test modules share lives in tests/helpers/ or tests/conftest.py: a test
+    module imported by another runs its module-level code twice and ties the two together."""
+    tests = ROOT / "tests"
+    modules = {path.stem for path in tests.glob("test_*.py")}
+    importers = []
+    for path in sorted(tests.glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                name = (node.module or "").removeprefix("tests.")
+                names = [name] if name else [alias.name for alias in node.names]
+            elif isinstance(node, ast.Import):
+                names = [alias.name.removeprefix("tests.") for alias in node.names]
+            else:
+                continue
+            importers += [f"{path.name}:{node.lineno} imports {n}" for n in names if n in modules]
+    assert not importers, importers

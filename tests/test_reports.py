@@ -7,34 +7,12 @@ from pathlib import Path
 
 from PIL import Image
 
-from gateway.outbound.states import Job, State
 from gateway.mail.reports import Templates, build_report
-from gateway.store.rows import Attempt, Event, Message
+from gateway.store.rows import Attempt, Event
 
 from .conftest import (RelaySink, Simulator, job_ids, pdf_mail, production_env, relay_env,
                        smtp_send)
-
-
-def make_job(**overrides: object) -> Job:
-    values: dict[str, object] = dict(
-        id="0123456789abcdef", message_id="m1", to_number="+15551234567",
-        from_number="+15550100000", quality="fine", state=State.COMPLETED, callback_token="t",
-        callback_url="http://x/cb", media_key="k.pdf", fax_sid="sid-1", fax_status="busy",
-        pages=2, pages_sent=0, duration_s=None, error_code=None, error_message=None,
-        failure_reason=None, attempt=3, tries=0, next_run_at=None, submit_started_at=1.0,
-        created_at=1.0, updated_at=2.0, reported_at=None)
-    values.update(overrides)
-    return Job(**values)  # type: ignore[arg-type]
-
-
-def make_message(**overrides: object) -> Message:
-    values: dict[str, object] = dict(
-        id="m1", created_at=1.0, envelope_from="a@example.com", header_from="a@example.com",
-        report_to="a@example.com", subject="Invoice", message_id_header="<o@example.com>",
-        references_header="<r1@example.com>", peer="127.0.0.1", document_path="/nonexistent",
-        document_bytes=10, document_sha256="x", pages=2, filenames="a.pdf")
-    values.update(overrides)
-    return Message(**values)  # type: ignore[arg-type]
+from .helpers.jobs import make_job, make_message
 
 
 def test_failed_report_lists_attempts_with_advice_and_threads() -> None:
