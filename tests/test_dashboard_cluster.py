@@ -34,6 +34,7 @@ from gateway.web.dashboard.auth import MAX_CONCURRENT_LOGINS
 
 from .conftest import (GatewayFactory, RelaySink, Simulator, base_env, pg_reset,
                        production_env, relay_env, send_one)
+from .helpers.web import login_token
 from .helpers.jobs import add_mail, to_reported
 from .helpers.cluster import shared_env
 
@@ -71,13 +72,6 @@ def jar() -> aiohttp.CookieJar:
 def base(gw: Gateway) -> str:
     assert gw.dashboard is not None
     return f"http://127.0.0.1:{gw.dashboard.port}"
-
-
-async def login_token(http: aiohttp.ClientSession, url: str) -> str:
-    async with http.get(url + "/login") as r:
-        found = re.search(r'name="login_token" value="([^"]+)"', await r.text())
-    assert found
-    return found.group(1)
 
 
 async def login(http: aiohttp.ClientSession, url: str, name: str = "ann",
