@@ -11,11 +11,10 @@ child process) count as imported.
 from __future__ import annotations
 
 import ast
+import fnmatch
 import re
 import tomllib
 from pathlib import Path
-
-from setuptools import find_namespace_packages
 
 ROOT = Path(__file__).resolve().parent.parent
 DOTTED = re.compile(r"^(gateway(?:\.\w+)+)(?::\w+)?$")
@@ -26,9 +25,10 @@ def installed_modules() -> dict[str, Path]:
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
     include = pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
     modules: dict[str, Path] = {}
-    for package in find_namespace_packages(str(ROOT), include=include):
-        folder = ROOT.joinpath(*package.split("."))
-        for path in folder.glob("*.py"):
+    for path in ROOT.rglob("*.py"):
+        package = ".".join(path.parent.relative_to(ROOT).parts)
+        # setuptools' packages.find matches its include patterns against dotted names
+        if package and any(fnmatch.fnmatchcase(package, pattern) for pattern in include):
             modules[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
     return modules
 
