@@ -182,7 +182,7 @@ async def phase(args: argparse.Namespace, daemon: Any, tabs_n: int, mail: bytes,
 
 
 async def run(args: argparse.Namespace, root: Path, src: Path) -> list[dict[str, Any]]:
-    from gateway.sandbox.harness import DaemonProcess, free_port
+    from testsupport.harness import DaemonProcess, free_port
     from gateway.users import passwd_command
 
     from .documents import write_documents

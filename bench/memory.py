@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     code_id = snapshot_gateway(args.gateway_source, src)
     sys.path.insert(0, str(REPO))  # gateway.sandbox (the SeaweedFS helper) from this checkout
     sys.path.insert(0, str(src))  # gateway.*: the snapshot, in this process too
-    from gateway.sandbox.s3server import SeaweedS3
+    from testsupport.s3server import SeaweedS3
 
     s3 = SeaweedS3(root / "s3")
     code = 1

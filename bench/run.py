@@ -36,9 +36,9 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from aiohttp import web
 
-from gateway.sandbox.harness import (FROM_NUMBER, JOB_ID, PROJECT_ID, READY_LINE, SIGNING_KEY,
+from testsupport.harness import (FROM_NUMBER, JOB_ID, PROJECT_ID, READY_LINE, SIGNING_KEY,
                                      SimulatorServer, free_port, simulator_env)
-from gateway.sandbox.s3server import SeaweedS3
+from testsupport.s3server import SeaweedS3
 from gateway.store.base import DB_FILENAME
 from gateway.store.sqlite import SqliteStore
 

@@ -552,6 +552,10 @@ def settings_from(env: Mapping[str, str]) -> Settings:
     template_dir = Path(template_raw) if template_raw else None
     if template_dir is not None and not template_dir.is_dir():
         r.problems.append(f"REPORT_TEMPLATE_DIR: {template_raw} is not a folder")
+    elif template_dir is not None:  # old $name templates, or ones jinja2 cannot parse
+        from gateway.mail.templating import template_problems  # local: keeps --help fast
+
+        r.problems.extend(template_problems(template_dir))
 
     cert, key = r.file("TLS_CERT_FILE"), r.file("TLS_KEY_FILE")
     if bool(cert) != bool(key):

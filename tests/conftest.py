@@ -24,10 +24,10 @@ from gateway.daemon import Gateway
 from gateway.ops import logs
 from gateway.outbound.states import State
 # Shared with bench/ (one copy): the simulator's account, the simulator server, job ids.
-from gateway.sandbox.harness import (API_TOKEN, PROJECT_ID, SIGNING_KEY, job_ids,
+from testsupport.harness import (API_TOKEN, PROJECT_ID, SIGNING_KEY, job_ids,
                                      simulator_env)
-from gateway.sandbox.harness import SimulatorServer as Simulator
-from gateway.sandbox.s3server import SeaweedS3
+from testsupport.harness import SimulatorServer as Simulator
+from testsupport.s3server import SeaweedS3
 
 __all__ = ["API_TOKEN", "PROJECT_ID", "SIGNING_KEY", "Simulator", "job_ids"]
 

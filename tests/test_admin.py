@@ -20,12 +20,12 @@ from gateway.ops.actions import AdminError
 from gateway.daemon import Gateway
 from gateway.text import one_line
 from gateway.outbound.states import RetryPolicy, State
-from gateway.store.rows import Message, NewJob
 from gateway.store.base import open_store
 from gateway.store.sqlite import SqliteStore as Store
 
-from .conftest import (FakeClock, GatewayFactory, RelaySink, Simulator, base_env, drive, make_pdf,
+from .conftest import (FakeClock, GatewayFactory, RelaySink, Simulator, base_env, drive,
                        production_env, relay_env, send_one)
+from .helpers.jobs import add_mail, to_final, to_reported, to_submitted
 
 POLICY = RetryPolicy(3, 600.0, 3600.0)  # the defaults, as a daemon configured so uses them
 T0 = 1_700_000_000.0
@@ -45,58 +45,6 @@ def store(tmp_path: Path, clock: Clock) -> Any:
     s.open()
     yield s
     s.close()
-
-
-_seq = 0
-
-
-def add_mail(store: Store, tmp_path: Path, numbers: list[str], *, ids: list[str] | None = None,
-             envelope_from: str | None = "scanner@example.com",
-             header_from: str | None = "Alice <alice@example.com>",
-             report_to: str | None = "alice@example.com", subject: str = "Invoice 42",
-             peer: str = "192.0.2.10", filenames: str = "invoice.pdf") -> list[str]:
-    global _seq
-    _seq += 1
-    message_id = f"m{_seq:015d}"
-    spool = tmp_path / "spool"
-    spool.mkdir(exist_ok=True)
-    path = spool / f"{message_id}.pdf"
-    path.write_bytes(make_pdf(2))
-    message = Message(id=message_id, created_at=store.clock(), envelope_from=envelope_from,
-                      header_from=header_from, report_to=report_to, subject=subject,
-                      message_id_header="<orig@example.com>", references_header=None,
-                      peer=peer, document_path=str(path), document_bytes=path.stat().st_size,
-                      document_sha256="0" * 64, pages=2, filenames=filenames)
-    ids = ids or [f"{_seq:04x}{n:012x}" for n in range(len(numbers))]
-    jobs = [NewJob(id=i, to_number=n, from_number="+15550100000", quality="fine",
-                   callback_token=f"tok-{i}", media_key=f"key-{i}.pdf")
-            for i, n in zip(ids, numbers)]
-    store.add_message(message, jobs)
-    return ids
-
-
-def to_submitted(store: Store, job_id: str, sid: str) -> None:
-    job = store.job(job_id)
-    assert store.mark_stored(job, job.media_key)
-    job = store.job(job_id)
-    assert store.mark_submitting(job, f"http://gw.test/signalwire/status/tok-{job_id}",
-                                 store.clock() + 40)
-    job = store.job(job_id)
-    assert store.mark_submitted(job, sid, "queued", store.clock() + 600,
-                                f"SignalWire accepted: sid {sid}, status queued")
-
-
-def to_final(store: Store, job_id: str, sid: str, status: str = "delivered", **kw: Any) -> None:
-    to_submitted(store, job_id, sid)
-    job = store.job(job_id)
-    store.record_status(job, sid, status, pages=kw.get("pages", 2 if status == "delivered" else 0),
-                        duration_s=60, error_code=kw.get("error_code"),
-                        error_message=kw.get("error_message"), source="callback")
-
-
-def to_reported(store: Store, job_id: str, sid: str, status: str = "delivered") -> None:
-    to_final(store, job_id, sid, status)
-    assert store.mark_reported(store.job(job_id), "report written to /var/outbox/x.eml")
 
 
 # -- listing ------------------------------------------------------------------------------------

@@ -26,9 +26,9 @@ import pytest
 from aiohttp import web
 
 from .conftest import RelaySink, Simulator, job_ids, pdf_mail, pg_reset, smtp_send
-from gateway.sandbox.harness import DaemonProcess
-from gateway.sandbox.s3server import SeaweedS3
-from .test_several_gateways import all_reported, shared_env
+from testsupport.harness import DaemonProcess
+from testsupport.s3server import SeaweedS3
+from .helpers.cluster import all_reported, shared_env
 
 pytestmark = pytest.mark.slow
 

@@ -15,8 +15,8 @@ import pytest
 
 from gateway.cli import main
 from gateway.config import KNOWN_VARIABLES, VARIABLES, ConfigError, Settings, settings_from
-from gateway.sandbox.harness import DaemonProcess, job_ids
-from gateway.sandbox.s3server import SeaweedS3
+from testsupport.harness import DaemonProcess, job_ids
+from testsupport.s3server import SeaweedS3
 
 from .conftest import base_env, pdf_mail, smtp_send
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.sandbox.harness import DaemonProcess
+from testsupport.harness import DaemonProcess
 
 from .conftest import (RelaySink, Simulator, _send_blocking, job_ids, pdf_mail,
                        production_env, smtp_send)

@@ -21,7 +21,7 @@ import pytest
 from gateway.constants import EXIT_DATA
 
 from .conftest import Simulator, base_env, pdf_mail, production_env, smtp_send
-from gateway.sandbox.harness import DaemonProcess
+from testsupport.harness import DaemonProcess
 
 UNAVAILABLE = (451, "4.3.0 Temporary failure: the gateway's job database is unavailable; "
                     "please try again later")

@@ -27,15 +27,16 @@ from gateway.config import settings_from
 from gateway.daemon import Gateway
 from gateway.ops import commands
 from gateway.outbound.states import State
-from gateway.sandbox.s3server import SeaweedS3
+from testsupport.s3server import SeaweedS3
 from gateway.store.base import open_store
 from gateway.users import load_users, passwd_command
 from gateway.web.dashboard.auth import MAX_CONCURRENT_LOGINS
 
 from .conftest import (GatewayFactory, RelaySink, Simulator, base_env, pg_reset,
                        production_env, relay_env, send_one)
-from .test_admin import add_mail, to_reported
-from .test_several_gateways import shared_env
+from .helpers.web import login_token
+from .helpers.jobs import add_mail, to_reported
+from .helpers.cluster import shared_env
 
 PASSWORDS = {"ann": "ann-admin-pw", "vic": "vic-viewer-pw"}
 # A done action's message, and a refused one's ("Not done." set apart, see base.html).
@@ -77,13 +78,6 @@ def jar() -> aiohttp.CookieJar:
 def base(gw: Gateway) -> str:
     assert gw.dashboard is not None
     return f"http://127.0.0.1:{gw.dashboard.port}"
-
-
-async def login_token(http: aiohttp.ClientSession, url: str) -> str:
-    async with http.get(url + "/login") as r:
-        found = re.search(r'name="login_token" value="([^"]+)"', await r.text())
-    assert found
-    return found.group(1)
 
 
 async def login(http: aiohttp.ClientSession, url: str, name: str = "ann",

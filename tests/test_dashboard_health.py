@@ -10,12 +10,13 @@ import aiohttp
 import pytest
 
 from gateway.outbound.states import State
-from gateway.sandbox.s3server import SeaweedS3
+from testsupport.s3server import SeaweedS3
 from gateway.users import passwd_command
 from gateway.web.dashboard.app import safe_next
 
 from .conftest import (GatewayFactory, Simulator, job_ids, pdf_mail, pg_reset, production_env,
                        smtp_send, wait_state)
+from .helpers.web import log_in
 
 PASSWORD = "ann-admin-pw"
 
@@ -80,12 +81,7 @@ def shared_env(tmp_path: Path, name: str, pg_url: str, seaweed: SeaweedS3,
 
 async def health_page(base: str) -> str:
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
-        async with http.get(base + "/login") as r:
-            token = re.search(r'name="login_token" value="([^"]+)"', await r.text())
-        assert token
-        async with http.post(base + "/login", allow_redirects=False, data={
-                "login_token": token.group(1), "name": "ann", "password": PASSWORD}) as r:
-            assert r.status == 303
+        await log_in(http, base, "ann", PASSWORD)
         async with http.get(base + "/health") as r:
             assert r.status == 200
             return await r.text()

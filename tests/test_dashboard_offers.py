@@ -19,8 +19,8 @@ from gateway.outbound.states import State
 from gateway.users import passwd_command
 
 from .conftest import GatewayFactory, RelaySink, Simulator, production_env, relay_env, wait_state
-from .test_dashboard import (PASSWORDS, browser, login, new_page, pytestmark,  # noqa: F401
-                             send)
+from .helpers.dashboard import (PASSWORDS, browser, login, new_page, pytestmark,  # noqa: F401
+                                send)
 
 ZONE = "America/New_York"
 

@@ -26,6 +26,7 @@ from gateway.web.dashboard import app as dashboard_app
 from gateway.web.dashboard import queries
 
 from .conftest import FakeClock, GatewayFactory, Simulator, pg_reset, production_env
+from .helpers.web import log_in
 
 MESSAGES = 61
 PER_MESSAGE = 100
@@ -137,15 +138,6 @@ async def test_reads_do_not_queue_behind_the_store_threads(store: SqlStore) -> N
         await asyncio.gather(*busy)
 
 
-async def _login(http: aiohttp.ClientSession, base: str, password: str) -> None:
-    async with http.get(base + "/login") as r:
-        token = re.search(r'name="login_token" value="([^"]+)"', await r.text())
-    assert token
-    async with http.post(base + "/login", allow_redirects=False, data={
-            "login_token": token.group(1), "name": "ann", "password": password}) as r:
-        assert r.status == 303
-
-
 async def test_the_list_pages_and_searches_every_job(manual_gateway: GatewayFactory,
                                                      tmp_path: Path, simulator: Simulator,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,7 +150,7 @@ async def test_the_list_pages_and_searches_every_job(manual_gateway: GatewayFact
     assert dashboard_app.PAGE_SIZE == 25
     base = f"http://127.0.0.1:{gw.dashboard.port}"  # type: ignore[union-attr]
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
-        await _login(http, base, "ann-admin-pw")
+        await log_in(http, base, "ann", "ann-admin-pw")
         async with http.get(base + "/jobs") as r:
             text = await r.text()
         assert f"of {TOTAL:,}".replace(",", "") in text.replace(",", "")

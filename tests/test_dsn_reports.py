@@ -14,7 +14,7 @@ from gateway.outbound.states import State
 from gateway.smtp import dsn
 from gateway.smtp.replies import Reply
 
-from .test_reports import make_job, make_message
+from .helpers.jobs import make_job, make_message
 
 RENDER = dict(from_addr="gw@x.test", hostname="gw.test", now=5.0, template_dir=None,
               thumbnail=False, bcc=(), fax_domain="fax.local")

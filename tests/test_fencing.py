@@ -319,7 +319,7 @@ async def test_a_final_callback_racing_the_send_answer_is_kept(pg_url: str,
     """PostgreSQL, two connections: the send's answer (`submitting` -> `submitted`) is being
     committed while the final callback reads the job as `submitting`; the callback's change
     then finds the job moved on. The final status is classified again, not lost."""
-    from .test_store_backends import add_mail
+    from .helpers.store import add_mail
 
     pg_reset(pg_url)
     store = PostgresStore(pg_url)
@@ -467,9 +467,9 @@ async def test_a_node_paused_past_its_lease_mails_no_report_twice(
     SIGSTOP while it holds a job whose report is due, for 10 s, then continued: node-b has
     taken the job over and reported it meanwhile; node-a, waking, finds its claim gone and
     mails nothing. Every job is faxed once and reported once."""
-    from gateway.sandbox.harness import DaemonProcess
+    from testsupport.harness import DaemonProcess
 
-    from .test_several_gateways import all_reported, send, shared_env
+    from .helpers.cluster import all_reported, send, shared_env
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", seaweed.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed.secret_key)

@@ -16,7 +16,7 @@ from aiohttp import web
 from gateway.config import ConfigError, settings_from
 from gateway.daemon import Gateway
 from gateway.inbound.webhook import ACTION_ROUTE, INBOUND_ROUTE
-from gateway.sandbox.harness import serve
+from testsupport.harness import serve
 
 from .conftest import (FakeClock, GatewayFactory, RelaySink, Simulator, make_pdf, production_env,
                        relay_env)

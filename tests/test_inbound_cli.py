@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from gateway.sandbox.harness import DaemonProcess
+from testsupport.harness import DaemonProcess
 
 from .conftest import base_env
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import psycopg
 
 from gateway.inbound.webhook import INBOUND_ROUTE
-from gateway.sandbox.harness import DaemonProcess
-from gateway.sandbox.s3server import SeaweedS3
+from testsupport.harness import DaemonProcess
+from testsupport.s3server import SeaweedS3
 
 from .conftest import RelaySink, Simulator, make_pdf, pg_reset
-from .test_several_gateways import s3_credentials, shared_env  # noqa: F401 - a fixture
+from .helpers.cluster import s3_credentials, shared_env  # noqa: F401 - a fixture
 
 ROUTED = "+13103383454"
 RECIPIENTS = ("a@example.com", "b@example.com")

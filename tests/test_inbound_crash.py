@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.inbound.webhook import INBOUND_ROUTE
-from gateway.sandbox.harness import DaemonProcess
+from testsupport.harness import DaemonProcess
 
 from .conftest import RelaySink, Simulator, make_pdf, production_env, relay_env
 

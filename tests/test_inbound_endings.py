@@ -8,58 +8,14 @@ deliverer driven by hand on an injected clock."""
 from __future__ import annotations
 
 import logging
-import re
-import sqlite3
 import time
 from pathlib import Path
 
-import aiohttp
 import pytest
 
-from gateway.daemon import Gateway
-from gateway.inbound.webhook import INBOUND_ROUTE
 
-from .conftest import (GatewayFactory, FakeClock, RelaySink, Simulator, make_pdf,
-                       production_env, relay_env)
-
-ROUTED = "+13103383454"
-CALLER = "+12125550147"
-ADMIN = "faxadmin@example.com"
-OUTCOMES = ("received", "failed", "noise", "canceled", "unrouted", "blocked", "media_refused",
-            "gave_up")
-
-
-def env(tmp_path: Path, simulator: Simulator, relay: RelaySink, **extra: str) -> dict[str, str]:
-    return production_env(tmp_path / "var", simulator, **relay_env(relay),
-                          INBOUND_ROUTES=f"{ROUTED}=frontdesk@example.com", **extra)
-
-
-async def ring(gw: Gateway, simulator: Simulator, document: bytes) -> str:
-    call = await simulator.state.inbound.ring(
-        sim_url=simulator.url, webhook_url=gw.public_base_url() + INBOUND_ROUTE, to=ROUTED,
-        from_=CALLER, document=document, station_id="ACME FAX")
-    assert call.answer == "receive" and call.action_statuses == [200]
-    return call.fax_sid
-
-
-def row(gw: Gateway, sid: str) -> sqlite3.Row:
-    db = sqlite3.connect(gw.s.data_dir / "faxgw.sqlite3")
-    db.row_factory = sqlite3.Row
-    try:
-        return db.execute("SELECT * FROM inbound_faxes WHERE fax_sid = ?", (sid,)).fetchone()
-    finally:
-        db.close()
-
-
-async def counts(gw: Gateway) -> dict[str, float]:
-    """faxgw_inbound_faxes_total by outcome, as /metrics shows it."""
-    async with aiohttp.ClientSession() as client:
-        async with client.get(gw.public_base_url() + "/metrics") as resp:
-            text = await resp.text()
-    found = dict(re.findall(r'^faxgw_inbound_faxes_total\{outcome="(\w+)"\} (\S+)$', text,
-                            re.M))
-    assert set(found) == set(OUTCOMES)
-    return {k: float(v) for k, v in found.items() if float(v)}
+from .conftest import (GatewayFactory, FakeClock, RelaySink, Simulator, make_pdf)
+from .helpers.inbound import ADMIN, counts, env, ring, row
 
 
 async def test_a_document_neither_pdf_nor_tiff_is_given_up_told_and_counted_once(

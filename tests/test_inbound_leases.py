@@ -19,7 +19,7 @@ from gateway.store.inbound import (AGAIN, GO, LOST, SENT, WAIT, Completion, Inbo
 from gateway.store.sqlite import SqliteStore
 
 from .conftest import FakeClock
-from .test_store_backends import NodeFactory, backend, clock, node  # noqa: F401 - fixtures
+from .helpers.store import NodeFactory, backend, clock, node  # noqa: F401 - fixtures
 
 R1, R2 = "a@example.com", "b@example.com"
 
@@ -48,7 +48,7 @@ def test_a_received_fax_mail_is_the_same_message_from_any_node() -> None:
     to the same recipient: one Message-ID, so a copy that escapes is one message."""
     from gateway.mail.received import render_given_up, render_received
 
-    from .test_inbound_pure import fax
+    from .helpers.inbound import fax
 
     ids = [render_received(fax(), [(R1, False)], None, from_addr="Fax <faxgw@example.org>",
                            hostname=host, attach=False, thumbnail=False)[0].message_id

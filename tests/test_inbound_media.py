@@ -8,7 +8,7 @@ from typing import AsyncIterator
 import pytest
 from aiohttp import web
 
-from gateway.sandbox.harness import start_runner
+from testsupport.harness import start_runner
 from gateway.signalwire.client import MediaRefused, SignalWireClient, SignalWireError
 
 from .conftest import API_TOKEN, PROJECT_ID, make_pdf

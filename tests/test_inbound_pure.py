@@ -8,23 +8,9 @@ from gateway.inbound.routes import is_blocked, parse_routes
 from gateway.inbound.webhook import LAML_REJECT, laml_receive
 from gateway.mail.received import (attachment_name, is_noise, message_id_for,
                                    render_received, subject_for)
-from gateway.store.inbound import InboundFax
 
 from .conftest import make_pdf
-
-
-def fax(**over: object) -> InboundFax:
-    values: dict[str, object] = dict(
-        fax_sid="b3877c40-da60-4998-90ad-b792e98472fx", account_sid="p",
-        from_number="+12125550147", to_number="+13103383454", state="delivering",
-        outcome="received", fax_status="received", num_pages=2, media_url=None,
-        media_sid=None, remote_station_id="ACME <FAX>\r\nBcc: x@y", error_code=None,
-        error_message=None, recipients="a@example.com", source="callback", tries=0,
-        next_run_at=None, last_error=None, called_at=None, completed_at=1_800_000_000.0,
-        media_deleted_at=None, done_at=None, created_at=1_800_000_000.0,
-        updated_at=1_800_000_000.0)
-    values.update(over)
-    return InboundFax(**values)  # type: ignore[arg-type]
+from .helpers.inbound import fax
 
 
 def test_routes_lookup_and_wildcard() -> None:

@@ -18,7 +18,7 @@ from PIL import Image
 from pypdf import PdfReader
 
 from .conftest import FakeClock, GatewayFactory, RelaySink, Simulator
-from .test_inbound_endings import ADMIN, counts, env, ring, row
+from .helpers.inbound import ADMIN, counts, env, ring, row
 
 
 def tiff(frames: list[Image.Image], compression: str) -> bytes:

@@ -14,7 +14,7 @@ import pytest
 from gateway.constants import EXIT_CONFIG
 from gateway.ops.instance import (AlreadyRunning, DataDirLock, process_start_time,
                                   read_pid_file, running_daemon)
-from gateway.sandbox.harness import DaemonProcess
+from testsupport.harness import DaemonProcess
 
 from .conftest import Simulator, job_ids, pdf_mail, production_env, smtp_send
 

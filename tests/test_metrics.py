@@ -21,7 +21,7 @@ from gateway.ops.metrics import (
     collect_snapshot,
     error_code_label,
 )
-from gateway.sandbox.harness import serve
+from testsupport.harness import serve
 from gateway.signalwire.client import SendOutcomeUnknown, SendRetryable, SignalWireError
 from gateway.store.rows import Message, NewJob
 from gateway.store.sqlite import SqliteStore as Store

@@ -21,9 +21,9 @@ from email.parser import BytesParser
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pypdf import PdfReader, PdfWriter
+from pypdf import PdfReader
 
-from tests.conftest import smtp_send
+from tests.conftest import make_pdf, smtp_send
 from tests.corpus import winmail_dat
 
 from gateway.documents.mime import (
@@ -37,15 +37,6 @@ from gateway.documents.mime import (
     read_message,
     sanitize_header_text,
 )
-
-
-def make_pdf(pages: int = 1) -> bytes:
-    writer = PdfWriter()
-    for _ in range(pages):
-        writer.add_blank_page(width=612, height=792)
-    out = io.BytesIO()
-    writer.write(out)
-    return out.getvalue()
 
 
 def make_tiff(width: int = 16, height: int = 16) -> bytes:

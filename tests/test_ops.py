@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.sandbox.harness import DaemonProcess
+from testsupport.harness import DaemonProcess
 
 from .conftest import RelaySink, Simulator, job_ids, pdf_mail, production_env, smtp_send
 

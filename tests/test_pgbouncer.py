@@ -18,8 +18,8 @@ import pytest
 from .conftest import (GatewayFactory, RelaySink, Simulator, job_ids, pdf_mail, pg_reset,
                        smtp_send)
 from .pgbouncer import POOL_SIZE
-from .test_several_gateways import all_reported, shared_env
-from gateway.sandbox.s3server import SeaweedS3
+from .helpers.cluster import all_reported, shared_env
+from testsupport.s3server import SeaweedS3
 from gateway.store import migrations
 from gateway.store.postgres import PREPARE_THRESHOLD, PostgresStore
 

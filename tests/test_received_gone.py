@@ -18,8 +18,8 @@ from gateway.mail.received import build_received
 from gateway.store.inbound import InboundFax
 
 from .conftest import GatewayFactory, RelaySink, Simulator
-from .test_dashboard import browser, login, new_page, pytestmark  # noqa: F401
-from .test_dashboard_received import Inbox, received_rows, start_inbox
+from .helpers.dashboard import browser, login, new_page, pytestmark  # noqa: F401
+from .helpers.received import Inbox, received_rows, start_inbox
 
 NOT_FOUND = re.compile(r"Failed to load resource: the server responded with a status of 404")
 

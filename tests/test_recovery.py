@@ -14,7 +14,7 @@ from pathlib import Path
 from gateway.config import settings_from
 from gateway.daemon import Gateway
 from gateway.outbound.states import State
-from gateway.sandbox.harness import free_port
+from testsupport.harness import free_port
 
 from .conftest import (PROJECT_ID, FakeClock, GatewayFactory, RelaySink, Simulator, drive,
                        pdf_mail, production_env, relay_env, send_one, smtp_send, wait_state)

@@ -15,7 +15,7 @@ from gateway.mail.wire import write_report
 from gateway.outbound.states import State
 from gateway.store.rows import Attempt, Event
 
-from .test_reports import make_job, make_message
+from .helpers.jobs import make_job, make_message
 
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
 PDF = b"%PDF-1.4\n" + bytes(range(256)) * 40

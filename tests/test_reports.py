@@ -3,38 +3,19 @@
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from PIL import Image
 
-from gateway.outbound.states import Job, State
 from gateway.mail.reports import Templates, build_report
-from gateway.store.rows import Attempt, Event, Message
+from gateway.store.rows import Attempt, Event
 
-from .conftest import (RelaySink, Simulator, job_ids, pdf_mail, production_env, relay_env,
-                       smtp_send)
-
-
-def make_job(**overrides: object) -> Job:
-    values: dict[str, object] = dict(
-        id="0123456789abcdef", message_id="m1", to_number="+15551234567",
-        from_number="+15550100000", quality="fine", state=State.COMPLETED, callback_token="t",
-        callback_url="http://x/cb", media_key="k.pdf", fax_sid="sid-1", fax_status="busy",
-        pages=2, pages_sent=0, duration_s=None, error_code=None, error_message=None,
-        failure_reason=None, attempt=3, tries=0, next_run_at=None, submit_started_at=1.0,
-        created_at=1.0, updated_at=2.0, reported_at=None)
-    values.update(overrides)
-    return Job(**values)  # type: ignore[arg-type]
-
-
-def make_message(**overrides: object) -> Message:
-    values: dict[str, object] = dict(
-        id="m1", created_at=1.0, envelope_from="a@example.com", header_from="a@example.com",
-        report_to="a@example.com", subject="Invoice", message_id_header="<o@example.com>",
-        references_header="<r1@example.com>", peer="127.0.0.1", document_path="/nonexistent",
-        document_bytes=10, document_sha256="x", pages=2, filenames="a.pdf")
-    values.update(overrides)
-    return Message(**values)  # type: ignore[arg-type]
+from .conftest import (RelaySink, Simulator, base_env, job_ids, pdf_mail, production_env,
+                       relay_env, smtp_send)
+from .helpers.jobs import make_job, make_message
 
 
 def test_failed_report_lists_attempts_with_advice_and_threads() -> None:
@@ -74,7 +55,7 @@ def test_text_from_mail_cannot_inject_headers_or_markup() -> None:
 
 
 def test_template_override(tmp_path: Path) -> None:
-    (tmp_path / "report.txt").write_text("Bericht: $headline ($job_id)\n")
+    (tmp_path / "report.txt").write_text("Bericht: {{ headline }} ({{ job_id }})\n")
     report = build_report(make_job(), make_message(), [], from_addr="gw@x.test",
                           hostname="gw.test", templates=Templates(tmp_path))
     text = report.get_body(("plain",)).get_content()
@@ -82,6 +63,66 @@ def test_template_override(tmp_path: Path) -> None:
                     "busy. (0123456789abcdef)\n")
     # The HTML part still comes from the packaged template.
     assert "Destination" in report.get_body(("html",)).get_content()
+
+
+def test_operator_html_template_is_autoescaped_and_edits_apply_to_the_next_report(
+        tmp_path: Path) -> None:
+    """An operator's report.html gets the same escaping as ours: a subject or file name from
+    mail cannot become markup. The text template is not escaped (a mail client shows it as is)."""
+    (tmp_path / "report.html").write_text("<h1>{{ subject }}</h1><p>{{ documents }}</p>\n")
+    (tmp_path / "report.txt").write_text("{{ subject }}\n")
+    message = make_message(subject='<script>alert(1)</script> & "co"',
+                           filenames="<img src=x onerror=alert(1)>.pdf")
+    report = build_report(make_job(), message, [], from_addr="gw@x.test", hostname="gw.test",
+                          templates=Templates(tmp_path))
+    html = report.get_body(("html",)).get_content()
+    assert html == ("<h1>&lt;script&gt;alert(1)&lt;/script&gt; &amp; &#34;co&#34;</h1>"
+                    "<p>&lt;img src=x onerror=alert(1)&gt;.pdf</p>\n")
+    assert report.get_body(("plain",)).get_content() == '<script>alert(1)</script> & "co"\n'
+
+    page = tmp_path / "report.html"
+    page.write_text("<h2>{{ job_id }}</h2>\n")
+    later = page.stat().st_mtime + 5
+    os.utime(page, (later, later))
+    again = build_report(make_job(), message, [], from_addr="gw@x.test", hostname="gw.test",
+                         templates=Templates(tmp_path))
+    assert again.get_body(("html",)).get_content() == "<h2>0123456789abcdef</h2>\n"
+
+
+def test_old_dollar_templates_and_broken_ones_are_refused_at_start(tmp_path: Path) -> None:
+    """Templates are jinja2 now: an operator's folder still holding string.Template files
+    ($headline) is refused when the daemon starts, exit 78 (the unit does not restart), with
+    the file and what to write instead; so is a template jinja2 cannot parse. Nothing is
+    mailed with "$headline" in it."""
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    (folder / "report.txt").write_text("Bericht: $headline (${job_id})\n")
+    (folder / "accepted.txt").write_text("Angenommen: {{ destination }\n")
+    (folder / "refused.txt").write_text("Abgelehnt: {{ reason }} ($5 for a stamp)\n")
+    env_file = tmp_path / "faxgw.env"
+    env_file.write_text("".join(f"{k}={v}\n" for k, v in base_env(
+        tmp_path / "var", REPORT_TEMPLATE_DIR=str(folder)).items()))
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("FAXGW_", "SIGNALWIRE_"))}
+    done = subprocess.run([sys.executable, "-m", "gateway", "run", "--config", str(env_file)],
+                          env=environ, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 78, done.stderr
+    problems = [line.strip() for line in done.stderr.splitlines()
+                if line.strip().startswith("REPORT_TEMPLATE_DIR")]
+    assert problems == [
+        f"REPORT_TEMPLATE_DIR: {folder / 'report.txt'} is a $name template (string.Template); "
+        "report templates are jinja2 now: write {{ headline }} for $headline (found: "
+        "$headline, $job_id; see docs/report-templates.md)",
+        f"REPORT_TEMPLATE_DIR: {folder / 'accepted.txt'} line 1: unexpected '}}'",
+    ], done.stderr
+    assert "Traceback" not in done.stderr
+
+    # Fixed, the same folder starts (`run --check` reads the configuration and stops).
+    (folder / "report.txt").write_text("Bericht: {{ headline }} ({{ job_id }})\n")
+    (folder / "accepted.txt").write_text("Angenommen: {{ destination }}\n")
+    done = subprocess.run([sys.executable, "-m", "gateway", "run", "--check", "--config",
+                           str(env_file)], env=environ, capture_output=True, text=True,
+                          timeout=60)
+    assert "REPORT_TEMPLATE_DIR" not in done.stderr, done.stderr
 
 
 async def test_report_carries_thumbnail_and_proof_pdf_and_bcc(

@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.sandbox.s3server import SeaweedS3
+from testsupport.s3server import SeaweedS3
 from gateway.signalwire.media import MediaError, S3MediaStore
 
 

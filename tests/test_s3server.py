@@ -1,4 +1,4 @@
-"""Proves gateway/sandbox/s3server.py gives us a real, SigV4-enforcing S3 on loopback.
+"""Proves testsupport/s3server.py gives us a real, SigV4-enforcing S3 on loopback.
 
 Every check goes over real HTTP: boto3 for signed calls, plain urllib (no
 signing, no proxies) for presigned URLs and anonymous access.
@@ -20,7 +20,7 @@ import pytest
 from botocore.client import BaseClient
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-from gateway.sandbox.s3server import SeaweedS3, SeaweedS3Error
+from testsupport.s3server import SeaweedS3, SeaweedS3Error
 
 BUCKET = "faxgw-test"
 KEY = "outbound/2024/fax-0001.pdf"

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import email.utils
-import io
 import logging
 import os
 import signal
@@ -24,9 +23,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from multidict import CIMultiDictProxy
-from reportlab.pdfgen import canvas
 
-from gateway.sandbox.harness import serve
+from testsupport.harness import serve
 from gateway.signalwire.signature import SIGNATURE_HEADER, verify_signature
 from gateway.sandbox.simulator import (
     SIM_STATE,
@@ -35,6 +33,8 @@ from gateway.sandbox.simulator import (
     install_simulator,
     parse_api_date,
 )
+
+from .conftest import make_pdf
 
 PROJECT = "b3877c40-da60-4998-90ad-b792e98472ac"
 TOKEN = "PTsimulator-api-token-secret"
@@ -48,16 +48,6 @@ FAX_RESOURCE_FIELDS = {
     "media_url", "media_sid", "num_pages", "price", "price_unit", "quality", "sid", "status",
     "duration", "url", "error_code", "error_message", "links",
 }
-
-
-def make_pdf(pages: int) -> bytes:
-    buf = io.BytesIO()
-    doc = canvas.Canvas(buf)
-    for number in range(1, pages + 1):
-        doc.drawString(72, 720, f"faxgw simulator test page {number}")
-        doc.showPage()
-    doc.save()
-    return buf.getvalue()
 
 
 PDF_2_PAGES = make_pdf(2)

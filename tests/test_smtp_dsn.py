@@ -9,7 +9,6 @@ import asyncio
 import shutil
 import smtplib
 import ssl
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import pytest
 from gateway.users import User, hash_password, write_user
 
 from .conftest import base_env, job_ids, make_pdf, pdf_mail, pg_reset
+from .helpers.tls import cert  # noqa: F401 - a fixture
 
 RCPT = "15551234567@fax.local"
 
@@ -258,16 +258,6 @@ async def test_enhanced_status_codes_on_aiosmtpds_own_replies(manual_gateway,
 
 pytestmark_tls = pytest.mark.skipif(shutil.which("openssl") is None,
                                     reason="the openssl command is needed for a certificate")
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("cert")
-    crt, key = folder / "gw.crt", folder / "gw.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=faxgw.test", "-keyout", str(key), "-out", str(crt)],
-                   check=True, capture_output=True)
-    return crt, key
 
 
 @pytest.fixture(scope="module")

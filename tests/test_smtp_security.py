@@ -10,7 +10,6 @@ import logging
 import shutil
 import smtplib
 import ssl
-import subprocess
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,21 +18,12 @@ import pytest
 from gateway.users import User, hash_password, write_user
 
 from .conftest import RelaySink, Simulator, base_env, job_ids, pdf_mail, production_env
+from .helpers.tls import cert  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None,
                                 reason="the openssl command is needed to make test certificates")
 
 RCPT = "15551234567@fax.local"
-
-
-@pytest.fixture(scope="module")
-def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("cert")
-    crt, key = folder / "gw.crt", folder / "gw.key"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=faxgw.test", "-keyout", str(key), "-out", str(crt)],
-                   check=True, capture_output=True)
-    return crt, key
 
 
 @pytest.fixture(scope="module")

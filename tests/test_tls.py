@@ -18,6 +18,7 @@ import pytest
 from aiosmtpd.smtp import SMTP as AioSMTP
 
 from gateway.smtp.tls import ReloadableTLS, cert_fingerprint, make_server_context
+from .helpers.tls import make_cert
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None,
                                 reason="the openssl command is needed to make test certificates")
@@ -31,19 +32,10 @@ CLIENT_VERSIONS = {
 HANDSHAKE_FAILED = (ssl.SSLError, ConnectionError)
 
 
-def _make_cert(directory: Path, name: str) -> tuple[Path, Path]:
-    cert, key = directory / f"{name}.crt", directory / f"{name}.key"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-subj", f"/CN={name}.faxgw.test", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60)
-    return cert, key
-
-
 @pytest.fixture(scope="session")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
     directory = tmp_path_factory.mktemp("certs")
-    return {name: _make_cert(directory, name) for name in ("a", "b")}
+    return {name: make_cert(directory, name, f"{name}.faxgw.test") for name in ("a", "b")}
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ replaced rather than added.
 from __future__ import annotations
 
 import hashlib
-import html
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.message import EmailMessage
@@ -20,6 +19,7 @@ from gateway.mail.phrases import _
 
 from gateway.text import one_line
 from gateway.mail.sender import MAIL_POLICY, Rendered, render
+from gateway.mail.templating import environment
 from gateway.phone import NumberError, format_number
 from gateway.store.inbound import InboundFax
 
@@ -145,13 +145,12 @@ def build_received(fax: InboundFax, recipient: str, *, from_addr: str, hostname:
     width = max(len(k) for k, _v in rows) + 2
     text = lead + "\n\n" + "\n".join(f"{k + ':':<{width}}{v}" for k, v in rows) + "\n"
     mail.set_content(text)
-    table = "".join(f"<tr><th align=left>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
-                    for k, v in rows)
     thumb_cid = make_msgid(domain=hostname or "faxgw.invalid") if thumbnail_png else None
-    picture = (f'<p><img src="cid:{thumb_cid[1:-1]}" alt="{html.escape(_("first page"))}" '
-               f'width="300" style="border:1px solid #888"></p>' if thumb_cid else "")
-    mail.add_alternative(f"<html><body><p>{html.escape(lead)}</p><table>{table}</table>"
-                         f"{picture}</body></html>", subtype="html")
+    # The packaged template only (REPORT_TEMPLATE_DIR is for the mails to senders), escaped.
+    page = environment(None).get_template("received.html").render(
+        lead=lead, rows=rows, thumbnail_cid=thumb_cid[1:-1] if thumb_cid else None,
+        thumbnail_alt=_("first page"))
+    mail.add_alternative(page, subtype="html")
     if thumbnail_png and thumb_cid:
         html_part = mail.get_payload()[1]  # type: ignore[index]
         # Shown in the HTML (cid:), so inline: mail programs list an `attachment` part as a

