@@ -22,7 +22,7 @@ from pypdf import PdfWriter
 from gateway.config import Settings, settings_from
 from gateway.daemon import Gateway
 from gateway.ops import logs
-from gateway.outbound.states import State
+from gateway.jobs.outbound_states import State
 # Shared with bench/ (one copy): the simulator's account, the simulator server, job ids.
 from gateway.sandbox.harness import (API_TOKEN, PROJECT_ID, SIGNING_KEY, job_ids,
                                      simulator_env)

@@ -19,7 +19,7 @@ from gateway.ops import commands
 from gateway.ops.actions import AdminError
 from gateway.daemon import Gateway
 from gateway.text import one_line
-from gateway.outbound.states import RetryPolicy, State
+from gateway.jobs.outbound_states import RetryPolicy, State
 from gateway.store.rows import Message, NewJob
 from gateway.store.base import open_store
 from gateway.store.sqlite import SqliteStore as Store

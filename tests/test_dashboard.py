@@ -21,7 +21,7 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 from gateway.cli import sample_pdf
 from gateway.daemon import Gateway
 from gateway.mail.reports import outcome
-from gateway.outbound.states import State
+from gateway.jobs.outbound_states import State
 from gateway.users import passwd_command
 from gateway.web.dashboard import app as dashboard_app
 

@@ -26,7 +26,7 @@ import pytest
 from gateway.config import settings_from
 from gateway.daemon import Gateway
 from gateway.ops import commands
-from gateway.outbound.states import State
+from gateway.jobs.outbound_states import State
 from gateway.sandbox.s3server import SeaweedS3
 from gateway.store.base import open_store
 from gateway.users import load_users, passwd_command

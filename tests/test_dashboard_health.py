@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.outbound.states import State
+from gateway.jobs.outbound_states import State
 from gateway.sandbox.s3server import SeaweedS3
 from gateway.users import passwd_command
 from gateway.web.dashboard.app import safe_next

@@ -16,7 +16,7 @@ from typing import AsyncIterator
 import aiohttp
 import pytest
 
-from gateway.outbound.states import State
+from gateway.jobs.outbound_states import State
 from gateway.store.postgres import PostgresStore
 from gateway.store.rows import Message, NewJob
 from gateway.store.sql import SqlStore

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.mail.dsn import asked, status_of
 from gateway.mail.reports import render_final_report
-from gateway.outbound.states import State
+from gateway.jobs.outbound_states import State
 from gateway.smtp import dsn
 from gateway.smtp.replies import Reply
 

@@ -11,7 +11,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.outbound.states import Job, State
+from gateway.jobs.outbound_states import Job, State
 from gateway.ops.metrics import (
     CONTENT_TYPE,
     Metrics,

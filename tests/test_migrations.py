@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.outbound.states import State
+from gateway.jobs.outbound_states import State
 from gateway.store import migrations
 from gateway.store.base import StoreError
 from gateway.store.sqlite import SqliteStore

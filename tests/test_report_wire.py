@@ -12,7 +12,7 @@ import pytest
 from gateway.mail.reports import report_content, report_message
 from gateway.mail.sender import render
 from gateway.mail.wire import write_report
-from gateway.outbound.states import State
+from gateway.jobs.outbound_states import State
 from gateway.store.rows import Attempt, Event
 
 from .test_reports import make_job, make_message

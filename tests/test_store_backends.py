@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from gateway.outbound.states import CallbackAction, State
+from gateway.jobs.outbound_states import CallbackAction, State
 from gateway.store import migrations, sql
 from gateway.store.base import StoreError
 from gateway.store.postgres import PREPARE_THRESHOLD, PostgresStore

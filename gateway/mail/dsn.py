@@ -20,7 +20,7 @@ from gateway.constants import REPORT_HEADER
 from gateway.mail.phrases import _
 from gateway.mail.reports import _reply_headers
 from gateway.mail.sender import MAIL_POLICY
-from gateway.outbound.states import Job
+from gateway.jobs.outbound_states import Job
 from gateway.phone import format_number
 from gateway.signalwire import errors
 from gateway.smtp.dsn import wants, xtext_encode

@@ -23,7 +23,7 @@ from pathlib import Path
 from string import Template
 from typing import Sequence
 
-from gateway.outbound.states import Job, State
+from gateway.jobs.outbound_states import Job, State
 from gateway.constants import REPORT_HEADER
 from gateway.text import one_line
 from gateway.mail.sender import MAIL_POLICY, Rendered, render

@@ -18,7 +18,7 @@ from gateway.ops import actions as admin
 from gateway.config import Settings
 from gateway.constants import EXIT_UNAVAILABLE
 from gateway.ops.instance import running_daemon
-from gateway.outbound.states import RetryPolicy
+from gateway.jobs.outbound_states import RetryPolicy
 from gateway.signalwire.client import SignalWireClient, SignalWireError
 from gateway.store import base as store_base
 from gateway.store.base import Store, StoreError

@@ -25,7 +25,7 @@ from gateway import defaults
 from gateway.config import Settings
 from gateway.constants import FINAL_STATUSES
 from gateway.ops.faults import crash_point
-from gateway.outbound.states import Job, RetryPolicy, State, backoff_s, retry_decision
+from gateway.jobs.outbound_states import Job, RetryPolicy, State, backoff_s, retry_decision
 from gateway.signalwire.media import MediaError, MediaStore, new_media_key
 from gateway.ops.metrics import Metrics
 from gateway.mail.sender import Notifier, NotifyError

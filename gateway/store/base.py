@@ -11,7 +11,7 @@ event loop never waits on a disk or a network round trip, and calls are serialis
 The CLI uses the same objects synchronously (`open()` ... `close()`).
 
 Every change of a job goes through one guarded transition checked against
-`gateway.outbound.states.TRANSITIONS`, and every change leaves an event. A worker step's change
+`gateway.jobs.outbound_states.TRANSITIONS`, and every change leaves an event. A worker step's change
 is fenced: it carries the lease epoch the job was claimed with (`Job.lease_epoch`, one more at
 every claim), and is made only while no other claim came since.
 """
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence, TypeVar
 
 from gateway import defaults
-from gateway.outbound.states import CallbackAction, IllegalTransition, Job, State
+from gateway.jobs.outbound_states import CallbackAction, IllegalTransition, Job, State
 from gateway.store.rows import Attempt, Event, JobListing, Message, NewJob, UnderWay
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ import math
 from dataclasses import fields
 from typing import Any, Callable, ContextManager, Iterable, Sequence
 
-from gateway.outbound.states import (ACTIVE_STATES, FINISHED, REPORT_DUE,
+from gateway.jobs.outbound_states import (ACTIVE_STATES, FINISHED, REPORT_DUE,
                                      CallbackAction, Ev, Job, State, check_transition,
                                      classify_callback)
 from gateway.store import migrations

@@ -35,7 +35,7 @@ from gateway.ops import actions
 from gateway.ops.actions import AdminError, AlreadyResent
 from gateway.ops.logs import redact
 from gateway.ops.nodes import LIVE_S
-from gateway.outbound.states import RetryPolicy
+from gateway.jobs.outbound_states import RetryPolicy
 from gateway.phone import NumberError, format_number
 from gateway.signalwire.client import SignalWireClient
 from gateway.users import LoginThrottle, UsersFile

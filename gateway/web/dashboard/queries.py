@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from gateway.mail.reports import outcome
 from gateway.ops import actions
 from gateway.ops.actions import JobRow
-from gateway.outbound.states import (ACTIVE_STATES, FINISHED, REPORT_DUE, Job, RetryPolicy,
+from gateway.jobs.outbound_states import (ACTIVE_STATES, FINISHED, REPORT_DUE, Job, RetryPolicy,
                                      State, retry_decision)
 from gateway.store import inbound
 from gateway.store.inbound import InboundFax, InboundStore
