@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from dotenv import dotenv_values
 
 from gateway import constants, defaults
-from gateway.inbound.routes import (RouteError, Routes, combine, parse_routes,
+from gateway.rules.inbound_routes import (RouteError, Routes, combine, parse_routes,
                                      parse_routes_file)
 
 
@@ -566,7 +566,7 @@ def settings_from(env: Mapping[str, str]) -> Settings:
     if require_tls and not cert:
         r.problems.append("SMTP_REQUIRE_TLS: needs TLS_CERT_FILE and TLS_KEY_FILE")
     users_file = r.file("USERS_FILE")
-    from gateway.smtp.policy import DestinationPolicy, SenderPolicy, TrustedNetworks
+    from gateway.rules.policy import DestinationPolicy, SenderPolicy, TrustedNetworks
 
     trusted = r.items("TRUSTED_NETWORKS", defaults.TRUSTED_NETWORKS)
     senders = r.items("ALLOWED_SENDERS")

@@ -31,7 +31,7 @@ from gateway.text import one_line
 from gateway.smtp import replies
 from gateway.smtp.replies import Reply
 from gateway.users import LoginThrottle, User, UsersFile, authenticate, client_key
-from gateway.smtp.policy import (DestinationPolicy, RateLimiter, SenderPolicy, TrustedNetworks,
+from gateway.rules.policy import (DestinationPolicy, RateLimiter, SenderPolicy, TrustedNetworks,
                      try_acquire_all)
 
 log = logging.getLogger(__name__)
