@@ -14,7 +14,7 @@ import time
 from typing import Awaitable, Callable
 
 from gateway import defaults
-from gateway.ops import systemd as sdnotify
+from gateway.runtime import systemd as sdnotify
 from gateway.smtp.access import Access
 from gateway.config import Settings, is_loopback_url
 from gateway.constants import EXIT_CONFIG, EXIT_DATA, EXIT_UNAVAILABLE
@@ -22,9 +22,9 @@ from gateway.documents.pool import CpuPool
 from gateway.smtp.intake import Intake
 from gateway.signalwire.media import (LocalMediaStore, MediaError, MediaStore,
                                       load_or_create_key, s3_media_store)
-from gateway.ops.instance import AlreadyRunning, DataDirLock, remove_pid_file, write_pid_file
-from gateway.ops.metrics import Metrics
-from gateway.ops.nodes import NodeHeartbeat
+from gateway.runtime.instance import AlreadyRunning, DataDirLock, remove_pid_file, write_pid_file
+from gateway.runtime.metrics import Metrics
+from gateway.runtime.nodes import NodeHeartbeat
 from gateway.mail.sender import Notifier, OutboxNotifier, RelayNotifier
 from gateway.signalwire.client import SignalWireClient
 from gateway.smtp import replies

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from gateway.config import settings_from
-from gateway.ops import actions as admin
-from gateway.ops import commands
-from gateway.ops.actions import AdminError
+from gateway.outbound import actions as admin
+from gateway.commands import jobs as commands
+from gateway.outbound.actions import AdminError
 from gateway.daemon import Gateway
 from gateway.text import one_line
 from gateway.jobs.outbound_states import RetryPolicy, State

@@ -10,7 +10,7 @@ from typing import Iterator
 
 import pytest
 
-from gateway.ops import actions as admin
+from gateway.outbound import actions as admin
 from gateway.jobs.outbound_states import State
 from gateway.store.base import open_store
 from gateway.store.postgres import PostgresStore

@@ -165,7 +165,7 @@ async def test_cli_actions_without_a_name_are_unchanged(make_gateway: GatewayFac
                                                        tmp_path: Path, simulator: Simulator,
                                                        relay: RelaySink) -> None:
     """`by` is optional: the CLI's resend records what it always did, and no operator line."""
-    from gateway.ops import actions
+    from gateway.outbound import actions
     from gateway.jobs.outbound_states import RetryPolicy
 
     gw = await make_gateway(production_env(tmp_path / "var", simulator, **relay_env(relay),

@@ -25,7 +25,7 @@ import pytest
 
 from gateway.config import settings_from
 from gateway.daemon import Gateway
-from gateway.ops import commands
+from gateway.commands import jobs as commands
 from gateway.jobs.outbound_states import State
 from gateway.sandbox.s3server import SeaweedS3
 from gateway.store.base import open_store

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from gateway.ops.logs import redact, register_secret, setup_logging, unregister_secret
+from gateway.runtime.logs import redact, register_secret, setup_logging, unregister_secret
 
 
 def lines(stream: io.StringIO) -> list[str]:

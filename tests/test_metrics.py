@@ -12,7 +12,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.jobs.outbound_states import Job, State
-from gateway.ops.metrics import (
+from gateway.runtime.metrics import (
     CONTENT_TYPE,
     Metrics,
     StoreSnapshot,

@@ -15,7 +15,7 @@ from typing import Callable
 
 from gateway.config import Settings
 from gateway.constants import IN_PROGRESS_STATUSES
-from gateway.inbound.metrics import InboundMetrics
+from gateway.inbound.counters import InboundMetrics
 from gateway.inbound.webhook import FINAL, classify
 from gateway.signalwire.client import Fax, SignalWireClient, SignalWireError
 from gateway.jobs.inbound_states import InEv

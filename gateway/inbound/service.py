@@ -10,7 +10,7 @@ from aiohttp import web
 from gateway.config import Settings
 from gateway.documents.pool import CpuPool
 from gateway.inbound.delivery import Deliverer
-from gateway.inbound.metrics import InboundMetrics
+from gateway.inbound.counters import InboundMetrics
 from gateway.inbound.reconciler import Reconciler
 from gateway.inbound.webhook import InboundWebhook
 from gateway.mail.sender import Notifier

@@ -24,10 +24,10 @@ from typing import Awaitable, Callable
 from gateway import defaults
 from gateway.config import Settings
 from gateway.constants import FINAL_STATUSES
-from gateway.ops.faults import crash_point
+from gateway.runtime.faults import crash_point
 from gateway.jobs.outbound_states import Job, RetryPolicy, State, backoff_s, retry_decision
 from gateway.signalwire.media import MediaError, MediaStore, new_media_key
-from gateway.ops.metrics import Metrics
+from gateway.runtime.metrics import Metrics
 from gateway.mail.sender import Notifier, NotifyError
 from gateway.documents.pool import CpuPool, TaskLimitError
 from gateway.mail.dsn import asked, delay_notice, report_recipient

@@ -37,7 +37,7 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, s
 
 from gateway.config import HostPort, Settings
 from gateway.constants import MAX_RCPT_ADDRESS_CHARS, SMTP_LINE_TIMEOUT_S
-from gateway.ops.metrics import Metrics
+from gateway.runtime.metrics import Metrics
 from gateway.phone import (NumberError, parse_fax_number, parse_recipient,
                            quote_rcpt_local_part)
 from gateway.smtp import dsn, replies

@@ -8,8 +8,8 @@ job's history update while the page is open. A Content-Security-Policy allows no
 own files, so even a missed escape could not run a script.
 
 The dashboard has its own listener (ADMIN_LISTEN), never the public one SignalWire reaches. It
-reads jobs only through `queries` (over `gateway.ops.actions` and the store's public methods)
-and acts through `gateway.ops.actions`, naming the administrator in the job's history.
+reads jobs only through `queries` (over `gateway.outbound.actions` and the store's public methods)
+and acts through `gateway.outbound.actions`, naming the administrator in the job's history.
 Received faxes are read through `gateway.store.inbound.InboundStore` (also via `queries`).
 """
 
@@ -31,10 +31,10 @@ from aiohttp import web
 
 from gateway.config import Settings
 from gateway.documents.pool import CpuPool, call
-from gateway.ops import actions
-from gateway.ops.actions import AdminError, AlreadyResent
-from gateway.ops.logs import redact
-from gateway.ops.nodes import LIVE_S
+from gateway.outbound import actions
+from gateway.outbound.actions import AdminError, AlreadyResent
+from gateway.runtime.logs import redact
+from gateway.runtime.nodes import LIVE_S
 from gateway.jobs.outbound_states import RetryPolicy
 from gateway.phone import NumberError, format_number
 from gateway.signalwire.client import SignalWireClient
