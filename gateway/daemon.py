@@ -30,7 +30,7 @@ from gateway.signalwire.client import SignalWireClient
 from gateway.smtp import replies
 from gateway.smtp.replies import Reply
 from gateway.smtp.server import FaxHandler, SMTPListener
-from gateway.store.spool import Spool
+from gateway.spool import Spool
 from gateway.store.base import StoreError, open_store
 from gateway.store.health import ADVICE, MB, DatabaseUnusable, Guard
 from gateway.smtp.tls import ReloadableTLS

@@ -18,7 +18,7 @@ from gateway.outbound import actions as admin
 from gateway.commands import jobs as commands
 from gateway.outbound.actions import AdminError
 from gateway.daemon import Gateway
-from gateway.text import one_line
+from gateway.sanitise import one_line
 from gateway.jobs.outbound_states import RetryPolicy, State
 from gateway.store.rows import Message, NewJob
 from gateway.store.base import open_store

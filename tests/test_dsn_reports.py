@@ -11,7 +11,7 @@ import pytest
 from gateway.mail.dsn import asked, status_of
 from gateway.mail.reports import render_final_report
 from gateway.jobs.outbound_states import State
-from gateway.smtp import dsn
+from gateway.smtp import esmtp_params as dsn
 from gateway.smtp.replies import Reply
 
 from .test_reports import make_job, make_message

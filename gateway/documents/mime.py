@@ -31,7 +31,7 @@ from typing import Iterator
 
 import pybase64
 
-from gateway.text import sanitize_header_text
+from gateway.sanitise import sanitize_header_text
 
 __all__ = [
     "KINDS",

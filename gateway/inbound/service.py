@@ -69,7 +69,7 @@ def write_sandbox_info(settings: Settings, simulator_url: str, public_base_url: 
     import json
 
     from gateway.inbound.webhook import INBOUND_ROUTE
-    from gateway.store.spool import write_durable
+    from gateway.spool import write_durable
 
     info = {"simulator_url": simulator_url, "project_id": settings.signalwire_project_id,
             "api_token": settings.signalwire_api_token,

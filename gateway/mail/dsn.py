@@ -23,10 +23,10 @@ from gateway.mail.sender import MAIL_POLICY
 from gateway.jobs.outbound_states import Job
 from gateway.phone import format_number
 from gateway.signalwire import errors
-from gateway.smtp.dsn import wants, xtext_encode
-from gateway.smtp.loops import in_domain
+from gateway.smtp.esmtp_params import wants, xtext_encode
+from gateway.mail.loop_guard import in_domain
 from gateway.store.rows import Message
-from gateway.text import one_line
+from gateway.sanitise import one_line
 
 __all__ = ["asked", "delay_notice", "delivery_status", "dsn_recipient", "dsn_report",
            "report_recipient", "status_of"]

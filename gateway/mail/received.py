@@ -18,7 +18,7 @@ from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid, parseaddr
 from gateway.mail.phrases import _
 
-from gateway.text import one_line
+from gateway.sanitise import one_line
 from gateway.mail.sender import MAIL_POLICY, Rendered, render
 from gateway.phone import NumberError, format_number
 from gateway.store.inbound import InboundFax

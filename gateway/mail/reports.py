@@ -4,7 +4,7 @@ Pure: builds an EmailMessage (text + HTML, an inline thumbnail of the first page
 sent PDF) from a job, its message, attempts and history. The layout lives in template files
 (`gateway/templates/`, each overridable by a file of the same name in REPORT_TEMPLATE_DIR);
 the phrases go through gettext, so both can be translated. Text that came in by mail reaches
-headers only through `gateway.text.one_line` and the HTML only through `html.escape`.
+headers only through `gateway.sanitise.one_line` and the HTML only through `html.escape`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from typing import Sequence
 
 from gateway.jobs.outbound_states import Job, State
 from gateway.constants import REPORT_HEADER
-from gateway.text import one_line
+from gateway.sanitise import one_line
 from gateway.mail.sender import MAIL_POLICY, Rendered, render
-from gateway.mail.wire import write_report
+from gateway.mail.report_mime import write_report
 from gateway.phone import format_number
 from gateway.signalwire import errors
 from gateway.store.rows import Attempt, Event, Message
@@ -210,7 +210,7 @@ def report_msgid(job: Job, from_addr: str, hostname: str) -> str:
 @dataclass(frozen=True)
 class ReportContent:
     """A report mail's parts, before they are put together (as an EmailMessage, or written
-    straight to the wire by gateway/mail/wire.py)."""
+    straight to the wire by gateway/mail/report_mime.py)."""
 
     headers: list[tuple[str, str]]
     text: str

@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 from gateway.jobs.outbound_states import (ACTIVE_STATES, FINISHED, REPORT_DUE, Job, RetryPolicy,
                                      State, retry_decision)
 from gateway.signalwire.media import new_media_key
-from gateway.text import one_line
+from gateway.sanitise import one_line
 from gateway.phone import NumberError, format_number
 from gateway.mail.reports import outcome
 from gateway.signalwire.client import SignalWireClient, SignalWireError

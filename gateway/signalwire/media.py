@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Protocol, TypeVa
 
 import aiohttp
 
-from gateway.store.spool import copy_durable
+from gateway.spool import copy_durable
 
 if TYPE_CHECKING:
     from gateway.config import Settings

@@ -26,7 +26,7 @@ from email.utils import format_datetime, parseaddr
 from pathlib import Path
 from typing import Any, Callable, Coroutine, Sequence
 
-from gateway.smtp import dsn as dsn_params, replies
+from gateway.smtp import esmtp_params as dsn_params, replies
 from gateway.smtp.access import Access, Client
 from gateway.smtp.replies import Reply
 from gateway.config import Settings
@@ -40,12 +40,12 @@ from gateway.documents.partial import (PartConflict, PartialError, PartialStore,
                                        SetsFull)
 from gateway.mail.sender import Notifier, NotifyError
 from gateway.mail.reports import Templates, build_receipt, build_refusal
-from gateway.smtp.loops import automatic_mail, in_domain
+from gateway.mail.loop_guard import automatic_mail, in_domain
 from gateway.smtp.partials import Expired, Partials
-from gateway.store.spool import Spool, copy_durable, fsync_dir
+from gateway.spool import Spool, copy_durable, fsync_dir
 from gateway.store.base import Store, StoreError
 from gateway.store.rows import Message, NewJob
-from gateway.text import one_line
+from gateway.sanitise import one_line
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from gateway.jobs.outbound_states import (ACTIVE_STATES, FINISHED, REPORT_DUE,
                                      CallbackAction, Ev, Job, State, check_transition,
                                      classify_callback)
 from gateway.store import migrations
-from gateway.text import one_line
+from gateway.sanitise import one_line
 from gateway.store.base import Store, StoreError
 from gateway.store.rows import Attempt, Event, JobListing, Message, NewJob, UnderWay
 

@@ -18,7 +18,7 @@ from gateway.signalwire.media import MEDIA_ROUTE, LocalMediaStore
 from gateway.runtime.metrics import Metrics, aiohttp_handler
 from gateway.signalwire.signature import verify_signature
 from gateway.store.base import Store, StoreError
-from gateway.text import one_line
+from gateway.sanitise import one_line
 
 log = logging.getLogger(__name__)
 
