@@ -32,7 +32,7 @@ from gateway.mail.sender import Notifier, NotifyError
 from gateway.documents.pool import CpuPool, TaskLimitError
 from gateway.mail.dsn import asked, delay_notice, report_recipient
 from gateway.mail.reports import outcome, render_final_report
-from gateway.smtp.esmtp_params import wants
+from gateway.mail.dsn_values import wants
 from gateway.smtp.intake import expire_partials
 from gateway.signalwire.client import (SendOutcomeUnknown, SendRefused, SendRetryable, SignalWireClient,
                          SignalWireError)
