@@ -28,12 +28,12 @@ from reportlab.pdfgen import canvas
 
 from gateway.sandbox.harness import serve
 from gateway.signalwire.signature import SIGNATURE_HEADER, verify_signature
+from gateway.sandbox.fax_records import parse_api_date
 from gateway.sandbox.simulator import (
     SIM_STATE,
     SimulatorState,
     create_simulator_app,
     install_simulator,
-    parse_api_date,
 )
 
 PROJECT = "b3877c40-da60-4998-90ad-b792e98472ac"

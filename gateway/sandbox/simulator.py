@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
-import email.utils
 import hmac
 import io
 import logging
@@ -34,10 +31,8 @@ import signal
 import sys
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Final, TypeAlias
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 
 import aiohttp
 from aiohttp import web
@@ -45,6 +40,9 @@ from yarl import URL
 
 from gateway.constants import API_PATH, QUALITIES, TTL_MAX_MINUTES, TTL_MIN_MINUTES
 from gateway.signalwire import errors
+from gateway.sandbox.fax_records import (CallbackAttempt, MediaFailure, MediaFetch, SimFax,
+                                         basic_credentials, is_http_url, parse_api_date,
+                                         redact_url, utc_now)
 from gateway.signalwire.signature import SIGNATURE_HEADER, compute_signature
 
 log = logging.getLogger(__name__)
@@ -96,196 +94,6 @@ _SIP_URI = re.compile(r"sips?:[^\s@]+@[^\s]+", re.IGNORECASE)
 FailSpec: TypeAlias = tuple[int, dict[str, Any]] | tuple[int, dict[str, Any], dict[str, str]]
 
 
-class _MediaFailure(Exception):
-    """The media could not be turned into a fax: becomes the fax's error code and message."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def _now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-def _rfc2822(moment: datetime) -> str:
-    """Twilio/SignalWire date style: ``Tue, 26 Nov 2024 17:43:00 +0000``."""
-    return email.utils.format_datetime(moment)
-
-
-def _redact(url: str) -> str:
-    """A URL fit for a log line: no userinfo, no query (a presigned URL's query is a secret)
-    and only the first path segment (the gateway's media and callback paths carry tokens)."""
-    try:
-        parts = urlsplit(url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "<unparseable url>"
-    if ":" in host:
-        host = f"[{host}]"
-    first = parts.path.lstrip("/").split("/", 1)[0]
-    path = f"/{first}/..." if first and first != parts.path.strip("/") else parts.path
-    return f"{parts.scheme}://{host}{port}{path}"
-
-
-def _is_http_url(url: str) -> bool:
-    if not url or any(ch.isspace() for ch in url):
-        return False
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - raises ValueError on a bad port
-    except ValueError:
-        return False
-    return parts.scheme in ("http", "https") and bool(parts.hostname)
-
-
-def parse_api_date(text: str) -> datetime:
-    """A list filter date: ISO 8601 (date or date-time) or RFC 2822; naive means UTC.
-
-    A ``+`` in an unencoded query string arrives as a space, so that is retried as ``+``.
-    """
-    text = text.strip()
-    moment: datetime | None = None
-    for candidate in (text, text.replace(" ", "+")):
-        try:
-            moment = datetime.fromisoformat(candidate)
-            break
-        except ValueError:
-            continue
-    if moment is None:
-        try:
-            moment = email.utils.parsedate_to_datetime(text)
-        except (TypeError, ValueError, IndexError) as exc:
-            raise ValueError(f"not an ISO 8601 or RFC 2822 date: {text!r}") from exc
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment
-
-
-@dataclass
-class MediaFetch:
-    """One request the simulator made for a fax's MediaUrl."""
-
-    fax_sid: str
-    url: str
-    method: str
-    status: int | None = None
-    content_type: str | None = None
-    size_bytes: int = 0
-    num_pages: int | None = None
-    error_code: str | None = None
-    error: str | None = None
-
-
-@dataclass
-class CallbackAttempt:
-    """One POST of a status callback; ``status`` is None when no HTTP response came back."""
-
-    fax_sid: str
-    url: str
-    params: dict[str, str]
-    signature: str
-    attempt: int
-    status: int | None = None
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.status is not None and 200 <= self.status < 300
-
-
-@dataclass(eq=False)
-class SimFax:
-    """An outbound fax as the simulator tracks it."""
-
-    sid: str
-    seq: int
-    account_sid: str
-    to: str
-    from_: str
-    media_url: str
-    quality: str
-    ttl_min: int
-    status_callback: str | None
-    store_media: bool
-    uri: str
-    media_base_url: str
-    date_created: datetime
-    date_updated: datetime
-    media_sid: str = field(default_factory=lambda: str(uuid.uuid4()))
-    status: str = "queued"
-    num_pages: str | None = None
-    duration: int = 0
-    error_code: str | None = None
-    error_message: str | None = None
-    remote_station_id: str | None = None
-    media_bytes: bytes | None = None
-    direction: str = "outbound"
-    # Set when the fax may leave "queued" (queue released, or canceled).
-    released: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-    # Set when the background work, callback delivery included, has ended.
-    finished: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
-
-    def set_status(self, status: str, *, code: str | None = None,
-                   message: str | None = None) -> None:
-        self.status = status
-        self.error_code = code
-        self.error_message = message
-        self.date_updated = _now()
-
-    @property
-    def stored_media_url(self) -> str | None:
-        if self.media_bytes is None:
-            return None
-        return f"{self.media_base_url}{self.uri}/Media/{self.media_sid}"
-
-    def resource(self) -> dict[str, Any]:
-        """The fax as the API's JSON resource."""
-        return {
-            "account_sid": self.account_sid,
-            "api_version": "v1",
-            "date_created": _rfc2822(self.date_created),
-            "date_updated": _rfc2822(self.date_updated),
-            "direction": self.direction,
-            "from": self.from_,
-            "to": self.to,
-            "media_url": self.media_url,
-            "media_sid": self.media_sid,
-            "num_pages": self.num_pages,
-            "price": None,
-            "price_unit": "USD",
-            "quality": self.quality,
-            "sid": self.sid,
-            "status": self.status,
-            "duration": self.duration,
-            "url": self.uri,
-            "error_code": self.error_code,
-            "error_message": self.error_message,
-            "links": {"media": f"{self.uri}/Media"},
-        }
-
-    def callback_params(self) -> dict[str, str]:
-        """Status callback form fields; absent values are left out, as SignalWire does."""
-        params: dict[str, str | None] = {
-            "FaxSid": self.sid,
-            "AccountSid": self.account_sid,
-            "ApiVersion": "v1",
-            "From": self.from_,
-            "To": self.to,
-            "FaxStatus": self.status,
-            "NumPages": self.num_pages,
-            "MediaSid": self.media_sid if self.media_bytes is not None else None,
-            "MediaUrl": self.stored_media_url,
-            "OriginalMediaUrl": self.media_url,
-            "RemoteStationId": self.remote_station_id,
-            "ErrorCode": self.error_code,
-            "ErrorMessage": self.error_message,
-        }
-        return {name: value for name, value in params.items() if value is not None}
-
-
 class SimulatorState:
     """What the simulator saw and did, plus knobs a test turns to inject faults.
 
@@ -333,7 +141,7 @@ class SimulatorState:
         # When set, a From outside it is refused with 21210 (not a number of this project).
         self.from_numbers: set[str] | None = None
 
-        # Inbound faxes (gateway/sandbox/inbound.py), set by install_inbound.
+        # Inbound faxes (gateway/sandbox/inbound_faxes.py), set by install_inbound.
         self.inbound: Any = None
 
         self._seq = 0
@@ -462,7 +270,7 @@ class SimulatorState:
         fax.set_status("processing")
         try:
             pages = await self._fetch_media(fax)
-        except _MediaFailure as failure:
+        except MediaFailure as failure:
             fax.set_status("failed", code=failure.code, message=failure.message)
             return
         fax.set_status("sending")
@@ -498,12 +306,12 @@ class SimulatorState:
                     if fax.store_media:
                         fax.media_bytes = body
                     log.info("fax %s: media %s %s bytes=%d pages=%d", fax.sid,
-                             _redact(fax.media_url), record.status, len(body), pages)
+                             redact_url(fax.media_url), record.status, len(body), pages)
                     return pages
-            except _MediaFailure as failure:
+            except MediaFailure as failure:
                 record.error_code = failure.code
                 record.error = record.error or failure.message
-                log.info("fax %s: media %s %s: %s", fax.sid, method, _redact(fax.media_url),
+                log.info("fax %s: media %s %s: %s", fax.sid, method, redact_url(fax.media_url),
                          record.error)
                 raise
         raise AssertionError("unreachable: the loop ends with a GET")
@@ -516,23 +324,23 @@ class SimulatorState:
                 record.status = resp.status
                 record.content_type = resp.headers.get("Content-Type")
                 if 300 <= resp.status < 400:
-                    raise _MediaFailure(ERR_MEDIA_REDIRECT,
+                    raise MediaFailure(ERR_MEDIA_REDIRECT,
                                         "Media URL redirected: redirects are not followed")
                 if not 200 <= resp.status < 300:
-                    raise _MediaFailure(ERR_MEDIA_DOWNLOAD, "Media could not be downloaded")
+                    raise MediaFailure(ERR_MEDIA_DOWNLOAD, "Media could not be downloaded")
                 if method == "HEAD":
                     return b""
                 body = bytearray()
                 async for chunk in resp.content.iter_chunked(64 * 1024):
                     body += chunk
                     if len(body) > MAX_MEDIA_BYTES:
-                        raise _MediaFailure(ERR_MEDIA_DOWNLOAD,
+                        raise MediaFailure(ERR_MEDIA_DOWNLOAD,
                                             "Media could not be downloaded: too large")
                 record.size_bytes = len(body)
                 return bytes(body)
         except (aiohttp.ClientError, TimeoutError) as exc:
             record.error = f"{type(exc).__name__}: {exc}"
-            raise _MediaFailure(ERR_MEDIA_DOWNLOAD, "Media could not be downloaded") from exc
+            raise MediaFailure(ERR_MEDIA_DOWNLOAD, "Media could not be downloaded") from exc
 
     async def _deliver_callback(self, fax: SimFax) -> None:
         """POST the signed final status: 3 attempts, 2 s connect / 5 s read, then dropped."""
@@ -560,7 +368,7 @@ class SimulatorState:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 record.error = f"{type(exc).__name__}: {exc}"
             log.info("fax %s: callback %s attempt %d/%d -> %s", fax.sid,
-                     _redact(fax.status_callback), attempt, CALLBACK_ATTEMPTS,
+                     redact_url(fax.status_callback), attempt, CALLBACK_ATTEMPTS,
                      record.status if record.status is not None else record.error)
             if record.ok:
                 return
@@ -586,15 +394,15 @@ async def _check_pdf(body: bytes, content_type: str | None, strict_type: bool) -
     """Pages of a PDF body; anything else is 12300, as SignalWire sends PDF only."""
     media_type = (content_type or "").split(";")[0].strip().lower()
     if strict_type and media_type != "application/pdf":
-        raise _MediaFailure(ERR_CONTENT_TYPE, "Invalid content type")
+        raise MediaFailure(ERR_CONTENT_TYPE, "Invalid content type")
     if not body.startswith(b"%PDF-"):
-        raise _MediaFailure(ERR_CONTENT_TYPE, "Invalid content type")
+        raise MediaFailure(ERR_CONTENT_TYPE, "Invalid content type")
     try:
         pages = await asyncio.to_thread(_count_pages, body)
     except Exception as exc:  # pypdf raises many types on a broken file
-        raise _MediaFailure(ERR_CONTENT_TYPE, "Invalid content type: unreadable PDF") from exc
+        raise MediaFailure(ERR_CONTENT_TYPE, "Invalid content type: unreadable PDF") from exc
     if pages < 1:
-        raise _MediaFailure(ERR_CONTENT_TYPE, "Invalid content type: PDF without pages")
+        raise MediaFailure(ERR_CONTENT_TYPE, "Invalid content type: PDF without pages")
     return pages
 
 
@@ -623,7 +431,7 @@ def _validate_send(fields: dict[str, str],
                       "'From' phone number is not a number of this project")
     if not media_url:
         return _error(400, ERR_BAD_MEDIA_URL, "'MediaUrl' is required")
-    if not _is_http_url(media_url):
+    if not is_http_url(media_url):
         return _error(400, ERR_BAD_MEDIA_URL, "Invalid media URL")
     if fields.get("Quality", "fine") not in QUALITIES:
         return _error(400, ERR_INVALID_PARAMETER,
@@ -637,7 +445,7 @@ def _validate_send(fields: dict[str, str],
             return _error(400, ERR_INVALID_PARAMETER,
                           f"Invalid 'Ttl': minutes {TTL_MIN_MINUTES}..{TTL_MAX_MINUTES}")
     callback = fields.get("StatusCallback")
-    if callback is not None and not _is_http_url(callback):
+    if callback is not None and not is_http_url(callback):
         return _error(400, ERR_BAD_CALLBACK_URL, "Invalid 'StatusCallback' URL")
     if fields.get("StatusCallbackMethod", "POST").upper() != "POST":
         return _error(400, ERR_INVALID_PARAMETER,
@@ -665,22 +473,6 @@ def _page_query(filters: list[tuple[str, str]], size: int, page: int,
     return urlencode(query)
 
 
-def _basic_credentials(header: str) -> tuple[bytes, bytes]:
-    """(user, password) from a Basic Authorization header; empty ones when it is not one.
-
-    Parsed by hand: aiohttp 3.14 deprecates BasicAuth, and bytes suit compare_digest.
-    """
-    scheme, _, encoded = header.strip().partition(" ")
-    if scheme.lower() != "basic":
-        return b"", b""
-    try:
-        decoded = base64.b64decode(encoded.strip(), validate=True)
-    except (binascii.Error, ValueError):
-        return b"", b""
-    user, _, password = decoded.partition(b":")
-    return user, password
-
-
 class _Api:
     """The HTTP handlers, bound to one state and one set of credentials."""
 
@@ -691,7 +483,7 @@ class _Api:
 
     def _guard(self, request: web.Request) -> web.Response | None:
         """Basic auth, then the project in the path: 401 before 404, as the API does."""
-        user, password = _basic_credentials(request.headers.get("Authorization", ""))
+        user, password = basic_credentials(request.headers.get("Authorization", ""))
         user_ok = hmac.compare_digest(user, self._user)
         password_ok = hmac.compare_digest(password, self._password)
         if not (user_ok and password_ok):
@@ -730,7 +522,7 @@ class _Api:
             return _injected_failure(spec)
         if (problem := _validate_send(fields, state.from_numbers)) is not None:
             return problem
-        now = _now()
+        now = utc_now()
         sid = str(uuid.uuid4())
         fax = SimFax(
             sid=sid, seq=state._next_seq(), account_sid=state.project_id,
@@ -745,8 +537,8 @@ class _Api:
         state.faxes[sid] = fax
         state._spawn(fax)
         log.info("fax %s: queued to=%s media=%s callback=%s", sid, fax.to,
-                 _redact(fax.media_url),
-                 _redact(fax.status_callback) if fax.status_callback else "-")
+                 redact_url(fax.media_url),
+                 redact_url(fax.status_callback) if fax.status_callback else "-")
         await state._fax_created()
         if state.drop_next_send_responses > 0:
             state.drop_next_send_responses -= 1
@@ -904,7 +696,7 @@ def install_simulator(app: web.Application, *, project_id: str, api_token: str,
     app.router.add_delete(faxes + "/{sid}", api.delete)
     app.router.add_get(faxes + "/{sid}/Media/{media_sid}", api.media)
     app.router.add_delete(faxes + "/{sid}/Media/{media_sid}", api.media)
-    from gateway.sandbox.inbound import install_inbound
+    from gateway.sandbox.inbound_faxes import install_inbound
 
     install_inbound(app, state, api, _normalise_base_path(base_path))
     app[SIM_STATE] = state
