@@ -20,7 +20,7 @@ from gateway.config import Settings, is_loopback_url
 from gateway.constants import EXIT_CONFIG, EXIT_DATA, EXIT_UNAVAILABLE
 from gateway.documents.pool import CpuPool
 from gateway.smtp.intake import Intake
-from gateway.signalwire.media import (LocalMediaStore, MediaError, MediaStore,
+from gateway.media_store import (LocalMediaStore, MediaError, MediaStore,
                                       load_or_create_key, s3_media_store)
 from gateway.runtime.instance import AlreadyRunning, DataDirLock, remove_pid_file, write_pid_file
 from gateway.runtime.metrics import Metrics
@@ -34,8 +34,8 @@ from gateway.spool import Spool
 from gateway.store.base import StoreError, open_store
 from gateway.store.health import ADVICE, MB, DatabaseUnusable, Guard
 from gateway.smtp.tls import ReloadableTLS
-from gateway.web.app import CALLBACK_ROUTE, SANDBOX_PREFIX, WebApp
-from gateway.outbound.worker import Worker
+from gateway.web.http_listener import CALLBACK_ROUTE, SANDBOX_PREFIX, WebApp
+from gateway.outbound.job_runner import Worker
 from gateway.inbound.service import Inbound, write_sandbox_info
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class Gateway:
         self.dashboard = None
         if settings.admin_listen is not None:
             # Imported only when on: jinja2 and the templates stay out of a daemon without it.
-            from gateway.web.dashboard.app import Dashboard
+            from gateway.web.dashboard.routes import Dashboard
 
             self.dashboard = Dashboard(settings, self.store, clock=clock,
                                        wake=self._wake_worker, ready=self.web.ready_status,

@@ -23,7 +23,7 @@ from gateway.daemon import Gateway
 from gateway.mail.reports import outcome
 from gateway.jobs.outbound_states import State
 from gateway.users import passwd_command
-from gateway.web.dashboard import app as dashboard_app
+from gateway.web.dashboard import routes as dashboard_app
 
 from .conftest import (GatewayFactory, RelaySink, Simulator, job_ids, pdf_mail, production_env,
                        needs, relay_env, smtp_send, wait_state)

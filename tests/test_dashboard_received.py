@@ -17,7 +17,7 @@ from gateway.cli import sample_pdf
 from gateway.daemon import Gateway
 from gateway.inbound.webhook import INBOUND_ROUTE
 from gateway.users import passwd_command
-from gateway.web.dashboard import app as dashboard_app
+from gateway.web.dashboard import routes as dashboard_app
 
 from .conftest import (GatewayFactory, FakeClock, RelaySink, Simulator, make_pdf,
                        production_env, relay_env)

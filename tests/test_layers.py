@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("files and documents", ("gateway.spool", "gateway.documents")),
     ("store", ("gateway.store",)),
     ("runtime", ("gateway.runtime",)),
-    ("clients", ("gateway.mail", "gateway.signalwire", "gateway.media", "gateway.sandbox")),
+    ("clients", ("gateway.mail", "gateway.signalwire", "gateway.media_store", "gateway.sandbox")),
     ("smtp", ("gateway.smtp",)),
     ("outbound", ("gateway.outbound",)),
     ("inbound", ("gateway.inbound",)),

@@ -22,7 +22,7 @@ from gateway.jobs.outbound_states import RetryPolicy
 from gateway.signalwire.client import SignalWireClient, SignalWireError
 from gateway.store import base as store_base
 from gateway.store.base import Store, StoreError
-from gateway.web.app import SANDBOX_PREFIX
+from gateway.web.http_listener import SANDBOX_PREFIX
 
 EX_OK, EX_FAIL = 0, 1
 
@@ -167,7 +167,7 @@ async def _cancel_at_signalwire(settings: Settings, sid: str) -> None:
 
 
 async def _probe_s3(settings: Settings) -> str:
-    from gateway.signalwire.media import s3_media_store
+    from gateway.media_store import s3_media_store
 
     store = s3_media_store(settings, 20)
     await store.start()

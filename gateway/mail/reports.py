@@ -258,7 +258,7 @@ def build_report(job: Job, message: Message, events: Sequence[Event],
 
 
 def report_message(content: ReportContent) -> EmailMessage:
-    """The report as an EmailMessage (tests, and any report wire.py does not write)."""
+    """The report as an EmailMessage (tests, and any report report_mime.py does not write)."""
     report = EmailMessage(policy=MAIL_POLICY)
     for name, value in content.headers:
         report[name] = value

@@ -26,7 +26,7 @@ from typing import Iterable, Sequence
 
 from gateway.jobs.outbound_states import (ACTIVE_STATES, FINISHED, REPORT_DUE, Job, RetryPolicy,
                                      State, retry_decision)
-from gateway.signalwire.media import new_media_key
+from gateway.media_store import new_media_key
 from gateway.sanitise import one_line
 from gateway.phone import NumberError, format_number
 from gateway.mail.reports import outcome

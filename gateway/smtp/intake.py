@@ -33,7 +33,7 @@ from gateway.config import Settings
 from gateway.documents.pool import CpuPool, NoTurnError, TaskLimitError, call
 from gateway.documents.model import DocOptions, DocumentError
 from gateway.runtime.faults import crash_point
-from gateway.signalwire.media import MediaError, MediaStore, new_media_key
+from gateway.media_store import MediaError, MediaStore, new_media_key
 from gateway.runtime.metrics import Metrics
 from gateway.documents.mime import MimeError, ParsedMail
 from gateway.documents.partial import (PartConflict, PartialError, PartialStore, Received,

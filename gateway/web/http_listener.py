@@ -14,7 +14,7 @@ from aiohttp import web
 from gateway.config import Settings
 from gateway.constants import MAX_CALLBACK_BODY_BYTES
 from gateway.jobs.outbound_states import CallbackAction
-from gateway.signalwire.media import MEDIA_ROUTE, LocalMediaStore
+from gateway.media_store import MEDIA_ROUTE, LocalMediaStore
 from gateway.runtime.metrics import Metrics, aiohttp_handler
 from gateway.signalwire.signature import verify_signature
 from gateway.store.base import Store, StoreError

@@ -1,4 +1,4 @@
-"""The worker: moves every due job one step along its state machine (see jobs.py).
+"""The worker: moves every due job one step along its state machine (see gateway/jobs/outbound_states.py).
 
 Each job carries `next_run_at`; the worker runs what is due, at most `worker_concurrency` at a
 time, and sleeps until the next due time or until woken (new mail, a final callback). Every step
@@ -26,7 +26,7 @@ from gateway.config import Settings
 from gateway.constants import FINAL_STATUSES
 from gateway.runtime.faults import crash_point
 from gateway.jobs.outbound_states import Job, RetryPolicy, State, backoff_s, retry_decision
-from gateway.signalwire.media import MediaError, MediaStore, new_media_key
+from gateway.media_store import MediaError, MediaStore, new_media_key
 from gateway.runtime.metrics import Metrics
 from gateway.mail.sender import Notifier, NotifyError
 from gateway.documents.pool import CpuPool, TaskLimitError
