@@ -34,7 +34,8 @@ from gateway.spool import Spool
 from gateway.store.base import StoreError, open_store
 from gateway.store.health import ADVICE, MB, DatabaseUnusable, Guard
 from gateway.smtp.tls import ReloadableTLS
-from gateway.web.http_listener import CALLBACK_ROUTE, SANDBOX_PREFIX, WebApp
+from gateway.outbound.callbacks import CALLBACK_ROUTE
+from gateway.web.http_listener import SANDBOX_PREFIX, WebApp
 from gateway.outbound.job_runner import Worker
 from gateway.inbound.service import Inbound, write_sandbox_info
 

@@ -1,4 +1,5 @@
-"""The HTTP edge (aiohttp): SignalWire status callbacks, local media, health.
+"""The HTTP edge (aiohttp): SignalWire status callbacks (gateway/outbound/callbacks.py), local
+media, health, metrics.
 
 Paths carry secrets (callback tokens, media tokens), so aiohttp's access log is off and our own
 log lines never include them.
@@ -13,32 +14,14 @@ from aiohttp import web
 
 from gateway.config import Settings
 from gateway.constants import MAX_CALLBACK_BODY_BYTES
-from gateway.jobs.outbound_states import CallbackAction
 from gateway.media_store import MEDIA_ROUTE, LocalMediaStore
+from gateway.outbound.callbacks import CALLBACK_ROUTE, StatusCallbacks
 from gateway.runtime.metrics import Metrics, aiohttp_handler
-from gateway.signalwire.signature import verify_signature
-from gateway.store.base import Store, StoreError
-from gateway.sanitise import one_line
+from gateway.store.base import Store
 
 log = logging.getLogger(__name__)
 
-CALLBACK_ROUTE = "/signalwire/status"
 SANDBOX_PREFIX = "/sandbox/signalwire"
-MAX_TOKEN_CHARS = 128
-
-
-def _int(value: str | None) -> int | None:
-    try:
-        return None if value in (None, "") else int(str(value))
-    except ValueError:
-        return None
-
-
-def _short(value: object, limit: int = 300) -> str | None:
-    """A callback form field as one bounded line of text, or None when absent or empty."""
-    if not isinstance(value, str):
-        return None
-    return one_line(value, limit) or None
 
 
 class WebApp:
@@ -55,7 +38,8 @@ class WebApp:
         self.app.router.add_get("/metrics", aiohttp_handler(self.metrics, store,
                                                             token=settings.metrics_token))
         self.ready_checks: list[Callable[[], Awaitable[tuple[str, bool, str]]]] = []
-        self.app.router.add_post(CALLBACK_ROUTE + "/{token}", self.status_callback)
+        self.callbacks = StatusCallbacks(settings, store, self.metrics, on_final)
+        self.app.router.add_post(CALLBACK_ROUTE + "/{token}", self.callbacks.status_callback)
         if media is not None:
             self.app.router.add_get(MEDIA_ROUTE + "/{token}", self.media_file)  # HEAD too
         self._runner: web.AppRunner | None = None
@@ -97,58 +81,6 @@ class WebApp:
         ready = all(c["ok"] for c in checks.values())
         return web.json_response({"status": "ready" if ready else "not ready",
                                   "checks": checks}, status=200 if ready else 503)
-
-    async def status_callback(self, request: web.Request) -> web.Response:
-        """A job's status callback. With the job store not answering (an outage, a connection
-        killed under it), 503: SignalWire tries the callback again, as for the inbound
-        completion; the status poll finds a status whose callbacks all came in vain."""
-        try:
-            return await self._status_callback(request)
-        except Exception as exc:
-            if not (isinstance(exc, StoreError) or self.store.is_db_error(exc)):
-                raise
-            log.warning("status callback not recorded, answered 503 so SignalWire tries "
-                        "again: the job store did not answer: %s: %s", type(exc).__name__,
-                        one_line(str(exc), 200))
-            raise web.HTTPServiceUnavailable(text="try later",
-                                             headers={"Retry-After": "5"}) from None
-
-    async def _status_callback(self, request: web.Request) -> web.Response:
-        token = request.match_info["token"]
-        if len(token) > MAX_TOKEN_CHARS:
-            raise web.HTTPNotFound()
-        job = await self.store.run(self.store.job_by_token, token)
-        if job is None or not job.callback_url:
-            log.warning("callback for an unknown job from %s: ignored", request.remote)
-            raise web.HTTPNotFound()
-        form = await request.post()
-        params = [(k, v) for k, v in form.items() if isinstance(v, str)]
-        signature = (request.headers.get("X-SignalWire-Signature")
-                     or request.headers.get("X-Twilio-Signature"))
-        if not verify_signature(self.s.signalwire_signing_key, job.callback_url, params,
-                                signature):
-            log.warning("job %s: callback with a %s signature from %s: refused", job.id,
-                        "wrong" if signature else "missing", request.remote)
-            await self.store.run(self.store.add_event, job.id, "callback-refused",
-                                 f"bad signature from {request.remote}")
-            self.metrics.callback_refused()
-            raise web.HTTPForbidden(text="signature check failed")
-        account = form.get("AccountSid")
-        if account and account != self.s.signalwire_project_id:
-            log.warning("job %s: signed callback for another account: refused", job.id)
-            raise web.HTTPForbidden(text="wrong account")
-        status = _short(form.get("FaxStatus"), 40)
-        action = await self.store.run(
-            lambda: self.store.record_status(
-                job, _short(form.get("FaxSid"), 64), status,
-                pages=_int(_short(form.get("NumPages"), 10)), duration_s=None,
-                error_code=_short(form.get("ErrorCode"), 20),
-                error_message=_short(form.get("ErrorMessage")), source="callback"))
-        log.log(logging.INFO if action is CallbackAction.FINAL else logging.DEBUG,
-                "job %s: callback status %s -> %s", job.id, status, action.value)
-        if action is CallbackAction.FINAL:
-            self.on_final()
-        return web.Response(text="OK")
 
     async def media_file(self, request: web.Request) -> web.StreamResponse:
         assert self.media is not None
