@@ -25,7 +25,8 @@ def test_text_lines() -> None:
     log.info("job %s: reported (%s)", "3f9c0a7e21b4d8c5", "delivered")
     log.debug("not shown")
     [line] = lines(out)
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO gateway\.outbound\.worker: "
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO "
+                        r"gateway\.outbound\.job_runner: "
                         r"job 3f9c0a7e21b4d8c5: reported \(delivered\)", line), line
 
 
