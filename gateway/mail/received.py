@@ -174,7 +174,8 @@ def render_received(fax: InboundFax, recipients: list[tuple[str, bool]], pdf: by
     """
     thumb = None
     if pdf is not None and attach and thumbnail:
-        from gateway.documents.convert import ConvertError, first_page_png
+        from gateway.documents.convert import ConvertError
+        from gateway.documents.thumbnails import first_page_png
 
         try:
             thumb = first_page_png(pdf, 300)

@@ -298,7 +298,8 @@ def render_final_report(job: Job, message: Message, events: Sequence[Event],
             pdf = None
     thumb = None
     if thumbnail and (pdf is not None or (not attach_pdf and document.is_file())):
-        from gateway.documents.convert import ConvertError, first_page_png
+        from gateway.documents.convert import ConvertError
+        from gateway.documents.thumbnails import first_page_png
 
         try:  # from the file when it is not attached: PDFium reads only page 1
             thumb = first_page_png(pdf if pdf is not None else document, 300)
