@@ -12,7 +12,7 @@ import pytest
 from gateway.jobs.outbound_states import State
 from gateway.sandbox.s3server import SeaweedS3
 from gateway.users import passwd_command
-from gateway.web.dashboard.routes import safe_next
+from gateway.web.dashboard.filters import safe_next
 
 from .conftest import (GatewayFactory, Simulator, job_ids, pdf_mail, pg_reset, production_env,
                        smtp_send, wait_state)
