@@ -1,6 +1,6 @@
 """What the SignalWire simulator keeps about each fax (`SimFax`, its media fetches and callback
-attempts) and the small helpers both of its directions use: the sending API and engine
-(gateway/sandbox/simulator.py) and the faxes that come in (gateway/sandbox/inbound_faxes.py).
+attempts) and the small helpers both of its directions use: sending (gateway/sandbox/fax_api.py
+and fax_engine.py) and the faxes that come in (gateway/sandbox/inbound_faxes.py).
 """
 
 from __future__ import annotations
