@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.smtp.intake import new_id
-from gateway.signalwire.media import new_media_key
+from gateway.media_store import new_media_key
 from gateway.store.rows import Message, NewJob
 from gateway.store.sqlite import SqliteStore as Store
 

@@ -29,7 +29,7 @@ def _load(args: argparse.Namespace) -> Settings:
 
 
 def _setup_logging(settings: Settings, level: str | None = None) -> None:
-    from gateway.ops import logs
+    from gateway.runtime import logs
 
     logs.setup_logging(level or settings.log_level, settings.log_format)
     for secret in (settings.signalwire_api_token, settings.signalwire_signing_key,
@@ -68,7 +68,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from gateway.ops.commands import check_config
+    from gateway.commands.jobs import check_config
 
     settings = _load(args)
     _setup_logging(settings, "WARNING")
@@ -76,18 +76,18 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from gateway.ops import commands as ops
+    from gateway.commands import jobs as commands
 
     fmt = "json" if args.json else "csv" if args.csv else "table"
-    return ops.jobs(_load(args), status=args.status, to=args.to, sender=args.sender,
+    return commands.jobs(_load(args), status=args.status, to=args.to, sender=args.sender,
                     since=args.since, limit=args.limit, fmt=fmt)
 
 
 def cmd_job_action(args: argparse.Namespace) -> int:
-    from gateway.ops import commands as ops
+    from gateway.commands import jobs as commands
 
-    action = {"job": ops.job, "resend": ops.resend, "cancel": ops.cancel,
-              "report": ops.report}[args.command]
+    action = {"job": commands.job, "resend": commands.resend, "cancel": commands.cancel,
+              "report": commands.report}[args.command]
     return action(_load(args), args.job_id)
 
 
@@ -222,8 +222,8 @@ def cmd_send(args: argparse.Namespace) -> int:
 def cmd_received(args: argparse.Namespace) -> int:
     import time
 
-    from gateway.inbound.commands import received
-    from gateway.ops.actions import AdminError, parse_since
+    from gateway.commands.received import received
+    from gateway.outbound.actions import AdminError, parse_since
 
     settings = _load(args)
     try:
@@ -237,7 +237,7 @@ def cmd_received(args: argparse.Namespace) -> int:
 def cmd_receive_sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from gateway.inbound.commands import receive_sample
+    from gateway.commands.received import receive_sample
 
     document = (_read_input(args.file, "receive-sample") if args.file
                 else sample_pdf("faxgw received-fax sample"))

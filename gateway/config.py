@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from dotenv import dotenv_values
 
 from gateway import constants, defaults
-from gateway.inbound.routes import (RouteError, Routes, combine, parse_routes,
+from gateway.rules.inbound_routes import (RouteError, Routes, combine, parse_routes,
                                      parse_routes_file)
 
 
@@ -553,7 +553,7 @@ def settings_from(env: Mapping[str, str]) -> Settings:
     if template_dir is not None and not template_dir.is_dir():
         r.problems.append(f"REPORT_TEMPLATE_DIR: {template_raw} is not a folder")
     elif template_dir is not None:  # old $name templates, or ones jinja2 cannot parse
-        from gateway.mail.templating import template_problems  # local: keeps --help fast
+        from gateway.templating import template_problems  # local: keeps --help fast
 
         r.problems.extend(template_problems(template_dir))
 
@@ -570,7 +570,7 @@ def settings_from(env: Mapping[str, str]) -> Settings:
     if require_tls and not cert:
         r.problems.append("SMTP_REQUIRE_TLS: needs TLS_CERT_FILE and TLS_KEY_FILE")
     users_file = r.file("USERS_FILE")
-    from gateway.smtp.policy import DestinationPolicy, SenderPolicy, TrustedNetworks
+    from gateway.rules.policy import DestinationPolicy, SenderPolicy, TrustedNetworks
 
     trusted = r.items("TRUSTED_NETWORKS", defaults.TRUSTED_NETWORKS)
     senders = r.items("ALLOWED_SENDERS")

@@ -14,28 +14,30 @@ import time
 from typing import Awaitable, Callable
 
 from gateway import defaults
-from gateway.ops import systemd as sdnotify
+from gateway.runtime import systemd as sdnotify
 from gateway.smtp.access import Access
 from gateway.config import Settings, is_loopback_url
 from gateway.constants import EXIT_CONFIG, EXIT_DATA, EXIT_UNAVAILABLE
 from gateway.documents.pool import CpuPool
 from gateway.smtp.intake import Intake
-from gateway.signalwire.media import (LocalMediaStore, MediaError, MediaStore,
+from gateway.media_store import (LocalMediaStore, MediaError, MediaStore,
                                       load_or_create_key, s3_media_store)
-from gateway.ops.instance import AlreadyRunning, DataDirLock, remove_pid_file, write_pid_file
-from gateway.ops.metrics import Metrics
-from gateway.ops.nodes import NodeHeartbeat
+from gateway.runtime.instance import AlreadyRunning, DataDirLock, remove_pid_file, write_pid_file
+from gateway.runtime.metrics import Metrics
+from gateway.runtime.nodes import NodeHeartbeat
 from gateway.mail.sender import Notifier, OutboxNotifier, RelayNotifier
 from gateway.signalwire.client import SignalWireClient
 from gateway.smtp import replies
 from gateway.smtp.replies import Reply
 from gateway.smtp.server import FaxHandler, SMTPListener
-from gateway.store.spool import Spool
-from gateway.store.base import StoreError, open_store
+from gateway.spool import Spool
+from gateway.store.base import StoreError
+from gateway.store.factory import open_store
 from gateway.store.health import ADVICE, MB, DatabaseUnusable, Guard
 from gateway.smtp.tls import ReloadableTLS
-from gateway.web.app import CALLBACK_ROUTE, SANDBOX_PREFIX, WebApp
-from gateway.outbound.worker import Worker
+from gateway.outbound.callbacks import CALLBACK_ROUTE
+from gateway.web.http_listener import SANDBOX_PREFIX, WebApp
+from gateway.outbound.job_runner import Worker
 from gateway.inbound.service import Inbound, write_sandbox_info
 
 log = logging.getLogger(__name__)
@@ -118,7 +120,7 @@ class Gateway:
         self.dashboard = None
         if settings.admin_listen is not None:
             # Imported only when on: jinja2 and the templates stay out of a daemon without it.
-            from gateway.web.dashboard.app import Dashboard
+            from gateway.web.dashboard.routes import Dashboard
 
             self.dashboard = Dashboard(settings, self.store, clock=clock,
                                        wake=self._wake_worker, ready=self.web.ready_status,

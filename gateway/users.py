@@ -42,7 +42,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Mapping
 
-from gateway.smtp.policy import SenderPolicy
+from gateway.rules.policy import SenderPolicy
 
 log = logging.getLogger(__name__)
 

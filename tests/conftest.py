@@ -21,8 +21,8 @@ from pypdf import PdfWriter
 
 from gateway.config import Settings, settings_from
 from gateway.daemon import Gateway
-from gateway.ops import logs
-from gateway.outbound.states import State
+from gateway.runtime import logs
+from gateway.jobs.outbound_states import State
 # Shared with bench/ (one copy): the simulator's account, the simulator server, job ids.
 from testsupport.harness import (API_TOKEN, PROJECT_ID, SIGNING_KEY, job_ids,
                                      simulator_env)
@@ -159,7 +159,7 @@ class RelaySink:
         return await asyncio.wait_for(self.messages.get(), timeout_s)
 
 
-# Loggers setup_logging() tunes (gateway/ops/logs.py); put back after each test.
+# Loggers setup_logging() tunes (gateway/runtime/logs.py); put back after each test.
 TUNED_LOGGERS = ("mail.log", "botocore", "boto3", "s3transfer", "urllib3", "aiohttp.access")
 
 

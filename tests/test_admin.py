@@ -14,13 +14,14 @@ from typing import Any
 import pytest
 
 from gateway.config import settings_from
-from gateway.ops import actions as admin
-from gateway.ops import commands
-from gateway.ops.actions import AdminError
+from gateway.outbound import actions as admin
+from gateway.commands import jobs as commands
+from gateway.outbound.actions import AdminError
 from gateway.daemon import Gateway
-from gateway.text import one_line
-from gateway.outbound.states import RetryPolicy, State
-from gateway.store.base import open_store
+from gateway.sanitise import one_line
+from gateway.jobs.outbound_states import RetryPolicy, State
+from gateway.store.rows import Message, NewJob
+from gateway.store.factory import open_store
 from gateway.store.sqlite import SqliteStore as Store
 
 from .conftest import (FakeClock, GatewayFactory, RelaySink, Simulator, base_env, drive,

@@ -10,9 +10,9 @@ from typing import Iterator
 
 import pytest
 
-from gateway.ops import actions as admin
-from gateway.outbound.states import State
-from gateway.store.base import open_store
+from gateway.outbound import actions as admin
+from gateway.jobs.outbound_states import State
+from gateway.store.factory import open_store
 from gateway.store.postgres import PostgresStore
 from gateway.store.rows import Message, NewJob
 from gateway.store.sql import SqlStore

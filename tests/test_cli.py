@@ -11,7 +11,7 @@ from pypdf import PdfReader
 
 from gateway.cli import main, sample_pdf
 from gateway.config import ConfigError, settings_from
-from gateway.outbound.states import State
+from gateway.jobs.outbound_states import State
 
 from .conftest import base_env, wait_state
 

@@ -29,14 +29,13 @@ from gateway.documents.convert import (
     ConvertError,
     Limits,
     cover_page,
-    first_page_png,
     image_to_pdf,
-    is_blank_png,
     merge_pdfs,
     normalize_pdf,
-    office_to_pdf,
     text_to_pdf,
 )
+from gateway.documents.office import office_to_pdf
+from gateway.documents.thumbnails import first_page_png, is_blank_png
 
 from .conftest import needs
 from .corpus import render_pages

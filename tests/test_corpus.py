@@ -30,7 +30,7 @@ import pytest
 from pypdf import PdfReader
 
 from gateway.daemon import Gateway
-from gateway.outbound.states import State
+from gateway.jobs.outbound_states import State
 
 from .conftest import (RelaySink, Simulator, SMTPResult, job_ids, production_env, smtp_send,
                        needs, wait_state)

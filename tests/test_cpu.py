@@ -178,7 +178,7 @@ def _alive(pid: int) -> bool:
 
 
 async def test_an_idle_worker_is_a_bare_interpreter_with_no_helper_process(two: CpuPool) -> None:
-    """The workers start on worker.py alone: no asyncio or ssl in them until a task needs
+    """The workers start on pool_child.py alone: no asyncio or ssl in them until a task needs
     them (an idle worker was 23 MB with multiprocessing's spawn, which also started a 13 MB
     resource-tracker process beside them), and nothing but the workers is started."""
     import os

@@ -19,9 +19,9 @@ from playwright.async_api import Browser, Page, expect
 
 from gateway.daemon import Gateway
 from gateway.mail.reports import outcome
-from gateway.outbound.states import State
+from gateway.jobs.outbound_states import State
 from gateway.users import passwd_command
-from gateway.web.dashboard import app as dashboard_app
+from gateway.web.dashboard import routes as dashboard_app
 
 from .conftest import (GatewayFactory, RelaySink, Simulator, production_env,
                        relay_env, wait_state)

@@ -25,10 +25,10 @@ import pytest
 
 from gateway.config import settings_from
 from gateway.daemon import Gateway
-from gateway.ops import commands
-from gateway.outbound.states import State
+from gateway.commands import jobs as commands
+from gateway.jobs.outbound_states import State
 from testsupport.s3server import SeaweedS3
-from gateway.store.base import open_store
+from gateway.store.factory import open_store
 from gateway.users import load_users, passwd_command
 from gateway.web.dashboard.auth import MAX_CONCURRENT_LOGINS
 

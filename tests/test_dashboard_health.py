@@ -9,10 +9,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from gateway.outbound.states import State
+from gateway.jobs.outbound_states import State
 from testsupport.s3server import SeaweedS3
 from gateway.users import passwd_command
-from gateway.web.dashboard.app import safe_next
+from gateway.web.dashboard.filters import safe_next
 
 from .conftest import (GatewayFactory, Simulator, job_ids, pdf_mail, pg_reset, production_env,
                        smtp_send, wait_state)

@@ -15,7 +15,7 @@ from zoneinfo import ZoneInfo
 from playwright.async_api import Browser, expect
 
 from gateway.daemon import Gateway
-from gateway.outbound.states import State
+from gateway.jobs.outbound_states import State
 from gateway.users import passwd_command
 
 from .conftest import GatewayFactory, RelaySink, Simulator, production_env, relay_env, wait_state

@@ -13,7 +13,10 @@ import pytest
 from playwright.async_api import Browser, expect
 
 from gateway.cli import sample_pdf
-from gateway.web.dashboard import app as dashboard_app
+from gateway.daemon import Gateway
+from gateway.inbound.webhook import INBOUND_ROUTE
+from gateway.users import passwd_command
+from gateway.web.dashboard import routes as dashboard_app
 
 from .conftest import (GatewayFactory, RelaySink, Simulator)
 from .helpers.received import Inbox, OTHER, received_rows, start_inbox

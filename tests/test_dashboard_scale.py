@@ -16,13 +16,13 @@ from typing import AsyncIterator
 import aiohttp
 import pytest
 
-from gateway.outbound.states import State
+from gateway.jobs.outbound_states import State
 from gateway.store.postgres import PostgresStore
 from gateway.store.rows import Message, NewJob
 from gateway.store.sql import SqlStore
 from gateway.store.sqlite import SqliteStore
 from gateway.users import passwd_command
-from gateway.web.dashboard import app as dashboard_app
+from gateway.web.dashboard import routes as dashboard_app
 from gateway.web.dashboard import queries
 
 from .conftest import FakeClock, GatewayFactory, Simulator, pg_reset, production_env

@@ -12,7 +12,7 @@ from email.message import EmailMessage
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from gateway.outbound.states import State
+from gateway.jobs.outbound_states import State
 
 from .conftest import (RelaySink, Simulator, job_ids, make_pdf, pdf_mail, production_env,
                        relay_env, wait_state)

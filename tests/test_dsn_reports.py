@@ -10,8 +10,9 @@ import pytest
 
 from gateway.mail.dsn import asked, status_of
 from gateway.mail.reports import render_final_report
-from gateway.outbound.states import State
-from gateway.smtp import dsn
+from gateway.jobs.outbound_states import State
+from gateway.mail import dsn_values
+from gateway.smtp import esmtp_params as dsn
 from gateway.smtp.replies import Reply
 
 from .helpers.jobs import make_job, make_message
@@ -104,9 +105,9 @@ def test_dsn_keeps_the_proof_pdf_inside_the_part_people_read(tmp_path) -> None:
     ("a+2bb", None), ("a+", None), ("a=b", None), ("a+0Db", None), ("é", None),
 ])
 def test_xtext(raw: str, decoded: str | None) -> None:
-    assert dsn.xtext_decode(raw) == decoded
+    assert dsn_values.xtext_decode(raw) == decoded
     if decoded is not None:
-        assert dsn.xtext_decode(dsn.xtext_encode(decoded)) == decoded
+        assert dsn_values.xtext_decode(dsn_values.xtext_encode(decoded)) == decoded
 
 
 def test_parameters_parse_and_refuse() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import aiohttp
 from pypdf import PdfReader
 
-from gateway.outbound.states import State
+from gateway.jobs.outbound_states import State
 from gateway.signalwire.signature import compute_signature
 
 from .conftest import (PROJECT_ID, SIGNING_KEY, RelaySink, Simulator, base_env, job_ids,

@@ -23,7 +23,7 @@ import psycopg
 import pytest
 
 from gateway.daemon import Gateway
-from gateway.outbound.states import CallbackAction, State
+from gateway.jobs.outbound_states import CallbackAction, State
 from gateway.store.base import DB_FILENAME
 from gateway.store.postgres import PostgresStore
 from gateway.store.sql import SqlStore

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.inbound.states import TRANSITIONS, IllegalTransition, InEv, InState, allowed
+from gateway.jobs.inbound_states import TRANSITIONS, IllegalTransition, InEv, InState, allowed
 from gateway.store import migrations
 from gateway.store.inbound import (AGAIN, GO, LOST, SENT, WAIT, Completion, InboundStore)
 from gateway.store.sqlite import SqliteStore

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from email import message_from_bytes, policy
 
-from gateway.inbound.routes import is_blocked, parse_routes
+from gateway.rules.inbound_routes import is_blocked, parse_routes
 from gateway.inbound.webhook import LAML_REJECT, laml_receive
 from gateway.mail.received import (attachment_name, is_noise, message_id_for,
                                    render_received, subject_for)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from gateway.constants import EXIT_CONFIG
-from gateway.ops.instance import (AlreadyRunning, DataDirLock, process_start_time,
+from gateway.runtime.instance import (AlreadyRunning, DataDirLock, process_start_time,
                                   read_pid_file, running_daemon)
 from testsupport.harness import DaemonProcess
 

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import pytest
 
-from gateway.ops.logs import redact, register_secret, setup_logging, unregister_secret
+from gateway.runtime.logs import redact, register_secret, setup_logging, unregister_secret
 
 
 def lines(stream: io.StringIO) -> list[str]:
@@ -21,18 +21,19 @@ def lines(stream: io.StringIO) -> list[str]:
 def test_text_lines() -> None:
     out = io.StringIO()
     setup_logging("info", "text", stream=out)
-    log = logging.getLogger("gateway.outbound.worker")
+    log = logging.getLogger("gateway.outbound.job_runner")
     log.info("job %s: reported (%s)", "3f9c0a7e21b4d8c5", "delivered")
     log.debug("not shown")
     [line] = lines(out)
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO gateway\.outbound\.worker: "
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO "
+                        r"gateway\.outbound\.job_runner: "
                         r"job 3f9c0a7e21b4d8c5: reported \(delivered\)", line), line
 
 
 def test_json_lines_with_job_id_and_exception() -> None:
     out = io.StringIO()
     setup_logging("DEBUG", "json", stream=out)
-    log = logging.getLogger("gateway.outbound.worker")
+    log = logging.getLogger("gateway.outbound.job_runner")
     log.info("job %s: submitted", "3f9c0a7e21b4d8c5",
              extra={"job_id": "3f9c0a7e21b4d8c5", "attempt": 2})
     try:
@@ -44,7 +45,7 @@ def test_json_lines_with_job_id_and_exception() -> None:
     assert set(first) == {"time", "level", "logger", "message", "job_id", "attempt"}
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["time"])
     assert (first["level"], first["logger"], first["message"], first["job_id"],
-            first["attempt"]) == ("INFO", "gateway.outbound.worker", "job 3f9c0a7e21b4d8c5: submitted",
+            first["attempt"]) == ("INFO", "gateway.outbound.job_runner", "job 3f9c0a7e21b4d8c5: submitted",
                                   "3f9c0a7e21b4d8c5", 2)
     assert second["level"] == "ERROR"
     assert second["job_id"] == "3f9c0a7e21b4d8c5"  # read from the "job <id>" line itself

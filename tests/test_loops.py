@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.outbound.states import State
-from gateway.smtp.loops import automatic_mail, in_domain
+from gateway.jobs.outbound_states import State
+from gateway.mail.loop_guard import automatic_mail, in_domain
 
 from .conftest import base_env, job_ids, pdf_mail, smtp_send, wait_state
 

@@ -11,8 +11,8 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.outbound.states import Job, State
-from gateway.ops.metrics import (
+from gateway.jobs.outbound_states import Job, State
+from gateway.runtime.metrics import (
     CONTENT_TYPE,
     Metrics,
     StoreSnapshot,

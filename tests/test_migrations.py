@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.outbound.states import State
+from gateway.jobs.outbound_states import State
 from gateway.store import migrations
 from gateway.store.base import StoreError
 from gateway.store.sqlite import SqliteStore
@@ -172,7 +172,7 @@ def test_the_cli_does_not_upgrade_a_database_under_a_running_old_daemon(tmp_path
     """`faxgw jobs` of a new version against the database of a still-running old daemon: a
     clear refusal, and the database left as the old daemon needs it."""
     from gateway.config import settings_from
-    from gateway.ops import commands
+    from gateway.commands import jobs as commands
 
     from .conftest import base_env
 

@@ -26,13 +26,13 @@ from pypdf import PdfReader
 from tests.conftest import make_pdf, smtp_send
 from tests.corpus import winmail_dat
 
+from gateway.documents.body_text import html_to_text
 from gateway.documents.mime import (
     KINDS,
     MimeError,
     ParsedMail,
     Part,
     detect_kind,
-    html_to_text,
     parse_mail,
     read_message,
     sanitize_header_text,

@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 
 from gateway.mail.sender import write_new
-from gateway.ops.actions import request_report
-from gateway.outbound.states import State
+from gateway.outbound.actions import request_report
+from gateway.jobs.outbound_states import State
 
 from .conftest import base_env, send_one, wait_state
 

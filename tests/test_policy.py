@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from phonenumbers import PhoneNumberFormat, PhoneNumberType
 
-from gateway.smtp.policy import (
+from gateway.rules.policy import (
     DEFAULT_BLOCKED_PREFIXES,
     DestinationPolicy,
     RateLimiter,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from gateway.config import settings_from
 from gateway.daemon import Gateway
-from gateway.outbound.states import State
+from gateway.jobs.outbound_states import State
 from testsupport.harness import free_port
 
 from .conftest import (PROJECT_ID, FakeClock, GatewayFactory, RelaySink, Simulator, drive,

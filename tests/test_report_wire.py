@@ -1,4 +1,4 @@
-"""Report mails written straight to bytes (gateway/mail/wire.py) against the same report built
+"""Report mails written straight to bytes (gateway/mail/report_mime.py) against the same report built
 with the email package (report_message): a mail client must see the same mail."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 
 from gateway.mail.reports import report_content, report_message
 from gateway.mail.sender import render
-from gateway.mail.wire import write_report
-from gateway.outbound.states import State
+from gateway.mail.report_mime import write_report
+from gateway.jobs.outbound_states import State
 from gateway.store.rows import Attempt, Event
 
 from .helpers.jobs import make_job, make_message

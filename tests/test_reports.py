@@ -10,6 +10,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from gateway.jobs.outbound_states import Job, State
 from gateway.mail.reports import Templates, build_report
 from gateway.store.rows import Attempt, Event
 

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from testsupport.s3server import SeaweedS3
-from gateway.signalwire.media import MediaError, S3MediaStore
+from gateway.media_store import MediaError, S3MediaStore
 
 
 @pytest.fixture
@@ -142,7 +142,7 @@ def test_our_sigv4_presign_is_botocores_to_the_character(url: str, token: str | 
     from botocore.awsrequest import AWSRequest
     from botocore.credentials import Credentials
 
-    from gateway.signalwire.media import presign_v4
+    from gateway.media_store import presign_v4
 
     secret = "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"
     request = AWSRequest(method=method, url=url)
@@ -160,7 +160,7 @@ async def test_a_scan_goes_up_and_comes_back_a_chunk_at_a_time(
         seaweed: SeaweedS3, s3_credentials: None, tmp_path: Path) -> None:
     import os
 
-    from gateway.signalwire import media
+    from gateway import media_store as media
 
     store = media_store(seaweed, f"big-{tmp_path.name}/")
     await store.start()
@@ -266,7 +266,7 @@ async def test_the_proxy_the_environment_names_is_used(
         s3_credentials: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """HTTP_PROXY / HTTPS_PROXY and NO_PROXY, as boto3 honoured them: the request goes to the
     proxy, in absolute form, unless NO_PROXY names the S3 host."""
-    from gateway.signalwire.media import env_proxy
+    from gateway.media_store import env_proxy
 
     lines: list[bytes] = []
 

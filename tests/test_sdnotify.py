@@ -13,8 +13,8 @@ from typing import Callable, Iterator
 
 import pytest
 
-from gateway.ops import systemd as sdnotify
-from gateway.ops.systemd import Watchdog
+from gateway.runtime import systemd as sdnotify
+from gateway.runtime.systemd import Watchdog
 
 
 class FakeSystemd:

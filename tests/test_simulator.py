@@ -26,12 +26,12 @@ from multidict import CIMultiDictProxy
 
 from testsupport.harness import serve
 from gateway.signalwire.signature import SIGNATURE_HEADER, verify_signature
+from gateway.sandbox.fax_records import parse_api_date
 from gateway.sandbox.simulator import (
     SIM_STATE,
     SimulatorState,
     create_simulator_app,
     install_simulator,
-    parse_api_date,
 )
 
 from .conftest import make_pdf

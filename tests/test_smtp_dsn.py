@@ -150,7 +150,7 @@ async def test_ret_full_keeps_the_mail_within_its_bound(manual_gateway, tmp_path
                                                         monkeypatch) -> None:
     """The spool keeps only the PDF: RET=FULL keeps the whole mail up to FULL_MAX_BYTES, a
     larger one only its header block (what RET=HDRS returns)."""
-    from gateway.smtp import dsn
+    from gateway.smtp import esmtp_params as dsn
 
     gw = await manual_gateway(base_env(tmp_path / "var"))
     small = data_of(pdf_mail(RCPT, message_id="<small@example.com>", pdf=make_pdf(1)))

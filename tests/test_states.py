@@ -10,7 +10,7 @@ from typing import Any, Iterator
 import pytest
 
 from gateway.config import settings_from
-from gateway.outbound.states import (ACTIVE_STATES, FINISHED, TRANSITIONS, CallbackAction, Ev,
+from gateway.jobs.outbound_states import (ACTIVE_STATES, FINISHED, TRANSITIONS, CallbackAction, Ev,
                                      IllegalTransition, Job, RetryPolicy, State, allowed,
                                      backoff_s, check_transition, classify_callback,
                                      retry_decision, sources_of)

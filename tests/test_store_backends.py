@@ -14,7 +14,7 @@ from typing import Callable
 
 import pytest
 
-from gateway.outbound.states import CallbackAction, State
+from gateway.jobs.outbound_states import CallbackAction, State
 from gateway.store import migrations, sql_intake
 from gateway.store.base import StoreError
 from gateway.store.postgres import PREPARE_THRESHOLD, PostgresStore
@@ -492,7 +492,7 @@ def _prepared_count(store: PostgresStore) -> int:
 @pytest.mark.parametrize("prepared", [True, False])
 def test_frequent_queries_are_prepared_unless_turned_off(pg_url: str, prepared: bool) -> None:
     from gateway.config import settings_from
-    from gateway.store.base import open_store
+    from gateway.store.factory import open_store
 
     pg_reset(pg_url)
     settings = settings_from({"DATABASE_URL": pg_url, "MEDIA_STORE": "s3", "S3_BUCKET": "faxes",

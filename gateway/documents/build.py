@@ -18,10 +18,11 @@ from typing import Any, Sequence
 
 from gateway.documents import fonts
 from gateway.documents.convert import (ConvertError, Limits, cover_page, image_to_pdf, merge_pdfs, normalize_pdf,
-                      office_to_pdf, text_to_pdf)
+                      text_to_pdf)
+from gateway.documents.office import office_to_pdf
 from gateway.documents.model import DocOptions, Document, DocumentError, MessageOptions, Prepared
 from gateway.documents.mime import ParsedMail, Part, parse_mail, read_message_file
-from gateway.text import one_line
+from gateway.sanitise import one_line
 
 __all__ = ["DocOptions", "Document", "DocumentError", "MessageOptions", "Prepared", "prepare",
            "build_document", "message_options", "is_boilerplate"]

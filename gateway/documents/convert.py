@@ -23,16 +23,9 @@ import gc
 import io
 import logging
 import math
-import os
 import re
-import shutil
-import signal
-import subprocess
-import tempfile
-import threading
 import unicodedata
 from dataclasses import dataclass
-from pathlib import Path
 from collections.abc import Callable, Iterator
 from typing import cast
 
@@ -60,12 +53,9 @@ __all__ = [
     "ConvertError",
     "Limits",
     "cover_page",
-    "first_page_png",
     "image_to_pdf",
-    "is_blank_png",
     "merge_pdfs",
     "normalize_pdf",
-    "office_to_pdf",
     "text_to_pdf",
 ]
 
@@ -105,10 +95,6 @@ HEADER_FONT = "Helvetica-Bold"
 PREPARED_BYTES = 48 * 1024 * 1024
 MAX_ANNOTATIONS_PER_PAGE = 2000
 MAX_COVER_NOTE_CHARS = 5000
-MAX_THUMBNAIL_PX = 2000
-MAX_PNG_PIXELS = 40_000_000
-MAX_OFFICE_OUTPUT_BYTES = 200 * 1024 * 1024
-BLANK_DARKEST = 192  # a rendered pixel darker than this is ink
 FIT_TOLERANCE_PT = 1.0
 
 # What pypdf raises on damaged or hostile files besides its own errors; it has no single base.
@@ -121,11 +107,8 @@ _IMAGE_ERRORS: tuple[type[BaseException], ...] = (
     SyntaxError, IndexError, KeyError, TypeError, ZeroDivisionError,
 )
 
-# PDFium is not thread-safe, not even across documents.
-_PDFIUM_LOCK = threading.Lock()
 
 _LABEL_JUNK = re.compile(r"[^\x20-\x7e]")
-_OFFICE_EXT = re.compile(r"\.[a-z0-9]{1,5}")
 _TEXT_TRANSLATE = str.maketrans({
     "\u2010": "-", "\u2011": "-", "\u2012": "-", "\u2212": "-", "\u2043": "-",
     "\u2002": " ", "\u2003": " ", "\u2009": " ", "\u200a": " ", "\u202f": " ", "\u2007": " ",
@@ -865,105 +848,3 @@ def merge_pdfs(pdfs: list[bytes]) -> bytes:
     except _PDF_ERRORS as exc:
         raise ConvertError("The converted documents could not be put together") from exc
     return out.getvalue()
-
-
-# --------------------------------------------------------------------------- rendering
-
-
-THUMBNAIL_ZLIB_LEVEL = 3
-
-
-def first_page_png(pdf: bytes | Path, width_px: int = 300) -> bytes:
-    """A grayscale PNG of page 1 for report mails, so the sender sees what was faxed.
-
-    Given a path, PDFium reads the file as it needs it (page 1 only), so a 20 MB scan is not
-    read into memory to draw a 300-pixel picture."""
-    if not 1 <= width_px <= MAX_THUMBNAIL_PX:
-        raise ValueError(f"width_px must be 1..{MAX_THUMBNAIL_PX}")
-    import pypdfium2 as pdfium  # imported here: only report mails need PDFium
-
-    with _PDFIUM_LOCK:
-        try:
-            document = pdfium.PdfDocument(str(pdf) if isinstance(pdf, Path) else pdf)
-            try:
-                page = document[0]
-                page_w, page_h = page.get_size()
-                scale = min(width_px / page_w, 4 * width_px / page_h)
-                image = page.render(scale=scale, grayscale=True, may_draw_forms=True).to_pil()
-                page.close()
-            finally:
-                document.close()
-        except (pdfium.PdfiumError, IndexError, ValueError) as exc:
-            raise ConvertError("The document could not be rendered") from exc
-    # Sixteen greys, four bits a pixel (a fax is black and white; the picture only has to
-    # show which document went): half the bytes to compress and to mail. zlib level 3, not
-    # optimize=True (level 9 plus a filter search). For a 300-pixel page: 0.7 ms and ~6 KB,
-    # where 256 greys cost 1.1 ms and ~12 KB (optimize=True: 10 ms). It is made for every
-    # report mail.
-    grey = image.convert("L").point(_TO_16_GREYS)
-    indexed = Image.frombytes("P", grey.size, grey.tobytes())
-    indexed.putpalette(_16_GREYS_PALETTE)
-    out = io.BytesIO()
-    indexed.save(out, "PNG", bits=4, compress_level=THUMBNAIL_ZLIB_LEVEL)
-    return out.getvalue()
-
-
-_TO_16_GREYS = [(v * 15 + 127) // 255 for v in range(256)]
-_16_GREYS_PALETTE = [c for i in range(16) for c in (i * 17,) * 3]
-
-
-def is_blank_png(png: bytes) -> bool:
-    """True when no pixel is darker than light grey: a page that would fax as blank."""
-    with Image.open(io.BytesIO(png), formats=("PNG",)) as im:
-        if im.width * im.height > MAX_PNG_PIXELS:
-            raise ValueError("image too large to check")
-        darkest = cast(tuple[int, int], im.convert("L").getextrema())[0]
-    return darkest >= BLANK_DARKEST
-
-
-# --------------------------------------------------------------------------- office files
-
-
-def office_to_pdf(data: bytes, name: str, timeout_s: float = 60) -> bytes:
-    """Convert DOCX/ODT/DOC/XLSX and the like with LibreOffice, if it is installed.
-
-    Each run gets its own profile directory, because soffice instances sharing a profile hand
-    their work to each other or refuse to start; it runs in its own process group so a hung
-    conversion is killed with every helper it spawned.
-    """
-    label = _label(name)
-    soffice = shutil.which("soffice")
-    if soffice is None:
-        raise ConvertError(f"{label} is an office document; this gateway cannot convert office "
-                           "documents (LibreOffice is not installed); send a PDF")
-    suffix = Path(name or "").suffix.lower()
-    suffix = suffix if _OFFICE_EXT.fullmatch(suffix) else ""
-    with tempfile.TemporaryDirectory(prefix="faxgw-office-") as tmp:
-        work = Path(tmp)
-        source = work / f"document{suffix}"
-        source.write_bytes(data)
-        outdir = work / "out"
-        outdir.mkdir()
-        args = [soffice, f"-env:UserInstallation={(work / 'profile').as_uri()}", "--headless",
-                "--invisible", "--nologo", "--nodefault", "--nolockcheck", "--norestore",
-                "--convert-to", "pdf", "--outdir", str(outdir), str(source)]
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True, cwd=tmp)
-        try:
-            code = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            log.info("office conversion of %s timed out after %ss", label, timeout_s)
-            raise ConvertError(f"{label} took too long to convert; send a PDF") from None
-        finally:
-            try:  # the whole group: soffice leaves soffice.bin and helpers behind
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
-        result = outdir / "document.pdf"
-        if code != 0 or not result.is_file():
-            log.info("office conversion of %s failed (exit %s)", label, code)
-            raise ConvertError(f"{label} could not be converted to PDF; send a PDF")
-        if result.stat().st_size > MAX_OFFICE_OUTPUT_BYTES:
-            raise ConvertError(f"{label} converts to too large a PDF; send a PDF")
-        return result.read_bytes()

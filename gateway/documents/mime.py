@@ -25,13 +25,12 @@ from dataclasses import dataclass, field
 from email.message import Message
 from email.parser import BytesFeedParser, BytesHeaderParser, BytesParser
 from email import policy
-from html import unescape
-from html.parser import HTMLParser
 from typing import Iterator
 
 import pybase64
 
-from gateway.text import sanitize_header_text
+from gateway.documents.body_text import html_to_text, tidy_text
+from gateway.sanitise import sanitize_header_text
 
 __all__ = [
     "KINDS",
@@ -41,7 +40,6 @@ __all__ = [
     "delimiter_lines",
     "detect_kind",
     "header_block",
-    "html_to_text",
     "parse_mail",
     "read_message",
     "read_message_file",
@@ -91,7 +89,6 @@ _WESTERN_CHARSETS = frozenset(
 )
 
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
-_BODY_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 _ENCODED_WORD = re.compile(r"=\?([^?\s]{1,40})\?([bBqQ])\?([^?\s]*)\?=")
 _ENCODED_WORD_GAP = re.compile(r"(=\?[^?\s]{1,40}\?[bBqQ]\?[^?\s]*\?=)\s+(?==\?)")
 _MSGID = re.compile(r"<[!-;=?-~]{1,%d}>" % (MAX_MSGID_CHARS - 2))
@@ -196,109 +193,6 @@ def _decode_rfc2047(value: str) -> str:
     return _ENCODED_WORD.sub(
         lambda m: _decode_encoded_word(m.group(1), m.group(2), m.group(3)), value
     )
-
-
-# --- HTML to text --------------------------------------------------------------------------
-
-
-class _HtmlText(HTMLParser):
-    """Readable text from HTML: tags dropped, block boundaries kept as line breaks.
-
-    A block boundary gives at most one line break (Outlook writes every line as its own
-    <p>, which would otherwise come out double-spaced); <br> always gives one, so blank
-    lines the author made with <br><br> or empty paragraphs survive.
-    """
-
-    _SKIP = frozenset({"script", "style", "head", "title", "template"})
-    _BLOCK = frozenset(
-        {"p", "div", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6", "table", "ul", "ol",
-         "blockquote", "pre", "hr", "section", "article", "header", "footer", "address",
-         "dl", "dt", "dd", "form", "fieldset", "center"}
-    )
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.out: list[str] = []
-        self._skip_depth = 0
-        self._pre_depth = 0
-        self._line_start = True
-
-    def _emit(self, text: str) -> None:
-        if text:
-            self.out.append(text)
-            self._line_start = text.endswith("\n")
-
-    def _block(self) -> None:
-        if not self._line_start:
-            self._emit("\n")
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in self._SKIP:
-            self._skip_depth += 1
-        elif tag == "pre":
-            self._pre_depth += 1
-        if tag == "br":
-            self._emit("\n")
-        elif tag in self._BLOCK:
-            self._block()
-        if tag == "li":
-            self._emit("- ")
-        elif tag in ("td", "th") and not self._line_start:
-            self._emit("\t")
-
-    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag == "br":
-            self._emit("\n")
-        elif tag in self._BLOCK:
-            self._block()
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self._SKIP:
-            self._skip_depth = max(0, self._skip_depth - 1)
-        elif tag == "pre":
-            self._pre_depth = max(0, self._pre_depth - 1)
-        if tag in self._BLOCK:
-            self._block()
-
-    def handle_data(self, data: str) -> None:
-        if self._skip_depth:
-            return
-        if not self._pre_depth:
-            data = re.sub(r"[ \t\r\n\f]+", " ", data)
-            if self._line_start:
-                data = data.lstrip(" ")
-        self._emit(data)
-
-
-def html_to_text(html: str) -> str:
-    """Readable plain text from an HTML body, for legacy systems that send only HTML."""
-    parser = _HtmlText()
-    try:
-        parser.feed(html)
-        parser.close()
-        text = "".join(parser.out)
-    except AssertionError:
-        # html.parser (via _markupbase) still raises AssertionError on some malformed
-        # declarations such as "<![ x ["; fall back to dropping anything tag-shaped.
-        text = re.sub(r"[ \t\f]+", " ", unescape(re.sub(r"<[^>]*>", " ", html)))
-    return _tidy_text(text, strip_lines=True)
-
-
-def _tidy_text(text: str, strip_lines: bool = False) -> str:
-    """One newline convention, no control characters, no runs of blank lines.
-
-    HTML indentation is markup, not content, so HTML-derived lines are stripped on both
-    sides; plain text keeps its leading spaces (tables in ERP mail line up with them).
-    """
-    text = _SURROGATE.sub("\ufffd", text.replace("\r\n", "\n").replace("\r", "\n"))
-    text = _BODY_CONTROL.sub("", text.replace("\xa0", " "))
-    out: list[str] = []
-    for line in text.split("\n"):
-        line = line.strip() if strip_lines else line.rstrip()
-        if line == "" and (not out or out[-1] == ""):
-            continue
-        out.append(line)
-    return "\n".join(out).strip("\n")
 
 
 # --- the walk ------------------------------------------------------------------------------
@@ -464,14 +358,14 @@ def _leaf(entity: Message, ctype: str, walk: _Walk, related: bool) -> list[_Piec
             return []  # text/calendar, text/enriched and the like: not a body we can show
         data = _payload_bytes(entity, "the message text", walk)
         text = _decode_bytes(data, entity.get_content_charset())
-        text = html_to_text(text) if subtype == "html" else _tidy_text(text)
+        text = html_to_text(text) if subtype == "html" else tidy_text(text)
         return [_Piece(text, subtype == "html", False)]
     label = f"attachment '{filename}'" if filename else f"attachment {len(walk.found) + 1}"
     data = _payload_bytes(entity, label, walk)
     kind = detect_kind(data)
     if kind is None and maintype == "text" and subtype in _TEXT_ATTACHMENT_SUBTYPES:
         text = _decode_bytes(data, entity.get_content_charset())
-        text = html_to_text(text) if subtype == "html" else _tidy_text(text)
+        text = html_to_text(text) if subtype == "html" else tidy_text(text)
         data, kind = text.encode("utf-8"), "text"
     if kind is None and (ctype in _TNEF_TYPES or (filename or "").lower() == "winmail.dat"):
         kind = "tnef"
@@ -521,7 +415,7 @@ def _unpack_tnef(data: bytes, label: str, walk: _Walk, depth: int = 0) -> bool:
         if kind is None and guessed.startswith("text/") and \
                 guessed.partition("/")[2] in _TEXT_ATTACHMENT_SUBTYPES:
             text = _decode_bytes(inner.data, None)
-            text = html_to_text(text) if guessed == "text/html" else _tidy_text(text)
+            text = html_to_text(text) if guessed == "text/html" else tidy_text(text)
             payload, kind = text.encode("utf-8"), "text"
         # A picture Outlook's HTML shows in place (a signature logo) has a content id.
         inline = inner.content_id and kind in ("jpeg", "png", "gif")

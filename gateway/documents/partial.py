@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from gateway.documents.mime import header_block
-from gateway.store.spool import copy_durable, fsync_dir
+from gateway.spool import copy_durable, fsync_dir
 
 __all__ = ["MAX_PARTS", "PartConflict", "PartialError", "PartialInfo", "PartialSet",
            "PartialStore", "Received", "SetsFull", "check_part", "join", "partial_info",

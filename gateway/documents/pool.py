@@ -2,7 +2,7 @@
 a memory limit per task, so a hostile attachment can neither stall the event loop nor take the
 daemon down with it.
 
-Each worker is a process of its own (`worker.py`) on one end of a socket pair; the daemon's
+Each worker is a process of its own (`pool_child.py`) on one end of a socket pair; the daemon's
 end is an asyncio transport on the event loop. A task goes down as one length-prefixed pickle
 and its result comes back the same way, so handing work over costs a write and a read on the
 loop: no manager or feeder threads, no locks, no wake-ups across threads (concurrent.futures'
@@ -24,7 +24,7 @@ import subprocess
 import sys
 from typing import Any, AsyncIterator, Callable, TypeVar
 
-from gateway.documents.worker import _HEAD, _frame, call
+from gateway.documents.pool_child import _HEAD, _frame, call
 
 __all__ = ["CpuPool", "LARGE_AT_ONCE", "LARGE_INPUT_BYTES", "NoTurnError", "TaskLimitError",
            "call"]
@@ -65,7 +65,7 @@ class _RemoteTraceback(Exception):
 
 _CHILD_CODE = ("import os, sys; "
                "sys.path[:0] = os.environ.pop('FAXGW_WORKER_PATH').split(os.pathsep); "
-               "from gateway.documents.worker import _child_main; _child_main()")
+               "from gateway.documents.pool_child import _child_main; _child_main()")
 
 
 class _Process:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from tnefparse import TNEF
 from tnefparse.properties import MAPI_ATTACH_CONTENT_ID
 
-from gateway.text import one_line
+from gateway.sanitise import one_line
 
 __all__ = ["TnefError", "TnefFile", "extract"]
 

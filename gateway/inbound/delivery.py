@@ -25,12 +25,12 @@ from gateway import defaults
 from gateway.config import Settings
 from gateway.constants import MAX_INBOUND_MEDIA_BYTES
 from gateway.documents.pool import CpuPool, TaskLimitError, call
-from gateway.inbound.metrics import InboundMetrics
-from gateway.inbound.states import InEv
+from gateway.inbound.counters import InboundMetrics
+from gateway.jobs.inbound_states import InEv
 from gateway.mail.received import MailPart, render_given_up
 from gateway.mail.sender import Notifier, NotifyError
-from gateway.ops.faults import crash_point
-from gateway.outbound.states import backoff_s
+from gateway.runtime.faults import crash_point
+from gateway.jobs.outbound_states import backoff_s
 from gateway.signalwire.client import MediaRefused, SignalWireClient, SignalWireError
 from gateway.store.inbound import (AGAIN, DELETING, DELIVERING, DONE, GIVEN_UP, LOST, SENT, WAIT,
                                    InboundFax, InboundStore)

@@ -15,10 +15,10 @@ from typing import Callable
 
 from gateway.config import Settings
 from gateway.constants import IN_PROGRESS_STATUSES
-from gateway.inbound.metrics import InboundMetrics
+from gateway.inbound.counters import InboundMetrics
 from gateway.inbound.webhook import FINAL, classify
 from gateway.signalwire.client import Fax, SignalWireClient, SignalWireError
-from gateway.inbound.states import InEv
+from gateway.jobs.inbound_states import InEv
 from gateway.store.inbound import GIVEN_UP, RINGING, Completion, InboundStore
 from gateway.store.base import Store
 

@@ -10,7 +10,7 @@ from aiohttp import web
 from gateway.config import Settings
 from gateway.documents.pool import CpuPool
 from gateway.inbound.delivery import Deliverer
-from gateway.inbound.metrics import InboundMetrics
+from gateway.inbound.counters import InboundMetrics
 from gateway.inbound.reconciler import Reconciler
 from gateway.inbound.webhook import InboundWebhook
 from gateway.mail.sender import Notifier
@@ -69,7 +69,7 @@ def write_sandbox_info(settings: Settings, simulator_url: str, public_base_url: 
     import json
 
     from gateway.inbound.webhook import INBOUND_ROUTE
-    from gateway.store.spool import write_durable
+    from gateway.spool import write_durable
 
     info = {"simulator_url": simulator_url, "project_id": settings.signalwire_project_id,
             "api_token": settings.signalwire_api_token,

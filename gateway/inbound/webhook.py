@@ -19,8 +19,8 @@ from xml.sax.saxutils import quoteattr
 from aiohttp import web
 
 from gateway.config import Settings
-from gateway.inbound.metrics import InboundMetrics
-from gateway.inbound.routes import is_blocked
+from gateway.inbound.counters import InboundMetrics
+from gateway.rules.inbound_routes import is_blocked
 from gateway.mail.received import is_noise
 from gateway.signalwire.signature import (SIGNATURE_HEADER, TWILIO_SIGNATURE_HEADER,
                                           verify_signature)

@@ -18,15 +18,15 @@ from typing import Sequence
 
 from gateway.constants import REPORT_HEADER
 from gateway.mail.phrases import _
-from gateway.mail.reports import _reply_headers
+from gateway.mail.headers import reply_headers
 from gateway.mail.sender import MAIL_POLICY
-from gateway.outbound.states import Job
+from gateway.jobs.outbound_states import Job
 from gateway.phone import format_number
 from gateway.signalwire import errors
-from gateway.smtp.dsn import wants, xtext_encode
-from gateway.smtp.loops import in_domain
+from gateway.mail.dsn_values import wants, xtext_encode
+from gateway.mail.loop_guard import in_domain
 from gateway.store.rows import Message
-from gateway.text import one_line
+from gateway.sanitise import one_line
 
 __all__ = ["asked", "delay_notice", "delivery_status", "dsn_recipient", "dsn_report",
            "report_recipient", "status_of"]
@@ -166,7 +166,7 @@ def delay_notice(job: Job, message: Message, *, from_addr: str, hostname: str,
     same if it ever went twice."""
     number = format_number(job.to_number)
     subject = one_line(_("Fax to %s delayed: %s; trying again") % (number, why), 200)
-    headers = _reply_headers(from_addr, dsn_recipient(message, fax_domain) or "", subject, now,
+    headers = reply_headers(from_addr, dsn_recipient(message, fax_domain) or "", subject, now,
                              f"<faxgw-delay.{job.id}.{job.attempt}@{hostname or 'faxgw.invalid'}>",
                              message)
     headers += [("X-Faxgw-Job", job.id), (REPORT_HEADER, job.id),

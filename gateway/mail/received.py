@@ -17,9 +17,9 @@ from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid, parseaddr
 from gateway.mail.phrases import _
 
-from gateway.text import one_line
+from gateway.sanitise import one_line
 from gateway.mail.sender import MAIL_POLICY, Rendered, render
-from gateway.mail.templating import environment
+from gateway.templating import environment
 from gateway.phone import NumberError, format_number
 from gateway.store.inbound import InboundFax
 
@@ -173,7 +173,8 @@ def render_received(fax: InboundFax, recipients: list[tuple[str, bool]], pdf: by
     """
     thumb = None
     if pdf is not None and attach and thumbnail:
-        from gateway.documents.convert import ConvertError, first_page_png
+        from gateway.documents.convert import ConvertError
+        from gateway.documents.thumbnails import first_page_png
 
         try:
             thumb = first_page_png(pdf, 300)

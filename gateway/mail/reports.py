@@ -4,7 +4,7 @@ Pure: builds an EmailMessage (text + HTML, an inline thumbnail of the first page
 sent PDF) from a job, its message, attempts and history. The layout lives in template files
 (jinja2, gateway/mail/templates/, each overridable by a file of the same name in
 REPORT_TEMPLATE_DIR; see templating.py); the phrases go through gettext, so both can be
-translated. Text that came in by mail reaches headers only through `gateway.text.one_line` and
+translated. Text that came in by mail reaches headers only through `gateway.sanitise.one_line` and
 the HTML only through the HTML templates' autoescaping.
 """
 
@@ -15,19 +15,20 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.message import EmailMessage, MIMEPart
-from email.utils import format_datetime, make_msgid
+from email.utils import make_msgid
 from gateway.mail.phrases import _
 from pathlib import Path
 from typing import Any, Sequence
 
 import jinja2
 
-from gateway.outbound.states import Job, State
+from gateway.jobs.outbound_states import Job, State
 from gateway.constants import REPORT_HEADER
-from gateway.text import one_line
+from gateway.sanitise import one_line
 from gateway.mail.sender import MAIL_POLICY, Rendered, render
-from gateway.mail.templating import environment
-from gateway.mail.wire import write_report
+from gateway.mail.headers import reply_headers
+from gateway.mail.report_mime import ReportContent, write_report
+from gateway.templating import environment
 from gateway.phone import format_number
 from gateway.signalwire import errors
 from gateway.store.rows import Attempt, Event, Message
@@ -160,29 +161,10 @@ def _attempt_result(attempt: Attempt) -> str:
     return text
 
 
-def _is_msgid(value: str) -> bool:
-    return (value.startswith("<") and value.endswith(">") and len(value) <= 250
-            and not any(c.isspace() for c in value))
-
-
-def _reply_headers(from_addr: str, to: str, subject: str, now: float, msgid: str,
-                   original: Message) -> list[tuple[str, str]]:
-    """The header fields every mail to a sender starts with, in order."""
-    headers = [("From", from_addr), ("To", to), ("Subject", subject),
-               ("Date", format_datetime(datetime.fromtimestamp(now, timezone.utc))),
-               ("Message-ID", msgid),
-               ("Auto-Submitted", "auto-replied")]  # RFC 3834: auto-responders must not answer
-    if original.message_id_header and _is_msgid(original.message_id_header):
-        refs = [r for r in (original.references_header or "").split() if _is_msgid(r)][-10:]
-        headers += [("In-Reply-To", original.message_id_header),
-                    ("References", " ".join([*refs, original.message_id_header]))]
-    return headers
-
-
 def _new_message(from_addr: str, to: str, subject: str, now: float, msgid: str,
                  original: Message) -> EmailMessage:
     mail = EmailMessage(policy=MAIL_POLICY)  # headers unfolded up to 998 characters
-    for name, value in _reply_headers(from_addr, to, subject, now, msgid, original):
+    for name, value in reply_headers(from_addr, to, subject, now, msgid, original):
         mail[name] = value
     return mail
 
@@ -195,20 +177,6 @@ def report_msgid(job: Job, from_addr: str, hostname: str) -> str:
     domain = from_addr.rpartition("@")[2].strip("<> ") or hostname or "faxgw.invalid"
     number = f".{job.report_n}" if job.report_n else ""
     return f"<faxgw-report.{job.id}{number}@{domain}>"
-
-
-@dataclass(frozen=True)
-class ReportContent:
-    """A report mail's parts, before they are put together (as an EmailMessage, or written
-    straight to the wire by gateway/mail/wire.py)."""
-
-    headers: list[tuple[str, str]]
-    text: str
-    html: str
-    thumbnail_png: bytes | None
-    thumbnail_cid: str | None  # "<...>"
-    pdf: bytes | None
-    pdf_name: str
 
 
 def report_content(job: Job, message: Message, events: Sequence[Event],
@@ -250,7 +218,7 @@ def report_content(job: Job, message: Message, events: Sequence[Event],
          "result": _attempt_result(a)} for a in attempts]
     text = templates.get("report.txt").render(values, advice=advice, attempts=rows)
     subject = subject_line(job)
-    headers = _reply_headers(from_addr, message.report_to or "", subject, now,
+    headers = reply_headers(from_addr, message.report_to or "", subject, now,
                              report_msgid(job, from_addr, hostname), message)
     headers += [("X-Faxgw-Job", job.id), (REPORT_HEADER, job.id),
                 ("X-Faxgw-Status", job.fax_status or job.state.value)]
@@ -273,7 +241,7 @@ def build_report(job: Job, message: Message, events: Sequence[Event],
 
 
 def report_message(content: ReportContent) -> EmailMessage:
-    """The report as an EmailMessage (tests, and any report wire.py does not write)."""
+    """The report as an EmailMessage (tests, and any report report_mime.py does not write)."""
     report = EmailMessage(policy=MAIL_POLICY)
     for name, value in content.headers:
         report[name] = value
@@ -313,7 +281,8 @@ def render_final_report(job: Job, message: Message, events: Sequence[Event],
             pdf = None
     thumb = None
     if thumbnail and (pdf is not None or (not attach_pdf and document.is_file())):
-        from gateway.documents.convert import ConvertError, first_page_png
+        from gateway.documents.convert import ConvertError
+        from gateway.documents.thumbnails import first_page_png
 
         try:  # from the file when it is not attached: PDFium reads only page 1
             thumb = first_page_png(pdf if pdf is not None else document, 300)

@@ -17,7 +17,7 @@ import aiosmtplib
 
 from gateway import defaults
 from gateway.config import Settings
-from gateway.store.spool import fsync_dir, write_temp
+from gateway.spool import fsync_dir, write_temp
 
 log = logging.getLogger(__name__)
 

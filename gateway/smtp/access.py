@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 from gateway.config import Settings
 from gateway.store.base import StoreError
 from gateway.constants import RCPT_CHURN_PER_IP_HOUR, RCPT_CHURN_PER_SENDER_HOUR
-from gateway.text import one_line
+from gateway.sanitise import one_line
 from gateway.smtp import replies
 from gateway.smtp.replies import Reply
 from gateway.users import LoginThrottle, User, UsersFile, authenticate, client_key
-from gateway.smtp.policy import (DestinationPolicy, RateLimiter, SenderPolicy, TrustedNetworks,
+from gateway.rules.policy import (DestinationPolicy, RateLimiter, SenderPolicy, TrustedNetworks,
                      try_acquire_all)
 
 log = logging.getLogger(__name__)

@@ -26,26 +26,26 @@ from email.utils import format_datetime, parseaddr
 from pathlib import Path
 from typing import Any, Callable, Coroutine, Sequence
 
-from gateway.smtp import dsn as dsn_params, replies
+from gateway.smtp import esmtp_params as dsn_params, replies
 from gateway.smtp.access import Access, Client
 from gateway.smtp.replies import Reply
 from gateway.config import Settings
 from gateway.documents.pool import CpuPool, NoTurnError, TaskLimitError, call
 from gateway.documents.model import DocOptions, DocumentError
-from gateway.ops.faults import crash_point
-from gateway.signalwire.media import MediaError, MediaStore, new_media_key
-from gateway.ops.metrics import Metrics
+from gateway.runtime.faults import crash_point
+from gateway.media_store import MediaError, MediaStore, new_media_key
+from gateway.runtime.metrics import Metrics
 from gateway.documents.mime import MimeError, ParsedMail
 from gateway.documents.partial import (PartConflict, PartialError, PartialStore, Received,
                                        SetsFull)
 from gateway.mail.sender import Notifier, NotifyError
 from gateway.mail.reports import Templates, build_receipt, build_refusal
-from gateway.smtp.loops import automatic_mail, in_domain
+from gateway.mail.loop_guard import automatic_mail, in_domain
 from gateway.smtp.partials import Expired, Partials
-from gateway.store.spool import Spool, copy_durable, fsync_dir
+from gateway.spool import Spool, copy_durable, fsync_dir
 from gateway.store.base import Store, StoreError
 from gateway.store.rows import Message, NewJob
-from gateway.text import one_line
+from gateway.sanitise import one_line
 
 log = logging.getLogger(__name__)
 

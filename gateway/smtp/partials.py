@@ -22,8 +22,8 @@ from typing import Any, Callable
 
 from gateway.documents.partial import (MAX_OPEN_SETS, PartialError, Received, SetsFull, join,
                                        partial_info, set_key)
-from gateway.ops.faults import crash_point
-from gateway.signalwire.media import MediaError, MediaStore
+from gateway.runtime.faults import crash_point
+from gateway.media_store import MediaError, MediaStore
 from gateway.store.base import Store
 from gateway.store.partials import Added, HeldSet, PartialsStore, stale
 from gateway.store.sql import SqlStore

@@ -30,9 +30,9 @@ from gateway.config import Settings
 from gateway.constants import SMTP_LINE_TIMEOUT_S
 from gateway.mail.sender import MAIL_POLICY, Notifier, NotifyError
 from gateway.documents.mime import header_block
-from gateway.smtp.policy import RateLimiter
+from gateway.rules.policy import RateLimiter
 from gateway.smtp.replies import Reply
-from gateway.text import one_line
+from gateway.sanitise import one_line
 
 log = logging.getLogger(__name__)
 

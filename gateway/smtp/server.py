@@ -9,7 +9,7 @@ password. Every reply is a `replies.Reply`; the metrics take the refusal reason 
 
 ESMTP as the relays in front of it speak it: PIPELINING (RFC 2920), ENHANCEDSTATUSCODES (RFC
 2034: aiosmtpd's own replies get theirs in `push`), DSN (RFC 3461: RET, ENVID, NOTIFY, ORCPT)
-and RFC 4954's `AUTH=` on MAIL, which aiosmtpd would answer with 555; see gateway/smtp/dsn.py.
+and RFC 4954's `AUTH=` on MAIL, which aiosmtpd would answer with 555; see gateway/smtp/esmtp_params.py.
 
 Where aiosmtpd is extended beyond its handler hooks (DATA streamed to a file, AUTH mechanisms
 matched case-insensitively, the 421 on timeouts, the connection caps, the DSN and AUTH=
@@ -37,10 +37,10 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, s
 
 from gateway.config import HostPort, Settings
 from gateway.constants import MAX_RCPT_ADDRESS_CHARS, SMTP_LINE_TIMEOUT_S
-from gateway.ops.metrics import Metrics
+from gateway.runtime.metrics import Metrics
 from gateway.phone import (NumberError, parse_fax_number, parse_recipient,
                            quote_rcpt_local_part)
-from gateway.smtp import dsn, replies
+from gateway.smtp import esmtp_params as dsn, replies
 from gateway.smtp.access import Access, Client
 from gateway.smtp.connections import AcceptErrors, ConnectionLimits
 from gateway.smtp.data import DataWriter, Incoming, Outcome, receive

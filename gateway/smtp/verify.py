@@ -52,7 +52,7 @@ from gateway.constants import MAX_CONCURRENT_VERIFICATIONS, MAX_DKIM_SIGNATURES,
 from gateway.smtp.access import Client
 from gateway.smtp import replies
 from gateway.smtp.replies import Reply
-from gateway.text import one_line
+from gateway.sanitise import one_line
 
 log = logging.getLogger(__name__)
 # dkimpy logs every bad signature or missing key at ERROR: the sender's problem, not ours;

@@ -12,7 +12,7 @@ event loop never waits on a disk or a network round trip, and calls are serialis
 The CLI uses the same objects synchronously (`open()` ... `close()`).
 
 Every change of a job goes through one guarded transition checked against
-`gateway.outbound.states.TRANSITIONS`, and every change leaves an event. A worker step's change
+`gateway.jobs.outbound_states.TRANSITIONS`, and every change leaves an event. A worker step's change
 is fenced: it carries the lease epoch the job was claimed with (`Job.lease_epoch`, one more at
 every claim), and is made only while no other claim came since.
 """
@@ -29,19 +29,15 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
 from gateway import defaults
-from gateway.outbound.states import IllegalTransition
+from gateway.jobs.outbound_states import IllegalTransition
 from gateway.store.interfaces import Jobs, Leases, Listings, Nodes
-
-if TYPE_CHECKING:
-    from gateway.config import Settings
-    from gateway.store.sql import SqlStore
 
 T = TypeVar("T")
 
-__all__ = ["IllegalTransition", "Store", "StoreError", "open_store", "DB_FILENAME"]
+__all__ = ["IllegalTransition", "Store", "StoreError", "DB_FILENAME"]
 
 DB_FILENAME = "faxgw.sqlite3"
 
@@ -247,22 +243,3 @@ class Store(Jobs, Leases, Listings, Nodes):
     @abc.abstractmethod
     def check_writable(self) -> None:
         """Take and release the write lock: raises when the database cannot be written."""
-
-
-def open_store(settings: "Settings", clock: Callable[[], float] = time.time) -> "SqlStore":
-    """The store the settings name, not yet opened (`open()` or `await start()`):
-    PostgreSQL when DATABASE_URL is set (several gateways, one queue), else SQLite at
-    DATA_DIR/faxgw.sqlite3."""
-    store: SqlStore
-    if settings.database_url:
-        from gateway.store.postgres import PostgresStore
-
-        store = PostgresStore(settings.database_url, clock,
-                              prepared_statements=settings.database_prepared_statements)
-    else:
-        from gateway.store.sqlite import SqliteStore
-
-        store = SqliteStore(settings.data_dir / DB_FILENAME, clock)
-    store.node_id = settings.node_id
-    store.lease_s = settings.lease_seconds
-    return store

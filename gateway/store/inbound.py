@@ -6,7 +6,7 @@ portable SQL and run through the SQL store's public surface (`SqlAccess`: `tx`, 
 connection (`await store.run(inbound.method, ...)`), so writes are serialised with the job
 store's.
 
-Every change of state goes through `_move`, which refuses what gateway/inbound/states.py does
+Every change of state goes through `_move`, which refuses what gateway/jobs/inbound_states.py does
 not allow and records an event. A fax being delivered is claimed by one node (`claim_due`: a
 lease with an epoch that goes up at every claim, renewed by the deliverer's heartbeat); a node
 proves it still holds that lease in the very statement that records a mail or a media DELETE
@@ -25,12 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Iterable
 
-from gateway.inbound.states import DUE_STATES, InEv, InState, check_transition
+from gateway.jobs.inbound_states import DUE_STATES, InEv, InState, check_transition
 from gateway.store.base import StoreError
 from gateway.store.interfaces import SqlAccess
 from gateway.store.sql_core import Expr, like_escape
 
-# Row states (see gateway/inbound/states.py); plain strings compare equal to them.
+# Row states (see gateway/jobs/inbound_states.py); plain strings compare equal to them.
 RINGING, REJECTED, DELIVERING, DELETING, DONE, GIVEN_UP = (
     InState.RINGING, InState.REJECTED, InState.DELIVERING, InState.DELETING, InState.DONE,
     InState.GIVEN_UP)

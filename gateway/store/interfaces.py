@@ -21,7 +21,7 @@ from __future__ import annotations
 import abc
 from typing import Any, Callable, ContextManager, Iterable, Sequence, TypeVar
 
-from gateway.outbound.states import CallbackAction, Job, State
+from gateway.jobs.outbound_states import CallbackAction, Job, State
 from gateway.store.rows import Attempt, Event, JobListing, Message, NewJob, UnderWay
 
 T = TypeVar("T")

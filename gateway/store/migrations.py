@@ -331,7 +331,7 @@ _V12 = (
     # The dashboard pages through every job newest first, and filters by fax status, in SQL.
     "CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created_at, id)",
     "CREATE INDEX IF NOT EXISTS jobs_fax_status ON jobs (fax_status, created_at)",
-    # Each running gateway says it is alive (gateway/ops/nodes.py), so every node's dashboard
+    # Each running gateway says it is alive (gateway/runtime/nodes.py), so every node's dashboard
     # can list the live ones.
     """CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.outbound.states import Job
+from gateway.jobs.outbound_states import Job
 
 __all__ = ["Attempt", "Event", "Job", "JobListing", "Message", "NewJob", "UnderWay"]
 

@@ -14,7 +14,7 @@ import logging
 from dataclasses import fields
 from typing import Any, Callable, ContextManager, Sequence
 
-from gateway.outbound.states import Job, State
+from gateway.jobs.outbound_states import Job, State
 from gateway.store import migrations
 from gateway.store.base import Store, StoreError
 from gateway.store.interfaces import SqlAccess

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from gateway.outbound.states import Ev, State, check_transition
+from gateway.jobs.outbound_states import Ev, State, check_transition
 from gateway.store.base import StoreError
 from gateway.store.rows import Message, NewJob
 from gateway.store.sql_core import _MESSAGE_COLUMNS, SqlCore, _marks

@@ -1,17 +1,17 @@
 """Jobs in SQL: reads, the one guarded transition (checked against
-`gateway.outbound.states.TRANSITIONS`, an event per change, fenced by the claim's lease epoch),
+`gateway.jobs.outbound_states.TRANSITIONS`, an event per change, fenced by the claim's lease epoch),
 the worker's steps, the document's purge and the operator's actions."""
 
 from __future__ import annotations
 
 from typing import Any, Iterable, Sequence
 
-from gateway.outbound.states import (ACTIVE_STATES, FINISHED, REPORT_DUE, CallbackAction, Ev,
+from gateway.jobs.outbound_states import (ACTIVE_STATES, FINISHED, REPORT_DUE, CallbackAction, Ev,
                                      Job, State, check_transition, classify_callback)
 from gateway.store.base import StoreError
 from gateway.store.rows import Attempt, Event, Message, NewJob, UnderWay
 from gateway.store.sql_core import _ATTEMPT_COLUMNS, _MESSAGE_COLUMNS, Expr, SqlCore, _job, _marks
-from gateway.text import one_line
+from gateway.sanitise import one_line
 
 
 def operator(by: str | None) -> str:

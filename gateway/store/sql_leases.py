@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, Iterable, Sequence
 
-from gateway.outbound.states import ACTIVE_STATES, Job, State
+from gateway.jobs.outbound_states import ACTIVE_STATES, Job, State
 from gateway.store.sql_core import SqlCore, _job, _marks
 
 # A job is due when its time has come, unless it would dial a number that another job is dialling

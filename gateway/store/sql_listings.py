@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable
 
-from gateway.outbound.states import ACTIVE_STATES, State
+from gateway.jobs.outbound_states import ACTIVE_STATES, State
 from gateway.store.rows import Event, JobListing
 from gateway.store.sql_core import JOB_COLUMNS, SqlCore, _job, _marks, like_escape
 

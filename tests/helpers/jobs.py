@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from gateway.outbound.states import Job, State
+from gateway.jobs.outbound_states import Job, State
 from gateway.store.rows import Message, NewJob
 from gateway.store.sqlite import SqliteStore as Store
 

@@ -28,7 +28,7 @@ from typing import Callable
 
 from aiohttp import web
 
-from gateway.smtp.policy import TrustedNetworks
+from gateway.rules.policy import TrustedNetworks
 from gateway.store.interfaces import Calls
 from gateway.store.sessions import SessionStore
 from gateway.users import LoginThrottle, ROLES, User, UsersFile, authenticate, client_key

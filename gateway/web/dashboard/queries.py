@@ -1,4 +1,4 @@
-"""What the dashboard reads, in one place: thin functions over `gateway.ops.actions` and the
+"""What the dashboard reads, in one place: thin functions over `gateway.outbound.actions` and the
 store's public methods, so a change of the store's interface is adapted here and nowhere else.
 
 Every function is synchronous and meant to run on the store's own thread (`store.run`).
@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from gateway.mail.reports import outcome
-from gateway.ops import actions
-from gateway.ops.actions import JobRow
-from gateway.outbound.states import (ACTIVE_STATES, FINISHED, REPORT_DUE, Job, RetryPolicy,
+from gateway.outbound import actions
+from gateway.outbound.actions import JobRow
+from gateway.jobs.outbound_states import (ACTIVE_STATES, FINISHED, REPORT_DUE, Job, RetryPolicy,
                                      State, retry_decision)
 from gateway.store import inbound
 from gateway.store.base import Store
@@ -104,7 +104,7 @@ def _when_utc(ts: float) -> str:
 
 
 def offers(d: JobDetail, now: float, retry_policy: RetryPolicy, shared: bool) -> list[Offer]:
-    """Resend, Cancel and Send the report again as `gateway.ops.actions` would decide them
+    """Resend, Cancel and Send the report again as `gateway.outbound.actions` would decide them
     now, so the page offers only what can work and says why the rest cannot (the action
     still checks again when it is done: the job may move on meanwhile)."""
     job, message = d.job, d.message

@@ -10,7 +10,7 @@ THUMB_WIDTH_PX = 360
 
 def render_first_page(path: str, width_px: int = THUMB_WIDTH_PX) -> bytes:
     """A grayscale PNG of page 1 of the PDF at `path`; ConvertError if it cannot be drawn."""
-    from gateway.documents.convert import first_page_png
+    from gateway.documents.thumbnails import first_page_png
 
     return first_page_png(Path(path).read_bytes(), width_px)
 
@@ -18,6 +18,6 @@ def render_first_page(path: str, width_px: int = THUMB_WIDTH_PX) -> bytes:
 def render_first_page_of(pdf: bytes, width_px: int = THUMB_WIDTH_PX) -> bytes:
     """The same from the PDF's bytes (a received fax, fetched from SignalWire, is not kept in
     a file)."""
-    from gateway.documents.convert import first_page_png
+    from gateway.documents.thumbnails import first_page_png
 
     return first_page_png(pdf, width_px)

@@ -2,7 +2,8 @@
 
 `S3MediaStore` puts the document in a bucket and hands out SigV4 presigned GET URLs.
 `LocalMediaStore` keeps it under DATA_DIR and the gateway's HTTP listener serves it (GET and
-HEAD) at an unguessable, HMAC-signed, expiring URL; `web.py` calls `resolve_token` to serve it.
+HEAD) at an unguessable, HMAC-signed, expiring URL; gateway/web/http_listener.py calls
+`resolve_token` to serve it.
 Object keys are random, so a URL leaks nothing about the sender or the number.
 """
 
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Protocol, TypeVa
 
 import aiohttp
 
-from gateway.store.spool import copy_durable
+from gateway.spool import copy_durable
 
 if TYPE_CHECKING:
     from gateway.config import Settings

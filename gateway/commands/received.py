@@ -16,8 +16,8 @@ from urllib.parse import urlencode
 from gateway.config import Settings
 from gateway.inbound.service import SANDBOX_INFO
 from gateway.store.inbound import InboundStore
-from gateway.ops.actions import AdminError
-from gateway.ops.commands import open_store
+from gateway.outbound.actions import AdminError
+from gateway.commands.jobs import open_existing_store
 
 RING_PATH = "/_inbound/ring"
 
@@ -29,7 +29,7 @@ def _when(ts: float | None) -> str:
 
 def received(settings: Settings, *, since: float | None, limit: int, as_json: bool) -> int:
     try:
-        store = open_store(settings)
+        store = open_existing_store(settings)
     except AdminError as exc:
         print(f"faxgw: {exc}", file=sys.stderr)
         return 1

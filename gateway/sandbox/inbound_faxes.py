@@ -92,11 +92,11 @@ class InboundSimulator:
     async def ring(self, *, sim_url: str, webhook_url: str, to: str, from_: str,
                    document: bytes, station_id: str | None = None) -> InboundCall:
         """`sim_url`: the simulator's base URL (origin + base path), where the media lives."""
-        from gateway.sandbox.simulator import SimFax, _now
+        from gateway.sandbox.fax_records import SimFax, utc_now
 
         state = self.state
         sid = str(uuid.uuid4())
-        now = _now()
+        now = utc_now()
         origin = f"{urlsplit(sim_url).scheme}://{urlsplit(sim_url).netloc}"
         uri = f"{urlsplit(sim_url).path.rstrip('/')}{API_PATH}/Accounts/{state.project_id}" \
               f"/Faxes/{sid}"
@@ -183,9 +183,9 @@ def install_inbound(app: web.Application, state: Any, api: Any, base_path: str) 
 
     async def ring(request: web.Request) -> web.Response:
         """Ring the gateway from another process (faxgw receive-sample)."""
-        from gateway.sandbox.simulator import _basic_credentials
+        from gateway.sandbox.fax_records import basic_credentials
 
-        user, password = _basic_credentials(request.headers.get("Authorization", ""))
+        user, password = basic_credentials(request.headers.get("Authorization", ""))
         if not (hmac.compare_digest(user, api._user)
                 and hmac.compare_digest(password, api._password)):
             raise web.HTTPUnauthorized()

@@ -172,7 +172,7 @@ class Job:
     created_at: float
     updated_at: float
     reported_at: float | None
-    dsn_notify: str | None = None  # RCPT's NOTIFY and ORCPT (RFC 3461), see gateway/smtp/dsn.py
+    dsn_notify: str | None = None  # RCPT's NOTIFY and ORCPT (RFC 3461), see gateway/smtp/esmtp_params.py
     dsn_orcpt: str | None = None
     # The fencing token: the claim this copy of the job was read under (see SqlStore).
     lease_epoch: int = 0

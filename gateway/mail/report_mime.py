@@ -16,16 +16,27 @@ from __future__ import annotations
 import base64
 import quopri
 import secrets
+from dataclasses import dataclass
 from email.header import Header
 from email.utils import formataddr, parseaddr
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from gateway.mail.reports import ReportContent
 
 CRLF = b"\r\n"
 MAX_LINE = 998  # RFC 5322's hard limit, as the EmailMessage policy uses
 _ADDRESS_HEADERS = frozenset({"from", "to", "cc", "reply-to", "sender"})
+
+
+@dataclass(frozen=True)
+class ReportContent:
+    """A report mail's parts, before they are put together (as an EmailMessage by
+    gateway/mail/reports.py, or written straight to the wire by `write_report` below)."""
+
+    headers: list[tuple[str, str]]
+    text: str
+    html: str
+    thumbnail_png: bytes | None
+    thumbnail_cid: str | None  # "<...>"
+    pdf: bytes | None
+    pdf_name: str
 
 
 def _fold(line: str) -> str:

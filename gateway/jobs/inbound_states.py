@@ -1,4 +1,4 @@
-"""The received-fax state machine as plain data (no I/O), like gateway/outbound/states.py.
+"""The received-fax state machine as plain data (no I/O), like gateway/jobs/outbound_states.py.
 
 A received fax is one row of `inbound_faxes`. Every arrow below is a row of `TRANSITIONS` (the
 event it records in brackets); the store refuses any change that is not in the table, and every

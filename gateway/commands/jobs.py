@@ -14,22 +14,22 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from gateway.ops import actions as admin
+from gateway.outbound import actions as admin
 from gateway.config import Settings
 from gateway.constants import EXIT_UNAVAILABLE
-from gateway.ops.instance import running_daemon
-from gateway.outbound.states import RetryPolicy
+from gateway.runtime.instance import running_daemon
+from gateway.jobs.outbound_states import RetryPolicy
 from gateway.signalwire.client import SignalWireClient, SignalWireError
-from gateway.store import base as store_base
+from gateway.store.factory import open_store
 from gateway.store.base import Store, StoreError
 from gateway.store.sql import SqlStore
-from gateway.web.app import SANDBOX_PREFIX
+from gateway.web.http_listener import SANDBOX_PREFIX
 
 EX_OK, EX_FAIL = 0, 1
 
 
-def open_store(settings: Settings) -> SqlStore:
-    store = store_base.open_store(settings)
+def open_existing_store(settings: Settings) -> SqlStore:
+    store = open_store(settings)
     if not store.exists():
         raise admin.AdminError(f"no database at {store.where}: is DATA_DIR right, has the "
                                "daemon run?")
@@ -53,7 +53,7 @@ def nudge_daemon(settings: Settings) -> bool:
     """Tell a running daemon to look at its queue now (SIGUSR1), if one runs.
 
     Only the process the pid file names *and* that started when the pid file says is
-    signalled (see gateway.ops.instance): after a kill -9 the pid may belong to anyone now.
+    signalled (see gateway.runtime.instance): after a kill -9 the pid may belong to anyone now.
     """
     pid = running_daemon(settings.data_dir)
     if pid is None:
@@ -89,7 +89,7 @@ def _client(settings: Settings) -> SignalWireClient:
 def with_store(action: Callable[[Store], str]) -> Callable[[Settings], int]:
     def run(settings: Settings) -> int:
         try:
-            store = open_store(settings)
+            store = open_existing_store(settings)
             try:
                 print(action(store))
             finally:
@@ -137,7 +137,7 @@ def report(settings: Settings, ref: str) -> int:
 
 def cancel(settings: Settings, ref: str) -> int:
     try:
-        store = open_store(settings)
+        store = open_existing_store(settings)
     except admin.AdminError as exc:
         print(f"faxgw: {exc}", file=sys.stderr)
         return EX_FAIL
@@ -168,7 +168,7 @@ async def _cancel_at_signalwire(settings: Settings, sid: str) -> None:
 
 
 async def _probe_s3(settings: Settings) -> str:
-    from gateway.signalwire.media import s3_media_store
+    from gateway.media_store import s3_media_store
 
     store = s3_media_store(settings, 20)
     await store.start()

@@ -1,29 +1,27 @@
-"""The HTTP edge (aiohttp): SignalWire status callbacks, local media, health.
+"""SignalWire's status callbacks for sent faxes: the signed POST that tells a job its fax's
+status, checked (token, signature, account) and recorded through the job's state machine.
 
-Paths carry secrets (callback tokens, media tokens), so aiohttp's access log is off and our own
-log lines never include them.
+The outbound direction's counterpart of gateway/inbound/webhook.py; gateway/web/http_listener.py
+mounts it at CALLBACK_ROUTE. Paths carry the job's callback token, so no log line names them.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Awaitable, Callable
+from typing import Callable
 
 from aiohttp import web
 
 from gateway.config import Settings
-from gateway.constants import MAX_CALLBACK_BODY_BYTES
-from gateway.outbound.states import CallbackAction
-from gateway.signalwire.media import MEDIA_ROUTE, LocalMediaStore
-from gateway.ops.metrics import Metrics, aiohttp_handler
+from gateway.jobs.outbound_states import CallbackAction
+from gateway.runtime.metrics import Metrics
+from gateway.sanitise import one_line
 from gateway.signalwire.signature import verify_signature
 from gateway.store.base import Store, StoreError
-from gateway.text import one_line
 
 log = logging.getLogger(__name__)
 
 CALLBACK_ROUTE = "/signalwire/status"
-SANDBOX_PREFIX = "/sandbox/signalwire"
 MAX_TOKEN_CHARS = 128
 
 
@@ -41,62 +39,13 @@ def _short(value: object, limit: int = 300) -> str | None:
     return one_line(value, limit) or None
 
 
-class WebApp:
-    def __init__(self, settings: Settings, store: Store, on_final: Callable[[], None],
-                 media: LocalMediaStore | None, metrics: Metrics | None = None) -> None:
+class StatusCallbacks:
+    def __init__(self, settings: Settings, store: Store, metrics: Metrics,
+                 on_final: Callable[[], None]) -> None:
         self.s = settings
         self.store = store
+        self.metrics = metrics
         self.on_final = on_final
-        self.media = media
-        self.metrics = metrics or Metrics(process=False)
-        self.app = web.Application(client_max_size=MAX_CALLBACK_BODY_BYTES)
-        self.app.router.add_get("/healthz", self.healthz)
-        self.app.router.add_get("/readyz", self.readyz)
-        self.app.router.add_get("/metrics", aiohttp_handler(self.metrics, store,
-                                                            token=settings.metrics_token))
-        self.ready_checks: list[Callable[[], Awaitable[tuple[str, bool, str]]]] = []
-        self.app.router.add_post(CALLBACK_ROUTE + "/{token}", self.status_callback)
-        if media is not None:
-            self.app.router.add_get(MEDIA_ROUTE + "/{token}", self.media_file)  # HEAD too
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
-        self.port = 0
-
-    async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
-                                     shutdown_timeout=5)
-        await self._runner.setup()
-        listen = self.s.http_listen
-        self._site = web.TCPSite(self._runner, listen.host, listen.port)
-        await self._site.start()
-        # The bound port (HTTP_LISTEN may ask for port 0), from aiohttp's public API.
-        self.port = int(self._runner.addresses[0][1])
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-
-    async def healthz(self, request: web.Request) -> web.Response:
-        """Liveness: the event loop answers."""
-        return web.json_response({"status": "ok"})
-
-    async def ready_status(self) -> dict[str, dict[str, object]]:
-        """Every readiness check by name, {"ok": bool, "detail": str}; shared by /readyz and
-        the dashboard's health panel, so both say the same thing."""
-        checks: dict[str, dict[str, object]] = {}
-        for check in self.ready_checks:
-            name, ok, detail = await check()
-            checks[name] = {"ok": ok, "detail": detail}
-        return checks
-
-    async def readyz(self, request: web.Request) -> web.Response:
-        """Readiness: every check (store writable, listeners bound, last contact with S3 and
-        SignalWire) with its state; 503 when one fails."""
-        checks = await self.ready_status()
-        ready = all(c["ok"] for c in checks.values())
-        return web.json_response({"status": "ready" if ready else "not ready",
-                                  "checks": checks}, status=200 if ready else 503)
 
     async def status_callback(self, request: web.Request) -> web.Response:
         """A job's status callback. With the job store not answering (an outage, a connection
@@ -149,13 +98,3 @@ class WebApp:
         if action is CallbackAction.FINAL:
             self.on_final()
         return web.Response(text="OK")
-
-    async def media_file(self, request: web.Request) -> web.StreamResponse:
-        assert self.media is not None
-        token = request.match_info["token"]
-        path = self.media.resolve_token(token) if len(token) <= 512 else None
-        if path is None:
-            raise web.HTTPNotFound(text="no such document, or the link has expired")
-        log.info("media served to %s (%s)", request.remote, request.method)
-        return web.FileResponse(path, headers={"Content-Type": "application/pdf",
-                                               "Cache-Control": "no-store"})

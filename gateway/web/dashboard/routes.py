@@ -8,8 +8,8 @@ job's history update while the page is open. A Content-Security-Policy allows no
 own files, so even a missed escape could not run a script.
 
 The dashboard has its own listener (ADMIN_LISTEN), never the public one SignalWire reaches. It
-reads jobs only through `queries` (over `gateway.ops.actions` and the store's public methods)
-and acts through `gateway.ops.actions`, naming the administrator in the job's history.
+reads jobs only through `queries` (over `gateway.outbound.actions` and the store's public methods)
+and acts through `gateway.outbound.actions`, naming the administrator in the job's history.
 Received faxes are read through `gateway.store.inbound.InboundStore` (also via `queries`).
 """
 
@@ -19,24 +19,20 @@ import asyncio
 import logging
 import re
 from collections import OrderedDict, deque
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Awaitable, Callable
-from urllib.parse import unquote, urlencode
+from urllib.parse import urlencode
 
 import jinja2
-from markupsafe import Markup
 from aiohttp import web
 
 from gateway.config import Settings
 from gateway.documents.pool import CpuPool, call
-from gateway.ops import actions
-from gateway.ops.actions import AdminError, AlreadyResent
-from gateway.ops.logs import redact
-from gateway.ops.nodes import LIVE_S
-from gateway.outbound.states import RetryPolicy
-from gateway.phone import NumberError, format_number
+from gateway.outbound import actions
+from gateway.outbound.actions import AdminError, AlreadyResent
+from gateway.runtime.logs import redact
+from gateway.runtime.nodes import LIVE_S
+from gateway.jobs.outbound_states import RetryPolicy
 from gateway.signalwire.client import SignalWireClient
 from gateway.users import LoginThrottle, UsersFile
 from gateway.web.dashboard import queries
@@ -47,18 +43,18 @@ from gateway.signalwire.client import SignalWireError
 from gateway.store.base import StoreError
 from gateway.store.inbound import InboundFax, InboundStore
 from gateway.store.sql import SqlStore
+from gateway.web.dashboard.filters import job_filters, parse_day, received_filters, safe_next
+from gateway.web.dashboard.formatting import ago, shown_number, when
 from gateway.web.dashboard.thumbs import THUMB_WIDTH_PX
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 PAGE_SIZE = 25
-MAX_PAGE = 100_000  # the database pages (OFFSET): 2.5 million jobs deep at most
 MAX_FORM_BYTES = 16 * 1024
 THUMB_CACHE_ENTRIES = 64
 MEDIA_GONE_ENTRIES = 1000
 RECENT_ERRORS = 20
-MAX_FILTER_CHARS = 200
 ACTIONS = {
     "resend": ("Resend", "Send this document to the same number again, as a new job?"),
     "cancel": ("Cancel", "Stop this fax? Not yet sent: it is not sent, and the sender gets a "
@@ -69,7 +65,6 @@ CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';
        "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
 _JOB_ID = "{job_id:[0-9a-f]{6,16}}"
 _FAX_SID = "{fax_sid:[A-Za-z0-9-]{1,64}}"
-_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 
 # The session of the request (aiohttp >= 3.12 wants typed keys for request storage).
 SESSION: Any = (web.RequestKey("faxgw_session", Session) if hasattr(web, "RequestKey")
@@ -89,135 +84,6 @@ class RecentErrors(logging.Handler):
         except Exception:  # a bad format string must not break logging
             text = str(record.msg)[:500]
         self.records.append((record.created, record.levelname.lower(), text))
-
-
-def _when(ts: float | None) -> Markup | str:
-    """A moment as a <time> element: UTC as written (and on hover); dash.js shows it in the
-    viewer's own time zone."""
-    if ts is None:
-        return "-"
-    moment = datetime.fromtimestamp(ts, timezone.utc)
-    utc = moment.strftime("%Y-%m-%d %H:%M:%S")
-    return Markup('<time datetime="{}" title="{} UTC">{} UTC</time>').format(
-        moment.strftime("%Y-%m-%dT%H:%M:%SZ"), utc, utc)
-
-
-def _number(e164: str | None) -> str:
-    if not e164:
-        return "-"
-    try:
-        return format_number(e164)
-    except NumberError:
-        return e164
-
-
-def _ago(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = max(0, int(seconds))
-    if s < 120:
-        return f"{s} s"
-    if s < 7200:
-        return f"{s // 60} min"
-    if s < 172800:
-        return f"{s // 3600} h"
-    return f"{s // 86400} days"
-
-
-def _query(values: dict[str, Any], change: dict[str, Any]) -> str:
-    """A list page's query string: the filters as set, with `change` applied; empty values
-    and page 1 left out."""
-    values = {**values, **change}
-    return urlencode({k: v for k, v in values.items() if v and not (k == "page" and v == 1)})
-
-
-@dataclass(frozen=True)
-class Filters:
-    status: str = ""
-    to: str = ""
-    sender: str = ""
-    date_from: str = ""
-    date_until: str = ""
-    q: str = ""
-    page: int = 1
-
-    def query(self, **change: Any) -> str:
-        return _query({"status": self.status, "to": self.to, "sender": self.sender,
-                       "from": self.date_from, "until": self.date_until, "q": self.q,
-                       "page": self.page}, change)
-
-
-@dataclass(frozen=True)
-class ReceivedFilters:
-    to: str = ""
-    caller: str = ""
-    date_from: str = ""
-    date_until: str = ""
-    page: int = 1
-
-    def query(self, **change: Any) -> str:
-        return _query({"to": self.to, "caller": self.caller, "from": self.date_from,
-                       "until": self.date_until, "page": self.page}, change)
-
-
-def _page_number(request: web.Request) -> int:
-    try:
-        return min(MAX_PAGE, max(1, int(request.query.get("page", "1"))))
-    except ValueError:
-        return 1
-
-
-def _received_filters(request: web.Request) -> ReceivedFilters:
-    q = request.query
-
-    def text(name: str) -> str:
-        return q.get(name, "").strip()[:MAX_FILTER_CHARS]
-
-    return ReceivedFilters(to=text("to"), caller=text("caller"), date_from=text("from"),
-                           date_until=text("until"), page=_page_number(request))
-
-
-def _filters(request: web.Request) -> Filters:
-    q = request.query
-
-    def text(name: str) -> str:
-        return q.get(name, "").strip()[:MAX_FILTER_CHARS]
-
-    try:
-        page = min(MAX_PAGE, max(1, int(q.get("page", "1"))))
-    except ValueError:
-        page = 1
-    return Filters(status=text("status"), to=text("to"), sender=text("sender"),
-                   date_from=text("from"), date_until=text("until"), q=text("q"), page=page)
-
-
-_UNSAFE_IN_NEXT = re.compile(r"[\x00-\x1f\x7f\\]")
-
-
-def safe_next(target: str | None) -> str:
-    """Where to go after the login: a path on this dashboard, else the job list. Only '/'
-    followed by something other than '/' or a backslash, with no control character (browsers
-    drop a tab or a newline, so '/<tab>/host' is '//host', another site; a newline would split
-    the Location header), checked as given and once percent-decoded."""
-    if not target or len(target) > 500:
-        return "/jobs"
-    for text in (target, unquote(target)):
-        if (not text.startswith("/") or text[1:2] in ("/", "\\")
-                or _UNSAFE_IN_NEXT.search(text)):
-            return "/jobs"
-    return target
-
-
-def _day(text: str, field: str) -> float | None:
-    if not text:
-        return None
-    if not _DATE.fullmatch(text):
-        raise AdminError(f"{field}: give a date as YYYY-MM-DD")
-    try:
-        day = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=timezone.utc)
-    except ValueError:
-        raise AdminError(f"{field}: {text} is not a date") from None
-    return day.timestamp()
 
 
 class Dashboard:
@@ -257,7 +123,7 @@ class Dashboard:
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
             trim_blocks=True, lstrip_blocks=True)
-        self.env.filters.update(when=_when, number=_number, ago=_ago)
+        self.env.filters.update(when=when, number=shown_number, ago=ago)
         self.app = web.Application(client_max_size=MAX_FORM_BYTES,
                                    middlewares=[self._headers, self._guard])
         r = self.app.router
@@ -480,11 +346,11 @@ class Dashboard:
         raise web.HTTPSeeOther("/jobs")
 
     async def _page(self, request: web.Request) -> dict[str, Any]:
-        f = _filters(request)
+        f = job_filters(request)
         error = None
         try:
-            since = _day(f.date_from, "From")
-            until = _day(f.date_until, "Until")
+            since = parse_day(f.date_from, "From")
+            until = parse_day(f.date_until, "Until")
             if until is not None:
                 until += 86400  # the whole day
             page = await self.store.read(lambda: queries.search_jobs(
@@ -643,11 +509,11 @@ class Dashboard:
     # -- received faxes ----------------------------------------------------------------------
 
     async def _received(self, request: web.Request) -> dict[str, Any]:
-        f = _received_filters(request)
+        f = received_filters(request)
         error = None
         try:
-            since = _day(f.date_from, "From")
-            until = _day(f.date_until, "Until")
+            since = parse_day(f.date_from, "From")
+            until = parse_day(f.date_until, "Until")
             if until is not None:
                 until += 86400  # the whole day
             page = await self.store.read(lambda: queries.search_received(
@@ -720,7 +586,7 @@ class Dashboard:
         relay = self.contact("relay")
         if relay is not None:
             relay_ok: bool | None = relay[0]
-            relay_words = f"{relay[2]} ({_ago(now - relay[1])} ago)"
+            relay_words = f"{relay[2]} ({ago(now - relay[1])} ago)"
         elif self.s.shared:  # the store's newest reports may be any node's
             relay_ok, relay_words = None, "no report sent by this node yet"
         else:

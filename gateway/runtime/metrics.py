@@ -24,7 +24,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
 from gateway.constants import FINAL_STATUSES
-from gateway.outbound.states import ACTIVE_STATES, Job, State
+from gateway.jobs.outbound_states import ACTIVE_STATES, Job, State
 from gateway.store.interfaces import Listings
 
 log = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """Inbound counters, registered on the gateway's own registry (`Metrics.registry`), so they
-appear on /metrics next to the outbound ones without changes to ops/metrics.py."""
+appear on /metrics next to the outbound ones without changes to runtime/metrics.py."""
 
 from __future__ import annotations
 

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway.mail.dsn_values import xtext_decode
 from gateway.smtp import replies
 from gateway.smtp.replies import Reply
 
@@ -28,26 +29,6 @@ AUTH_MAX_CHARS = 500       # RFC 4954 5: AUTH= may add 500 characters to MAIL
 # RFC 3461 5 and RFC 4954 5: how much longer MAIL and RCPT lines may be once these are offered.
 MAIL_EXTRA_CHARS = 100 + 500
 RCPT_EXTRA_CHARS = 500
-
-_XTEXT_HEX = re.compile(r"\+([0-9A-F]{2})")
-
-
-def xtext_decode(value: str) -> str | None:
-    """RFC 3461 4: "+" and two upper-case hex digits stand for one character; every other
-    character is printable ASCII other than "+" and "=". None when it is not xtext."""
-    if any(not ("!" <= c <= "~") or c == "=" for c in value):
-        return None
-    if "+" in value and _XTEXT_HEX.sub("", value).count("+"):
-        return None
-    decoded = _XTEXT_HEX.sub(lambda m: chr(int(m.group(1), 16)), value)
-    # Printable only: the value is written into report headers (no CR, LF or NUL).
-    return decoded if decoded.isascii() and decoded.isprintable() else None
-
-
-def xtext_encode(value: str) -> str:
-    return "".join(c if "!" <= c <= "~" and c not in "+=" else f"+{ord(c):02X}"
-                   for c in value)
-
 
 @dataclass(frozen=True)
 class MailParams:
@@ -143,11 +124,6 @@ def parse_rcpt(words: list[str]) -> RcptParams | Reply:
                                          "ORCPT=rfc822;alice@example.com")
         orcpt = f"{addr_type.lower()};{address}"
     return RcptParams(notify=notify, orcpt=orcpt)
-
-
-def wants(notify: str | None, what: str) -> bool:
-    """Whether a recipient's NOTIFY asks for `what` (SUCCESS, FAILURE or DELAY)."""
-    return notify is not None and what in notify.split(",")
 
 
 HEADERS_MAX_BYTES = 64 * 1024      # the header block a DSN returns (RET=HDRS), at most

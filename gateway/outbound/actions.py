@@ -2,7 +2,7 @@
 
 Functions over a `Store` opened synchronously by the CLI (`open_store(settings).open()`),
 safe while the daemon runs: every write is one short transaction through the store's guarded
-transition (the table in gateway/outbound/states.py), conditional on the state it was decided
+transition (the table in gateway/jobs/outbound_states.py), conditional on the state it was decided
 from, so a worker step running at the same moment either wins cleanly or sees the change and
 stops.
 
@@ -24,10 +24,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from gateway.outbound.states import (ACTIVE_STATES, FINISHED, REPORT_DUE, Job, RetryPolicy,
+from gateway.jobs.outbound_states import (ACTIVE_STATES, FINISHED, REPORT_DUE, Job, RetryPolicy,
                                      State, retry_decision)
-from gateway.signalwire.media import new_media_key
-from gateway.text import one_line
+from gateway.media_store import new_media_key
+from gateway.sanitise import one_line
 from gateway.phone import NumberError, format_number
 from gateway.mail.reports import outcome
 from gateway.signalwire.client import SignalWireClient, SignalWireError

@@ -14,7 +14,7 @@ import os
 import socket
 from typing import Awaitable, Callable, Mapping
 
-from gateway.text import one_line
+from gateway.sanitise import one_line
 
 log = logging.getLogger(__name__)
 
