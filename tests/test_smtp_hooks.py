@@ -1,17 +1,22 @@
-"""What gateway/smtp/server.py relies on inside aiosmtpd, beyond its documented handler hooks.
+"""What gateway/smtp/aiosmtpd_compat.py relies on inside aiosmtpd, beyond its handler hooks.
 
 If aiosmtpd changes any of these, this test fails with the name of what changed, before a
-scanner finds out. Then re-read smtp/server.py against the new aiosmtpd and raise the pin in
-pyproject.toml."""
+scanner finds out. Then re-read smtp/aiosmtpd_compat.py against the new aiosmtpd and raise the
+pin in pyproject.toml. The module's OVERRIDES and LEANED_ON lists must name everything it
+overrides or uses of aiosmtpd's, and nothing else in gateway/ may reach into aiosmtpd."""
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import inspect
 from importlib.metadata import version
+from pathlib import Path
 
 from aiosmtpd.smtp import SMTP, Envelope, TLSSetupException, syntax
 
-from gateway.smtp.server import AIOSMTPD_STARTTLS_FIRST, FaxEnvelope, FaxSMTP
+from gateway.smtp import aiosmtpd_compat as compat
+from gateway.smtp.aiosmtpd_compat import AIOSMTPD_STARTTLS_FIRST, FaxEnvelope, FaxSMTP
 
 
 def params(fn: object) -> list[str]:
@@ -44,8 +49,8 @@ def test_overridden_and_called_methods_keep_their_signatures() -> None:
     }
     for name, names in expected.items():
         assert params(getattr(SMTP, name)) == names, f"aiosmtpd SMTP.{name} changed"
-    for name in ("smtp_DATA", "smtp_AUTH", "smtp_MAIL", "smtp_RCPT", "_handle_client", "_timeout_cb", "_create_envelope",
-                 "push", "connection_made", "connection_lost"):
+    for name in ("smtp_DATA", "smtp_AUTH", "smtp_MAIL", "smtp_RCPT", "_handle_client",
+                 "_timeout_cb", "_create_envelope", "push", "connection_made", "connection_lost"):
         assert params(getattr(FaxSMTP, name)) == params(getattr(SMTP, name)), name
 
 
@@ -190,3 +195,120 @@ async def test_the_short_dir_finds_every_command_mechanism_and_hook() -> None:
     assert "inspect.signature(ehlo_hook)" in init
     assert ours._ehlo_hook_ver == "new"  # noqa: SLF001
     assert "__signature__" in vars(FaxHandler.handle_EHLO)
+
+
+# sha256 (first 16 hex digits) of the source of every aiosmtpd 1.4.6 method that
+# gateway/smtp/aiosmtpd_compat.py overrides or calls. A different aiosmtpd fails here with the
+# method's name: re-read the override against the new source, then update the hash.
+AIOSMTPD_SOURCES = {
+    "__init__": "8a9ca80f23ad9bf2",
+    "_call_handler_hook": "6ff23a6634ea0307",
+    "_cb_client_connected": "a73e95bb7f362ab9",
+    "_create_envelope": "54afceea638744d4",
+    "_getaddr": "0aeb21c56ac1260e",
+    "_getparams": "ca3dd15943d34dcc",
+    "_handle_client": "0e4d096403af6c74",
+    "_reset_timeout": "fef19b94d28dff31",
+    "_set_post_data_state": "1dc8a8abca2a8164",
+    "_strip_command_keyword": "2228557170f63ec4",
+    "_timeout_cb": "10a7351f9bec2818",
+    "challenge_auth": "7ca4c59374e53538",
+    "check_auth_needed": "812bbc794078b1b0",
+    "check_helo_needed": "9829bb73251c983e",
+    "connection_lost": "d3bf6349bc3c25c1",
+    "connection_made": "77a45df5065bba34",
+    "handle_exception": "33be80d97d2d75ee",
+    "push": "15f4f1de5e30c337",
+    "smtp_AUTH": "79078b308377ac48",
+    "smtp_DATA": "3a33f30d3fd6d02f",
+    "smtp_EHLO": "1d91592dd954c4cd",
+    "smtp_MAIL": "80dd938e7791acfb",
+    "smtp_RCPT": "a0d6605883c0e608",
+    "smtp_STARTTLS": "6565289f4131fa13",
+}
+
+
+def _compat_tree() -> ast.Module:
+    return ast.parse(inspect.getsource(compat))
+
+
+def test_every_overridden_or_called_aiosmtpd_method_is_the_pinned_source() -> None:
+    """Every aiosmtpd method the compat module overrides or calls has the source it was
+    written against, and every one of them is pinned here."""
+    methods = {n for n in {*compat.OVERRIDES, *compat.LEANED_ON}
+               if inspect.isfunction(getattr(SMTP, n, None))}
+    assert methods == AIOSMTPD_SOURCES.keys()
+    for name, digest in AIOSMTPD_SOURCES.items():
+        source = inspect.getsource(getattr(SMTP, name))
+        assert hashlib.sha256(source.encode()).hexdigest()[:16] == digest, (
+            f"aiosmtpd SMTP.{name} changed: re-read gateway/smtp/aiosmtpd_compat.py against it")
+    # The plain attributes: their values and where aiosmtpd keeps them.
+    assert SMTP.line_length_limit == 1001 and SMTP.command_size_limit == 512
+    assert isinstance(SMTP.command_size_limits, dict)
+    assert "__dir__" not in vars(SMTP)  # object's: aiosmtpd's __init__ calls dir(self)
+
+
+async def test_the_overrides_list_is_exactly_what_faxsmtp_overrides() -> None:
+    """OVERRIDES names every aiosmtpd attribute FaxSMTP replaces, on the class or per
+    connection, and nothing else."""
+    import asyncio
+
+    from gateway.smtp.server import FaxHandler
+
+    ours = FaxSMTP(object.__new__(FaxHandler), set(), loop=asyncio.get_running_loop())
+    on_class = {n for n in vars(FaxSMTP) if hasattr(SMTP, n)
+                and n not in ("__module__", "__doc__", "__qualname__", "__annotations__",
+                              "__firstlineno__", "__static_attributes__", "__dict__",
+                              "__weakref__")}
+    plain = SMTP(object.__new__(FaxHandler), loop=asyncio.get_running_loop())
+    per_connection = {n for n in vars(ours) if hasattr(SMTP, n) and n not in vars(plain)}
+    assert on_class | per_connection == set(compat.OVERRIDES)
+    assert len(compat.OVERRIDES) == len(set(compat.OVERRIDES))
+
+
+def test_every_aiosmtpd_internal_the_module_touches_is_listed() -> None:
+    """An attribute of aiosmtpd's SMTP (or a private one of its instances) used anywhere in the
+    compat module is in OVERRIDES or LEANED_ON, so the two lists stay the module's truth."""
+    tree = _compat_tree()
+    own: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and node.name == "FaxSMTP":
+            own |= {n.name for n in node.body
+                    if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+            own |= {t.attr for n in ast.walk(node) if isinstance(n, ast.Assign | ast.AnnAssign)
+                    for t in (n.targets if isinstance(n, ast.Assign) else [n.target])
+                    if isinstance(t, ast.Attribute)}
+    listed = {*compat.OVERRIDES, *compat.LEANED_ON}
+    used = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Name | ast.Call)
+            and (hasattr(SMTP, n.attr) or n.attr.startswith("_")) and not n.attr.startswith("__")}
+    # self.X, super().X, SMTP.X: anything of aiosmtpd's not defined by FaxSMTP itself.
+    unlisted = {n for n in used - own - listed
+                if hasattr(SMTP, n) or n in ("_reader", "_writer")}
+    assert not unlisted, f"aiosmtpd internals used but not listed: {sorted(unlisted)}"
+    assert set(compat.OVERRIDES) - {"__init__", "__dir__", "line_length_limit",
+                                    "command_size_limits"} <= own
+
+
+def test_nothing_else_in_gateway_reaches_into_aiosmtpd() -> None:
+    """Outside the compat module, gateway/ imports only aiosmtpd's public names, subclasses
+    none of its classes, and touches no private attribute of a server or session."""
+    import gateway
+
+    root = Path(gateway.__file__).parent
+    public = {"MISSING", "SMTP", "Envelope", "Session", "TLSSetupException"}
+    for path in root.rglob("*.py"):
+        if path.name == "aiosmtpd_compat.py":
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("aiosmtpd"):
+                assert node.module == "aiosmtpd.smtp", path
+                assert {a.name for a in node.names} <= public, path
+            if isinstance(node, ast.ClassDef):
+                bases = {b.id for b in node.bases if isinstance(b, ast.Name)}
+                assert not bases & {"SMTP", "Envelope", "Session"}, (path, node.name)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                    and node.value.id in ("server", "session") and node.attr.startswith("_"):
+                raise AssertionError(f"{path}: {node.value.id}.{node.attr}")
+

@@ -39,6 +39,7 @@ from pypdf.generic import (
     IndirectObject,
     NameObject,
     NumberObject,
+    PdfObject,
     RectangleObject,
     StreamObject,
 )
@@ -168,12 +169,23 @@ def _cm(matrix: Matrix) -> str:
     return " ".join(_num(v) for v in matrix) + " cm"
 
 
+def _indirect(writer: PdfWriter, obj: PdfObject) -> IndirectObject:
+    """`obj` as an indirect object of `writer`: its own reference if it is one already, else
+    a new one through pypdf's public `clone` (an object whose `indirect_reference` is None is
+    registered in the writer it is cloned into; PdfWriter has no public add_object)."""
+    ref = getattr(obj, "indirect_reference", None)  # a new object has none yet
+    if ref is not None and ref.pdf is writer:
+        return ref
+    obj.indirect_reference = None
+    ref = obj.clone(writer).indirect_reference
+    assert ref is not None, "pypdf's clone did not register the object"
+    return ref
+
+
 def _new_stream(writer: PdfWriter, data: bytes) -> IndirectObject:
     stream = DecodedStreamObject()
     stream.set_data(data)
-    # PdfWriter has no public way to register a new indirect object; _add_object is what its
-    # own page and form code uses.
-    return writer._add_object(stream)
+    return _indirect(writer, stream)
 
 
 def _wrap_contents(writer: PdfWriter, page: PageObject, before: bytes,
@@ -187,7 +199,7 @@ def _wrap_contents(writer: PdfWriter, page: PageObject, before: bytes,
         items = list(obj) if isinstance(obj, ArrayObject) else [old]
         for item in items:
             refs.append(item if isinstance(item, IndirectObject)
-                        else writer._add_object(item.get_object()))
+                        else _indirect(writer, item.get_object()))
     contents = ArrayObject([_new_stream(writer, before), *refs, _new_stream(writer, after)])
     page[NameObject("/Contents")] = contents
 
@@ -646,7 +658,7 @@ def _needs_work(reader: PdfReader, paper_w: float, paper_h: float) -> bool:
 def _flatten_forms(writer: PdfWriter) -> None:
     """Draw every printable annotation's appearance into its page and drop the annotations
     and the form, so filled values print on any rasteriser and nothing stays interactive."""
-    root = writer._root_object
+    root = writer.root_object
     form = root.get("/AcroForm")
     form = form.get_object() if form is not None else None
     regenerate = isinstance(form, DictionaryObject) and bool(form.get("/NeedAppearances"))
@@ -674,7 +686,7 @@ def _flatten_forms(writer: PdfWriter) -> None:
                 continue
             stream, matrix = placed
             xname = NameObject(f"/FaxFlat{number}x{index}")
-            xobjects[xname] = writer._add_object(stream)
+            xobjects[xname] = _indirect(writer, stream)
             draws.append(f"q {_cm(matrix)} {xname} Do Q")
         del page["/Annots"]
         if draws:

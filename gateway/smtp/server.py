@@ -13,61 +13,47 @@ and RFC 4954's `AUTH=` on MAIL, which aiosmtpd would answer with 555; see gatewa
 
 Where aiosmtpd is extended beyond its handler hooks (DATA streamed to a file, AUTH mechanisms
 matched case-insensitively, the 421 on timeouts, the connection caps, the DSN and AUTH=
-parameters taken off MAIL and RCPT before aiosmtpd reads them), tests/test_smtp_hooks.py
-fails loudly if the methods and attributes relied on change: aiosmtpd is pinned below 1.5.
+parameters taken off MAIL and RCPT before aiosmtpd reads them), the code is fenced in
+gateway/smtp/aiosmtpd_compat.py, and tests/test_smtp_hooks.py fails loudly if the methods and
+attributes relied on change: aiosmtpd is pinned below 1.5.
 """
 
 from __future__ import annotations
 
 import asyncio
 import binascii
-import collections
 import dataclasses
-import functools
-import inspect
 import logging
-import re
-from email._header_value_parser import get_addr_spec, get_angle_addr
-from email.errors import HeaderParseError
 from base64 import b64decode
-from pathlib import Path
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException
 
 from gateway.config import HostPort, Settings
 from gateway.constants import MAX_RCPT_ADDRESS_CHARS, SMTP_LINE_TIMEOUT_S
 from gateway.runtime.metrics import Metrics
-from gateway.phone import (NumberError, parse_fax_number, parse_recipient,
-                           quote_rcpt_local_part)
+from gateway.phone import NumberError, parse_fax_number, parse_recipient
 from gateway.smtp import esmtp_params as dsn, replies
 from gateway.smtp.access import Access, Client
+from gateway.smtp.aiosmtpd_compat import (
+    FaxEnvelope,
+    FaxSMTP,
+    _fax,
+    _peer,
+    aiosmtpd_handler,
+)
 from gateway.smtp.connections import AcceptErrors, ConnectionLimits
-from gateway.smtp.data import DataWriter, Incoming, Outcome, receive
-from gateway.smtp.intake import HEAD_BYTES, Intake, PartStored, RateRefused, Refused
+from gateway.smtp.data import Incoming
+from gateway.smtp.intake import Intake, PartStored, RateRefused, Refused
+from gateway.smtp.postmaster import SEPARATELY, Postmaster, is_postmaster
 from gateway.smtp.replies import Reply
-from gateway.store.base import StoreError
 from gateway.smtp.tls import ReloadableTLS
 from gateway.smtp.verify import SenderVerifier
-from gateway.smtp.postmaster import SEPARATELY, Postmaster, is_postmaster
+from gateway.store.base import StoreError
 
 log = logging.getLogger(__name__)
 
 MAX_CREDENTIAL_CHARS = 1024
-# aiosmtpd's StreamReader limit is its class attribute `line_length_limit` (1001 by default):
-# DATA is read up to this many bytes at a time. Command lines stay bounded by
-# command_size_limit (512), checked by aiosmtpd after the read.
-READER_LIMIT_BYTES = 64 * 1024
-# aiosmtpd's own reply when STARTTLS is required; rewritten with its enhanced code.
-AIOSMTPD_STARTTLS_FIRST = "530 Must issue a STARTTLS command first"
-# ENHANCEDSTATUSCODES: the code given to aiosmtpd's own replies that carry none (by reply code;
-# otherwise the class with .0.0). Ours carry theirs already.
-_ENHANCED_BY_CODE = {"250": "2.0.0", "221": "2.0.0", "220": "2.0.0", "252": "2.5.0",
-                     "500": "5.5.2", "501": "5.5.4", "502": "5.5.1", "503": "5.5.1",
-                     "504": "5.5.4", "530": "5.7.0", "552": "5.3.4", "554": "5.7.0",
-                     "555": "5.5.4", "454": "4.7.0"}
-_HAS_ENHANCED = re.compile(r"[245]\d\d[ -][245]\.\d{1,3}\.\d{1,3}(?: |$)")
-_NEEDS_ENHANCED = re.compile(r"([245]\d\d)([ -])")
 
 
 def _b64_text(blob: bytes | str) -> str | None:
@@ -78,46 +64,11 @@ def _b64_text(blob: bytes | str) -> str | None:
         return None
 
 
-class FaxEnvelope(Envelope):
-    """aiosmtpd's envelope with the gateway's fields, made by `FaxSMTP._create_envelope`."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.client: Client | None = None
-        self.fax_numbers: list[str] = []
-        self.content_path: Path | None = None  # DATA as received, in DATA_DIR/incoming
-        self.content_bytes = 0
-        self.content_head = b""  # its first HEAD_BYTES (the header block and more)
-        self.mail_params = dsn.MailParams()  # RET, ENVID, AUTH= of MAIL
-        self.rcpt_params: list[dsn.RcptParams] = []  # NOTIFY, ORCPT, one per fax number
-        self.postmaster = False  # RCPT postmaster@ the fax domain: forwarded, not faxed
-
-
-# An SMTP path of the plainest kind: "<", a dot-atom local part, "@", a dot-atom domain, ">"
-# (RFC 5321 4.1.2 / RFC 5322 3.4.1, ASCII only); anything else takes the stdlib's parser.
-_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_SIMPLE_PATH = re.compile(rf"<(?P<addr>{_ATEXT}(?:\.{_ATEXT})*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*)>")
-
-
-@functools.cache
-def _hook_names(cls: type) -> list[str]:
-    """What `dir()` of the session and of its handler answers: only the names aiosmtpd looks
-    its commands, AUTH mechanisms and hooks up by (`smtp_*`, `auth_*`, `handle_*`).
-
-    aiosmtpd's SMTP.__init__ finds them with `dir()` and `inspect.getmembers`, for every
-    connection; over the whole class (~200 names, properties included) that cost 390 us of
-    the loop per connection on a 2-core machine, ~20 us this way. tests/test_smtp_hooks.py
-    checks that aiosmtpd finds the same commands, mechanisms and hooks either way."""
-    return sorted(n for n in dir(cls) if n.startswith(("smtp_", "auth_", "handle_")))
-
-
+@aiosmtpd_handler
 class FaxHandler:
     """aiosmtpd handler hooks; the client and the numbers ride along on the envelope.
 
     Shared by every listener, so the connection caps and the incoming directory are too."""
-
-    def __dir__(self) -> list[str]:
-        return _hook_names(type(self))
 
     def __init__(self, settings: Settings, intake: Intake, access: Access,
                  metrics: Metrics | None = None) -> None:
@@ -351,17 +302,6 @@ class FaxHandler:
         return str(replies.queued(accepted.job_ids, accepted.pages))
 
 
-# aiosmtpd reads the EHLO hook's signature for every connection (the 4- or the 5-argument
-# form?): 135 us each time; given once here (PEP 362's __signature__), it costs nothing.
-FaxHandler.handle_EHLO.__signature__ = inspect.signature(  # type: ignore[attr-defined]
-    FaxHandler.handle_EHLO)
-
-
-def _fax(envelope: Envelope) -> FaxEnvelope:
-    assert isinstance(envelope, FaxEnvelope), "FaxSMTP._create_envelope not used"
-    return envelope
-
-
 def _taken(server: SMTP) -> list[str]:
     """The DSN / AUTH= parameter words FaxSMTP took off the command being handled."""
     return list(server.taken_params) if isinstance(server, FaxSMTP) else []
@@ -370,274 +310,6 @@ def _taken(server: SMTP) -> list[str]:
 def _client(envelope: FaxEnvelope) -> Client:
     assert envelope.client is not None, "RCPT/DATA before a successful MAIL"
     return envelope.client
-
-
-def _peer(session: Session) -> str:
-    proxied = getattr(session, "proxy_data", None)  # SMTP_PROXY_PROTOCOL: the real client
-    if proxied is not None and getattr(proxied, "src_addr", None):
-        return str(proxied.src_addr)
-    return _peer_ip(session.peer)
-
-
-class FaxSMTP(SMTP):
-    """aiosmtpd's protocol with the gateway's rules: connection caps and 421 while shutting
-    down, DATA streamed to a file, a time limit on the whole DATA phase, a 421 before an idle
-    connection is closed, and AUTH mechanisms matched case-insensitively (some MFPs send
-    `auth login`)."""
-
-    line_length_limit = READER_LIMIT_BYTES
-
-    def __init__(self, handler: FaxHandler, connections: set["FaxSMTP"], **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
-        self.fax_handler = handler
-        self._connections = connections
-        self._refusal: Reply | None = None
-        self._counted_ip: str | None = None
-        self._phase = "command"  # command, data (receiving), processing (intake)
-        # aiosmtpd's command_size_limits is one dict on its class, which its EHLO adds to on
-        # every EHLO of every connection: each connection gets its own, set by
-        # allow_long_commands.
-        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
-        self.taken_params: list[str] = []  # DSN / AUTH= words of the current MAIL or RCPT
-
-    def allow_long_commands(self) -> None:
-        """After EHLO: MAIL and RCPT may be as long as the extensions offered make them (SIZE=
-        26 and SMTPUTF8 10 as aiosmtpd counts them; DSN and AUTH= per RFC 3461 and 4954)."""
-        base = SMTP.command_size_limit
-        self.command_size_limits["MAIL"] = base + 26 + 10 + dsn.MAIL_EXTRA_CHARS
-        self.command_size_limits["RCPT"] = base + dsn.RCPT_EXTRA_CHARS
-
-    def _take_params(self, arg: str | None, keyword: str, keywords: frozenset[str]) -> str | None:
-        """`arg` without the parameters in `keywords` (kept, as written, in taken_params for
-        the MAIL or RCPT hook): aiosmtpd answers 555 to any parameter it does not know, and
-        upper-cases the rest. A line that does not parse is left to aiosmtpd to refuse."""
-        self.taken_params = []
-        if arg is None or self.session is None or not self.session.extended_smtp:
-            return arg
-        upper = arg.upper()
-        if upper[:len(keyword)] != keyword or not any(k in upper for k in keywords):
-            return arg  # nothing of ours: no second parse of the address
-        rest = arg[len(keyword):].strip()
-        address, params = self._getaddr(rest)
-        if not address or not params or not rest.endswith(params):
-            return arg
-        ours, kept = dsn.split_params(params.split(), keywords)
-        if not ours:
-            return arg
-        self.taken_params = ours
-        return " ".join([keyword + rest[:len(rest) - len(params)].rstrip(), *kept])
-
-    def _create_envelope(self) -> Envelope:
-        return FaxEnvelope()
-
-    def __dir__(self) -> list[str]:
-        return _hook_names(type(self))
-
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
-        """The address in MAIL FROM / RCPT TO and the rest of the line, parsed as aiosmtpd
-        1.4 does (the stdlib's angle-addr or addr-spec grammar, then its local-part limit),
-        minus the typing.Protocol class its version builds on every call: 44 of its 58 us,
-        twice per mail; and the plainest paths matched by a regex instead of the stdlib's
-        parser (tests/test_smtp_hooks.py checks ours agrees with aiosmtpd's)."""
-        if not arg:
-            return "", ""
-        simple = _SIMPLE_PATH.match(arg)
-        rest = arg[simple.end():].lstrip(" \t") if simple is not None else ""
-        if simple is not None and not rest.startswith("("):
-            # <dot-atom@dot-atom>, what nearly every client sends: the parse below gives this
-            # address, and the rest after the blanks (a comment there goes to the parser), at a
-            # tenth of its cost (the test compares ours with aiosmtpd's).
-            addr = simple["addr"]
-        else:
-            parse = get_angle_addr if arg.lstrip().startswith("<") else get_addr_spec
-            try:
-                address, rest = parse(arg)
-            except HeaderParseError:
-                return None, None
-            addr = address.addr_spec
-        if self.local_part_limit and len(addr.rpartition("@")[0]) > self.local_part_limit:
-            return None, None
-        return addr, rest
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        first = self.transport is None  # not the STARTTLS re-entry
-        if first:
-            self._connections.add(self)
-            ip = _peer_ip(transport.get_extra_info("peername"))
-            limits = self.fax_handler.limits
-            over = limits.admit(ip)
-            if over is None:
-                self._counted_ip = ip
-            else:
-                self._refusal = (replies.TOO_MANY_CONNECTIONS if over == "total" else
-                                 replies.too_many_connections_from(ip, limits.max_per_ip))
-                if limits.note_refusal():
-                    log.warning("SMTP connection from %s refused: %s (%d refused in the last "
-                                "minute)", ip, self._refusal, limits.refused_recently)
-                    limits.logged()
-        super().connection_made(transport)
-
-    def connection_lost(self, error: Exception | None) -> None:
-        self._connections.discard(self)
-        if self._counted_ip is not None:
-            self.fax_handler.limits.release(self._counted_ip)
-            self._counted_ip = None
-        super().connection_lost(error)
-
-    async def _handle_client(self) -> None:
-        # aiosmtpd sends its 220 greeting in _handle_client; this is the one place to refuse.
-        refusal = self._refusal
-        if refusal is None and not self.fax_handler.accepting:
-            refusal = replies.SHUTTING_DOWN
-        if refusal is not None:
-            self.fax_handler.refuse(refusal)
-            await self.push(str(refusal))
-            if self.transport is not None:
-                self.transport.close()
-            return
-        await super()._handle_client()
-
-    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
-    async def smtp_MAIL(self, arg: str | None) -> None:
-        # RET, ENVID (RFC 3461) and AUTH= (RFC 4954) go to the MAIL hook, not to aiosmtpd.
-        await super().smtp_MAIL(self._take_params(arg, "FROM:", dsn.MAIL_KEYWORDS))
-
-    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
-    async def smtp_RCPT(self, arg: str | None) -> None:
-        # "(555) 123-4567@fax..." would lose its area code as an RFC 5322 comment.
-        arg = None if arg is None else quote_rcpt_local_part(arg)
-        # NOTIFY and ORCPT (RFC 3461) go to the RCPT hook, not to aiosmtpd.
-        await super().smtp_RCPT(self._take_params(arg, "TO:", dsn.RCPT_KEYWORDS))
-
-    async def push(self, status: Any) -> None:
-        if status == AIOSMTPD_STARTTLS_FIRST:
-            status = self.fax_handler.refuse(replies.STARTTLS_FIRST)
-        elif isinstance(status, str):
-            status = self._enhanced(status)
-        await super().push(status)
-
-    def _enhanced(self, status: str) -> str:
-        """ENHANCEDSTATUSCODES (RFC 2034): aiosmtpd's own replies ("503 Error: need MAIL
-        command", "250 OK") with an enhanced code; not the greeting, nor HELO's and EHLO's
-        replies, which RFC 2034 leaves without."""
-        if _HAS_ENHANCED.match(status) or not (found := _NEEDS_ENHANCED.match(status)):
-            return status
-        code = found.group(1)
-        if code == "250" and (found.group(2) == "-" or status in (
-                f"250 {self.hostname}", "250 HELP")):
-            return status
-        if code == "220" and status.startswith(f"220 {self.hostname} "):
-            return status
-        enhanced = _ENHANCED_BY_CODE.get(code, f"{code[0]}.0.0")
-        return f"{code}{found.group(2)}{enhanced} {status[4:]}"
-
-    def _timeout_cb(self) -> None:
-        """aiosmtpd's timer ran out: say why (421 4.4.2) before closing, as RFC 5321 4.2.2
-        asks, whether the client was idle or too slow sending the message."""
-        s = self.fax_handler.settings
-        reply = (replies.data_timeout(s.smtp_data_timeout_s) if self._phase == "data"
-                 else replies.idle_timeout(s.smtp_idle_timeout_s))
-        if self.transport is not None and not self.transport.is_closing():
-            log.info("SMTP %s: %s", _peer(self.session) if self.session else "-", reply)
-            self.fax_handler.refuse(reply)
-            self._writer.write(str(reply).encode("ascii") + b"\r\n")
-        super()._timeout_cb()
-
-    @syntax("DATA")
-    async def smtp_DATA(self, arg: str) -> None:
-        """DATA streamed to a file in DATA_DIR/incoming as it arrives (gateway.smtp.data), then
-        the handler's DATA hook with the path; the file is removed whatever the outcome.
-
-        aiosmtpd's own DATA holds the whole message in memory; this keeps its replies (354,
-        503, 501, 552 after the data) with enhanced codes, enforces SMTP_MAX_MESSAGE_BYTES
-        while receiving, bounds the whole DATA phase by SMTP_DATA_TIMEOUT_SECONDS, and refuses
-        a bare-LF end marker at once. Lines longer than 1000 octets are accepted (RFC 5321
-        allows a server to).
-        """
-        if await self.check_helo_needed():
-            return
-        if await self.check_auth_needed("DATA"):
-            return
-        assert self.envelope is not None and self.session is not None
-        env = _fax(self.envelope)
-        if not env.rcpt_tos:
-            await self.push("503 5.5.1 Error: need RCPT command")
-            return
-        if arg:
-            await self.push("501 5.5.4 Syntax: DATA")
-            return
-        handler = self.fax_handler
-        s = handler.settings
-        try:
-            path, out = handler.incoming.create()
-        except OSError as exc:
-            log.error("cannot create a file in %s: %s", handler.incoming.root, exc)
-            await self.push(handler.refuse(replies.CANNOT_RECEIVE))
-            return
-        try:
-            await self.push("354 End data with <CR><LF>.<CR><LF>")
-            self._phase = "data"
-            self._reset_timeout(s.smtp_data_timeout_s)
-            writer = DataWriter(out, s.smtp_max_message_bytes, keep_head=HEAD_BYTES)
-            try:
-                result = await receive(self._reader, writer)
-            finally:
-                try:
-                    out.close()
-                except OSError as exc:  # the last buffered bytes did not fit on the disk
-                    writer.error = writer.error or exc
-            self._phase = "processing"
-            # Intake may take up to the document time limit; the idle timer must not fire.
-            self._reset_timeout(max(SMTP_LINE_TIMEOUT_S, 2 * s.doc_timeout_s))
-            if result.outcome is Outcome.EOF:
-                return  # the client went away in the middle of the message
-            if result.outcome is Outcome.BARE_LF:
-                log.warning("SMTP %s: bare LF end of DATA (legacy client or smuggling "
-                            "attempt); refused and closed", _peer(self.session))
-                await self.push(handler.refuse(replies.BARE_LF))
-                if self.transport is not None:
-                    self.transport.close()
-                return
-            if result.outcome is Outcome.TOO_BIG:
-                await self.push(handler.refuse(replies.too_big(s.smtp_max_message_bytes)))
-                self._set_post_data_state()
-                return
-            if writer.error is not None:
-                log.error("cannot write an incoming message to %s: %s", path, writer.error)
-                await self.push(handler.refuse(replies.CANNOT_RECEIVE))
-                self._set_post_data_state()
-                return
-            env.content_path = path
-            env.content_bytes = writer.written
-            env.content_head = bytes(writer.head)
-            status = await self._call_handler_hook("DATA")
-            self._set_post_data_state()
-            await self.push("250 OK" if status is MISSING else status)
-        finally:
-            path.unlink(missing_ok=True)
-            self._phase = "command"
-            if self.transport is not None and not self.transport.is_closing():
-                self._reset_timeout()
-
-    @syntax("AUTH <mechanism>")
-    async def smtp_AUTH(self, arg: str) -> None:
-        mechanism, sep, rest = (arg or "").partition(" ")
-        await super().smtp_AUTH(mechanism.upper() + sep + rest)
-
-    @property
-    def in_transaction(self) -> bool:
-        """Between MAIL and the end of DATA (aiosmtpd resets the envelope after DATA/RSET)."""
-        return self.envelope is not None and self.envelope.mail_from is not None
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-
-def _peer_ip(peer: Any) -> str:
-    if isinstance(peer, tuple) and peer:
-        return str(peer[0])
-    return str(peer or "-")
 
 
 class SMTPListener:
