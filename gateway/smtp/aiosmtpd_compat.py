@@ -27,20 +27,31 @@ import inspect
 import logging
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 
+from gateway.config import Settings
 from gateway.constants import SMTP_LINE_TIMEOUT_S
 from gateway.phone import quote_rcpt_local_part
 from gateway.smtp import esmtp_params as dsn, replies
 from gateway.smtp.access import Client
-from gateway.smtp.data import DataWriter, Outcome, receive
+from gateway.smtp.connections import ConnectionLimits
+from gateway.smtp.data import DataWriter, Incoming, Outcome, receive
 from gateway.smtp.intake import HEAD_BYTES
 from gateway.smtp.replies import Reply
 
-if TYPE_CHECKING:
-    from gateway.smtp.server import FaxHandler
+
+class FaxHandler(Protocol):
+    """What FaxSMTP asks of its handler (gateway/smtp/server.py's FaxHandler, which imports
+    this module: a protocol here, not an import back)."""
+
+    settings: Settings
+    accepting: bool
+    incoming: Incoming
+    limits: ConnectionLimits
+
+    def refuse(self, reply: Reply) -> str: ...
 
 log = logging.getLogger("gateway.smtp.server")
 
