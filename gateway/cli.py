@@ -31,12 +31,12 @@ def _load(args: argparse.Namespace) -> Settings:
 def _setup_logging(settings: Settings, level: str | None = None) -> None:
     from gateway.ops import logs
 
-    logs.setup_logging(level or settings.log_level, settings.log_format)
-    for secret in (settings.signalwire_api_token, settings.signalwire_signing_key,
-                   settings.notify_smtp_password, settings.media_signing_key,
-                   settings.metrics_token, settings.aws_secret_access_key,
-                   settings.aws_session_token, os.environ.get("AWS_SECRET_ACCESS_KEY"),
-                   os.environ.get("AWS_SESSION_TOKEN"), _url_password(settings.database_url)):
+    logs.setup_logging(level or settings.logs.level, settings.logs.format)
+    for secret in (settings.signalwire.api_token, settings.signalwire.signing_key,
+                   settings.notify.password, settings.media.signing_key,
+                   settings.http.metrics_token, settings.s3.secret_access_key,
+                   settings.s3.session_token, os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                   os.environ.get("AWS_SESSION_TOKEN"), _url_password(settings.cluster.database_url)):
         logs.register_secret(secret)
 
 

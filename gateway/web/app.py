@@ -53,7 +53,7 @@ class WebApp:
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/metrics", aiohttp_handler(self.metrics, store,
-                                                            token=settings.metrics_token))
+                                                            token=settings.http.metrics_token))
         self.ready_checks: list[Callable[[], Awaitable[tuple[str, bool, str]]]] = []
         self.app.router.add_post(CALLBACK_ROUTE + "/{token}", self.status_callback)
         if media is not None:
@@ -66,7 +66,7 @@ class WebApp:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                      shutdown_timeout=5)
         await self._runner.setup()
-        listen = self.s.http_listen
+        listen = self.s.http.listen
         self._site = web.TCPSite(self._runner, listen.host, listen.port)
         await self._site.start()
         # The bound port (HTTP_LISTEN may ask for port 0), from aiohttp's public API.
@@ -125,7 +125,7 @@ class WebApp:
         params = [(k, v) for k, v in form.items() if isinstance(v, str)]
         signature = (request.headers.get("X-SignalWire-Signature")
                      or request.headers.get("X-Twilio-Signature"))
-        if not verify_signature(self.s.signalwire_signing_key, job.callback_url, params,
+        if not verify_signature(self.s.signalwire.signing_key, job.callback_url, params,
                                 signature):
             log.warning("job %s: callback with a %s signature from %s: refused", job.id,
                         "wrong" if signature else "missing", request.remote)
@@ -134,7 +134,7 @@ class WebApp:
             self.metrics.callback_refused()
             raise web.HTTPForbidden(text="signature check failed")
         account = form.get("AccountSid")
-        if account and account != self.s.signalwire_project_id:
+        if account and account != self.s.signalwire.project_id:
             log.warning("job %s: signed callback for another account: refused", job.id)
             raise web.HTTPForbidden(text="wrong account")
         status = _short(form.get("FaxStatus"), 40)
