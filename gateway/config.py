@@ -19,7 +19,7 @@ import sys
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from dotenv import dotenv_values
 
@@ -549,6 +549,17 @@ class Settings:
     def sandbox(self) -> bool:
         return self.signalwire.space_url is None
 
+    def secret_values(self) -> list[str]:
+        """The values of the secret settings (of DATABASE_URL, its password), so that no log
+        line can carry them."""
+        out: list[str] = []
+        for grp, f in declared():
+            value = getattr(getattr(self, grp.name), f.name)
+            if f.metadata["secret"] and value:
+                out.append(_url_password(value) if f.metadata["variable"] == "DATABASE_URL"
+                           else value)
+        return [v for v in out if v]
+
     def masked(self) -> dict[str, str]:
         """Settings as printable text under their variables' names, secrets replaced, for
         `faxgw run --check`."""
@@ -564,6 +575,14 @@ def declared() -> Iterator[tuple[Field[Any], Field[Any]]]:
     for grp in fields(Settings):
         for f in fields(grp.default_factory):  # type: ignore[arg-type]
             yield grp, f
+
+
+def _url_password(url: str) -> str:
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return ""
+    return unquote(password) if password else ""
 
 
 def _printable(value: Any, f: Field[Any]) -> str:

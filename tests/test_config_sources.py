@@ -14,13 +14,12 @@ from pathlib import Path
 import pytest
 
 from gateway.cli import main
-from gateway.config import KNOWN_VARIABLES, VARIABLES, ConfigError, Settings, settings_from
+from gateway.config import KNOWN_VARIABLES, ConfigError, settings_from
 from gateway.sandbox.harness import DaemonProcess, job_ids
 from gateway.sandbox.s3server import SeaweedS3
 
 from .conftest import base_env, pdf_mail, smtp_send
 
-README = Path(__file__).resolve().parent.parent / "README.md"
 PRODUCTION = ("SIGNALWIRE_SPACE_URL=https://example.signalwire.com\nSIGNALWIRE_PROJECT_ID=p\n"
               "SIGNALWIRE_API_TOKEN=sekrit-token\nSIGNALWIRE_SIGNING_KEY=sekrit-key\n"
               "FAX_FROM_NUMBER=+15550100000\n")
@@ -222,16 +221,3 @@ def test_inbound_routes_into_the_fax_domain_are_refused(
                                           "FAX_DOMAIN"):
         settings_from(base_env(tmp_path, INBOUND_ROUTES="*=desk@example.com",
                                INBOUND_ADMIN_ADDRESS="15551234567@fax.local"))
-
-
-def test_the_readme_lists_each_variable_once_and_every_one_the_gateway_reads() -> None:
-    section = README.read_text().split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
-    names: list[str] = []
-    for row in section.splitlines():
-        if row.startswith("| `"):
-            names += re.findall(r"`([A-Z][A-Z0-9_]+)`", row.split("|")[1])
-    duplicates = {n for n in names if names.count(n) > 1}
-    assert not duplicates
-    assert set(VARIABLES.values()) <= set(names)
-    assert set(names) <= KNOWN_VARIABLES | {"HTTPS_PROXY", "NO_PROXY"}
-    assert set(VARIABLES) == set(Settings.__dataclass_fields__)
