@@ -884,7 +884,8 @@ def settings_from(env: Mapping[str, str]) -> Settings:
     if region not in phonenumbers.SUPPORTED_REGIONS:
         r.problems.append(f"FAX_DEFAULT_REGION: {region!r} is not an ISO country code "
                           "phonenumbers knows (e.g. US, GB, DE)")
-    from_number = r.str("FAX_FROM_NUMBER", defaults.SANDBOX_FROM_NUMBER if sandbox else None)
+    from_number = r.str("FAX_FROM_NUMBER",
+                        _default(_field(FaxSettings, "from_number")) if sandbox else None)
     if from_number is None:
         r.problems.append("FAX_FROM_NUMBER: required when SIGNALWIRE_SPACE_URL is set "
                           "(a fax-enabled number of your SignalWire project, E.164)")
@@ -950,7 +951,7 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         r.problems.append(f"REPORT_TEMPLATE_DIR: {template_raw} is not a folder")
     reports = _build(r, ReportSettings, template_dir=template_dir)
 
-    tls_min = r.choice("TLS_MIN_VERSION", defaults.TLS_MIN_VERSION,
+    tls_min = r.choice("TLS_MIN_VERSION", _default(_field(TlsSettings, "min_version")).lower(),
                        ("tlsv1", "tlsv1.1", "tlsv1.2", "tlsv1.3"))
     tls = _build(r, TlsSettings, min_version="TLSv" + tls_min[4:])
     if bool(tls.cert_file) != bool(tls.key_file):
@@ -1031,7 +1032,8 @@ def settings_from(env: Mapping[str, str]) -> Settings:
     if len(inbound_admin) > 1:
         r.problems.append("INBOUND_ADMIN_ADDRESS: one address only")
     r.problems.extend(f"INBOUND_ADMIN_ADDRESS: {a} is in FAX_DOMAIN ({domain}): its mail would "
-                      "be faxed out; give a mailbox" for a in inbound_admin if _in_domain(a, domain))
+                      "be faxed out; give a mailbox"
+                      for a in inbound_admin if _in_domain(a, domain))
     paper = r.choice("FAX_PAPER", defaults.FAX_PAPER_IN_LETTER_REGIONS
                      if region in defaults.LETTER_REGIONS
                      else defaults.FAX_PAPER_OUTSIDE_LETTER_REGIONS, ("letter", "a4"))
@@ -1048,7 +1050,8 @@ def settings_from(env: Mapping[str, str]) -> Settings:
                           "(a pruned fax found again by the reconciler would be mailed twice)")
 
     logs = _build(r, LogSettings, level=r.choice(
-        "FAXGW_LOG_LEVEL", defaults.FAXGW_LOG_LEVEL, ("debug", "info", "warning", "error")).upper())
+        "FAXGW_LOG_LEVEL", _default(_field(LogSettings, "level")).lower(),
+        ("debug", "info", "warning", "error")).upper())
     if r.problems:
         raise ConfigError(r.problems)
     return Settings(fax=fax, smtp=smtp, http=http, signalwire=signalwire, media=media, s3=s3,

@@ -111,8 +111,9 @@ class Gateway:
                     if settings.tls.cert_file and settings.tls.key_file else None)
         self.smtp_handler = FaxHandler(settings, self.intake, self.access, self.metrics)
         self.smtp = SMTPListener(settings, self.smtp_handler, settings.smtp.listen, self.tls)
-        self.smtps = (SMTPListener(settings, self.smtp_handler, settings.smtp.smtps_listen, self.tls,
-                                   implicit_tls=True) if settings.smtp.smtps_listen else None)
+        self.smtps = (SMTPListener(settings, self.smtp_handler, settings.smtp.smtps_listen,
+                                   self.tls, implicit_tls=True)
+                      if settings.smtp.smtps_listen else None)
         self.listeners = [x for x in (self.smtp, self.smtps) if x is not None]
         self.heartbeat: NodeHeartbeat | None = None
         self.dashboard = None
@@ -240,7 +241,8 @@ class Gateway:
                  f", SMTPS {self.smtps.listen.host}:{self.smtps.port}" if self.smtps else "",
                  self.s.fax.domain, self.s.http.listen.host, self.web.port, self.s.media.store,
                  f"via {self.s.notify.host}" if self.s.notify.host
-                 else f"to {self.s.queue.data_dir / 'outbox'}", self.store.where, self.s.cluster.node_id)
+                 else f"to {self.s.queue.data_dir / 'outbox'}", self.store.where,
+                 self.s.cluster.node_id)
         if not self.s.sandbox and is_loopback_url(self.public_base_url()):
             log.warning("PUBLIC_BASE_URL %s is a loopback address: SignalWire cannot reach "
                         "it for callbacks or media", self.public_base_url())

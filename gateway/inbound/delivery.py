@@ -179,7 +179,8 @@ class Deliverer:
                     log.exception("inbound deliverer: unexpected error")
                 nxt = self.clock() + self.s.queue.retry_base_s
             # Several gateways: another node's callbacks and released faxes do not wake us.
-            longest = min(self.s.cluster.lease_seconds, defaults.SHARED_POLL_S) if self.s.shared else 60.0
+            longest = (min(self.s.cluster.lease_seconds, defaults.SHARED_POLL_S)
+                       if self.s.shared else 60.0)
             delay = longest if nxt is None else max(0.0, min(longest, nxt - self.clock()))
             self._wake.clear()
             try:
@@ -355,7 +356,8 @@ class Deliverer:
                 recipient, settle_at = min(waits, key=lambda w: w[1])
                 await self._later(row, f"mail to {recipient}: another node started it and "
                                        "may still be sending it",
-                                  max(0.0, min(settle_at - self.clock(), self.s.cluster.lease_seconds)))
+                                  max(0.0, min(settle_at - self.clock(),
+                                               self.s.cluster.lease_seconds)))
                 return False
         nxt = DELETING if self._wants_delete(row) else DONE
         now = self.clock()

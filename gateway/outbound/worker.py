@@ -306,7 +306,8 @@ class Worker:
         return dataclasses.replace(current, lease_epoch=job.lease_epoch)
 
     def _delay(self, job: Job) -> float:
-        return backoff_s(job.tries + 1, self.s.queue.retry_base_s, self.s.queue.retry_max_s, self.jitter())
+        return backoff_s(job.tries + 1, self.s.queue.retry_base_s, self.s.queue.retry_max_s,
+                         self.jitter())
 
     def _gave_up(self, job: Job) -> bool:
         return self.clock() - job.created_at > self.s.queue.give_up_hours * 3600

@@ -102,8 +102,8 @@ class Access:
         self.trusted = TrustedNetworks(settings.access.trusted_networks)
         self.senders = SenderPolicy(settings.access.allowed_senders)
         self.destinations = DestinationPolicy(
-            settings.fax.default_region, settings.destinations.allow_prefixes, settings.destinations.block_prefixes,
-            settings.destinations.allow_international)
+            settings.fax.default_region, settings.destinations.allow_prefixes,
+            settings.destinations.block_prefixes, settings.destinations.allow_international)
         self.users = UsersFile(settings.access.users_file) if settings.access.users_file else None
         self.throttle = LoginThrottle(settings.access.auth_max_failures,
                                       lockout_s=settings.access.auth_lockout_minutes * 60)
@@ -212,7 +212,8 @@ class Access:
         if math.isinf(wait):
             return replies.RATE_NEVER
         log.warning("rate limit hit by %s", client.rate_key)
-        return replies.rate_limited(self.s.destinations.rate_per_sender_hour, self.s.destinations.rate_total_hour, wait)
+        return replies.rate_limited(self.s.destinations.rate_per_sender_hour,
+                                    self.s.destinations.rate_total_hour, wait)
 
     def check_destination(self, client: Client, number: str, already: int = 0) -> Reply | None:
         """RCPT: the destination rules, then whether this fax (with the `already` numbers of

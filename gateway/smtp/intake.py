@@ -116,7 +116,8 @@ def report_address(parsed: ParsedMail, envelope_from: str | None) -> str | None:
 
 
 def doc_options(settings: Settings) -> DocOptions:
-    return DocOptions(paper=settings.documents.paper, body=settings.documents.body_policy, cover=settings.documents.cover,
+    return DocOptions(paper=settings.documents.paper, body=settings.documents.body_policy,
+                      cover=settings.documents.cover,
                       quality=settings.fax.quality, max_pages=settings.fax.max_pages,
                       office_timeout_s=max(5.0, settings.documents.timeout_s - 5))
 
@@ -286,7 +287,8 @@ class Intake:
                                               envelope_from or "", date, str(pdf_part))
         except NoTurnError:
             log.warning("message from %s (peer %s, %d bytes): no turn at the document workers "
-                        "within %.0f s", envelope_from, peer, size, self.settings.documents.timeout_s)
+                        "within %.0f s", envelope_from, peer, size,
+                        self.settings.documents.timeout_s)
             raise Refused(replies.CONVERSIONS_BUSY) from None
         except (MimeError, DocumentError, TaskLimitError) as exc:
             if isinstance(exc, TaskLimitError):
@@ -564,7 +566,8 @@ async def expire_partials(settings: Settings, notifier: Notifier | None, now: fl
         count += 1
     if store is None or media is None:
         return count
-    partials = Partials(store, media, settings.cluster.node_id, settings.documents.partial_max_sets_per_sender)
+    partials = Partials(store, media, settings.cluster.node_id,
+                        settings.documents.partial_max_sets_per_sender)
     expired: list[Expired] = await partials.expire(now, minutes * 60)
     for sender in expired:
         # The notice goes where a set says it may (one sent while the sender may have been

@@ -470,7 +470,8 @@ class SenderVerifier:
             return Verdict(replies.SHUTTING_DOWN, None)
         loop = asyncio.get_running_loop()
         verdict = await loop.run_in_executor(self._pool, _evaluate_file, path, ip, mail_from,
-                                             helo, self.resolver, self.settings.access.dns_timeout_s,
+                                             helo, self.resolver,
+                                             self.settings.access.dns_timeout_s,
                                              self.settings.smtp.hostname)
         if verdict.reply is not None:
             log.warning("sender <%s> from %s not proven: %s", one_line(mail_from, 200), ip,

@@ -242,8 +242,9 @@ class Dashboard:
         self.retry_policy = retry_policy
         if users is None and settings.access.users_file is not None:
             users = UsersFile(settings.access.users_file)
-        self.logins = Logins(users, LoginThrottle(settings.access.auth_max_failures,
-                                                  lockout_s=settings.access.auth_lockout_minutes * 60),
+        self.logins = Logins(users, LoginThrottle(
+                                 settings.access.auth_max_failures,
+                                 lockout_s=settings.access.auth_lockout_minutes * 60),
                              store, clock)
         self.sessions = Sessions(store, settings.admin.session_minutes * 60, clock)
         self.proxy = Proxy(settings.admin.trusted_proxies)
