@@ -519,6 +519,8 @@ class ClusterSettings:
 
 @dataclass(frozen=True)
 class Settings:
+    """Every setting, a group per concern, in the order of docs/configuration.md."""
+
     fax: FaxSettings = group("Fax", FaxSettings)
     smtp: SmtpSettings = group("SMTP listener", SmtpSettings)
     http: HttpSettings = group("HTTP listener", HttpSettings)
