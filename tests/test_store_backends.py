@@ -302,7 +302,7 @@ def test_concurrent_claims_never_give_a_job_to_two_nodes(backend: str, store: Sq
     def make(node_id: str) -> Callable[[], SqlStore]:
         def opened() -> SqlStore:
             s = open_backend(backend, clock)
-            s.cluster.node_id, s.lease_s = node_id, 30.0
+            s.node_id, s.lease_s = node_id, 30.0
             s.open()
             return s
         return opened
