@@ -31,27 +31,11 @@ def _load(args: argparse.Namespace) -> Settings:
 def _setup_logging(settings: Settings, level: str | None = None) -> None:
     from gateway.runtime import logs
 
-    logs.setup_logging(level or settings.log_level, settings.log_format)
-    for secret in (settings.signalwire_api_token, settings.signalwire_signing_key,
-                   settings.notify_smtp_password, settings.media_signing_key,
-                   settings.metrics_token, settings.aws_secret_access_key,
-                   settings.aws_session_token, os.environ.get("AWS_SECRET_ACCESS_KEY"),
-                   os.environ.get("AWS_SESSION_TOKEN"), _url_password(settings.database_url)):
+    logs.setup_logging(level or settings.logs.level, settings.logs.format)
+    # The secrets' values (DATABASE_URL: its password), and boto3's own from the environment.
+    for secret in (*settings.secret_values(), os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                   os.environ.get("AWS_SESSION_TOKEN")):
         logs.register_secret(secret)
-
-
-def _url_password(url: str | None) -> str | None:
-    """DATABASE_URL's password, so that no log line can carry it (the URL is masked where it
-    is printed on purpose)."""
-    from urllib.parse import unquote, urlsplit
-
-    if not url:
-        return None
-    try:
-        password = urlsplit(url).password
-    except ValueError:
-        return None
-    return unquote(password) if password else None
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -1,4 +1,9 @@
-"""Settings: one frozen dataclass built from the environment and an optional .env file.
+"""Settings: frozen dataclasses, one per concern, built from the environment and an optional .env.
+
+Each setting is declared once, in its group below: its variable, its default, what it does (the
+text of docs/configuration.md, rendered by `python -m gateway.config --reference`), whether it is
+a secret and whether it is an advanced knob. The loader reads most settings straight from those
+declarations; what depends on another setting is worked out by hand in `settings_from`.
 
 Every problem is collected and reported at once, naming the variable, so an operator fixes a
 config in one round trip; the daemon exits 78 (EX_CONFIG) on any of them.
@@ -10,10 +15,11 @@ import ipaddress
 import os
 import secrets
 import socket
-from dataclasses import dataclass, field, fields
+import sys
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Mapping
-from urllib.parse import urlsplit
+from typing import Any, Callable, Iterator, Mapping
+from urllib.parse import unquote, urlsplit
 
 from dotenv import dotenv_values
 
@@ -46,214 +52,562 @@ def _hostport(text: str) -> HostPort:
     return HostPort(host.strip("[]"), int(port))
 
 
+def setting(variable: str, doc: str, default: Any = MISSING, *,
+            factory: Callable[[], Any] | None = None, kind: str | None = None,
+            lo: float | None = None, hi: float | None = None, choices: tuple[str, ...] = (),
+            shown: str | None = None, advanced: bool = False, secret: bool = False) -> Any:
+    """A setting's one declaration: read from `variable` as `kind` (within lo..hi, or one of
+    `choices`); kind None: worked out in `settings_from`. `doc` and `shown` (the default as the
+    reference prints it, when the value alone would not say it) are the reference's text."""
+    meta = {"variable": variable, "doc": doc, "kind": kind, "lo": lo, "hi": hi,
+            "choices": choices, "shown": shown, "advanced": advanced, "secret": secret}
+    if factory is not None:
+        return field(default_factory=factory, repr=not secret, metadata=meta)
+    return field(default=default, repr=not secret, metadata=meta)
+
+
+def group(title: str, factory: Callable[[], Any], intro: str = "") -> Any:
+    """A group of settings inside `Settings`; its title heads its table in the reference."""
+    return field(default_factory=factory, metadata={"title": title, "intro": intro})
+
+
+@dataclass(frozen=True)
+class FaxSettings:
+    domain: str = setting(
+        "FAX_DOMAIN", "domain whose recipients are fax numbers: mail to `<number>@FAX_DOMAIN` "
+        "becomes a fax; mail for other domains is refused (`550 5.7.1`, no relaying)",
+        defaults.FAX_DOMAIN, kind="str")
+    default_region: str = setting(
+        "FAX_DEFAULT_REGION", "ISO country for numbers written without a country code",
+        defaults.FAX_DEFAULT_REGION, kind="str")
+    from_number: str = setting(
+        "FAX_FROM_NUMBER", "caller number in E.164, a fax-enabled number of your SignalWire "
+        "project; required in production", defaults.SANDBOX_FROM_NUMBER,
+        shown="sandbox: `+15550100000`")
+    quality: str = setting(
+        "FAX_QUALITY", "`standard` (204x98), `fine` (204x196) or `superfine` (204x392)",
+        defaults.FAX_QUALITY, kind="choice", choices=constants.QUALITIES)
+    ttl_minutes: int = setting(
+        "FAX_TTL_MINUTES", "SignalWire `Ttl`: minutes SignalWire keeps trying to send, 5..300",
+        defaults.FAX_TTL_MINUTES, kind="int", lo=constants.TTL_MIN_MINUTES,
+        hi=constants.TTL_MAX_MINUTES)
+    max_pages: int = setting(
+        "FAX_MAX_PAGES", "most pages per fax; more is refused with `554 5.6.0`",
+        defaults.MAX_PAGES, kind="int", lo=1, hi=2000)
+    max_attempts: int = setting(
+        "FAX_MAX_ATTEMPTS", "attempts per fax for busy, no-answer and line failures",
+        defaults.FAX_MAX_ATTEMPTS, kind="int", lo=1, hi=20, advanced=True)
+    retry_delay_s: float = setting(
+        "FAX_RETRY_DELAY_SECONDS", "wait between those attempts (a resolution failure retries "
+        "at `standard` after at most 60 s)", defaults.FAX_RETRY_DELAY_S, kind="float", lo=0.01,
+        hi=86400, advanced=True)
+    kill_minutes: float = setting(
+        "FAX_KILL_MINUTES", "no new attempt starts later than this after the mail arrived",
+        defaults.FAX_KILL_MINUTES, kind="float", lo=0.01, hi=7 * 24 * 60, advanced=True)
+
+
+@dataclass(frozen=True)
+class SmtpSettings:
+    listen: HostPort = setting(
+        "SMTP_LISTEN", "host:port of the SMTP listener", _hostport(defaults.SMTP_LISTEN),
+        kind="hostport")
+    hostname: str = setting(
+        "SMTP_HOSTNAME", "name in the SMTP greeting and in receipt and report Message-IDs",
+        factory=socket.getfqdn, kind="str", shown="this host's FQDN")
+    max_message_bytes: int = setting(
+        "SMTP_MAX_MESSAGE_BYTES", "largest message; advertised as SIZE and enforced while "
+        "receiving (`552`)", defaults.SMTP_MAX_MESSAGE_BYTES, kind="int", lo=64 * 1024,
+        hi=200 * 1024 * 1024, shown="`26214400` (25 MiB)")
+    max_recipients: int = setting(
+        "SMTP_MAX_RECIPIENTS", "most fax numbers per message (`452 4.5.3` beyond)",
+        defaults.SMTP_MAX_RECIPIENTS, kind="int", lo=1, hi=1000)
+    max_connections: int = setting(
+        "SMTP_MAX_CONNECTIONS", "open SMTP connections in all, both listeners (`421 4.7.0` and "
+        "closed beyond)", defaults.SMTP_MAX_CONNECTIONS, kind="int", lo=1, hi=100_000,
+        advanced=True)
+    max_connections_per_ip: int = setting(
+        "SMTP_MAX_CONNECTIONS_PER_IP", "open SMTP connections per client address (`421 4.7.0` "
+        "and closed beyond)", defaults.SMTP_MAX_CONNECTIONS_PER_IP, kind="int", lo=1,
+        hi=100_000, advanced=True)
+    data_timeout_s: float = setting(
+        "SMTP_DATA_TIMEOUT_SECONDS", "time for the whole message after `354` (`421 4.4.2` and "
+        "closed beyond: bounds trickling senders)", defaults.SMTP_DATA_TIMEOUT_S, kind="float",
+        lo=1, hi=86400, advanced=True)
+    idle_timeout_s: float = setting(
+        "SMTP_IDLE_TIMEOUT_SECONDS", "time between commands (`421 4.4.2` and closed beyond); "
+        "RFC 5321 suggests 300, scanners need far less", defaults.SMTP_IDLE_TIMEOUT_S,
+        kind="float", lo=1, hi=3600, advanced=True)
+    smtps_listen: HostPort | None = setting(
+        "SMTPS_LISTEN", "host:port of an implicit-TLS listener (port 465 style); needs "
+        "`TLS_CERT_FILE` and `TLS_KEY_FILE`", None)
+    proxy_protocol: bool = setting(
+        "SMTP_PROXY_PROTOCOL", "expect a PROXY protocol (v1/v2) header on every SMTP "
+        "connection, from a TCP load balancer; the address in it is the client's for trusted "
+        "networks, rate limits and logs", defaults.SMTP_PROXY_PROTOCOL, kind="bool",
+        advanced=True)
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    listen: HostPort = setting(
+        "HTTP_LISTEN", "host:port of the HTTP listener (callbacks, local media, health)",
+        _hostport(defaults.HTTP_LISTEN), kind="hostport")
+    # None: http:// + the bound HTTP address.
+    public_base_url: str | None = setting(
+        "PUBLIC_BASE_URL", "base URL at which SignalWire reaches `HTTP_LISTEN`; required with "
+        "`SIGNALWIRE_SPACE_URL` (exit 78 without it), unless that is a simulator on loopback",
+        None, kind="url", shown="sandbox: `http://` + `HTTP_LISTEN`")
+    metrics_token: str | None = setting(
+        "METRICS_TOKEN", "when set, `/metrics` needs `Authorization: Bearer <token>`", None,
+        kind="str", secret=True)
+
+
+@dataclass(frozen=True)
+class SignalWireSettings:
+    # None: sandbox with the built-in simulator.
+    space_url: str | None = setting(
+        "SIGNALWIRE_SPACE_URL", "your space, e.g. `https://example.signalwire.com` (any base "
+        "URL; http allowed for tests); unset: sandbox mode, the built-in simulator, no "
+        "credentials", None, kind="url", shown="unset = sandbox")
+    project_id: str = setting(
+        "SIGNALWIRE_PROJECT_ID", "Project ID, the Basic auth user", defaults.SANDBOX_PROJECT_ID,
+        shown="sandbox: `sandbox`")
+    api_token: str = setting(
+        "SIGNALWIRE_API_TOKEN", "API token, the Basic auth password", "",
+        shown="sandbox: random", secret=True)
+    signing_key: str = setting(
+        "SIGNALWIRE_SIGNING_KEY", "the project's Signing Key (API credentials page, not the API "
+        "token): checks the signature of callbacks; required with a space", "",
+        shown="sandbox: random", secret=True)
+    timeout_s: float = setting(
+        "SIGNALWIRE_TIMEOUT_SECONDS", "timeout of each API call; a send with no answer is "
+        "looked up, never blindly resent", defaults.API_TIMEOUT_S, kind="float", lo=0.1, hi=300,
+        advanced=True)
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    store: str = setting(
+        "MEDIA_STORE", "`s3`: presigned S3 URLs; `local`: the gateway serves the PDF itself "
+        "(GET and HEAD)", defaults.MEDIA_STORE, kind="choice", choices=("local", "s3"))
+    url_ttl_s: int = setting(
+        "MEDIA_URL_TTL_SECONDS", "lifetime of each media URL; must cover queueing + `Ttl` + "
+        "sending (at least `Ttl` + 5 min)",
+        defaults.FAX_TTL_MINUTES * 60 + defaults.MEDIA_URL_SLACK_S,
+        shown="`FAX_TTL_MINUTES`×60 + 3600", advanced=True)
+    signing_key: str = setting(
+        "MEDIA_SIGNING_KEY", "HMAC key of local media URLs; set it when several instances "
+        "serve media", "", kind="str", shown="generated into `DATA_DIR/media.key`",
+        secret=True, advanced=True)
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    bucket: str = setting("S3_BUCKET", "bucket for the PDFs (required with `MEDIA_STORE=s3`)",
+                          "", kind="str")
+    prefix: str = setting("S3_PREFIX", "key prefix inside the bucket", defaults.S3_PREFIX,
+                          kind="str")
+    endpoint_url: str | None = setting(
+        "S3_ENDPOINT_URL", "endpoint of an S3-compatible store (path-style addressing is used "
+        "then)", None, kind="url", shown="AWS")
+    region: str = setting("S3_REGION", "region for SigV4 signing", defaults.S3_REGION,
+                          kind="str")
+    # Given to boto3 explicitly, so that keys in the .env file are used (None: boto3's chain).
+    access_key_id: str | None = setting(
+        "AWS_ACCESS_KEY_ID", "S3 access key, read like every other setting (the `.env` file or "
+        "the environment) and given to boto3; set it with `AWS_SECRET_ACCESS_KEY` or neither; "
+        "unset: a profile or an instance role. With `MEDIA_STORE=s3` and no credentials at all, "
+        "the start fails (exit 78)", None, kind="str", shown="unset = boto3's chain")
+    secret_access_key: str | None = setting(
+        "AWS_SECRET_ACCESS_KEY", "S3 secret key (with `AWS_ACCESS_KEY_ID`)", None,
+        kind="str", shown="unset = boto3's chain", secret=True)
+    session_token: str | None = setting(
+        "AWS_SESSION_TOKEN", "S3 session token of temporary credentials", None, kind="str",
+        secret=True, advanced=True)
+    profile: str | None = setting(
+        "AWS_PROFILE", "a profile in `~/.aws/credentials`", None, kind="str", advanced=True)
+    ca_bundle: Path | None = setting(
+        "AWS_CA_BUNDLE", "a private CA (PEM file) for the S3 endpoint. `HTTPS_PROXY`/`NO_PROXY` "
+        "are taken from the process environment, as boto3 takes them", None, kind="file",
+        advanced=True)
+
+
+@dataclass(frozen=True)
+class NotifySettings:
+    # None: reports go to DATA_DIR/outbox as .eml files.
+    host: str | None = setting(
+        "NOTIFY_SMTP_HOST", "relay for report mail; unset writes reports to "
+        "`DATA_DIR/outbox/<job>.eml` (a report sent again: `<job>-2.eml`, never an overwrite)",
+        None, kind="str", shown="unset = outbox")
+    port: int = setting("NOTIFY_SMTP_PORT", "relay port", defaults.NOTIFY_SMTP_PORT,
+                        shown="`587` (`465` with `tls`)")
+    username: str | None = setting(
+        "NOTIFY_SMTP_USERNAME", "relay AUTH user (with `NOTIFY_SMTP_PASSWORD`, or neither)", None,
+        kind="str")
+    password: str | None = setting(
+        "NOTIFY_SMTP_PASSWORD", "relay AUTH password", None, kind="str", secret=True)
+    tls: str = setting(
+        "NOTIFY_SMTP_TLS", "`none`, `starttls` or `tls` (implicit)", defaults.NOTIFY_SMTP_TLS,
+        kind="choice", choices=("none", "starttls", "tls"))
+    sender: str = setting(
+        "NOTIFY_FROM", "From address (and envelope sender) of report mail; its domain is that "
+        "of the reports' Message-IDs (set it alike on every node)",
+        factory=lambda: f"faxgw@{socket.gethostname()}", kind="str", shown="`faxgw@<hostname>`")
+
+
+@dataclass(frozen=True)
+class QueueSettings:
+    data_dir: Path = setting(
+        "DATA_DIR", "SQLite database, spool, local media, outbox; one daemon per `DATA_DIR` "
+        "(a second one is refused, exit 78)", Path(defaults.DATA_DIR), kind="path")
+    min_free_disk_mb: int = setting(
+        "MIN_FREE_DISK_MB", "below this much free space in `DATA_DIR`, mail is refused with "
+        "`451 4.3.1` and `/readyz` is 503; 0 turns the check off", defaults.MIN_FREE_DISK_MB,
+        kind="int", lo=0, hi=10**9, advanced=True)
+    status_poll_s: float = setting(
+        "STATUS_POLL_SECONDS", "fetch a submitted fax's status when no final callback came "
+        "after this long (then with backoff)", defaults.STATUS_POLL_S, kind="float", lo=0.05,
+        hi=86400, advanced=True)
+    retry_base_s: float = setting(
+        "RETRY_BASE_SECONDS", "first delay after an outage (S3, SignalWire, relay); doubles "
+        "each time", defaults.RETRY_BASE_S, kind="float", lo=0.01, hi=3600, advanced=True)
+    retry_max_s: float = setting(
+        "RETRY_MAX_SECONDS", "longest delay between outage retries", defaults.RETRY_MAX_S,
+        kind="float", lo=0.01, hi=86400, advanced=True)
+    give_up_hours: float = setting(
+        "GIVE_UP_HOURS", "an outage longer than this fails the job, and the sender is told",
+        defaults.GIVE_UP_HOURS, kind="float", lo=0.001, hi=24 * 30)
+    worker_concurrency: int = setting(
+        "WORKER_CONCURRENCY", "jobs worked on at once (at most 2 while mail is being accepted: "
+        "senders waiting for their `250` come first)", defaults.WORKER_CONCURRENCY, kind="int",
+        lo=1, hi=256, advanced=True)
+    document_retention_hours: float = setting(
+        "DOCUMENT_RETENTION_HOURS", "keep the PDF (spool and media store) this long after the "
+        "last report; 0 deletes it at once", defaults.DOCUMENT_RETENTION_HOURS, kind="float",
+        lo=0, hi=24 * 365)
+    job_retention_days: float = setting(
+        "JOB_RETENTION_DAYS", "reported jobs and their history are deleted after this",
+        defaults.JOB_RETENTION_DAYS, kind="float", lo=1, hi=3650)
+    shutdown_grace_s: float = setting(
+        "SHUTDOWN_GRACE_SECONDS", "on SIGTERM, how long open SMTP transactions and running "
+        "steps may finish", defaults.SHUTDOWN_GRACE_S, kind="float", lo=0, hi=600,
+        advanced=True)
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = setting(
+        "FAXGW_LOG_LEVEL", "`debug`, `info`, `warning` or `error`",
+        defaults.FAXGW_LOG_LEVEL.upper(), shown="`info`")
+    format: str = setting(
+        "FAXGW_LOG_FORMAT", "`text` (one line per event) or `json` (one object per line, for "
+        "log shippers)", defaults.FAXGW_LOG_FORMAT, kind="choice", choices=("text", "json"))
+
+
+@dataclass(frozen=True)
+class AccessSettings:
+    trusted_networks: tuple[str, ...] = setting(
+        "TRUSTED_NETWORKS", "comma-separated CIDRs whose clients may send without AUTH "
+        "(scanners that cannot log in); empty = none", defaults.TRUSTED_NETWORKS, kind="items")
+    users_file: Path | None = setting(
+        "USERS_FILE", "users for SMTP AUTH and the dashboard (`faxgw passwd` writes it; "
+        "`--admin` / `--viewer` for the dashboard); unset: AUTH is not offered", None,
+        kind="file", shown="unset = no AUTH")
+    allowed_senders: tuple[str, ...] = setting(
+        "ALLOWED_SENDERS", "sender addresses allowed without AUTH: `a@x.com`, `x.com` / `@x.com` "
+        "/ `*@x.com` (that domain), `*.x.com` (subdomains), `scan-*@x.com`; checked on the "
+        "envelope and the From: header. A pattern that matches every domain (`*`, `*@*`) is "
+        "refused at start: anyone can write any sender address", (), kind="items")
+    sender_verify: str = setting(
+        "SENDER_VERIFY", "`dmarc`: a sender that neither logged in nor is on "
+        "`TRUSTED_NETWORKS` is accepted only when SPF or DKIM passes aligned with the From: "
+        "domain (DMARC; mail from the internet, Microsoft 365, Google); else `550 5.7.1` naming "
+        "what SPF and DKIM found, no report; a DNS failure is `451 4.7.5`. The result is kept as "
+        "an `Authentication-Results` line on the job. See [mail-servers.md](mail-servers.md)",
+        defaults.SENDER_VERIFY, kind="choice", choices=("off", "dmarc"))
+    dns_nameservers: tuple[HostPort, ...] = setting(
+        "DNS_NAMESERVERS", "`ip[:port]`, comma-separated: the resolvers `SENDER_VERIFY` asks",
+        (), shown="the system's resolver", advanced=True)
+    dns_timeout_s: float = setting(
+        "DNS_TIMEOUT_SECONDS", "how long all the lookups for one mail's sender check may take "
+        "together (at most 40 lookups)", defaults.DNS_TIMEOUT_S, kind="float", lo=0.1, hi=120,
+        advanced=True)
+    auth_plaintext: bool = setting(
+        "SMTP_AUTH_PLAINTEXT", "offer AUTH on an unencrypted connection (only for old devices "
+        "on a trusted LAN)", defaults.SMTP_AUTH_PLAINTEXT, kind="bool")
+    auth_max_failures: int = setting(
+        "AUTH_MAX_FAILURES", "failed logins from one address (within 15 minutes) before it is "
+        "locked out", defaults.AUTH_MAX_FAILURES, kind="int", lo=1, hi=1000, advanced=True)
+    auth_lockout_minutes: float = setting(
+        "AUTH_LOCKOUT_MINUTES", "how long such an address gets `454 4.7.0` for AUTH",
+        defaults.AUTH_LOCKOUT_MINUTES, kind="float", lo=0.01, hi=24 * 60, advanced=True)
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    cert_file: Path | None = setting(
+        "TLS_CERT_FILE", "certificate (PEM); set with `TLS_KEY_FILE`: STARTTLS is offered on "
+        "`SMTP_LISTEN` (and `SMTPS_LISTEN` may be used); reloaded on SIGHUP", None, kind="file")
+    key_file: Path | None = setting(
+        "TLS_KEY_FILE", "the certificate's private key (PEM); reloaded on SIGHUP", None,
+        kind="file")
+    min_version: str = setting(
+        "TLS_MIN_VERSION", "`TLSv1.2` or `TLSv1.3`; `TLSv1` / `TLSv1.1` for old MFPs (also "
+        "lowers OpenSSL's security level)", "TLSv" + defaults.TLS_MIN_VERSION[4:])
+    required: bool = setting(
+        "SMTP_REQUIRE_TLS", "refuse everything but EHLO/STARTTLS/QUIT before STARTTLS",
+        defaults.SMTP_REQUIRE_TLS, kind="bool")
+
+
+@dataclass(frozen=True)
+class DestinationSettings:
+    allow_international: bool = setting(
+        "FAX_ALLOW_INTERNATIONAL", "allow numbers outside `FAX_DEFAULT_REGION` (its country "
+        "code and domestic neighbours)", defaults.FAX_ALLOW_INTERNATIONAL, kind="bool")
+    allow_prefixes: tuple[str, ...] = setting(
+        "FAX_ALLOW_PREFIXES", "E.164 prefixes always allowed (e.g. `+44,+1900555`); beat the "
+        "built-in blocks", (), kind="items")
+    block_prefixes: tuple[str, ...] = setting(
+        "FAX_BLOCK_PREFIXES", "E.164 prefixes always refused; beat everything", (), kind="items")
+    rate_per_sender_hour: int = setting(
+        "RATE_LIMIT_PER_SENDER", "faxes per hour per user / sender address (`450 4.7.1` beyond)",
+        defaults.RATE_LIMIT_PER_SENDER, kind="int", lo=1, hi=1_000_000)
+    rate_total_hour: int = setting(
+        "RATE_LIMIT_TOTAL", "faxes per hour for the whole gateway", defaults.RATE_LIMIT_TOTAL,
+        kind="int", lo=1, hi=10_000_000)
+
+
+@dataclass(frozen=True)
+class DocumentSettings:
+    paper: str = setting(
+        "FAX_PAPER", "`letter` or `a4`: the page size every page is fitted to",
+        defaults.FAX_PAPER_IN_LETTER_REGIONS, shown="`letter` in US/CA/MX..., else `a4`")
+    body_policy: str = setting(
+        "FAX_BODY", "the mail text as a page: `auto` (when it has real text and nothing is "
+        "attached), `always`, `never`", defaults.FAX_BODY, kind="choice",
+        choices=("auto", "always", "never"))
+    cover: bool = setting(
+        "FAX_COVER", "put a cover page first (also per mail: `[cover]` / `[nocover]` in the "
+        "subject)", defaults.FAX_COVER, kind="bool")
+    timeout_s: float = setting(
+        "DOC_TIMEOUT_SECONDS", "time limit for parsing and converting one mail's documents "
+        "(counted from when a worker takes it)", defaults.DOC_TIMEOUT_S, kind="float", lo=1,
+        hi=3600, advanced=True)
+    memory_mb: int = setting(
+        "DOC_MEMORY_MB", "memory (address space) limit of a document worker process",
+        defaults.DOC_MEMORY_MB, kind="int", lo=128, hi=65536, advanced=True)
+    workers: int = setting("DOC_WORKERS", "document worker processes", defaults.DOC_WORKERS,
+                           kind="int", lo=1, hi=64, advanced=True)
+    partial_timeout_minutes: int = setting(
+        "PARTIAL_TIMEOUT_MINUTES", "how long the parts of a split mail (`message/partial`, "
+        "\"divided sending\") wait for the rest; then the sender is told and the parts are "
+        "deleted", defaults.PARTIAL_TIMEOUT_MINUTES, kind="int", lo=1, hi=7 * 24 * 60,
+        advanced=True)
+    partial_max_sets_per_sender: int = setting(
+        "PARTIAL_MAX_SETS_PER_SENDER", "how many split mails one sender may have waiting for "
+        "their other parts at once; a part that would open one more gets `451 4.7.0` (the "
+        "others' parts are not held up)", defaults.PARTIAL_MAX_SETS_PER_SENDER, kind="int",
+        lo=1, hi=1000, advanced=True)
+
+
+@dataclass(frozen=True)
+class ReportSettings:
+    thumbnail: bool = setting("REPORT_THUMBNAIL", "a picture of the first page in the HTML "
+                              "report", defaults.REPORT_THUMBNAIL, kind="bool")
+    attach_pdf: bool = setting("REPORT_ATTACH_PDF", "attach the sent PDF to the report (proof "
+                               "of transmission)", defaults.REPORT_ATTACH_PDF, kind="bool")
+    accepted: bool = setting("REPORT_ACCEPTED", "also send an \"accepted\" receipt when the "
+                             "mail is queued", defaults.REPORT_ACCEPTED, kind="bool")
+    bcc: tuple[str, ...] = setting("REPORT_BCC", "addresses that get a blind copy of every "
+                                   "report (needs `NOTIFY_SMTP_HOST`)", (), kind="addresses")
+    refusals: bool = setting("REPORT_REFUSALS", "tell an authorised sender by mail why a mail "
+                             "could not be faxed", defaults.REPORT_REFUSALS, kind="bool")
+    template_dir: Path | None = setting(
+        "REPORT_TEMPLATE_DIR", "folder with your own `report.txt`, `report.html`, "
+        "`accepted.txt`, `refused.txt`", None)
+
+
+@dataclass(frozen=True)
+class InboundSettings:
+    # Unset routes = inbound off, every call rejected.
+    routes: Routes = setting(
+        "INBOUND_ROUTES", "`NUMBER=ADDRESS[,ADDRESS...]` entries separated by `;`; `*` is every "
+        "other number; a bad entry, or an address in `FAX_DOMAIN` (which would fax each "
+        "received fax out again), stops the start (exit 78); unset: every incoming fax gets "
+        "`<Reject/>`. The number in SignalWire: \"Accept Incoming Calls As: Fax\", \"Handle "
+        "Faxes Using: LaML Webhooks\", URL `${PUBLIC_BASE_URL}/signalwire/inbound`", Routes(),
+        shown="unset = inbound off")
+    routes_file: Path | None = setting(
+        "INBOUND_ROUTES_FILE", "the same entries one per line (`#` comments), added to "
+        "`INBOUND_ROUTES`; a number in both is an error", None)
+    blocked_callers: tuple[str, ...] = setting(
+        "INBOUND_BLOCKED_CALLERS", "caller numbers or prefixes (`+1900`) answered with "
+        "`<Reject/>`; `anonymous` for calls without a number", (), kind="items")
+    admin_address: str | None = setting(
+        "INBOUND_ADMIN_ADDRESS", "also gets failed receptions, including voice calls on the fax "
+        "line (which routed people never get), and a mail for each fax the gateway gave up "
+        "delivering; never an address in `FAX_DOMAIN` (exit 78); and mail to "
+        "`postmaster@FAX_DOMAIN`, forwarded (unset: postmaster gets `550 5.1.1`)", None)
+    attach_document: bool = setting(
+        "INBOUND_ATTACH_DOCUMENT", "`no`: the mail only says a fax arrived (no PDF, no picture), "
+        "for sensitive documents", defaults.INBOUND_ATTACH_DOCUMENT, kind="bool")
+    keep_media: bool = setting(
+        "INBOUND_KEEP_MEDIA", "`yes`: keep the document at SignalWire instead of deleting it "
+        "after every recipient's mail was accepted", defaults.INBOUND_KEEP_MEDIA, kind="bool")
+    page_size: str = setting(
+        "INBOUND_PAGE_SIZE", "`pageSize` asked of SignalWire: `letter`, `legal` or `a4`",
+        "letter", shown="`FAX_PAPER`")
+    reconcile_s: float = setting(
+        "INBOUND_RECONCILE_SECONDS", "how often received faxes are listed at SignalWire to find "
+        "any whose completion never arrived", defaults.INBOUND_RECONCILE_S, kind="float",
+        lo=0.05, hi=86400, advanced=True)
+    lookback_hours: float = setting(
+        "INBOUND_LOOKBACK_HOURS", "how far back that listing goes (must be shorter than "
+        "`JOB_RETENTION_DAYS`)", defaults.INBOUND_LOOKBACK_HOURS, kind="float", lo=0.01,
+        hi=24 * 30, advanced=True)
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    # None: no dashboard.
+    listen: HostPort | None = setting(
+        "ADMIN_LISTEN", "host:port of the web dashboard's own listener; empty turns it off; "
+        "never the same as `HTTP_LISTEN`. Log in as a `USERS_FILE` user made with "
+        "`faxgw passwd NAME --admin` (or `--viewer`: read-only)", _hostport(defaults.ADMIN_LISTEN))
+    trusted_proxies: tuple[str, ...] = setting(
+        "ADMIN_TRUSTED_PROXIES", "proxies whose `X-Forwarded-Proto` (Secure cookie) and "
+        "`X-Forwarded-For` (lockout address) are believed", defaults.ADMIN_TRUSTED_PROXIES,
+        kind="items", advanced=True)
+    session_minutes: float = setting(
+        "ADMIN_SESSION_MINUTES", "how long a dashboard login lasts (the cookie expires with it)",
+        defaults.ADMIN_SESSION_MINUTES, kind="float", lo=1, hi=30 * 24 * 60)
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    # None: SQLite in DATA_DIR.
+    database_url: str | None = setting(
+        "DATABASE_URL", "`postgresql://user:password@host:port/dbname`: the job store is this "
+        "PostgreSQL database, shared by every gateway pointing at it; unset: SQLite in "
+        "`DATA_DIR`. Needs `MEDIA_STORE=s3` (exit 78 otherwise). The password is never printed "
+        "or logged", None, secret=True)
+    prepared_statements: bool = setting(
+        "DATABASE_PREPARED_STATEMENTS", "with `DATABASE_URL`: queries the gateway runs often "
+        "are prepared on the server, so PostgreSQL plans each once per connection rather than "
+        "on every call (a third less database CPU per fax). Set `no` behind a PgBouncer in "
+        "transaction mode that does not keep prepared statements (older than 1.21, or "
+        "`max_prepared_statements = 0`); left at `yes` there, the gateway finds out at start "
+        "(or at the first call that meets a lost statement), logs a warning and stops "
+        "preparing", defaults.DATABASE_PREPARED_STATEMENTS, kind="bool", advanced=True)
+    node_id: str = setting(
+        "NODE_ID", "this gateway's name in job leases, logs and the `faxgw_node_info` metric",
+        factory=lambda: default_node_id(), kind="str", shown="`hostname-pid-random`")
+    lease_seconds: float = setting(
+        "LEASE_SECONDS", "a job a node works is leased to it this long, renewed every third of "
+        "it; a dead node's jobs are taken over once their leases run out",
+        defaults.LEASE_SECONDS, kind="float", lo=3, hi=3600, advanced=True)
+    dedup_window_hours: float = setting(
+        "DEDUP_WINDOW_HOURS", "the same mail (Message-ID, recipients, document) received again "
+        "within this window is not faxed again: `250` names its jobs; `0` turns it off. A mail "
+        "with no Message-ID is never merged", defaults.DEDUP_WINDOW_HOURS, kind="float", lo=0,
+        hi=24 * 30, advanced=True)
+    send_rate_per_second: float = setting(
+        "SEND_RATE_PER_SECOND", "faxes sent to SignalWire per second, all gateways together "
+        "(SignalWire's default account limit)", defaults.SEND_RATE_PER_SECOND, kind="float",
+        lo=0.01, hi=1000)
+
+
 @dataclass(frozen=True)
 class Settings:
-    fax_domain: str = defaults.FAX_DOMAIN
-    default_region: str = defaults.FAX_DEFAULT_REGION
-    from_number: str = defaults.SANDBOX_FROM_NUMBER
-    quality: str = defaults.FAX_QUALITY
-    ttl_minutes: int = defaults.FAX_TTL_MINUTES
-    smtp_listen: HostPort = field(default_factory=lambda: _hostport(defaults.SMTP_LISTEN))
-    smtp_hostname: str = field(default_factory=socket.getfqdn)
-    smtp_max_message_bytes: int = defaults.SMTP_MAX_MESSAGE_BYTES
-    smtp_max_recipients: int = defaults.SMTP_MAX_RECIPIENTS
-    smtp_max_connections: int = defaults.SMTP_MAX_CONNECTIONS
-    smtp_max_connections_per_ip: int = defaults.SMTP_MAX_CONNECTIONS_PER_IP
-    smtp_data_timeout_s: float = defaults.SMTP_DATA_TIMEOUT_S
-    smtp_idle_timeout_s: float = defaults.SMTP_IDLE_TIMEOUT_S
-    max_pages: int = defaults.MAX_PAGES
-    http_listen: HostPort = field(default_factory=lambda: _hostport(defaults.HTTP_LISTEN))
-    public_base_url: str | None = None  # None: http:// + the bound HTTP address
-    signalwire_space_url: str | None = None  # None: sandbox with the built-in simulator
-    signalwire_project_id: str = defaults.SANDBOX_PROJECT_ID
-    signalwire_api_token: str = field(default="", repr=False)
-    signalwire_signing_key: str = field(default="", repr=False)
-    media_store: str = defaults.MEDIA_STORE
-    s3_bucket: str = ""
-    s3_prefix: str = defaults.S3_PREFIX
-    s3_endpoint_url: str | None = None
-    s3_region: str = defaults.S3_REGION
-    # Given to boto3 explicitly, so that keys in the .env file are used (None: boto3's chain).
-    aws_access_key_id: str | None = None
-    aws_secret_access_key: str | None = field(default=None, repr=False)
-    aws_session_token: str | None = field(default=None, repr=False)
-    aws_profile: str | None = None
-    aws_ca_bundle: Path | None = None
-    media_url_ttl_s: int = defaults.FAX_TTL_MINUTES * 60 + defaults.MEDIA_URL_SLACK_S
-    media_signing_key: str = field(default="", repr=False)  # "": generated once into DATA_DIR
-    notify_smtp_host: str | None = None  # None: reports go to DATA_DIR/outbox as .eml files
-    notify_smtp_port: int = defaults.NOTIFY_SMTP_PORT
-    notify_smtp_username: str | None = None
-    notify_smtp_password: str | None = field(default=None, repr=False)
-    notify_smtp_tls: str = defaults.NOTIFY_SMTP_TLS
-    notify_from: str = field(default_factory=lambda: f"faxgw@{socket.gethostname()}")
-    data_dir: Path = Path(defaults.DATA_DIR)
-    min_free_disk_mb: int = defaults.MIN_FREE_DISK_MB
-    status_poll_s: float = defaults.STATUS_POLL_S
-    retry_base_s: float = defaults.RETRY_BASE_S
-    retry_max_s: float = defaults.RETRY_MAX_S
-    give_up_hours: float = defaults.GIVE_UP_HOURS
-    worker_concurrency: int = defaults.WORKER_CONCURRENCY
-    api_timeout_s: float = defaults.API_TIMEOUT_S
-    fax_max_attempts: int = defaults.FAX_MAX_ATTEMPTS
-    fax_retry_delay_s: float = defaults.FAX_RETRY_DELAY_S
-    fax_kill_minutes: float = defaults.FAX_KILL_MINUTES
-    document_retention_hours: float = defaults.DOCUMENT_RETENTION_HOURS
-    job_retention_days: float = defaults.JOB_RETENTION_DAYS
-    shutdown_grace_s: float = defaults.SHUTDOWN_GRACE_S
-    paper: str = defaults.FAX_PAPER_IN_LETTER_REGIONS
-    body_policy: str = defaults.FAX_BODY
-    cover: bool = defaults.FAX_COVER
-    doc_timeout_s: float = defaults.DOC_TIMEOUT_S
-    doc_memory_mb: int = defaults.DOC_MEMORY_MB
-    doc_workers: int = defaults.DOC_WORKERS
-    partial_timeout_minutes: int = defaults.PARTIAL_TIMEOUT_MINUTES
-    partial_max_sets_per_sender: int = defaults.PARTIAL_MAX_SETS_PER_SENDER
-    report_thumbnail: bool = defaults.REPORT_THUMBNAIL
-    report_attach_pdf: bool = defaults.REPORT_ATTACH_PDF
-    report_accepted: bool = defaults.REPORT_ACCEPTED
-    report_bcc: tuple[str, ...] = ()
-    report_refusals: bool = defaults.REPORT_REFUSALS
-    report_template_dir: Path | None = None
-    smtps_listen: HostPort | None = None
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    tls_min_version: str = "TLSv" + defaults.TLS_MIN_VERSION[4:]
-    smtp_require_tls: bool = defaults.SMTP_REQUIRE_TLS
-    smtp_auth_plaintext: bool = defaults.SMTP_AUTH_PLAINTEXT
-    users_file: Path | None = None
-    trusted_networks: tuple[str, ...] = defaults.TRUSTED_NETWORKS
-    allowed_senders: tuple[str, ...] = ()
-    sender_verify: str = defaults.SENDER_VERIFY
-    dns_nameservers: tuple[HostPort, ...] = ()  # (): the system's resolver
-    dns_timeout_s: float = defaults.DNS_TIMEOUT_S
-    fax_allow_international: bool = defaults.FAX_ALLOW_INTERNATIONAL
-    fax_allow_prefixes: tuple[str, ...] = ()
-    fax_block_prefixes: tuple[str, ...] = ()
-    rate_per_sender_hour: int = defaults.RATE_LIMIT_PER_SENDER
-    rate_total_hour: int = defaults.RATE_LIMIT_TOTAL
-    auth_max_failures: int = defaults.AUTH_MAX_FAILURES
-    auth_lockout_minutes: float = defaults.AUTH_LOCKOUT_MINUTES
-    log_level: str = defaults.FAXGW_LOG_LEVEL.upper()
-    log_format: str = defaults.FAXGW_LOG_FORMAT
-    metrics_token: str | None = field(default=None, repr=False)
-    # Inbound faxes (gateway/inbound/): unset routes = inbound off, every call rejected.
-    inbound_routes: Routes = Routes()
-    inbound_blocked_callers: tuple[str, ...] = ()
-    inbound_keep_media: bool = defaults.INBOUND_KEEP_MEDIA
-    inbound_attach_document: bool = defaults.INBOUND_ATTACH_DOCUMENT
-    inbound_admin_address: str | None = None
-    inbound_page_size: str = "letter"
-    inbound_reconcile_s: float = defaults.INBOUND_RECONCILE_S
-    inbound_lookback_hours: float = defaults.INBOUND_LOOKBACK_HOURS
-    admin_listen: HostPort | None = HostPort("127.0.0.1", 8026)  # None: no dashboard
-    admin_trusted_proxies: tuple[str, ...] = defaults.ADMIN_TRUSTED_PROXIES
-    admin_session_minutes: float = defaults.ADMIN_SESSION_MINUTES
-    smtp_proxy_protocol: bool = defaults.SMTP_PROXY_PROTOCOL
-    database_url: str | None = field(default=None, repr=False)  # None: SQLite in DATA_DIR
-    database_prepared_statements: bool = defaults.DATABASE_PREPARED_STATEMENTS
-    node_id: str = field(default_factory=lambda: default_node_id())
-    lease_seconds: float = defaults.LEASE_SECONDS
-    dedup_window_hours: float = defaults.DEDUP_WINDOW_HOURS
-    send_rate_per_second: float = defaults.SEND_RATE_PER_SECOND
+    """Every setting, a group per concern, in the order of docs/configuration.md."""
+
+    fax: FaxSettings = group("Fax", FaxSettings)
+    smtp: SmtpSettings = group("SMTP listener", SmtpSettings)
+    http: HttpSettings = group("HTTP listener", HttpSettings)
+    signalwire: SignalWireSettings = group(
+        "SignalWire", SignalWireSettings, "Leave `SIGNALWIRE_SPACE_URL` unset for sandbox mode.")
+    media: MediaSettings = group("Media store", MediaSettings)
+    s3: S3Settings = group("S3", S3Settings, "Used with `MEDIA_STORE=s3`.")
+    notify: NotifySettings = group("Report mail relay", NotifySettings)
+    queue: QueueSettings = group("Queue and state", QueueSettings)
+    logs: LogSettings = group("Logs", LogSettings)
+    access: AccessSettings = group("Who may send", AccessSettings)
+    tls: TlsSettings = group("TLS", TlsSettings)
+    destinations: DestinationSettings = group("Destinations and cost", DestinationSettings)
+    documents: DocumentSettings = group("Documents", DocumentSettings)
+    reports: ReportSettings = group("Reports", ReportSettings)
+    inbound: InboundSettings = group("Receiving faxes", InboundSettings)
+    admin: AdminSettings = group("Dashboard", AdminSettings)
+    cluster: ClusterSettings = group(
+        "Several gateways", ClusterSettings,
+        "Several gateways sharing one queue in PostgreSQL (see the README).")
 
     @property
     def shared(self) -> bool:
         """Several gateways share one queue (DATABASE_URL is set)."""
-        return self.database_url is not None
+        return self.cluster.database_url is not None
 
     @property
     def sandbox(self) -> bool:
-        return self.signalwire_space_url is None
+        return self.signalwire.space_url is None
+
+    def secret_values(self) -> list[str]:
+        """The values of the secret settings (of DATABASE_URL, its password), so that no log
+        line can carry them."""
+        out: list[str] = []
+        for grp, f in declared():
+            value = getattr(getattr(self, grp.name), f.name)
+            if f.metadata["secret"] and value:
+                out.append(_url_password(value) if f.metadata["variable"] == "DATABASE_URL"
+                           else value)
+        return [v for v in out if v]
 
     def masked(self) -> dict[str, str]:
         """Settings as printable text under their variables' names, secrets replaced, for
         `faxgw run --check`."""
         out: dict[str, str] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.name in _SECRET_FIELDS and value:
-                value = "********"
-            elif f.name == "database_url" and value:
-                value = mask_url(value)
-            elif isinstance(value, bool):
-                value = "yes" if value else "no"
-            elif isinstance(value, tuple):
-                value = ",".join(str(item) for item in value)  # HostPort prints host:port
-            out[VARIABLES[f.name]] = "" if value is None else str(value)
+        for grp, f in declared():
+            value = getattr(getattr(self, grp.name), f.name)
+            out[f.metadata["variable"]] = _printable(value, f)
         return out
 
 
-_SECRET_FIELDS = {"signalwire_api_token", "signalwire_signing_key", "notify_smtp_password",
-                  "media_signing_key", "metrics_token", "aws_secret_access_key",
-                  "aws_session_token"}
+def declared() -> Iterator[tuple[Field[Any], Field[Any]]]:
+    """(group, setting) for every setting, in the reference's order."""
+    for grp in fields(Settings):
+        for f in fields(grp.default_factory):  # type: ignore[arg-type]
+            yield grp, f
 
-# Each Settings field and the variable it is read from (a field read from two variables names
-# the first): what `run --check` prints, and the names an unknown variable is compared with.
-VARIABLES: dict[str, str] = {
-    "fax_domain": "FAX_DOMAIN", "default_region": "FAX_DEFAULT_REGION",
-    "from_number": "FAX_FROM_NUMBER", "quality": "FAX_QUALITY", "ttl_minutes": "FAX_TTL_MINUTES",
-    "smtp_listen": "SMTP_LISTEN", "smtp_hostname": "SMTP_HOSTNAME",
-    "smtp_max_message_bytes": "SMTP_MAX_MESSAGE_BYTES",
-    "smtp_max_recipients": "SMTP_MAX_RECIPIENTS", "smtp_max_connections": "SMTP_MAX_CONNECTIONS",
-    "smtp_max_connections_per_ip": "SMTP_MAX_CONNECTIONS_PER_IP",
-    "smtp_data_timeout_s": "SMTP_DATA_TIMEOUT_SECONDS",
-    "smtp_idle_timeout_s": "SMTP_IDLE_TIMEOUT_SECONDS", "max_pages": "FAX_MAX_PAGES",
-    "http_listen": "HTTP_LISTEN", "public_base_url": "PUBLIC_BASE_URL",
-    "signalwire_space_url": "SIGNALWIRE_SPACE_URL",
-    "signalwire_project_id": "SIGNALWIRE_PROJECT_ID",
-    "signalwire_api_token": "SIGNALWIRE_API_TOKEN",
-    "signalwire_signing_key": "SIGNALWIRE_SIGNING_KEY", "media_store": "MEDIA_STORE",
-    "s3_bucket": "S3_BUCKET", "s3_prefix": "S3_PREFIX", "s3_endpoint_url": "S3_ENDPOINT_URL",
-    "s3_region": "S3_REGION", "aws_access_key_id": "AWS_ACCESS_KEY_ID",
-    "aws_secret_access_key": "AWS_SECRET_ACCESS_KEY", "aws_session_token": "AWS_SESSION_TOKEN",
-    "aws_profile": "AWS_PROFILE", "aws_ca_bundle": "AWS_CA_BUNDLE",
-    "media_url_ttl_s": "MEDIA_URL_TTL_SECONDS", "media_signing_key": "MEDIA_SIGNING_KEY",
-    "notify_smtp_host": "NOTIFY_SMTP_HOST", "notify_smtp_port": "NOTIFY_SMTP_PORT",
-    "notify_smtp_username": "NOTIFY_SMTP_USERNAME",
-    "notify_smtp_password": "NOTIFY_SMTP_PASSWORD", "notify_smtp_tls": "NOTIFY_SMTP_TLS",
-    "notify_from": "NOTIFY_FROM", "data_dir": "DATA_DIR", "min_free_disk_mb": "MIN_FREE_DISK_MB",
-    "status_poll_s": "STATUS_POLL_SECONDS", "retry_base_s": "RETRY_BASE_SECONDS",
-    "retry_max_s": "RETRY_MAX_SECONDS", "give_up_hours": "GIVE_UP_HOURS",
-    "worker_concurrency": "WORKER_CONCURRENCY", "api_timeout_s": "SIGNALWIRE_TIMEOUT_SECONDS",
-    "fax_max_attempts": "FAX_MAX_ATTEMPTS", "fax_retry_delay_s": "FAX_RETRY_DELAY_SECONDS",
-    "fax_kill_minutes": "FAX_KILL_MINUTES", "document_retention_hours": "DOCUMENT_RETENTION_HOURS",
-    "job_retention_days": "JOB_RETENTION_DAYS", "shutdown_grace_s": "SHUTDOWN_GRACE_SECONDS",
-    "paper": "FAX_PAPER", "body_policy": "FAX_BODY", "cover": "FAX_COVER",
-    "doc_timeout_s": "DOC_TIMEOUT_SECONDS", "doc_memory_mb": "DOC_MEMORY_MB",
-    "doc_workers": "DOC_WORKERS", "partial_timeout_minutes": "PARTIAL_TIMEOUT_MINUTES",
-    "report_thumbnail": "REPORT_THUMBNAIL", "report_attach_pdf": "REPORT_ATTACH_PDF",
-    "report_accepted": "REPORT_ACCEPTED", "report_bcc": "REPORT_BCC",
-    "report_refusals": "REPORT_REFUSALS", "report_template_dir": "REPORT_TEMPLATE_DIR",
-    "smtps_listen": "SMTPS_LISTEN", "tls_cert_file": "TLS_CERT_FILE",
-    "tls_key_file": "TLS_KEY_FILE", "tls_min_version": "TLS_MIN_VERSION",
-    "smtp_require_tls": "SMTP_REQUIRE_TLS", "smtp_auth_plaintext": "SMTP_AUTH_PLAINTEXT",
-    "users_file": "USERS_FILE", "trusted_networks": "TRUSTED_NETWORKS",
-    "allowed_senders": "ALLOWED_SENDERS", "fax_allow_international": "FAX_ALLOW_INTERNATIONAL",
-    "fax_allow_prefixes": "FAX_ALLOW_PREFIXES", "fax_block_prefixes": "FAX_BLOCK_PREFIXES",
-    "rate_per_sender_hour": "RATE_LIMIT_PER_SENDER", "rate_total_hour": "RATE_LIMIT_TOTAL",
-    "auth_max_failures": "AUTH_MAX_FAILURES", "auth_lockout_minutes": "AUTH_LOCKOUT_MINUTES",
-    "log_level": "FAXGW_LOG_LEVEL", "log_format": "FAXGW_LOG_FORMAT",
-    "metrics_token": "METRICS_TOKEN", "inbound_routes": "INBOUND_ROUTES",
-    "inbound_blocked_callers": "INBOUND_BLOCKED_CALLERS",
-    "inbound_keep_media": "INBOUND_KEEP_MEDIA",
-    "inbound_attach_document": "INBOUND_ATTACH_DOCUMENT",
-    "inbound_admin_address": "INBOUND_ADMIN_ADDRESS", "inbound_page_size": "INBOUND_PAGE_SIZE",
-    "inbound_reconcile_s": "INBOUND_RECONCILE_SECONDS",
-    "inbound_lookback_hours": "INBOUND_LOOKBACK_HOURS", "admin_listen": "ADMIN_LISTEN",
-    "admin_trusted_proxies": "ADMIN_TRUSTED_PROXIES",
-    "admin_session_minutes": "ADMIN_SESSION_MINUTES",
-    "smtp_proxy_protocol": "SMTP_PROXY_PROTOCOL", "database_url": "DATABASE_URL",
-    "database_prepared_statements": "DATABASE_PREPARED_STATEMENTS", "node_id": "NODE_ID",
-    "lease_seconds": "LEASE_SECONDS", "dedup_window_hours": "DEDUP_WINDOW_HOURS",
-    "send_rate_per_second": "SEND_RATE_PER_SECOND",
-    "partial_max_sets_per_sender": "PARTIAL_MAX_SETS_PER_SENDER",
-    "sender_verify": "SENDER_VERIFY", "dns_nameservers": "DNS_NAMESERVERS",
-    "dns_timeout_s": "DNS_TIMEOUT_SECONDS",
-}
-# Variables read besides those: the .env file's own, the second of a pair, a test hook.
-OTHER_VARIABLES = frozenset({"FAXGW_ENV_FILE", "INBOUND_ROUTES_FILE", "FAXGW_CRASH_AT",
-                             "FAXGW_WORKER_PATH"})
+
+def _url_password(url: str) -> str:
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return ""
+    return unquote(password) if password else ""
+
+
+def _printable(value: Any, f: Field[Any]) -> str:
+    if value and f.metadata["variable"] == "DATABASE_URL":
+        return mask_url(value)
+    if value and f.metadata["secret"]:
+        return "********"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, tuple):
+        return ",".join(str(item) for item in value)  # HostPort prints host:port
+    return "" if value is None else str(value)
+
+
+# "group.name" of each setting and the variable it is read from: what `run --check` prints, and
+# the names an unknown variable is compared with.
+VARIABLES: dict[str, str] = {f"{g.name}.{f.name}": f.metadata["variable"]
+                             for g, f in declared()}
+# Variables whose values are never printed or logged (DATABASE_URL: its password).
+SECRET_VARIABLES = frozenset(f.metadata["variable"] for _, f in declared()
+                             if f.metadata["secret"])
+# Variables read besides those: the .env file's own and test hooks.
+OTHER_VARIABLES = frozenset({"FAXGW_ENV_FILE", "FAXGW_CRASH_AT", "FAXGW_WORKER_PATH"})
 KNOWN_VARIABLES = frozenset(VARIABLES.values()) | OTHER_VARIABLES
 # A name from the .env file starting so is meant for us; from the environment only a near miss.
 _OUR_PREFIXES = ("FAX_", "FAXGW_", "SMTP_", "SMTPS_", "HTTP_LISTEN", "ADMIN_", "SIGNALWIRE_",
@@ -472,18 +826,68 @@ def _nameservers(r: _Reader) -> tuple[HostPort, ...]:
     return tuple(found)
 
 
+def _field(cls: type, name: str) -> Field[Any]:
+    return next(f for f in fields(cls) if f.name == name)
+
+
+def _default(f: Field[Any]) -> Any:
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return None if f.default is MISSING else f.default
+
+
+def _read(r: _Reader, f: Field[Any]) -> Any:
+    """One setting read as its declaration says (its variable, kind, bounds and default)."""
+    m = f.metadata
+    name, kind, default = m["variable"], m["kind"], _default(f)
+    if kind == "int":
+        return r.int(name, default, m["lo"], m["hi"])
+    if kind == "float":
+        return r.float(name, default, m["lo"], m["hi"])
+    if kind == "bool":
+        return r.bool(name, default)
+    if kind == "choice":
+        return r.choice(name, default, m["choices"])
+    if kind == "str":
+        return r.str(name, default)
+    if kind == "path":
+        return Path(r.str(name) or default)
+    if kind == "hostport":
+        return r.hostport(name, str(default))
+    if kind == "items":
+        return r.items(name, default)
+    if kind == "addresses":
+        return r.addresses(name)
+    if kind == "file":
+        return r.file(name)
+    if kind == "url":
+        return r.url(name)
+    raise AssertionError(f"{name}: no kind, so settings_from must work it out")
+
+
+def _build(r: _Reader, cls: type, **worked_out: Any) -> Any:
+    """A group: the settings `settings_from` worked out by hand, the rest read as declared."""
+    return cls(**{f.name: worked_out[f.name] if f.name in worked_out else _read(r, f)
+                  for f in fields(cls)})
+
+
+def _in_domain(address: str, domain: str) -> bool:
+    return address.rpartition("@")[2].lower().rstrip(".") == domain
+
+
 def settings_from(env: Mapping[str, str]) -> Settings:
     r = _Reader(env)
     space = r.url("SIGNALWIRE_SPACE_URL")
     sandbox = space is None
 
-    region = (r.str("FAX_DEFAULT_REGION", defaults.FAX_DEFAULT_REGION) or "").upper()
+    region = (_read(r, _field(FaxSettings, "default_region")) or "").upper()
     import phonenumbers  # local: keeps `faxgw --help` fast
 
     if region not in phonenumbers.SUPPORTED_REGIONS:
         r.problems.append(f"FAX_DEFAULT_REGION: {region!r} is not an ISO country code "
                           "phonenumbers knows (e.g. US, GB, DE)")
-    from_number = r.str("FAX_FROM_NUMBER", defaults.SANDBOX_FROM_NUMBER if sandbox else None)
+    from_number = r.str("FAX_FROM_NUMBER",
+                        _default(_field(FaxSettings, "from_number")) if sandbox else None)
     if from_number is None:
         r.problems.append("FAX_FROM_NUMBER: required when SIGNALWIRE_SPACE_URL is set "
                           "(a fax-enabled number of your SignalWire project, E.164)")
@@ -492,14 +896,18 @@ def settings_from(env: Mapping[str, str]) -> Settings:
               and 8 <= len(from_number) <= 16):
         r.problems.append(f"FAX_FROM_NUMBER: {from_number!r} is not in E.164 form "
                           "(+ and 7 to 15 digits)")
+    domain = (_read(r, _field(FaxSettings, "domain")) or "").lower().rstrip(".")
+    if not domain or any(c in domain for c in " @<>\r\n"):
+        r.problems.append(f"FAX_DOMAIN: {domain!r} is not a domain name")
+    fax = _build(r, FaxSettings, domain=domain, default_region=region, from_number=from_number)
 
-    ttl = r.int("FAX_TTL_MINUTES", defaults.FAX_TTL_MINUTES,
-                constants.TTL_MIN_MINUTES, constants.TTL_MAX_MINUTES)
+    ttl = fax.ttl_minutes
     media_ttl = r.int("MEDIA_URL_TTL_SECONDS", ttl * 60 + defaults.MEDIA_URL_SLACK_S,
                       60, 7 * 24 * 3600)
     if media_ttl < ttl * 60 + 300:
         r.problems.append(f"MEDIA_URL_TTL_SECONDS: {media_ttl} s does not cover FAX_TTL_MINUTES "
                           f"({ttl} min) plus 5 minutes of sending; use at least {ttl * 60 + 300}")
+    media = _build(r, MediaSettings, url_ttl_s=media_ttl)
 
     project = r.str("SIGNALWIRE_PROJECT_ID")
     token = r.str("SIGNALWIRE_API_TOKEN")
@@ -511,40 +919,31 @@ def settings_from(env: Mapping[str, str]) -> Settings:
                 r.problems.append(f"{name}: required when SIGNALWIRE_SPACE_URL is set")
     else:
         # Sandbox: the built-in simulator gets throw-away credentials for this run.
-        project = project or defaults.SANDBOX_PROJECT_ID
+        project = project or _default(_field(SignalWireSettings, "project_id"))
         token = token or secrets.token_urlsafe(18)
         signing_key = signing_key or secrets.token_urlsafe(18)
+    signalwire = _build(r, SignalWireSettings, space_url=space, project_id=project or "",
+                        api_token=token or "", signing_key=signing_key or "")
 
-    media_store = r.choice("MEDIA_STORE", defaults.MEDIA_STORE, ("local", "s3"))
-    bucket = r.str("S3_BUCKET", "") or ""
-    if media_store == "s3" and not bucket:
+    s3 = _build(r, S3Settings)
+    if media.store == "s3" and not s3.bucket:
         r.problems.append("S3_BUCKET: required when MEDIA_STORE=s3")
-    prefix = r.str("S3_PREFIX", defaults.S3_PREFIX) or ""
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    s3_endpoint = r.url("S3_ENDPOINT_URL")
-    aws_key_id, aws_secret = r.str("AWS_ACCESS_KEY_ID"), r.str("AWS_SECRET_ACCESS_KEY")
-    if bool(aws_key_id) != bool(aws_secret):
+    if s3.prefix and not s3.prefix.endswith("/"):
+        s3 = replace(s3, prefix=s3.prefix + "/")
+    if bool(s3.access_key_id) != bool(s3.secret_access_key):
         r.problems.append("AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY: set both or neither")
 
-    notify_host = r.str("NOTIFY_SMTP_HOST")
-    notify_tls = r.choice("NOTIFY_SMTP_TLS", defaults.NOTIFY_SMTP_TLS, ("none", "starttls", "tls"))
-    notify_user = r.str("NOTIFY_SMTP_USERNAME")
-    notify_password = r.str("NOTIFY_SMTP_PASSWORD")
-    if bool(notify_user) != bool(notify_password):
+    notify_tls = _read(r, _field(NotifySettings, "tls"))
+    notify = _build(r, NotifySettings, tls=notify_tls, port=r.int(
+        "NOTIFY_SMTP_PORT", defaults.NOTIFY_SMTPS_PORT if notify_tls == "tls"
+        else _default(_field(NotifySettings, "port")), 1, 65535))
+    if bool(notify.username) != bool(notify.password):
         r.problems.append("NOTIFY_SMTP_USERNAME / NOTIFY_SMTP_PASSWORD: set both or neither")
-    notify_from = r.str("NOTIFY_FROM", f"faxgw@{socket.gethostname()}") or ""
-    if "@" not in notify_from or any(c in notify_from for c in "\r\n<>"):
-        r.problems.append(f"NOTIFY_FROM: {notify_from!r} is not a mail address")
+    if "@" not in notify.sender or any(c in notify.sender for c in "\r\n<>"):
+        r.problems.append(f"NOTIFY_FROM: {notify.sender!r} is not a mail address")
 
-    domain = (r.str("FAX_DOMAIN", defaults.FAX_DOMAIN) or "").lower().rstrip(".")
-    if not domain or any(c in domain for c in " @<>\r\n"):
-        r.problems.append(f"FAX_DOMAIN: {domain!r} is not a domain name")
-
-    doc_hours = r.float("DOCUMENT_RETENTION_HOURS", defaults.DOCUMENT_RETENTION_HOURS, 0,
-                        24 * 365)
-    job_days = r.float("JOB_RETENTION_DAYS", defaults.JOB_RETENTION_DAYS, 1, 3650)
-    if doc_hours > job_days * 24:
+    queue = _build(r, QueueSettings)
+    if queue.document_retention_hours > queue.job_retention_days * 24:
         r.problems.append("DOCUMENT_RETENTION_HOURS: must not exceed JOB_RETENTION_DAYS "
                           "(a document outliving its job could never be found again)")
 
@@ -556,30 +955,31 @@ def settings_from(env: Mapping[str, str]) -> Settings:
         from gateway.templating import template_problems  # local: keeps --help fast
 
         r.problems.extend(template_problems(template_dir))
+    reports = _build(r, ReportSettings, template_dir=template_dir)
 
-    cert, key = r.file("TLS_CERT_FILE"), r.file("TLS_KEY_FILE")
-    if bool(cert) != bool(key):
+    tls_min = r.choice("TLS_MIN_VERSION", _default(_field(TlsSettings, "min_version")).lower(),
+                       ("tlsv1", "tlsv1.1", "tlsv1.2", "tlsv1.3"))
+    tls = _build(r, TlsSettings, min_version="TLSv" + tls_min[4:])
+    if bool(tls.cert_file) != bool(tls.key_file):
         r.problems.append("TLS_CERT_FILE / TLS_KEY_FILE: set both or neither")
     smtps_listen = (r.hostport("SMTPS_LISTEN", "0.0.0.0:465") if r.str("SMTPS_LISTEN")
                     else None)
-    if smtps_listen is not None and not cert:
+    if smtps_listen is not None and not tls.cert_file:
         r.problems.append("SMTPS_LISTEN: needs TLS_CERT_FILE and TLS_KEY_FILE")
-    tls_min = r.choice("TLS_MIN_VERSION", defaults.TLS_MIN_VERSION, ("tlsv1", "tlsv1.1", "tlsv1.2", "tlsv1.3"))
-    tls_min = "TLSv" + tls_min[4:]
-    require_tls = r.bool("SMTP_REQUIRE_TLS", defaults.SMTP_REQUIRE_TLS)
-    if require_tls and not cert:
+    if tls.required and not tls.cert_file:
         r.problems.append("SMTP_REQUIRE_TLS: needs TLS_CERT_FILE and TLS_KEY_FILE")
-    users_file = r.file("USERS_FILE")
+    smtp = _build(r, SmtpSettings, smtps_listen=smtps_listen,
+                  hostname=_read(r, _field(SmtpSettings, "hostname")) or "localhost")
+
     from gateway.rules.policy import DestinationPolicy, SenderPolicy, TrustedNetworks
 
-    trusted = r.items("TRUSTED_NETWORKS", defaults.TRUSTED_NETWORKS)
-    senders = r.items("ALLOWED_SENDERS")
-    allow_prefixes = r.items("FAX_ALLOW_PREFIXES")
-    block_prefixes = r.items("FAX_BLOCK_PREFIXES")
-    for name, check in (("TRUSTED_NETWORKS", lambda: TrustedNetworks(trusted)),
-                        ("ALLOWED_SENDERS", lambda: SenderPolicy(senders)),
+    access = _build(r, AccessSettings, dns_nameservers=_nameservers(r))
+    destinations = _build(r, DestinationSettings)
+    for name, check in (("TRUSTED_NETWORKS", lambda: TrustedNetworks(access.trusted_networks)),
+                        ("ALLOWED_SENDERS", lambda: SenderPolicy(access.allowed_senders)),
                         ("FAX_ALLOW_PREFIXES / FAX_BLOCK_PREFIXES",
-                         lambda: DestinationPolicy(region, allow_prefixes, block_prefixes))):
+                         lambda: DestinationPolicy(region, destinations.allow_prefixes,
+                                                   destinations.block_prefixes))):
         try:
             check()
         except ValueError as exc:
@@ -587,207 +987,83 @@ def settings_from(env: Mapping[str, str]) -> Settings:
     r.problems.extend(f"ALLOWED_SENDERS: {p!r} lets anyone fax who writes any sender address "
                       "(sender addresses are forged at will); list your domains or addresses, "
                       "or use TRUSTED_NETWORKS or SMTP AUTH (USERS_FILE) for open access"
-                      for p in senders if _matches_any_domain(p))
+                      for p in access.allowed_senders if _matches_any_domain(p))
 
-    nameservers = _nameservers(r)
-
-    database_url = r.str("DATABASE_URL") or None
-    if database_url is not None:
-        scheme = urlsplit(database_url).scheme
+    cluster = _build(r, ClusterSettings, database_url=r.str("DATABASE_URL") or None)
+    if cluster.database_url is not None:
+        scheme = urlsplit(cluster.database_url).scheme
         if scheme not in ("postgresql", "postgres"):
-            r.problems.append(f"DATABASE_URL: {mask_url(database_url)!r} is not a "
+            r.problems.append(f"DATABASE_URL: {mask_url(cluster.database_url)!r} is not a "
                               "postgresql://user:password@host:port/dbname URL")
-        if media_store == "local":
+        if media.store == "local":
             r.problems.append("MEDIA_STORE=local with DATABASE_URL: several gateways share "
                               "one queue, so the documents must be in S3 (MEDIA_STORE=s3) "
                               "where every node can serve them")
-    lease_s = r.float("LEASE_SECONDS", defaults.LEASE_SECONDS, 3, 3600)
 
-    http_listen = r.hostport("HTTP_LISTEN", defaults.HTTP_LISTEN)
+    http = _build(r, HttpSettings)
     # ADMIN_LISTEN set to nothing turns the dashboard off; unset means the loopback default.
     admin_raw = env.get("ADMIN_LISTEN")
     admin_listen = (None if admin_raw is not None and not admin_raw.strip()
-                    else r.hostport("ADMIN_LISTEN", defaults.ADMIN_LISTEN))
+                    else r.hostport("ADMIN_LISTEN", str(_default(_field(AdminSettings, "listen")))))
     if admin_listen is not None and (admin_listen.host, admin_listen.port) == (
-            http_listen.host, http_listen.port) and admin_listen.port != 0:
+            http.listen.host, http.listen.port) and admin_listen.port != 0:
         r.problems.append("ADMIN_LISTEN: must differ from HTTP_LISTEN (the dashboard never "
                           "shares the listener SignalWire reaches)")
-    admin_proxies = r.items("ADMIN_TRUSTED_PROXIES", defaults.ADMIN_TRUSTED_PROXIES)
+    admin = _build(r, AdminSettings, listen=admin_listen)
     try:
-        TrustedNetworks(admin_proxies)
+        TrustedNetworks(admin.trusted_proxies)
     except ValueError as exc:
         r.problems.append(f"ADMIN_TRUSTED_PROXIES: {exc}")
-    public = r.url("PUBLIC_BASE_URL")
-    if public is None and space is not None and not is_loopback_url(space):
+    if http.public_base_url is None and space is not None and not is_loopback_url(space):
         # Otherwise http:// + HTTP_LISTEN: loopback, which SignalWire can never reach.
         r.problems.append("PUBLIC_BASE_URL: required when SIGNALWIRE_SPACE_URL is set (the "
                           "https:// address at which SignalWire reaches HTTP_LISTEN, for "
                           "status callbacks and media)")
 
     routes = Routes()
+    routes_file = r.file("INBOUND_ROUTES_FILE")
     try:
         routes = parse_routes(r.env.get("INBOUND_ROUTES"))
-        routes_file = r.file("INBOUND_ROUTES_FILE")
         if routes_file is not None and routes_file.is_file():
             routes = combine(routes, parse_routes_file(routes_file))
     except RouteError as exc:
         r.problems.append(str(exc))
     for number, addresses in routes.table:
         for address in addresses:
-            if address.rpartition("@")[2].lower().rstrip(".") == domain:
+            if _in_domain(address, domain):
                 r.problems.append(f"INBOUND_ROUTES: {number}={address} is in FAX_DOMAIN "
                                   f"({domain}): each fax received there would be faxed out "
                                   "again; route it to a mailbox")
-    blocked = r.items("INBOUND_BLOCKED_CALLERS")
-    for item in blocked:
-        if item.lower() != "anonymous" and not (item.startswith("+") and item[1:].isdigit()):
-            r.problems.append(f"INBOUND_BLOCKED_CALLERS: {item!r} is not an E.164 number or "
-                              "prefix (+1900...) or 'anonymous'")
     inbound_admin = r.addresses("INBOUND_ADMIN_ADDRESS")
     if len(inbound_admin) > 1:
         r.problems.append("INBOUND_ADMIN_ADDRESS: one address only")
     r.problems.extend(f"INBOUND_ADMIN_ADDRESS: {a} is in FAX_DOMAIN ({domain}): its mail would "
-                      "be faxed out; give a mailbox" for a in inbound_admin
-                      if a.rpartition("@")[2].lower().rstrip(".") == domain)
+                      "be faxed out; give a mailbox"
+                      for a in inbound_admin if _in_domain(a, domain))
     paper = r.choice("FAX_PAPER", defaults.FAX_PAPER_IN_LETTER_REGIONS
-                     if region in defaults.LETTER_REGIONS else defaults.FAX_PAPER_OUTSIDE_LETTER_REGIONS,
-                     ("letter", "a4"))
-
-    settings = Settings(
-        fax_domain=domain,
-        default_region=region,
-        from_number=from_number,
-        quality=r.choice("FAX_QUALITY", defaults.FAX_QUALITY, constants.QUALITIES),
-        ttl_minutes=ttl,
-        smtp_listen=r.hostport("SMTP_LISTEN", defaults.SMTP_LISTEN),
-        smtp_hostname=r.str("SMTP_HOSTNAME", socket.getfqdn()) or "localhost",
-        smtp_max_message_bytes=r.int("SMTP_MAX_MESSAGE_BYTES", defaults.SMTP_MAX_MESSAGE_BYTES,
-                                     64 * 1024, 200 * 1024 * 1024),
-        smtp_max_recipients=r.int("SMTP_MAX_RECIPIENTS", defaults.SMTP_MAX_RECIPIENTS, 1, 1000),
-        smtp_max_connections=r.int("SMTP_MAX_CONNECTIONS", defaults.SMTP_MAX_CONNECTIONS,
-                                   1, 100_000),
-        smtp_max_connections_per_ip=r.int("SMTP_MAX_CONNECTIONS_PER_IP",
-                                          defaults.SMTP_MAX_CONNECTIONS_PER_IP, 1, 100_000),
-        smtp_data_timeout_s=r.float("SMTP_DATA_TIMEOUT_SECONDS", defaults.SMTP_DATA_TIMEOUT_S,
-                                    1, 86400),
-        smtp_idle_timeout_s=r.float("SMTP_IDLE_TIMEOUT_SECONDS", defaults.SMTP_IDLE_TIMEOUT_S,
-                                    1, 3600),
-        max_pages=r.int("FAX_MAX_PAGES", defaults.MAX_PAGES, 1, 2000),
-        http_listen=http_listen,
-        public_base_url=public,
-        signalwire_space_url=space,
-        signalwire_project_id=project or "",
-        signalwire_api_token=token or "",
-        signalwire_signing_key=signing_key or "",
-        media_store=media_store,
-        s3_bucket=bucket,
-        s3_prefix=prefix,
-        s3_endpoint_url=s3_endpoint,
-        s3_region=r.str("S3_REGION", defaults.S3_REGION) or defaults.S3_REGION,
-        aws_access_key_id=aws_key_id,
-        aws_secret_access_key=aws_secret,
-        aws_session_token=r.str("AWS_SESSION_TOKEN"),
-        aws_profile=r.str("AWS_PROFILE"),
-        aws_ca_bundle=r.file("AWS_CA_BUNDLE"),
-        media_url_ttl_s=media_ttl,
-        media_signing_key=r.str("MEDIA_SIGNING_KEY", "") or "",
-        notify_smtp_host=notify_host,
-        notify_smtp_port=r.int("NOTIFY_SMTP_PORT",
-                               defaults.NOTIFY_SMTPS_PORT if notify_tls == "tls"
-                               else defaults.NOTIFY_SMTP_PORT, 1, 65535),
-        notify_smtp_username=notify_user,
-        notify_smtp_password=notify_password,
-        notify_smtp_tls=notify_tls,
-        notify_from=notify_from,
-        data_dir=Path(r.str("DATA_DIR", defaults.DATA_DIR) or defaults.DATA_DIR),
-        min_free_disk_mb=r.int("MIN_FREE_DISK_MB", defaults.MIN_FREE_DISK_MB, 0, 10**9),
-        status_poll_s=r.float("STATUS_POLL_SECONDS", defaults.STATUS_POLL_S, 0.05, 86400),
-        retry_base_s=r.float("RETRY_BASE_SECONDS", defaults.RETRY_BASE_S, 0.01, 3600),
-        retry_max_s=r.float("RETRY_MAX_SECONDS", defaults.RETRY_MAX_S, 0.01, 86400),
-        give_up_hours=r.float("GIVE_UP_HOURS", defaults.GIVE_UP_HOURS, 0.001, 24 * 30),
-        worker_concurrency=r.int("WORKER_CONCURRENCY", defaults.WORKER_CONCURRENCY, 1, 256),
-        api_timeout_s=r.float("SIGNALWIRE_TIMEOUT_SECONDS", defaults.API_TIMEOUT_S, 0.1, 300),
-        fax_max_attempts=r.int("FAX_MAX_ATTEMPTS", defaults.FAX_MAX_ATTEMPTS, 1, 20),
-        fax_retry_delay_s=r.float("FAX_RETRY_DELAY_SECONDS", defaults.FAX_RETRY_DELAY_S,
-                                  0.01, 86400),
-        fax_kill_minutes=r.float("FAX_KILL_MINUTES", defaults.FAX_KILL_MINUTES, 0.01,
-                                 7 * 24 * 60),
-        document_retention_hours=doc_hours,
-        job_retention_days=job_days,
-        shutdown_grace_s=r.float("SHUTDOWN_GRACE_SECONDS", defaults.SHUTDOWN_GRACE_S, 0, 600),
-        paper=paper,
-        body_policy=r.choice("FAX_BODY", defaults.FAX_BODY, ("auto", "always", "never")),
-        cover=r.bool("FAX_COVER", defaults.FAX_COVER),
-        doc_timeout_s=r.float("DOC_TIMEOUT_SECONDS", defaults.DOC_TIMEOUT_S, 1, 3600),
-        doc_memory_mb=r.int("DOC_MEMORY_MB", defaults.DOC_MEMORY_MB, 128, 65536),
-        doc_workers=r.int("DOC_WORKERS", defaults.DOC_WORKERS, 1, 64),
-        partial_timeout_minutes=r.int("PARTIAL_TIMEOUT_MINUTES", defaults.PARTIAL_TIMEOUT_MINUTES,
-                                      1, 7 * 24 * 60),
-        partial_max_sets_per_sender=r.int("PARTIAL_MAX_SETS_PER_SENDER",
-                                          defaults.PARTIAL_MAX_SETS_PER_SENDER, 1, 1000),
-        report_thumbnail=r.bool("REPORT_THUMBNAIL", defaults.REPORT_THUMBNAIL),
-        report_attach_pdf=r.bool("REPORT_ATTACH_PDF", defaults.REPORT_ATTACH_PDF),
-        report_accepted=r.bool("REPORT_ACCEPTED", defaults.REPORT_ACCEPTED),
-        report_bcc=r.addresses("REPORT_BCC"),
-        report_refusals=r.bool("REPORT_REFUSALS", defaults.REPORT_REFUSALS),
-        report_template_dir=template_dir,
-        smtps_listen=smtps_listen,
-        tls_cert_file=cert,
-        tls_key_file=key,
-        tls_min_version=tls_min,
-        smtp_require_tls=require_tls,
-        smtp_auth_plaintext=r.bool("SMTP_AUTH_PLAINTEXT", defaults.SMTP_AUTH_PLAINTEXT),
-        users_file=users_file,
-        trusted_networks=trusted,
-        allowed_senders=senders,
-        sender_verify=r.choice("SENDER_VERIFY", defaults.SENDER_VERIFY, ("off", "dmarc")),
-        dns_nameservers=nameservers,
-        dns_timeout_s=r.float("DNS_TIMEOUT_SECONDS", defaults.DNS_TIMEOUT_S, 0.1, 120),
-        fax_allow_international=r.bool("FAX_ALLOW_INTERNATIONAL",
-                                       defaults.FAX_ALLOW_INTERNATIONAL),
-        fax_allow_prefixes=allow_prefixes,
-        fax_block_prefixes=block_prefixes,
-        rate_per_sender_hour=r.int("RATE_LIMIT_PER_SENDER", defaults.RATE_LIMIT_PER_SENDER, 1,
-                                   1_000_000),
-        rate_total_hour=r.int("RATE_LIMIT_TOTAL", defaults.RATE_LIMIT_TOTAL, 1, 10_000_000),
-        auth_max_failures=r.int("AUTH_MAX_FAILURES", defaults.AUTH_MAX_FAILURES, 1, 1000),
-        auth_lockout_minutes=r.float("AUTH_LOCKOUT_MINUTES", defaults.AUTH_LOCKOUT_MINUTES,
-                                     0.01, 24 * 60),
-        log_level=r.choice("FAXGW_LOG_LEVEL", defaults.FAXGW_LOG_LEVEL,
-                           ("debug", "info", "warning", "error")).upper(),
-        log_format=r.choice("FAXGW_LOG_FORMAT", defaults.FAXGW_LOG_FORMAT, ("text", "json")),
-        metrics_token=r.str("METRICS_TOKEN"),
-        inbound_routes=routes,
-        inbound_blocked_callers=blocked,
-        inbound_keep_media=r.bool("INBOUND_KEEP_MEDIA", defaults.INBOUND_KEEP_MEDIA),
-        inbound_attach_document=r.bool("INBOUND_ATTACH_DOCUMENT", defaults.INBOUND_ATTACH_DOCUMENT),
-        inbound_admin_address=inbound_admin[0] if inbound_admin else None,
-        inbound_page_size=r.choice("INBOUND_PAGE_SIZE", paper, ("letter", "legal", "a4")),
-        inbound_reconcile_s=r.float("INBOUND_RECONCILE_SECONDS", defaults.INBOUND_RECONCILE_S,
-                                    0.05, 86400),
-        inbound_lookback_hours=r.float("INBOUND_LOOKBACK_HOURS",
-                                       defaults.INBOUND_LOOKBACK_HOURS, 0.01, 24 * 30),
-        admin_listen=admin_listen,
-        admin_trusted_proxies=admin_proxies,
-        admin_session_minutes=r.float("ADMIN_SESSION_MINUTES", defaults.ADMIN_SESSION_MINUTES,
-                                      1, 30 * 24 * 60),
-        smtp_proxy_protocol=r.bool("SMTP_PROXY_PROTOCOL", defaults.SMTP_PROXY_PROTOCOL),
-        database_url=database_url,
-        database_prepared_statements=r.bool("DATABASE_PREPARED_STATEMENTS",
-                                            defaults.DATABASE_PREPARED_STATEMENTS),
-        node_id=r.str("NODE_ID") or default_node_id(),
-        lease_seconds=lease_s,
-        dedup_window_hours=r.float("DEDUP_WINDOW_HOURS", defaults.DEDUP_WINDOW_HOURS, 0,
-                                   24 * 30),
-        send_rate_per_second=r.float("SEND_RATE_PER_SECOND", defaults.SEND_RATE_PER_SECOND,
-                                     0.01, 1000),
-    )
-    if settings.inbound_lookback_hours >= job_days * 24:
+                     if region in defaults.LETTER_REGIONS
+                     else defaults.FAX_PAPER_OUTSIDE_LETTER_REGIONS, ("letter", "a4"))
+    documents = _build(r, DocumentSettings, paper=paper)
+    inbound = _build(r, InboundSettings, routes=routes, routes_file=routes_file,
+                     admin_address=inbound_admin[0] if inbound_admin else None,
+                     page_size=r.choice("INBOUND_PAGE_SIZE", paper, ("letter", "legal", "a4")))
+    for item in inbound.blocked_callers:
+        if item.lower() != "anonymous" and not (item.startswith("+") and item[1:].isdigit()):
+            r.problems.append(f"INBOUND_BLOCKED_CALLERS: {item!r} is not an E.164 number or "
+                              "prefix (+1900...) or 'anonymous'")
+    if inbound.lookback_hours >= queue.job_retention_days * 24:
         r.problems.append("INBOUND_LOOKBACK_HOURS: must be shorter than JOB_RETENTION_DAYS "
                           "(a pruned fax found again by the reconciler would be mailed twice)")
+
+    logs = _build(r, LogSettings, level=r.choice(
+        "FAXGW_LOG_LEVEL", _default(_field(LogSettings, "level")).lower(),
+        ("debug", "info", "warning", "error")).upper())
     if r.problems:
         raise ConfigError(r.problems)
-    return settings
+    return Settings(fax=fax, smtp=smtp, http=http, signalwire=signalwire, media=media, s3=s3,
+                    notify=notify, queue=queue, logs=logs, access=access, tls=tls,
+                    destinations=destinations, documents=documents, reports=reports,
+                    inbound=inbound, admin=admin, cluster=cluster)
 
 
 def is_loopback_url(url: str) -> bool:
@@ -799,3 +1075,59 @@ def is_loopback_url(url: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+REFERENCE_COMMAND = "python -m gateway.config --reference > docs/configuration.md"
+
+
+def _shown_default(f: Field[Any]) -> str:
+    """A setting's default as the reference prints it."""
+    if f.metadata["shown"] is not None:
+        return f.metadata["shown"]
+    value = f.default
+    assert value is not MISSING, f"{f.metadata['variable']}: a computed default needs shown="
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "`yes`" if value else "`no`"
+    if isinstance(value, tuple):
+        return f"`{','.join(str(v) for v in value)}`" if value else "empty"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"`{value}`" if str(value) else ""
+
+
+def reference() -> str:
+    """docs/configuration.md: every setting's variable, default and description, grouped."""
+    out = [
+        "# Configuration reference",
+        "",
+        f"<!-- Generated from gateway/config.py by `{REFERENCE_COMMAND}`; edit the",
+        "     descriptions there, not here (tests/test_config_reference.py checks they agree). -->",
+        "",
+        "Settings come from environment variables, or a `.env` file (`FAXGW_ENV_FILE`, or",
+        "`faxgw run --config PATH`; otherwise `./.env` if present). The process environment wins",
+        "over the file. `config/faxgw.env.example` lists them all with comments, and",
+        "`faxgw run --check` validates a configuration and prints it with the secrets masked.",
+        "Every problem is reported at once, naming its variable, and the daemon exits 78.",
+        "",
+        "Settings marked *advanced* are knobs most installations never touch: their defaults",
+        "suit a gateway serving an office; change them to fix a measured problem.",
+    ]
+    for grp in fields(Settings):
+        out += ["", f"## {grp.metadata['title']}", ""]
+        if grp.metadata["intro"]:
+            out += [grp.metadata["intro"], ""]
+        out += ["| variable | default | what it does |", "|---|---|---|"]
+        for f in fields(grp.default_factory):  # type: ignore[arg-type]
+            name = f"`{f.metadata['variable']}`" + (" *advanced*" if f.metadata["advanced"]
+                                                    else "")
+            doc = f.metadata["doc"].replace("|", "\\|")
+            out.append(f"| {name} | {_shown_default(f)} | {doc} |")
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--reference"]:
+        sys.exit(f"usage: {REFERENCE_COMMAND}")
+    sys.stdout.write(reference())

@@ -49,31 +49,31 @@ class Gateway:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.time) -> None:
         self.s = settings
         self.clock = clock
-        data = settings.data_dir
+        data = settings.queue.data_dir
         self.lock = DataDirLock(data)
         self.store = open_store(settings, clock)
         # Set by amain: called once when the database is found gone (the daemon stops).
         self.on_fatal: Callable[[str], None] | None = None
-        self.guard = Guard(self.store.file_path, data, settings.min_free_disk_mb, self._fatal)
+        self.guard = Guard(self.store.file_path, data, settings.queue.min_free_disk_mb, self._fatal)
         # Damage found by a query after start (intake, the worker, ...): as a deleted file.
         self.store.on_damage = self.guard.report_damage
         self._loop: asyncio.AbstractEventLoop | None = None
         self.spool = Spool(data / "spool")
         self.local_media: LocalMediaStore | None = None
-        if settings.media_store == "local":
-            key = (settings.media_signing_key.encode() if settings.media_signing_key
+        if settings.media.store == "local":
+            key = (settings.media.signing_key.encode() if settings.media.signing_key
                    else load_or_create_key(data / "media.key"))
             self.local_media = LocalMediaStore(data / "media", key, self.public_base_url, clock)
             self.media: MediaStore = self.local_media
         else:
             self.media = s3_media_store(settings, defaults.S3_TIMEOUT_S, clock)
         self.notifier: Notifier = (
-            RelayNotifier(settings, defaults.NOTIFY_TIMEOUT_S) if settings.notify_smtp_host
+            RelayNotifier(settings, defaults.NOTIFY_TIMEOUT_S) if settings.notify.host
             else OutboxNotifier(data / "outbox"))
-        self.cpu = CpuPool(settings.doc_workers, settings.doc_timeout_s,
-                           settings.doc_memory_mb * 1024 * 1024)
+        self.cpu = CpuPool(settings.documents.workers, settings.documents.timeout_s,
+                           settings.documents.memory_mb * 1024 * 1024)
         self.metrics = Metrics()
-        self.metrics.node.info({"node_id": settings.node_id,
+        self.metrics.node.info({"node_id": settings.cluster.node_id,
                                 "store": "postgresql" if settings.shared else "sqlite"})
         self.web = WebApp(settings, self.store, self._wake_worker, self.local_media, self.metrics)
         self.web.ready_checks += [self._check_store, self._check_disk, self._check_listeners,
@@ -82,15 +82,15 @@ class Gateway:
         if settings.sandbox:
             from gateway.sandbox.simulator import SIM_STATE, create_simulator_app
 
-            sim = create_simulator_app(project_id=settings.signalwire_project_id,
-                                       api_token=settings.signalwire_api_token,
-                                       signing_key=settings.signalwire_signing_key)
+            sim = create_simulator_app(project_id=settings.signalwire.project_id,
+                                       api_token=settings.signalwire.api_token,
+                                       signing_key=settings.signalwire.signing_key)
             self.simulator_state = sim[SIM_STATE]
             self.web.app.add_subapp(SANDBOX_PREFIX, sim)
         self.signalwire = SignalWireClient(space_url=self.space_url,
-                                           project_id=settings.signalwire_project_id,
-                                           api_token=settings.signalwire_api_token,
-                                           timeout_s=settings.api_timeout_s)
+                                           project_id=settings.signalwire.project_id,
+                                           api_token=settings.signalwire.api_token,
+                                           timeout_s=settings.signalwire.timeout_s)
         self.worker = Worker(settings=settings, store=self.store, spool=self.spool,
                              media=self.media, signalwire=self.signalwire,
                              notifier=self.notifier, cpu=self.cpu,
@@ -108,17 +108,18 @@ class Gateway:
                              part_media=self.media)
         self.intake.durability_check = self._durability
         self.worker.intake_active = lambda: self.intake.active
-        self.tls = (ReloadableTLS(settings.tls_cert_file, settings.tls_key_file,
-                                  settings.tls_min_version)
-                    if settings.tls_cert_file and settings.tls_key_file else None)
+        self.tls = (ReloadableTLS(settings.tls.cert_file, settings.tls.key_file,
+                                  settings.tls.min_version)
+                    if settings.tls.cert_file and settings.tls.key_file else None)
         self.smtp_handler = FaxHandler(settings, self.intake, self.access, self.metrics)
-        self.smtp = SMTPListener(settings, self.smtp_handler, settings.smtp_listen, self.tls)
-        self.smtps = (SMTPListener(settings, self.smtp_handler, settings.smtps_listen, self.tls,
-                                   implicit_tls=True) if settings.smtps_listen else None)
+        self.smtp = SMTPListener(settings, self.smtp_handler, settings.smtp.listen, self.tls)
+        self.smtps = (SMTPListener(settings, self.smtp_handler, settings.smtp.smtps_listen,
+                                   self.tls, implicit_tls=True)
+                      if settings.smtp.smtps_listen else None)
         self.listeners = [x for x in (self.smtp, self.smtps) if x is not None]
         self.heartbeat: NodeHeartbeat | None = None
         self.dashboard = None
-        if settings.admin_listen is not None:
+        if settings.admin.listen is not None:
             # Imported only when on: jinja2 and the templates stay out of a daemon without it.
             from gateway.web.dashboard.routes import Dashboard
 
@@ -161,7 +162,7 @@ class Gateway:
             await asyncio.wait_for(self.store.run(self.store.check_writable), 5)
         except Exception as exc:  # a health check reports, it does not raise
             return "store", False, f"{self.store.where}: {type(exc).__name__}: {exc}"
-        return "store", True, f"writable ({self.store.where}, node {self.s.node_id})"
+        return "store", True, f"writable ({self.store.where}, node {self.s.cluster.node_id})"
 
     async def _check_listeners(self) -> tuple[str, bool, str]:
         bound = [f"{type(x).__name__}:{x.port}" for x in self.listeners if x.bound]
@@ -188,12 +189,12 @@ class Gateway:
 
     def space_url(self) -> str:
         # Sandbox: the simulator lives on our own HTTP listener, so its URL is known after bind.
-        return self.s.signalwire_space_url or self.public_base_url() + SANDBOX_PREFIX
+        return self.s.signalwire.space_url or self.public_base_url() + SANDBOX_PREFIX
 
     def public_base_url(self) -> str:
-        if self.s.public_base_url:
-            return self.s.public_base_url
-        host = self.s.http_listen.host
+        if self.s.http.public_base_url:
+            return self.s.http.public_base_url
+        host = self.s.http.listen.host
         host = "127.0.0.1" if host in ("0.0.0.0", "") else host
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.web.port}"
@@ -205,7 +206,7 @@ class Gateway:
         """Start every part; `run_worker=False` leaves the queue to be driven by hand
         (`worker.run_until_idle()`), for tests on an injected clock."""
         self._loop = asyncio.get_running_loop()
-        self.s.data_dir.mkdir(parents=True, exist_ok=True)
+        self.s.queue.data_dir.mkdir(parents=True, exist_ok=True)
         # First of all: a second daemon on this DATA_DIR must not touch the store or spool.
         self.lock.acquire()
         self.spool.root.mkdir(exist_ok=True)
@@ -220,10 +221,10 @@ class Gateway:
         await self.inbound.prepare()
         await self.cpu.start()
         await self.media.start()
-        await _bound("HTTP_LISTEN", self.s.http_listen, self.web.start())
+        await _bound("HTTP_LISTEN", self.s.http.listen, self.web.start())
         await self.signalwire.start()
         if self.dashboard is not None:
-            await _bound("ADMIN_LISTEN", self.s.admin_listen, self.dashboard.start())
+            await _bound("ADMIN_LISTEN", self.s.admin.listen, self.dashboard.start())
         if run_worker:
             await self.worker.start()
         await self.inbound.start(run_background=run_worker)
@@ -233,16 +234,17 @@ class Gateway:
             await _bound("SMTPS_LISTEN" if listener is self.smtps else "SMTP_LISTEN",
                          listener.listen, listener.start())
         self.heartbeat = NodeHeartbeat(
-            self.store, self.s.node_id, self._node_detail(), self.clock)
+            self.store, self.s.cluster.node_id, self._node_detail(), self.clock)
         await self.heartbeat.start()
         mode = "sandbox (built-in SignalWire simulator)" if self.s.sandbox else "production"
         log.info("faxgw started in %s mode: SMTP %s:%d%s%s for *@%s, HTTP %s:%d, media %s, "
-                 "reports %s, store %s (node %s)", mode, self.s.smtp_listen.host, self.smtp.port,
+                 "reports %s, store %s (node %s)", mode, self.s.smtp.listen.host, self.smtp.port,
                  " (STARTTLS)" if self.tls else "",
                  f", SMTPS {self.smtps.listen.host}:{self.smtps.port}" if self.smtps else "",
-                 self.s.fax_domain, self.s.http_listen.host, self.web.port, self.s.media_store,
-                 f"via {self.s.notify_smtp_host}" if self.s.notify_smtp_host
-                 else f"to {self.s.data_dir / 'outbox'}", self.store.where, self.s.node_id)
+                 self.s.fax.domain, self.s.http.listen.host, self.web.port, self.s.media.store,
+                 f"via {self.s.notify.host}" if self.s.notify.host
+                 else f"to {self.s.queue.data_dir / 'outbox'}", self.store.where,
+                 self.s.cluster.node_id)
         if not self.s.sandbox and is_loopback_url(self.public_base_url()):
             log.warning("PUBLIC_BASE_URL %s is a loopback address: SignalWire cannot reach "
                         "it for callbacks or media", self.public_base_url())
@@ -261,12 +263,12 @@ class Gateway:
 
     def _node_detail(self) -> str:
         """What the dashboard of every node shows about this one."""
-        reports = (f"reports via {self.s.notify_smtp_host}" if self.s.notify_smtp_host
-                   else f"reports to {self.s.data_dir / 'outbox'}")
+        reports = (f"reports via {self.s.notify.host}" if self.s.notify.host
+                   else f"reports to {self.s.queue.data_dir / 'outbox'}")
         return f"{socket.gethostname()}, SMTP port {self.smtp.port}, {reports}"
 
     async def stop(self, grace_s: float | None = None) -> None:
-        grace_s = self.s.shutdown_grace_s if grace_s is None else grace_s
+        grace_s = self.s.queue.shutdown_grace_s if grace_s is None else grace_s
         if self.heartbeat is not None:
             await self.heartbeat.stop()
             self.heartbeat = None
@@ -316,14 +318,14 @@ async def amain(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGUSR1, gateway.worker.wake)
     try:
         # The lock before the pid file: a refused second daemon must not overwrite it.
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        settings.queue.data_dir.mkdir(parents=True, exist_ok=True)
         gateway.lock.acquire()
-        write_pid_file(settings.data_dir)
+        write_pid_file(settings.queue.data_dir)
         await gateway.start()
     except DatabaseUnusable as exc:
         log.error("cannot start: %s", exc)
         await gateway.stop(grace_s=0)
-        remove_pid_file(settings.data_dir)
+        remove_pid_file(settings.queue.data_dir)
         return EXIT_DATA
     except AlreadyRunning as exc:
         # A configuration mistake (two daemons, one DATA_DIR): restarting cannot fix it, so
@@ -334,12 +336,12 @@ async def amain(settings: Settings) -> int:
     except MediaError as exc:  # no S3 credentials: restarting cannot fix it
         log.error("cannot start: %s", exc)
         await gateway.stop(grace_s=0)
-        remove_pid_file(settings.data_dir)
+        remove_pid_file(settings.queue.data_dir)
         return EXIT_CONFIG
     except (OSError, StoreError) as exc:  # a port in use, an unwritable DATA_DIR, no database
         log.error("cannot start: %s", exc)
         await gateway.stop(grace_s=0)
-        remove_pid_file(settings.data_dir)
+        remove_pid_file(settings.queue.data_dir)
         return EXIT_UNAVAILABLE
     fatal: list[str] = []
 
@@ -357,12 +359,12 @@ async def amain(settings: Settings) -> int:
         await stop.wait()
         log.info("shutting down")
         sdnotify.stopping("shutting down")
-        sdnotify.extend_timeout(2 * settings.shutdown_grace_s + 15)
+        sdnotify.extend_timeout(2 * settings.queue.shutdown_grace_s + 15)
     finally:
         guard_task.cancel()
         await watchdog.stop()
         await gateway.stop()
-        remove_pid_file(settings.data_dir)
+        remove_pid_file(settings.queue.data_dir)
     if fatal:
         log.error("faxgw stopped because %s: %s", fatal[0], ADVICE)
         return EXIT_DATA

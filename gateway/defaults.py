@@ -1,7 +1,8 @@
 """Defaults for everything an operator may tune (each has an environment variable in config.py).
 
-The one place a default is written: `Settings` field defaults and the environment reader in
-config.py both read from here, as do the CLI's own options.
+The one place a default is written: each setting's declaration in config.py names its default
+here once (the environment reader and docs/configuration.md take it from the declaration), as do
+the CLI's own options.
 """
 
 from typing import Final

@@ -456,12 +456,12 @@ def s3_media_store(settings: Settings, timeout_s: float,
                    clock: Callable[[], float] = time.time) -> S3MediaStore:
     """The S3 store with the settings' credentials (the .env file's as much as the
     environment's), not whatever boto3 would find in the process environment."""
-    return S3MediaStore(bucket=settings.s3_bucket, prefix=settings.s3_prefix,
-                        region=settings.s3_region, endpoint_url=settings.s3_endpoint_url,
-                        timeout_s=timeout_s, access_key_id=settings.aws_access_key_id,
-                        secret_access_key=settings.aws_secret_access_key,
-                        session_token=settings.aws_session_token, profile=settings.aws_profile,
-                        ca_bundle=str(settings.aws_ca_bundle) if settings.aws_ca_bundle else None,
+    return S3MediaStore(bucket=settings.s3.bucket, prefix=settings.s3.prefix,
+                        region=settings.s3.region, endpoint_url=settings.s3.endpoint_url,
+                        timeout_s=timeout_s, access_key_id=settings.s3.access_key_id,
+                        secret_access_key=settings.s3.secret_access_key,
+                        session_token=settings.s3.session_token, profile=settings.s3.profile,
+                        ca_bundle=str(settings.s3.ca_bundle) if settings.s3.ca_bundle else None,
                         clock=clock)
 
 

@@ -72,8 +72,8 @@ def test_bad_config_lists_every_problem_and_exits_78(tmp_path: Path, monkeypatch
 
 def test_settings_defaults_and_derived_values(tmp_path: Path) -> None:
     s = settings_from(base_env(tmp_path))
-    assert s.sandbox and s.media_store == "local" and s.quality == "fine"
-    assert s.media_url_ttl_s == 60 * 60 + 3600
+    assert s.sandbox and s.media.store == "local" and s.fax.quality == "fine"
+    assert s.media.url_ttl_s == 60 * 60 + 3600
     with pytest.raises(ConfigError) as err:
         settings_from(base_env(tmp_path, FAX_TTL_MINUTES="120", MEDIA_URL_TTL_SECONDS="3600"))
     assert "MEDIA_URL_TTL_SECONDS" in str(err.value)

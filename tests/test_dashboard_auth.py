@@ -63,11 +63,11 @@ def test_admin_settings(tmp_path: Path) -> None:
     env = base_env(tmp_path)
     del env["ADMIN_LISTEN"]
     s = settings_from(env)
-    assert (s.admin_listen.host, s.admin_listen.port) == ("127.0.0.1", 8026)  # type: ignore
-    assert s.admin_trusted_proxies == ("127.0.0.0/8", "::1")
-    assert s.admin_session_minutes == 480
-    assert settings_from(dict(env, ADMIN_LISTEN="")).admin_listen is None
-    assert settings_from(dict(env, ADMIN_LISTEN="  ")).admin_listen is None
+    assert (s.admin.listen.host, s.admin.listen.port) == ("127.0.0.1", 8026)  # type: ignore
+    assert s.admin.trusted_proxies == ("127.0.0.0/8", "::1")
+    assert s.admin.session_minutes == 480
+    assert settings_from(dict(env, ADMIN_LISTEN="")).admin.listen is None
+    assert settings_from(dict(env, ADMIN_LISTEN="  ")).admin.listen is None
     with pytest.raises(ConfigError) as err:
         settings_from(dict(env, HTTP_LISTEN="0.0.0.0:8080", ADMIN_LISTEN="0.0.0.0:8080",
                            ADMIN_TRUSTED_PROXIES="10.0.0.0/8,proxy.example",

@@ -95,9 +95,9 @@ async def test_each_node_says_what_it_saw_and_lists_the_live_nodes(
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", seaweed.secret_key)
     a = await make_gateway(shared_env(tmp_path, "node-a", pg_url, seaweed, simulator))
     b = await make_gateway(shared_env(tmp_path, "node-b", pg_url, seaweed, simulator))
-    bases = {gw.s.node_id: f"http://127.0.0.1:{gw.dashboard.port}"  # type: ignore[union-attr]
+    bases = {gw.s.cluster.node_id: f"http://127.0.0.1:{gw.dashboard.port}"  # type: ignore[union-attr]
              for gw in (a, b)}
-    outbox = {gw.s.node_id: str(gw.s.data_dir / "outbox") for gw in (a, b)}
+    outbox = {gw.s.cluster.node_id: str(gw.s.queue.data_dir / "outbox") for gw in (a, b)}
     # Node a takes the mail (its intake uploads the document to S3 before the 250); a node
     # faxes it and writes the report to its own outbox.
     reply = await smtp_send(a.smtp.port, pdf_mail("15551234567@fax.local"),

@@ -78,12 +78,12 @@ def node_env(backend: str, request: pytest.FixtureRequest, simulator: Simulator,
 def other_node(gw: Gateway, clock: Callable[[], float]) -> SqlStore:
     """A second node on the gateway's database: its own connection and NODE_ID."""
     store: SqlStore
-    if gw.s.database_url:
-        store = PostgresStore(gw.s.database_url, clock)
+    if gw.s.cluster.database_url:
+        store = PostgresStore(gw.s.cluster.database_url, clock)
     else:
-        store = SqliteStore(gw.s.data_dir / DB_FILENAME, clock)
+        store = SqliteStore(gw.s.queue.data_dir / DB_FILENAME, clock)
     store.node_id = "node-b"
-    store.lease_s = gw.s.lease_seconds
+    store.lease_s = gw.s.cluster.lease_seconds
     store.open(migrate=False)
     return store
 
@@ -196,7 +196,7 @@ async def test_a_node_that_lost_its_claim_neither_mails_nor_sends(
     await settle(gw)
     [report_job] = [i for i, state in states.items() if state is State.COMPLETED]
     [send_job] = [i for i, state in states.items() if state is State.STORED]
-    later = time.time() + gw.s.lease_seconds + 1
+    later = time.time() + gw.s.cluster.lease_seconds + 1
     b = other_node(gw, lambda: later)
     try:
         stale = {j.id: j for j in await gw.store.run(gw.store.claim_due, time.time(), 10)}
@@ -376,8 +376,8 @@ def store_down(gw: Gateway) -> Callable[[], None]:
     """Make the gateway's job store stop answering writes; returns the undo. SQLite: another
     connection holds the write lock (and the gateway waits 0.2 s, not its 10, for it);
     PostgreSQL: new connections are refused and the gateway's are killed."""
-    if gw.s.database_url:
-        url = gw.s.database_url
+    if gw.s.cluster.database_url:
+        url = gw.s.cluster.database_url
         dbname = url.rsplit("/", 1)[1]
         admin_url = url.rsplit("/", 1)[0] + "/postgres"
         with psycopg.connect(admin_url, autocommit=True) as admin:
@@ -391,7 +391,7 @@ def store_down(gw: Gateway) -> Callable[[], None]:
         return undo
     assert isinstance(gw.store, SqliteStore)
     gw.store.db.execute("PRAGMA busy_timeout = 200")
-    locker = sqlite3.connect(gw.s.data_dir / DB_FILENAME, isolation_level=None)
+    locker = sqlite3.connect(gw.s.queue.data_dir / DB_FILENAME, isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")
 
     def release() -> None:
@@ -412,7 +412,7 @@ async def test_a_callback_during_a_store_outage_is_answered_503(
     job = await gw.store.run(gw.store.job, job_id)
     assert job is not None and job.callback_url and job.fax_sid
     params = {"FaxSid": job.fax_sid, "FaxStatus": "delivered", "NumPages": "1",
-              "AccountSid": gw.s.signalwire_project_id}
+              "AccountSid": gw.s.signalwire.project_id}
     headers = {"X-SignalWire-Signature": simulator.state.sign(job.callback_url, params)}
     url = f"http://127.0.0.1:{gw.web.port}/signalwire/status/{job.callback_token}"
     undo = store_down(gw)

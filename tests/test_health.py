@@ -178,7 +178,7 @@ def test_allowed_senders_matching_everyone_is_refused(tmp_path: Path, pattern: s
 
 @pytest.mark.parametrize("pattern", ["*@example.com", "*.example.com", "scan-*@x.com"])
 def test_allowed_senders_for_a_domain_still_pass(tmp_path: Path, pattern: str) -> None:
-    assert settings_from(base_env(tmp_path, ALLOWED_SENDERS=pattern)).allowed_senders
+    assert settings_from(base_env(tmp_path, ALLOWED_SENDERS=pattern)).access.allowed_senders
 
 
 def test_allowed_senders_star_exits_78(tmp_path: Path, monkeypatch,
@@ -194,7 +194,7 @@ def test_allowed_senders_star_exits_78(tmp_path: Path, monkeypatch,
 
 
 def test_min_free_disk_mb_is_a_setting(tmp_path: Path) -> None:
-    assert settings_from(base_env(tmp_path)).min_free_disk_mb == 100
-    assert settings_from(base_env(tmp_path, MIN_FREE_DISK_MB="0")).min_free_disk_mb == 0
+    assert settings_from(base_env(tmp_path)).queue.min_free_disk_mb == 100
+    assert settings_from(base_env(tmp_path, MIN_FREE_DISK_MB="0")).queue.min_free_disk_mb == 0
     with pytest.raises(ConfigError, match="MIN_FREE_DISK_MB"):
         settings_from(base_env(tmp_path, MIN_FREE_DISK_MB="-1"))

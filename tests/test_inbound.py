@@ -46,7 +46,7 @@ async def ring(gw: Gateway, simulator: Simulator, to: str = ROUTED, caller: str 
 
 
 def rows(gw: Gateway, table: str = "inbound_faxes") -> list[sqlite3.Row]:
-    db = sqlite3.connect(gw.s.data_dir / "faxgw.sqlite3")
+    db = sqlite3.connect(gw.s.queue.data_dir / "faxgw.sqlite3")
     db.row_factory = sqlite3.Row
     try:
         return db.execute(f"SELECT * FROM {table}").fetchall()
@@ -298,8 +298,8 @@ def test_routes_file_and_wildcard(tmp_path: Path) -> None:
     path = tmp_path / "routes"
     path.write_text("# numbers\n+13103383454 = a@example.com, b@example.com\n*=c@example.com\n")
     s = settings_from({"INBOUND_ROUTES_FILE": str(path), "DATA_DIR": str(tmp_path)})
-    assert s.inbound_routes.recipients(ROUTED) == ("a@example.com", "b@example.com")
-    assert s.inbound_routes.recipients("+15550001111") == ("c@example.com",)
+    assert s.inbound.routes.recipients(ROUTED) == ("a@example.com", "b@example.com")
+    assert s.inbound.routes.recipients("+15550001111") == ("c@example.com",)
     path.write_text("+13103383454=a@example.com\nbogus line\n")
     with pytest.raises(ConfigError) as err:
         settings_from({"INBOUND_ROUTES_FILE": str(path), "DATA_DIR": str(tmp_path)})

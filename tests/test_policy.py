@@ -375,12 +375,13 @@ def test_give_back_returns_the_newest_units() -> None:
 
 
 def test_access_charges_faxes_at_data_not_at_rcpt() -> None:
-    from gateway.config import Settings
+    from gateway.config import AccessSettings, DestinationSettings, Settings
     from gateway.smtp.access import Access
 
     now = [0.0]
-    access = Access(Settings(rate_per_sender_hour=2, rate_total_hour=100,
-                             trusted_networks=()), clock=lambda: now[0])
+    access = Access(Settings(destinations=DestinationSettings(rate_per_sender_hour=2,
+                                                              rate_total_hour=100),
+                             access=AccessSettings(trusted_networks=())), clock=lambda: now[0])
     client = access.client("192.0.2.1", None, "a@example.com")
     for _ in range(50):  # named, never sent: costs the sender nothing
         assert access.check_destination(client, "+15551234567") is None

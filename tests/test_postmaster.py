@@ -126,7 +126,7 @@ async def test_a_stalled_relay_is_answered_451_before_the_session_times_out(
     would come again)."""
     gw = await make_gateway(admin_env(tmp_path, relay))
     postmaster = gw.smtp_handler.postmaster
-    processing_timer_s = max(SMTP_LINE_TIMEOUT_S, 2 * gw.s.doc_timeout_s)  # server.py's
+    processing_timer_s = max(SMTP_LINE_TIMEOUT_S, 2 * gw.s.documents.timeout_s)  # server.py's
     assert postmaster.forward_timeout_s <= processing_timer_s / 2
     postmaster.forward_timeout_s = 1.0  # the bound, short for the test
     relay.stall_data = True

@@ -7,7 +7,7 @@ import asyncio
 import smtplib
 from pathlib import Path
 
-from gateway.config import Settings
+from gateway.config import AccessSettings, Settings
 from gateway.constants import RCPT_CHURN_PER_IP_HOUR, RCPT_CHURN_PER_SENDER_HOUR
 from gateway.smtp.access import Access
 from gateway.users import User
@@ -50,7 +50,8 @@ async def test_one_churning_sender_does_not_lock_out_its_neighbours(make_gateway
 
 def test_churn_counts_per_user_per_sender_and_has_a_bound_per_address() -> None:
     now = [0.0]
-    access = Access(Settings(trusted_networks=("192.0.2.0/24",)), clock=lambda: now[0])
+    access = Access(Settings(access=AccessSettings(trusted_networks=("192.0.2.0/24",))),
+                    clock=lambda: now[0])
     ip = "192.0.2.7"
     first = access.client(ip, None, "a@example.com")
     for _ in range(RCPT_CHURN_PER_SENDER_HOUR):

@@ -313,7 +313,8 @@ async def test_reports_ending_together_purge_their_message_once(
     gw, calls, jobs = await _mail_to_three_numbers_reported(
         manual_gateway, seaweed, simulator, tmp_path, prefix, "3",
         DOCUMENT_RETENTION_HOURS="1")  # no purge at the reports: the test does them
-    gw.worker.s = dataclasses.replace(gw.worker.s, document_retention_hours=0)
+    gw.worker.s = dataclasses.replace(gw.worker.s, queue=dataclasses.replace(
+        gw.worker.s.queue, document_retention_hours=0))
     purges: list[str] = []
     mark_purged = gw.store.mark_purged
 

@@ -275,9 +275,9 @@ def test_settings_name_the_variable() -> None:
     assert "DNS_NAMESERVERS: '10.0.0.1:99999' is not an IP address" in problems
     assert "DNS_TIMEOUT_SECONDS: 0.0 is outside" in problems
     s = settings_from({"DNS_NAMESERVERS": "127.0.0.1:5353, [::1]:53, 10.0.0.53"})
-    assert [(h.host, h.port) for h in s.dns_nameservers] == [
+    assert [(h.host, h.port) for h in s.access.dns_nameservers] == [
         ("127.0.0.1", 5353), ("::1", 53), ("10.0.0.53", 53)]
-    assert s.sender_verify == "off"
+    assert s.access.sender_verify == "off"
 
 
 @pytest.mark.parametrize("raw", [

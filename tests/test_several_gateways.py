@@ -256,7 +256,7 @@ async def test_rate_limits_and_lockouts_are_shared_by_the_nodes(pg_url: str,
         assert await b.check_destination_async(other, "+15551230014") is None
         # A lockout: failures on both nodes add up; the lock holds everywhere.
         assert await a._failed_login("192.0.2.9") == 0.0
-        assert await b._failed_login("192.0.2.9") == settings.auth_lockout_minutes * 60
+        assert await b._failed_login("192.0.2.9") == settings.access.auth_lockout_minutes * 60
         assert await a.locked_out("192.0.2.9") > 0
         assert await b.locked_out("192.0.2.10") == 0.0
     finally:

@@ -85,7 +85,7 @@ async def test_starttls_auth_plain_then_fax(make_gateway, cert, users, tmp_path:
     assert secured["auth"].split() == ["LOGIN", "PLAIN"]
     assert refused == {}
     [job] = await gw.store.run(gw.store.jobs)
-    assert job.from_number == gw.s.from_number
+    assert job.from_number == gw.s.fax.from_number
 
 
 async def test_auth_login_quirks_of_scanners(make_gateway, cert, users, tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ def nudge_daemon(settings: Settings) -> bool:
     Only the process the pid file names *and* that started when the pid file says is
     signalled (see gateway.runtime.instance): after a kill -9 the pid may belong to anyone now.
     """
-    pid = running_daemon(settings.data_dir)
+    pid = running_daemon(settings.queue.data_dir)
     if pid is None:
         return False
     try:
@@ -72,18 +72,18 @@ def _nudged(settings: Settings, text: str) -> str:
 
 
 def space_url(settings: Settings) -> str:
-    if settings.signalwire_space_url:
-        return settings.signalwire_space_url
-    host = settings.http_listen.host
+    if settings.signalwire.space_url:
+        return settings.signalwire.space_url
+    host = settings.http.listen.host
     host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    return f"http://{host}:{settings.http_listen.port}{SANDBOX_PREFIX}"
+    return f"http://{host}:{settings.http.listen.port}{SANDBOX_PREFIX}"
 
 
 def _client(settings: Settings) -> SignalWireClient:
     return SignalWireClient(space_url=space_url(settings),
-                            project_id=settings.signalwire_project_id,
-                            api_token=settings.signalwire_api_token,
-                            timeout_s=settings.api_timeout_s)
+                            project_id=settings.signalwire.project_id,
+                            api_token=settings.signalwire.api_token,
+                            timeout_s=settings.signalwire.timeout_s)
 
 
 def with_store(action: Callable[[Store], str]) -> Callable[[Settings], int]:
@@ -121,7 +121,7 @@ def job(settings: Settings, ref: str) -> int:
 
 def resend(settings: Settings, ref: str) -> int:
     def action(store: Store) -> str:
-        new = admin.resend_job(store, ref, time.time(), from_number=settings.from_number,
+        new = admin.resend_job(store, ref, time.time(), from_number=settings.fax.from_number,
                                retry_policy=RetryPolicy.from_settings(settings),
                                shared=settings.shared)
         return _nudged(settings, f"job {ref} will be sent again as job {new}")
@@ -184,7 +184,7 @@ async def _probe_s3(settings: Settings) -> str:
             probe.unlink(missing_ok=True)
     finally:
         await store.stop()
-    return f"bucket {settings.s3_bucket}: put, presign ({url.split('?')[0]}), delete"
+    return f"bucket {settings.s3.bucket}: put, presign ({url.split('?')[0]}), delete"
 
 
 async def _probe_signalwire(settings: Settings) -> str:
@@ -193,7 +193,7 @@ async def _probe_signalwire(settings: Settings) -> str:
     client = _client(settings)
     await client.start()
     try:
-        await client.list_faxes(to=settings.from_number, from_=settings.from_number,
+        await client.list_faxes(to=settings.fax.from_number, from_=settings.fax.from_number,
                                 created_after=datetime.now(timezone.utc), max_pages=1)
     finally:
         await client.stop()
@@ -203,47 +203,47 @@ async def _probe_signalwire(settings: Settings) -> str:
 async def _probe_relay(settings: Settings) -> str:
     import aiosmtplib
 
-    smtp = aiosmtplib.SMTP(hostname=settings.notify_smtp_host, port=settings.notify_smtp_port,
-                           use_tls=settings.notify_smtp_tls == "tls",
-                           start_tls=settings.notify_smtp_tls == "starttls", timeout=20)
+    smtp = aiosmtplib.SMTP(hostname=settings.notify.host, port=settings.notify.port,
+                           use_tls=settings.notify.tls == "tls",
+                           start_tls=settings.notify.tls == "starttls", timeout=20)
     await smtp.connect()
     try:
-        if settings.notify_smtp_username and settings.notify_smtp_password:
-            await smtp.login(settings.notify_smtp_username, settings.notify_smtp_password)
+        if settings.notify.username and settings.notify.password:
+            await smtp.login(settings.notify.username, settings.notify.password)
     finally:
         await smtp.quit()
-    return f"{settings.notify_smtp_host}:{settings.notify_smtp_port} EHLO" + (
-        " + AUTH" if settings.notify_smtp_username else "")
+    return f"{settings.notify.host}:{settings.notify.port} EHLO" + (
+        " + AUTH" if settings.notify.username else "")
 
 
 async def _probe_certificate(settings: Settings) -> str:
     from gateway.smtp.tls import cert_fingerprint, make_server_context
 
-    assert settings.tls_cert_file and settings.tls_key_file
-    make_server_context(settings.tls_cert_file, settings.tls_key_file, settings.tls_min_version)
-    return f"{settings.tls_cert_file} (sha256 {cert_fingerprint(settings.tls_cert_file)[:23]}...)"
+    assert settings.tls.cert_file and settings.tls.key_file
+    make_server_context(settings.tls.cert_file, settings.tls.key_file, settings.tls.min_version)
+    return f"{settings.tls.cert_file} (sha256 {cert_fingerprint(settings.tls.cert_file)[:23]}...)"
 
 
 async def _probe_users(settings: Settings) -> str:
     from gateway.users import load_users
 
-    assert settings.users_file
-    return f"{settings.users_file}: {len(load_users(settings.users_file))} user(s)"
+    assert settings.access.users_file
+    return f"{settings.access.users_file}: {len(load_users(settings.access.users_file))} user(s)"
 
 
 def check_config(settings: Settings) -> int:
     """One line per check, OK/FAIL/SKIP and why; exit 0, or 69 when a service is unreachable
     (configuration errors never get here: they exit 78 while loading)."""
     checks: list[tuple[str, Callable[[Settings], object] | None, str]] = [
-        ("S3 media store", _probe_s3 if settings.media_store == "s3" else None,
+        ("S3 media store", _probe_s3 if settings.media.store == "s3" else None,
          "MEDIA_STORE=local"),
         ("SignalWire API", _probe_signalwire if not settings.sandbox else None,
          "sandbox (built-in simulator)"),
-        ("report relay", _probe_relay if settings.notify_smtp_host else None,
-         f"reports go to {settings.data_dir / 'outbox'}"),
-        ("TLS certificate", _probe_certificate if settings.tls_cert_file else None,
+        ("report relay", _probe_relay if settings.notify.host else None,
+         f"reports go to {settings.queue.data_dir / 'outbox'}"),
+        ("TLS certificate", _probe_certificate if settings.tls.cert_file else None,
          "no TLS_CERT_FILE: no STARTTLS / SMTPS"),
-        ("users file", _probe_users if settings.users_file else None,
+        ("users file", _probe_users if settings.access.users_file else None,
          "no USERS_FILE: no SMTP AUTH"),
     ]
     failed = False

@@ -65,7 +65,7 @@ def received(settings: Settings, *, since: float | None, limit: int, as_json: bo
 def receive_sample(settings: Settings, *, to: str, caller: str, document: bytes,
                    wait_s: float = 20.0) -> int:
     """Ring the running sandbox gateway through its simulator, as SignalWire would."""
-    info_path = settings.data_dir / SANDBOX_INFO
+    info_path = settings.queue.data_dir / SANDBOX_INFO
     if not settings.sandbox:
         print("faxgw receive-sample works with the sandbox only (SIGNALWIRE_SPACE_URL is "
               "set); call the number from a fax machine instead", file=sys.stderr)
@@ -97,7 +97,7 @@ def receive_sample(settings: Settings, *, to: str, caller: str, document: bytes,
         return 1
     print(f"fax {sid} from {caller} to {to}: received by the gateway "
           f"(action callback HTTP {result.get('action_statuses')})")
-    outbox = Path(info.get("outbox") or settings.data_dir / "outbox")
+    outbox = Path(info.get("outbox") or settings.queue.data_dir / "outbox")
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         found = sorted(outbox.glob(f"inbound-{sid}-*.eml"))

@@ -87,7 +87,7 @@ async def fetch_document(signalwire: SignalWireClient, cpu: CpuPool, settings: S
         try:
             pdf, _pages, why = await cpu.run(
                 call, "gateway.mail.received:tiff_to_pdf", data,
-                "a4" if settings.inbound_page_size == "a4" else "letter", MAX_RECEIVED_PAGES)
+                "a4" if settings.inbound.page_size == "a4" else "letter", MAX_RECEIVED_PAGES)
         except TaskLimitError as exc:
             # Conversion is frame by frame within a memory bound; a TIFF that still takes more
             # time or memory than a document worker is given will take it again.
@@ -151,7 +151,7 @@ class Deliverer:
         """Extend the leases of the faxes this node works, every LEASE_SECONDS/3: a live node
         keeps its faxes; a dead (or stalled) one stops beating and another node claims them."""
         while True:
-            await asyncio.sleep(self.s.lease_seconds / 3)
+            await asyncio.sleep(self.s.cluster.lease_seconds / 3)
             sids = list(self._running)
             if not sids:
                 continue
@@ -177,9 +177,10 @@ class Deliverer:
             except Exception:  # task boundary: log, wait a little, go on
                 if self.store.damage is None:  # else said once; the daemon stops
                     log.exception("inbound deliverer: unexpected error")
-                nxt = self.clock() + self.s.retry_base_s
+                nxt = self.clock() + self.s.queue.retry_base_s
             # Several gateways: another node's callbacks and released faxes do not wake us.
-            longest = min(self.s.lease_seconds, defaults.SHARED_POLL_S) if self.s.shared else 60.0
+            longest = (min(self.s.cluster.lease_seconds, defaults.SHARED_POLL_S)
+                       if self.s.shared else 60.0)
             delay = longest if nxt is None else max(0.0, min(longest, nxt - self.clock()))
             self._wake.clear()
             try:
@@ -228,14 +229,14 @@ class Deliverer:
                 await self.store.run(self.inbound.release, sid)
             except Exception:  # noqa: BLE001 - the lease runs out by itself
                 log.warning("inbound fax %s: lease not released; it runs out in %.0f s", sid,
-                            self.s.lease_seconds)
+                            self.s.cluster.lease_seconds)
 
     def _lost(self, row: InboundFax, what: str) -> None:
         log.warning("inbound fax %s: lease lost (this node stalled past LEASE_SECONDS, or "
                     "another node took the fax over): %s not done here", row.fax_sid, what)
 
     def _gave_up(self, row: InboundFax) -> bool:
-        return self.clock() - row.created_at > self.s.give_up_hours * 3600
+        return self.clock() - row.created_at > self.s.queue.give_up_hours * 3600
 
     async def _give_up(self, row: InboundFax, reason: str, outcome: str = "gave_up") -> None:
         """End a fax undelivered: recorded, counted once under `outcome`, and the
@@ -249,15 +250,15 @@ class Deliverer:
             self._lost(row, "giving up")
             return
         self.metrics.faxes.labels(outcome).inc()
-        admin = self.s.inbound_admin_address
+        admin = self.s.inbound.admin_address
         if not admin:
             log.error("inbound fax %s: given up: %s (no INBOUND_ADMIN_ADDRESS to tell)", sid,
                       reason)
             return
         log.error("inbound fax %s: given up: %s; telling %s", sid, reason, admin)
         mailed = sorted(await self.store.run(self.inbound.delivered_to, sid))
-        part = render_given_up(row, admin, reason, mailed, from_addr=self.s.notify_from,
-                               hostname=self.s.smtp_hostname)
+        part = render_given_up(row, admin, reason, mailed, from_addr=self.s.notify.sender,
+                               hostname=self.s.smtp.hostname)
         try:
             async with asyncio.timeout(self.send_timeout_s):
                 where = await self.notifier.send_rendered(part.rendered, part.outbox_name)
@@ -278,11 +279,11 @@ class Deliverer:
             if row.state == DELETING:  # every mail went out: delivered, whatever the media
                 await self._end_delivered(row, reason)
             else:
-                await self._give_up(row, f"gave up after {self.s.give_up_hours:g} hours: "
+                await self._give_up(row, f"gave up after {self.s.queue.give_up_hours:g} hours: "
                                          f"{reason}")
             return
         delay = delay_s if delay_s is not None else backoff_s(
-            row.tries + 1, self.s.retry_base_s, self.s.retry_max_s, self.jitter())
+            row.tries + 1, self.s.queue.retry_base_s, self.s.queue.retry_max_s, self.jitter())
         if not await self.store.run(self.inbound.later, row.fax_sid, row.lease_epoch,
                                     now + delay, reason, now):
             self._lost(row, f"retry ({reason})")
@@ -304,7 +305,7 @@ class Deliverer:
 
     def _wants_delete(self, row: InboundFax) -> bool:
         return (row.outcome == "received" and bool(row.media_sid)
-                and not self.s.inbound_keep_media)
+                and not self.s.inbound.keep_media)
 
     async def _document(self, row: InboundFax) -> bytes:
         return await fetch_document(self.signalwire, self.cpu, self.s, row)
@@ -329,14 +330,14 @@ class Deliverer:
                 except (SignalWireError, TaskLimitError) as exc:
                     await self._later(row, f"media download: {exc}")
                     return False
-            admin = self.s.inbound_admin_address
-            routed = set(self.s.inbound_routes.recipients(row.to_number))
+            admin = self.s.inbound.admin_address
+            routed = set(self.s.inbound.routes.recipients(row.to_number))
             try:
                 parts: list[MailPart] = await self.cpu.run(
                     call, "gateway.mail.received:render_received", row,
                     [(r, r == admin and r not in routed) for r in pending], pdf,
-                    from_addr=self.s.notify_from, hostname=self.s.smtp_hostname,
-                    attach=self.s.inbound_attach_document, thumbnail=self.s.report_thumbnail)
+                    from_addr=self.s.notify.sender, hostname=self.s.smtp.hostname,
+                    attach=self.s.inbound.attach_document, thumbnail=self.s.reports.thumbnail)
             except TaskLimitError as exc:
                 await self._later(row, f"building the mail: {exc}")
                 return False
@@ -355,7 +356,8 @@ class Deliverer:
                 recipient, settle_at = min(waits, key=lambda w: w[1])
                 await self._later(row, f"mail to {recipient}: another node started it and "
                                        "may still be sending it",
-                                  max(0.0, min(settle_at - self.clock(), self.s.lease_seconds)))
+                                  max(0.0, min(settle_at - self.clock(),
+                                               self.s.cluster.lease_seconds)))
                 return False
         nxt = DELETING if self._wants_delete(row) else DONE
         now = self.clock()
@@ -429,7 +431,7 @@ class Deliverer:
         self._count_done(row)
         log.error("inbound fax %s: delivered, but its document could not be deleted at "
                   "SignalWire for %g hours (%s): left there; delete it in SignalWire's "
-                  "dashboard", row.fax_sid, self.s.give_up_hours, reason)
+                  "dashboard", row.fax_sid, self.s.queue.give_up_hours, reason)
 
     async def _delete_media(self, row: InboundFax) -> None:
         sid = row.fax_sid

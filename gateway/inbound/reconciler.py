@@ -39,7 +39,7 @@ class Reconciler:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        if self.s.inbound_routes.enabled:
+        if self.s.inbound.routes.enabled:
             self._task = asyncio.create_task(self._loop(), name="inbound-reconciler")
 
     async def stop(self) -> None:
@@ -54,17 +54,17 @@ class Reconciler:
                 # Several gateways: one node lists SignalWire's faxes at a time.
                 if not self.s.shared or await self.store.run(
                         self.store.take_lead, "inbound-reconcile", self.clock(),
-                        self.s.inbound_reconcile_s + 3 * self.s.lease_seconds):
+                        self.s.inbound.reconcile_s + 3 * self.s.cluster.lease_seconds):
                     await self.run_once()
             except asyncio.CancelledError:
                 raise
             except Exception:  # task boundary
                 log.exception("inbound reconciler: unexpected error")
-            await asyncio.sleep(self.s.inbound_reconcile_s)
+            await asyncio.sleep(self.s.inbound.reconcile_s)
 
     async def run_once(self) -> int:
         """One pass; returns how many faxes it recorded (0 when all were known)."""
-        routes = self.s.inbound_routes
+        routes = self.s.inbound.routes
         if not routes.enabled:
             return 0
         await self._housekeeping()
@@ -72,7 +72,7 @@ class Reconciler:
         enabled = await self.store.run(self.inbound.enabled_since, now)
         # A minute of slack: a fax that was ringing when inbound was switched on.
         since = datetime.fromtimestamp(
-            max(now - self.s.inbound_lookback_hours * 3600, enabled - 60), timezone.utc)
+            max(now - self.s.inbound.lookback_hours * 3600, enabled - 60), timezone.utc)
         targets: list[str | None] = [None] if routes.has_wildcard else list(routes.numbers)
         found: dict[str, Fax] = {}
         for to in targets:
@@ -95,7 +95,7 @@ class Reconciler:
             outcome, recipients = classify(self.s, fax.status, fax.error_message,
                                            fax.num_pages, fax.to)
             completion = Completion(
-                fax_sid=sid, account_sid=self.s.signalwire_project_id, from_number=fax.from_,
+                fax_sid=sid, account_sid=self.s.signalwire.project_id, from_number=fax.from_,
                 to_number=fax.to, fax_status=fax.status, outcome=outcome,
                 num_pages=fax.num_pages, media_url=fax.media_url, media_sid=fax.media_sid,
                 remote_station_id=fax.remote_station_id, error_code=fax.error_code,
@@ -117,7 +117,7 @@ class Reconciler:
         look-back are given up (logged); finished faxes past JOB_RETENTION_DAYS are pruned."""
         now = self.clock()
         stale = await self.store.run(self.inbound.stale_ringing,
-                                     now - self.s.inbound_lookback_hours * 3600)
+                                     now - self.s.inbound.lookback_hours * 3600)
         for row in stale:
             log.warning("inbound fax %s from %s: answered, but SignalWire never reported an "
                         "outcome; given up", row.fax_sid, row.from_number or "-")
@@ -126,6 +126,6 @@ class Reconciler:
                     next_run_at=None, last_error="no outcome from SignalWire", done_at=now)):
                 self.metrics.faxes.labels("gave_up").inc()
         pruned = await self.store.run(self.inbound.prune,
-                                      now - self.s.job_retention_days * 86400)
+                                      now - self.s.queue.job_retention_days * 86400)
         if pruned:
             log.info("inbound: %d finished fax record(s) pruned", pruned)

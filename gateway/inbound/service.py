@@ -47,7 +47,7 @@ class Inbound:
         shared database: this NODE_ID's), and note when inbound was first switched on (the
         reconciler never looks back before it)."""
         await self.store.run(self.db.release_all, not self.settings.shared)
-        if self.settings.inbound_routes.enabled:
+        if self.settings.inbound.routes.enabled:
             await self.store.run(self.db.enabled_since, self.clock())
 
     async def start(self, run_background: bool = True) -> None:
@@ -71,8 +71,8 @@ def write_sandbox_info(settings: Settings, simulator_url: str, public_base_url: 
     from gateway.inbound.webhook import INBOUND_ROUTE
     from gateway.spool import write_durable
 
-    info = {"simulator_url": simulator_url, "project_id": settings.signalwire_project_id,
-            "api_token": settings.signalwire_api_token,
+    info = {"simulator_url": simulator_url, "project_id": settings.signalwire.project_id,
+            "api_token": settings.signalwire.api_token,
             "inbound_url": public_base_url + INBOUND_ROUTE,
-            "outbox": str(settings.data_dir / "outbox")}
-    write_durable(settings.data_dir / SANDBOX_INFO, json.dumps(info).encode(), 0o600)
+            "outbox": str(settings.queue.data_dir / "outbox")}
+    write_durable(settings.queue.data_dir / SANDBOX_INFO, json.dumps(info).encode(), 0o600)

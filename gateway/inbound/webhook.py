@@ -65,8 +65,8 @@ def classify(settings: Settings, status: str, error_message: str | None, pages: 
     """(outcome, recipients) of a finished fax: received -> the routed addresses; a real
     failure -> them and the administrator; voice-call noise -> the administrator only;
     canceled (a <Reject/>, or the caller gave up before any page) -> nobody."""
-    routed = settings.inbound_routes.recipients(to_number)
-    admin = (settings.inbound_admin_address,) if settings.inbound_admin_address else ()
+    routed = settings.inbound.routes.recipients(to_number)
+    admin = (settings.inbound.admin_address,) if settings.inbound.admin_address else ()
     if status == "received":
         return "received", routed
     if status == "canceled":
@@ -112,13 +112,13 @@ class InboundWebhook:
                 fields.setdefault(k, v)
         signature = (request.headers.get(SIGNATURE_HEADER)
                      or request.headers.get(TWILIO_SIGNATURE_HEADER))
-        if not verify_signature(self.s.signalwire_signing_key, url, pairs, signature):
+        if not verify_signature(self.s.signalwire.signing_key, url, pairs, signature):
             log.warning("inbound %s with a %s signature from %s: refused", path,
                         "wrong" if signature else "missing", request.remote)
             self.metrics.signature_failures.inc()
             return None
         account = fields.get("AccountSid")
-        if account and account != self.s.signalwire_project_id:
+        if account and account != self.s.signalwire.project_id:
             log.warning("inbound %s signed but for another account: refused", path)
             self.metrics.signature_failures.inc()
             return None
@@ -130,12 +130,12 @@ class InboundWebhook:
             raise web.HTTPForbidden(text="signature check failed")
         sid = _text(fields.get("FaxSid"), 64)
         caller, to = _text(fields.get("From"), 100), _text(fields.get("To"), 100)
-        recipients = self.s.inbound_routes.recipients(to)
-        if is_blocked(caller, self.s.inbound_blocked_callers):
+        recipients = self.s.inbound.routes.recipients(to)
+        if is_blocked(caller, self.s.inbound.blocked_callers):
             decision, reason = "blocked", "caller on INBOUND_BLOCKED_CALLERS"
         elif not recipients:
             decision = "unrouted"
-            reason = ("inbound is off (INBOUND_ROUTES unset)" if not self.s.inbound_routes.enabled
+            reason = ("inbound is off (INBOUND_ROUTES unset)" if not self.s.inbound.routes.enabled
                       else "no route for this number")
         else:
             decision, reason = "receive", f"to {len(recipients)} address(es)"
@@ -157,7 +157,7 @@ class InboundWebhook:
         if decision != "receive":
             self.metrics.faxes.labels(decision).inc()
             return web.Response(text=LAML_REJECT, content_type=LAML_TYPE)
-        return web.Response(text=laml_receive(self.action_url(), self.s.inbound_page_size),
+        return web.Response(text=laml_receive(self.action_url(), self.s.inbound.page_size),
                             content_type=LAML_TYPE)
 
     async def completed(self, request: web.Request) -> web.Response:

@@ -223,8 +223,8 @@ class RetryPolicy:
     def from_settings(cls, settings: "SettingsLike") -> "RetryPolicy":
         """The configured policy (FAX_MAX_ATTEMPTS, FAX_RETRY_DELAY_SECONDS, FAX_KILL_MINUTES):
         the worker and the operator's `faxgw resend` must decide alike."""
-        return cls(settings.fax_max_attempts, settings.fax_retry_delay_s,
-                   settings.fax_kill_minutes * 60)
+        return cls(settings.fax.max_attempts, settings.fax.retry_delay_s,
+                   settings.fax.kill_minutes * 60)
 
 
 class SettingsLike(Protocol):

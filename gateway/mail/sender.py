@@ -157,7 +157,7 @@ class RelayNotifier:
         except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
             if client is not None:
                 client.close()  # in an unknown state: never used again
-            raise NotifyError(f"relay {s.notify_smtp_host}:{s.notify_smtp_port}: "
+            raise NotifyError(f"relay {s.notify.host}:{s.notify.port}: "
                               f"{type(exc).__name__}: {str(exc)[:200]}") from exc
         except BaseException:
             if client is not None:
@@ -166,7 +166,7 @@ class RelayNotifier:
         self._give_back(client)
         if errors:
             raise NotifyError(f"relay refused recipients: {sorted(errors)}")
-        return f"relayed via {s.notify_smtp_host}: {reply[:120]}"
+        return f"relayed via {s.notify.host}: {reply[:120]}"
 
     async def _mail_from(self, rendered: Rendered) -> aiosmtplib.SMTP:
         """A connection on which MAIL FROM was accepted: a waiting one, else a new one.
@@ -185,7 +185,7 @@ class RelayNotifier:
             size = ([f"SIZE={len(rendered.data)}"] if not client.is_ehlo_or_helo_needed
                     and client.supports_extension("size") else [])
             try:
-                await client.mail(s.notify_from, options=size, timeout=self.timeout_s)
+                await client.mail(s.notify.sender, options=size, timeout=self.timeout_s)
                 return client
             except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPResponseException,
                     OSError, asyncio.TimeoutError) as exc:
@@ -225,9 +225,9 @@ class RelayNotifier:
             client.close()
         s = self.settings
         client = aiosmtplib.SMTP(
-            hostname=s.notify_smtp_host, port=s.notify_smtp_port,
-            username=s.notify_smtp_username, password=s.notify_smtp_password,
-            use_tls=s.notify_smtp_tls == "tls", start_tls=s.notify_smtp_tls == "starttls",
+            hostname=s.notify.host, port=s.notify.port,
+            username=s.notify.username, password=s.notify.password,
+            use_tls=s.notify.tls == "tls", start_tls=s.notify.tls == "starttls",
             timeout=self.timeout_s)
         self.connections_made += 1
         await client.connect()

@@ -74,7 +74,7 @@ class StatusCallbacks:
         params = [(k, v) for k, v in form.items() if isinstance(v, str)]
         signature = (request.headers.get("X-SignalWire-Signature")
                      or request.headers.get("X-Twilio-Signature"))
-        if not verify_signature(self.s.signalwire_signing_key, job.callback_url, params,
+        if not verify_signature(self.s.signalwire.signing_key, job.callback_url, params,
                                 signature):
             log.warning("job %s: callback with a %s signature from %s: refused", job.id,
                         "wrong" if signature else "missing", request.remote)
@@ -83,7 +83,7 @@ class StatusCallbacks:
             self.metrics.callback_refused()
             raise web.HTTPForbidden(text="signature check failed")
         account = form.get("AccountSid")
-        if account and account != self.s.signalwire_project_id:
+        if account and account != self.s.signalwire.project_id:
             log.warning("job %s: signed callback for another account: refused", job.id)
             raise web.HTTPForbidden(text="wrong account")
         status = _short(form.get("FaxStatus"), 40)

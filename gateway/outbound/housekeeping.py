@@ -89,7 +89,7 @@ class Housekeeping:
         gateway this catches a file left by a crash between the spool write and the commit.
         Only files older than any intake could still be working on (by their mtime)."""
         if min_age_s is None:
-            min_age_s = max(3600.0, 4 * self.s.doc_timeout_s)
+            min_age_s = max(3600.0, 4 * self.s.documents.timeout_s)
         cutoff = time.time() - min_age_s
 
         def candidates() -> dict[str, Path]:
@@ -120,7 +120,7 @@ class Housekeeping:
         """Once, not once per node: housekeeping runs on the node holding the `housekeeping`
         lease; it moves to another node when its holder stops renewing it (dies)."""
         now = self.clock()
-        ttl = defaults.HOUSEKEEPING_INTERVAL_S + 3 * self.s.lease_seconds
+        ttl = defaults.HOUSEKEEPING_INTERVAL_S + 3 * self.s.cluster.lease_seconds
         if await self.store.run(self.store.take_lead, "housekeeping", now, ttl):
             await self.housekeeping()
         else:
@@ -133,16 +133,16 @@ class Housekeeping:
         """Purge documents past their retention; prune jobs past theirs (in batches)."""
         now = self.clock()
         self._next_housekeeping = now + defaults.HOUSEKEEPING_INTERVAL_S
-        purged = await self.purge_documents(now - self.s.document_retention_hours * 3600)
+        purged = await self.purge_documents(now - self.s.queue.document_retention_hours * 3600)
         await self.sweep_spool()
         await expire_partials(self.s, self.notifier, now, self.store, self.media)  # split mail
         pruned = 0
-        cutoff = now - self.s.job_retention_days * 86400
+        cutoff = now - self.s.queue.job_retention_days * 86400
         while batch := await self.store.run(self.store.prune, cutoff):
             pruned += batch
         # Shared rate-limit and lockout hits older than any window that counts them.
         await self.store.run(self.store.prune_hits,
-                             now - max(3600.0, self.s.auth_lockout_minutes * 60))
+                             now - max(3600.0, self.s.access.auth_lockout_minutes * 60))
         if purged or pruned:
             log.info("housekeeping: %d document(s) deleted, %d old job(s) pruned", purged,
                      pruned)

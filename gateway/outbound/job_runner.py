@@ -76,7 +76,7 @@ class Worker(Housekeeping):
         self._heartbeat: asyncio.Task[None] | None = None
         # With a shared queue other nodes add and free work: look at it often.
         self._idle_wake_s = defaults.SHARED_POLL_S if settings.shared else IDLE_WAKE_S
-        self._recheck_s = min(UNKNOWN_RECHECK_S, settings.api_timeout_s)
+        self._recheck_s = min(UNKNOWN_RECHECK_S, settings.signalwire.timeout_s)
         # Notified after every step: lets tests and the CLI wait for a job without polling.
         self.progress = asyncio.Condition()
         self._released: list[str] = []  # jobs whose step ended: their leases go next trip
@@ -100,7 +100,7 @@ class Worker(Housekeeping):
         """Extend the leases of the jobs this node is working, every LEASE_SECONDS/3, so no
         other node takes a live node's job; a dead node stops beating and its jobs are
         claimed by the others once its leases run out."""
-        interval = self.s.lease_seconds / 3
+        interval = self.s.cluster.lease_seconds / 3
         while True:
             await asyncio.sleep(interval)
             ids = list(self._inflight)
@@ -114,7 +114,7 @@ class Worker(Housekeeping):
                 continue
             for job_id in held:
                 if job_id in self._held_until:
-                    self._held_until[job_id] = asked + self.s.lease_seconds
+                    self._held_until[job_id] = asked + self.s.cluster.lease_seconds
             for job_id in set(ids) - held:
                 self._held_until[job_id] = 0.0  # lost: no side effect of it from here on
                 if job_id in self._inflight:
@@ -151,7 +151,7 @@ class Worker(Housekeeping):
             await self.store.run(self.store.release, *released)
         except Exception:  # noqa: BLE001 - the leases run out by themselves
             log.warning("%d job lease(s) not released; they run out in %.0f s", len(released),
-                        self.s.lease_seconds)
+                        self.s.cluster.lease_seconds)
 
     async def _loop(self) -> None:
         while not self._stopping:
@@ -167,7 +167,7 @@ class Worker(Housekeeping):
                 elif self.store.damage is None:
                     log.exception("worker: cannot read the job store; retrying")
                 # else: the database is damaged; said once (store health), the daemon stops
-                nxt = self.clock() + self.s.retry_base_s
+                nxt = self.clock() + self.s.queue.retry_base_s
             idle = self._idle_wake_s
             timeout = idle if nxt is None else min(idle, max(0.0, nxt - self.clock()))
             if timeout == 0 and not started:
@@ -188,7 +188,7 @@ class Worker(Housekeeping):
 
     async def _dispatch(self) -> tuple[list[asyncio.Task[None]], float | None]:
         """Start the due steps there is room for; (their tasks, when the next one is due)."""
-        limit = self.s.worker_concurrency
+        limit = self.s.queue.worker_concurrency
         if self.intake_active():
             limit = min(limit, defaults.WORKER_CONCURRENCY_DURING_INTAKE)
         free = limit - len(self._inflight)
@@ -212,7 +212,7 @@ class Worker(Housekeeping):
             raise
         started = []
         for job in due:
-            self._held_until[job.id] = asked + self.s.lease_seconds
+            self._held_until[job.id] = asked + self.s.cluster.lease_seconds
             if job.state is State.STORED:
                 self._dialling[job.id] = job.to_number
             task = asyncio.create_task(self._step(job), name=f"faxgw-job-{job.id}")
@@ -292,7 +292,7 @@ class Worker(Housekeeping):
         just before a side effect (a send, a report, a deletion), after the fenced record of
         it. A job run outside a claim (a test driving a step) counts as held."""
         until = self._held_until.get(job.id)
-        return until is None or time.monotonic() < until - self.s.lease_seconds / 10
+        return until is None or time.monotonic() < until - self.s.cluster.lease_seconds / 10
 
     def _lost(self, job: Job, what: str) -> None:
         log.warning("job %s: %s not done: another node holds the job now (this node stalled "
@@ -305,10 +305,11 @@ class Worker(Housekeeping):
         return dataclasses.replace(current, lease_epoch=job.lease_epoch)
 
     def _delay(self, job: Job) -> float:
-        return backoff_s(job.tries + 1, self.s.retry_base_s, self.s.retry_max_s, self.jitter())
+        return backoff_s(job.tries + 1, self.s.queue.retry_base_s, self.s.queue.retry_max_s,
+                         self.jitter())
 
     def _gave_up(self, job: Job) -> bool:
-        return self.clock() - job.created_at > self.s.give_up_hours * 3600
+        return self.clock() - job.created_at > self.s.queue.give_up_hours * 3600
 
     async def _later(self, job: Job, reason: str, delay_s: float | None = None) -> None:
         """An outage: keep the job where it is and come back later, or give up past the limit."""
@@ -320,7 +321,7 @@ class Worker(Housekeeping):
                 self.metrics.fax_finished(job, self.clock())
                 log.error("job %s: report could not be delivered, gave up: %s", job.id, reason)
                 return
-            words = (f"the gateway gave up after {self.s.give_up_hours:g} hours of trying "
+            words = (f"the gateway gave up after {self.s.queue.give_up_hours:g} hours of trying "
                      f"({reason})")
             await self.store.run(self.store.mark_given_up, job, words)
             log.error("job %s: gave up in state %s: %s", job.id, job.state.value, reason)
@@ -354,13 +355,13 @@ class Worker(Housekeeping):
     async def _submit(self, job: Job) -> None:
         assert job.media_key is not None
         try:
-            media_url = await self.media.url(job.media_key, self.s.media_url_ttl_s)
+            media_url = await self.media.url(job.media_key, self.s.media.url_ttl_s)
         except MediaError as exc:
             await self._later(job, str(exc))
             return
         callback = self.callback_url(job.callback_token)
         await self._pace()
-        recheck_at = self.clock() + self.s.api_timeout_s + self._recheck_s
+        recheck_at = self.clock() + self.s.signalwire.timeout_s + self._recheck_s
         store = self.store
 
         def submitting() -> Job | None:  # one trip to the store thread: the change, the row
@@ -383,12 +384,12 @@ class Worker(Housekeeping):
             with self.metrics.api_call("send"):
                 fax = await self.sw.send_fax(to=job.to_number, from_=job.from_number,
                                              media_url=media_url, quality=job.quality,
-                                             ttl_min=self.s.ttl_minutes,
+                                             ttl_min=self.s.fax.ttl_minutes,
                                              status_callback=callback)
         except SendRetryable as exc:
             self.contact["signalwire"] = (False, self.clock(), exc.words)
             delay = exc.retry_after_s if exc.retry_after_s is not None else self._delay(job)
-            delay = min(max(delay, 0.0), self.s.retry_max_s)
+            delay = min(max(delay, 0.0), self.s.queue.retry_max_s)
             if self._gave_up(job):
                 await self.store.run(self.store.mark_given_up, job, exc.words,
                                      str(exc.code or ""), str(exc))
@@ -416,7 +417,7 @@ class Worker(Housekeeping):
             self.contact["signalwire"] = (True, self.clock(), "send ok")
             crash_point("after-send")
             if not await self.store.run(self.store.mark_submitted, job, fax.sid, fax.status,
-                                        self.clock() + self.s.status_poll_s,
+                                        self.clock() + self.s.queue.status_poll_s,
                                         f"SignalWire accepted: sid {fax.sid}, status "
                                         f"{fax.status}"):
                 # Its final status came first (the callback overtook the answer), or another
@@ -429,7 +430,7 @@ class Worker(Housekeeping):
     async def _pace(self) -> None:
         """Stay under SignalWire's account send rate (SEND_RATE_PER_SECOND, all nodes
         together): a slot is reserved in the database, and this send waits for it."""
-        interval = 1.0 / self.s.send_rate_per_second
+        interval = 1.0 / self.s.cluster.send_rate_per_second
         at = await self.store.run(self.store.take_send_slot, self.clock(), interval)
         wait = at - self.clock()
         if wait > 0:
@@ -457,7 +458,7 @@ class Worker(Housekeeping):
             return
         fax = max(faxes, key=lambda f: f.date_created or since)
         await self.store.run(self.store.mark_submitted, job, fax.sid, fax.status,
-                             self.clock() + self.s.status_poll_s,
+                             self.clock() + self.s.queue.status_poll_s,
                              f"found at SignalWire after an unanswered send: sid {fax.sid}")
         log.info("job %s: unanswered send found at SignalWire as %s (%s)", job.id, fax.sid,
                  fax.status)
@@ -484,7 +485,7 @@ class Worker(Housekeeping):
                                   fax.error_code, fax.error_message, "poll")
             return
         await self._later(job, f"fax still {fax.status or 'unknown'} at SignalWire",
-                          delay_s=min(self.s.status_poll_s, self._delay(job)))
+                          delay_s=min(self.s.queue.status_poll_s, self._delay(job)))
 
     async def _apply_fax(self, job: Job, sid: str | None, status: str | None,
                          pages: int | None, duration_s: int | None, error_code: str | None,
@@ -532,7 +533,7 @@ class Worker(Housekeeping):
                      job.fax_status or job.state.value, job.dsn_notify)
             await self._cleanup(job)
             return
-        if not report_recipient(job, message, self.s.fax_domain):
+        if not report_recipient(job, message, self.s.fax.domain):
             if not await self.store.run(self.store.mark_reported, job,
                                         "no report sent: the mail had no usable sender address"):
                 self._lost(job, "report")
@@ -548,16 +549,16 @@ class Worker(Housekeeping):
         uncertain = job.reporting_at is not None
         n = job.report_n if uncertain else job.report_n + 1
         job = dataclasses.replace(job, report_n=n)
-        options = dict(from_addr=self.s.notify_from, hostname=self.s.smtp_hostname,
-                       now=self.clock(), template_dir=self.s.report_template_dir,
-                       attach_pdf=self.s.report_attach_pdf, bcc=self.s.report_bcc,
-                       fax_domain=self.s.fax_domain)
+        options = dict(from_addr=self.s.notify.sender, hostname=self.s.smtp.hostname,
+                       now=self.clock(), template_dir=self.s.reports.template_dir,
+                       attach_pdf=self.s.reports.attach_pdf, bcc=self.s.reports.bcc,
+                       fax_domain=self.s.fax.domain)
         message, fetched = await self._report_document(job, message)
         try:
             # A large document's thumbnail takes a large turn (CpuPool.turn), like its intake.
             async with self.cpu.background(), self.cpu.turn(message.document_bytes or 0):
                 rendered = await self.cpu.run(render_final_report, job, message, events,
-                                              attempts, thumbnail=self.s.report_thumbnail,
+                                              attempts, thumbnail=self.s.reports.thumbnail,
                                               **options)
         except TaskLimitError as exc:
             log.warning("job %s: report rendering %s; sending it without the thumbnail",
@@ -596,16 +597,16 @@ class Worker(Housekeeping):
         effort and at most once per retry: a relay that is down costs this notice, not the
         fax (the final report still comes)."""
         message = await self.store.run(self.store.message, job.message_id)
-        if message is None or not report_recipient(job, message, self.s.fax_domain):
+        if message is None or not report_recipient(job, message, self.s.fax.domain):
             return
         notice = await asyncio.to_thread(functools.partial(
-            delay_notice, job, message, from_addr=self.s.notify_from,
-            hostname=self.s.smtp_hostname, fax_domain=self.s.fax_domain, now=self.clock(),
+            delay_notice, job, message, from_addr=self.s.notify.sender,
+            hostname=self.s.smtp.hostname, fax_domain=self.s.fax.domain, now=self.clock(),
             retry_at=retry_at, why=why,
             retry_until=job.created_at + self.retry_policy.kill_s))
         try:
             where = await self.notifier.send(notice, f"{job.id}.delay-{job.attempt}",
-                                             self.s.report_bcc)
+                                             self.s.reports.bcc)
         except NotifyError as exc:
             log.warning("job %s attempt %d: delay notice not delivered: %s", job.id,
                         job.attempt, exc)
@@ -651,7 +652,7 @@ class Worker(Housekeeping):
         node's spool (a crash leaves it to `sweep_spool`, as a file of no known message). A
         failed fetch does not hold the report back: it goes without thumbnail and PDF."""
         if not (self.s.shared and job.media_key
-                and (self.s.report_thumbnail or self.s.report_attach_pdf)):
+                and (self.s.reports.thumbnail or self.s.reports.attach_pdf)):
             return message, None
         if await asyncio.to_thread(Path(message.document_path).is_file):
             return message, None
@@ -671,7 +672,7 @@ class Worker(Housekeeping):
     async def _cleanup(self, job: Job) -> None:
         """With no document retention, the PDF goes as soon as every job of its message is
         reported; otherwise housekeeping removes it later."""
-        if self.s.document_retention_hours == 0:
+        if self.s.queue.document_retention_hours == 0:
             # This job's message only (housekeeping catches any left behind), not a search of
             # every message: several reports ending together searched and purged alike. Its
             # last reports, ending together, purge it once: the others find it being purged

@@ -95,16 +95,16 @@ class Access:
         # spreading over N nodes. None: in this process's memory, as for a single gateway.
         self.store = store
         self.wall_clock: Callable[[], float] = time.time
-        self.trusted = TrustedNetworks(settings.trusted_networks)
-        self.senders = SenderPolicy(settings.allowed_senders)
+        self.trusted = TrustedNetworks(settings.access.trusted_networks)
+        self.senders = SenderPolicy(settings.access.allowed_senders)
         self.destinations = DestinationPolicy(
-            settings.default_region, settings.fax_allow_prefixes, settings.fax_block_prefixes,
-            settings.fax_allow_international)
-        self.users = UsersFile(settings.users_file) if settings.users_file else None
-        self.throttle = LoginThrottle(settings.auth_max_failures,
-                                      lockout_s=settings.auth_lockout_minutes * 60)
-        self.per_sender = RateLimiter(settings.rate_per_sender_hour, 3600)
-        self.total = RateLimiter(settings.rate_total_hour, 3600)
+            settings.fax.default_region, settings.destinations.allow_prefixes,
+            settings.destinations.block_prefixes, settings.destinations.allow_international)
+        self.users = UsersFile(settings.access.users_file) if settings.access.users_file else None
+        self.throttle = LoginThrottle(settings.access.auth_max_failures,
+                                      lockout_s=settings.access.auth_lockout_minutes * 60)
+        self.per_sender = RateLimiter(settings.destinations.rate_per_sender_hour, 3600)
+        self.total = RateLimiter(settings.destinations.rate_total_hour, 3600)
         # Recipients named but not (yet) faxed, per sender and (a backstop) per address: given
         # back when the fax is accepted, so only churn counts.
         self.rcpt_churn = RateLimiter(RCPT_CHURN_PER_SENDER_HOUR, 3600)
@@ -208,7 +208,8 @@ class Access:
         if math.isinf(wait):
             return replies.RATE_NEVER
         log.warning("rate limit hit by %s", client.rate_key)
-        return replies.rate_limited(self.s.rate_per_sender_hour, self.s.rate_total_hour, wait)
+        return replies.rate_limited(self.s.destinations.rate_per_sender_hour,
+                                    self.s.destinations.rate_total_hour, wait)
 
     def check_destination(self, client: Client, number: str, already: int = 0) -> Reply | None:
         """RCPT: the destination rules, then whether this fax (with the `already` numbers of
@@ -262,8 +263,8 @@ class Access:
     # stays per node: it bounds what one address costs this node.
 
     def _shared_rules(self, client: Client) -> list[tuple[str, str, int]]:
-        return [(_RATE_TOTAL, "all", self.s.rate_total_hour),
-                (_RATE_SENDER, client.rate_key, self.s.rate_per_sender_hour)]
+        return [(_RATE_TOTAL, "all", self.s.destinations.rate_total_hour),
+                (_RATE_SENDER, client.rate_key, self.s.destinations.rate_per_sender_hour)]
 
     async def check_destination_async(self, client: Client, number: str,
                                       already: int = 0) -> Reply | None:

@@ -310,8 +310,8 @@ class FaxSMTP(SMTP):
         """aiosmtpd's timer ran out: say why (421 4.4.2) before closing, as RFC 5321 4.2.2
         asks, whether the client was idle or too slow sending the message."""
         s = self.fax_handler.settings
-        reply = (replies.data_timeout(s.smtp_data_timeout_s) if self._phase == "data"
-                 else replies.idle_timeout(s.smtp_idle_timeout_s))
+        reply = (replies.data_timeout(s.smtp.data_timeout_s) if self._phase == "data"
+                 else replies.idle_timeout(s.smtp.idle_timeout_s))
         if self.transport is not None and not self.transport.is_closing():
             log.info("SMTP %s: %s", _peer(self.session) if self.session else "-", reply)
             self.fax_handler.refuse(reply)
@@ -352,8 +352,8 @@ class FaxSMTP(SMTP):
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             self._phase = "data"
-            self._reset_timeout(s.smtp_data_timeout_s)
-            writer = DataWriter(out, s.smtp_max_message_bytes, keep_head=HEAD_BYTES)
+            self._reset_timeout(s.smtp.data_timeout_s)
+            writer = DataWriter(out, s.smtp.max_message_bytes, keep_head=HEAD_BYTES)
             try:
                 result = await receive(self._reader, writer)
             finally:
@@ -363,7 +363,7 @@ class FaxSMTP(SMTP):
                     writer.error = writer.error or exc
             self._phase = "processing"
             # Intake may take up to the document time limit; the idle timer must not fire.
-            self._reset_timeout(max(SMTP_LINE_TIMEOUT_S, 2 * s.doc_timeout_s))
+            self._reset_timeout(max(SMTP_LINE_TIMEOUT_S, 2 * s.documents.timeout_s))
             if result.outcome is Outcome.EOF:
                 return  # the client went away in the middle of the message
             if result.outcome is Outcome.BARE_LF:
@@ -374,7 +374,7 @@ class FaxSMTP(SMTP):
                     self.transport.close()
                 return
             if result.outcome is Outcome.TOO_BIG:
-                await self.push(handler.refuse(replies.too_big(s.smtp_max_message_bytes)))
+                await self.push(handler.refuse(replies.too_big(s.smtp.max_message_bytes)))
                 self._set_post_data_state()
                 return
             if writer.error is not None:

@@ -87,7 +87,7 @@ class PartStored(Refused):
 
 def partial_store(settings: Settings) -> PartialStore:
     """Where an earlier version kept split mail's parts (its sets are only expired now)."""
-    return PartialStore(settings.data_dir / "spool" / "partial")
+    return PartialStore(settings.queue.data_dir / "spool" / "partial")
 
 
 def _address(candidate: str) -> str | None:
@@ -102,9 +102,9 @@ def join_stale_s(settings: Settings) -> float | None:
     joined again when its last part comes once more: well past the longest a join takes (a
     turn at the document workers, the conversion, the upload); never without the dedup check,
     which recognises the fax queued already if that node got so far."""
-    if settings.dedup_window_hours <= 0:
+    if settings.cluster.dedup_window_hours <= 0:
         return None
-    return max(900.0, 4 * settings.doc_timeout_s)
+    return max(900.0, 4 * settings.documents.timeout_s)
 
 
 def report_address(parsed: ParsedMail, envelope_from: str | None) -> str | None:
@@ -116,9 +116,10 @@ def report_address(parsed: ParsedMail, envelope_from: str | None) -> str | None:
 
 
 def doc_options(settings: Settings) -> DocOptions:
-    return DocOptions(paper=settings.paper, body=settings.body_policy, cover=settings.cover,
-                      quality=settings.quality, max_pages=settings.max_pages,
-                      office_timeout_s=max(5.0, settings.doc_timeout_s - 5))
+    return DocOptions(paper=settings.documents.paper, body=settings.documents.body_policy,
+                      cover=settings.documents.cover,
+                      quality=settings.fax.quality, max_pages=settings.fax.max_pages,
+                      office_timeout_s=max(5.0, settings.documents.timeout_s - 5))
 
 
 class Intake:
@@ -138,15 +139,15 @@ class Intake:
         self.clock = clock
         self.doc_options = doc_options(settings)
         self.notifier = notifier
-        self.templates = Templates(settings.report_template_dir)
+        self.templates = Templates(settings.reports.template_dir)
         self.access = access
         self.metrics = metrics or Metrics(process=False)
         self._tasks: set[asyncio.Task[None]] = set()
         # Split mail's parts: in the media store (`part_media`: the daemon's, shared or not)
         # and the job store, so that any node may receive the last part.
         parts_in = part_media or media
-        self.partials = (Partials(store, parts_in, settings.node_id,
-                                  settings.partial_max_sets_per_sender,
+        self.partials = (Partials(store, parts_in, settings.cluster.node_id,
+                                  settings.documents.partial_max_sets_per_sender,
                                   join_stale_s(settings))
                          if parts_in is not None else None)
         # The daemon's check that a 250 can still be kept (database file, free disk): a
@@ -238,7 +239,7 @@ class Intake:
         try:
             part = await self.partials.receive(
                 path, f"{user}|{envelope_from or ''}", list(numbers), meta, now=self.clock(),
-                max_bytes=self.settings.smtp_max_message_bytes, head=head)
+                max_bytes=self.settings.smtp.max_message_bytes, head=head)
         except PartConflict as exc:  # no refusal mail: the set's expiry tells the sender once
             reason = one_line(str(exc), 400, ascii_only=True)
             log.warning("message/partial part from %s refused: %s", envelope_from, reason)
@@ -280,13 +281,14 @@ class Intake:
         try:
             # Large mail is converted one at a time (CpuPool.turn); the wait is bounded so the
             # sender's DATA timeout does not run out: a 451 instead, and the scanner retries.
-            async with self.cpu.turn(size, self.settings.doc_timeout_s):
+            async with self.cpu.turn(size, self.settings.documents.timeout_s):
                 prepared = await self.cpu.run(call, "gateway.documents.build:prepare",
                                               str(path), self.doc_options, list(numbers),
                                               envelope_from or "", date, str(pdf_part))
         except NoTurnError:
             log.warning("message from %s (peer %s, %d bytes): no turn at the document workers "
-                        "within %.0f s", envelope_from, peer, size, self.settings.doc_timeout_s)
+                        "within %.0f s", envelope_from, peer, size,
+                        self.settings.documents.timeout_s)
             raise Refused(replies.CONVERSIONS_BUSY) from None
         except (MimeError, DocumentError, TaskLimitError) as exc:
             if isinstance(exc, TaskLimitError):
@@ -311,7 +313,7 @@ class Intake:
             size, sha256 = len(document.data), hashlib.sha256(document.data).hexdigest()
         message_id = new_id()
         from_number = (user.from_number if user and user.from_number
-                       else self.settings.from_number)
+                       else self.settings.fax.from_number)
         shared_key = new_media_key() if self.media is not None else None
         mail_params, rcpt_params = dsn if dsn is not None else (dsn_params.MailParams(), [])
         rcpt_params = list(rcpt_params) + [dsn_params.RcptParams()] * (len(numbers)
@@ -350,11 +352,11 @@ class Intake:
         report_to = (user.report_to if user and user.report_to
                      else report_address(parsed, envelope_from))
         notes = list(document.notes)
-        if report_to and in_domain(report_to, self.settings.fax_domain):
+        if report_to and in_domain(report_to, self.settings.fax.domain):
             # A report there would be faxed, and its report mailed there again.
             log.warning("message %s: no report will be sent: the sender address %s is in the "
                         "fax domain %s", message_id, one_line(report_to, 120),
-                        self.settings.fax_domain)
+                        self.settings.fax.domain)
             notes.append(f"no report: the sender address {one_line(report_to, 120)}"
                          " is in the fax domain")
             report_to = None
@@ -374,7 +376,7 @@ class Intake:
         # The same mail (Message-ID, recipients, document) accepted within DEDUP_WINDOW_HOURS
         # is a client that lost our 250 and sent again: its jobs, not new ones. Decided in the
         # commit, so copies arriving at two nodes at once still make one job each.
-        window_s = self.settings.dedup_window_hours * 3600
+        window_s = self.settings.cluster.dedup_window_hours * 3600
         dedup_since = message.created_at - window_s if window_s > 0 else None
         try:
             if upload is not None:
@@ -401,7 +403,7 @@ class Intake:
                      one_line(message.report_to or "-", 120), peer or "-")
         self.on_new_jobs()
         self.metrics.mail_accepted(len(jobs))
-        if self.settings.report_accepted and message.report_to and self.notifier is not None:
+        if self.settings.reports.accepted and message.report_to and self.notifier is not None:
             self._background(self._send_receipts(message, [j.id for j in jobs]))
         return Accepted(message_id, tuple(j.id for j in jobs), document.pages)
 
@@ -469,7 +471,7 @@ class Intake:
         sender over the rate limits gets that refusal instead, and no mail (as before the
         conversion started)."""
         await _charged(charge)
-        if self.notifier is None or client is None or not self.settings.report_refusals:
+        if self.notifier is None or client is None or not self.settings.reports.refusals:
             return
         try:
             head = await asyncio.to_thread(_read_head, path, HEAD_BYTES)
@@ -481,8 +483,8 @@ class Intake:
             return
         refusal = build_refusal(
             to=target["to"], numbers=numbers, reason=reason, subject=target["subject"] or "",
-            original_msgid=target["msgid"], from_addr=self.settings.notify_from,
-            hostname=self.settings.smtp_hostname, now=self.clock(), templates=self.templates)
+            original_msgid=target["msgid"], from_addr=self.settings.notify.sender,
+            hostname=self.settings.smtp.hostname, now=self.clock(), templates=self.templates)
         self._background(self._send_refusal(refusal, target["to"]))
 
     def _refusal_target(self, head: bytes, envelope_from: str | None,
@@ -500,7 +502,7 @@ class Intake:
         if not to or (self.access is not None
                       and self.access.check_header_from(client, header_from)):
             return None
-        if in_domain(to, self.settings.fax_domain):
+        if in_domain(to, self.settings.fax.domain):
             log.warning("refusal report not sent: %s is in the fax domain", one_line(to, 120))
             return None
         return {"to": to,
@@ -523,8 +525,8 @@ class Intake:
             job = await self.store.run(self.store.job, job_id)
             if job is None:
                 continue
-            receipt = build_receipt(job, message, from_addr=self.settings.notify_from,
-                                    hostname=self.settings.smtp_hostname, now=self.clock(),
+            receipt = build_receipt(job, message, from_addr=self.settings.notify.sender,
+                                    hostname=self.settings.smtp.hostname, now=self.clock(),
                                     templates=self.templates)
             try:
                 await self.notifier.send(receipt, f"{job_id}.accepted")
@@ -554,7 +556,7 @@ async def expire_partials(settings: Settings, notifier: Notifier | None, now: fl
     holding the housekeeping lease sweeps them); without them only the sets an earlier
     version left in this node's DATA_DIR are swept. Returns how many sets expired.
     """
-    minutes = settings.partial_timeout_minutes
+    minutes = settings.documents.partial_timeout_minutes
     legacy = partial_store(settings)
     count = 0
     for found in await asyncio.to_thread(legacy.expired, now, minutes * 60):
@@ -564,7 +566,8 @@ async def expire_partials(settings: Settings, notifier: Notifier | None, now: fl
         count += 1
     if store is None or media is None:
         return count
-    partials = Partials(store, media, settings.node_id, settings.partial_max_sets_per_sender)
+    partials = Partials(store, media, settings.cluster.node_id,
+                        settings.documents.partial_max_sets_per_sender)
     expired: list[Expired] = await partials.expire(now, minutes * 60)
     for sender in expired:
         # The notice goes where a set says it may (one sent while the sender may have been
@@ -581,7 +584,7 @@ async def _expired_notice(settings: Settings, notifier: Notifier | None, now: fl
                           sets: list[tuple[tuple[int, ...], int | None]]) -> None:
     """Log the sets of one sender that expired, and tell the sender once (`meta`: the first
     set's, which says whether and where)."""
-    minutes = settings.partial_timeout_minutes
+    minutes = settings.documents.partial_timeout_minutes
     numbers, total = sets[0]
     missing = [n for n in range(1, total + 1) if n not in numbers] if total else None
     reason = (f"Your scan was sent in parts (message/partial), but only {len(numbers)} "
@@ -593,7 +596,7 @@ async def _expired_notice(settings: Settings, notifier: Notifier | None, now: fl
         reason += (f". {len(sets) - 1} other scan(s) you sent in parts did not arrive "
                    "complete either; please send them again too")
     target = meta.get("report")
-    told = bool(target and notifier is not None and settings.report_refusals)
+    told = bool(target and notifier is not None and settings.reports.refusals)
     log.warning("message/partial %s from %s: %d of %s part(s) after %d minutes; discarded%s%s",
                 key[:12], one_line(str(meta.get("envelope_from")), 120), len(numbers),
                 total or "?", minutes,
@@ -605,8 +608,8 @@ async def _expired_notice(settings: Settings, notifier: Notifier | None, now: fl
     refusal = build_refusal(
         to=target["to"], numbers=meta.get("numbers") or [], reason=reason,
         subject=target.get("subject") or "", original_msgid=target.get("msgid"),
-        from_addr=settings.notify_from, hostname=settings.smtp_hostname, now=now,
-        templates=Templates(settings.report_template_dir))
+        from_addr=settings.notify.sender, hostname=settings.smtp.hostname, now=now,
+        templates=Templates(settings.reports.template_dir))
     try:
         await notifier.send(refusal, f"partial-{key[:16]}")
     except NotifyError as exc:  # the parts go anyway: they can never be completed

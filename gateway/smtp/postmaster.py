@@ -63,7 +63,7 @@ def forward_timeout_s(settings: Settings) -> float:
     So the client hears 250 when the relay took the mail, or 451 when it did not answer, and
     never a 421 from that timer after the relay took it (then it would send it again and the
     administrator get it twice)."""
-    return max(SMTP_LINE_TIMEOUT_S, 2 * settings.doc_timeout_s) / 2
+    return max(SMTP_LINE_TIMEOUT_S, 2 * settings.documents.timeout_s) / 2
 
 
 class Postmaster:
@@ -77,11 +77,11 @@ class Postmaster:
 
     @property
     def address(self) -> str | None:
-        return self.settings.inbound_admin_address
+        return self.settings.inbound.admin_address
 
     def recipient(self, has_numbers: bool, already: bool) -> Reply:
         """RCPT TO:<postmaster@...>: accepted when there is somewhere to forward it."""
-        domain = self.settings.fax_domain
+        domain = self.settings.fax.domain
         if self.address is None or self.notifier is None:
             return Reply(550, "5.1.1", f"postmaster@{domain} has no mailbox on this fax "
                          "gateway: its administrator has not set INBOUND_ADMIN_ADDRESS",
@@ -123,7 +123,7 @@ class Postmaster:
         log.info("postmaster: mail from <%s> (peer %s) forwarded to %s: %s",
                  one_line(mail_from, 200), peer, self.address, where)
         return Reply(250, "2.0.0", f"Forwarded to the administrator of "
-                     f"{self.settings.fax_domain}")
+                     f"{self.settings.fax.domain}")
 
     def _build(self, path: Path, mail_from: str, peer: str, helo: str) -> EmailMessage:
         size = path.stat().st_size
@@ -134,16 +134,16 @@ class Postmaster:
         subject = one_line(str(headers.get("Subject", "") or ""), 200)
         s = self.settings
         msg = EmailMessage(policy=MAIL_POLICY)
-        msg["From"] = s.notify_from
+        msg["From"] = s.notify.sender
         msg["To"] = self.address
-        msg["Subject"] = one_line(f"Mail to postmaster@{s.fax_domain} from "
+        msg["Subject"] = one_line(f"Mail to postmaster@{s.fax.domain} from "
                                   f"{mail_from or '<>'}: {subject or '(no subject)'}", 300)
         msg["Date"] = format_datetime(datetime.now(timezone.utc))
-        msg["Message-ID"] = make_msgid(domain=s.smtp_hostname)
+        msg["Message-ID"] = make_msgid(domain=s.smtp.hostname)
         msg["Auto-Submitted"] = "auto-forwarded"
         msg.set_content(
-            f"The fax gateway {s.smtp_hostname} received this mail for postmaster@"
-            f"{s.fax_domain} and forwards it to you (INBOUND_ADMIN_ADDRESS).\n\n"
+            f"The fax gateway {s.smtp.hostname} received this mail for postmaster@"
+            f"{s.fax.domain} and forwards it to you (INBOUND_ADMIN_ADDRESS).\n\n"
             f"Envelope sender: <{one_line(mail_from, 300)}>\n"
             f"Client: {peer} (HELO {one_line(helo or '-', 100)})\n"
             f"Size: {size} bytes\n"

@@ -77,9 +77,9 @@ class FaxHandler:
         self.access = access
         self.metrics = metrics or Metrics(process=False)
         self.accepting = True
-        self.incoming = Incoming(settings.data_dir / "incoming")
-        self.limits = ConnectionLimits(settings.smtp_max_connections,
-                                       settings.smtp_max_connections_per_ip)
+        self.incoming = Incoming(settings.queue.data_dir / "incoming")
+        self.limits = ConnectionLimits(settings.smtp.max_connections,
+                                       settings.smtp.max_connections_per_ip)
         self._accept_errors: AcceptErrors | None = None
         self._started = False
         self.verifier = SenderVerifier(settings)
@@ -217,7 +217,7 @@ class FaxHandler:
         params = dsn.parse_rcpt(_taken(server))
         if isinstance(params, Reply):
             return self.refuse(params)
-        if is_postmaster(address, self.settings.fax_domain):  # RFC 5321 4.5.1
+        if is_postmaster(address, self.settings.fax.domain):  # RFC 5321 4.5.1
             reply = self.postmaster.recipient(bool(env.fax_numbers), env.postmaster)
             if reply.refusal:
                 return self.refuse(reply)
@@ -228,17 +228,17 @@ class FaxHandler:
         if env.postmaster:
             return self.refuse(SEPARATELY)
         try:
-            local, domain = parse_recipient(address, self.settings.fax_domain)
+            local, domain = parse_recipient(address, self.settings.fax.domain)
         except ValueError:
             return str(replies.RECIPIENT_NOT_NUMBER_AT_DOMAIN)
-        if domain != self.settings.fax_domain:
+        if domain != self.settings.fax.domain:
             log.warning("relay denied: %s from %s to domain %s", _peer(session),
                         env.mail_from, domain[:100])
-            return self.refuse(replies.relay_denied(self.settings.fax_domain))
-        if len(env.rcpt_tos) >= self.settings.smtp_max_recipients:
-            return self.refuse(replies.too_many_recipients(self.settings.smtp_max_recipients))
+            return self.refuse(replies.relay_denied(self.settings.fax.domain))
+        if len(env.rcpt_tos) >= self.settings.smtp.max_recipients:
+            return self.refuse(replies.too_many_recipients(self.settings.smtp.max_recipients))
         try:
-            number = parse_fax_number(local, self.settings.default_region)
+            number = parse_fax_number(local, self.settings.fax.default_region)
         except NumberError as exc:
             return self.refuse(replies.bad_number(str(exc)))
         if number in env.fax_numbers:
@@ -332,14 +332,14 @@ class SMTPListener:
     def _factory(self) -> SMTP:
         s = self.settings
         return FaxSMTP(
-            self.handler, self._connections, data_size_limit=s.smtp_max_message_bytes,
-            enable_SMTPUTF8=True, hostname=s.smtp_hostname, ident="faxgw ESMTP",
-            timeout=s.smtp_idle_timeout_s,
-            proxy_protocol_timeout=SMTP_LINE_TIMEOUT_S if s.smtp_proxy_protocol else None,
+            self.handler, self._connections, data_size_limit=s.smtp.max_message_bytes,
+            enable_SMTPUTF8=True, hostname=s.smtp.hostname, ident="faxgw ESMTP",
+            timeout=s.smtp.idle_timeout_s,
+            proxy_protocol_timeout=SMTP_LINE_TIMEOUT_S if s.smtp.proxy_protocol else None,
             tls_context=None if self.implicit_tls or self.tls is None else self.tls.context,
-            require_starttls=bool(self.tls) and not self.implicit_tls and s.smtp_require_tls,
+            require_starttls=bool(self.tls) and not self.implicit_tls and s.tls.required,
             # aiosmtpd does not see implicit TLS as TLS: AUTH must be allowed there explicitly.
-            auth_require_tls=not (self.implicit_tls or s.smtp_auth_plaintext),
+            auth_require_tls=not (self.implicit_tls or s.access.auth_plaintext),
             loop=asyncio.get_running_loop())  # else aiosmtpd looks it up, for each connection
 
     async def start(self) -> None:

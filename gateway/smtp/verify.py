@@ -423,22 +423,22 @@ class SenderVerifier:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.enabled = settings.sender_verify == "dmarc"
+        self.enabled = settings.access.sender_verify == "dmarc"
         self.resolver: dns.resolver.Resolver | None = None
         self._pool: ThreadPoolExecutor | None = None
         if not self.enabled:
             return
         try:
-            self.resolver = dns.resolver.Resolver(configure=not settings.dns_nameservers)
+            self.resolver = dns.resolver.Resolver(configure=not settings.access.dns_nameservers)
         except dns.resolver.NoResolverConfiguration as exc:
             log.error("SENDER_VERIFY=dmarc: no system DNS resolver (%s); set DNS_NAMESERVERS. "
                       "Unproven senders get 451 until then", exc)
         if self.resolver is not None:
-            if settings.dns_nameservers:
+            if settings.access.dns_nameservers:
                 self.resolver.nameservers = [dns.nameserver.Do53Nameserver(h.host, h.port)
-                                             for h in settings.dns_nameservers]
-            self.resolver.timeout = settings.dns_timeout_s
-            self.resolver.lifetime = settings.dns_timeout_s
+                                             for h in settings.access.dns_nameservers]
+            self.resolver.timeout = settings.access.dns_timeout_s
+            self.resolver.lifetime = settings.access.dns_timeout_s
         self._pool = ThreadPoolExecutor(MAX_CONCURRENT_VERIFICATIONS,
                                         thread_name_prefix="sender-verify")
 
@@ -449,7 +449,7 @@ class SenderVerifier:
 
     def proven_by_session(self, user: str | None, trusted: bool, ip: str) -> str | None:
         """The Authentication-Results value for a client proven by AUTH or its network."""
-        host = self.settings.smtp_hostname
+        host = self.settings.smtp.hostname
         if user is not None:
             return str(authres.AuthenticationResultsHeader(
                 authserv_id=host, results=[authres.SMTPAUTHAuthenticationResult(
@@ -470,8 +470,9 @@ class SenderVerifier:
             return Verdict(replies.SHUTTING_DOWN, None)
         loop = asyncio.get_running_loop()
         verdict = await loop.run_in_executor(self._pool, _evaluate_file, path, ip, mail_from,
-                                             helo, self.resolver, self.settings.dns_timeout_s,
-                                             self.settings.smtp_hostname)
+                                             helo, self.resolver,
+                                             self.settings.access.dns_timeout_s,
+                                             self.settings.smtp.hostname)
         if verdict.reply is not None:
             log.warning("sender <%s> from %s not proven: %s", one_line(mail_from, 200), ip,
                         verdict.reply)

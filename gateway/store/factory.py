@@ -18,15 +18,15 @@ def open_store(settings: Settings, clock: Callable[[], float] = time.time) -> Sq
     PostgreSQL when DATABASE_URL is set (several gateways, one queue), else SQLite at
     DATA_DIR/faxgw.sqlite3."""
     store: SqlStore
-    if settings.database_url:
+    if settings.cluster.database_url:
         from gateway.store.postgres import PostgresStore
 
-        store = PostgresStore(settings.database_url, clock,
-                              prepared_statements=settings.database_prepared_statements)
+        store = PostgresStore(settings.cluster.database_url, clock,
+                              prepared_statements=settings.cluster.prepared_statements)
     else:
         from gateway.store.sqlite import SqliteStore
 
-        store = SqliteStore(settings.data_dir / DB_FILENAME, clock)
-    store.node_id = settings.node_id
-    store.lease_s = settings.lease_seconds
+        store = SqliteStore(settings.queue.data_dir / DB_FILENAME, clock)
+    store.node_id = settings.cluster.node_id
+    store.lease_s = settings.cluster.lease_seconds
     return store

@@ -36,7 +36,7 @@ class WebApp:
         self.app.router.add_get("/healthz", self.healthz)
         self.app.router.add_get("/readyz", self.readyz)
         self.app.router.add_get("/metrics", aiohttp_handler(self.metrics, store,
-                                                            token=settings.metrics_token))
+                                                            token=settings.http.metrics_token))
         self.ready_checks: list[Callable[[], Awaitable[tuple[str, bool, str]]]] = []
         self.callbacks = StatusCallbacks(settings, store, self.metrics, on_final)
         self.app.router.add_post(CALLBACK_ROUTE + "/{token}", self.callbacks.status_callback)
@@ -50,7 +50,7 @@ class WebApp:
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
                                      shutdown_timeout=5)
         await self._runner.setup()
-        listen = self.s.http_listen
+        listen = self.s.http.listen
         self._site = web.TCPSite(self._runner, listen.host, listen.port)
         await self._site.start()
         # The bound port (HTTP_LISTEN may ask for port 0), from aiohttp's public API.

@@ -36,7 +36,7 @@ async def ring(gw: Gateway, simulator: Simulator, document: bytes) -> str:
 
 
 def row(gw: Gateway, sid: str) -> sqlite3.Row:
-    db = sqlite3.connect(gw.s.data_dir / "faxgw.sqlite3")
+    db = sqlite3.connect(gw.s.queue.data_dir / "faxgw.sqlite3")
     db.row_factory = sqlite3.Row
     try:
         return db.execute("SELECT * FROM inbound_faxes WHERE fax_sid = ?", (sid,)).fetchone()

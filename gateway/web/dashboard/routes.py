@@ -107,13 +107,14 @@ class Dashboard:
         self.cpu = cpu
         self.signalwire = signalwire
         self.retry_policy = retry_policy
-        if users is None and settings.users_file is not None:
-            users = UsersFile(settings.users_file)
-        self.logins = Logins(users, LoginThrottle(settings.auth_max_failures,
-                                                  lockout_s=settings.auth_lockout_minutes * 60),
+        if users is None and settings.access.users_file is not None:
+            users = UsersFile(settings.access.users_file)
+        self.logins = Logins(users, LoginThrottle(
+                                 settings.access.auth_max_failures,
+                                 lockout_s=settings.access.auth_lockout_minutes * 60),
                              store, clock)
-        self.sessions = Sessions(store, settings.admin_session_minutes * 60, clock)
-        self.proxy = Proxy(settings.admin_trusted_proxies)
+        self.sessions = Sessions(store, settings.admin.session_minutes * 60, clock)
+        self.proxy = Proxy(settings.admin.trusted_proxies)
         self.errors = RecentErrors()
         self.inbound = InboundStore(store)
         self._thumbs: OrderedDict[str, bytes] = OrderedDict()
@@ -155,7 +156,7 @@ class Dashboard:
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        listen = self.s.admin_listen
+        listen = self.s.admin.listen
         assert listen is not None
         logging.getLogger("gateway").addHandler(self.errors)
         self._runner = web.AppRunner(self.app, access_log=None, handle_signals=False,
@@ -475,7 +476,7 @@ class Dashboard:
             if action == "resend":
                 try:
                     new = await self.store.run(lambda: actions.resend_job(
-                        self.store, ref, now, from_number=self.s.from_number,
+                        self.store, ref, now, from_number=self.s.fax.from_number,
                         retry_policy=self.retry_policy, by=by, shared=self.s.shared))
                 except AlreadyResent as exc:  # a double click: show the job that was made
                     await self.sessions.flash(session, f"Not done: job {ref} is already being "
@@ -525,7 +526,7 @@ class Dashboard:
         return dict(filters=f, rows=page.rows, total=page.total, pages=pages, error=error,
                     first=(f.page - 1) * PAGE_SIZE + 1,
                     last=(f.page - 1) * PAGE_SIZE + len(page.rows),
-                    inbound_on=self.s.inbound_routes.enabled)
+                    inbound_on=self.s.inbound.routes.enabled)
 
     async def received_page(self, request: web.Request) -> web.Response:
         return self._render(request, "received.html", **await self._received(request))
@@ -579,7 +580,7 @@ class Dashboard:
     async def _health(self) -> dict[str, Any]:
         checks = await self.ready()
         names = {"store": "Database", "listeners": "Listeners",
-                 "media": "Media store (S3)" if self.s.media_store == "s3"
+                 "media": "Media store (S3)" if self.s.media.store == "s3"
                  else "Media store (local)", "signalwire": "SignalWire"}
         items = [(names.get(n, n), bool(c["ok"]), str(c["detail"])) for n, c in checks.items()]
         now = self.clock()
@@ -591,15 +592,15 @@ class Dashboard:
             relay_ok, relay_words = None, "no report sent by this node yet"
         else:
             relay_ok, relay_words = await self.store.read(queries.relay_state, self.store)
-        relay_name = (f"Report relay ({self.s.notify_smtp_host})" if self.s.notify_smtp_host
-                      else f"Reports (outbox folder {self.s.data_dir / 'outbox'})")
+        relay_name = (f"Report relay ({self.s.notify.host})" if self.s.notify.host
+                      else f"Reports (outbox folder {self.s.queue.data_dir / 'outbox'})")
         items.append((relay_name, relay_ok is not False, relay_words))
         depth, counts, oldest = await self.store.read(queries.queue_depth, self.store)
         nodes = await self.store.read(self.store.live_nodes, now - LIVE_S)
         return dict(items=items, all_ok=all(ok for _, ok, _ in items), depth=depth,
                     counts=counts, oldest_age=None if oldest is None else now - oldest,
                     errors=list(reversed(self.errors.records)), nodes=nodes,
-                    node_id=self.s.node_id, now=now)
+                    node_id=self.s.cluster.node_id, now=now)
 
     async def health_page(self, request: web.Request) -> web.Response:
         return self._render(request, "health.html", health=await self._health())
