@@ -182,8 +182,8 @@ async def phase(args: argparse.Namespace, daemon: Any, tabs_n: int, mail: bytes,
 
 
 async def run(args: argparse.Namespace, root: Path, src: Path) -> list[dict[str, Any]]:
-    from testsupport.harness import DaemonProcess, free_port
     from gateway.users import passwd_command
+    from testsupport.harness import DaemonProcess, free_port
 
     from .documents import write_documents
 

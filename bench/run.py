@@ -36,11 +36,19 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 from aiohttp import web
 
-from testsupport.harness import (FROM_NUMBER, JOB_ID, PROJECT_ID, READY_LINE, SIGNING_KEY,
-                                     SimulatorServer, free_port, simulator_env)
-from testsupport.s3server import SeaweedS3
 from gateway.store.base import DB_FILENAME
 from gateway.store.sqlite import SqliteStore
+from testsupport.harness import (
+    FROM_NUMBER,
+    JOB_ID,
+    PROJECT_ID,
+    READY_LINE,
+    SIGNING_KEY,
+    SimulatorServer,
+    free_port,
+    simulator_env,
+)
+from testsupport.s3server import SeaweedS3
 
 from .documents import write_documents
 from .procs import (

@@ -17,8 +17,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.smtp.intake import new_id
 from gateway.media_store import new_media_key
+from gateway.smtp.intake import new_id
 from gateway.store.rows import Message, NewJob
 from gateway.store.sqlite import SqliteStore as Store
 

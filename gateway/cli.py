@@ -219,7 +219,6 @@ def cmd_received(args: argparse.Namespace) -> int:
 
 
 def cmd_receive_sample(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from gateway.commands.received import receive_sample
 

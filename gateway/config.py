@@ -16,16 +16,22 @@ import os
 import secrets
 import socket
 import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from dotenv import dotenv_values
 
 from gateway import constants, defaults
-from gateway.rules.inbound_routes import (RouteError, Routes, combine, parse_routes,
-                                     parse_routes_file)
+from gateway.rules.inbound_routes import (
+    RouteError,
+    Routes,
+    combine,
+    parse_routes,
+    parse_routes_file,
+)
 
 
 class ConfigError(Exception):

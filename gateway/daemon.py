@@ -11,34 +11,39 @@ import os
 import signal
 import socket
 import time
-from typing import Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 from gateway import defaults
-from gateway.runtime import systemd as sdnotify
-from gateway.smtp.access import Access
 from gateway.config import Settings, is_loopback_url
 from gateway.constants import EXIT_CONFIG, EXIT_DATA, EXIT_UNAVAILABLE
 from gateway.documents.pool import CpuPool
-from gateway.smtp.intake import Intake
-from gateway.media_store import (LocalMediaStore, MediaError, MediaStore,
-                                      load_or_create_key, s3_media_store)
+from gateway.inbound.service import Inbound, write_sandbox_info
+from gateway.mail.sender import Notifier, OutboxNotifier, RelayNotifier
+from gateway.media_store import (
+    LocalMediaStore,
+    MediaError,
+    MediaStore,
+    load_or_create_key,
+    s3_media_store,
+)
+from gateway.outbound.callbacks import CALLBACK_ROUTE
+from gateway.outbound.job_runner import Worker
+from gateway.runtime import systemd as sdnotify
 from gateway.runtime.instance import AlreadyRunning, DataDirLock, remove_pid_file, write_pid_file
 from gateway.runtime.metrics import Metrics
 from gateway.runtime.nodes import NodeHeartbeat
-from gateway.mail.sender import Notifier, OutboxNotifier, RelayNotifier
 from gateway.signalwire.client import SignalWireClient
 from gateway.smtp import replies
+from gateway.smtp.access import Access
+from gateway.smtp.intake import Intake
 from gateway.smtp.replies import Reply
 from gateway.smtp.server import FaxHandler, SMTPListener
+from gateway.smtp.tls import ReloadableTLS
 from gateway.spool import Spool
 from gateway.store.base import StoreError
 from gateway.store.factory import open_store
 from gateway.store.health import ADVICE, MB, DatabaseUnusable, Guard
-from gateway.smtp.tls import ReloadableTLS
-from gateway.outbound.callbacks import CALLBACK_ROUTE
 from gateway.web.http_listener import SANDBOX_PREFIX, WebApp
-from gateway.outbound.job_runner import Worker
-from gateway.inbound.service import Inbound, write_sandbox_info
 
 log = logging.getLogger(__name__)
 

@@ -38,9 +38,9 @@ import tempfile
 import time
 import unicodedata
 from collections import OrderedDict, deque
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from gateway.rules.policy import SenderPolicy
 
@@ -178,7 +178,7 @@ def _dummy_hash() -> str:
     return hash_password(secrets.token_urlsafe(16))
 
 
-def authenticate(users: Mapping[str, "User"], username: str, password: str) -> "User | None":
+def authenticate(users: Mapping[str, User], username: str, password: str) -> User | None:
     """The user if the name exists and the password matches, else None (in about the same
     time either way).  Blocking: call through ``asyncio.to_thread``.
 

@@ -8,12 +8,13 @@ import logging
 import os
 import secrets
 import smtplib
-from email.message import EmailMessage
-from email.utils import make_msgid
-from email.parser import BytesParser
+from collections.abc import AsyncIterator, Callable, Iterator
 from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.utils import make_msgid
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 from aiosmtpd.smtp import SMTP as AioSMTP
@@ -21,11 +22,11 @@ from pypdf import PdfWriter
 
 from gateway.config import Settings, settings_from
 from gateway.daemon import Gateway
-from gateway.runtime import logs
 from gateway.jobs.outbound_states import State
+from gateway.runtime import logs
+
 # Shared with bench/ (one copy): the simulator's account, the simulator server, job ids.
-from testsupport.harness import (API_TOKEN, PROJECT_ID, SIGNING_KEY, job_ids,
-                                     simulator_env)
+from testsupport.harness import API_TOKEN, PROJECT_ID, SIGNING_KEY, job_ids, simulator_env
 from testsupport.harness import SimulatorServer as Simulator
 from testsupport.s3server import SeaweedS3
 

@@ -130,7 +130,7 @@ class DnsServer:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "DnsServer":
+    def __enter__(self) -> DnsServer:
         self.start()
         return self
 

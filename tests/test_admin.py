@@ -13,19 +13,27 @@ from typing import Any
 
 import pytest
 
-from gateway.config import settings_from
-from gateway.outbound import actions as admin
 from gateway.commands import jobs as commands
-from gateway.outbound.actions import AdminError
+from gateway.config import settings_from
 from gateway.daemon import Gateway
-from gateway.sanitise import one_line
 from gateway.jobs.outbound_states import RetryPolicy, State
-from gateway.store.rows import Message, NewJob
+from gateway.outbound import actions as admin
+from gateway.outbound.actions import AdminError
+from gateway.sanitise import one_line
 from gateway.store.factory import open_store
 from gateway.store.sqlite import SqliteStore as Store
 
-from .conftest import (FakeClock, GatewayFactory, RelaySink, Simulator, base_env, drive,
-                       production_env, relay_env, send_one)
+from .conftest import (
+    FakeClock,
+    GatewayFactory,
+    RelaySink,
+    Simulator,
+    base_env,
+    drive,
+    production_env,
+    relay_env,
+    send_one,
+)
 from .helpers.jobs import add_mail, to_final, to_reported, to_submitted
 
 POLICY = RetryPolicy(3, 600.0, 3600.0)  # the defaults, as a daemon configured so uses them

@@ -5,13 +5,13 @@ not as `busy`; its report says canceled, in the sender's words, without advice a
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from gateway.outbound import actions as admin
 from gateway.jobs.outbound_states import State
+from gateway.outbound import actions as admin
 from gateway.store.factory import open_store
 from gateway.store.postgres import PostgresStore
 from gateway.store.rows import Message, NewJob

@@ -25,9 +25,10 @@ import psycopg
 import pytest
 from aiohttp import web
 
-from .conftest import RelaySink, Simulator, job_ids, pdf_mail, pg_reset, smtp_send
 from testsupport.harness import DaemonProcess
 from testsupport.s3server import SeaweedS3
+
+from .conftest import RelaySink, Simulator, job_ids, pdf_mail, pg_reset, smtp_send
 from .helpers.cluster import all_reported, shared_env
 
 pytestmark = pytest.mark.slow

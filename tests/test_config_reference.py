@@ -12,8 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import (REFERENCE_COMMAND, SECRET_VARIABLES, VARIABLES, Settings, declared,
-                            reference, settings_from)
+from gateway.config import (
+    REFERENCE_COMMAND,
+    SECRET_VARIABLES,
+    VARIABLES,
+    Settings,
+    declared,
+    reference,
+    settings_from,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "configuration.md"

@@ -32,11 +32,38 @@ from pypdf import PdfReader
 from gateway.daemon import Gateway
 from gateway.jobs.outbound_states import State
 
-from .conftest import (RelaySink, Simulator, SMTPResult, job_ids, production_env, smtp_send,
-                       needs, wait_state)
-from .corpus import (FaxPage, PageSpec, b64, crlf, docx_bytes, encrypted_pdf, entity, fax_pages,
-                     labelled_pdf, logo_png, mail, multipart, qp_binary, qp_text, render_pages,
-                     scan_page, scanner_tiff, solid_image, tnef_bytes, winmail_dat)
+from .conftest import (
+    RelaySink,
+    Simulator,
+    SMTPResult,
+    job_ids,
+    needs,
+    production_env,
+    smtp_send,
+    wait_state,
+)
+from .corpus import (
+    FaxPage,
+    PageSpec,
+    b64,
+    crlf,
+    docx_bytes,
+    encrypted_pdf,
+    entity,
+    fax_pages,
+    labelled_pdf,
+    logo_png,
+    mail,
+    multipart,
+    qp_binary,
+    qp_text,
+    render_pages,
+    scan_page,
+    scanner_tiff,
+    solid_image,
+    tnef_bytes,
+    winmail_dat,
+)
 
 log = logging.getLogger(__name__)
 

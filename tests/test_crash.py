@@ -14,8 +14,15 @@ import pytest
 
 from testsupport.harness import DaemonProcess
 
-from .conftest import (RelaySink, Simulator, _send_blocking, job_ids, pdf_mail,
-                       production_env, smtp_send)
+from .conftest import (
+    RelaySink,
+    Simulator,
+    _send_blocking,
+    job_ids,
+    pdf_mail,
+    production_env,
+    smtp_send,
+)
 
 
 def daemon_env(tmp_path: Path, simulator: Simulator, relay: RelaySink,

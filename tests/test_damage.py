@@ -19,9 +19,9 @@ import aiohttp
 import pytest
 
 from gateway.constants import EXIT_DATA
+from testsupport.harness import DaemonProcess
 
 from .conftest import Simulator, base_env, pdf_mail, production_env, smtp_send
-from testsupport.harness import DaemonProcess
 
 UNAVAILABLE = (451, "4.3.0 Temporary failure: the gateway's job database is unavailable; "
                     "please try again later")

@@ -18,15 +18,13 @@ from PIL import Image
 from playwright.async_api import Browser, Page, expect
 
 from gateway.daemon import Gateway
-from gateway.mail.reports import outcome
 from gateway.jobs.outbound_states import State
+from gateway.mail.reports import outcome
 from gateway.users import passwd_command
 from gateway.web.dashboard import routes as dashboard_app
 
-from .conftest import (GatewayFactory, RelaySink, Simulator, production_env,
-                       relay_env, wait_state)
-from .helpers.dashboard import browser, pytestmark  # noqa: F401 - a fixture and the module's mark
-from .helpers.dashboard import PASSWORDS, SCREENSHOTS, login, new_page, send
+from .conftest import GatewayFactory, RelaySink, Simulator, production_env, relay_env, wait_state
+from .helpers.dashboard import PASSWORDS, SCREENSHOTS, browser, login, new_page, pytestmark, send  # noqa: F401 - a fixture and the module's mark
 
 SCRIPT_SUBJECT = 'Quote <script>window.pwned=1</script> & "co"'
 

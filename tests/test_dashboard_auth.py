@@ -16,8 +16,18 @@ from gateway.config import ConfigError, settings_from
 from gateway.jobs.outbound_states import State
 from gateway.users import UsersFileError, load_users, passwd_command
 
-from .conftest import (FakeClock, GatewayFactory, RelaySink, Simulator, base_env, drive,
-                       production_env, relay_env, send_one, wait_state)
+from .conftest import (
+    FakeClock,
+    GatewayFactory,
+    RelaySink,
+    Simulator,
+    base_env,
+    drive,
+    production_env,
+    relay_env,
+    send_one,
+    wait_state,
+)
 
 PASSWORD = "ann-admin-pw"
 
@@ -165,8 +175,8 @@ async def test_cli_actions_without_a_name_are_unchanged(make_gateway: GatewayFac
                                                        tmp_path: Path, simulator: Simulator,
                                                        relay: RelaySink) -> None:
     """`by` is optional: the CLI's resend records what it always did, and no operator line."""
-    from gateway.outbound import actions
     from gateway.jobs.outbound_states import RetryPolicy
+    from gateway.outbound import actions
 
     gw = await make_gateway(production_env(tmp_path / "var", simulator, **relay_env(relay),
                                            DOCUMENT_RETENTION_HOURS="1"))

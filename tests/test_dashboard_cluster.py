@@ -23,20 +23,28 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway.commands import jobs as commands
 from gateway.config import settings_from
 from gateway.daemon import Gateway
-from gateway.commands import jobs as commands
 from gateway.jobs.outbound_states import State
-from testsupport.s3server import SeaweedS3
 from gateway.store.factory import open_store
 from gateway.users import load_users, passwd_command
 from gateway.web.dashboard.auth import MAX_CONCURRENT_LOGINS
+from testsupport.s3server import SeaweedS3
 
-from .conftest import (GatewayFactory, RelaySink, Simulator, base_env, pg_reset,
-                       production_env, relay_env, send_one)
-from .helpers.web import login_token
-from .helpers.jobs import add_mail, to_reported
+from .conftest import (
+    GatewayFactory,
+    RelaySink,
+    Simulator,
+    base_env,
+    pg_reset,
+    production_env,
+    relay_env,
+    send_one,
+)
 from .helpers.cluster import shared_env
+from .helpers.jobs import add_mail, to_reported
+from .helpers.web import login_token
 
 PASSWORDS = {"ann": "ann-admin-pw", "vic": "vic-viewer-pw"}
 # A done action's message, and a refused one's ("Not done." set apart, see base.html).

@@ -10,12 +10,20 @@ import aiohttp
 import pytest
 
 from gateway.jobs.outbound_states import State
-from testsupport.s3server import SeaweedS3
 from gateway.users import passwd_command
 from gateway.web.dashboard.filters import safe_next
+from testsupport.s3server import SeaweedS3
 
-from .conftest import (GatewayFactory, Simulator, job_ids, pdf_mail, pg_reset, production_env,
-                       smtp_send, wait_state)
+from .conftest import (
+    GatewayFactory,
+    Simulator,
+    job_ids,
+    pdf_mail,
+    pg_reset,
+    production_env,
+    smtp_send,
+    wait_state,
+)
 from .helpers.web import log_in
 
 PASSWORD = "ann-admin-pw"

@@ -19,8 +19,7 @@ from gateway.jobs.outbound_states import State
 from gateway.users import passwd_command
 
 from .conftest import GatewayFactory, RelaySink, Simulator, production_env, relay_env, wait_state
-from .helpers.dashboard import (PASSWORDS, browser, login, new_page, pytestmark,  # noqa: F401
-                                send)
+from .helpers.dashboard import PASSWORDS, browser, login, new_page, pytestmark, send  # noqa: F401
 
 ZONE = "America/New_York"
 

@@ -6,22 +6,18 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import pytest
 from playwright.async_api import Browser, expect
 
 from gateway.cli import sample_pdf
-from gateway.daemon import Gateway
-from gateway.inbound.webhook import INBOUND_ROUTE
-from gateway.users import passwd_command
 from gateway.web.dashboard import routes as dashboard_app
 
-from .conftest import (GatewayFactory, RelaySink, Simulator)
-from .helpers.received import Inbox, OTHER, received_rows, start_inbox
-from .helpers.dashboard import (PASSWORDS, SCREENSHOTS, Watched, browser, login,  # noqa: F401
-                                new_page, pytestmark)
+from .conftest import GatewayFactory, RelaySink, Simulator
+from .helpers.dashboard import PASSWORDS, SCREENSHOTS, Watched, browser, login, new_page, pytestmark  # noqa: F401
+from .helpers.received import OTHER, Inbox, received_rows, start_inbox
 
 SCRIPT_STATION = '<script>window.pwned=1</script> & "ACME"'
 

@@ -10,8 +10,8 @@ import re
 import secrets
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import aiohttp
 import pytest
@@ -22,8 +22,8 @@ from gateway.store.rows import Message, NewJob
 from gateway.store.sql import SqlStore
 from gateway.store.sqlite import SqliteStore
 from gateway.users import passwd_command
-from gateway.web.dashboard import routes as dashboard_app
 from gateway.web.dashboard import queries
+from gateway.web.dashboard import routes as dashboard_app
 
 from .conftest import FakeClock, GatewayFactory, Simulator, pg_reset, production_env
 from .helpers.web import log_in

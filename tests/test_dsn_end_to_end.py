@@ -14,8 +14,16 @@ from pathlib import Path
 
 from gateway.jobs.outbound_states import State
 
-from .conftest import (RelaySink, Simulator, job_ids, make_pdf, pdf_mail, production_env,
-                       relay_env, wait_state)
+from .conftest import (
+    RelaySink,
+    Simulator,
+    job_ids,
+    make_pdf,
+    pdf_mail,
+    production_env,
+    relay_env,
+    wait_state,
+)
 
 DELIVERED = "15551234567@fax.local"   # the simulator delivers
 BUSY = "15551230000@fax.local"        # ...0000 busy

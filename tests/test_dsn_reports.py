@@ -8,10 +8,10 @@ from email import message_from_bytes, policy
 
 import pytest
 
-from gateway.mail.dsn import asked, status_of
-from gateway.mail.reports import render_final_report
 from gateway.jobs.outbound_states import State
 from gateway.mail import dsn_values
+from gateway.mail.dsn import asked, status_of
+from gateway.mail.reports import render_final_report
 from gateway.smtp import esmtp_params as dsn
 from gateway.smtp.replies import Reply
 

@@ -12,8 +12,19 @@ from pypdf import PdfReader
 from gateway.jobs.outbound_states import State
 from gateway.signalwire.signature import compute_signature
 
-from .conftest import (PROJECT_ID, SIGNING_KEY, RelaySink, Simulator, base_env, job_ids,
-                       make_pdf, pdf_mail, production_env, smtp_send, wait_state)
+from .conftest import (
+    PROJECT_ID,
+    SIGNING_KEY,
+    RelaySink,
+    Simulator,
+    base_env,
+    job_ids,
+    make_pdf,
+    pdf_mail,
+    production_env,
+    smtp_send,
+    wait_state,
+)
 
 
 async def test_pdf_mail_becomes_fax_via_s3_and_report_via_relay(

@@ -15,8 +15,9 @@ import sqlite3
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 import psycopg
@@ -29,8 +30,16 @@ from gateway.store.postgres import PostgresStore
 from gateway.store.sql import SqlStore
 from gateway.store.sqlite import SqliteStore
 
-from .conftest import (GatewayFactory, RelaySink, Simulator, drive, pg_reset, production_env,
-                       relay_env, send_one)
+from .conftest import (
+    GatewayFactory,
+    RelaySink,
+    Simulator,
+    drive,
+    pg_reset,
+    production_env,
+    relay_env,
+    send_one,
+)
 
 NUMBER = "15551230077"
 

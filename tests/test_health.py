@@ -17,8 +17,8 @@ import pytest
 from gateway.cli import main
 from gateway.config import ConfigError, settings_from
 from gateway.constants import EXIT_CONFIG, EXIT_DATA
-from testsupport.harness import DaemonProcess
 from gateway.store.health import Guard
+from testsupport.harness import DaemonProcess
 
 from .conftest import Simulator, base_env, job_ids, pdf_mail, production_env, smtp_send
 

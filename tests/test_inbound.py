@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import aiohttp
 import pytest
@@ -18,8 +18,15 @@ from gateway.daemon import Gateway
 from gateway.inbound.webhook import ACTION_ROUTE, INBOUND_ROUTE
 from testsupport.harness import serve
 
-from .conftest import (FakeClock, GatewayFactory, RelaySink, Simulator, make_pdf, production_env,
-                       relay_env)
+from .conftest import (
+    FakeClock,
+    GatewayFactory,
+    RelaySink,
+    Simulator,
+    make_pdf,
+    production_env,
+    relay_env,
+)
 
 ROUTED = "+13103383454"
 SECOND = "+13103383455"

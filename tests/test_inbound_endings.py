@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-
-from .conftest import (GatewayFactory, FakeClock, RelaySink, Simulator, make_pdf)
+from .conftest import FakeClock, GatewayFactory, RelaySink, Simulator, make_pdf
 from .helpers.inbound import ADMIN, counts, env, ring, row
 
 

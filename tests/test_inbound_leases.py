@@ -15,7 +15,7 @@ import pytest
 
 from gateway.jobs.inbound_states import TRANSITIONS, IllegalTransition, InEv, InState, allowed
 from gateway.store import migrations
-from gateway.store.inbound import (AGAIN, GO, LOST, SENT, WAIT, Completion, InboundStore)
+from gateway.store.inbound import AGAIN, GO, LOST, SENT, WAIT, Completion, InboundStore
 from gateway.store.sqlite import SqliteStore
 
 from .conftest import FakeClock

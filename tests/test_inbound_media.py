@@ -3,13 +3,13 @@ redirect, bounded size."""
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import pytest
 from aiohttp import web
 
-from testsupport.harness import start_runner
 from gateway.signalwire.client import MediaRefused, SignalWireClient, SignalWireError
+from testsupport.harness import start_runner
 
 from .conftest import API_TOKEN, PROJECT_ID, make_pdf
 

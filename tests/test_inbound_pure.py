@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from email import message_from_bytes, policy
 
-from gateway.rules.inbound_routes import is_blocked, parse_routes
 from gateway.inbound.webhook import LAML_REJECT, laml_receive
-from gateway.mail.received import (attachment_name, is_noise, message_id_for,
-                                   render_received, subject_for)
+from gateway.mail.received import (
+    attachment_name,
+    is_noise,
+    message_id_for,
+    render_received,
+    subject_for,
+)
+from gateway.rules.inbound_routes import is_blocked, parse_routes
 
 from .conftest import make_pdf
 from .helpers.inbound import fax

@@ -12,8 +12,13 @@ from pathlib import Path
 import pytest
 
 from gateway.constants import EXIT_CONFIG
-from gateway.runtime.instance import (AlreadyRunning, DataDirLock, process_start_time,
-                                  read_pid_file, running_daemon)
+from gateway.runtime.instance import (
+    AlreadyRunning,
+    DataDirLock,
+    process_start_time,
+    read_pid_file,
+    running_daemon,
+)
 from testsupport.harness import DaemonProcess
 
 from .conftest import Simulator, job_ids, pdf_mail, production_env, smtp_send

@@ -12,11 +12,11 @@ import base64
 import datetime
 import smtplib
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid
 from pathlib import Path
-from typing import Iterator
 
 import dkim
 import pytest
@@ -61,7 +61,7 @@ class Pki:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     """A CA and the gateway's certificate for SMART_HOST, as a public CA would issue it."""
     folder = tmp_path_factory.mktemp("pki")
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key, key = _key(), _key()
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Test Root CA")])
     ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
@@ -197,12 +197,12 @@ def exchange_online_mail(sender: str, tenant: str, keys: dict[str, rsa.RSAPrivat
     msg = EmailMessage()
     msg["Received"] = (f"from PH0PR11MB4999.namprd11.prod.outlook.test (2603:10b6:510:37::12) "
                        f"by PH0PR11MB4999.namprd11.prod.outlook.test; "
-                       f"{format_datetime(datetime.datetime.now(datetime.timezone.utc))}")
+                       f"{format_datetime(datetime.datetime.now(datetime.UTC))}")
     msg["From"] = f"Alice Example <{sender}>"
     msg["To"] = f'"Notary fax" <{RCPT}>'
     msg["Subject"] = "Contract for signature"
     msg["Thread-Topic"] = "Contract for signature"
-    msg["Date"] = format_datetime(datetime.datetime.now(datetime.timezone.utc))
+    msg["Date"] = format_datetime(datetime.datetime.now(datetime.UTC))
     msg["Message-ID"] = make_msgid(domain="PH0PR11MB4999.namprd11.prod.outlook.test")
     msg["Accept-Language"] = "en-US"
     msg["Content-Language"] = "en-US"
@@ -273,7 +273,7 @@ def gmail_mail(sender: str, keys: dict[str, rsa.RSAPrivateKey], custom_dkim: boo
     msg = EmailMessage()
     msg["MIME-Version"] = "1.0"
     msg["From"] = f"Bob Example <{sender}>"
-    msg["Date"] = format_datetime(datetime.datetime.now(datetime.timezone.utc))
+    msg["Date"] = format_datetime(datetime.datetime.now(datetime.UTC))
     msg["Message-ID"] = make_msgid(idstring="CAGc3x=Ab-12", domain="mail.gmail.test")
     msg["Subject"] = "Invoice 42"
     msg["To"] = RCPT
@@ -314,7 +314,7 @@ async def test_google_workspace_route(make_gateway, pki: Pki, dns_server: DnsSer
 def postfix_mail() -> bytes:
     msg = EmailMessage()
     msg["Received"] = ("by relay.contoso.example (Postfix, from userid 1000) id 4Q1x2y3z4; "
-                       + format_datetime(datetime.datetime.now(datetime.timezone.utc)))
+                       + format_datetime(datetime.datetime.now(datetime.UTC)))
     msg["From"] = "erp@contoso.example"
     msg["To"] = RCPT
     msg["Subject"] = "Order 4711"

@@ -21,10 +21,10 @@ from gateway.runtime.metrics import (
     collect_snapshot,
     error_code_label,
 )
-from testsupport.harness import serve
 from gateway.signalwire.client import SendOutcomeUnknown, SendRetryable, SignalWireError
 from gateway.store.rows import Message, NewJob
 from gateway.store.sqlite import SqliteStore as Store
+from testsupport.harness import serve
 
 from .conftest import job_ids, pdf_mail, smtp_send, wait_state
 

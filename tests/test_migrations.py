@@ -171,8 +171,8 @@ def test_the_cli_does_not_upgrade_a_database_under_a_running_old_daemon(tmp_path
                                                                         capsys) -> None:
     """`faxgw jobs` of a new version against the database of a still-running old daemon: a
     clear refusal, and the database left as the old daemon needs it."""
-    from gateway.config import settings_from
     from gateway.commands import jobs as commands
+    from gateway.config import settings_from
 
     from .conftest import base_env
 

@@ -23,9 +23,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pypdf import PdfReader
 
-from tests.conftest import make_pdf, smtp_send
-from tests.corpus import winmail_dat
-
 from gateway.documents.body_text import html_to_text
 from gateway.documents.mime import (
     KINDS,
@@ -37,6 +34,8 @@ from gateway.documents.mime import (
     read_message,
     sanitize_header_text,
 )
+from tests.conftest import make_pdf, smtp_send
+from tests.corpus import winmail_dat
 
 
 def make_tiff(width: int = 16, height: int = 16) -> bytes:

@@ -11,10 +11,15 @@ from email.parser import BytesParser
 
 import pytest
 
-from gateway.documents.mime import (_split_entity, delimiter_lines, parse_mail, read_message,
-                                    read_message_file)
+from gateway.documents.mime import (
+    _split_entity,
+    delimiter_lines,
+    parse_mail,
+    read_message,
+    read_message_file,
+)
 
-from .corpus import CRLF, b64, crlf, entity, labelled_pdf, PageSpec, mail, multipart, qp_text
+from .corpus import CRLF, PageSpec, b64, crlf, entity, labelled_pdf, mail, multipart, qp_text
 
 PDF = labelled_pdf([PageSpec("ONE")])
 TOP = [("From", '"Office Scanner" <scanner@example.com>'), ("To", "15551234567@fax.local"),

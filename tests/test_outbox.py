@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from gateway.jobs.outbound_states import State
 from gateway.mail.sender import write_new
 from gateway.outbound.actions import request_report
-from gateway.jobs.outbound_states import State
 
 from .conftest import base_env, send_one, wait_state
 

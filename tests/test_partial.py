@@ -14,23 +14,42 @@ import io
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email import policy
 from email.parser import BytesParser
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from pypdf import PdfReader
 
-from gateway.documents.partial import (MAX_PARTS, PartialError, PartialInfo, PartialStore, join,
-                                       partial_info, set_key)
-
-from .conftest import (FakeClock, GatewayFactory, RelaySink, Simulator, base_env, job_ids,
-                       make_pdf, pdf_mail, pg_reset, production_env, relay_env, smtp_send)
-from .helpers.partial import NUMBER, split
 from gateway.daemon import Gateway
+from gateway.documents.partial import (
+    MAX_PARTS,
+    PartialError,
+    PartialInfo,
+    PartialStore,
+    join,
+    partial_info,
+    set_key,
+)
 from testsupport.s3server import SeaweedS3
+
+from .conftest import (
+    FakeClock,
+    GatewayFactory,
+    RelaySink,
+    Simulator,
+    base_env,
+    job_ids,
+    make_pdf,
+    pdf_mail,
+    pg_reset,
+    production_env,
+    relay_env,
+    smtp_send,
+)
+from .helpers.partial import NUMBER, split
 
 RCPT = [f"{NUMBER}@fax.local"]
 

@@ -15,13 +15,13 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from .conftest import (GatewayFactory, RelaySink, Simulator, job_ids, pdf_mail, pg_reset,
-                       smtp_send)
-from .pgbouncer import POOL_SIZE
-from .helpers.cluster import all_reported, shared_env
-from testsupport.s3server import SeaweedS3
 from gateway.store import migrations
 from gateway.store.postgres import PREPARE_THRESHOLD, PostgresStore
+from testsupport.s3server import SeaweedS3
+
+from .conftest import GatewayFactory, RelaySink, Simulator, job_ids, pdf_mail, pg_reset, smtp_send
+from .helpers.cluster import all_reported, shared_env
+from .pgbouncer import POOL_SIZE
 
 
 def test_prepared_statements_are_turned_off_behind_a_transaction_pooler(

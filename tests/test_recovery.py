@@ -16,8 +16,20 @@ from gateway.daemon import Gateway
 from gateway.jobs.outbound_states import State
 from testsupport.harness import free_port
 
-from .conftest import (PROJECT_ID, FakeClock, GatewayFactory, RelaySink, Simulator, drive,
-                       pdf_mail, production_env, relay_env, send_one, smtp_send, wait_state)
+from .conftest import (
+    PROJECT_ID,
+    FakeClock,
+    GatewayFactory,
+    RelaySink,
+    Simulator,
+    drive,
+    pdf_mail,
+    production_env,
+    relay_env,
+    send_one,
+    smtp_send,
+    wait_state,
+)
 
 
 async def events_of(gw: Gateway, job_id: str) -> list[str]:

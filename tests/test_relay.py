@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.config import settings_from
-from gateway.mail.sender import (MAIL_POLICY, NotifyError, OutboxNotifier, Rendered,
-                                 RelayNotifier)
+from gateway.mail.sender import MAIL_POLICY, NotifyError, OutboxNotifier, RelayNotifier, Rendered
 
 from .conftest import RelaySink, base_env, relay_env
 

@@ -9,10 +9,10 @@ from email.parser import BytesParser
 
 import pytest
 
+from gateway.jobs.outbound_states import State
+from gateway.mail.report_mime import write_report
 from gateway.mail.reports import report_content, report_message
 from gateway.mail.sender import render
-from gateway.mail.report_mime import write_report
-from gateway.jobs.outbound_states import State
 from gateway.store.rows import Attempt, Event
 
 from .helpers.jobs import make_job, make_message

@@ -10,12 +10,19 @@ from pathlib import Path
 
 from PIL import Image
 
-from gateway.jobs.outbound_states import Job, State
 from gateway.mail.reports import Templates, build_report
 from gateway.store.rows import Attempt, Event
 
-from .conftest import (RelaySink, Simulator, base_env, job_ids, pdf_mail, production_env,
-                       relay_env, smtp_send)
+from .conftest import (
+    RelaySink,
+    Simulator,
+    base_env,
+    job_ids,
+    pdf_mail,
+    production_env,
+    relay_env,
+    smtp_send,
+)
 from .helpers.jobs import make_job, make_message
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from testsupport.s3server import SeaweedS3
 from gateway.media_store import MediaError, S3MediaStore
+from testsupport.s3server import SeaweedS3
 
 
 @pytest.fixture

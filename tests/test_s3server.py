@@ -72,7 +72,7 @@ def presign_get(
 
 def utcnow() -> dt.datetime:
     """Naive UTC now, the form botocore.auth.get_current_datetime returns."""
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None)
 
 
 def with_query_param(url: str, name: str, value: str) -> str:

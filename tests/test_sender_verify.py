@@ -8,16 +8,16 @@ import asyncio
 import base64
 import html
 import inspect
-import re
 import os
+import re
 import smtplib
 import subprocess
 import sys
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from email.message import EmailMessage
 from email.utils import make_msgid
 from pathlib import Path
-from typing import Iterator
 
 import aiohttp
 import dkim
@@ -30,7 +30,7 @@ from gateway.config import ConfigError, settings_from
 from gateway.smtp.verify import Lookups, SenderVerifier, evaluate
 from gateway.users import User, hash_password, passwd_command, write_user
 
-from .conftest import _send_blocking, job_ids, make_pdf, base_env, smtp_send
+from .conftest import _send_blocking, base_env, job_ids, make_pdf, smtp_send
 from .dns_server import DnsServer
 
 RCPT = "15551234567@fax.local"

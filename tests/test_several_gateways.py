@@ -21,13 +21,28 @@ import psycopg
 import pytest
 from pypdf import PdfReader
 
-from .conftest import (GatewayFactory, RelaySink, Simulator, drive, job_ids, pdf_mail,
-                       pg_reset, production_env, smtp_send)
-from .helpers.cluster import s3_credentials  # noqa: F401 - a fixture
-from .helpers.cluster import all_reported, db_states, send, shared_env
-from .helpers.partial import split
 from testsupport.harness import DaemonProcess
 from testsupport.s3server import SeaweedS3
+
+from .conftest import (
+    GatewayFactory,
+    RelaySink,
+    Simulator,
+    drive,
+    job_ids,
+    pdf_mail,
+    pg_reset,
+    production_env,
+    smtp_send,
+)
+from .helpers.cluster import (
+    all_reported,
+    db_states,
+    s3_credentials,  # noqa: F401 - a fixture
+    send,
+    shared_env,
+)
+from .helpers.partial import split
 
 
 def test_media_store_local_with_database_url_exits_78(tmp_path: Path) -> None:

@@ -14,18 +14,17 @@ import os
 import signal
 import sys
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
 from multidict import CIMultiDictProxy
 
-from testsupport.harness import serve
-from gateway.signalwire.signature import SIGNATURE_HEADER, verify_signature
 from gateway.sandbox.fax_records import parse_api_date
 from gateway.sandbox.simulator import (
     SIM_STATE,
@@ -33,6 +32,8 @@ from gateway.sandbox.simulator import (
     create_simulator_app,
     install_simulator,
 )
+from gateway.signalwire.signature import SIGNATURE_HEADER, verify_signature
+from testsupport.harness import serve
 
 from .conftest import make_pdf
 
@@ -438,7 +439,7 @@ async def test_list_filters_and_paging(sim: Sim, gateway: Gateway) -> None:
 
     a1 = await send(to_a)
     a2 = await send(to_a)
-    cutoff = datetime.now(timezone.utc)
+    cutoff = datetime.now(UTC)
     a3 = await send(to_a)
     b1 = await send(to_b, From="+13109990000")
     await sim.state.wait_idle()
@@ -497,7 +498,7 @@ async def test_paging_walks_every_fax_once(sim: Sim, gateway: Gateway) -> None:
 
 
 def test_parse_api_date_forms() -> None:
-    utc = timezone.utc
+    utc = UTC
     assert parse_api_date("2024-05-01") == datetime(2024, 5, 1, tzinfo=utc)
     assert parse_api_date("2024-05-01T10:00:00Z") == datetime(2024, 5, 1, 10, tzinfo=utc)
     assert parse_api_date("2024-05-01T12:00:00 02:00") == datetime(2024, 5, 1, 10, tzinfo=utc)

@@ -7,7 +7,8 @@ import asyncio
 import io
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.smtp import data as data_mod
 from gateway.smtp.data import DataWriter, Incoming, Outcome, receive

@@ -29,7 +29,7 @@ class Wire:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, port: int) -> "Wire":
+    async def open(cls, port: int) -> Wire:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         wire = cls(reader, writer)
         greeting = await wire.reply()

@@ -21,7 +21,7 @@ class Raw:
         self.writer = writer
 
     @classmethod
-    async def connect(cls, port: int, source: str = "127.0.0.1") -> "Raw":
+    async def connect(cls, port: int, source: str = "127.0.0.1") -> Raw:
         reader, writer = await asyncio.open_connection("127.0.0.1", port,
                                                        local_addr=(source, 0))
         return cls(reader, writer)

@@ -10,8 +10,9 @@ import logging
 import shutil
 import smtplib
 import ssl
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 

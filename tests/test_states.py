@@ -4,16 +4,30 @@ store keeps to it), callback classification, retry decisions and backoff."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
 from gateway.config import settings_from
-from gateway.jobs.outbound_states import (ACTIVE_STATES, FINISHED, TRANSITIONS, CallbackAction, Ev,
-                                     IllegalTransition, Job, RetryPolicy, State, allowed,
-                                     backoff_s, check_transition, classify_callback,
-                                     retry_decision, sources_of)
+from gateway.jobs.outbound_states import (
+    ACTIVE_STATES,
+    FINISHED,
+    TRANSITIONS,
+    CallbackAction,
+    Ev,
+    IllegalTransition,
+    Job,
+    RetryPolicy,
+    State,
+    allowed,
+    backoff_s,
+    check_transition,
+    classify_callback,
+    retry_decision,
+    sources_of,
+)
 from gateway.store.rows import Message, NewJob
 from gateway.store.sqlite import SqliteStore
 

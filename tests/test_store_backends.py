@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import threading
+from collections.abc import Callable
 from dataclasses import replace
-from typing import Callable
 
 import pytest
 
@@ -22,8 +22,7 @@ from gateway.store.rows import Message, NewJob
 from gateway.store.sql import SqlStore
 
 from .conftest import FakeClock, pg_reset
-from .helpers.store import backend, clock, node  # noqa: F401 - fixtures
-from .helpers.store import NodeFactory, add_mail, new_mail, open_backend
+from .helpers.store import NodeFactory, add_mail, backend, clock, new_mail, node, open_backend  # noqa: F401 - fixtures
 
 
 @pytest.fixture
@@ -326,7 +325,7 @@ def test_two_copies_committed_at_once_make_one_job(backend: str, node: NodeFacto
     tb.start()
     if backend.startswith("postgresql"):  # B is blocked on A's key (SQLite: on its lock)
         # Straight to the server: behind PgBouncer, A and B hold both of its connections.
-        watch = PostgresStore(getattr(backend, "direct"), clock)
+        watch = PostgresStore(backend.direct, clock)
         watch.open()
         try:
             while not watch._scalar("SELECT COUNT(*) AS n FROM pg_locks WHERE NOT granted"):

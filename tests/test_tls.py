@@ -11,13 +11,14 @@ import smtplib
 import ssl
 import subprocess
 import warnings
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import AsyncIterator, Iterator
 
 import pytest
 from aiosmtpd.smtp import SMTP as AioSMTP
 
 from gateway.smtp.tls import ReloadableTLS, cert_fingerprint, make_server_context
+
 from .helpers.tls import make_cert
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None,

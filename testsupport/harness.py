@@ -126,7 +126,7 @@ class DaemonProcess:
         self._pump = asyncio.create_task(self._read_log(ready))
         try:
             await asyncio.wait_for(asyncio.shield(ready), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise AssertionError(f"daemon not ready; log:\n{self.log_tail()}") from None
 
     async def _read_log(self, ready: asyncio.Future[None]) -> None:

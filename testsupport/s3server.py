@@ -33,9 +33,9 @@ import subprocess
 import sys
 import threading
 import time
-import weakref
 import urllib.error
 import urllib.request
+import weakref
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path

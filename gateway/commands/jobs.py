@@ -11,17 +11,18 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
+from datetime import UTC
 from pathlib import Path
-from typing import Callable
 
-from gateway.outbound import actions as admin
 from gateway.config import Settings
 from gateway.constants import EXIT_UNAVAILABLE
-from gateway.runtime.instance import running_daemon
 from gateway.jobs.outbound_states import RetryPolicy
+from gateway.outbound import actions as admin
+from gateway.runtime.instance import running_daemon
 from gateway.signalwire.client import SignalWireClient, SignalWireError
-from gateway.store.factory import open_store
 from gateway.store.base import Store, StoreError
+from gateway.store.factory import open_store
 from gateway.store.sql import SqlStore
 from gateway.web.http_listener import SANDBOX_PREFIX
 
@@ -188,13 +189,13 @@ async def _probe_s3(settings: Settings) -> str:
 
 
 async def _probe_signalwire(settings: Settings) -> str:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
     client = _client(settings)
     await client.start()
     try:
         await client.list_faxes(to=settings.fax.from_number, from_=settings.fax.from_number,
-                                created_after=datetime.now(timezone.utc), max_pages=1)
+                                created_after=datetime.now(UTC), max_pages=1)
     finally:
         await client.stop()
     return f"credentials accepted by {space_url(settings)}"

@@ -9,21 +9,21 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlencode
 
+from gateway.commands.jobs import open_existing_store
 from gateway.config import Settings
 from gateway.inbound.service import SANDBOX_INFO
-from gateway.store.inbound import InboundStore
 from gateway.outbound.actions import AdminError
-from gateway.commands.jobs import open_existing_store
+from gateway.store.inbound import InboundStore
 
 RING_PATH = "/_inbound/ring"
 
 
 def _when(ts: float | None) -> str:
-    return "-" if ts is None else datetime.fromtimestamp(ts, timezone.utc).strftime(
+    return "-" if ts is None else datetime.fromtimestamp(ts, UTC).strftime(
         "%Y-%m-%d %H:%M:%S")
 
 

@@ -12,16 +12,24 @@ import hashlib
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import replace
 from email.message import EmailMessage
-from typing import Any, Sequence
+from typing import Any
 
 from gateway.documents import fonts
-from gateway.documents.convert import (ConvertError, Limits, cover_page, image_to_pdf, merge_pdfs, normalize_pdf,
-                      text_to_pdf)
-from gateway.documents.office import office_to_pdf
-from gateway.documents.model import DocOptions, Document, DocumentError, MessageOptions, Prepared
+from gateway.documents.convert import (
+    ConvertError,
+    Limits,
+    cover_page,
+    image_to_pdf,
+    merge_pdfs,
+    normalize_pdf,
+    text_to_pdf,
+)
 from gateway.documents.mime import ParsedMail, Part, parse_mail, read_message_file
+from gateway.documents.model import DocOptions, Document, DocumentError, MessageOptions, Prepared
+from gateway.documents.office import office_to_pdf
 from gateway.sanitise import one_line
 
 __all__ = ["DocOptions", "Document", "DocumentError", "MessageOptions", "Prepared", "prepare",

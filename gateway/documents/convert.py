@@ -25,8 +25,8 @@ import logging
 import math
 import re
 import unicodedata
-from dataclasses import dataclass
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import cast
 
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError

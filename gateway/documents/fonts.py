@@ -20,8 +20,8 @@ from __future__ import annotations
 import logging
 import threading
 import unicodedata
+from collections.abc import Iterable
 from importlib import resources
-from typing import Iterable
 
 import arabic_reshaper
 from bidi import get_display

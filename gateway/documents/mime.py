@@ -21,11 +21,11 @@ import io
 import mimetypes
 import quopri
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from email import policy
 from email.message import Message
 from email.parser import BytesFeedParser, BytesHeaderParser, BytesParser
-from email import policy
-from typing import Iterator
 
 import pybase64
 

@@ -23,11 +23,12 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email import policy
 from email.parser import BytesHeaderParser
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from gateway.documents.mime import header_block
 from gateway.spool import copy_durable, fsync_dir

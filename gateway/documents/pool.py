@@ -22,7 +22,8 @@ import pickle
 import socket
 import subprocess
 import sys
-from typing import Any, AsyncIterator, Callable, TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 from gateway.documents.pool_child import _HEAD, _frame, call
 

@@ -19,7 +19,7 @@ import asyncio
 import dataclasses
 import logging
 import random
-from typing import Callable
+from collections.abc import Callable
 
 from gateway import defaults
 from gateway.config import Settings
@@ -27,14 +27,24 @@ from gateway.constants import MAX_INBOUND_MEDIA_BYTES
 from gateway.documents.pool import CpuPool, TaskLimitError, call
 from gateway.inbound.counters import InboundMetrics
 from gateway.jobs.inbound_states import InEv
+from gateway.jobs.outbound_states import backoff_s
 from gateway.mail.received import MailPart, render_given_up
 from gateway.mail.sender import Notifier, NotifyError
 from gateway.runtime.faults import crash_point
-from gateway.jobs.outbound_states import backoff_s
 from gateway.signalwire.client import MediaRefused, SignalWireClient, SignalWireError
-from gateway.store.inbound import (AGAIN, DELETING, DELIVERING, DONE, GIVEN_UP, LOST, SENT, WAIT,
-                                   InboundFax, InboundStore)
 from gateway.store.base import Store
+from gateway.store.inbound import (
+    AGAIN,
+    DELETING,
+    DELIVERING,
+    DONE,
+    GIVEN_UP,
+    LOST,
+    SENT,
+    WAIT,
+    InboundFax,
+    InboundStore,
+)
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +195,7 @@ class Deliverer:
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), delay if delay > 0 else 0.01)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def run_due(self) -> int:

@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from datetime import datetime, timezone
-from typing import Callable
+from collections.abc import Callable
+from datetime import UTC, datetime
 
 from gateway.config import Settings
 from gateway.constants import IN_PROGRESS_STATUSES
 from gateway.inbound.counters import InboundMetrics
 from gateway.inbound.webhook import FINAL, classify
-from gateway.signalwire.client import Fax, SignalWireClient, SignalWireError
 from gateway.jobs.inbound_states import InEv
-from gateway.store.inbound import GIVEN_UP, RINGING, Completion, InboundStore
+from gateway.signalwire.client import Fax, SignalWireClient, SignalWireError
 from gateway.store.base import Store
+from gateway.store.inbound import GIVEN_UP, RINGING, Completion, InboundStore
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class Reconciler:
         enabled = await self.store.run(self.inbound.enabled_since, now)
         # A minute of slack: a fax that was ringing when inbound was switched on.
         since = datetime.fromtimestamp(
-            max(now - self.s.inbound.lookback_hours * 3600, enabled - 60), timezone.utc)
+            max(now - self.s.inbound.lookback_hours * 3600, enabled - 60), UTC)
         targets: list[str | None] = [None] if routes.has_wildcard else list(routes.numbers)
         found: dict[str, Fax] = {}
         for to in targets:

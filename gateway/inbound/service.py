@@ -3,21 +3,21 @@ after the store and the SignalWire client, stopped before them."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from gateway.config import Settings
 from gateway.documents.pool import CpuPool
-from gateway.inbound.delivery import Deliverer
 from gateway.inbound.counters import InboundMetrics
+from gateway.inbound.delivery import Deliverer
 from gateway.inbound.reconciler import Reconciler
 from gateway.inbound.webhook import InboundWebhook
 from gateway.mail.sender import Notifier
 from gateway.signalwire.client import SignalWireClient
 from gateway.store.inbound import InboundStore
 from gateway.store.sql import SqlStore
-from prometheus_client import CollectorRegistry
 
 
 class Inbound:

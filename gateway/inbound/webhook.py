@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable
+from collections.abc import Callable
 from xml.sax.saxutils import quoteattr
 
 from aiohttp import web
 
 from gateway.config import Settings
 from gateway.inbound.counters import InboundMetrics
-from gateway.rules.inbound_routes import is_blocked
 from gateway.mail.received import is_noise
-from gateway.signalwire.signature import (SIGNATURE_HEADER, TWILIO_SIGNATURE_HEADER,
-                                          verify_signature)
-from gateway.store.inbound import REJECTED, RINGING, Completion, InboundStore
+from gateway.rules.inbound_routes import is_blocked
+from gateway.signalwire.signature import SIGNATURE_HEADER, TWILIO_SIGNATURE_HEADER, verify_signature
 from gateway.store.base import Store, StoreError
+from gateway.store.inbound import REJECTED, RINGING, Completion, InboundStore
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +147,7 @@ class InboundWebhook:
                 await asyncio.wait_for(self.store.run(
                     self.inbound.record_call, sid, _text(fields.get("AccountSid"), 64), caller,
                     to, state, outcome, self.clock()), RECORD_CALL_TIMEOUT_S)
-            except (asyncio.TimeoutError, StoreError, OSError) as exc:
+            except (TimeoutError, StoreError, OSError) as exc:
                 # The answer matters more than the record: the completion records it again.
                 log.warning("inbound fax %s: call not recorded: %s", sid, exc)
             except Exception as exc:  # sqlite3 errors: same reasoning

@@ -20,8 +20,8 @@ job, renewed by a heartbeat, taken over once it runs out). A side effect that ou
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 
 class InState(enum.StrEnum):

@@ -29,8 +29,9 @@ status words (`received`, `failed`), so `faxgw jobs --status` means one thing pe
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Protocol
 
 from gateway.constants import FINAL_STATUSES
 from gateway.signalwire.errors import LINE_TROUBLE, RESOLUTION_TROUBLE, never_retry
@@ -220,7 +221,7 @@ class RetryPolicy:
     kill_s: float
 
     @classmethod
-    def from_settings(cls, settings: "SettingsLike") -> "RetryPolicy":
+    def from_settings(cls, settings: SettingsLike) -> RetryPolicy:
         """The configured policy (FAX_MAX_ATTEMPTS, FAX_RETRY_DELAY_SECONDS, FAX_KILL_MINUTES):
         the worker and the operator's `faxgw resend` must decide alike."""
         return cls(settings.fax.max_attempts, settings.fax.retry_delay_s,

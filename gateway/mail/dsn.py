@@ -9,24 +9,24 @@ package's public API (EmailMessage, MIMEPart); mail without NOTIFY keeps the usu
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from email import message_from_string
 from email import policy as email_policy
 from email.message import EmailMessage, MIMEPart
 from email.utils import format_datetime
-from typing import Sequence
 
 from gateway.constants import REPORT_HEADER
-from gateway.mail.phrases import _
-from gateway.mail.headers import reply_headers
-from gateway.mail.sender import MAIL_POLICY
 from gateway.jobs.outbound_states import Job
-from gateway.phone import format_number
-from gateway.signalwire import errors
 from gateway.mail.dsn_values import wants, xtext_encode
+from gateway.mail.headers import reply_headers
 from gateway.mail.loop_guard import in_domain
-from gateway.store.rows import Message
+from gateway.mail.phrases import _
+from gateway.mail.sender import MAIL_POLICY
+from gateway.phone import format_number
 from gateway.sanitise import one_line
+from gateway.signalwire import errors
+from gateway.store.rows import Message
 
 __all__ = ["asked", "delay_notice", "delivery_status", "dsn_recipient", "dsn_report",
            "report_recipient", "status_of"]
@@ -94,7 +94,7 @@ def status_of(job: Job, delivered: bool, delayed: bool = False) -> tuple[str, st
 
 
 def _date(ts: float) -> str:
-    return format_datetime(datetime.fromtimestamp(ts, timezone.utc))
+    return format_datetime(datetime.fromtimestamp(ts, UTC))
 
 
 def delivery_status(job: Job, message: Message, *, hostname: str, fax_domain: str,
@@ -178,7 +178,7 @@ def delay_notice(job: Job, message: Message, *, from_addr: str, hostname: str,
         "The gateway tries again at %(when)s. You will get a report when the fax is sent or "
         "the gateway gives up.\n\nJob: %(job)s\n") % {
             "number": number, "attempt": job.attempt, "why": why, "job": job.id,
-            "when": datetime.fromtimestamp(retry_at, timezone.utc).strftime(
+            "when": datetime.fromtimestamp(retry_at, UTC).strftime(
                 "%Y-%m-%d %H:%M:%S UTC")})
     return dsn_report(headers, human, job, message, hostname=hostname, fax_domain=fax_domain,
                       delivered=False, delayed=True, retry_until=retry_until)

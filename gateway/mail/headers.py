@@ -4,7 +4,7 @@ In-Reply-To and References when the sender's mail had a usable Message-ID."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from gateway.store.rows import Message
@@ -19,7 +19,7 @@ def reply_headers(from_addr: str, to: str, subject: str, now: float, msgid: str,
                   original: Message) -> list[tuple[str, str]]:
     """The header fields every mail to a sender starts with, in order."""
     headers = [("From", from_addr), ("To", to), ("Subject", subject),
-               ("Date", format_datetime(datetime.fromtimestamp(now, timezone.utc))),
+               ("Date", format_datetime(datetime.fromtimestamp(now, UTC))),
                ("Message-ID", msgid),
                ("Auto-Submitted", "auto-replied")]  # RFC 3834: auto-responders must not answer
     if original.message_id_header and _is_msgid(original.message_id_header):

@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid, parseaddr
-from gateway.mail.phrases import _
 
-from gateway.sanitise import one_line
+from gateway.mail.phrases import _
 from gateway.mail.sender import MAIL_POLICY, Rendered, render
-from gateway.templating import environment
 from gateway.phone import NumberError, format_number
+from gateway.sanitise import one_line
 from gateway.store.inbound import InboundFax
+from gateway.templating import environment
 
 # T.30 texts that mean a voice call (or a hang-up before any page) on a fax line, not a fax
 # that failed: nobody routed is told about these (Kazoo skips results 0 and 49 likewise).
@@ -53,7 +53,7 @@ def _pages(n: int | None) -> str:
 
 
 def _when(ts: float | None) -> datetime:
-    return datetime.fromtimestamp(ts or 0, timezone.utc)
+    return datetime.fromtimestamp(ts or 0, UTC)
 
 
 def subject_for(fax: InboundFax) -> str:
@@ -201,7 +201,7 @@ def render_given_up(fax: InboundFax, admin: str, reason: str, mailed: list[str],
     mail["To"] = admin
     mail["Subject"] = one_line(_("Fax from %s not delivered: %s") % (
         _caller(fax.from_number), one_line(reason, 120)), 200)
-    mail["Date"] = format_datetime(datetime.now(timezone.utc))
+    mail["Date"] = format_datetime(datetime.now(UTC))
     mail["Message-ID"] = message_id_for(fax.fax_sid, tag, id_domain(from_addr))
     mail["Auto-Submitted"] = "auto-generated"
     mail["X-Fax-Sid"] = one_line(fax.fax_sid, 80)

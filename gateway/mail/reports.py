@@ -12,26 +12,27 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.message import EmailMessage, MIMEPart
 from email.utils import make_msgid
-from gateway.mail.phrases import _
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import jinja2
 
-from gateway.jobs.outbound_states import Job, State
 from gateway.constants import REPORT_HEADER
-from gateway.sanitise import one_line
-from gateway.mail.sender import MAIL_POLICY, Rendered, render
+from gateway.jobs.outbound_states import Job, State
 from gateway.mail.headers import reply_headers
+from gateway.mail.phrases import _
 from gateway.mail.report_mime import ReportContent, write_report
-from gateway.templating import environment
+from gateway.mail.sender import MAIL_POLICY, Rendered, render
 from gateway.phone import format_number
+from gateway.sanitise import one_line
 from gateway.signalwire import errors
 from gateway.store.rows import Attempt, Event, Message
+from gateway.templating import environment
 
 STATUS_WORDS: dict[str, str] = {
     "delivered": _("delivered"),
@@ -134,7 +135,7 @@ def outcome(job: Job) -> tuple[bool, str]:
 def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _pages(n: int | None) -> str:

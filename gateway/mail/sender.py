@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from email import policy
 from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage
 from email.utils import getaddresses
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import aiosmtplib
 
@@ -154,7 +155,7 @@ class RelayNotifier:
         try:
             client = await self._mail_from(rendered)
             errors, reply = await self._rest(client, rendered)
-        except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiosmtplib.SMTPException, OSError) as exc:
             if client is not None:
                 client.close()  # in an unknown state: never used again
             raise NotifyError(f"relay {s.notify.host}:{s.notify.port}: "
@@ -187,8 +188,7 @@ class RelayNotifier:
             try:
                 await client.mail(s.notify.sender, options=size, timeout=self.timeout_s)
                 return client
-            except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPResponseException,
-                    OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPResponseException, OSError) as exc:
                 client.close()
                 stale = (not isinstance(exc, aiosmtplib.SMTPResponseException)
                          or exc.code == 421)  # "closing the connection"
@@ -263,5 +263,5 @@ _QUITTING: set[asyncio.Future[None]] = set()
 async def _quit(client: aiosmtplib.SMTP, timeout_s: float) -> None:
     try:
         await client.quit(timeout=timeout_s)
-    except (aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+    except (TimeoutError, aiosmtplib.SMTPException, OSError):
         client.close()

@@ -19,19 +19,26 @@ import io
 import json
 import re
 import secrets
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Iterable, Sequence
 
-from gateway.jobs.outbound_states import (ACTIVE_STATES, FINISHED, REPORT_DUE, Job, RetryPolicy,
-                                     State, retry_decision)
-from gateway.media_store import new_media_key
-from gateway.sanitise import one_line
-from gateway.phone import NumberError, format_number
+from gateway.jobs.outbound_states import (
+    ACTIVE_STATES,
+    FINISHED,
+    REPORT_DUE,
+    Job,
+    RetryPolicy,
+    State,
+    retry_decision,
+)
 from gateway.mail.reports import outcome
-from gateway.signalwire.client import SignalWireClient, SignalWireError
+from gateway.media_store import new_media_key
+from gateway.phone import NumberError, format_number
+from gateway.sanitise import one_line
 from gateway.signalwire import errors as sw_errors
+from gateway.signalwire.client import SignalWireClient, SignalWireError
 from gateway.store.base import Store
 from gateway.store.rows import Attempt, Event, JobListing, Message, NewJob, UnderWay
 
@@ -213,13 +220,13 @@ def _error_text(job: Job) -> str | None:
 def _when(ts: float | None) -> str:
     if ts is None:
         return "-"
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _iso(ts: float | None) -> str | None:
     if ts is None:
         return None
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace(
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="seconds").replace(
         "+00:00", "Z")
 
 
@@ -318,7 +325,7 @@ def parse_since(text: str, now: float) -> float:
         raise AdminError(f"cannot read {one_line(value, 40)!r} as a time: use an "
                          "age like 12h or 7d, or a UTC date like 2025-01-31") from None
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return moment.timestamp()
 
 

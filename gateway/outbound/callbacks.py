@@ -8,7 +8,7 @@ mounts it at CALLBACK_ROUTE. Paths carry the job's callback token, so no log lin
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 from aiohttp import web
 

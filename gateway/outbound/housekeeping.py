@@ -13,8 +13,8 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from gateway import defaults
 from gateway.config import Settings

@@ -16,25 +16,30 @@ import logging
 import random
 import secrets
 import time
-from datetime import datetime, timezone
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Awaitable, Callable
 
 from gateway import defaults
 from gateway.config import Settings
 from gateway.constants import FINAL_STATUSES
-from gateway.runtime.faults import crash_point
-from gateway.jobs.outbound_states import Job, RetryPolicy, State, backoff_s, retry_decision
-from gateway.media_store import MediaError, MediaStore, new_media_key
-from gateway.runtime.metrics import Metrics
-from gateway.mail.sender import Notifier, NotifyError
-from gateway.outbound.housekeeping import Housekeeping
 from gateway.documents.pool import CpuPool, TaskLimitError
+from gateway.jobs.outbound_states import Job, RetryPolicy, State, backoff_s, retry_decision
 from gateway.mail.dsn import asked, delay_notice, report_recipient
-from gateway.mail.reports import outcome, render_final_report
 from gateway.mail.dsn_values import wants
-from gateway.signalwire.client import (SendOutcomeUnknown, SendRefused, SendRetryable, SignalWireClient,
-                         SignalWireError)
+from gateway.mail.reports import outcome, render_final_report
+from gateway.mail.sender import Notifier, NotifyError
+from gateway.media_store import MediaError, MediaStore, new_media_key
+from gateway.outbound.housekeeping import Housekeeping
+from gateway.runtime.faults import crash_point
+from gateway.runtime.metrics import Metrics
+from gateway.signalwire.client import (
+    SendOutcomeUnknown,
+    SendRefused,
+    SendRetryable,
+    SignalWireClient,
+    SignalWireError,
+)
 from gateway.spool import Spool
 from gateway.store.base import Store, StoreError
 from gateway.store.rows import Attempt, Event, Message
@@ -177,7 +182,7 @@ class Worker(Housekeeping):
             if timeout > 0 and not self._stopping:
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     continue
             if not self._stopping:
                 # Woken (a step ended, a mail came in): what else ends or comes in over the
@@ -439,7 +444,7 @@ class Worker(Housekeeping):
     async def _reconcile(self, job: Job) -> None:
         """A send whose answer never came: find the fax at SignalWire, resend only if absent."""
         started = job.submit_started_at or job.updated_at
-        since = datetime.fromtimestamp(started - LOOKUP_SKEW_S, timezone.utc)
+        since = datetime.fromtimestamp(started - LOOKUP_SKEW_S, UTC)
         try:
             with self.metrics.api_call("list"):
                 faxes = await self.sw.list_faxes(to=job.to_number, from_=job.from_number,

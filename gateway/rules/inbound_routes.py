@@ -10,9 +10,9 @@ raises `RouteError` naming the variable and the entry, and config.py turns that 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 WILDCARD = "*"
 _E164 = re.compile(r"\+[1-9][0-9]{6,14}")

@@ -16,7 +16,7 @@ import math
 import re
 import time
 from collections import OrderedDict, deque
-from typing import Iterable
+from collections.abc import Iterable
 
 import phonenumbers
 from phonenumbers import NumberParseException, PhoneNumberType

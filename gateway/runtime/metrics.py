@@ -13,9 +13,9 @@ import asyncio
 import hmac
 import logging
 import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Iterable, Iterator, Mapping
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
@@ -247,7 +247,7 @@ def aiohttp_handler(metrics: Metrics, store: Listings, *, token: str | None = No
         try:
             snapshot = await asyncio.wait_for(store.run(collect_snapshot, store, clock()),
                                               store_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("metrics: the job store did not answer within %.0f s", store_timeout_s)
             snapshot = None
         except Exception as exc:  # a request boundary: the scrape still answers

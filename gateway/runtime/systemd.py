@@ -12,7 +12,7 @@ import asyncio
 import logging
 import os
 import socket
-from typing import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from gateway.sanitise import one_line
 
@@ -142,7 +142,7 @@ class Watchdog:
         try:
             ok = await asyncio.wait_for(self.healthy(),
                                         self.interval_s * HEALTH_TIMEOUT_FRACTION)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("watchdog: health check timed out; not pinging")
             return False
         except Exception:  # a task boundary: the check failing is "unhealthy", not a crash

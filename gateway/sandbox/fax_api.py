@@ -12,16 +12,38 @@ import uuid
 from urllib.parse import urlencode
 
 from aiohttp import web
-from yarl import URL
 
 from gateway.constants import QUALITIES, TTL_MAX_MINUTES, TTL_MIN_MINUTES
 from gateway.sandbox.fax_engine import (
-    DEFAULT_PAGE_SIZE, ERR_AUTH, ERR_BAD_CALLBACK_URL, ERR_BAD_FROM, ERR_BAD_MEDIA_URL,
-    ERR_BAD_TO, ERR_FROM_NOT_OWNED, ERR_FROM_REQUIRED, ERR_IN_PROGRESS, ERR_INVALID_PARAMETER,
-    ERR_NOT_CANCELABLE, ERR_NOT_FOUND, ERR_TO_REQUIRED, ERR_UNSUPPORTED_MEDIA_TYPE,
-    MAX_PAGE_SIZE, MORE_INFO, FailSpec, SimulatorState, _E164, _SIP_URI)
-from gateway.sandbox.fax_records import (SimFax, basic_credentials, is_http_url, parse_api_date,
-                                         redact_url, utc_now)
+    _E164,
+    _SIP_URI,
+    DEFAULT_PAGE_SIZE,
+    ERR_AUTH,
+    ERR_BAD_CALLBACK_URL,
+    ERR_BAD_FROM,
+    ERR_BAD_MEDIA_URL,
+    ERR_BAD_TO,
+    ERR_FROM_NOT_OWNED,
+    ERR_FROM_REQUIRED,
+    ERR_IN_PROGRESS,
+    ERR_INVALID_PARAMETER,
+    ERR_NOT_CANCELABLE,
+    ERR_NOT_FOUND,
+    ERR_TO_REQUIRED,
+    ERR_UNSUPPORTED_MEDIA_TYPE,
+    MAX_PAGE_SIZE,
+    MORE_INFO,
+    FailSpec,
+    SimulatorState,
+)
+from gateway.sandbox.fax_records import (
+    SimFax,
+    basic_credentials,
+    is_http_url,
+    parse_api_date,
+    redact_url,
+    utc_now,
+)
 
 log = logging.getLogger(__name__)
 

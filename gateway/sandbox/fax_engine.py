@@ -17,8 +17,13 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from gateway.sandbox.fax_records import (CallbackAttempt, MediaFailure, MediaFetch, SimFax,
-                                         redact_url)
+from gateway.sandbox.fax_records import (
+    CallbackAttempt,
+    MediaFailure,
+    MediaFetch,
+    SimFax,
+    redact_url,
+)
 from gateway.signalwire import errors
 from gateway.signalwire.signature import SIGNATURE_HEADER, compute_signature
 
@@ -150,7 +155,7 @@ class SimulatorState:
         async with self._faxes_changed:
             self._faxes_changed.notify_all()
 
-    def _next_outcome(self, fax: "SimFax") -> tuple[str, str | None, str | None]:
+    def _next_outcome(self, fax: SimFax) -> tuple[str, str | None, str | None]:
         queued = self.outcome_overrides.get(fax.to)
         if queued:
             status, _, message = queued.pop(0).partition(":")

@@ -11,7 +11,7 @@ import binascii
 import email.utils
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,7 +26,7 @@ class MediaFailure(Exception):
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def rfc2822(moment: datetime) -> str:
@@ -80,7 +80,7 @@ def parse_api_date(text: str) -> datetime:
         except (TypeError, ValueError, IndexError) as exc:
             raise ValueError(f"not an ISO 8601 or RFC 2822 date: {text!r}") from exc
     if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=timezone.utc)
+        moment = moment.replace(tzinfo=UTC)
     return moment
 
 

@@ -29,7 +29,6 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from aiohttp import web
-from yarl import URL
 
 from gateway.constants import API_PATH
 from gateway.sandbox.fax_api import FaxApi

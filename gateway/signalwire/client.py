@@ -8,13 +8,13 @@ connection that failed before the request left: nothing was sent) and `SendOutco
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import email.utils
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import quote, urljoin, urlsplit
 
 import aiohttp
@@ -77,7 +77,7 @@ class Fax:
     remote_station_id: str | None = None
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Fax":
+    def from_json(cls, data: dict[str, Any]) -> Fax:
         return cls(
             sid=str(data.get("sid") or ""),
             status=str(data.get("status") or ""),
@@ -112,7 +112,7 @@ def _parse_date(value: Any) -> datetime | None:
             parsed = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
         except ValueError:
             return None
-        return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+        return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _retry_after(headers: Any) -> float | None:
@@ -126,7 +126,7 @@ def _retry_after(headers: Any) -> float | None:
             when = email.utils.parsedate_to_datetime(raw)
         except (TypeError, ValueError):
             return None
-        return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+        return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 class SignalWireClient:
@@ -190,7 +190,7 @@ class SignalWireClient:
         except aiohttp.ClientConnectorError as exc:
             # Failed to connect: the request never left, so sending again is safe.
             raise SendRetryable(f"cannot connect to SignalWire: {exc.os_error or exc}") from exc
-        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise SendOutcomeUnknown(f"no answer from SignalWire: {type(exc).__name__}") from exc
 
     async def cancel_fax(self, sid: str) -> Fax:
@@ -203,7 +203,7 @@ class SignalWireClient:
                     return Fax.from_json(body)
                 code, message = _error_of(body, resp)
                 raise SignalWireError(message, status=resp.status, code=code)
-        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise SignalWireError(f"no answer from SignalWire: {type(exc).__name__}") from exc
 
     async def fetch_fax(self, sid: str) -> Fax:
@@ -215,7 +215,7 @@ class SignalWireClient:
         """The Faxes list call, following `next_page_uri` for at most `max_pages` pages;
         faxes created on or after `created_after` (the API filters by day only)."""
         params = {"PageSize": "50", **params,
-                  "DateCreatedAfter": created_after.astimezone(timezone.utc).strftime("%Y-%m-%d")}
+                  "DateCreatedAfter": created_after.astimezone(UTC).strftime("%Y-%m-%d")}
         url: str | None = f"{self.base}/Faxes"
         query: dict[str, str] | None = params
         found: list[Fax] = []
@@ -259,7 +259,7 @@ class SignalWireClient:
                 code, message = _error_of(body, resp)
                 raise SignalWireError(message, status=resp.status, code=code,
                                       retry_after_s=_retry_after(resp.headers))
-        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise SignalWireError(f"no answer from SignalWire: {type(exc).__name__}") from exc
 
     def credentials_allowed(self, url: str) -> bool:
@@ -315,7 +315,7 @@ class SignalWireClient:
                             raise MediaRefused(f"media larger than {max_bytes} bytes")
                     return bytes(body), resp.headers.get("Content-Type")
             raise SignalWireError("media download: too many redirects")
-        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise SignalWireError(f"media download failed: {type(exc).__name__}") from exc
 
     def _absolute(self, uri: str) -> str:
@@ -331,7 +331,7 @@ class SignalWireClient:
                 code, message = _error_of(body, resp)
                 raise SignalWireError(message, status=resp.status, code=code,
                                       retry_after_s=_retry_after(resp.headers))
-        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise SignalWireError(f"no answer from SignalWire: {type(exc).__name__}") from exc
 
 

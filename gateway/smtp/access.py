@@ -20,19 +20,25 @@ import asyncio
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parseaddr
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from gateway.config import Settings
-from gateway.store.base import StoreError
 from gateway.constants import RCPT_CHURN_PER_IP_HOUR, RCPT_CHURN_PER_SENDER_HOUR
+from gateway.rules.policy import (
+    DestinationPolicy,
+    RateLimiter,
+    SenderPolicy,
+    TrustedNetworks,
+    try_acquire_all,
+)
 from gateway.sanitise import one_line
 from gateway.smtp import replies
 from gateway.smtp.replies import Reply
+from gateway.store.base import StoreError
 from gateway.users import LoginThrottle, User, UsersFile, authenticate, client_key
-from gateway.rules.policy import (DestinationPolicy, RateLimiter, SenderPolicy, TrustedNetworks,
-                     try_acquire_all)
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +93,7 @@ _COUNTS_KEPT = 4096  # (kind, key) counts kept at most (senders are the client's
 
 class Access:
     def __init__(self, settings: Settings, clock: Callable[[], float] = time.monotonic, *,
-                 store: "Leases | None" = None) -> None:
+                 store: Leases | None = None) -> None:
         self.s = settings
         self.clock = clock
         # Several gateways (DATABASE_URL): rate limits and login lockouts are counted in the

@@ -34,7 +34,8 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, syntax
 from gateway.config import Settings
 from gateway.constants import SMTP_LINE_TIMEOUT_S
 from gateway.phone import quote_rcpt_local_part
-from gateway.smtp import esmtp_params as dsn, replies
+from gateway.smtp import esmtp_params as dsn
+from gateway.smtp import replies
 from gateway.smtp.access import Client
 from gateway.smtp.connections import ConnectionLimits
 from gateway.smtp.data import DataWriter, Incoming, Outcome, receive

@@ -17,35 +17,36 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import format_datetime, parseaddr
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Sequence
+from typing import Any
 
-from gateway.smtp import esmtp_params as dsn_params, replies
-from gateway.smtp.access import Access, Client
-from gateway.smtp.replies import Reply
 from gateway.config import Settings
-from gateway.documents.pool import CpuPool, NoTurnError, TaskLimitError, call
-from gateway.documents.model import DocOptions, DocumentError
-from gateway.runtime.faults import crash_point
-from gateway.media_store import MediaError, MediaStore, new_media_key
-from gateway.runtime.metrics import Metrics
 from gateway.documents.mime import MimeError, ParsedMail
-from gateway.documents.partial import (PartConflict, PartialError, PartialStore, Received,
-                                       SetsFull)
-from gateway.mail.sender import Notifier, NotifyError
-from gateway.mail.reports import Templates, build_receipt, build_refusal
+from gateway.documents.model import DocOptions, DocumentError
+from gateway.documents.partial import PartConflict, PartialError, PartialStore, Received, SetsFull
+from gateway.documents.pool import CpuPool, NoTurnError, TaskLimitError, call
 from gateway.mail.loop_guard import automatic_mail, in_domain
+from gateway.mail.reports import Templates, build_receipt, build_refusal
+from gateway.mail.sender import Notifier, NotifyError
+from gateway.media_store import MediaError, MediaStore, new_media_key
+from gateway.runtime.faults import crash_point
+from gateway.runtime.metrics import Metrics
+from gateway.sanitise import one_line
+from gateway.smtp import esmtp_params as dsn_params
+from gateway.smtp import replies
+from gateway.smtp.access import Access, Client
 from gateway.smtp.partials import Expired, Partials
+from gateway.smtp.replies import Reply
 from gateway.spool import Spool, copy_durable, fsync_dir
 from gateway.store.base import Store, StoreError
 from gateway.store.rows import Message, NewJob
-from gateway.sanitise import one_line
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +277,7 @@ class Intake:
                       charge: asyncio.Future[Reply | None] | None,
                       dsn: tuple[dsn_params.MailParams, list[dsn_params.RcptParams]] | None
                       = None) -> Accepted:
-        date = format_datetime(datetime.fromtimestamp(self.clock(), timezone.utc))
+        date = format_datetime(datetime.fromtimestamp(self.clock(), UTC))
         size = path.stat().st_size
         try:
             # Large mail is converted one at a time (CpuPool.turn); the wait is bounded so the

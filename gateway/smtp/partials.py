@@ -16,14 +16,22 @@ import asyncio
 import functools
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from gateway.documents.partial import (MAX_OPEN_SETS, PartialError, Received, SetsFull, join,
-                                       partial_info, set_key)
-from gateway.runtime.faults import crash_point
+from gateway.documents.partial import (
+    MAX_OPEN_SETS,
+    PartialError,
+    Received,
+    SetsFull,
+    join,
+    partial_info,
+    set_key,
+)
 from gateway.media_store import MediaError, MediaStore
+from gateway.runtime.faults import crash_point
 from gateway.store.base import Store
 from gateway.store.partials import Added, HeldSet, PartialsStore, stale
 from gateway.store.sql import SqlStore

@@ -18,21 +18,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser, BytesParser
 from email.utils import format_datetime, make_msgid
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 from gateway.config import Settings
 from gateway.constants import SMTP_LINE_TIMEOUT_S
-from gateway.mail.sender import MAIL_POLICY, Notifier, NotifyError
 from gateway.documents.mime import header_block
+from gateway.mail.sender import MAIL_POLICY, Notifier, NotifyError
 from gateway.rules.policy import RateLimiter
-from gateway.smtp.replies import Reply
 from gateway.sanitise import one_line
+from gateway.smtp.replies import Reply
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class Postmaster:
         msg["To"] = self.address
         msg["Subject"] = one_line(f"Mail to postmaster@{s.fax.domain} from "
                                   f"{mail_from or '<>'}: {subject or '(no subject)'}", 300)
-        msg["Date"] = format_datetime(datetime.now(timezone.utc))
+        msg["Date"] = format_datetime(datetime.now(UTC))
         msg["Message-ID"] = make_msgid(domain=s.smtp.hostname)
         msg["Auto-Submitted"] = "auto-forwarded"
         msg.set_content(

@@ -31,9 +31,10 @@ from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException
 
 from gateway.config import HostPort, Settings
 from gateway.constants import MAX_RCPT_ADDRESS_CHARS, SMTP_LINE_TIMEOUT_S
-from gateway.runtime.metrics import Metrics
 from gateway.phone import NumberError, parse_fax_number, parse_recipient
-from gateway.smtp import esmtp_params as dsn, replies
+from gateway.runtime.metrics import Metrics
+from gateway.smtp import esmtp_params as dsn
+from gateway.smtp import replies
 from gateway.smtp.access import Access, Client
 from gateway.smtp.aiosmtpd_compat import (
     FaxEnvelope,

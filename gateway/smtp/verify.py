@@ -27,13 +27,14 @@ import ipaddress
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email import policy
 from email.parser import BytesHeaderParser
 from email.utils import getaddresses
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import authres
 import dkim
@@ -47,12 +48,12 @@ from authres.dmarc import DMARCAuthenticationResult
 from publicsuffixlist import PublicSuffixList
 
 from gateway.config import Settings
-from gateway.documents.mime import header_address, header_block, raw_header
 from gateway.constants import MAX_CONCURRENT_VERIFICATIONS, MAX_DKIM_SIGNATURES, MAX_DNS_LOOKUPS
-from gateway.smtp.access import Client
-from gateway.smtp import replies
-from gateway.smtp.replies import Reply
+from gateway.documents.mime import header_address, header_block, raw_header
 from gateway.sanitise import one_line
+from gateway.smtp import replies
+from gateway.smtp.access import Client
+from gateway.smtp.replies import Reply
 
 log = logging.getLogger(__name__)
 # dkimpy logs every bad signature or missing key at ERROR: the sender's problem, not ours;

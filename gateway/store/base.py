@@ -28,8 +28,9 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from gateway import defaults
 from gateway.jobs.outbound_states import IllegalTransition

@@ -4,7 +4,8 @@ gateway/store/base.py, which both backends import, so the choice of backend is m
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from gateway.store.base import DB_FILENAME
 from gateway.store.sql import SqlStore

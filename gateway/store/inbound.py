@@ -22,8 +22,9 @@ Message-ID (derived from the fax and the recipient), so a copy that escapes is o
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
-from typing import Any, Iterable
+from typing import Any
 
 from gateway.jobs.inbound_states import DUE_STATES, InEv, InState, check_transition
 from gateway.store.base import StoreError

@@ -19,7 +19,8 @@ dashboard's reads on a connection of their own), so the event loop never waits o
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, ContextManager, Iterable, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ContextManager, TypeVar
 
 from gateway.jobs.outbound_states import CallbackAction, Job, State
 from gateway.store.rows import Attempt, Event, JobListing, Message, NewJob, UnderWay

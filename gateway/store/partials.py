@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from gateway.documents.partial import PartialError, PartialInfo, SetsFull, check_part
 from gateway.store.base import StoreError
@@ -32,7 +33,7 @@ def sender_key(sender: str) -> str:
     return hashlib.sha256(sender.lower().encode()).hexdigest()[:40]
 
 
-def stale(held: "HeldSet", before: float | None) -> bool:
+def stale(held: HeldSet, before: float | None) -> bool:
     """Claimed for a join so long ago that the node joining it must have died."""
     return (before is not None and held.state == JOINING and held.claimed_at is not None
             and held.claimed_at <= before)

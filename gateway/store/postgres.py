@@ -20,7 +20,8 @@ import functools
 import logging
 import threading
 import time
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import abc
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import fields
-from typing import Any, Callable, ContextManager, Sequence
+from typing import Any, ContextManager
 
 from gateway.jobs.outbound_states import Job, State
 from gateway.store import migrations

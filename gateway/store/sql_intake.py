@@ -3,7 +3,7 @@ copy sent again (a client that lost our 250) into the jobs of the first, decided
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from gateway.jobs.outbound_states import Ev, State, check_transition
 from gateway.store.base import StoreError

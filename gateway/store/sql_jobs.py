@@ -4,14 +4,24 @@ the worker's steps, the document's purge and the operator's actions."""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
-from gateway.jobs.outbound_states import (ACTIVE_STATES, FINISHED, REPORT_DUE, CallbackAction, Ev,
-                                     Job, State, check_transition, classify_callback)
+from gateway.jobs.outbound_states import (
+    ACTIVE_STATES,
+    FINISHED,
+    REPORT_DUE,
+    CallbackAction,
+    Ev,
+    Job,
+    State,
+    check_transition,
+    classify_callback,
+)
+from gateway.sanitise import one_line
 from gateway.store.base import StoreError
 from gateway.store.rows import Attempt, Event, Message, NewJob, UnderWay
 from gateway.store.sql_core import _ATTEMPT_COLUMNS, _MESSAGE_COLUMNS, Expr, SqlCore, _job, _marks
-from gateway.sanitise import one_line
 
 
 def operator(by: str | None) -> str:

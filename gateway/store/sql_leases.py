@@ -4,7 +4,8 @@ their renewal and release, named leases, the account's send slot, and hits (rate
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from gateway.jobs.outbound_states import ACTIVE_STATES, Job, State
 from gateway.store.sql_core import SqlCore, _job, _marks

@@ -3,7 +3,8 @@ each job's message and last event, and a page of a search filtered, counted and 
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from gateway.jobs.outbound_states import ACTIVE_STATES, State
 from gateway.store.rows import Event, JobListing

@@ -10,8 +10,9 @@ import contextlib
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 from gateway import defaults
 from gateway.store.base import StoreError

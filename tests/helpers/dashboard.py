@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import pytest
 from playwright.async_api import Browser, Page, async_playwright, expect

@@ -10,8 +10,15 @@ from gateway.daemon import Gateway
 from gateway.inbound.webhook import INBOUND_ROUTE
 from gateway.users import passwd_command
 
-from ..conftest import (FakeClock, GatewayFactory, RelaySink, Simulator, make_pdf, production_env,
-                        relay_env)
+from ..conftest import (
+    FakeClock,
+    GatewayFactory,
+    RelaySink,
+    Simulator,
+    make_pdf,
+    production_env,
+    relay_env,
+)
 from .dashboard import PASSWORDS, Watched
 
 ROUTED = "+13103383454"

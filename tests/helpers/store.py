@@ -4,8 +4,8 @@ gateways would be. The fixtures are imported by the modules that use them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 

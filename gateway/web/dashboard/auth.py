@@ -23,15 +23,15 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
 from aiohttp import web
 
 from gateway.rules.policy import TrustedNetworks
 from gateway.store.interfaces import Calls
 from gateway.store.sessions import SessionStore
-from gateway.users import LoginThrottle, ROLES, User, UsersFile, authenticate, client_key
+from gateway.users import ROLES, LoginThrottle, User, UsersFile, authenticate, client_key
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, urlencode
 
@@ -108,7 +108,7 @@ def parse_day(text: str, field: str) -> float | None:
     if not _DATE.fullmatch(text):
         raise AdminError(f"{field}: give a date as YYYY-MM-DD")
     try:
-        day = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=timezone.utc)
+        day = datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
     except ValueError:
         raise AdminError(f"{field}: {text} is not a date") from None
     return day.timestamp()

@@ -3,7 +3,7 @@ numbers as people write them, ages in words."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from markupsafe import Markup
 
@@ -15,7 +15,7 @@ def when(ts: float | None) -> Markup | str:
     viewer's own time zone."""
     if ts is None:
         return "-"
-    moment = datetime.fromtimestamp(ts, timezone.utc)
+    moment = datetime.fromtimestamp(ts, UTC)
     utc = moment.strftime("%Y-%m-%d %H:%M:%S")
     return Markup('<time datetime="{}" title="{} UTC">{} UTC</time>').format(
         moment.strftime("%Y-%m-%dT%H:%M:%SZ"), utc, utc)

@@ -6,16 +6,23 @@ Every function is synchronous and meant to run on the store's own thread (`store
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Sequence
 
+from gateway.jobs.outbound_states import (
+    ACTIVE_STATES,
+    FINISHED,
+    REPORT_DUE,
+    Job,
+    RetryPolicy,
+    State,
+    retry_decision,
+)
 from gateway.mail.reports import outcome
 from gateway.outbound import actions
 from gateway.outbound.actions import JobRow
-from gateway.jobs.outbound_states import (ACTIVE_STATES, FINISHED, REPORT_DUE, Job, RetryPolicy,
-                                     State, retry_decision)
 from gateway.store import inbound
 from gateway.store.base import Store
 from gateway.store.inbound import InboundFax, InboundStore
@@ -100,7 +107,7 @@ class Offer:
 
 
 def _when_utc(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def offers(d: JobDetail, now: float, retry_policy: RetryPolicy, shared: bool) -> list[Offer]:

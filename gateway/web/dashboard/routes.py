@@ -19,8 +19,9 @@ import asyncio
 import logging
 import re
 from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 from urllib.parse import urlencode
 
 import jinja2
@@ -28,21 +29,29 @@ from aiohttp import web
 
 from gateway.config import Settings
 from gateway.documents.pool import CpuPool, call
+from gateway.inbound.delivery import PermanentFailure, fetch_document
+from gateway.jobs.outbound_states import RetryPolicy
 from gateway.outbound import actions
 from gateway.outbound.actions import AdminError, AlreadyResent
 from gateway.runtime.logs import redact
 from gateway.runtime.nodes import LIVE_S
-from gateway.jobs.outbound_states import RetryPolicy
-from gateway.signalwire.client import SignalWireClient
-from gateway.users import LoginThrottle, UsersFile
-from gateway.web.dashboard import queries
-from gateway.web.dashboard.auth import (LOGIN_COOKIE, NO_DASHBOARD_ROLE, SESSION_COOKIE, Logins,
-                                        Proxy, Session, Sessions, password_tag, same_token)
-from gateway.inbound.delivery import PermanentFailure, fetch_document
-from gateway.signalwire.client import SignalWireError
+from gateway.signalwire.client import SignalWireClient, SignalWireError
 from gateway.store.base import StoreError
 from gateway.store.inbound import InboundFax, InboundStore
 from gateway.store.sql import SqlStore
+from gateway.users import LoginThrottle, UsersFile
+from gateway.web.dashboard import queries
+from gateway.web.dashboard.auth import (
+    LOGIN_COOKIE,
+    NO_DASHBOARD_ROLE,
+    SESSION_COOKIE,
+    Logins,
+    Proxy,
+    Session,
+    Sessions,
+    password_tag,
+    same_token,
+)
 from gateway.web.dashboard.filters import job_filters, parse_day, received_filters, safe_next
 from gateway.web.dashboard.formatting import ago, shown_number, when
 from gateway.web.dashboard.thumbs import THUMB_WIDTH_PX
