@@ -430,7 +430,9 @@ class ReportSettings:
                              "could not be faxed", defaults.REPORT_REFUSALS, kind="bool")
     template_dir: Path | None = setting(
         "REPORT_TEMPLATE_DIR", "folder with your own `report.txt`, `report.html`, "
-        "`accepted.txt`, `refused.txt`", None)
+        "`accepted.txt`, `refused.txt` (jinja2 templates, see "
+        "[report-templates.md](report-templates.md); old `$name` templates are refused at "
+        "start, exit 78)", None)
 
 
 @dataclass(frozen=True)

@@ -366,7 +366,7 @@ async def test_viewer_sees_but_cannot_act(dash: Dash, browser: Browser) -> None:
 
 
 async def test_screenshots(dash: Dash, browser: Browser, tmp_path: Path) -> None:
-    """The pictures in the README; written to docs/screenshots with FAXGW_SCREENSHOTS=1."""
+    """The pictures in docs/operations.md; written to docs/screenshots with FAXGW_SCREENSHOTS=1."""
     out = SCREENSHOTS if os.environ.get("FAXGW_SCREENSHOTS") == "1" else tmp_path
     out.mkdir(parents=True, exist_ok=True)
     w = await new_page(browser, viewport={"width": 1100, "height": 640})

@@ -177,7 +177,7 @@ async def test_a_deleted_document_says_why_there_is_no_picture(
 
 
 async def test_received_screenshot(kept: Inbox, browser: Browser, tmp_path: Path) -> None:
-    """The received fax page for the README; written to docs/screenshots with
+    """The received fax page for docs/operations.md; written to docs/screenshots with
     FAXGW_SCREENSHOTS=1."""
     from PIL import Image
 
