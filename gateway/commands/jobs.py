@@ -258,7 +258,8 @@ def check_config(settings: Settings) -> int:
             print(f"{name}: OK {detail}")
         except Exception as exc:  # a check reports every failure, whatever its kind
             failed = True
-            words = exc.words if isinstance(exc, SignalWireError) else f"{type(exc).__name__}: {exc}"
+            words = (exc.words if isinstance(exc, SignalWireError)
+                     else f"{type(exc).__name__}: {exc}")
             print(f"{name}: FAIL {words[:300]}")
     return EXIT_UNAVAILABLE if failed else EX_OK
 

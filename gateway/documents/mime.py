@@ -91,7 +91,7 @@ _WESTERN_CHARSETS = frozenset(
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _ENCODED_WORD = re.compile(r"=\?([^?\s]{1,40})\?([bBqQ])\?([^?\s]*)\?=")
 _ENCODED_WORD_GAP = re.compile(r"(=\?[^?\s]{1,40}\?[bBqQ]\?[^?\s]*\?=)\s+(?==\?)")
-_MSGID = re.compile(r"<[!-;=?-~]{1,%d}>" % (MAX_MSGID_CHARS - 2))
+_MSGID = re.compile(rf"<[!-;=?-~]{{1,{MAX_MSGID_CHARS - 2}}}>")
 _BASE64_ALPHABET_AND_SPACE = (b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
                               b" \t\r\n\x0b\x0c")
 

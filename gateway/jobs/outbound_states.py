@@ -173,7 +173,8 @@ class Job:
     created_at: float
     updated_at: float
     reported_at: float | None
-    dsn_notify: str | None = None  # RCPT's NOTIFY and ORCPT (RFC 3461), see gateway/smtp/esmtp_params.py
+    # RCPT's NOTIFY and ORCPT (RFC 3461), see gateway/smtp/esmtp_params.py
+    dsn_notify: str | None = None
     dsn_orcpt: str | None = None
     # The fencing token: the claim this copy of the job was read under (see SqlStore).
     lease_epoch: int = 0

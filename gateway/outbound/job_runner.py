@@ -1,4 +1,5 @@
-"""The worker: moves every due job one step along its state machine (see gateway/jobs/outbound_states.py).
+"""The worker: moves every due job one step along its state machine (see
+gateway/jobs/outbound_states.py).
 
 Each job carries `next_run_at`; the worker runs what is due, at most `worker_concurrency` at a
 time, and sleeps until the next due time or until woken (new mail, a final callback). Every step

@@ -248,7 +248,8 @@ def _normalise_prefix(raw: str) -> str:
     digits = prefix[1:]
     if not (prefix.startswith("+") and digits.isascii() and digits.isdigit()
             and 1 <= len(digits) <= 15):
-        raise ValueError(f"{raw!r} is not a number prefix (+ and 1 to 15 digits, e.g. +44 or +1900)")
+        raise ValueError(f"{raw!r} is not a number prefix (+ and 1 to 15 digits, e.g. +44 or "
+                         "+1900)")
     return prefix
 
 

@@ -9,7 +9,8 @@ password. Every reply is a `replies.Reply`; the metrics take the refusal reason 
 
 ESMTP as the relays in front of it speak it: PIPELINING (RFC 2920), ENHANCEDSTATUSCODES (RFC
 2034: aiosmtpd's own replies get theirs in `push`), DSN (RFC 3461: RET, ENVID, NOTIFY, ORCPT)
-and RFC 4954's `AUTH=` on MAIL, which aiosmtpd would answer with 555; see gateway/smtp/esmtp_params.py.
+and RFC 4954's `AUTH=` on MAIL, which aiosmtpd would answer with 555; see
+gateway/smtp/esmtp_params.py.
 
 Where aiosmtpd is extended beyond its handler hooks (DATA streamed to a file, AUTH mechanisms
 matched case-insensitively, the 421 on timeouts, the connection caps, the DSN and AUTH=
