@@ -230,11 +230,17 @@ class RetryPolicy:
 
 
 class SettingsLike(Protocol):
-    fax_max_attempts: int
-    fax_retry_delay_s: float
-    fax_kill_minutes: float
+    @property
+    def fax(self) -> FaxSettingsLike: ...
 
 
+class FaxSettingsLike(Protocol):
+    @property
+    def max_attempts(self) -> int: ...
+    @property
+    def retry_delay_s(self) -> float: ...
+    @property
+    def kill_minutes(self) -> float: ...
 
 
 def retry_decision(job: Job, policy: RetryPolicy, now: float) -> tuple[float, str, str] | None:
