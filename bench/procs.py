@@ -102,7 +102,8 @@ class Child:
         except TimeoutError:
             self.kill_now()
             await self.proc.wait()
-            raise RuntimeError(f"{self.name}: still running after {timeout_s:.0f} s; killed")
+            raise RuntimeError(f"{self.name}: still running after {timeout_s:.0f} s; "
+                               "killed") from None
         await self._finish()
         return code
 

@@ -461,7 +461,7 @@ class Bench:
                 break
             except OSError:
                 if not c.running:
-                    raise RuntimeError(f"smtp-sink exited:\n{tail(c.log_path)}")
+                    raise RuntimeError(f"smtp-sink exited:\n{tail(c.log_path)}") from None
                 await asyncio.sleep(0.02)
         return c, port
 

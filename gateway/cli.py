@@ -190,8 +190,9 @@ def cmd_send(args: argparse.Namespace) -> int:
             print(f"refused {rcpt}: {code} {text.decode(errors='replace')}", file=sys.stderr)
         return 1
     except smtplib.SMTPResponseException as exc:
-        print(f"refused: {exc.smtp_code} {exc.smtp_error.decode(errors='replace')}",
-              file=sys.stderr)
+        error = exc.smtp_error  # bytes from the server's reply; typeshed also allows str
+        words = error.decode(errors="replace") if isinstance(error, bytes) else error
+        print(f"refused: {exc.smtp_code} {words}", file=sys.stderr)
         return 1
     except OSError as exc:
         print(f"cannot talk to {where}: {exc}", file=sys.stderr)

@@ -11,6 +11,7 @@ config in one round trip; the daemon exits 78 (EX_CONFIG) on any of them.
 
 from __future__ import annotations
 
+import builtins
 import ipaddress
 import os
 import secrets
@@ -713,7 +714,7 @@ class _Reader:
             return default
         return value.strip()
 
-    def int(self, name: str, default: int, lo: int, hi: int) -> int:
+    def int(self, name: builtins.str, default: int, lo: int, hi: int) -> int:
         raw = self.str(name)
         if raw is None:
             return default
@@ -726,7 +727,7 @@ class _Reader:
             self.problems.append(f"{name}: {value} is outside {lo}..{hi}")
         return value
 
-    def float(self, name: str, default: float, lo: float, hi: float) -> float:
+    def float(self, name: builtins.str, default: float, lo: float, hi: float) -> float:
         raw = self.str(name)
         if raw is None:
             return default
@@ -739,7 +740,7 @@ class _Reader:
             self.problems.append(f"{name}: {value} is outside {lo}..{hi}")
         return value
 
-    def bool(self, name: str, default: bool) -> bool:
+    def bool(self, name: builtins.str, default: bool) -> bool:
         raw = self.str(name)
         if raw is None:
             return default
@@ -751,7 +752,7 @@ class _Reader:
         self.problems.append(f"{name}: {raw!r} is not yes or no")
         return default
 
-    def addresses(self, name: str) -> tuple[str, ...]:
+    def addresses(self, name: builtins.str) -> tuple[builtins.str, ...]:
         raw = self.str(name, "") or ""
         items = tuple(a.strip() for a in raw.split(",") if a.strip())
         for item in items:
@@ -759,13 +760,14 @@ class _Reader:
                 self.problems.append(f"{name}: {item!r} is not a mail address")
         return items
 
-    def items(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+    def items(self, name: builtins.str,
+              default: tuple[builtins.str, ...] = ()) -> tuple[builtins.str, ...]:
         raw = self.env.get(name)
         if raw is None:
             return default
         return tuple(i.strip() for i in raw.replace("\n", ",").split(",") if i.strip())
 
-    def file(self, name: str) -> Path | None:
+    def file(self, name: builtins.str) -> Path | None:
         raw = self.str(name)
         if raw is None:
             return None
@@ -773,7 +775,8 @@ class _Reader:
             self.problems.append(f"{name}: {raw} does not exist or is not a file")
         return Path(raw)
 
-    def choice(self, name: str, default: str, allowed: tuple[str, ...]) -> str:
+    def choice(self, name: builtins.str, default: builtins.str,
+               allowed: tuple[builtins.str, ...]) -> builtins.str:
         raw = self.str(name, default)
         assert raw is not None
         raw = raw.lower()
@@ -782,7 +785,7 @@ class _Reader:
             return default
         return raw
 
-    def hostport(self, name: str, default: str) -> HostPort:
+    def hostport(self, name: builtins.str, default: builtins.str) -> HostPort:
         raw = self.str(name, default)
         assert raw is not None
         host, sep, port_text = raw.rpartition(":")
@@ -792,7 +795,7 @@ class _Reader:
             host, _, port_text = default.rpartition(":")
         return HostPort(host, int(port_text))
 
-    def url(self, name: str) -> str | None:
+    def url(self, name: builtins.str) -> builtins.str | None:
         raw = self.str(name)
         if raw is None:
             return None

@@ -3,7 +3,8 @@
 The local part is the only place a sender can put the destination, so the rules here decide
 which faxes are dialled at all. They are strict on purpose: a number that is merely guessed at
 (letters turned into digits, a leading ``00`` read as an international prefix in a region
-where it is not one, a lone letter O read as a zero) dials a stranger, and a fax sent to a stranger cannot be called back.
+where it is not one, a lone letter O read as a zero) dials a stranger, and a fax sent to a
+stranger cannot be called back.
 Errors carry a message in plain ASCII words that the SMTP layer can put straight into a reply.
 """
 

@@ -33,8 +33,7 @@ VARIABLES: dict[str, tuple[str, ...]] = {
 # (the HTML ones included advice_html, thumbnail_html and attempts_html).
 _OLD_NAMES = sorted({n for names in VARIABLES.values() for n in names}
                     | {"advice_html", "thumbnail_html", "attempts_html"})
-_OLD_PLACEHOLDER = re.compile(r"\$(?:\{(%s)\}|(%s)\b)" % ("|".join(_OLD_NAMES),
-                                                           "|".join(_OLD_NAMES)))
+_OLD_PLACEHOLDER = re.compile(rf"\$(?:\{{({'|'.join(_OLD_NAMES)})\}}|({'|'.join(_OLD_NAMES)})\b)")
 
 
 @functools.lru_cache(maxsize=8)

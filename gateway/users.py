@@ -8,7 +8,8 @@ address for a while; verification is CPU-bound (~50-100 ms), so the SMTP edge mu
 
 The users file is one user per line, fields separated by spaces or tabs::
 
-    # NAME  HASH                    [from=E164] [report=ADDRESS] [senders=PATTERN,PATTERN] [role=ROLE]
+    # NAME  HASH                    [from=E164] [report=ADDRESS] [senders=PATTERN,PATTERN]
+    #                               [role=ROLE]
     scanner1 scrypt$15$8$1$...$...   from=+15551234567 report=it@example.com
     lab      scrypt$15$8$1$...$...   senders=lab@example.com,*@lab.example.com
     ann      scrypt$15$8$1$...$...   role=admin
@@ -84,7 +85,8 @@ _KEYS = ("from", "report", "senders", "role")
 ROLES = ("admin", "viewer")
 _FILE_HEADER = """\
 # faxgw users: one SMTP AUTH user per line, fields separated by spaces or tabs.
-#   NAME HASH [from=+15551234567] [report=it@example.com] [senders=a@example.com,*@example.org] [role=admin]
+#   NAME HASH [from=+15551234567] [report=it@example.com] [senders=a@example.com,*@example.org] \
+[role=admin]
 # HASH comes from `faxgw passwd`.  from= is the caller ID for this user's faxes, report=
 # where reports go (default: the envelope sender), senders= the MAIL FROM addresses this
 # user may send as (default: any), role= admin or viewer for the web dashboard (default: none).
@@ -144,7 +146,8 @@ def _parse_hash(encoded: str) -> tuple[int, int, int, bytes, bytes]:
     log2_n = _small_int(parts[1], 1, 24)
     r = _small_int(parts[2], 1, 64)
     p = _small_int(parts[3], 1, 64)
-    if _scrypt_maxmem(log2_n, r, p) > _MAX_SCRYPT_MEMORY_BYTES or (1 << log2_n) * r * p > _MAX_SCRYPT_WORK:
+    if (_scrypt_maxmem(log2_n, r, p) > _MAX_SCRYPT_MEMORY_BYTES
+            or (1 << log2_n) * r * p > _MAX_SCRYPT_WORK):
         raise ValueError("scrypt parameters too costly")
     try:
         salt = base64.b64decode(parts[4], validate=True)
@@ -232,8 +235,8 @@ def _check_e164(value: str) -> str | None:
 
 def _check_address(value: str) -> str | None:
     local, at, domain = value.rpartition("@")
-    if not at or not local or not domain or any(ch.isspace() or ch in "<>,;\"" or not ch.isprintable()
-                                                for ch in value):
+    if not at or not local or not domain or any(ch.isspace() or ch in "<>,;\""
+                                                or not ch.isprintable() for ch in value):
         return f"report={value} is not a mail address"
     return None
 

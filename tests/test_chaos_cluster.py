@@ -85,7 +85,7 @@ def alive(node: DaemonProcess) -> bool:
 
 async def deliver(nodes: list[DaemonProcess], number: str, msgid: str) -> list[str]:
     """Like a sending MTA: try the nodes in turn until one answers 250 (same Message-ID)."""
-    for attempt in range(40):
+    for _ in range(40):
         node = random.choice([n for n in nodes if alive(n)] or nodes)
         try:
             reply = await smtp_send(node.smtp_port, pdf_mail(f"{number}@fax.local",

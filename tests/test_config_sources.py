@@ -198,7 +198,8 @@ async def test_a_port_in_use_names_the_setting_that_asked_for_it(setting: str,
         _, err = await asyncio.wait_for(proc.communicate(), 60)
     text = err.decode()
     assert proc.returncode == 69, text
-    assert re.search(rf"cannot start: {setting}=127\.0\.0\.1:{port}: Address already in use", text), text
+    assert re.search(rf"cannot start: {setting}=127\.0\.0\.1:{port}: Address already in use",
+                     text), text
     assert "Traceback" not in text
 
 

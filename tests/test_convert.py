@@ -413,7 +413,7 @@ def test_mixed_landscape_legal_and_a4_pages_fit_letter_uncropped() -> None:
 def test_rotate_attribute_is_baked_into_the_content() -> None:
     original = reportlab_pdf([letter] * 4)
     writer = PdfWriter(clone_from=PdfReader(io.BytesIO(original)))
-    for page, angle in zip(writer.pages, (90, 180, 270, 0)):
+    for page, angle in zip(writer.pages, (90, 180, 270, 0), strict=True):
         page.rotate(angle)
     out = io.BytesIO()
     writer.write(out)
@@ -421,7 +421,8 @@ def test_rotate_attribute_is_baked_into_the_content() -> None:
     images = check_fax_pdf(pdf, "letter", 4)
     # What the sender saw in a viewer (which honours /Rotate), landscape views turned
     # counter-clockwise onto portrait paper, is what the fax shows.
-    for number, (shown, faxed) in enumerate(zip(render(out.getvalue()), images), start=1):
+    for number, (shown, faxed) in enumerate(zip(render(out.getvalue()), images, strict=True),
+                                            start=1):
         expected = shown.rotate(90, expand=True) if shown.width > shown.height else shown
         assert expected.size == faxed.size
         difference = ImageChops.difference(expected, faxed)

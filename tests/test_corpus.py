@@ -700,9 +700,10 @@ async def test_encrypted_pdf_is_refused(corpus: CorpusFactory) -> None:
     assert "Befund.pdf" in reply.text
 
 
-# ----------------------------------------------------------------------------- scripts (issue 15, item 7)
+# ---------------------------------------------------------------------- scripts (issue 15, item 7)
 
-CHINESE, RUSSIAN, GREEK, ARABIC = "发票已付款", "Счёт оплачен", "Το τιμολόγιο πληρώθηκε", "تم دفع الفاتورة"
+CHINESE, RUSSIAN, GREEK, ARABIC = ("发票已付款", "Счёт оплачен", "Το τιμολόγιο πληρώθηκε",
+                                   "تم دفع الفاتورة")
 
 
 def pdf_fonts(pdf: bytes) -> set[str]:

@@ -228,5 +228,5 @@ async def test_workers_that_cannot_start_are_retried_slowly_and_said_so(
         finally:
             await cpu.stop()
     assert "ended without answering a task (exit status 3)" in caplog.text
-    gaps = [b - a for a, b in zip(spawned, spawned[1:])]
+    gaps = [b - a for a, b in zip(spawned, spawned[1:], strict=False)]
     assert gaps[0] >= 0.5 and gaps[1] >= 1.0, gaps  # 0.5 s, then 1 s, ... up to 30 s

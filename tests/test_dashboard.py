@@ -191,7 +191,8 @@ async def test_job_page_picture_pdf_and_resend(dash: Dash, browser: Browser, rel
     await page.wait_for_load_state()
     new_id = page.url.rsplit("/", 1)[1]
     assert new_id != j["delivered"] and re.fullmatch(r"[0-9a-f]{16}", new_id)
-    await expect(page.locator(".flash")).to_contain_text(f"Job {j['delivered']} is being sent again")
+    await expect(page.locator(".flash")).to_contain_text(
+        f"Job {j['delivered']} is being sent again")
     # A second fax really goes out, to the same number.
     await dash.simulator.state.wait_faxes(faxes_before + 1)
     newest = list(dash.simulator.state.faxes.values())[-1]

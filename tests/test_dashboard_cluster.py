@@ -206,7 +206,8 @@ def test_faxgw_resend_at_the_same_moment_makes_one_job(
             start = threading.Barrier(3)
             codes: list[int] = []
 
-            def resend() -> None:
+            def resend(start: threading.Barrier = start, codes: list[int] = codes,
+                       job_id: str = job_id) -> None:
                 start.wait(10)
                 codes.append(commands.resend(settings, job_id))
 

@@ -125,7 +125,8 @@ async def test_an_active_job_offers_cancel_and_says_when_it_tries_next(
     await expect(nxt).to_have_text(local.strftime("%Y-%m-%d %H:%M:%S"))
     utc = datetime.fromtimestamp(job.next_run_at, ZoneInfo("UTC"))
     assert await nxt.get_attribute("title") == utc.strftime("%Y-%m-%d %H:%M:%S UTC")
-    await expect(page.locator(".facts")).to_contain_text(re.compile(r"Next attempt.*\(in (29|30) min"))
+    await expect(page.locator(".facts")).to_contain_text(
+        re.compile(r"Next attempt.*\(in (29|30) min"))
     # The list's times too, and they stay local when the list refreshes itself.
     await page.goto(f"{base}/jobs")
     created = datetime.fromtimestamp(job.created_at, ZoneInfo(ZONE))

@@ -379,7 +379,7 @@ async def test_a_final_callback_racing_the_send_answer_is_kept(pg_url: str,
         store.close()
 
 
-# -- 5. the store down under a callback or a step ----------------------------------------------------
+# -- 5. the store down under a callback or a step ------------------------------------------------
 
 def store_down(gw: Gateway) -> Callable[[], None]:
     """Make the gateway's job store stop answering writes; returns the undo. SQLite: another
@@ -527,7 +527,7 @@ async def test_a_node_paused_past_its_lease_mails_no_report_twice(
     assert len(numbers) == len(set(numbers)) == 8, numbers  # each faxed once
 
 
-# -- 4. a callback before the send's answer ----------------------------------------------------------
+# -- 4. a callback before the send's answer -------------------------------------------------------
 
 async def test_a_final_callback_before_the_send_answer_blocks_nothing(
         backend: str, node_env: Callable[..., dict[str, str]], make_gateway: GatewayFactory,

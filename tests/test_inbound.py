@@ -100,7 +100,8 @@ async def test_unrouted_number_and_blocked_caller_get_reject(
         tmp_path: Path, simulator: Simulator, relay: RelaySink,
         manual_gateway: GatewayFactory) -> None:
     gw = await manual_gateway(env(tmp_path, simulator, relay,
-                                  INBOUND_BLOCKED_CALLERS="+1900,+12125550666"), FakeClock(time.time()))
+                                  INBOUND_BLOCKED_CALLERS="+1900,+12125550666"),
+                              FakeClock(time.time()))
     try:
         unrouted = await ring(gw, simulator, to=UNROUTED)
         blocked = await ring(gw, simulator, caller="+12125550666")
@@ -121,7 +122,8 @@ async def test_unrouted_number_and_blocked_caller_get_reject(
 async def test_inbound_off_rejects_everything(tmp_path: Path, simulator: Simulator,
                                               relay: RelaySink,
                                               manual_gateway: GatewayFactory) -> None:
-    gw = await manual_gateway(env(tmp_path, simulator, relay, INBOUND_ROUTES=""), FakeClock(time.time()))
+    gw = await manual_gateway(env(tmp_path, simulator, relay, INBOUND_ROUTES=""),
+                              FakeClock(time.time()))
     try:
         assert (await ring(gw, simulator)).answer == "reject"
     finally:
@@ -215,7 +217,8 @@ async def test_voice_call_noise_goes_to_the_admin_only(
         tmp_path: Path, simulator: Simulator, relay: RelaySink,
         manual_gateway: GatewayFactory) -> None:
     gw = await manual_gateway(env(tmp_path, simulator, relay,
-                                  INBOUND_ADMIN_ADDRESS="faxadmin@example.com"), FakeClock(time.time()))
+                                  INBOUND_ADMIN_ADDRESS="faxadmin@example.com"),
+                              FakeClock(time.time()))
     try:
         simulator.state.inbound.outcome = "failed:The call dropped prematurely"
         await ring(gw, simulator)

@@ -18,7 +18,8 @@ from .helpers.inbound import ADMIN, counts, env, ring, row
 
 
 async def test_a_document_neither_pdf_nor_tiff_is_given_up_told_and_counted_once(
-        tmp_path: Path, simulator: Simulator, relay: RelaySink, manual_gateway: GatewayFactory) -> None:
+        tmp_path: Path, simulator: Simulator, relay: RelaySink,
+        manual_gateway: GatewayFactory) -> None:
     gw = await manual_gateway(env(tmp_path, simulator, relay, INBOUND_ADMIN_ADDRESS=ADMIN),
                               FakeClock(time.time()))
     try:
@@ -44,7 +45,8 @@ async def test_a_document_neither_pdf_nor_tiff_is_given_up_told_and_counted_once
 
 
 async def test_a_refused_media_url_tells_the_administrator(
-        tmp_path: Path, simulator: Simulator, relay: RelaySink, manual_gateway: GatewayFactory) -> None:
+        tmp_path: Path, simulator: Simulator, relay: RelaySink,
+        manual_gateway: GatewayFactory) -> None:
     gw = await manual_gateway(env(tmp_path, simulator, relay, INBOUND_ADMIN_ADDRESS=ADMIN),
                               FakeClock(time.time()))
     try:
@@ -108,7 +110,8 @@ async def test_media_deletion_failing_until_give_up_leaves_the_fax_delivered(
 
 
 async def test_a_delivered_fax_is_counted_once_when_mailed(
-        tmp_path: Path, simulator: Simulator, relay: RelaySink, manual_gateway: GatewayFactory) -> None:
+        tmp_path: Path, simulator: Simulator, relay: RelaySink,
+        manual_gateway: GatewayFactory) -> None:
     gw = await manual_gateway(env(tmp_path, simulator, relay), FakeClock(time.time()))
     try:
         sid = await ring(gw, simulator, make_pdf(1))

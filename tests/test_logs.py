@@ -45,8 +45,8 @@ def test_json_lines_with_job_id_and_exception() -> None:
     assert set(first) == {"time", "level", "logger", "message", "job_id", "attempt"}
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", first["time"])
     assert (first["level"], first["logger"], first["message"], first["job_id"],
-            first["attempt"]) == ("INFO", "gateway.outbound.job_runner", "job 3f9c0a7e21b4d8c5: submitted",
-                                  "3f9c0a7e21b4d8c5", 2)
+            first["attempt"]) == ("INFO", "gateway.outbound.job_runner",
+                                  "job 3f9c0a7e21b4d8c5: submitted", "3f9c0a7e21b4d8c5", 2)
     assert second["level"] == "ERROR"
     assert second["job_id"] == "3f9c0a7e21b4d8c5"  # read from the "job <id>" line itself
     assert "Traceback" in second["exc"] and "RuntimeError" in second["exc"]

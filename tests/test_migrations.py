@@ -181,7 +181,8 @@ def test_the_cli_does_not_upgrade_a_database_under_a_running_old_daemon(tmp_path
     assert commands.jobs(settings, status=None, to=None, sender=None, since=None, limit=10,
                          fmt="table") == 1
     err = capsys.readouterr().err
-    assert f"is at schema version 0, this faxgw needs {migrations.LATEST}: restart the daemon" in err
+    assert (f"is at schema version 0, this faxgw needs {migrations.LATEST}: restart the daemon"
+            in err)
     db = sqlite3.connect(tmp_path / "faxgw.sqlite3")
     try:
         assert db.execute("SELECT state FROM jobs WHERE id = ?",

@@ -73,7 +73,8 @@ def test_every_installed_module_is_reached_from_the_entry_points() -> None:
             seen.add(name)
             todo.extend(imported_by(name, modules[name], modules) - seen)
     unreached = sorted(set(modules) - seen)
-    assert not unreached, f"installed but never imported by the gateway (tests/bench only?): {unreached}"
+    assert not unreached, ("installed but never imported by the gateway (tests/bench only?): "
+                           f"{unreached}")
 
 
 def test_testsupport_is_not_installed_and_the_gateway_does_not_import_it() -> None:

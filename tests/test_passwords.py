@@ -334,7 +334,8 @@ def test_success_clears_failures() -> None:
 
 def test_ipv4_mapped_and_ipv6_prefix_share_a_key() -> None:
     assert client_key("::ffff:192.0.2.7") == "192.0.2.7"
-    assert client_key("2001:db8:1:2::1") == client_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert (client_key("2001:db8:1:2::1") == client_key("2001:db8:1:2:ffff::9")
+            == "2001:db8:1:2::/64")
     assert client_key("fe80::1%eth0") == "fe80::/64"
     assert client_key("not an ip") == "not an ip"
     throttle = LoginThrottle(max_failures=2)

@@ -1,5 +1,5 @@
-"""Report mails written straight to bytes (gateway/mail/report_mime.py) against the same report built
-with the email package (report_message): a mail client must see the same mail."""
+"""Report mails written straight to bytes (gateway/mail/report_mime.py) against the same report
+built with the email package (report_message): a mail client must see the same mail."""
 
 from __future__ import annotations
 

@@ -159,7 +159,8 @@ async def test_spf_pass_aligned_is_accepted(make_gateway, dns_server: DnsServer,
     [job_id] = job_ids(reply.text)
     job = await gw.store.run(gw.store.job, job_id)
     message = await gw.store.run(gw.store.message, job.message_id)
-    assert "spf=pass" in message.auth_results and "smtp.mailfrom=spf.example" in message.auth_results
+    assert ("spf=pass" in message.auth_results
+            and "smtp.mailfrom=spf.example" in message.auth_results)
     assert "dkim=none" in message.auth_results and "dmarc=pass" in message.auth_results
 
 

@@ -201,7 +201,8 @@ async def test_open_relay_attempts_are_refused(make_gateway, tmp_path: Path) -> 
             client.ehlo("relay-test")
             client.mail("alice@example.com")
             return [client.rcpt(address) for address in (
-                "victim@example.org", "victim%example.org@fax.local", "<@fax.local:victim@example.org>",
+                "victim@example.org", "victim%example.org@fax.local",
+                "<@fax.local:victim@example.org>",
                 "victim@example.org@fax.local", "15551234567@fax.local.example.org",
                 "\"15551234567@example.org\"@fax.local")]
 

@@ -50,7 +50,7 @@ def live_pair(tmp_path: Path, certs: dict[str, tuple[Path, Path]]) -> Iterator[t
 
 def _install(src: tuple[Path, Path], dst: tuple[Path, Path]) -> None:
     """Replace the live files the way an ACME client does: write aside, rename over."""
-    for s, d in zip(src, dst):
+    for s, d in zip(src, dst, strict=True):
         tmp = d.with_suffix(".new")
         shutil.copy(s, tmp)
         os.replace(tmp, d)
@@ -150,7 +150,8 @@ async def test_tls12_scanner_with_only_cbc_sha_suites(certs: dict[str, tuple[Pat
 async def test_tls10_scanner_with_rsa_key_exchange(certs: dict[str, tuple[Path, Path]]) -> None:
     ctx = make_server_context(*certs["a"], min_version="TLSv1")
     async with tls_server(ctx) as port:
-        version, cipher, _ = await handshake(port, client_context("TLSv1", "AES128-SHA:@SECLEVEL=0"))
+        version, cipher, _ = await handshake(port, client_context("TLSv1",
+                                                                  "AES128-SHA:@SECLEVEL=0"))
         assert (version, cipher) == ("TLSv1", "AES128-SHA")
 
 
@@ -258,7 +259,8 @@ async def test_reload_keeps_the_version_floor(certs: dict[str, tuple[Path, Path]
         tls.reload()
         with pytest.raises(HANDSHAKE_FAILED):
             await handshake(port, client_context("TLSv1"))
-        assert (await handshake(port, client_context("TLSv1.2")))[2] == cert_fingerprint(certs["b"][0])
+        assert ((await handshake(port, client_context("TLSv1.2")))[2]
+                == cert_fingerprint(certs["b"][0]))
 
 
 class _NullHandler:

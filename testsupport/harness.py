@@ -119,7 +119,8 @@ class DaemonProcess:
         if crash_at:
             env["FAXGW_CRASH_AT"] = crash_at
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gateway", "run", *self.args, env=env, stdin=asyncio.subprocess.DEVNULL,
+            sys.executable, "-m", "gateway", "run", *self.args, env=env,
+            stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         self.starts += 1
         ready = asyncio.get_running_loop().create_future()

@@ -11,9 +11,10 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC
 from pathlib import Path
+from typing import Any
 
 from gateway.config import Settings
 from gateway.constants import EXIT_UNAVAILABLE
@@ -235,7 +236,7 @@ async def _probe_users(settings: Settings) -> str:
 def check_config(settings: Settings) -> int:
     """One line per check, OK/FAIL/SKIP and why; exit 0, or 69 when a service is unreachable
     (configuration errors never get here: they exit 78 while loading)."""
-    checks: list[tuple[str, Callable[[Settings], object] | None, str]] = [
+    checks: list[tuple[str, Callable[[Settings], Coroutine[Any, Any, str]] | None, str]] = [
         ("S3 media store", _probe_s3 if settings.media.store == "s3" else None,
          "MEDIA_STORE=local"),
         ("SignalWire API", _probe_signalwire if not settings.sandbox else None,
@@ -254,11 +255,12 @@ def check_config(settings: Settings) -> int:
             print(f"{name}: SKIP ({skip_reason})")
             continue
         try:
-            detail = asyncio.run(probe(settings))  # type: ignore[arg-type]
+            detail = asyncio.run(probe(settings))
             print(f"{name}: OK {detail}")
         except Exception as exc:  # a check reports every failure, whatever its kind
             failed = True
-            words = exc.words if isinstance(exc, SignalWireError) else f"{type(exc).__name__}: {exc}"
+            words = (exc.words if isinstance(exc, SignalWireError)
+                     else f"{type(exc).__name__}: {exc}")
             print(f"{name}: FAIL {words[:300]}")
     return EXIT_UNAVAILABLE if failed else EX_OK
 

@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Sequence
 from dataclasses import replace
-from email.message import EmailMessage
+from email.message import Message
 from typing import Any
 
 from gateway.documents import fonts
@@ -57,7 +57,7 @@ _BOILERPLATE = re.compile(
 _TAG = re.compile(r"\[\s*(standard|fine|superfine|cover|nocover|body|nobody)\s*\]", re.I)
 
 
-def message_options(msg: EmailMessage, subject: str, defaults: DocOptions) -> MessageOptions:
+def message_options(msg: Message, subject: str, defaults: DocOptions) -> MessageOptions:
     """Options a sender may set per message; headers win over subject tags.
 
     Subject tags: [standard] [fine] [superfine] [cover] [nocover] [body] [nobody].

@@ -370,7 +370,7 @@ def _place_images(prepared: list[tuple[Image.Image, float, float]], paper_w: flo
     # rejects it; its default (75) is ample for an 8-bit page that is faxed in black and white.
     first.save(buf, "PDF", save_all=True, append_images=rest, resolution=72.0, title=None)
     writer = PdfWriter(clone_from=PdfReader(io.BytesIO(buf.getvalue())))
-    for page, (_, draw_w, draw_h) in zip(writer.pages, prepared):
+    for page, (_, draw_w, draw_h) in zip(writer.pages, prepared, strict=True):
         x = (paper_w - draw_w) / 2
         y = paper_h - IMAGE_MARGIN_PT - draw_h
         content = f"q {_cm((draw_w, 0, 0, draw_h, x, y))} /image Do Q\n".encode()

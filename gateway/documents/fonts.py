@@ -82,7 +82,8 @@ def _invisible(char: str) -> bool:
 
 
 def undrawable(text: str, chain: tuple[str, ...] = MONO) -> list[str]:
-    """Distinct characters of ``text`` that no font in ``chain`` can draw, in order of appearance."""
+    """Distinct characters of ``text`` that no font in ``chain`` can draw, in order of
+    appearance."""
     cmaps = _load()
     seen: dict[str, None] = {}
     for char in text:

@@ -91,7 +91,7 @@ _WESTERN_CHARSETS = frozenset(
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 _ENCODED_WORD = re.compile(r"=\?([^?\s]{1,40})\?([bBqQ])\?([^?\s]*)\?=")
 _ENCODED_WORD_GAP = re.compile(r"(=\?[^?\s]{1,40}\?[bBqQ]\?[^?\s]*\?=)\s+(?==\?)")
-_MSGID = re.compile(r"<[!-;=?-~]{1,%d}>" % (MAX_MSGID_CHARS - 2))
+_MSGID = re.compile(rf"<[!-;=?-~]{{1,{MAX_MSGID_CHARS - 2}}}>")
 _BASE64_ALPHABET_AND_SPACE = (b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
                               b" \t\r\n\x0b\x0c")
 
@@ -338,8 +338,8 @@ def _payload_bytes(entity: Message, label: str, walk: _Walk) -> bytes:
         elif raw.translate(None, _BASE64_ALPHABET_AND_SPACE):  # anything left is junk
             walk.note(f"{label}: the base64 data contains stray characters, which were skipped")
         return data
-    data = entity.get_payload(decode=True)
-    return data if isinstance(data, bytes) else b""
+    decoded = entity.get_payload(decode=True)
+    return decoded if isinstance(decoded, bytes) else b""
 
 
 def _leaf(entity: Message, ctype: str, walk: _Walk, related: bool) -> list[_Piece]:
@@ -450,8 +450,8 @@ def _walk_forwarded(
         inner = [m for m in payload if isinstance(m, Message)]
     else:
         # message/global (RFC 6532) is left unparsed by the stdlib parser.
-        raw = entity.get_payload(decode=True)
-        inner = [read_message(raw)] if isinstance(raw, bytes) else []
+        decoded = entity.get_payload(decode=True)
+        inner = [read_message(decoded)] if isinstance(decoded, bytes) else []
     pieces: list[_Piece] = []
     for message in inner:
         pieces.extend(_Piece(p.text, p.html, True) for p in _walk(message, depth + 1, walk, False))
@@ -662,7 +662,7 @@ def _split_entity(data: bytes, depth: int, start: int = 0,
     parts = _split_parts(data, body, end, b"--" + boundary.encode("ascii", "surrogateescape"))
     if parts is None:
         return None
-    children = []
+    children: list[Message | str] = []  # the list type Message.set_payload takes
     for part_start, part_end in parts:
         child = _split_entity(data, depth + 1, part_start, part_end)
         if child is None:

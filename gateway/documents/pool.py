@@ -256,7 +256,7 @@ class CpuPool:
             self._queue.append(job)
         ok, value, remote_tb = await future
         if ok:
-            return value  # type: ignore[no-any-return]
+            return value
         if isinstance(value, MemoryError):
             raise TaskLimitError("needed more memory than allowed") from None
         if remote_tb:

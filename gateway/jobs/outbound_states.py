@@ -173,7 +173,8 @@ class Job:
     created_at: float
     updated_at: float
     reported_at: float | None
-    dsn_notify: str | None = None  # RCPT's NOTIFY and ORCPT (RFC 3461), see gateway/smtp/esmtp_params.py
+    # RCPT's NOTIFY and ORCPT (RFC 3461), see gateway/smtp/esmtp_params.py
+    dsn_notify: str | None = None
     dsn_orcpt: str | None = None
     # The fencing token: the claim this copy of the job was read under (see SqlStore).
     lease_epoch: int = 0
@@ -229,11 +230,17 @@ class RetryPolicy:
 
 
 class SettingsLike(Protocol):
-    fax_max_attempts: int
-    fax_retry_delay_s: float
-    fax_kill_minutes: float
+    @property
+    def fax(self) -> FaxSettingsLike: ...
 
 
+class FaxSettingsLike(Protocol):
+    @property
+    def max_attempts(self) -> int: ...
+    @property
+    def retry_delay_s(self) -> float: ...
+    @property
+    def kill_minutes(self) -> float: ...
 
 
 def retry_decision(job: Job, policy: RetryPolicy, now: float) -> tuple[float, str, str] | None:

@@ -15,6 +15,7 @@ from email import message_from_string
 from email import policy as email_policy
 from email.message import EmailMessage, MIMEPart
 from email.utils import format_datetime
+from typing import cast
 
 from gateway.constants import REPORT_HEADER
 from gateway.jobs.outbound_states import Job
@@ -148,12 +149,14 @@ def dsn_report(headers: Sequence[tuple[str, str]], human: MIMEPart, job: Job,
         report[name] = value
     report["MIME-Version"] = "1.0"
     report.add_header("Content-Type", "multipart/report", report_type="delivery-status")
-    report.attach(human)
-    report.attach(delivery_status(job, message, hostname=hostname, fax_domain=fax_domain,
-                                  delivered=delivered, delayed=delayed,
-                                  retry_until=retry_until))
+    # typeshed's MIMEPart.attach takes only the report's own class (EmailMessage); the stdlib
+    # attaches any part, and these stay MIMEParts (no MIME-Version header of their own).
+    report.attach(cast(EmailMessage, human))
+    report.attach(cast(EmailMessage, delivery_status(
+        job, message, hostname=hostname, fax_domain=fax_domain, delivered=delivered,
+        delayed=delayed, retry_until=retry_until)))
     if (returned := _returned(message)) is not None:
-        report.attach(returned)
+        report.attach(cast(EmailMessage, returned))
     return report
 
 

@@ -152,7 +152,7 @@ def build_received(fax: InboundFax, recipient: str, *, from_addr: str, hostname:
         thumbnail_alt=_("first page"))
     mail.add_alternative(page, subtype="html")
     if thumbnail_png and thumb_cid:
-        html_part = mail.get_payload()[1]  # type: ignore[index]
+        html_part = list(mail.iter_parts())[1]
         # Shown in the HTML (cid:), so inline: mail programs list an `attachment` part as a
         # second file beside the PDF.
         html_part.add_related(thumbnail_png, maintype="image", subtype="png", cid=thumb_cid,

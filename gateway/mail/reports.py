@@ -256,7 +256,7 @@ def _fill_report(report: MIMEPart, content: ReportContent) -> None:
     report.set_content(content.text)
     report.add_alternative(content.html, subtype="html")
     if content.thumbnail_png and content.thumbnail_cid:
-        html_part = report.get_payload()[-1]
+        html_part = list(report.iter_parts())[-1]
         html_part.add_related(content.thumbnail_png, maintype="image", subtype="png",
                               disposition="inline", cid=content.thumbnail_cid,
                               filename="first-page.png")

@@ -188,7 +188,8 @@ class RelayNotifier:
             try:
                 await client.mail(s.notify.sender, options=size, timeout=self.timeout_s)
                 return client
-            except (TimeoutError, aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPResponseException, OSError) as exc:
+            except (TimeoutError, aiosmtplib.SMTPServerDisconnected,
+                    aiosmtplib.SMTPResponseException, OSError) as exc:
                 client.close()
                 stale = (not isinstance(exc, aiosmtplib.SMTPResponseException)
                          or exc.code == 421)  # "closing the connection"

@@ -255,9 +255,9 @@ def format_table(rows: Sequence[JobRow]) -> str:
         return "no jobs found\n"
     cells = [[_fit(_clean(get(r), 300), width) for _, get, width in _TABLE] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, (h, _, _) in enumerate(_TABLE)]
-    lines = ["  ".join(h.ljust(w) for (h, _, _), w in zip(_TABLE, widths)).rstrip()]
+    lines = ["  ".join(h.ljust(w) for (h, _, _), w in zip(_TABLE, widths, strict=True)).rstrip()]
     for c in cells:
-        lines.append("  ".join(v.ljust(w) for v, w in zip(c, widths)).rstrip())
+        lines.append("  ".join(v.ljust(w) for v, w in zip(c, widths, strict=True)).rstrip())
     return "\n".join(lines) + "\n"
 
 

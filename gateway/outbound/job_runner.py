@@ -1,4 +1,5 @@
-"""The worker: moves every due job one step along its state machine (see gateway/jobs/outbound_states.py).
+"""The worker: moves every due job one step along its state machine (see
+gateway/jobs/outbound_states.py).
 
 Each job carries `next_run_at`; the worker runs what is due, at most `worker_concurrency` at a
 time, and sleeps until the next due time or until woken (new mail, a final callback). Every step
@@ -19,6 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from gateway import defaults
 from gateway.config import Settings
@@ -554,10 +556,10 @@ class Worker(Housekeeping):
         uncertain = job.reporting_at is not None
         n = job.report_n if uncertain else job.report_n + 1
         job = dataclasses.replace(job, report_n=n)
-        options = dict(from_addr=self.s.notify.sender, hostname=self.s.smtp.hostname,
-                       now=self.clock(), template_dir=self.s.reports.template_dir,
-                       attach_pdf=self.s.reports.attach_pdf, bcc=self.s.reports.bcc,
-                       fax_domain=self.s.fax.domain)
+        options: dict[str, Any] = dict(
+            from_addr=self.s.notify.sender, hostname=self.s.smtp.hostname, now=self.clock(),
+            template_dir=self.s.reports.template_dir, attach_pdf=self.s.reports.attach_pdf,
+            bcc=self.s.reports.bcc, fax_domain=self.s.fax.domain)
         message, fetched = await self._report_document(job, message)
         try:
             # A large document's thumbnail takes a large turn (CpuPool.turn), like its intake.

@@ -1,1 +1,2 @@
-"""Rules parsed from settings, pure (no I/O): which senders and destinations are allowed, where received faxes go."""
+"""Rules parsed from settings, pure (no I/O): which senders and destinations are allowed, where
+received faxes go."""

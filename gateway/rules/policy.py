@@ -248,7 +248,8 @@ def _normalise_prefix(raw: str) -> str:
     digits = prefix[1:]
     if not (prefix.startswith("+") and digits.isascii() and digits.isdigit()
             and 1 <= len(digits) <= 15):
-        raise ValueError(f"{raw!r} is not a number prefix (+ and 1 to 15 digits, e.g. +44 or +1900)")
+        raise ValueError(f"{raw!r} is not a number prefix (+ and 1 to 15 digits, e.g. +44 or "
+                         "+1900)")
     return prefix
 
 
@@ -331,9 +332,10 @@ class DestinationPolicy:
             number = phonenumbers.parse(e164, None)
         except NumberParseException:
             return f"{e164} has no known country code"
-        kind = DEFAULT_BLOCKED_TYPES.get(phonenumbers.number_type(number))
-        if kind is not None:
-            return f"{e164} is {_a(kind)} number; faxes to {kind} numbers are blocked"
+        number_kind = DEFAULT_BLOCKED_TYPES.get(phonenumbers.number_type(number))
+        if number_kind is not None:
+            return (f"{e164} is {_a(number_kind)} number; faxes to {number_kind} numbers are "
+                    "blocked")
         if self.allow_international or self._is_domestic(number):
             return None
         region = phonenumbers.region_code_for_number(number)

@@ -1,1 +1,2 @@
-"""What the running daemon stands on, under every service: logging, Prometheus metrics, fault injection, the instance lock, systemd notification, node heartbeats."""
+"""What the running daemon stands on, under every service: logging, Prometheus metrics, fault
+injection, the instance lock, systemd notification, node heartbeats."""

@@ -177,7 +177,7 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(item, ensure_ascii=False)
 
 
-class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+class _Handler(logging.StreamHandler):
     """Marks the handler setup_logging installed, so a second call replaces it."""
 
 

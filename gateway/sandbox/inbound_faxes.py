@@ -9,7 +9,8 @@ in the list call with `direction` inbound and its media can be deleted.
 
 Knobs for tests: `outcome` ("received", or "failed:<T.30 text>"), `media_url_override` (a
 MediaUrl on another host), `skip_action` (the callback is lost: only the reconciler can find
-the fax), `action_repeats` (duplicate callbacks), `delete_conflicts` (media DELETEs answered 409). `POST <base>/_inbound/ring` (Basic auth with
+the fax), `action_repeats` (duplicate callbacks), `delete_conflicts` (media DELETEs answered
+409). `POST <base>/_inbound/ring` (Basic auth with
 the project's credentials; query To, From, Url, StationId; the document as the body) lets
 `faxgw receive-sample` ring the running sandbox from another process.
 """

@@ -72,7 +72,7 @@ CODES: Final[dict[int, ErrorCode]] = {e.code: e for e in (
 
 def _code(code: int | str | None) -> int | None:
     try:
-        return int(code) if code not in (None, "") else None  # type: ignore[arg-type]
+        return int(code) if code not in (None, "") else None
     except (TypeError, ValueError):
         return None
 

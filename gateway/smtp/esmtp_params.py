@@ -47,7 +47,8 @@ class RcptParams:
 
 def split_params(words: list[str], keywords: frozenset[str]) -> tuple[list[str], list[str]]:
     """(ours, the rest) of the parameter words after an address, in their order."""
-    ours, rest = [], []
+    ours: list[str] = []
+    rest: list[str] = []
     for word in words:
         (ours if word.partition("=")[0].upper() in keywords else rest).append(word)
     return ours, rest

@@ -323,7 +323,7 @@ class Intake:
                        quality=options.quality, callback_token=secrets.token_urlsafe(24),
                        media_key=shared_key or new_media_key(),
                        dsn_notify=r.notify, dsn_orcpt=r.orcpt)
-                for n, r in zip(numbers, rcpt_params)]
+                for n, r in zip(numbers, rcpt_params, strict=True)]
         returned: tuple[str | None, str | None] = (None, None)
         if any(r.notify not in (None, "NEVER") for r in rcpt_params):
             # What a DSN returns of the mail (RFC 3461 RET): the spool keeps only the PDF, so

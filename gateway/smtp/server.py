@@ -9,7 +9,8 @@ password. Every reply is a `replies.Reply`; the metrics take the refusal reason 
 
 ESMTP as the relays in front of it speak it: PIPELINING (RFC 2920), ENHANCEDSTATUSCODES (RFC
 2034: aiosmtpd's own replies get theirs in `push`), DSN (RFC 3461: RET, ENVID, NOTIFY, ORCPT)
-and RFC 4954's `AUTH=` on MAIL, which aiosmtpd would answer with 555; see gateway/smtp/esmtp_params.py.
+and RFC 4954's `AUTH=` on MAIL, which aiosmtpd would answer with 555; see
+gateway/smtp/esmtp_params.py.
 
 Where aiosmtpd is extended beyond its handler hooks (DATA streamed to a file, AUTH mechanisms
 matched case-insensitively, the 421 on timeouts, the connection caps, the DSN and AUTH=
@@ -154,8 +155,8 @@ class FaxHandler:
                 answer = await server.challenge_auth("", encode_to_b64=False)
                 if answer is MISSING:
                     return None  # aborted with '*': aiosmtpd answered 501
-                credentials = answer.decode("utf-8", "replace") if isinstance(answer, bytes) \
-                    else None
+                credentials: str | None = (answer.decode("utf-8", "replace")
+                                           if isinstance(answer, bytes) else None)
             else:
                 credentials = _b64_text(blob)
             parts = credentials.split("\0") if credentials is not None else []
@@ -182,7 +183,9 @@ class FaxHandler:
         if user is None:
             return str(replies.AUTH_FAILED)
         session.authenticated = True
-        session.auth_data = user
+        # aiosmtpd's Session.__init__ sets `auth_data = None` unannotated, so mypy types the
+        # attribute as None; aiosmtpd itself stores any authenticator's result there.
+        session.auth_data = user  # type: ignore[assignment]
         return str(replies.AUTH_OK)
 
     async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,

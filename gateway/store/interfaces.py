@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, ContextManager, TypeVar
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
 
 from gateway.jobs.outbound_states import CallbackAction, Job, State
 from gateway.store.rows import Attempt, Event, JobListing, Message, NewJob, UnderWay
@@ -353,7 +354,7 @@ class SqlAccess(abc.ABC):
     SKIP_LOCKED: str
 
     @abc.abstractmethod
-    def tx(self, durable: bool = False) -> ContextManager[None]:
+    def tx(self, durable: bool = False) -> AbstractContextManager[None]:
         """A write transaction that takes the write lock at once (see `SqlStore._tx`)."""
 
     @abc.abstractmethod

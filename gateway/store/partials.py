@@ -165,7 +165,7 @@ class PartialsStore:
             if held.state != OPEN:
                 return Added(held.numbers, held.total, held.size, joining=True)
             check_part(info, recipients, held.total, held.recipients, list(held.numbers))
-            twins = dict(zip(held.numbers, held.keys))
+            twins = dict(zip(held.numbers, held.keys, strict=True))
             replaced = twins.get(info.number)
             twin_size = 0
             if replaced is not None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 import abc
 import logging
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import fields
-from typing import Any, ContextManager
+from typing import Any
 
 from gateway.jobs.outbound_states import Job, State
 from gateway.store import migrations
@@ -58,12 +59,12 @@ class SqlCore(Store, SqlAccess):
     DDL_TYPES: dict[str, str] = {"float": "DOUBLE PRECISION", "autoid": "INTEGER"}
 
     @abc.abstractmethod
-    def _tx(self, durable: bool = False) -> ContextManager[None]:
+    def _tx(self, durable: bool = False) -> AbstractContextManager[None]:
         """A write transaction that takes the write lock at once. `durable`: the commit
         survives power loss, not only a process crash (the 250 to a sender, a send about to
         be POSTed)."""
 
-    def _batch_tx(self, durable: bool = False) -> ContextManager[None]:
+    def _batch_tx(self, durable: bool = False) -> AbstractContextManager[None]:
         """A write transaction whose statements the backend may send together: an `_exec`'s
         row count is not known inside it (PostgreSQL: pipeline mode, which waits for the
         server only at a `_rows` and at the commit). Default: `_tx`."""
@@ -193,7 +194,7 @@ class SqlCore(Store, SqlAccess):
 
     # -- the public surface (SqlAccess) ------------------------------------------------------
 
-    def tx(self, durable: bool = False) -> ContextManager[None]:
+    def tx(self, durable: bool = False) -> AbstractContextManager[None]:
         return self._tx(durable)
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> int:

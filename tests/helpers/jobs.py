@@ -59,7 +59,7 @@ def add_mail(store: Store, tmp_path: Path, numbers: list[str], *, ids: list[str]
     ids = ids or [f"{_seq:04x}{n:012x}" for n in range(len(numbers))]
     jobs = [NewJob(id=i, to_number=n, from_number="+15550100000", quality="fine",
                    callback_token=f"tok-{i}", media_key=f"key-{i}.pdf")
-            for i, n in zip(ids, numbers)]
+            for i, n in zip(ids, numbers, strict=True)]
     store.add_message(message, jobs)
     return ids
 
