@@ -274,10 +274,12 @@ class Gateway:
 
     async def stop(self, grace_s: float | None = None) -> None:
         grace_s = self.s.queue.shutdown_grace_s if grace_s is None else grace_s
+        # New sessions are turned away (421) first; the node's heartbeat row goes after, while
+        # the open ones may still finish.
+        await asyncio.gather(*(listener.stop(grace_s) for listener in self.listeners))
         if self.heartbeat is not None:
             await self.heartbeat.stop()
             self.heartbeat = None
-        await asyncio.gather(*(listener.stop(grace_s) for listener in self.listeners))
         await self.worker.stop(grace_s)
         await self.inbound.stop(grace_s)
         if self.dashboard is not None:

@@ -351,10 +351,12 @@ def pg_url() -> Iterator[str]:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def pgbouncer_url(pg_url: str) -> Iterator[str]:
-    """The test run's database behind a real PgBouncer in transaction mode (tests/pgbouncer.py).
-    Missing PgBouncer: skipped (one line), except under CI=true, where .ci/run installs it."""
+    """The test run's database behind a real PgBouncer in transaction mode (tests/pgbouncer.py),
+    a new one for each test (it starts in a few milliseconds), so that no test meets the server
+    connections another test left. Missing PgBouncer: skipped (one line), except under CI=true,
+    where .ci/run installs it."""
     from urllib.parse import urlsplit
 
     from . import pgbouncer
