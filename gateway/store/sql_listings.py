@@ -48,41 +48,11 @@ class SqlListings(SqlCore):
         status); `to_digits` matches the end of the number; `sender` is a case-insensitive
         part of the envelope sender, the From: address or the report address; `gave_up`:
         the jobs the gateway gave up (canceled included), reported to the sender or not."""
-        where: list[str] = []
-        args: list[Any] = []
-        if states is not None:
-            values = sorted(s.value for s in states)
-            where.append(f"j.state IN ({_marks(values)})")
-            args += values
-        if gave_up:
-            where.append("(j.state = ? OR (j.state = ? AND j.failure_reason IS NOT NULL))")
-            args += [State.GIVEN_UP.value, State.REPORTED.value]
-        if fax_status:
-            where.append("j.fax_status = ?")
-            args.append(fax_status)
-        if to_digits:
-            where.append("j.to_number LIKE ?")
-            args.append(f"%{to_digits}")
-        if sender:
-            pattern = "%" + like_escape(sender.lower()) + "%"
-            where.append("(" + " OR ".join(
-                f"LOWER(COALESCE(m.{c}, '')) LIKE ? ESCAPE '\\'"
-                for c in ("envelope_from", "header_from", "report_to")) + ")")
-            args += [pattern] * 3
-        if since is not None:
-            where.append("j.created_at >= ?")
-            args.append(since)
+        where, args = _job_filters(states, fax_status, to_digits, sender, since, gave_up)
         sql = _LISTING + (" WHERE " + " AND ".join(where) if where else "")
         sql += " ORDER BY j.created_at DESC, j.id DESC LIMIT ?"
         args.append(limit)
-        out = []
-        for r in self._rows(sql, args):
-            job = _job(r)
-            last = (Event(job.id, r["e_at"], r["e_kind"], r["e_detail"])
-                    if r["e_kind"] is not None else None)
-            out.append(JobListing(job, last_event=last,
-                                  **{c: r[f"m_{c}"] for c in _LISTING_MESSAGE_FIELDS}))
-        return out
+        return [_listing(r) for r in self._rows(sql, args)]
 
     def job_search(self, *, states: Iterable[State] | None = None,
                    fax_status: str | None = None, to_digits: str | None = None,
@@ -95,29 +65,8 @@ class SqlListings(SqlCore):
         jobs match in all. Filtered, counted and paged in SQL (the dashboard over any number
         of jobs); the page's ids first, then their rows, so the last event is looked up for
         the page only."""
-        where: list[str] = []
-        args: list[Any] = []
-        needs_message = False
-        if states is not None:
-            values = sorted(s.value for s in states)
-            where.append(f"j.state IN ({_marks(values)})")
-            args += values
-        if fax_status:
-            where.append("j.fax_status = ?")
-            args.append(fax_status)
-        if to_digits:
-            where.append("j.to_number LIKE ?")
-            args.append(f"%{to_digits}")
-        if sender:
-            needs_message = True
-            pattern = "%" + like_escape(sender.lower()) + "%"
-            where.append("(" + " OR ".join(
-                f"LOWER(COALESCE(m.{c}, '')) LIKE ? ESCAPE '\\'"
-                for c in ("envelope_from", "header_from", "report_to")) + ")")
-            args += [pattern] * 3
-        if since is not None:
-            where.append("j.created_at >= ?")
-            args.append(since)
+        where, args = _job_filters(states, fax_status, to_digits, sender, since)
+        needs_message = bool(sender)
         if until is not None:
             where.append("j.created_at < ?")
             args.append(until)
@@ -142,14 +91,7 @@ class SqlListings(SqlCore):
             return [], total
         sql = (_LISTING + f" WHERE j.id IN ({_marks(ids)})"
                " ORDER BY j.created_at DESC, j.id DESC")
-        out = []
-        for r in self._rows(sql, ids):
-            job = _job(r)
-            last = (Event(job.id, r["e_at"], r["e_kind"], r["e_detail"])
-                    if r["e_kind"] is not None else None)
-            out.append(JobListing(job, last_event=last,
-                                  **{c: r[f"m_{c}"] for c in _LISTING_MESSAGE_FIELDS}))
-        return out, total
+        return [_listing(r) for r in self._rows(sql, ids)], total
 
     def job_ids_by_prefix(self, prefix: str, limit: int = 5) -> list[str]:
         """`prefix` is hex only (no wildcards)."""
@@ -163,3 +105,43 @@ class SqlListings(SqlCore):
                           " UNION SELECT job_id AS id FROM attempts WHERE fax_sid = ?",
                           (sid, sid))
         return sorted(r["id"] for r in rows)
+
+
+def _job_filters(states: Iterable[State] | None, fax_status: str | None,
+                 to_digits: str | None, sender: str | None, since: float | None,
+                 gave_up: bool = False) -> tuple[list[str], list[Any]]:
+    """The WHERE terms (over `jobs j` joined to `messages m`) and their arguments that
+    `job_listing` and `job_search` share."""
+    where: list[str] = []
+    args: list[Any] = []
+    if states is not None:
+        values = sorted(s.value for s in states)
+        where.append(f"j.state IN ({_marks(values)})")
+        args += values
+    if gave_up:
+        where.append("(j.state = ? OR (j.state = ? AND j.failure_reason IS NOT NULL))")
+        args += [State.GIVEN_UP.value, State.REPORTED.value]
+    if fax_status:
+        where.append("j.fax_status = ?")
+        args.append(fax_status)
+    if to_digits:
+        where.append("j.to_number LIKE ?")
+        args.append(f"%{to_digits}")
+    if sender:
+        pattern = "%" + like_escape(sender.lower()) + "%"
+        where.append("(" + " OR ".join(
+            f"LOWER(COALESCE(m.{c}, '')) LIKE ? ESCAPE '\\'"
+            for c in ("envelope_from", "header_from", "report_to")) + ")")
+        args += [pattern] * 3
+    if since is not None:
+        where.append("j.created_at >= ?")
+        args.append(since)
+    return where, args
+
+
+def _listing(r: dict[str, Any]) -> JobListing:
+    """A listing row (`_LISTING`): the job, its message's fields, its last event."""
+    job = _job(r)
+    last = (Event(job.id, r["e_at"], r["e_kind"], r["e_detail"])
+            if r["e_kind"] is not None else None)
+    return JobListing(job, last_event=last, **{c: r[f"m_{c}"] for c in _LISTING_MESSAGE_FIELDS})
