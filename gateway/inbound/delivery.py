@@ -270,12 +270,8 @@ class Deliverer:
         part = render_given_up(row, admin, reason, mailed, from_addr=self.s.notify.sender,
                                hostname=self.s.smtp.hostname)
         try:
-            async with asyncio.timeout(self.send_timeout_s):
-                where = await self.notifier.send_rendered(part.rendered, part.outbox_name)
-        except (NotifyError, TimeoutError) as exc:
-            if isinstance(exc, TimeoutError):
-                exc = NotifyError(f"the relay took longer than {self.send_timeout_s:g} s "
-                                  "in all; given up")
+            where = await self._send(part)
+        except NotifyError as exc:
             self.metrics.mails.labels("retry").inc()
             log.error("inbound fax %s: the administrator %s could not be told either: %s",
                       sid, admin, exc)
@@ -384,6 +380,17 @@ class Deliverer:
                      "media kept at SignalWire" if row.outcome == "received" else row.outcome)
         return True
 
+    async def _send(self, part: MailPart) -> str:
+        """Relay one mail, the whole of it bounded by `send_timeout_s` (well inside the settle
+        window, so a send still under way at a live node cannot outlast it): where it went,
+        or NotifyError."""
+        try:
+            async with asyncio.timeout(self.send_timeout_s):
+                return await self.notifier.send_rendered(part.rendered, part.outbox_name)
+        except TimeoutError:
+            raise NotifyError(f"the relay took longer than {self.send_timeout_s:g} s in all; "
+                              "given up") from None
+
     async def _mail(self, row: InboundFax, part: MailPart) -> bool | float:
         """One recipient's mail, only after the statement that records it as started proved
         this node still holds the fax; True when it is served (now or before), False when the
@@ -405,12 +412,8 @@ class Deliverer:
                         "never recorded the relay's answer): sent again, same Message-ID %s",
                         sid, part.recipient, part.message_id)
         try:
-            async with asyncio.timeout(self.send_timeout_s):
-                where = await self.notifier.send_rendered(part.rendered, part.outbox_name)
-        except (NotifyError, TimeoutError) as exc:
-            if isinstance(exc, TimeoutError):
-                exc = NotifyError(f"the relay took longer than {self.send_timeout_s:g} s "
-                                  "in all; given up")
+            where = await self._send(part)
+        except NotifyError as exc:
             self.metrics.mails.labels("retry").inc()
             await self.store.run(lambda: self.inbound.settle_send(
                 sid, epoch, part.recipient, self.clock()))
