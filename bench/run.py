@@ -622,6 +622,8 @@ class Bench:
                     gw, sim, ticker, "burst-100k-pg", "100k",
                     ["burst", "--count", str(a.counts["100k"]),
                      "--concurrency", str(a.concurrency)])
+                if a.profile_pg and not self.over_budget():
+                    self.results["profile_pg"] = await self.profile(gw, sim, ticker, "-pg")
             finally:
                 self.results["gateway_postgres_exit"] = await gw.stop()
                 self.results["gateway_postgres_log"] = gw.log_counts()
@@ -632,20 +634,20 @@ class Bench:
             self.reports_received = int(line.split()[1])
 
     async def profile(self, gw: GatewayProcess, sim: RecordingSimulator,
-                      ticker: LagTicker) -> dict[str, Any]:
+                      ticker: LagTicker, suffix: str = "") -> dict[str, Any]:
         exe = find_py_spy()
         if exe is None:
             return {"skipped": "py-spy not installed (.venv/bin/pip install py-spy)"}
         out_dir = Path(self.args.results_dir)
         size = self.args.profile_size
-        raw = out_dir / f"{self.args.stamp}-profile-{size}.txt"
+        raw = out_dir / f"{self.args.stamp}-profile-{size}{suffix}.txt"
         spy = self.child("py-spy", [exe, "record", "--pid", str(gw.pid), "--rate",
                                     str(self.args.profile_rate),
                                     "--subprocesses", "--gil", "--format", "raw", "--threads",
                                     "--output", str(raw)])
         await spy.start()
         await asyncio.sleep(1.0)  # py-spy attaches
-        row = await self.gateway_phase(gw, sim, ticker, f"profiled-burst-{size}", size,
+        row = await self.gateway_phase(gw, sim, ticker, f"profiled-burst-{size}{suffix}", size,
                                        ["burst", "--count", str(self.args.profile_count),
                                         "--concurrency", str(self.args.concurrency)])
         await spy.stop(grace_s=20, sig=signal.SIGINT)
@@ -1140,6 +1142,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run `python -m gateway run` instead of bench/gateway_probe.py "
                         "(no loop-lag figures)")
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--profile-pg", action="store_true",
+                   help="also profile a burst on the PostgreSQL gateway (after its measured run)")
     p.add_argument("--profile-count", type=int, default=200,
                    help="messages in the burst profiled with py-spy")
     p.add_argument("--profile-rate", type=int, default=100,
