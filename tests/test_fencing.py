@@ -520,8 +520,9 @@ async def test_a_node_paused_past_its_lease_mails_no_report_twice(
                                           (job_id,)).fetchall()
         assert later_epoch > epoch  # claimed again since, by node-b
         a.resume()
-        # node-a runs on from the pause: its fenced record of the mailing finds the job taken.
-        await a.wait_log(f"job {job_id}: report not done: another node holds the job now")
+        # node-a runs on from the pause, with the one job it held, to the point where it finds
+        # the job taken (checked below: before mailing).
+        lost = await a.wait_log("not done: another node holds the job now")
         for node in (a, b):
             assert await node.terminate() == 0, node.log_tail()
     finally:
@@ -535,6 +536,8 @@ async def test_a_node_paused_past_its_lease_mails_no_report_twice(
     assert len({r["Message-ID"] for r in reports}) == len(reports)
     numbers = [r["To"] for r in simulator.state.send_requests]
     assert len(numbers) == len(set(numbers)) == 8, numbers  # each faxed once
+    # The fenced record of the mailing (mark_reporting) stopped node-a, not a later one.
+    assert f"job {job_id}: report not done: another node holds" in lost, lost
 
 
 # -- 4. a callback before the send's answer -------------------------------------------------------
