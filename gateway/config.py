@@ -616,7 +616,8 @@ VARIABLES: dict[str, str] = {f"{g.name}.{f.name}": f.metadata["variable"]
 SECRET_VARIABLES = frozenset(f.metadata["variable"] for _, f in declared()
                              if f.metadata["secret"])
 # Variables read besides those: the .env file's own and test hooks.
-OTHER_VARIABLES = frozenset({"FAXGW_ENV_FILE", "FAXGW_CRASH_AT", "FAXGW_WORKER_PATH"})
+OTHER_VARIABLES = frozenset({"FAXGW_ENV_FILE", "FAXGW_CRASH_AT", "FAXGW_PAUSE_AT",
+                             "FAXGW_WORKER_PATH"})
 KNOWN_VARIABLES = frozenset(VARIABLES.values()) | OTHER_VARIABLES
 # A name from the .env file starting so is meant for us; from the environment only a near miss.
 _OUR_PREFIXES = ("FAX_", "FAXGW_", "SMTP_", "SMTPS_", "HTTP_LISTEN", "ADMIN_", "SIGNALWIRE_",

@@ -110,6 +110,9 @@ class RelaySink:
         self.stall_data = False
         self.stalled = asyncio.Event()
         self._unstall = asyncio.Event()
+        # hold_data(): DATA is answered only at release_data() (a relay slow to answer).
+        self._data_open = asyncio.Event()
+        self._data_open.set()
 
     async def handle_QUIT(self, server: Any, session: Any, envelope: Any) -> str:
         async with self._quit:
@@ -126,10 +129,18 @@ class RelaySink:
         if self.stall_data:
             self.stalled.set()
             await self._unstall.wait()  # until the sink stops
+        await self._data_open.wait()
         msg = BytesParser(policy=policy.default).parsebytes(envelope.original_content)
         self.envelopes.append((envelope.mail_from, list(envelope.rcpt_tos)))
         await self.messages.put(msg)  # type: ignore[arg-type]
         return "250 2.0.0 OK sink"
+
+    def hold_data(self) -> None:
+        """From now on DATA waits for release_data() before it is answered."""
+        self._data_open.clear()
+
+    def release_data(self) -> None:
+        self._data_open.set()
 
     async def start(self, port: int = 0) -> None:
         """Listen on `port` (0: a free one); a stopped sink may start again on its port."""
@@ -151,6 +162,7 @@ class RelaySink:
     async def stop(self) -> None:
         """Down like a real relay: no listener and no connection left open."""
         self._unstall.set()
+        self._data_open.set()
         if self.server:
             self.server.close()
             self.drop_connections()

@@ -89,6 +89,17 @@ class SimulatorServer:
         await self.runner.cleanup()
 
 
+def _process_state(pid: int) -> str | None:
+    """The process's state letter from /proc (Linux): "T" when stopped by a signal; None once
+    it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    return fields[0] if fields else None
+
+
 class DaemonProcess:
     """`python -m gateway run` as a child process, its stderr kept in a log file and in memory.
 
@@ -112,12 +123,16 @@ class DaemonProcess:
         self.lines: list[str] = []
         self._new_line = asyncio.Condition()
 
-    async def start(self, crash_at: str | None = None, timeout_s: float = 30) -> None:
-        """Start and wait for READY_LINE; `crash_at` names a FAXGW_CRASH_AT point."""
+    async def start(self, crash_at: str | None = None, timeout_s: float = 30,
+                    pause_at: str | None = None) -> None:
+        """Start and wait for READY_LINE; `crash_at` names a FAXGW_CRASH_AT point, `pause_at`
+        a FAXGW_PAUSE_AT point (see wait_paused)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(self.hide)}
         env.update(self.env)
         if crash_at:
             env["FAXGW_CRASH_AT"] = crash_at
+        if pause_at:
+            env["FAXGW_PAUSE_AT"] = pause_at
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "gateway", "run", *self.args, env=env,
             stdin=asyncio.subprocess.DEVNULL,
@@ -157,6 +172,25 @@ class DaemonProcess:
         line = found()
         assert line is not None
         return line
+
+    async def wait_paused(self, point: str, timeout_s: float = 30) -> str:
+        """Wait until the daemon has stopped itself at the FAXGW_PAUSE_AT point `point` (it was
+        started with pause_at=point): its log line says so, and the kernel shows the process
+        stopped. Returns what it holds there, as the line names it ("job ...",
+        "inbound fax ..."). `resume` continues it."""
+        mark = f"FAXGW_PAUSE_AT={point} ("
+        line = await self.wait_log(mark, timeout_s)
+        assert self.proc is not None
+        async with asyncio.timeout(timeout_s):  # the line is said just before the SIGSTOP
+            while (state := _process_state(self.proc.pid)) != "T":
+                assert state not in (None, "Z"), f"daemon gone while pausing:\n{self.log_tail()}"
+                await asyncio.sleep(0.005)
+        return line.split(mark, 1)[1].split(")", 1)[0]
+
+    def resume(self) -> None:
+        """SIGCONT: a paused (stopped) daemon runs on from where it stopped."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -30,7 +30,7 @@ from gateway.jobs.inbound_states import InEv
 from gateway.jobs.outbound_states import backoff_s
 from gateway.mail.received import MailPart, render_given_up
 from gateway.mail.sender import Notifier, NotifyError
-from gateway.runtime.faults import crash_point
+from gateway.runtime.faults import crash_point, pause_point
 from gateway.signalwire.client import MediaRefused, SignalWireClient, SignalWireError
 from gateway.store.base import Store
 from gateway.store.inbound import (
@@ -356,6 +356,7 @@ class Deliverer:
                     waits.append((part.recipient, served))
                 elif index + 1 < len(parts):
                     crash_point("inbound-between-mails")
+                    pause_point("inbound-between-mails", f"inbound fax {sid}")
             if waits:
                 # Looked at again soon: the node that started the mail settles it as soon
                 # as it runs again; it is sent again only once that node cannot be sending.

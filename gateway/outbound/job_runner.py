@@ -33,7 +33,7 @@ from gateway.mail.reports import outcome, render_final_report
 from gateway.mail.sender import Notifier, NotifyError
 from gateway.media_store import MediaError, MediaStore, new_media_key
 from gateway.outbound.housekeeping import Housekeeping
-from gateway.runtime.faults import crash_point
+from gateway.runtime.faults import crash_point, pause_point
 from gateway.runtime.metrics import Metrics
 from gateway.signalwire.client import (
     SendOutcomeUnknown,
@@ -579,6 +579,7 @@ class Worker(Housekeeping):
                 await asyncio.to_thread(fetched.unlink, missing_ok=True)
         detail = (f"report {n}: mailing it again with the same Message-ID (an earlier try of "
                   "it was not recorded as sent)" if uncertain else f"report {n}: mailing it")
+        pause_point("report-rendered", f"job {job.id}")
         if not await self.store.run(self.store.mark_reporting, job, n, detail) \
                 or not self._holds(job):
             self._lost(job, "report")
