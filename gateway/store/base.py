@@ -76,6 +76,9 @@ def _name_os_thread(name: str) -> None:
 _PRCTL: Any = None
 
 
+Call = tuple[Callable[[], Any], "asyncio.Future[Any]"]
+
+
 class _StoreThreads:
     """The store's threads: calls go in on a queue, results come back to the loop.
 
@@ -93,8 +96,12 @@ class _StoreThreads:
         # connection); a failed setup fails that call, and the next call tries it again.
         self._setup = setup
         self._teardown = teardown
-        self.calls: queue.SimpleQueue[tuple[Callable[[], Any], asyncio.Future[Any]] | None] = (
-            queue.SimpleQueue())
+        # A call waits in one of two lanes; `calls` gets one token per call (or None: stop),
+        # and the thread that takes a token runs the oldest call of the first lane that has
+        # one. The first lane is for calls a mail's sender is waiting on (its 250).
+        self.calls: queue.SimpleQueue[bool | None] = queue.SimpleQueue()
+        self._first: collections.deque[Call] = collections.deque()
+        self._later: collections.deque[Call] = collections.deque()
         self._results: collections.deque[tuple[asyncio.Future[Any], bool, Any]] = (
             collections.deque())
         self._wake_pending = False
@@ -114,9 +121,17 @@ class _StoreThreads:
                 except Exception:  # noqa: BLE001 (closing a read connection at the end)
                     pass
 
+    def put(self, call: Call, first: bool = False) -> None:
+        (self._first if first else self._later).append(call)  # a deque's append: thread-safe
+        self.calls.put(True)
+
     def _serve_calls(self) -> None:
         ready = self._setup is None
-        while (call := self.calls.get()) is not None:
+        while self.calls.get() is not None:
+            try:
+                call = self._first.popleft()
+            except IndexError:
+                call = self._later.popleft()  # a token per call: one is here
             fn, future = call
             if future.cancelled():  # its caller gave up before it started (a read only)
                 continue
@@ -211,7 +226,16 @@ class Store(Jobs, Leases, Listings, Nodes):
         """Run a synchronous store call on the store's own thread."""
         assert self._executor is not None, "store not started"
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._executor.calls.put((functools.partial(fn, *args) if args else fn, future))
+        self._executor.put((functools.partial(fn, *args) if args else fn, future))
+        return await future
+
+    async def run_first(self, fn: Callable[..., T], *args: Any) -> T:
+        """`run`, ahead of every call queued by `run`: for the calls a mail's sender waits
+        on (the intake commit and the checks before it), so a burst of mail does not queue
+        its 250s behind the worker's steps. Those wait a little longer; nothing is skipped."""
+        assert self._executor is not None, "store not started"
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._executor.put((functools.partial(fn, *args) if args else fn, future), first=True)
         return await future
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
@@ -224,7 +248,7 @@ class Store(Jobs, Leases, Listings, Nodes):
             self._reader = _StoreThreads(1, asyncio.get_running_loop(), setup=self.open_reader,
                                          teardown=self.close_reader, name="store-reader")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._reader.calls.put((functools.partial(fn, *args) if args else fn, future))
+        self._reader.put((functools.partial(fn, *args) if args else fn, future))
         return await future
 
     def open_thread(self) -> None:

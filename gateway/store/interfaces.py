@@ -45,6 +45,10 @@ class Calls(abc.ABC):
         """Run a synchronous store call on the store's own thread."""
 
     @abc.abstractmethod
+    async def run_first(self, fn: Callable[..., T], *args: Any) -> T:
+        """`run`, ahead of the calls `run` queued: for what a mail's sender waits on."""
+
+    @abc.abstractmethod
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a read-only call on the reader's own thread and connection (the dashboard),
         never queued behind intake's commits and the worker's steps."""

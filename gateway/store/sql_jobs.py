@@ -353,9 +353,8 @@ class SqlJobs(SqlCore):
             return True, self.message_jobs(job.message_id)
 
     def mark_purged(self, message_id: str) -> None:
-        with self._tx():
-            self._exec_later("UPDATE messages SET purged_at = ? WHERE id = ?",
-                             (self.clock(), message_id))
+        # One statement, committed by itself: no BEGIN and COMMIT around it.
+        self._exec("UPDATE messages SET purged_at = ? WHERE id = ?", (self.clock(), message_id))
 
     def prune(self, cutoff: float, limit: int = 1000) -> int:
         """Delete reported jobs (and their history) reported before `cutoff`; then messages left

@@ -97,10 +97,7 @@ class SqlLeases(SqlCore):
         return {r["id"] for r in rows}
 
     def release(self, *job_ids: str) -> None:
-        if not job_ids:
-            return
-        with self._tx():
-            self._release(job_ids)
+        self._release(job_ids)  # one statement, committed by itself (or in the caller's)
 
     def _release(self, job_ids: Sequence[str]) -> None:
         if job_ids:
