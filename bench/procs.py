@@ -216,6 +216,41 @@ def tree_cpu_s(pid: int) -> float:
     return total + sum(cpu_s(p, reaped_children=True) or 0.0 for p in descendants(pid))
 
 
+def thread_cpu_s(pid: int) -> dict[str, float]:
+    """CPU of the process's threads by kind (the name without its number: `faxgw-store_2`
+    counts as `faxgw-store`), in seconds."""
+    out: dict[str, float] = {}
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for task in tasks:
+        try:
+            text = (task / "stat").read_text()
+        except OSError:
+            continue
+        name = text[text.index("(") + 1:text.rindex(")")].rstrip("0123456789").rstrip("_")
+        fields = text.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
+def postgres_cpu_s(database: str) -> float:
+    """CPU of the PostgreSQL server processes serving `database` now (their process title
+    names it); a connection closed meanwhile takes its CPU with it."""
+    total = 0.0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            title = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if title.startswith(b"postgres: ") and f" {database} ".encode() in title:
+            total += cpu_s(int(entry.name)) or 0.0
+    return total
+
+
 def tree_rss_kb(pid: int) -> tuple[int, int]:
     """(RSS of the process, RSS of it and every live descendant)."""
     own = status_kb(pid, "VmRSS") or 0
@@ -248,6 +283,7 @@ class Meter:
             await asyncio.sleep(0.05)
 
     def begin(self) -> None:
+        self.threads0 = thread_cpu_s(self.pid)
         self.cpu0 = tree_cpu_s(self.pid)
         self.own_cpu0 = cpu_s(self.pid) or 0.0
         self.t0 = time.monotonic()
@@ -266,7 +302,10 @@ class Meter:
         hwm = status_kb(self.pid, "VmHWM")
         peak = hwm if (self.hwm_reset and hwm is not None) else self.sampled_max_kb
         rss1, tree1 = tree_rss_kb(self.pid)
+        threads = {name: cpu - self.threads0.get(name, 0.0)
+                   for name, cpu in thread_cpu_s(self.pid).items()}
         return {"cpu_s": tree_cpu_s(self.pid) - self.cpu0,
+                "thread_cpu_s": {k: v for k, v in threads.items() if v > 0},
                 "main_cpu_s": (cpu_s(self.pid) or 0.0) - self.own_cpu0,
                 "wall_s": time.monotonic() - self.t0,
                 "rss_before_kb": self.rss0_kb, "rss_after_kb": rss1, "peak_rss_kb": peak,

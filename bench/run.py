@@ -57,6 +57,7 @@ from .procs import (
     Interference,
     Meter,
     cpu_s,
+    postgres_cpu_s,
     status_kb,
     tail,
     tree_cpu_s,
@@ -271,9 +272,24 @@ def own_database(server_url: str, name: str) -> Iterator[str]:
 
     with psycopg.connect(server_url, autocommit=True) as db:
         db.execute(f'CREATE DATABASE "{name}"')
+        import os
+        if os.environ.get("BENCH_PG_LOG"):
+            db.execute(f'ALTER DATABASE "{name}" SET log_min_duration_statement = 0')
     try:
         yield urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
     finally:
+        import os
+        if os.environ.get("BENCH_PG_STATS"):
+            url = urlunsplit(urlsplit(server_url)._replace(path=f"/{name}"))
+            with psycopg.connect(url, autocommit=True) as db:
+                for r in db.execute("SELECT relname, seq_scan, seq_tup_read, idx_scan, n_tup_ins,"
+                                    " n_tup_upd, n_tup_del, n_live_tup FROM pg_stat_user_tables"
+                                    " ORDER BY seq_tup_read DESC").fetchall():
+                    print("PGSTAT", r, flush=True)
+                for r in db.execute("SELECT xact_commit, xact_rollback, blks_hit, tup_returned,"
+                                    " tup_fetched FROM pg_stat_database WHERE datname = %s",
+                                    (name,)).fetchall():
+                    print("PGDB", r, flush=True)
         with psycopg.connect(server_url, autocommit=True) as db:
             db.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
@@ -477,6 +493,9 @@ class Bench:
         ticker.take()
         driver_cpu0 = _own_cpu_s()
         weed_cpu0 = cpu_s(self.s3.pid) if self.s3.pid else None
+        pg_database = (urlsplit(gw.env["DATABASE_URL"]).path.lstrip("/")
+                       if gw.env.get("DATABASE_URL") else None)
+        pg_cpu0 = postgres_cpu_s(pg_database) if pg_database else None
         meter = Meter(gw.pid)
         meter.begin()
         others = Interference()
@@ -499,6 +518,8 @@ class Bench:
             await asyncio.sleep(0.05)
         probe = await gw.snapshot()
         process = await meter.end()
+        pg_cpu = (postgres_cpu_s(pg_database) - pg_cpu0
+                  if pg_database and pg_cpu0 is not None else None)
         weed_cpu = (cpu_s(self.s3.pid) or 0) - weed_cpu0 if weed_cpu0 is not None else None
         matched = [m for m in ok if m["to"] in sim.posts]
         latency_dot = [sim.posts[m["to"]] - m["t_dot"] for m in matched]
@@ -535,6 +556,7 @@ class Bench:
                                                - process["tree_rss_before_kb"]) * 1024 / mbytes,
             "gateway_cpu_ms_per_msg": process["cpu_s"] * 1000 / len(ok) if ok else None,
             "seaweed_cpu_s": weed_cpu,
+            "postgres_cpu_s": pg_cpu,
             "probe": probe,
             "interference": others.end(),
             "disk_fsync": disk.end(),
@@ -908,6 +930,23 @@ def render(results: dict[str, Any]) -> str:
             add(f"  {r['phase']:19s} {i['wall_s']:6.1f} {r['process']['cpu_s']:8.1f} "
                 f"{_f(r.get('seaweed_cpu_s'), '.1f'):>9s} {_f(r.get('driver_cpu_s'), '.1f'):>10s} "
                 f"{_f(r.get('client_cpu_s'), '.1f'):>7s} {i['foreign_cpu_s']:6.1f}")
+        add("")
+        add("The gateway's CPU per fax by where it ran (ms; workers: the document worker "
+            "processes; PostgreSQL: the server's processes for the gateway's database, counted in "
+            "'other' above):")
+        for r in gw_rows:
+            n = r.get("accepted") or 0
+            p = r["process"]
+            th = p.get("thread_cpu_s") or {}
+            if not n or not th:
+                continue
+            own = sum(th.values())
+            parts = sorted(th.items(), key=lambda kv: -kv[1])
+            named = ", ".join(f"{k} {1000 * v / n:.1f}" for k, v in parts if 1000 * v / n >= 0.1)
+            pg = r.get("postgres_cpu_s")
+            add(f"  {r['phase']:19s} total {1000 * p['cpu_s'] / n:.1f}: {named}, workers "
+                f"{1000 * (p['cpu_s'] - own) / n:.1f}"
+                + (f"; PostgreSQL {1000 * pg / n:.1f}" if pg is not None else ""))
         add("")
     foreign = [r["interference"]["foreign_pct_of_machine"] for r in rows if r.get("interference")]
     if foreign:

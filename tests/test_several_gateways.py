@@ -345,7 +345,7 @@ async def test_a_shared_database_that_stops_answering_is_a_451_not_a_traceback(
     from gateway.smtp.access import RCPT_COUNTS_S
 
     settings = settings_from({"DATA_DIR": str(tmp_path)})
-    store = PostgresStore(pg_url)
+    store = PostgresStore(pg_url, connect_timeout_s=2)  # the outage is found in 2 s
     await store.start()
     try:
         now = [0.0]
@@ -353,9 +353,13 @@ async def test_a_shared_database_that_stops_answering_is_a_451_not_a_traceback(
         client = access.client("192.0.2.7", None, "scanner@example.com")
         assert await access.check_destination_async(client, "+15551230011") is None
         dbname = pg_url.rsplit("/", 1)[1]
-        with psycopg.connect(pg_url, autocommit=True) as admin:  # the server drops us
+        admin_url = pg_url.rsplit("/", 1)[0] + "/postgres"
+        # The server drops us and takes no new connection (a store thread that held none
+        # would take a fresh one, checked, and go on: the outage must last).
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                          " WHERE datname = %s AND pid <> pg_backend_pid()", (dbname,))
+                          " WHERE datname = %s", (dbname,))
         # The counts RCPT read a moment ago still stand (the limits have room to spare).
         assert await access.check_destination_async(client, "+15551230011") is None
         now[0] += RCPT_COUNTS_S + 0.1
@@ -367,6 +371,10 @@ async def test_a_shared_database_that_stops_answering_is_a_451_not_a_traceback(
             reply = await handler.handle_exception(caught.value)
         assert reply == str(DATABASE_UNAVAILABLE)
         assert not [r for r in caplog.records if r.exc_info]
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+        # Back: the next check works on a fresh connection.
+        assert await access.check_destination_async(client, "+15551230011") is None
     finally:
         await store.stop()
 

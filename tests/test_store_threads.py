@@ -13,7 +13,7 @@ from gateway.store.base import _StoreThreads
 
 async def _run(threads: _StoreThreads, fn, *args):
     future = asyncio.get_running_loop().create_future()
-    threads.calls.put((lambda: fn(*args), future))
+    threads.put((lambda: fn(*args), future))
     return await future
 
 
@@ -50,7 +50,7 @@ async def test_a_call_whose_caller_gave_up_before_it_started_is_not_run() -> Non
         blocker = asyncio.ensure_future(_run(threads, gate.wait, 10))
         loop = asyncio.get_running_loop()
         abandoned = loop.create_future()
-        threads.calls.put((lambda: ran.append("abandoned"), abandoned))
+        threads.put((lambda: ran.append("abandoned"), abandoned))
         abandoned.cancel()
         gate.set()
         assert await blocker is True
@@ -70,3 +70,26 @@ def test_a_caller_on_another_loop_is_answered_on_its_own_loop() -> None:
         assert asyncio.run(_run(threads, sum, [1, 2, 3])) == 6
     finally:
         threads.shutdown()
+
+
+async def test_a_call_put_first_runs_before_the_calls_already_waiting() -> None:
+    """`Store.run_first` (a mail's intake commit) overtakes the worker's queued calls; every
+    call still runs, each lane in its own order."""
+    threads = _StoreThreads(1, asyncio.get_running_loop())
+    order: list[str] = []
+    gate = threading.Event()
+    loop = asyncio.get_running_loop()
+    try:
+        blocker = asyncio.ensure_future(_run(threads, gate.wait, 10))
+        futures = []
+        for name, first in (("later-1", False), ("later-2", False), ("first-1", True),
+                            ("later-3", False), ("first-2", True)):
+            future = loop.create_future()
+            threads.put((lambda name=name: order.append(name), future), first=first)
+            futures.append(future)
+        gate.set()
+        await blocker
+        await asyncio.gather(*futures)
+        assert order == ["first-1", "first-2", "later-1", "later-2", "later-3"]
+    finally:
+        await asyncio.to_thread(threads.shutdown)

@@ -50,21 +50,24 @@ class Housekeeping:
                                                                message.id))
         return len(messages)
 
-    async def _purge(self, message_id: str, jobs: list[Job], job: Job | None = None) -> None:
-        """`job`: the purge follows that job's report, under its claim."""
+    async def _purge(self, message_id: str, jobs: list[Job], job: Job | None = None,
+                     claimed: bool = False) -> None:
+        """`job`: the purge follows that job's report, under its claim. `claimed`: the purge
+        is claimed already (`claim_purge`, in the report's own record)."""
         if message_id in self._purging:
             return  # another report's clean-up, or housekeeping, is purging it now
         self._purging.add(message_id)
         try:
-            await self._purge_now(message_id, jobs, job)
+            await self._purge_now(message_id, jobs, job, claimed)
         finally:
             self._purging.discard(message_id)
 
-    async def _purge_now(self, message_id: str, jobs: list[Job], job: Job | None) -> None:
+    async def _purge_now(self, message_id: str, jobs: list[Job], job: Job | None,
+                         claimed: bool = False) -> None:
         # Recorded first, checked in the same statement: every job of the message reported
         # (a resend made meanwhile needs the document) and, after a report, the job still
         # ours. A resend is refused from here on.
-        if not await self.store.run(self.store.claim_purge, message_id, job) \
+        if not (claimed or await self.store.run(self.store.claim_purge, message_id, job)) \
                 or (job is not None and not self._holds(job)):
             log.debug("message %s: documents not deleted here: purged already, a job of it is "
                       "under way again, or its job was taken over", message_id)

@@ -88,6 +88,9 @@ class Worker(Housekeeping):
         self.progress = asyncio.Condition()
         self._released: list[str] = []  # jobs whose step ended: their leases go next trip
         self._purging: set[str] = set()  # messages whose documents this node is deleting
+        # job id -> its message's jobs when recording its report claimed the message's purge
+        # (None: not this report's to do), for the step's `_cleanup`.
+        self._purge_claimed: dict[str, list[Job] | None] = {}
         # job id -> until when (time.monotonic) this node surely holds the job's lease: from
         # just before its claim or last renewal. A stall (SIGSTOP, a VM paused) moves the
         # monotonic clock on, so a node that wakes up past it knows before its next side
@@ -204,16 +207,12 @@ class Worker(Housekeeping):
         released, self._released = self._released, []
         asked = time.monotonic()
 
-        def release_and_claim() -> tuple[list[Job], float | None]:
-            # One trip to the store thread (the loop comes here after every step that ends):
-            # the ended steps' leases go, the due jobs are claimed, not merely read (each comes
-            # leased to this node, see _beat), and the next due time is read.
-            store.release(*released)
-            due = store.claim_due(self.clock(), free, inflight) if free > 0 else []
-            return due, store.next_due_at(inflight + [j.id for j in due])
-
         try:
-            due, nxt = await store.run(release_and_claim)
+            # One trip to the store and one transaction (the loop comes here after every step
+            # that ends): the ended steps' leases go, the due jobs are claimed, not merely read
+            # (each comes leased to this node, see _beat), and the next due time is read.
+            due, nxt = await store.run(store.release_and_claim, released, self.clock(),
+                                       max(free, 0), inflight)
         except BaseException:
             self._released.extend(released)  # tried again on the next trip
             raise
@@ -274,6 +273,7 @@ class Worker(Housekeeping):
                             "runs again once its lease is out", job.id, _words(again))
         finally:
             self._held_until.pop(job.id, None)
+            self._purge_claimed.pop(job.id, None)
             # Released on the loop's next trip to the store (which this step's end wakes),
             # with the claim of what comes next: not a trip of its own per step.
             self._released.append(job.id)
@@ -367,18 +367,38 @@ class Worker(Housekeeping):
             await self._later(job, str(exc))
             return
         callback = self.callback_url(job.callback_token)
-        await self._pace()
-        recheck_at = self.clock() + self.s.signalwire.timeout_s + self._recheck_s
         store = self.store
+        # SignalWire's account send rate (SEND_RATE_PER_SECOND, all nodes together): a slot
+        # is reserved in the database; a send whose slot is later waits for it.
+        interval = 1.0 / self.s.cluster.send_rate_per_second
+        answer_s = self.s.signalwire.timeout_s + self._recheck_s
 
-        def submitting() -> Job | None:  # one trip to the store thread: the change, the row
-            if not store.mark_submitting(job, callback, recheck_at):
-                return None
+        def row() -> Job:
             current = store.job(job.id)
             assert current is not None
             return dataclasses.replace(current, lease_epoch=job.lease_epoch)
 
-        current = await store.run(submitting)
+        def slot_and_submitting() -> tuple[float | None, Job | None]:
+            # One trip to the store thread and, when the slot is free now (the usual case),
+            # one commit: the slot, the change; then the row.
+            now = self.clock()
+            at, marked = store.take_send_slot_and_submit(job, now, interval, callback,
+                                                         now + answer_s)
+            if at > now:
+                return at, None
+            return None, row() if marked else None
+
+        def submitting() -> Job | None:  # after waiting for the slot: the change, the row
+            if not store.mark_submitting(job, callback, self.clock() + answer_s):
+                return None
+            return row()
+
+        slot, current = await store.run(slot_and_submitting)
+        if slot is not None:
+            wait = slot - self.clock()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            current = await store.run(submitting)
         if current is None or not self._holds(job):
             # Not sent: the job moved on, or another node took it (a send recorded as started
             # and not made is looked up, not found, and sent by that node).
@@ -433,15 +453,6 @@ class Worker(Housekeeping):
                          job.id, job.attempt, fax.sid)
                 return
             log.info("job %s attempt %d: submitted, sid %s", job.id, job.attempt, fax.sid)
-
-    async def _pace(self) -> None:
-        """Stay under SignalWire's account send rate (SEND_RATE_PER_SECOND, all nodes
-        together): a slot is reserved in the database, and this send waits for it."""
-        interval = 1.0 / self.s.cluster.send_rate_per_second
-        at = await self.store.run(self.store.take_send_slot, self.clock(), interval)
-        wait = at - self.clock()
-        if wait > 0:
-            await asyncio.sleep(wait)
 
     async def _reconcile(self, job: Job) -> None:
         """A send whose answer never came: find the fax at SignalWire, resend only if absent."""
@@ -530,8 +541,8 @@ class Worker(Housekeeping):
         message, events, attempts = await store.run(facts)
         assert message is not None
         if not asked(job, outcome(job)[0]):
-            if not await self.store.run(self.store.mark_reported, job,
-                                        f"no report sent: NOTIFY={job.dsn_notify} (RFC 3461)"):
+            if not await self._mark_reported(
+                    job, f"no report sent: NOTIFY={job.dsn_notify} (RFC 3461)"):
                 self._lost(job, "report")
                 return
             self.metrics.report_done("not_asked")
@@ -541,8 +552,8 @@ class Worker(Housekeeping):
             await self._cleanup(job)
             return
         if not report_recipient(job, message, self.s.fax.domain):
-            if not await self.store.run(self.store.mark_reported, job,
-                                        "no report sent: the mail had no usable sender address"):
+            if not await self._mark_reported(
+                    job, "no report sent: the mail had no usable sender address"):
                 self._lost(job, "report")
                 return
             self.metrics.report_done("no_address")
@@ -623,6 +634,17 @@ class Worker(Housekeeping):
                              f"delay notice after attempt {job.attempt} {where}")
         log.info("job %s attempt %d: delay notice %s", job.id, job.attempt, where)
 
+    async def _mark_reported(self, job: Job, detail: str) -> bool:
+        """Record the job reported. With no document retention, the same commit claims its
+        message's purge when this was the message's last report (`_cleanup` does it)."""
+        if self.s.queue.document_retention_hours != 0:
+            return await self.store.run(self.store.mark_reported, job, detail)
+        recorded, jobs = await self.store.run(self.store.mark_reported_and_claim_purge, job,
+                                              detail)
+        if recorded:
+            self._purge_claimed[job.id] = jobs
+        return recorded
+
     async def _record_report(self, job: Job, detail: str) -> bool:
         """The relay took the report: record it. A record that fails (a connection killed,
         the database restarting) is tried again, never the mail, for as long as this node
@@ -630,7 +652,7 @@ class Worker(Housekeeping):
         mails it again under the same Message-ID. True once recorded."""
         for tries in itertools.count(1):
             try:
-                if await self.store.run(self.store.mark_reported, job, detail):
+                if await self._mark_reported(job, detail):
                     return True
                 current = await self.store.run(self.store.job, job.id)
                 if current is not None and current.state is State.REPORTED \
@@ -681,6 +703,12 @@ class Worker(Housekeeping):
         """With no document retention, the PDF goes as soon as every job of its message is
         reported; otherwise housekeeping removes it later."""
         if self.s.queue.document_retention_hours == 0:
+            if job.id in self._purge_claimed:  # decided when the report was recorded
+                claimed = self._purge_claimed.pop(job.id)
+                if claimed is not None:
+                    await self._purge(job.message_id, claimed, job, claimed=True)
+                return
+            # A record that failed and had committed after all: ask again.
             # This job's message only (housekeeping catches any left behind), not a search of
             # every message: several reports ending together searched and purged alike. Its
             # last reports, ending together, purge it once: the others find it being purged

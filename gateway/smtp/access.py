@@ -139,7 +139,7 @@ class Access:
         becomes StoreError, which the SMTP side answers with 451 "database unavailable"."""
         assert self.store is not None
         try:
-            return await self.store.run(fn, *args)
+            return await self.store.run_first(fn, *args)
         except StoreError:
             raise
         except Exception as exc:  # noqa: BLE001 - only the driver's errors are converted

@@ -385,7 +385,7 @@ class Intake:
             elif shared_key is not None:
                 assert self.media is not None
                 await self.media.put(shared_key, path)
-            earlier = await self.store.run(functools.partial(
+            earlier = await self.store.run_first(functools.partial(
                 self.store.add_message, message, jobs, stored=shared_key is not None,
                 dedup_since=dedup_since))
         except (StoreError, OSError, MediaError) as exc:

@@ -45,6 +45,10 @@ class Calls(abc.ABC):
         """Run a synchronous store call on the store's own thread."""
 
     @abc.abstractmethod
+    async def run_first(self, fn: Callable[..., T], *args: Any) -> T:
+        """`run`, ahead of the calls `run` queued: for what a mail's sender waits on."""
+
+    @abc.abstractmethod
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a read-only call on the reader's own thread and connection (the dashboard),
         never queued behind intake's commits and the worker's steps."""
@@ -160,6 +164,12 @@ class Jobs(Calls):
     @abc.abstractmethod
     def mark_reported(self, job: Job, detail: str) -> bool: ...
 
+    @abc.abstractmethod
+    def mark_reported_and_claim_purge(self, job: Job,
+                                      detail: str) -> tuple[bool, list[Job] | None]:
+        """`mark_reported` and, in the same transaction, `claim_purge` of the job's message:
+        (recorded, the message's jobs when the purge is now this node's to do)."""
+
     # -- the document's end ------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -229,6 +239,12 @@ class Leases(Calls):
         """When the next step of a job not in `exclude` (running now) falls due."""
 
     @abc.abstractmethod
+    def release_and_claim(self, released: Sequence[str], now: float, limit: int,
+                          exclude: Sequence[str]) -> tuple[list[Job], float | None]:
+        """`release` of `released`, `claim_due` (up to `limit`; none when 0) and
+        `next_due_at`, in one transaction: the worker's trip after its steps end."""
+
+    @abc.abstractmethod
     def renew_leases(self, job_ids: Iterable[str], now: float) -> set[str]:
         """The heartbeat: extend this node's leases; returns the ids it still holds."""
 
@@ -251,6 +267,12 @@ class Leases(Calls):
     @abc.abstractmethod
     def take_send_slot(self, now: float, interval_s: float) -> float:
         """The time of the next free send slot, reserved for this node (shared send rate)."""
+
+    @abc.abstractmethod
+    def take_send_slot_and_submit(self, job: Job, now: float, interval_s: float,
+                                  callback_url: str, recheck_at: float) -> tuple[float, bool]:
+        """`take_send_slot`, and when the slot is now, `mark_submitting` in the same
+        transaction: (the slot's time, whether the job is now `submitting`)."""
 
     # -- hits --------------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ _LOCKS = {"claims": CLAIM_LOCK, "hits": 0x6661786777_03, "send-slot": 0x66617867
 
 
 PREPARE_THRESHOLD = 5
+_IDLE = psycopg.pq.TransactionStatus.IDLE
 # What a prepared statement meets behind a pooler that moves transactions between server
 # connections and does not carry prepared statements along.
 _LOST_PREPARED = (psycopg.errors.DuplicatePreparedStatement,
@@ -81,6 +82,13 @@ class PostgresStore(SqlStore):
         # The connection a transaction runs on, per thread (the store's calls run on THREADS
         # threads at once): inside _tx / _batch_tx / the migration lock.
         self._local = threading.local()
+        # Bumped when a call finds its connection broken: every thread then gives back the
+        # connection it keeps (see `_connection`).
+        self._generation = 0
+
+    # A store thread keeps the connection it took for this long, then hands it back to the
+    # pool after a call (so the pool's own ageing and health checks still reach it).
+    KEEP_CONNECTION_S = 60.0
 
     @property
     def _conn(self) -> psycopg.Connection[dict[str, Any]] | None:
@@ -100,6 +108,7 @@ class PostgresStore(SqlStore):
             # (`Store.read`) never takes one that intake's commit is waiting for.
             self.url, min_size=1, max_size=self.max_connections + 1, open=False,
             timeout=self.connect_timeout_s, name="faxgw",
+            check=ConnectionPool.check_connection,
             kwargs={"autocommit": True, "row_factory": dict_row,
                     "prepare_threshold": self.prepare_threshold,
                     "connect_timeout": max(1, int(self.connect_timeout_s)),
@@ -121,9 +130,30 @@ class PostgresStore(SqlStore):
             raise
 
     def close(self) -> None:
+        self.close_thread()
         if self._pool is not None:
-            self._pool.close()
+            self._pool.close()  # a connection another thread keeps is closed when it comes back
             self._pool = None
+
+    def open_thread(self) -> None:
+        """A store thread (and the dashboard's reader) keeps one pooled connection between
+        calls instead of taking one from the pool and giving it back for each transaction:
+        the pool's lock, checks and reset were a third of the store's CPU per transaction.
+        Other threads (the CLI, a test) still take one per call."""
+        self._local.keeps = True
+
+    def close_thread(self) -> None:
+        self._give_back()
+
+    open_reader = open_thread
+    close_reader = close_thread
+
+    def _give_back(self) -> None:
+        kept = getattr(self._local, "kept", None)
+        self._local.kept = None
+        if kept is not None and self._pool is not None:
+            with contextlib.suppress(Exception):
+                self._pool.putconn(kept[0])
 
     def _server_keeps_prepared(self) -> bool:
         """Whether a prepared statement stays where it was prepared. Not so behind PgBouncer in
@@ -176,26 +206,61 @@ class PostgresStore(SqlStore):
         if self._conn is not None:
             yield self._conn
             return
-        with self.pool.connection() as conn:
-            if conn.prepare_threshold != self.prepare_threshold:  # turned off since it was made
-                conn.prepare_threshold = self.prepare_threshold
-            try:
-                yield conn
-            except _LOST_PREPARED as exc:
-                # A pooler in front of the server moved this connection's transactions to a
-                # server connection that lacks its prepared statements (or has another's):
-                # this call fails like any database error (its caller retries); none after.
-                self._stop_preparing(type(exc).__name__)
-                raise
-            except psycopg.errors.FeatureNotSupported as exc:
-                if _STALE_PLAN in str(exc) and not conn.closed:
-                    # Another node's migration changed a table under a query prepared here:
-                    # this call fails (its caller retries, as after any database error) and
-                    # the connection forgets its prepared statements, so the next one works.
-                    log.info("a table changed under a prepared query; forgetting them")
-                    with contextlib.suppress(psycopg.Error):
-                        conn.execute("DEALLOCATE ALL")  # psycopg drops its cache too
-                raise
+        local = self._local
+        if not getattr(local, "keeps", False):
+            with self.pool.connection() as conn:
+                self._check_prepare(conn)
+                try:
+                    yield conn
+                except psycopg.Error as exc:
+                    self._on_error(conn, exc)
+                    raise
+            return
+        kept = getattr(local, "kept", None)
+        if kept is not None and kept[2] != self._generation:
+            self._give_back()  # another thread found its connection dead: this one may be too
+            kept = None
+        if kept is None:
+            # The pool checks a connection before handing it out (check_connection): a
+            # thread takes one rarely, and after a server restart its idle ones are dead.
+            kept = local.kept = (self.pool.getconn(), time.monotonic(), self._generation)
+        conn = kept[0]
+        self._check_prepare(conn)
+        try:
+            yield conn
+        except BaseException as exc:
+            if isinstance(exc, psycopg.Error):
+                self._on_error(conn, exc)
+            if conn.broken or conn.closed:
+                # The server restarted, or connections were killed: the other threads'
+                # kept connections are likely dead too; they take fresh ones next call.
+                self._generation += 1
+            if conn.closed or conn.info.transaction_status != _IDLE:
+                self._give_back()  # the pool discards a broken one and resets the others
+            raise
+        if conn.info.transaction_status != _IDLE \
+                or time.monotonic() - kept[1] > self.KEEP_CONNECTION_S:
+            self._give_back()
+
+    def _check_prepare(self, conn: psycopg.Connection[dict[str, Any]]) -> None:
+        if conn.prepare_threshold != self.prepare_threshold:  # turned off since it was made
+            conn.prepare_threshold = self.prepare_threshold
+
+    def _on_error(self, conn: psycopg.Connection[dict[str, Any]], exc: psycopg.Error) -> None:
+        """What a call may meet that later calls must not: prepared statements gone, or a
+        table changed under a prepared one. The call itself fails (its caller retries)."""
+        if isinstance(exc, _LOST_PREPARED):
+            # A pooler in front of the server moved this connection's transactions to a
+            # server connection that lacks its prepared statements (or has another's): none
+            # from now on.
+            self._stop_preparing(type(exc).__name__)
+        elif isinstance(exc, psycopg.errors.FeatureNotSupported) \
+                and _STALE_PLAN in str(exc) and not conn.closed:
+            # Another node's migration changed a table under a query prepared here: the
+            # connection forgets its prepared statements, so the next call works.
+            log.info("a table changed under a prepared query; forgetting them")
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("DEALLOCATE ALL")  # psycopg drops its cache too
 
     @contextlib.contextmanager
     def _tx(self, durable: bool = False) -> Iterator[None]:

@@ -16,6 +16,7 @@ nodes (sql_nodes.py), one mixin each over `SqlCore`, composed here.
 
 from __future__ import annotations
 
+from gateway.jobs.outbound_states import Job
 from gateway.store.sql_core import JOB_COLUMNS, Expr, SqlCore
 from gateway.store.sql_intake import SqlIntake
 from gateway.store.sql_jobs import SqlJobs, operator
@@ -29,3 +30,15 @@ __all__ = ["JOB_COLUMNS", "Expr", "SqlCore", "SqlStore", "operator"]
 class SqlStore(SqlIntake, SqlJobs, SqlLeases, SqlListings, SqlNodes):
     """All of the store's SQL, every interface of gateway/store/interfaces.py. Subclasses (the
     backends) provide the connection and the few dialect bits (see `SqlCore`)."""
+
+    def take_send_slot_and_submit(self, job: Job, now: float, interval_s: float,
+                                  callback_url: str, recheck_at: float) -> tuple[float, bool]:
+        """The send slot and, when it is now, the job's `mark_submitting`: one commit for a
+        send that need not wait, where there were two. A slot later than now is only
+        reserved (the caller waits for it, then marks the job)."""
+        with self._tx(durable=True):
+            at = self._take_send_slot(now, interval_s)
+            if at > now:
+                return at, False
+            return at, self._mark_submitting(job, callback_url, recheck_at)
+

@@ -169,13 +169,18 @@ class SqlJobs(SqlCore):
     def mark_submitting(self, job: Job, callback_url: str, recheck_at: float) -> bool:
         """Committed before the send POST: a crash after this point leaves a job that is looked
         up at SignalWire, never blindly sent again."""
+        with self._tx(durable=True):
+            return self._mark_submitting(job, callback_url, recheck_at)
+
+    def _mark_submitting(self, job: Job, callback_url: str, recheck_at: float) -> bool:
+        """`mark_submitting` inside a (durable) transaction the caller holds."""
         now = self.clock()
         n = job.attempt + 1
-        return self.transition(
+        return self._transition(
             job.id, [State.STORED], State.SUBMITTING, Ev.SUBMITTING,
             f"attempt {n}: sending to SignalWire ({job.quality} quality)",
             also=[("INSERT INTO attempts (job_id, n, quality, started_at) VALUES (?, ?, ?, ?)",
-                   (job.id, n, job.quality, now))], durable=True, fence=job.lease_epoch,
+                   (job.id, n, job.quality, now))], fence=job.lease_epoch,
             callback_url=callback_url, submit_started_at=now, attempt=n, fax_sid=None,
             fax_status=None, error_code=None, error_message=None, next_run_at=recheck_at)
 
@@ -317,22 +322,39 @@ class SqlJobs(SqlCore):
         every job of the message reported, and (`job`: the purge follows that job's report)
         the job still held under the claim it was reported with. From here no resend takes
         the document (`add_resend`); False: leave it be."""
+        with self._tx():
+            return self._claim_purge(message_id, job)
+
+    def _claim_purge(self, message_id: str, job: Job | None) -> bool:
+        """`claim_purge` inside a transaction the caller holds."""
         fence, args = "", [self.clock(), message_id, message_id]
         if job is not None:
             fence = (" AND EXISTS (SELECT 1 FROM jobs WHERE id = ? AND lease_epoch = ?"
                      " AND (lease_owner IS NULL OR lease_owner = ?))")
             args += [job.id, job.lease_epoch, self.node_id]
+        self._claim_lock("purge")
+        return self._exec(
+            "UPDATE messages SET purging_at = ? WHERE id = ? AND purged_at IS NULL"
+            " AND NOT EXISTS (SELECT 1 FROM jobs WHERE message_id = ?"
+            f" AND state <> 'reported'){fence}", args) == 1
+
+    def mark_reported_and_claim_purge(self, job: Job, detail: str) -> tuple[bool, list[Job] | None]:
+        """`mark_reported`, then in the same transaction `claim_purge` of the job's message
+        (its last report: every job of it reported), as a report's end with no document
+        retention does: one commit where there were three. Returns (recorded, the message's
+        jobs when its purge is now claimed, else None)."""
         with self._tx():
-            self._claim_lock("purge")
-            return self._exec(
-                "UPDATE messages SET purging_at = ? WHERE id = ? AND purged_at IS NULL"
-                " AND NOT EXISTS (SELECT 1 FROM jobs WHERE message_id = ?"
-                f" AND state <> 'reported'){fence}", args) == 1
+            if not self._transition(job.id, sorted(REPORT_DUE), State.REPORTED, Ev.REPORTED,
+                                    detail, fence=job.lease_epoch, reported_at=self.clock(),
+                                    reporting_at=None, next_run_at=None, tries=0):
+                return False, None
+            if not self._claim_purge(job.message_id, job):
+                return True, None
+            return True, self.message_jobs(job.message_id)
 
     def mark_purged(self, message_id: str) -> None:
-        with self._tx():
-            self._exec_later("UPDATE messages SET purged_at = ? WHERE id = ?",
-                             (self.clock(), message_id))
+        # One statement, committed by itself: no BEGIN and COMMIT around it.
+        self._exec("UPDATE messages SET purged_at = ? WHERE id = ?", (self.clock(), message_id))
 
     def prune(self, cutoff: float, limit: int = 1000) -> int:
         """Delete reported jobs (and their history) reported before `cutoff`; then messages left

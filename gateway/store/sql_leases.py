@@ -45,29 +45,43 @@ class SqlLeases(SqlCore):
             f" ELSE next_run_at END) AS t FROM jobs WHERE {where}", args)
 
     def claim_due(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[Job]:
-        where, args = self._due_where(list(exclude), now)
         with self._tx():
-            self._claim_lock()
-            rows = self._rows(
-                f"SELECT * FROM jobs WHERE {where}{_UNCLAIMED} AND next_run_at <= ?"
-                f" ORDER BY next_run_at LIMIT ?{self.SKIP_LOCKED}",
-                (*args, now, now, limit))
-            claimed, numbers = [], set()
-            for row in rows:
-                if row["state"] == State.STORED.value:
-                    if row["to_number"] in numbers:
-                        continue  # one attempt in flight per destination number
-                    numbers.add(row["to_number"])
-                claimed.append(row)
-            if claimed:
-                ids = [r["id"] for r in claimed]
-                # Each claim is a new fencing token: the rows are locked (or the database is,
-                # SQLite) from the read to this update, so the token is the one read plus one.
-                self._exec_later(f"UPDATE jobs SET lease_owner = ?, lease_until = ?,"
-                                 f" lease_epoch = lease_epoch + 1 WHERE id IN ({_marks(ids)})",
-                                 (self.node_id, now + self.lease_s, *ids))
-                for row in claimed:
-                    row["lease_epoch"] += 1
+            return self._claim_due(now, limit, list(exclude))
+
+    def release_and_claim(self, released: Sequence[str], now: float, limit: int,
+                          exclude: Sequence[str]) -> tuple[list[Job], float | None]:
+        """The worker's trip after steps end, in one transaction: the ended steps' leases go
+        (`release`), up to `limit` due jobs are claimed (`claim_due`, none when 0) and the
+        next due time is read (`next_due_at`, past the claimed ones)."""
+        with self._tx():
+            self._release(released)
+            due = self._claim_due(now, limit, list(exclude)) if limit > 0 else []
+            return due, self.next_due_at([*exclude, *(j.id for j in due)])
+
+    def _claim_due(self, now: float, limit: int, exclude: list[str]) -> list[Job]:
+        """`claim_due` inside a transaction the caller holds."""
+        where, args = self._due_where(exclude, now)
+        self._claim_lock()
+        rows = self._rows(
+            f"SELECT * FROM jobs WHERE {where}{_UNCLAIMED} AND next_run_at <= ?"
+            f" ORDER BY next_run_at LIMIT ?{self.SKIP_LOCKED}",
+            (*args, now, now, limit))
+        claimed, numbers = [], set()
+        for row in rows:
+            if row["state"] == State.STORED.value:
+                if row["to_number"] in numbers:
+                    continue  # one attempt in flight per destination number
+                numbers.add(row["to_number"])
+            claimed.append(row)
+        if claimed:
+            ids = [r["id"] for r in claimed]
+            # Each claim is a new fencing token: the rows are locked (or the database is,
+            # SQLite) from the read to this update, so the token is the one read plus one.
+            self._exec_later(f"UPDATE jobs SET lease_owner = ?, lease_until = ?,"
+                             f" lease_epoch = lease_epoch + 1 WHERE id IN ({_marks(ids)})",
+                             (self.node_id, now + self.lease_s, *ids))
+            for row in claimed:
+                row["lease_epoch"] += 1
         return [_job(r) for r in claimed]
 
     def renew_leases(self, job_ids: Iterable[str], now: float) -> set[str]:
@@ -83,9 +97,10 @@ class SqlLeases(SqlCore):
         return {r["id"] for r in rows}
 
     def release(self, *job_ids: str) -> None:
-        if not job_ids:
-            return
-        with self._tx():
+        self._release(job_ids)  # one statement, committed by itself (or in the caller's)
+
+    def _release(self, job_ids: Sequence[str]) -> None:
+        if job_ids:
             self._exec_later("UPDATE jobs SET lease_owner = NULL, lease_until = NULL"
                              f" WHERE lease_owner = ? AND id IN ({_marks(job_ids)})",
                              (self.node_id, *job_ids))
@@ -125,15 +140,19 @@ class SqlLeases(SqlCore):
         """Reserve the next send slot under the account's rate, across nodes; returns when it
         is (now, or later: the caller waits until then)."""
         with self._tx():
-            self._claim_lock("send-slot")
-            row = self._one("SELECT until FROM leases WHERE name = 'send-slot'")
-            at = now if row is None else max(now, float(row["until"]))
-            if row is None:
-                self._exec_later("INSERT INTO leases (name, owner, until)"
-                                 " VALUES ('send-slot', ?, ?)", (self.node_id, at + interval_s))
-            else:
-                self._exec_later("UPDATE leases SET owner = ?, until = ? WHERE name = 'send-slot'",
-                                 (self.node_id, at + interval_s))
+            return self._take_send_slot(now, interval_s)
+
+    def _take_send_slot(self, now: float, interval_s: float) -> float:
+        """`take_send_slot` inside a transaction the caller holds."""
+        self._claim_lock("send-slot")
+        row = self._one("SELECT until FROM leases WHERE name = 'send-slot'")
+        at = now if row is None else max(now, float(row["until"]))
+        if row is None:
+            self._exec_later("INSERT INTO leases (name, owner, until)"
+                             " VALUES ('send-slot', ?, ?)", (self.node_id, at + interval_s))
+        else:
+            self._exec_later("UPDATE leases SET owner = ?, until = ? WHERE name = 'send-slot'",
+                             (self.node_id, at + interval_s))
         return at
 
     # -- hits: shared rate limits --------------------------------------------------------
