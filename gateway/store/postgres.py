@@ -18,9 +18,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import psycopg
@@ -29,6 +30,7 @@ from psycopg_pool import ConnectionPool
 
 from gateway import defaults
 from gateway.config import mask_url
+from gateway.jobs.outbound_states import State
 from gateway.store.base import StoreError
 from gateway.store.sql import SqlStore
 
@@ -56,6 +58,22 @@ _STALE_PLAN = "cached plan must not change result type"
 def _placeholders(sql: str) -> str:
     """`?` -> `%s`; a literal `%` doubled so psycopg does not read it as a placeholder."""
     return sql.replace("%", "%%").replace("?", "%s")
+
+
+_INSERT_VALUES = re.compile(r"^(INSERT INTO \w+ \([^)]*\)) VALUES (\([^)]*\))$", re.S)
+_GUARDED = re.compile(r"^(UPDATE|DELETE FROM) \w+\b.* WHERE .+$", re.S)
+
+
+@functools.lru_cache(maxsize=64)
+def _only_if_moved(sql: str) -> str:
+    """A statement of a transition (`also`), made to happen only if its UPDATE did: an
+    INSERT ... VALUES selects its row from `moved`; an UPDATE or DELETE adds the condition."""
+    if m := _INSERT_VALUES.match(sql):
+        return f"{m.group(1)} SELECT {m.group(2)[1:-1]} FROM moved"
+    if _GUARDED.match(sql) and sql.count(" WHERE ") == 1 and " RETURNING " not in sql:
+        head, _, cond = sql.partition(" WHERE ")
+        return f"{head} WHERE ({cond}) AND EXISTS (SELECT 1 FROM moved)"
+    raise ValueError(f"not a statement a transition can carry: {sql[:80]}")
 
 
 class PostgresStore(SqlStore):
@@ -329,6 +347,27 @@ class PostgresStore(SqlStore):
         with self._connection() as conn:
             cursor = conn.execute(_placeholders(sql), args)
         return lambda: cursor.rowcount  # in pipeline mode: known once the batch is synced
+
+    def transition(self, job_id: str, sources: Iterable[State], target: State | None,
+                   event: str, detail: str | None, *, durable: bool = False,
+                   also: Iterable[tuple[str, Sequence[Any]]] = (), at: float | None = None,
+                   mine: bool = False, fence: int | None = None, **values: Any) -> bool:
+        """A transition on its own is one statement, committed by itself: the guarded UPDATE
+        in a WITH, the statements that belong to it and its event made from its RETURNING, so
+        each happens only if the UPDATE did (one round trip, where BEGIN, the UPDATE waited
+        for, the rest and COMMIT took two). Inside a caller's transaction: as everywhere."""
+        if self._conn is not None:
+            return super().transition(job_id, sources, target, event, detail, durable=durable,
+                                      also=also, at=at, mine=mine, fence=fence, **values)
+        update, args, now = self._transition_update(job_id, list(sources), target, event, at,
+                                                    mine, fence, values)
+        parts = [f"WITH moved AS ({update} RETURNING id)"]
+        for n, (sql, extra) in enumerate(also):
+            parts.append(f", also_{n} AS ({_only_if_moved(sql)})")
+            args += extra
+        parts.append(" INSERT INTO events (job_id, at, kind, detail) SELECT id, ?, ?, ? FROM moved")
+        args += [now, event, detail]
+        return self._exec("".join(parts), args) == 1
 
     def _is_db_error(self, exc: BaseException) -> bool:
         return isinstance(exc, psycopg.Error)  # PoolTimeout is an OperationalError

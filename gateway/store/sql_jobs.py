@@ -121,6 +121,19 @@ class SqlJobs(SqlCore):
         is made only while no claim came since (no other node took the job over), in the same
         UPDATE, so a node that stalled past its lease records nothing and goes no further.
         """
+        update, args, now = self._transition_update(job_id, sources, target, event, at, mine,
+                                                    fence, values)
+        if self._exec(update, args) != 1:
+            return False
+        for sql, extra in also:  # statements that belong to the same transition
+            self._exec_later(sql, extra)
+        self._event(job_id, event, detail, now)
+        return True
+
+    def _transition_update(self, job_id: str, sources: list[State], target: State | None,
+                           event: str, at: float | None, mine: bool, fence: int | None,
+                           values: dict[str, Any]) -> tuple[str, list[Any], float]:
+        """The guarded UPDATE of a transition: (its SQL, its arguments, the time it records)."""
         for source in sources:
             check_transition([source], source if target is None else target, event)
         now = self.clock() if at is None else at
@@ -144,16 +157,9 @@ class SqlJobs(SqlCore):
         if fence is not None:
             guard += " AND lease_epoch = ?"
             guard_args.append(fence)
-        changed = self._exec(
-            f"UPDATE jobs SET {', '.join(assignments)} WHERE id = ?"
-            f" AND state IN ({_marks(expected)}){guard}",
-            (*args, job_id, *expected, *guard_args))
-        if changed != 1:
-            return False
-        for sql, extra in also:  # statements that belong to the same transition
-            self._exec_later(sql, extra)
-        self._event(job_id, event, detail, now)
-        return True
+        return (f"UPDATE jobs SET {', '.join(assignments)} WHERE id = ?"
+                f" AND state IN ({_marks(expected)}){guard}",
+                [*args, job_id, *expected, *guard_args], now)
 
     # -- worker steps --------------------------------------------------------------------
 
