@@ -296,6 +296,57 @@ def test_a_failed_intake_commit_leaves_nothing_and_the_store_usable(store: SqlSt
     assert len(store.jobs()) == 2
 
 
+def test_mails_committed_together_each_get_their_own_answer(store: SqlStore) -> None:
+    """`add_messages` (a burst's mails that end DATA together): one transaction, and per mail
+    what `add_message` would have said, a copy of a mail earlier in the same batch included."""
+    since = store.clock() - 3600
+    first, copy, other = (new_mail(store, "+15551230001"), new_mail(store, "+15551230001"),
+                          new_mail(store, "+15551230002", msgid="<b@x>"))
+    results = store.add_messages([(m, j, False, since) for m, j in (first, copy, other)])
+    assert results == [None, [first[1][0].id], None]
+    assert sorted(j.id for j in store.jobs()) == sorted([first[1][0].id, other[1][0].id])
+    assert store.message(copy[0].id) is None  # nothing of the copy was kept
+    # One mail that cannot be committed keeps the whole batch out: each says so; the next
+    # batch commits.
+    broken = (replace(new_mail(store, "+15551230003")[0], id=first[0].id),
+              new_mail(store, "+15551230003")[1])
+    fine = new_mail(store, "+15551230004", msgid="<c@x>")
+    results = store.add_messages([(*fine, False, since), (*broken, False, since)])
+    assert all(isinstance(r, StoreError) for r in results)
+    assert store.job(fine[1][0].id) is None
+    assert store.add_messages([(*fine, False, since)]) == [None]
+    assert store.job(fine[1][0].id) is not None
+
+
+async def test_mails_ending_data_together_share_a_commit(backend: str, clock: FakeClock) -> None:
+    """`Store.add_message_soon`: mails waiting while a store thread is busy go in together."""
+    store = open_backend(backend, clock)
+    await store.start()
+    try:
+        batches: list[int] = []
+        real = store.add_messages
+
+        def counted(mails):  # type: ignore[no-untyped-def]
+            batches.append(len(mails))
+            return real(mails)
+
+        store.add_messages = counted  # type: ignore[method-assign]
+        gate = threading.Event()
+        blockers = [asyncio.ensure_future(store.run_first(gate.wait, 30))
+                    for _ in range(store.THREADS)]  # every store thread busy
+        mails = [new_mail(store, f"+1555123{n:04d}", msgid=f"<{n}@x>") for n in range(10)]
+        pending = [asyncio.ensure_future(store.add_message_soon(m, j, dedup_since=0.0))
+                   for m, j in mails]
+        await asyncio.sleep(0)  # every mail queued before the threads are free
+        gate.set()
+        await asyncio.gather(*blockers)
+        assert await asyncio.gather(*pending) == [None] * 10
+        assert sum(batches) == 10 and len(batches) < 10, batches
+        assert len(await store.run(store.jobs)) == 10
+    finally:
+        await store.stop()
+
+
 def test_two_copies_committed_at_once_make_one_job(backend: str, node: NodeFactory,
                                                    clock: FakeClock) -> None:
     """Copy A's commit has claimed its key and is still open when copy B commits on another

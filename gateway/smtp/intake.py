@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import hashlib
 import logging
 import os
@@ -385,9 +384,8 @@ class Intake:
             elif shared_key is not None:
                 assert self.media is not None
                 await self.media.put(shared_key, path)
-            earlier = await self.store.run_first(functools.partial(
-                self.store.add_message, message, jobs, stored=shared_key is not None,
-                dedup_since=dedup_since))
+            earlier = await self.store.add_message_soon(
+                message, list(jobs), stored=shared_key is not None, dedup_since=dedup_since)
         except (StoreError, OSError, MediaError) as exc:
             await asyncio.to_thread(self.spool.remove, message_id)
             await self._forget_upload(upload, shared_key, message_id)

@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 from gateway import defaults
 from gateway.jobs.outbound_states import IllegalTransition
 from gateway.store.interfaces import Jobs, Leases, Listings, Nodes
+from gateway.store.rows import Message, NewJob
 
 T = TypeVar("T")
 
@@ -187,6 +188,12 @@ class Store(Jobs, Leases, Listings, Nodes):
         self.clock = clock
         self._executor: _StoreThreads | None = None
         self._reader: _StoreThreads | None = None
+        # Mails waiting for their intake commit (`add_message_soon`), and whether a store
+        # call that commits them is queued.
+        self._intake: collections.deque[tuple[Message, list[NewJob], bool, float | None,
+                                              asyncio.Future[list[str] | None]]] = (
+            collections.deque())
+        self._intake_queued = False
         # Who claims jobs (NODE_ID), and for how long a claim lasts without a heartbeat
         # (LEASE_SECONDS); open_store sets both from the settings.
         self.node_id = f"{socket.gethostname()}-{os.getpid()}"
@@ -237,6 +244,43 @@ class Store(Jobs, Leases, Listings, Nodes):
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._executor.put((functools.partial(fn, *args) if args else fn, future), first=True)
         return await future
+
+    async def add_message_soon(self, message: Message, jobs: list[NewJob], *,
+                               stored: bool = False,
+                               dedup_since: float | None = None) -> list[str] | None:
+        """`add_message` in the first lane (`run_first`), committed in one transaction with
+        every other mail's that is waiting when a store thread takes it up: a burst's mails
+        ending DATA together share one commit (one WAL flush, one BEGIN and COMMIT) instead
+        of queueing one commit each. A mail alone is a batch of one."""
+        assert self._executor is not None, "store not started"
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[str] | None] = loop.create_future()
+        self._intake.append((message, jobs, stored, dedup_since, future))
+        if not self._intake_queued:
+            self._intake_queued = True
+            done: asyncio.Future[None] = loop.create_future()
+            self._executor.put((self._commit_intake, done), first=True)
+        return await future
+
+    def _commit_intake(self) -> None:
+        """On a store thread: every mail waiting now, in one `add_messages`."""
+        self._intake_queued = False  # before taking: a mail added after this queues a call
+        batch = []
+        while self._intake:
+            batch.append(self._intake.popleft())
+        if not batch:
+            return
+        try:
+            results: list[Any] = self.add_messages([m[:4] for m in batch])
+        except BaseException as exc:  # noqa: BLE001 (each mail's caller gets it)
+            results = [exc] * len(batch)
+        for mail, result in zip(batch, results, strict=True):
+            future = mail[4]
+            error = isinstance(result, BaseException)
+            try:
+                future.get_loop().call_soon_threadsafe(_settle, future, not error, result)
+            except RuntimeError:  # that loop is closed: nobody is waiting any more
+                pass
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a read-only store call for the dashboard on the reader's own thread and

@@ -76,6 +76,12 @@ class Jobs(Calls):
         back instead, in the order of `jobs`. The check is part of the commit, so two copies
         committing at once on two nodes make one job. None: never merged."""
 
+    @abc.abstractmethod
+    def add_messages(self, mails: Sequence[tuple[Message, list[NewJob], bool, float | None]]
+                     ) -> list[list[str] | None | BaseException]:
+        """`add_message` of several mails (message, jobs, stored, dedup_since) in one
+        transaction; per mail its result, or the error that kept them all uncommitted."""
+
     # -- reads -------------------------------------------------------------------------------
 
     @abc.abstractmethod

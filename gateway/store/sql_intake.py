@@ -3,7 +3,7 @@ copy sent again (a client that lost our 250) into the jobs of the first, decided
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from gateway.jobs.outbound_states import Ev, State, check_transition
 from gateway.store.base import StoreError
@@ -33,29 +33,50 @@ class SqlIntake(SqlCore):
         A few statements whatever the number of jobs (one per table), in a batch transaction:
         PostgreSQL sends them together and waits once for the dedup claim and once for the
         commit, which is most of the 250's wait on a database across the network."""
-        jobs = list(jobs)
+        (result,) = self.add_messages([(message, list(jobs), stored, dedup_since)])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def add_messages(self, mails: Sequence[tuple[Message, list[NewJob], bool, float | None]]
+                     ) -> list[list[str] | None | BaseException]:
+        """`add_message` of several mails in one transaction and one commit: what a burst's
+        mails that end DATA together wait for (`Store.add_message_soon`). Per mail, in order:
+        None (committed), the earlier copy's jobs (a copy sent again: nothing of it kept), or
+        the error that kept the whole transaction from committing (the same for every mail:
+        none of them is kept)."""
+        results: list[list[str] | None | BaseException] = []
         try:
             with self._batch_tx(durable=True):
-                columns = [c for c in _MESSAGE_COLUMNS if c not in self._DSN_MESSAGE_COLUMNS
-                           or getattr(message, c) is not None]
-                self._exec(
-                    f"INSERT INTO messages ({', '.join(columns)})"
-                    f" VALUES ({_marks(columns)})",
-                    [getattr(message, c) for c in columns])
-                if jobs:
-                    self._insert_jobs(message, jobs, self.clock(), stored)
-                    if dedup_since is not None and message.message_id_header:
-                        earlier = self._claim_dedup(message, jobs, dedup_since)
-                        if earlier is not None:
-                            raise _Resent(earlier)  # nothing of this copy is kept
-        except _Resent as resent:
-            return resent.job_ids
-        except StoreError:
-            raise
+                for message, jobs, stored, dedup_since in mails:
+                    results.append(self._add_one(message, jobs, stored, dedup_since))
+        except StoreError as exc:
+            return [exc] * len(mails)
         except Exception as exc:
             if self._is_db_error(exc):
-                raise StoreError(str(exc)) from exc
+                error = StoreError(str(exc))
+                error.__cause__ = exc
+                return [error] * len(mails)
             raise
+        return results
+
+    def _add_one(self, message: Message, jobs: list[NewJob], stored: bool,
+                 dedup_since: float | None) -> list[str] | None:
+        """One mail inside the intake transaction. The dedup claim comes first: a copy sent
+        again (every key held by an earlier copy, which may be a mail earlier in this same
+        transaction) writes nothing at all, so nothing needs undoing."""
+        if jobs and dedup_since is not None and message.message_id_header:
+            earlier = self._claim_dedup(message, jobs, dedup_since)
+            if earlier is not None:
+                return earlier
+        columns = [c for c in _MESSAGE_COLUMNS if c not in self._DSN_MESSAGE_COLUMNS
+                   or getattr(message, c) is not None]
+        self._exec(
+            f"INSERT INTO messages ({', '.join(columns)})"
+            f" VALUES ({_marks(columns)})",
+            [getattr(message, c) for c in columns])
+        if jobs:
+            self._insert_jobs(message, jobs, self.clock(), stored)
         return None
 
     def _insert_jobs(self, message: Message, jobs: list[NewJob], now: float,
@@ -120,11 +141,3 @@ class SqlIntake(SqlCore):
                              (job_id, message.created_at, message.message_id_header, number,
                               message.document_sha256))
         return None
-
-
-class _Resent(Exception):
-    """Raised inside the intake commit to undo it: the mail is an earlier copy's jobs."""
-
-    def __init__(self, job_ids: list[str]) -> None:
-        super().__init__(", ".join(job_ids))
-        self.job_ids = job_ids
