@@ -49,11 +49,9 @@ def one_fax(store: Store, i: int, tag: str) -> None:
     store.add_message(message, jobs, stored=True, dedup_since=now - 86400)
     due, _ = store.release_and_claim([], time.time(), 8, [])
     job = next(j for j in due if j.id == jobs[0].id)
-    _, marked = store.take_send_slot_and_submit(job, time.time(), 0.001,
-                                                f"http://gw/cb/{job.callback_token}",
-                                                time.time() + 40)
-    assert marked
-    current = store.job(job.id)
+    _, current = store.take_send_slot_and_submit(job, time.time(), 0.001,
+                                                 f"http://gw/cb/{job.callback_token}",
+                                                 time.time() + 40)
     assert current is not None
     job = current
     assert store.mark_submitted(job, f"FX{tag}{i}", "queued", time.time() + 600, "accepted")

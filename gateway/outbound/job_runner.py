@@ -380,13 +380,14 @@ class Worker(Housekeeping):
 
         def slot_and_submitting() -> tuple[float | None, Job | None]:
             # One trip to the store thread and, when the slot is free now (the usual case),
-            # one commit: the slot, the change; then the row.
+            # one commit: the slot, the change and the row.
             now = self.clock()
-            at, marked = store.take_send_slot_and_submit(job, now, interval, callback,
-                                                         now + answer_s)
+            at, current = store.take_send_slot_and_submit(job, now, interval, callback,
+                                                          now + answer_s)
             if at > now:
                 return at, None
-            return None, row() if marked else None
+            return None, (None if current is None
+                          else dataclasses.replace(current, lease_epoch=job.lease_epoch))
 
         def submitting() -> Job | None:  # after waiting for the slot: the change, the row
             if not store.mark_submitting(job, callback, self.clock() + answer_s):

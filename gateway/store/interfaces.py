@@ -276,9 +276,9 @@ class Leases(Calls):
 
     @abc.abstractmethod
     def take_send_slot_and_submit(self, job: Job, now: float, interval_s: float,
-                                  callback_url: str, recheck_at: float) -> tuple[float, bool]:
+                                  callback_url: str, recheck_at: float) -> tuple[float, Job | None]:
         """`take_send_slot`, and when the slot is now, `mark_submitting` in the same
-        transaction: (the slot's time, whether the job is now `submitting`)."""
+        transaction: (the slot's time, the job's row when it is now `submitting`)."""
 
     # -- hits --------------------------------------------------------------------------------
 

@@ -32,13 +32,13 @@ class SqlStore(SqlIntake, SqlJobs, SqlLeases, SqlListings, SqlNodes):
     backends) provide the connection and the few dialect bits (see `SqlCore`)."""
 
     def take_send_slot_and_submit(self, job: Job, now: float, interval_s: float,
-                                  callback_url: str, recheck_at: float) -> tuple[float, bool]:
-        """The send slot and, when it is now, the job's `mark_submitting`: one commit for a
-        send that need not wait, where there were two. A slot later than now is only
-        reserved (the caller waits for it, then marks the job)."""
+                                  callback_url: str, recheck_at: float) -> tuple[float, Job | None]:
+        """The send slot and, when it is now, the job's `mark_submitting` and its row as it
+        is then: one commit for a send that need not wait, where there were two and a read.
+        A slot later than now is only reserved (the caller waits for it, then marks the
+        job): (the slot's time, the job's row if it is `submitting` now, else None)."""
         with self._tx(durable=True):
             at = self._take_send_slot(now, interval_s)
-            if at > now:
-                return at, False
-            return at, self._mark_submitting(job, callback_url, recheck_at)
-
+            if at > now or not self._mark_submitting(job, callback_url, recheck_at):
+                return at, None
+            return at, self.job(job.id)
