@@ -12,9 +12,10 @@ asks), `render_final_report` gets the job and message rows and the spooled PDF's
 both ways for each task (the arguments down, the result back): its bytes and the CPU of
 dumping and loading it on the two sides.
 
-Also `--imports`: the CPU and the resident memory of a bare worker process, of one that has
-imported what the two tasks need, and what those imports cost (the worker starts bare; see
-gateway/documents/pool_child.py).
+Also `--first N`: a fresh worker process's CPU and resident memory bare (as it starts), for
+its first prepare and its first report (their imports included: a worker starts bare, see
+gateway/documents/pool_child.py), the median of N processes; and, where pool_child has
+`preimport`, the same for a worker that imported ahead of its first task.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import pickle
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -67,6 +69,12 @@ def _rows(pdf_path: Path, pages: int) -> tuple[Any, Any, list[Any], list[Any]]:
     return job, message, events, attempts
 
 
+# What the job runner passes with the defaults (REPORT_THUMBNAIL on, REPORT_ATTACH_PDF off).
+REPORT_OPTIONS: dict[str, Any] = dict(
+    from_addr="Fax Gateway <fax@gw.example>", hostname="gw.example", now=50.0,
+    template_dir=None, thumbnail=True, attach_pdf=False, bcc=(), fax_domain="fax.local")
+
+
 def _timed(fn: Any, calls: int) -> float:
     """CPU ms per call of fn() over `calls` calls."""
     start = time.process_time()
@@ -86,7 +94,7 @@ def _pickle_cost(task: tuple[Any, ...], result: Any, calls: int) -> dict[str, fl
     return {"down_bytes": len(down), "up_bytes": len(up), "ms": round(_timed(both, calls), 3)}
 
 
-def measure(size: int, calls: int, warmup: int) -> dict[str, Any]:
+def measure(size: int, calls: int, warmup: int, first_rounds: int = 0) -> dict[str, Any]:
     from gateway.documents.model import DocOptions
     from gateway.documents.pool_child import call
 
@@ -125,9 +133,7 @@ def measure(size: int, calls: int, warmup: int) -> dict[str, Any]:
         from gateway.mail.reports import render_final_report
 
         job, message, events, attempts = _rows(spooled, first.document.pages)
-        options: dict[str, Any] = dict(
-            from_addr="Fax Gateway <fax@gw.example>", hostname="gw.example", now=50.0,
-            template_dir=None, thumbnail=True, attach_pdf=False, bcc=(), fax_domain="fax.local")
+        options = REPORT_OPTIONS
 
         def report() -> Any:
             return render_final_report(job, message, events, attempts, **options)
@@ -141,37 +147,59 @@ def measure(size: int, calls: int, warmup: int) -> dict[str, Any]:
         down = (render_final_report, (job, message, events, attempts), options)
         results["report_pickle"] = _pickle_cost(down, (True, rendered, ""), calls)
         results["report_bytes"] = len(rendered.data)
+        if first_rounds:
+            results["first"] = first_tasks(mail, spooled, first_rounds, False)
+            from gateway.documents import pool_child
+
+            if hasattr(pool_child, "preimport"):
+                results["first_preimport"] = first_tasks(mail, spooled, first_rounds, True)
     return results
 
 
-_IMPORTS_PROBE = """
-import resource, sys, time
+_FIRST_TASKS = """
+import sys, time
 def rss():
     with open('/proc/self/statm') as fh:
         return int(fh.read().split()[1]) * 4096 // 1024
-import gateway.documents.pool_child
-bare_cpu, bare_rss = time.process_time(), rss()
-for name in sys.argv[1:]:
-    __import__(name)
-print(bare_cpu * 1000, bare_rss, (time.process_time() - bare_cpu) * 1000, rss())
+mail, spooled, out, preimport = sys.argv[1:5]
+import gateway.documents.pool_child as pool_child
+marks = [(time.process_time(), rss())]
+if preimport == "1":
+    pool_child.preimport()
+marks.append((time.process_time(), rss()))
+from gateway.documents.model import DocOptions
+first = pool_child.call("gateway.documents.build:prepare", mail, DocOptions(), ["+15551234567"],
+                        "scanner@example.com", "Mon, 07 Dec 2026 19:31:02 +0000", out)
+marks.append((time.process_time(), rss()))
+from pathlib import Path
+from bench.worker_tasks import _rows, REPORT_OPTIONS
+from gateway.mail.reports import render_final_report
+job, message, events, attempts = _rows(Path(spooled), first.document.pages)
+render_final_report(job, message, events, attempts, **REPORT_OPTIONS)
+marks.append((time.process_time(), rss()))
+print(" ".join(f"{cpu * 1000:.1f} {kb}" for cpu, kb in marks))
 """
 
 
-def imports(modules: list[str], rounds: int) -> dict[str, Any]:
-    """A bare worker's CPU to start and its RSS, and what importing `modules` adds."""
+def first_tasks(mail: Path, spooled: Path, rounds: int, preimport: bool) -> dict[str, Any]:
+    """A fresh worker process (pool_child imported, as a worker starts): its CPU and RSS bare,
+    after `preimport` (when asked), after its first prepare and after its first report."""
     rows = []
-    for _ in range(rounds):
-        out = subprocess.run([sys.executable, "-c", _IMPORTS_PROBE, *modules],
+    for n in range(rounds):
+        out = spooled.with_name(f"first-{n}.pdf")
+        run = subprocess.run([sys.executable, "-c", _FIRST_TASKS, str(mail), str(spooled),
+                              str(out), "1" if preimport else "0"],
                              capture_output=True, text=True, check=True,
                              env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
-        rows.append([float(v) for v in out.stdout.split()])
-    best = [min(col) for col in zip(*rows, strict=True)]
-    return {"bare_start_cpu_ms": round(best[0], 1), "bare_rss_kb": int(best[1]),
-            "imports_cpu_ms": round(best[2], 1), "imports_rss_kb": int(best[3] - best[1])}
-
-
-TASK_MODULES = ["gateway.documents.build", "gateway.mail.reports",
-                "gateway.documents.thumbnails", "pypdfium2"]
+        out.unlink(missing_ok=True)
+        rows.append([float(v) for v in run.stdout.split()])
+    cpu = [statistics.median(r[i] for r in rows) for i in range(0, 8, 2)]
+    kb = [statistics.median(r[i] for r in rows) for i in range(1, 8, 2)]
+    return {"bare_cpu_ms": round(cpu[0], 1), "bare_rss_kb": int(kb[0]),
+            "preimport_cpu_ms": round(cpu[1] - cpu[0], 1), "preimport_rss_kb": int(kb[1] - kb[0]),
+            "first_prepare_cpu_ms": round(cpu[2] - cpu[1], 1),
+            "first_report_cpu_ms": round(cpu[3] - cpu[2], 1),
+            "after_both_rss_kb": int(kb[3])}
 
 
 def main() -> None:
@@ -179,13 +207,12 @@ def main() -> None:
     p.add_argument("--size", type=int, default=100_000, help="PDF bytes (bench.run's 100k)")
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
-    p.add_argument("--imports", action="store_true",
-                   help="also the imports' CPU and RSS in a bare worker process")
+    p.add_argument("--first", type=int, default=0, metavar="ROUNDS",
+                   help="also a fresh worker's first prepare and report (CPU, RSS; imports "
+                        "included), median of ROUNDS processes, with and without preimport")
     p.add_argument("--json", action="store_true")
     a = p.parse_args()
-    results = measure(a.size, a.calls, a.warmup)
-    if a.imports:
-        results["imports"] = imports(TASK_MODULES, 5)
+    results = measure(a.size, a.calls, a.warmup, a.first)
     if a.json:
         print(json.dumps(results))
         return
@@ -195,8 +222,9 @@ def main() -> None:
         print(f"{task:8s} {results[f'{task}_ms']:7.3f} ms CPU/call  (first call "
               f"{results[f'{task}_first_ms']:.1f} ms; pickle {pk['down_bytes']} B down, "
               f"{pk['up_bytes']} B up, {pk['ms']:.3f} ms)")
-    if "imports" in results:
-        print("imports  " + ", ".join(f"{k} {v}" for k, v in results["imports"].items()))
+    for key in ("first", "first_preimport"):
+        if key in results:
+            print(f"{key:15s} " + ", ".join(f"{k} {v}" for k, v in results[key].items()))
 
 
 if __name__ == "__main__":

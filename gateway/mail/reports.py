@@ -25,9 +25,9 @@ import jinja2
 from gateway.constants import REPORT_HEADER
 from gateway.jobs.outbound_states import Job, State
 from gateway.mail.headers import reply_headers
+from gateway.mail.outgoing import MAIL_POLICY, Rendered, render
 from gateway.mail.phrases import _
 from gateway.mail.report_mime import ReportContent, write_report
-from gateway.mail.sender import MAIL_POLICY, Rendered, render
 from gateway.phone import format_number
 from gateway.sanitise import one_line
 from gateway.signalwire import errors
