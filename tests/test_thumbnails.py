@@ -1,7 +1,7 @@
 """First-page pictures (gateway/documents/thumbnails.py) against the way they were made before
-(PDFium drawing grey into a BGR bitmap, Pillow converting it to "L", quantising it to sixteen
-greys and writing the PNG): the same pixels for a corpus of documents the gateway faxes, a
-valid four-bit PNG, and no pixel changed by the standard-font page kept between pictures."""
+(PDFium drawing grey, Pillow quantising it to sixteen greys and writing the PNG): the same
+pixels for a corpus of documents the gateway faxes, a valid four-bit PNG, and no pixel changed
+by the standard-font page kept between pictures."""
 
 from __future__ import annotations
 

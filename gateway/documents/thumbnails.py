@@ -42,10 +42,8 @@ def first_page_png(pdf: bytes | Path, width_px: int = 300) -> bytes:
                 page = document[0]
                 page_w, page_h = page.get_size()
                 scale = min(width_px / page_w, 4 * width_px / page_h)
-                # Drawn straight into 8-bit grey (the same pixels as grey drawn into BGR and
-                # converted, without the four bytes a pixel and the conversion).
-                image = page.render(scale=scale, grayscale=True, may_draw_forms=True,
-                                    force_bitmap_format=pdfium.raw.FPDFBitmap_Gray).to_pil()
+                # grayscale: an 8-bit grey bitmap (pypdfium2 picks FPDFBitmap_Gray), mode "L"
+                image = page.render(scale=scale, grayscale=True, may_draw_forms=True).to_pil()
                 page.close()
             finally:
                 document.close()
@@ -118,7 +116,7 @@ class _StandardFonts:
         try:
             document = pdfium.PdfDocument(_standard_fonts_pdf())
             page = document[0]
-            page.render(grayscale=True, force_bitmap_format=pdfium.raw.FPDFBitmap_Gray)
+            page.render(grayscale=True)
         except (pdfium.PdfiumError, IndexError, ValueError):  # only slower without it
             return
         self._held = (document, page)
