@@ -39,11 +39,13 @@ _OLD_PLACEHOLDER = re.compile(rf"\$(?:\{{({'|'.join(_OLD_NAMES)})\}}|({'|'.join(
 @functools.lru_cache(maxsize=8)
 def environment(folder: Path | None) -> jinja2.Environment:
     """The templates for `folder` (None: the packaged ones only), compiled once per process;
-    an operator's edited file is read again at the next report (auto_reload checks its time)."""
+    an operator's edited file is read again at the next report (auto_reload checks its time).
+    The packaged ones do not change while the process runs: not checked (two stat calls a
+    report)."""
     loaders: list[jinja2.BaseLoader] = [jinja2.PackageLoader("gateway.mail", "templates")]
     if folder is not None:
         loaders.insert(0, jinja2.FileSystemLoader(folder))
-    return jinja2.Environment(loader=jinja2.ChoiceLoader(loaders), auto_reload=True,
+    return jinja2.Environment(loader=jinja2.ChoiceLoader(loaders), auto_reload=folder is not None,
                               autoescape=jinja2.select_autoescape(["html"],
                                                                   default_for_string=False),
                               keep_trailing_newline=True)

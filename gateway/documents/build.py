@@ -17,7 +17,6 @@ from dataclasses import replace
 from email.message import Message
 from typing import Any
 
-from gateway.documents import fonts
 from gateway.documents.convert import (
     ConvertError,
     Limits,
@@ -143,6 +142,10 @@ def build_document(parsed: ParsedMail, opts: DocOptions, msg_opts: MessageOption
 
 def _undrawable_note(texts: list[str]) -> str | None:
     """The report line for characters no shipped font can draw (faxed as '?')."""
+    if not texts:
+        return None  # nothing typeset (PDFs and images only): fonts.py is not even imported
+    from gateway.documents import fonts
+
     missing: dict[str, None] = {}
     for text in texts:
         missing.update(dict.fromkeys(fonts.undrawable(text)))

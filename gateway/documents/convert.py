@@ -27,7 +27,7 @@ import re
 import unicodedata
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from PIL import Image, ImageOps, ImageSequence, UnidentifiedImageError
 from pypdf import PageObject, PdfReader, PdfWriter
@@ -43,11 +43,13 @@ from pypdf.generic import (
     RectangleObject,
     StreamObject,
 )
-from reportlab.lib.utils import simpleSplit
-from reportlab.pdfbase.pdfmetrics import stringWidth
-from reportlab.pdfgen.canvas import Canvas
 
-from gateway.documents import fonts
+if TYPE_CHECKING:
+    from reportlab.pdfgen.canvas import Canvas
+
+# reportlab and fonts.py (with the shaping libraries) are imported by what typesets text (text
+# pages, the cover page): a worker that has only faxed PDFs and images never loads them
+# (~60 ms of CPU and ~12 MB at a worker's first task).
 
 __all__ = [
     "PAPER",
@@ -456,6 +458,11 @@ def text_to_pdf(text: str, paper: str, limits: Limits, title: str | None = None
     With a title every page carries it and "Page i of N", so loose fax pages can be put back
     in order.  Returns (PDF bytes, page count).
     """
+    from reportlab.pdfbase.pdfmetrics import stringWidth
+    from reportlab.pdfgen.canvas import Canvas
+
+    from gateway.documents import fonts
+
     paper_w, paper_h = _paper(paper)
     if len(text) > limits.max_text_chars:
         raise ConvertError(f"The message text is too long to fax ({len(text)} characters; at "
@@ -503,6 +510,10 @@ def _title_line(text: str, max_chars: int = 200) -> str:
 
 
 def _draw_header(canvas: Canvas, title: str, page_label: str, paper_w: float, y: float) -> None:
+    from reportlab.pdfbase.pdfmetrics import stringWidth
+
+    from gateway.documents import fonts
+
     right = paper_w - TEXT_MARGIN_X_PT
     room = right - TEXT_MARGIN_X_PT - stringWidth(page_label, HEADER_FONT, TEXT_SIZE_PT) - 12
     wide = _needs_unicode(title)
@@ -533,6 +544,11 @@ def cover_page(*, to: str, sender: str, subject: str, pages: int, date: str, not
     60 pt, details at 14 pt) because the far end may be a thermal fax printer; a note longer
     than the page holds is cut with a marker rather than spilling onto a second page.
     """
+    from reportlab.lib.utils import simpleSplit
+    from reportlab.pdfgen.canvas import Canvas
+
+    from gateway.documents import fonts
+
     paper_w, paper_h = _paper(paper)
     margin = 54.0
     width = paper_w - 2 * margin

@@ -22,8 +22,8 @@ from gateway.jobs.outbound_states import Job
 from gateway.mail.dsn_values import wants, xtext_encode
 from gateway.mail.headers import reply_headers
 from gateway.mail.loop_guard import in_domain
+from gateway.mail.outgoing import MAIL_POLICY
 from gateway.mail.phrases import _
-from gateway.mail.sender import MAIL_POLICY
 from gateway.phone import format_number
 from gateway.sanitise import one_line
 from gateway.signalwire import errors

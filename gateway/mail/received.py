@@ -16,8 +16,8 @@ from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import format_datetime, make_msgid, parseaddr
 
+from gateway.mail.outgoing import MAIL_POLICY, Rendered, render
 from gateway.mail.phrases import _
-from gateway.mail.sender import MAIL_POLICY, Rendered, render
 from gateway.phone import NumberError, format_number
 from gateway.sanitise import one_line
 from gateway.store.inbound import InboundFax

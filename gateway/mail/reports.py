@@ -25,9 +25,9 @@ import jinja2
 from gateway.constants import REPORT_HEADER
 from gateway.jobs.outbound_states import Job, State
 from gateway.mail.headers import reply_headers
+from gateway.mail.outgoing import MAIL_POLICY, Rendered, render
 from gateway.mail.phrases import _
 from gateway.mail.report_mime import ReportContent, write_report
-from gateway.mail.sender import MAIL_POLICY, Rendered, render
 from gateway.phone import format_number
 from gateway.sanitise import one_line
 from gateway.signalwire import errors
@@ -144,9 +144,10 @@ def _pages(n: int | None) -> str:
     return _("1 page") if n == 1 else _("%d pages") % n
 
 
-def subject_line(job: Job) -> str:
+def subject_line(job: Job, number: str | None = None) -> str:
+    """`number`: the destination as format_number wrote it, when the caller has it."""
     ok, words = outcome(job)
-    number = format_number(job.to_number)
+    number = number or format_number(job.to_number)
     if ok:
         return _("Fax to %s delivered, %s") % (number, _pages(job.pages_sent or job.pages or 0))
     tries = _(" after %d attempts") % job.attempt if job.attempt > 1 else ""
@@ -218,7 +219,7 @@ def report_content(job: Job, message: Message, events: Sequence[Event],
         {"n": a.n, "started": _when(a.started_at), "quality": a.quality,
          "result": _attempt_result(a)} for a in attempts]
     text = templates.get("report.txt").render(values, advice=advice, attempts=rows)
-    subject = subject_line(job)
+    subject = subject_line(job, number)
     headers = reply_headers(from_addr, message.report_to or "", subject, now,
                              report_msgid(job, from_addr, hostname), message)
     headers += [("X-Faxgw-Job", job.id), (REPORT_HEADER, job.id),

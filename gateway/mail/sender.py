@@ -6,11 +6,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
-from email import policy
-from email.headerregistry import HeaderRegistry
 from email.message import EmailMessage
-from email.utils import getaddresses
 from pathlib import Path
 from typing import Protocol
 
@@ -18,48 +14,13 @@ import aiosmtplib
 
 from gateway import defaults
 from gateway.config import Settings
+from gateway.mail.outgoing import MAIL_POLICY, Rendered, render
 from gateway.spool import fsync_dir, write_temp
 
+__all__ = ["MAIL_POLICY", "MAX_OUTBOX_COPIES", "Notifier", "NotifyError", "OutboxNotifier",
+           "RelayNotifier", "Rendered", "render", "write_new"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Rendered:
-    """A report ready for the wire: CRLF bytes and the envelope recipients."""
-
-    data: bytes
-    recipients: tuple[str, ...]
-
-
-class _HeaderClasses(HeaderRegistry):
-    """The stdlib's header registry makes a new class for every header it parses (one
-    `type()` call each: a quarter of building a report mail). The class depends only on the
-    header's name, so one per name is kept."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._made: dict[str, type] = {}
-
-    def __getitem__(self, name: str) -> type:
-        key = name.lower()
-        made = self._made.get(key)
-        if made is None:
-            made = self._made[key] = super().__getitem__(name)
-        return made
-
-
-# The gateway's own mail (reports, receipts, received faxes): headers unfolded up to RFC 5322's
-# hard limit (Python folds a long Subject before its first word, which clients show as a
-# leading space), CRLF as on the wire.
-MAIL_POLICY = policy.default.clone(max_line_length=998, header_factory=_HeaderClasses())
-
-
-def render(report: EmailMessage, bcc: Sequence[str] = ()) -> Rendered:
-    """Serialise with the report's own policy (unfolded headers), not aiosmtplib's. Bcc
-    recipients are envelope-only: no header shows them to the sender."""
-    data = report.as_bytes(policy=report.policy.clone(linesep="\r\n"))
-    recipients = [a for _, a in getaddresses(report.get_all("To", []))] + list(bcc)
-    return Rendered(data, tuple(recipients))
 
 
 class NotifyError(Exception):
