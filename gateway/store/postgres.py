@@ -30,6 +30,8 @@ from psycopg_pool import ConnectionPool
 from gateway import defaults
 from gateway.config import mask_url
 from gateway.store.base import StoreError
+from gateway.store.interfaces import Wakeups
+from gateway.store.pg_wakeups import CHANNEL, PgWakeups
 from gateway.store.sql import SqlStore
 
 log = logging.getLogger(__name__)
@@ -69,8 +71,11 @@ class PostgresStore(SqlStore):
 
     def __init__(self, url: str, clock: Callable[[], float] = time.time,
                  connect_timeout_s: float = defaults.STORE_BUSY_TIMEOUT_S,
-                 max_connections: int = 4, prepared_statements: bool = True) -> None:
+                 max_connections: int = 4, prepared_statements: bool = True,
+                 listen_url: str | None = None) -> None:
         super().__init__(clock)
+        # Where the wake-up listener connects (pg_wakeups.py); None: `url`.
+        self.listen_url = listen_url
         # psycopg prepares a query after it ran this many times on a connection (its
         # default); None: never (each call is parsed and planned again).
         self.prepare_threshold: int | None = PREPARE_THRESHOLD if prepared_statements else None
@@ -274,6 +279,20 @@ class PostgresStore(SqlStore):
 
     def _relaxed_commit(self) -> None:
         self._exec_later("SET LOCAL synchronous_commit = off")
+
+    def _announcing(self, where: str = "",
+                    args: Sequence[Any] = ()) -> list[tuple[str, Sequence[Any]]]:
+        # Delivered at COMMIT to every node's listener (pg_wakeups.py), with who sent it.
+        return [("SELECT pg_notify(?, ?)" + (f" WHERE {where}" if where else ""),
+                 (CHANNEL, self.node_id, *args))]
+
+    def notify(self, channel: str, payload: str) -> None:
+        """A notification in a transaction of its own (the wake-up listener's probe)."""
+        self._exec("SELECT pg_notify(?, ?)", (channel, payload))
+
+    def wakeups(self, wake: Callable[[], None]) -> Wakeups:
+        return PgWakeups(self, wake, url=self.listen_url or self.url, notify=self.notify,
+                         own_url=self.listen_url is not None)
 
     def tune_for_bulk_load(self) -> None:
         """Benchmark seeding only: commits without waiting for the WAL flush."""

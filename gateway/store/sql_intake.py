@@ -44,6 +44,7 @@ class SqlIntake(SqlCore):
                     [getattr(message, c) for c in columns])
                 if jobs:
                     self._insert_jobs(message, jobs, self.clock(), stored)
+                    self._announce()  # another node may be free to send them (at COMMIT)
                     if dedup_since is not None and message.message_id_header:
                         earlier = self._claim_dedup(message, jobs, dedup_since)
                         if earlier is not None:

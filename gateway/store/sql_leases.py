@@ -82,13 +82,15 @@ class SqlLeases(SqlCore):
                               f" AND id IN ({_marks(ids)})", (self.node_id, *ids))
         return {r["id"] for r in rows}
 
-    def release(self, *job_ids: str) -> None:
+    def release(self, *job_ids: str, wake_others: bool = False) -> None:
         if not job_ids:
             return
         with self._tx():
             self._exec_later("UPDATE jobs SET lease_owner = NULL, lease_until = NULL"
                              f" WHERE lease_owner = ? AND id IN ({_marks(job_ids)})",
                              (self.node_id, *job_ids))
+            if wake_others:
+                self._announce()
 
     def release_all(self, everyone: bool = False) -> int:
         """At start: this node's leases from before a restart (same NODE_ID), or with
