@@ -29,6 +29,7 @@ from testsupport.s3server import SeaweedS3
 
 from .conftest import FakeClock, GatewayFactory, RelaySink, Simulator, pg_reset
 from .helpers.cluster import (
+    all_reported,
     s3_credentials,  # noqa: F401 - a fixture
     send,
     shared_env,
@@ -216,7 +217,14 @@ async def test_a_mail_at_a_busy_node_is_sent_at_once_by_a_free_one(
     await sent_by(simulator, b, "15551400021")
     # node-b heard node-a's intake; node-a heard nothing: its own notifications are not news.
     assert wakeups(b).heard >= 1 and wakeups(a).heard == 0
+    # node-a stops: the step it was busy with is cancelled (the fax's final callback came
+    # meanwhile: its report is due) and the job handed back; node-b is told, and reports it
+    # at once, not when it would have seen node-a's lease run out (600 s on).
+    heard = wakeups(b).heard
+    await a.stop(grace_s=0)
+    await until(lambda: wakeups(b).heard > heard)
     await finish(simulator, relay, 2)
+    assert await all_reported(pg_url) == {"reported"}
 
 
 async def test_a_killed_listening_connection_comes_back(
