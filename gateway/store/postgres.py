@@ -10,7 +10,9 @@ own way is here: connecting, `%s` placeholders, the advisory lock that lets only
 nodes starting together run the migrations, and the claim of due work with
 `FOR UPDATE SKIP LOCKED` under a transaction-scoped advisory lock (so the check "no other
 attempt in flight to this number" and the lease that makes it true are one step across nodes),
-and the batch transaction of the intake commit (pipeline mode: two round trips, not eight).
+and the batch transaction of the intake commit (pipeline mode: two round trips, not eight), and
+NOTIFY, which wakes the other nodes when a commit makes work due (`_announcing`; the listener is
+pg_wakeups.py).
 """
 
 from __future__ import annotations
