@@ -508,6 +508,14 @@ class ClusterSettings:
         "`max_prepared_statements = 0`); left at `yes` there, the gateway finds out at start "
         "(or at the first call that meets a lost statement), logs a warning and stops "
         "preparing", defaults.DATABASE_PREPARED_STATEMENTS, kind="bool", advanced=True)
+    listen_url: str | None = setting(
+        "DATABASE_LISTEN_URL", "with `DATABASE_URL`: the URL of the same database for each "
+        "gateway's one connection that listens for the others' wake-ups (PostgreSQL "
+        "LISTEN/NOTIFY: a mail accepted by one gateway is sent by whichever is free within "
+        "milliseconds); unset: `DATABASE_URL`. Set it to a direct (or session-mode) URL when "
+        "`DATABASE_URL` is a PgBouncer in transaction mode, where LISTEN cannot work: there the "
+        "gateway finds the others' work by looking every 2 s, and logs a warning at start. "
+        "The password is never printed or logged", None, secret=True, advanced=True)
     node_id: str = setting(
         "NODE_ID", "this gateway's name in job leases, logs and the `faxgw_node_info` metric",
         factory=lambda: default_node_id(), kind="str", shown="`hostname-pid-random`")
@@ -567,7 +575,7 @@ class Settings:
         for grp, f in declared():
             value = getattr(getattr(self, grp.name), f.name)
             if f.metadata["secret"] and value:
-                out.append(_url_password(value) if f.metadata["variable"] == "DATABASE_URL"
+                out.append(_url_password(value) if f.metadata["variable"] in _DATABASE_URLS
                            else value)
         return [v for v in out if v]
 
@@ -596,8 +604,12 @@ def _url_password(url: str) -> str:
     return unquote(password) if password else ""
 
 
+# Secret URLs of which only the password is secret (printed masked, not hidden).
+_DATABASE_URLS = ("DATABASE_URL", "DATABASE_LISTEN_URL")
+
+
 def _printable(value: Any, f: Field[Any]) -> str:
-    if value and f.metadata["variable"] == "DATABASE_URL":
+    if value and f.metadata["variable"] in _DATABASE_URLS:
         return mask_url(value)
     if value and f.metadata["secret"]:
         return "********"
@@ -1001,12 +1013,18 @@ def settings_from(env: Mapping[str, str]) -> Settings:
                       "or use TRUSTED_NETWORKS or SMTP AUTH (USERS_FILE) for open access"
                       for p in access.allowed_senders if _matches_any_domain(p))
 
-    cluster = _build(r, ClusterSettings, database_url=r.str("DATABASE_URL") or None)
-    if cluster.database_url is not None:
-        scheme = urlsplit(cluster.database_url).scheme
-        if scheme not in ("postgresql", "postgres"):
-            r.problems.append(f"DATABASE_URL: {mask_url(cluster.database_url)!r} is not a "
+    cluster = _build(r, ClusterSettings, database_url=r.str("DATABASE_URL") or None,
+                     listen_url=r.str("DATABASE_LISTEN_URL") or None)
+    for name, url in (("DATABASE_URL", cluster.database_url),
+                      ("DATABASE_LISTEN_URL", cluster.listen_url)):
+        if url is not None and urlsplit(url).scheme not in ("postgresql", "postgres"):
+            r.problems.append(f"{name}: {mask_url(url)!r} is not a "
                               "postgresql://user:password@host:port/dbname URL")
+    if cluster.listen_url is not None and cluster.database_url is None:
+        r.problems.append("DATABASE_LISTEN_URL without DATABASE_URL: it is where gateways "
+                          "sharing a PostgreSQL queue listen for each other; a gateway on "
+                          "SQLite has no other gateways")
+    if cluster.database_url is not None:
         if media.store == "local":
             r.problems.append("MEDIA_STORE=local with DATABASE_URL: several gateways share "
                               "one queue, so the documents must be in S3 (MEDIA_STORE=s3) "

@@ -113,6 +113,9 @@ class Gateway:
                              part_media=self.media)
         self.intake.durability_check = self._durability
         self.worker.intake_active = lambda: self.intake.active
+        # Several gateways on PostgreSQL: another node's new work wakes this one's worker at
+        # once (LISTEN/NOTIFY), not at its next look at the queue. None on SQLite.
+        self.wakeups = self.store.wakeups(self.worker.wake)
         self.tls = (ReloadableTLS(settings.tls.cert_file, settings.tls.key_file,
                                   settings.tls.min_version)
                     if settings.tls.cert_file and settings.tls.key_file else None)
@@ -232,6 +235,8 @@ class Gateway:
             await _bound("ADMIN_LISTEN", self.s.admin.listen, self.dashboard.start())
         if run_worker:
             await self.worker.start()
+            if self.wakeups is not None:
+                await self.wakeups.start()
         await self.inbound.start(run_background=run_worker)
         if self.s.sandbox:
             write_sandbox_info(self.s, self.space_url(), self.public_base_url())
@@ -280,6 +285,8 @@ class Gateway:
         if self.heartbeat is not None:
             await self.heartbeat.stop()
             self.heartbeat = None
+        if self.wakeups is not None:
+            await self.wakeups.stop()
         await self.worker.stop(grace_s)
         await self.inbound.stop(grace_s)
         if self.dashboard is not None:

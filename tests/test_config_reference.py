@@ -61,28 +61,31 @@ def test_the_example_file_names_every_variable() -> None:
 def test_secrets_are_declared_and_masked(tmp_path: Path) -> None:
     assert {"SIGNALWIRE_API_TOKEN", "SIGNALWIRE_SIGNING_KEY", "NOTIFY_SMTP_PASSWORD",
             "MEDIA_SIGNING_KEY", "METRICS_TOKEN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
-            "DATABASE_URL"} == SECRET_VARIABLES
+            "DATABASE_URL", "DATABASE_LISTEN_URL"} == SECRET_VARIABLES
     env = {"DATA_DIR": str(tmp_path), "SIGNALWIRE_API_TOKEN": "Zq9-secret-tok-1",
            "METRICS_TOKEN": "Zq9-secret-m-2",
            "MEDIA_SIGNING_KEY": "Zq9-secret-k-3", "NOTIFY_SMTP_USERNAME": "u",
            "NOTIFY_SMTP_PASSWORD": "Zq9-secret-p-4", "AWS_ACCESS_KEY_ID": "AKID",
            "AWS_SECRET_ACCESS_KEY": "Zq9-secret-s-5", "AWS_SESSION_TOKEN": "Zq9-secret-t-6",
            "MEDIA_STORE": "s3",
-           "S3_BUCKET": "b", "DATABASE_URL": "postgresql://faxgw:Zq9-secret-pw-7@db:5432/faxgw"}
+           "S3_BUCKET": "b", "DATABASE_URL": "postgresql://faxgw:Zq9-secret-pw-7@db:5432/faxgw",
+           "DATABASE_LISTEN_URL": "postgresql://faxgw:Zq9-secret-pw-8@db-direct:5432/faxgw"}
     settings = settings_from(env)
     printed = settings.masked()
     assert set(printed) == set(VARIABLES.values())
     text = repr(settings) + "\n".join(printed.values())
     # Values no setting or host name could contain by chance (the node id holds the host's).
     for secret in ("Zq9-secret-tok-1", "Zq9-secret-m-2", "Zq9-secret-k-3", "Zq9-secret-p-4",
-                   "Zq9-secret-s-5", "Zq9-secret-t-6", "Zq9-secret-pw-7"):
+                   "Zq9-secret-s-5", "Zq9-secret-t-6", "Zq9-secret-pw-7", "Zq9-secret-pw-8"):
         assert secret not in text
     assert printed["DATABASE_URL"] == "postgresql://faxgw:********@db:5432/faxgw"
+    assert printed["DATABASE_LISTEN_URL"] == "postgresql://faxgw:********@db-direct:5432/faxgw"
     assert printed["SIGNALWIRE_API_TOKEN"] == "********"
     # What the logs are told to mask: every secret's value, the database's password alone.
     assert sorted(settings.secret_values()) == sorted(
         ["Zq9-secret-tok-1", "Zq9-secret-m-2", "Zq9-secret-k-3", "Zq9-secret-p-4", "Zq9-secret-s-5",
-         "Zq9-secret-t-6", "Zq9-secret-pw-7", settings.signalwire.signing_key])
+         "Zq9-secret-t-6", "Zq9-secret-pw-7", "Zq9-secret-pw-8",
+         settings.signalwire.signing_key])
 
 
 # A value unlike the default for each kind of setting; some variables need their own.

@@ -1,12 +1,10 @@
 """PostgreSQL's one-statement transition (gateway/store/postgres.py `transition`): what belongs
 to a transition happens only if its guarded UPDATE did, and a statement it cannot guard is
-refused rather than run unguarded."""
+run as a transaction of statements (as on SQLite), never unguarded."""
 
 from __future__ import annotations
 
 from pathlib import Path
-
-import pytest
 
 from gateway.jobs.outbound_states import State
 from gateway.store.postgres import PostgresStore, _only_if_moved
@@ -22,12 +20,11 @@ def test_the_statements_a_transition_carries_are_made_conditional() -> None:
         "UPDATE attempts SET a = ? WHERE (job_id = ? OR n = ?) AND EXISTS (SELECT 1 FROM moved)")
     assert _only_if_moved("DELETE FROM attempts WHERE job_id = ?") == (
         "DELETE FROM attempts WHERE (job_id = ?) AND EXISTS (SELECT 1 FROM moved)")
-    for unguardable in ("SELECT 1", "UPDATE attempts SET a = 1",
+    for unguardable in ("SELECT pg_notify(?, ?)", "UPDATE attempts SET a = 1",
                         "UPDATE attempts SET a = (SELECT n FROM x WHERE y) WHERE job_id = ?",
                         "DELETE FROM attempts WHERE n = 1 RETURNING n",
                         "INSERT INTO attempts (job_id) SELECT id FROM jobs"):
-        with pytest.raises(ValueError, match="a transition can carry"):
-            _only_if_moved(unguardable)
+        assert _only_if_moved(unguardable) is None  # such a transition is a transaction
 
 
 def test_a_transition_that_does_not_apply_writes_nothing_that_belongs_to_it(
@@ -54,5 +51,12 @@ def test_a_transition_that_does_not_apply_writes_nothing_that_belongs_to_it(
         job = store.job(job_id)
         assert job is not None and job.state is State.STORED and job.media_key == "k.pdf"
         assert [e.kind for e in store.events(job_id)][-1] == "stored"
+        # A statement it cannot guard (a NOTIFY): the transition is a transaction, and still
+        # only what belongs to a transition that applied is written.
+        notify = [("SELECT pg_notify(?, ?) WHERE 1 = 1", ("faxgw_test", "x"))]
+        assert not store.transition(job_id, [State.SPOOLED], State.STORED, "stored", "again",
+                                    also=notify)
+        assert store.transition(job_id, [State.STORED], None, "retry", "later", also=notify)
+        assert [e.kind for e in store.events(job_id)][-2:] == ["stored", "retry"]
     finally:
         store.close()

@@ -158,7 +158,10 @@ class Worker(Housekeeping):
                      len(pending))
         released, self._released = self._released, []
         try:
-            await self.store.run(self.store.release, *released)
+            # Handed back: the other nodes are told at once (a shared queue), not when they
+            # next look.
+            await self.store.run(functools.partial(self.store.release, *released,
+                                                   wake_others=True))
         except Exception:  # noqa: BLE001 - the leases run out by themselves
             log.warning("%d job lease(s) not released; they run out in %.0f s", len(released),
                         self.s.cluster.lease_seconds)

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from gateway import defaults
 from gateway.jobs.outbound_states import IllegalTransition
-from gateway.store.interfaces import Jobs, Leases, Listings, Nodes
+from gateway.store.interfaces import Jobs, Leases, Listings, Nodes, Wakeups
 from gateway.store.rows import Message, NewJob
 
 T = TypeVar("T")
@@ -301,6 +301,11 @@ class Store(Jobs, Leases, Listings, Nodes):
 
     def close_thread(self) -> None:
         """On each of the store's threads, after its last call."""
+
+    def wakeups(self, wake: Callable[[], None]) -> Wakeups | None:
+        """What wakes this node when another node makes work due (`Wakeups`), calling
+        `wake`; None for a backend without (SQLite: a single node wakes its own worker)."""
+        return None
 
     def open_reader(self) -> None:
         """On the reader thread, before its first call: a connection of its own for reads.

@@ -23,7 +23,8 @@ def open_store(settings: Settings, clock: Callable[[], float] = time.time) -> Sq
         from gateway.store.postgres import PostgresStore
 
         store = PostgresStore(settings.cluster.database_url, clock,
-                              prepared_statements=settings.cluster.prepared_statements)
+                              prepared_statements=settings.cluster.prepared_statements,
+                              listen_url=settings.cluster.listen_url)
     else:
         from gateway.store.sqlite import SqliteStore
 

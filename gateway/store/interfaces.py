@@ -255,8 +255,10 @@ class Leases(Calls):
         """The heartbeat: extend this node's leases; returns the ids it still holds."""
 
     @abc.abstractmethod
-    def release(self, *job_ids: str) -> None:
-        """This node is done with these jobs' steps: any node may claim their next ones."""
+    def release(self, *job_ids: str, wake_others: bool = False) -> None:
+        """This node is done with these jobs' steps: any node may claim their next ones.
+        `wake_others`: and the other nodes are told at once (a stopping node hands its jobs
+        back; see `Wakeups`)."""
 
     @abc.abstractmethod
     def release_all(self, everyone: bool = False) -> int:
@@ -367,6 +369,23 @@ class Nodes(Calls):
     @abc.abstractmethod
     def live_nodes(self, since: float, limit: int = 100) -> list[dict[str, Any]]:
         """Nodes seen at or after `since`: node_id, started_at, seen_at, detail."""
+
+
+class Wakeups(abc.ABC):
+    """Wake-ups from the other nodes of a shared queue (`Store.wakeups`; PostgreSQL's
+    LISTEN/NOTIFY, gateway/store/pg_wakeups.py; none on SQLite, one node that wakes itself):
+    calls the `wake` it was made with whenever another node says that work is due. A hint,
+    never the only way work is found: the worker still looks at the queue every
+    SHARED_POLL_S. Started and stopped by the daemon, on its event loop."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Begin listening in the background; returns at once (a database that cannot be
+        reached, or notifications that do not arrive, leave the node polling)."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Stop listening and close what it holds."""
 
 
 class SqlAccess(abc.ABC):

@@ -10,7 +10,9 @@ own way is here: connecting, `%s` placeholders, the advisory lock that lets only
 nodes starting together run the migrations, and the claim of due work with
 `FOR UPDATE SKIP LOCKED` under a transaction-scoped advisory lock (so the check "no other
 attempt in flight to this number" and the lease that makes it true are one step across nodes),
-and the batch transaction of the intake commit (pipeline mode: two round trips, not eight).
+and the batch transaction of the intake commit (pipeline mode: two round trips, not eight), and
+NOTIFY, which wakes the other nodes when a commit makes work due (`_announcing`; the listener is
+pg_wakeups.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from gateway import defaults
 from gateway.config import mask_url
 from gateway.jobs.outbound_states import State
 from gateway.store.base import StoreError
+from gateway.store.interfaces import Wakeups
+from gateway.store.pg_wakeups import CHANNEL, PgWakeups
 from gateway.store.sql import SqlStore
 
 log = logging.getLogger(__name__)
@@ -65,15 +69,17 @@ _GUARDED = re.compile(r"^(UPDATE|DELETE FROM) \w+\b.* WHERE .+$", re.S)
 
 
 @functools.lru_cache(maxsize=64)
-def _only_if_moved(sql: str) -> str:
+def _only_if_moved(sql: str) -> str | None:
     """A statement of a transition (`also`), made to happen only if its UPDATE did: an
-    INSERT ... VALUES selects its row from `moved`; an UPDATE or DELETE adds the condition."""
+    INSERT ... VALUES selects its row from `moved`; an UPDATE or DELETE adds the condition.
+    None for any other shape (a NOTIFY's SELECT, a subquery's WHERE): such a transition runs
+    as a transaction of statements instead, never one of them unguarded."""
     if m := _INSERT_VALUES.match(sql):
         return f"{m.group(1)} SELECT {m.group(2)[1:-1]} FROM moved"
     if _GUARDED.match(sql) and sql.count(" WHERE ") == 1 and " RETURNING " not in sql:
         head, _, cond = sql.partition(" WHERE ")
         return f"{head} WHERE ({cond}) AND EXISTS (SELECT 1 FROM moved)"
-    raise ValueError(f"not a statement a transition can carry: {sql[:80]}")
+    return None
 
 
 class PostgresStore(SqlStore):
@@ -91,8 +97,11 @@ class PostgresStore(SqlStore):
 
     def __init__(self, url: str, clock: Callable[[], float] = time.time,
                  connect_timeout_s: float = defaults.STORE_BUSY_TIMEOUT_S,
-                 max_connections: int = 4, prepared_statements: bool = True) -> None:
+                 max_connections: int = 4, prepared_statements: bool = True,
+                 listen_url: str | None = None) -> None:
         super().__init__(clock)
+        # Where the wake-up listener connects (pg_wakeups.py); None: `url`.
+        self.listen_url = listen_url
         # psycopg prepares a query after it ran this many times on a connection (its
         # default); None: never (each call is parsed and planned again).
         self.prepare_threshold: int | None = PREPARE_THRESHOLD if prepared_statements else None
@@ -359,14 +368,16 @@ class PostgresStore(SqlStore):
         in a WITH, the statements that belong to it and its event made from its RETURNING, so
         each happens only if the UPDATE did (one round trip, where BEGIN, the UPDATE waited
         for, the rest and COMMIT took two). Inside a caller's transaction: as everywhere."""
-        if self._conn is not None:
+        also = list(also)
+        guarded = [_only_if_moved(sql) for sql, _ in also]
+        if self._conn is not None or None in guarded:
             return super().transition(job_id, sources, target, event, detail, durable=durable,
                                       also=also, at=at, mine=mine, fence=fence, **values)
         update, args, now = self._transition_update(job_id, list(sources), target, event, at,
                                                     mine, fence, values)
         parts = [f"WITH moved AS ({update} RETURNING id)"]
-        for n, (sql, extra) in enumerate(also):
-            parts.append(f", also_{n} AS ({_only_if_moved(sql)})")
+        for n, ((_, extra), sql) in enumerate(zip(also, guarded, strict=True)):
+            parts.append(f", also_{n} AS ({sql})")
             args += extra
         parts.append(" INSERT INTO events (job_id, at, kind, detail) SELECT id, ?, ?, ? FROM moved")
         args += [now, event, detail]
@@ -381,6 +392,20 @@ class PostgresStore(SqlStore):
 
     def _relaxed_commit(self) -> None:
         self._exec_later("SET LOCAL synchronous_commit = off")
+
+    def _announcing(self, where: str = "",
+                    args: Sequence[Any] = ()) -> list[tuple[str, Sequence[Any]]]:
+        # Delivered at COMMIT to every node's listener (pg_wakeups.py), with who sent it.
+        return [("SELECT pg_notify(?, ?)" + (f" WHERE {where}" if where else ""),
+                 (CHANNEL, self.node_id, *args))]
+
+    def notify(self, channel: str, payload: str) -> None:
+        """A notification in a transaction of its own (the wake-up listener's probe)."""
+        self._exec("SELECT pg_notify(?, ?)", (channel, payload))
+
+    def wakeups(self, wake: Callable[[], None]) -> Wakeups:
+        return PgWakeups(self, wake, url=self.listen_url or self.url, notify=self.notify,
+                         own_url=self.listen_url is not None)
 
     def tune_for_bulk_load(self) -> None:
         """Benchmark seeding only: commits without waiting for the WAL flush."""

@@ -187,6 +187,19 @@ class SqlCore(Store, SqlAccess):
         losing the last few to a crash of the database server costs nothing). SQLite: as
         every commit."""
 
+    def _announcing(self, where: str = "",
+                    args: Sequence[Any] = ()) -> list[tuple[str, Sequence[Any]]]:
+        """The statements that tell the other nodes, when the transaction they are in commits,
+        that work is due now or sooner than they think (new jobs, a resend, a retry, jobs
+        handed back): PostgreSQL's NOTIFY (gateway/store/pg_wakeups.py); `where` (SQL, `?`
+        for `args`): only if it holds. None on SQLite: one node, which wakes itself."""
+        return []
+
+    def _announce(self, where: str = "", args: Sequence[Any] = ()) -> None:
+        """`_announcing`, run inside the caller's transaction (sent with the commit)."""
+        for sql, values in self._announcing(where, args):
+            self._exec_later(sql, values)
+
     def _event(self, job_id: str, kind: str, detail: str | None, at: float) -> None:
         # Nothing to wait for: PostgreSQL sends it with the next statement or the commit.
         self._exec_later("INSERT INTO events (job_id, at, kind, detail) VALUES (?, ?, ?, ?)",

@@ -77,6 +77,7 @@ class SqlIntake(SqlCore):
             [getattr(message, c) for c in columns])
         if jobs:
             self._insert_jobs(message, jobs, self.clock(), stored)
+            self._announce()  # another node may be free to send them (at COMMIT)
         return None
 
     def _insert_jobs(self, message: Message, jobs: list[NewJob], now: float,

@@ -207,15 +207,17 @@ class SqlJobs(SqlCore):
         """The send did not happen (refused as retryable, or looked up and not found)."""
         return self.transition(
             job.id, [State.SUBMITTING], State.STORED, Ev.RETRY, detail,
-            also=[("DELETE FROM attempts WHERE job_id = ? AND n = ?", (job.id, job.attempt))],
+            also=[("DELETE FROM attempts WHERE job_id = ? AND n = ?", (job.id, job.attempt)),
+                  *self._announcing()],
             fence=job.lease_epoch, attempt=max(0, job.attempt - 1), tries=job.tries + 1,
             next_run_at=run_at)
 
     def schedule_retry(self, job: Job, run_at: float, quality: str, detail: str) -> bool:
-        """Another fax attempt (busy, no answer, line trouble) after a final status."""
+        """Another fax attempt (busy, no answer, line trouble) after a final status. The
+        other nodes are told, so that whichever is free at `run_at` sends it."""
         return self.transition(job.id, [State.COMPLETED], State.STORED, Ev.RETRY, detail,
-                               fence=job.lease_epoch, quality=quality, tries=0,
-                               next_run_at=run_at)
+                               also=self._announcing(), fence=job.lease_epoch,
+                               quality=quality, tries=0, next_run_at=run_at)
 
     def retry_later(self, job: Job, run_at: float, detail: str) -> bool:
         """A step hit an outage: same state, try again later."""
@@ -276,7 +278,12 @@ class SqlJobs(SqlCore):
                            " error_code = ?, error_message = ?, pages = ?, duration_s = ?,"
                            " ended_at = ? WHERE job_id = ? AND n = ?",
                            (sid, status, error_code, error_message, pages, duration_s, now,
-                            job.id, current.attempt))],
+                            job.id, current.attempt)),
+                          # The number is free again: a job waiting for it may go now, from
+                          # whichever node is free.
+                          *self._announcing(
+                              "EXISTS (SELECT 1 FROM jobs WHERE to_number = ? AND state = ?"
+                              " AND id <> ?)", (current.to_number, State.STORED.value, job.id))],
                     fax_sid=Expr("COALESCE(fax_sid, ?)", sid), fax_status=status,
                     pages_sent=pages, duration_s=Expr("COALESCE(?, duration_s)", duration_s),
                     error_code=error_code, error_message=error_message, tries=0,
@@ -433,6 +440,7 @@ class SqlJobs(SqlCore):
             if not self._transition(job.id, sorted(FINISHED), None, Ev.RESENT,
                                     f"sent again as job {new.id} by {who}", at=now):
                 raise _Rollback(f"job {job.id} is no longer finished")
+            self._announce()  # whichever node is free sends it
         return None
 
     def cancel_unsent(self, job_id: str, reason: str, now: float, *,
@@ -443,16 +451,17 @@ class SqlJobs(SqlCore):
         detail = f"canceled by {operator(by)}" if by else reason
         # fax_status "canceled": not the busy line of an earlier attempt waiting for its retry.
         return self.transition(job_id, [State.SPOOLED, State.STORED], State.GIVEN_UP,
-                               Ev.CANCELED, detail, at=now, failure_reason=reason,
-                               fax_status="canceled", error_code=None, error_message=None,
-                               tries=0, next_run_at=now)
+                               Ev.CANCELED, detail, also=self._announcing(), at=now,
+                               failure_reason=reason, fax_status="canceled", error_code=None,
+                               error_message=None, tries=0, next_run_at=now)
 
     def note_cancel(self, job_id: str, detail: str, now: float, *,
                     by: str | None = None) -> bool:
         """Record a cancel done at SignalWire ("`detail` by <who>") and have the worker fetch
         the fax's status now rather than wait for the callback or the next poll."""
         return self.transition(job_id, [State.SUBMITTED], None, Ev.CANCEL,
-                               f"{detail} by {operator(by)}", at=now, next_run_at=now, tries=0)
+                               f"{detail} by {operator(by)}", also=self._announcing(), at=now,
+                               next_run_at=now, tries=0)
 
     def report_again(self, job_id: str, state: State, now: float, *,
                      by: str | None = None) -> bool:
@@ -460,8 +469,8 @@ class SqlJobs(SqlCore):
         `reported_at` is kept: it is how the worker tells a job that was reported before
         (report only) from a fresh final status (retries first)."""
         return self.transition(job_id, [State.REPORTED], state, Ev.REPORT_AGAIN,
-                               f"report requested again by {operator(by)}", at=now, tries=0,
-                               next_run_at=now)
+                               f"report requested again by {operator(by)}",
+                               also=self._announcing(), at=now, tries=0, next_run_at=now)
 
     def report_now(self, job_id: str, now: float, *, by: str | None = None) -> bool:
         """A report already due (maybe waiting out a relay outage): try it now."""
@@ -469,8 +478,8 @@ class SqlJobs(SqlCore):
         if job is None or job.state not in REPORT_DUE:
             return False
         return self.transition(job_id, [job.state], None, Ev.REPORT_NOW,
-                               f"report retry requested by {operator(by)}", at=now, tries=0,
-                               next_run_at=now)
+                               f"report retry requested by {operator(by)}",
+                               also=self._announcing(), at=now, tries=0, next_run_at=now)
 
 
 class _Rollback(StoreError):

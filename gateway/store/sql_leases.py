@@ -96,8 +96,15 @@ class SqlLeases(SqlCore):
                               f" AND id IN ({_marks(ids)})", (self.node_id, *ids))
         return {r["id"] for r in rows}
 
-    def release(self, *job_ids: str) -> None:
-        self._release(job_ids)  # one statement, committed by itself (or in the caller's)
+    def release(self, *job_ids: str, wake_others: bool = False) -> None:
+        if not job_ids:
+            return
+        if not wake_others:
+            self._release(job_ids)  # one statement, committed by itself
+            return
+        with self._tx():
+            self._release(job_ids)
+            self._announce()
 
     def _release(self, job_ids: Sequence[str]) -> None:
         if job_ids:
