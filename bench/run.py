@@ -74,6 +74,12 @@ SIZES = {"100k": 100_000, "2m": 2_000_000, "20m": 20_000_000}
 SIZE_NAMES = {"100k": "100 KB", "2m": "2 MB", "20m": "20 MB"}
 
 
+def loop_ms(r: dict[str, Any]) -> float | None:
+    """CPU of the daemon's event-loop thread per accepted message, in ms."""
+    loop = (r.get("process") or {}).get("loop_cpu_s")
+    return loop * 1000 / r["accepted"] if loop is not None and r.get("accepted") else None
+
+
 def _own_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -902,12 +908,14 @@ def render(results: dict[str, Any]) -> str:
         add("Where the machine's CPU went in the gateway runs (CPU seconds; 2 cores give 2 per "
             "second of wall time):")
         add(f"  {'run':19s} {'wall':>6s} {'gateway':>8s} {'SeaweedFS':>9s} {'driver+sim':>10s} "
-            f"{'client':>7s} {'other':>6s}")
+            f"{'client':>7s} {'other':>6s} {'loop ms/msg':>11s}")
         for r in gw_rows:
             i = r["interference"]
             add(f"  {r['phase']:19s} {i['wall_s']:6.1f} {r['process']['cpu_s']:8.1f} "
                 f"{_f(r.get('seaweed_cpu_s'), '.1f'):>9s} {_f(r.get('driver_cpu_s'), '.1f'):>10s} "
-                f"{_f(r.get('client_cpu_s'), '.1f'):>7s} {i['foreign_cpu_s']:6.1f}")
+                f"{_f(r.get('client_cpu_s'), '.1f'):>7s} {i['foreign_cpu_s']:6.1f} "
+                f"{_f(loop_ms(r), '.1f'):>11s}")
+        add("  loop ms/msg: CPU of the daemon's main thread (its event loop) per accepted message.")
         add("")
     foreign = [r["interference"]["foreign_pct_of_machine"] for r in rows if r.get("interference")]
     if foreign:
