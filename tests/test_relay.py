@@ -6,11 +6,19 @@ import asyncio
 import threading
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from gateway.config import settings_from
-from gateway.mail.sender import MAIL_POLICY, NotifyError, OutboxNotifier, RelayNotifier, Rendered
+from gateway.mail.sender import (
+    MAIL_POLICY,
+    NotifyError,
+    OutboxNotifier,
+    RelayNotifier,
+    Rendered,
+    on_the_wire,
+)
 
 from .conftest import RelaySink, base_env, relay_env
 
@@ -216,3 +224,70 @@ async def test_send_serialises_the_mail_off_the_event_loop(tmp_path: Path, relay
     if kind == "relay":
         assert (await relay.next())["Subject"] == "forward"
         await out.stop()
+
+
+class _Raw(RelaySink):
+    """The sink, keeping each message as the relay read it (dots undone, as received)."""
+
+    def __init__(self, data_reply: str | None = None) -> None:
+        super().__init__()
+        self.raw: list[bytes] = []
+        self.data_reply = data_reply
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.data_reply is not None:
+            return self.data_reply
+        self.raw.append(envelope.original_content)
+        return await super().handle_DATA(server, session, envelope)
+
+
+_HEAD = b"From: faxgw@faxgw.test\r\nTo: a@example.com\r\nSubject: dots\r\n\r\n"
+
+
+@pytest.mark.parametrize("body, received", [
+    # As render writes it: sent as it is.
+    (b"Fax delivered.\r\n", b"Fax delivered.\r\n"),
+    # Lines that start with a dot (one alone would end DATA early): doubled on the wire.
+    (b".\r\n..two\r\n.hidden\r\nend.\r\n", b".\r\n..two\r\n.hidden\r\nend.\r\n"),
+    # Lone LF and CR, no line ending at the end: CRLF, as aiosmtplib's own DATA sends it.
+    (b"one\ntwo\rthree\r\n.four\nfive", b"one\r\ntwo\r\nthree\r\n.four\r\nfive\r\n"),
+])
+async def test_data_reaches_the_relay_as_written(tmp_path: Path, body: bytes,
+                                                 received: bytes) -> None:
+    assert on_the_wire(_HEAD + body) == (body == received and not body.startswith(b"."))
+    relay = _Raw()
+    await relay.start()
+    try:
+        relay_out = notifier(tmp_path, relay)
+        await relay_out.send_rendered(Rendered(_HEAD + body, ("a@example.com",)), "j1")
+        # The connection is in step afterwards: the next report on it goes as well.
+        await relay_out.send_rendered(report(2), "j2")
+        assert relay.raw == [_HEAD + received, report(2).data]
+        assert relay_out.connections_made == 1
+        await relay_out.stop()
+    finally:
+        await relay.stop()
+
+
+async def test_a_refused_message_is_an_error_and_its_connection_is_not_kept(
+        tmp_path: Path) -> None:
+    """The relay refuses the message after DATA: NotifyError (the report is not recorded as
+    sent), and the next report goes on a new connection."""
+    relay = _Raw("554 5.6.0 message refused")
+    await relay.start()
+    try:
+        relay_out = notifier(tmp_path, relay)
+        with pytest.raises(NotifyError, match="554"):
+            await relay_out.send_rendered(report(1), "j1")
+        relay.data_reply = None
+        await relay_out.send_rendered(report(2), "j2")
+        assert relay.raw == [report(2).data] and relay_out.connections_made == 2
+        await relay_out.stop()
+    finally:
+        await relay.stop()
+
+
+def test_on_the_wire() -> None:
+    assert on_the_wire(b"a\r\nb\r\n")
+    for data in (b"a\r\nb", b"a\nb\r\n", b"a\rb\r\n", b".a\r\n", b"a\r\n.b\r\n", b"a\r\r\n"):
+        assert not on_the_wire(data), data

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 import aiosmtplib
+from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
 from gateway import defaults
 from gateway.config import Settings
@@ -213,7 +214,7 @@ class RelayNotifier:
                 refusals.append(exc)
         if len(refusals) == len(rendered.recipients):
             raise aiosmtplib.SMTPRecipientsRefused(refusals)
-        response = await client.data(rendered.data, timeout=self.timeout_s)
+        response = await _data(client, rendered.data, self.timeout_s)
         return errors, response.message
 
     async def _take(self) -> tuple[aiosmtplib.SMTP, bool]:
@@ -259,6 +260,44 @@ class RelayNotifier:
 
 
 _QUITTING: set[asyncio.Future[None]] = set()
+
+
+def on_the_wire(data: bytes) -> bool:
+    """Whether `data` goes through DATA as it is: CRLF line endings only (no lone CR or LF),
+    a CRLF at the end, and no line that starts with a "." (RFC 5321 4.5.2 would double it).
+    What `render` writes, as a rule; a few scans of the bytes in C, no copy."""
+    crlf = data.count(b"\r\n")
+    return (data.endswith(b"\r\n") and data.count(b"\r") == crlf
+            and data.count(b"\n") == crlf and not data.startswith(b".")
+            and b"\n." not in data)
+
+
+async def _data(client: aiosmtplib.SMTP, data: bytes,
+                timeout_s: float) -> aiosmtplib.SMTPResponse:
+    """DATA, the message and its end marker, with aiosmtplib's replies and errors
+    (SMTP.data): the message is written as it is when it is `on_the_wire` already, instead
+    of aiosmtplib's two regex passes and a copy over the whole report on the event loop
+    (execute_data_command normalises the line endings and doubles leading dots every time:
+    ~2% of the loop's CPU per fax). Anything else gets aiosmtplib's own treatment."""
+    response = await client.execute_command(b"DATA", timeout=timeout_s)
+    if response.code != aiosmtplib.SMTPStatus.start_input:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    protocol = client.protocol
+    if protocol is None:  # the relay closed meanwhile (a 421 closes it in execute_command)
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    if not on_the_wire(data):
+        data = PERIOD_REGEX.sub(b"..", normalize_message_line_endings(data))
+    try:
+        protocol.write(data + b".\r\n")
+        # The connection is this report's alone (taken from the pool, nothing else writes on
+        # it), as aiosmtplib's command lock would make it.
+        response = await protocol.read_response(timeout=timeout_s)
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        client.close()
+        raise
+    if response.code != aiosmtplib.SMTPStatus.completed:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response
 
 
 async def _quit(client: aiosmtplib.SMTP, timeout_s: float) -> None:
