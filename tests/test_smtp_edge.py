@@ -264,3 +264,29 @@ async def test_text_body_over_the_length_limit_gets_554_not_500(make_gateway,
                                   + b".\r\n")
     assert code == 554 and text.startswith("554 5.6.0 The message text is too long"), text
     client.close()
+
+
+async def test_a_multi_line_reply_is_one_write(make_gateway, tmp_path: Path) -> None:
+    """EHLO's reply (a line per extension) goes out in one write, not one per line; its lines
+    are what they were, and the session goes on as before."""
+    gw = await make_gateway(base_env(tmp_path / "var"))
+    raw = await Raw.connect(gw.smtp.port)
+    assert (await raw.reply())[0] == 220
+    [session] = gw.smtp._connections  # noqa: SLF001 - the server's end of this connection
+    writes: list[bytes] = []
+    transport = session._writer.transport  # noqa: SLF001
+    real_write = transport.write
+
+    def counted(data: bytes) -> None:
+        writes.append(bytes(data))
+        real_write(data)
+
+    transport.write = counted  # type: ignore[method-assign]
+    code, text = await raw.cmd("EHLO client.test")
+    lines = text.splitlines()
+    assert code == 250 and len(lines) >= 4 and lines[0].startswith("250-")
+    assert lines[-1] == "250 HELP" and all(line.startswith("250-") for line in lines[:-1])
+    assert "250-8BITMIME" in lines and "250-ENHANCEDSTATUSCODES" in lines
+    assert writes == ["\r\n".join(lines).encode() + b"\r\n"]
+    assert (await raw.cmd("NOOP"))[0] == 250 and len(writes) == 2
+    raw.close()

@@ -180,6 +180,7 @@ class FaxSMTP(SMTP):
         # allow_long_commands.
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         self.taken_params: list[str] = []  # DSN / AUTH= words of the current MAIL or RCPT
+        self._reply_lines: list[str] = []  # the lines of a multi-line reply before its last
 
     def allow_long_commands(self) -> None:
         """After EHLO: MAIL and RCPT may be as long as the extensions offered make them (SIZE=
@@ -290,6 +291,17 @@ class FaxSMTP(SMTP):
             status = self.fax_handler.refuse(replies.STARTTLS_FIRST)
         elif isinstance(status, str):
             status = self._enhanced(status)
+            if status[3:4] == "-" and "\n" not in status:
+                # A line of a multi-line reply (EHLO's, ~7 of them): it goes with the reply's
+                # last line, one write (and one send) for the reply, not one for every line.
+                self._reply_lines.append(status)
+                return
+        if self._reply_lines:
+            lines, self._reply_lines = self._reply_lines, []
+            if isinstance(status, str):
+                status = "\r\n".join([*lines, status])
+            else:
+                await super().push("\r\n".join(lines))
         await super().push(status)
 
     def _enhanced(self, status: str) -> str:
