@@ -166,6 +166,25 @@ async def test_idle_session_gets_421_before_close(make_gateway, tmp_path: Path) 
     assert await client.closed()
 
 
+async def test_each_command_moves_the_idle_timeout_on(make_gateway, tmp_path: Path) -> None:
+    """The idle timer counts from the last command: a session that sends a command every
+    0.4 s outlives a 1 s idle timeout many times over, then gets its 421 a second after its
+    last command (the timer is moved on, not made anew, per command)."""
+    gw = await make_gateway(base_env(tmp_path / "var", SMTP_IDLE_TIMEOUT_SECONDS="1"))
+    client = await Raw.connect(gw.smtp.port)
+    loop = asyncio.get_running_loop()
+    assert (await client.reply())[0] == 220
+    assert (await client.cmd("EHLO client.test"))[0] == 250
+    for _ in range(7):  # the client's pace is what is under test
+        await asyncio.sleep(0.4)
+        assert (await client.cmd("NOOP"))[0] == 250
+    last = loop.time()
+    code, text = await client.reply(timeout_s=10)
+    assert (code, text[:9]) == (421, "421 4.4.2"), text
+    assert 0.9 <= loop.time() - last < 5
+    assert await client.closed()
+
+
 async def test_rate_limit_attack_without_data_locks_out_no_one(make_gateway,
                                                                tmp_path: Path) -> None:
     """Issue 15 item 1: 30 sessions of 20 RCPT from one made-up sender, no DATA. The churn
