@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiosmtpd.smtp import SMTP as AioSMTP
 
 from gateway.config import settings_from
 from gateway.mail.sender import (
@@ -291,3 +292,88 @@ def test_on_the_wire() -> None:
     assert on_the_wire(b"a\r\nb\r\n")
     for data in (b"a\r\nb", b"a\nb\r\n", b"a\rb\r\n", b".a\r\n", b"a\r\n.b\r\n", b"a\r\r\n"):
         assert not on_the_wire(data), data
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (its own CA) and its key, as PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "relay.pem", folder / "relay.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+class _TlsAuthSink(RelaySink):
+    """A relay that wants STARTTLS, then AUTH, before MAIL: its EHLO after TLS is what MAIL
+    goes after."""
+
+    def __init__(self, context: Any) -> None:
+        super().__init__()
+        self.context = context
+        self.logins: list[bytes] = []
+        self.raw: list[bytes] = []
+
+    def _session(self) -> AioSMTP:
+        from aiosmtpd.smtp import AuthResult
+
+        def authenticate(server: Any, session: Any, envelope: Any, mechanism: str,
+                         data: Any) -> AuthResult:
+            self.logins.append(data.login)
+            return AuthResult(success=data.login == b"faxgw" and data.password == b"s3cret")
+
+        session = AioSMTP(self, hostname="sink.test", tls_context=self.context,
+                          require_starttls=True, auth_required=True,
+                          authenticator=authenticate)
+        self.sessions.append(session)
+        return session
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.raw.append(envelope.original_content)
+        return await super().handle_DATA(server, session, envelope)
+
+
+async def test_reports_over_starttls_and_auth(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """STARTTLS, AUTH, then MAIL (after the EHLO that follows TLS), RCPT and DATA, on one
+    connection for several reports."""
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the relay's certificate, trusted
+    relay = _TlsAuthSink(context)
+    await relay.start()
+    try:
+        settings = settings_from(base_env(tmp_path, **relay_env(
+            relay, NOTIFY_SMTP_TLS="starttls", NOTIFY_SMTP_USERNAME="faxgw",
+            NOTIFY_SMTP_PASSWORD="s3cret")))
+        relay_out = RelayNotifier(settings, 10.0)
+        for n in range(3):
+            await relay_out.send_rendered(report(n), f"j{n}")
+        assert relay.raw == [report(n).data for n in range(3)]
+        assert relay.logins == [b"faxgw"] and relay_out.connections_made == 1
+        assert [rcpts for _, rcpts in relay.envelopes] == [["a@example.com"]] * 3
+        await relay_out.stop()
+    finally:
+        await relay.stop()

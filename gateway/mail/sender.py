@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Sequence
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 import aiosmtplib
+from aiosmtplib.email import quote_address
 from aiosmtplib.protocol import PERIOD_REGEX, normalize_message_line_endings
 
 from gateway import defaults
@@ -187,7 +189,7 @@ class RelayNotifier:
             size = ([f"SIZE={len(rendered.data)}"] if not client.is_ehlo_or_helo_needed
                     and client.supports_extension("size") else [])
             try:
-                await client.mail(s.notify.sender, options=size, timeout=self.timeout_s)
+                await _mail(client, s.notify.sender, size, self.timeout_s)
                 return client
             except (TimeoutError, aiosmtplib.SMTPServerDisconnected,
                     aiosmtplib.SMTPResponseException, OSError) as exc:
@@ -208,7 +210,7 @@ class RelayNotifier:
         refusals: list[aiosmtplib.SMTPRecipientRefused] = []
         for recipient in rendered.recipients:
             try:
-                await client.rcpt(recipient, timeout=self.timeout_s)
+                await _rcpt(client, recipient, self.timeout_s)
             except aiosmtplib.SMTPRecipientRefused as exc:
                 errors[recipient] = aiosmtplib.SMTPResponse(exc.code, exc.message)
                 refusals.append(exc)
@@ -260,6 +262,50 @@ class RelayNotifier:
 
 
 _QUITTING: set[asyncio.Future[None]] = set()
+
+
+@functools.lru_cache(maxsize=256)
+def _path(address: str) -> bytes:
+    """An address as MAIL FROM and RCPT TO carry it, written as aiosmtplib's `mail` and `rcpt`
+    write it (quote_address, ASCII), which parses it with email.utils for every command: the
+    sender is the same for every report, and the recipients are the same few senders."""
+    return quote_address(address).encode("ascii")
+
+
+async def _hello(client: aiosmtplib.SMTP) -> None:
+    """EHLO (HELO if EHLO is refused) on a connection that has not said it yet, as aiosmtplib
+    does before MAIL and RCPT."""
+    if client.is_ehlo_or_helo_needed:
+        try:
+            await client.ehlo()
+        except aiosmtplib.SMTPHeloError:
+            if not client.is_connected:
+                raise
+            await client.helo()
+
+
+async def _mail(client: aiosmtplib.SMTP, sender: str, options: list[str],
+                timeout_s: float) -> aiosmtplib.SMTPResponse:
+    """aiosmtplib's SMTP.mail, the sender's path written once (`_path`)."""
+    await _hello(client)
+    response = await client.execute_command(
+        b"MAIL", b"FROM:" + _path(sender), *(o.encode("ascii") for o in options),
+        timeout=timeout_s)
+    if response.code != aiosmtplib.SMTPStatus.completed:
+        raise aiosmtplib.SMTPSenderRefused(response.code, response.message, sender)
+    return response
+
+
+async def _rcpt(client: aiosmtplib.SMTP, recipient: str,
+                timeout_s: float) -> aiosmtplib.SMTPResponse:
+    """aiosmtplib's SMTP.rcpt, the recipient's path written once per address (`_path`)."""
+    await _hello(client)
+    response = await client.execute_command(b"RCPT", b"TO:" + _path(recipient),
+                                            timeout=timeout_s)
+    if response.code not in (aiosmtplib.SMTPStatus.completed,
+                             aiosmtplib.SMTPStatus.will_forward):
+        raise aiosmtplib.SMTPRecipientRefused(response.code, response.message, recipient)
+    return response
 
 
 def on_the_wire(data: bytes) -> bool:
