@@ -72,6 +72,9 @@ BUCKET = "faxgw-bench"
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # a 20 MB PDF is a 27.4 MB message in base64
 SIZES = {"100k": 100_000, "2m": 2_000_000, "20m": 20_000_000}
 SIZE_NAMES = {"100k": "100 KB", "2m": "2 MB", "20m": "20 MB"}
+# BENCH_CALLGRIND=DIR: the gateways run under valgrind's callgrind, instructions counted from
+# the first probe snapshot on, dumped per thread into DIR at each snapshot (see README).
+CALLGRIND = os.environ.get("BENCH_CALLGRIND", "")
 
 
 def loop_ms(r: dict[str, Any]) -> float | None:
@@ -191,6 +194,10 @@ class GatewayProcess:
             self.env["BENCH_PROBE_OUT"] = str(self.probe_out)
         argv = ([PY, str(BENCH / "gateway_probe.py")] if probe
                 else [PY, "-m", "gateway", "run"])
+        if CALLGRIND:
+            argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                    "--separate-threads=yes",
+                    f"--callgrind-out-file={CALLGRIND}/{name}.%p.callgrind", *argv]
         self.child = Child(name, argv, log_path=self.log_path, env=self.env, cwd=root)
         self.starts = 0
 
@@ -203,6 +210,8 @@ class GatewayProcess:
         return self.child.pid
 
     async def start(self, timeout_s: float = 60) -> float:
+        if CALLGRIND:
+            timeout_s *= 10
         began = time.monotonic()
         self.starts += 1
         marker = f"--- bench start {self.starts} ---\n"
@@ -231,6 +240,12 @@ class GatewayProcess:
         """The probe's figures since the previous snapshot (and a new interval begins)."""
         if self.probe_out is None or not self.child.running:
             return None
+        if CALLGRIND:
+            # Instructions counted from the first snapshot on (the burst's start); each
+            # snapshot dumps what was counted since the one before (per thread).
+            for option in ("--dump", "--instr=on"):
+                await asyncio.to_thread(subprocess.run, ["callgrind_control", option,
+                                                         str(self.pid)], capture_output=True)
         before = self._probe_seq()
         os.kill(self.pid, signal.SIGRTMIN + 5)  # gateway_probe.SNAPSHOT_SIGNAL
         for _ in range(100):
