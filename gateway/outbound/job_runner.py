@@ -183,7 +183,10 @@ class Worker(Housekeeping):
                 timeout = idle
             if timeout > 0 and not self._stopping:
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                    # asyncio.timeout, not wait_for: no task of its own around the wait at
+                    # every wake (several a fax in a burst).
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
                 except TimeoutError:
                     continue
             if not self._stopping:
