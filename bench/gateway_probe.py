@@ -11,6 +11,9 @@ callback, a ticker task that sleeps 10 ms at a time and records how late it wake
 SNAPSHOT_SIGNAL (SIGRTMIN+5: the daemon itself uses SIGHUP and SIGUSR1) writes a snapshot
 (worst lag since the previous snapshot, VmHWM, VmRSS) to BENCH_PROBE_OUT and starts a new
 interval; the final snapshot is written on exit.
+
+BENCH_CPROFILE_OUT=/tmp/prof also runs cProfile on the event-loop thread: each snapshot writes
+the calls since the previous one to /tmp/prof.<seq> (pstats format), for call counts per fax.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 TICK_S = 0.01
 SNAPSHOT_SIGNAL = signal.SIGRTMIN + 5
@@ -39,6 +43,8 @@ class LagProbe:
         self.out = out
         self.seq = 0
         self.task: asyncio.Task[None] | None = None
+        self.cprofile_out = os.environ.get("BENCH_CPROFILE_OUT")
+        self.profiler: Any = None
         self._reset()
 
     def _reset(self) -> None:
@@ -52,8 +58,10 @@ class LagProbe:
         self.lag_sum_s = 0.0
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
-        """First callback of the daemon's loop: start ticking, answer SNAPSHOT_SIGNAL."""
-        self.task = loop.create_task(self._tick(), name="bench-lag-probe")
+        """First callback of the daemon's loop: start ticking, answer SNAPSHOT_SIGNAL. Under
+        callgrind (BENCH_CALLGRIND) no ticker: its work grows with the (slowed) wall time."""
+        if not os.environ.get("BENCH_CALLGRIND"):
+            self.task = loop.create_task(self._tick(), name="bench-lag-probe")
         loop.add_signal_handler(SNAPSHOT_SIGNAL, self.snapshot)
 
     async def _tick(self) -> None:
@@ -82,6 +90,14 @@ class LagProbe:
             "vm_hwm_kb": _status_kb("VmHWM"), "vm_rss_kb": _status_kb("VmRSS"),
         }
         self._reset()
+        if self.cprofile_out:
+            import cProfile
+
+            if self.profiler is not None:
+                self.profiler.disable()
+                self.profiler.dump_stats(f"{self.cprofile_out}.{self.seq}")
+            self.profiler = cProfile.Profile(time.thread_time)  # CPU, not waits
+            self.profiler.enable()  # this thread: the event loop's
         if self.out is not None:
             tmp = self.out.with_name(self.out.name + ".tmp")
             tmp.write_text(json.dumps(data))

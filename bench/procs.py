@@ -173,11 +173,20 @@ def reset_hwm(pid: int) -> bool:
         return False
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def _stat_fields(pid: int, tid: int | None = None) -> list[str] | None:
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return Path(path).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
+
+
+def main_thread_cpu_s(pid: int) -> float | None:
+    """utime + stime of the process's main thread alone (the gateway's event loop)."""
+    fields = _stat_fields(pid, pid)
+    if fields is None:
+        return None
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 def cpu_s(pid: int, *, reaped_children: bool = False) -> float | None:
@@ -286,6 +295,7 @@ class Meter:
         self.threads0 = thread_cpu_s(self.pid)
         self.cpu0 = tree_cpu_s(self.pid)
         self.own_cpu0 = cpu_s(self.pid) or 0.0
+        self.loop_cpu0 = main_thread_cpu_s(self.pid) or 0.0
         self.t0 = time.monotonic()
         self.rss0_kb, self.tree0_kb = tree_rss_kb(self.pid)
         self.hwm_reset = reset_hwm(self.pid)
@@ -307,6 +317,7 @@ class Meter:
         return {"cpu_s": tree_cpu_s(self.pid) - self.cpu0,
                 "thread_cpu_s": {k: v for k, v in threads.items() if v > 0},
                 "main_cpu_s": (cpu_s(self.pid) or 0.0) - self.own_cpu0,
+                "loop_cpu_s": (main_thread_cpu_s(self.pid) or 0.0) - self.loop_cpu0,
                 "wall_s": time.monotonic() - self.t0,
                 "rss_before_kb": self.rss0_kb, "rss_after_kb": rss1, "peak_rss_kb": peak,
                 "peak_from_hwm": bool(self.hwm_reset and hwm is not None),

@@ -73,6 +73,15 @@ BUCKET = "faxgw-bench"
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # a 20 MB PDF is a 27.4 MB message in base64
 SIZES = {"100k": 100_000, "2m": 2_000_000, "20m": 20_000_000}
 SIZE_NAMES = {"100k": "100 KB", "2m": "2 MB", "20m": "20 MB"}
+# BENCH_CALLGRIND=DIR: the gateways run under valgrind's callgrind, instructions counted from
+# the first probe snapshot on, dumped per thread into DIR at each snapshot (see README).
+CALLGRIND = os.environ.get("BENCH_CALLGRIND", "")
+
+
+def loop_ms(r: dict[str, Any]) -> float | None:
+    """CPU of the daemon's event-loop thread per accepted message, in ms."""
+    loop = (r.get("process") or {}).get("loop_cpu_s")
+    return loop * 1000 / r["accepted"] if loop is not None and r.get("accepted") else None
 
 
 def _own_cpu_s() -> float:
@@ -186,6 +195,10 @@ class GatewayProcess:
             self.env["BENCH_PROBE_OUT"] = str(self.probe_out)
         argv = ([PY, str(BENCH / "gateway_probe.py")] if probe
                 else [PY, "-m", "gateway", "run"])
+        if CALLGRIND:
+            argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                    "--separate-threads=yes",
+                    f"--callgrind-out-file={CALLGRIND}/{name}.%p.callgrind", *argv]
         self.child = Child(name, argv, log_path=self.log_path, env=self.env, cwd=root)
         self.starts = 0
 
@@ -198,6 +211,8 @@ class GatewayProcess:
         return self.child.pid
 
     async def start(self, timeout_s: float = 60) -> float:
+        if CALLGRIND:
+            timeout_s *= 10
         began = time.monotonic()
         self.starts += 1
         marker = f"--- bench start {self.starts} ---\n"
@@ -226,6 +241,12 @@ class GatewayProcess:
         """The probe's figures since the previous snapshot (and a new interval begins)."""
         if self.probe_out is None or not self.child.running:
             return None
+        if CALLGRIND:
+            # Instructions counted from the first snapshot on (the burst's start); each
+            # snapshot dumps what was counted since the one before (per thread).
+            for option in ("--dump", "--instr=on"):
+                await asyncio.to_thread(subprocess.run, ["callgrind_control", option,
+                                                         str(self.pid)], capture_output=True)
         before = self._probe_seq()
         os.kill(self.pid, signal.SIGRTMIN + 5)  # gateway_probe.SNAPSHOT_SIGNAL
         for _ in range(100):
@@ -924,12 +945,14 @@ def render(results: dict[str, Any]) -> str:
         add("Where the machine's CPU went in the gateway runs (CPU seconds; 2 cores give 2 per "
             "second of wall time):")
         add(f"  {'run':19s} {'wall':>6s} {'gateway':>8s} {'SeaweedFS':>9s} {'driver+sim':>10s} "
-            f"{'client':>7s} {'other':>6s}")
+            f"{'client':>7s} {'other':>6s} {'loop ms/msg':>11s}")
         for r in gw_rows:
             i = r["interference"]
             add(f"  {r['phase']:19s} {i['wall_s']:6.1f} {r['process']['cpu_s']:8.1f} "
                 f"{_f(r.get('seaweed_cpu_s'), '.1f'):>9s} {_f(r.get('driver_cpu_s'), '.1f'):>10s} "
-                f"{_f(r.get('client_cpu_s'), '.1f'):>7s} {i['foreign_cpu_s']:6.1f}")
+                f"{_f(r.get('client_cpu_s'), '.1f'):>7s} {i['foreign_cpu_s']:6.1f} "
+                f"{_f(loop_ms(r), '.1f'):>11s}")
+        add("  loop ms/msg: CPU of the daemon's main thread (its event loop) per accepted message.")
         add("")
         add("The gateway's CPU per fax by where it ran (ms; workers: the document worker "
             "processes; PostgreSQL: the server's processes for the gateway's database, counted in "

@@ -184,12 +184,14 @@ def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     levels = {name: logging.getLogger(name).level for name in TUNED_LOGGERS}
+    srcfile = logging._srcfile  # setup_logging turns the caller lookup off: pytest shows it
     secrets = logs.registered_secrets()
     yield
     for handler in list(root.handlers):
         if handler not in handlers:
             root.removeHandler(handler)
     root.setLevel(level)
+    logging._srcfile = srcfile
     for name, lvl in levels.items():
         logging.getLogger(name).setLevel(lvl)
     for value in logs.registered_secrets() - secrets:

@@ -11,7 +11,14 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.runtime.logs import redact, register_secret, setup_logging, unregister_secret
+from gateway.runtime.logs import (
+    TEXT_FORMAT,
+    TextFormatter,
+    redact,
+    register_secret,
+    setup_logging,
+    unregister_secret,
+)
 
 
 def lines(stream: io.StringIO) -> list[str]:
@@ -28,6 +35,49 @@ def test_text_lines() -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO "
                         r"gateway\.outbound\.job_runner: "
                         r"job 3f9c0a7e21b4d8c5: reported \(delivered\)", line), line
+
+
+def test_text_formatter_writes_what_the_stdlib_template_writes() -> None:
+    """TextFormatter (the time's text kept for a second, the line written out directly) gives,
+    record for record, what logging.Formatter(TEXT_FORMAT) gives: across second boundaries,
+    with a traceback, with stack info, with a message ending in a newline."""
+    ours, stdlib = TextFormatter(), logging.Formatter(TEXT_FORMAT)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        exc_info = __import__("sys").exc_info()
+    base = 1_765_000_000.0
+    cases = [(base + 0.001, "job %s: accepted", ("3f9c0a7e21b4d8c5",), None, None),
+             (base + 0.999, "same second %d", (2,), None, None),
+             (base + 1.0, "next second", (), None, None),
+             (base + 1.5, "crashed", (), exc_info, None),
+             (base + 1.6, "ends in a newline\n", (), exc_info, None),
+             (base + 7.25, "with stack", (), None, "Stack (most recent call last):\n  here"),
+             (base - 86_400.5, "a day before", (), None, None)]
+    for created, msg, args, exc, stack in cases:
+        made = []
+        for _ in (ours, stdlib):
+            record = logging.LogRecord("gateway.x", logging.WARNING, __file__, 1, msg, args, exc,
+                                       sinfo=stack)
+            record.created, record.msecs = created, int((created - int(created)) * 1000) + 0.0
+            made.append(record)
+        assert ours.format(made[0]) == stdlib.format(made[1]), msg
+
+
+def test_no_caller_lookup_per_record() -> None:
+    """setup_logging turns off the caller's file and line (a walk up the stack per record):
+    neither format shows them."""
+    out = io.StringIO()
+    setup_logging("INFO", "text", stream=out)
+    seen: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = seen.append  # type: ignore[method-assign]
+    logging.getLogger().addHandler(handler)
+    try:
+        logging.getLogger("gateway.x").info("where from?")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    assert seen[0].lineno == 0 and seen[0].funcName == "(unknown function)"
 
 
 def test_json_lines_with_job_id_and_exception() -> None:

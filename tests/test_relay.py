@@ -6,11 +6,20 @@ import asyncio
 import threading
 from email.message import EmailMessage
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiosmtpd.smtp import SMTP as AioSMTP
 
 from gateway.config import settings_from
-from gateway.mail.sender import MAIL_POLICY, NotifyError, OutboxNotifier, RelayNotifier, Rendered
+from gateway.mail.sender import (
+    MAIL_POLICY,
+    NotifyError,
+    OutboxNotifier,
+    RelayNotifier,
+    Rendered,
+    on_the_wire,
+)
 
 from .conftest import RelaySink, base_env, relay_env
 
@@ -216,3 +225,155 @@ async def test_send_serialises_the_mail_off_the_event_loop(tmp_path: Path, relay
     if kind == "relay":
         assert (await relay.next())["Subject"] == "forward"
         await out.stop()
+
+
+class _Raw(RelaySink):
+    """The sink, keeping each message as the relay read it (dots undone, as received)."""
+
+    def __init__(self, data_reply: str | None = None) -> None:
+        super().__init__()
+        self.raw: list[bytes] = []
+        self.data_reply = data_reply
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        if self.data_reply is not None:
+            return self.data_reply
+        self.raw.append(envelope.original_content)
+        return await super().handle_DATA(server, session, envelope)
+
+
+_HEAD = b"From: faxgw@faxgw.test\r\nTo: a@example.com\r\nSubject: dots\r\n\r\n"
+
+
+@pytest.mark.parametrize("body, received", [
+    # As render writes it: sent as it is.
+    (b"Fax delivered.\r\n", b"Fax delivered.\r\n"),
+    # Lines that start with a dot (one alone would end DATA early): doubled on the wire.
+    (b".\r\n..two\r\n.hidden\r\nend.\r\n", b".\r\n..two\r\n.hidden\r\nend.\r\n"),
+    # Lone LF and CR, no line ending at the end: CRLF, as aiosmtplib's own DATA sends it.
+    (b"one\ntwo\rthree\r\n.four\nfive", b"one\r\ntwo\r\nthree\r\n.four\r\nfive\r\n"),
+])
+async def test_data_reaches_the_relay_as_written(tmp_path: Path, body: bytes,
+                                                 received: bytes) -> None:
+    assert on_the_wire(_HEAD + body) == (body == received and not body.startswith(b"."))
+    relay = _Raw()
+    await relay.start()
+    try:
+        relay_out = notifier(tmp_path, relay)
+        await relay_out.send_rendered(Rendered(_HEAD + body, ("a@example.com",)), "j1")
+        # The connection is in step afterwards: the next report on it goes as well.
+        await relay_out.send_rendered(report(2), "j2")
+        assert relay.raw == [_HEAD + received, report(2).data]
+        assert relay_out.connections_made == 1
+        await relay_out.stop()
+    finally:
+        await relay.stop()
+
+
+async def test_a_refused_message_is_an_error_and_its_connection_is_not_kept(
+        tmp_path: Path) -> None:
+    """The relay refuses the message after DATA: NotifyError (the report is not recorded as
+    sent), and the next report goes on a new connection."""
+    relay = _Raw("554 5.6.0 message refused")
+    await relay.start()
+    try:
+        relay_out = notifier(tmp_path, relay)
+        with pytest.raises(NotifyError, match="554"):
+            await relay_out.send_rendered(report(1), "j1")
+        relay.data_reply = None
+        await relay_out.send_rendered(report(2), "j2")
+        assert relay.raw == [report(2).data] and relay_out.connections_made == 2
+        await relay_out.stop()
+    finally:
+        await relay.stop()
+
+
+def test_on_the_wire() -> None:
+    assert on_the_wire(b"a\r\nb\r\n")
+    for data in (b"a\r\nb", b"a\nb\r\n", b"a\rb\r\n", b".a\r\n", b"a\r\n.b\r\n", b"a\r\r\n"):
+        assert not on_the_wire(data), data
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 (its own CA) and its key, as PEM files."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "relay.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]),
+                critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "relay.pem", folder / "relay.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+class _TlsAuthSink(RelaySink):
+    """A relay that wants STARTTLS, then AUTH, before MAIL: its EHLO after TLS is what MAIL
+    goes after."""
+
+    def __init__(self, context: Any) -> None:
+        super().__init__()
+        self.context = context
+        self.logins: list[bytes] = []
+        self.raw: list[bytes] = []
+
+    def _session(self) -> AioSMTP:
+        from aiosmtpd.smtp import AuthResult
+
+        def authenticate(server: Any, session: Any, envelope: Any, mechanism: str,
+                         data: Any) -> AuthResult:
+            self.logins.append(data.login)
+            return AuthResult(success=data.login == b"faxgw" and data.password == b"s3cret")
+
+        session = AioSMTP(self, hostname="sink.test", tls_context=self.context,
+                          require_starttls=True, auth_required=True,
+                          authenticator=authenticate)
+        self.sessions.append(session)
+        return session
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.raw.append(envelope.original_content)
+        return await super().handle_DATA(server, session, envelope)
+
+
+async def test_reports_over_starttls_and_auth(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """STARTTLS, AUTH, then MAIL (after the EHLO that follows TLS), RCPT and DATA, on one
+    connection for several reports."""
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the relay's certificate, trusted
+    relay = _TlsAuthSink(context)
+    await relay.start()
+    try:
+        settings = settings_from(base_env(tmp_path, **relay_env(
+            relay, NOTIFY_SMTP_TLS="starttls", NOTIFY_SMTP_USERNAME="faxgw",
+            NOTIFY_SMTP_PASSWORD="s3cret")))
+        relay_out = RelayNotifier(settings, 10.0)
+        for n in range(3):
+            await relay_out.send_rendered(report(n), f"j{n}")
+        assert relay.raw == [report(n).data for n in range(3)]
+        assert relay.logins == [b"faxgw"] and relay_out.connections_made == 1
+        assert [rcpts for _, rcpts in relay.envelopes] == [["a@example.com"]] * 3
+        await relay_out.stop()
+    finally:
+        await relay.stop()

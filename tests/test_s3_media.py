@@ -156,6 +156,28 @@ def test_our_sigv4_presign_is_botocores_to_the_character(url: str, token: str | 
     assert ours == theirs
 
 
+def test_presigns_in_one_second_are_each_their_own() -> None:
+    """presign_v4 keeps what depends only on the second (stamp, query, day's key): requests
+    signed in the same second (another method, another object, another fraction of it) and
+    in the next one sign what they are, as a presign with nothing kept would."""
+    from gateway.media_store import _query_for, presign_v4
+
+    keys = {"access_key": "AKIDEXAMPLE", "secret_key": "wJalrXUtnFEMI/K7MDENG+bPxRfiCY",
+            "token": None, "region": "eu-central-1", "ttl_s": 900}
+    base = "http://127.0.0.1:8333/faxgw-test/faxgw/"
+    when = 1_765_000_000
+    asked = [("GET", base + "a.pdf", when + 0.1), ("PUT", base + "b.pdf", when + 0.9),
+             ("DELETE", base + "a.pdf", when + 0.5), ("GET", base + "a.pdf", when + 1.2)]
+    signed = [presign_v4(m, u, now=t, **keys) for m, u, t in asked]  # type: ignore[arg-type]
+    fresh = []
+    for m, u, t in asked:
+        _query_for.cache_clear()
+        fresh.append(presign_v4(m, u, now=t, **keys))  # type: ignore[arg-type]
+    assert signed == fresh and len(set(signed)) == 4
+    assert [u.split("X-Amz-Date=")[1][:16] for u in signed] == \
+        ["20251206T054640Z"] * 3 + ["20251206T054641Z"]
+
+
 async def test_a_scan_goes_up_and_comes_back_a_chunk_at_a_time(
         seaweed: SeaweedS3, s3_credentials: None, tmp_path: Path) -> None:
     import os

@@ -90,6 +90,21 @@ def test_bare_lf_end_markers_refused(stream: bytes) -> None:
     assert run([stream]) == (Outcome.BARE_LF, b"")
 
 
+@pytest.mark.parametrize("chunks, expected", [
+    # Plain lines (the quick path), then what follows them in the next chunk: a stuffed line
+    # or the end marker, which read the line ending the quick path left behind.
+    ([b"abc\r\nde\r\n", b".\r\n"], (Outcome.DONE, b"abc\r\nde\r\n")),
+    ([b"abc\n", b".\r\n"], (Outcome.BARE_LF, b"")),  # after a bare LF: refused
+    ([b"abc\r\n", b"..x\r\n.\r\n"], (Outcome.DONE, b"abc\r\n.x\r\n")),
+    ([b"abc\r\nd", b"ef\r\n", b".\r\n"], (Outcome.DONE, b"abc\r\ndef\r\n")),
+    ([b"\n", b".\r\n"], (Outcome.BARE_LF, b"")),  # a lone LF line, then a dot line
+    ([b"a\r\r\nb\r\n", b".\r\n"], (Outcome.DONE, b"a\r\nb\r\n")),  # doubled CR folded
+])
+def test_plain_chunks_and_what_follows_them(chunks: list[bytes],
+                                            expected: tuple[Outcome, bytes]) -> None:
+    assert run(chunks) == expected == reference(b"".join(chunks))
+
+
 def test_over_the_limit_reads_to_the_end_and_stores_nothing_more() -> None:
     buf = io.BytesIO()
     writer = DataWriter(buf, 100)

@@ -166,6 +166,25 @@ async def test_idle_session_gets_421_before_close(make_gateway, tmp_path: Path) 
     assert await client.closed()
 
 
+async def test_each_command_moves_the_idle_timeout_on(make_gateway, tmp_path: Path) -> None:
+    """The idle timer counts from the last command: a session that sends a command every
+    0.4 s outlives a 1 s idle timeout many times over, then gets its 421 a second after its
+    last command (the timer is moved on, not made anew, per command)."""
+    gw = await make_gateway(base_env(tmp_path / "var", SMTP_IDLE_TIMEOUT_SECONDS="1"))
+    client = await Raw.connect(gw.smtp.port)
+    loop = asyncio.get_running_loop()
+    assert (await client.reply())[0] == 220
+    assert (await client.cmd("EHLO client.test"))[0] == 250
+    for _ in range(7):  # the client's pace is what is under test
+        await asyncio.sleep(0.4)
+        assert (await client.cmd("NOOP"))[0] == 250
+    last = loop.time()
+    code, text = await client.reply(timeout_s=10)
+    assert (code, text[:9]) == (421, "421 4.4.2"), text
+    assert 0.9 <= loop.time() - last < 5
+    assert await client.closed()
+
+
 async def test_rate_limit_attack_without_data_locks_out_no_one(make_gateway,
                                                                tmp_path: Path) -> None:
     """Issue 15 item 1: 30 sessions of 20 RCPT from one made-up sender, no DATA. The churn
@@ -264,3 +283,29 @@ async def test_text_body_over_the_length_limit_gets_554_not_500(make_gateway,
                                   + b".\r\n")
     assert code == 554 and text.startswith("554 5.6.0 The message text is too long"), text
     client.close()
+
+
+async def test_a_multi_line_reply_is_one_write(make_gateway, tmp_path: Path) -> None:
+    """EHLO's reply (a line per extension) goes out in one write, not one per line; its lines
+    are what they were, and the session goes on as before."""
+    gw = await make_gateway(base_env(tmp_path / "var"))
+    raw = await Raw.connect(gw.smtp.port)
+    assert (await raw.reply())[0] == 220
+    [session] = gw.smtp._connections  # noqa: SLF001 - the server's end of this connection
+    writes: list[bytes] = []
+    transport = session._writer.transport  # noqa: SLF001
+    real_write = transport.write
+
+    def counted(data: bytes) -> None:
+        writes.append(bytes(data))
+        real_write(data)
+
+    transport.write = counted  # type: ignore[method-assign]
+    code, text = await raw.cmd("EHLO client.test")
+    lines = text.splitlines()
+    assert code == 250 and len(lines) >= 4 and lines[0].startswith("250-")
+    assert lines[-1] == "250 HELP" and all(line.startswith("250-") for line in lines[:-1])
+    assert "250-8BITMIME" in lines and "250-ENHANCEDSTATUSCODES" in lines
+    assert writes == ["\r\n".join(lines).encode() + b"\r\n"]
+    assert (await raw.cmd("NOOP"))[0] == 250 and len(writes) == 2
+    raw.close()

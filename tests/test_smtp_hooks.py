@@ -108,6 +108,10 @@ def test_internals_the_overrides_lean_on() -> None:
     assert "raise TLSSetupException() from error" in inspect.getsource(SMTP.smtp_STARTTLS)
     reset = inspect.getsource(SMTP._reset_timeout)
     assert "call_later" in reset and "self._timeout_cb" in reset
+    # FaxSMTP._reset_timeout keeps its timer in aiosmtpd's attribute, which aiosmtpd cancels
+    # when the connection goes.
+    assert "self._timeout_handle.cancel()" in inspect.getsource(SMTP.connection_lost)
+    assert "self._timeout_handle: Optional[asyncio.TimerHandle] = None" in init
     assert "self.envelope = self._create_envelope()" in inspect.getsource(
         SMTP._set_post_data_state)
     assert issubclass(TLSSetupException, Exception) and callable(syntax)

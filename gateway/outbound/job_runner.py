@@ -189,7 +189,10 @@ class Worker(Housekeeping):
                 timeout = idle
             if timeout > 0 and not self._stopping:
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                    # asyncio.timeout, not wait_for: no task of its own around the wait at
+                    # every wake (several a fax in a burst).
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
                 except TimeoutError:
                     continue
             if not self._stopping:
@@ -410,7 +413,7 @@ class Worker(Housekeeping):
             return
         job = current
         self.metrics.attempt_started()
-        log.info("job %s attempt %d: sending to %s", job.id, job.attempt, job.to_number)
+        # One line per send, after it (the store's events say when it began).
         try:
             with self.metrics.api_call("send"):
                 fax = await self.sw.send_fax(to=job.to_number, from_=job.from_number,
@@ -427,13 +430,14 @@ class Worker(Housekeeping):
                 return
             await self.store.run(self.store.back_to_stored, job, self.clock() + delay,
                                  f"not sent ({exc.words}); next try in {delay:.0f} s")
-            log.warning("job %s: SignalWire did not take the fax (%s); retry in %.1f s",
-                        job.id, exc.words, delay)
+            log.warning("job %s attempt %d: SignalWire did not take the fax to %s (%s); retry "
+                        "in %.1f s", job.id, job.attempt, job.to_number, exc.words, delay)
         except SendRefused as exc:
             await self.store.run(self.store.mark_given_up, job,
                                  f"SignalWire refused the fax: {exc.words}",
                                  str(exc.code) if exc.code else None, str(exc))
-            log.warning("job %s: refused by SignalWire: %s", job.id, exc.words)
+            log.warning("job %s attempt %d: the fax to %s refused by SignalWire: %s", job.id,
+                        job.attempt, job.to_number, exc.words)
         except SendOutcomeUnknown as exc:
             words = f"send outcome unknown ({exc.words})"
             if not await self.store.run(self.store.mark_outcome_unknown, job,
@@ -442,8 +446,9 @@ class Worker(Housekeeping):
                 # A status callback came first and moved the job on: history only.
                 await self.store.run(self.store.add_event, job.id, "unknown",
                                      f"{words}; the job moved on meanwhile")
-            log.warning("job %s: send outcome unknown (%s); looking it up in %.0f s", job.id,
-                        exc.words, self._recheck_s)
+            log.warning("job %s attempt %d: send to %s, outcome unknown (%s); looking it up "
+                        "in %.0f s", job.id, job.attempt, job.to_number, exc.words,
+                        self._recheck_s)
         else:
             self.contact["signalwire"] = (True, self.clock(), "send ok")
             crash_point("after-send")
@@ -453,10 +458,11 @@ class Worker(Housekeeping):
                                         f"{fax.status}"):
                 # Its final status came first (the callback overtook the answer), or another
                 # node holds the job now: what is recorded stands.
-                log.info("job %s attempt %d: sent, sid %s; the job had moved on meanwhile",
-                         job.id, job.attempt, fax.sid)
+                log.info("job %s attempt %d: sent to %s, sid %s; the job had moved on "
+                         "meanwhile", job.id, job.attempt, job.to_number, fax.sid)
                 return
-            log.info("job %s attempt %d: submitted, sid %s", job.id, job.attempt, fax.sid)
+            log.info("job %s attempt %d: submitted to %s, sid %s", job.id, job.attempt,
+                     job.to_number, fax.sid)
 
     async def _reconcile(self, job: Job) -> None:
         """A send whose answer never came: find the fax at SignalWire, resend only if absent."""

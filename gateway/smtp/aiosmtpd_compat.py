@@ -6,11 +6,12 @@ case-insensitively), `smtp_MAIL` / `smtp_RCPT` (DSN and AUTH= parameters taken o
 before aiosmtpd's own parse, which answers 555 to them), `_handle_client` (the connection caps
 and the 421 while shutting down, before aiosmtpd's greeting), `_timeout_cb` (a 421 before an idle
 connection is closed), `_create_envelope` (`FaxEnvelope`), `_getaddr` (a fast path for plain
-paths), `push` (enhanced status codes on aiosmtpd's own replies and the STARTTLS-required reply
-rewritten), `connection_made` / `connection_lost`, the class attribute `line_length_limit`, the
-per-connection `command_size_limits`, and `__dir__` (the short `dir()` aiosmtpd's __init__
-finds commands and hooks by); `aiosmtpd_handler` does the same `dir()` and the EHLO hook's
-signature for the handler class.
+paths), `push` (enhanced status codes on aiosmtpd's own replies, the STARTTLS-required reply
+rewritten, a multi-line reply written at once), `_reset_timeout` (the idle timer moved on rather
+than made anew per command), `connection_made` / `connection_lost`, the class attribute
+`line_length_limit`, the per-connection `command_size_limits`, and `__dir__` (the short `dir()`
+aiosmtpd's __init__ finds commands and hooks by); `aiosmtpd_handler` does the same `dir()` and
+the EHLO hook's signature for the handler class.
 
 `OVERRIDES` names every aiosmtpd attribute overridden here and `LEANED_ON` every other internal
 this module calls or reads; tests/test_smtp_hooks.py checks both lists against this module and
@@ -58,11 +59,13 @@ log = logging.getLogger("gateway.smtp.server")
 
 # The aiosmtpd SMTP attributes FaxSMTP overrides (tests/test_smtp_hooks.py: exactly these).
 OVERRIDES = ("__init__", "__dir__", "line_length_limit", "command_size_limits",
-             "_create_envelope", "_getaddr", "_handle_client", "_timeout_cb", "connection_made",
-             "connection_lost", "push", "smtp_AUTH", "smtp_DATA", "smtp_MAIL", "smtp_RCPT")
+             "_create_envelope", "_getaddr", "_handle_client", "_reset_timeout", "_timeout_cb",
+             "connection_made", "connection_lost", "push", "smtp_AUTH", "smtp_DATA",
+             "smtp_MAIL", "smtp_RCPT")
 # aiosmtpd internals used here without being overridden: methods called, attributes read
 # (tests/test_smtp_hooks.py pins their source or value).
-LEANED_ON = ("_reset_timeout", "_set_post_data_state", "_call_handler_hook",
+LEANED_ON = ("_timeout_handle", "_timeout_duration", "loop", "_set_post_data_state",
+             "_call_handler_hook",
              "check_helo_needed", "check_auth_needed", "challenge_auth", "command_size_limit",
              "_strip_command_keyword", "_getparams", "smtp_EHLO", "smtp_STARTTLS", "__init__",
              "_cb_client_connected", "handle_exception", "_reader", "_writer", "envelope",
@@ -180,6 +183,8 @@ class FaxSMTP(SMTP):
         # allow_long_commands.
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
         self.taken_params: list[str] = []  # DSN / AUTH= words of the current MAIL or RCPT
+        self._reply_lines: list[str] = []  # the lines of a multi-line reply before its last
+        self._deadline = 0.0  # when the idle timer runs out (loop time; _reset_timeout)
 
     def allow_long_commands(self) -> None:
         """After EHLO: MAIL and RCPT may be as long as the extensions offered make them (SIZE=
@@ -290,6 +295,17 @@ class FaxSMTP(SMTP):
             status = self.fax_handler.refuse(replies.STARTTLS_FIRST)
         elif isinstance(status, str):
             status = self._enhanced(status)
+            if status[3:4] == "-" and "\n" not in status:
+                # A line of a multi-line reply (EHLO's, ~7 of them): it goes with the reply's
+                # last line, one write (and one send) for the reply, not one for every line.
+                self._reply_lines.append(status)
+                return
+        if self._reply_lines:
+            lines, self._reply_lines = self._reply_lines, []
+            if isinstance(status, str):
+                status = "\r\n".join([*lines, status])
+            else:
+                await super().push("\r\n".join(lines))
         await super().push(status)
 
     def _enhanced(self, status: str) -> str:
@@ -306,6 +322,27 @@ class FaxSMTP(SMTP):
             return status
         enhanced = _ENHANCED_BY_CODE.get(code, f"{code[0]}.0.0")
         return f"{code}{found.group(2)}{enhanced} {status[4:]}"
+
+    def _reset_timeout(self, duration: float | None = None) -> None:
+        """aiosmtpd's idle timer (`duration`, else the idle timeout, from now; then
+        `_timeout_cb`), moved without a new timer each time: aiosmtpd cancels its timer and
+        makes another for every command (~9 a mail, each left cancelled in the loop's heap
+        until it is due). Here a later deadline is only noted, and the timer, when it comes,
+        waits again for the rest; an earlier one takes a new timer."""
+        deadline = self.loop.time() + (duration or self._timeout_duration)
+        self._deadline = deadline
+        handle = self._timeout_handle
+        if handle is not None and not handle.cancelled() and handle.when() <= deadline:
+            return
+        if handle is not None:
+            handle.cancel()
+        self._timeout_handle = self.loop.call_at(deadline, self._timeout_due)
+
+    def _timeout_due(self) -> None:
+        if self.loop.time() < self._deadline:  # moved on meanwhile: wait for the rest
+            self._timeout_handle = self.loop.call_at(self._deadline, self._timeout_due)
+            return
+        self._timeout_cb()
 
     def _timeout_cb(self) -> None:
         """aiosmtpd's timer ran out: say why (421 4.4.2) before closing, as RFC 5321 4.2.2

@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from email import policy
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
-from email.utils import format_datetime, parseaddr
+from email.utils import format_datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from gateway.runtime.metrics import Metrics
 from gateway.sanitise import one_line
 from gateway.smtp import esmtp_params as dsn_params
 from gateway.smtp import replies
-from gateway.smtp.access import Access, Client
+from gateway.smtp.access import Access, Client, header_address
 from gateway.smtp.partials import Expired, Partials
 from gateway.smtp.replies import Reply
 from gateway.spool import Spool, copy_durable, fsync_dir
@@ -91,7 +91,7 @@ def partial_store(settings: Settings) -> PartialStore:
 
 
 def _address(candidate: str) -> str | None:
-    _, addr = parseaddr(candidate)
+    _, addr = header_address(candidate)
     if "@" in addr and not any(c in addr for c in "\r\n<>,; "):
         return addr
     return None
