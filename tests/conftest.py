@@ -300,6 +300,20 @@ async def wait_state(gateway: Gateway, job_id: str, state: State,
     await gateway.worker.wait_for(reached, timeout_s)
 
 
+async def wait_state_any(gateways: list[Gateway], job_id: str, state: State,
+                         timeout_s: float = 20.0) -> None:
+    """`wait_state` for a job that any of several nodes on one database may work (a node
+    free when the mail came wakes and takes it: LISTEN/NOTIFY)."""
+    waits = [asyncio.ensure_future(wait_state(gw, job_id, state, timeout_s))
+             for gw in gateways]
+    done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    for task in done:
+        task.result()  # a timeout, if that is what ended first
+
+
 def relay_env(relay: RelaySink, **extra: str) -> dict[str, str]:
     """Settings that send reports to the test's relay sink."""
     return {"NOTIFY_SMTP_HOST": "127.0.0.1", "NOTIFY_SMTP_PORT": str(relay.port),

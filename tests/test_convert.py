@@ -39,9 +39,9 @@ from gateway.documents.thumbnails import first_page_png, is_blank_png
 
 from .conftest import needs
 from .corpus import render_pages
+from .helpers.pdfs import A4_300DPI, form_pdf, reportlab_pdf, text_page
 
 LIMITS = Limits()
-A4_300DPI = (2480, 3508)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -79,19 +79,6 @@ def ink(image: Image.Image, box: tuple[float, float, float, float]) -> float:
     return sum(histogram[:128]) / max(1, crop.width * crop.height)
 
 
-def text_page(size: tuple[int, int] = A4_300DPI, label: str = "Page", lines: int = 30,
-              mode: str = "1") -> Image.Image:
-    """A plausible scanned letter: lines of text at about 12 pt at 300 dpi."""
-    image = Image.new("L", size, 255)
-    draw = ImageDraw.Draw(image)
-    step = max(40, (size[1] - 400) // lines)
-    for number in range(lines):
-        draw.text((240, 200 + number * step),
-                  f"{label} line {number}: the quick brown fox jumps over the lazy dog.",
-                  fill=0, font_size=max(12, size[0] // 50))
-    return image.convert(mode) if mode != "L" else image
-
-
 def tiff_bytes(frames: list[Image.Image], **options: object) -> bytes:
     out = io.BytesIO()
     frames[0].save(out, "TIFF", save_all=True, append_images=frames[1:], **options)
@@ -105,33 +92,6 @@ def image_filters(pdf: bytes) -> list[str]:
             value = xobject.get_object()["/Filter"]
             filters.append(str(value[0] if isinstance(value, list) else value))
     return filters
-
-
-def reportlab_pdf(sizes: list[tuple[float, float]], label: str = "Page") -> bytes:
-    """Pages with a label and a dark square in each corner, so clipping shows."""
-    out = io.BytesIO()
-    canvas = rl_canvas.Canvas(out, pagesize=sizes[0])
-    for number, (w, h) in enumerate(sizes, start=1):
-        canvas.setPageSize((w, h))
-        canvas.setFont("Helvetica", 24)
-        canvas.drawString(72, h / 2, f"{label} {number}")
-        for x, y in ((0, 0), (w - 30, 0), (0, h - 30), (w - 30, h - 30)):
-            canvas.rect(x, y, 30, 30, fill=1, stroke=0)
-        canvas.showPage()
-    canvas.save()
-    return out.getvalue()
-
-
-def form_pdf() -> bytes:
-    out = io.BytesIO()
-    canvas = rl_canvas.Canvas(out, pagesize=letter)
-    canvas.drawString(72, 720, "Name:")
-    canvas.acroForm.textfield(name="name", value="Jane Q Sender", x=120, y=710, width=220,
-                              height=20)
-    canvas.acroForm.checkbox(name="agree", checked=True, x=120, y=680)
-    canvas.showPage()
-    canvas.save()
-    return out.getvalue()
 
 
 def png_header_only(width: int, height: int) -> bytes:

@@ -28,7 +28,7 @@ from gateway.documents.convert import (
 from gateway.documents.thumbnails import first_page_png
 
 from .corpus import PageSpec, labelled_pdf, scan_page, scanner_tiff, solid_image
-from .test_convert import form_pdf, reportlab_pdf, text_page
+from .helpers.pdfs import form_pdf, reportlab_pdf, text_page
 
 
 def _before(pdf: bytes, width_px: int = 300) -> bytes:
