@@ -167,8 +167,9 @@ class PostgresStore(SqlStore):
 
     def open_thread(self) -> None:
         """A store thread (and the dashboard's reader) keeps one pooled connection between
-        calls instead of taking one from the pool and giving it back for each transaction:
-        the pool's lock, checks and reset were a third of the store's CPU per transaction.
+        calls instead of taking one from the pool and giving it back for each transaction
+        (the pool's lock, checks and reset: 0.04-0.09 ms of a one-statement transaction's
+        0.25-0.35 ms of CPU, measured in a loop).
         Other threads (the CLI, a test) still take one per call."""
         self._local.keeps = True
 
