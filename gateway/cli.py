@@ -11,6 +11,7 @@ from pathlib import Path
 from gateway import __version__, defaults
 from gateway.config import ConfigError, Settings, load_settings_warned
 from gateway.constants import EXIT_CONFIG, EXIT_DATA
+from gateway.documents.pdf_objects import pdf_from_objects
 
 
 def _load(args: argparse.Namespace) -> Settings:
@@ -87,17 +88,7 @@ def sample_pdf(text: str = "faxgw test page") -> bytes:
         b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream",
         b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
     ]
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % o for o in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
-        len(objects) + 1, xref)
-    return bytes(out)
+    return pdf_from_objects(objects)
 
 
 def _read_input(path: str, command: str) -> bytes | None:

@@ -25,6 +25,7 @@ from gateway.documents.convert import (
     normalize_pdf,
     text_to_pdf,
 )
+from gateway.documents.pdf_objects import pdf_from_objects
 from gateway.documents.thumbnails import first_page_png
 
 from .corpus import PageSpec, labelled_pdf, scan_page, scanner_tiff, solid_image
@@ -203,17 +204,7 @@ def _jpeg_page(jpeg: bytes, *, space: str = "/DeviceRGB", image_extra: str = "",
          f"{len(jpeg)} >>\nstream\n").encode("ascii") + jpeg + b"\nendstream",
         *extra_objects,
     ]
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
-        len(objects) + 1, xref)
-    return bytes(out)
+    return pdf_from_objects(objects)
 
 
 _COLOUR_SCAN = _scan_jpeg((2550, 3300))

@@ -17,6 +17,7 @@ from typing import Any, cast
 from PIL import Image
 
 from gateway.documents.convert import ConvertError
+from gateway.documents.pdf_objects import pdf_from_objects
 
 MAX_THUMBNAIL_PX = 2000
 MAX_PNG_PIXELS = 40_000_000
@@ -273,17 +274,7 @@ def _standard_fonts_pdf() -> bytes:
                b"<< /Length %d >>\nstream\n%s\nendstream" % (len(content), content)]
     objects += [f"<< /Type /Font /Subtype /Type1 /BaseFont /{name} >>".encode("ascii")
                 for name in STANDARD_FONTS]
-    out = bytearray(b"%PDF-1.4\n")
-    offsets = []
-    for number, body in enumerate(objects, start=1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
-    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (
-        len(objects) + 1, xref)
-    return bytes(out)
+    return pdf_from_objects(objects)
 
 
 def is_blank_png(png: bytes) -> bool:
