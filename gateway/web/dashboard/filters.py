@@ -112,3 +112,11 @@ def parse_day(text: str, field: str) -> float | None:
     except ValueError:
         raise AdminError(f"{field}: {text} is not a date") from None
     return day.timestamp()
+
+
+def day_range(date_from: str, date_until: str) -> tuple[float | None, float | None]:
+    """The From and Until fields as a time range: from the start of the first day to the
+    end of the last (None where a field is empty); AdminError for a field that is no date."""
+    since = parse_day(date_from, "From")
+    until = parse_day(date_until, "Until")
+    return since, None if until is None else until + 86400  # the whole day

@@ -52,7 +52,7 @@ from gateway.web.dashboard.auth import (
     password_tag,
     same_token,
 )
-from gateway.web.dashboard.filters import job_filters, parse_day, received_filters, safe_next
+from gateway.web.dashboard.filters import day_range, job_filters, received_filters, safe_next
 from gateway.web.dashboard.formatting import ago, shown_number, when
 from gateway.web.dashboard.thumbs import THUMB_WIDTH_PX
 
@@ -359,10 +359,7 @@ class Dashboard:
         f = job_filters(request)
         error = None
         try:
-            since = parse_day(f.date_from, "From")
-            until = parse_day(f.date_until, "Until")
-            if until is not None:
-                until += 86400  # the whole day
+            since, until = day_range(f.date_from, f.date_until)
             page = await self.store.read(lambda: queries.search_jobs(
                 self.store, status=f.status or None, to=f.to or None, sender=f.sender or None,
                 since=since, until=until, text=f.q or None, offset=(f.page - 1) * PAGE_SIZE,
@@ -522,10 +519,7 @@ class Dashboard:
         f = received_filters(request)
         error = None
         try:
-            since = parse_day(f.date_from, "From")
-            until = parse_day(f.date_until, "Until")
-            if until is not None:
-                until += 86400  # the whole day
+            since, until = day_range(f.date_from, f.date_until)
             page = await self.store.read(lambda: queries.search_received(
                 self.inbound, to=f.to or None, caller=f.caller or None, since=since,
                 until=until, offset=(f.page - 1) * PAGE_SIZE, limit=PAGE_SIZE))
