@@ -373,7 +373,10 @@ async def test_a_shared_database_that_stops_answering_is_a_451_not_a_traceback(
         assert not [r for r in caplog.records if r.exc_info]
         with psycopg.connect(admin_url, autocommit=True) as admin:
             admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
-        # Back: the next check works on a fresh connection.
+        # The pool tries again after a growing pause (1 s, 2 s, ...): wait for its next try.
+        await asyncio.to_thread(store.pool.wait, 30)
+        # Back: the next check works on a fresh connection (no store thread goes on with the
+        # connection it kept from before the outage, whichever thread failed).
         assert await access.check_destination_async(client, "+15551230011") is None
     finally:
         await store.stop()

@@ -534,6 +534,50 @@ async def test_calls_on_the_store_threads_at_once_keep_their_limits(
         await store.stop()
 
 
+def test_a_thread_that_finds_no_connection_makes_the_others_give_theirs_back(
+        pg_url: str) -> None:
+    """Two store threads: one keeps a connection, the other holds none. The server kills the
+    database's connections and refuses new ones; the thread without one finds none to be had.
+    Once the server takes connections again, the first thread's next call works: it took a
+    fresh connection instead of its dead kept one (a server outage costs one failed call)."""
+    import concurrent.futures
+
+    import psycopg
+
+    pg_reset(pg_url)
+    store = PostgresStore(pg_url, connect_timeout_s=1)
+    store.open()
+    dbname = pg_url.rsplit("/", 1)[1]
+    admin_url = pg_url.rsplit("/", 1)[0] + "/postgres"
+    a = concurrent.futures.ThreadPoolExecutor(1)
+    b = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        a.submit(store.open_thread).result()
+        b.submit(store.open_thread).result()
+        assert a.submit(store.job, "no-such-job").result() is None  # a now keeps one
+        with psycopg.connect(admin_url, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                          " WHERE datname = %s", (dbname,))
+        try:
+            with pytest.raises(Exception) as caught:
+                b.submit(store.job, "no-such-job").result()
+            assert store.is_db_error(caught.value)
+        finally:
+            with psycopg.connect(admin_url, autocommit=True) as admin:
+                admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+        # The pool tries again after a growing pause (1 s, 2 s, ...): wait for its next try.
+        store.pool.wait(timeout=30)
+        assert a.submit(store.job, "no-such-job").result() is None
+        assert b.submit(store.job, "no-such-job").result() is None
+    finally:
+        a.submit(store.close_thread).result()
+        b.submit(store.close_thread).result()
+        a.shutdown()
+        b.shutdown()
+        store.close()
+
+
 def _prepared_count(store: PostgresStore) -> int:
     """Prepared statements on the store's one connection (its pool holds one)."""
     return int(store._rows("SELECT COUNT(*) AS n FROM pg_prepared_statements")[0]["n"])

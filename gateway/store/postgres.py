@@ -254,7 +254,14 @@ class PostgresStore(SqlStore):
         if kept is None:
             # The pool checks a connection before handing it out (check_connection): a
             # thread takes one rarely, and after a server restart its idle ones are dead.
-            kept = local.kept = (self.pool.getconn(), time.monotonic(), self._generation)
+            try:
+                fresh = self.pool.getconn()
+            except BaseException:
+                # No connection to be had (the server is down or refuses this database): the
+                # connections the other threads keep are likely dead too.
+                self._generation += 1
+                raise
+            kept = local.kept = (fresh, time.monotonic(), self._generation)
         conn = kept[0]
         self._check_prepare(conn)
         try:
