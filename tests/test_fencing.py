@@ -359,7 +359,7 @@ async def test_a_final_callback_racing_the_send_answer_is_kept(pg_url: str,
             for _ in range(200):
                 waiting = admin.execute(
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                    " AND wait_event_type = 'Lock' AND query LIKE 'UPDATE jobs%%'").fetchone()
+                    " AND wait_event_type = 'Lock' AND query LIKE '%%UPDATE jobs%%'").fetchone()
                 if waiting and waiting[0]:
                     break
                 await asyncio.sleep(0.02)

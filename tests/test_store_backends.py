@@ -69,6 +69,35 @@ def test_a_job_goes_from_mail_to_report(store: SqlStore) -> None:
     assert store.job(job_id) is None
 
 
+def test_a_late_word_on_an_earlier_attempts_fax_is_history_only(store: SqlStore) -> None:
+    """Attempt 1 (sid-1) was busy and attempt 2 is being sent (`submitting`, its sid not known
+    yet): a late "delivered" for sid-1 changes nothing; sid-2's own word does."""
+    [job_id] = add_mail(store, "+15551230002")
+    [job] = store.claim_due(store.clock(), 10)
+    assert store.mark_stored(job, "key-1")
+    assert store.mark_submitting(store.job(job_id), "http://gw.test/cb", store.clock() + 40)
+    assert store.mark_submitted(store.job(job_id), "sid-1", "queued", store.clock() + 600,
+                                "accepted")
+    assert store.record_status(store.job(job_id), "sid-1", "busy", pages=0, duration_s=0,
+                               error_code=None, error_message=None,
+                               source="callback") is CallbackAction.FINAL
+    assert store.schedule_retry(store.job(job_id), store.clock(), "standard", "busy")
+    assert store.mark_submitting(store.job(job_id), "http://gw.test/cb", store.clock() + 40)
+    job = store.job(job_id)
+    assert (job.state, job.attempt, job.fax_sid) == (State.SUBMITTING, 2, None)
+    late = store.record_status(job, "sid-1", "delivered", pages=1, duration_s=9,
+                               error_code=None, error_message=None, source="callback")
+    assert late is CallbackAction.IGNORE
+    assert store.job(job_id).state is State.SUBMITTING
+    assert store.mark_submitted(store.job(job_id), "sid-2", "queued", store.clock() + 600,
+                                "accepted")
+    assert store.record_status(store.job(job_id), "sid-2", "delivered", pages=1, duration_s=9,
+                               error_code=None, error_message=None,
+                               source="callback") is CallbackAction.FINAL
+    assert [(a.fax_sid, a.status) for a in store.attempts(job_id)] == [
+        ("sid-1", "busy"), ("sid-2", "delivered")]
+
+
 def test_a_job_stored_before_the_250_starts_in_stored(store: SqlStore) -> None:
     [job_id] = add_mail(store, stored=True)
     job = store.job(job_id)

@@ -65,6 +65,7 @@ def _placeholders(sql: str) -> str:
 
 
 _INSERT_VALUES = re.compile(r"^(INSERT INTO \w+ \([^)]*\)) VALUES (\([^)]*\))$", re.S)
+_NOTIFY = re.compile(r"^(SELECT pg_notify\(\?, \?\))( WHERE .+)?$", re.S)
 _GUARDED = re.compile(r"^(UPDATE|DELETE FROM) \w+\b.* WHERE .+$", re.S)
 
 
@@ -72,8 +73,11 @@ _GUARDED = re.compile(r"^(UPDATE|DELETE FROM) \w+\b.* WHERE .+$", re.S)
 def _only_if_moved(sql: str) -> str | None:
     """A statement of a transition (`also`), made to happen only if its UPDATE did: an
     INSERT ... VALUES selects its row from `moved`; an UPDATE or DELETE adds the condition.
-    None for any other shape (a NOTIFY's SELECT, a subquery's WHERE): such a transition runs
-    as a transaction of statements instead, never one of them unguarded."""
+    A NOTIFY's `SELECT pg_notify(...) [WHERE ...]` selects from `moved` (and is read by the
+    event's row, `_moved`). None for any other shape (a subquery's WHERE): such a transition
+    runs as a transaction of statements instead, never one of them unguarded."""
+    if m := _NOTIFY.match(sql):
+        return f"{m.group(1)} FROM moved{m.group(2) or ''}"
     if m := _INSERT_VALUES.match(sql):
         return f"{m.group(1)} SELECT {m.group(2)[1:-1]} FROM moved"
     if _GUARDED.match(sql) and sql.count(" WHERE ") == 1 and " RETURNING " not in sql:
@@ -372,23 +376,54 @@ class PostgresStore(SqlStore):
                    event: str, detail: str | None, *, durable: bool = False,
                    also: Iterable[tuple[str, Sequence[Any]]] = (), at: float | None = None,
                    mine: bool = False, fence: int | None = None, **values: Any) -> bool:
-        """A transition on its own is one statement, committed by itself: the guarded UPDATE
-        in a WITH, the statements that belong to it and its event made from its RETURNING, so
-        each happens only if the UPDATE did (one round trip, where BEGIN, the UPDATE waited
-        for, the rest and COMMIT took two). Inside a caller's transaction: as everywhere."""
+        """A transition is one statement (`_moved`), committed by itself or inside the
+        caller's transaction: no transaction (or savepoint) of its own is needed."""
         also = list(also)
+        one = self._moved(job_id, list(sources), target, event, detail, also, at, mine, fence,
+                          values)
+        if one is not None:
+            return one
+        return super().transition(job_id, sources, target, event, detail, durable=durable,
+                                  also=also, at=at, mine=mine, fence=fence, **values)
+
+    def _transition(self, job_id: str, sources: list[State], target: State | None, event: str,
+                    detail: str | None, *, also: Iterable[tuple[str, Sequence[Any]]] = (),
+                    at: float | None = None, mine: bool = False, fence: int | None = None,
+                    **values: Any) -> bool:
+        also = list(also)
+        one = self._moved(job_id, sources, target, event, detail, also, at, mine, fence,
+                          values)
+        if one is not None:
+            return one
+        return super()._transition(job_id, sources, target, event, detail, also=also, at=at,
+                                   mine=mine, fence=fence, **values)
+
+    def _moved(self, job_id: str, sources: list[State], target: State | None, event: str,
+               detail: str | None, also: list[tuple[str, Sequence[Any]]], at: float | None,
+               mine: bool, fence: int | None, values: dict[str, Any]) -> bool | None:
+        """The transition as one statement: the guarded UPDATE in a WITH, the statements that
+        belong to it and its event made from its RETURNING, so each happens only if the
+        UPDATE did (one statement and round trip, where the UPDATE, each statement and the
+        event took one each). None where a statement cannot be guarded (`_only_if_moved`):
+        the caller makes it a transaction of statements instead."""
         guarded = [_only_if_moved(sql) for sql, _ in also]
-        if self._conn is not None or None in guarded:
-            return super().transition(job_id, sources, target, event, detail, durable=durable,
-                                      also=also, at=at, mine=mine, fence=fence, **values)
-        update, args, now = self._transition_update(job_id, list(sources), target, event, at,
+        if None in guarded:
+            return None
+        update, args, now = self._transition_update(job_id, sources, target, event, at,
                                                     mine, fence, values)
         parts = [f"WITH moved AS ({update} RETURNING id)"]
+        selects = []
         for n, ((_, extra), sql) in enumerate(zip(also, guarded, strict=True)):
             parts.append(f", also_{n} AS ({sql})")
             args += extra
+            if sql is not None and sql.startswith("SELECT "):
+                selects.append(n)
         parts.append(" INSERT INTO events (job_id, at, kind, detail) SELECT id, ?, ?, ? FROM moved")
         args += [now, event, detail]
+        # A SELECT in a WITH runs only where the statement reads it (an INSERT, UPDATE or
+        # DELETE always runs): the event's row reads it, so it runs with the event.
+        parts.extend(f"{' AND' if i else ' WHERE'} (SELECT COUNT(*) FROM also_{n}) >= 0"
+                     for i, n in enumerate(selects))
         return self._exec("".join(parts), args) == 1
 
     def _is_db_error(self, exc: BaseException) -> bool:

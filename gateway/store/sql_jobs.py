@@ -77,11 +77,6 @@ class SqlJobs(SqlCore):
                               (message_id,))
         return [_job(r) for r in rows]
 
-    def earlier_sids(self, job: Job) -> set[str]:
-        rows = self._rows("SELECT fax_sid FROM attempts WHERE job_id = ? AND n < ?"
-                          " AND fax_sid IS NOT NULL", (job.id, job.attempt))
-        return {r["fax_sid"] for r in rows}
-
     def _sid_owners(self, job: Job, sids: Sequence[str]) -> set[str]:
         """Of these fax sids, those the store knows as another job's, or as an earlier
         attempt's of this one: a sid belongs to one job (the `attempts_fax_sid` index)."""
@@ -260,12 +255,12 @@ class SqlJobs(SqlCore):
             if row is None:
                 return CallbackAction.IGNORE
             current = _job(row)
+            # A late word on an earlier attempt's fax is history: with this attempt's sid
+            # known, any other sid is (classify_callback); before it is, the sid is looked up.
             action = classify_callback(current.state, current.fax_sid, sid, status)
-            if action is not CallbackAction.IGNORE and sid and sid in self.earlier_sids(current):
-                action = CallbackAction.IGNORE  # a late word on an earlier attempt's fax
             if (action is not CallbackAction.IGNORE and sid and current.fax_sid is None
                     and self._sid_owners(current, [sid])):
-                action = CallbackAction.IGNORE  # another job's fax: never this job's
+                action = CallbackAction.IGNORE  # another job's, or an earlier attempt's
             now = self.clock()
             detail = (f"{source}: status={status or '-'} sid={sid or '-'}"
                       + (f" pages={pages}" if pages is not None else "")
