@@ -382,7 +382,7 @@ def test_two_copies_committed_at_once_make_one_job(backend: str, node: NodeFacto
     connection (another node): B waits for A and then names A's job; one job in all."""
     a, b = node("node-a"), node("node-b")
     claimed, go = threading.Event(), threading.Event()
-    original = a._claim_dedup
+    original = a._claimed  # where the claim's rows are read: it is made by then
 
     def claim_and_hold(*args: object) -> list[str] | None:
         found = original(*args)  # type: ignore[arg-type]
@@ -390,7 +390,7 @@ def test_two_copies_committed_at_once_make_one_job(backend: str, node: NodeFacto
         assert go.wait(30)
         return found
 
-    a._claim_dedup = claim_and_hold  # type: ignore[method-assign]
+    a._claimed = claim_and_hold  # type: ignore[method-assign]
     copy_a, copy_b = new_mail(a, "+15551230001"), new_mail(b, "+15551230001")
     since = clock() - 3600
     results: dict[str, list[str] | None] = {}

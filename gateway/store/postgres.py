@@ -367,6 +367,15 @@ class PostgresStore(SqlStore):
         with self._connection() as conn:
             return conn.execute(_placeholders(sql), args).fetchall()  # waits in a pipeline
 
+    def _rows_later(self, sql: str, args: Sequence[Any] = ()
+                    ) -> Callable[[], list[dict[str, Any]]]:
+        with self._connection() as conn:
+            cursor = conn.execute(_placeholders(sql), args)
+            if getattr(self._local, "pipeline", None) is None:
+                rows = cursor.fetchall()
+                return lambda: rows
+        return cursor.fetchall  # in a pipeline: fetched (and waited for) when read
+
     def _exec_later(self, sql: str, args: Sequence[Any] = ()) -> Callable[[], int]:
         with self._connection() as conn:
             cursor = conn.execute(_placeholders(sql), args)

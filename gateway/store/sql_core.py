@@ -86,6 +86,14 @@ class SqlCore(Store, SqlAccess):
         changed = self._exec(sql, args)
         return lambda: changed
 
+    def _rows_later(self, sql: str, args: Sequence[Any] = ()
+                    ) -> Callable[[], list[dict[str, Any]]]:
+        """`_rows` whose rows are read later, inside the same transaction: PostgreSQL sends
+        the query and waits only when they are read, so several such queries sent in a row
+        cost one round trip. Default: run now."""
+        rows = self._rows(sql, args)
+        return lambda: rows
+
     def _sql(self, sql: str) -> str:
         """The statement in the backend's placeholder style (`?` here; `%s` for psycopg)."""
         return sql

@@ -3,12 +3,17 @@ copy sent again (a client that lost our 250) into the jobs of the first, decided
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from gateway.jobs.outbound_states import Ev, State, check_transition
 from gateway.store.base import StoreError
 from gateway.store.rows import Message, NewJob
 from gateway.store.sql_core import _MESSAGE_COLUMNS, SqlCore, _marks
+
+# A mail's dedup claim on its way (`_send_dedup`): its (number, job id) pairs in key order,
+# and its rows once read.
+_Claim = tuple[list[tuple[str, str]], Callable[[], list[dict[str, Any]]]]
 
 
 class SqlIntake(SqlCore):
@@ -28,7 +33,7 @@ class SqlIntake(SqlCore):
     def add_message(self, message: Message, jobs: Iterable[NewJob], *, stored: bool = False,
                     dedup_since: float | None = None) -> list[str] | None:
         """`stored`: the document is already in the media store (a shared queue uploads it
-        before the 250), so the jobs start in `stored`. `dedup_since`: see `_claim_dedup`.
+        before the 250), so the jobs start in `stored`. `dedup_since`: see `_send_dedup`.
 
         A few statements whatever the number of jobs (one per table), in a batch transaction:
         PostgreSQL sends them together and waits once for the dedup claim and once for the
@@ -48,8 +53,12 @@ class SqlIntake(SqlCore):
         results: list[list[str] | None | BaseException] = []
         try:
             with self._batch_tx(durable=True):
-                for message, jobs, stored, dedup_since in mails:
-                    results.append(self._add_one(message, jobs, stored, dedup_since))
+                # Every mail's dedup claim first, sent together (PostgreSQL waits once for
+                # all of them, not once a mail); each is read where its mail is written.
+                claims = [self._send_dedup(message, jobs, dedup_since)
+                          for message, jobs, _, dedup_since in mails]
+                for (message, jobs, stored, _), claim in zip(mails, claims, strict=True):
+                    results.append(self._add_one(message, jobs, stored, claim))
         except StoreError as exc:
             return [exc] * len(mails)
         except Exception as exc:
@@ -61,12 +70,12 @@ class SqlIntake(SqlCore):
         return results
 
     def _add_one(self, message: Message, jobs: list[NewJob], stored: bool,
-                 dedup_since: float | None) -> list[str] | None:
-        """One mail inside the intake transaction. The dedup claim comes first: a copy sent
-        again (every key held by an earlier copy, which may be a mail earlier in this same
-        transaction) writes nothing at all, so nothing needs undoing."""
-        if jobs and dedup_since is not None and message.message_id_header:
-            earlier = self._claim_dedup(message, jobs, dedup_since)
+                 claim: _Claim | None) -> list[str] | None:
+        """One mail inside the intake transaction. Its dedup claim came first (`_send_dedup`):
+        a copy sent again (every key held by an earlier copy, which may be a mail earlier in
+        this same transaction) writes nothing at all, so nothing needs undoing."""
+        if claim is not None:
+            earlier = self._claimed(message, jobs, claim)
             if earlier is not None:
                 return earlier
         columns = [c for c in _MESSAGE_COLUMNS if c not in self._DSN_MESSAGE_COLUMNS
@@ -109,19 +118,20 @@ class SqlIntake(SqlCore):
                    + ", ".join("(?, ?, ?, ?)" for _ in events),
                    [v for job_id, kind, detail in events for v in (job_id, now, kind, detail)])
 
-    def _claim_dedup(self, message: Message, jobs: list[NewJob],
-                     since: float) -> list[str] | None:
+    def _send_dedup(self, message: Message, jobs: list[NewJob],
+                    since: float | None) -> _Claim | None:
         """Inside the intake commit: claim this mail's dedup key for each number (Message-ID,
-        number, document), unless an earlier copy accepted at or after `since` holds it.
+        number, document), unless an earlier copy accepted at or after `since` holds it. None
+        for a mail that is not deduplicated (no Message-ID, no jobs, no window).
 
         One upsert for all numbers, in key order (two copies committing at once on two nodes
         lock the keys in the same order: the second waits for the first and then finds its
         keys; SQLite serialises the commits). A key older than `since` is taken over, so the
-        window's end lets a later copy through. Returns None when this mail is new (every key
-        now ours: a mail with a new recipient is a new mail and takes the others over too), or
-        the jobs of the earlier copy, in the order of `jobs`, when it holds every key."""
+        window's end lets a later copy through. Its rows are read by `_claimed`."""
+        if not jobs or since is None or not message.message_id_header:
+            return None
         mine = sorted((j.to_number, j.id) for j in jobs)
-        rows = self._rows(
+        rows = self._rows_later(
             "INSERT INTO dedup_keys (message_id_header, to_number, document_sha256, job_id, at)"
             f" VALUES {', '.join('(?, ?, ?, ?, ?)' for _ in mine)}"
             " ON CONFLICT (message_id_header, to_number, document_sha256) DO UPDATE SET"
@@ -132,6 +142,14 @@ class SqlIntake(SqlCore):
             [*(v for number, job_id in mine
                for v in (message.message_id_header, number, message.document_sha256, job_id,
                          message.created_at)), since, since])
+        return mine, rows
+
+    def _claimed(self, message: Message, jobs: list[NewJob], claim: _Claim) -> list[str] | None:
+        """None when this mail is new (every key now ours: a mail with a new recipient is a
+        new mail and takes the others over too), or the jobs of the earlier copy, in the
+        order of `jobs`, when it holds every key."""
+        mine, later = claim
+        rows = later()
         holders = {r["to_number"]: r["job_id"] for r in rows}
         taken = [(number, job_id) for number, job_id in mine if holders[number] != job_id]
         if len(taken) == len(mine):
