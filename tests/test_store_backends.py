@@ -465,6 +465,20 @@ def test_send_slots_are_shared_by_every_node(node: NodeFactory, clock: FakeClock
     assert b.take_send_slot(clock(), 1.0) == clock()  # no backlog carried over an idle time
 
 
+def test_send_slots_taken_at_once_by_two_nodes_are_each_their_own(
+        node: NodeFactory, clock: FakeClock) -> None:
+    """Slots taken at the same moment by two nodes, the first ones of a new database too:
+    each its own, one interval apart, whichever node made the slot's row."""
+    import concurrent.futures
+
+    a, b = node("node-a"), node("node-b")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        slots = [slot for taken in pool.map(
+            lambda s: [s.take_send_slot(clock(), 1.0) for _ in range(10)], [a, b])
+            for slot in taken]
+    assert sorted(slots) == [clock() + n for n in range(20)]
+
+
 def test_hits_are_counted_across_nodes(node: NodeFactory, clock: FakeClock) -> None:
     a, b = node("node-a"), node("node-b")
     assert a.add_hit("auth", "bob", clock(), clock() - 900) == 1

@@ -435,6 +435,29 @@ class PostgresStore(SqlStore):
                      for i, n in enumerate(selects))
         return self._exec("".join(parts), args) == 1
 
+    def _take_send_slot(self, now: float, interval_s: float) -> float:
+        """One statement where the lock, the read and the write were three: the slot's row is
+        locked by the read (FOR UPDATE: another node's slot waits for this commit, then reads
+        what it wrote), and the upsert moves it on from there (made on first use)."""
+        row = self._one(
+            # `old` is read before the row is written (the new row's value reads it; a read
+            # after would not see a row this statement wrote) and is read once.
+            "WITH old AS (SELECT until FROM leases WHERE name = 'send-slot' FOR UPDATE)"
+            " INSERT INTO leases (name, owner, until) SELECT 'send-slot', ?,"
+            " GREATEST(?, (SELECT until FROM old)) + ?"
+            " ON CONFLICT (name) DO UPDATE SET owner = excluded.owner,"
+            " until = GREATEST(leases.until, ?) + ?"
+            " RETURNING (SELECT until FROM old) AS before, until",
+            (self.node_id, now, interval_s, now, interval_s))
+        assert row is not None  # an upsert returns its row
+        if row["before"] is not None:
+            return max(now, float(row["before"]))
+        if row["until"] == now + interval_s:  # made now: the first slot
+            return now
+        # Made by another node since this one looked (the first slots of a new database,
+        # taken at once): moved on from what that node wrote.
+        return float(row["until"]) - interval_s
+
     def _is_db_error(self, exc: BaseException) -> bool:
         return isinstance(exc, psycopg.Error)  # PoolTimeout is an OperationalError
 
