@@ -1115,11 +1115,22 @@ def targets(results: dict[str, Any]) -> list[tuple[str, str, str, bool | None]]:
         measured = (f"{x:.2f}x ({g['accepted_per_s']:.1f} vs {b:.1f}/s"
                     f"{', the mean of 2 runs' if n > 1 else ''})")
         out.append(("intake 100 KB vs bare aiosmtpd", measured, ">= 0.6x", x >= 0.6))
-    if g and g.get("gateway_cpu_ms_per_msg") is not None:
-        cpu = g["gateway_cpu_ms_per_msg"]  # the whole pipeline, DATA to report, per fax
-        out.append(("CPU per fax end to end, 100 KB burst", f"{cpu:.1f} ms", "<= 25 ms",
-                    cpu <= 25))
     pg = rows.get(("faxgw pg", "100k"))
+    if pg and b and pg["accepted_per_s"]:
+        x = pg["accepted_per_s"] / b
+        out.append(("intake 100 KB on PostgreSQL vs bare aiosmtpd",
+                    f"{x:.2f}x ({pg['accepted_per_s']:.1f} vs {b:.1f}/s)", ">= 0.6x", x >= 0.6))
+    speed = host_speed(results)
+    for row, store in ((g, "SQLite"), (pg, "PostgreSQL")):
+        if not row or row.get("gateway_cpu_ms_per_msg") is None:
+            continue
+        cpu = row["gateway_cpu_ms_per_msg"]  # the whole pipeline, DATA to report, per fax
+        # Issue 27 set 12 ms where bare aiosmtpd took 3.1-3.5 ms a mail: about 3.6x bare's
+        # CPU a mail, the figure to read on a host of another speed.
+        of_bare = (f"; {cpu / speed['bare_cpu_ms']:.1f}x bare's {speed['bare_cpu_ms']:.1f} ms,"
+                   " 12 ms was ~3.6x" if speed else "")
+        out.append((f"CPU per fax end to end, 100 KB burst, {store}", f"{cpu:.1f} ms{of_bare}",
+                    "<= 12 ms", cpu <= 12))
     if g and pg and g["accepted_per_s"] and pg["accepted_per_s"]:
         x = g["accepted_per_s"] / pg["accepted_per_s"]
         measured = (f"{x:.2f}x slower ({pg['accepted_per_s']:.1f} vs "
