@@ -55,10 +55,10 @@ def one_fax(store: Store, i: int, tag: str) -> None:
     assert current is not None
     job = current
     assert store.mark_submitted(job, f"FX{tag}{i}", "queued", time.time() + 600, "accepted")
-    found = store.job_by_token(job.callback_token)
-    assert found is not None
-    store.record_status(found, f"FX{tag}{i}", "delivered", pages=1, duration_s=None,
-                        error_code=None, error_message=None, source="callback")
+    found, action = store.record_callback(job.callback_token, lambda _: True, f"FX{tag}{i}",
+                                          "delivered", pages=1, error_code=None,
+                                          error_message=None)
+    assert found is not None and action is not None
     due, _ = store.release_and_claim([job.id], time.time(), 8, [])
     job = next(j for j in due if j.id == job.id)
     assert job.state is State.COMPLETED

@@ -98,6 +98,32 @@ def test_a_late_word_on_an_earlier_attempts_fax_is_history_only(store: SqlStore)
         ("sid-1", "busy"), ("sid-2", "delivered")]
 
 
+def test_a_callback_is_looked_up_checked_and_recorded_in_one_call(store: SqlStore) -> None:
+    """`record_callback`: an unknown token or a job not sent yet is (None, None); a job the
+    caller's check refuses records nothing; one it accepts is recorded as `record_status`."""
+    [job_id] = add_mail(store, "+15551230003")
+    job = store.job(job_id)
+
+    def call(accept: bool, token: str | None = None) -> tuple[object, object]:
+        found, action = store.record_callback(
+            token or job.callback_token, lambda j: accept and j.id == job_id, "sid-3",
+            "delivered", pages=1, error_code=None, error_message=None)
+        return (found.id if found else None), action
+
+    assert call(True) == (None, None)  # no callback URL yet: never sent
+    [claimed] = store.claim_due(store.clock(), 10)
+    assert store.mark_stored(claimed, "key-3")
+    assert store.mark_submitting(store.job(job_id), "http://gw.test/cb", store.clock() + 40)
+    assert store.mark_submitted(store.job(job_id), "sid-3", "queued", store.clock() + 600, "ok")
+    assert call(True, "no-such-token") == (None, None)
+    events = len(store.events(job_id))
+    assert call(False) == (job_id, None)
+    assert store.job(job_id).state is State.SUBMITTED and len(store.events(job_id)) == events
+    assert call(True) == (job_id, CallbackAction.FINAL)
+    assert store.job(job_id).state is State.COMPLETED
+    assert call(True) == (job_id, CallbackAction.IGNORE)  # a replay is history only
+
+
 def test_a_job_stored_before_the_250_starts_in_stored(store: SqlStore) -> None:
     [job_id] = add_mail(store, stored=True)
     job = store.job(job_id)

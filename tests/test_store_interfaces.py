@@ -25,8 +25,9 @@ from .conftest import FakeClock, pg_reset
 
 CONCERNS = (Jobs, Leases, Listings, Nodes, SqlAccess)
 # What a backend provides SqlStore: named only inside the SQL store and its backends.
-PRIVATE_HOOKS = {"_tx", "_batch_tx", "_exec", "_exec_later", "_rows", "_one", "_scalar",
-                 "_claim_lock", "_relaxed_commit", "_is_db_error", "_transition", "_event"}
+PRIVATE_HOOKS = {"_tx", "_batch_tx", "_exec", "_exec_later", "_rows", "_rows_later", "_one",
+                 "_scalar", "_claim_lock", "_relaxed_commit", "_is_db_error", "_transition",
+                 "_event"}
 SQL_STORE_MODULES = {"sql.py", "sql_core.py", "sql_intake.py", "sql_jobs.py", "sql_leases.py",
                      "sql_listings.py", "sql_nodes.py", "sqlite.py", "postgres.py"}
 

@@ -18,6 +18,7 @@ from gateway.runtime.metrics import Metrics
 from gateway.sanitise import one_line
 from gateway.signalwire.signature import verify_signature
 from gateway.store.base import Store, StoreError
+from gateway.store.rows import Job
 
 log = logging.getLogger(__name__)
 
@@ -66,33 +67,47 @@ class StatusCallbacks:
         token = request.match_info["token"]
         if len(token) > MAX_TOKEN_CHARS:
             raise web.HTTPNotFound()
-        job = await self.store.run(self.store.job_by_token, token)
-        if job is None or not job.callback_url:
-            log.warning("callback for an unknown job from %s: ignored", request.remote)
-            raise web.HTTPNotFound()
         form = await request.post()
         params = [(k, v) for k, v in form.items() if isinstance(v, str)]
         signature = (request.headers.get("X-SignalWire-Signature")
                      or request.headers.get("X-Twilio-Signature"))
-        if not verify_signature(self.s.signalwire.signing_key, job.callback_url, params,
-                                signature):
+        account = form.get("AccountSid")
+        refused: list[str] = []
+
+        def accept(job: Job) -> bool:
+            """On the store's thread, before anything is recorded: the signature, made with
+            the job's own callback URL, and the account."""
+            assert job.callback_url is not None
+            refused.clear()
+            if not verify_signature(self.s.signalwire.signing_key, job.callback_url, params,
+                                    signature):
+                refused.append("signature")
+            elif account and account != self.s.signalwire.project_id:
+                refused.append("account")
+            return not refused
+
+        status = _short(form.get("FaxStatus"), 40)
+        # The lookup, the checks and the record in one store call (one transaction).
+        job, action = await self.store.run(
+            lambda: self.store.record_callback(
+                token, accept, _short(form.get("FaxSid"), 64), status,
+                pages=_int(_short(form.get("NumPages"), 10)),
+                error_code=_short(form.get("ErrorCode"), 20),
+                error_message=_short(form.get("ErrorMessage"))))
+        if job is None:
+            log.warning("callback for an unknown job from %s: ignored", request.remote)
+            raise web.HTTPNotFound()
+        if refused == ["signature"]:
             log.warning("job %s: callback with a %s signature from %s: refused", job.id,
                         "wrong" if signature else "missing", request.remote)
             await self.store.run(self.store.add_event, job.id, "callback-refused",
                                  f"bad signature from {request.remote}")
             self.metrics.callback_refused()
             raise web.HTTPForbidden(text="signature check failed")
-        account = form.get("AccountSid")
-        if account and account != self.s.signalwire.project_id:
+        if refused:
             log.warning("job %s: signed callback for another account: refused", job.id)
             raise web.HTTPForbidden(text="wrong account")
-        status = _short(form.get("FaxStatus"), 40)
-        action = await self.store.run(
-            lambda: self.store.record_status(
-                job, _short(form.get("FaxSid"), 64), status,
-                pages=_int(_short(form.get("NumPages"), 10)), duration_s=None,
-                error_code=_short(form.get("ErrorCode"), 20),
-                error_message=_short(form.get("ErrorMessage")), source="callback"))
+        assert action is not None
         log.log(logging.INFO if action is CallbackAction.FINAL else logging.DEBUG,
                 "job %s: callback status %s -> %s", job.id, status, action.value)
         if action is CallbackAction.FINAL:

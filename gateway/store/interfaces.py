@@ -88,9 +88,6 @@ class Jobs(Calls):
     def job(self, job_id: str) -> Job | None: ...
 
     @abc.abstractmethod
-    def job_by_token(self, token: str) -> Job | None: ...
-
-    @abc.abstractmethod
     def message(self, message_id: str) -> Message | None: ...
 
     @abc.abstractmethod
@@ -161,6 +158,14 @@ class Jobs(Calls):
                       pages: int | None, duration_s: int | None, error_code: str | None,
                       error_message: str | None, source: str) -> CallbackAction:
         """Apply a fax status (callback or poll) idempotently; returns what it did."""
+
+    @abc.abstractmethod
+    def record_callback(self, token: str, accept: Callable[[Job], bool], sid: str | None,
+                        status: str | None, *, pages: int | None, error_code: str | None,
+                        error_message: str | None) -> tuple[Job | None, CallbackAction | None]:
+        """A status callback: the job of `token` looked up, checked by `accept` (the
+        request's signature against the job) and `record_status`, in one call. (None, None):
+        no such job; (job, None): `accept` refused it, nothing recorded."""
 
     @abc.abstractmethod
     def mark_reporting(self, job: Job, n: int, detail: str) -> bool:

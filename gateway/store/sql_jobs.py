@@ -4,7 +4,7 @@ the worker's steps, the document's purge and the operator's actions."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from gateway.jobs.outbound_states import (
@@ -39,10 +39,6 @@ class SqlJobs(SqlCore):
 
     def job(self, job_id: str) -> Job | None:
         row = self._one("SELECT * FROM jobs WHERE id = ?", (job_id,))
-        return _job(row) if row else None
-
-    def job_by_token(self, token: str) -> Job | None:
-        row = self._one("SELECT * FROM jobs WHERE callback_token = ?", (token,))
         return _job(row) if row else None
 
     def message(self, message_id: str) -> Message | None:
@@ -240,55 +236,80 @@ class SqlJobs(SqlCore):
         another connection: `submitting` -> `submitted`), and then the status is classified
         again against what the job is now, so a final status is never lost."""
         for _ in range(5):
-            action = self._record_status(job, sid, status, pages, duration_s, error_code,
-                                         error_message, source)
+            with self._tx():
+                row = self._one("SELECT * FROM jobs WHERE id = ?", (job.id,))
+                if row is None:
+                    return CallbackAction.IGNORE
+                action = self._apply_status(_job(row), sid, status, pages, duration_s,
+                                            error_code, error_message, source)
             if action is not None:
                 return action
         raise StoreError(f"job {job.id}: the status {status} could not be recorded: the job "
                          "kept changing")
 
-    def _record_status(self, job: Job, sid: str | None, status: str | None, pages: int | None,
-                       duration_s: int | None, error_code: str | None,
-                       error_message: str | None, source: str) -> CallbackAction | None:
-        with self._tx():
-            row = self._one("SELECT * FROM jobs WHERE id = ?", (job.id,))
-            if row is None:
-                return CallbackAction.IGNORE
-            current = _job(row)
-            # A late word on an earlier attempt's fax is history: with this attempt's sid
-            # known, any other sid is (classify_callback); before it is, the sid is looked up.
-            action = classify_callback(current.state, current.fax_sid, sid, status)
-            if (action is not CallbackAction.IGNORE and sid and current.fax_sid is None
-                    and self._sid_owners(current, [sid])):
-                action = CallbackAction.IGNORE  # another job's, or an earlier attempt's
-            now = self.clock()
-            detail = (f"{source}: status={status or '-'} sid={sid or '-'}"
-                      + (f" pages={pages}" if pages is not None else "")
-                      + (f" error={error_code or ''} {error_message}" if error_message else ""))
-            done = True
-            if action is CallbackAction.FINAL:
-                done = self._transition(
-                    job.id, [current.state], State.COMPLETED, Ev.FINAL, detail,
-                    also=[("UPDATE attempts SET fax_sid = COALESCE(fax_sid, ?), status = ?,"
-                           " error_code = ?, error_message = ?, pages = ?, duration_s = ?,"
-                           " ended_at = ? WHERE job_id = ? AND n = ?",
-                           (sid, status, error_code, error_message, pages, duration_s, now,
-                            job.id, current.attempt)),
-                          # The number is free again: a job waiting for it may go now, from
-                          # whichever node is free.
-                          *self._announcing(
-                              "EXISTS (SELECT 1 FROM jobs WHERE to_number = ? AND state = ?"
-                              " AND id <> ?)", (current.to_number, State.STORED.value, job.id))],
-                    fax_sid=Expr("COALESCE(fax_sid, ?)", sid), fax_status=status,
-                    pages_sent=pages, duration_s=Expr("COALESCE(?, duration_s)", duration_s),
-                    error_code=error_code, error_message=error_message, tries=0,
-                    next_run_at=now)
-            elif action is CallbackAction.PROGRESS:
-                done = self._transition(job.id, [current.state], None, Ev.PROGRESS, detail,
-                                        fax_status=status,
-                                        fax_sid=Expr("COALESCE(fax_sid, ?)", sid))
-            else:
-                self._event(job.id, "ignored", detail, now)
+    def record_callback(self, token: str, accept: Callable[[Job], bool], sid: str | None,
+                        status: str | None, *, pages: int | None, error_code: str | None,
+                        error_message: str | None) -> tuple[Job | None, CallbackAction | None]:
+        """A status callback's lookup (the job of `token`) and `record_status` in one call
+        and one transaction. `accept(job)` is the caller's check of the request against the
+        job (its signature, made with the job's callback URL): False records nothing.
+        (None, None): no job has this token (or it was never sent); (job, None): refused."""
+        for _ in range(5):
+            with self._tx():
+                row = self._one("SELECT * FROM jobs WHERE callback_token = ?", (token,))
+                if row is None:
+                    return None, None
+                job = _job(row)
+                if not job.callback_url:
+                    return None, None
+                if not accept(job):
+                    return job, None
+                action = self._apply_status(job, sid, status, pages, None, error_code,
+                                            error_message, "callback")
+            if action is not None:
+                return job, action
+        raise StoreError(f"job {job.id}: the status {status} could not be recorded: the job "
+                         "kept changing")
+
+    def _apply_status(self, current: Job, sid: str | None, status: str | None,
+                      pages: int | None, duration_s: int | None, error_code: str | None,
+                      error_message: str | None, source: str) -> CallbackAction | None:
+        """Inside the caller's transaction: classify the status against the job as read
+        there and record it. None: the job moved on meanwhile (read it again and retry)."""
+        # A late word on an earlier attempt's fax is history: with this attempt's sid
+        # known, any other sid is (classify_callback); before it is, the sid is looked up.
+        action = classify_callback(current.state, current.fax_sid, sid, status)
+        if (action is not CallbackAction.IGNORE and sid and current.fax_sid is None
+                and self._sid_owners(current, [sid])):
+            action = CallbackAction.IGNORE  # another job's, or an earlier attempt's
+        now = self.clock()
+        detail = (f"{source}: status={status or '-'} sid={sid or '-'}"
+                  + (f" pages={pages}" if pages is not None else "")
+                  + (f" error={error_code or ''} {error_message}" if error_message else ""))
+        done = True
+        if action is CallbackAction.FINAL:
+            done = self._transition(
+                current.id, [current.state], State.COMPLETED, Ev.FINAL, detail,
+                also=[("UPDATE attempts SET fax_sid = COALESCE(fax_sid, ?), status = ?,"
+                       " error_code = ?, error_message = ?, pages = ?, duration_s = ?,"
+                       " ended_at = ? WHERE job_id = ? AND n = ?",
+                       (sid, status, error_code, error_message, pages, duration_s, now,
+                        current.id, current.attempt)),
+                      # The number is free again: a job waiting for it may go now, from
+                      # whichever node is free.
+                      *self._announcing(
+                          "EXISTS (SELECT 1 FROM jobs WHERE to_number = ? AND state = ?"
+                          " AND id <> ?)", (current.to_number, State.STORED.value, current.id))],
+                fax_sid=Expr("COALESCE(fax_sid, ?)", sid), fax_status=status,
+                pages_sent=pages, duration_s=Expr("COALESCE(?, duration_s)", duration_s),
+                error_code=error_code, error_message=error_message, tries=0,
+                next_run_at=now)
+        elif action is CallbackAction.PROGRESS:
+            done = self._transition(current.id, [current.state], None, Ev.PROGRESS, detail,
+                                    fax_status=status,
+                                    fax_sid=Expr("COALESCE(fax_sid, ?)", sid))
+        else:
+            self._event(current.id, "ignored", detail, now)
         return action if done else None
 
     def mark_reporting(self, job: Job, n: int, detail: str) -> bool:
