@@ -7,6 +7,7 @@ mounts it at CALLBACK_ROUTE. Paths carry the job's callback token, so no log lin
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 
@@ -87,13 +88,13 @@ class StatusCallbacks:
             return not refused
 
         status = _short(form.get("FaxStatus"), 40)
+        record = functools.partial(
+            self.store.record_callback, token, accept, _short(form.get("FaxSid"), 64), status,
+            pages=_int(_short(form.get("NumPages"), 10)),
+            error_code=_short(form.get("ErrorCode"), 20),
+            error_message=_short(form.get("ErrorMessage")))
         # The lookup, the checks and the record in one store call (one transaction).
-        job, action = await self.store.run(
-            lambda: self.store.record_callback(
-                token, accept, _short(form.get("FaxSid"), 64), status,
-                pages=_int(_short(form.get("NumPages"), 10)),
-                error_code=_short(form.get("ErrorCode"), 20),
-                error_message=_short(form.get("ErrorMessage"))))
+        job, action = await self.store.run(record)
         if job is None:
             log.warning("callback for an unknown job from %s: ignored", request.remote)
             raise web.HTTPNotFound()
