@@ -231,21 +231,10 @@ class SqlJobs(SqlCore):
     def record_status(self, job: Job, sid: str | None, status: str | None, *, pages: int | None,
                       duration_s: int | None, error_code: str | None,
                       error_message: str | None, source: str) -> CallbackAction:
-        """The job is read, classified and changed in one transaction; on PostgreSQL the
-        change may still find the job moved on (the send's answer recorded meanwhile by
-        another connection: `submitting` -> `submitted`), and then the status is classified
-        again against what the job is now, so a final status is never lost."""
-        for _ in range(5):
-            with self._tx():
-                row = self._one("SELECT * FROM jobs WHERE id = ?", (job.id,))
-                if row is None:
-                    return CallbackAction.IGNORE
-                action = self._apply_status(_job(row), sid, status, pages, duration_s,
-                                            error_code, error_message, source)
-            if action is not None:
-                return action
-        raise StoreError(f"job {job.id}: the status {status} could not be recorded: the job "
-                         "kept changing")
+        """The job is read, classified and changed in one transaction (`_record`)."""
+        found, action = self._record("id", job.id, None, sid, status, pages, duration_s,
+                                     error_code, error_message, source)
+        return CallbackAction.IGNORE if action is None else action  # None: no such job
 
     def record_callback(self, token: str, accept: Callable[[Job], bool], sid: str | None,
                         status: str | None, *, pages: int | None, error_code: str | None,
@@ -254,18 +243,34 @@ class SqlJobs(SqlCore):
         and one transaction. `accept(job)` is the caller's check of the request against the
         job (its signature, made with the job's callback URL): False records nothing.
         (None, None): no job has this token (or it was never sent); (job, None): refused."""
+        found, action = self._record("callback_token", token,
+                                     lambda job: bool(job.callback_url) and accept(job),
+                                     sid, status, pages, None, error_code, error_message,
+                                     "callback")
+        if found is not None and not found.callback_url:
+            return None, None  # never sent: no callback can be its
+        return found, action
+
+    def _record(self, column: str, key: str, accept: Callable[[Job], bool] | None,
+                sid: str | None, status: str | None, pages: int | None,
+                duration_s: int | None, error_code: str | None, error_message: str | None,
+                source: str) -> tuple[Job | None, CallbackAction | None]:
+        """The job whose `column` is `key`, checked by `accept` (False: nothing recorded,
+        (job, None)), then classified and changed in one transaction; (None, None): no such
+        job. On PostgreSQL the change may still find the job moved on (the send's answer
+        recorded meanwhile by another connection: `submitting` -> `submitted`), and then the
+        status is classified again against what the job is now, so a final status is never
+        lost."""
         for _ in range(5):
             with self._tx():
-                row = self._one("SELECT * FROM jobs WHERE callback_token = ?", (token,))
+                row = self._one(f"SELECT * FROM jobs WHERE {column} = ?", (key,))
                 if row is None:
                     return None, None
                 job = _job(row)
-                if not job.callback_url:
-                    return None, None
-                if not accept(job):
+                if accept is not None and not accept(job):
                     return job, None
-                action = self._apply_status(job, sid, status, pages, None, error_code,
-                                            error_message, "callback")
+                action = self._apply_status(job, sid, status, pages, duration_s, error_code,
+                                            error_message, source)
             if action is not None:
                 return job, action
         raise StoreError(f"job {job.id}: the status {status} could not be recorded: the job "
