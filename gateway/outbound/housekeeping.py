@@ -83,8 +83,13 @@ class Housekeeping:
         if errors:
             log.warning("message %s: media not deleted yet: %s", message_id, errors[0])
             return
-        await asyncio.to_thread(self.spool.remove, message_id)
-        await self.store.run(self.store.mark_purged, message_id)
+        store, spool = self.store, self.spool
+
+        def purged() -> None:  # one trip to the store thread, not a thread of its own too
+            spool.remove(message_id)  # this node's spool file (an unlink), then the record
+            store.mark_purged(message_id)
+
+        await store.run(purged)
 
     async def sweep_spool(self, min_age_s: float | None = None) -> int:
         """Delete this node's spool files whose message is purged or gone. With several

@@ -545,10 +545,17 @@ class Worker(Housekeeping):
                 return
         store = self.store
 
-        def facts() -> tuple[Message | None, list[Event], list[Attempt]]:  # one store trip
-            return (store.message(job.message_id), store.events(job.id), store.attempts(job.id))
+        wants_document = self._may_fetch_document(job)
 
-        message, events, attempts = await store.run(facts)
+        def facts() -> tuple[Message | None, list[Event], list[Attempt], bool]:
+            # One store trip; and, where the document may be on another node, whether this
+            # node has it (a stat on the store's thread rather than a thread of its own).
+            message = store.message(job.message_id)
+            here = (wants_document and message is not None
+                    and Path(message.document_path).is_file())
+            return message, store.events(job.id), store.attempts(job.id), here
+
+        message, events, attempts, here = await store.run(facts)
         assert message is not None
         if not asked(job, outcome(job)[0]):
             if not await self._mark_reported(
@@ -581,7 +588,7 @@ class Worker(Housekeeping):
             from_addr=self.s.notify.sender, hostname=self.s.smtp.hostname, now=self.clock(),
             template_dir=self.s.reports.template_dir, attach_pdf=self.s.reports.attach_pdf,
             bcc=self.s.reports.bcc, fax_domain=self.s.fax.domain)
-        message, fetched = await self._report_document(job, message)
+        message, fetched = await self._report_document(job, message, here)
         try:
             # A large document's thumbnail takes a large turn (CpuPool.turn), like its intake.
             async with self.cpu.background(), self.cpu.turn(message.document_bytes or 0):
@@ -683,19 +690,25 @@ class Worker(Housekeeping):
                 await asyncio.sleep(min(0.1 * 2 ** tries, 2.0))
         raise AssertionError("unreachable")
 
-    async def _report_document(self, job: Job, message: Message) -> tuple[Message, Path | None]:
+    def _may_fetch_document(self, job: Job) -> bool:
+        """Whether the report wants the document (thumbnail or PDF) and it may be on another
+        node only (a shared queue: the mail may have been spooled elsewhere)."""
+        return bool(self.s.shared and job.media_key
+                    and (self.s.reports.thumbnail or self.s.reports.attach_pdf))
+
+    async def _report_document(self, job: Job, message: Message,
+                               here: bool) -> tuple[Message, Path | None]:
         """The message as the report renderer reads it, and a temporary file to delete after.
 
         With a shared queue the mail may have been spooled by another node (dead, or simply
-        elsewhere): when the spool file is not on this node and the report wants the document
-        (thumbnail or PDF), it is fetched from the media store into a hidden file in this
-        node's spool (a crash leaves it to `sweep_spool`, as a file of no known message). A
-        failed fetch does not hold the report back: it goes without thumbnail and PDF."""
-        if not (self.s.shared and job.media_key
-                and (self.s.reports.thumbnail or self.s.reports.attach_pdf)):
+        elsewhere): when the spool file is not on this node (`here`, looked at with the
+        report's reads) and the report wants the document (thumbnail or PDF), it is fetched
+        from the media store into a hidden file in this node's spool (a crash leaves it to
+        `sweep_spool`, as a file of no known message). A failed fetch does not hold the
+        report back: it goes without thumbnail and PDF."""
+        if here or not self._may_fetch_document(job):
             return message, None
-        if await asyncio.to_thread(Path(message.document_path).is_file):
-            return message, None
+        assert job.media_key is not None  # _may_fetch_document
         tmp = self.spool.root / f".report-{job.id}.{secrets.token_hex(4)}.pdf"
         try:
             await asyncio.to_thread(functools.partial(tmp.parent.mkdir, parents=True,
