@@ -2,7 +2,7 @@
 over real SMTP, the fax at the simulator over HTTP, and the report at the relay sink parsed
 with the email package and read field by field, as an ERP would: delivered, failed, NEVER (no
 mail), DELAY (a `delayed` notice when a busy fax is put back for a retry), and no NOTIFY (the
-usual report, unchanged)."""
+usual report, unchanged); and an operator's resend, which keeps what the sender asked."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from email.message import EmailMessage
 from email.utils import parsedate_to_datetime
 from pathlib import Path
 
-from gateway.jobs.outbound_states import State
+from gateway.jobs.outbound_states import RetryPolicy, State
+from gateway.outbound import actions
 
 from .conftest import (
     RelaySink,
@@ -239,3 +240,32 @@ async def test_dsns_go_to_the_envelope_sender_not_the_from_header(
     assert usual["To"] == "victim@elsewhere.example"
     assert sorted(rcpts for _from, rcpts in relay.envelopes) == [
         ["erp@example.com"], ["erp@example.com"], ["victim@elsewhere.example"]]
+
+
+async def test_an_operator_resend_keeps_the_senders_notify_and_orcpt(
+        make_gateway, simulator: Simulator, relay: RelaySink, tmp_path: Path) -> None:
+    """A resend is the same mail sent again: its report is the DSN the sender asked for
+    (NOTIFY=FAILURE, naming the ORCPT), not the usual report."""
+    gw = await make_gateway(production_env(tmp_path / "var", simulator, FAX_MAX_ATTEMPTS="1",
+                                           DOCUMENT_RETENTION_HOURS="1", **relay_env(relay)))
+    mail = pdf_mail([FAILED], sender="erp@example.com", message_id="<inv-43@erp.example.com>")
+    reply = await asyncio.to_thread(
+        send, gw.smtp.port, mail,
+        {FAILED: ["NOTIFY=FAILURE", "ORCPT=rfc822;fax-desk@customer.example"]}, ["RET=HDRS"])
+    [job_id] = job_ids(reply)
+    first = await relay.next()
+    assert first["X-Faxgw-Job"] == job_id
+    await wait_state(gw, job_id, State.REPORTED)
+
+    policy = RetryPolicy.from_settings(gw.s)
+    new = await gw.store.run(lambda: actions.resend_job(gw.store, job_id, gw.clock(),
+                                                         retry_policy=policy))
+    gw.worker.wake()  # what the CLI's SIGUSR1 does
+    again = await relay.next()
+    assert again["X-Faxgw-Job"] == new
+    per_message, recipient = status_fields(again)
+    assert recipient["Original-Recipient"] == "rfc822; fax-desk@customer.example"
+    assert recipient["Final-Recipient"] == "rfc822; +15551230002@fax.local"
+    assert recipient["Action"] == "failed"
+    job = await gw.store.run(gw.store.job, new)
+    assert job is not None and job.dsn_notify == "FAILURE"

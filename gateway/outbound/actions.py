@@ -492,7 +492,10 @@ def resend_job(store: Store, job_id: str, now: float, *, retry_policy: RetryPoli
     new = NewJob(id=secrets.token_hex(JOB_ID_CHARS // 2), to_number=job.to_number,
                  from_number=from_number or job.from_number, quality=job.quality,
                  callback_token=secrets.token_urlsafe(24),
-                 media_key=job.media_key if stored and job.media_key else new_media_key())
+                 media_key=job.media_key if stored and job.media_key else new_media_key(),
+                 # What the sender asked of the mail (RFC 3461) holds for its resend too: a DSN
+                 # naming the ORCPT, or no mail at all for NOTIFY=NEVER.
+                 dsn_notify=job.dsn_notify, dsn_orcpt=job.dsn_orcpt)
     problem = store.add_resend(job, new, now, stored=stored, by=by)
     if isinstance(problem, UnderWay):
         if problem.resend:

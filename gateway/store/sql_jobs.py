@@ -445,12 +445,13 @@ class SqlJobs(SqlCore):
             inserted = self._exec(
                 "INSERT INTO jobs (id, message_id, to_number, from_number, quality, state,"
                 " callback_token, media_key, pages, attempt, tries, next_run_at, created_at,"
-                " updated_at)"
-                " SELECT ?, m.id, ?, ?, ?, ?, ?, ?, m.pages, 0, 0, ?, ?, ?"
+                " updated_at, dsn_notify, dsn_orcpt)"
+                " SELECT ?, m.id, ?, ?, ?, ?, ?, ?, m.pages, 0, 0, ?, ?, ?, ?, ?"
                 " FROM messages m WHERE m.id = ? AND m.purged_at IS NULL"
                 " AND m.purging_at IS NULL",
                 (new.id, new.to_number, new.from_number, new.quality, State.SPOOLED.value,
-                 new.callback_token, new.media_key, now, now, now, job.message_id))
+                 new.callback_token, new.media_key, now, now, now, new.dsn_notify,
+                 new.dsn_orcpt, job.message_id))
             if inserted != 1:
                 return "the document was deleted from the spool meanwhile"
             self._event(new.id, Ev.RECEIVED, f"resend of job {job.id} by {who}", now)
