@@ -7,7 +7,10 @@ usual report, unchanged); and an operator's resend, which keeps what the sender 
 from __future__ import annotations
 
 import asyncio
+import os
 import smtplib
+import subprocess
+import sys
 from email.message import EmailMessage
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -46,6 +49,14 @@ def send(port: int, mail: EmailMessage, rcpts: dict[str, list[str]],
         code, text = client.data(data)
         assert code == 250, text
         return text.decode()
+
+
+def faxgw_job(env: dict[str, str], job_id: str) -> str:
+    """What `faxgw job ID` prints, run as an operator would, against the gateway's store."""
+    done = subprocess.run([sys.executable, "-m", "gateway", "job", job_id],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
 
 
 def status_fields(report: EmailMessage) -> tuple[EmailMessage, EmailMessage]:
@@ -216,9 +227,9 @@ async def test_dsns_go_to_the_envelope_sender_not_the_from_header(
     mailing it to the From: address would make the gateway send arbitrary mail anywhere.
     The delay notices and the final DSN go to erp@example.com; the usual report (a recipient
     without NOTIFY, same mail) still goes to the From: address, as before."""
-    gw = await make_gateway(production_env(
-        tmp_path / "var", simulator, FAX_MAX_ATTEMPTS="2", FAX_RETRY_DELAY_SECONDS="0.2",
-        **relay_env(relay)))
+    env = production_env(tmp_path / "var", simulator, FAX_MAX_ATTEMPTS="2",
+                         FAX_RETRY_DELAY_SECONDS="0.2", **relay_env(relay))
+    gw = await make_gateway(env)
     mail = pdf_mail([BUSY, DELIVERED], sender="victim@elsewhere.example")
     reply = await asyncio.to_thread(
         send, gw.smtp.port, mail, {BUSY: ["NOTIFY=DELAY,FAILURE"], DELIVERED: []},
@@ -240,6 +251,16 @@ async def test_dsns_go_to_the_envelope_sender_not_the_from_header(
     assert usual["To"] == "victim@elsewhere.example"
     assert sorted(rcpts for _from, rcpts in relay.envelopes) == [
         ["erp@example.com"], ["erp@example.com"], ["victim@elsewhere.example"]]
+
+    # `faxgw job` names where each report went, as the worker decided it.
+    def report_to(job_id: str) -> str:
+        [line] = [line for line in faxgw_job(env, job_id).splitlines()
+                  if line.strip().startswith("To:")]
+        return line.split(":", 1)[1].strip()
+
+    assert await asyncio.to_thread(report_to, busy_id) == (
+        "erp@example.com, as a delivery status notification (NOTIFY=FAILURE,DELAY)")
+    assert await asyncio.to_thread(report_to, usual_id) == "victim@elsewhere.example"
 
 
 async def test_an_operator_resend_keeps_the_senders_notify_and_orcpt(

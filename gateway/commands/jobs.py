@@ -118,7 +118,8 @@ def jobs(settings: Settings, *, status: str | None, to: str | None, sender: str 
 
 
 def job(settings: Settings, ref: str) -> int:
-    return with_store(lambda store: admin.describe_job(store, ref, time.time()))(settings)
+    return with_store(lambda store: admin.describe_job(store, ref, time.time(),
+                                                        settings.fax.domain))(settings)
 
 
 def resend(settings: Settings, ref: str) -> int:

@@ -33,6 +33,7 @@ from gateway.jobs.outbound_states import (
     State,
     retry_decision,
 )
+from gateway.mail.dsn import dsn_recipient
 from gateway.mail.reports import outcome
 from gateway.media_store import new_media_key
 from gateway.phone import NumberError, format_number
@@ -331,7 +332,8 @@ def parse_since(text: str, now: float) -> float:
 
 # -- one job ------------------------------------------------------------------------------------
 
-def describe_job(store: Store, job_id: str, now: float | None = None) -> str:
+def describe_job(store: Store, job_id: str, now: float | None = None,
+                 fax_domain: str = "") -> str:
     """Everything about one job: its message, state, attempts, history, where the report went."""
     job = _load(store, job_id)
     message = store.message(job.message_id)
@@ -368,7 +370,7 @@ def describe_job(store: Store, job_id: str, now: float | None = None) -> str:
         lines += ["", "Other jobs of this message"]
         lines += [f"  {j.id}  {j.to_number:<16}  {_status(j)}" for j in siblings]
     lines += ["", "Report"]
-    lines += _fields(_report_fields(job, message, events), indent=2)
+    lines += _fields(_report_fields(job, message, events, fax_domain), indent=2)
     lines += ["", "Attempts"]
     lines += _attempts_table(attempts)
     lines += ["", "History (UTC)"]
@@ -421,9 +423,22 @@ def _message_fields(m: Message) -> list[tuple[str, str]]:
     ]
 
 
-def _report_fields(job: Job, message: Message | None, events: Sequence[Event]
-                   ) -> list[tuple[str, str]]:
-    to = _clean(message.report_to) if message else "-"
+def _report_fields(job: Job, message: Message | None, events: Sequence[Event],
+                   fax_domain: str) -> list[tuple[str, str]]:
+    """Where the report goes, as the worker decides it (`report_recipient`): a job whose
+    recipient asked for DSNs (RCPT NOTIFY) gets one at the envelope sender, not at From:."""
+    if message is None:
+        to = "-"
+    elif job.dsn_notify is None:
+        to = _clean(message.report_to)
+    elif job.dsn_notify == "NEVER":
+        to = "none: the sender asked for no notification (NOTIFY=NEVER)"
+    else:
+        target = dsn_recipient(message, fax_domain)
+        to = (f"{_clean(target)}, as a delivery status notification (NOTIFY="
+              f"{job.dsn_notify})" if target else
+              "none: a delivery status notification was asked for, but the mail had no "
+              "envelope sender to return it to")
     reported = [e for e in events if e.kind == "reported"]
     if reported:
         where = _clean(reported[-1].detail, 300)
