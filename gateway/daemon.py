@@ -116,6 +116,9 @@ class Gateway:
         # Several gateways on PostgreSQL: another node's new work wakes this one's worker at
         # once (LISTEN/NOTIFY), not at its next look at the queue. None on SQLite.
         self.wakeups = self.store.wakeups(self.worker.wake)
+        if self.wakeups is not None:
+            self.metrics.watch_wakeups(self.wakeups.status)
+            self.web.ready_checks.append(self._check_wakeups)
         self.tls = (ReloadableTLS(settings.tls.cert_file, settings.tls.key_file,
                                   settings.tls.min_version)
                     if settings.tls.cert_file and settings.tls.key_file else None)
@@ -176,6 +179,12 @@ class Gateway:
         bound = [f"{type(x).__name__}:{x.port}" for x in self.listeners if x.bound]
         ok = len(bound) == len(self.listeners) and self.web.port > 0
         return "listeners", ok, ", ".join(bound) or "none bound"
+
+    async def _check_wakeups(self) -> tuple[str, bool, str]:
+        """Informational: a node that does not hear the others' wake-ups still finds their
+        work (later, at its next look at the queue), so it stays ready."""
+        assert self.wakeups is not None
+        return "wakeups", True, self.wakeups.status()[2]
 
     def _contact(self, name: str) -> tuple[bool, float, str] | None:
         """This node's last contact with an outside service: the worker's, or the media

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import aiohttp
 import psycopg
 import pytest
 
@@ -194,6 +195,18 @@ def wakeups(gw: Gateway) -> PgWakeups:
     return gw.wakeups
 
 
+async def listener_seen(gw: Gateway) -> tuple[str, int, str]:
+    """What an operator sees of the node's listener: its /metrics lines, and /readyz's status
+    and wake-ups detail."""
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{gw.web.port}/metrics") as resp:
+            lines = [line for line in (await resp.text()).splitlines()
+                     if line.startswith("faxgw_wakeups_")]
+        async with http.get(f"http://127.0.0.1:{gw.web.port}/readyz") as resp:
+            ready = await resp.json()
+            return "\n".join(lines), resp.status, ready["checks"]["wakeups"]["detail"]
+
+
 async def sent_by(simulator: Simulator, gw: Gateway, number: str) -> None:
     """The send POST of the fax to `number` came, and from `gw` (its callback URL)."""
     await simulator.state.wait_faxes(len(simulator.state.send_requests) + 1, timeout=20)
@@ -217,6 +230,10 @@ async def test_a_mail_at_a_busy_node_is_sent_at_once_by_a_free_one(
     await sent_by(simulator, b, "15551400021")
     # node-b heard node-a's intake; node-a heard nothing: its own notifications are not news.
     assert wakeups(b).heard >= 1 and wakeups(a).heard == 0
+    metrics, status, detail = await listener_seen(b)
+    assert "faxgw_wakeups_listening 1.0" in metrics
+    assert f"faxgw_wakeups_heard_total {float(wakeups(b).heard)}" in metrics
+    assert status == 200 and detail.startswith("listening (LISTEN faxgw_due at postgresql://")
     # node-a stops: the step it was busy with is cancelled (the fax's final callback came
     # meanwhile: its report is due) and the job handed back; node-b is told, and reports it
     # at once, not when it would have seen node-a's lease run out (600 s on).
@@ -265,6 +282,11 @@ async def test_behind_pgbouncer_the_nodes_poll_and_say_so_once(
     assert len(said) == 2 and all(r.levelno == logging.WARNING for r in said), said
     assert "DATABASE_LISTEN_URL" in said[0].getMessage()
     assert wakeups(a).sessions == wakeups(b).sessions == 0
+    # Said where an operator looks too; the node stays ready (it finds the work by looking).
+    metrics, status, detail = await listener_seen(b)
+    assert "faxgw_wakeups_listening 0.0" in metrics
+    assert status == 200 and detail.startswith("not listening: a notification sent through "
+                                               "DATABASE_URL did not reach"), detail
     await finish(simulator, relay, 2)
 
 

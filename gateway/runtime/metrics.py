@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 
 from gateway.constants import FINAL_STATUSES
@@ -96,6 +96,25 @@ class _StoreCollector:
                                 value=age)
 
 
+class _WakeupsCollector:
+    """Whether other nodes' wake-ups reach this node, and how many it has heard."""
+
+    def __init__(self, status: Callable[[], tuple[bool, int, str]]) -> None:
+        self.status = status
+
+    def describe(self) -> Iterable[Metric]:
+        return list(self.collect())
+
+    def collect(self) -> Iterable[Metric]:
+        listening, heard, _ = self.status()
+        yield GaugeMetricFamily(
+            "faxgw_wakeups_listening",
+            "1 while this node hears the other nodes' wake-ups (LISTEN/NOTIFY); 0 while it "
+            "finds their new work only by looking every few seconds", value=int(listening))
+        yield CounterMetricFamily("faxgw_wakeups_heard",
+                                  "Wake-ups from other nodes heard since start", value=heard)
+
+
 class Metrics:
     """The gateway's metrics. Parts call the small methods below; `render` makes a scrape."""
 
@@ -147,6 +166,11 @@ class Metrics:
         r.register(self._store)
         if process:
             ProcessCollector(registry=r)  # memory, CPU, fds; silent where /proc is hidden
+
+    def watch_wakeups(self, status: Callable[[], tuple[bool, int, str]]) -> None:
+        """Gauges of the wake-up listener (several gateways on PostgreSQL), read at each
+        scrape from `status` (`Wakeups.status`)."""
+        self.registry.register(_WakeupsCollector(status))
 
     # -- events -------------------------------------------------------------------------------
 

@@ -392,6 +392,11 @@ class Wakeups(abc.ABC):
     async def stop(self) -> None:
         """Stop listening and close what it holds."""
 
+    @abc.abstractmethod
+    def status(self) -> tuple[bool, int, str]:
+        """For /readyz, the dashboard and /metrics: whether other nodes' wake-ups reach this
+        node now, how many it has heard since start, and what it is doing, in words."""
+
 
 class SqlAccess(abc.ABC):
     """The SQL store's public surface for the tables kept beside the jobs (inbound faxes,

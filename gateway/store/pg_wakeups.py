@@ -74,6 +74,19 @@ class PgWakeups(Wakeups):
     def where(self) -> str:
         return mask_url(self.url)
 
+    def status(self) -> tuple[bool, int, str]:
+        poll = (f"this node looks for the other nodes' new work every "
+                f"{defaults.SHARED_POLL_S:.0f} s")
+        words = {
+            "listening": f"listening (LISTEN {CHANNEL} at {self.where}): {self.heard} wake-up(s) "
+                         "from other nodes since start",
+            "connecting": f"connecting to {self.where}; meanwhile {poll}",
+            "polling": f"not listening: a notification sent through DATABASE_URL did not reach "
+                       f"{self.where} (a pooler in transaction mode?); {poll}",
+            "stopped": "stopped",
+        }[self.state]
+        return self.state == "listening", self.heard, words
+
     async def start(self) -> None:
         if self._task is None:
             self.state = "connecting"
