@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from testsupport.harness import free_port
+
 PGBOUNCER = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
 
 # Two server connections for every client of a test: enough that consecutive transactions of
@@ -33,12 +35,6 @@ def version() -> tuple[int, ...]:
                          check=True).stdout
     words = out.split()  # "PgBouncer 1.18.0 ..."
     return tuple(int(part) for part in words[1].split(".")[:2])
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class PgBouncer:
@@ -76,7 +72,7 @@ class PgBouncer:
 
     def start(self, timeout_s: float = 10.0) -> None:
         for _ in range(5):  # a free port can be taken between the look and the bind
-            self.port = _free_port()
+            self.port = free_port()  # below the ephemeral range: see free_port
             ini = self._write_config()
             args = [PGBOUNCER, str(ini)]
             if os.geteuid() == 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import secrets
 import signal
 import socket
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.sandbox.simulator import SIM_STATE, SimulatorState, create_simulator_app
+from testsupport.s3server import ephemeral_range
 
 # The simulator's account; any values work, the gateway is given the same ones.
 PROJECT_ID = "0b6f2a1e-5d0c-4a6e-9a51-7e7c1f1d9a00"
@@ -38,10 +40,27 @@ JOB_ID = re.compile(r"\b[0-9a-f]{16}\b")
 
 def free_port() -> int:
     """A loopback port free right now, for a process that must keep one port across restarts
-    (the callback URLs handed to SignalWire name it); in-process servers bind port 0."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+    (the callback URLs handed to SignalWire name it); in-process servers bind port 0.
+
+    Drawn below the kernel's ephemeral range, as SeaweedFS's ports are (s3server.py): a port
+    that binding port 0 hands out lies in that range, where every outgoing connection takes
+    its source port, so one of those could take it before the child process binds it (seen in
+    CI as "SMTP_LISTEN=...: Address already in use"). Below the range only another explicit
+    bind can, and the port is drawn at random among ~12,000."""
+    low, _high = ephemeral_range()
+    pool_low, pool_high = (20000, low - 1) if low > 21000 else (11000, 19999)
+    rng = secrets.SystemRandom()
+    for _ in range(2000):
+        port = rng.randint(pool_low, pool_high)
+        with socket.socket() as probe:
+            # As the child's listener will (asyncio's default): a port in TIME_WAIT is free.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free loopback port in {pool_low}-{pool_high}")
 
 
 def job_ids(reply_text: str) -> list[str]:

@@ -119,7 +119,7 @@ def find_weed() -> str:
     return found
 
 
-def _ephemeral_range() -> tuple[int, int]:
+def ephemeral_range() -> tuple[int, int]:
     """The kernel's range for outgoing (client) ports."""
     try:
         low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
@@ -140,7 +140,7 @@ def _allocate_ports() -> dict[str, int]:
     no duplicates). Everything stays <= 65535; ``admin`` is drawn low enough
     that ``admin + 10000`` is in range too.
     """
-    low, _high = _ephemeral_range()
+    low, _high = ephemeral_range()
     pool_low = 20000
     pool_high = min(low, 65536) - 1
     if pool_high - GRPC_PORT_OFFSET - pool_low < 1000:  # odd kernel config
