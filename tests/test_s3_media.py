@@ -10,6 +10,7 @@ import aiohttp
 import pytest
 
 from gateway.media_store import MediaError, S3MediaStore
+from testsupport.harness import free_port
 from testsupport.s3server import SeaweedS3
 
 
@@ -233,11 +234,9 @@ async def _refused_put(store: S3MediaStore, source: Path) -> str:
 
 
 def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on: below the ephemeral range (free_port), where none of the
+    run's servers that bind port 0 can land meanwhile."""
+    return free_port()
 
 
 async def test_a_request_s3_could_not_take_is_tried_again(
