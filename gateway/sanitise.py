@@ -30,5 +30,13 @@ def one_line(s: str, max_len: int = 200, *, ascii_only: bool = False) -> str:
     return text
 
 
+def exception_line(exc: BaseException) -> str:
+    """An exception as a short line for the log: its type and the first line of its message
+    (a driver's message may run to lines), at most 200 characters of it."""
+    text = str(exc).strip()
+    first = text.splitlines()[0][:200] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 # The name the MIME parser and its callers have always used.
 sanitize_header_text = one_line

@@ -27,9 +27,10 @@ from gateway.documents.pool import CpuPool
 from gateway.jobs.outbound_states import Job, RetryPolicy, State, backoff_s
 from gateway.mail.sender import Notifier
 from gateway.media_store import MediaError, MediaStore, new_media_key
-from gateway.outbound.reporting import Reporting, _words
+from gateway.outbound.reporting import Reporting
 from gateway.runtime.faults import crash_point
 from gateway.runtime.metrics import Metrics
+from gateway.sanitise import exception_line
 from gateway.signalwire.client import (
     SendOutcomeUnknown,
     SendRefused,
@@ -114,7 +115,7 @@ class Worker(Reporting):
             try:
                 held = await self.store.run(self.store.renew_leases, ids, self.clock())
             except Exception as exc:  # a task boundary: the next beat tries again
-                log.warning("heartbeat: cannot extend the job leases: %s", _words(exc))
+                log.warning("heartbeat: cannot extend the job leases: %s", exception_line(exc))
                 continue
             for job_id in held:
                 if job_id in self._held_until:
@@ -170,7 +171,8 @@ class Worker(Reporting):
                 started, nxt = await self._dispatch()
             except Exception as exc:
                 if self.store.damage is None and self._store_failed(exc):
-                    log.warning("worker: cannot read the job store (%s); retrying", _words(exc))
+                    log.warning("worker: cannot read the job store (%s); retrying",
+                                exception_line(exc))
                 elif self.store.damage is None:
                     log.exception("worker: cannot read the job store; retrying")
                 # else: the database is damaged; said once (store health), the daemon stops
@@ -262,7 +264,7 @@ class Worker(Reporting):
                 return
             if self._store_failed(exc):
                 log.warning("job %s: %s step stopped: the job store did not answer: %s",
-                            job.id, job.state.value, _words(exc))
+                            job.id, job.state.value, exception_line(exc))
             else:
                 log.exception("job %s: %s step crashed", job.id, job.state.value)
             try:
@@ -270,7 +272,7 @@ class Worker(Reporting):
             except Exception as again:  # the store is down: the job's lease runs out, and
                 # the step is tried again then (by this node or another)
                 log.warning("job %s: the failed step could not be recorded either (%s); it "
-                            "runs again once its lease is out", job.id, _words(again))
+                            "runs again once its lease is out", job.id, exception_line(again))
         finally:
             self._held_until.pop(job.id, None)
             self._purge_claimed.pop(job.id, None)

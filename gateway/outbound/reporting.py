@@ -32,6 +32,7 @@ from gateway.media_store import MediaError
 from gateway.outbound.housekeeping import Housekeeping
 from gateway.runtime.faults import crash_point, pause_point
 from gateway.runtime.metrics import Metrics
+from gateway.sanitise import exception_line
 from gateway.store.rows import Attempt, Event, Message
 
 log = logging.getLogger("gateway.outbound.job_runner")  # one logger for the worker's lines
@@ -216,10 +217,11 @@ class Reporting(Housekeeping):
                 if tries >= 3 and not self._holds(job):
                     log.warning("job %s: report %d was mailed (%s) but cannot be recorded: "
                                 "%s; the node that takes the job over mails it again with the "
-                                "same Message-ID", job.id, job.report_n, detail, _words(exc))
+                                "same Message-ID", job.id, job.report_n, detail,
+                                exception_line(exc))
                     return False
                 log.warning("job %s: report %d mailed, recording it failed (%s); trying the "
-                            "record again", job.id, job.report_n, _words(exc))
+                            "record again", job.id, job.report_n, exception_line(exc))
                 await asyncio.sleep(min(0.1 * 2 ** tries, 2.0))
         raise AssertionError("unreachable")
 
@@ -272,10 +274,3 @@ class Reporting(Housekeeping):
             jobs = await self.store.run(self.store.message_jobs, job.message_id, True)
             if jobs and all(j.state is State.REPORTED for j in jobs):
                 await self._purge(job.message_id, jobs, job)
-
-
-def _words(exc: BaseException) -> str:
-    """An exception as a short line for the log (a driver's message may run to lines)."""
-    text = str(exc).strip()
-    first = text.splitlines()[0][:200] if text else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -35,6 +35,7 @@ import psycopg
 
 from gateway import defaults
 from gateway.config import mask_url
+from gateway.sanitise import exception_line
 from gateway.store.base import Store, StoreError
 from gateway.store.interfaces import Wakeups
 
@@ -129,7 +130,7 @@ class PgWakeups(Wakeups):
                 elif not lost:
                     log.warning("wake-ups: no notification connection to %s (%s); this node "
                                 "looks for other nodes' work every %.0f s until it is back",
-                                self.where, _words(exc), defaults.SHARED_POLL_S)
+                                self.where, exception_line(exc), defaults.SHARED_POLL_S)
                 lost = True
             finally:
                 if conn is not None:
@@ -185,9 +186,3 @@ class PgWakeups(Wakeups):
                         self.wake()
             async with asyncio.timeout(CHECK_TIMEOUT_S):
                 await conn.execute("SELECT 1")
-
-
-def _words(exc: BaseException) -> str:
-    text = str(exc).strip()
-    first = text.splitlines()[0][:200] if text else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
