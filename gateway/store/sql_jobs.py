@@ -232,8 +232,8 @@ class SqlJobs(SqlCore):
                       duration_s: int | None, error_code: str | None,
                       error_message: str | None, source: str) -> CallbackAction:
         """The job is read, classified and changed in one transaction (`_record`)."""
-        found, action = self._record("id", job.id, None, sid, status, pages, duration_s,
-                                     error_code, error_message, source)
+        _, action = self._record("id", job.id, None, sid, status, pages, duration_s,
+                                 error_code, error_message, source)
         return CallbackAction.IGNORE if action is None else action  # None: no such job
 
     def record_callback(self, token: str, accept: Callable[[Job], bool], sid: str | None,
