@@ -141,6 +141,47 @@ def test_a_claimed_job_is_not_claimed_again_until_released(node: NodeFactory) ->
     assert [j.id for j in b.claim_due(b.clock(), 10)] == [job_id]
 
 
+def test_the_workers_trip_releases_claims_and_reads_the_next_due_time_at_once(
+        node: NodeFactory, clock: FakeClock) -> None:
+    """`release_and_claim` (one function call on PostgreSQL, a transaction on SQLite): the
+    ended steps' leases go first, so a released job that is due again is claimed in the same
+    trip; one attempt in flight a number; what is excluded stays put; the next due time is read
+    past what was claimed."""
+    a, b = node("node-a"), node("node-b")
+    [first, same_number] = add_mail(a, "+15551230001", "+15551230001", stored=True)
+    [other] = add_mail(a, "+15551230002", msgid="<two@example.com>", stored=True)
+    [held] = add_mail(a, "+15551230003", msgid="<three@example.com>", stored=True)
+    [hers] = b.claim_due(clock(), 1, exclude=[first, same_number, other])
+    assert hers.id == held and hers.lease_epoch == 1
+    due, nxt = a.release_and_claim([], clock(), 10, [])
+    # One of the two to +15551230001 (the other waits for it), the other number's, not b's.
+    assert len([j for j in due if j.to_number == "+15551230001"]) == 1
+    assert {j.id for j in due} - {first, same_number} == {other}
+    assert all(j.lease_epoch == 1 and j.state is State.STORED for j in due)
+    waiting = ({first, same_number} - {j.id for j in due}).pop()
+    # What is left is due now but waits on its number: the next due time is b's lease end
+    # (its job is the only other unclaimed one), not the waiting job's.
+    assert nxt == pytest.approx(clock() + a.lease_s)
+    # A step ended: its lease goes and the job, due again, comes back in the same trip with a
+    # new fencing token; an excluded job is neither claimed nor counted.
+    ended = next(j for j in due if j.id == other)
+    due, nxt = a.release_and_claim([ended.id], clock(), 10, [])
+    assert [(j.id, j.lease_epoch) for j in due] == [(other, 2)]
+    assert a.lease_of(other)[0] == "node-a"
+    assert a.release_and_claim([], clock(), 10, [waiting]) == ([], nxt)
+    # With no room (limit 0) the leases still go and nothing is claimed.
+    due, _ = a.release_and_claim([other], clock(), 0, [])
+    assert due == [] and a.lease_of(other) == (None, None)
+    # Another node's lease is not released by this node.
+    a.release_and_claim([held], clock(), 0, [])
+    assert b.lease_of(held)[0] == "node-b"
+    # Floats stay floats (PostgreSQL's function answers in JSON, where 5.0 reads as 5).
+    clock.advance(0.0)
+    [again] = a.release_and_claim([], float(int(clock()) + 1), 10, [])[0]
+    assert again.id == other and isinstance(again.next_run_at, float)
+    assert isinstance(again.created_at, float) and isinstance(again.updated_at, float)
+
+
 def test_a_dead_nodes_job_is_taken_over_after_the_lease(node: NodeFactory,
                                                         clock: FakeClock) -> None:
     a, b = node("node-a"), node("node-b")

@@ -12,13 +12,15 @@ nodes starting together run the migrations, and the claim of due work with
 attempt in flight to this number" and the lease that makes it true are one step across nodes),
 and the batch transaction of the intake commit (pipeline mode: two round trips, not eight), and
 NOTIFY, which wakes the other nodes when a commit makes work due (`_announcing`; the listener is
-pg_wakeups.py).
+pg_wakeups.py), and the worker's trip (release, claim, next due time) as one call of a PL/pgSQL
+function made from sql_leases.py's own SQL (`_FUNCTIONS`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import re
 import threading
@@ -32,11 +34,13 @@ from psycopg_pool import ConnectionPool
 
 from gateway import defaults
 from gateway.config import mask_url
-from gateway.jobs.outbound_states import State
+from gateway.jobs.outbound_states import ACTIVE_STATES, Job, State
 from gateway.store.base import StoreError
 from gateway.store.interfaces import Wakeups
 from gateway.store.pg_wakeups import CHANNEL, PgWakeups
 from gateway.store.sql import SqlStore
+from gateway.store.sql_core import FLOAT_JOB_COLUMNS, _job
+from gateway.store.sql_leases import DUE, UNCLAIMED
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,54 @@ CLAIM_LOCK = 0x6661786777_02
 _LOCKS = {"claims": CLAIM_LOCK, "hits": 0x6661786777_03, "send-slot": 0x6661786777_04,
           "partials": 0x6661786777_05, "purge": 0x6661786777_06}
 
+
+# The worker's trip (`release_and_claim`) as one function call where it was six statements:
+# the same SQL as SqlLeases (its `DUE` and `UNCLAIMED`, the time `?` made `p_now`), run in the
+# server. Each of its statements takes its own snapshot (a VOLATILE function), so the claim
+# reads after the advisory lock, as the statements sent one by one did. Its name carries a
+# hash of its text: a node of another version uses its own, and a changed body is a new
+# function, made at start (`_make_functions`), never one replaced under a running node.
+_DUE_PG = DUE.format(states=", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STATES))
+                     ).replace("?", "p_now")
+_CLAIM_BODY = f"""
+DECLARE
+    taken text[] := '{{}}';
+    numbers text[] := '{{}}';
+    claimed jsonb := '[]';
+    nxt double precision;
+    r record;
+BEGIN
+    IF cardinality(p_released) > 0 THEN
+        UPDATE jobs SET lease_owner = NULL, lease_until = NULL
+            WHERE lease_owner = p_node AND id = ANY(p_released);
+    END IF;
+    IF p_limit > 0 THEN
+        PERFORM pg_advisory_xact_lock(p_lock);
+        FOR r IN SELECT id, state, to_number FROM jobs
+                WHERE {_DUE_PG} {UNCLAIMED.replace("?", "p_now")}
+                    AND next_run_at <= p_now AND NOT (id = ANY(p_exclude))
+                ORDER BY next_run_at LIMIT p_limit FOR UPDATE SKIP LOCKED LOOP
+            IF r.state = 'stored' THEN
+                CONTINUE WHEN r.to_number = ANY(numbers);  -- one attempt in flight a number
+                numbers := numbers || r.to_number;
+            END IF;
+            taken := taken || r.id;
+        END LOOP;
+        IF cardinality(taken) > 0 THEN
+            WITH up AS (UPDATE jobs SET lease_owner = p_node, lease_until = p_now + p_lease_s,
+                            lease_epoch = lease_epoch + 1
+                        WHERE id = ANY(taken) RETURNING *)
+            SELECT jsonb_agg(to_jsonb(up) ORDER BY up.next_run_at, up.id) INTO claimed FROM up;
+        END IF;
+    END IF;
+    SELECT MIN(CASE WHEN lease_until > next_run_at THEN lease_until ELSE next_run_at END)
+        INTO nxt FROM jobs WHERE {_DUE_PG} AND NOT (id = ANY(p_exclude || taken));
+    RETURN jsonb_build_object('jobs', claimed, 'next', nxt);
+END"""
+_CLAIM_FUNCTION = "faxgw_release_and_claim_" + hashlib.sha256(_CLAIM_BODY.encode()).hexdigest()[:12]
+_FUNCTIONS = {_CLAIM_FUNCTION: (
+    "p_node text, p_released text[], p_now double precision, p_limit integer,"
+    " p_exclude text[], p_lease_s double precision, p_lock bigint", "jsonb", _CLAIM_BODY)}
 
 PREPARE_THRESHOLD = 5
 _IDLE = psycopg.pq.TransactionStatus.IDLE
@@ -159,6 +211,8 @@ class PostgresStore(SqlStore):
             if self.prepare_threshold is not None and not self._server_keeps_prepared():
                 self._stop_preparing("a test at start")
             self._open_schema(migrate)
+            if migrate:
+                self._make_functions()
         except BaseException:
             self.close()
             raise
@@ -434,6 +488,43 @@ class PostgresStore(SqlStore):
         parts.extend(f"{' AND' if i else ' WHERE'} (SELECT COUNT(*) FROM also_{n}) >= 0"
                      for i, n in enumerate(selects))
         return self._exec("".join(parts), args) == 1
+
+    def release_and_claim(self, released: Sequence[str], now: float, limit: int,
+                          exclude: Sequence[str]) -> tuple[list[Job], float | None]:
+        """SqlLeases' transaction, as one call of the function made from its SQL
+        (`_CLAIM_BODY`): one statement where there were six, in one round trip."""
+        args = (self.node_id, list(released), now, max(limit, 0), list(exclude), self.lease_s,
+                _LOCKS["claims"])
+        try:
+            answer = self._one(f"SELECT {_CLAIM_FUNCTION}(?, ?, ?, ?, ?, ?, ?) AS r", args)
+        except psycopg.errors.UndefinedFunction:
+            self._make_functions()  # a database made or reset after this node started
+            answer = self._one(f"SELECT {_CLAIM_FUNCTION}(?, ?, ?, ?, ?, ?, ?) AS r", args)
+        assert answer is not None
+        result = answer["r"]
+        jobs = []
+        for row in result["jobs"]:
+            for column in FLOAT_JOB_COLUMNS:
+                if row[column] is not None:
+                    row[column] = float(row[column])
+            jobs.append(_job(row))
+        nxt = result["next"]
+        return jobs, None if nxt is None else float(nxt)
+
+    def claim_due(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[Job]:
+        return self.release_and_claim([], now, limit, list(exclude))[0] if limit > 0 else []
+
+    def _make_functions(self) -> None:
+        """The functions this version calls, made where missing (under the migration lock:
+        nodes starting together make each once)."""
+        with self._tx():
+            self._lock_migrations()
+            have = {r["proname"] for r in self._rows(
+                "SELECT proname FROM pg_proc WHERE proname = ANY(?)", (list(_FUNCTIONS),))}
+            for name, (params, returns, body) in _FUNCTIONS.items():
+                if name not in have:
+                    self._exec(f"CREATE FUNCTION {name}({params}) RETURNS {returns}"
+                               f" LANGUAGE plpgsql AS $faxgw${body}$faxgw$")
 
     def _take_send_slot(self, now: float, interval_s: float) -> float:
         """One statement where the lock, the read and the write were three: the slot's row is

@@ -25,6 +25,9 @@ from gateway.store.rows import Attempt, Message
 log = logging.getLogger(__name__)
 
 JOB_COLUMNS = tuple(f.name for f in fields(Job))
+# The job's columns that hold a time (a float): a row read as JSON (PostgreSQL's functions)
+# gives 1.0 back as 1.
+FLOAT_JOB_COLUMNS = tuple(f.name for f in fields(Job) if "float" in str(f.type))
 _MESSAGE_COLUMNS = tuple(f.name for f in fields(Message))
 _ATTEMPT_COLUMNS = tuple(f.name for f in fields(Attempt))
 

@@ -13,7 +13,7 @@ from gateway.store.sql_core import SqlCore, _job, _marks
 # A job is due when its time has come, unless it would dial a number that another job is dialling
 # right now, or that a node has claimed a job to and is about to dial (its lease is live): at most
 # one attempt in flight per destination, across nodes. The `?` is the time now.
-_DUE = """
+DUE = """
     next_run_at IS NOT NULL AND state IN ({states})
     AND NOT (state = 'stored' AND EXISTS (
         SELECT 1 FROM jobs other
@@ -22,7 +22,7 @@ _DUE = """
                  OR (other.state = 'stored' AND other.lease_until > ?))))
 """
 # Not claimed by a live node: never claimed, released, or its lease ran out (the node died).
-_UNCLAIMED = " AND (lease_until IS NULL OR lease_until <= ?)"
+UNCLAIMED = " AND (lease_until IS NULL OR lease_until <= ?)"
 
 
 class SqlLeases(SqlCore):
@@ -32,7 +32,7 @@ class SqlLeases(SqlCore):
 
     def _due_where(self, exclude: list[str], now: float) -> tuple[str, list[Any]]:
         states = sorted(s.value for s in ACTIVE_STATES)
-        sql = _DUE.format(states=_marks(states))
+        sql = DUE.format(states=_marks(states))
         if exclude:
             sql += f" AND id NOT IN ({_marks(exclude)})"
         return sql, [*states, now, *exclude]
@@ -63,7 +63,7 @@ class SqlLeases(SqlCore):
         where, args = self._due_where(exclude, now)
         self._claim_lock()
         rows = self._rows(
-            f"SELECT * FROM jobs WHERE {where}{_UNCLAIMED} AND next_run_at <= ?"
+            f"SELECT * FROM jobs WHERE {where}{UNCLAIMED} AND next_run_at <= ?"
             f" ORDER BY next_run_at LIMIT ?{self.SKIP_LOCKED}",
             (*args, now, now, limit))
         claimed, numbers = [], set()
