@@ -52,10 +52,36 @@ def test_a_database_that_lost_the_function_gets_it_back_at_the_next_claim(
             assert store.release_and_claim([], store.clock(), 10, []) == ([], None)
         (job_id,) = add_mail(store, tmp_path, ["+15551230001"])  # type: ignore[arg-type]
         with psycopg.connect(pg_url, autocommit=True) as db:
-            db.execute(f"DROP FUNCTION {postgres._CLAIM_FUNCTION}")
+            for name in postgres._FUNCTIONS:
+                db.execute(f"DROP FUNCTION {name}")
         assert _functions(pg_url) == set()
         due, nxt = store.release_and_claim([], store.clock(), 10, [])
         assert [j.id for j in due] == [job_id] and nxt is None
         assert _functions(pg_url) == set(postgres._FUNCTIONS)
+        with psycopg.connect(pg_url, autocommit=True) as db:
+            db.execute(f"DROP FUNCTION {postgres._HITS_FUNCTION}")
+        rules = [("mail-sender", "a@example.com", 1)]
+        assert store.take_hits(rules, store.clock(), 3600) == 0.0
+        assert store.take_hits(rules, store.clock(), 3600) > 0  # counted: the limit holds
+        assert _functions(pg_url) == set(postgres._FUNCTIONS)
     finally:
         store.close()
+
+
+def test_the_hits_commit_is_relaxed_as_the_statements_made_it(pg_url: str) -> None:
+    """A hit lost to a server crash costs nothing (a rate limit a little looser), so its commit
+    does not wait for the WAL flush: inside the function as SET LOCAL was outside it, for
+    that transaction only."""
+    pg_reset(pg_url)
+    store = PostgresStore(pg_url)
+    store.open()
+    store.close()
+    with psycopg.connect(pg_url) as db:  # a transaction around the call, to look inside it
+        assert db.execute("SHOW synchronous_commit").fetchone() == ("on",)
+        (inserted,) = db.execute(
+            f"SELECT {postgres._HITS_FUNCTION}(%s, %s, %s, %s, %s, %s, 1, 0, 1)",
+            (["k"], ["a"], [5], ["k"], ["a"], [10.0])).fetchone()
+        assert inserted == 1
+        assert db.execute("SHOW synchronous_commit").fetchone() == ("off",)
+        db.commit()
+        assert db.execute("SHOW synchronous_commit").fetchone() == ("on",)

@@ -95,10 +95,38 @@ BEGIN
         INTO nxt FROM jobs WHERE {_DUE_PG} AND NOT (id = ANY(p_exclude || taken));
     RETURN jsonb_build_object('jobs', claimed, 'next', nxt);
 END"""
-_CLAIM_FUNCTION = "faxgw_release_and_claim_" + hashlib.sha256(_CLAIM_BODY.encode()).hexdigest()[:12]
-_FUNCTIONS = {_CLAIM_FUNCTION: (
-    "p_node text, p_released text[], p_now double precision, p_limit integer,"
-    " p_exclude text[], p_lease_s double precision, p_lock bigint", "jsonb", _CLAIM_BODY)}
+# `take_hits`' transaction (SqlLeases._insert_hits: the lock, the relaxed commit, the insert
+# where every rule has room) as one call; the rules and the hits come as arrays.
+_HITS_BODY = """
+DECLARE
+    n integer;
+BEGIN
+    PERFORM pg_advisory_xact_lock(p_lock);
+    PERFORM set_config('synchronous_commit', 'off', true);  -- as SET LOCAL: this commit only
+    INSERT INTO hits (kind, hkey, at)
+        SELECT f.kind, f.hkey, f.at FROM unnest(p_kinds, p_keys, p_at) AS f(kind, hkey, at)
+        WHERE NOT EXISTS (
+            SELECT 1 FROM unnest(p_rule_kinds, p_rule_keys, p_limits) AS r(kind, hkey, lim)
+            WHERE r.lim - p_count < (SELECT COUNT(*) FROM hits WHERE hits.kind = r.kind
+                                     AND hits.hkey = r.hkey AND hits.at > p_since));
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END"""
+
+
+def _named(stem: str, body: str) -> str:
+    return f"faxgw_{stem}_{hashlib.sha256(body.encode()).hexdigest()[:12]}"
+
+
+_CLAIM_FUNCTION = _named("release_and_claim", _CLAIM_BODY)
+_HITS_FUNCTION = _named("take_hits", _HITS_BODY)
+_FUNCTIONS = {
+    _CLAIM_FUNCTION: ("p_node text, p_released text[], p_now double precision,"
+                      " p_limit integer, p_exclude text[], p_lease_s double precision,"
+                      " p_lock bigint", "jsonb", _CLAIM_BODY),
+    _HITS_FUNCTION: ("p_rule_kinds text[], p_rule_keys text[], p_limits integer[],"
+                     " p_kinds text[], p_keys text[], p_at double precision[], p_count integer,"
+                     " p_since double precision, p_lock bigint", "integer", _HITS_BODY)}
 
 PREPARE_THRESHOLD = 5
 _IDLE = psycopg.pq.TransactionStatus.IDLE
@@ -493,15 +521,8 @@ class PostgresStore(SqlStore):
                           exclude: Sequence[str]) -> tuple[list[Job], float | None]:
         """SqlLeases' transaction, as one call of the function made from its SQL
         (`_CLAIM_BODY`): one statement where there were six, in one round trip."""
-        args = (self.node_id, list(released), now, max(limit, 0), list(exclude), self.lease_s,
-                _LOCKS["claims"])
-        try:
-            answer = self._one(f"SELECT {_CLAIM_FUNCTION}(?, ?, ?, ?, ?, ?, ?) AS r", args)
-        except psycopg.errors.UndefinedFunction:
-            self._make_functions()  # a database made or reset after this node started
-            answer = self._one(f"SELECT {_CLAIM_FUNCTION}(?, ?, ?, ?, ?, ?, ?) AS r", args)
-        assert answer is not None
-        result = answer["r"]
+        result = self._call(_CLAIM_FUNCTION, self.node_id, list(released), now, max(limit, 0),
+                            list(exclude), self.lease_s, _LOCKS["claims"])
         jobs = []
         for row in result["jobs"]:
             for column in FLOAT_JOB_COLUMNS:
@@ -510,6 +531,26 @@ class PostgresStore(SqlStore):
             jobs.append(_job(row))
         nxt = result["next"]
         return jobs, None if nxt is None else float(nxt)
+
+    def _insert_hits(self, rules: Sequence[tuple[str, str, int]],
+                     fresh: Sequence[tuple[str, str, float]], count: int, since: float) -> bool:
+        return bool(self._call(_HITS_FUNCTION, [r[0] for r in rules], [r[1] for r in rules],
+                               [r[2] for r in rules], [f[0] for f in fresh],
+                               [f[1] for f in fresh], [f[2] for f in fresh], count, since,
+                               _LOCKS["hits"]))
+
+    def _call(self, function: str, *args: Any) -> Any:
+        """One of `_FUNCTIONS`, called: its answer (one statement, committed by itself)."""
+        sql = f"SELECT {function}({', '.join('?' * len(args))}) AS r"
+        try:
+            answer = self._one(sql, args)
+        except psycopg.errors.UndefinedFunction:
+            if self._conn is not None:
+                raise  # inside a transaction, which is aborted now
+            self._make_functions()  # a database made or reset after this node started
+            answer = self._one(sql, args)
+        assert answer is not None
+        return answer["r"]
 
     def claim_due(self, now: float, limit: int, exclude: Iterable[str] = ()) -> list[Job]:
         return self.release_and_claim([], now, limit, list(exclude))[0] if limit > 0 else []

@@ -219,6 +219,14 @@ class SqlLeases(SqlCore):
             return 0.0
         # Distinct times, so a give-back removes exactly these.
         fresh = [(kind, key, now + i * 1e-6) for kind, key, _ in rules for i in range(count)]
+        if self._insert_hits(rules, fresh, count, now - window_s):
+            return 0.0
+        return max(self._hits_wait(rules, count, now, window_s), 1e-3)  # refused: not 0
+
+    def _insert_hits(self, rules: Sequence[tuple[str, str, int]],
+                     fresh: Sequence[tuple[str, str, float]], count: int, since: float) -> bool:
+        """`take_hits`' transaction: the `fresh` hits, inserted (True) only where every rule
+        has room for `count` more after `since`, under the hits lock."""
         with self._batch_tx():
             self._claim_lock("hits")
             self._relaxed_commit()
@@ -232,10 +240,8 @@ class SqlLeases(SqlCore):
                 " SELECT COUNT(*) FROM hits WHERE hits.kind = rules.kind"
                 " AND hits.hkey = rules.hkey AND hits.at > ?))",
                 [*(v for rule in rules for v in rule), *(v for row in fresh for v in row),
-                 count, now - window_s])
-        if inserted():
-            return 0.0
-        return max(self._hits_wait(rules, count, now, window_s), 1e-3)  # refused: not 0
+                 count, since])
+        return bool(inserted())
 
     def give_back_hits(self, keys: Sequence[tuple[str, str]], count: int) -> None:
         """Undo the newest `count` hits of each (kind, key): faxes charged at DATA whose
