@@ -747,3 +747,25 @@ def test_a_purged_messages_jobs_are_not_listed_for_purging(store: SqlStore) -> N
     store.mark_purged(job.message_id)
     assert store.message_jobs(job.message_id, True) == []
     assert [j.id for j in store.message_jobs(job.message_id)] == [job_id]  # still there
+
+
+def test_the_last_report_of_a_message_claims_its_purge_with_it(node: NodeFactory,
+                                                               clock: FakeClock) -> None:
+    """`mark_reported_and_claim_purge`: the report is recorded under its claim; the purge is
+    claimed by the report that leaves no job of the message unreported (whichever node makes
+    it), with the message's jobs; a report of a lost claim records nothing."""
+    a, b = node("node-a"), node("node-b")
+    first, second = add_mail(a, "+15551230051", "+15551230052", stored=True)
+    for job in a.claim_due(clock(), 10):  # both given up (a report is due for each)
+        assert a.mark_given_up(job, "the number is not a fax")
+    a.release(first, second)
+    [one] = a.claim_due(clock(), 1, exclude=[second])
+    [two] = b.claim_due(clock(), 1)
+    assert (one.id, two.id) == (first, second)
+    assert a.mark_reported_and_claim_purge(one, "report sent") == (True, None)  # one left
+    stale = replace(two, lease_epoch=two.lease_epoch - 1)
+    assert b.mark_reported_and_claim_purge(stale, "report sent") == (False, None)
+    recorded, jobs = b.mark_reported_and_claim_purge(two, "report sent")
+    assert recorded and jobs is not None
+    assert sorted((j.id, j.state) for j in jobs) == [(first, State.REPORTED),
+                                                     (second, State.REPORTED)]

@@ -597,6 +597,17 @@ class PostgresStore(SqlStore):
         # Not waited for: the server takes the lock before it runs the next statement.
         self._exec_later("SELECT pg_advisory_xact_lock(?)", (_LOCKS[what],))
 
+    def _locking(self, what: str) -> list[tuple[str, Sequence[Any]]]:
+        return [("SELECT pg_advisory_xact_lock(?)", (_LOCKS[what],))]
+
+    def _claim_purge_jobs(self, message_id: str, job: Job) -> list[Job] | None:
+        """The claim and the read of the message's jobs in one statement (this transaction's
+        transition is seen: it came before)."""
+        sql, args = self._purge_claim(message_id, job)
+        rows = self._rows(f"WITH claimed AS ({sql} RETURNING id) SELECT * FROM jobs"
+                          " WHERE message_id IN (SELECT id FROM claimed) ORDER BY id", args)
+        return [_job(r) for r in rows] or None
+
     def _relaxed_commit(self) -> None:
         self._exec_later("SET LOCAL synchronous_commit = off")
 

@@ -193,6 +193,11 @@ class SqlCore(Store, SqlAccess):
         Each kind has its own lock, so a sender's rate-limit check never waits behind a
         claim. SQLite: BEGIN IMMEDIATE already serialises every write."""
 
+    def _locking(self, what: str) -> list[tuple[str, Sequence[Any]]]:
+        """`_claim_lock` as a statement to run with another (a transition's `also`). SQLite:
+        none."""
+        return []
+
     def _relaxed_commit(self) -> None:
         """Inside a transaction: its commit need not wait for the disk (rate-limit counts:
         losing the last few to a crash of the database server costs nothing). SQLite: as

@@ -361,16 +361,26 @@ class SqlJobs(SqlCore):
 
     def _claim_purge(self, message_id: str, job: Job | None) -> bool:
         """`claim_purge` inside a transaction the caller holds."""
+        self._claim_lock("purge")
+        return self._exec(*self._purge_claim(message_id, job)) == 1
+
+    def _purge_claim(self, message_id: str, job: Job | None) -> tuple[str, list[Any]]:
+        """The statement of `claim_purge` (under the purge lock)."""
         fence, args = "", [self.clock(), message_id, message_id]
         if job is not None:
             fence = (" AND EXISTS (SELECT 1 FROM jobs WHERE id = ? AND lease_epoch = ?"
                      " AND (lease_owner IS NULL OR lease_owner = ?))")
             args += [job.id, job.lease_epoch, self.node_id]
-        self._claim_lock("purge")
-        return self._exec(
-            "UPDATE messages SET purging_at = ? WHERE id = ? AND purged_at IS NULL"
-            " AND NOT EXISTS (SELECT 1 FROM jobs WHERE message_id = ?"
-            f" AND state <> 'reported'){fence}", args) == 1
+        return ("UPDATE messages SET purging_at = ? WHERE id = ? AND purged_at IS NULL"
+                " AND NOT EXISTS (SELECT 1 FROM jobs WHERE message_id = ?"
+                f" AND state <> 'reported'){fence}", args)
+
+    def _claim_purge_jobs(self, message_id: str, job: Job) -> list[Job] | None:
+        """Under the purge lock the caller took: `claim_purge`, and the message's jobs if it
+        is claimed (else None)."""
+        if self._exec(*self._purge_claim(message_id, job)) != 1:
+            return None
+        return self.message_jobs(message_id)
 
     def mark_reported_and_claim_purge(self, job: Job, detail: str) -> tuple[bool, list[Job] | None]:
         """`mark_reported`, then in the same transaction `claim_purge` of the job's message
@@ -378,13 +388,14 @@ class SqlJobs(SqlCore):
         retention does: one commit where there were three. Returns (recorded, the message's
         jobs when its purge is now claimed, else None)."""
         with self._tx():
+            # The purge lock is taken with the transition (PostgreSQL: in its statement, and
+            # only if it applied), before the claim reads which jobs are reported.
             if not self._transition(job.id, sorted(REPORT_DUE), State.REPORTED, Ev.REPORTED,
-                                    detail, fence=job.lease_epoch, reported_at=self.clock(),
-                                    reporting_at=None, next_run_at=None, tries=0):
+                                    detail, also=self._locking("purge"), fence=job.lease_epoch,
+                                    reported_at=self.clock(), reporting_at=None,
+                                    next_run_at=None, tries=0):
                 return False, None
-            if not self._claim_purge(job.message_id, job):
-                return True, None
-            return True, self.message_jobs(job.message_id)
+            return True, self._claim_purge_jobs(job.message_id, job)
 
     def mark_purged(self, message_id: str) -> None:
         # One statement, committed by itself: no BEGIN and COMMIT around it.
