@@ -26,6 +26,9 @@ def test_the_statements_a_transition_carries_are_made_conditional() -> None:
     assert _only_if_moved("SELECT pg_notify(?, ?)") == "SELECT pg_notify(?, ?) FROM moved"
     assert _only_if_moved("SELECT pg_notify(?, ?) WHERE EXISTS (SELECT 1 FROM jobs)") == (
         "SELECT pg_notify(?, ?) FROM moved WHERE EXISTS (SELECT 1 FROM jobs)")
+    # So does a lock taken with the transition (`_locking`): only if it applied.
+    assert _only_if_moved("SELECT pg_advisory_xact_lock(?)") == (
+        "SELECT pg_advisory_xact_lock(?) FROM moved")
     for unguardable in ("SELECT pg_notify(?, ?) FROM jobs", "UPDATE attempts SET a = 1",
                         "UPDATE attempts SET a = (SELECT n FROM x WHERE y) WHERE job_id = ?",
                         "DELETE FROM attempts WHERE n = 1 RETURNING n",

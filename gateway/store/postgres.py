@@ -145,7 +145,9 @@ def _placeholders(sql: str) -> str:
 
 
 _INSERT_VALUES = re.compile(r"^(INSERT INTO \w+ \([^)]*\)) VALUES (\([^)]*\))$", re.S)
-_NOTIFY = re.compile(r"^(SELECT pg_notify\(\?, \?\))( WHERE .+)?$", re.S)
+# A NOTIFY, or an advisory lock taken with a transition (`_locking`).
+_NOTIFY = re.compile(r"^(SELECT (?:pg_notify\(\?, \?\)|pg_advisory_xact_lock\(\?\)))"
+                     r"( WHERE .+)?$", re.S)
 _GUARDED = re.compile(r"^(UPDATE|DELETE FROM) \w+\b.* WHERE .+$", re.S)
 
 
@@ -153,8 +155,8 @@ _GUARDED = re.compile(r"^(UPDATE|DELETE FROM) \w+\b.* WHERE .+$", re.S)
 def _only_if_moved(sql: str) -> str | None:
     """A statement of a transition (`also`), made to happen only if its UPDATE did: an
     INSERT ... VALUES selects its row from `moved`; an UPDATE or DELETE adds the condition.
-    A NOTIFY's `SELECT pg_notify(...) [WHERE ...]` selects from `moved` (and is read by the
-    event's row, `_moved`). None for any other shape (a subquery's WHERE): such a transition
+    A NOTIFY's `SELECT pg_notify(...) [WHERE ...]`, and a lock's `SELECT
+    pg_advisory_xact_lock(?)`, select from `moved` (and are read by the event's row, `_moved`). None for any other shape (a subquery's WHERE): such a transition
     runs as a transaction of statements instead, never one of them unguarded."""
     if m := _NOTIFY.match(sql):
         return f"{m.group(1)} FROM moved{m.group(2) or ''}"
