@@ -148,6 +148,7 @@ _INSERT_VALUES = re.compile(r"^(INSERT INTO \w+ \([^)]*\)) VALUES (\([^)]*\))$",
 # A NOTIFY, or an advisory lock taken with a transition (`_locking`).
 _NOTIFY = re.compile(r"^(SELECT (?:pg_notify\(\?, \?\)|pg_advisory_xact_lock\(\?\)))"
                      r"( WHERE .+)?$", re.S)
+_WRITE = re.compile(r"^(INSERT INTO|UPDATE|DELETE FROM) ")
 _GUARDED = re.compile(r"^(UPDATE|DELETE FROM) \w+\b.* WHERE .+$", re.S)
 
 
@@ -156,8 +157,9 @@ def _only_if_moved(sql: str) -> str | None:
     """A statement of a transition (`also`), made to happen only if its UPDATE did: an
     INSERT ... VALUES selects its row from `moved`; an UPDATE or DELETE adds the condition.
     A NOTIFY's `SELECT pg_notify(...) [WHERE ...]`, and a lock's `SELECT
-    pg_advisory_xact_lock(?)`, select from `moved` (and are read by the event's row, `_moved`). None for any other shape (a subquery's WHERE): such a transition
-    runs as a transaction of statements instead, never one of them unguarded."""
+    pg_advisory_xact_lock(?)`, select from `moved` (and are read by the event's row,
+    `_moved`). None for any other shape (a subquery's WHERE): such a transition runs as a
+    transaction of statements instead, never one of them unguarded."""
     if m := _NOTIFY.match(sql):
         return f"{m.group(1)} FROM moved{m.group(2) or ''}"
     if m := _INSERT_VALUES.match(sql):
@@ -598,6 +600,19 @@ class PostgresStore(SqlStore):
     def _claim_lock(self, what: str = "claims") -> None:
         # Not waited for: the server takes the lock before it runs the next statement.
         self._exec_later("SELECT pg_advisory_xact_lock(?)", (_LOCKS[what],))
+
+    def _write_together(self, writes: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """One statement: each write but the last in a WITH (PostgreSQL runs an INSERT,
+        UPDATE or DELETE there whether or not it is read), the last as the statement (a
+        NOTIFY's SELECT, say). A mail's message, jobs, events and wake-up were four."""
+        head = writes[:-1]
+        if any(not _WRITE.match(sql) for sql, _ in head):
+            super()._write_together(writes)
+            return
+        sql, args = writes[-1]
+        ctes = ", ".join(f"w{n} AS ({text})" for n, (text, _) in enumerate(head))
+        self._exec_later(f"WITH {ctes} {sql}" if head else sql,
+                         [v for _, values in writes for v in values])
 
     def _locking(self, what: str) -> list[tuple[str, Sequence[Any]]]:
         return [("SELECT pg_advisory_xact_lock(?)", (_LOCKS[what],))]

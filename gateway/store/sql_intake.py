@@ -80,17 +80,25 @@ class SqlIntake(SqlCore):
                 return earlier
         columns = [c for c in _MESSAGE_COLUMNS if c not in self._DSN_MESSAGE_COLUMNS
                    or getattr(message, c) is not None]
-        self._exec(
+        writes: list[tuple[str, Sequence[Any]]] = [(
             f"INSERT INTO messages ({', '.join(columns)})"
             f" VALUES ({_marks(columns)})",
-            [getattr(message, c) for c in columns])
+            [getattr(message, c) for c in columns])]
         if jobs:
-            self._insert_jobs(message, jobs, self.clock(), stored)
-            self._announce()  # another node may be free to send them (at COMMIT)
+            writes += self._job_inserts(message, jobs, self.clock(), stored)
+            # Another node may be free to send them (at COMMIT).
+            writes += self._announcing()
+        self._write_together(writes)
         return None
 
-    def _insert_jobs(self, message: Message, jobs: list[NewJob], now: float,
-                     stored: bool) -> None:
+    def _write_together(self, writes: Sequence[tuple[str, Sequence[Any]]]) -> None:
+        """Statements whose counts nobody reads, in order, inside the caller's transaction
+        (PostgreSQL: one statement, see PostgresStore)."""
+        for sql, args in writes:
+            self._exec_later(sql, args)
+
+    def _job_inserts(self, message: Message, jobs: list[NewJob], now: float,
+                     stored: bool) -> list[tuple[str, Sequence[Any]]]:
         """A new message's jobs and their first events, in two statements: each job born
         `spooled` (received) and, `stored`, moved on to `stored` at once: both changes checked
         against the table, made by the insert itself."""
@@ -107,16 +115,16 @@ class SqlIntake(SqlCore):
                        for j in jobs]
         dsn = any(j.dsn_notify is not None or j.dsn_orcpt is not None for j in jobs)
         columns = self._JOB_INSERT + (self._DSN_JOB_COLUMNS if dsn else ())
-        self._exec(
-            f"INSERT INTO jobs ({', '.join(columns)}) VALUES "
-            + ", ".join(f"({_marks(columns)})" for _ in jobs),
-            [v for j in jobs for v in (
-                j.id, message.id, j.to_number, j.from_number, j.quality, state.value,
-                j.callback_token, j.media_key, message.pages, 0, 0, now, now, now,
-                *((j.dsn_notify, j.dsn_orcpt) if dsn else ()))])
-        self._exec("INSERT INTO events (job_id, at, kind, detail) VALUES "
-                   + ", ".join("(?, ?, ?, ?)" for _ in events),
-                   [v for job_id, kind, detail in events for v in (job_id, now, kind, detail)])
+        return [
+            (f"INSERT INTO jobs ({', '.join(columns)}) VALUES "
+             + ", ".join(f"({_marks(columns)})" for _ in jobs),
+             [v for j in jobs for v in (
+                 j.id, message.id, j.to_number, j.from_number, j.quality, state.value,
+                 j.callback_token, j.media_key, message.pages, 0, 0, now, now, now,
+                 *((j.dsn_notify, j.dsn_orcpt) if dsn else ()))]),
+            ("INSERT INTO events (job_id, at, kind, detail) VALUES "
+             + ", ".join("(?, ?, ?, ?)" for _ in events),
+             [v for job_id, kind, detail in events for v in (job_id, now, kind, detail)])]
 
     def _send_dedup(self, message: Message, jobs: list[NewJob],
                     since: float | None) -> _Claim | None:
