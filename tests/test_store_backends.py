@@ -124,6 +124,34 @@ def test_a_callback_is_looked_up_checked_and_recorded_in_one_call(store: SqlStor
     assert call(True) == (job_id, CallbackAction.IGNORE)  # a replay is history only
 
 
+def test_a_callback_that_finds_the_job_moved_on_is_classified_again(backend: str,
+                                                                     node: NodeFactory) -> None:
+    """PostgreSQL records a callback without a transaction (its read, then the transition
+    guarded by the state it read): the send's answer recorded meanwhile on another connection
+    (the worker's, here from inside the caller's check) makes the transition miss, and the
+    callback is read and classified again: the final status is recorded, not lost."""
+    if not backend.startswith("postgresql"):
+        pytest.skip("SQLite holds its write lock from the read to the record: nothing moves")
+    a = node("node-a")
+    [job_id] = add_mail(a, "+15551230004", stored=True)
+    [job] = a.claim_due(a.clock(), 10)
+    assert a.mark_submitting(job, "http://gw.test/cb", a.clock() + 40)
+    submitting = a.job(job_id)
+    seen: list[State] = []
+
+    def accept(found: object) -> bool:
+        seen.append(found.state)  # type: ignore[attr-defined]
+        if len(seen) == 1:  # the send's answer lands between the read and the record
+            assert a.mark_submitted(submitting, "sid-4", "queued", a.clock() + 600, "ok")
+        return True
+
+    found, action = a.record_callback(submitting.callback_token, accept, "sid-4", "delivered",
+                                      pages=1, error_code=None, error_message=None)
+    assert seen == [State.SUBMITTING, State.SUBMITTED]  # read again after the miss
+    assert action is CallbackAction.FINAL and a.job(job_id).state is State.COMPLETED
+    assert [e.kind for e in a.events(job_id)][-2:] == ["submitted", "final"]
+
+
 def test_a_job_stored_before_the_250_starts_in_stored(store: SqlStore) -> None:
     [job_id] = add_mail(store, stored=True)
     job = store.job(job_id)

@@ -26,6 +26,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from typing import Any
 
 import psycopg
@@ -490,8 +491,9 @@ class PostgresStore(SqlStore):
                           values)
         if one is not None:
             return one
-        return super()._transition(job_id, sources, target, event, detail, also=also, at=at,
-                                   mine=mine, fence=fence, **values)
+        with self._tx():  # a savepoint in the caller's transaction; one of its own outside
+            return super()._transition(job_id, sources, target, event, detail, also=also,
+                                       at=at, mine=mine, fence=fence, **values)
 
     def _moved(self, job_id: str, sources: list[State], target: State | None, event: str,
                detail: str | None, also: list[tuple[str, Sequence[Any]]], at: float | None,
@@ -613,6 +615,9 @@ class PostgresStore(SqlStore):
         ctes = ", ".join(f"w{n} AS ({text})" for n, (text, _) in enumerate(head))
         self._exec_later(f"WITH {ctes} {sql}" if head else sql,
                          [v for _, values in writes for v in values])
+
+    def _guarded_tx(self) -> AbstractContextManager[None]:
+        return contextlib.nullcontext()
 
     def _locking(self, what: str) -> list[tuple[str, Sequence[Any]]]:
         return [("SELECT pg_advisory_xact_lock(?)", (_LOCKS[what],))]

@@ -193,6 +193,13 @@ class SqlCore(Store, SqlAccess):
         Each kind has its own lock, so a sender's rate-limit check never waits behind a
         claim. SQLite: BEGIN IMMEDIATE already serialises every write."""
 
+    def _guarded_tx(self) -> AbstractContextManager[None]:
+        """Around a read and the transition it decides, whose guard (the state read) is
+        checked by the transition itself, and retried by the caller if the row moved on:
+        SQLite takes the write lock for the pair (a transaction); PostgreSQL needs none (each
+        statement commits by itself: two statements, not four)."""
+        return self._tx()
+
     def _locking(self, what: str) -> list[tuple[str, Sequence[Any]]]:
         """`_claim_lock` as a statement to run with another (a transition's `also`). SQLite:
         none."""

@@ -262,7 +262,7 @@ class SqlJobs(SqlCore):
         status is classified again against what the job is now, so a final status is never
         lost."""
         for _ in range(5):
-            with self._tx():
+            with self._guarded_tx():
                 row = self._one(f"SELECT * FROM jobs WHERE {column} = ?", (key,))
                 if row is None:
                     return None, None
