@@ -797,3 +797,34 @@ def test_the_last_report_of_a_message_claims_its_purge_with_it(node: NodeFactory
     assert recorded and jobs is not None
     assert sorted((j.id, j.state) for j in jobs) == [(first, State.REPORTED),
                                                      (second, State.REPORTED)]
+
+
+def test_the_send_slot_and_submitting_answer_the_job_as_it_is_then(node: NodeFactory,
+                                                                   clock: FakeClock) -> None:
+    """`take_send_slot_and_submit`: a slot that is now marks the job `submitting` and answers
+    its row as the commit left it (PostgreSQL: from the transition's own statement); a slot
+    later than now is only reserved; a lost claim marks nothing."""
+    a, b = node("node-a"), node("node-b")
+    [first] = add_mail(a, "+15551230061", stored=True)
+    [second] = add_mail(a, "+15551230062", msgid="<two@example.com>", stored=True)
+    [job] = a.claim_due(clock(), 1, exclude=[second])
+    at, row = a.take_send_slot_and_submit(job, clock(), 5.0, "http://gw.test/cb/1",
+                                          clock() + 40)
+    assert at == clock() and row is not None
+    assert (row.id, row.state, row.attempt, row.callback_url) == (
+        first, State.SUBMITTING, 1, "http://gw.test/cb/1")
+    assert row == a.job(first) and row.lease_epoch == job.lease_epoch
+    assert isinstance(row.next_run_at, float) and row.next_run_at == clock() + 40
+    assert len(a.attempts(first)) == 1
+    # The next send waits for its slot: reserved, nothing marked.
+    [other] = b.claim_due(clock(), 1)
+    at, row = b.take_send_slot_and_submit(other, clock(), 5.0, "http://gw.test/cb/2",
+                                          clock() + 40)
+    assert at == clock() + 5.0 and row is None
+    assert b.job(second).state is State.STORED
+    # A free slot, but a claim lost meanwhile (a stale fencing token): nothing is marked.
+    clock.advance(20.0)
+    stale = replace(other, lease_epoch=other.lease_epoch - 1)
+    assert b.take_send_slot_and_submit(stale, clock(), 5.0, "http://gw.test/cb/2",
+                                       clock() + 40) == (clock(), None)
+    assert b.job(second).state is State.STORED and b.attempts(second) == []

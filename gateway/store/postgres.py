@@ -503,25 +503,50 @@ class PostgresStore(SqlStore):
         UPDATE did (one statement and round trip, where the UPDATE, each statement and the
         event took one each). None where a statement cannot be guarded (`_only_if_moved`):
         the caller makes it a transaction of statements instead."""
+        made = self._moved_statement(job_id, sources, target, event, detail, also, at, mine,
+                                     fence, values, row=False)
+        return None if made is None else self._exec(*made) == 1
+
+    def _moved_statement(self, job_id: str, sources: list[State], target: State | None,
+                         event: str, detail: str | None, also: list[tuple[str, Sequence[Any]]],
+                         at: float | None, mine: bool, fence: int | None,
+                         values: dict[str, Any], row: bool) -> tuple[str, list[Any]] | None:
+        """`_moved`'s statement; `row`: it answers with the job's row as the UPDATE left it
+        (the event in a WITH too), so no read follows."""
         guarded = [_only_if_moved(sql) for sql, _ in also]
         if None in guarded:
             return None
         update, args, now = self._transition_update(job_id, sources, target, event, at,
                                                     mine, fence, values)
-        parts = [f"WITH moved AS ({update} RETURNING id)"]
+        parts = [f"WITH moved AS ({update} RETURNING {'*' if row else 'id'})"]
         selects = []
         for n, ((_, extra), sql) in enumerate(zip(also, guarded, strict=True)):
             parts.append(f", also_{n} AS ({sql})")
             args += extra
             if sql is not None and sql.startswith("SELECT "):
                 selects.append(n)
-        parts.append(" INSERT INTO events (job_id, at, kind, detail) SELECT id, ?, ?, ? FROM moved")
+        event_row = "INSERT INTO events (job_id, at, kind, detail) SELECT id, ?, ?, ? FROM moved"
+        parts.append(f", event AS ({event_row}) SELECT * FROM moved" if row else f" {event_row}")
         args += [now, event, detail]
         # A SELECT in a WITH runs only where the statement reads it (an INSERT, UPDATE or
-        # DELETE always runs): the event's row reads it, so it runs with the event.
+        # DELETE always runs): the event's row (or the row answered) reads it, so it runs
+        # with the event.
         parts.extend(f"{' AND' if i else ' WHERE'} (SELECT COUNT(*) FROM also_{n}) >= 0"
                      for i, n in enumerate(selects))
-        return self._exec("".join(parts), args) == 1
+        return "".join(parts), args
+
+    def _submitting_row(self, job: Job, callback_url: str, recheck_at: float) -> Job | None:
+        """The transition and the job's row after it in one statement, where a read followed."""
+        (job_id, sources, target, event, detail), kwargs = self._submitting(
+            job, callback_url, recheck_at)
+        also = kwargs.pop("also")
+        fence = kwargs.pop("fence")
+        made = self._moved_statement(job_id, sources, target, event, detail, also, None, False,
+                                     fence, kwargs, row=True)
+        if made is None:
+            return super()._submitting_row(job, callback_url, recheck_at)
+        rows = self._rows(*made)
+        return _job(rows[0]) if rows else None
 
     def release_and_claim(self, released: Sequence[str], now: float, limit: int,
                           exclude: Sequence[str]) -> tuple[list[Job], float | None]:

@@ -39,6 +39,6 @@ class SqlStore(SqlIntake, SqlJobs, SqlLeases, SqlListings, SqlNodes):
         job): (the slot's time, the job's row if it is `submitting` now, else None)."""
         with self._tx(durable=True):
             at = self._take_send_slot(now, interval_s)
-            if at > now or not self._mark_submitting(job, callback_url, recheck_at):
+            if at > now:
                 return at, None
-            return at, self.job(job.id)
+            return at, self._submitting_row(job, callback_url, recheck_at)

@@ -171,15 +171,27 @@ class SqlJobs(SqlCore):
 
     def _mark_submitting(self, job: Job, callback_url: str, recheck_at: float) -> bool:
         """`mark_submitting` inside a (durable) transaction the caller holds."""
+        args, kwargs = self._submitting(job, callback_url, recheck_at)
+        return self._transition(*args, **kwargs)
+
+    def _submitting_row(self, job: Job, callback_url: str, recheck_at: float) -> Job | None:
+        """`_mark_submitting`, and the job's row as it is then (None: it did not apply)."""
+        if not self._mark_submitting(job, callback_url, recheck_at):
+            return None
+        return self.job(job.id)
+
+    def _submitting(self, job: Job, callback_url: str, recheck_at: float
+                    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The transition to `submitting`: `_transition`'s arguments."""
         now = self.clock()
         n = job.attempt + 1
-        return self._transition(
-            job.id, [State.STORED], State.SUBMITTING, Ev.SUBMITTING,
-            f"attempt {n}: sending to SignalWire ({job.quality} quality)",
-            also=[("INSERT INTO attempts (job_id, n, quality, started_at) VALUES (?, ?, ?, ?)",
-                   (job.id, n, job.quality, now))], fence=job.lease_epoch,
-            callback_url=callback_url, submit_started_at=now, attempt=n, fax_sid=None,
-            fax_status=None, error_code=None, error_message=None, next_run_at=recheck_at)
+        return ((job.id, [State.STORED], State.SUBMITTING, Ev.SUBMITTING,
+                 f"attempt {n}: sending to SignalWire ({job.quality} quality)"),
+                {"also": [("INSERT INTO attempts (job_id, n, quality, started_at)"
+                           " VALUES (?, ?, ?, ?)", (job.id, n, job.quality, now))],
+                 "fence": job.lease_epoch, "callback_url": callback_url,
+                 "submit_started_at": now, "attempt": n, "fax_sid": None, "fax_status": None,
+                 "error_code": None, "error_message": None, "next_run_at": recheck_at})
 
     def mark_submitted(self, job: Job, sid: str, status: str, poll_at: float,
                        detail: str) -> bool:
