@@ -12,8 +12,10 @@ nodes starting together run the migrations, and the claim of due work with
 attempt in flight to this number" and the lease that makes it true are one step across nodes),
 and the batch transaction of the intake commit (pipeline mode: two round trips, not eight), and
 NOTIFY, which wakes the other nodes when a commit makes work due (`_announcing`; the listener is
-pg_wakeups.py), and the worker's trip (release, claim, next due time) as one call of a PL/pgSQL
-function made from sql_leases.py's own SQL (`_FUNCTIONS`).
+pg_wakeups.py), and two calls as PL/pgSQL functions (`_FUNCTIONS`): the worker's trip (release,
+claim, next due time; made from sql_leases.py's own SQL) and the rate limits' charge. Where
+statements go together, they are one statement where PostgreSQL allows (`_moved`,
+`_write_together`, `_claim_purge_jobs`, `_submitting_row`).
 """
 
 from __future__ import annotations

@@ -243,7 +243,7 @@ class SqlJobs(SqlCore):
     def record_status(self, job: Job, sid: str | None, status: str | None, *, pages: int | None,
                       duration_s: int | None, error_code: str | None,
                       error_message: str | None, source: str) -> CallbackAction:
-        """The job is read, classified and changed in one transaction (`_record`)."""
+        """The job is read, classified and changed (`_record`)."""
         _, action = self._record("id", job.id, None, sid, status, pages, duration_s,
                                  error_code, error_message, source)
         return CallbackAction.IGNORE if action is None else action  # None: no such job
@@ -252,7 +252,7 @@ class SqlJobs(SqlCore):
                         status: str | None, *, pages: int | None, error_code: str | None,
                         error_message: str | None) -> tuple[Job | None, CallbackAction | None]:
         """A status callback's lookup (the job of `token`) and `record_status` in one call
-        and one transaction. `accept(job)` is the caller's check of the request against the
+        (`_record`). `accept(job)` is the caller's check of the request against the
         job (its signature, made with the job's callback URL): False records nothing.
         (None, None): no job has this token (or it was never sent); (job, None): refused."""
         found, action = self._record("callback_token", token,
@@ -268,7 +268,8 @@ class SqlJobs(SqlCore):
                 duration_s: int | None, error_code: str | None, error_message: str | None,
                 source: str) -> tuple[Job | None, CallbackAction | None]:
         """The job whose `column` is `key`, checked by `accept` (False: nothing recorded,
-        (job, None)), then classified and changed in one transaction; (None, None): no such
+        (job, None)), then classified and changed, in one transaction on SQLite and as a read
+        and a guarded statement on PostgreSQL (`_guarded_tx`); (None, None): no such
         job. On PostgreSQL the change may still find the job moved on (the send's answer
         recorded meanwhile by another connection: `submitting` -> `submitted`), and then the
         status is classified again against what the job is now, so a final status is never
