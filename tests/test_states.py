@@ -4,7 +4,7 @@ store keeps to it), callback classification, retry decisions and backoff."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,13 +91,14 @@ class RecordingStore(SqliteStore):
         self.made = []
         super().open()
 
-    def _insert_jobs(self, message: Message, jobs: list[NewJob], now: float,
-                     stored: bool) -> None:
-        super()._insert_jobs(message, jobs, now, stored)
+    def _job_inserts(self, message: Message, jobs: list[NewJob], now: float,
+                     stored: bool) -> list[tuple[str, Sequence[Any]]]:
+        inserts = super()._job_inserts(message, jobs, now, stored)
         for _ in jobs:
             self.made.append((None, State.SPOOLED, Ev.RECEIVED))
             if stored:
                 self.made.append((State.SPOOLED, State.STORED, Ev.STORED))
+        return inserts
 
     def _transition(self, job_id: str, sources: list[State], target: State | None,
                     event: str, detail: str | None, **kw: Any) -> bool:
