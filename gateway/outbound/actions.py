@@ -33,7 +33,7 @@ from gateway.jobs.outbound_states import (
     State,
     retry_decision,
 )
-from gateway.mail.dsn import dsn_recipient
+from gateway.mail.dsn import report_recipient
 from gateway.mail.reports import outcome
 from gateway.media_store import new_media_key
 from gateway.phone import NumberError, format_number
@@ -427,14 +427,14 @@ def _report_fields(job: Job, message: Message | None, events: Sequence[Event],
                    fax_domain: str) -> list[tuple[str, str]]:
     """Where the report goes, as the worker decides it (`report_recipient`): a job whose
     recipient asked for DSNs (RCPT NOTIFY) gets one at the envelope sender, not at From:."""
+    target = report_recipient(job, message, fax_domain) if message is not None else None
     if message is None:
         to = "-"
     elif job.dsn_notify is None:
-        to = _clean(message.report_to)
+        to = _clean(target)
     elif job.dsn_notify == "NEVER":
         to = "none: the sender asked for no notification (NOTIFY=NEVER)"
     else:
-        target = dsn_recipient(message, fax_domain)
         to = (f"{_clean(target)}, as a delivery status notification (NOTIFY="
               f"{job.dsn_notify})" if target else
               "none: a delivery status notification was asked for, but the mail had no "
