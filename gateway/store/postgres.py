@@ -493,7 +493,8 @@ class PostgresStore(SqlStore):
                           values)
         if one is not None:
             return one
-        with self._tx():  # a savepoint in the caller's transaction; one of its own outside
+        # Statements that belong together: the caller's transaction, else one of their own.
+        with contextlib.nullcontext() if self._conn is not None else self._tx():
             return super()._transition(job_id, sources, target, event, detail, also=also,
                                        at=at, mine=mine, fence=fence, **values)
 
